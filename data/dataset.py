@@ -1,0 +1,128 @@
+"""The in-memory dataset every source produces, and the metadata a checkpoint keeps about it.
+
+Each source (plumes, folder, cifar10) decodes its images once into one uint8 tensor (N, C, H, W), so
+that `__getitem__` is an index plus a conversion and a 2-core training loop is never data-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about the data it was trained on; plain Python so checkpoints can hold it."""
+
+    name: str
+    resolution: int
+    channels: int
+    class_names: tuple[str, ...]
+    param_names: tuple[str, ...]
+    param_ranges: tuple[tuple[float, float], ...]
+    num_samples: int
+
+    def __post_init__(self) -> None:
+        assert self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"
+        assert len(self.param_ranges) == len(self.param_names), "one (min, max) range per parameter"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
+        # Checkpoints and JSON turn tuples into lists; restore them so infos compare equal.
+        return cls(
+            name=str(d["name"]),
+            resolution=int(d["resolution"]),
+            channels=int(d["channels"]),
+            class_names=tuple(str(c) for c in d["class_names"]),
+            param_names=tuple(str(p) for p in d["param_names"]),
+            param_ranges=tuple((float(lo), float(hi)) for lo, hi in d["param_ranges"]),
+            num_samples=int(d["num_samples"]),
+        )
+
+    def _bounds(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert p.shape[-1] == len(self.param_names), (
+            f"expected {len(self.param_names)} parameters {self.param_names}, got shape {tuple(p.shape)}")
+        ranges = torch.tensor(self.param_ranges, dtype=p.dtype, device=p.device).view(-1, 2)
+        return ranges[:, 0], ranges[:, 1] - ranges[:, 0]
+
+    def normalize_params(self, p: torch.Tensor) -> torch.Tensor:
+        """Raw parameters (..., P) -> [-1, 1] over the dataset's range; a constant parameter maps to 0."""
+        lo, span = self._bounds(p)
+        return torch.where(span > 0, 2 * (p - lo) / span.clamp(min=1e-12) - 1, torch.zeros_like(p))
+
+    def denormalize_params(self, p: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_params` (a constant parameter comes back as its one value)."""
+        lo, span = self._bounds(p)
+        return lo + (p + 1) / 2 * span
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images (N, C, R, R) uint8 with labels (N,) int64 and raw parameters (N, P) float32, held in memory.
+
+    Items are (image float32 (C, R, R) in [-1, 1], label int64 scalar, params float32 (P,)).
+    `seeds` optionally records how each sample was made (the plume simulation seed).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, info: DatasetInfo,
+                 seeds: torch.Tensor | None = None):
+        n = images.shape[0]
+        assert images.dtype == torch.uint8 and images.shape == (n, info.channels, info.resolution, info.resolution), (
+            f"images {tuple(images.shape)} {images.dtype} do not match {info}")
+        assert labels.shape == (n,) and labels.dtype == torch.int64, f"labels {tuple(labels.shape)} {labels.dtype}"
+        assert params.shape == (n, len(info.param_names)) and params.dtype == torch.float32, (
+            f"params {tuple(params.shape)} {params.dtype}")
+        assert info.num_samples == n, f"info says {info.num_samples} samples, got {n}"
+        self.images, self.labels, self.params, self.info, self.seeds = images, labels, params, info, seeds
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images[i].float() / 127.5 - 1.0, self.labels[i], self.params[i]
+
+
+def param_ranges(params: torch.Tensor) -> tuple[tuple[float, float], ...]:
+    """(min, max) of each column of (N, P) parameters."""
+    if params.shape[0] == 0 or params.shape[1] == 0:
+        return ()
+    lo, hi = params.min(dim=0).values, params.max(dim=0).values
+    return tuple((float(a), float(b)) for a, b in zip(lo, hi))
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) with C in {1, 3} -> `channels` (1: ITU-R 601 luma, 3: grey replicated)."""
+    c = images.shape[1]
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}; pick greyscale (1) or RGB (3).")
+    if c == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1000) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 (N, C, H, W) squares to (N, C, size, size), in chunks to bound memory."""
+    assert images.dim() == 4 and images.dtype == torch.uint8, f"expected uint8 (N, C, H, W), got {tuple(images.shape)}"
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [F.interpolate(part.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+           .round().clamp(0, 255).to(torch.uint8) for part in images.split(chunk)]
+    return torch.cat(out) if out else images.new_zeros(0, images.shape[1], size, size)
+
+
+def subset_indices(total: int, num_samples: int | None, seed: int, what: str) -> torch.Tensor:
+    """Sorted indices of a seeded random subset of `num_samples` out of `total` (all when None)."""
+    if num_samples is None:
+        return torch.arange(total)
+    if not 0 < num_samples <= total:
+        raise ValueError(f"Asked for {num_samples} samples but {what} has {total}; pass a num_samples between 1 and {total}.")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:num_samples].sort().values

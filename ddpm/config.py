@@ -1,0 +1,105 @@
+"""The pixel-diffusion run config and its presets.
+
+A `DDPMConfig` is everything needed to rebuild a run: data, network, diffusion process, training
+recipe. It is stored in every checkpoint, so `sample.py --ckpt` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from data import DatasetInfo
+from ddpm.unet import UNetConfig
+from training.config import DataConfig, TrainConfig, option
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = option("linear", "beta schedule: linear (DDPM, 1e-4..0.02) | cosine (improved DDPM) | scaled_linear (latent diffusion)")
+    num_timesteps: int = option(1000, "T, the number of forward-process steps")
+    prediction: str = option("eps", "what the network predicts: eps (DDPM) | x0 | v (Salimans & Ho 2022)")
+    cond_drop_prob: float = option(0.1, "chance of training a sample with the null condition, for classifier-free guidance")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sampler: str = option("ddim", "ddpm (ancestral) | ddim | pndm | spndm")
+    steps: int = option(50, "number of denoising steps (a subsequence of the T training steps)")
+    spacing: str = option("uniform", "timestep spacing: uniform | quadratic (DDIM's)")
+    eta: float = option(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like")
+    variance: str = option("small", "DDPM ancestral variance: small (posterior beta~) | large (beta)")
+    clip_x0: bool = option(True, "clamp each step's x0 prediction to [-1, 1]")
+    guidance_scale: float = option(1.0, "classifier-free guidance weight w (1: conditional only, 0: unconditional)")
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Network fields a user sets; the rest (image size, channels, class and parameter counts) follow
+# from the dataset and --cond.
+UNET_OPTIONS = {
+    "base_channels": "channels at the first resolution",
+    "channel_mult": "channel multiplier per resolution level, e.g. 1 2 2 2 (DDPM CIFAR-10)",
+    "num_res_blocks": "residual blocks per level",
+    "attention_resolutions": "feature-map sizes with self-attention, e.g. 16",
+    "num_heads": "attention heads",
+    "dropout": "dropout in residual blocks",
+    "scale_shift_norm": "condition res blocks by scale and shift (improved DDPM) instead of adding (DDPM)",
+    "cond": "what conditions the model: none | class (dataset labels) | params (dataset's numeric parameters)",
+}
+
+
+def demo() -> DDPMConfig:
+    """Small enough to train on 2 CPU cores in about 12 minutes: 32x32 plumes, a 0.9M-parameter U-Net.
+
+    v-prediction rather than eps: a briefly trained eps model gets the noise's mean colour slightly
+    wrong, and at high noise x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies that error by up
+    to 1/sqrt(abar) (about 30 at the first DDIM step), which shows as colour casts; v reads x0 off
+    without that division.
+    """
+    return DDPMConfig(
+        data=DataConfig(dataset="plumes", resolution=32, hflip=False),
+        unet=UNetConfig(image_size=32, base_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1,
+                        attention_resolutions=(8,), num_heads=1, dropout=0.0, scale_shift_norm=True),
+        diffusion=DiffusionConfig(schedule="cosine", num_timesteps=1000, prediction="v"),
+        train=TrainConfig(steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                          sample_every=600, ckpt_every=300, preview_images=36, preview_steps=50),
+    )
+
+
+def ddpm_cifar10() -> DDPMConfig:
+    """Ho et al. 2020, CIFAR-10: 35.7M parameters, T = 1000 linear, Adam 2e-4 with 5000 warm-up steps,
+    batch 128, EMA 0.9999, gradient clip 1, dropout 0.1, random flips, 800k steps."""
+    return DDPMConfig(
+        data=DataConfig(dataset="cifar10", resolution=32, hflip=True),
+        unet=UNetConfig.ddpm_cifar10(),
+        diffusion=DiffusionConfig(schedule="linear", num_timesteps=1000, prediction="eps", cond_drop_prob=0.1),
+        train=TrainConfig(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, weight_decay=0.0,
+                          grad_clip=1.0, ema_decay=0.9999, sample_every=10_000, ckpt_every=5000,
+                          preview_images=64, preview_steps=100),
+    )
+
+
+PRESETS = {"demo": demo, "ddpm-cifar10": ddpm_cifar10}
+
+
+def resolve_unet(config: DDPMConfig, info: DatasetInfo, **options: Any) -> DDPMConfig:
+    """Apply the user's network `options` and fill the fields the dataset decides, in one step (the
+    config checks that a conditioning kind comes with its class or parameter count)."""
+    cond = options.get("cond", config.unet.cond)
+    if cond == "class" and not info.class_names:
+        raise ValueError(f"--cond class needs a labelled dataset, and {info.name} has no classes; use class subfolders or --cond none.")
+    if cond == "params" and not info.param_names:
+        raise ValueError(f"--cond params needs per-image parameters, and {info.name} has none; add a params.csv or use --cond none.")
+    unet = dataclasses.replace(config.unet, **options, image_size=info.resolution, in_channels=info.channels,
+                               out_channels=info.channels,
+                               num_classes=len(info.class_names) if cond == "class" else 0,
+                               num_params=len(info.param_names) if cond == "params" else 0)
+    return dataclasses.replace(config, unet=unet)

@@ -1,0 +1,256 @@
+"""Samplers: plain functions that turn x_T into x_0 by walking a subsequence of timesteps.
+
+Every sampler has the same signature, `sampler(model, x, schedule, timesteps, *, clip_x0, callback, noise,
+...)`, where `model(x_t, t)` returns an eps prediction (guidance, latent decoding and label embeddings all
+live inside that callable, see `ddpm.guidance`). `timesteps` is an ascending int64 tensor starting at 0
+(`make_timesteps`); the loop walks it from the last entry to the first and then takes one more jump from
+t = timesteps[0] = 0 to the clean image, where abar = 1. So a sampler always returns x_0, never x_1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpm.schedule import Schedule, check_timesteps
+
+Model = Callable[[Tensor, Tensor], Tensor]
+# callback(i, t, x_t, x0_pred), once per entry of `timesteps` in sampling order: i counts 0, 1, ...,
+# t is the original timestep, x_t the sample entering the step and x0_pred the step's x0 prediction.
+Callback = Callable[[int, int, Tensor, Tensor], None]
+Noise = Callable[[], Tensor]
+
+
+def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
+    """`steps` distinct timesteps in [0, T), ascending from 0, as an int64 tensor (Song et al. 2021, DDIM Sec. 5).
+
+    "uniform":   t_i = floor(i T / S), i.e. 0, T/S, 2T/S, ...
+    "quadratic": t_i = floor(linspace(0, sqrt(0.8 T), S)_i ** 2), DDIM's spacing that crowds steps near
+                 t = 0. For large S the first squares round to the same integer; each repeat is moved up
+                 by one so that every step is distinct (DDIM's code would visit such a timestep twice).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    if steps > num_timesteps:
+        raise ValueError(f"steps must be <= T = {num_timesteps} (there are only T timesteps), got {steps}.")
+    if spacing == "uniform":
+        ts = [i * num_timesteps // steps for i in range(steps)]
+    elif spacing == "quadratic":
+        ts = []
+        for q in np.linspace(0, math.sqrt(0.8 * num_timesteps), steps) ** 2:
+            ts.append(max(int(q), ts[-1] + 1) if ts else int(q))
+    else:
+        raise ValueError(f"Unknown spacing {spacing!r}; choose 'uniform' or 'quadratic'.")
+    return torch.tensor(ts, dtype=torch.int64)
+
+
+def per_sample_noise(seeds: Sequence[int], shape: tuple, device: torch.device | str,
+                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Noise]:
+    """x_T and a noise function for a batch of shape (len(seeds), ...) where sample k depends only on seeds[k].
+
+    Each sample has its own CPU torch.Generator, so sample k of a batch equals the sample generated alone
+    with the same seed, on any device and at any batch size. x_T is the first draw of each generator.
+    """
+    if len(shape) < 2 or shape[0] != len(seeds):
+        raise ValueError(f"shape must be (len(seeds), ...) = ({len(seeds)}, ...), got {tuple(shape)}.")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def noise() -> Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators]).to(device)
+
+    return noise(), noise
+
+
+def _start(x: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int]) -> list[int]:
+    """Check the arguments every sampler shares and return the timesteps as ints."""
+    assert x.dim() >= 2, f"x must be batched, (B, ...), got {tuple(x.shape)}"
+    if schedule.betas.device != x.device:
+        raise ValueError(f"schedule is on {schedule.betas.device} but x is on {x.device}; call schedule.to(x.device).")
+    return check_timesteps(timesteps, schedule.num_timesteps)
+
+
+def _predict_x0(schedule: Schedule, x: Tensor, t: Tensor, eps: Tensor, clip_x0: bool) -> tuple[Tensor, Tensor]:
+    """(eps, x0) at (x, t): x0 from DDPM eq. 15; with clip_x0, x0 is clamped to [-1, 1] and eps recomputed from it,
+    so that the update that follows moves towards the clipped x0 and not the raw one."""
+    assert eps.shape == x.shape, f"model output {tuple(eps.shape)} must match x {tuple(x.shape)}"
+    x0 = schedule.x0_from_eps(x, t, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = schedule.eps_from_x0(x, t, x0)
+    return eps, x0
+
+
+def _batch_t(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+
+
+def ddpm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
+                callback: Callback | None = None, noise: Noise | None = None, variance: str = "small") -> Tensor:
+    """Ancestral sampling, DDPM Algorithm 2 (Ho et al. 2020), on any timestep subsequence (Nichol & Dhariwal 2021).
+
+    Each jump t_i -> t_{i-1} is one step of the respaced chain (`Schedule.respaced`) and draws from
+    q(x_{t_{i-1}} | x_{t_i}, x0_pred) with variance "small" = beta_tilde (DDPM's sigma^2 = beta_tilde) or
+    "large" = beta' (sigma^2 = beta). improved-diffusion replaces the first entry of either variance by
+    beta_tilde_1 to keep its log finite; the final jump adds no noise, so that entry is never used here.
+    """
+    if variance not in ("small", "large"):
+        raise ValueError(f"Unknown variance {variance!r}; choose 'small' or 'large'.")
+    ts = _start(x, schedule, timesteps)
+    noise = noise or (lambda: torch.randn_like(x))
+    chain = schedule.respaced(ts)
+    for step, i in enumerate(reversed(range(len(ts)))):
+        t, idx = _batch_t(ts[i], x), _batch_t(i, x)
+        # Predict eps and the x0 it implies.
+        _, x0 = _predict_x0(schedule, x, t, model(x, t), clip_x0)
+        if callback is not None:
+            callback(step, ts[i], x, x0)
+        # Posterior mean mu_tilde(x_t, x0_pred) of the respaced chain (DDPM eq. 7).
+        mean, _, log_variance = chain.q_posterior(x0, x, idx)
+        if i == 0:
+            x = mean  # the jump to the clean image adds no noise (Algorithm 2, line 3 with z = 0)
+        else:
+            if variance == "large":
+                log_variance = chain.betas[i].log().to(x.dtype)
+            x = mean + (0.5 * log_variance).exp() * noise()
+    return x
+
+
+def ddim_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
+                callback: Callback | None = None, noise: Noise | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021), the generalised generative process of eq. 12 with sigma from eq. 16 scaled by eta.
+
+    eta = 0 is the deterministic DDIM sampler; eta = 1 gives DDPM's ancestral sampler with variance "small".
+    """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}.")
+    ts = _start(x, schedule, timesteps)
+    noise = noise or (lambda: torch.randn_like(x))
+    abar = schedule.alphas_cumprod.tolist()
+    for step, i in enumerate(reversed(range(len(ts)))):
+        t = _batch_t(ts[i], x)
+        a_t, a_prev = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
+        # Predict eps and the x0 it implies (eq. 12, "predicted x0").
+        eps, x0 = _predict_x0(schedule, x, t, model(x, t), clip_x0)
+        if callback is not None:
+            callback(step, ts[i], x, x0)
+        # eq. 16: sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev); zero on the final jump.
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        # eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        if sigma > 0:
+            x = x + sigma * noise()
+    return x
+
+
+def ddim_invert(model: Model, x0: Tensor, schedule: Schedule, timesteps: Tensor) -> Tensor:
+    """DDIM inversion: integrate the deterministic DDIM process (eq. 12, eta = 0; the ODE of eq. 14) from x_0 up to
+    x_T at timesteps[-1], so that `ddim_sample` with the same timesteps maps the result back to about x0.
+
+    The jump t_{i-1} -> t_i needs eps at the unknown x_{t_i}; it uses the model at the current sample with the
+    destination timestep instead, a first-order approximation, so reconstructions sharpen with more steps.
+    """
+    ts = _start(x0, schedule, timesteps)
+    abar = schedule.alphas_cumprod.tolist()
+    x = x0
+    for i in range(len(ts)):
+        a_from, a_to = (abar[ts[i - 1]] if i > 0 else 1.0), abar[ts[i]]
+        eps = model(x, _batch_t(ts[i], x))
+        assert eps.shape == x.shape, f"model output {tuple(eps.shape)} must match x {tuple(x.shape)}"
+        # The DDIM step read backwards: x0_pred from the current level, then re-noised to the next level.
+        x0_pred = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        x = math.sqrt(a_to) * x0_pred + math.sqrt(1 - a_to) * eps
+    return x
+
+
+def _transfer(x: Tensor, eps: Tensor, a_t: float, a_next: float) -> Tensor:
+    """PNDM's transfer part phi(x_t, eps, t, t - delta) (Liu et al. 2022, Sec. 3.2): move x from noise level
+    abar = a_t to a_next along eps. Algebraically the deterministic DDIM step, written as in the paper in a
+    form without cancellation when a_t and a_next are close."""
+    coef_x = math.sqrt(a_next / a_t)
+    coef_eps = -(a_next - a_t) / (math.sqrt(a_t) * (math.sqrt((1 - a_next) * a_t) + math.sqrt((1 - a_t) * a_next)))
+    return coef_x * x + coef_eps * eps
+
+
+def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
+                callback: Callback | None = None, noise: Noise | None = None) -> Tensor:
+    """F-PNDM (Liu et al. 2022, Sec. 3.3): three pseudo Runge-Kutta steps, then the pseudo linear multistep method.
+
+    Deterministic (`noise` is accepted for the shared signature and unused). The warm start evaluates the
+    model at the end of its step, which the final jump to the clean image does not have, so at least 4
+    timesteps are needed. Half steps use the integer timestep floor((t_i + t_{i-1}) / 2), because the
+    network is trained on integer timesteps. The multistep weights assume equally spaced timesteps.
+    """
+    ts = _start(x, schedule, timesteps)
+    if len(ts) < 4:
+        raise ValueError(f"pndm_sample needs at least 4 timesteps (3 warm-up steps and 1 multistep), got {len(ts)}; "
+                         f"use more steps or ddim_sample.")
+    abar = schedule.alphas_cumprod.tolist()
+    history: list[Tensor] = []  # eps at the last three timesteps, oldest first
+    for step, i in enumerate(reversed(range(len(ts)))):
+        t = _batch_t(ts[i], x)
+        a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
+        e_1 = model(x, t)
+        if len(history) < 3:
+            # Pseudo Runge-Kutta (fourth order): three more evaluations at the half step and the end of the step.
+            t_mid = (ts[i] + ts[i - 1]) // 2
+            a_mid = abar[t_mid]
+            e_2 = model(_transfer(x, e_1, a_t, a_mid), _batch_t(t_mid, x))
+            e_3 = model(_transfer(x, e_2, a_t, a_mid), _batch_t(t_mid, x))
+            e_4 = model(_transfer(x, e_3, a_t, a_next), _batch_t(ts[i - 1], x))
+            e_prime = (e_1 + 2 * e_2 + 2 * e_3 + e_4) / 6
+        else:
+            # Pseudo linear multistep (fourth-order Adams-Bashforth weights on the eps history).
+            e_prime = (55 * e_1 - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        history = (history + [e_1])[-3:]
+        e_prime, x0 = _predict_x0(schedule, x, t, e_prime, clip_x0)
+        if callback is not None:
+            callback(step, ts[i], x, x0)
+        # Transfer x along the combined eps.
+        x = _transfer(x, e_prime, a_t, a_next)
+    return x
+
+
+def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
+                 callback: Callback | None = None, noise: Noise | None = None) -> Tensor:
+    """S-PNDM (Liu et al. 2022): one pseudo improved Euler step, then the second-order pseudo linear multistep method.
+
+    One model evaluation per step plus one extra in the first step. Deterministic (`noise` is accepted for
+    the shared signature and unused); needs at least 2 timesteps since the warm start evaluates the model
+    at the end of its step.
+    """
+    ts = _start(x, schedule, timesteps)
+    if len(ts) < 2:
+        raise ValueError(f"spndm_sample needs at least 2 timesteps (1 warm-up step and 1 multistep), got {len(ts)}; "
+                         f"use more steps or ddim_sample.")
+    abar = schedule.alphas_cumprod.tolist()
+    previous: Tensor | None = None  # eps at the previous timestep
+    for step, i in enumerate(reversed(range(len(ts)))):
+        t = _batch_t(ts[i], x)
+        a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
+        e_1 = model(x, t)
+        if previous is None:
+            # Pseudo improved Euler (Heun): average eps at the start and at the transferred end of the step.
+            e_2 = model(_transfer(x, e_1, a_t, a_next), _batch_t(ts[i - 1], x))
+            e_prime = (e_1 + e_2) / 2
+        else:
+            # Second-order pseudo linear multistep (Adams-Bashforth weights 3/2, -1/2).
+            e_prime = (3 * e_1 - previous) / 2
+        previous = e_1
+        e_prime, x0 = _predict_x0(schedule, x, t, e_prime, clip_x0)
+        if callback is not None:
+            callback(step, ts[i], x, x0)
+        # Transfer x along the combined eps.
+        x = _transfer(x, e_prime, a_t, a_next)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "pndm": pndm_sample,
+    "spndm": spndm_sample,
+}

@@ -1,0 +1,219 @@
+"""The forward process of a discrete-time diffusion model: noise schedules and the tables built on them.
+
+Notation follows DDPM (Ho et al. 2020): beta_t is the noise added at step t, alpha_t = 1 - beta_t,
+abar_t = prod_{s<=t} alpha_s (`alphas_cumprod`), and t runs over 0 .. T-1, so t = 0 is the first noising
+step (the paper's t = 1). Every table is computed once in float64 and named as improved-diffusion
+(Nichol & Dhariwal 2021) names it; `extract` reads a table at a batch of timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SCHEDULES = ("linear", "cosine", "scaled_linear")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
+    """The betas of a named schedule, float64, shape (num_timesteps,).
+
+    "linear":        DDPM's (Ho et al. 2020, Sec. 4): linspace(1e-4, 0.02, T) at T = 1000. For other T both
+                     ends are multiplied by 1000 / T, as improved-diffusion does, so that sum(betas) and hence
+                     the noise at the end of the chain stay about the same; this needs T > 20.
+    "cosine":        improved DDPM's (Nichol & Dhariwal 2021, eq. 17): abar(t) = f(t) / f(0) with
+                     f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, and beta_t = 1 - abar(t+1) / abar(t)
+                     clipped at 0.999 so the last step stays finite.
+    "scaled_linear": latent diffusion's (Rombach et al. 2022): linspace(sqrt(0.00085), sqrt(0.012), T) ** 2.
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}.")
+    if kind == "linear":
+        scale = 1000 / num_timesteps
+        if 0.02 * scale >= 1:
+            raise ValueError(f"The linear schedule needs num_timesteps > 20 (its betas are scaled by 1000/T and "
+                             f"would reach 1), got {num_timesteps}; use more timesteps or the cosine schedule.")
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    if kind == "cosine":
+        s = 0.008
+
+        def f(t: float) -> float:
+            return math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - f(t + 1) / f(t), 0.999) for t in range(num_timesteps)]
+        return np.array(betas, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_timesteps, dtype=np.float64) ** 2
+    raise ValueError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
+
+
+def extract(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """table[t] cast to x's dtype and shaped (B, 1, ..., 1) to broadcast over x's non-batch dimensions."""
+    assert t.dim() == 1 and t.shape[0] == x.shape[0], f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}"
+    return table[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def check_timesteps(timesteps: Tensor | Sequence[int], num_timesteps: int) -> list[int]:
+    """Validate a sampling subsequence (strictly increasing, starting at 0, all < T) and return it as ints."""
+    ts = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)]
+    if not ts or ts[0] != 0 or ts[-1] >= num_timesteps or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly increasing, start at 0 and stay below {num_timesteps}; "
+                         f"build them with make_timesteps.")
+    return ts
+
+
+class Schedule(torch.nn.Module):
+    """The fixed forward process q(x_t | x_0) of DDPM and every quantity derived from it.
+
+    The tables are float64, computed once, and registered as non-persistent buffers: `schedule.to(device)`
+    moves them and they never enter a state dict (they are a pure function of the betas). Methods take
+    `t` as an int64 tensor of shape (B,) on x's device and broadcast the per-t coefficient over x.
+    """
+
+    def __init__(self, betas: np.ndarray | Tensor):
+        super().__init__()
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a non-empty 1-D array with every value in (0, 1).")
+        self.num_timesteps = len(betas)
+
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t I)   (DDPM eq. 6-7).
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        # beta_tilde_0 = 0, so its log is -inf; improved-diffusion clips it to beta_tilde_1 (a one-step chain has none).
+        clip_from = posterior_variance[1:2] if self.num_timesteps > 1 else posterior_variance[:1]
+        tables = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": torch.cat([clip_from, posterior_variance[1:]]).log(),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
+
+    @classmethod
+    def from_name(cls, kind: str, num_timesteps: int) -> Schedule:
+        """A schedule from one of SCHEDULES; see `make_betas`."""
+        return cls(make_betas(kind, num_timesteps))
+
+    def respaced(self, timesteps: Tensor | Sequence[int]) -> Schedule:
+        """The shorter chain that visits only `timesteps` (improved-diffusion's respacing, Nichol & Dhariwal 2021).
+
+        beta'_i = 1 - abar[t_i] / abar[t_{i-1}] (abar before t_0 = 0 is 1), so the new chain's alphas_cumprod
+        are abar[timesteps] and its posterior tables are those of the jumps t_i -> t_{i-1}. Index the result
+        with the position i in `timesteps`, not with t.
+        """
+        ts = check_timesteps(timesteps, self.num_timesteps)
+        abar = self.alphas_cumprod[ts]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return Schedule(1 - abar / abar_prev)
+
+    # Forward process.
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a draw from q(x_t | x_0) (DDPM eq. 4)."""
+        assert noise.shape == x0.shape, f"noise {tuple(noise.shape)} must match x0 {tuple(x0.shape)}"
+        return (extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+
+        The mean has x's shape; the variance and log-variance are (B, 1, ..., 1) and broadcast.
+        """
+        assert x0.shape == x_t.shape, f"x0 {tuple(x0.shape)} and x_t {tuple(x_t.shape)} must match"
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021), float64, shape (B,)."""
+        abar = self.alphas_cumprod[t]
+        return abar / (1 - abar)
+
+    # Conversions between what a network can predict: eps, x0, or v (Salimans & Ho 2022, Sec. 4 and App. D).
+    # All follow from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x0.
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) (DDPM eq. 15)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t / sqrt(abar) - x0) / sqrt(1 / abar - 1), the inverse of `x0_from_eps`."""
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    def v_from_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0, the velocity target of Salimans & Ho 2022."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * eps - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+        return extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + extract(self.sqrt_alphas_cumprod, t, x_t) * v
+
+    def to_eps(self, x_t: Tensor, t: Tensor, output: Tensor, prediction: str) -> Tensor:
+        """Read a network output of kind `prediction` ("eps", "x0" or "v") as an eps prediction."""
+        _check_prediction(prediction)
+        assert output.shape == x_t.shape, f"output {tuple(output.shape)} must match x_t {tuple(x_t.shape)}"
+        if prediction == "eps":
+            return output
+        if prediction == "x0":
+            return self.eps_from_x0(x_t, t, output)
+        return self.eps_from_v(x_t, t, output)
+
+    def to_x0(self, x_t: Tensor, t: Tensor, output: Tensor, prediction: str) -> Tensor:
+        """Read a network output of kind `prediction` ("eps", "x0" or "v") as an x0 prediction."""
+        _check_prediction(prediction)
+        assert output.shape == x_t.shape, f"output {tuple(output.shape)} must match x_t {tuple(x_t.shape)}"
+        if prediction == "eps":
+            return self.x0_from_eps(x_t, t, output)
+        if prediction == "x0":
+            return output
+        return self.x0_from_v(x_t, t, output)
+
+    # Training.
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction: str) -> Tensor:
+        """What a network of kind `prediction` should output for x_t = q_sample(x0, t, noise)."""
+        _check_prediction(prediction)
+        if prediction == "eps":
+            return noise
+        if prediction == "x0":
+            return x0
+        return self.v_from_eps(x0, noise, t)
+
+    def training_losses(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, t: Tensor, noise: Tensor,
+                        prediction: str = "eps") -> Tensor:
+        """Per-sample mean squared error between model_fn(x_t, t) and its target, shape (B,) (DDPM eq. 14, L_simple).
+
+        With prediction="eps" this is DDPM's simplified objective; "x0" and "v" regress the other targets
+        with the same unweighted MSE.
+        """
+        x_t = self.q_sample(x0, t, noise)
+        output = model_fn(x_t, t)
+        assert output.shape == x0.shape, f"model output {tuple(output.shape)} must match x0 {tuple(x0.shape)}"
+        target = self.training_target(x0, noise, t, prediction)
+        return (output - target).square().flatten(1).mean(dim=1)
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")

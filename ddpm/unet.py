@@ -1,0 +1,369 @@
+"""The DDPM U-Net (Ho et al. 2020), with one conditioning slot for labels, parameters or learned vectors.
+
+The layout follows the DDPM reference code (hojonathanho/diffusion, `diffusion_tf/models/unet.py`):
+a sinusoidal time embedding fed through an MLP; per resolution level `num_res_blocks` residual
+blocks (with self-attention at chosen feature-map sizes) and a 2x downsample; a middle of
+res-attention-res; a mirrored up path whose blocks each consume one skip connection. Two later
+variants are switches on `UNetConfig`: the scale-shift ("FiLM") time conditioning of improved DDPM
+(Nichol & Dhariwal 2021) and a conditioning vector added to the time embedding, with a learned null
+vector for classifier-free guidance (Ho & Salimans 2022).
+
+The network only maps (x_t, t, condition) to an output of x's shape; what that output means
+(eps, x0, v) is decided by the diffusion code that wraps it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONDITIONING_KINDS = ("none", "class", "params")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild a `UNet`; stored in checkpoints as `dataclasses.asdict(config)`."""
+
+    image_size: int = 32  # side of the training images; attention_resolutions refer to this size
+    in_channels: int = 3  # image (or latent) channels
+    out_channels: int = 3  # = in_channels for eps/x0/v prediction; 2 * in_channels to also learn variances
+    base_channels: int = 128  # DDPM: 128 for CIFAR-10 and 256x256 LSUN/CelebA-HQ
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels per level / base; DDPM CIFAR-10: (1, 2, 2, 2)
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (at image_size) with self-attention
+    num_heads: int = 1  # attention heads; DDPM used 1, improved DDPM 4
+    dropout: float = 0.1  # DDPM: 0.1 on CIFAR-10, 0.0 elsewhere
+    scale_shift_norm: bool = False  # False: DDPM adds the embedding; True: improved DDPM's FiLM (see ResBlock)
+    resample_with_conv: bool = True  # DDPM: strided conv down / conv after nearest up; False: avg-pool / plain nearest
+    cond: str = "none"  # what feeds the conditioning slot: "none", "class" labels or continuous "params"
+    num_classes: int = 0  # number of labels, for cond="class"
+    num_params: int = 0  # length of the parameter vector (normalised to [-1, 1] by the caller), for cond="params"
+
+    def __post_init__(self) -> None:
+        # JSON/YAML round trips give lists back; the frozen dataclass should still hash and compare equal.
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        if self.cond not in CONDITIONING_KINDS:
+            raise ValueError(f"cond must be one of {CONDITIONING_KINDS}, got {self.cond!r}.")
+        if self.cond == "class" and self.num_classes < 1:
+            raise ValueError("cond='class' needs num_classes >= 1.")
+        if self.cond == "params" and self.num_params < 1:
+            raise ValueError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1).")
+        sizes = [self.image_size // 2**level for level in range(len(self.channel_mult))]
+        if not set(self.attention_resolutions) <= set(sizes):
+            raise ValueError(f"attention_resolutions {self.attention_resolutions} must be among the "
+                             f"feature-map sizes {sizes}.")
+        for mult in self.channel_mult:
+            channels = self.base_channels * mult
+            if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
+                raise ValueError(f"base_channels * channel_mult must be multiples of 32, got {channels}.")
+            if channels % self.num_heads:
+                raise ValueError(f"num_heads {self.num_heads} must divide every level's channels, got {channels}.")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width E of the time embedding, and so of the conditioning space (4 * base, as in DDPM)."""
+        return 4 * self.base_channels
+
+    @classmethod
+    def ddpm_cifar10(cls) -> UNetConfig:
+        """The CIFAR-10 model of Ho et al. 2020 (35.7M parameters)."""
+        return cls(image_size=32, in_channels=3, out_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+                   num_res_blocks=2, attention_resolutions=(16,), num_heads=1, dropout=0.1,
+                   scale_shift_norm=False, resample_with_conv=True)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer sinusoids of t, (B,) -> (B, dim): [sin(t * f_i), cos(t * f_i)], f_i = max_period^(-i / (dim/2 - 1)).
+
+    The `dim/2 - 1` denominator is the one in the DDPM code (tensor2tensor's), so f runs from 1 to
+    exactly 1/max_period. Computed in float32 even under autocast; float t is allowed because some
+    samplers (PNDM) evaluate the model between integer steps.
+    """
+    assert t.ndim == 1 and dim % 2 == 0
+    half = dim // 2
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * i / (half - 1))
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias, so the residual branch it ends starts as the identity (DDPM's init_scale=0)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def num_groups(channels: int) -> int:
+    """DDPM's 32 groups, but never fewer than 4 channels per group.
+
+    A group of one channel is an instance norm: it erases that channel's spatial mean, and with it
+    the per-channel mean (DC component) of the noise. The output layer sits behind such a norm, so a
+    narrow network (32 channels) then cannot predict the noise's mean colour, which the sampler
+    amplifies by 1/sqrt(abar) at high noise into strong colour casts. From 128 channels on (every
+    DDPM model) this is exactly GroupNorm(32).
+    """
+    return min(32, channels // 4)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)  # eps 1e-6 as TF's group_norm in DDPM
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block that injects the time/condition embedding between its two convs."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, scale_shift_norm: bool):
+        super().__init__()
+        # True: Nichol & Dhariwal 2021, h = (1 + scale) * norm(h) + shift; False: Ho et al. 2020, h = norm(h + e).
+        self.scale_shift_norm = scale_shift_norm
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift_norm else 1))
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        # DDPM's "nin" shortcut: a 1x1 conv only where the channel count changes.
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift  # after the norm, which would otherwise remove the shift
+        else:
+            # DDPM adds the embedding before a GroupNorm, which removes each group's mean: only the
+            # part of e that varies within a group survives -- small models want scale_shift_norm.
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, added back residually (proj_out starts at zero)."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads  # head width is channels // num_heads; DDPM: one head of all channels
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # DDPM's separate q, k, v "nin" layers, fused
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        # Channels are laid out as [q | k | v], each split into heads of C // num_heads channels.
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, head_dim)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fused where available
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class ResAttnBlock(nn.Module):
+    """A residual block, followed by self-attention at the chosen resolutions: DDPM's unit of the U-Net."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, attention: bool):
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, config.embedding_dim, config.dropout, config.scale_shift_norm)
+        self.attn = AttentionBlock(out_channels, config.num_heads) if attention else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 conv with stride 2, or 2x2 average pooling."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        # TF's 'SAME' padding, used by DDPM, pads a stride-2 3x3 conv on the bottom/right only.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then (optionally) a 3x3 conv."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM U-Net: (x_t, t, condition) -> tensor of x_t's shape with `out_channels` channels.
+
+    Conditioning (Ho & Salimans 2022): a vector in the E-dimensional time-embedding space is added to
+    the time embedding. It comes from class labels (an embedding table), from a parameter vector (a
+    small MLP), or directly from the caller (`cond_emb`, e.g. one learned vector per image in
+    diffusion inversion). Rows marked in `null_mask` get the learned `null_embedding` instead, which
+    is what classifier-free guidance trains and samples with.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch, E = config.base_channels, config.embedding_dim
+        levels = [ch * m for m in config.channel_mult]
+        sizes = [config.image_size // 2**i for i in range(len(levels))]
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, E), nn.SiLU(), nn.Linear(E, E))
+        if config.cond == "class":
+            self.cond_encoder = nn.Embedding(config.num_classes, E)
+        elif config.cond == "params":
+            self.cond_encoder = nn.Sequential(nn.Linear(config.num_params, E), nn.SiLU(), nn.Linear(E, E))
+        if config.cond != "none":  # an unconditional model has no conditioning parameters at all
+            self.null_embedding = nn.Parameter(torch.zeros(E))  # starts as "add nothing to the time embedding"
+
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        skip_channels = [ch]  # channels of every tensor the down path leaves for the up path
+        self.down_blocks, self.downsamples = nn.ModuleList(), nn.ModuleList()
+        for level, (out_ch, size) in enumerate(zip(levels, sizes)):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResAttnBlock(skip_channels[-1], out_ch, config, size in config.attention_resolutions))
+                skip_channels.append(out_ch)
+            self.down_blocks.append(blocks)
+            if level < len(levels) - 1:
+                self.downsamples.append(Downsample(out_ch, config.resample_with_conv))
+                skip_channels.append(out_ch)
+
+        self.mid = nn.ModuleList([ResAttnBlock(levels[-1], levels[-1], config, attention=True),
+                                  ResAttnBlock(levels[-1], levels[-1], config, attention=False)])
+
+        self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        h_ch = levels[-1]
+        for level in reversed(range(len(levels))):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                attention = sizes[level] in config.attention_resolutions
+                blocks.append(ResAttnBlock(h_ch + skip_channels.pop(), levels[level], config, attention))
+                h_ch = levels[level]
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamples.append(Upsample(h_ch, config.resample_with_conv))
+        assert not skip_channels
+
+        self.norm_out = group_norm(h_ch)
+        self.conv_out = nn.Conv2d(h_ch, config.out_channels, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # DDPM initialises every dense/conv weight with Xavier-uniform (variance_scaling, fan_avg) and
+        # zero bias, except the last layer of each residual branch and the output, which start at zero.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero_init(m.conv2)
+            elif isinstance(m, AttentionBlock):
+                zero_init(m.proj_out)
+        zero_init(self.conv_out)
+
+    def embed_condition(self, cond: Tensor | None, null_mask: Tensor | None = None) -> Tensor | None:
+        """Conditioning vectors (B, E) for labels (B,) or parameters (B, P); None on an unconditional model.
+
+        Rows where `null_mask` is True get the null embedding. Public so that inversion can start
+        its per-image vectors from, e.g., the mean embedding of a class.
+        """
+        kind = self.config.cond
+        if kind == "none":
+            if cond is not None:
+                raise ValueError("This model was trained without conditioning; call it with cond=None.")
+            return None
+        if cond is None:
+            raise ValueError(f"embed_condition needs the {kind} to embed; the null vector is model.null_embedding.")
+        if kind == "class" and (cond.ndim != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool):
+            raise ValueError(f"cond='class' expects integer labels of shape (B,), got {cond.dtype} {tuple(cond.shape)}.")
+        if kind == "params" and (cond.ndim != 2 or cond.shape[1] != self.config.num_params
+                                 or not cond.dtype.is_floating_point):
+            raise ValueError(f"cond='params' expects float parameters of shape (B, {self.config.num_params}), "
+                             f"got {cond.dtype} {tuple(cond.shape)}.")
+        return self._apply_null_mask(self.cond_encoder(cond), null_mask)
+
+    def _apply_null_mask(self, emb: Tensor, null_mask: Tensor | None) -> Tensor:
+        if null_mask is None:
+            return emb
+        if null_mask.shape != emb.shape[:1] or null_mask.dtype != torch.bool:
+            raise ValueError(f"null_mask must be a bool tensor of shape ({emb.shape[0]},), "
+                             f"got {null_mask.dtype} {tuple(null_mask.shape)}.")
+        # torch.where, not indexing: no data-dependent shapes, so torch.compile sees one graph.
+        return torch.where(null_mask[:, None], self.null_embedding.to(emb.dtype), emb)
+
+    def _condition_vector(self, cond: Tensor | None, cond_emb: Tensor | None, null_mask: Tensor | None,
+                          batch: int) -> Tensor | None:
+        if self.config.cond == "none":
+            if cond is not None or cond_emb is not None or null_mask is not None:
+                raise ValueError("This model was trained without conditioning; "
+                                 "call it without cond, cond_emb or null_mask.")
+            return None
+        if cond is not None and cond_emb is not None:
+            raise ValueError("Pass either cond or cond_emb, not both.")
+        if cond_emb is not None:
+            if cond_emb.shape != (batch, self.config.embedding_dim):
+                raise ValueError(f"cond_emb must have shape ({batch}, {self.config.embedding_dim}), "
+                                 f"got {tuple(cond_emb.shape)}.")
+            return self._apply_null_mask(cond_emb, null_mask)
+        if cond is None:  # a conditional model called without a condition: every row is null
+            return self._apply_null_mask(self.null_embedding.expand(batch, -1), null_mask)
+        if cond.ndim == 0 or cond.shape[0] != batch:
+            raise ValueError(f"cond must have one row per image ({batch}), got shape {tuple(cond.shape)}.")
+        return self.embed_condition(cond, null_mask)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, null_mask: Tensor | None = None,
+                cond_emb: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) int or float timesteps, cond labels (B,) / params (B, P) / None (all null).
+
+        `null_mask` (B,) bool swaps in the null embedding per row; `cond_emb` (B, E) replaces `cond`
+        with vectors already in the conditioning space.
+        """
+        B, C, H, W = x.shape
+        factor = 2 ** (len(self.config.channel_mult) - 1)
+        if C != self.config.in_channels:
+            raise ValueError(f"Expected {self.config.in_channels} input channels, got {C}.")
+        if H % factor or W % factor:
+            raise ValueError(f"Image size {H}x{W} must be divisible by {factor} (2 ** (len(channel_mult) - 1)).")
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), one timestep per image, got {tuple(t.shape)}.")
+
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        cond_vec = self._condition_vector(cond, cond_emb, null_mask, B)
+        if cond_vec is not None:
+            emb = emb + cond_vec
+
+        hs = [self.conv_in(x)]
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                hs.append(block(hs[-1], emb))
+            if level < len(self.downsamples):
+                hs.append(self.downsamples[level](hs[-1]))
+
+        h = hs[-1]
+        for block in self.mid:
+            h = block(h, emb)
+
+        for i, blocks in enumerate(self.up_blocks):
+            for block in blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        assert out.shape == (B, self.config.out_channels, H, W)
+        return out

@@ -1,0 +1,279 @@
+"""The training loop, checkpoints and the two entry points, end to end on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from ddpm.config import PRESETS, DDPMConfig
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import from_dict, to_dict
+from training.distributed import Runtime
+from training.loop import RunExists, Stage, StepBatches, TrainingDiverged, fit
+from training.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Four 16x16 RGB images with distinct, simple content."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        base = np.zeros((16, 16, 3), np.uint8)
+        base[:, :, k % 3] = 40 + 50 * k
+        base[4 * k:4 * k + 4] = 255
+        base += rng.integers(0, 10, base.shape, dtype=np.uint8)
+        Image.fromarray(base).save(root / f"img{k}.png")
+    return root
+
+
+def tiny_args(run_dir: Path, folder: Path, steps: int, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", "16",
+            "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
+            "--attention-resolutions", "8", "--dropout", "0.1", "--num-timesteps", "100", "--steps", str(steps),
+            "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
+            "--ckpt-every", "1000", "--preview-images", "4", "--preview-steps", "4", *extra]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, image_folder) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    train.main(tiny_args(run_dir, image_folder, 3))
+    return run_dir
+
+
+def test_run_directory_holds_config_checkpoint_metrics_and_grids(trained_run):
+    assert {p.name for p in trained_run.iterdir()} >= {"config.json", "checkpoint.pt", "metrics.jsonl", "samples"}
+    assert (trained_run / "samples" / "final.png").is_file()
+    config = from_dict(DDPMConfig, json.loads((trained_run / "config.json").read_text()))
+    assert config.unet.image_size == 16 and config.unet.channel_mult == (1, 2)
+    payload = load_checkpoint(trained_run / "checkpoint.pt", "ddpm")
+    assert payload["step"] == 3 and payload["data_info"]["resolution"] == 16
+    assert [json.loads(x)["step"] for x in (trained_run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_continues_exactly(tmp_path, image_folder):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(tiny_args(straight, image_folder, 6))
+    train.main(tiny_args(split, image_folder, 3))
+    train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu"])
+    assert losses(split) == losses(straight)  # bit-identical: data order, noise and dropout all replayed
+    a, b = (load_checkpoint(d / "checkpoint.pt", "ddpm") for d in (straight, split))
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
+    run_dir = tmp_path / "overfit"
+    train.main(tiny_args(run_dir, image_folder, 200, "--dropout", "0", "--lr", "3e-3", "--log-every", "20"))
+    history = losses(run_dir)
+    assert history[-1] < 0.35 * history[0], history
+
+
+def test_new_run_refuses_to_overwrite_an_existing_one(trained_run, image_folder):
+    before = {p: p.read_bytes() for p in (trained_run / "config.json", trained_run / "checkpoint.pt")}
+    with pytest.raises(RunExists, match="--resume"):
+        train.main(tiny_args(trained_run, image_folder, 3, "--lr", "1e-4"))
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_resume_rejects_options_the_checkpoint_fixes(trained_run):
+    with pytest.raises(ValueError, match="cannot change when resuming"):
+        train.main(["--run-dir", str(trained_run), "--resume", "--steps", "5", "--lr", "1.0"])
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3))
+    poison = {"on": False}
+
+    def loss(model, batch, gen):
+        value = model(batch[0]).pow(2).mean()
+        return value * float("nan") if poison["on"] else value
+
+    def stage():
+        torch.manual_seed(0)
+        return Stage("toy", torch.nn.Linear(3, 1), loss, lambda m: torch.zeros(1, 1, 2, 2), {}, {})
+
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=1, ckpt_every=1, sample_every=0)
+    fit(stage(), cfg, data, tmp_path, Runtime(torch.device("cpu")))
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    poison["on"] = True
+    with pytest.raises(TrainingDiverged, match="lower --lr"):
+        fit(stage(), dataclasses.replace(cfg, steps=4), data, tmp_path, Runtime(torch.device("cpu")),
+            resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_step_batches_cover_each_epoch_once_and_start_anywhere():
+    runtime = Runtime(torch.device("cpu"))
+    stream = iter(StepBatches(10, 4, seed=3, start_step=0, runtime=runtime))
+    first = [next(stream) for _ in range(5)]                      # 20 positions = two epochs of 10
+    flat = sum(first, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]                                 # each epoch reshuffled
+    assert next(iter(StepBatches(10, 4, seed=3, start_step=3, runtime=runtime))) == first[3]
+    halves = [next(iter(StepBatches(10, 4, 3, 2, Runtime(torch.device("cpu"), r, 2)))) for r in (0, 1)]
+    assert halves[0] + halves[1] == first[2]                      # DDP ranks split the global batch
+
+
+def test_presets_round_trip_through_checkpoint_dicts():
+    for make in PRESETS.values():
+        config = make()
+        assert from_dict(DDPMConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    for module in (train, sample):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        text = capsys.readouterr().out
+        options = [line.split()[0] for line in text.splitlines() if line.strip().startswith("--")]
+        assert len(options) > 5
+        for line in text.replace("\n                        ", " ").splitlines():
+            if line.strip().startswith("--") and not line.strip().startswith("--help"):
+                assert "default" in line or "required" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+
+
+def test_sample_writes_grid_images_gif_and_redraws_image_k_alone(trained_run, tmp_path):
+    out = sample.main(["--ckpt", str(trained_run / "checkpoint.pt"), "--sampler", "ddpm", "--steps", "5",
+                       "--num", "3", "--gif", "--out", str(tmp_path / "all"), "--device", "cpu"])
+    assert {p.name for p in out.iterdir()} == {"grid.png", "images", "reverse.gif", "manifest.csv"}
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    with Image.open(out / "reverse.gif") as gif:
+        assert gif.n_frames == 6  # one per step, plus the final images
+    alone = sample.main(["--ckpt", str(trained_run / "checkpoint.pt"), "--sampler", "ddpm", "--steps", "5",
+                         "--num", "1", "--first-index", "1", "--out", str(tmp_path / "one"), "--device", "cpu"])
+    a = np.asarray(Image.open(out / "images" / "000001.png"), dtype=int)
+    b = np.asarray(Image.open(alone / "images" / "000001.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1  # same seed, same image; batching may move a value by one level
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "spndm"])
+def test_every_sampler_runs_from_the_command_line(trained_run, tmp_path, sampler):
+    out = sample.main(["--ckpt", str(trained_run / "checkpoint.pt"), "--sampler", sampler, "--steps", "6",
+                       "--num", "2", "--out", str(tmp_path), "--device", "cpu"])
+    image = np.asarray(Image.open(out / "grid.png"))
+    assert image.ndim == 3 and image.std() > 0
+
+
+def test_sample_refuses_bad_input_and_writes_nothing(trained_run, tmp_path):
+    ckpt = str(trained_run / "checkpoint.pt")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        sample.main(["--ckpt", ckpt, "--sampler", "euler", "--out", str(out), "--device", "cpu"])
+    with pytest.raises(ValueError, match="steps"):
+        sample.main(["--ckpt", ckpt, "--steps", "101", "--out", str(out), "--device", "cpu"])  # T = 100
+    with pytest.raises(ValueError, match="without conditioning"):
+        sample.main(["--ckpt", ckpt, "--class", "cat", "--out", str(out), "--device", "cpu"])
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        sample.main(["--ckpt", ckpt, "--out", str(out), "--device", "cpu"])
+    assert (out / "keep.png").read_bytes() == b"mine"
+
+
+def test_checkpoint_errors_are_clear(tmp_path, trained_run):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", "ddpm")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(corrupt, "ddpm")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((trained_run / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(truncated, "ddpm")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not a checkpoint written by this toolkit"):
+        load_checkpoint(foreign, "ddpm")
+    other = tmp_path / "vae.pt"
+    save_checkpoint({"stage": "vae", "model": {}}, other)
+    with pytest.raises(ValueError, match="stage 'vae'"):
+        sample.main(["--ckpt", str(other), "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# conditional models, end to end
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        (root / name).mkdir()
+        for k in range(2):
+            Image.new("RGB", (16 + 4 * k, 16), colour).save(root / name / f"{k}.png")
+    return root
+
+
+def manifest(out: Path) -> list[dict[str, str]]:
+    import csv
+    with open(out / "manifest.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_class_conditional_run_samples_the_asked_class_with_guidance(tmp_path, labelled_folder, image_folder):
+    run_dir = tmp_path / "classes"
+    train.main(tiny_args(run_dir, labelled_folder, 2, "--cond", "class"))
+    ckpt = str(run_dir / "checkpoint.pt")
+    out = sample.main(["--ckpt", ckpt, "--class", "red", "--guidance-scale", "3", "--num", "2", "--steps", "4",
+                       "--out", str(tmp_path / "red"), "--device", "cpu"])
+    assert [row["class"] for row in manifest(out)] == ["red", "red"]
+    out = sample.main(["--ckpt", ckpt, "--num", "3", "--steps", "4", "--out", str(tmp_path / "all"), "--device", "cpu"])
+    assert [row["class"] for row in manifest(out)] == ["blue", "red", "blue"]  # classes in turn
+    with pytest.raises(ValueError, match="Unknown class 'green'"):
+        sample.main(["--ckpt", ckpt, "--class", "green", "--out", str(tmp_path / "x"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="--class instead of --param"):
+        sample.main(["--ckpt", ckpt, "--param", "wind=1", "--out", str(tmp_path / "x"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="no classes"):
+        train.main(tiny_args(tmp_path / "unlabelled", image_folder, 2, "--cond", "class"))
+
+
+def test_parameter_conditional_run_on_plumes(tmp_path):
+    run_dir = tmp_path / "params"
+    train.main(tiny_args(run_dir, tmp_path, 2, "--dataset", "plumes", "--num-samples", "8",
+                         "--cache-dir", str(tmp_path / "cache"), "--cond", "params"))
+    out = sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--param", "wind=0.25", "--guidance-scale", "2",
+                       "--num", "2", "--steps", "4", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    info = load_checkpoint(run_dir / "checkpoint.pt", "ddpm")["data_info"]
+    (lo, hi), rows = info["param_ranges"][1], manifest(out)
+    assert [float(r["wind"]) for r in rows] == [0.25, 0.25]
+    assert all(lo <= float(r["temperature"]) <= hi for r in rows)        # unspecified: drawn in range
+    assert rows[0]["temperature"] != rows[1]["temperature"]              # ... per image
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--param", "humidity=3",
+                     "--out", str(tmp_path / "x"), "--device", "cpu"])
+
+
+def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder):
+    """torchrun with 2 CPU processes (gloo): the DDP path runs, only rank 0 writes, and resume works."""
+    import subprocess
+    import sys
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(Path(train.__file__))]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command + tiny_args(run_dir, image_folder, 2), check=True, env=env, cwd=tmp_path, timeout=300)
+    subprocess.run(command + ["--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu"],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert load_checkpoint(run_dir / "checkpoint.pt", "ddpm")["step"] == 3

@@ -1,0 +1,142 @@
+"""Typed configuration shared by every stage, and the command line built from it.
+
+Each stage's config is a dataclass of dataclasses. It is stored in the checkpoint (as plain dicts)
+next to the weights, so a run is described by its checkpoint alone. The command line is generated
+from the same fields, so `--help` can never drift from what the code reads: every option shows the
+value of the default preset, and only options the user actually passes override the chosen preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its `--help` text beside its declaration."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = option("plumes", "training images: plumes (built in) | folder:PATH | cifar10")
+    resolution: int = option(32, "image side in pixels (images are resized and centre-cropped to it)")
+    num_samples: int = option(0, "plumes to simulate, or a seeded subset of another dataset (0: 10000 plumes / all images)")
+    hflip: bool = option(True, "random horizontal flips (DDPM's only augmentation)")
+    cache_dir: str = option(".cache/datasets", "where generated or downloaded datasets are kept")
+    num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = option(3000, "optimizer steps to train for (on --resume: the new total)")
+    batch_size: int = option(32, "global batch size, split evenly across processes under torchrun")
+    lr: float = option(1e-3, "peak AdamW learning rate, reached after the warm-up and then held (DDPM)")
+    warmup_steps: int = option(200, "linear learning-rate warm-up from 0")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    ema_decay: float = option(0.999, "decay of the exponential moving average of the weights used for sampling")
+    amp: str = option("auto", "mixed precision: auto | none | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU)")
+    compile: bool = option(False, "torch.compile the model for training (faster on CUDA after a warm-up)")
+    seed: int = option(0, "seed for weights, data order, noise and preview samples")
+    log_every: int = option(50, "steps between metrics.jsonl entries")
+    sample_every: int = option(1000, "steps between preview grids (0: only at the end)")
+    ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
+    preview_images: int = option(36, "images in each preview grid")
+    preview_steps: int = option(50, "DDIM steps for preview grids")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclass <-> plain dict (for checkpoints and config.json)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict`'s output; lists become tuples again."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue  # a field added after the checkpoint was written keeps its default
+        value, hint = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"Config section {cls.__name__} has unknown keys {sorted(unknown)}; the checkpoint was written by a newer toolkit.")
+    return cls(**kwargs)
+
+
+def write_json(values: dict[str, Any], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _arg_type(hint: Any) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is tuple:
+        (item, *_), = [typing.get_args(hint)]
+        return {"type": item, "nargs": "*"}
+    return {"type": hint}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,
+                         skip: Iterable[str] = (), help_overrides: dict[str, str] | None = None) -> None:
+    """Add one `--option` per field of `cls` under an argument group named `section`.
+
+    `shown` is the instance whose values `--help` prints as defaults. The parsed default is None
+    (meaning "not given"), so `apply_arguments` changes only what the user typed.
+    """
+    group = parser.add_argument_group(section)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        text = (help_overrides or {}).get(f.name) or f.metadata.get("help", "")
+        value = getattr(shown, f.name)
+        shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}", default=None,
+                           help=f"{text} (default: {shown_value})", **_arg_type(hints[f.name]))
+
+
+def given_in(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The fields of `section` that the user passed on the command line."""
+    given = {name.split(".", 1)[1]: value for name, value in vars(args).items()
+             if name.startswith(section + ".") and value is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def override(values: Any, args: argparse.Namespace, section: str) -> Any:
+    """`values` (one config dataclass) with the options of `section` that the user passed applied."""
+    return dataclasses.replace(values, **given_in(args, section))
+
+
+def apply_arguments(config: Any, args: argparse.Namespace, section: str) -> Any:
+    """`config` with the user's options applied to its field `section`."""
+    return dataclasses.replace(config, **{section: override(getattr(config, section), args, section)})
+
+
+def given_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options (section.field) the user typed."""
+    return {name: value for name, value in vars(args).items() if "." in name and value is not None}
