@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gif-images", type=int, default=16, help="images shown in the GIF (default: 16)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", help="auto | none | bf16 | fp16 (default: auto: bf16/fp16 on CUDA, none on CPU)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="auto | none | bf16 | fp16 (default: auto: bf16/fp16 on CUDA, none on CPU)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
     return parser.parse_args(argv)
 

@@ -86,7 +86,7 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     root = Path(root).expanduser().resolve()
     files = list_images(root)
     if not files:
-        raise ValueError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); point --data at a folder of images.")
+        raise ValueError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); point --dataset folder:PATH at a folder of images.")
     class_names, labels = _classes(root, files)
     param_names, params = _read_params(root, files)
     keep = subset_indices(len(files), num_samples, seed, f"folder {root}").tolist()

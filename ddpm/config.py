@@ -11,27 +11,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data import DatasetInfo
+from ddpm.samplers import SAMPLERS
+from ddpm.schedule import PREDICTIONS, SCHEDULES
 from ddpm.unet import UNetConfig
 from training.config import DataConfig, TrainConfig, option
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = option("linear", "beta schedule: linear (DDPM, 1e-4..0.02) | cosine (improved DDPM) | scaled_linear (latent diffusion)")
+    schedule: str = option("linear", "beta schedule: linear (DDPM, 1e-4..0.02), cosine (improved DDPM) or "
+                           "scaled_linear (latent diffusion)", choices=SCHEDULES)
     num_timesteps: int = option(1000, "T, the number of forward-process steps")
-    prediction: str = option("eps", "what the network predicts: eps (DDPM) | x0 | v (Salimans & Ho 2022)")
+    prediction: str = option("eps", "what the network predicts: eps (DDPM), x0 or v (Salimans & Ho 2022)",
+                             choices=PREDICTIONS)
     cond_drop_prob: float = option(0.1, "chance of training a sample with the null condition, for classifier-free guidance")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    sampler: str = option("ddim", "ddpm (ancestral) | ddim | pndm | spndm")
+    sampler: str = option("ddim", "ddpm (ancestral), ddim, pndm (F-PNDM) or spndm (S-PNDM)", choices=tuple(SAMPLERS))
     steps: int = option(50, "number of denoising steps (a subsequence of the T training steps)")
-    spacing: str = option("uniform", "timestep spacing: uniform | quadratic (DDIM's)")
+    spacing: str = option("uniform", "timestep spacing (quadratic: DDIM's)", choices=("uniform", "quadratic"))
     eta: float = option(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like")
-    variance: str = option("small", "DDPM ancestral variance: small (posterior beta~) | large (beta)")
+    variance: str = option("small", "DDPM ancestral variance: small (posterior beta~) or large (beta)",
+                           choices=("small", "large"))
     clip_x0: bool = option(True, "clamp each step's x0 prediction to [-1, 1]")
-    guidance_scale: float = option(1.0, "classifier-free guidance weight w (1: conditional only, 0: unconditional)")
+    guidance_scale: float = option(1.0, "classifier-free guidance scale, 1 + w in Ho & Salimans 2022 (1: conditional only, "
+                                           "0: unconditional, above 1: stronger)")
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,6 @@ T = 1000
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def alpha_bar(kind: str = "linear", num_timesteps: int = T) -> torch.Tensor:
     """abar computed here, independently of Schedule."""
     return torch.tensor(np.cumprod(1 - make_betas(kind, num_timesteps)), dtype=F64)

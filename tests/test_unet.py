@@ -12,15 +12,6 @@ import torch.nn.functional as F
 from ddpm.unet import AttentionBlock, ResBlock, UNet, UNetConfig, timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: with several threads on a shared CPU, synchronisation costs ~100x the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(**overrides) -> UNetConfig:
     fields = dict(image_size=16, in_channels=3, out_channels=3, base_channels=32, channel_mult=(1, 2),
                   num_res_blocks=1, attention_resolutions=(8,), num_heads=2, dropout=0.0)

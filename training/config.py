@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its `--help` text beside its declaration."""
+    """A dataclass field with its `--help` text (and optionally its `choices`) beside its declaration."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -42,7 +42,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     ema_decay: float = option(0.999, "decay of the exponential moving average of the weights used for sampling")
-    amp: str = option("auto", "mixed precision: auto | none | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU)")
+    amp: str = option("auto", "mixed precision (auto: bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU)",
+                      choices=("auto", "none", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model for training (faster on CUDA after a warm-up)")
     seed: int = option(0, "seed for weights, data order, noise and preview samples")
     log_every: int = option(50, "steps between metrics.jsonl entries")
@@ -91,14 +92,12 @@ def write_json(values: dict[str, Any], path: str | os.PathLike) -> None:
 # command line
 
 
-def _arg_type(hint: Any) -> dict[str, Any]:
-    origin = typing.get_origin(hint)
+def _arg_type(hint: Any, metavar: str | None) -> dict[str, Any]:
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if origin is tuple:
-        (item, *_), = [typing.get_args(hint)]
-        return {"type": item, "nargs": "*"}
-    return {"type": hint}
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...] -> "--channel-mult 1 2 2"
+        return {"type": typing.get_args(hint)[0], "nargs": "*", "metavar": metavar}
+    return {"type": hint, "metavar": metavar}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,
@@ -116,8 +115,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
         text = (help_overrides or {}).get(f.name) or f.metadata.get("help", "")
         value = getattr(shown, f.name)
         shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        choices = f.metadata.get("choices")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}", default=None,
-                           help=f"{text} (default: {shown_value})", **_arg_type(hints[f.name]))
+                           choices=choices, help=f"{text} (default: {shown_value})",
+                           **_arg_type(hints[f.name], None if choices else f.name.upper()))
 
 
 def given_in(args: argparse.Namespace, section: str) -> dict[str, Any]:
