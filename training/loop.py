@@ -69,7 +69,7 @@ class StepBatches(Sampler[list[int]]):
         self.offset = runtime.rank * self.share
 
     def _epoch(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
 
     def __iter__(self) -> Iterator[list[int]]:
         cached: dict[int, torch.Tensor] = {}
