@@ -18,7 +18,7 @@ from data.imageio import save_gif, save_grid, save_images
 from ddpm.config import SamplingConfig
 from ddpm.generate import image_seed, sample_images
 from ddpm.stage import load_trained
-from training.config import add_config_arguments, override
+from training.config import AMP_MODES, add_config_arguments, override
 from training.distributed import resolve_device
 from training.loop import autocast_dtype
 from training.seeds import derive_seed
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gif-images", type=int, default=16, help="images shown in the GIF (default: 16)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="auto | none | bf16 | fp16 (default: auto: bf16/fp16 on CUDA, none on CPU)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
+                        help="mixed precision (default: auto: bf16, or fp16 where bf16 is unsupported, on CUDA; none on CPU)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
     return parser.parse_args(argv)
 
@@ -99,15 +100,15 @@ def main(argv: list[str] | None = None) -> Path:
     cond, records = conditions(args, net, info, indices, device)
     amp = autocast_dtype(args.amp, device)
     images, frames = [], []
+    every = max(1, sampling.steps // 60)  # GIF: at most ~60 frames, whatever the step count
+
+    def keep_frame(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % every == 0:
+            frames.append(x_t[: args.gif_images].float().cpu())
+
     for start in tqdm(range(0, len(indices), args.batch_size), desc=f"sample {sampling.sampler}", unit="batch"):
         chunk = indices[start:start + args.batch_size]
-        record_gif = args.gif and start == 0
-        every = max(1, sampling.steps // 60)  # at most ~60 frames, whatever the step count
-
-        def keep_frame(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
-            if i % every == 0:
-                frames.append(x_t[: args.gif_images].float().cpu())
-
+        record_gif = args.gif and start == 0  # the reverse process of the first batch
         images.append(sample_images(net, schedule, config.diffusion.prediction, sampling,
                                     [image_seed(args.seed, k) for k in chunk],
                                     cond=None if cond is None else cond[start:start + args.batch_size],

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm.config import PRESETS, SamplingConfig  # noqa: E402
 from ddpm.generate import sample_images  # noqa: E402
-from ddpm.schedule import Schedule  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 from training.distributed import resolve_device  # noqa: E402
 
@@ -99,7 +98,7 @@ def main() -> None:
             net = UNet(config.unet).to(device)
             if cuda:
                 net = net.to(memory_format=torch.channels_last)
-            schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps).to(device)
+            schedule = config.diffusion.make_schedule().to(device)
             batch = args.batch_size or (config.train.batch_size if cuda else 16)
             iters = args.iters or (50 if cuda else 3)
             dtype = dtypes[dtype_name]

@@ -12,7 +12,7 @@ from typing import Any
 
 from data import DatasetInfo
 from ddpm.samplers import SAMPLERS
-from ddpm.schedule import PREDICTIONS, SCHEDULES
+from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import UNetConfig
 from training.config import DataConfig, TrainConfig, option
 
@@ -25,6 +25,9 @@ class DiffusionConfig:
     prediction: str = option("eps", "what the network predicts: eps (DDPM), x0 or v (Salimans & Ho 2022)",
                              choices=PREDICTIONS)
     cond_drop_prob: float = option(0.1, "chance of training a sample with the null condition, for classifier-free guidance")
+
+    def make_schedule(self) -> Schedule:
+        return Schedule.from_name(self.schedule, self.num_timesteps)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def make_stage(config: DDPMConfig, info: DatasetInfo, device: torch.device) -> S
     diffusion, data = config.diffusion, config.data
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
-    schedule = Schedule.from_name(diffusion.schedule, diffusion.num_timesteps).to(device)
+    schedule = diffusion.make_schedule().to(device)
 
     def loss(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         x0, labels, params = batch
@@ -79,5 +79,5 @@ def load_trained(path: str | os.PathLike, device: torch.device, weights: str = "
     net = UNet(config.unet)
     net.load_state_dict(payload[weights])
     net.to(device).eval().requires_grad_(False)
-    schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps).to(device)
+    schedule = config.diffusion.make_schedule().to(device)
     return net, schedule, config, DatasetInfo.from_dict(payload["data_info"])

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # see training.loop.autocast_dtype
+
+
 def option(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with its `--help` text (and optionally its `choices`) beside its declaration."""
     return field(default=default, metadata={"help": help, **extra})
@@ -43,7 +46,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     ema_decay: float = option(0.999, "decay of the exponential moving average of the weights used for sampling")
     amp: str = option("auto", "mixed precision (auto: bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU)",
-                      choices=("auto", "none", "bf16", "fp16"))
+                      choices=AMP_MODES)
     compile: bool = option(False, "torch.compile the model for training (faster on CUDA after a warm-up)")
     seed: int = option(0, "seed for weights, data order, noise and preview samples")
     log_every: int = option(50, "steps between metrics.jsonl entries")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data.imageio import save_grid
 from training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from training.config import TrainConfig, write_json
+from training.config import AMP_MODES, TrainConfig, write_json
 from training.distributed import Runtime, mean_across_processes
 from training.seeds import derive_seed
 
@@ -88,7 +88,7 @@ class StepBatches(Sampler[list[int]]):
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp`, or None for full precision."""
-    if amp not in ("auto", "none", "bf16", "fp16"):
+    if amp not in AMP_MODES:
         raise ValueError(f"Unknown --amp {amp!r}; choose auto, none, bf16 or fp16.")
     if amp == "auto":
         if device.type != "cuda":
