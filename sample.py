@@ -1,36 +1,48 @@
-"""Draw images from a trained model: `python sample.py --ckpt runs/demo/checkpoint.pt --sampler ddim --steps 50`.
+"""Draw images from a trained model: `python sample.py --ckpt runs/ddpm-demo/checkpoint.pt --sampler ddim --steps 50`.
 
-Writes OUT/grid.png, OUT/images/NNNNNN.png (image k is reproducible alone: --first-index k --num 1),
-OUT/manifest.csv (seed, class and parameters of each image) and, with --gif, OUT/reverse.gif.
+Works alike for pixel and latent models (the checkpoint says which stage made it). Writes to --out:
+  grid.png, images/NNNNNN.png (image k is reproducible alone: --first-index k --num 1),
+  manifest.csv (seed, class and parameters of each image), and with --gif reverse.gif;
+  with --sweep NAME=START:STOP:N (or --sweep class): sweep.png and sweep.gif, one row per image
+  and one column per value, the noise of each row held fixed;
+  with --interpolate: interpolate-noise.png/.gif (spherical interpolation between the starting
+  noise of images k and k+1) and, for conditional models, interpolate-condition.png/.gif (linear
+  interpolation from image k's condition to --interpolate-to).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from core.checkpoint import load_checkpoint
+from core.config import add_config_arguments, override
+from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device
 from data.imageio import save_gif, save_grid, save_images
+from ddpm.conditioning import (Conditions, check_request, interpolate_conditions, interpolation_end, requested,
+                               slerp, sweep_columns)
 from ddpm.config import SamplingConfig
-from ddpm.generate import image_seed, sample_images
-from ddpm.stage import load_trained
-from training.config import AMP_MODES, add_config_arguments, override
-from training.distributed import resolve_device
-from training.loop import autocast_dtype
-from training.seeds import derive_seed
+from ddpm.generate import DiffusionSampler, image_seed, sample_images
+from ddpm.samplers import per_sample_noise
+from stages import get_stage
+
+GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint.pt of a training run (required)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: RUN_DIR/samples/SAMPLER-STEPS-seedSEED next to the checkpoint)")
+                        help="output folder (default: RUN_DIR/samples/SAMPLER-STEPS-seedSEED[-MODE] next to the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
-    parser.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    parser.add_argument("--num", type=int, default=None,
+                        help="number of images; with --sweep or --interpolate, the number of rows (default: 64; 4 rows)")
     parser.add_argument("--first-index", type=int, default=0, help="index of the first image, to redraw image k alone (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; image k uses a seed derived from (seed, k) (default: 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
@@ -39,8 +51,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter value in the data's units for a parameter-conditional model; repeat per "
                              "parameter (default: drawn uniformly from the training range, per image)")
+    parser.add_argument("--sweep", default=None, metavar="NAME=START:STOP:N",
+                        help="draw a grid whose columns step through a parameter (or 'class' / 'class=A,B,...' "
+                             "through classes) with each row's noise held fixed (default: off)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="draw strips interpolating the starting noise between two seeds and the condition "
+                             "between two conditions (default: off)")
+    parser.add_argument("--interpolate-to", action="append", default=[], metavar="CLASS|NAME=VALUE",
+                        help="the condition at the far end of --interpolate: a class, or parameter values (repeat per "
+                             "parameter) (default: the next class; each parameter mirrored within its range)")
+    parser.add_argument("--frames", type=int, default=8, help="images along each --interpolate strip (default: 8)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
     parser.add_argument("--gif-images", type=int, default=16, help="images shown in the GIF (default: 16)")
+    parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default="auto",
+                        help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
+                             "latent models (default: auto: x_t for pixel models, x0 for latent models)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
@@ -49,84 +74,154 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def conditions(args, net, info, indices: list[int], device) -> tuple[torch.Tensor | None, list[dict]]:
-    """The condition of each requested image, and what the manifest records about it."""
-    kind = net.config.cond
-    if kind == "none":
-        if args.label is not None or args.param:
-            raise ValueError("This model was trained without conditioning; drop --class and --param.")
-        return None, [{} for _ in indices]
-    if kind == "class":
-        names = list(info.class_names)
-        if args.param:
-            raise ValueError("This model is conditioned on classes, not parameters; use --class instead of --param.")
-        if args.label is None:
-            labels = [k % len(names) for k in indices]
-        elif args.label in names:
-            labels = [names.index(args.label)] * len(indices)
-        elif args.label.isdigit() and int(args.label) < len(names):
-            labels = [int(args.label)] * len(indices)
-        else:
-            raise ValueError(f"Unknown class {args.label!r}; choose one of {', '.join(names)} or an index below {len(names)}.")
-        return torch.tensor(labels, device=device), [{"class": names[y]} for y in labels]
-    # kind == "params"
-    if args.label is not None:
-        raise ValueError("This model is conditioned on parameters, not classes; use --param NAME=VALUE instead of --class.")
-    fixed = {}
-    for item in args.param:
-        name, _, value = item.partition("=")
-        if name not in info.param_names or not value:
-            raise ValueError(f"--param {item!r} is not NAME=VALUE with NAME one of {', '.join(info.param_names)}.")
-        fixed[name] = float(value)
-    rows = []
-    for k in indices:
-        draw = torch.rand(len(info.param_names), generator=torch.Generator().manual_seed(derive_seed(args.seed, k, 1)))
-        rows.append([fixed.get(name, lo + (hi - lo) * float(u))
-                     for name, (lo, hi), u in zip(info.param_names, info.param_ranges, draw)])
-    raw = torch.tensor(rows, dtype=torch.float32)
-    return info.normalize_params(raw).to(device), [dict(zip(info.param_names, row)) for row in rows]
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible option values before any work."""
+    for name, value, low in (("--num", args.num, 1), ("--first-index", args.first_index, 0), ("--seed", args.seed, 0),
+                             ("--batch-size", args.batch_size, 1), ("--gif-images", args.gif_images, 1),
+                             ("--frames", args.frames, 2)):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}.")
+    if args.interpolate_to and not args.interpolate:
+        raise ValueError("--interpolate-to needs --interpolate.")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    sampling = override(SamplingConfig(), args, "sampling")
-    device = resolve_device(args.device)
-    net, schedule, config, info = load_trained(args.ckpt, device, args.weights)
-    out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}"
+def load_model(path: Path, device: torch.device, weights: str) -> DiffusionSampler:
+    """The sampler of any generative stage's checkpoint; the checkpoint names its stage."""
+    payload = load_checkpoint(path)
+    spec = get_stage(str(payload.get("stage")))
+    if spec.load_sampler is None:
+        raise ValueError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
+                         f"checkpoint of a diffusion run (ddpm or ldm).")
+    return spec.load_sampler(payload, device, weights, path)
+
+
+def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
+    mode = "-sweep" if args.sweep else "-interpolate" if args.interpolate else ""
+    out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder.")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
+    return out
 
-    indices = list(range(args.first_index, args.first_index + args.num))
-    cond, records = conditions(args, net, info, indices, device)
-    amp = autocast_dtype(args.amp, device)
-    images, frames = [], []
-    every = max(1, sampling.steps // 60)  # GIF: at most ~60 frames, whatever the step count
+
+class Drawer:
+    """Draws batches of images with one model, sampling config and precision."""
+
+    def __init__(self, model: DiffusionSampler, sampling: SamplingConfig, amp: torch.dtype | None, batch_size: int):
+        self.model, self.sampling, self.amp, self.batch_size = model, sampling, amp, batch_size
+
+    def __call__(self, seeds: list[int], conditions: Conditions, x_T: torch.Tensor | None = None,
+                 callback=None, desc: str = "sample") -> torch.Tensor:
+        images = []
+        conditions = conditions.to(self.model.device)
+        for start in tqdm(range(0, len(seeds), self.batch_size), desc=desc, unit="batch"):
+            rows = slice(start, start + self.batch_size)
+            part = conditions[rows]
+            images.append(sample_images(self.model, self.sampling, seeds[rows], cond=part.cond, cond_emb=part.cond_emb,
+                                        x_T=None if x_T is None else x_T[rows], amp_dtype=self.amp,
+                                        callback=callback if start == 0 else None).cpu())
+        return torch.cat(images)
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def draw_images(draw: Drawer, args, model: DiffusionSampler, indices: list[int], out: Path) -> None:
+    """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
+    conditions = requested(model.net.config.cond, model.info, indices, args.seed, label=args.label, params=args.param)
+    frames = []
+    every = max(1, draw.sampling.steps // GIF_FRAMES)
+    show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)
 
     def keep_frame(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
         if i % every == 0:
-            frames.append(x_t[: args.gif_images].float().cpu())
+            frames.append(model.to_images((x0 if show_x0 else x_t)[: args.gif_images]).float().cpu())
 
-    for start in tqdm(range(0, len(indices), args.batch_size), desc=f"sample {sampling.sampler}", unit="batch"):
-        chunk = indices[start:start + args.batch_size]
-        record_gif = args.gif and start == 0  # the reverse process of the first batch
-        images.append(sample_images(net, schedule, config.diffusion.prediction, sampling,
-                                    [image_seed(args.seed, k) for k in chunk],
-                                    cond=None if cond is None else cond[start:start + args.batch_size],
-                                    amp_dtype=amp, callback=keep_frame if record_gif else None).cpu())
-    images = torch.cat(images)
-
+    seeds = [image_seed(args.seed, k) for k in indices]
+    images = draw(seeds, conditions, callback=keep_frame if args.gif else None, desc=f"sample {draw.sampling.sampler}")
     names = [f"{k:06d}.png" for k in indices]
     save_images(images, out / "images", names)
     save_grid(images, out / "grid.png")
     if args.gif:
         save_gif(frames + [images[: args.gif_images]], out / "reverse.gif")
-    with open(out / "manifest.csv", "w", newline="") as f:
-        fields = ["index", "file", "seed", *sorted({key for r in records for key in r})]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for k, name, rec in zip(indices, names, records):
-            writer.writerow({"index": k, "file": f"images/{name}", "seed": image_seed(args.seed, k), **rec})
-    print(f"Wrote {len(indices)} images to {out}")
+    write_manifest(out / "manifest.csv", [{"index": k, "file": f"images/{name}", "seed": seed, **record}
+                                          for k, name, seed, record in zip(indices, names, seeds, conditions.records)])
+
+
+def draw_sweep(draw: Drawer, args, model: DiffusionSampler, indices: list[int], out: Path) -> None:
+    """Rows are images (each with its own noise), columns step through the swept condition."""
+    kind, info = model.net.config.cond, model.info
+    base = requested(kind, info, indices, args.seed, label=args.label, params=args.param)
+    columns, labels = sweep_columns(args.sweep, kind, info, base)
+    seeds = [image_seed(args.seed, k) for k in indices]
+    per_column = [draw(seeds, c, desc=f"sweep {label}") for c, label in zip(columns, labels)]
+    grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value
+    save_grid(grid, out / "sweep.png", nrow=len(columns))
+    save_gif(per_column, out / "sweep.gif", nrow=len(indices), duration_ms=400, hold_last_ms=800)
+    write_manifest(out / "sweep.csv", [{"row": r, "column": c, "index": k, "seed": seeds[r], **columns[c].records[r]}
+                                       for r, k in enumerate(indices) for c in range(len(columns))])
+    print(f"Sweep over {args.sweep}: columns {', '.join(labels)}")
+
+
+def draw_interpolations(draw: Drawer, args, model: DiffusionSampler, indices: list[int], out: Path) -> None:
+    """Per row k: noise slerped from image k's to image k+1's under k's condition; and, for conditional
+    models, k's noise under conditions moving linearly from k's condition to --interpolate-to."""
+    kind, info = model.net.config.cond, model.info
+    weights = torch.linspace(0, 1, args.frames)
+    starts = [requested(kind, info, [k], args.seed, label=args.label, params=args.param) for k in indices]
+    # Every condition is worked out (and every --interpolate-to checked) before any image is drawn.
+    ends = [interpolation_end(kind, info, start, args.interpolate_to) for start in starts] if kind != "none" else []
+    embed = (lambda c: model.net.embed_condition(c.to(model.device)).cpu())
+    noise_rows, cond_rows = [], []
+    for row, (k, start) in enumerate(zip(indices, starts)):
+        (x_a, _), (x_b, _) = (per_sample_noise([image_seed(args.seed, j)], (1, *model.shape), "cpu") for j in (k, k + 1))
+        seeds = [image_seed(args.seed, k)] * args.frames
+        same = Conditions(*(None if c is None else c.expand(args.frames, *c.shape[1:])
+                            for c in (start.cond, start.cond_emb)), records=start.records * args.frames)
+        noise_rows.append(draw(seeds, same, x_T=slerp(x_a[0], x_b[0], weights), desc=f"interpolate noise {k}"))
+        if ends:
+            line = interpolate_conditions(start, ends[row], weights, embed)
+            cond_rows.append(draw(seeds, line, desc=f"interpolate condition {k}"))
+    for name, rows in (("noise", noise_rows), ("condition", cond_rows)):
+        if rows:
+            save_grid(torch.cat(rows), out / f"interpolate-{name}.png", nrow=args.frames)
+            frames = list(torch.stack(rows, dim=1))  # frame j: every row at weight j
+            save_gif(frames + frames[::-1][1:-1], out / f"interpolate-{name}.gif", nrow=len(indices),
+                     duration_ms=150, hold_last_ms=150)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    check_args(args)
+    sampling = override(SamplingConfig(), args, "sampling")
+    device = resolve_device(args.device)
+    amp = autocast_dtype(args.amp, device)
+    model = load_model(args.ckpt, device, args.weights)
+    sampling.check_against(model.schedule)
+    if model.latent and args.__dict__.get("sampling.clip_x0"):
+        raise ValueError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
+                         "images are clamped); drop it.")
+    check_request(model.net.config.cond, args.label, args.param)
+    out = output_dir(args, sampling)
+
+    special = args.sweep or args.interpolate
+    num = args.num or (4 if special else 64)
+    indices = list(range(args.first_index, args.first_index + num))
+    draw = Drawer(model, sampling, amp, args.batch_size)
+    if args.sweep:
+        draw_sweep(draw, args, model, indices, out)
+    if args.interpolate:
+        draw_interpolations(draw, args, model, indices, out)
+    if not special:
+        draw_images(draw, args, model, indices, out)
+    print(f"Wrote {out}")
     return out
 
 

@@ -1,79 +1,152 @@
-"""Train a model: `python train.py --stage ddpm` runs the demo preset on the built-in plumes data.
+"""Train a model: `python train.py --stage ddpm` runs a stage's demo preset on the built-in plumes data.
 
-Everything a run writes lives in --run-dir: config.json, checkpoint.pt, metrics.jsonl, samples/.
-Launch with `torchrun --nproc_per_node N train.py ...` to train on N GPUs with DDP.
+Stages: ddpm (pixel diffusion), vae (the KL autoencoder of latent diffusion), ldm (latent diffusion;
+it trains the default VAE first when that has no checkpoint yet). Everything a run writes lives in
+its run directory: config.json, checkpoint.pt, metrics.jsonl, samples/. This help lists every
+stage's options; with a stage given (--stage NAME --help), only that stage's. Launch with
+`torchrun --nproc_per_node N train.py ...` to train on N GPUs with DDP.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from data import load_dataset
-from ddpm.config import PRESETS, UNET_OPTIONS, DDPMConfig, DiffusionConfig, resolve_unet
-from ddpm.stage import STAGE, make_stage
-from ddpm.unet import UNetConfig
+from core.checkpoint import load_checkpoint
+from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
+from core.runtime import Runtime
+from core.stages import StageSpec
+from stages import DEFAULT_STAGE, STAGES, get_stage
 from training import distributed
-from training.checkpoint import load_checkpoint
-from training.config import (DataConfig, TrainConfig, add_config_arguments, apply_arguments, from_dict,
-                             given_arguments, given_in)
-from training.loop import fit
-
-STAGES = (STAGE,)  # vae, ldm, classify and invert join as they are built (see ROADMAP.md)
-# Options that may change when a run is resumed; everything else is fixed by the checkpoint.
-RESUMABLE = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every"}
+from training.loop import RunExists, Trainer
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=STAGES, default=STAGE, help=f"what to train (default: {STAGE})")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="starting configuration; the options below override it (default: demo)")
+def _common_parser(spec: StageSpec, **kwargs: Any) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument("--stage", choices=tuple(STAGES), default=DEFAULT_STAGE,
+                        help=f"what to train (default: {DEFAULT_STAGE})")
+    parser.add_argument("--preset", choices=tuple(spec.presets), default=spec.default_preset,
+                        help=f"starting configuration of the stage; the options below override it "
+                             f"(default: {spec.default_preset})")
     parser.add_argument("--run-dir", type=Path, default=None, help="where the run is written (default: runs/PRESET)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint (default: off)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its checkpoint (default: off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    shown = PRESETS["demo"]()
-    add_config_arguments(parser, "data", DataConfig, shown.data)
-    add_config_arguments(parser, "unet", UNetConfig, shown.unet, help_overrides=UNET_OPTIONS,
-                         skip=set(vars(shown.unet)) - set(UNET_OPTIONS))
-    add_config_arguments(parser, "diffusion", DiffusionConfig, shown.diffusion)
-    add_config_arguments(parser, "train", TrainConfig, shown.train)
-    return parser.parse_args(argv)
+    return parser
+
+
+def _add_sections(parser: argparse.ArgumentParser, spec: StageSpec) -> None:
+    shown = spec.presets[spec.default_preset]()
+    for section in spec.sections:
+        add_config_arguments(parser, section.name, section.cls, getattr(shown, section.name), skip=section.skip,
+                             help_overrides=dict(section.help))
+
+
+def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
+    parser = _common_parser(spec)
+    _add_sections(parser, spec)
+    return parser
+
+
+def full_help() -> str:
+    """The common options once, then every stage's own options with their defaults."""
+    parts = [_common_parser(STAGES[DEFAULT_STAGE]).format_help()]
+    for spec in STAGES.values():
+        sections = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+        _add_sections(sections, spec)
+        parts.append(f"\nOptions of --stage {spec.name}: {spec.summary} "
+                     f"(presets: {', '.join(spec.presets)}; defaults shown are {spec.default_preset}'s)\n\n"
+                     + sections.format_help())
+    return "".join(parts)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Namespace]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage", choices=tuple(STAGES), default=DEFAULT_STAGE)
+    pre.add_argument("-h", "--help", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    stage_given = any(a == "--stage" or a.startswith("--stage=") for a in argv)
+    if known.help and not stage_given:
+        print(full_help())
+        raise SystemExit(0)
+    spec = get_stage(known.stage)
+    return spec, stage_parser(spec).parse_args(argv)
+
+
+def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
+    """The run's config: its checkpoint's when resuming (only options in `spec.resumable` may change),
+    else the preset's, with the user's options applied either way."""
+    saved = None
+    if args.resume:
+        saved = load_checkpoint(run_dir / "checkpoint.pt", spec.name)
+        fixed = sorted(set(given_arguments(args)) - spec.resumable)
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
+                             f"drop them or start a new --run-dir.")
+        config = from_dict(spec.config_class, saved["config"])
+    else:
+        if (run_dir / "checkpoint.pt").exists():
+            raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+        config = spec.presets[args.preset]()
+    for section in spec.sections:
+        config = apply_arguments(config, args, section.name)
+    return config, saved
+
+
+def _check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, run_dir: Path) -> None:
+    """Refuse to resume on data that no longer is what the checkpoint was trained on."""
+    def normal(x: Any) -> Any:
+        return json.loads(json.dumps(x))
+
+    if normal(data_info) != normal(saved["data_info"]):
+        was, now = normal(saved["data_info"]), normal(data_info)
+        key = next(k for k in now if was.get(k) != now.get(k))
+        raise ValueError(f"The data changed since {run_dir} was checkpointed ({key} was {was.get(key)!r}, now "
+                         f"{now.get(key)!r}); restore it, or start a new --run-dir.")
+    resumable = {name.split(".", 1)[1] for name in spec.resumable if name.startswith("train.")}
+    now, was = normal(to_dict(config)), normal(saved["config"])
+    for cfg in (now, was):
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in resumable}
+    if now != was:
+        raise ValueError(f"The run in {run_dir} no longer resolves to the config it was trained with; restore its "
+                         f"data and settings, or start a new --run-dir.")
+
+
+def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
+    """Run one stage's training as the parsed `args` say, after any run it needs first."""
+    run_dir = args.run_dir or Path("runs") / args.preset
+    config, saved = resolve_config(spec, args, run_dir)
+    if spec.prerequisite is not None:
+        need = spec.prerequisite(config, args.device)
+        if need is not None:
+            if runtime.is_main:
+                print(need.message, flush=True)
+            need_spec, need_args = parse_args(list(need.argv))
+            train(need_spec, need_args, runtime)
+    config, stage = spec.build(config, runtime, saved)
+    if saved is not None:
+        _check_same_run(spec, config, stage.data_info, saved, run_dir)
+    summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
+                      num_workers=config.data.num_workers).run()
+    if runtime.is_main:
+        where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
+        print(f"Done ({spec.name}): step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
+              f"{where}Checkpoint: {summary['checkpoint']}", flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    run_dir = args.run_dir or Path("runs") / args.preset
+    spec, args = parse_args(argv)
     runtime = distributed.setup(args.device)
-    saved = None
     try:
-        if args.resume:
-            saved = load_checkpoint(run_dir / "checkpoint.pt", STAGE)
-            fixed = sorted(set(given_arguments(args)) - RESUMABLE)
-            if fixed:
-                raise ValueError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
-                                 f"drop them or start a new --run-dir.")
-            config = from_dict(DDPMConfig, saved["config"])
-        else:
-            config = PRESETS[args.preset]()
-            config = apply_arguments(apply_arguments(config, args, "diffusion"), args, "data")
-        config = apply_arguments(config, args, "train")
-        data = config.data
-        dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir,
-                               num_samples=data.num_samples or None)
-        info = dataset.info
-        if not args.resume:
-            config = resolve_unet(config, info, **given_in(args, "unet"))
-        stage = make_stage(config, info, runtime.device)
-        summary = fit(stage, config.train, dataset, run_dir, runtime, resume_from=saved,
-                      num_workers=data.num_workers)
+        return train(spec, args, runtime)
     finally:
         distributed.teardown(runtime)
-    if runtime.is_main:
-        print(f"Done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
-              f"Samples: {summary['final_grid']}  Checkpoint: {summary['checkpoint']}")
-    return summary
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput of the pixel-diffusion U-Nets: training images/s and DDIM-50 sampling images/s.
 
-    python bench/bench_ddpm.py                      # demo and ddpm-cifar10 U-Nets, fp32 and bf16
-    python bench/bench_ddpm.py --presets demo --iters 20 --compile
+    python bench/bench_ddpm.py                      # ddpm-demo and ddpm-cifar10 U-Nets, fp32 and bf16
+    python bench/bench_ddpm.py --presets ddpm-demo --iters 20 --compile
 
 Prints a markdown table for whatever device is present. Training steps are full optimizer steps
 (forward, backward, AdamW) on random data; sampling is the DDIM sampler with 50 steps, so the
@@ -20,15 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data import DatasetInfo  # noqa: E402
 from ddpm.config import PRESETS, SamplingConfig  # noqa: E402
-from ddpm.generate import sample_images  # noqa: E402
+from ddpm.generate import DiffusionSampler, sample_images  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.common import setup, synchronize  # noqa: E402
 
 
 def train_throughput(net, schedule, batch: int, dtype, device, iters: int, warmup: int, compiled: bool) -> float:
@@ -59,20 +55,22 @@ def train_throughput(net, schedule, batch: int, dtype, device, iters: int, warmu
 
 def sample_throughput(net, schedule, batch: int, dtype, device, repeats: int) -> float:
     net.eval()
+    cfg = net.config
+    model = DiffusionSampler(net, schedule, "eps", DatasetInfo("bench", cfg.image_size, cfg.in_channels, (), (), (), 1))
     sampling = SamplingConfig(sampler="ddim", steps=50)
     amp = None if dtype == torch.float32 else dtype
-    sample_images(net, schedule, "eps", SamplingConfig(sampler="ddim", steps=2), range(batch), amp_dtype=amp)  # warm-up
+    sample_images(model, SamplingConfig(sampler="ddim", steps=2), range(batch), amp_dtype=amp)  # warm-up
     synchronize(device)
     start = time.perf_counter()
     for r in range(repeats):
-        sample_images(net, schedule, "eps", sampling, range(r * batch, (r + 1) * batch), amp_dtype=amp)
+        sample_images(model, sampling, range(r * batch, (r + 1) * batch), amp_dtype=amp)
     synchronize(device)
     return repeats * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", default=["demo", "ddpm-cifar10"], help="U-Nets to measure (default: demo ddpm-cifar10)")
+    parser.add_argument("--presets", nargs="*", default=["ddpm-demo", "ddpm-cifar10"], help="U-Nets to measure (default: ddpm-demo ddpm-cifar10)")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="fp32 | bf16 | fp16 (default: fp32 bf16)")
     parser.add_argument("--batch-size", type=int, default=None, help="training and sampling batch (default: the preset's on CUDA, 16 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed training steps (default: 50 on CUDA, 3 on CPU)")
@@ -81,14 +79,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
+    device, description = setup(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}\n")
+    print(f"{description}\n")
     print("| U-Net | params | dtype | batch | train img/s | DDIM-50 img/s |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets:

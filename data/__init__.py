@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.dataset import DatasetInfo, ImageDataset
+from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
-__all__ = ["DatasetInfo", "ImageDataset", "SPECS", "load_dataset"]
+__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "load_dataset"]
 
 
 def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/datasets", train: bool = True,
@@ -29,6 +29,8 @@ def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (greyscale), 3 (RGB) or None (the data's own), got {channels!r}.")
     # Imported lazily so that asking for one source never pays for (or fails on) another's imports.
+    if not spec:
+        raise ValueError("No dataset was given (this preset has none); pass --dataset folder:PATH, plumes or cifar10.")
     if spec == "plumes":
         from data.plumes import load_plumes
         return load_plumes(resolution, cache_dir, train=train, num_samples=num_samples, seed=seed, channels=channels)
@@ -39,3 +41,32 @@ def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/
         from data.folder import load_folder
         return load_folder(spec[len("folder:"):], resolution, num_samples=num_samples, seed=seed, channels=channels)
     raise ValueError(f"Unknown dataset {spec!r}; choose one of {', '.join(SPECS)}.")
+
+
+SPLITS_WITH_TEST = ("plumes", "cifar10")
+
+
+def load_test_set(train: ImageDataset, spec: str, test_spec: str, num_samples: int, *,
+                  cache_dir: str | Path = ".cache/datasets", seed: int = 0) -> tuple[ImageDataset, str]:
+    """Images to evaluate a model trained on `train` (from `spec`) with, and what they are.
+
+    `test_spec` names a dataset of its own; empty means the test split of `spec` where it has one
+    (plumes and cifar10 do), else a seeded subset of the training images, which is then reported as
+    "trainset" rather than "heldout" so no one mistakes it for held-out data. At most `num_samples`
+    images, at the training set's resolution and channels.
+    """
+    info = train.info
+    if test_spec:
+        whole = load_dataset(test_spec, info.resolution, cache_dir=cache_dir, channels=info.channels)
+        keep = subset_indices(len(whole), min(num_samples, len(whole)), seed, f"test dataset {test_spec}")
+        return whole.subset(keep), "heldout"
+    if spec in SPLITS_WITH_TEST:
+        if spec == "plumes":
+            test = load_dataset(spec, info.resolution, cache_dir=cache_dir, train=False, num_samples=num_samples,
+                                channels=info.channels)
+        else:
+            test = load_dataset(spec, info.resolution, cache_dir=cache_dir, train=False, channels=info.channels)
+            test = test.subset(subset_indices(len(test), min(num_samples, len(test)), seed, f"the {spec} test split"))
+        return test, "heldout"
+    keep = subset_indices(len(train), min(num_samples, len(train)), seed, f"dataset {spec}")
+    return train.subset(keep), "trainset"

@@ -7,10 +7,18 @@ that `__getitem__` is an index plus a conversion and a 2-core training loop is n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+
+class Batch(NamedTuple):
+    """One item, or (collated) one batch, of an image dataset."""
+    image: torch.Tensor   # (C, R, R) float32 in [-1, 1]; batched (B, C, R, R)
+    label: torch.Tensor   # int64 class index (0 for unlabelled data)
+    params: torch.Tensor  # (P,) float32 raw parameters in the data's units
+    index: torch.Tensor   # int64 position of the item in its dataset (inversion learns one vector per index)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class DatasetInfo:
 class ImageDataset(torch.utils.data.Dataset):
     """Images (N, C, R, R) uint8 with labels (N,) int64 and raw parameters (N, P) float32, held in memory.
 
-    Items are (image float32 (C, R, R) in [-1, 1], label int64 scalar, params float32 (P,)).
+    Items are `Batch(image, label, params, index)`; the default collate stacks them into a `Batch`.
     `seeds` optionally records how each sample was made (the plume simulation seed).
     """
 
@@ -83,8 +91,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.images[i].float() / 127.5 - 1.0, self.labels[i], self.params[i]
+    def subset(self, indices: torch.Tensor) -> ImageDataset:
+        """The items at `indices`, as a dataset of their own (its info counts only them)."""
+        info = DatasetInfo(**{**self.info.to_dict(), "num_samples": len(indices)})
+        seeds = None if self.seeds is None else self.seeds[indices]
+        return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds)
+
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(self.images[i].float() / 127.5 - 1.0, self.labels[i], self.params[i], torch.tensor(i))
 
 
 def param_ranges(params: torch.Tensor) -> tuple[tuple[float, float], ...]:

@@ -1,4 +1,4 @@
-"""The pixel-diffusion run config and its presets.
+"""The pixel-diffusion run config, its presets, and the diffusion and sampling options the latent stage shares.
 
 A `DDPMConfig` is everything needed to rebuild a run: data, network, diffusion process, training
 recipe. It is stored in every checkpoint, so `sample.py --ckpt` needs nothing else.
@@ -7,27 +7,38 @@ recipe. It is stored in every checkpoint, so `sample.py --ckpt` needs nothing el
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
 
+from core.config import DataConfig, TrainConfig, check_choice, option, require
 from data import DatasetInfo
 from ddpm.samplers import SAMPLERS
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
-from ddpm.unet import UNetConfig
-from training.config import DataConfig, TrainConfig, option
+from ddpm.unet import CONDITIONING_KINDS, UNetConfig
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = option("linear", "beta schedule: linear (DDPM, 1e-4..0.02), cosine (improved DDPM) or "
-                           "scaled_linear (latent diffusion)", choices=SCHEDULES)
+    schedule: str = option("linear", "beta schedule: linear (DDPM), cosine (improved DDPM) or scaled_linear "
+                           "(latent diffusion; linear in sqrt(beta))", choices=SCHEDULES)
     num_timesteps: int = option(1000, "T, the number of forward-process steps")
+    beta_range: tuple[float, ...] = option((), "beta_1 beta_T of a linear or scaled_linear schedule (empty: the published "
+                                               "range, 1e-4 0.02 for linear and 0.00085 0.012 for scaled_linear)")
     prediction: str = option("eps", "what the network predicts: eps (DDPM), x0 or v (Salimans & Ho 2022)",
                              choices=PREDICTIONS)
     cond_drop_prob: float = option(0.1, "chance of training a sample with the null condition, for classifier-free guidance")
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta_range", tuple(self.beta_range))
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        require(self.num_timesteps >= 1, f"--num-timesteps must be at least 1, got {self.num_timesteps}.")
+        require(len(self.beta_range) in (0, 2), f"--beta-range takes two numbers (beta_1 beta_T), got {self.beta_range}.")
+        require(0 <= self.cond_drop_prob <= 1, f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}.")
+        self.make_schedule()  # refuse an impossible schedule (e.g. linear with T <= 20) before any work
+
     def make_schedule(self) -> Schedule:
-        return Schedule.from_name(self.schedule, self.num_timesteps)
+        return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,22 @@ class SamplingConfig:
     eta: float = option(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like")
     variance: str = option("small", "DDPM ancestral variance: small (posterior beta~) or large (beta)",
                            choices=("small", "large"))
-    clip_x0: bool = option(True, "clamp each step's x0 prediction to [-1, 1]")
+    clip_x0: bool = option(True, "clamp each step's x0 prediction to [-1, 1] (pixel models; latent models are never "
+                                 "clipped, their decoded images are clamped)")
     guidance_scale: float = option(1.0, "classifier-free guidance scale, 1 + w in Ho & Salimans 2022 (1: conditional only, "
-                                           "0: unconditional, above 1: stronger)")
+                                        "0: unconditional, above 1: stronger)")
+
+    def __post_init__(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
+        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}.")
+        require(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
+        require(math.isfinite(self.guidance_scale), f"--guidance-scale must be a finite number, got {self.guidance_scale}.")
+        minimum = {"pndm": 4, "spndm": 2}.get(self.sampler, 1)
+        require(self.steps >= minimum, f"--sampler {self.sampler} needs at least {minimum} steps, got {self.steps}.")
+
+    def check_against(self, schedule: Schedule) -> None:
+        require(self.steps <= schedule.num_timesteps,
+                f"--steps must be at most the model's T = {schedule.num_timesteps}, got {self.steps}.")
 
 
 @dataclass(frozen=True)
@@ -52,20 +76,37 @@ class DDPMConfig:
 
 
 # Network fields a user sets; the rest (image size, channels, class and parameter counts) follow
-# from the dataset and --cond.
+# from the data and --cond.
 UNET_OPTIONS = {
     "base_channels": "channels at the first resolution",
     "channel_mult": "channel multiplier per resolution level, e.g. 1 2 2 2 (DDPM CIFAR-10)",
     "num_res_blocks": "residual blocks per level",
     "attention_resolutions": "feature-map sizes with self-attention, e.g. 16",
     "num_heads": "attention heads",
+    "head_channels": "width of each attention head, instead of a fixed head count (0: use --num-heads)",
     "dropout": "dropout in residual blocks",
     "scale_shift_norm": "condition res blocks by scale and shift (improved DDPM) instead of adding (DDPM)",
     "cond": "what conditions the model: none | class (dataset labels) | params (dataset's numeric parameters)",
 }
+UNET_FROM_DATA = frozenset(f.name for f in dataclasses.fields(UNetConfig)) - set(UNET_OPTIONS)
 
 
-def demo() -> DDPMConfig:
+def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels: int) -> UNetConfig:
+    """`unet` with the fields the data decides: the size and channels of what it denoises (pixels or
+    latents) and the number of classes or parameters its conditioning slot takes."""
+    check_choice("cond", unet.cond, CONDITIONING_KINDS)
+    if unet.cond == "class" and not info.class_names:
+        raise ValueError(f"--cond class needs a labelled dataset, and {info.name} has no classes; use class subfolders or --cond none.")
+    if unet.cond == "params" and not info.param_names:
+        raise ValueError(f"--cond params needs per-image parameters, and {info.name} has none; add a params.csv or use --cond none.")
+    unet = dataclasses.replace(unet, image_size=image_size, in_channels=channels, out_channels=channels,
+                               num_classes=len(info.class_names) if unet.cond == "class" else 0,
+                               num_params=len(info.param_names) if unet.cond == "params" else 0)
+    unet.check_resolved()
+    return unet
+
+
+def ddpm_demo() -> DDPMConfig:
     """Small enough to train on 2 CPU cores in about 12 minutes: 32x32 plumes, a 0.9M-parameter U-Net.
 
     v-prediction rather than eps: a briefly trained eps model gets the noise's mean colour slightly
@@ -96,19 +137,4 @@ def ddpm_cifar10() -> DDPMConfig:
     )
 
 
-PRESETS = {"demo": demo, "ddpm-cifar10": ddpm_cifar10}
-
-
-def resolve_unet(config: DDPMConfig, info: DatasetInfo, **options: Any) -> DDPMConfig:
-    """Apply the user's network `options` and fill the fields the dataset decides, in one step (the
-    config checks that a conditioning kind comes with its class or parameter count)."""
-    cond = options.get("cond", config.unet.cond)
-    if cond == "class" and not info.class_names:
-        raise ValueError(f"--cond class needs a labelled dataset, and {info.name} has no classes; use class subfolders or --cond none.")
-    if cond == "params" and not info.param_names:
-        raise ValueError(f"--cond params needs per-image parameters, and {info.name} has none; add a params.csv or use --cond none.")
-    unet = dataclasses.replace(config.unet, **options, image_size=info.resolution, in_channels=info.channels,
-                               out_channels=info.channels,
-                               num_classes=len(info.class_names) if cond == "class" else 0,
-                               num_params=len(info.param_names) if cond == "params" else 0)
-    return dataclasses.replace(config, unet=unet)
+PRESETS = {"ddpm-demo": ddpm_demo, "ddpm-cifar10": ddpm_cifar10}

@@ -1,40 +1,69 @@
-"""From a trained network to images: interpret its output, apply guidance, run a sampler.
+"""From a trained network to images: interpret its output, apply guidance, run a sampler, decode.
 
 Samplers only ever see `model(x_t, t) -> eps`. This module builds that callable from a U-Net, so
 the prediction target (eps / x0 / v), classifier-free guidance and mixed precision stay out of the
-sampler code, and later stages (latent decoding, learned inversion embeddings) plug in here too.
+sampler code. A `DiffusionSampler` is what every generative stage's checkpoint loads into: pixel
+models denoise images directly, latent models denoise VAE latents and decode them, and the code
+that draws images is the same for both.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
 
+from core.runtime import autocast, derive_seed
+from data import DatasetInfo
 from ddpm.config import SamplingConfig
 from ddpm.guidance import classifier_free_guidance
-from ddpm.samplers import SAMPLERS, Model, make_timesteps, per_sample_noise
+from ddpm.samplers import SAMPLERS, Callback, Model, make_timesteps, per_sample_noise
 from ddpm.schedule import Schedule
 from ddpm.unet import UNet
-from training.seeds import derive_seed
 
 
-def eps_model(net: UNet, schedule: Schedule, prediction: str, *, cond: torch.Tensor | None = None,
-              cond_emb: torch.Tensor | None = None, guidance_scale: float = 1.0,
-              amp_dtype: torch.dtype | None = None) -> Model:
+@dataclass
+class DiffusionSampler:
+    """A trained diffusion model ready to draw images."""
+    net: UNet                                       # frozen, in eval mode, on its device
+    schedule: Schedule                              # on the same device
+    prediction: str                                 # what the network outputs: eps, x0 or v
+    info: DatasetInfo                               # the training images: size, channels, classes, parameters
+    decode: Callable[[Tensor], Tensor] | None = None   # latents -> images in [-1, 1]; None: a pixel model
+
+    @property
+    def latent(self) -> bool:
+        return self.decode is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the sampler draws: images, or latents."""
+        cfg = self.net.config
+        return cfg.in_channels, cfg.image_size, cfg.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to_images(self, x: Tensor) -> Tensor:
+        """Sampler-space tensors (images or latents) as images in [-1, 1]."""
+        return (x if self.decode is None else self.decode(x)).clamp(-1, 1)
+
+
+def eps_model(net: UNet, schedule: Schedule, prediction: str, *, cond: Tensor | None = None,
+              cond_emb: Tensor | None = None, guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None) -> Model:
     """The sampler-facing eps predictor of `net`, with classifier-free guidance (Ho & Salimans 2022)
     when the network is conditional."""
     device = next(net.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
 
-    def predict(x: torch.Tensor, t: torch.Tensor, null_mask: torch.Tensor | None) -> torch.Tensor:
+    def predict(x: Tensor, t: Tensor, null_mask: Tensor | None) -> Tensor:
         # Guidance evaluates conditional and unconditional halves in one batch of 2B: repeat the
         # condition to match.
         c = None if cond is None else cond.repeat(x.shape[0] // cond.shape[0], *([1] * (cond.dim() - 1)))
         e = None if cond_emb is None else cond_emb.repeat(x.shape[0] // cond_emb.shape[0], 1)
-        with autocast:
+        with autocast(device, amp_dtype):
             out = net(x, t, c, null_mask=null_mask, cond_emb=e)
         return schedule.to_eps(x, t, out.float(), prediction)
 
@@ -49,20 +78,30 @@ def image_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def sample_images(net: UNet, schedule: Schedule, prediction: str, sampling: SamplingConfig, seeds: Sequence[int],
-                  *, cond: torch.Tensor | None = None, cond_emb: torch.Tensor | None = None,
-                  amp_dtype: torch.dtype | None = None,
-                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Draw one image per seed (image k depends only on seeds[k] and its condition) in [-1, 1]."""
-    cfg = net.config
-    device = next(net.parameters()).device
-    sampler = SAMPLERS.get(sampling.sampler)
-    if sampler is None:
-        raise ValueError(f"Unknown sampler {sampling.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    timesteps = make_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing).to(device)
-    x, noise = per_sample_noise(list(seeds), (len(seeds), cfg.in_channels, cfg.image_size, cfg.image_size), device)
-    model = eps_model(net, schedule, prediction, cond=cond, cond_emb=cond_emb,
-                      guidance_scale=sampling.guidance_scale, amp_dtype=amp_dtype)
+def sample(model: DiffusionSampler, sampling: SamplingConfig, seeds: Sequence[int], *, cond: Tensor | None = None,
+           cond_emb: Tensor | None = None, x_T: Tensor | None = None, amp_dtype: torch.dtype | None = None,
+           callback: Callback | None = None) -> Tensor:
+    """Run the sampler from x_T to x_0 in the model's own space (images or latents), one sample per seed.
+
+    Sample k depends only on seeds[k] (its x_T and any sampler noise) and its condition. `x_T`
+    replaces the seeded starting points (e.g. interpolated noise); the seeds still drive the noise of
+    stochastic samplers. Latent models are never clipped: their x0 has no [-1, 1] bound.
+    """
+    sampling.check_against(model.schedule)
+    device = model.device
+    timesteps = make_timesteps(model.schedule.num_timesteps, sampling.steps, sampling.spacing).to(device)
+    x, noise = per_sample_noise(list(seeds), (len(seeds), *model.shape), device)
+    if x_T is not None:
+        assert x_T.shape == x.shape, f"x_T {tuple(x_T.shape)} must be {tuple(x.shape)}"
+        x = x_T.to(device)
+    eps = eps_model(model.net, model.schedule, model.prediction, cond=cond, cond_emb=cond_emb,
+                    guidance_scale=sampling.guidance_scale, amp_dtype=amp_dtype)
     options = {"ddpm": {"variance": sampling.variance}, "ddim": {"eta": sampling.eta}}.get(sampling.sampler, {})
-    x0 = sampler(model, x, schedule, timesteps, clip_x0=sampling.clip_x0, callback=callback, noise=noise, **options)
-    return x0.clamp(-1, 1)
+    return SAMPLERS[sampling.sampler](eps, x, model.schedule, timesteps, clip_x0=sampling.clip_x0 and not model.latent,
+                                      callback=callback, noise=noise, **options)
+
+
+@torch.no_grad()
+def sample_images(model: DiffusionSampler, sampling: SamplingConfig, seeds: Sequence[int], **kwargs) -> Tensor:
+    """`sample`, then decoded (latent models) and clamped: images in [-1, 1], one per seed."""
+    return model.to_images(sample(model, sampling, seeds, **kwargs))

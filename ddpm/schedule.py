@@ -19,25 +19,43 @@ SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTIONS = ("eps", "x0", "v")
 
 
-def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
+# The published beta range of each schedule whose formula has one.
+BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def make_betas(kind: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> np.ndarray:
     """The betas of a named schedule, float64, shape (num_timesteps,).
 
-    "linear":        DDPM's (Ho et al. 2020, Sec. 4): linspace(1e-4, 0.02, T) at T = 1000. For other T both
-                     ends are multiplied by 1000 / T, as improved-diffusion does, so that sum(betas) and hence
-                     the noise at the end of the chain stay about the same; this needs T > 20.
+    "linear":        DDPM's (Ho et al. 2020, Sec. 4): linspace(beta_1, beta_T, T), published range 1e-4..0.02 at
+                     T = 1000. For other T that range is multiplied by 1000 / T, as improved-diffusion does, so that
+                     sum(betas) and hence the noise at the end of the chain stay about the same; this needs T > 20.
     "cosine":        improved DDPM's (Nichol & Dhariwal 2021, eq. 17): abar(t) = f(t) / f(0) with
                      f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, and beta_t = 1 - abar(t+1) / abar(t)
-                     clipped at 0.999 so the last step stays finite.
-    "scaled_linear": latent diffusion's (Rombach et al. 2022): linspace(sqrt(0.00085), sqrt(0.012), T) ** 2.
+                     clipped at 0.999 so the last step stays finite. It has no beta range.
+    "scaled_linear": latent diffusion's (Rombach et al. 2022; called "linear" in their code):
+                     linspace(sqrt(beta_1), sqrt(beta_T), T) ** 2, range 0.00085..0.012 (Stable Diffusion); the
+                     paper's unconditional models use 0.0015..0.0195.
+    `beta_range` replaces the published (beta_1, beta_T), used as given (no 1000 / T scaling).
     """
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}.")
+    if kind not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
+    if beta_range is not None:
+        if kind == "cosine":
+            raise ValueError("The cosine schedule has no beta range; drop --beta-range or use linear or scaled_linear.")
+        lo, hi = beta_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"--beta-range must satisfy 0 < start <= end < 1, got {lo} {hi}.")
     if kind == "linear":
+        if beta_range is not None:
+            return np.linspace(beta_range[0], beta_range[1], num_timesteps, dtype=np.float64)
         scale = 1000 / num_timesteps
-        if 0.02 * scale >= 1:
+        if BETA_RANGES["linear"][1] * scale >= 1:
             raise ValueError(f"The linear schedule needs num_timesteps > 20 (its betas are scaled by 1000/T and "
                              f"would reach 1), got {num_timesteps}; use more timesteps or the cosine schedule.")
-        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+        return np.linspace(scale * BETA_RANGES["linear"][0], scale * BETA_RANGES["linear"][1], num_timesteps,
+                           dtype=np.float64)
     if kind == "cosine":
         s = 0.008
 
@@ -46,9 +64,8 @@ def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
 
         betas = [min(1 - f(t + 1) / f(t), 0.999) for t in range(num_timesteps)]
         return np.array(betas, dtype=np.float64)
-    if kind == "scaled_linear":
-        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_timesteps, dtype=np.float64) ** 2
-    raise ValueError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
+    lo, hi = beta_range or BETA_RANGES["scaled_linear"]
+    return np.linspace(lo ** 0.5, hi ** 0.5, num_timesteps, dtype=np.float64) ** 2
 
 
 def extract(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -106,9 +123,9 @@ class Schedule(torch.nn.Module):
             self.register_buffer(name, table, persistent=False)
 
     @classmethod
-    def from_name(cls, kind: str, num_timesteps: int) -> Schedule:
+    def from_name(cls, kind: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> Schedule:
         """A schedule from one of SCHEDULES; see `make_betas`."""
-        return cls(make_betas(kind, num_timesteps))
+        return cls(make_betas(kind, num_timesteps, beta_range))
 
     def respaced(self, timesteps: Tensor | Sequence[int]) -> Schedule:
         """The shorter chain that visits only `timesteps` (improved-diffusion's respacing, Nichol & Dhariwal 2021).

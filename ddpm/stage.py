@@ -1,83 +1,117 @@
-"""Pixel-space DDPM as a training stage: the U-Net, the simple loss, and preview grids."""
+"""Pixel-space DDPM as a stage: the U-Net trained with the DDPM objective on images, previews drawn
+with DDIM, and the loader that turns a checkpoint into a `DiffusionSampler`.
+
+The latent stage (`ldm/`) reuses `diffusion_stage` and `load_unet`: only what x0 is (pixels or VAE
+latents) and how samples become images differ.
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
-from data import DatasetInfo
-from ddpm.config import DDPMConfig, SamplingConfig
-from ddpm.generate import image_seed, sample_images
-from ddpm.schedule import Schedule
-from ddpm.unet import UNet
-from training.checkpoint import load_checkpoint
-from training.config import from_dict, to_dict
-from training.loop import Batch, Stage
+from core.checkpoint import require_keys
+from core.config import DataConfig, TrainConfig, from_dict, to_dict
+from core.runtime import Runtime
+from core.stages import Section, StageSpec, Trainable, TrainingStage
+from data import DatasetInfo, load_dataset
+from data.augment import random_hflip
+from ddpm.conditioning import batch_condition, preview_condition
+from ddpm.config import PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, DiffusionConfig, SamplingConfig, resolve_unet
+from ddpm.generate import DiffusionSampler, image_seed, sample_images
+from ddpm.objective import diffusion_loss
+from ddpm.unet import UNet, UNetConfig
 
-STAGE = "ddpm"
-
-
-def condition_of(net: UNet, info: DatasetInfo, labels: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
-    """What feeds the U-Net's conditioning slot for a batch: labels, normalised parameters, or nothing."""
-    kind = net.config.cond
-    if kind == "class":
-        return labels
-    if kind == "params":
-        return info.normalize_params(params)
-    return None
+NAME = "ddpm"
 
 
-def preview_condition(net: UNet, n: int, device: torch.device) -> torch.Tensor | None:
-    """Conditions for a preview grid: classes in turn, or parameters swept evenly across [-1, 1]."""
-    cfg = net.config
-    if cfg.cond == "class":
-        return torch.arange(n, device=device) % cfg.num_classes
-    if cfg.cond == "params":
-        sweep = torch.linspace(-1, 1, n, device=device)
-        return torch.stack([sweep.roll(3 * k) for k in range(cfg.num_params)], dim=1)
-    return None
+def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, dataset: torch.utils.data.Dataset,
+                    device: torch.device, *, x0: Callable[[Any, torch.Generator], Tensor],
+                    decode: Callable[[Tensor], Tensor] | None = None, augment=None,
+                    payload=None) -> TrainingStage:
+    """The training stage of a diffusion model with U-Net `net` on `dataset`.
 
-
-def make_stage(config: DDPMConfig, info: DatasetInfo, device: torch.device) -> Stage:
-    """Build the DDPM stage for `config` (already resolved against the dataset by `resolve_unet`)."""
-    diffusion, data = config.diffusion, config.data
-    torch.manual_seed(config.train.seed)  # the initial weights
-    net = UNet(config.unet)
+    `config` has `diffusion` and `train` sections; `x0(batch, generator)` is the clean sample a batch
+    trains on (the images, or a draw of their VAE latents); `decode` turns samples into images for
+    previews (None: they are images).
+    """
+    diffusion, train = config.diffusion, config.train
     schedule = diffusion.make_schedule().to(device)
 
-    def loss(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        x0, labels, params = batch
-        b = x0.shape[0]
-        if data.hflip:
-            flip = torch.rand(b, generator=gen, device=x0.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen, device=x0.device)
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-        cond = condition_of(net, info, labels, params)
-        null_mask = None
-        if cond is not None:
-            null_mask = torch.rand(b, generator=gen, device=x0.device) < diffusion.cond_drop_prob
-        losses = schedule.training_losses(lambda x_t, tt: model(x_t, tt, cond, null_mask=null_mask),
-                                          x0, t, noise, diffusion.prediction)
-        return losses.mean()
+    def loss(models, batch, generator, step):
+        cond = batch_condition(net.config.cond, info, batch)
+        losses = diffusion_loss(models["model"], schedule, x0(batch, generator), generator,
+                                prediction=diffusion.prediction, cond=cond, cond_drop_prob=diffusion.cond_drop_prob)
+        return losses.mean(), {}
 
-    preview_sampling = SamplingConfig(sampler="ddim", steps=config.train.preview_steps)
+    preview_sampling = SamplingConfig(sampler="ddim", steps=min(train.preview_steps, diffusion.num_timesteps))
 
-    def preview(ema: torch.nn.Module) -> torch.Tensor:
-        n = config.train.preview_images
-        cond = preview_condition(ema, n, device)
-        return sample_images(ema, schedule, diffusion.prediction, preview_sampling, [image_seed(config.train.seed, k) for k in range(n)], cond=cond)
+    def preview(models) -> Tensor:
+        n = train.preview_images
+        model = DiffusionSampler(models["model"], schedule, diffusion.prediction, info, decode)
+        return sample_images(model, preview_sampling, [image_seed(train.seed, k) for k in range(n)],
+                             cond=preview_condition(net.config, n, device))
 
-    return Stage(name=STAGE, model=net, loss=loss, preview=preview, config=to_dict(config), data_info=info.to_dict())
+    return TrainingStage(name=name, trainables={"model": Trainable(net, lr=train.lr, weight_decay=train.weight_decay,
+                                                                   ema=True)},
+                         loss=loss, dataset=dataset, config=to_dict(config), data_info=info.to_dict(),
+                         augment=augment, preview=preview, payload=payload)
 
 
-def load_trained(path: str | os.PathLike, device: torch.device, weights: str = "ema") -> tuple[UNet, Schedule, DDPMConfig, DatasetInfo]:
-    """Rebuild a trained pixel-diffusion model from its checkpoint alone ("ema" or raw "model" weights)."""
-    payload = load_checkpoint(path, STAGE, map_location="cpu")
-    config = from_dict(DDPMConfig, payload["config"])
+def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
+    """Load the data, fit the U-Net to it, and assemble the stage."""
+    data = config.data
+    dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    info = dataset.info
+    config = dataclasses.replace(config, unet=resolve_unet(config.unet, info, info.resolution, info.channels))
+    torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
-    net.load_state_dict(payload[weights])
-    net.to(device).eval().requires_grad_(False)
-    schedule = config.diffusion.make_schedule().to(device)
-    return net, schedule, config, DatasetInfo.from_dict(payload["data_info"])
+    stage = diffusion_stage(NAME, config, info, net, dataset, runtime.device, x0=lambda batch, generator: batch.image,
+                            augment=random_hflip if data.hflip else None)
+    return config, stage
+
+
+def load_unet(payload: dict[str, Any], unet: UNetConfig, device: torch.device, weights: str, path: Path) -> UNet:
+    """The U-Net of a diffusion checkpoint with its "ema" or raw "model" weights, frozen, in eval mode."""
+    require_keys(payload, ("models", "ema", "data_info"), path)
+    state = payload["ema" if weights == "ema" else "models"].get("model")
+    if state is None:
+        raise ValueError(f"Checkpoint {path} has no {weights} weights; pass --weights ema or model.")
+    net = UNet(unet)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"The weights in {path} do not fit the U-Net its config describes "
+                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
+    if not all(torch.isfinite(p).all() for p in net.state_dict().values()):
+        raise ValueError(f"The {weights} weights in {path} hold NaN or infinite values; the run diverged, so "
+                         f"sample from an earlier checkpoint.")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> DiffusionSampler:
+    """Rebuild a trained pixel-diffusion model from its checkpoint alone ("ema" or raw "model" weights)."""
+    require_keys(payload, ("config",), path)
+    config = from_dict(DDPMConfig, payload["config"])
+    net = load_unet(payload, config.unet, device, weights, path)
+    return DiffusionSampler(net, config.diffusion.make_schedule().to(device), config.diffusion.prediction,
+                            DatasetInfo.from_dict(payload["data_info"]))
+
+
+SPEC = StageSpec(
+    name=NAME,
+    summary="pixel-space denoising diffusion (DDPM U-Net on images)",
+    config_class=DDPMConfig,
+    presets=PRESETS,
+    default_preset="ddpm-demo",
+    sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
+              Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
+              Section("diffusion", DiffusionConfig),
+              Section("train", TrainConfig)),
+    build=build,
+    load_sampler=load_sampler,
+)

@@ -36,6 +36,7 @@ class UNetConfig:
     num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
     attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (at image_size) with self-attention
     num_heads: int = 1  # attention heads; DDPM used 1, improved DDPM 4
+    head_channels: int = 0  # if > 0, heads of this width instead (channels // head_channels heads; LDM: 32)
     dropout: float = 0.1  # DDPM: 0.1 on CIFAR-10, 0.0 elsewhere
     scale_shift_norm: bool = False  # False: DDPM adds the embedding; True: improved DDPM's FiLM (see ResBlock)
     resample_with_conv: bool = True  # DDPM: strided conv down / conv after nearest up; False: avg-pool / plain nearest
@@ -49,22 +50,39 @@ class UNetConfig:
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.cond not in CONDITIONING_KINDS:
             raise ValueError(f"cond must be one of {CONDITIONING_KINDS}, got {self.cond!r}.")
-        if self.cond == "class" and self.num_classes < 1:
-            raise ValueError("cond='class' needs num_classes >= 1.")
-        if self.cond == "params" and self.num_params < 1:
-            raise ValueError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
-        if self.image_size % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1).")
-        sizes = [self.image_size // 2**level for level in range(len(self.channel_mult))]
-        if not set(self.attention_resolutions) <= set(sizes):
-            raise ValueError(f"attention_resolutions {self.attention_resolutions} must be among the "
-                             f"feature-map sizes {sizes}.")
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
                 raise ValueError(f"base_channels * channel_mult must be multiples of 32, got {channels}.")
-            if channels % self.num_heads:
+            if self.head_channels and channels % self.head_channels:
+                raise ValueError(f"head_channels {self.head_channels} must divide every level's channels, got {channels}.")
+            if not self.head_channels and channels % self.num_heads:
                 raise ValueError(f"num_heads {self.num_heads} must divide every level's channels, got {channels}.")
+
+    def check_resolved(self) -> None:
+        """Refuse the fields the data decides when they do not fit the rest: an `image_size` the levels
+        cannot halve, attention at sizes that never occur, conditioning without classes or parameters.
+
+        Separate from construction because these are only known once the data (or the VAE whose
+        latents the model denoises) is: a preset's network options are applied before that.
+        """
+        if self.cond == "class" and self.num_classes < 1:
+            raise ValueError("cond='class' needs num_classes >= 1.")
+        if self.cond == "params" and self.num_params < 1:
+            raise ValueError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
+        levels = len(self.channel_mult)
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1) = "
+                             f"{2 ** (levels - 1)}: {levels} levels halve it {levels - 1} times; use fewer levels "
+                             f"(--channel-mult) or another size.")
+        sizes = [self.image_size // 2**level for level in range(levels)]
+        if not set(self.attention_resolutions) <= set(sizes):
+            raise ValueError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map sizes "
+                             f"{sizes} of a {self.image_size}x{self.image_size} input; change --attention-resolutions.")
+
+    def heads_for(self, channels: int) -> int:
+        """Attention heads at a level of `channels` channels: fixed count, or fixed width (head_channels)."""
+        return channels // self.head_channels if self.head_channels else self.num_heads
 
     @property
     def embedding_dim(self) -> int:
@@ -118,31 +136,38 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block that injects the time/condition embedding between its two convs."""
+    """Pre-activation residual block, optionally injecting the time/condition embedding between its two convs.
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, scale_shift_norm: bool):
+    With `emb_dim` 0 it is the plain residual block of the latent-diffusion autoencoder (no embedding).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0,
+                 scale_shift_norm: bool = False):
         super().__init__()
         # True: Nichol & Dhariwal 2021, h = (1 + scale) * norm(h) + shift; False: Ho et al. 2020, h = norm(h + e).
         self.scale_shift_norm = scale_shift_norm
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift_norm else 1))
+        self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift_norm else 1)) if emb_dim else None
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # DDPM's "nin" shortcut: a 1x1 conv only where the channel count changes.
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]
-        if self.scale_shift_norm:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift  # after the norm, which would otherwise remove the shift
+        if self.emb_proj is None:
+            h = self.norm2(h)
         else:
-            # DDPM adds the embedding before a GroupNorm, which removes each group's mean: only the
-            # part of e that varies within a group survives -- small models want scale_shift_norm.
-            h = self.norm2(h + e)
+            e = self.emb_proj(F.silu(emb))[:, :, None, None]
+            if self.scale_shift_norm:
+                scale, shift = e.chunk(2, dim=1)
+                h = self.norm2(h) * (1 + scale) + shift  # after the norm, which would otherwise remove the shift
+            else:
+                # DDPM adds the embedding before a GroupNorm, which removes each group's mean: only the
+                # part of e that varies within a group survives -- small models want scale_shift_norm.
+                h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -150,9 +175,9 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, added back residually (proj_out starts at zero)."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int = 1):
         super().__init__()
-        self.num_heads = num_heads  # head width is channels // num_heads; DDPM: one head of all channels
+        self.num_heads = num_heads  # head width is channels // num_heads; DDPM and the LDM autoencoder: one head
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # DDPM's separate q, k, v "nin" layers, fused
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
@@ -173,7 +198,7 @@ class ResAttnBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, attention: bool):
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, config.embedding_dim, config.dropout, config.scale_shift_norm)
-        self.attn = AttentionBlock(out_channels, config.num_heads) if attention else nn.Identity()
+        self.attn = AttentionBlock(out_channels, config.heads_for(out_channels)) if attention else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.attn(self.res(x, emb))
@@ -216,6 +241,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
+        config.check_resolved()
         self.config = config
         ch, E = config.base_channels, config.embedding_dim
         levels = [ch * m for m in config.channel_mult]

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.weights import read_state_dict
+
 from .inception import FIDInceptionV3
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -32,7 +34,7 @@ def build_fid_inception(weights: str | os.PathLike | None = None) -> FIDInceptio
         model = FIDInceptionV3()
         _init_random(model)
     else:
-        state_dict = _download_state_dict() if weights is None else _read_state_dict(Path(weights))
+        state_dict = _download_state_dict() if weights is None else read_state_dict(weights, "FID Inception weights")
         model = FIDInceptionV3()
         load_fid_state_dict(model, state_dict, source=str(weights or WEIGHTS_FILENAME))
     model.eval()
@@ -55,15 +57,6 @@ def load_fid_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], s
         raise ValueError(
             f"Weights {source} do not fit the FID Inception network ({summary}); use {WEIGHTS_FILENAME}."
         ) from err
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"Weights file {path} does not exist; pass the path of {WEIGHTS_FILENAME}.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises a zoo of types for truncated or foreign files
-        raise ValueError(f"Cannot read weights file {path} ({err}); download {WEIGHTS_URL} again.") from err
 
 
 def _download_state_dict() -> dict[str, torch.Tensor]:

@@ -92,7 +92,8 @@ def test_wind_bends_the_plume():
 @pytest.mark.parametrize("resolution", [16, 32, 64])
 def test_plumes_dataset_shapes(tmp_path, resolution):
     ds = load_dataset("plumes", resolution, cache_dir=tmp_path, num_samples=2)
-    image, label, params = ds[1]
+    image, label, params, index = ds[1]
+    assert int(index) == 1
     assert image.shape == (3, resolution, resolution) and image.dtype == torch.float32
     assert image.min() >= -1 and image.max() <= 1 and image.max() > 0
     assert label.dtype == torch.int64 and label.shape == () and params.shape == (2,) and params.dtype == torch.float32
@@ -167,7 +168,8 @@ def test_folder_mixed_modes_and_sizes(tmp_path):
     ds = load_dataset(f"folder:{tmp_path}", RES)
     assert ds.info.channels == 3 and ds.info.class_names == () and len(ds) == 5
     for i in range(5):
-        image, label, _ = ds[i]
+        image, label, _, index = ds[i]
+        assert int(index) == i
         assert image.shape == (3, RES, RES) and -1 <= image.min() and image.max() <= 1 and label == 0
     assert ds.images[4].min() >= 250
     assert load_dataset(f"folder:{tmp_path}", RES, channels=1)[0][0].shape == (1, RES, RES)

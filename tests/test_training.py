@@ -13,12 +13,12 @@ from PIL import Image
 
 import sample
 import train
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import TrainConfig, from_dict, to_dict
+from core.runtime import Runtime
+from core.stages import Trainable, TrainingStage
 from ddpm.config import PRESETS, DDPMConfig
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import from_dict, to_dict
-from training.distributed import Runtime
-from training.loop import RunExists, Stage, StepBatches, TrainingDiverged, fit
-from training.config import TrainConfig
+from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def tiny_args(run_dir: Path, folder: Path, steps: int, *extra: str) -> list[str]
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,9 @@ def test_resume_continues_exactly(tmp_path, image_folder):
     train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu"])
     assert losses(split) == losses(straight)  # bit-identical: data order, noise and dropout all replayed
     a, b = (load_checkpoint(d / "checkpoint.pt", "ddpm") for d in (straight, split))
-    for key in ("model", "ema"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    for key in ("models", "ema"):
+        for name, value in a[key]["model"].items():
+            assert torch.equal(value, b[key]["model"][name]), f"{key}.{name} differs after resume"
 
 
 def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
@@ -100,21 +101,21 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     data = torch.utils.data.TensorDataset(torch.randn(8, 3))
     poison = {"on": False}
 
-    def loss(model, batch, gen):
-        value = model(batch[0]).pow(2).mean()
-        return value * float("nan") if poison["on"] else value
+    def loss(models, batch, gen, step):
+        value = models["model"](batch[0]).pow(2).mean()
+        return (value * float("nan") if poison["on"] else value), {}
 
     def stage():
         torch.manual_seed(0)
-        return Stage("toy", torch.nn.Linear(3, 1), loss, lambda m: torch.zeros(1, 1, 2, 2), {}, {})
+        return TrainingStage("toy", {"model": Trainable(torch.nn.Linear(3, 1), lr=1e-3, ema=True)}, loss, data, {}, {})
 
     cfg = TrainConfig(steps=2, batch_size=4, log_every=1, ckpt_every=1, sample_every=0)
-    fit(stage(), cfg, data, tmp_path, Runtime(torch.device("cpu")))
+    Trainer(stage(), cfg, tmp_path, Runtime(torch.device("cpu"))).run()
     good = (tmp_path / "checkpoint.pt").read_bytes()
     poison["on"] = True
     with pytest.raises(TrainingDiverged, match="lower --lr"):
-        fit(stage(), dataclasses.replace(cfg, steps=4), data, tmp_path, Runtime(torch.device("cpu")),
-            resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy"))
+        Trainer(stage(), dataclasses.replace(cfg, steps=4), tmp_path, Runtime(torch.device("cpu")),
+                resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 

@@ -333,4 +333,4 @@ def test_input_shape_errors():
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)
+        UNet(tiny_config(**overrides))  # size checks run once the size is known, at the latest here

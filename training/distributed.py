@@ -3,37 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs and which share of the work it does."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process writes files and shows progress bars."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present; an explicit 'cuda' on a machine without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or install a CUDA build of PyTorch.")
-    return device
+from core.runtime import Runtime, resolve_device
 
 
 def setup(device: str = "auto") -> Runtime:

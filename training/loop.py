@@ -1,52 +1,40 @@
-"""The one training loop every stage uses: AdamW with warm-up, EMA, AMP, gradient clipping,
-checkpoints, exact resume, DDP, JSONL metrics, preview grids and a progress bar.
+"""The one training loop every stage uses: AdamW per trainable model, a warm-up and a named learning-rate
+schedule, EMA, AMP, gradient clipping, checkpoints, exact resume, DDP, JSONL metrics, previews and a
+progress bar.
 
-A stage (DDPM now; the VAE, latent diffusion and classifiers later) describes itself with a
-`Stage`: the model, a loss on a batch, and how to draw preview images. The loop knows nothing about
-diffusion.
+A stage (core.stages.TrainingStage) hands the loop its models, a loss that returns named metrics,
+and optionally an augmentation, a preview, a held-out evaluation and extra checkpoint entries. The
+loop knows nothing about diffusion, autoencoders or any other stage.
 
-Exact resume: everything random in step s (data order, augmentation, noise, timesteps, dropout)
-is drawn from generators seeded by (seed, s, rank), and the learning rate depends on s alone, so a
-run resumed from its step-s checkpoint takes exactly the steps an uninterrupted run would have.
+Exact resume: everything random in step s (data order, augmentation, noise, timesteps, dropout) is
+drawn from generators seeded by (seed, s, rank), and the learning rate depends on s alone, so a run
+resumed from its step-s checkpoint takes exactly the steps an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from core.checkpoint import save_checkpoint
+from core.config import TrainConfig
+from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
+from core.stages import TrainingStage
 from data.imageio import save_grid
-from training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from training.config import AMP_MODES, TrainConfig, write_json
-from training.distributed import Runtime, mean_across_processes
-from training.seeds import derive_seed
-
-Batch = tuple[torch.Tensor, ...]
-
-
-@dataclass
-class Stage:
-    """What a stage hands the training loop."""
-    name: str                                                   # checkpoint "stage" field, e.g. "ddpm"
-    model: nn.Module
-    loss: Callable[[nn.Module, Batch, torch.Generator], torch.Tensor]   # mean loss of a batch (float32 scalar)
-    preview: Callable[[nn.Module], torch.Tensor]                # images in [-1, 1] drawn with the EMA weights
-    config: dict[str, Any]                                      # the resolved stage config, stored in checkpoints
-    data_info: dict[str, Any]                                   # what the model was trained on
+from training.distributed import mean_across_processes
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,13 +45,18 @@ class RunExists(FileExistsError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------
+# pieces that are functions of the step alone
+
+
 class StepBatches(Sampler[list[int]]):
     """Batch indices as a function of the step: epoch e is the permutation seeded by (seed, e), and
     step s takes global positions [s*B, (s+1)*B) of the concatenated epochs, this process taking
     its contiguous share. Starting at any step needs no replay of the ones before it."""
 
     def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int, runtime: Runtime):
-        assert global_batch % runtime.world_size == 0, "the batch must split evenly across processes"
+        if global_batch % runtime.world_size:
+            raise ValueError(f"--batch-size {global_batch} must split evenly across {runtime.world_size} processes.")
         self.n, self.batch, self.seed, self.start = num_items, global_batch, seed, start_step
         self.share = global_batch // runtime.world_size
         self.offset = runtime.rank * self.share
@@ -86,27 +79,20 @@ class StepBatches(Sampler[list[int]]):
             step += 1
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--amp`, or None for full precision."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"Unknown --amp {amp!r}; choose auto, none, bf16 or fp16.")
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at 0-based `step` of a `steps`-step run.
 
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, in one fused call; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    A linear warm-up over the first `warmup` steps, then "constant" (DDPM) or "cosine", which decays
+    to 0 at the last step (Loshchilov & Hutter 2017, SGDR, without restarts).
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose constant or cosine.")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -115,137 +101,275 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, in one fused call; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
 
 
-def fit(stage: Stage, cfg: TrainConfig, dataset: Dataset, run_dir: str | os.PathLike, runtime: Runtime,
-        resume_from: dict[str, Any] | None = None, num_workers: int = 0) -> dict[str, Any]:
-    """Train `stage.model` on `dataset` for `cfg.steps` steps, writing everything under `run_dir`;
-    `resume_from` is the run's loaded checkpoint when it continues.
+def rng_state() -> dict[str, Any]:
+    """Every global random number generator torch uses in a training step (dropout draws from these)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    Returns a summary (final step, last logged loss, wall time, paths).
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class Trainer:
+    """Trains one `TrainingStage` for `cfg.steps` steps, writing everything under `run_dir`.
+
+    `resume_from` is the run's loaded checkpoint when it continues. `run()` returns a summary (final
+    step, last logged loss, wall time, paths).
     """
-    run_dir = Path(run_dir)
-    ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
-    if resume_from is None and ckpt_path.exists():
-        raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
 
-    device = runtime.device
-    model = stage.model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    def __init__(self, stage: TrainingStage, cfg: TrainConfig, run_dir: str | os.PathLike, runtime: Runtime,
+                 resume_from: dict[str, Any] | None = None, num_workers: int = 0):
+        self.stage, self.cfg, self.runtime, self.num_workers = stage, cfg, runtime, num_workers
+        self.run_dir = Path(run_dir)
+        self.ckpt_path, self.metrics_path = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
+        if resume_from is None and self.ckpt_path.exists():
+            raise RunExists(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
 
-    start_step = 0
-    if resume_from is not None:
-        payload = resume_from
-        assert payload["stage"] == stage.name, "resume from a checkpoint of the same stage"
-        model.load_state_dict(payload["model"])
-        ema.load_state_dict(payload["ema"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
+        device = runtime.device
+        self.models = {name: t.model.to(device) for name, t in stage.trainables.items()}
+        self.ema = {name: copy.deepcopy(self.models[name]).eval().requires_grad_(False)
+                    for name, t in stage.trainables.items() if t.ema}
+        self.optimizers = {
+            name: torch.optim.AdamW(self.models[name].parameters(), lr=t.lr, betas=t.betas,
+                                    weight_decay=t.weight_decay, fused=device.type == "cuda")
+            for name, t in stage.trainables.items()}
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+
+        self.start_step = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        if self.start_step > 0 and self.start_step >= cfg.steps:
+            raise ValueError(f"The run in {self.run_dir} is already at step {self.start_step}; pass --steps larger "
+                             f"than that to train further.")
+        self.train_models = {name: self._wrap(model) for name, model in self.models.items()}
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        assert payload["stage"] == self.stage.name, "resume from a checkpoint of the same stage"
+        for name, model in self.models.items():
+            model.load_state_dict(payload["models"][name])
+            self.optimizers[name].load_state_dict(payload["optimizers"][name])
+        for name, ema in self.ema.items():
+            ema.load_state_dict(payload["ema"][name])
+        self.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
-        start_step = payload["step"]
-        if runtime.is_main:
-            _trim_metrics(metrics_path, start_step)
-    if runtime.is_main:
-        write_json(stage.config, run_dir / "config.json")
-    if start_step >= cfg.steps:
-        raise ValueError(f"The run in {run_dir} is already at step {start_step}; pass --steps larger than that to train further.")
+        self.start_step = payload["step"]
 
-    train_model: nn.Module = model
-    if runtime.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The version of `model` the loss calls: DDP across processes, compiled if asked."""
+        if self.runtime.distributed and any(p.requires_grad for p in model.parameters()):
+            device = self.runtime.device
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
 
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), cfg.batch_size, cfg.seed, start_step, runtime),
-                        num_workers=num_workers, persistent_workers=num_workers > 0,
-                        pin_memory=device.type == "cuda")
-    generator = torch.Generator(device)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    loss_sum, grad_sum, window = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    last_loss, started, window_start = math.nan, time.perf_counter(), time.perf_counter()
+    def _batches(self) -> DataLoader:
+        sampler = StepBatches(len(self.stage.dataset), self.cfg.batch_size, self.cfg.seed, self.start_step, self.runtime)
+        return DataLoader(self.stage.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda")
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint({
-            "stage": stage.name, "config": stage.config, "data_info": stage.data_info, "step": step,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state(),
-        }, ckpt_path)
+    def eval_models(self) -> dict[str, nn.Module]:
+        """What previews, evaluations and checkpoint payloads see: the EMA copy where there is one."""
+        return {name: self.ema.get(name, model) for name, model in self.models.items()}
 
-    def preview(name: str) -> None:
-        save_grid(stage.preview(ema), run_dir / "samples" / name)
+    # -- one step ----------------------------------------------------------------------------
 
-    progress = tqdm(total=cfg.steps, initial=start_step, desc=f"train {stage.name}", unit="step",
-                    disable=not runtime.is_main, dynamic_ncols=True)
-    model.train()
-    for step, batch in zip(range(start_step, cfg.steps), loader):
-        batch = tuple(b.to(device, non_blocking=True) for b in batch)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        seed = derive_seed(cfg.seed, step, runtime.rank)
+    def _set_lr(self, step: int) -> None:
+        factor = lr_factor(self.cfg.lr_schedule, step, self.cfg.steps, self.cfg.warmup_steps)
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.stage.trainables[name].lr * factor
+
+    def _step(self, step: int, batch: Any, generator: torch.Generator) -> tuple[dict, dict, dict]:
+        """One optimizer step of every trainable the loss names; returns (losses, metrics, grad norms)."""
+        device = self.runtime.device
+        batch = type(batch)(*(b.to(device, non_blocking=True) for b in batch))
+        self._set_lr(step)
+        seed = derive_seed(self.cfg.seed, step, self.runtime.rank)
         torch.manual_seed(seed)          # dropout
-        generator.manual_seed(seed)      # noise, timesteps, flips, condition dropout
+        generator.manual_seed(seed)      # augmentation, noise, timesteps, condition dropout
+        if self.stage.augment is not None:
+            batch = self.stage.augment(batch, generator)
 
-        with autocast:
-            loss = stage.loss(train_model, batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
+        with autocast(device, self.amp_dtype):
+            losses, metrics = self.stage.loss(self.train_models, batch, generator, step)
+        if isinstance(losses, torch.Tensor):
+            losses = {"model": losses}
+        unknown = set(losses) - set(self.models)
+        assert not unknown, f"the loss names trainables the stage does not have: {sorted(unknown)}"
 
-        loss_sum += loss.detach().float()
-        grad_sum += grad_norm.detach().float()
-        window += 1
-        done = step + 1
-        progress.update(1)
-        last = done == cfg.steps
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        # Each loss reaches only its own model's parameters (a GAN's generator loss must not train
+        # the discriminator it flows through, and vice versa).
+        for name, loss in losses.items():
+            self.scaler.scale(loss).backward(inputs=[p for p in self.models[name].parameters() if p.requires_grad])
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norms = {}
+        for name in losses:
+            self.scaler.unscale_(self.optimizers[name])
+            grad_norms[name] = nn.utils.clip_grad_norm_(self.models[name].parameters(), clip)
+            self.scaler.step(self.optimizers[name])
+        self.scaler.update()
+        for name, ema in self.ema.items():
+            update_ema(ema, self.models[name], ema_decay_at(step, self.cfg.ema_decay))
+        return losses, metrics, grad_norms
 
-        save_due = last or done % cfg.ckpt_every == 0  # every process runs the check: it all-reduces
-        if done % cfg.log_every == 0 or last or save_due:
-            # Checked before any checkpoint is written, so a diverged model never replaces a good one.
-            mean_loss = mean_across_processes(loss_sum / window, runtime).item()
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f"The loss became {mean_loss} by step {done}; nothing was saved past the last checkpoint "
-                    f"({ckpt_path if ckpt_path.exists() else 'none yet'}): lower --lr, or use --amp none, and resume or restart.")
-        if done % cfg.log_every == 0 or last:
-            now = time.perf_counter()
-            last_loss = mean_loss
-            record = {"step": done, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": (grad_sum / window).item(),
-                      "images_per_s": window * cfg.batch_size / max(now - window_start, 1e-9),
-                      "elapsed_s": now - started}
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
+    # -- outputs -----------------------------------------------------------------------------
+
+    def _save(self, step: int) -> None:
+        models = self.eval_models()
+        extra = self.stage.payload(models) if self.stage.payload is not None else {}
+        payload = {
+            "stage": self.stage.name, "config": self.stage.config, "data_info": self.stage.data_info, "step": step,
+            "models": {name: m.state_dict() for name, m in self.models.items()},
+            "ema": {name: m.state_dict() for name, m in self.ema.items()},
+            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+        }
+        clash = set(extra) & (set(payload) | {"format", "version"})
+        assert not clash, f"the stage's checkpoint payload overwrites {sorted(clash)}"
+        save_checkpoint({**payload, **extra}, self.ckpt_path)
+
+    def _preview(self, step: int) -> Path | None:
+        if self.stage.preview is None:
+            return None
+        path = self.run_dir / "samples" / f"step-{step:07d}.png"
+        save_grid(self.stage.preview(self.eval_models()), path, nrow=self.stage.preview_nrow)
+        return path
+
+    def _evaluate(self, step: int) -> None:
+        if self.stage.evaluate is None:
+            return
+        record = {"step": step, **self.stage.evaluate(self.eval_models())}
+        self._append_metrics(record)
+        shown = {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
+        tqdm.write(f"step {step} {record.get('split', 'eval')}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{self.metrics_path} line {number} is torn (the run was cut off while writing it); "
+                              f"dropping it.", stacklevel=2)
+                continue
+            if record["step"] <= self.start_step:
+                kept.append(line)
+        write_json_lines(kept, self.metrics_path)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg, runtime = self.cfg, self.runtime
+        if runtime.is_main:
+            self._trim_metrics()
+            write_json(self.stage.config, self.run_dir / "config.json")
+        generator = torch.Generator(runtime.device)
+        # Sums and counts per logged name over the current logging window (a name can be absent from
+        # some steps, e.g. a discriminator's loss before it starts).
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        window, last_loss = 0, math.nan
+        started = window_start = time.perf_counter()
+        progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
+                        disable=not runtime.is_main, dynamic_ncols=True)
+        for model in self.models.values():
+            model.train()
+
+        steps = range(self.start_step, cfg.steps)
+        for step, batch in zip(steps, self._batches() if len(steps) else ()):
+            losses, metrics, grad_norms = self._step(step, batch, generator)
+            for key, value in _named(losses, metrics, grad_norms).items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+                counts[key] = counts.get(key, 0) + 1
+            window += 1
+            done = step + 1
+            progress.update(1)
+            last = done == cfg.steps
+            save_due = last or done % cfg.ckpt_every == 0
+            log_due = last or done % cfg.log_every == 0
+            if save_due or log_due:  # every process takes part: the means are all-reduced
+                means = {k: mean_across_processes(v / counts[k], runtime).item() for k, v in sorted(sums.items())}
+                # Checked before any checkpoint is written, so a diverged model never replaces a good one.
+                bad = [k for k in means if k.startswith("loss") and not math.isfinite(means[k])]
+                if bad:
+                    raise TrainingDiverged(
+                        f"The {bad[0]} became {means[bad[0]]} by step {done}; nothing was saved past the last checkpoint "
+                        f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}): start a new run with a "
+                        f"lower --lr, or with --amp none.")
+            if log_due:
+                now = time.perf_counter()
+                last_loss = means["loss"]
+                record = {"step": done, "split": "train", **means,
+                          "lr": self.optimizers["model"].param_groups[0]["lr"],
+                          "images_per_s": window * cfg.batch_size / max(now - window_start, 1e-9),
+                          "elapsed_s": now - started}
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                if runtime.is_main:
+                    self._append_metrics(record)
+                sums, counts, window, window_start = {}, {}, 0, now
             if runtime.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            loss_sum.zero_(), grad_sum.zero_()
-            window, window_start = 0, now
+                if save_due:
+                    self._save(done)  # before anything else that could fail at this step
+                preview_due = cfg.sample_every and done % cfg.sample_every == 0
+                if last or preview_due:
+                    self._evaluate(done)
+                    self._preview(done)
+        progress.close()
 
-        if runtime.is_main and (last or (cfg.sample_every and done % cfg.sample_every == 0)):
-            preview(f"step-{done:07d}.png")
-        if runtime.is_main and save_due:
-            checkpoint(done)
-    progress.close()
+        final = None
+        if runtime.is_main:
+            if cfg.steps == 0 and self.start_step == 0:  # nothing to train: write the model as it starts
+                self._save(0)
+                self._evaluate(0)
+                self._preview(0)
+            last_preview = self.run_dir / "samples" / f"step-{cfg.steps:07d}.png"
+            if last_preview.exists():
+                final = self.run_dir / "samples" / "final.png"
+                shutil.copyfile(last_preview, final)
+        return {"step": cfg.steps, "loss": last_loss, "seconds": time.perf_counter() - started,
+                "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
 
-    final = run_dir / "samples" / "final.png"
-    if runtime.is_main:
-        shutil.copyfile(run_dir / "samples" / f"step-{cfg.steps:07d}.png", final)
-    return {"step": cfg.steps, "loss": last_loss, "seconds": time.perf_counter() - started,
-            "checkpoint": str(ckpt_path), "final_grid": str(final)}
+
+def _named(losses: dict, metrics: dict, grad_norms: dict) -> dict[str, torch.Tensor]:
+    """One flat dict of what a step logs: loss, loss/<trainable>, metrics, grad_norm, grad_norm/<trainable>."""
+    named = {("loss" if name == "model" else f"loss/{name}"): value for name, value in losses.items()}
+    named.update({("grad_norm" if name == "model" else f"grad_norm/{name}"): value for name, value in grad_norms.items()})
+    clash = set(named) & set(metrics)
+    assert not clash, f"stage metrics reuse the loop's names {sorted(clash)}"
+    named.update(metrics)
+    return {k: torch.as_tensor(v) for k, v in named.items()}
+
+
+def write_json_lines(lines: list[str], path: Path) -> None:
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))

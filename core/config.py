@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
+import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
+from core.runtime import AMP_MODES
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")  # see training.loop.autocast_dtype
+LR_SCHEDULES = ("constant", "cosine")  # see training.loop.lr_factor
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with its `--help` text (and optionally its `choices`) beside its declaration."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+def require(ok: bool, message: str) -> None:
+    """Refuse an invalid option value with a one-sentence message (raised as ValueError)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    require(value in choices, f"--{name} must be one of {', '.join(choices)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -32,15 +42,27 @@ class DataConfig:
     resolution: int = option(32, "image side in pixels (images are resized and centre-cropped to it)")
     num_samples: int = option(0, "plumes to simulate, or a seeded subset of another dataset (0: 10000 plumes / all images)")
     hflip: bool = option(True, "random horizontal flips (DDPM's only augmentation)")
-    cache_dir: str = option(".cache/datasets", "where generated or downloaded datasets are kept")
+    cache_dir: str = option(".cache/datasets", "where generated or downloaded datasets (and latent caches) are kept")
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process)")
+    test_dataset: str = option("", "held-out images for evaluation (empty: the test split of --dataset where it has one, "
+                                   "as plumes and cifar10 do; a folder has none, so a seeded subset of its images is used "
+                                   "and reported as such)")
+    test_samples: int = option(256, "held-out images used for evaluation")
+
+    def __post_init__(self) -> None:
+        require(self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}.")
+        require(self.num_samples >= 0, f"--num-samples must be 0 (all) or positive, got {self.num_samples}.")
+        require(self.num_workers >= 0, f"--num-workers must be 0 or positive, got {self.num_workers}.")
+        require(self.test_samples >= 1, f"--test-samples must be at least 1, got {self.test_samples}.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = option(3000, "optimizer steps to train for (on --resume: the new total)")
     batch_size: int = option(32, "global batch size, split evenly across processes under torchrun")
-    lr: float = option(1e-3, "peak AdamW learning rate, reached after the warm-up and then held (DDPM)")
+    lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
+    lr_schedule: str = option("constant", "learning rate after the warm-up: constant (DDPM) or cosine (decays to 0 "
+                                          "at the last step)", choices=LR_SCHEDULES)
     warmup_steps: int = option(200, "linear learning-rate warm-up from 0")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
@@ -50,10 +72,27 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model for training (faster on CUDA after a warm-up)")
     seed: int = option(0, "seed for weights, data order, noise and preview samples")
     log_every: int = option(50, "steps between metrics.jsonl entries")
-    sample_every: int = option(1000, "steps between preview grids (0: only at the end)")
+    sample_every: int = option(1000, "steps between previews and held-out evaluations (0: only at the end)")
     ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
     preview_images: int = option(36, "images in each preview grid")
     preview_steps: int = option(50, "DDIM steps for preview grids")
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, f"--steps must be 0 or positive, got {self.steps}.")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
+        require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}.")
+        check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        require(self.warmup_steps >= 0, f"--warmup-steps must be 0 or positive, got {self.warmup_steps}.")
+        require(self.weight_decay >= 0, f"--weight-decay must be 0 or positive, got {self.weight_decay}.")
+        require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")
+        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
+        check_choice("amp", self.amp, AMP_MODES)
+        require(self.seed >= 0, f"--seed must be 0 or positive, got {self.seed}.")
+        require(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}.")
+        require(self.sample_every >= 0, f"--sample-every must be 0 (only at the end) or positive, got {self.sample_every}.")
+        require(self.ckpt_every >= 1, f"--ckpt-every must be at least 1, got {self.ckpt_every}.")
+        require(self.preview_images >= 1, f"--preview-images must be at least 1, got {self.preview_images}.")
+        require(self.preview_steps >= 1, f"--preview-steps must be at least 1, got {self.preview_steps}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,14 +122,6 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def write_json(values: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # command line
 
@@ -117,7 +148,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
             continue
         text = (help_overrides or {}).get(f.name) or f.metadata.get("help", "")
         value = getattr(shown, f.name)
-        shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else ("''" if value == "" else value)
         choices = f.metadata.get("choices")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}", default=None,
                            choices=choices, help=f"{text} (default: {shown_value})",

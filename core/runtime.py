@@ -1,0 +1,154 @@
+"""Runtime pieces every stage and entry point shares: seeds, devices, mixed precision, atomic files.
+
+Each exists once, here, so that sampling, evaluation and training agree on them and none of them
+needs to import the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, ContextManager
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# seeds
+
+
+def derive_seed(*keys: int) -> int:
+    """An independent 63-bit seed for a tuple of integer keys, e.g. (run seed, step, rank) or
+    (run seed, image index); numpy's SeedSequence mixes them so nearby keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs and which share of the work it does (see training.distributed.setup)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and shows progress bars."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present; an explicit 'cuda' on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; "
+                             f"use --device cpu or install a CUDA build of PyTorch.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    return device
+
+
+@contextlib.contextmanager
+def main_process_first(runtime: Runtime):
+    """Run the body on the main process first and on the others after it, e.g. to build a cache once
+    and then read it everywhere (a no-op without torchrun)."""
+    import torch.distributed as dist
+    if runtime.distributed and not runtime.is_main:
+        dist.barrier()
+    yield
+    if runtime.distributed and runtime.is_main:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--amp`, or None for full precision.
+
+    "auto" is bf16 on CUDA (fp16 with loss scaling on GPUs without bf16) and full precision on the
+    CPU, where bf16 autocast is many times slower unless the processor computes natively in bf16.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"Unknown --amp {amp!r}; choose one of {', '.join(AMP_MODES)}.")
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """`torch.autocast` for `dtype`, or a no-op context for full precision (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Create or replace `path` with what `write(file)` writes, all or nothing.
+
+    The bytes go to a temporary file beside `path` (named for this process, so two writers never
+    share one), are flushed to disk, and only then renamed over `path`; a crash at any point leaves
+    either the old file or the new one, never a torn mix. On failure the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(values: Any, path: str | os.PathLike) -> None:
+    """Write `values` as indented JSON, atomically."""
+    atomic_write(path, lambda f: f.write((json.dumps(values, indent=2) + "\n").encode()))

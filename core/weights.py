@@ -1,0 +1,128 @@
+"""Reading published weight files (FID Inception, VGG-16, LPIPS heads, the Stable Diffusion VAE) as data.
+
+A weights file is never executed: PyTorch files load with `weights_only=True` and `.safetensors`
+files are parsed here (an 8-byte header length, a JSON header, raw little-endian tensors). Every
+loader checks the file's keys and shapes against the names the publisher used before any weight is
+copied, so a wrong file is refused with one sentence instead of being half-used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+# safetensors dtype names -> torch dtypes
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def hub_checkpoint(filename: str) -> Path:
+    """Where torch.hub keeps downloaded weights: <torch hub dir>/checkpoints/<filename>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, keyed by name; `what` names the file's role in error messages.
+
+    Accepts a plain PyTorch state dict (zip or legacy format; tensors saved on a GPU are mapped to
+    the CPU), a training checkpoint that wraps one under "state_dict" (Lightning, latent-diffusion),
+    and `.safetensors`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist; pass the path of the published weights file.")
+    try:
+        if path.suffix == ".safetensors":
+            tensors = _read_safetensors(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises a zoo of types for truncated, foreign or code-carrying files
+        summary = " ".join(str(err).split())[:200]
+        raise ValueError(f"Cannot read {what} file {path} as weights ({type(err).__name__}: {summary}); "
+                         f"download the published file again.") from err
+    if isinstance(tensors, Mapping) and isinstance(tensors.get("state_dict"), Mapping):
+        tensors = tensors["state_dict"]
+    if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{what} file {path} does not hold a dictionary of tensors; pass the published weights file.")
+    return dict(tensors)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError("file shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise ValueError(f"header length {header_len} runs past the end of the file")
+    header = json.loads(data[8:8 + header_len])
+    body = memoryview(data)[8 + header_len:]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = 1
+        for n in shape:
+            count *= n
+        if not 0 <= begin <= end <= len(body) or end - begin != count * torch.empty((), dtype=dtype).element_size():
+            raise ValueError(f"tensor {name} has data offsets {begin}..{end} that do not fit its shape {shape}")
+        tensors[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if count else \
+            torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, source: str,
+                     what: str, ignore_prefixes: Iterable[str] = ()) -> None:
+    """Refuse `found` unless its keys and shapes are exactly `expected`'s (keys under `ignore_prefixes` aside).
+
+    The error names the first few missing, unexpected and mis-shaped keys, so a user can tell a
+    wrong file from a truncated one.
+    """
+    ignore = tuple(ignore_prefixes)
+    keys = {k for k in found if not k.startswith(ignore)} if ignore else set(found)
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    misshaped = sorted(k for k in set(expected) & keys if tuple(found[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if misshaped:
+        k = misshaped[0]
+        problems.append(f"{len(misshaped)} with the wrong shape (e.g. {k}: {tuple(found[k].shape)} instead of "
+                        f"{tuple(expected[k])})")
+    raise ValueError(f"{source} is not a {what} weights file: its keys do not match ({'; '.join(problems)}); "
+                     f"pass the published {what} file.")
+
+
+def download(url: str, filename: str, what: str, advice: str, hash_prefix: str | None = None) -> Path:
+    """Fetch `url` into the torch hub cache as `filename` (once) and return its path.
+
+    `hash_prefix`, where the publisher gives one, is checked against the file's sha256. Offline, the
+    error says where to put a copy fetched elsewhere; `advice` names the option that takes a path instead.
+    """
+    target = hub_checkpoint(filename)
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=hash_prefix, progress=True)
+    except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
+        raise FileNotFoundError(f"Cannot download the {what} weights from {url} ({err}); fetch {filename} "
+                                f"elsewhere and put it in {target.parent}, or {advice}.") from err
+    return target

@@ -1,0 +1,129 @@
+"""The latent cache: every training image's posterior under a frozen autoencoder, encoded once.
+
+Latent diffusion trains on z ~ q(z | x), a fresh draw each time an image is seen. The encoder is
+the expensive half of that, and it is frozen, so the cache keeps each image's posterior mean and
+standard deviation and the training loop draws z = (mean + std * eps) * scale_factor per step. With
+horizontal flips the mirror image is encoded too (a convolutional encoder is not equivariant to
+mirroring, so a flipped latent is not the mirror image's latent) and one of the two views is drawn.
+
+A cache file is named by the autoencoder's weight fingerprint and a hash of the images, labels and
+parameters, and both are checked when it is read: a different autoencoder, or changed data, never
+reuses a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from core.runtime import Runtime, atomic_write, main_process_first
+from data import DatasetInfo, ImageDataset
+from vae.autoencoder import AutoencoderKL
+
+VERSION = 1  # bump when what a cache file holds changes
+
+
+class LatentBatch(NamedTuple):
+    """One item (or a collated batch) of a latent dataset."""
+    views: Tensor    # (V, 2L, h, w) posterior [mean | std] of the image (V = 1) or of it and its mirror (V = 2)
+    label: Tensor    # int64 class index
+    params: Tensor   # (P,) raw parameters in the data's units
+    index: Tensor    # int64 position of the image in its dataset
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Posterior moments (N, V, 2L, h, w), stored in float16, with the images' labels and parameters.
+
+    `info` describes the images the latents come from, so checkpoints record the real data.
+    """
+
+    def __init__(self, moments: Tensor, labels: Tensor, params: Tensor, info: DatasetInfo):
+        assert moments.ndim == 5 and moments.shape[0] == info.num_samples == len(labels) == len(params), (
+            f"moments {tuple(moments.shape)} do not match {info.num_samples} images")
+        self.moments, self.labels, self.params, self.info = moments, labels, params, info
+
+    def __len__(self) -> int:
+        return self.moments.shape[0]
+
+    def __getitem__(self, i: int) -> LatentBatch:
+        return LatentBatch(self.moments[i].float(), self.labels[i], self.params[i], torch.tensor(i))
+
+
+def draw_latent(moments: Tensor, generator: torch.Generator) -> Tensor:
+    """z = mean + std * eps from posterior moments (B, 2L, h, w) = [mean | std]."""
+    mean, std = moments.chunk(2, dim=1)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def data_hash(dataset: ImageDataset) -> str:
+    """A hash of everything the cache derives from the data: images, labels and parameters."""
+    digest = hashlib.sha256()
+    for tensor in (dataset.images, dataset.labels, dataset.params):
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(cache_dir: str | Path, info: DatasetInfo, vae_fingerprint: str, images_hash: str, views: int) -> Path:
+    name = re.sub(r"[^A-Za-z0-9]+", "_", info.name).strip("_")[-40:] or "data"
+    return Path(cache_dir) / "latents" / f"{name}-r{info.resolution}-vae{vae_fingerprint}-data{images_hash}-v{views}-{VERSION}.npz"
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder: AutoencoderKL, dataset: ImageDataset, views: int, batch: int) -> Tensor:
+    """[mean | std] of every image (and its mirror image, with views = 2): (N, V, 2L, h, w) float16."""
+    device = next(autoencoder.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(dataset), batch), desc=f"Encoding {len(dataset)} images into latents", unit="batch"):
+        x = dataset.images[start:start + batch].to(device).float() / 127.5 - 1
+        per_view = []
+        for view in range(views):
+            posterior = autoencoder.encode(x.flip(3) if view else x)
+            per_view.append(torch.cat([posterior.mean, posterior.std], dim=1))
+        out.append(torch.stack(per_view, dim=1).half().cpu())
+    return torch.cat(out)
+
+
+def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[int, ...]) -> Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            moments, fingerprint, hashed = z["moments"], str(z["vae_fingerprint"]), str(z["data_hash"])
+        if fingerprint != vae_fingerprint or hashed != images_hash or moments.shape != expected:
+            raise ValueError(f"it was made for another autoencoder or other data (shape {moments.shape})")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f"Latent cache {path} is unusable ({err}); encoding again.", stacklevel=3)
+        return None
+    return torch.from_numpy(moments)
+
+
+def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: ImageDataset, *, hflip: bool,
+                   cache_dir: str | Path, batch: int, runtime: Runtime) -> LatentDataset:
+    """The latent dataset of `dataset` under `autoencoder`, from the cache or encoded (once, by the main
+    process under torchrun) and cached."""
+    views = 2 if hflip else 1
+    f, L = autoencoder.config.downsampling_factor, autoencoder.config.latent_channels
+    r = dataset.info.resolution // f
+    expected = (len(dataset), views, 2 * L, r, r)
+    images_hash = data_hash(dataset)
+    path = cache_path(cache_dir, dataset.info, vae_fingerprint, images_hash, views)
+    with main_process_first(runtime):
+        moments = _read(path, vae_fingerprint, images_hash, expected)
+        if moments is None and runtime.is_main:
+            moments = encode_dataset(autoencoder, dataset, views, batch)
+            atomic_write(path, lambda file: np.savez(file, moments=moments.numpy(), vae_fingerprint=vae_fingerprint,
+                                                     data_hash=images_hash))
+    if moments is None:  # another process wrote it while this one waited
+        moments = _read(path, vae_fingerprint, images_hash, expected)
+        assert moments is not None, f"the main process did not leave a readable latent cache at {path}"
+    return LatentDataset(moments, dataset.labels, dataset.params, dataset.info)

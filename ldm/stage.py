@@ -1,0 +1,148 @@
+"""Latent diffusion as a stage (Rombach et al. 2022): the pixel stage's U-Net, schedule, objective and
+samplers, trained on the scaled latents of a frozen KL autoencoder and decoded to images.
+
+The autoencoder is read from a `vae` checkpoint when a run starts, and a copy of its sampling
+weights and latent scale goes into every checkpoint of the run, so one file is enough to resume or
+to sample, whatever happens to the VAE run afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.checkpoint import load_checkpoint, require_keys
+from core.config import DataConfig, TrainConfig, from_dict
+from core.runtime import Runtime
+from core.stages import Prerequisite, Section, StageSpec, TrainingStage
+from data import DatasetInfo, load_dataset
+from data.augment import random_view
+from ddpm.config import UNET_FROM_DATA, UNET_OPTIONS, DiffusionConfig, resolve_unet
+from ddpm.generate import DiffusionSampler
+from ddpm.stage import diffusion_stage, load_unet
+from ddpm.unet import UNet, UNetConfig
+from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LatentConfig, LDMConfig
+from ldm.latents import draw_latent, latent_dataset
+from vae.autoencoder import AutoencoderKL
+from vae.stage import load_autoencoder
+
+NAME = "ldm"
+
+
+def vae_record(payload: dict[str, Any], source: str | Path, fingerprint: str) -> dict[str, Any]:
+    """What an LDM checkpoint keeps of its autoencoder: a VAE checkpoint's config, sampling weights and
+    scale, in the layout `load_autoencoder` reads (both weight entries share one set of tensors)."""
+    weights = payload["ema"]["model"]
+    return {"stage": "vae", "config": payload["config"], "data_info": payload.get("data_info"),
+            "models": {"model": weights}, "ema": {"model": weights}, "scale_factor": float(payload["scale_factor"]),
+            "fingerprint": fingerprint, "source": str(source)}
+
+
+def _read_vae(path: str) -> dict[str, Any]:
+    payload = load_checkpoint(path)
+    if payload.get("stage") != "vae":
+        raise ValueError(f"--vae-ckpt {path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; "
+                         f"pass the checkpoint.pt of a `train.py --stage vae` run.")
+    return payload
+
+
+def fit_unet_to_latents(config: LDMConfig, info: DatasetInfo, autoencoder: AutoencoderKL) -> LDMConfig:
+    """The U-Net config for this autoencoder's latents of this data, or one sentence on why they do not fit."""
+    ae = autoencoder.config
+    f = ae.downsampling_factor
+    if ae.in_channels != info.channels:
+        raise ValueError(f"The autoencoder encodes {ae.in_channels}-channel images but {info.name} has {info.channels} "
+                         f"channels; use an autoencoder trained on this kind of image.")
+    if info.resolution % f:
+        raise ValueError(f"--resolution {info.resolution} is not divisible by the autoencoder's downsampling factor "
+                         f"{f}; pick a multiple of {f}.")
+    size = info.resolution // f
+    try:
+        unet = resolve_unet(config.unet, info, size, ae.latent_channels)
+    except ValueError as err:
+        raise ValueError(f"The autoencoder's latents ({ae.latent_channels}x{size}x{size}) do not fit the U-Net: {err}") from None
+    return dataclasses.replace(config, unet=unet)
+
+
+def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[LDMConfig, TrainingStage]:
+    data, device = config.data, runtime.device
+    # A resumed run keeps the autoencoder it started with, whatever became of the VAE run since.
+    vae_payload = resume_from["vae"] if resume_from is not None else _read_vae(config.latent.vae_ckpt)
+    source = vae_payload.get("source", config.latent.vae_ckpt)
+    autoencoder, scale, fingerprint = load_autoencoder(vae_payload, device, source)
+    record = vae_record(vae_payload, source, fingerprint)
+
+    dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    info = dataset.info
+    config = fit_unet_to_latents(config, info, autoencoder)
+    latents = latent_dataset(autoencoder, fingerprint, dataset, hflip=data.hflip, cache_dir=data.cache_dir,
+                             batch=config.latent.encode_batch, runtime=runtime)
+    if runtime.is_main:
+        print(f"Latents: {len(latents)} x {config.unet.in_channels}x{config.unet.image_size}x{config.unet.image_size}, "
+              f"scale factor {scale:.4f}, autoencoder {fingerprint} from {source}.", flush=True)
+    torch.manual_seed(config.train.seed)  # the initial weights
+    net = UNet(config.unet)
+    stage = diffusion_stage(NAME, config, info, net, latents, device,
+                            x0=lambda batch, generator: scale * draw_latent(batch.views[:, 0], generator),
+                            decode=lambda z: autoencoder.decode(z / scale),
+                            augment=random_view if data.hflip else None,
+                            payload=lambda models: {"vae": record})
+    return config, stage
+
+
+def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> DiffusionSampler:
+    """A latent model from its checkpoint alone: its U-Net, and the autoencoder it carries."""
+    require_keys(payload, ("config", "vae"), path)
+    config = from_dict(LDMConfig, payload["config"])
+    net = load_unet(payload, config.unet, device, weights, path)
+    autoencoder, scale, _ = load_autoencoder(payload["vae"], device, path)
+
+    @torch.no_grad()
+    def decode(z: Tensor) -> Tensor:
+        return autoencoder.decode(z.float() / scale)
+
+    return DiffusionSampler(net, config.diffusion.make_schedule().to(device), config.diffusion.prediction,
+                            DatasetInfo.from_dict(payload["data_info"]), decode)
+
+
+def prerequisite(config: LDMConfig, device: str) -> Prerequisite | None:
+    """The default autoencoder run, trained (or finished) on this run's data when it has no final checkpoint."""
+    if Path(config.latent.vae_ckpt) != Path(DEFAULT_VAE_CKPT):
+        return None  # a VAE the user named must exist; build() says so if it does not
+    ckpt = DEFAULT_VAE_RUN / "checkpoint.pt"
+    data = config.data
+    common = ("--stage", "vae", "--run-dir", str(DEFAULT_VAE_RUN), "--device", device)
+    if not ckpt.exists():
+        same_data = ("--dataset", data.dataset, "--resolution", str(data.resolution), "--num-samples",
+                     str(data.num_samples), "--cache-dir", data.cache_dir, "--num-workers", str(data.num_workers))
+        return Prerequisite("vae", common + ("--preset", "vae-demo") + same_data,
+                            f"The default autoencoder ({ckpt}) has no checkpoint yet: training it first "
+                            f"(train.py --stage vae --preset vae-demo).")
+    payload = load_checkpoint(ckpt, "vae")
+    steps = from_dict(TrainConfig, payload["config"]["train"]).steps
+    if payload["step"] < steps:
+        return Prerequisite("vae", common + ("--resume",),
+                            f"The default autoencoder ({ckpt}) stopped at step {payload['step']} of {steps}: "
+                            f"finishing it first.")
+    return None
+
+
+SPEC = StageSpec(
+    name=NAME,
+    summary="latent diffusion: a DDPM U-Net on the latents of a trained KL autoencoder",
+    config_class=LDMConfig,
+    presets=PRESETS,
+    default_preset="ldm-demo",
+    sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
+              Section("latent", LatentConfig),
+              Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
+              Section("diffusion", DiffusionConfig),
+              Section("train", TrainConfig)),
+    build=build,
+    load_sampler=load_sampler,
+    prerequisite=prerequisite,
+)

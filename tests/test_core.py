@@ -1,0 +1,292 @@
+"""The stage-neutral core: the training loop's contract, learning-rate schedules, atomic files,
+checkpoint format and fingerprints, weight files, and the stage registry behind both entry points."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from core.checkpoint import VERSION, load_checkpoint, save_checkpoint, state_fingerprint
+from core.config import LR_SCHEDULES, TrainConfig
+from core.runtime import Runtime, atomic_write
+from core.stages import Trainable, TrainingStage
+from core.weights import check_state_dict, read_state_dict
+from stages import STAGES
+from training.loop import Trainer, lr_factor
+
+CPU = Runtime(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+
+def test_lr_schedules_warm_up_then_follow_their_formula():
+    steps, warmup = 100, 10
+    for name in LR_SCHEDULES:
+        # Linear warm-up: (s + 1) / warmup.
+        assert [lr_factor(name, s, steps, warmup) for s in range(warmup)] == [(s + 1) / warmup for s in range(warmup)]
+    assert all(lr_factor("constant", s, steps, warmup) == 1.0 for s in range(warmup, steps))
+    # Cosine: 1 at the end of the warm-up, 1/2 half way through the rest, 0 at the last step.
+    assert lr_factor("cosine", warmup, steps, warmup) == pytest.approx(1.0)
+    assert lr_factor("cosine", warmup + 45, steps, warmup) == pytest.approx(0.5)
+    assert lr_factor("cosine", steps, steps, warmup) == pytest.approx(0.0, abs=1e-12)
+    decay = [lr_factor("cosine", s, steps, warmup) for s in range(warmup, steps)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    with pytest.raises(ValueError, match="constant or cosine"):
+        lr_factor("step", 0, steps, warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop's contract, with toy stages
+
+
+class Pair(nn.Module):
+    """A scalar parameter; the toy "generator" and "discriminator" below are one each."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([value]))
+
+    def forward(self, x):
+        return self.w * x
+
+
+def toy_stage(losses, *, metrics=None, payload=None, evaluate=None, data=None):
+    torch.manual_seed(0)
+    g, d = Pair(1.0), Pair(1.0)
+    data = data or torch.utils.data.TensorDataset(torch.ones(8, 1))
+
+    def loss(models, batch, generator, step):
+        return losses(models, batch, step), (metrics(step) if metrics else {})
+
+    stage = TrainingStage("toy", {"model": Trainable(g, lr=0.1, ema=True), "disc": Trainable(d, lr=0.1)}, loss, data,
+                          {"toy": 1}, {"name": "toy"}, payload=payload, evaluate=evaluate)
+    return stage, g, d
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_each_loss_trains_only_its_own_model(tmp_path):
+    """A GAN's generator loss flows through the discriminator and vice versa; each must update only its
+    own model. Here each loss pulls the *other* model's parameter the opposite way to its own loss, so any
+    leak would flip the sign of Adam's first step (whose size is lr whatever the gradient's)."""
+    def losses(models, batch, step):
+        x = batch[0]
+        g_out, d_out = models["model"](x), models["disc"](x)
+        return {"model": (g_out - 3).square().mean() + 10 * d_out.mean(),     # pulls g up, would push d down
+                "disc": (d_out - 3).square().mean() - 10 * g_out.mean()}      # pulls d up, would push g down
+
+    stage, g, d = toy_stage(losses)
+    cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, lr=0.1, grad_clip=0, log_every=1, sample_every=0)
+    Trainer(stage, cfg, tmp_path, CPU).run()
+    assert g.w.item() == pytest.approx(1.1, abs=1e-6) and d.w.item() == pytest.approx(1.1, abs=1e-6)
+
+
+def test_a_trainable_without_a_loss_this_step_is_left_alone_and_metrics_average_over_their_own_steps(tmp_path):
+    def losses(models, batch, step):
+        out = {"model": (models["model"](batch[0]) - 3).square().mean()}
+        if step >= 2:  # the "discriminator" starts late, as a GAN's does
+            out["disc"] = (models["disc"](batch[0]) - 3).square().mean()
+        return out
+
+    def metrics(step):
+        return {"step_seen": torch.tensor(float(step)), **({"late": torch.tensor(float(step))} if step >= 3 else {})}
+
+    stage, g, d = toy_stage(losses, metrics=metrics)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=0, grad_clip=0, log_every=4, ckpt_every=1, sample_every=0)
+    Trainer(stage, cfg, tmp_path, CPU).run()
+    assert d.w.item() == 1.0 and g.w.item() != 1.0
+    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=0, grad_clip=0, log_every=4, ckpt_every=1, sample_every=0)
+    stage, g, d = toy_stage(losses, metrics=metrics)
+    Trainer(stage, cfg, tmp_path, CPU, resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
+    [line] = [r for r in records(tmp_path) if r["step"] == 4]
+    assert line["step_seen"] == pytest.approx(2.5)   # the resumed window holds steps 2 and 3
+    assert line["late"] == pytest.approx(3.0)        # seen at step 3 only: averaged over its own count
+    assert "loss/disc" in line and "grad_norm/disc" in line
+    assert d.w.item() != 1.0
+
+
+def test_evaluation_lines_payload_and_a_zero_step_run(tmp_path):
+    def losses(models, batch, step):
+        return {"model": models["model"](batch[0]).square().mean()}
+
+    stage, g, d = toy_stage(losses, payload=lambda models: {"extra": models["model"].w.item() * 2},
+                            evaluate=lambda models: {"split": "heldout", "value": models["model"].w.item()})
+    Trainer(stage, TrainConfig(steps=0, sample_every=0), tmp_path, CPU).run()
+    payload = load_checkpoint(tmp_path / "checkpoint.pt", "toy")
+    assert payload["step"] == 0 and payload["extra"] == 2.0           # written as the model starts
+    assert records(tmp_path) == [{"step": 0, "split": "heldout", "value": 1.0}]
+    assert not (tmp_path / "samples").exists()                          # no preview: the stage has none
+    assert set(payload["models"]) == {"model", "disc"} and set(payload["ema"]) == {"model"}
+
+
+def test_resuming_a_finished_run_or_into_an_existing_one_is_refused(tmp_path):
+    stage, *_ = toy_stage(lambda models, batch, step: models["model"](batch[0]).mean())
+    cfg = TrainConfig(steps=2, batch_size=4, sample_every=0)
+    Trainer(stage, cfg, tmp_path, CPU).run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], cfg, tmp_path, CPU)
+    with pytest.raises(ValueError, match="already at step 2"):
+        Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], cfg, tmp_path, CPU,
+                resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy"))
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    stage, *_ = toy_stage(lambda m, b, s: m["model"](b[0]).square().mean())
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=1, ckpt_every=2, sample_every=0)
+    Trainer(stage, cfg, tmp_path, CPU).run()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "spl')  # a full disk, or a kill mid-write
+    stage, *_ = toy_stage(lambda m, b, s: m["model"](b[0]).square().mean())
+    with pytest.warns(UserWarning, match="torn"):
+        Trainer(stage, TrainConfig(steps=3, batch_size=4, log_every=1, sample_every=0), tmp_path, CPU,
+                resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# files and checkpoints
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_version_1_checkpoints_load_in_the_new_layout(tmp_path):
+    weights = {"w": torch.ones(2)}
+    torch.save({"format": "synthdiff-checkpoint", "version": 1, "stage": "ddpm", "model": weights, "ema": weights,
+                "optimizer": {"state": {}}, "step": 3}, tmp_path / "old.pt")
+    payload = load_checkpoint(tmp_path / "old.pt", "ddpm")
+    assert payload["version"] == VERSION and torch.equal(payload["models"]["model"]["w"], weights["w"])
+    assert payload["ema"]["model"].keys() == weights.keys() and payload["optimizers"] == {"model": {"state": {}}}
+    save_checkpoint({"stage": "ddpm", "version_check": True}, tmp_path / "new.pt")
+    assert load_checkpoint(tmp_path / "new.pt")["version"] == VERSION
+
+
+def test_state_fingerprint_sees_every_weight():
+    state = {"a.weight": torch.arange(6.0).view(2, 3), "a.bias": torch.zeros(2)}
+    same = {k: v.clone() for k, v in reversed(list(state.items()))}
+    assert state_fingerprint(state) == state_fingerprint(same)
+    nudged = {**same, "a.bias": torch.tensor([0.0, 1e-7])}
+    renamed = {"b.weight": state["a.weight"], "a.bias": state["a.bias"]}
+    retyped = {**same, "a.bias": torch.zeros(2, dtype=torch.float64)}
+    assert len({state_fingerprint(s) for s in (state, nudged, renamed, retyped)}) == 4
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A minimal writer of the format (8-byte header length, JSON header, raw little-endian data)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_weight_files_load_as_data_in_every_published_form(tmp_path):
+    tensors = {"x.weight": torch.randn(3, 2), "x.half": torch.randn(4).half(), "n": torch.arange(5)}
+    write_safetensors(tmp_path / "w.safetensors", tensors)
+    torch.save({"state_dict": tensors, "global_step": 7}, tmp_path / "w.ckpt")  # a Lightning-style wrapper
+    for name in ("w.safetensors", "w.ckpt"):
+        loaded = read_state_dict(tmp_path / name, "test")
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(ValueError, match="Cannot read test file"):
+        read_state_dict(tmp_path / "bad.safetensors", "test")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="Cannot read test file"):
+        read_state_dict(tmp_path / "evil.pt", "test")  # a pickle that would run code is refused, not run
+
+
+def test_check_state_dict_names_what_is_wrong():
+    expected = {"a": (2, 3), "b": (4,)}
+    check_state_dict({"a": torch.zeros(2, 3), "b": torch.zeros(4), "loss.x": torch.zeros(1)}, expected,
+                     source="f", what="toy", ignore_prefixes=("loss.",))
+    for found, message in (({"a": torch.zeros(2, 3)}, "1 missing.*b"),
+                           ({"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}, "1 unexpected.*c"),
+                           ({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, r"wrong shape.*a: \(3, 2\) instead of \(2, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            check_state_dict(found, expected, source="f", what="toy")
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry and the entry points
+
+
+def test_full_help_lists_every_option_of_every_stage_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out.replace("\n                        ", " ")
+    for spec in STAGES.values():
+        part = text[text.index(f"Options of --stage {spec.name}:"):]
+        for section in spec.sections:
+            for field in section.cls.__dataclass_fields__:
+                if field in section.skip:
+                    continue
+                flag = f"--{field.replace('_', '-')}"
+                line = next((l for l in part.splitlines() if l.strip().split(" ")[0].rstrip(",") == flag), None)
+                assert line is not None and "(default:" in line, (spec.name, flag)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "vae", "--help"])
+    only_vae = capsys.readouterr().out
+    assert "--perceptual-taps" in only_vae and "--vae-ckpt" not in only_vae
+
+
+def test_entry_points_reject_unknown_stages_presets_and_values(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "gan"])
+    assert "invalid choice: 'gan'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "vae", "--preset", "ddpm-demo"])
+    assert "invalid choice: 'ddpm-demo'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        train.main(["--stage", "vae", "--batch-size", "0", "--run-dir", "unused"])
+    with pytest.raises(ValueError, match=r"--perceptual-taps must be in 1..5"):
+        train.main(["--stage", "vae", "--perceptual-taps", "6", "--run-dir", "unused"])
+    assert not Path("unused").exists()
+
+
+def test_sampling_never_imports_training_code():
+    code = "import sys, sample; bad = [m for m in sys.modules if m == 'training' or m.startswith('training.')]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(train.__file__).parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_registered_stage_has_presets_whose_configs_round_trip():
+    from core.config import from_dict, to_dict
+    for spec in STAGES.values():
+        assert spec.default_preset in spec.presets
+        for make in spec.presets.values():
+            config = make()
+            assert from_dict(spec.config_class, json.loads(json.dumps(to_dict(config)))) == config
+            assert math.isfinite(config.train.lr)

@@ -1,0 +1,336 @@
+"""The `vae` and `ldm` stages end to end on tiny models: held-out metrics and previews, the latent scale,
+the latent cache, exact resume, self-contained latent checkpoints, and every bad input the issue lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from core.checkpoint import load_checkpoint
+from core.config import from_dict
+from ldm.config import DEFAULT_VAE_CKPT, LDMConfig
+from ldm.stage import prerequisite
+from vae.stage import latent_scale, load_autoencoder
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def vae_args(run_dir: Path, cache: Path, steps: int, *extra: str) -> list[str]:
+    return ["--stage", "vae", "--run-dir", str(run_dir), "--device", "cpu", "--dataset", "plumes", "--num-samples", "12",
+            "--resolution", str(RES), "--cache-dir", str(cache), "--test-samples", "4", "--base-channels", "16",
+            "--channel-mult", "1", "2", "--num-res-blocks", "1", "--latent-channels", "2", "--perceptual-taps", "1",
+            "--scale-samples", "12", "--steps", str(steps), "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2",
+            "--log-every", "1", "--sample-every", "0", "--ckpt-every", "100", "--preview-images", "4", *extra]
+
+
+def ldm_args(run_dir: Path, cache: Path, vae: Path, steps: int, *extra: str) -> list[str]:
+    return ["--stage", "ldm", "--run-dir", str(run_dir), "--device", "cpu", "--dataset", "plumes", "--num-samples", "12",
+            "--resolution", str(RES), "--cache-dir", str(cache), "--vae-ckpt", str(vae), "--base-channels", "32",
+            "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions", "4", "--num-timesteps", "100",
+            "--steps", str(steps), "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--sample-every", "0", "--ckpt-every", "100", "--preview-images", "4", "--preview-steps", "4", *extra]
+
+
+def records(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory, cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("vae")
+    train.main(vae_args(run_dir, cache, 6))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory, cache, vae_run) -> Path:
+    run_dir = tmp_path_factory.mktemp("ldm")
+    train.main(ldm_args(run_dir, cache, vae_run / "checkpoint.pt", 3, "--cond", "params"))
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# vae
+
+
+def test_vae_run_writes_reconstructions_heldout_metrics_and_the_latent_scale(vae_run):
+    [evaluation] = records(vae_run, "heldout")  # plumes has a test split: these images were never trained on
+    assert evaluation["step"] == 6 and evaluation["images"] == 4
+    assert set(evaluation) >= {"l1", "psnr", "perceptual", "kl"} and evaluation["psnr"] > 0
+    assert {"l1", "perceptual", "kl", "loss"} <= set(records(vae_run)[0])
+    with Image.open(vae_run / "samples" / "final.png") as grid:  # 4 originals above their 4 reconstructions
+        assert grid.size == (4 * (RES + 2) + 2, 2 * (RES + 2) + 2)
+    payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
+    assert payload["scale_factor"] > 0 and payload["scale_samples"] == 12
+    assert from_dict(type(from_dict(LDMConfig, {}).data), payload["config"]["data"]).resolution == RES
+
+
+def test_scale_factor_gives_latents_of_unit_standard_deviation(vae_run, cache):
+    payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
+    autoencoder, scale, _ = load_autoencoder(payload, torch.device("cpu"), vae_run)
+    from data import load_dataset
+    images = load_dataset("plumes", RES, cache_dir=cache, num_samples=12).images
+    assert scale == pytest.approx(latent_scale(autoencoder, images, seed=1), rel=0.05)  # another posterior draw
+    with torch.no_grad():
+        z = torch.cat([autoencoder.encode(images.float() / 127.5 - 1).sample(generator=torch.Generator().manual_seed(s))
+                       for s in range(4)])
+    assert (z * scale).std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_vae_resume_with_discriminator_is_exact(tmp_path, cache):
+    """Two optimizers (autoencoder and PatchGAN from step 2), EMA and the adaptive weight, interrupted and
+    resumed, give bit-identical losses and weights."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    gan = ("--disc-start", "2", "--disc-layers", "2")
+    train.main(vae_args(straight, cache, 4, *gan))
+    train.main(vae_args(split, cache, 2, *gan))
+    train.main(["--stage", "vae", "--run-dir", str(split), "--resume", "--steps", "4", "--device", "cpu"])
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
+    assert "loss/disc" in records(straight)[-1] and "d_weight" in records(straight)[-1]
+    a, b = (load_checkpoint(d / "checkpoint.pt", "vae") for d in (straight, split))
+    for group in ("models", "ema"):
+        for name in a[group]:
+            for key, value in a[group][name].items():
+                assert torch.equal(value, b[group][name][key]), f"{group}.{name}.{key} differs after resume"
+
+
+def test_folder_without_a_test_split_is_evaluated_on_training_images_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    args = vae_args(tmp_path / "run", tmp_path, 1, "--num-samples", "0")
+    args[args.index("plumes")] = f"folder:{folder}"
+    train.main(args)
+    assert "has no test split" in capsys.readouterr().out
+    [evaluation] = records(tmp_path / "run", "trainset")  # never labelled "heldout"
+    assert evaluation["images"] == 4 and not records(tmp_path / "run", "heldout")
+
+
+# ---------------------------------------------------------------------------------------------
+# ldm
+
+
+def test_ldm_checkpoint_carries_its_autoencoder_and_samples_alone(ldm_run, vae_run, tmp_path):
+    payload = load_checkpoint(ldm_run / "checkpoint.pt", "ldm")
+    vae_payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
+    assert payload["vae"]["scale_factor"] == vae_payload["scale_factor"]
+    for key, value in vae_payload["ema"]["model"].items():
+        assert torch.equal(payload["vae"]["ema"]["model"][key], value)
+    assert payload["config"]["unet"]["image_size"] == RES // 2 and payload["config"]["unet"]["in_channels"] == 2
+    # The VAE run may disappear: the latent checkpoint is enough to sample (copy it somewhere else).
+    alone = tmp_path / "alone" / "checkpoint.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((ldm_run / "checkpoint.pt").read_bytes())
+    out = sample.main(["--ckpt", str(alone), "--param", "wind=-1", "--param", "temperature=2", "--guidance-scale", "3",
+                       "--sampler", "pndm", "--steps", "4", "--num", "2", "--gif", "--device", "cpu"])
+    for name in ("000000.png", "000001.png"):
+        with Image.open(out / "images" / name) as image:
+            assert image.size == (RES, RES)  # decoded pixels, not 8x8 latents
+    with Image.open(out / "reverse.gif") as gif:
+        # One frame per step plus the result (Pillow merges identical neighbours), decoded to pixels.
+        assert 1 < gif.n_frames <= 5 and gif.size == (2 * (RES + 2) + 2, RES + 2 + 2)
+    rows = list(__import__("csv").DictReader(open(out / "manifest.csv")))
+    assert [float(r["wind"]) for r in rows] == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "spndm"])
+def test_latent_sampling_is_reproducible_for_every_sampler(ldm_run, tmp_path, sampler):
+    def draw(name):
+        out = sample.main(["--ckpt", str(ldm_run / "checkpoint.pt"), "--sampler", sampler, "--steps", "3", "--num", "2",
+                           "--out", str(tmp_path / name), "--device", "cpu"])
+        return [np.asarray(Image.open(p)) for p in sorted((out / "images").iterdir())]
+
+    first, again = draw("a"), draw("b")
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_ldm_resume_is_exact(tmp_path, cache, vae_run):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    vae = vae_run / "checkpoint.pt"
+    train.main(ldm_args(straight, cache, vae, 4, "--cond", "params", "--dropout", "0.1"))
+    train.main(ldm_args(split, cache, vae, 2, "--cond", "params", "--dropout", "0.1"))
+    train.main(["--stage", "ldm", "--run-dir", str(split), "--resume", "--steps", "4", "--device", "cpu"])
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
+    a, b = (load_checkpoint(d / "checkpoint.pt", "ldm") for d in (straight, split))
+    assert all(torch.equal(v, b["ema"]["model"][k]) for k, v in a["ema"]["model"].items())
+
+
+def test_latent_cache_is_reused_for_the_same_autoencoder_and_rebuilt_for_another(tmp_path, cache, vae_run, capsys):
+    other_vae = tmp_path / "other-vae"
+    train.main(vae_args(other_vae, cache, 1, "--seed", "1"))
+    capsys.readouterr()
+    folder = tmp_path / "latents"
+    train.main(ldm_args(tmp_path / "a", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+    assert "Encoding 12 images" in capsys.readouterr().err
+    [first] = list((folder / "latents").iterdir())
+    stamp = first.stat().st_mtime_ns
+    train.main(ldm_args(tmp_path / "b", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+    assert "Encoding" not in capsys.readouterr().err and first.stat().st_mtime_ns == stamp  # reused
+    train.main(ldm_args(tmp_path / "c", cache, other_vae / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+    assert "Encoding 12 images" in capsys.readouterr().err
+    assert len(list((folder / "latents").iterdir())) == 2   # a different VAE has its own cache
+    first.write_bytes(b"torn")                              # a cache cut off mid-write is encoded again
+    with pytest.warns(UserWarning, match="unusable"):
+        train.main(ldm_args(tmp_path / "d", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+
+
+def test_a_tiny_latent_model_overfits_a_few_images(tmp_path, cache, vae_run):
+    # A 6-step VAE's posterior is still ~N(mean, 1): its latents are mostly noise. Pin the log-variance
+    # to -12 (std 0.0025), as training with a small KL weight drives it, so there is something to learn.
+    payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
+    L = payload["config"]["autoencoder"]["latent_channels"]
+    for weights in (payload["models"]["model"], payload["ema"]["model"]):
+        weights["quant_conv.weight"][L:] = 0
+        weights["quant_conv.bias"][L:] = -12.0
+    sharp = tmp_path / "sharp-vae.pt"
+    torch.save(payload, sharp)
+    run_dir = tmp_path / "overfit"
+    train.main(ldm_args(run_dir, cache, sharp, 200, "--num-samples", "4", "--lr", "3e-3", "--log-every", "25",
+                        "--prediction", "eps"))
+    history = [r["loss"] for r in records(run_dir)]
+    assert history[-1] < 0.35 * history[0], history
+
+
+def test_ldm_refuses_bad_autoencoders_and_writes_nothing(tmp_path, cache, vae_run, ldm_run):
+    run_dir = tmp_path / "never"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 64)
+    for vae, message in ((tmp_path / "missing.pt", "does not exist"), (corrupt, "corrupt"),
+                         (ldm_run / "checkpoint.pt", "stage 'ldm', not an autoencoder")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.main(ldm_args(run_dir, cache, vae, 1))
+    with pytest.raises(ValueError, match=r"latents \(2x8x8\) do not fit the U-Net"):
+        train.main(ldm_args(run_dir, cache, vae_run / "checkpoint.pt", 1, "--channel-mult", "1", "1", "1", "1", "1"))
+    assert not run_dir.exists()
+    with pytest.raises(ValueError, match="not an autoencoder"):  # a latent model handed to the autoencoder loader
+        load_autoencoder(load_checkpoint(ldm_run / "checkpoint.pt"), torch.device("cpu"), ldm_run)
+    with pytest.raises(ValueError, match="does not generate images"):
+        sample.main(["--ckpt", str(vae_run / "checkpoint.pt"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="--clip-x0 applies to pixel models only"):
+        sample.main(["--ckpt", str(ldm_run / "checkpoint.pt"), "--clip-x0", "--out", str(run_dir), "--device", "cpu"])
+
+
+def test_default_autoencoder_is_trained_first_or_finished_when_missing(tmp_path, monkeypatch, vae_run):
+    monkeypatch.chdir(tmp_path)
+    config = from_dict(LDMConfig, {})
+    need = prerequisite(config, "cpu")
+    assert need is not None and "--preset" in need.argv and "vae-demo" in need.argv and "has no checkpoint" in need.message
+    assert need.argv[need.argv.index("--run-dir") + 1] == str(Path(DEFAULT_VAE_CKPT).parent)
+    Path(DEFAULT_VAE_CKPT).parent.mkdir(parents=True)
+    unfinished = load_checkpoint(vae_run / "checkpoint.pt")
+    unfinished["config"]["train"]["steps"] = 50  # stopped at step 6 of 50
+    torch.save(unfinished, DEFAULT_VAE_CKPT)
+    need = prerequisite(config, "cpu")
+    assert "--resume" in need.argv and "step 6 of 50" in need.message
+    Path(DEFAULT_VAE_CKPT).write_bytes((vae_run / "checkpoint.pt").read_bytes())
+    assert prerequisite(config, "cpu") is None
+    import dataclasses
+    named = dataclasses.replace(config, latent=dataclasses.replace(config.latent, vae_ckpt="elsewhere.pt"))
+    assert prerequisite(named, "cpu") is None  # a VAE the user names is never trained behind their back
+
+
+def test_two_process_ddp_vae_with_discriminator(tmp_path, cache):
+    """torchrun with 2 CPU processes (gloo): two optimizers and the adaptive weight under DDP."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               str(Path(train.__file__))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "ddp"
+    subprocess.run(command + vae_args(run_dir, cache, 3, "--disc-start", "1", "--disc-layers", "2"), check=True,
+                   env=env, cwd=tmp_path, timeout=300)
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3] and "loss/disc" in records(run_dir)[-1]
+
+
+def test_every_preset_builds_its_network_on_the_data_it_names():
+    """Presets are checked the way a run would resolve them; the meta device keeps even the 274M-parameter
+    LDM-4 U-Net free to build."""
+    from data import DatasetInfo
+    from ddpm.config import PRESETS as DDPM_PRESETS, resolve_unet
+    from ddpm.unet import UNet
+    from ldm.config import PRESETS as LDM_PRESETS, VAE_PRESET_OF
+    from ldm.stage import fit_unet_to_latents
+    from vae.autoencoder import AutoencoderKL
+    from vae.config import PRESETS as VAE_PRESETS, resolve_autoencoder
+
+    def info(resolution):
+        return DatasetInfo("preset", resolution, 3, (), ("wind", "temperature"), ((-1.0, 1.0), (1.0, 3.0)), 1)
+
+    def on_meta(build_network):
+        with torch.device("meta"):
+            return build_network()
+
+    for make in DDPM_PRESETS.values():
+        config = make()
+        unet = resolve_unet(config.unet, info(config.data.resolution), config.data.resolution, 3)
+        on_meta(lambda: UNet(unet))
+    for make in VAE_PRESETS.values():
+        config = resolve_autoencoder(make(), 3, make().data.resolution)
+        on_meta(lambda: AutoencoderKL(config.autoencoder))
+    for name, make in LDM_PRESETS.items():
+        config = make()
+        vae = resolve_autoencoder(VAE_PRESETS[VAE_PRESET_OF[name]](), 3, config.data.resolution).autoencoder
+        unet = fit_unet_to_latents(config, info(config.data.resolution), on_meta(lambda: AutoencoderKL(vae))).unet
+        on_meta(lambda: UNet(unet))
+
+
+def test_random_view_picks_each_stored_view_uniformly():
+    from data.augment import random_view
+    from ldm.latents import LatentBatch
+    n = 4000
+    views = torch.arange(2.0).view(1, 2, 1, 1, 1).expand(n, 2, 1, 1, 1)  # each view holds its own index
+    batch = LatentBatch(views, torch.zeros(n, dtype=torch.long), torch.zeros(n, 0), torch.arange(n))
+    picked = random_view(batch, torch.Generator().manual_seed(0)).views
+    assert picked.shape == (n, 1, 1, 1, 1)
+    assert abs(picked.mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5
+
+
+def test_with_flips_the_cache_holds_each_image_and_its_mirror_encoded(tmp_path, cache, vae_run):
+    folder = tmp_path / "latents"
+    train.main(ldm_args(tmp_path / "flip", cache, vae_run / "checkpoint.pt", 2, "--hflip", "--cache-dir", str(folder)))
+    [path] = list((folder / "latents").iterdir())
+    moments = torch.from_numpy(np.load(path)["moments"]).float()
+    assert moments.shape == (12, 2, 4, RES // 2, RES // 2)     # 12 images x 2 views x [mean | std]
+    autoencoder, _, _ = load_autoencoder(load_checkpoint(vae_run / "checkpoint.pt"), torch.device("cpu"), vae_run)
+    from data import load_dataset
+    images = load_dataset("plumes", RES, cache_dir=folder, num_samples=12).images[:2].float() / 127.5 - 1
+    with torch.no_grad():
+        mirror = autoencoder.encode(images.flip(3))
+    assert torch.allclose(moments[:2, 1, :2], mirror.mean, atol=2e-3)  # float16 storage
+    assert torch.allclose(moments[:2, 1, 2:], mirror.std, rtol=2e-3, atol=1e-4)
+
+
+def test_class_conditional_latent_model_samples_the_asked_class(tmp_path, cache, vae_run):
+    root = tmp_path / "labelled"
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
+    args = ldm_args(tmp_path / "run", tmp_path, vae_run / "checkpoint.pt", 2, "--cond", "class", "--num-samples", "0")
+    args[args.index("plumes")] = f"folder:{root}"
+    train.main(args)
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    out = sample.main(["--ckpt", ckpt, "--class", "red", "--guidance-scale", "2", "--num", "2", "--steps", "3",
+                       "--out", str(tmp_path / "red"), "--device", "cpu"])
+    assert [r["class"] for r in __import__("csv").DictReader(open(out / "manifest.csv"))] == ["red", "red"]
+    out = sample.main(["--ckpt", ckpt, "--sweep", "class", "--num", "1", "--steps", "3", "--out", str(tmp_path / "sweep"),
+                       "--device", "cpu"])
+    with Image.open(out / "sweep.png") as grid:
+        assert grid.size == (2 * (RES + 2) + 2, RES + 4)

@@ -1,0 +1,152 @@
+"""Sweeps and interpolation in sample.py, checked against plain sampling: a sweep's cell is the image
+sample.py draws for that row's seed at that column's condition, and an interpolation's ends are the
+images of its two seeds (or conditions)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from ddpm.conditioning import slerp
+
+RES = 16
+
+
+def tiny_args(run_dir: Path, dataset: str, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", dataset, "--resolution", str(RES), "--no-hflip",
+            "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions", "8",
+            "--num-timesteps", "100", "--steps", "3", "--batch-size", "4", "--log-every", "1", "--sample-every", "0",
+            "--preview-images", "2", "--preview-steps", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def params_run(tmp_path_factory) -> Path:
+    """A pixel model conditioned on two parameters, on a folder with a params.csv."""
+    root = tmp_path_factory.mktemp("params")
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{k}.png")
+        rows.append(f"{k}.png,{k / 3:.3f},{2 + k}")
+    (root / "params.csv").write_text("path,wind,heat\n" + "\n".join(rows) + "\n")
+    run_dir = tmp_path_factory.mktemp("params-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "params"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
+        (root / name).mkdir()
+        for k in range(2):
+            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
+    run_dir = tmp_path_factory.mktemp("class-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "class"))
+    return run_dir
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=int)
+
+
+def cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
+    """Image (row, column) of a grid saved with 2-pixel padding."""
+    y, x = 2 + row * (RES + 2), 2 + column * (RES + 2)
+    return grid[y:y + RES, x:x + RES]
+
+
+def draw(ckpt: Path, out: Path, *extra: str) -> Path:
+    return sample.main(["--ckpt", str(ckpt), "--steps", "4", "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_a_sweep_cell_is_that_rows_image_at_that_columns_value(params_run, tmp_path):
+    ckpt = params_run / "checkpoint.pt"
+    out = draw(ckpt, tmp_path / "sweep", "--sweep", "wind=0:1:3", "--num", "2", "--param", "heat=3")
+    grid = pixels(out / "sweep.png")
+    assert grid.shape[:2] == (2 * (RES + 2) + 2, 3 * (RES + 2) + 2)          # rows: images, columns: values
+    with Image.open(out / "sweep.gif") as gif:  # a frame per value, showing every row side by side
+        assert gif.size == (2 * (RES + 2) + 2, RES + 4)
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [float(r["wind"]) for r in rows] == [0.0, 0.5, 1.0] * 2 and {r["heat"] for r in rows} == {"3.0"}
+    for row in range(2):
+        for column, wind in enumerate(("0", "0.5", "1")):
+            alone = draw(ckpt, tmp_path / f"alone-{row}-{column}", "--param", f"wind={wind}", "--param", "heat=3",
+                         "--first-index", str(row), "--num", "1")
+            assert np.abs(cell(grid, row, column) - pixels(alone / "images" / f"{row:06d}.png")).max() <= 1
+    # The noise is held fixed along a row: the columns differ only through the condition.
+    assert not np.array_equal(cell(grid, 0, 0), cell(grid, 1, 0))
+
+
+def test_a_class_sweep_steps_through_the_classes(class_run, tmp_path):
+    out = draw(class_run / "checkpoint.pt", tmp_path / "sweep", "--sweep", "class", "--num", "1")
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["class"] for r in rows] == ["blue", "green", "red"]
+    out = draw(class_run / "checkpoint.pt", tmp_path / "some", "--sweep", "class=red,blue", "--num", "1")
+    assert [r["class"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["red", "blue"]
+
+
+def test_interpolation_strips_end_at_the_images_of_their_two_seeds_and_conditions(params_run, tmp_path):
+    ckpt = params_run / "checkpoint.pt"
+    fixed = ("--param", "wind=0.2", "--param", "heat=4")
+    out = draw(ckpt, tmp_path / "interp", "--interpolate", "--num", "1", "--frames", "4", *fixed,
+               "--interpolate-to", "wind=1")
+    images = draw(ckpt, tmp_path / "plain", "--num", "2", *fixed)  # deterministic DDIM: noise alone decides
+    noise_strip, cond_strip = pixels(out / "interpolate-noise.png"), pixels(out / "interpolate-condition.png")
+    assert noise_strip.shape[1] == 4 * (RES + 2) + 2
+    assert np.abs(cell(noise_strip, 0, 0) - pixels(images / "images" / "000000.png")).max() <= 1
+    assert np.abs(cell(noise_strip, 0, 3) - pixels(images / "images" / "000001.png")).max() <= 1
+    assert np.abs(cell(cond_strip, 0, 0) - pixels(images / "images" / "000000.png")).max() <= 1
+    far = draw(ckpt, tmp_path / "far", "--num", "1", "--param", "wind=1", "--param", "heat=4")
+    assert np.abs(cell(cond_strip, 0, 3) - pixels(far / "images" / "000000.png")).max() <= 1
+    with Image.open(out / "interpolate-noise.gif") as gif:
+        assert gif.n_frames > 1
+
+
+def test_class_interpolation_runs_through_the_embeddings_and_bad_requests_are_refused(class_run, tmp_path):
+    ckpt = class_run / "checkpoint.pt"
+    out = draw(ckpt, tmp_path / "ok", "--interpolate", "--num", "1", "--frames", "3", "--class", "blue",
+               "--interpolate-to", "red")
+    assert (out / "interpolate-condition.png").is_file()
+    for extra, message in ((("--sweep", "wind=0:1:3"), "use --sweep class"),
+                           (("--sweep", "class=purple"), "Unknown class 'purple'"),
+                           (("--interpolate-to", "red"), "needs --interpolate"),
+                           (("--frames", "1", "--interpolate"), "--frames must be at least 2")):
+        with pytest.raises(ValueError, match=message):
+            draw(ckpt, tmp_path / "never", *extra)
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_parameter_sweeps_are_refused_before_any_image(params_run, tmp_path):
+    ckpt = params_run / "checkpoint.pt"
+    for spec, message in (("wind", "NAME=START:STOP:N"), ("wind=0:1", "NAME=START:STOP:N"),
+                          ("wind=a:1:3", "must be numbers"), ("wind=0:1:1", "N of at least 2"),
+                          ("rain=0:1:3", "NAME=START:STOP:N")):
+        with pytest.raises(ValueError, match=message):
+            draw(ckpt, tmp_path / "never", "--sweep", spec)
+    with pytest.raises(ValueError, match="twice"):
+        draw(ckpt, tmp_path / "never", "--param", "wind=0", "--param", "wind=1")
+    with pytest.raises(ValueError, match="finite"):
+        draw(ckpt, tmp_path / "never", "--param", "wind=nan")
+    assert not (tmp_path / "never").exists()
+
+
+def test_slerp_keeps_the_norm_of_gaussian_noise_and_hits_both_ends():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 8, 8, generator=g), torch.randn(3, 8, 8, generator=g)
+    b = b * (a.norm() / b.norm())                                   # equal norms, as two draws nearly have
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    assert torch.allclose(path[0], a, atol=1e-5) and torch.allclose(path[-1], b, atol=1e-5)
+    assert torch.allclose(path.flatten(1).norm(dim=1), a.norm().expand(5), rtol=1e-5)  # on the sphere
+    linear_mid = (a + b) / 2
+    assert linear_mid.norm() < 0.8 * a.norm()                       # what a straight line would do instead
+    cosines = [torch.dot(p.flatten(), a.flatten()) / (p.norm() * a.norm()) for p in path]
+    angles = torch.arccos(torch.stack(cosines).clamp(-1, 1))
+    assert torch.allclose(angles.diff(), angles[-1].expand(4) / 4, atol=1e-4)  # constant angular speed

@@ -1,0 +1,1 @@
+"""The KL-regularised autoencoder of latent diffusion and its training losses."""

@@ -1,0 +1,77 @@
+"""The PatchGAN discriminator and the adversarial terms of the autoencoder's training loss.
+
+The discriminator is pix2pix's (Isola et al. 2017, Sec. 3.2.2) as VQGAN (Esser et al. 2021) and
+latent diffusion (Rombach et al. 2022) configure it: a stack of strided 4x4 convolutions whose
+output is a grid of logits, each judging one overlapping patch of the input (70x70 pixels for three
+layers) as real or reconstructed. Its layers sit in a `main` Sequential at the indices that
+taming-transformers' `NLayerDiscriminator` uses, so the `loss.discriminator.*` tensors of a CompVis
+first-stage checkpoint have the same names here.
+
+The losses are the hinge losses of VQGAN / latent diffusion, and the generator's term is weighted
+adaptively so that its gradient at the decoder's last layer matches the reconstruction loss's
+(Esser et al. 2021, eq. 7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchDiscriminator(nn.Module):
+    """Images (B, C, H, W) -> patch logits (B, 1, h, w); (B, 1, 30, 30) for 256x256 with three layers."""
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        self.in_channels = in_channels  # image channels, as the autoencoder's
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        # Width doubles per layer up to 8 * base_channels (pix2pix's "C64-C128-C256-C512").
+        widths = [base_channels * min(2**n, 8) for n in range(num_layers + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for n in range(1, num_layers + 1):
+            stride = 2 if n < num_layers else 1  # the last hidden layer keeps the resolution
+            # No conv bias before a BatchNorm, which would remove it.
+            layers += [nn.Conv2d(widths[n - 1], widths[n], 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(widths[n]), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # DCGAN's init (Radford et al. 2016), used by pix2pix: weights N(0, 0.02), BatchNorm scales N(1, 0.02).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Expected images of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator hinge loss: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (Lim & Ye 2017; VQGAN)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: Tensor) -> Tensor:
+    """Generator (decoder) loss: -E[D(x_rec)], lower when reconstructions look real to the discriminator."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4).
+
+    Both gradients are taken at the decoder's last layer; lambda is clamped to [0, 1e4] and
+    detached (it scales the generator loss but is not itself trained), then multiplied by
+    `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
+    """
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, 1e4).detach() * disc_weight

@@ -1,0 +1,207 @@
+"""The KL autoencoder as a stage: its loss (L1 + perceptual + KL, optionally a PatchGAN), held-out
+metrics, reconstruction previews, and the latent scale factor stored with every checkpoint.
+
+Later stages read a trained autoencoder back with `load_autoencoder`, which returns the weights'
+fingerprint too: latent caches and latent models are keyed by it, so a different VAE is never
+mistaken for the one they were made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.checkpoint import require_keys, state_fingerprint
+from core.config import DataConfig, TrainConfig, from_dict, to_dict
+from core.runtime import Runtime, derive_seed
+from core.stages import Section, StageSpec, Trainable, TrainingStage
+from data import ImageDataset, load_dataset, load_test_set
+from data.augment import random_hflip
+from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig, VAEOptions,
+                        resolve_autoencoder)
+from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from vae.perceptual import TAPS, PerceptualDistance, build_perceptual
+from vae.published import load_published_weights
+
+NAME = "vae"
+EVAL_BATCH = 32
+
+
+def rgb(x: Tensor) -> Tensor:
+    """The perceptual network reads RGB: greyscale images are repeated across the three channels."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: AutoencoderKL, images: Tensor, seed: int, batch: int = EVAL_BATCH) -> float:
+    """1 / the standard deviation of posterior samples of `images` (uint8 or [-1, 1]), latent diffusion's
+    `scale_by_std`: scaled latents have unit variance, the scale the diffusion schedule assumes for x0."""
+    device = next(autoencoder.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    z = []
+    for part in images.split(batch):
+        x = part.to(device)
+        x = x.float() / 127.5 - 1 if part.dtype == torch.uint8 else x.float()
+        z.append(autoencoder.encode(x).sample(generator=generator).double().flatten())
+    std = torch.cat(z).std().item()
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError(f"The autoencoder's latents have standard deviation {std}; its weights are broken, so "
+                         f"train it again or load other weights.")
+    return 1.0 / std
+
+
+def _describe_perceptual(net: PerceptualDistance, cfg: VAELossConfig) -> str:
+    taps = ", ".join(TAPS[:net.taps])
+    if net.kind == "lpips":
+        return f"LPIPS v0.1 (VGG-16 taps {taps}; published weights)"
+    why = "" if cfg.perceptual == "random" else " because the VGG-16 and LPIPS weight files are not in the torch hub cache"
+    return (f"random-weight VGG-16 (taps {taps}; seeded, uniform heads: a generic perceptual loss, not LPIPS){why}")
+
+
+class VAETraining:
+    """The loss, evaluation, preview and checkpoint payload of one autoencoder run."""
+
+    def __init__(self, config: VAEConfig, autoencoder: AutoencoderKL, discriminator: PatchDiscriminator | None,
+                 perceptual: PerceptualDistance, train_set: ImageDataset, test_set: ImageDataset, test_split: str,
+                 device: torch.device):
+        self.config, self.loss_cfg = config, config.loss
+        self.autoencoder, self.discriminator, self.perceptual = autoencoder, discriminator, perceptual.to(device)
+        self.train_set, self.test_set, self.test_split, self.device = train_set, test_set, test_split, device
+
+    def loss(self, models, batch, generator: torch.Generator, step: int):
+        """LDM's LPIPSWithDiscriminator objective, per pixel (see VAELossConfig)."""
+        cfg, x = self.loss_cfg, batch.image
+        reconstruction, posterior = models["model"](x, generator=generator)
+        l1 = (x - reconstruction).abs().flatten(1).mean(dim=1)
+        perceptual = self.perceptual(rgb(reconstruction), rgb(x))
+        rec_loss = (l1 + cfg.perceptual_weight * perceptual).mean()
+        kl = posterior.kl()
+        loss = rec_loss + cfg.kl_weight * kl.mean() / x[0].numel()
+        metrics = {"l1": l1.mean().detach(), "perceptual": perceptual.mean().detach(), "kl": kl.mean().detach()}
+        if self.discriminator is None or step < cfg.disc_start:
+            return loss, metrics
+        # The generator term reads the discriminator directly, not through DDP: its gradient must
+        # reach only the autoencoder, and DDP would wait for discriminator gradients it never gets.
+        g_loss = hinge_g_loss(self.discriminator(reconstruction))
+        d_weight = adaptive_weight(rec_loss, g_loss, self.autoencoder.last_layer, cfg.disc_weight)
+        logits_real, logits_fake = models["disc"](torch.cat([x, reconstruction.detach()])).chunk(2)
+        metrics.update(g_loss=g_loss.detach(), d_weight=d_weight.detach(), logits_real=logits_real.mean().detach(),
+                       logits_fake=logits_fake.mean().detach())
+        return {"model": loss + d_weight * g_loss, "disc": hinge_d_loss(logits_real, logits_fake)}, metrics
+
+    @torch.no_grad()
+    def evaluate(self, models) -> dict[str, Any]:
+        """Mean L1 (in [-1, 1] units), PSNR (dB, on [0, 1]), perceptual distance and KL (nats per image) of
+        reconstructions from the posterior mean, over the held-out images."""
+        autoencoder = models["model"]
+        totals = {"l1": 0.0, "psnr": 0.0, "perceptual": 0.0, "kl": 0.0}
+        for start in range(0, len(self.test_set), EVAL_BATCH):
+            x = self.test_set.images[start:start + EVAL_BATCH].to(self.device).float() / 127.5 - 1
+            posterior = autoencoder.encode(x)
+            reconstruction = autoencoder.decode(posterior.mode()).clamp(-1, 1)
+            mse = ((x - reconstruction) / 2).square().flatten(1).mean(dim=1)
+            totals["l1"] += (x - reconstruction).abs().flatten(1).mean(dim=1).sum().item()
+            totals["psnr"] += (10 * torch.log10(1 / mse.clamp(min=1e-10))).sum().item()
+            totals["perceptual"] += self.perceptual(rgb(reconstruction), rgb(x)).sum().item()
+            totals["kl"] += posterior.kl().sum().item()
+        n = len(self.test_set)
+        return {"split": self.test_split, "images": n, **{k: v / n for k, v in totals.items()}}
+
+    @torch.no_grad()
+    def preview(self, models) -> Tensor:
+        """Held-out images above their reconstructions, in pairs of rows of 8."""
+        n = min(self.config.train.preview_images, len(self.test_set))
+        x = self.test_set.images[:n].to(self.device).float() / 127.5 - 1
+        reconstruction = models["model"].decode(models["model"].encode(x).mode()).clamp(-1, 1)
+        rows = [t for start in range(0, n, 8) for t in (x[start:start + 8], reconstruction[start:start + 8])]
+        width = min(8, n)
+        pad = [torch.cat([r, r.new_zeros(width - len(r), *r.shape[1:])]) if len(r) < width else r for r in rows]
+        return torch.cat(pad)
+
+    def payload(self, models) -> dict[str, Any]:
+        """The latent scale factor, measured with the weights this checkpoint holds for sampling."""
+        n = min(self.config.vae.scale_samples, len(self.train_set))
+        pick = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.config.train.seed))[:n]
+        scale = latent_scale(models["model"], self.train_set.images[pick], seed=derive_seed(self.config.train.seed, 1))
+        return {"scale_factor": scale, "scale_samples": n}
+
+
+def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tuple[VAEConfig, TrainingStage]:
+    data, loss_cfg, train = config.data, config.loss, config.train
+    dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    info = dataset.info
+    config = resolve_autoencoder(config, info.channels, info.resolution)
+    test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples, cache_dir=data.cache_dir,
+                                    seed=train.seed)
+    perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.perceptual_taps, loss_cfg.vgg_weights,
+                                  loss_cfg.lpips_weights)
+    # Record what "auto" resolved to, so a resumed run uses (or insists on) the same network.
+    config = dataclasses.replace(config, loss=dataclasses.replace(loss_cfg, perceptual=perceptual.kind))
+    if runtime.is_main:
+        print(f"Perceptual loss: {_describe_perceptual(perceptual, loss_cfg)}.", flush=True)
+        if split != "heldout":
+            print(f"Evaluating on {len(test_set)} training images: {data.dataset} has no test split; pass "
+                  f"--test-dataset for held-out numbers.", flush=True)
+
+    torch.manual_seed(train.seed)  # the initial weights
+    autoencoder = AutoencoderKL(config.autoencoder)
+    if config.vae.pretrained and resume_from is None:
+        load_published_weights(autoencoder, config.vae.pretrained)
+    trainables = {"model": Trainable(autoencoder, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
+                                     ema=True)}
+    discriminator = None
+    if loss_cfg.disc_start >= 0:
+        discriminator = PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers)
+        trainables["disc"] = Trainable(discriminator, lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS,
+                                       weight_decay=train.weight_decay)
+    run = VAETraining(config, autoencoder, discriminator, perceptual, dataset, test_set, split, runtime.device)
+    stage = TrainingStage(name=NAME, trainables=trainables, loss=run.loss, dataset=dataset, config=to_dict(config),
+                          data_info=info.to_dict(), augment=random_hflip if data.hflip else None, preview=run.preview,
+                          preview_nrow=min(8, train.preview_images, len(test_set)), evaluate=run.evaluate,
+                          payload=run.payload)
+    return config, stage
+
+
+def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path | str,
+                     weights: str = "ema") -> tuple[AutoencoderKL, float, str]:
+    """A trained autoencoder from a `vae` checkpoint's payload: (model frozen in eval mode, latent scale
+    factor, fingerprint of its weights)."""
+    if payload.get("stage") != NAME:
+        raise ValueError(f"{path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; pass the "
+                         f"checkpoint.pt of a `train.py --stage vae` run.")
+    require_keys(payload, ("config", "models", "ema", "scale_factor"), path)
+    config = from_dict(VAEConfig, payload["config"])
+    state = payload["ema" if weights == "ema" else "models"]["model"]
+    autoencoder = AutoencoderKL(config.autoencoder)
+    try:
+        autoencoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"The weights in {path} do not fit the autoencoder its config describes "
+                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise ValueError(f"The autoencoder weights in {path} hold NaN or infinite values; use an earlier checkpoint.")
+    scale = float(payload["scale_factor"])
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{path} records an invalid latent scale factor {scale}; the checkpoint is inconsistent.")
+    return autoencoder.to(device).eval().requires_grad_(False), scale, state_fingerprint(state)
+
+
+SPEC = StageSpec(
+    name=NAME,
+    summary="KL autoencoder, the first stage of latent diffusion (L1 + perceptual + KL, optional PatchGAN)",
+    config_class=VAEConfig,
+    presets=PRESETS,
+    default_preset="vae-demo",
+    sections=(Section("data", DataConfig),
+              Section("autoencoder", AutoencoderConfig, skip=AUTOENCODER_FROM_DATA, help=AUTOENCODER_OPTIONS),
+              Section("loss", VAELossConfig),
+              Section("vae", VAEOptions),
+              Section("train", TrainConfig)),
+    build=build,
+)
