@@ -121,7 +121,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     """Run one stage's training as the parsed `args` say, after any run it needs first."""
     run_dir = args.run_dir or Path("runs") / args.preset
     config, saved = resolve_config(spec, args, run_dir)
-    if spec.prerequisite is not None:
+    if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
         need = spec.prerequisite(config, args.device)
         if need is not None:
             if runtime.is_main:

@@ -84,6 +84,11 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     if runtime.is_main:
         print(f"Latents: {len(latents)} x {config.unet.in_channels}x{config.unet.image_size}x{config.unet.image_size}, "
               f"scale factor {scale:.4f}, autoencoder {fingerprint} from {source}.", flush=True)
+        trained_on = vae_payload.get("data_info") or {}
+        if (trained_on.get("name"), trained_on.get("resolution")) != (info.name, info.resolution):
+            print(f"Note: the autoencoder was trained on {trained_on.get('name')} at {trained_on.get('resolution')} px, "
+                  f"this run uses {info.name} at {info.resolution} px; its latent scale was measured on its own data.",
+                  flush=True)
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
     stage = diffusion_stage(NAME, config, info, net, latents, device,

@@ -334,3 +334,17 @@ def test_class_conditional_latent_model_samples_the_asked_class(tmp_path, cache,
                        "--device", "cpu"])
     with Image.open(out / "sweep.png") as grid:
         assert grid.size == (2 * (RES + 2) + 2, RES + 4)
+
+
+def test_resuming_never_retrains_the_default_autoencoder(tmp_path, monkeypatch, cache, vae_run):
+    """A latent run carries its autoencoder: resuming it needs no VAE run, even the default one."""
+    monkeypatch.chdir(tmp_path)
+    Path(DEFAULT_VAE_CKPT).parent.mkdir(parents=True)
+    Path(DEFAULT_VAE_CKPT).write_bytes((vae_run / "checkpoint.pt").read_bytes())
+    train.main(ldm_args(tmp_path / "ldm", cache, Path(DEFAULT_VAE_CKPT), 1))
+    for leftover in Path(DEFAULT_VAE_CKPT).parent.iterdir():
+        leftover.unlink()
+    Path(DEFAULT_VAE_CKPT).parent.rmdir()
+    train.main(["--stage", "ldm", "--run-dir", str(tmp_path / "ldm"), "--resume", "--steps", "2", "--device", "cpu"])
+    assert not Path(DEFAULT_VAE_CKPT).parent.exists()
+    assert load_checkpoint(tmp_path / "ldm" / "checkpoint.pt", "ldm")["step"] == 2
