@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from data import DatasetInfo  # noqa: E402
 from ddpm.config import PRESETS, SamplingConfig  # noqa: E402
 from ddpm.generate import DiffusionSampler, sample_images  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
-from bench.common import setup, synchronize  # noqa: E402
+from bench.common import seconds_per_call, setup  # noqa: E402
 
 
 def train_throughput(net, schedule, batch: int, dtype, device, iters: int, warmup: int, compiled: bool) -> float:
@@ -43,14 +42,7 @@ def train_throughput(net, schedule, batch: int, dtype, device, iters: int, warmu
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    synchronize(device)
-    return iters * batch / (time.perf_counter() - start)
+    return batch / seconds_per_call(step, device, iters, warmup)
 
 
 def sample_throughput(net, schedule, batch: int, dtype, device, repeats: int) -> float:
@@ -60,12 +52,13 @@ def sample_throughput(net, schedule, batch: int, dtype, device, repeats: int) ->
     sampling = SamplingConfig(sampler="ddim", steps=50)
     amp = None if dtype == torch.float32 else dtype
     sample_images(model, SamplingConfig(sampler="ddim", steps=2), range(batch), amp_dtype=amp)  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for r in range(repeats):
+    calls = iter(range(repeats))  # fresh seeds for every timed batch
+
+    def draw():
+        r = next(calls)
         sample_images(model, sampling, range(r * batch, (r + 1) * batch), amp_dtype=amp)
-    synchronize(device)
-    return repeats * batch / (time.perf_counter() - start)
+
+    return batch / seconds_per_call(draw, device, repeats, warmup=0)
 
 
 def main() -> None:

@@ -78,8 +78,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             count *= n
         if not 0 <= begin <= end <= len(body) or end - begin != count * torch.empty((), dtype=dtype).element_size():
             raise ValueError(f"tensor {name} has data offsets {begin}..{end} that do not fit its shape {shape}")
-        tensors[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape) if count else \
-            torch.empty(shape, dtype=dtype)
+        if count == 0:  # frombuffer refuses an empty buffer
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape)
     return tensors
 
 

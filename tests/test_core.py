@@ -252,6 +252,8 @@ def test_full_help_lists_every_option_of_every_stage_with_its_default(capsys):
             for field in section.cls.__dataclass_fields__:
                 if field in section.skip:
                     continue
+                described = section.help.get(field) or section.cls.__dataclass_fields__[field].metadata.get("help")
+                assert described, f"--stage {spec.name}: {section.name}.{field} has no help text"
                 flag = f"--{field.replace('_', '-')}"
                 line = next((l for l in part.splitlines() if l.strip().split(" ")[0].rstrip(",") == flag), None)
                 assert line is not None and "(default:" in line, (spec.name, flag)

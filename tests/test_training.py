@@ -14,10 +14,10 @@ from PIL import Image
 import sample
 import train
 from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import TrainConfig, from_dict, to_dict
+from core.config import TrainConfig, from_dict
 from core.runtime import Runtime
 from core.stages import Trainable, TrainingStage
-from ddpm.config import PRESETS, DDPMConfig
+from ddpm.config import DDPMConfig
 from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
@@ -131,22 +131,16 @@ def test_step_batches_cover_each_epoch_once_and_start_anywhere():
     assert halves[0] + halves[1] == first[2]                      # DDP ranks split the global batch
 
 
-def test_presets_round_trip_through_checkpoint_dicts():
-    for make in PRESETS.values():
-        config = make()
-        assert from_dict(DDPMConfig, json.loads(json.dumps(to_dict(config)))) == config
-
-
-def test_help_lists_every_option_with_its_default(capsys):
-    for module in (train, sample):
-        with pytest.raises(SystemExit):
-            module.parse_args(["--help"])
-        text = capsys.readouterr().out
-        options = [line.split()[0] for line in text.splitlines() if line.strip().startswith("--")]
-        assert len(options) > 5
-        for line in text.replace("\n                        ", " ").splitlines():
-            if line.strip().startswith("--") and not line.strip().startswith("--help"):
-                assert "default" in line or "required" in line, line
+def test_sample_help_lists_every_option_with_its_default(capsys):
+    # train.py's help, every stage's options, is checked in test_core.
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = [line.split()[0] for line in text.splitlines() if line.strip().startswith("--")]
+    assert len(options) > 5
+    for line in text.replace("\n                        ", " ").splitlines():
+        if line.strip().startswith("--") and not line.strip().startswith("--help"):
+            assert "default" in line or "required" in line, line
 
 
 # ---------------------------------------------------------------------------------------------

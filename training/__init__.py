@@ -1,1 +1,1 @@
-"""The training machinery every stage shares: one loop, checkpoints, typed configs, DDP set-up."""
+"""The one training loop every stage uses (`loop.py`) and its multi-process set-up (`distributed.py`)."""

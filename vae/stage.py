@@ -120,9 +120,9 @@ class VAETraining:
         x = self.test_set.images[:n].to(self.device).float() / 127.5 - 1
         reconstruction = models["model"].decode(models["model"].encode(x).mode()).clamp(-1, 1)
         rows = [t for start in range(0, n, 8) for t in (x[start:start + 8], reconstruction[start:start + 8])]
-        width = min(8, n)
-        pad = [torch.cat([r, r.new_zeros(width - len(r), *r.shape[1:])]) if len(r) < width else r for r in rows]
-        return torch.cat(pad)
+        width = min(8, n)  # a short last pair of rows is padded with black images
+        padded = [torch.cat([r, r.new_full((width - len(r), *r.shape[1:]), -1.0)]) for r in rows]
+        return torch.cat(padded)
 
     def payload(self, models) -> dict[str, Any]:
         """The latent scale factor, measured with the weights this checkpoint holds for sampling."""
