@@ -348,3 +348,29 @@ def test_resuming_never_retrains_the_default_autoencoder(tmp_path, monkeypatch, 
     train.main(["--stage", "ldm", "--run-dir", str(tmp_path / "ldm"), "--resume", "--steps", "2", "--device", "cpu"])
     assert not Path(DEFAULT_VAE_CKPT).parent.exists()
     assert load_checkpoint(tmp_path / "ldm" / "checkpoint.pt", "ldm")["step"] == 2
+
+
+def test_published_weights_import_into_a_vae_run_with_zero_steps(tmp_path, cache):
+    """`--pretrained FILE --steps 0`: the run holds exactly the file's weights and measures their latent scale."""
+    from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+    from vae.published import to_published
+    config = AutoencoderConfig(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               latent_channels=2, resolution=RES)
+    torch.manual_seed(5)
+    source = AutoencoderKL(config)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # no zero-initialised layers: every weight must arrive
+    torch.save({"state_dict": to_published(source.state_dict(), config)}, tmp_path / "published.ckpt")
+    run_dir = tmp_path / "imported"
+    train.main(vae_args(run_dir, cache, 0, "--pretrained", str(tmp_path / "published.ckpt")))
+    payload = load_checkpoint(run_dir / "checkpoint.pt", "vae")
+    assert payload["step"] == 0 and payload["scale_factor"] > 0
+    for key, value in source.state_dict().items():
+        assert torch.equal(payload["ema"]["model"][key], value), key
+    assert records(run_dir, "heldout")[0]["step"] == 0
+    (tmp_path / "wrong.ckpt").write_bytes((tmp_path / "published.ckpt").read_bytes())
+    with pytest.raises(ValueError, match="not a latent-diffusion KL autoencoder"):
+        train.main(vae_args(tmp_path / "never", cache, 0, "--pretrained", str(tmp_path / "wrong.ckpt"),
+                            "--latent-channels", "4"))
+    assert not (tmp_path / "never").exists()
