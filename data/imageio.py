@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from core.runtime import atomic_write
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -80,12 +82,10 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
 
 
 def atomic_save_image(image: Image.Image, path: str | os.PathLike, **kwargs) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written picture."""
+    """Write all or nothing (see core.runtime.atomic_write), so a crash never leaves a half-written picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **kwargs)
-    os.replace(tmp, path)
+    image_format = path.suffix.lstrip(".").upper().replace("JPG", "JPEG")
+    atomic_write(path, lambda f: image.save(f, format=image_format, **kwargs))
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
@@ -111,8 +111,5 @@ def save_gif(frames: Sequence[torch.Tensor], path: str | os.PathLike, nrow: int 
     assert len(frames) > 0, "a GIF needs at least one frame"
     pictures = [_to_pil(make_grid(f, nrow)).convert("RGB") for f in frames]
     durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
+                                                  duration=durations, loop=0))

@@ -13,7 +13,6 @@ the same whether simulated alone or in a batch. Datasets are cached as .npz unde
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.runtime import atomic_write
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, resize_uint8, to_channels
 from data.fluid import advect, project
 
@@ -159,12 +159,8 @@ def _read_cache(path: Path, num_samples: int, resolution: int) -> tuple[torch.Te
 
 
 def _write_cache(path: Path, images: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write aside and rename, so an interrupted run never leaves a truncated cache behind.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, images=images.numpy(), params=params.numpy(), seeds=seeds.numpy())
-    os.replace(tmp, path)
+    # All or nothing, so an interrupted run never leaves a truncated cache behind.
+    atomic_write(path, lambda f: np.savez(f, images=images.numpy(), params=params.numpy(), seeds=seeds.numpy()))
 
 
 def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_samples: int | None = None,
