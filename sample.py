@@ -15,14 +15,18 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from core import cli
 from core.checkpoint import load_checkpoint
-from core.config import add_config_arguments, override
+from core.config import add_config_arguments, given_in, override
+from core.lock import FolderLock
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device
 from data.imageio import save_gif, save_grid, save_images
 from ddpm.conditioning import (Conditions, check_request, interpolate_conditions, interpolation_end, requested,
@@ -33,10 +37,12 @@ from ddpm.samplers import per_sample_noise
 from stages import get_stage
 
 GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
+# Options that only mean something with another one: parsed as None, so giving them alone can be refused.
+OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint.pt of a training run (required)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: RUN_DIR/samples/SAMPLER-STEPS-seedSEED[-MODE] next to the checkpoint)")
@@ -60,16 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interpolate-to", action="append", default=[], metavar="CLASS|NAME=VALUE",
                         help="the condition at the far end of --interpolate: a class, or parameter values (repeat per "
                              "parameter) (default: the next class; each parameter mirrored within its range)")
-    parser.add_argument("--frames", type=int, default=8, help="images along each --interpolate strip (default: 8)")
+    parser.add_argument("--frames", type=int, default=None, help="images along each --interpolate strip (default: 8)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
-    parser.add_argument("--gif-images", type=int, default=16, help="images shown in the GIF (default: 16)")
-    parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default="auto",
+    parser.add_argument("--gif-images", type=int, default=None, help="images shown in the GIF (default: 16)")
+    parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
                         help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
                              "latent models (default: auto: x_t for pixel models, x0 for latent models)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="mixed precision (default: auto: bf16, or fp16 where bf16 is unsupported, on CUDA; none on CPU)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
     return parser.parse_args(argv)
 
@@ -81,8 +89,35 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--frames", args.frames, 2)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}.")
-    if args.interpolate_to and not args.interpolate:
-        raise ValueError("--interpolate-to needs --interpolate.")
+    for option, needs in (("interpolate_to", "interpolate"), ("frames", "interpolate"), ("gif_images", "gif"),
+                          ("gif_frames", "gif")):
+        if getattr(args, option) and not getattr(args, needs):
+            raise ValueError(f"--{option.replace('_', '-')} has no effect without --{needs}; add --{needs} or drop it.")
+    for option, default in OPTIONAL_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    sampling = given_in(args, "sampling")
+    sampler = sampling.get("sampler", SamplingConfig().sampler)
+    for option, owner in (("eta", "ddim"), ("variance", "ddpm")):
+        if option in sampling and sampler != owner:
+            raise ValueError(f"--{option} applies to --sampler {owner} only, and this is --sampler {sampler}; drop it.")
+
+
+def check_against_model(args: argparse.Namespace, model: DiffusionSampler) -> None:
+    """Refuse options the loaded model cannot use, instead of ignoring them."""
+    kind = model.net.config.cond
+    check_request(kind, args.label, args.param)
+    sampling = given_in(args, "sampling")
+    if kind == "none":
+        if sampling.get("guidance_scale", 1.0) != 1.0:
+            raise ValueError("This model was trained without conditioning, so --guidance-scale has nothing to guide; "
+                             "drop it.")
+        if args.interpolate_to:
+            raise ValueError("This model was trained without conditioning, so there is no condition to interpolate "
+                             "to; drop --interpolate-to.")
+    if model.latent and sampling.get("clip_x0"):
+        raise ValueError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
+                         "images are clamped); drop it.")
 
 
 def load_model(path: Path, device: torch.device, weights: str) -> DiffusionSampler:
@@ -100,7 +135,7 @@ def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
     out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; choose a folder.")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
     return out
 
@@ -205,28 +240,25 @@ def main(argv: list[str] | None = None) -> Path:
     amp = autocast_dtype(args.amp, device)
     model = load_model(args.ckpt, device, args.weights)
     sampling.check_against(model.schedule)
-    if model.latent and args.__dict__.get("sampling.clip_x0"):
-        raise ValueError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
-                         "images are clamped); drop it.")
-    check_request(model.net.config.cond, args.label, args.param)
+    check_against_model(args, model)
     out = output_dir(args, sampling)
 
     special = args.sweep or args.interpolate
     num = args.num or (4 if special else 64)
     indices = list(range(args.first_index, args.first_index + num))
     draw = Drawer(model, sampling, amp, args.batch_size)
-    if args.sweep:
-        draw_sweep(draw, args, model, indices, out)
-    if args.interpolate:
-        draw_interpolations(draw, args, model, indices, out)
-    if not special:
-        draw_images(draw, args, model, indices, out)
+    with FolderLock(out):  # two samplers never write one folder
+        if args.sweep:
+            draw_sweep(draw, args, model, indices, out)
+        if args.interpolate:
+            draw_interpolations(draw, args, model, indices, out)
+        if not special:
+            draw_images(draw, args, model, indices, out)
     print(f"Wrote {out}")
     return out
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        sys.exit(f"error: {err}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
+    sys.exit(cli.run(main))

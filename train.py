@@ -10,22 +10,28 @@ stage's options; with a stage given (--stage NAME --help), only that stage's. La
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from core.checkpoint import load_checkpoint
+from core import cli
+from core.checkpoint import load_checkpoint, require_keys
 from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
+from core.lock import FolderLock
 from core.runtime import Runtime
 from core.stages import StageSpec
+from data import check_spec
 from stages import DEFAULT_STAGE, STAGES, get_stage
 from training import distributed
 from training.loop import RunExists, Trainer
 
 
 def _common_parser(spec: StageSpec, **kwargs: Any) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+    parser = cli.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     parser.add_argument("--stage", choices=tuple(STAGES), default=DEFAULT_STAGE,
                         help=f"what to train (default: {DEFAULT_STAGE})")
@@ -36,6 +42,8 @@ def _common_parser(spec: StageSpec, **kwargs: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-dir from its checkpoint (default: off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     return parser
 
 
@@ -56,7 +64,7 @@ def full_help() -> str:
     """The common options once, then every stage's own options with their defaults."""
     parts = [_common_parser(STAGES[DEFAULT_STAGE]).format_help()]
     for spec in STAGES.values():
-        sections = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+        sections = cli.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
         _add_sections(sections, spec)
         parts.append(f"\nOptions of --stage {spec.name}: {spec.summary} "
                      f"(presets: {', '.join(spec.presets)}; defaults shown are {spec.default_preset}'s)\n\n"
@@ -80,21 +88,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Names
 
 def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (only options in `spec.resumable` may change),
-    else the preset's, with the user's options applied either way."""
+    else the preset's, with the user's options applied either way; then every check that needs no data."""
     saved = None
+    checkpoint = run_dir / "checkpoint.pt"
     if args.resume:
-        saved = load_checkpoint(run_dir / "checkpoint.pt", spec.name)
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to resume; drop --resume to start a new run there.")
+        saved = load_checkpoint(checkpoint, spec.name)
+        require_keys(saved, ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng"), checkpoint)
         fixed = sorted(set(given_arguments(args)) - spec.resumable)
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
                              f"drop them or start a new --run-dir.")
         config = from_dict(spec.config_class, saved["config"])
     else:
-        if (run_dir / "checkpoint.pt").exists():
+        if checkpoint.exists():
             raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+        if (run_dir / "metrics.jsonl").exists():
+            raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
+                            f"to start over there, or choose another --run-dir.")
         config = spec.presets[args.preset]()
     for section in spec.sections:
         config = apply_arguments(config, args, section.name)
+    check_spec(config.data.dataset)
+    if spec.check is not None:
+        spec.check(config)
     return config, saved
 
 
@@ -103,11 +121,14 @@ def _check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, 
     def normal(x: Any) -> Any:
         return json.loads(json.dumps(x))
 
-    if normal(data_info) != normal(saved["data_info"]):
-        was, now = normal(saved["data_info"]), normal(data_info)
-        key = next(k for k in now if was.get(k) != now.get(k))
-        raise ValueError(f"The data changed since {run_dir} was checkpointed ({key} was {was.get(key)!r}, now "
-                         f"{now.get(key)!r}); restore it, or start a new --run-dir.")
+    was, now = normal(saved["data_info"]), normal(data_info)
+    changed = [k for k in was if k in now and was[k] != now[k]]  # older checkpoints lack some keys
+    if changed:
+        key = changed[0]
+        what = ("the images, labels or parameters themselves (content fingerprint)" if key == "fingerprint"
+                else f"{key} was {was[key]!r}, now {now[key]!r}")
+        raise ValueError(f"The data changed since {run_dir} was checkpointed ({what}); restore it, or start a new "
+                         f"--run-dir.")
     resumable = {name.split(".", 1)[1] for name in spec.resumable if name.startswith("train.")}
     now, was = normal(to_dict(config)), normal(saved["config"])
     for cfg in (now, was):
@@ -120,19 +141,24 @@ def _check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, 
 def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     """Run one stage's training as the parsed `args` say, after any run it needs first."""
     run_dir = args.run_dir or Path("runs") / args.preset
-    config, saved = resolve_config(spec, args, run_dir)
-    if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
-        need = spec.prerequisite(config, args.device)
-        if need is not None:
-            if runtime.is_main:
-                print(need.message, flush=True)
-            need_spec, need_args = parse_args(list(need.argv))
-            train(need_spec, need_args, runtime)
-    config, stage = spec.build(config, runtime, saved)
-    if saved is not None:
-        _check_same_run(spec, config, stage.data_info, saved, run_dir)
-    summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
-                      num_workers=config.data.num_workers).run()
+    # The main process holds the run directory for the whole run: a second run into it is refused.
+    with FolderLock(run_dir) if runtime.is_main else contextlib.nullcontext():
+        config, saved = resolve_config(spec, args, run_dir)
+        if config.train.batch_size % runtime.world_size:
+            raise ValueError(f"--batch-size {config.train.batch_size} must split evenly across the "
+                             f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")
+        if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
+            need = spec.prerequisite(config, args.device)
+            if need is not None:
+                if runtime.is_main:
+                    print(need.message, flush=True)
+                need_spec, need_args = parse_args(list(need.argv))
+                train(need_spec, need_args, runtime)
+        config, stage = spec.build(config, runtime, saved)
+        if saved is not None:
+            _check_same_run(spec, config, stage.data_info, saved, run_dir)
+        summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
+                          num_workers=config.data.num_workers).run()
     if runtime.is_main:
         where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
         print(f"Done ({spec.name}): step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
@@ -150,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        sys.exit(f"error: {err}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
+    sys.exit(cli.run(main))

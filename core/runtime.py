@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, ContextManager
@@ -116,13 +118,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Create or replace `path` with what `write(file)` writes, all or nothing.
 
-    The bytes go to a temporary file beside `path` (named for this process, so two writers never
-    share one), are flushed to disk, and only then renamed over `path`; a crash at any point leaves
-    either the old file or the new one, never a torn mix. On failure the temporary file is removed.
+    The bytes go to a temporary file beside `path` (named for this host and process, so two writers
+    never share one), are flushed to disk, and only then renamed over `path`; a crash at any point
+    leaves either the old file or the new one, never a torn mix. On failure the temporary file is
+    removed; temporary files of writers that died (a `kill -9`) are removed by the next write there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temps(path.parent)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -133,6 +137,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in `folder` that `atomic_write` calls on this host left behind when
+    their process died; temporaries of live processes, or of other hosts sharing the folder, stay."""
+    host, removed = socket.gethostname(), []
+    for candidate in Path(folder).glob(".*.tmp"):
+        match = _TEMP_NAME.match(candidate.name)
+        if match and match["stem"].endswith("." + host) and not process_alive(int(match["pid"])):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _fsync_directory(folder: Path) -> None:

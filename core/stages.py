@@ -91,4 +91,6 @@ class StageSpec:
     load_sampler: Callable[[dict[str, Any], torch.device, str, Path], Any] | None = None
     # prerequisite(config, device name) -> a run to create first, or None
     prerequisite: Callable[[Any, str], Prerequisite | None] | None = None
+    # check(config) raises a one-sentence error for options that do not fit together, before any work
+    check: Callable[[Any], None] | None = None
     resumable: frozenset[str] = RESUMABLE

@@ -16,6 +16,20 @@ SPECS = ("plumes", "folder:PATH", "cifar10")
 __all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "load_dataset"]
 
 
+def check_spec(spec: str, option: str = "--dataset") -> None:
+    """Refuse a dataset spec that names no known source, or a folder that does not exist, before any work."""
+    if not spec:
+        raise ValueError(f"No dataset was given (this preset has none); pass {option} folder:PATH, plumes or cifar10.")
+    if spec in ("plumes", "cifar10"):
+        return
+    if spec.startswith("folder:") and len(spec) > len("folder:"):
+        folder = Path(spec[len("folder:"):]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
+        return
+    raise ValueError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
+
+
 def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/datasets", train: bool = True,
                  num_samples: int | None = None, seed: int = 0, channels: int | None = None) -> ImageDataset:
     """Load the dataset named by `spec` at `resolution` x `resolution`, decoded into memory.

@@ -1,18 +1,22 @@
 """`cifar10`: the CIFAR-10 train (50,000) or test (10,000) split, 32x32 RGB, ten labelled classes.
 
-torchvision fetches and verifies the archive when the extracted batches are missing; the batches
-themselves (the python pickle format of https://www.cs.toronto.edu/~kriz/cifar.html) are always
-read here, so a hand-placed `cifar-10-batches-py/` works offline.
+torchvision fetches the archive (checked against its MD5) and extracts it when the batches are
+missing; the batches themselves (the python pickle format of https://www.cs.toronto.edu/~kriz/cifar.html)
+are always read here, so a hand-placed `cifar-10-batches-py/` works offline. Unpickling can run any
+code a file names, and a hand-placed file can be anything, so the batches are read by a restricted
+unpickler that admits only the numpy array reconstruction a genuine batch needs, and their structure
+is checked before use.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torchvision
+from torchvision.datasets import cifar as torchvision_cifar
 
 from data.dataset import DatasetInfo, ImageDataset, resize_uint8, subset_indices, to_channels
 
@@ -21,20 +25,95 @@ ARCHIVE = "cifar-10-python.tar.gz"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 META = "batches.meta"
+NUM_CLASSES = 10
+IMAGE_BYTES = 3 * 32 * 32
 
 
-def _unpickle(path: Path) -> dict:
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """`_codecs.encode` as protocol-2 pickles written by Python 3 use it for bytes, and for nothing else."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it calls _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _array_globals() -> dict[tuple[str, str], Any]:
+    """What a pickled uint8 array names, under every module path numpy has used for it.
+
+    Python 2 wrote the genuine batches with `numpy.core.multiarray._reconstruct` (numpy 2 writes
+    `numpy._core.multiarray`), protocol 5 uses `numpy.(_)core.numeric._frombuffer` instead, and both
+    pass `numpy.ndarray` and `numpy.dtype`. The functions are taken from an array's own reduction
+    rather than imported by name, since their modules moved between numpy versions.
+    """
+    sample = np.zeros(1, np.uint8)
+    reconstruct, frombuffer = sample.__reduce__()[0], sample.__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_bytes}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that can build dicts, lists, strings, numbers and numpy arrays, and calls nothing else."""
+
+    ALLOWED = _array_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR-10 batch needs") from None
+
+
+def _not_genuine(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a genuine CIFAR-10 batch ({why}), so it is not used; delete {path.parent} and "
+                      f"run again to download CIFAR-10, or put the files from {ARCHIVE} there.")
+
+
+def _unpickle(path: Path) -> Any:
     with open(path, "rb") as f:
-        # The batches were pickled by Python 2; latin1 maps its byte strings to str keys losslessly.
-        return pickle.load(f, encoding="latin1")
+        try:
+            # The batches were pickled by Python 2; latin1 maps its byte strings to str losslessly.
+            return _BatchUnpickler(f, encoding="latin1").load()
+        except Exception as err:  # a malformed pickle can fail with almost any type; the file is at fault
+            raise _not_genuine(path, f"{type(err).__name__}: {err}") from err
 
 
-def _fetch(root: Path, train: bool) -> None:
-    """Download and extract CIFAR-10 into `root` (or extract an archive already there) via torchvision."""
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 3072) uint8 and labels (N,) int64 of one batch, after checking what the file holds."""
+    batch = _unpickle(path)
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise _not_genuine(path, f"it holds a {type(batch).__name__}, not a dict with 'data' and 'labels'")
+    data, labels = batch["data"], batch["labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[0] > 0 and data.shape[1] == IMAGE_BYTES):
+        shape = f"a {data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _not_genuine(path, f"'data' must be a uint8 array of shape (N, {IMAGE_BYTES}), not {shape}")
+    n = data.shape[0]
+    # `type(...) is int` keeps out bools and floats, which int64 would silently accept.
+    if not (isinstance(labels, list) and len(labels) == n and all(type(v) is int and 0 <= v < NUM_CLASSES for v in labels)):
+        raise _not_genuine(path, f"'labels' must be a list of {n} ints from 0 to {NUM_CLASSES - 1}")
+    return data, np.asarray(labels, dtype=np.int64)
+
+
+def _read_class_names(path: Path) -> tuple[str, ...]:
+    meta = _unpickle(path)
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(v, str) and v for v in names)
+            and len(set(names)) == NUM_CLASSES):
+        raise _not_genuine(path, f"it needs 'label_names', a list of {NUM_CLASSES} distinct class names")
+    return tuple(names)
+
+
+def _fetch(root: Path) -> None:
+    """Download and extract CIFAR-10 into `root` (or extract an archive already there), as torchvision does."""
     try:
-        torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
+        # torchvision's CIFAR10 class would do the same, then unpickle every batch with plain pickle.
+        torchvision_cifar.download_and_extract_archive(torchvision_cifar.CIFAR10.url, str(root), filename=ARCHIVE,
+                                                       md5=torchvision_cifar.CIFAR10.tgz_md5)
     except Exception as err:  # network, checksum and extraction failures all need the same advice
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(err).__name__}: {err}); put "
             f"{ARCHIVE} (https://www.cs.toronto.edu/~kriz/{ARCHIVE}) or its extracted {FOLDER}/ folder "
             f"({', '.join(TRAIN_BATCHES)}, {', '.join(TEST_BATCHES)}, {META}) in {root}, or run once with internet access."
@@ -47,12 +126,12 @@ def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num
     folder = root / FOLDER
     batches = TRAIN_BATCHES if train else TEST_BATCHES
     if not all((folder / name).is_file() for name in batches + (META,)):
-        _fetch(root, train)
+        _fetch(root)
 
-    parts = [_unpickle(folder / name) for name in batches]
-    images = torch.from_numpy(np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32))
-    labels = torch.from_numpy(np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts]))
-    class_names = tuple(_unpickle(folder / META)["label_names"])
+    parts = [_read_batch(folder / name) for name in batches]
+    images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
+    class_names = _read_class_names(folder / META)
 
     keep = subset_indices(images.shape[0], num_samples, seed, f"the CIFAR-10 {'train' if train else 'test'} split")
     images = to_channels(resize_uint8(images[keep], resolution), channels or 3)

@@ -6,6 +6,7 @@ that `__getitem__` is an index plus a conversion and a 2-core training loop is n
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -90,6 +91,19 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def fingerprint(self) -> str:
+        """A hash of everything a model learns from: images, labels and parameters. Equal data, equal
+        fingerprint; one changed pixel, label or value, another."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, self.labels, self.params):
+            digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def description(self) -> dict[str, Any]:
+        """What a checkpoint records about its training data: `info` and the fingerprint."""
+        return {**self.info.to_dict(), "fingerprint": self.fingerprint()}
 
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         """The items at `indices`, as a dataset of their own (its info counts only them)."""

@@ -1,16 +1,20 @@
 """`folder:PATH` datasets: a directory of images, optionally in class subfolders, optionally with parameters.
 
 Layout: images directly in PATH are unlabelled; images in PATH/<class>/... are labelled by the index of
-<class> among the sorted class names. An optional PATH/params.csv gives numeric parameters per image:
-a header, then one row per image, first column the image's path relative to PATH.
-Every image is decoded once, converted (RGB, or L for one channel), its short side resized to the
-target with antialiased Lanczos and the centre square kept, so mixed modes and sizes all work.
+<class> among the sorted class names; hidden files and folders (".name") are not part of the dataset.
+An optional PATH/params.csv (UTF-8) gives numeric parameters per image: a header, then one row per
+image, first column the image's path relative to PATH (`_read_params` lists what it refuses).
+Every image is decoded once, converted (RGB, or L for one channel; `data.imageio.load_image` says how
+each pixel mode converts and what it refuses), its short side resized to the target with antialiased
+Lanczos and the centre square kept, so mixed modes and sizes all work.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +43,41 @@ def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]
 
 
 def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.Tensor]:
-    """Parameter names and values (N, P) for `files` from root/params.csv; no file -> ((), (N, 0))."""
+    """Parameter names and values (N, P) for `files` from root/params.csv; no file -> ((), (N, 0)).
+
+    Refused, naming the file and line: text that is not UTF-8 (a UTF-8 byte-order mark is fine), a
+    header with no parameter column or with an empty or repeated name, a row with the wrong number of
+    columns, an empty path, or a value that is not a finite number within float32's range, an image
+    listed twice, and an image with no row. Rows that are empty or all blank cells are skipped. Rows
+    for images that are not in the folder are ignored with a warning, so that removing a bad image
+    does not also mean editing the table.
+    """
     csv_path = root / PARAMS_FILE
     if not csv_path.is_file():
         return (), torch.zeros(len(files), 0)
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or len(rows[0]) < 2:
+    rows = _csv_rows(csv_path)
+    if not rows or len(rows[0][1]) < 2:
         raise ValueError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
-    names = tuple(h.strip() for h in rows[0][1:])
-    table: dict[str, list[float]] = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
+    header_line, header = rows[0]
+    names = tuple(h.strip() for h in header[1:])
+    for column, name in enumerate(names, start=2):
+        if not name:
+            raise ValueError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
+                             f"parameter column.")
+        first = names.index(name) + 2
+        if first != column:
+            raise ValueError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "
+                             f"and {column}; give each column its own name.")
+
+    largest = torch.finfo(torch.float32).max
+    table: dict[str, tuple[int, list[float]]] = {}
+    for line, row in rows[1:]:
+        if not any(cell.strip() for cell in row):
+            continue  # spreadsheets end their exports with rows like ",,"
         if len(row) != len(names) + 1:
             raise ValueError(f"{csv_path} line {line} has {len(row)} columns but the header has {len(names) + 1}; fix that row.")
+        if not row[0].strip():
+            raise ValueError(f"{csv_path} line {line} has an empty image path; give the image's path relative to {root}.")
         try:
             values = [float(v) for v in row[1:]]
         except ValueError:
@@ -61,14 +85,49 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
                              f"make every parameter column a number.") from None
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"{csv_path} line {line} ({row[0]}) has a NaN or infinite parameter; give finite numbers.")
-        table[Path(row[0].strip()).as_posix()] = values
-    values = []
-    for file in files:
-        key = file.relative_to(root).as_posix()
+        if any(abs(v) > largest for v in values):
+            raise ValueError(f"{csv_path} line {line} ({row[0]}) has a parameter beyond float32's range "
+                             f"(+-{largest:.3g}); rescale that parameter.")
+        # One spelling per image: "./a.png", "a.png" and a Windows "sub\a.png" all name the same file.
+        key = Path(row[0].strip().replace("\\", "/")).as_posix()
+        if key in table:
+            raise ValueError(f"{csv_path} lines {table[key][0]} and {line} both give parameters for {key}; keep one of them.")
+        table[key] = (line, values)
+
+    keys = [file.relative_to(root).as_posix() for file in files]
+    for key in keys:
         if key not in table:
             raise ValueError(f"{csv_path} has no row for image {key}; add one (path relative to {root}).")
-        values.append(table[key])
+    present = set(keys)
+    unused = sorted(line for key, (line, _) in table.items() if key not in present)
+    if unused:
+        warnings.warn(f"{csv_path} has {len(unused)} row(s) for images that are not in {root} (lines "
+                      f"{', '.join(map(str, unused[:5]))}{', ...' if len(unused) > 5 else ''}); they are ignored.")
+    values = [table[key][1] for key in keys]
     return names, torch.tensor(values, dtype=torch.float32).view(len(files), len(names))
+
+
+def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
+    """The rows of a UTF-8 CSV file, each with the line it starts on (a quoted cell can span lines)."""
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # "-sig": spreadsheets often start UTF-8 files with a byte-order mark
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{csv_path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8 "
+                         f"(\"CSV UTF-8\" in a spreadsheet).") from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 but puts a NUL in every character
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ValueError(f"{csv_path} has NUL bytes (from line {line}), as UTF-16 text does; save it as UTF-8.")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, start = [], 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"{csv_path} line {reader.line_num} is not valid CSV ({err}); fix that row.") from None
+    return rows
 
 
 def _square(image: Image.Image, resolution: int) -> np.ndarray:

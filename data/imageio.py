@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from core.runtime import atomic_write
 
@@ -22,36 +24,138 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under `root`, sorted so every run sees the same order."""
+    """Image files under `root`, sorted so every run sees the same order.
+
+    Hidden files and folders (names starting with ".", such as macOS's "._photo.jpg" resource forks or
+    Jupyter's ".ipynb_checkpoints/") are skipped: they are never meant as data, and a hidden folder
+    would otherwise become a class. Links to folders are followed, each real folder once, so a link
+    loop ends. An image name that is not a regular file (a broken link, a pipe) is refused, since
+    opening a pipe would block forever and a broken link is an image the user expected to be there.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist; pass a directory that holds images.")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return files
+        raise FileNotFoundError(f"Image folder {root} does not exist or is not a directory; pass a directory that holds images.")
+
+    def unreadable(err: OSError) -> None:
+        raise ValueError(f"Cannot list the folder {err.filename} ({err.strerror}); fix its permissions or move it out of {root}.")
+
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        # Sorted, so that which of two links to one folder is kept does not depend on the file system.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(folder, name)
+            if not path.is_file():
+                raise ValueError(f"{path} is not a regular file (a broken link, a pipe or a device); remove it or "
+                                 f"replace it with the image.")
+            files.append(path)
+    return sorted(files)
+
+
+GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # every byte order Pillow reports for 16-bit greyscale
+HIGH_DEPTH = GREY_16 + ("I", "F")
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """Open an image and convert it to `mode` ("RGB" or "L"); a corrupt file raises naming the file.
+    """Decode an image file into `mode` ("RGB" or "L"), the same way for every pixel mode Pillow reads.
 
-    Palette and alpha images are composited on black first, so transparent regions become black in
-    every mode rather than whatever colour the palette happened to store there.
+    - Multi-frame files (animated GIF, PNG or WebP, multi-page TIFF): the first frame only.
+    - Alpha (RGBA, LA, PA, palettes with transparency, a transparent colour key) is composited on
+      black, so transparent regions are black in every mode rather than whatever colour happened to
+      be stored there. Premultiplied RGBa and La already hold their colour composited on black.
+    - 16-bit greyscale (I;16, I;16L, I;16B, I;16N): 0..65535 maps to 0..255 (v / 257, rounded:
+      65535 -> 255, 32768 -> 128), so a dark 16-bit image stays dark.
+    - 32-bit integer greyscale (I: 16-bit PGM/PPM, signed or 32-bit TIFF): read on the same 0..65535
+      scale; a value outside it has no known white level, so such a file is refused.
+    - 32-bit float greyscale (F): read as 0..1 if its largest value is at most 1, otherwise as
+      0..255; values above the top clip to white. NaN or infinity, and values below zero by more
+      than half a grey level, have no meaning in either convention and are refused.
+    - 1 (bilevel) gives 0 and 255; CMYK (without colour management), YCbCr, LAB and HSV go to RGB by
+      Pillow's conversions. "L" is ITU-R 601 luma of the RGB image (of the grey value for grey modes).
+    - An image of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused as a possible
+      decompression bomb (Pillow itself refuses only above twice that and warns in between).
+
+    A file that cannot be decoded or converted raises ValueError naming it; a missing one FileNotFoundError.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(background, im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit greyscale: rescale to 8 bits instead of letting PIL clip at 255.
-                arr = np.asarray(im, dtype=np.float64)
-                hi = 65535.0 if arr.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
+    with _decode(path) as im:
+        if im.mode in HIGH_DEPTH:
+            return _high_depth_to_grey(im, path).convert(mode)
+        if im.mode == "RGBa":
+            im = Image.merge("RGB", im.split()[:3])
+        elif im.mode == "La":
+            im = im.getchannel(0)
+        elif im.has_transparency_data:
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+        try:
+            # Colour spaces go through RGB, whose luma Pillow computes for every source the same way
+            # (LAB, for one, has no direct conversion to L).
+            if im.mode not in ("1", "L", "RGB"):
+                im = im.convert("RGB")
             return im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read image {path} ({err}); remove or replace the file.") from err
+        except ValueError as err:
+            raise ValueError(f"Image {path} has pixel mode {im.mode}, which cannot be converted to {mode} ({err}); "
+                             f"save it as 8-bit RGB or greyscale.") from err
+
+
+def _decode(path: str | os.PathLike) -> Image.Image:
+    """Open `path` and decode its first frame; any failure is one error naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow raises above 2x MAX_IMAGE_PIXELS but only warns from 1x; refuse both alike.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            try:
+                im.load()
+            except BaseException:
+                im.close()
+                raise
+        return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow raises before the size is ours to read
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ValueError(f"Image {path} has {pixels}, more than the limit of {Image.MAX_IMAGE_PIXELS:,} "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS), so it is refused as a possible decompression bomb; "
+                         f"shrink it, or raise that limit if you trust the file.") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image {path} does not exist; check the path.") from None
+    except Exception as err:
+        # Pillow's parsers meet malformed bytes with many exception types (OSError, SyntaxError,
+        # struct.error, EOFError, IndexError, ...); whichever it is, the file is at fault.
+        raise ValueError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
+
+
+def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale -> 8-bit "L", by the rules in `load_image`."""
+    values = np.asarray(im)  # uint16 in the file's byte order, int32 or float32
+    if im.mode == "F":
+        if not np.isfinite(values).all():
+            raise ValueError(f"Image {path} has NaN or infinite pixel values; replace them with finite ones "
+                             f"(0..1 or 0..255) and save it again.")
+        top = 1.0 if values.max() <= 1 else 255.0
+        scaled = values.astype(np.float64) * (255.0 / top)
+        if scaled.min() < -0.5:
+            raise ValueError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
+                             f"which neither 0..1 nor 0..255 gives a meaning; rescale it to one of those ranges.")
+    else:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"Image {path} is a 32-bit integer image with values from {low} to {high}, outside the "
+                             f"16-bit range 0..65535 this loader maps to 8 bits; save it as an 8- or 16-bit image.")
+        scaled = values.astype(np.float64) / 257.0  # 65535 -> 255 exactly
+    grey = np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
+    key = im.info.get("transparency")
+    if isinstance(key, (int, float)):
+        grey[values == key] = 0  # a transparent grey level, composited on black like every alpha
+    return Image.fromarray(grey, "L")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import require_keys
-from core.config import DataConfig, TrainConfig, from_dict, to_dict
+from core.config import DataConfig, TrainConfig, from_dict, require, to_dict
 from core.runtime import Runtime
 from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import DatasetInfo, load_dataset
@@ -30,14 +30,15 @@ NAME = "ddpm"
 
 
 def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, dataset: torch.utils.data.Dataset,
-                    device: torch.device, *, x0: Callable[[Any, torch.Generator], Tensor],
+                    device: torch.device, *, data_info: dict[str, Any], x0: Callable[[Any, torch.Generator], Tensor],
                     decode: Callable[[Tensor], Tensor] | None = None, augment=None,
                     payload=None) -> TrainingStage:
     """The training stage of a diffusion model with U-Net `net` on `dataset`.
 
-    `config` has `diffusion` and `train` sections; `x0(batch, generator)` is the clean sample a batch
-    trains on (the images, or a draw of their VAE latents); `decode` turns samples into images for
-    previews (None: they are images).
+    `config` has `diffusion` and `train` sections; `info` describes the images (classes, parameter
+    ranges) and `data_info` is what checkpoints record of them; `x0(batch, generator)` is the clean
+    sample a batch trains on (the images, or a draw of their VAE latents); `decode` turns samples into
+    images for previews (None: they are images).
     """
     diffusion, train = config.diffusion, config.train
     schedule = diffusion.make_schedule().to(device)
@@ -48,7 +49,7 @@ def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, datase
                                 prediction=diffusion.prediction, cond=cond, cond_drop_prob=diffusion.cond_drop_prob)
         return losses.mean(), {}
 
-    preview_sampling = SamplingConfig(sampler="ddim", steps=min(train.preview_steps, diffusion.num_timesteps))
+    preview_sampling = SamplingConfig(sampler="ddim", steps=train.preview_steps)
 
     def preview(models) -> Tensor:
         n = train.preview_images
@@ -58,8 +59,14 @@ def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, datase
 
     return TrainingStage(name=name, trainables={"model": Trainable(net, lr=train.lr, weight_decay=train.weight_decay,
                                                                    ema=True)},
-                         loss=loss, dataset=dataset, config=to_dict(config), data_info=info.to_dict(),
+                         loss=loss, dataset=dataset, config=to_dict(config), data_info=data_info,
                          augment=augment, preview=preview, payload=payload)
+
+
+def check_diffusion_options(config: Any) -> None:
+    """Options of a diffusion run that must agree with each other (pixel and latent stages alike)."""
+    steps, T = config.train.preview_steps, config.diffusion.num_timesteps
+    require(steps <= T, f"--preview-steps {steps} exceeds the model's T = {T} timesteps; use at most {T}.")
 
 
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
@@ -70,8 +77,8 @@ def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tup
     config = dataclasses.replace(config, unet=resolve_unet(config.unet, info, info.resolution, info.channels))
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
-    stage = diffusion_stage(NAME, config, info, net, dataset, runtime.device, x0=lambda batch, generator: batch.image,
-                            augment=random_hflip if data.hflip else None)
+    stage = diffusion_stage(NAME, config, info, net, dataset, runtime.device, data_info=dataset.description(),
+                            x0=lambda batch, generator: batch.image, augment=random_hflip if data.hflip else None)
     return config, stage
 
 
@@ -114,4 +121,5 @@ SPEC = StageSpec(
               Section("train", TrainConfig)),
     build=build,
     load_sampler=load_sampler,
+    check=check_diffusion_options,
 )

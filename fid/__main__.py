@@ -1,64 +1,94 @@
 """Command line: `python -m fid A B` prints FID between two image folders or .npz statistics files
 (and KID when both are folders); `python -m fid --save-stats FOLDER OUT.npz` saves a folder's
-statistics once for later comparisons."""
+statistics once for later comparisons. Folders are read as pytorch-fid reads them (see README)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from core import cli
 
 from .compare import fid_between, is_statistics_source
 from .features import compute_statistics, default_device
-from .stats import save_statistics
+from .folder import FILE_SELECTIONS, list_fid_images
+from .stats import prepare_statistics_path, save_statistics
 from .weights import WEIGHTS_FILENAME
+
+KID_SUBSET_SIZE = 1000  # the usual size (Binkowski et al. 2018 use 1000); smaller sets need an explicit choice
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m fid", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("paths", nargs=2, metavar="PATH",
                         help="two image folders or .npz statistics files; with --save-stats: FOLDER OUT.npz")
     parser.add_argument("--save-stats", action="store_true",
                         help="save the statistics of the first PATH (a folder) to the second PATH instead")
+    parser.add_argument("--files", choices=FILE_SELECTIONS, default="pytorch-fid",
+                        help="which files of a folder to read: pytorch-fid's selection (top-level *.bmp, jpeg, jpg, "
+                             "pgm, png, ppm, tif, tiff, webp, lower-case) or all (subfolders too, any case, .gif)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="image decoding processes")
+                        help="image decoding processes (0: decode in the main process)")
     parser.add_argument("--device", default=default_device(), help="torch device, e.g. cuda, cuda:1, cpu")
     parser.add_argument("--weights", default=None,
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
     parser.add_argument("--kid-subsets", type=int, default=100, help="number of random subsets for KID")
-    parser.add_argument("--kid-subset-size", type=int, default=1000,
-                        help="samples per KID subset (clipped to the smaller set)")
+    parser.add_argument("--kid-subset-size", type=int, default=None,
+                        help=f"images per KID subset; each folder needs at least this many (default {KID_SUBSET_SIZE}; "
+                             f"left at that, KID is skipped with a warning for smaller folders, while a size you give "
+                             f"is an error if a folder is smaller)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # For a person at a terminal: one line, without the source location.
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers)
+    common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                  num_workers=args.num_workers, files=args.files)
     a, b = args.paths
-    try:
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
         if args.save_stats:
             if not Path(a).is_dir():
                 raise ValueError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
+            prepare_statistics_path(b)
             save_statistics(compute_statistics(a, **common), b)
             print(f"Saved statistics of {a} to {b}")
-            return 0
+            return
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
+        subset_size = args.kid_subset_size
+        if with_kid and subset_size is None:
+            smallest = min(len(list_fid_images(path, args.files)) for path in (a, b))
+            subset_size = KID_SUBSET_SIZE
+            if smallest < subset_size:
+                with_kid = False
+                print(f"warning: KID skipped: its default subsets of {subset_size} images need that many per folder "
+                      f"and one has {smallest}; pass --kid-subset-size {smallest} or less to get it.", file=sys.stderr)
         result = fid_between(a, b, with_kid=with_kid, kid_subsets=args.kid_subsets,
-                             kid_subset_size=args.kid_subset_size, seed=args.seed, **common)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+                             kid_subset_size=subset_size or KID_SUBSET_SIZE, seed=args.seed, **common)
     print(f"FID: {result.fid:.6f}")
     if result.kid_mean is not None:
         print(f"KID: {result.kid_mean:.8f} +/- {result.kid_std:.8f}")
-    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command as the shell sees it: 0, or 1 (130 for Ctrl-C) after a one-line error."""
+    return cli.run(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

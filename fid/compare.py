@@ -10,9 +10,10 @@ from typing import Union
 import numpy as np
 import torch
 
-from .features import FeatureExtractor, ImageSource, check_folder
+from .features import FeatureExtractor, ImageSource
+from .folder import ImageFolder
 from .frechet import frechet_distance
-from .kid import kid
+from .kid import check_kid_sizes, kid
 from .stats import Statistics, StreamingStatistics, load_statistics
 
 Source = Union[ImageSource, Statistics]
@@ -20,6 +21,9 @@ Source = Union[ImageSource, Statistics]
 
 @dataclass(frozen=True)
 class FIDResult:
+    """FID, and with KID its mean and standard deviation over random subsets (the spread between
+    subsets of these images, not a standard error of KID)."""
+
     fid: float
     kid_mean: float | None = None
     kid_std: float | None = None
@@ -35,34 +39,48 @@ def is_statistics_source(source: Source) -> bool:
 def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: int = 100,
                 kid_subset_size: int = 1000, seed: int = 0, weights: str | os.PathLike | None = None,
                 device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                progress: bool = True) -> FIDResult:
+                progress: bool = True, files: str = "pytorch-fid") -> FIDResult:
     """FID between `a` and `b` (folders, .npz files, `Statistics`, image tensors or batch iterables).
 
     With `with_kid`, both sides must be images: KID (Bińkowski et al. 2018) needs the features
-    themselves, which are then held in memory; otherwise only streamed statistics are kept.
+    themselves, which are then held in memory; otherwise only streamed statistics are kept. Each
+    side needs at least `kid_subset_size` images. `files` selects which files of a folder are read
+    ("pytorch-fid": its selection; "all": subfolders, any case, GIF; see `fid.folder`).
     """
-    for source in (a, b):  # fail before spending minutes on the other side
-        _check_path(source)
-    extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress)
+    if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
+        raise ValueError("KID needs the images of both sides, not saved statistics; pass two image sources.")
+    extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files)
+    # Both folders are listed, and KID's subset size checked against them, before minutes are spent
+    # on the features of either side.
+    a, b = _open(a, files), _open(b, files)
     if not with_kid:
         s_a, s_b = _statistics(a, extractor), _statistics(b, extractor)
         return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma))
-    if is_statistics_source(a) or is_statistics_source(b):
-        raise ValueError("KID needs the images of both sides, not saved statistics; pass two image sources.")
+    check_kid_sizes(_count(a), _count(b), kid_subsets, kid_subset_size)
     f_a, f_b = extractor.features(a), extractor.features(b)
     s_a, s_b = _statistics_of(f_a), _statistics_of(f_b)
     kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma), kid_mean=kid_mean, kid_std=kid_std)
 
 
-def _check_path(source: Source) -> None:
+def _open(source: Source, files: str) -> Source:
+    """A folder path as its ImageFolder; a statistics path checked to exist; other sources as they are."""
     if not isinstance(source, (str, os.PathLike)):
-        return
+        return source
     if is_statistics_source(source):
         if not Path(source).is_file():
             raise ValueError(f"Statistics file {source} does not exist; create it with --save-stats.")
-    else:
-        check_folder(Path(source))
+        return source
+    return ImageFolder(source, files)
+
+
+def _count(source: Source) -> int | None:
+    """Number of images in a source, where it is known before reading it."""
+    if isinstance(source, ImageFolder):
+        return len(source)
+    if isinstance(source, torch.Tensor):
+        return source.shape[0]
+    return None
 
 
 def _statistics(source: Source, extractor: FeatureExtractor) -> Statistics:

@@ -1,49 +1,74 @@
 """From images to Inception features and their statistics.
 
-A source of images is a folder path, a tensor (N, C, H, W) in [0, 1] with C = 1 or 3, or an iterable
-of such tensors (e.g. batches straight from a sampler). Statistics are streamed batch by batch;
-features are only gathered when asked for (KID needs them).
+A source of images is a folder path (read as pytorch-fid reads it, see `fid.folder`), a tensor
+(N, C, H, W) in [0, 1] with C = 1 or 3, or an iterable of such tensors (e.g. batches straight from a
+sampler). Statistics are streamed batch by batch; features are only gathered when asked for (KID
+needs them).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .folder import folder_loader
+from .folder import FolderBatches, ImageFolder, check_file_selection
 from .inception import FEATURE_DIM, FIDInceptionV3
 from .stats import Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
-ImageSource = Union[str, os.PathLike, torch.Tensor, Iterable[torch.Tensor]]
+ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    try:
+        return torch.device(device or default_device())
+    except RuntimeError as err:
+        raise ValueError(f"Device {device!r} is not a torch device; pass cpu, cuda or cuda:N.") from err
+
+
+def check_device_available(device: torch.device) -> None:
+    """Refuse a device this machine lacks with one sentence, before torch fails with a traceback."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"Device {device} is not available ({count} CUDA devices found); "
+                             "pass --device cpu (device='cpu' in Python).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Device {device} is not available on this machine; pass --device cpu (device='cpu' in Python).")
+
+
 class FeatureExtractor:
     """Runs the FID Inception network over image sources; the network is built on first use, once."""
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 50, num_workers: int = 0, progress: bool = True) -> None:
+                 batch_size: int = 50, num_workers: int = 0, progress: bool = True,
+                 files: str = "pytorch-fid") -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size is {batch_size} but must be at least 1.")
+            raise ValueError(f"The batch size is {batch_size} but must be at least 1.")
+        if num_workers < 0:
+            raise ValueError(f"The number of workers is {num_workers} but must be 0 (decode in this process) or more.")
+        check_file_selection(files)
         self.weights = weights
-        self.device = torch.device(device or default_device())
+        self.device = parse_device(device)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.files = files  # which files of a folder are read: "pytorch-fid" or "all" (see fid.folder)
         self._model: FIDInceptionV3 | None = None
 
     @property
     def model(self) -> FIDInceptionV3:
         if self._model is None:
+            # Checked here, not in __init__: comparing two statistics files needs no device.
+            check_device_available(self.device)
             self._model = build_fid_inception(self.weights).to(self.device)
         return self._model
 
@@ -73,10 +98,10 @@ class FeatureExtractor:
 
     def _image_batches(self, source: ImageSource) -> tuple[Iterable[torch.Tensor], int | None, str]:
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            check_folder(path)
-            loader = folder_loader(path, self.batch_size, self.num_workers)
-            return loader, len(loader), path.name
+            source = ImageFolder(source, self.files)
+        if isinstance(source, ImageFolder):
+            batches = FolderBatches(source, self.batch_size, self.num_workers)
+            return batches, len(batches), source.root.name
         if isinstance(source, torch.Tensor):
             if source.dim() != 4:
                 raise ValueError(f"Images have shape {tuple(source.shape)} but must be (N, C, H, W).")
@@ -84,11 +109,6 @@ class FeatureExtractor:
         if isinstance(source, Iterable):
             return source, None, "batches"
         raise TypeError(f"Cannot read images from {type(source).__name__}; pass a folder, a tensor or batches.")
-
-
-def check_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise ValueError(f"{path} is not a folder of images; pass an existing image folder.")
 
 
 def _check_images(batch: torch.Tensor) -> torch.Tensor:
@@ -109,13 +129,13 @@ def _check_images(batch: torch.Tensor) -> torch.Tensor:
 
 def compute_statistics(source: ImageSource, *, weights: str | os.PathLike | None = None,
                        device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                       progress: bool = True) -> Statistics:
+                       progress: bool = True, files: str = "pytorch-fid") -> Statistics:
     """FID statistics (mu, sigma) of the Inception features of `source`, streamed in float64."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress).statistics(source)
+    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files).statistics(source)
 
 
 def compute_features(source: ImageSource, *, weights: str | os.PathLike | None = None,
                      device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                     progress: bool = True) -> np.ndarray:
+                     progress: bool = True, files: str = "pytorch-fid") -> np.ndarray:
     """Inception features (N, 2048) of `source`, all held in memory (needed for KID)."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress).features(source)
+    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files).features(source)

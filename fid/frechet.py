@@ -4,10 +4,28 @@
 
 The last term avoids a general matrix square root. For any factors S1 = F1 F1^T and S2 = F2 F2^T,
 S1 S2 has the same non-zero eigenvalues as (F1^T F2)(F1^T F2)^T, so Tr((S1 S2)^(1/2)) is the sum of
-the singular values of F1^T F2. Factors come from Cholesky with complete pivoting, which stops at
-the numerical rank: the rank-deficient covariances of small sample sets are handled exactly (where
-`sqrtm` of the non-symmetric product drifts into complex values), and the singular value problem
-shrinks to rank x rank, which also keeps it fast.
+the singular values of F1^T F2. The factors come from each covariance's eigendecomposition,
+F = V diag(lambda)^(1/2) over the eigenvalues above the matrix's rounding noise, so the
+rank-deficient covariances of small sample sets are handled exactly (where `sqrtm` of the
+non-symmetric product drifts into complex values) and the singular value problem shrinks to
+rank x rank.
+
+How much rounding noise a covariance carries depends on the precision it was stored in: statistics
+files saved in float32 (as some tools write them) are positive semi-definite only up to float32
+rounding. Let eps be the machine epsilon of that precision and d the dimension. Rounding changes
+each entry by at most eps/2 |S_ij| <= eps/2 ||S||_2 (no entry of a PSD matrix exceeds its largest
+eigenvalue), so the perturbation E has ||E||_2 <= ||E||_F <= d eps/2 ||S||_2, and by Weyl's
+inequality no eigenvalue moves further than that. A covariance is therefore refused only when an
+eigenvalue lies further below zero than d eps ||S||_2 (that bound with a factor 2 of headroom for the
+arithmetic that computed S), or when it differs from its transpose by more than d eps max|S_ij|
+(rounding keeps symmetry; arithmetic that computed the two triangles apart may not): any matrix that
+rounding could have made from a true covariance is accepted.
+
+Which eigenvalues count as zero is a different question. The worst case above is far from typical
+(in practice rounding moves eigenvalues by eps ||S||_2 or less), and cutting at it would drop the small but real
+variances of a large sample set. Eigenvalues up to max(eps, d eps_64) ||S||_2 are dropped: below
+what the stored numbers resolve, or below what float64 arithmetic on d x d matrices (the covariance's
+own accumulation, our eigensolver) resolves.
 """
 
 from __future__ import annotations
@@ -15,21 +33,20 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import scipy.linalg.lapack
 
-# Relative tolerances for accepting floating-point noise in a covariance matrix.
-_SYMMETRY_RTOL = 1e-6
-_PSD_RTOL = 1e-6
+_FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (d,), sigma (d, d).
 
-    `eps` is added to both diagonals only if the factorisation fails on the exact matrices.
+    The covariances' dtypes set the rounding they are allowed (float32 files are accepted up to
+    float32 rounding; see the module docstring). `eps` is added to both diagonals only if the
+    eigen- or singular value decomposition fails to converge on the exact matrices.
     """
-    mu1, sigma1 = _check_gaussian(mu1, sigma1, "first")
-    mu2, sigma2 = _check_gaussian(mu2, sigma2, "second")
+    mu1, sigma1, precision1 = _check_gaussian(mu1, sigma1, "first")
+    mu2, sigma2, precision2 = _check_gaussian(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
         raise ValueError(
             f"The two statistics have feature dimensions {mu1.size} and {mu2.size}; "
@@ -37,45 +54,47 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         )
     diff = mu1 - mu2
     try:
-        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+        tr_covmean = _trace_sqrt_product(sigma1, precision1, sigma2, precision2)
     except np.linalg.LinAlgError:
         warnings.warn(f"Factorisation did not converge; adding {eps} to the covariance diagonals.", RuntimeWarning)
         offset = eps * np.eye(sigma1.shape[0])
-        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, precision1, sigma2 + offset, precision2)
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     # Rounding can push a true zero slightly below it.
     return max(distance, 0.0)
 
 
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+def _trace_sqrt_product(sigma1: np.ndarray, precision1: float, sigma2: np.ndarray, precision2: float) -> float:
     """Tr((sigma1 sigma2)^(1/2)) for symmetric positive semi-definite inputs."""
-    f1, f2 = _psd_factor(sigma1, "first"), _psd_factor(sigma2, "second")
+    f1, f2 = _psd_factor(sigma1, precision1, "first"), _psd_factor(sigma2, precision2, "second")
     if f1.shape[1] == 0 or f2.shape[1] == 0:
         return 0.0
     return float(np.linalg.svd(f1.T @ f2, compute_uv=False).sum())
 
 
-def _psd_factor(sigma: np.ndarray, which: str) -> np.ndarray:
-    """F of shape (d, rank) with sigma = F F^T, or an error if sigma is not positive semi-definite."""
-    lower, piv, rank, info = scipy.linalg.lapack.dpstrf(sigma, lower=1)
-    assert info >= 0, f"dpstrf rejected its argument (info={info})"
-    factor = np.empty((sigma.shape[0], rank))
-    # LAPACK factors P^T sigma P = L L^T with row k of L belonging to variable piv[k] (1-based).
-    factor[piv - 1] = np.tril(lower)[:, :rank]
-    # Pivoting stops once every remaining diagonal entry is negligible; for a PSD matrix what is left
-    # over is then negligible too, for an indefinite one it is not.
-    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
-    if np.abs(sigma - factor @ factor.T).max(initial=0.0) > _PSD_RTOL * scale:
+def _psd_factor(sigma: np.ndarray, precision: float, which: str) -> np.ndarray:
+    """F of shape (d, rank) with sigma = F F^T up to rounding, or an error if sigma is not PSD."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)  # ascending
+    norm = float(np.abs(eigenvalues).max(initial=0.0))  # ||sigma||_2
+    bound = sigma.shape[0] * precision * norm
+    if eigenvalues.size and eigenvalues[0] < -bound:
         raise ValueError(
-            f"The {which} covariance is not positive semi-definite, so it is not a covariance matrix; "
-            "pass the sigma computed from features."
+            f"The {which} covariance is not positive semi-definite: its eigenvalue {eigenvalues[0]:.3g} lies further "
+            f"below zero than rounding explains (-{bound:.3g}), so it is not a covariance matrix; pass the sigma "
+            "computed from features, stored in the precision it was computed in."
         )
-    return factor
+    keep = eigenvalues > max(precision, sigma.shape[0] * _FLOAT64_EPS) * norm
+    return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
 
 
-def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """mu and the symmetrised sigma in float64, and the machine epsilon of the precision sigma came in."""
+    sigma = np.asarray(sigma)
+    # Our arithmetic is float64, so nothing is resolved more finely than that.
+    precision = max(float(np.finfo(sigma.dtype).eps) if np.issubdtype(sigma.dtype, np.floating) else 0.0,
+                    _FLOAT64_EPS)
     mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
+    sigma = sigma.astype(np.float64)
     if mu.ndim != 1:
         raise ValueError(f"The {which} mean has shape {mu.shape} but must be a vector (d,); pass mu, not features.")
     if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
@@ -86,7 +105,12 @@ def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.n
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"The {which} mean or covariance contains NaN or infinity; recompute the statistics.")
-    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
-    if np.abs(sigma - sigma.T).max(initial=0.0) > _SYMMETRY_RTOL * scale:
-        raise ValueError(f"The {which} covariance is not symmetric, so it is not a covariance matrix.")
-    return mu, (sigma + sigma.T) / 2
+    bound = sigma.shape[0] * precision * float(np.abs(sigma).max(initial=0.0))
+    asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    if asymmetry > bound:
+        raise ValueError(
+            f"The {which} covariance is not symmetric: it differs from its transpose by up to {asymmetry:.3g}, more "
+            f"than rounding explains ({bound:.3g}), so it is not a covariance matrix; pass the sigma computed from "
+            "features, stored in the precision it was computed in."
+        )
+    return mu, (sigma + sigma.T) / 2, precision

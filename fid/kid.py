@@ -4,6 +4,12 @@ KID is the unbiased estimate of the squared maximum mean discrepancy between two
 the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3. Unlike FID it has an unbiased estimator, so
 it is meaningful for small sets; it is averaged over random equal-size subsets, and the spread over
 subsets is reported with it.
+
+A subset can be no larger than the smaller set. We refuse a larger subset size rather than shrink it
+quietly: a shrunk subset is the whole set, every draw then gives the same estimate, and the spread
+reads as a confident 0. The spread measures how much the estimate moves between subsets drawn from
+these sets, not the uncertainty of KID itself; it shrinks as the subset size approaches the number
+of images and is exactly 0 when they are equal.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tens
         subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Mean and standard deviation (np.std, over subsets) of the unbiased MMD^2; features (n1, d), (n2, d).
 
-    The subset size is clipped to the smaller set, and each subset is drawn without replacement.
+    Each subset of `subset_size` rows is drawn without replacement, so both sets need at least that many.
     """
     x = _as_float64(features1, "first")
     y = _as_float64(features2, "second")
@@ -24,18 +30,30 @@ def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tens
         raise ValueError(
             f"The two feature sets have dimensions {x.shape[1]} and {y.shape[1]}; extract both with the same network."
         )
-    m = min(x.shape[0], y.shape[0], subset_size)
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per set but got subsets of {m}; give more images.")
-    if num_subsets < 1:
-        raise ValueError(f"num_subsets is {num_subsets} but must be at least 1.")
+    check_kid_sizes(x.shape[0], y.shape[0], num_subsets, subset_size)
     rng = np.random.default_rng(seed)
     estimates = np.empty(num_subsets)
     for i in range(num_subsets):
-        xs = x[rng.choice(x.shape[0], m, replace=False)]
-        ys = y[rng.choice(y.shape[0], m, replace=False)]
+        xs = x[rng.choice(x.shape[0], subset_size, replace=False)]
+        ys = y[rng.choice(y.shape[0], subset_size, replace=False)]
         estimates[i] = _unbiased_mmd2(xs, ys)
     return float(estimates.mean()), float(estimates.std())
+
+
+def check_kid_sizes(n1: int | None, n2: int | None, num_subsets: int, subset_size: int) -> None:
+    """Refuse subset settings KID cannot honour; n1, n2 are the set sizes (None: not known yet)."""
+    if num_subsets < 1:
+        raise ValueError(f"The number of KID subsets is {num_subsets} but must be at least 1.")
+    if subset_size < 2:
+        raise ValueError(f"The KID subset size is {subset_size} but the unbiased estimate needs at least 2.")
+    known = [n for n in (n1, n2) if n is not None]
+    if known and min(known) < subset_size:
+        got = " and ".join(str(n) for n in (n1, n2) if n is not None)
+        raise ValueError(
+            f"KID needs at least {subset_size} images per side for subsets of {subset_size} but got {got}; "
+            f"pass a subset size of at most {min(known)} (on the command line --kid-subset-size N, or --no-kid to "
+            "skip KID) or more images."
+        )
 
 
 def _polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:

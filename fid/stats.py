@@ -5,12 +5,15 @@ any size is summarised without holding its features, and without the cancellatio
 outer products suffers when the mean is large relative to the spread.
 
 Statistics files are `.npz` with arrays `mu` (d,) and `sigma` (d, d), the layout pytorch-fid reads
-and writes, so files can be exchanged with it.
+and writes, so files can be exchanged with it. A file's arrays keep the precision they were saved in:
+a float32 covariance is positive semi-definite only up to float32 rounding, and `frechet_distance`
+needs to know that to accept it.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import torch
 
 @dataclass(frozen=True)
 class Statistics:
-    """Mean `mu` (d,) and covariance `sigma` (d, d) of a feature set."""
+    """Mean `mu` (d,) and covariance `sigma` (d, d) of a feature set: float64 when computed here, the
+    stored dtype when loaded from a file."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -77,28 +81,56 @@ class StreamingStatistics:
 def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
     """Write `mu` and `sigma` to an .npz file (the name is used as given; numpy adds .npz if missing)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=stats.mu, sigma=stats.sigma)
+    prepare_statistics_path(path)
+    try:
+        np.savez(path, mu=stats.mu, sigma=stats.sigma)
+    except OSError as err:
+        raise OSError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
+
+
+def prepare_statistics_path(path: str | os.PathLike) -> None:
+    """Create the folder `path` will be written to, so that a bad path fails before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"Cannot write statistics to the folder {path}; pass a file name such as {path / 'stats.npz'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
+
+
+def _reason(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
 
 
 def load_statistics(path: str | os.PathLike) -> Statistics:
     """Read an .npz with `mu` (d,) and `sigma` (d, d), as written by this package or pytorch-fid."""
     path = Path(path)
     try:
-        with np.load(path) as data:
-            keys = sorted(data.files)
-            if "mu" not in keys or "sigma" not in keys:
-                raise ValueError(
-                    f"Statistics file {path} has arrays {keys} but needs 'mu' and 'sigma'; "
-                    "create it with `python -m fid --save-stats FOLDER OUT.npz`."
-                )
-            mu = np.asarray(data["mu"], dtype=np.float64)
-            sigma = np.asarray(data["sigma"], dtype=np.float64)
-    except (OSError, EOFError) as err:
-        raise ValueError(f"Cannot read statistics file {path} ({err}); recreate it with --save-stats.") from err
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one unnamed array")
+        with loaded:
+            keys = sorted(loaded.files)
+            arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # missing, truncated, pickled, not a zip
+        reason = str(err).split(". ")[0].rstrip(".")  # numpy's messages run on for several sentences
+        raise ValueError(f"Cannot read statistics file {path} ({reason}); recreate it with --save-stats.") from err
+    if len(arrays) != 2:
+        raise ValueError(
+            f"Statistics file {path} has arrays {keys} but needs 'mu' and 'sigma'; "
+            "create it with `python -m fid --save-stats FOLDER OUT.npz`."
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise ValueError(
             f"Statistics file {path} has mu of shape {mu.shape} and sigma of shape {sigma.shape}, "
             "but needs (d,) and (d, d); recreate it with --save-stats."
         )
     return Statistics(mu=mu, sigma=sigma)
+
+
+def _as_float(array: np.ndarray) -> np.ndarray:
+    """Floating arrays as stored (their precision sets the rounding allowed later); others as float64."""
+    array = np.asarray(array)
+    return array if np.issubdtype(array.dtype, np.floating) else array.astype(np.float64)

@@ -70,6 +70,13 @@ def _download_state_dict() -> dict[str, torch.Tensor]:
             f"Cannot download the FID weights {WEIGHTS_FILENAME} from {WEIGHTS_URL} ({err}); download it "
             f"elsewhere and pass --weights PATH (weights=PATH in Python) or put it in {checkpoints}."
         ) from err
+    except Exception as err:  # a download that fails its hash check, or a damaged copy in the cache
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
+        summary = " ".join(str(err).split())[:200]
+        raise ValueError(
+            f"The FID weights {WEIGHTS_FILENAME} from {WEIGHTS_URL} or its cached copy cannot be read "
+            f"({type(err).__name__}: {summary}); delete {cached} and run again, or pass --weights PATH."
+        ) from err
 
 
 def _init_random(model: nn.Module) -> None:

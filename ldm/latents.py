@@ -13,7 +13,6 @@ reuses a cache.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 import zipfile
@@ -64,15 +63,6 @@ def draw_latent(moments: Tensor, generator: torch.Generator) -> Tensor:
     return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
-def data_hash(dataset: ImageDataset) -> str:
-    """A hash of everything the cache derives from the data: images, labels and parameters."""
-    digest = hashlib.sha256()
-    for tensor in (dataset.images, dataset.labels, dataset.params):
-        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def cache_path(cache_dir: str | Path, info: DatasetInfo, vae_fingerprint: str, images_hash: str, views: int) -> Path:
     name = re.sub(r"[^A-Za-z0-9]+", "_", info.name).strip("_")[-40:] or "data"
     return Path(cache_dir) / "latents" / f"{name}-r{info.resolution}-vae{vae_fingerprint}-data{images_hash}-v{views}-{VERSION}.npz"
@@ -115,7 +105,7 @@ def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: Im
     f, L = autoencoder.config.downsampling_factor, autoencoder.config.latent_channels
     r = dataset.info.resolution // f
     expected = (len(dataset), views, 2 * L, r, r)
-    images_hash = data_hash(dataset)
+    images_hash = dataset.fingerprint()
     path = cache_path(cache_dir, dataset.info, vae_fingerprint, images_hash, views)
     with main_process_first(runtime):
         moments = _read(path, vae_fingerprint, images_hash, expected)

@@ -23,7 +23,7 @@ from data import DatasetInfo, load_dataset
 from data.augment import random_view
 from ddpm.config import UNET_FROM_DATA, UNET_OPTIONS, DiffusionConfig, resolve_unet
 from ddpm.generate import DiffusionSampler
-from ddpm.stage import diffusion_stage, load_unet
+from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
 from ddpm.unet import UNet, UNetConfig
 from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LatentConfig, LDMConfig
 from ldm.latents import draw_latent, latent_dataset
@@ -91,7 +91,7 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
                   flush=True)
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
-    stage = diffusion_stage(NAME, config, info, net, latents, device,
+    stage = diffusion_stage(NAME, config, info, net, latents, device, data_info=dataset.description(),
                             x0=lambda batch, generator: scale * draw_latent(batch.views[:, 0], generator),
                             decode=lambda z: autoencoder.decode(z / scale),
                             augment=random_view if data.hflip else None,
@@ -136,6 +136,14 @@ def prerequisite(config: LDMConfig, device: str) -> Prerequisite | None:
     return None
 
 
+def check(config: LDMConfig) -> None:
+    check_diffusion_options(config)
+    path = Path(config.latent.vae_ckpt)
+    if path != Path(DEFAULT_VAE_CKPT) and not path.is_file():  # the default one is trained when missing
+        raise FileNotFoundError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` "
+                                f"run.")
+
+
 SPEC = StageSpec(
     name=NAME,
     summary="latent diffusion: a DDPM U-Net on the latents of a trained KL autoencoder",
@@ -150,4 +158,5 @@ SPEC = StageSpec(
     build=build,
     load_sampler=load_sampler,
     prerequisite=prerequisite,
+    check=check,
 )

@@ -12,3 +12,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300) -> None:
+    """Run `script` under torchrun with `nproc` CPU processes (gloo), deterministically: `--standalone`
+    lets torchrun pick a free port (a fixed one can still be held by another job, or by the previous
+    launch), and gloo is pinned to the loopback interface instead of whatever the host name resolves to."""
+    import os
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    subprocess.run(command + args, check=True, env=env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def torchrun():
+    """`torchrun(nproc, script, args, cwd)`: a multi-process CPU launch that cannot collide on a port."""
+    return _torchrun

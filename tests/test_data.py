@@ -1,10 +1,16 @@
-"""Tests for data/: the plume simulator and its cache, image folders, and CIFAR-10 (offline, faked)."""
+"""Tests for data/: the plume simulator and its cache, image files in every pixel mode, image folders
+and their params.csv, and CIFAR-10 (offline, faked) with hostile batch files."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickle
+import struct
 import urllib.error
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +19,10 @@ import torchvision
 from PIL import Image
 
 import data.plumes as plumes
+from core import cli
 from data import DatasetInfo, load_dataset
 from data.fluid import advect, divergence, project
+from data.imageio import list_images, load_image
 
 RES = 16
 
@@ -138,6 +146,244 @@ def test_constant_parameter_normalizes_to_zero():
     assert torch.equal(info.denormalize_params(torch.tensor([[0.0, 0.5]])), torch.tensor([[2.0, 3.0]]))
 
 
+# ---------------------------------------------------------------- image files: every pixel mode
+
+RED, GREEN, DARK, BLACK = (255, 0, 0), (0, 255, 0), (10, 20, 30), (0, 0, 0)
+PALETTE = [*RED, *GREEN, *DARK]
+
+
+def _row(mode, pixels, palette=None):
+    """A one-row image in `mode` with the given pixel values, left to right."""
+    image = Image.new(mode, (len(pixels), 1))
+    if palette:
+        image.putpalette(palette)
+    for x, value in enumerate(pixels):
+        image.putpixel((x, 0), value)
+    return image
+
+
+def _saves(image, **options):
+    return lambda path: image.save(path, **options)
+
+
+def _associated_alpha_tiff(image):
+    """Pillow writes LA/RGBA TIFFs with unassociated alpha; flip ExtraSamples to 1 (premultiplied)."""
+    def write(path):
+        buffer = io.BytesIO()
+        image.save(buffer, "TIFF")
+        data = bytearray(buffer.getvalue())
+        entry = data.find(struct.pack("<HH", 338, 3))  # little-endian IFD entry: tag ExtraSamples, type SHORT
+        assert entry > 0
+        struct.pack_into("<H", data, entry + 8, 1)
+        path.write_bytes(bytes(data))
+    return write
+
+
+def _rgb16_png(pixels):
+    """Pillow reads 48-bit PNGs but cannot write them, so build one chunk by chunk."""
+    def write(path):
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        raw = b"\x00" + np.array(pixels, ">u2").tobytes()
+        header = struct.pack(">IIBBBBB", len(pixels), 1, 16, 2, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                         + chunk(b"IEND", b""))
+    return write
+
+
+def _two_frames(**options):
+    """A red frame, then a green one."""
+    return lambda path: _row("RGB", [RED] * 2).save(path, save_all=True, append_images=[_row("RGB", [GREEN] * 2)],
+                                                    **options)
+
+
+def _ycbcr(rgb):
+    """JPEG's full-range YCbCr of an RGB triple (ITU-R 601 coefficients)."""
+    r, g, b = rgb
+    return (round(0.299 * r + 0.587 * g + 0.114 * b), round(128 - 0.168736 * r - 0.331264 * g + 0.5 * b),
+            round(128 + 0.5 * r - 0.418688 * g - 0.081312 * b))
+
+
+def _case(name, suffix, write, opens_as, expected, tol=0):
+    """`expected`: per pixel an RGB triple, or one grey value for grey images."""
+    return pytest.param(suffix, write, opens_as, expected, tol, id=name)
+
+
+GREY_16_ROW = np.array([[0, 255, 32768, 65535]], np.uint16)
+GREY_16_EXPECTED = [0, 1, 128, 255]  # v / 257 rounded: 65535 is white and 32768 mid-grey, not clipped at 255
+
+FILE_CASES = [
+    *[_case(f"1-{s}", s, _saves(_row("1", [0, 1])), m, [0, 255]) for s, m in
+      [("png", "1"), ("bmp", "1"), ("tiff", "1"), ("gif", "L")]],
+    _case("1-transparent-png", "png", _saves(_row("1", [0, 1]), transparency=1), "1", [0, 0]),
+    *[_case(f"L-{s}", s, _saves(_row("L", [0, 100, 255])), m, [0, 100, 255]) for s, m in
+      [("png", "L"), ("tiff", "L"), ("bmp", "L"), ("pgm", "L"), ("gif", "P")]],
+    _case("L-jpeg", "jpg", _saves(_row("L", [100] * 8)), "L", [100] * 8, tol=1),
+    _case("L-transparent-png", "png", _saves(_row("L", [7, 100]), transparency=7), "L", [0, 100]),
+    *[_case(f"P-{s}", s, _saves(_row("P", [0, 1, 2], PALETTE)), "P", [RED, GREEN, DARK])
+      for s in ("png", "gif", "bmp", "tiff")],
+    *[_case(f"P-transparent-{s}", s, _saves(_row("P", [0, 1, 2], PALETTE), transparency=1), "P", [RED, BLACK, DARK])
+      for s in ("png", "gif")],
+    _case("PA-tiff", "tiff", _saves(_row("PA", [(0, 255), (0, 128), (1, 0)], PALETTE)), "PA", [RED, (128, 0, 0), BLACK]),
+    *[_case(f"LA-{s}", s, _saves(_row("LA", [(200, 255), (200, 128), (200, 0)])), "LA", [200, 100, 0])
+      for s in ("png", "tiff")],
+    _case("La-tiff", "tiff", _associated_alpha_tiff(_row("LA", [(100, 128), (200, 255)])), "La", [100, 200]),
+    *[_case(f"RGBA-{s}", s, _saves(_row("RGBA", [(200, 100, 50, 255), (200, 100, 50, 128), (200, 100, 50, 0)]), **o),
+            "RGBA", [(200, 100, 50), (100, 50, 25), BLACK])
+      for s, o in [("png", {}), ("tiff", {}), ("webp", {"lossless": True})]],
+    _case("RGBA-premultiplied-tiff", "tiff", _associated_alpha_tiff(_row("RGBA", [(100, 50, 25, 128)])), "RGBA",
+          [(100, 50, 25)], tol=1),
+    *[_case(f"RGB-{s}", s, _saves(_row("RGB", [RED, GREEN, DARK]), **o), m, [RED, GREEN, DARK]) for s, m, o in
+      [("png", "RGB", {}), ("tiff", "RGB", {}), ("bmp", "RGB", {}), ("ppm", "RGB", {}), ("gif", "P", {}),
+       ("webp", "RGB", {"lossless": True})]],
+    _case("RGB-jpeg", "jpg", _saves(_row("RGB", [(10, 120, 200)] * 8), quality=95), "RGB", [(10, 120, 200)] * 8, tol=3),
+    _case("RGB-transparent-png", "png", _saves(_row("RGB", [(1, 2, 3), (200, 100, 50)]), transparency=(1, 2, 3)), "RGB",
+          [BLACK, (200, 100, 50)]),
+    _case("RGB-16bit-png", "png", _rgb16_png([(65535, 32768, 0), (257, 0, 65535)]), "RGB", [(255, 128, 0), (1, 0, 255)]),
+    # CMYK without colour management: each channel is (255 - C)(255 - K) / 255.
+    _case("CMYK-tiff", "tiff", _saves(_row("CMYK", [(0, 255, 255, 0), (100, 0, 0, 100), (0, 0, 0, 255)])), "CMYK",
+          [RED, (94, 155, 155), BLACK]),
+    _case("CMYK-jpeg", "jpg", _saves(_row("CMYK", [(0, 255, 255, 0)] * 8), quality=95), "CMYK", [RED] * 8, tol=3),
+    _case("YCbCr-tiff", "tiff", _saves(_row("YCbCr", [_ycbcr(c) for c in (RED, GREEN, DARK)])), "YCbCr",
+          [RED, GREEN, DARK], tol=2),
+    # CIELAB white, sRGB mid-grey (L* 53.6) and sRGB red (53.2, 80.1, 67.2), in Pillow's 8-bit encoding
+    # (L* x 2.55, a* + 128, b* + 128); 8-bit quantisation moves red by up to 11.
+    _case("LAB-tiff", "tiff", _saves(_row("LAB", [(255, 128, 128), (137, 128, 128), (136, 208, 195)])), "LAB",
+          [(255, 255, 255), (128, 128, 128), RED], tol=12),
+    *[_case(f"{m}-{s}", s, _saves(Image.fromarray(GREY_16_ROW.astype(dtype))), m, GREY_16_EXPECTED) for s, m, dtype in
+      [("png", "I;16", "<u2"), ("tiff", "I;16", "<u2"), ("tiff", "I;16B", ">u2"), ("pgm", "I", "<u2")]],
+    # A dark 16-bit image stays dark: the scale is the mode's, not guessed from the image's largest value.
+    _case("I;16-dark-png", "png", _saves(Image.fromarray(np.array([[0, 128, 255]], np.uint16))), "I;16", [0, 0, 1]),
+    _case("I;16-transparent-png", "png",
+          _saves(Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)), transparency=32768), "I;16", [0, 0, 255]),
+    _case("I-tiff", "tiff", _saves(Image.fromarray(np.array([[0, 257, 32768, 65535]], np.int32))), "I", GREY_16_EXPECTED),
+    _case("F-0..1-tiff", "tiff", _saves(_row("F", [0.0, 0.5, 1.0, 0.25])), "F", [0, 128, 255, 64]),
+    _case("F-0..255-tiff", "tiff", _saves(_row("F", [0.0, 100.4, 255.0, 300.0])), "F", [0, 100, 255, 255]),
+    *[_case(f"first-frame-{s}", s, _two_frames(**o), m, [RED, RED]) for s, m, o in
+      [("gif", "P", {}), ("tiff", "RGB", {}), ("png", "RGB", {}), ("webp", "RGB", {"lossless": True})]],
+]
+
+# Modes no Pillow writer produces, fed to load_image as if a file had decoded to them.
+MEMORY_CASES = [
+    pytest.param(lambda: _row("HSV", [(0, 255, 255), (85, 255, 128)]), [RED, (0, 128, 0)], 0, id="HSV"),
+    pytest.param(lambda: _row("RGBa", [(100, 50, 25, 128)]), [(100, 50, 25)], 0, id="RGBa"),
+    pytest.param(lambda: _row("La", [(100, 128)]), [100], 0, id="La"),
+    pytest.param(lambda: _row("RGBX", [(10, 20, 30, 0)]), [DARK], 0, id="RGBX"),
+    *[pytest.param(lambda m=m: _row(m, [0, 255, 32768, 65535]), GREY_16_EXPECTED, 0, id=m) for m in ("I;16L", "I;16N")],
+]
+
+
+def _luma(rgb):
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _check_pixels(path, expected, tol):
+    grey_source = not isinstance(expected[0], tuple)
+    want_rgb = np.array([(v, v, v) if grey_source else v for v in expected])
+    want_grey = np.array(expected if grey_source else [_luma(v) for v in expected])
+    rgb = np.asarray(load_image(path, "RGB"), dtype=float)
+    grey = np.asarray(load_image(path, "L"), dtype=float)
+    assert rgb.shape == (1, len(expected), 3) and grey.shape == (1, len(expected))
+    assert np.abs(rgb[0] - want_rgb).max() <= tol, rgb[0].tolist()
+    # Colour -> L is luma, which Pillow rounds in fixed point: allow one level more.
+    assert np.abs(grey[0] - want_grey).max() <= tol + (0 if grey_source else 1), grey[0].tolist()
+
+
+@pytest.mark.parametrize("suffix, write, opens_as, expected, tol", FILE_CASES)
+def test_load_image_converts_every_mode_pillow_writes(tmp_path, suffix, write, opens_as, expected, tol):
+    path = tmp_path / f"image.{suffix}"
+    write(path)
+    with Image.open(path) as raw:
+        assert raw.mode == opens_as  # the case exercises the mode it is named after
+    _check_pixels(path, expected, tol)
+
+
+@pytest.mark.parametrize("make, expected, tol", MEMORY_CASES)
+def test_load_image_converts_modes_only_memory_holds(tmp_path, monkeypatch, make, expected, tol):
+    monkeypatch.setattr(Image, "open", lambda path: make())
+    _check_pixels(tmp_path / "image.png", expected, tol)
+
+
+def test_every_pillow_mode_is_covered():
+    file_modes = {case.values[2] for case in FILE_CASES}
+    memory_modes = {case.values[0]().mode for case in MEMORY_CASES}
+    assert set(Image.MODES) <= file_modes | memory_modes, set(Image.MODES) - file_modes - memory_modes
+
+
+@pytest.mark.parametrize("name, image, match", [
+    ("nan.tiff", _row("F", [0.5, float("nan")]), "NaN or infinite"),
+    ("inf.tiff", _row("F", [0.5, float("inf")]), "NaN or infinite"),
+    ("negative.tiff", _row("F", [0.5, -0.2]), "negative pixel values"),
+    ("int32.tiff", Image.fromarray(np.array([[0, 70000]], np.int32)), "from 0 to 70000, outside the 16-bit range"),
+    ("signed.tiff", Image.fromarray(np.array([[-5, 100]], np.int32)), "from -5 to 100"),
+])
+def test_load_image_refuses_pixels_without_a_meaning(tmp_path, name, image, match):
+    image.save(tmp_path / name)
+    with pytest.raises(ValueError, match=match) as err:
+        load_image(tmp_path / name)
+    assert str(tmp_path / name) in str(err.value)
+
+
+def test_load_image_refuses_broken_missing_and_bomb_files(tmp_path, monkeypatch):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    (tmp_path / "truncated.png").write_bytes(buffer.getvalue()[:2000])
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG not really")
+    for name in ("garbage.png", "truncated.png"):
+        with pytest.raises(ValueError, match=f"Cannot read image {tmp_path / name}"):
+            load_image(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        load_image(tmp_path / "missing.png")
+
+    _row("L", [0] * 10).save(tmp_path / "bomb.png")
+    # Pillow only warns between 1x and 2x its limit, and raises above 2x: both are refused alike.
+    for limit in (6, 4):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'bomb.png'} has 10 pixels, more than the limit of {limit} "):
+            load_image(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert load_image(tmp_path / "bomb.png").size == (10, 1)
+
+
+def test_list_images_skips_hidden_follows_links_and_refuses_non_files(tmp_path):
+    for name in ("a.png", "sub/b.png", ".hidden.png", "._a.png", ".ipynb_checkpoints/a-checkpoint.png"):
+        _save(tmp_path / "data" / name, _row("L", [1]))
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    _save(tmp_path / "elsewhere" / "c.png", _row("L", [1]))
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    os.symlink(tmp_path / "data", tmp_path / "data" / "sub" / "loop")  # a link back up must not recurse forever
+    root = tmp_path / "data"
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == ["a.png", "linked/c.png", "sub/b.png"]
+    assert [p.name for p in list_images(root, recursive=False)] == ["a.png"]
+
+    os.symlink(tmp_path / "gone.png", root / "sub" / "dangling.png")
+    with pytest.raises(ValueError, match=f"{root / 'sub' / 'dangling.png'} is not a regular file"):
+        list_images(root)
+    os.remove(root / "sub" / "dangling.png")
+    os.mkfifo(root / "pipe.png")  # opening it would block forever
+    with pytest.raises(ValueError, match="pipe.png is not a regular file"):
+        list_images(root)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        list_images(root / "a.png")
+
+
+def test_list_images_refuses_a_folder_it_cannot_read(tmp_path, monkeypatch):
+    _save(tmp_path / "open" / "a.png", _row("L", [1]))
+    (tmp_path / "locked").mkdir()
+    scandir = os.scandir
+
+    def denied(path):  # the suite may run as root, for whom chmod 000 locks nothing
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ValueError, match=f"Cannot list the folder {tmp_path / 'locked'} \\(Permission denied\\)"):
+        list_images(tmp_path)
+
+
 # ---------------------------------------------------------------- folders
 
 def _save(path, image):
@@ -210,6 +456,64 @@ def test_folder_errors(tmp_path):
         load_dataset("imagenet", RES)
 
 
+@pytest.mark.parametrize("content, match", [
+    pytest.param(b"path,speed\na.png,1\nb.png,2\n./a.png,3\n",
+                 r"lines 2 and 4 both give parameters for a\.png", id="duplicate-row"),
+    pytest.param(b"path,speed,angle,speed\na.png,1,2,3\nb.png,1,2,3\n",
+                 r"line 1: the header names parameter 'speed' in columns 2 and 4", id="duplicate-column"),
+    pytest.param(b"path,speed,,angle\na.png,1,2,3\nb.png,1,2,3\n",
+                 r"line 1: column 3 of the header has no name", id="empty-column-name"),
+    pytest.param(b"path,speed\na.png,1\n,2\nb.png,3\n", r"line 3 has an empty image path", id="empty-path"),
+    pytest.param(b"path,speed\na.png,1e39\nb.png,2\n",
+                 r"line 2 \(a\.png\) has a parameter beyond float32's range", id="beyond-float32"),
+    # Line numbers count lines, not rows: a quoted path may span two.
+    pytest.param(b'path,speed\n"a\n.png",1\nb.png,fast\n', r"line 4 \(b\.png\) has a non-numeric", id="line-numbers"),
+    pytest.param(b'path,speed\na.png,1\nb.png,"' + b"x" * 200_000 + b'"\n', r"line 3 is not valid CSV", id="csv-error"),
+    pytest.param("path,speed\na.png,1\n\u00e9t\u00e9.png,2\n".encode("latin-1"),
+                 r"is not UTF-8 text \(byte 0xe9 on line 3\)", id="latin-1"),
+    pytest.param("path,speed\na.png,1\nb.png,2\n".encode("utf-16"),
+                 r"is not UTF-8 text \(byte 0xff on line 1\)", id="utf-16"),
+    pytest.param("path,speed\na.png,1\nb.png,2\n".encode("utf-16-le"),
+                 r"has NUL bytes \(from line 1\), as UTF-16 text does", id="utf-16-without-bom"),
+])
+def test_folder_params_csv_refuses_defects_naming_file_and_line(tmp_path, content, match):
+    for name in ("a.png", "b.png"):
+        _save(tmp_path / name, Image.new("RGB", (20, 20)))
+    (tmp_path / "params.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        load_dataset(f"folder:{tmp_path}", RES)
+    assert str(tmp_path.resolve() / "params.csv") in str(err.value)
+
+
+def test_folder_params_csv_accepts_bom_blank_rows_and_other_spellings_and_warns_on_unused_rows(tmp_path):
+    _save(tmp_path / "cats" / "a.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "dogs" / "b.png", Image.new("RGB", (20, 20)))
+    # Excel's "CSV UTF-8": a byte-order mark, CRLF line ends, a Windows path, a trailing row of blank cells.
+    (tmp_path / "params.csv").write_bytes("\ufeffpath,speed\r\ncats\\a.png,1\r\n,\r\n./dogs/b.png,2\r\n"
+                                          "gone.png,5\r\n\r\n".encode("utf-8"))
+    with pytest.warns(UserWarning, match=r"1 row\(s\) for images that are not in .* \(lines 5\); they are ignored"):
+        ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.param_names == ("speed",) and ds.params.tolist() == [[1.0], [2.0]]
+    assert ds.info.param_ranges == ((1.0, 2.0),)  # the row for the missing image counts nowhere
+
+
+def test_folder_ignores_hidden_files_and_folders(tmp_path):
+    _save(tmp_path / "cats" / "a.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "dogs" / "b.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png", Image.new("RGB", (20, 20)))
+    (tmp_path / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.class_names == ("cats", "dogs") and len(ds) == 2
+
+
+def test_entry_points_print_data_errors_as_one_line(tmp_path, capsys):
+    _save(tmp_path / "a.png", Image.new("RGB", (20, 20)))
+    (tmp_path / "params.csv").write_bytes("path,température\na.png,1\n".encode("latin-1"))
+    assert cli.run(lambda argv: load_dataset(f"folder:{tmp_path}", RES), []) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "params.csv is not UTF-8" in err
+
+
 # ---------------------------------------------------------------- cifar10
 
 def _no_network(monkeypatch):
@@ -221,7 +525,7 @@ def _no_network(monkeypatch):
 
 def test_cifar10_offline_error_names_files_and_place(tmp_path, monkeypatch):
     _no_network(monkeypatch)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(FileNotFoundError) as err:
         load_dataset("cifar10", 32, cache_dir=tmp_path)
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and "data_batch_1" in message and "test_batch" in message
@@ -249,3 +553,107 @@ def test_cifar10_reads_extracted_batches(tmp_path, monkeypatch):
     test = load_dataset("cifar10", RES, cache_dir=tmp_path, train=False)
     assert len(test) == 2 and test[1][0].shape == (3, RES, RES)
     assert test.labels.tolist() == batches["test_batch"]["labels"]
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _python2_pickle(obj):
+    """`obj` pickled as the genuine batches are: protocol 2 from Python 2, whose strings are byte strings
+    (BINSTRING), with numpy 1's module path for the array constructor."""
+    class Python2Pickler(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_byte_string(self, value):
+            raw = value if isinstance(value, bytes) else value.encode("latin1")
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+            self.memoize(value)
+
+        dispatch[str] = dispatch[bytes] = save_byte_string
+
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+def _write_cifar(folder, dump, n=3, seed=0):
+    """A complete fake cifar-10-batches-py/ whose files hold what the genuine ones do; returns the batches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        batches[name] = {"batch_label": f"batch {k}", "labels": [int(v) for v in rng.integers(0, 10, n)],
+                         "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "filenames": [f"image_{k}_{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(dump(batches[name]))
+    (folder / "batches.meta").write_bytes(dump({"num_cases_per_batch": n, "label_names": CIFAR_CLASSES, "num_vis": 3072}))
+    return batches
+
+
+@pytest.mark.parametrize("dump", [_python2_pickle, lambda obj: pickle.dumps(obj, protocol=2)],
+                         ids=["python2", "python3-protocol2"])
+def test_cifar10_reads_batches_pickled_like_the_genuine_ones(tmp_path, monkeypatch, dump):
+    _no_network(monkeypatch)
+    assert b"numpy.core.multiarray" in _python2_pickle(np.zeros(1, np.uint8))  # the spelling genuine files use
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py", dump)
+    train = load_dataset("cifar10", 32, cache_dir=tmp_path)
+    assert len(train) == 15 and train.info.class_names == tuple(CIFAR_CLASSES)
+    expected = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert torch.equal(train.images, torch.from_numpy(expected))
+    assert train.labels.tolist() == sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+
+
+class _Planted:
+    """Unpickles by calling whatever `reduce` names: what a planted batch file would do."""
+
+    def __init__(self, reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+@pytest.mark.parametrize("target", ["data_batch_1", "batches.meta"])
+@pytest.mark.parametrize("payload, names", [
+    (lambda marker: (os.system, (f"touch {marker}",)), "posix.system"),
+    # Protocol 2 reaches a method through getattr, and spells builtins as Python 2 did.
+    (lambda marker: (Path.write_text, (marker, "ran")), "__builtin__.getattr"),
+    (lambda marker: (exec, (f"open({str(marker)!r}, 'w').close()",)), "__builtin__.exec"),
+], ids=["os.system", "write_text", "exec"])
+def test_cifar10_refuses_planted_pickles_without_running_them(tmp_path, monkeypatch, target, payload, names):
+    _no_network(monkeypatch)
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = _write_cifar(folder, lambda obj: pickle.dumps(obj, protocol=2))
+    marker = tmp_path / "marker"
+    planted = {**batches["data_batch_1"], "labels": _Planted(payload(marker))} if target != "batches.meta" else \
+        {"label_names": _Planted(payload(marker))}
+    (folder / target).write_bytes(pickle.dumps(planted, protocol=2))
+    with pytest.raises(ValueError, match=rf"{folder / target} is not a genuine CIFAR-10 batch .*it names {names}") as err:
+        load_dataset("cifar10", 32, cache_dir=tmp_path)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    pickle.loads((folder / target).read_bytes())  # plain pickle would have run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("target, content, match", [
+    ("data_batch_2", [1, 2, 3], r"it holds a list, not a dict with 'data' and 'labels'"),
+    ("data_batch_2", {"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, r"not a float32 array of shape \(2, 3072\)"),
+    ("data_batch_2", {"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, r"not a uint8 array of shape \(2, 100\)"),
+    ("data_batch_2", {"data": [[0] * 3072], "labels": [0]}, r"'data' must be a uint8 array of shape \(N, 3072\), not list"),
+    ("data_batch_2", {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, r"'labels' must be a list of 2 ints from 0 to 9"),
+    ("data_batch_2", {"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, r"'labels' must be a list of 2 ints"),
+    ("data_batch_2", {"data": np.zeros((2, 3072), np.uint8), "labels": [True, False]}, r"'labels' must be a list of 2 ints"),
+    ("batches.meta", {"label_names": CIFAR_CLASSES[:9]}, r"it needs 'label_names', a list of 10 distinct class names"),
+    ("batches.meta", {"label_names": ["cat"] * 10}, r"it needs 'label_names', a list of 10 distinct class names"),
+    ("data_batch_2", b"\x80\x02not a pickle at all", r"UnpicklingError"),
+    # _codecs.encode is admitted for the byte strings of protocol 2, and for the latin1 encoding only.
+    ("data_batch_2", _Planted((__import__("codecs").encode, ("text", "rot13"))), r"encoding 'rot13'"),
+])
+def test_cifar10_refuses_batches_of_the_wrong_structure(tmp_path, monkeypatch, target, content, match):
+    _no_network(monkeypatch)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder, lambda obj: pickle.dumps(obj, protocol=2))
+    (folder / target).write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
+    with pytest.raises(ValueError, match=rf"{folder / target} is not a genuine CIFAR-10 batch .*{match}"):
+        load_dataset("cifar10", 32, cache_dir=tmp_path)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import re
+import struct
 import subprocess
 import sys
 import urllib.error
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
-from fid.__main__ import main as cli_main
+from data.imageio import list_images
+from fid.__main__ import run as cli_main
 from fid.folder import ImageFolder, collate_images
 from fid.frechet import frechet_distance
 from fid.kid import kid
@@ -119,6 +122,60 @@ def test_frechet_falls_back_to_offset_when_factorisation_fails(monkeypatch):
     assert len(calls) == 2 and got == pytest.approx(exact, abs=1e-4)
 
 
+def test_float32_statistics_of_fewer_samples_than_dimensions_match_float64_and_sqrtm(tmp_path):
+    # Statistics files written in float32 by other tools: with fewer samples than dimensions the
+    # covariance is singular, and float32 rounding leaves eigenvalues slightly below zero.
+    rng = np.random.default_rng(14)
+    d = 192
+    x = np.maximum(rng.normal(size=(40, d)) + 0.5, 0.0)  # rank 39
+    y = np.maximum(rng.normal(size=(60, d)) * 1.2 + 0.5, 0.0)  # rank 59
+    files = []
+    for name, features in (("x", x), ("y", y)):
+        sigma = np.cov(features, rowvar=False)
+        np.savez(tmp_path / f"{name}.npz", mu=features.mean(0).astype(np.float32), sigma=sigma.astype(np.float32))
+        files.append(tmp_path / f"{name}.npz")
+    s32 = np.load(files[0])["sigma"].astype(np.float64)
+    assert np.linalg.eigvalsh(s32)[0] < 0  # positive semi-definite only up to float32 rounding
+    # Exact value from the centred samples A, B (S1 = A^T A, S2 = B^T B): Tr((S1 S2)^(1/2)) = sum sv(A B^T).
+    a, b = (x - x.mean(0)) / np.sqrt(39), (y - y.mean(0)) / np.sqrt(59)
+    exact = (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(a * a) + np.sum(b * b)
+             - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
+    from_float64 = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    from_float32 = fid.fid_between(*files, progress=False).fid
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    by_sqrtm = np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert from_float64 == pytest.approx(exact, rel=1e-12)
+    assert from_float32 == pytest.approx(exact, rel=1e-7)
+    assert from_float32 == pytest.approx(by_sqrtm, rel=1e-6)
+
+
+def _with_negative_eigenvalue(rng: np.random.Generator, d: int, relative: float) -> np.ndarray:
+    """A symmetric matrix of largest eigenvalue 1 whose smallest is -relative."""
+    q = random_rotation(rng, d)
+    eigenvalues = np.concatenate([[-relative], np.zeros(d // 2), rng.uniform(0.1, 1.0, d - d // 2 - 2), [1.0]])
+    return (q * eigenvalues) @ q.T
+
+
+def test_psd_tolerance_follows_the_stored_precision():
+    # d * eps bounds what rounding to a precision can do: 64 * 1.2e-7 = 7.6e-6 in float32 and 1.4e-14
+    # in float64. An eigenvalue of -1e-7 is rounding for float32 data but not for float64 data;
+    # -1e-3 is beyond either.
+    rng = np.random.default_rng(15)
+    d, mu, other = 64, np.zeros(64), np.eye(64)
+    slightly = _with_negative_eigenvalue(rng, d, 1e-7)
+    assert np.isfinite(frechet_distance(mu, slightly.astype(np.float32), mu, other))
+    with pytest.raises(ValueError, match="first covariance is not positive semi-definite: its eigenvalue -1e-07"):
+        frechet_distance(mu, slightly, mu, other)
+    clearly = _with_negative_eigenvalue(rng, d, 1e-3).astype(np.float32)
+    with pytest.raises(ValueError, match="second covariance is not positive semi-definite"):
+        frechet_distance(mu, other, mu, clearly)
+    lopsided = slightly.astype(np.float32)
+    lopsided[0, 1] += 1e-3
+    with pytest.raises(ValueError, match="first covariance is not symmetric"):
+        frechet_distance(mu, lopsided, mu, other)
+
+
 @pytest.mark.parametrize("mu1, sigma1, mu2, sigma2, match", [
     (np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3), "must be square"),
     (np.zeros(3), np.eye(3), np.zeros(4), np.eye(4), "feature dimensions 3 and 4"),
@@ -148,8 +205,9 @@ def test_kid_equals_direct_unbiased_mmd_on_full_sets():
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    mean, std = kid(x, y, num_subsets=1, subset_size=100)
-    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0.0
+    mean, std = kid(x, y, num_subsets=3, subset_size=12)
+    # Subsets as large as the sets are the whole sets, so every draw gives the same estimate.
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kid_near_zero_for_same_distribution_and_positive_for_shift():
@@ -165,6 +223,20 @@ def test_kid_is_reproducible_with_seed_and_accepts_tensors():
     rng = np.random.default_rng(8)
     x, y = rng.normal(size=(50, 4)), rng.normal(size=(60, 4))
     assert kid(x, y, 5, 20, seed=3) == kid(torch.from_numpy(x), torch.from_numpy(y), 5, 20, seed=3)
+
+
+def test_kid_refuses_subsets_larger_than_either_set():
+    rng = np.random.default_rng(16)
+    x, y = rng.normal(size=(10, 4)), rng.normal(size=(30, 4))
+    with pytest.raises(ValueError, match=r"KID needs at least 20 images per side for subsets of 20 but got 10 and 30; "
+                                         r"pass a subset size of at most 10"):
+        kid(x, y, num_subsets=5, subset_size=20)
+    with pytest.raises(ValueError, match="subset size is 1 but the unbiased estimate needs at least 2"):
+        kid(x, y, subset_size=1)
+    with pytest.raises(ValueError, match="number of KID subsets is 0"):
+        kid(x, y, num_subsets=0, subset_size=5)
+    _, spread = kid(x, y, num_subsets=5, subset_size=10)
+    assert spread > 0  # the larger set is still subsampled
 
 
 def test_kid_rejects_mismatched_dimensions():
@@ -376,8 +448,18 @@ def test_offline_without_weights_names_file_url_and_remedy(monkeypatch, tmp_path
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "1.png")
-    assert cli_main([str(tmp_path / "a"), str(tmp_path / "a"), "--device", "cpu", "--num-workers", "0"]) == 1
+    folder = str(tmp_path / "a")
+    assert cli_main([folder, folder, "--device", "cpu", "--num-workers", "0", "--no-kid"]) == 1
     assert WEIGHTS_URL in capsys.readouterr().err
+
+
+def test_weights_failing_the_hash_check_name_the_cached_file_to_delete(monkeypatch):
+    def bad_hash(*args, **kwargs):
+        raise RuntimeError('invalid hash value (expected "6726825d", got "0000")')
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", bad_hash)
+    with pytest.raises(ValueError, match=rf"RuntimeError: invalid hash value .*; delete \S*{WEIGHTS_FILENAME} and run"):
+        build_fid_inception()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,32 +471,102 @@ def _write(folder: Path, name: str, image: Image.Image, **kwargs) -> None:
     image.save(folder / name, **kwargs)
 
 
-def test_folder_reads_formats_and_converts_modes_to_rgb(tmp_path):
+def _png(path: Path, array: np.ndarray, color_type: int) -> None:
+    """Write a 16-bit PNG (colour type 2: RGB, 4: grey + alpha, 6: RGBA), which Pillow cannot save."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def _as_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def test_default_file_selection_is_pytorch_fids_and_all_reads_every_image(tmp_path):
+    # pytorch-fid lists `*.<ext>` in the folder itself for bmp jpeg jpg pgm png ppm tif tiff webp,
+    # with pathlib's glob: lower-case only (on Linux and macOS), hidden files included, sorted.
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    names = [".hidden.png", "a.png", "b.PNG", "c.jpeg", "d.gif", "e.webp", "f.tif", "g.ppm", "h.JPG",
+             "sub/i.png", "j.png/k.bmp"]
+    for name in names:
+        _write(tmp_path / Path(name).parent, Path(name).name, image)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"Leaving out 5 image file\(s\) .* such as b\.PNG\); pass --files all"):
+        default = ImageFolder(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in default.files] == [
+        ".hidden.png", "a.png", "c.jpeg", "e.webp", "f.tif", "g.ppm"]
+    # "all" is what training's folder datasets read: data.imageio's listing, whatever its rules.
+    every = ImageFolder(tmp_path, files="all")
+    assert every.files == list_images(tmp_path)
+    assert {"b.PNG", "d.gif", "h.JPG", "j.png/k.bmp", "sub/i.png"} <= {p.relative_to(tmp_path).as_posix()
+                                                                      for p in every.files}
+    _write(tmp_path / "classes" / "cat", "0.png", image)
+    with pytest.raises(ValueError, match=r"no images pytorch-fid would read .* but 1 others such as cat/0\.png; "
+                                         r"pass --files all"):
+        ImageFolder(tmp_path / "classes")
+    with pytest.raises(ValueError, match="files is 'some' but must be one of 'pytorch-fid', 'all'"):
+        ImageFolder(tmp_path, files="some")
+
+
+def test_folder_images_are_what_pil_convert_rgb_gives_as_in_pytorch_fid(tmp_path):
+    # pytorch-fid reads Image.open(path).convert("RGB"): alpha dropped (not composited), palette
+    # transparency ignored. Transparent pixels here hold colours, so compositing would show.
     rng = np.random.default_rng(11)
     rgb = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
     grey = rng.integers(0, 256, size=(6, 5), dtype=np.uint8)
+    alpha = rng.integers(0, 256, size=(6, 5, 1), dtype=np.uint8)
+    alpha[0, 0] = 0
     palette = Image.fromarray(rgb).quantize(colors=8)
-    rgba = np.concatenate([rgb, np.full((6, 5, 1), 255, np.uint8)], axis=2)
-    _write(tmp_path, "a_rgb.png", Image.fromarray(rgb))
-    _write(tmp_path, "b_rgb.bmp", Image.fromarray(rgb))
-    _write(tmp_path, "c_grey.png", Image.fromarray(grey, "L"))
-    _write(tmp_path, "d_rgba.png", Image.fromarray(rgba, "RGBA"))
-    _write(tmp_path, "e_palette.png", palette)
-    _write(tmp_path / "sub", "f_rgb.jpg", Image.fromarray(rgb))
-    (tmp_path / "notes.txt").write_text("not an image")
+    kinds = {
+        "rgb.png": Image.fromarray(rgb), "rgb.bmp": Image.fromarray(rgb), "rgb.ppm": Image.fromarray(rgb),
+        "rgb.jpg": Image.fromarray(rgb), "rgb.webp": Image.fromarray(rgb),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "grey.png": Image.fromarray(grey, "L"), "grey.pgm": Image.fromarray(grey, "L"),
+        "bilevel.png": Image.fromarray(grey > 127),
+        "rgba.png": Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA"),
+        "rgba.webp": Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA"),
+        "la.png": Image.fromarray(np.stack([grey, alpha[..., 0]], axis=2), "LA"),
+        "palette.png": palette, "pa.tif": palette.convert("PA"),
+    }
+    for name, image in kinds.items():
+        _write(tmp_path, name, image)
+    _write(tmp_path, "palette_transparent.png", palette, transparency=int(np.asarray(palette)[0, 0]))
+    # Pillow reads 16-bit colour PNGs as 8 bits per channel, identically for both.
+    _png(tmp_path / "rgb16.png", rng.integers(0, 65536, size=(6, 5, 3)), color_type=2)
+    _png(tmp_path / "rgba16.png", rng.integers(0, 65536, size=(6, 5, 4)), color_type=6)
+    _png(tmp_path / "la16.png", rng.integers(0, 65536, size=(6, 5, 2)), color_type=4)
     dataset = ImageFolder(tmp_path)
-    assert [p.name for p in dataset.files] == ["a_rgb.png", "b_rgb.bmp", "c_grey.png", "d_rgba.png",
-                                               "e_palette.png", "f_rgb.jpg"]
-    as_tensor = lambda a: torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255  # noqa: E731
-    for index in range(6):
-        assert dataset[index].shape == (3, 6, 5) and dataset[index].dtype == torch.float32
-    torch.testing.assert_close(dataset[0], as_tensor(rgb), rtol=0, atol=0)
-    torch.testing.assert_close(dataset[1], as_tensor(rgb), rtol=0, atol=0)
-    torch.testing.assert_close(dataset[2], as_tensor(np.repeat(grey[..., None], 3, axis=2)), rtol=0, atol=0)
-    torch.testing.assert_close(dataset[3], as_tensor(rgb), rtol=0, atol=0)
-    torch.testing.assert_close(dataset[4], as_tensor(palette.convert("RGB")), rtol=0, atol=0)
-    with Image.open(tmp_path / "sub" / "f_rgb.jpg") as jpeg:  # lossy: compare with the decoded file
-        torch.testing.assert_close(dataset[5], as_tensor(jpeg.convert("RGB")), rtol=0, atol=0)
+    assert len(dataset) == len(kinds) + 4
+    modes = set()
+    for index, path in enumerate(dataset.files):
+        with Image.open(path) as image:
+            modes.add(image.mode)
+            expected = _as_tensor(image.convert("RGB"))
+        assert dataset[index].dtype == torch.float32
+        torch.testing.assert_close(dataset[index], expected, rtol=0, atol=0, msg=path.name)
+    assert {"RGBA", "LA", "P", "PA", "CMYK", "1"} <= modes
+    with Image.open(tmp_path / "palette_transparent.png") as image:
+        assert "transparency" in image.info  # kept its colour above, not turned black
+    torch.testing.assert_close(dataset[dataset.files.index(tmp_path / "rgba.png")], _as_tensor(rgb), rtol=0, atol=0)
+
+
+def test_16_bit_greyscale_is_rescaled_where_pytorch_fid_clips(tmp_path):
+    values = np.array([[0, 255, 256, 1000], [20000, 40000, 65000, 65535]], dtype=np.uint16)
+    _write(tmp_path, "grey16.png", Image.fromarray(values))
+    (tmp_path / "grey16.pgm").write_bytes(b"P5\n4 2\n65535\n" + values.astype(">u2").tobytes())
+    rescaled = np.floor(values / 65535 * 255 + 0.5).astype(np.uint8)
+    dataset = ImageFolder(tmp_path)
+    for index, path in enumerate(dataset.files):
+        torch.testing.assert_close(dataset[index], _as_tensor(np.repeat(rescaled[..., None], 3, axis=2)),
+                                   rtol=0, atol=0)
+        with Image.open(path) as image:
+            clipped = np.asarray(image.convert("RGB"))[..., 0]
+        assert np.array_equal(clipped, np.minimum(values, 255))  # what pytorch-fid would see
 
 
 def test_collate_resizes_mixed_sizes_exactly_as_the_network_would():
@@ -467,6 +619,19 @@ def test_bad_image_sources_raise_clear_errors(extractor, tmp_path):
         extractor.statistics(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_file_is_one_sentence_also_from_a_worker_process(extractor, tmp_path, num_workers):
+    # Raised inside a DataLoader worker, the error would arrive as "Caught ValueError in DataLoader
+    # worker process 0. Original Traceback ...".
+    _write(tmp_path, "a.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    extractor.num_workers = num_workers
+    with pytest.raises(ValueError) as info:
+        extractor.statistics(tmp_path)
+    message = str(info.value)
+    assert re.fullmatch(r"Cannot read image \S*b\.png \([^\n]*\); remove or replace the file\.", message), message
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -489,21 +654,22 @@ def test_cli_end_to_end_with_folders_and_saved_statistics(tmp_path, capsys, extr
     a, b, stats = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "out" / "a.npz")
     options = ["--weights", "random", "--device", "cpu", "--num-workers", "0", "--batch-size", "2"]
 
-    assert cli_main([a, b, *options, "--kid-subsets", "5", "--seed", "3"]) == 0
+    assert cli_main([a, b, *options, "--kid-subsets", "5", "--kid-subset-size", "2", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     (fid_value,) = _numbers(out, "FID:")
     kid_mean, kid_std = _numbers(out, "KID:")
-    f_a, f_b = extractor.features(a), extractor.features(b)
-    s_a, s_b = StreamingStatistics(), StreamingStatistics()
-    s_a.update(f_a)
-    s_b.update(f_b)
-    expected_fid = frechet_distance(s_a.result().mu, s_a.result().sigma, s_b.result().mu, s_b.result().sigma)
-    expected_kid = kid(f_a, f_b, num_subsets=5, seed=3)
+    f_a, f_b = extractor.features(a).astype(np.float64), extractor.features(b).astype(np.float64)
+    # Closed form for two samples each: centred rows A, B (sigma = A^T A / (n - 1), n - 1 = 1) give
+    # Tr((S_a S_b)^(1/2)) as the sum of the singular values of A B^T.
+    c_a, c_b = f_a - f_a.mean(0), f_b - f_b.mean(0)
+    expected_fid = (np.sum((f_a.mean(0) - f_b.mean(0)) ** 2) + np.sum(c_a ** 2) + np.sum(c_b ** 2)
+                    - 2 * np.linalg.svd(c_a @ c_b.T, compute_uv=False).sum())
+    expected_kid = kid(f_a, f_b, num_subsets=5, subset_size=2, seed=3)
     assert fid_value == pytest.approx(expected_fid, rel=1e-5) and fid_value > 0
     assert (kid_mean, kid_std) == pytest.approx(expected_kid, rel=1e-5, abs=1e-8)
 
     assert cli_main(["--save-stats", a, stats, *options]) == 0
-    np.testing.assert_allclose(load_statistics(stats).mu, s_a.result().mu, rtol=1e-6)
+    np.testing.assert_allclose(load_statistics(stats).mu, f_a.mean(0), rtol=1e-6)
     capsys.readouterr()
     assert cli_main([stats, b, *options]) == 0
     out = capsys.readouterr().out
@@ -512,12 +678,70 @@ def test_cli_end_to_end_with_folders_and_saved_statistics(tmp_path, capsys, extr
     assert cli_main([stats, str(tmp_path / "wrong.npz"), *options]) == 1
     assert "wrong.npz" in capsys.readouterr().err
 
+    # Folders smaller than KID's default subsets: FID all the same, KID skipped with a warning that says how.
+    assert cli_main([a, b, *options]) == 0
+    captured = capsys.readouterr()
+    assert _numbers(captured.out, "FID:")[0] == pytest.approx(fid_value, rel=1e-5) and "KID" not in captured.out
+    assert "warning: KID skipped" in captured.err and "--kid-subset-size 2" in captured.err
+
 
 def test_cli_help_runs_as_a_module_and_shows_defaults():
     done = subprocess.run([sys.executable, "-m", "fid", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     for option in ("--batch-size", "--num-workers", "--device", "--weights", "--save-stats", "--kid-subsets",
-                   "--kid-subset-size", "--seed"):
+                   "--kid-subset-size", "--seed", "--files"):
         assert option in done.stdout
-    assert "(default: 50)" in done.stdout and "(default: 1000)" in done.stdout
+    assert "(default: 50)" in done.stdout and "default 1000" in done.stdout
+    assert "(default: pytorch-fid)" in done.stdout
+
+
+def _one_sentence_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("FID features")]  # progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), err
+    assert not re.search(r"\.\s+[A-Z]", lines[0]), err  # no second sentence
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing folder", "nowhere is not a folder of images"),
+    ("unknown device", "Device 'tpu9' is not a torch device; pass cpu, cuda or cuda:N"),
+    ("absent device", "Device cuda:99 is not available"),
+    ("zero batch size", "batch size is 0 but must be at least 1"),
+    ("negative workers", "number of workers is -1"),
+    ("truncated statistics", "Cannot read statistics file .*half.npz"),
+    ("indefinite statistics", "first covariance is not positive semi-definite"),
+    ("too few images for a KID subset size given", "KID needs at least 1000 images per side .* got 2 and 2"),
+    ("images in subfolders only", "no images pytorch-fid would read .* pass --files all"),
+    ("unreadable image in a worker", r"Cannot read image .*bad\.png"),
+    ("unwritable statistics path", "Cannot write statistics to"),
+])
+def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, capsys, extractor, monkeypatch):
+    monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: extractor.model)
+    for i in range(2):
+        _write(tmp_path / "a", f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)))
+        _write(tmp_path / "classes" / "cat", f"{i}.png", Image.new("RGB", (8, 8)))
+    _write(tmp_path / "broken", "good.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "broken" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    (tmp_path / "half.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:100])
+    np.savez(tmp_path / "indefinite.npz", mu=np.zeros(3), sigma=np.diag([1.0, -1.0, 1.0]))
+    (tmp_path / "file").write_text("")
+    a, options = str(tmp_path / "a"), ["--weights", "random", "--device", "cpu", "--num-workers", "0", "--no-kid"]
+    argv = {
+        "missing folder": [str(tmp_path / "nowhere"), a, *options],
+        "unknown device": [a, a, *options, "--device", "tpu9"],
+        "absent device": [a, a, *options, "--device", "cuda:99"],
+        "zero batch size": [a, a, *options, "--batch-size", "0"],
+        "negative workers": [a, a, *options, "--num-workers", "-1"],
+        "truncated statistics": [str(tmp_path / "half.npz"), str(tmp_path / "good.npz")],
+        "indefinite statistics": [str(tmp_path / "indefinite.npz"), str(tmp_path / "good.npz")],
+        "too few images for a KID subset size given": [a, a, "--weights", "random", "--device", "cpu",
+                                                       "--kid-subset-size", "1000"],
+        "images in subfolders only": [str(tmp_path / "classes"), a, *options],
+        "unreadable image in a worker": [str(tmp_path / "broken"), a, *options, "--num-workers", "1"],
+        "unwritable statistics path": ["--save-stats", a, str(tmp_path / "file" / "a.npz"), *options],
+    }[case]
+    assert cli_main(argv) == 1
+    assert re.search(match, _one_sentence_error(capsys))

@@ -4,9 +4,6 @@ the latent cache, exact resume, self-contained latent checkpoints, and every bad
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,14 +245,11 @@ def test_default_autoencoder_is_trained_first_or_finished_when_missing(tmp_path,
     assert prerequisite(named, "cpu") is None  # a VAE the user names is never trained behind their back
 
 
-def test_two_process_ddp_vae_with_discriminator(tmp_path, cache):
+def test_two_process_ddp_vae_with_discriminator(tmp_path, cache, torchrun):
     """torchrun with 2 CPU processes (gloo): two optimizers and the adaptive weight under DDP."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-               str(Path(train.__file__))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "ddp"
-    subprocess.run(command + vae_args(run_dir, cache, 3, "--disc-start", "1", "--disc-layers", "2"), check=True,
-                   env=env, cwd=tmp_path, timeout=300)
+    torchrun(2, str(Path(train.__file__)), vae_args(run_dir, cache, 3, "--disc-start", "1", "--disc-layers", "2"),
+             cwd=tmp_path)
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3] and "loss/disc" in records(run_dir)[-1]
 
 

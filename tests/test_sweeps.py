@@ -117,7 +117,7 @@ def test_class_interpolation_runs_through_the_embeddings_and_bad_requests_are_re
     assert (out / "interpolate-condition.png").is_file()
     for extra, message in ((("--sweep", "wind=0:1:3"), "use --sweep class"),
                            (("--sweep", "class=purple"), "Unknown class 'purple'"),
-                           (("--interpolate-to", "red"), "needs --interpolate"),
+                           (("--interpolate-to", "red"), "has no effect without --interpolate"),
                            (("--frames", "1", "--interpolate"), "--frames must be at least 2")):
         with pytest.raises(ValueError, match=message):
             draw(ckpt, tmp_path / "never", *extra)

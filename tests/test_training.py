@@ -265,16 +265,11 @@ def test_parameter_conditional_run_on_plumes(tmp_path):
                      "--out", str(tmp_path / "x"), "--device", "cpu"])
 
 
-def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder):
+def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder, torchrun):
     """torchrun with 2 CPU processes (gloo): the DDP path runs, only rank 0 writes, and resume works."""
-    import subprocess
-    import sys
     run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(Path(train.__file__))]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command + tiny_args(run_dir, image_folder, 2), check=True, env=env, cwd=tmp_path, timeout=300)
-    subprocess.run(command + ["--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu"],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
+    script = str(Path(train.__file__))
+    torchrun(2, script, tiny_args(run_dir, image_folder, 2), cwd=tmp_path)
+    torchrun(2, script, ["--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu"], cwd=tmp_path)
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert load_checkpoint(run_dir / "checkpoint.pt", "ddpm")["step"] == 3

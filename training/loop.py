@@ -9,15 +9,22 @@ loop knows nothing about diffusion, autoencoders or any other stage.
 Exact resume: everything random in step s (data order, augmentation, noise, timesteps, dropout) is
 drawn from generators seeded by (seed, s, rank), and the learning rate depends on s alone, so a run
 resumed from its step-s checkpoint takes exactly the steps an uninterrupted run would have.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM (what batch schedulers send before pre-empting a job) lets the
+current step finish, writes a checkpoint there and ends with a line saying how to resume; a second
+Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
+from core.cli import RunError, RunInterrupted
 from core.config import TrainConfig
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
 from core.stages import TrainingStage
@@ -37,7 +45,7 @@ from data.imageio import save_grid
 from training.distributed import mean_across_processes
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     pass
 
 
@@ -109,6 +117,38 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """The signals (SIGINT, SIGTERM) received while the body runs, for the loop to act on between steps.
+
+    A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait for the step.
+    Signal handlers can only be set from the main thread; elsewhere nothing is caught.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops them after checkpointing
+    (a Ctrl-C in a terminal reaches every process of the group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def rng_state() -> dict[str, Any]:
     """Every global random number generator torch uses in a training step (dropout draws from these)."""
     state = {"cpu": torch.get_rng_state()}
@@ -165,14 +205,19 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         assert payload["stage"] == self.stage.name, "resume from a checkpoint of the same stage"
-        for name, model in self.models.items():
-            model.load_state_dict(payload["models"][name])
-            self.optimizers[name].load_state_dict(payload["optimizers"][name])
-        for name, ema in self.ema.items():
-            ema.load_state_dict(payload["ema"][name])
-        self.scaler.load_state_dict(payload["scaler"])
-        set_rng_state(payload["rng"])
-        self.start_step = payload["step"]
+        try:
+            for name, model in self.models.items():
+                model.load_state_dict(payload["models"][name])
+                self.optimizers[name].load_state_dict(payload["optimizers"][name])
+            for name, ema in self.ema.items():
+                ema.load_state_dict(payload["ema"][name])
+            self.scaler.load_state_dict(payload["scaler"])
+            set_rng_state(payload["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(f"The checkpoint in {self.run_dir} does not fit the run its config describes "
+                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
+                             f"start a new --run-dir.") from err
+        self.start_step = int(payload["step"])
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
@@ -186,7 +231,8 @@ class Trainer:
     def _batches(self) -> DataLoader:
         sampler = StepBatches(len(self.stage.dataset), self.cfg.batch_size, self.cfg.seed, self.start_step, self.runtime)
         return DataLoader(self.stage.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda")
+                          persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda",
+                          worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
 
     def eval_models(self) -> dict[str, nn.Module]:
         """What previews, evaluations and checkpoint payloads see: the EMA copy where there is one."""
@@ -271,6 +317,13 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def _stop_signal(self, received: list[int]) -> int | None:
+        """The signal every process agrees to stop for after this step (all-reduced under DDP), or None."""
+        signum = torch.tensor(received[0] if received else 0, device=self.runtime.device)
+        if self.runtime.distributed:
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        return int(signum) or None
+
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
         if not self.metrics_path.exists():
@@ -295,57 +348,23 @@ class Trainer:
             self._trim_metrics()
             write_json(self.stage.config, self.run_dir / "config.json")
         generator = torch.Generator(runtime.device)
-        # Sums and counts per logged name over the current logging window (a name can be absent from
-        # some steps, e.g. a discriminator's loss before it starts).
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        window, last_loss = 0, math.nan
-        started = window_start = time.perf_counter()
-        progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
-                        disable=not runtime.is_main, dynamic_ncols=True)
+        self.window = MetricsWindow(runtime)
+        self.started = time.perf_counter()
+        self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
+                             disable=not runtime.is_main, dynamic_ncols=True)
         for model in self.models.values():
             model.train()
 
         steps = range(self.start_step, cfg.steps)
-        for step, batch in zip(steps, self._batches() if len(steps) else ()):
-            losses, metrics, grad_norms = self._step(step, batch, generator)
-            for key, value in _named(losses, metrics, grad_norms).items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
-                counts[key] = counts.get(key, 0) + 1
-            window += 1
-            done = step + 1
-            progress.update(1)
-            last = done == cfg.steps
-            save_due = last or done % cfg.ckpt_every == 0
-            log_due = last or done % cfg.log_every == 0
-            if save_due or log_due:  # every process takes part: the means are all-reduced
-                means = {k: mean_across_processes(v / counts[k], runtime).item() for k, v in sorted(sums.items())}
-                # Checked before any checkpoint is written, so a diverged model never replaces a good one.
-                bad = [k for k in means if k.startswith("loss") and not math.isfinite(means[k])]
-                if bad:
-                    raise TrainingDiverged(
-                        f"The {bad[0]} became {means[bad[0]]} by step {done}; nothing was saved past the last checkpoint "
-                        f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}): start a new run with a "
-                        f"lower --lr, or with --amp none.")
-            if log_due:
-                now = time.perf_counter()
-                last_loss = means["loss"]
-                record = {"step": done, "split": "train", **means,
-                          "lr": self.optimizers["model"].param_groups[0]["lr"],
-                          "images_per_s": window * cfg.batch_size / max(now - window_start, 1e-9),
-                          "elapsed_s": now - started}
-                progress.set_postfix(loss=f"{last_loss:.4f}")
-                if runtime.is_main:
-                    self._append_metrics(record)
-                sums, counts, window, window_start = {}, {}, 0, now
-            if runtime.is_main:
-                if save_due:
-                    self._save(done)  # before anything else that could fail at this step
-                preview_due = cfg.sample_every and done % cfg.sample_every == 0
-                if last or preview_due:
-                    self._evaluate(done)
-                    self._preview(done)
-        progress.close()
+        # The bar is closed however the loop ends, so an error message starts on a line of its own.
+        with stop_requests() as received, contextlib.closing(self.progress):
+            for step, batch in zip(steps, self._batches() if len(steps) else ()):
+                self.window.add(*self._step(step, batch, generator))
+                self.progress.update(1)
+                saved = self._after_step(step + 1)
+                signum = self._stop_signal(received)
+                if signum is not None and step + 1 < cfg.steps:
+                    self._stop(step + 1, signum, saved)
 
         final = None
         if runtime.is_main:
@@ -357,8 +376,81 @@ class Trainer:
             if last_preview.exists():
                 final = self.run_dir / "samples" / "final.png"
                 shutil.copyfile(last_preview, final)
-        return {"step": cfg.steps, "loss": last_loss, "seconds": time.perf_counter() - started,
+        return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
+
+    def _after_step(self, done: int) -> bool:
+        """Log, check for divergence, checkpoint, evaluate and preview as due after step `done`; returns
+        whether a checkpoint was written."""
+        cfg, runtime = self.cfg, self.runtime
+        last = done == cfg.steps
+        save_due = last or done % cfg.ckpt_every == 0
+        log_due = last or done % cfg.log_every == 0
+        if save_due or log_due:
+            means = self.window.means()  # every process takes part: the means are all-reduced
+            # Checked before any checkpoint is written, so a diverged model never replaces a good one.
+            bad = [k for k in means if k.startswith("loss") and not math.isfinite(means[k])]
+            if bad:
+                raise TrainingDiverged(
+                    f"the {bad[0]} became {means[bad[0]]} by step {done}; nothing was saved past the last checkpoint "
+                    f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run with a lower "
+                    f"--lr, or with --amp none.")
+        if log_due:
+            record = self.window.close(done, self.optimizers["model"].param_groups[0]["lr"], cfg.batch_size,
+                                       self.started)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if runtime.is_main:
+                self._append_metrics(record)
+        if runtime.is_main:
+            if save_due:
+                self._save(done)  # before anything else that could fail at this step
+            if last or (cfg.sample_every and done % cfg.sample_every == 0):
+                self._evaluate(done)
+                self._preview(done)
+        return save_due
+
+    def _stop(self, done: int, signum: int, saved: bool) -> None:
+        """Checkpoint the step just finished (unless that happened already) and end the run."""
+        if self.runtime.is_main and not saved:
+            self._save(done)
+        name = signal.Signals(signum).name
+        raise RunInterrupted(f"stopped by {name} at step {done} of {self.cfg.steps} and saved {self.ckpt_path}; "
+                             f"resume with: python train.py --stage {self.stage.name} --run-dir {self.run_dir} "
+                             f"--resume", signum)
+
+
+class MetricsWindow:
+    """Sums and counts of what the steps of one logging window reported, per name (a name may be absent
+    from some steps, e.g. a discriminator's loss before it starts, so each averages over its own count)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.last_loss = math.nan
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.start = 0, now
+
+    def add(self, losses: dict, metrics: dict, grad_norms: dict) -> None:
+        for key, value in _named(losses, metrics, grad_norms).items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: mean_across_processes(v / self.counts[k], self.runtime).item() for k, v in sorted(self.sums.items())}
+
+    def close(self, done: int, lr: float, batch_size: int, started: float) -> dict[str, Any]:
+        """The metrics.jsonl record of the window ending at step `done`, and a fresh window."""
+        now = time.perf_counter()
+        means = self.means()
+        self.last_loss = means["loss"]
+        record = {"step": done, "split": "train", **means, "lr": lr,
+                  "images_per_s": self.steps * batch_size / max(now - self.start, 1e-9), "elapsed_s": now - started}
+        self.reset(now)
+        return record
 
 
 def _named(losses: dict, metrics: dict, grad_norms: dict) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from core.checkpoint import require_keys, state_fingerprint
 from core.config import DataConfig, TrainConfig, from_dict, to_dict
 from core.runtime import Runtime, derive_seed
 from core.stages import Section, StageSpec, Trainable, TrainingStage
-from data import ImageDataset, load_dataset, load_test_set
+from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig, VAEOptions,
@@ -162,7 +162,7 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
                                        weight_decay=train.weight_decay)
     run = VAETraining(config, autoencoder, discriminator, perceptual, dataset, test_set, split, runtime.device)
     stage = TrainingStage(name=NAME, trainables=trainables, loss=run.loss, dataset=dataset, config=to_dict(config),
-                          data_info=info.to_dict(), augment=random_hflip if data.hflip else None, preview=run.preview,
+                          data_info=dataset.description(), augment=random_hflip if data.hflip else None, preview=run.preview,
                           preview_nrow=min(8, train.preview_images, len(test_set)), evaluate=run.evaluate,
                           payload=run.payload)
     return config, stage
@@ -192,6 +192,16 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
     return autoencoder.to(device).eval().requires_grad_(False), scale, state_fingerprint(state)
 
 
+def check(config: VAEConfig) -> None:
+    """Files the options name must exist before any work starts."""
+    for option, value in (("--pretrained", config.vae.pretrained), ("--vgg-weights", config.loss.vgg_weights),
+                          ("--lpips-weights", config.loss.lpips_weights)):
+        if value and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"{option} {value} does not exist; pass the path of the weights file.")
+    if config.data.test_dataset:
+        check_spec(config.data.test_dataset, "--test-dataset")
+
+
 SPEC = StageSpec(
     name=NAME,
     summary="KL autoencoder, the first stage of latent diffusion (L1 + perceptual + KL, optional PatchGAN)",
@@ -204,4 +214,5 @@ SPEC = StageSpec(
               Section("vae", VAEOptions),
               Section("train", TrainConfig)),
     build=build,
+    check=check,
 )

@@ -1,0 +1,99 @@
+"""How every entry point ends: an expected failure is one sentence on stderr and a non-zero exit; the
+traceback is shown only with --debug (or SYNTHDIFF_DEBUG=1), or for an error no one anticipated,
+which is a bug worth a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+DEBUG_ENV = "SYNTHDIFF_DEBUG"
+
+
+class RunError(RuntimeError):
+    """An expected way for a run to end early (divergence, a stop signal), reported as its message."""
+    exit_code = 1
+
+
+class RunInterrupted(RunError):
+    """Stopped by a signal; the message says what was saved and how to go on. Exit code 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def explain(err: BaseException) -> tuple[str, int] | None:
+    """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""
+    if isinstance(err, RunError):
+        return str(err), err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); nothing was saved past the last checkpoint.", 128 + signal.SIGINT
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "the GPU ran out of memory; lower --batch-size.", 1
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return (f"disk full{where}: free some space and run the same command again (with --resume for a training "
+                f"run); files written before are intact.", 1)
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
+    if isinstance(err, OSError) and err.errno is None:  # raised by our own code with a message for the user
+        return _original_message(str(err)), 1
+    if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return _original_message(str(err)), 1
+    return None
+
+
+def _original_message(message: str) -> str:
+    """The user's message from an error re-raised by a DataLoader worker, without the worker's traceback."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistyped command line reported as one line like every other error."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help.", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)`; return 0, or print an expected failure as one line and return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        explained = None if debug_requested(argv) else explain(err)
+        if explained is None:
+            raise
+        message, code = explained
+        # A progress bar cut short by the error has left the cursor at the end of its line.
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+def terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """A SIGTERM outside a training loop: unwind like Ctrl-C (finally blocks run, locks are released)."""
+    raise RunInterrupted("stopped by SIGTERM outside a training step; every checkpoint written so far is intact, so "
+                         "run the same command again to go on.", signum)

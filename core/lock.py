@@ -1,0 +1,126 @@
+"""One live process per output folder: a lock that a crash can never leave stuck.
+
+The lock is an advisory `flock` on FOLDER/.lock, which the operating system drops when its process
+dies (even by `kill -9`), so there is no stale lock to clean up by hand; the file also records who
+holds it, for the message that refuses a second process. Where `fcntl` is missing (Windows), the
+file is created exclusively instead and a holder that is no longer running is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from core.runtime import process_alive
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+class FolderInUse(FileExistsError):
+    """Another live process holds the folder."""
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder["started"])) if "started" in holder else "?"
+    return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (started {started}: "
+            f"{holder.get('command', '?')})")
+
+
+class FolderLock:
+    """Exclusive use of `folder` by this process for the duration of a `with` block.
+
+    Creates the folder if needed, and removes it again on release if it made it and nothing else was
+    written there (a run refused at start leaves no trace). A lock whose holder died is taken over
+    with a note on stderr.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> FolderLock:
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_folder_if_unused()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:  # pragma: no cover - not POSIX
+                os.close(fd)
+                return self._acquire_without_flock()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderInUse(f"{self.folder} is in use by {_describe(_holder(self.path))}; wait for it to end, "
+                                  f"or choose another folder.") from None
+            # The holder before us may have unlinked the file after we opened it: lock the file that is there.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        previous = _holder(self.path)
+        if previous.get("pid") not in (None, os.getpid()):
+            print(f"Note: taking over {self.path} from {_describe(previous)}, which ended without releasing it.",
+                  file=sys.stderr, flush=True)
+        self._write_holder()
+
+    def _acquire_without_flock(self) -> None:  # pragma: no cover - not POSIX
+        previous = _holder(self.path)
+        if previous.get("pid") is not None and process_alive(int(previous["pid"])):
+            raise FolderInUse(f"{self.folder} is in use by {_describe(previous)}; wait for it to end, or choose "
+                              f"another folder.")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._write_holder()
+
+    def _write_holder(self) -> None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Unlink before unlocking, so no one can lock the file we are about to let go of and think it current.
+        self.path.unlink(missing_ok=True)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        self._remove_folder_if_unused()
+
+    def _remove_folder_if_unused(self) -> None:
+        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()

@@ -1,0 +1,412 @@
+"""Faults a long training job meets: a second process on its folder, stop signals, a full disk, changed
+data, and every bad option on the command line. Nothing may be lost or corrupted, and every expected
+failure is one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from core import cli
+from core.checkpoint import load_checkpoint
+from core.lock import FolderInUse, FolderLock
+
+TRAIN = str(Path(train.__file__))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Four 16x16 RGB images in two classes."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (root / f"class{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
+    return root
+
+
+def tiny_args(run_dir: Path, folder: Path, steps: int, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", "16",
+            "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
+            "--attention-resolutions", "8", "--dropout", "0.1", "--num-timesteps", "100", "--steps", str(steps),
+            "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
+            "--ckpt-every", "100000", "--preview-images", "2", "--preview-steps", "2", *extra]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"training ended early: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "training did not get going in time"
+        time.sleep(0.1)
+
+
+def the_error(stderr: str) -> str:
+    """The one error line of a failed command (progress bars share stderr), checked to be alone and
+    without a traceback."""
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.startswith("error:")]  # as a terminal shows it
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoint.pt")["models"]["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# stop signals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(tmp_path, folder, signum):
+    run_dir = tmp_path / "stopped"
+    process = start(tiny_args(run_dir, folder, 100_000), tmp_path)
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    line = the_error(err)
+    stopped = load_checkpoint(run_dir / "checkpoint.pt")["step"]
+    assert f"stopped by {signal.Signals(signum).name} at step {stopped}" in line and "--resume" in line
+    assert logged_steps(run_dir) == list(range(1, stopped + 1))  # the checkpoint is the last step taken
+
+    total = stopped + 3
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", str(total), "--device", "cpu"])
+    straight = tmp_path / "straight"
+    train.main(tiny_args(straight, folder, total))
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, straight)]
+    assert losses[0] == losses[1]
+    assert all(torch.equal(v, weights(straight)[k]) for k, v in weights(run_dir).items())
+
+
+# ---------------------------------------------------------------------------------------------
+# one process per folder
+
+
+def test_a_second_process_is_refused_and_a_dead_holder_is_taken_over(tmp_path, folder, capsys):
+    run_dir = tmp_path / "busy"
+    process = start(tiny_args(run_dir, folder, 100_000, "--ckpt-every", "1"), tmp_path)
+    try:
+        wait_for(lambda: (run_dir / "checkpoint.pt").exists(), process)
+        before = (run_dir / "config.json").read_bytes()
+        with pytest.raises(FolderInUse, match=f"in use by process {process.pid}"):
+            train.main(tiny_args(run_dir, folder, 5))
+        with pytest.raises(FolderInUse, match=f"in use by process {process.pid}"):
+            train.main(["--run-dir", str(run_dir), "--resume", "--steps", "5", "--device", "cpu"])
+        assert (run_dir / "config.json").read_bytes() == before
+    finally:
+        process.kill()  # dies holding the lock, like a kill -9 or a crash
+        process.communicate()
+    capsys.readouterr()
+    step = load_checkpoint(run_dir / "checkpoint.pt")["step"]
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", str(step + 1), "--device", "cpu"])
+    assert f"taking over {run_dir / '.lock'} from process {process.pid}" in capsys.readouterr().err
+    assert not (run_dir / ".lock").exists()  # released at the end
+
+
+def test_folder_lock_in_process(tmp_path):
+    with FolderLock(tmp_path / "run") as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(FolderInUse, match="in use by process"):
+            with FolderLock(tmp_path / "run"):
+                pass
+    assert not (tmp_path / "run").exists()  # made for nothing: removed again
+    with FolderLock(tmp_path / "run"):
+        (tmp_path / "run" / "kept").write_text("x")
+    assert (tmp_path / "run" / "kept").exists() and not (tmp_path / "run" / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk, stale temporaries, changed data
+
+
+def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path, folder, monkeypatch, capsys):
+    run_dir = tmp_path / "full"
+    train.main(tiny_args(run_dir, folder, 2, "--ckpt-every", "1"))
+    good = (run_dir / "checkpoint.pt").read_bytes()
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        f.write(b"the first few bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    code = cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
+    assert code == 1 and the_error(capsys.readouterr().err).startswith("error: disk full")
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, folder):
+    import socket
+    run_dir = tmp_path / "stale"
+    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    dead = run_dir / f".checkpoint.pt.{socket.gethostname()}.999999999.tmp"
+    alive = run_dir / f".elsewhere.bin.{socket.gethostname()}.{os.getpid()}.tmp"  # a live writer's
+    for path in (dead, alive):
+        path.write_bytes(b"half a checkpoint")
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"])
+    assert not dead.exists() and alive.exists()
+
+
+def test_a_new_run_refuses_a_folder_holding_metrics_of_a_run_that_never_checkpointed(tmp_path, folder):
+    run_dir = tmp_path / "orphan"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    with pytest.raises(FileExistsError, match="never saved a checkpoint"):
+        train.main(tiny_args(run_dir, folder, 2))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path, folder):
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    resume = ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]
+    extra = folder / "class0" / "extra.png"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(extra)                    # an image more
+    with pytest.raises(ValueError, match="num_samples was 4, now 5"):
+        train.main(resume)
+    extra.unlink()
+    (folder / "class2").mkdir()                                          # a class more
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "class2" / "x.png")
+    with pytest.raises(ValueError, match="class_names was"):
+        train.main(resume)
+    for p in (folder / "class2").iterdir():
+        p.unlink()
+    (folder / "class2").rmdir()
+    first = folder / "class0" / "0.png"                                  # same count, one image edited
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(first)
+    with pytest.raises(ValueError, match="content fingerprint"):
+        train.main(resume)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 1
+
+
+def test_a_final_preview_that_fails_cannot_lose_the_final_checkpoint(tmp_path, folder, monkeypatch):
+    import training.loop
+    run_dir = tmp_path / "run"
+
+    def broken_preview(self, step):
+        raise RuntimeError("preview failed")
+
+    monkeypatch.setattr(training.loop.Trainer, "_preview", broken_preview)
+    with pytest.raises(RuntimeError, match="preview failed"):
+        train.main(tiny_args(run_dir, folder, 2))
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2   # written before the preview
+
+
+def test_inconsistent_checkpoints_are_refused_in_one_sentence(tmp_path, folder):
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    payload = load_checkpoint(run_dir / "checkpoint.pt")
+    resume = ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]
+    del payload["optimizers"]
+    torch.save(payload, run_dir / "checkpoint.pt")
+    with pytest.raises(ValueError, match="lacks optimizers"):
+        train.main(resume)
+    payload["optimizers"] = {"model": {}}
+    payload["models"]["model"] = {k: v[:1] for k, v in payload["models"]["model"].items()}
+    torch.save(payload, run_dir / "checkpoint.pt")
+    with pytest.raises(ValueError, match="does not fit the run its config describes"):
+        train.main(resume)
+
+
+def test_expected_os_errors_read_as_one_sentence():
+    full = cli.explain(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl"))
+    assert full[0].startswith("disk full while writing runs/x/metrics.jsonl") and full[1] == 1
+    read_only = cli.explain(OSError(errno.EROFS, "Read-only file system", "runs/x"))
+    assert read_only[0].startswith("cannot write runs/x (Read-only file system)")
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                         "  File ...\nValueError: Cannot read image a.png (truncated); remove or replace the file.")
+    assert cli.explain(wrapped)[0] == "Cannot read image a.png (truncated); remove or replace the file."
+    assert cli.explain(RuntimeError("a bug")) is None  # unexpected errors keep their traceback
+
+
+# ---------------------------------------------------------------------------------------------
+# every bad option: one line, a non-zero exit, nothing written
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("trained")
+    images = root / "images"
+    images.mkdir()
+    for k in range(4):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(images / f"{k}.png")
+    run_dir = root / "run"
+    train.main(tiny_args(run_dir, images, 2, "--ckpt-every", "1"))
+    return run_dir, images
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+TRAIN_CASES = [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "-5"], "--steps must be 0 or positive"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
+    (["--sample-every", "-1"], "--sample-every must be 0"),
+    (["--preview-images", "0"], "--preview-images must be at least 1"),
+    (["--preview-steps", "500"], "--preview-steps 500 exceeds the model's T = 100"),
+    (["--cond-drop-prob", "1.5"], "--cond-drop-prob must be in"),
+    (["--num-timesteps", "0"], "--num-timesteps must be at least 1"),
+    (["--beta-range", "0.1"], "--beta-range takes two numbers"),
+    (["--schedule", "linear", "--beta-range", "0.5", "0.1"], "--beta-range must satisfy"),
+    (["--schedule", "cosine", "--beta-range", "0.001", "0.02"], "cosine schedule has no beta range"),
+    (["--resolution", "4"], "--resolution must be at least 8"),
+    (["--num-samples", "-1"], "--num-samples must be 0"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+    (["--device", "tpu"], "--device"),
+    (["--dataset", "imagenet"], "Unknown --dataset 'imagenet'"),
+    (["--dataset", "folder:/no/such/folder"], "does not exist"),
+    (["--cond", "class", "--dataset", "plumes"], "needs a labelled dataset"),
+    (["--lr", "x"], "invalid float value"),
+    (["--sampler", "ddim"], "unrecognized arguments"),
+    (["--stage", "vae", "--perceptual-taps", "9"], "--perceptual-taps must be in 1..5"),
+    (["--stage", "vae", "--kl-weight", "-1"], "--kl-weight must be 0 or positive"),
+    (["--stage", "vae", "--disc-start", "-5"], "--disc-start must be -1"),
+    (["--stage", "vae", "--pretrained", "/no/such.ckpt"], "--pretrained /no/such.ckpt does not exist"),
+    (["--stage", "vae", "--test-dataset", "folder:/no/such"], "does not exist"),
+    (["--stage", "vae", "--test-samples", "0"], "--test-samples must be at least 1"),
+    (["--stage", "ldm", "--vae-ckpt", "/no/such.pt"], "--vae-ckpt /no/such.pt does not exist"),
+    (["--stage", "ldm", "--encode-batch", "0"], "--encode-batch must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_every_bad_train_option_is_one_line_and_writes_nothing(tmp_path, trained, capsys, extra, message):
+    run_dir, images = trained
+    before = snapshot(run_dir)
+    new_dir = tmp_path / "new"
+    args = tiny_args(new_dir, images, 2)
+    if extra[0] == "--stage":  # stage-specific options go with that stage's own defaults
+        args = ["--run-dir", str(new_dir), "--device", "cpu", *extra]
+    else:
+        args = args + extra
+    with pytest.raises(SystemExit) if "invalid" in message or "unrecognized" in message else _no_exit():
+        code = cli.run(train.main, args)
+        assert code != 0
+    assert message in the_error(capsys.readouterr().err)
+    assert not new_dir.exists() and snapshot(run_dir) == before
+
+
+def test_resume_mistakes_are_one_line_and_change_nothing(tmp_path, trained, capsys):
+    run_dir, images = trained
+    before = snapshot(run_dir)
+    cases = [(["--run-dir", str(run_dir), "--resume", "--steps", "5", "--lr", "1.0"], "cannot change when resuming"),
+             (["--run-dir", str(run_dir), "--resume", "--steps", "1"], "already at step 2"),
+             (tiny_args(run_dir, images, 5), "already holds a run"),
+             (["--run-dir", str(tmp_path / "empty"), "--resume"], "holds no checkpoint to resume"),
+             (["--stage", "vae", "--run-dir", str(run_dir), "--resume"], "stage 'ddpm'")]
+    for args, message in cases:
+        assert cli.run(train.main, [*args, "--device", "cpu"]) != 0
+        assert message in the_error(capsys.readouterr().err), args
+    assert snapshot(run_dir) == before and not (tmp_path / "empty").exists()
+
+
+SAMPLE_CASES = [
+    (["--num", "0"], "--num must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--first-index", "-1"], "--first-index must be at least 0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "500"], "--steps must be at most the model's T = 100"),
+    (["--eta", "2"], "--eta must be in [0, 1]"),
+    (["--sampler", "pndm", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["--variance", "large"], "--variance applies to --sampler ddpm only"),
+    (["--sampler", "pndm", "--steps", "3"], "needs at least 4 steps"),
+    (["--guidance-scale", "3"], "--guidance-scale has nothing to guide"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    (["--class", "cat"], "trained without conditioning"),
+    (["--sweep", "wind=0:1:3"], "--sweep needs a conditional model"),
+    (["--interpolate-to", "wind=1"], "--interpolate-to has no effect without --interpolate"),
+    (["--gif-images", "4"], "--gif-images has no effect without --gif"),
+    (["--frames", "4"], "--frames has no effect without --interpolate"),
+    (["--interpolate", "--frames", "1"], "--frames must be at least 2"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+    (["--sampler", "euler"], "invalid choice: 'euler'"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SAMPLE_CASES, ids=[" ".join(c[0]) for c in SAMPLE_CASES])
+def test_every_bad_sample_option_is_one_line_and_writes_nothing(tmp_path, trained, capsys, extra, message):
+    run_dir, _ = trained
+    before = snapshot(run_dir)
+    out = tmp_path / "out"
+    args = ["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(out), "--device", "cpu", "--num", "1", *extra]
+    with pytest.raises(SystemExit) if "invalid choice" in message else _no_exit():
+        assert cli.run(sample.main, args) != 0
+    assert message in the_error(capsys.readouterr().err)
+    assert not out.exists() and snapshot(run_dir) == before
+
+
+def test_bad_checkpoints_and_outputs_for_sample_are_one_line(tmp_path, trained, capsys):
+    run_dir, _ = trained
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:1000])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.png").write_bytes(b"keep")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
+             (["--ckpt", str(corrupt)], "corrupt"),
+             (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(busy)], "already holds files"),
+             (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(afile)], "is a file")]
+    for args, message in cases:
+        assert cli.run(sample.main, [*args, "--device", "cpu", "--num", "1"]) != 0
+        assert message in the_error(capsys.readouterr().err), args
+    assert (busy / "mine.png").read_bytes() == b"keep" and sorted(p.name for p in busy.iterdir()) == ["mine.png"]
+
+
+def test_the_real_entry_points_exit_non_zero_with_one_line(tmp_path, trained):
+    run_dir, images = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for script, args in ((TRAIN, tiny_args(tmp_path / "x", images, 2, "--lr", "-1")),
+                         (str(Path(sample.__file__)), ["--ckpt", str(tmp_path / "missing.pt")])):
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 1 and the_error(done.stderr)
+    done = subprocess.run([sys.executable, TRAIN, *tiny_args(tmp_path / "x", images, 2, "--lr", "-1"), "--debug"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" in done.stderr  # --debug shows where it came from
+
+
+class _no_exit:
+    """A context that expects nothing special (the case returns an exit code instead of raising)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
