@@ -1,7 +1,8 @@
 """Train a model: `python train.py --stage ddpm` runs a stage's demo preset on the built-in plumes data.
 
 Stages: ddpm (pixel diffusion), vae (the KL autoencoder of latent diffusion), ldm (latent diffusion;
-it trains the default VAE first when that has no checkpoint yet). Everything a run writes lives in
+it trains the default VAE first when that has no checkpoint yet), classify (ResNet-18 on real,
+synthetic or mixed images, judged on held-out real ones). Everything a run writes lives in
 its run directory: config.json, checkpoint.pt, metrics.jsonl, samples/. This help lists every
 stage's options; with a stage given (--stage NAME --help), only that stage's. Launch with
 `torchrun --nproc_per_node N train.py ...` to train on N GPUs with DDP.
@@ -86,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Names
     return spec, stage_parser(spec).parse_args(argv)
 
 
+def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
+    """`config` with the options the user typed applied, section by section."""
+    for section in spec.sections:
+        config = apply_arguments(config, args, section.name)
+    return config
+
+
 def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (only options in `spec.resumable` may change),
     else the preset's, with the user's options applied either way; then every check that needs no data."""
@@ -108,8 +116,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
             raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
                             f"to start over there, or choose another --run-dir.")
         config = spec.presets[args.preset]()
-    for section in spec.sections:
-        config = apply_arguments(config, args, section.name)
+    config = with_options(spec, config, args)
     check_spec(config.data.dataset)
     if spec.check is not None:
         spec.check(config)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from core.runtime import AMP_MODES
 
-LR_SCHEDULES = ("constant", "cosine")  # see training.loop.lr_factor
+LR_SCHEDULES = ("constant", "cosine", "onecycle")  # see training.loop.lr_factor
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -47,13 +47,13 @@ class DataConfig:
     test_dataset: str = option("", "held-out images for evaluation (empty: the test split of --dataset where it has one, "
                                    "as plumes and cifar10 do; a folder has none, so a seeded subset of its images is used "
                                    "and reported as such)")
-    test_samples: int = option(256, "held-out images used for evaluation")
+    test_samples: int = option(256, "held-out images used for evaluation (0: all)")
 
     def __post_init__(self) -> None:
         require(self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}.")
         require(self.num_samples >= 0, f"--num-samples must be 0 (all) or positive, got {self.num_samples}.")
         require(self.num_workers >= 0, f"--num-workers must be 0 or positive, got {self.num_workers}.")
-        require(self.test_samples >= 1, f"--test-samples must be at least 1, got {self.test_samples}.")
+        require(self.test_samples >= 0, f"--test-samples must be 0 (all) or positive, got {self.test_samples}.")
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,10 @@ class TrainConfig:
     steps: int = option(3000, "optimizer steps to train for (on --resume: the new total)")
     batch_size: int = option(32, "global batch size, split evenly across processes under torchrun")
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
-    lr_schedule: str = option("constant", "learning rate after the warm-up: constant (DDPM) or cosine (decays to 0 "
-                                          "at the last step)", choices=LR_SCHEDULES)
-    warmup_steps: int = option(200, "linear learning-rate warm-up from 0")
+    lr_schedule: str = option("constant", "learning rate after the warm-up: constant (DDPM), cosine (decays to 0 at "
+                                          "the last step) or onecycle (warm-up from lr/25, then a cosine to ~0)",
+                              choices=LR_SCHEDULES)
+    warmup_steps: int = option(200, "linear learning-rate warm-up (from 0; onecycle: from lr/25)")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     ema_decay: float = option(0.999, "decay of the exponential moving average of the weights used for sampling")
@@ -83,6 +84,9 @@ class TrainConfig:
         require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}.")
         check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         require(self.warmup_steps >= 0, f"--warmup-steps must be 0 or positive, got {self.warmup_steps}.")
+        require(self.lr_schedule != "onecycle" or self.warmup_steps < self.steps or self.steps == 0,
+                f"--warmup-steps {self.warmup_steps} leaves no annealing phase in a one-cycle schedule of --steps "
+                f"{self.steps}; pass --warmup-steps {round(0.3 * self.steps)} (30% of the run is usual).")
         require(self.weight_decay >= 0, f"--weight-decay must be 0 or positive, got {self.weight_decay}.")
         require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}.")

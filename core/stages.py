@@ -27,14 +27,24 @@ Models = Mapping[str, nn.Module]
 LossFn = Callable[[Models, Any, torch.Generator, int], tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class Trainable:
-    """A model the loop optimises, with its own optimizer (AdamW) settings."""
+    """A model the loop optimises, with its own optimizer settings."""
     model: nn.Module
     lr: float                                   # peak learning rate; the run's schedule scales it per step
-    betas: tuple[float, float] = (0.9, 0.999)   # Adam's; GAN training uses (0.5, 0.9)
-    weight_decay: float = 0.0
+    optimizer: str = "adamw"                    # adamw (Loshchilov & Hutter 2019) or sgd (with momentum)
+    betas: tuple[float, float] = (0.9, 0.999)   # AdamW's; GAN training uses (0.5, 0.9)
+    weight_decay: float = 0.0                   # AdamW: decoupled; SGD: the classic L2 term in the gradient
+    momentum: float = 0.0                       # SGD's
+    nesterov: bool = False                      # SGD: Nesterov momentum (Sutskever et al. 2013)
     ema: bool = False                           # keep an exponential moving average (what sampling uses)
+
+    def __post_init__(self) -> None:
+        assert self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+        assert not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), "Nesterov needs SGD with momentum"
 
 
 @dataclass
@@ -49,11 +59,17 @@ class TrainingStage:
     augment: Callable[[Any, torch.Generator], Any] | None = None        # batch -> batch, drawn from the step's generator
     preview: Callable[[Models], Tensor] | None = None                   # images in [-1, 1] for a PNG grid
     preview_nrow: int | None = None                                     # images per grid row (None: square)
-    evaluate: Callable[[Models], dict[str, Any]] | None = None          # held-out metrics, logged as a line of their own
+    # Held-out metrics, logged as a line of their own. An entry "figures", {name: PIL image}, is written
+    # as pictures instead: RUN_DIR/figures/NAME-step-N.png, and RUN_DIR/NAME.png for the latest.
+    evaluate: Callable[[Models], dict[str, Any]] | None = None
     payload: Callable[[Models], dict[str, Any]] | None = None           # extra checkpoint entries
+    # Batches drawn from consecutive parts of `dataset` in fixed shares: (items, images per global
+    # batch) per part, the counts summing to the batch size. None: uniformly from the whole dataset.
+    mix: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         assert "model" in self.trainables, "a stage's main trainable is called 'model'"
+        assert self.mix is None or sum(n for n, _ in self.mix) == len(self.dataset), "mix parts cover the dataset"
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,13 @@ def load_test_set(train: ImageDataset, spec: str, test_spec: str, num_samples: i
     `test_spec` names a dataset of its own; empty means the test split of `spec` where it has one
     (plumes and cifar10 do), else a seeded subset of the training images, which is then reported as
     "trainset" rather than "heldout" so no one mistakes it for held-out data. At most `num_samples`
-    images, at the training set's resolution and channels.
+    images (0: all), at the training set's resolution and channels.
     """
     info = train.info
+    num_samples = num_samples or None
     if test_spec:
         whole = load_dataset(test_spec, info.resolution, cache_dir=cache_dir, channels=info.channels)
-        keep = subset_indices(len(whole), min(num_samples, len(whole)), seed, f"test dataset {test_spec}")
+        keep = subset_indices(len(whole), min(num_samples or len(whole), len(whole)), seed, f"test dataset {test_spec}")
         return whole.subset(keep), "heldout"
     if spec in SPLITS_WITH_TEST:
         if spec == "plumes":
@@ -80,7 +81,8 @@ def load_test_set(train: ImageDataset, spec: str, test_spec: str, num_samples: i
                                 channels=info.channels)
         else:
             test = load_dataset(spec, info.resolution, cache_dir=cache_dir, train=False, channels=info.channels)
-            test = test.subset(subset_indices(len(test), min(num_samples, len(test)), seed, f"the {spec} test split"))
+            test = test.subset(subset_indices(len(test), min(num_samples or len(test), len(test)), seed,
+                                              f"the {spec} test split"))
         return test, "heldout"
-    keep = subset_indices(len(train), min(num_samples, len(train)), seed, f"dataset {spec}")
+    keep = subset_indices(len(train), min(num_samples or len(train), len(train)), seed, f"dataset {spec}")
     return train.subset(keep), "trainset"

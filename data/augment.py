@@ -34,3 +34,35 @@ def random_view(batch: Any, generator: torch.Generator) -> Any:
     b, v = views.shape[:2]
     pick = torch.randint(0, v, (b,), generator=generator, device=views.device)
     return batch._replace(views=views[torch.arange(b, device=views.device), pick].unsqueeze(1))
+
+
+def random_crop(batch: Any, generator: torch.Generator, padding: int) -> Any:
+    """Pad each image by `padding` pixels (reflecting its border) and cut a random window of its own
+    size back out, i.e. shift it by up to `padding` pixels in each direction (the CIFAR ResNets'
+    augmentation, He et al. 2016). Reflection keeps the padding in the image's own colours, where a
+    constant would add a frame the test images never have.
+    """
+    image = batch.image
+    if padding <= 0:
+        return batch
+    b, _, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (padding,) * 4, mode="reflect")
+    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=image.device) for _ in range(2))
+    rows = dy[:, None] + torch.arange(h, device=image.device)                       # (B, H)
+    cols = dx[:, None] + torch.arange(w, device=image.device)                       # (B, W)
+    crops = padded.permute(0, 2, 3, 1)[torch.arange(b, device=image.device)[:, None, None], rows[:, :, None],
+                                       cols[:, None, :]]                              # (B, H, W, C)
+    return batch._replace(image=crops.permute(0, 3, 1, 2).contiguous())
+
+
+def compose(*augments: Augment | None) -> Augment | None:
+    """The augmentations given (None entries skipped) applied in turn, or None if there are none."""
+    chosen = [a for a in augments if a is not None]
+    if not chosen:
+        return None
+
+    def apply(batch: Any, generator: torch.Generator) -> Any:
+        for augment in chosen:
+            batch = augment(batch, generator)
+        return batch
+    return apply

@@ -32,7 +32,7 @@ CPU = Runtime(torch.device("cpu"))
 
 def test_lr_schedules_warm_up_then_follow_their_formula():
     steps, warmup = 100, 10
-    for name in LR_SCHEDULES:
+    for name in ("constant", "cosine"):
         # Linear warm-up: (s + 1) / warmup.
         assert [lr_factor(name, s, steps, warmup) for s in range(warmup)] == [(s + 1) / warmup for s in range(warmup)]
     assert all(lr_factor("constant", s, steps, warmup) == 1.0 for s in range(warmup, steps))
@@ -42,8 +42,22 @@ def test_lr_schedules_warm_up_then_follow_their_formula():
     assert lr_factor("cosine", steps, steps, warmup) == pytest.approx(0.0, abs=1e-12)
     decay = [lr_factor("cosine", s, steps, warmup) for s in range(warmup, steps)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
-    with pytest.raises(ValueError, match="constant or cosine"):
+    with pytest.raises(ValueError, match="constant, cosine, onecycle"):
         lr_factor("step", 0, steps, warmup)
+    assert set(LR_SCHEDULES) == {"constant", "cosine", "onecycle"}
+
+
+def test_onecycle_rises_from_a_25th_of_the_peak_then_anneals_to_a_10000th_of_that():
+    steps, warmup = 100, 30
+    rise = [lr_factor("onecycle", s, steps, warmup) for s in range(warmup + 1)]
+    assert rise[0] == pytest.approx(1 / 25) and rise[-1] == pytest.approx(1.0)
+    assert rise[15] == pytest.approx(1 / 25 + (1 - 1 / 25) / 2)             # linear
+    fall = [lr_factor("onecycle", s, steps, warmup) for s in range(warmup, steps + 1)]
+    assert all(a > b for a, b in zip(fall, fall[1:]))
+    assert fall[35] == pytest.approx((1 + 1 / 250000) / 2)                  # cosine half way down
+    assert fall[-1] == pytest.approx(1 / 250000)
+    with pytest.raises(ValueError, match="no annealing phase"):
+        TrainConfig(steps=30, warmup_steps=30, lr_schedule="onecycle")
 
 
 # ---------------------------------------------------------------------------------------------

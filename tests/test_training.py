@@ -131,6 +131,21 @@ def test_step_batches_cover_each_epoch_once_and_start_anywhere():
     assert halves[0] + halves[1] == first[2]                      # DDP ranks split the global batch
 
 
+def test_mixed_batches_hold_fixed_shares_of_each_part_and_cover_each_part_per_epoch():
+    # Items 0..9 are part one (3 per batch), 10..29 part two (1 per batch).
+    runtime, mix = Runtime(torch.device("cpu")), ((10, 3), (20, 1))
+    stream = iter(StepBatches(30, 4, seed=5, start_step=0, runtime=runtime, mix=mix))
+    batches = [next(stream) for _ in range(20)]
+    assert all(sum(i < 10 for i in b) == 3 for b in batches)
+    first_part = [i for b in batches[:10] for i in b if i < 10]   # 30 positions: three epochs of part one
+    assert sorted(first_part) == sorted(list(range(10)) * 3)
+    assert sorted(i for b in batches for i in b if i >= 10) == list(range(10, 30))  # one epoch of part two
+    assert any(b.index(max(b)) != 3 for b in batches)              # parts are shuffled together, not stacked
+    assert next(iter(StepBatches(30, 4, 5, 7, runtime, mix=mix))) == batches[7]
+    halves = [next(iter(StepBatches(30, 4, 5, 7, Runtime(torch.device("cpu"), r, 2), mix=mix))) for r in (0, 1)]
+    assert halves[0] + halves[1] == batches[7]
+
+
 def test_sample_help_lists_every_option_with_its_default(capsys):
     # train.py's help, every stage's options, is checked in test_core.
     with pytest.raises(SystemExit):

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
 from core.cli import RunError, RunInterrupted
-from core.config import TrainConfig
+from core.config import LR_SCHEDULES, TrainConfig
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
-from core.stages import TrainingStage
-from data.imageio import save_grid
+from core.stages import Trainable, TrainingStage
+from data.imageio import atomic_save_image, save_grid
 from training.distributed import mean_across_processes
 
 
@@ -58,55 +58,90 @@ class RunExists(FileExistsError):
 
 
 class StepBatches(Sampler[list[int]]):
-    """Batch indices as a function of the step: epoch e is the permutation seeded by (seed, e), and
-    step s takes global positions [s*B, (s+1)*B) of the concatenated epochs, this process taking
-    its contiguous share. Starting at any step needs no replay of the ones before it."""
+    """Batch indices as a function of the step: epoch e of a dataset is the permutation seeded by
+    (seed, e), and step s takes global positions [s*B, (s+1)*B) of the concatenated epochs, this
+    process taking its contiguous share. Starting at any step needs no replay of the ones before it.
 
-    def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int, runtime: Runtime):
+    With `mix`, the dataset is consecutive parts, (items, count) each: step s takes positions
+    [s*count, (s+1)*count) of each part's own epochs (part i > 0 seeded by (seed, e, i)), so every
+    global batch holds exactly `count` items of each part, shuffled together (seeded by the step) so
+    that under DDP each process sees the same mix.
+    """
+
+    def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int, runtime: Runtime,
+                 mix: tuple[tuple[int, int], ...] | None = None):
         if global_batch % runtime.world_size:
             raise ValueError(f"--batch-size {global_batch} must split evenly across {runtime.world_size} processes.")
-        self.n, self.batch, self.seed, self.start = num_items, global_batch, seed, start_step
+        self.parts = mix or ((num_items, global_batch),)
+        assert sum(n for n, _ in self.parts) == num_items and sum(c for _, c in self.parts) == global_batch, (
+            f"mix {self.parts} must cover {num_items} items and {global_batch} per batch")
+        self.batch, self.seed, self.start = global_batch, seed, start_step
         self.share = global_batch // runtime.world_size
         self.offset = runtime.rank * self.share
 
-    def _epoch(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+    def _epoch(self, part: int, epoch: int) -> torch.Tensor:
+        keys = (self.seed, epoch) if part == 0 else (self.seed, epoch, part)
+        return torch.randperm(self.parts[part][0], generator=torch.Generator().manual_seed(derive_seed(*keys)))
 
     def __iter__(self) -> Iterator[list[int]]:
-        cached: dict[int, torch.Tensor] = {}
+        cached: list[dict[int, torch.Tensor]] = [{} for _ in self.parts]
         step = self.start
         while True:
-            first = step * self.batch + self.offset
-            indices = []
-            for pos in range(first, first + self.share):
-                epoch = pos // self.n
-                if epoch not in cached:
-                    cached = {epoch: self._epoch(epoch)}
-                indices.append(int(cached[epoch][pos % self.n]))
-            yield indices
+            batch, first_item = [], 0
+            for part, (n, count) in enumerate(self.parts):
+                for pos in range(step * count, (step + 1) * count):
+                    epoch = pos // n
+                    if epoch not in cached[part]:
+                        cached[part] = {epoch: self._epoch(part, epoch)}
+                    batch.append(first_item + int(cached[part][epoch][pos % n]))
+                first_item += n
+            if len(self.parts) > 1:
+                order = torch.randperm(self.batch, generator=torch.Generator().manual_seed(derive_seed(self.seed, step)))
+                batch = [batch[i] for i in order]
+            yield batch[self.offset:self.offset + self.share]
             step += 1
+
+
+ONECYCLE_START = 1 / 25      # one-cycle starts at peak / 25 ...
+ONECYCLE_END = ONECYCLE_START / 1e4   # ... and anneals to 1/10^4 of that (PyTorch's OneCycleLR defaults)
 
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     """Multiplier of the peak learning rate at 0-based `step` of a `steps`-step run.
 
-    A linear warm-up over the first `warmup` steps, then "constant" (DDPM) or "cosine", which decays
-    to 0 at the last step (Loshchilov & Hutter 2017, SGDR, without restarts).
+    "constant" (DDPM) and "cosine" warm up linearly from 0 over the first `warmup` steps, then stay
+    at the peak or decay to 0 at the last step (Loshchilov & Hutter 2017, SGDR without restarts).
+    "onecycle" (Smith & Topin 2019) rises linearly from peak/25 to the peak over the first `warmup`
+    steps, then anneals along a cosine to peak/250000 at the last step; unlike the paper it leaves
+    the momentum fixed.
     """
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose constant or cosine.")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    progress = (step - warmup) / max(1, steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "onecycle":
+        if step < warmup:
+            return ONECYCLE_START + (1 - ONECYCLE_START) * step / warmup
+        return ONECYCLE_END + (1 - ONECYCLE_END) * cosine
     if step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0 if schedule == "constant" else cosine
 
 
 def ema_decay_at(step: int, decay: float) -> float:
     """Warm the average up, so early previews are not dominated by the random initialisation; the
     cap (1 + s) / (10 + s) passes 0.999 after ~9000 steps and leaves long runs unchanged."""
     return min(decay, (1 + step) / (10 + step))
+
+
+def make_optimizer(trainable: Trainable, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer a `Trainable` asks for, over `model`'s parameters (fused kernels on CUDA)."""
+    fused = device.type == "cuda"
+    if trainable.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=trainable.lr, momentum=trainable.momentum,
+                               nesterov=trainable.nesterov, weight_decay=trainable.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(model.parameters(), lr=trainable.lr, betas=trainable.betas,
+                             weight_decay=trainable.weight_decay, fused=fused)
 
 
 @torch.no_grad()
@@ -186,10 +221,7 @@ class Trainer:
         self.models = {name: t.model.to(device) for name, t in stage.trainables.items()}
         self.ema = {name: copy.deepcopy(self.models[name]).eval().requires_grad_(False)
                     for name, t in stage.trainables.items() if t.ema}
-        self.optimizers = {
-            name: torch.optim.AdamW(self.models[name].parameters(), lr=t.lr, betas=t.betas,
-                                    weight_decay=t.weight_decay, fused=device.type == "cuda")
-            for name, t in stage.trainables.items()}
+        self.optimizers = {name: make_optimizer(t, self.models[name], device) for name, t in stage.trainables.items()}
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
@@ -229,7 +261,8 @@ class Trainer:
         return model
 
     def _batches(self) -> DataLoader:
-        sampler = StepBatches(len(self.stage.dataset), self.cfg.batch_size, self.cfg.seed, self.start_step, self.runtime)
+        sampler = StepBatches(len(self.stage.dataset), self.cfg.batch_size, self.cfg.seed, self.start_step, self.runtime,
+                              mix=self.stage.mix)
         return DataLoader(self.stage.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda",
                           worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
@@ -308,6 +341,9 @@ class Trainer:
         if self.stage.evaluate is None:
             return
         record = {"step": step, **self.stage.evaluate(self.eval_models())}
+        for name, image in record.pop("figures", {}).items():
+            atomic_save_image(image, self.run_dir / "figures" / f"{name}-step-{step:07d}.png")
+            atomic_save_image(image, self.run_dir / f"{name}.png")
         self._append_metrics(record)
         shown = {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
         tqdm.write(f"step {step} {record.get('split', 'eval')}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))

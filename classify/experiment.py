@@ -1,0 +1,200 @@
+"""The results table: is synthetic data good enough to train on?
+
+    python -m classify.experiment --real folder:R --synthetic NAME=folder:S [--synthetic ...] \\
+        --test folder:T --seeds 3 [--match-size] [--out runs/experiment] [-- TRAIN OPTIONS]
+
+trains the same classifier (`train.py --stage classify`) on the real images, on each synthetic set,
+and on real + each synthetic set, once per seed, tests every run on the same held-out real images,
+and writes OUT/results.md (mean and standard deviation over seeds), OUT/results.json and
+OUT/results.png. Options after `--` go to every training run (e.g. `-- --target class --steps 2000`).
+`--match-size` trains every row on the same number of images (the smallest set's; a mixed row takes
+half from each), so rows compare the quality of the data rather than its quantity.
+
+Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
+runs are kept, interrupted ones resumed from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import train
+from classify.config import PRESETS
+from classify.plots import bar_chart
+from classify.stage import final_results
+from core import cli
+from core.lock import FolderLock
+from core.runtime import atomic_write, resolve_device, write_json
+from data import check_spec, load_dataset
+from data.imageio import atomic_save_image, list_images
+
+# Options the runner sets for each run itself; passing them after `--` would contradict it.
+RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
+                  "--num-samples", "--extra-samples", "--device", "--preset")
+ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: what it trains on."""
+    name: str
+    dataset: str
+    extra: str = ""          # a second training set (mixed rows)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    own, passed = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = cli.ArgumentParser(prog="python -m classify.experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real", required=True, help="the real training images: folder:PATH | plumes | cifar10 (required)")
+    parser.add_argument("--synthetic", action="append", default=[], metavar="NAME=SPEC", required=True,
+                        help="a synthetic training set and its row name, e.g. ddpm=folder:synth; repeat per set (required)")
+    parser.add_argument("--test", required=True, help="held-out real images every run is tested on (required)")
+    parser.add_argument("--seeds", type=int, default=3, help="training runs per row, seeds 0..N-1 (default: 3)")
+    parser.add_argument("--match-size", action="store_true",
+                        help="train every row on the same number of images (default: off: each row on all its images)")
+    parser.add_argument("--no-mixed", action="store_true", help="leave out the real + synthetic rows (default: off)")
+    parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
+    parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
+    return parser.parse_args(own), passed
+
+
+def plan_rows(args: argparse.Namespace) -> list[Row]:
+    """Real, each synthetic set, then real + each synthetic set; names and specs checked."""
+    synthetic = []
+    for item in args.synthetic:
+        name, _, spec = item.partition("=")
+        if not ROW_NAME.match(name) or not spec:
+            raise ValueError(f"--synthetic {item!r} is not NAME=SPEC with a NAME of letters, digits, '.', '_' or '-'.")
+        check_spec(spec, f"--synthetic {name}")
+        synthetic.append((name, spec))
+    names = [name for name, _ in synthetic]
+    if "real" in names or len(set(names)) != len(names):
+        raise ValueError("Every --synthetic set needs its own name, other than 'real'.")
+    rows = [Row("real", args.real)] + [Row(name, spec) for name, spec in synthetic]
+    if not args.no_mixed:
+        rows += [Row(f"real+{name}", args.real, spec) for name, spec in synthetic]
+    return rows
+
+
+def check_passed(passed: list[str]) -> None:
+    """Refuse options for the training runs that the runner sets itself."""
+    clash = [a for a in passed if a.split("=")[0] in RUNNER_OPTIONS]
+    if clash:
+        raise ValueError(f"{clash[0]} is set by the experiment for each run; drop it from the options after --.")
+
+
+def count_images(spec: str, resolution: int, cache_dir: str) -> int:
+    """How many images a dataset spec holds (folders are counted without decoding)."""
+    if spec.startswith("folder:"):
+        return len(list_images(Path(spec[len("folder:"):]).expanduser()))
+    return len(load_dataset(spec, resolution, cache_dir=cache_dir))
+
+
+def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
+                  size: int | None) -> list[str]:
+    """train.py arguments of one run: a new run, or the resumption of an interrupted one."""
+    common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
+    if (run_dir / "checkpoint.pt").exists():
+        return [*common, "--resume"]
+    argv = [*common, "--preset", args.preset, *passed, "--dataset", row.dataset, "--test-dataset", args.test,
+            "--seed", str(seed)]
+    if row.extra:
+        argv += ["--extra-dataset", row.extra]
+    if size is not None:
+        argv += ["--num-samples", str(size // 2 if row.extra else size)]
+        if row.extra:
+            argv += ["--extra-samples", str(size - size // 2)]
+    return argv
+
+
+def summarise(rows: list[Row], results: dict[str, list[dict]], target: str) -> dict[str, Any]:
+    """Per row: the metric of each seed, its mean and (sample) standard deviation."""
+    metric = "top1" if target == "class" else "mae"
+    table = {}
+    for row in rows:
+        values = [r[metric] * (100 if metric == "top1" else 1) for r in results[row.name]]
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        extra = {}
+        if metric == "mae":
+            names = sorted(k for k in results[row.name][0] if k.startswith("mae/"))
+            extra = {k: float(np.mean([r[k] for r in results[row.name]])) for k in names}
+        table[row.name] = {"dataset": row.dataset, "extra": row.extra, "values": values,
+                           "mean": float(np.mean(values)), "std": std, **extra}
+    return {"metric": "top-1 accuracy (%)" if metric == "top1" else "mean absolute error", "rows": table}
+
+
+def markdown(summary: dict[str, Any], seeds: int, test: str) -> str:
+    lines = [f"| training data | {summary['metric']}, mean ± std over {seeds} seed{'s' * (seeds > 1)} | per seed |",
+             "|---|---|---|"]
+    for name, row in summary["rows"].items():
+        digits = 2 if summary["metric"].startswith("top") else 4
+        per_seed = ", ".join(f"{v:.{digits}f}" for v in row["values"])
+        lines.append(f"| {name} | {row['mean']:.{digits}f} ± {row['std']:.{digits}f} | {per_seed} |")
+    return "\n".join(lines) + f"\n\nTest set: {test}.\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
+    rows = plan_rows(args)
+    check_spec(args.real, "--real")
+    check_spec(args.test, "--test")
+    check_passed(passed)
+    resolve_device(args.device)
+    spec, given = train.parse_args(["--stage", "classify", "--preset", args.preset, *passed])
+    config = train.with_options(spec, spec.presets[args.preset](), given)  # what every run starts from
+    target = config.model.target
+
+    out = args.out
+    with FolderLock(out):
+        size = None
+        if args.match_size:
+            counts = {spec: count_images(spec, config.data.resolution, config.data.cache_dir)
+                      for spec in {args.real, *(row.dataset for row in rows), *(row.extra for row in rows if row.extra)}}
+            size = min(counts.values())
+            print(f"Every row trains on {size} images (--match-size).", flush=True)
+        results: dict[str, list[dict]] = {}
+        for row in rows:
+            for seed in range(args.seeds):
+                run_dir = out / "runs" / row.name / f"seed{seed}"
+                result = final_results(run_dir)
+                if result is None:
+                    print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
+                    train.main(run_arguments(row, seed, run_dir, args, passed, size))
+                    result = final_results(run_dir)
+                    assert result is not None, f"{run_dir} finished without a held-out evaluation"
+                results.setdefault(row.name, []).append(result)
+
+        summary = summarise(rows, results, target)
+        summary.update(test=args.test, seeds=args.seeds, match_size=size, train_options=passed, preset=args.preset)
+        table = markdown(summary, args.seeds, args.test)
+        atomic_write(out / "results.md", lambda f: f.write(table.encode()))
+        write_json(summary, out / "results.json")
+        names = list(summary["rows"])
+        chart = bar_chart(names, [summary["rows"][n]["mean"] for n in names],
+                          [summary["rows"][n]["std"] for n in names], title=f"Tested on {args.test}",
+                          ylabel=summary["metric"])
+        atomic_save_image(chart, out / "results.png")
+    print(table)
+    print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
+    sys.exit(cli.run(main))

@@ -1,0 +1,143 @@
+"""The classifier every judging tool shares: torchvision's ResNet-18 (He et al. 2016), with the stem of
+the CIFAR ResNets for small images, and the loader that turns a classify-stage checkpoint into it.
+
+ImageNet's stem (7x7 convolution with stride 2, then a 3x3 max-pool) divides a 224 px image by 4
+before the first residual block; on a 32 px image it would leave the last stage 1x1. The CIFAR
+variant (He et al. 2016, section 4.2) keeps full resolution with one 3x3 convolution of stride 1 and
+no pool; we use it for inputs of at most 64 px (`small_stem="auto"`).
+
+A `Classifier` predicts either classes (logits over the training data's class names) or numeric
+parameters (in the data's units, trained on their values normalised to [-1, 1] over the training
+range). Grad-CAM, the experiment runner and the conditioning-accuracy check all load it with
+`load_classifier` and never look inside a checkpoint themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18
+
+from core.checkpoint import load_checkpoint, require_keys
+from core.config import check_choice, from_dict, option, require
+from data import DatasetInfo
+
+NAME = "classify"
+TARGETS = ("class", "params")
+STEMS = ("auto", "small", "imagenet")
+SMALL_IMAGE = 64  # largest side that gets the CIFAR stem under small_stem="auto"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    target: str = option("class", "what to predict: class (the data's labels) or params (its numeric parameters, "
+                                  "regressed)", choices=TARGETS)
+    stem: str = option("auto", "ResNet stem: small (3x3 conv, stride 1, no max-pool, as CIFAR ResNets), imagenet "
+                               "(7x7 conv, stride 2, max-pool), auto (small up to 64 px)", choices=STEMS)
+    # Fixed by the data (filled in by the stage from the training set), not options.
+    in_channels: int = 3
+    num_outputs: int = 0           # classes, or parameters
+
+    def __post_init__(self) -> None:
+        check_choice("target", self.target, TARGETS)
+        check_choice("stem", self.stem, STEMS)
+        require(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}.")
+
+
+def small_stem(config: ClassifierConfig, resolution: int) -> bool:
+    return config.stem == "small" or (config.stem == "auto" and resolution <= SMALL_IMAGE)
+
+
+def build_resnet18(config: ClassifierConfig, resolution: int) -> nn.Module:
+    """torchvision's ResNet-18 with `config.num_outputs` outputs, `config.in_channels` input channels and
+    the stem chosen for `resolution`. Layer names are torchvision's (conv1, layer1..layer4, fc), so
+    Grad-CAM and published ResNet weights find them where they expect."""
+    require(config.num_outputs >= 1, "A classifier needs at least one output (a class or a parameter).")
+    net = resnet18(weights=None, num_classes=config.num_outputs)
+    if small_stem(config, resolution):
+        net.conv1 = nn.Conv2d(config.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif config.in_channels != 3:
+        net.conv1 = nn.Conv2d(config.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return net
+
+
+@dataclass
+class Classifier:
+    """A trained classifier or parameter regressor, frozen and in eval mode, ready to judge images."""
+    net: nn.Module
+    config: ClassifierConfig
+    info: DatasetInfo                  # what it was trained on: resolution, channels, class or parameter names
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The name of each output: class names (logits) or parameter names (regressed values)."""
+        return self.info.class_names if self.config.target == "class" else self.info.param_names
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] (B, C, H, W) at the training resolution, in the classifier's channels."""
+        info = self.info
+        assert images.dim() == 4, f"expected images (B, C, H, W), got {tuple(images.shape)}"
+        if images.shape[-2:] != (info.resolution, info.resolution):
+            raise ValueError(f"This classifier takes {info.resolution}x{info.resolution} images, got "
+                             f"{images.shape[-1]}x{images.shape[-2]}; resize them or load them at --resolution "
+                             f"{info.resolution}.")
+        if images.shape[1] == info.channels:
+            return images
+        if images.shape[1] == 1 and info.channels == 3:
+            return images.expand(-1, 3, -1, -1)
+        if images.shape[1] == 3 and info.channels == 1:  # ITU-R 601 luma, as data.dataset.to_channels
+            weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+            return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        raise ValueError(f"This classifier takes {info.channels}-channel images, got {images.shape[1]}.")
+
+    @torch.no_grad()
+    def outputs(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Raw network outputs (B, num_outputs): logits, or parameters normalised to [-1, 1]."""
+        device = self.device
+        parts = [self.net(self.prepare(chunk.to(device)).float()).float().cpu() for chunk in images.split(batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.config.num_outputs)
+
+    def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Predicted class indices (B,) int64, or predicted parameters (B, P) in the data's units."""
+        out = self.outputs(images, batch_size)
+        if self.config.target == "class":
+            return out.argmax(dim=1)
+        return self.info.denormalize_params(out)
+
+
+def classifier_from_state(config: ClassifierConfig, info: DatasetInfo, state: dict[str, Tensor],
+                          path: str | Path) -> nn.Module:
+    """The network of a checkpoint, weights loaded strictly and checked for NaN."""
+    net = build_resnet18(config, info.resolution)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"The weights in {path} do not fit the ResNet-18 its config describes "
+                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):
+        raise ValueError(f"The weights in {path} hold NaN or infinite values; the run diverged, so use an earlier "
+                         f"checkpoint.")
+    return net
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """The classifier or regressor saved by `train.py --stage classify` at `path`, frozen, in eval mode."""
+    path = Path(path)
+    payload: dict[str, Any] = load_checkpoint(path, NAME)
+    require_keys(payload, ("config", "data_info", "models"), path)
+    config = from_dict(ClassifierConfig, payload["config"]["model"])
+    info = DatasetInfo.from_dict(payload["data_info"])
+    state = payload["models"].get("model")
+    if state is None:
+        raise ValueError(f"Checkpoint {path} has no classifier weights; it is inconsistent, so retrain it.")
+    net = classifier_from_state(config, info, state, path)
+    return Classifier(net.to(device).eval().requires_grad_(False), config, info)

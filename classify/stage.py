@@ -1,0 +1,221 @@
+"""Classifiers as a stage: ResNet-18 trained on real, synthetic or mixed images and judged on held-out
+real ones, through the same loop, run directory, checkpoints and exact resume as every other stage.
+
+`--target class` trains with label-smoothed cross-entropy and reports top-1 and per-class accuracy
+and a confusion matrix (RUN_DIR/confusion.png); `--target params` regresses the data's numeric
+parameters (normalised to [-1, 1] over the training range, mean squared error) and reports the mean
+absolute error of each in the data's units. `--extra-dataset` adds images (a synthetic set) to the
+training data, optionally at a fixed share of every batch (`--extra-fraction`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig, ClassifyOptions
+from classify.model import NAME, ClassifierConfig, build_resnet18
+from classify.plots import confusion_matrix_image
+from core.config import DataConfig, TrainConfig, to_dict
+from core.runtime import Runtime, autocast, autocast_dtype
+from core.stages import Section, StageSpec, Trainable, TrainingStage
+from data import DatasetInfo, ImageDataset, check_spec, load_dataset, load_test_set
+from data.augment import compose, random_crop, random_hflip
+from data.dataset import param_ranges
+
+EVAL_BATCH = 256
+
+
+def _same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: str) -> None:
+    """Refuse a second dataset (extra training images, test images) whose classes or parameters differ."""
+    if target == "class" and other.class_names != train.class_names:
+        raise ValueError(f"The classes of {option} ({', '.join(other.class_names) or 'none'}) differ from those of "
+                         f"--dataset ({', '.join(train.class_names)}); give both the same class folder names.")
+    if target == "params" and other.param_names != train.param_names:
+        raise ValueError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
+                         f"--dataset ({', '.join(train.param_names)}); give both the same params.csv columns.")
+
+
+def _check_targets(info: DatasetInfo, target: str) -> None:
+    if target == "class" and len(info.class_names) < 2:
+        raise ValueError(f"--target class needs at least two classes, and {info.name} has "
+                         f"{len(info.class_names) or 'no'} class folders; use class subfolders (e.g. `python -m "
+                         f"data.export plumes DIR --classes wind:3`) or --target params.")
+    if target == "params" and not info.param_names:
+        raise ValueError(f"--target params needs per-image parameters, and {info.name} has none; add a params.csv "
+                         f"or use --target class.")
+
+
+def concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
+    """One dataset holding `first`'s items, then `second`'s (same resolution, channels and targets)."""
+    params = torch.cat([first.params, second.params])
+    info = dataclasses.replace(first.info, name=f"{first.info.name}+{second.info.name}",
+                               param_ranges=param_ranges(params), num_samples=len(first) + len(second))
+    return ImageDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]), params,
+                        info)
+
+
+def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any], tuple[tuple[int, int], ...] | None]:
+    """The training images (real, then any extra ones), what checkpoints record of them, and the batch mix."""
+    data, options, target = config.data, config.classify, config.model.target
+    real = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    _check_targets(real.info, target)
+    if not options.extra_dataset:
+        return real, real.description(), None
+    extra = load_dataset(options.extra_dataset, data.resolution, cache_dir=data.cache_dir,
+                         num_samples=options.extra_samples or None, channels=real.info.channels)
+    _same_targets(real.info, extra.info, "--extra-dataset", target)
+    union = concatenate(real, extra)
+    described = {**union.description(), "parts": [real.description(), extra.description()]}
+    mix = None
+    if options.extra_fraction >= 0:
+        count = round(options.extra_fraction * config.train.batch_size)
+        mix = ((len(real), config.train.batch_size - count), (len(extra), count))
+    return union, described, mix
+
+
+class ClassifierTraining:
+    """The loss and held-out evaluation of one classifier run."""
+
+    def __init__(self, config: ClassifyConfig, info: DatasetInfo, test_set: ImageDataset, split: str,
+                 device: torch.device):
+        self.config, self.info, self.test_set, self.split, self.device = config, info, test_set, split, device
+        self.target = config.model.target
+        self.amp_dtype = autocast_dtype(config.train.amp, device)
+
+    def loss(self, models, batch, generator, step) -> tuple[Tensor, dict[str, Tensor]]:
+        out = models["model"](batch.image).float()
+        if self.target == "class":
+            loss = F.cross_entropy(out, batch.label, label_smoothing=self.config.classify.label_smoothing)
+            return loss, {"accuracy": (out.argmax(dim=1) == batch.label).float().mean()}
+        loss = F.mse_loss(out, self.info.normalize_params(batch.params))
+        error = (self.info.denormalize_params(out) - batch.params).abs().mean(dim=0)
+        return loss, {f"mae/{name}": e for name, e in zip(self.info.param_names, error.detach())}
+
+    @torch.no_grad()
+    def outputs(self, net: torch.nn.Module) -> Tensor:
+        """The network's outputs on every test image, in eval mode (batch-norm running statistics)."""
+        was_training = net.training
+        net.eval()
+        try:
+            parts = []
+            for start in range(0, len(self.test_set), EVAL_BATCH):
+                x = self.test_set.images[start:start + EVAL_BATCH].to(self.device).float() / 127.5 - 1
+                with autocast(self.device, self.amp_dtype):
+                    parts.append(net(x).float().cpu())
+            return torch.cat(parts)
+        finally:
+            net.train(was_training)
+
+    def evaluate(self, models) -> dict[str, Any]:
+        out = self.outputs(models["model"])
+        record: dict[str, Any] = {"split": self.split, "images": len(self.test_set)}
+        if self.target == "class":
+            labels, names = self.test_set.labels, self.info.class_names
+            predicted = out.argmax(dim=1)
+            confusion = torch.bincount(labels * len(names) + predicted, minlength=len(names) ** 2).view(len(names), -1)
+            per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+            record["loss"] = F.cross_entropy(out, labels).item()
+            record["top1"] = (predicted == labels).float().mean().item()
+            record.update({f"accuracy/{name}": float(a) for name, a in zip(names, per_class)})
+            record["confusion"] = confusion.tolist()
+            title = f"{self.split} top-1 {100 * record['top1']:.1f}% ({len(labels)} images)"
+            record["figures"] = {"confusion": confusion_matrix_image(confusion, names, title=title)}
+            return record
+        predicted = self.info.denormalize_params(out)
+        error = (predicted - self.test_set.params).abs().mean(dim=0)
+        record["loss"] = F.mse_loss(out, self.info.normalize_params(self.test_set.params)).item()
+        record["mae"] = error.mean().item()
+        record.update({f"mae/{name}": float(e) for name, e in zip(self.info.param_names, error)})
+        return record
+
+
+def augmentation(config: ClassifyConfig):
+    padding = config.classify.crop_padding
+    padding = config.data.resolution // 8 if padding == -1 else padding
+    crop = (lambda batch, generator: random_crop(batch, generator, padding)) if padding else None
+    return compose(crop, random_hflip if config.data.hflip else None)
+
+
+def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) -> tuple[ClassifyConfig, TrainingStage]:
+    data, train = config.data, config.train
+    dataset, data_info, mix = training_data(config)
+    info = dataset.info
+    test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
+                                    cache_dir=data.cache_dir, seed=train.seed)
+    _same_targets(info, test_set.info, "--test-dataset", config.model.target)
+    if runtime.is_main and split != "heldout":
+        print(f"Evaluating on {len(test_set)} training images: {data.dataset} has no test split; pass --test-dataset "
+              f"for held-out numbers.", flush=True)
+    outputs = len(info.class_names) if config.model.target == "class" else len(info.param_names)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, in_channels=info.channels,
+                                                                   num_outputs=outputs))
+    torch.manual_seed(train.seed)  # the initial weights
+    net = build_resnet18(config.model, info.resolution)
+    if runtime.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions under AMP
+    run = ClassifierTraining(config, info, test_set, split, runtime.device)
+    options = config.classify
+    trainable = Trainable(net, lr=train.lr, optimizer="sgd", momentum=options.momentum, nesterov=options.nesterov,
+                          weight_decay=train.weight_decay)
+    stage = TrainingStage(name=NAME, trainables={"model": trainable}, loss=run.loss, dataset=dataset,
+                          config=to_dict(config), data_info=data_info, augment=augmentation(config),
+                          evaluate=run.evaluate, mix=mix)
+    return config, stage
+
+
+def check(config: ClassifyConfig) -> None:
+    """Options that must agree with each other, and datasets that must exist, before any work."""
+    options = config.classify
+    if options.extra_dataset:
+        check_spec(options.extra_dataset, "--extra-dataset")
+    elif options.extra_fraction != -1 or options.extra_samples:
+        raise ValueError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
+    if config.data.test_dataset:
+        check_spec(config.data.test_dataset, "--test-dataset")
+    count = round(options.extra_fraction * config.train.batch_size)
+    if options.extra_fraction > 0 and count == 0:
+        raise ValueError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "
+                         f"less than one image; raise either.")
+
+
+def final_results(run_dir: str | Path) -> dict[str, Any] | None:
+    """The last held-out evaluation of a finished classify run (its final step), or None if it has none."""
+    run_dir = Path(run_dir)
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
+    if not (config_path.is_file() and metrics_path.is_file()):
+        return None
+    steps = json.loads(config_path.read_text())["train"]["steps"]
+    last = None
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step") == steps and record.get("split") != "train":
+            last = record
+    return last
+
+
+SPEC = StageSpec(
+    name=NAME,
+    summary="ResNet-18 classifier or parameter regressor on real, synthetic or mixed images",
+    config_class=ClassifyConfig,
+    presets=PRESETS,
+    default_preset="classify-demo",
+    sections=(Section("data", DataConfig, help={"hflip": "random horizontal flips (off for labels that mirroring "
+                                                         "changes, e.g. a plume's wind)"}),
+              Section("model", ClassifierConfig, skip=MODEL_FROM_DATA),
+              Section("classify", ClassifyOptions),
+              Section("train", TrainConfig, skip=TRAIN_UNUSED,
+                      help={"sample_every": "steps between held-out evaluations (0: only at the end)",
+                            "lr": "peak learning rate of SGD", "weight_decay": "SGD weight decay (L2)"})),
+    build=build,
+    check=check,
+)

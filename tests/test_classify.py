@@ -1,0 +1,235 @@
+"""The classifier stage: torchvision's ResNet-18 with the small-image stem, trained through the shared
+loop (SGD + Nesterov, one-cycle, label smoothing, crops), its held-out report checked against the
+loaded classifier's own predictions, exact resume, mixed training sets, and the results table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18
+
+import train
+from classify import experiment
+from classify.model import ClassifierConfig, build_resnet18, load_classifier
+from classify.stage import final_results
+from core.checkpoint import load_checkpoint
+from data import Batch, load_dataset
+from data.augment import random_crop
+
+RES = 16
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40)}
+
+
+def colour_folder(root: Path, per_class: int, seed: int, classes=COLOURS) -> Path:
+    """Class folders of noisy solid colours: trivially separable, so a few steps learn them."""
+    rng = np.random.default_rng(seed)
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (RES, RES, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{k}.png")
+    return root
+
+
+def params_folder(root: Path, count: int, seed: int) -> Path:
+    """Grey images whose brightness is parameter `level` (and a constant second parameter)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    rows = []
+    for k in range(count):
+        level = float(rng.uniform(0, 1))
+        Image.fromarray(np.full((RES, RES, 3), int(40 + 180 * level), np.uint8)).save(root / f"{k}.png")
+        rows.append(f"{k}.png,{level!r},3.5")
+    (root / "params.csv").write_text("path,level,constant\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def args(run_dir: Path, dataset: Path, test: Path, *extra: str) -> list[str]:
+    return ["--stage", "classify", "--run-dir", str(run_dir), "--device", "cpu", "--dataset", f"folder:{dataset}",
+            "--test-dataset", f"folder:{test}", "--resolution", str(RES), "--num-samples", "0", "--test-samples", "0",
+            "--batch-size", "12", "--log-every", "1", "--ckpt-every", "100", "--target", "class", "--warmup-steps", "1",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("colours")
+    return colour_folder(root / "train", 8, seed=0), colour_folder(root / "test", 5, seed=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+
+
+def test_resnet18_is_torchvisions_with_the_cifar_stem_for_small_images():
+    small = build_resnet18(ClassifierConfig(num_outputs=10), resolution=32)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    # torchvision's ImageNet ResNet-18 has 11,689,512 parameters; the CIFAR stem swaps the 7x7x3x64 conv
+    # for a 3x3x3x64 one and the 1000-way head for a 10-way one.
+    imagenet = sum(p.numel() for p in resnet18().parameters())
+    assert imagenet == 11_689_512
+    expected = imagenet - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64 - (512 + 1) * 1000 + (512 + 1) * 10
+    assert sum(p.numel() for p in small.parameters()) == expected
+    large = build_resnet18(ClassifierConfig(num_outputs=10), resolution=128)
+    assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, torch.nn.MaxPool2d)
+    grey = build_resnet18(ClassifierConfig(num_outputs=2, in_channels=1, stem="imagenet"), resolution=32)
+    assert grey.conv1.in_channels == 1 and grey(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
+
+
+def test_random_crop_shifts_each_image_by_at_most_the_padding_with_reflected_borders():
+    torch.manual_seed(0)
+    image = torch.randn(6, 3, 8, 8)
+    batch = Batch(image, torch.zeros(6, dtype=torch.long), torch.zeros(6, 0), torch.arange(6))
+    out = random_crop(batch, torch.Generator().manual_seed(1), padding=2).image
+    padded = torch.nn.functional.pad(image, (2,) * 4, mode="reflect")
+    offsets = []
+    for b in range(6):
+        match = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[b], padded[b, :, dy:dy + 8, dx:dx + 8])]
+        assert len(match) == 1
+        offsets.append(match[0])
+    assert len(set(offsets)) > 1                                   # drawn per image
+    assert random_crop(batch, torch.Generator(), padding=0).image is image
+
+
+# ---------------------------------------------------------------------------------------------
+# training and the held-out report
+
+
+@pytest.fixture(scope="module")
+def colour_run(colours, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("colour-run")
+    train.main(args(run_dir, *colours, "--steps", "24", "--warmup-steps", "6", "--lr", "0.05"))
+    return run_dir
+
+
+def test_a_classifier_learns_separable_classes_and_its_report_matches_its_own_predictions(colour_run, colours):
+    result = final_results(colour_run)
+    assert result["split"] == "heldout" and result["images"] == 15
+    assert result["top1"] == 1.0                                   # noisy solid colours are trivially separable
+    classifier = load_classifier(colour_run / "checkpoint.pt")
+    test = load_dataset(f"folder:{colours[1]}", RES)
+    predicted = classifier.predict(test.images.float() / 127.5 - 1)
+    confusion = torch.zeros(3, 3, dtype=torch.long)
+    for y, p in zip(test.labels, predicted):
+        confusion[y, p] += 1
+    assert result["confusion"] == confusion.tolist()
+    assert result["top1"] == pytest.approx((predicted == test.labels).float().mean().item())
+    for k, name in enumerate(classifier.output_names):
+        assert result[f"accuracy/{name}"] == pytest.approx(confusion[k, k].item() / confusion[k].sum().item())
+    assert (colour_run / "confusion.png").is_file()
+    payload = load_checkpoint(colour_run / "checkpoint.pt", "classify")
+    sgd = payload["optimizers"]["model"]["param_groups"][0]
+    assert sgd["nesterov"] and sgd["momentum"] == 0.9               # SGD with Nesterov momentum, as asked
+
+
+def test_resume_continues_exactly(colours, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ("--warmup-steps", "1", "--lr", "0.02", "--ckpt-every", "2")
+    train.main(args(whole, *colours, "--steps", "4", *common))
+    train.main(args(split, *colours, "--steps", "2", *common))
+    train.main(["--stage", "classify", "--run-dir", str(split), "--device", "cpu", "--resume", "--steps", "4"])
+    a, b = (load_checkpoint(d / "checkpoint.pt", "classify") for d in (whole, split))
+    for key, value in a["models"]["model"].items():
+        assert torch.equal(value, b["models"]["model"][key]), key     # weights and batch-norm statistics
+    momentum = [s["momentum_buffer"] for s in a["optimizers"]["model"]["state"].values()]
+    assert all(torch.equal(m, s["momentum_buffer"]) for m, s in zip(momentum, b["optimizers"]["model"]["state"].values()))
+
+
+def test_params_target_reports_the_mean_absolute_error_of_each_parameter(tmp_path):
+    data, test = params_folder(tmp_path / "train", 24, 0), params_folder(tmp_path / "test", 10, 1)
+    run_dir = tmp_path / "run"
+    train.main(args(run_dir, data, test, "--target", "params", "--steps", "6", "--warmup-steps", "2", "--lr", "0.01",
+                    "--grad-clip", "1"))
+    result = final_results(run_dir)
+    regressor = load_classifier(run_dir / "checkpoint.pt")
+    assert regressor.output_names == ("level", "constant")
+    dataset = load_dataset(f"folder:{test}", RES)
+    predicted = regressor.predict(dataset.images.float() / 127.5 - 1)
+    error = (predicted - dataset.params).abs().mean(dim=0)
+    assert result["mae/level"] == pytest.approx(error[0].item(), rel=1e-4)
+    assert result["mae/constant"] == pytest.approx(error[1].item(), abs=1e-6)
+    assert predicted[:, 1].eq(3.5).all()                           # a constant parameter is predicted exactly
+
+
+def test_an_extra_dataset_joins_the_training_set_at_a_fixed_share(colours, tmp_path):
+    from core.runtime import Runtime
+    synthetic = colour_folder(tmp_path / "synth", 4, seed=3)
+    spec, parsed = train.parse_args(args(tmp_path / "run", *colours, "--extra-dataset", f"folder:{synthetic}",
+                                         "--extra-fraction", "0.25"))
+    config, _ = train.resolve_config(spec, parsed, tmp_path / "run")
+    _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+    assert len(stage.dataset) == 24 + 12 and stage.mix == ((24, 9), (12, 3))
+    assert [p["num_samples"] for p in stage.data_info["parts"]] == [24, 12]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d, t, tmp: ["--test-dataset", f"folder:{colour_folder(tmp / 'other', 2, 5, {'blue': (0, 0, 255), 'cyan': (0, 255, 255), 'red': (255, 0, 0)})}"],
+     "classes of --test-dataset"),
+    (lambda d, t, tmp: ["--extra-dataset", f"folder:{colour_folder(tmp / 'two', 2, 5, {'blue': (0, 0, 255), 'red': (255, 0, 0)})}"],
+     "classes of --extra-dataset"),
+    (lambda d, t, tmp: ["--dataset", f"folder:{params_folder(tmp / 'flat', 4, 0)}"], "needs at least two classes"),
+    (lambda d, t, tmp: ["--target", "params"], "needs per-image parameters"),
+    (lambda d, t, tmp: ["--extra-fraction", "0.5"], "need --extra-dataset"),
+    (lambda d, t, tmp: ["--extra-dataset", f"folder:{d}", "--extra-fraction", "0.01"], "less than one image"),
+    (lambda d, t, tmp: ["--label-smoothing", "1"], "--label-smoothing"),
+    (lambda d, t, tmp: ["--lr-schedule", "onecycle", "--steps", "10", "--warmup-steps", "10"], "no annealing"),
+])
+def test_bad_options_are_refused_before_any_file_is_written(colours, tmp_path, change, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train.main(args(run_dir, *colours, "--steps", "2", *change(*colours, tmp_path)))
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_load_classifier_refuses_a_diffusion_checkpoint(tmp_path):
+    from core.checkpoint import save_checkpoint
+    save_checkpoint({"stage": "ddpm", "config": {}, "data_info": {}, "models": {}}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="needs 'classify'"):
+        load_classifier(tmp_path / "c.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# the results table
+
+
+def test_experiment_table_trains_every_row_and_seed_once_and_resumes(colours, tmp_path):
+    real, test = colours
+    synthetic = colour_folder(tmp_path / "synth", 4, seed=7)
+    out = tmp_path / "experiment"
+    argv = ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
+            "--seeds", "2", "--match-size", "--out", str(out), "--device", "cpu",
+            "--", "--target", "class", "--resolution", str(RES), "--steps", "2", "--warmup-steps", "1",
+            "--batch-size", "6", "--test-samples", "0"]
+    summary = experiment.main(argv)
+    assert list(summary["rows"]) == ["real", "gen", "real+gen"]
+    for name, row in summary["rows"].items():
+        runs = [out / "runs" / name / f"seed{s}" for s in range(2)]
+        values = [100 * final_results(r)["top1"] for r in runs]
+        assert row["values"] == pytest.approx(values)
+        assert row["mean"] == pytest.approx(np.mean(values)) and row["std"] == pytest.approx(np.std(values, ddof=1))
+        configs = [json.loads((r / "config.json").read_text()) for r in runs]
+        assert [c["train"]["seed"] for c in configs] == [0, 1]
+        # --match-size: 12 images per row (the synthetic set's size), half of each in the mixed row.
+        sizes = [(c["data"]["num_samples"], c["classify"]["extra_samples"]) for c in configs]
+        assert sizes[0] == ({"real": (12, 0), "gen": (12, 0), "real+gen": (6, 6)}[name])
+    assert "| real+gen |" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["rows"]["gen"]["values"] == summary["rows"]["gen"]["values"]
+    assert (out / "results.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
+    again = experiment.main(argv)                                  # nothing left to train: the same table
+    assert again["rows"] == summary["rows"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
+
+
+def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):
+    real, test = colours
+    with pytest.raises(ValueError, match="--seed is set by the experiment"):
+        experiment.main(["--real", f"folder:{real}", "--synthetic", f"a=folder:{real}", "--test", f"folder:{test}",
+                         "--out", str(tmp_path / "x"), "--", "--seed", "3"])
+    assert not (tmp_path / "x").exists()
