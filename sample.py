@@ -8,6 +8,11 @@ Works alike for pixel and latent models (the checkpoint says which stage made it
   with --interpolate: interpolate-noise.png/.gif (spherical interpolation between the starting
   noise of images k and k+1) and, for conditional models, interpolate-condition.png/.gif (linear
   interpolation from image k's condition to --interpolate-to).
+With --dataset-out DIR: a labelled dataset instead, DIR/CLASS/NNNNNN.png (torchvision's ImageFolder
+  layout; flat for models without classes), manifest.csv, dataset.json and, for parameter models,
+  params.csv (loadable as --dataset folder:DIR): --per-class N for class models, --num N for others
+  (--classes NAME:K bins a parameter into class folders). Rerun the same command after an
+  interruption to continue it, or with a larger count to extend the set (see data/writer.py).
 """
 
 from __future__ import annotations
@@ -24,16 +29,18 @@ import torch
 from tqdm import tqdm
 
 from core import cli
-from core.checkpoint import load_checkpoint
-from core.config import add_config_arguments, given_in, override
+from core.checkpoint import load_checkpoint, state_fingerprint
+from core.config import add_config_arguments, given_in, override, to_dict
 from core.lock import FolderLock
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device
 from data.imageio import save_gif, save_grid, save_images
+from data.writer import DatasetWriter, parse_binning
 from ddpm.conditioning import (Conditions, check_request, interpolate_conditions, interpolation_end, requested,
                                slerp, sweep_columns)
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.samplers import per_sample_noise
+from ddpm.synthetic import plan_dataset
 from stages import get_stage
 
 GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
@@ -67,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the condition at the far end of --interpolate: a class, or parameter values (repeat per "
                              "parameter) (default: the next class; each parameter mirrored within its range)")
     parser.add_argument("--frames", type=int, default=None, help="images along each --interpolate strip (default: 8)")
+    parser.add_argument("--dataset-out", type=Path, default=None, metavar="DIR",
+                        help="write a labelled dataset into DIR instead of a grid: class folders, manifest.csv, "
+                             "params.csv; resumable (default: off)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="with --dataset-out, images per class of a class-conditional model (default: 100)")
+    parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
+                        help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
+                             "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
     parser.add_argument("--gif-images", type=int, default=None, help="images shown in the GIF (default: 16)")
     parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
@@ -86,13 +101,23 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse impossible option values before any work."""
     for name, value, low in (("--num", args.num, 1), ("--first-index", args.first_index, 0), ("--seed", args.seed, 0),
                              ("--batch-size", args.batch_size, 1), ("--gif-images", args.gif_images, 1),
-                             ("--frames", args.frames, 2)):
+                             ("--frames", args.frames, 2), ("--per-class", args.per_class, 1)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}.")
     for option, needs in (("interpolate_to", "interpolate"), ("frames", "interpolate"), ("gif_images", "gif"),
                           ("gif_frames", "gif")):
         if getattr(args, option) and not getattr(args, needs):
             raise ValueError(f"--{option.replace('_', '-')} has no effect without --{needs}; add --{needs} or drop it.")
+    if args.dataset_out is not None:
+        for option, given in (("--sweep", args.sweep), ("--interpolate", args.interpolate), ("--gif", args.gif),
+                              ("--out", args.out), ("--overwrite", args.overwrite), ("--first-index", args.first_index)):
+            if given:
+                raise ValueError(f"{option} does not apply to --dataset-out (a dataset is numbered from 0 and never "
+                                 f"overwritten); drop it.")
+    for option in ("per_class", "classes"):
+        if getattr(args, option) is not None and args.dataset_out is None:
+            raise ValueError(f"--{option.replace('_', '-')} applies to --dataset-out only; add --dataset-out DIR or "
+                             f"drop it.")
     for option, default in OPTIONAL_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
@@ -115,6 +140,15 @@ def check_against_model(args: argparse.Namespace, model: DiffusionSampler) -> No
         if args.interpolate_to:
             raise ValueError("This model was trained without conditioning, so there is no condition to interpolate "
                              "to; drop --interpolate-to.")
+    if args.dataset_out is not None:
+        if kind == "class" and args.num is not None:
+            raise ValueError("A class-conditional model writes --per-class N images of each class; use --per-class "
+                             "instead of --num.")
+        if kind != "class" and args.per_class is not None:
+            raise ValueError("--per-class needs a class-conditional model; use --num N for this one.")
+        if args.classes is not None and kind != "params":
+            raise ValueError("--classes bins a parameter into class folders, and this model is not conditioned on "
+                             "parameters; drop it.")
     if model.latent and sampling.get("clip_x0"):
         raise ValueError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
                          "images are clamped); drop it.")
@@ -149,14 +183,18 @@ class Drawer:
     def __call__(self, seeds: list[int], conditions: Conditions, x_T: torch.Tensor | None = None,
                  callback=None, desc: str = "sample") -> torch.Tensor:
         images = []
-        conditions = conditions.to(self.model.device)
         for start in tqdm(range(0, len(seeds), self.batch_size), desc=desc, unit="batch"):
             rows = slice(start, start + self.batch_size)
-            part = conditions[rows]
-            images.append(sample_images(self.model, self.sampling, seeds[rows], cond=part.cond, cond_emb=part.cond_emb,
-                                        x_T=None if x_T is None else x_T[rows], amp_dtype=self.amp,
-                                        callback=callback if start == 0 else None).cpu())
+            images.append(self.batch(seeds[rows], conditions[rows], None if x_T is None else x_T[rows],
+                                     callback=callback if start == 0 else None))
         return torch.cat(images)
+
+    def batch(self, seeds: list[int], conditions: Conditions, x_T: torch.Tensor | None = None,
+              callback=None) -> torch.Tensor:
+        """One forward batch: images in [-1, 1] on the CPU, one per seed."""
+        conditions = conditions.to(self.model.device)
+        return sample_images(self.model, self.sampling, seeds, cond=conditions.cond, cond_emb=conditions.cond_emb,
+                             x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
@@ -232,6 +270,31 @@ def draw_interpolations(draw: Drawer, args, model: DiffusionSampler, indices: li
                      duration_ms=150, hold_last_ms=150)
 
 
+def draw_dataset(draw: Drawer, args, model: DiffusionSampler, sampling: SamplingConfig) -> None:
+    """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
+    binning = parse_binning(args.classes, model.info) if args.classes else None
+    plan = plan_dataset(model, args.seed, per_class=args.per_class or 100 if model.net.config.cond == "class" else None,
+                        num=args.num or 64, label=args.label, params=args.param, binning=binning)
+    # What makes image k: changing any of it would give other images, so a folder holds one request.
+    request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed, "sampling": to_dict(sampling),
+               "class": args.label, "param": sorted(args.param), "classes": binning.describe() if binning else None,
+               "amp": args.amp, "param_names": list(plan.param_names)}
+    writer = DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
+    writer.open()
+    pending = writer.pending(plan.items)
+    bar = tqdm(total=len(plan.items), initial=len(plan.items) - len(pending), desc=f"dataset {args.dataset_out}",
+               unit="img")
+    with bar:
+        for start in range(0, max(len(pending), 1), draw.batch_size):
+            part = pending[start:start + draw.batch_size]
+            if part:
+                images = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
+            else:  # nothing left to draw: bring the tables up to date with the images on disk
+                images = torch.zeros(0, *model.shape)
+            writer.write(part, images, every_item=plan.items if start == 0 else ())
+            bar.update(len(part))
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_args(args)
@@ -241,6 +304,13 @@ def main(argv: list[str] | None = None) -> Path:
     model = load_model(args.ckpt, device, args.weights)
     sampling.check_against(model.schedule)
     check_against_model(args, model)
+    if args.dataset_out is not None:
+        if args.classes:
+            parse_binning(args.classes, model.info)  # checked before the folder is touched
+        with FolderLock(args.dataset_out):  # two writers never share a folder
+            draw_dataset(Drawer(model, sampling, amp, args.batch_size), args, model, sampling)
+        print(f"Wrote {args.dataset_out}")
+        return args.dataset_out
     out = output_dir(args, sampling)
 
     special = args.sweep or args.interpolate

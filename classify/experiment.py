@@ -109,8 +109,9 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
     common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
     if (run_dir / "checkpoint.pt").exists():
         return [*common, "--resume"]
-    argv = [*common, "--preset", args.preset, *passed, "--dataset", row.dataset, "--test-dataset", args.test,
-            "--seed", str(seed)]
+    every_test_image = [] if any(a.split("=")[0] == "--test-samples" for a in passed) else ["--test-samples", "0"]
+    argv = [*common, "--preset", args.preset, *every_test_image, *passed, "--dataset", row.dataset,
+            "--test-dataset", args.test, "--seed", str(seed)]
     if row.extra:
         argv += ["--extra-dataset", row.extra]
     if size is not None:

@@ -147,8 +147,10 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
     data, train = config.data, config.train
     dataset, data_info, mix = training_data(config)
     info = dataset.info
+    # The test images do not depend on the training seed, so runs that differ only in it are compared
+    # on the same images.
     test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
-                                    cache_dir=data.cache_dir, seed=train.seed)
+                                    cache_dir=data.cache_dir, seed=0)
     _same_targets(info, test_set.info, "--test-dataset", config.model.target)
     if runtime.is_main and split != "heldout":
         print(f"Evaluating on {len(test_set)} training images: {data.dataset} has no test split; pass --test-dataset "

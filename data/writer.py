@@ -1,0 +1,191 @@
+"""Writing image datasets to disk: the torchvision ImageFolder layout, a manifest, and a params.csv
+that `folder:` reads back, written so that an interrupted job is continued, never repeated.
+
+    DIR/CLASS/NNNNNN.png   one image per item (DIR/NNNNNN.png when items have no class), NNNNNN its index
+    DIR/manifest.csv       index, file, and what made each image (seed, class, parameters, ...)
+    DIR/params.csv         path,<param>,... when items have numeric parameters (data/folder.py's format)
+    DIR/dataset.json       the request that made the folder (everything but its size)
+
+Both `sample.py --dataset-out` (synthetic sets) and `python -m data.export` (real ones) write through
+`DatasetWriter`. Every file goes through `core.runtime.atomic_write`, so an image that exists is
+complete; rerunning a command skips the images already there and adds the rest, and a larger count
+extends the set, because item k is a function of k alone. A folder made by another request is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from core.runtime import atomic_write, write_json
+from data.dataset import DatasetInfo
+from data.imageio import save_images
+
+MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
+FORMAT = "synthdiff-dataset"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a dataset being written."""
+    index: int                                              # its number: the file name, and what seeds it
+    folder: str = ""                                        # class folder ("" for a flat, unlabelled set)
+    params: dict[str, float] = field(default_factory=dict)  # numeric parameters, for params.csv
+    record: dict[str, Any] = field(default_factory=dict)    # more manifest columns (seed, class, ...)
+
+    @property
+    def file(self) -> str:
+        name = f"{self.index:06d}.png"
+        return f"{self.folder}/{name}" if self.folder else name
+
+    def row(self) -> dict[str, Any]:
+        return {"index": self.index, "file": self.file, **self.record, **{k: repr(float(v)) for k, v in self.params.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# labels from a parameter
+
+
+@dataclass(frozen=True)
+class Binning:
+    """Class labels from one numeric parameter: K equal-width bins over [low, high] (a value outside
+    falls in the nearest end bin). Class folders are NAME0 .. NAME{K-1}, zero-padded so that they
+    sort in the order of the bins."""
+    name: str
+    bins: int
+    low: float
+    high: float
+
+    @property
+    def edges(self) -> list[float]:
+        return [self.low + (self.high - self.low) * k / self.bins for k in range(self.bins + 1)]
+
+    @property
+    def class_names(self) -> list[str]:
+        width = len(str(self.bins - 1))
+        return [f"{self.name}{k:0{width}d}" for k in range(self.bins)]
+
+    def label(self, value: float) -> int:
+        position = (value - self.low) / (self.high - self.low) * self.bins
+        return min(self.bins - 1, max(0, math.floor(position)))
+
+    def folder(self, value: float) -> str:
+        return self.class_names[self.label(value)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"parameter": self.name, "edges": self.edges,
+                "classes": {c: [a, b] for c, a, b in zip(self.class_names, self.edges, self.edges[1:])}}
+
+
+def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Binning:
+    """NAME:K (bins over the data's own range of NAME) or NAME:K:LOW:HIGH (over [LOW, HIGH])."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 4) or parts[0] not in info.param_names:
+        raise ValueError(f"{option} {spec!r} is not NAME:K or NAME:K:LOW:HIGH with NAME one of "
+                         f"{', '.join(info.param_names) or '(this data has no parameters)'}.")
+    name = parts[0]
+    try:
+        bins = int(parts[1])
+        low, high = (float(parts[2]), float(parts[3])) if len(parts) == 4 else info.param_ranges[info.param_names.index(name)]
+    except ValueError:
+        raise ValueError(f"{option} {spec!r}: K must be a whole number and LOW, HIGH numbers.") from None
+    if bins < 2:
+        raise ValueError(f"{option} {spec!r}: K must be at least 2 bins.")
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{option} {spec!r}: the range of {name} ({low}, {high}) is empty; give LOW < HIGH, as "
+                         f"NAME:K:LOW:HIGH.")
+    return Binning(name, bins, float(low), float(high))
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer
+
+
+def _normal(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+class DatasetWriter:
+    """Writes `Item`s and their images into `root` (see the module docstring). Use inside the caller's
+    `core.lock.FolderLock(root)`; `open()` checks the folder before anything is drawn."""
+
+    def __init__(self, root: str | Path, request: dict[str, Any], about: dict[str, Any] | None = None):
+        # `request` decides the images (a rerun must repeat it); `about` is recorded but may change
+        # (e.g. where the checkpoint lies).
+        self.root, self.request, self.about = Path(root), _normal(request), _normal(about or {})
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def open(self) -> int:
+        """Check that `root` is empty or holds a set made by the same request; returns the images it has."""
+        if self.root.exists() and not self.root.is_dir():
+            raise FileExistsError(f"{self.root} is a file; choose a folder for the dataset.")
+        made_by = self.root / REQUEST
+        if made_by.is_file():
+            try:
+                saved = json.loads(made_by.read_text())
+                assert saved.get("format") == FORMAT
+            except (ValueError, AssertionError):
+                raise ValueError(f"{made_by} is not a dataset description written by this toolkit; choose another "
+                                 f"folder.") from None
+            differ = sorted(k for k in set(saved["request"]) | set(self.request)
+                            if saved["request"].get(k) != self.request.get(k))
+            if differ:
+                was = ", ".join(f"{k}={json.dumps(saved['request'].get(k))[:60]}" for k in differ[:4])
+                raise ValueError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
+                                 f"options to continue it, or choose another folder.")
+            self.rows = {int(row["index"]): row for row in _read_csv(self.root / MANIFEST)}
+        elif self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir()):
+            raise FileExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
+                                  f"new folder.")
+        else:
+            write_json({"format": FORMAT, "request": self.request, "about": self.about}, made_by)
+        # Images written after the last manifest update (a kill between the two) are complete too.
+        return sum(1 for _ in self.root.rglob("*.png"))
+
+    def pending(self, items: Sequence[Item]) -> list[Item]:
+        """The items whose image is not on disk yet."""
+        return [item for item in items if not (self.root / item.file).is_file()]
+
+    def write(self, items: Sequence[Item], images: torch.Tensor, every_item: Sequence[Item] = ()) -> None:
+        """Save `images` (B, C, H, W) in [-1, 1] as `items`, then the manifest and params.csv of every
+        image on disk; `every_item` lists the items of this request, so images that an interrupted run
+        wrote before it could update the manifest are recorded too."""
+        assert len(items) == images.shape[0], f"{len(items)} items for {images.shape[0]} images"
+        for item in items:
+            (self.root / item.file).parent.mkdir(parents=True, exist_ok=True)
+        save_images(images, self.root, [item.file for item in items])
+        for item in (*every_item, *items):
+            if (self.root / item.file).is_file():
+                self.rows[item.index] = {k: str(v) for k, v in item.row().items()}
+        self._write_tables()
+
+    def _write_tables(self) -> None:
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        _write_csv(self.root / MANIFEST, rows)
+        names = list(self.request.get("param_names", []))
+        if names:
+            _write_csv(self.root / PARAMS, [{"path": r["file"], **{n: r[n] for n in names}} for r in rows],
+                       fields=["path", *names])
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    fields = fields or list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    return list(csv.DictReader(io.StringIO(path.read_text(), newline="")))

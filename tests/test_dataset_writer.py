@@ -1,0 +1,230 @@
+"""Writing datasets: `sample.py --dataset-out` (synthetic sets from any conditional model) and
+`python -m data.export` (real ones), both in the ImageFolder layout with a manifest and params.csv,
+reproducible image by image, resumable after an interruption, and never mixed with another request."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+import sample
+import train
+from data import load_dataset
+from data import export
+from data.writer import Binning, parse_binning
+from test_sweeps import RES, tiny_args
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def class_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
+        (root / name).mkdir()
+        for k in range(2):
+            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
+    run_dir = tmp_path_factory.mktemp("class-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "class"))
+    return run_dir / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def params_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("params")
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{k}.png")
+        lines.append(f"{k}.png,{-1 + 2 * k / 3:.4f},{2 + k}")
+    (root / "params.csv").write_text("path,wind,heat\n" + "\n".join(lines) + "\n")
+    run_dir = tmp_path_factory.mktemp("params-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "params"))
+    return run_dir / "checkpoint.pt"
+
+
+def write(ckpt: Path, out: Path, *extra: str) -> Path:
+    return sample.main(["--ckpt", str(ckpt), "--dataset-out", str(out), "--device", "cpu", "--sampler", "ddim",
+                        "--steps", "2", "--batch-size", "4", *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py --dataset-out
+
+
+def test_class_dataset_has_the_imagefolder_layout_and_image_k_is_plain_sample_k(class_ckpt, tmp_path):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "3")
+    names = ["blue", "green", "red"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
+    manifest = rows(out / "manifest.csv")
+    assert [int(r["index"]) for r in manifest] == list(range(9))
+    assert all(r["file"] == f"{names[int(r['index']) % 3]}/{int(r['index']):06d}.png" for r in manifest)
+    assert all(r["class"] == r["file"].split("/")[0] for r in manifest)
+    folder = ImageFolder(str(out))
+    assert folder.class_to_idx == {n: i for i, n in enumerate(names)} and len(folder) == 9
+    ours = load_dataset(f"folder:{out}", RES)
+    assert ours.info.class_names == tuple(names) and ours.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # Image 7 (class k mod 3 = green) redrawn alone by plain sampling is the same picture.
+    alone = sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "alone"), "--device", "cpu",
+                         "--sampler", "ddim", "--steps", "2", "--first-index", "7", "--num", "1"])
+    assert np.array_equal(pixels(alone / "images" / "000007.png"), pixels(out / "green" / "000007.png"))
+
+
+def test_one_class_only(class_ckpt, tmp_path):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "2", "--class", "red")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["red/000002.png", "red/000005.png"]
+
+
+def test_an_interrupted_run_continues_without_redrawing_and_ends_as_an_uninterrupted_one(class_ckpt, tmp_path,
+                                                                                         monkeypatch):
+    whole = write(class_ckpt, tmp_path / "whole", "--per-class", "3")
+    calls = {"n": 0}
+    original = sample.Drawer.batch
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sample.Drawer, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write(class_ckpt, tmp_path / "part", "--per-class", "3")
+    part = tmp_path / "part"
+    first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in part.rglob("*.png")}
+    assert len(first) == 4                                          # the first batch, saved before the second
+    assert len(rows(part / "manifest.csv")) == 4                   # and the manifest covers exactly those
+    assert len(load_dataset(f"folder:{part}", RES)) == 4           # an interrupted folder is a loadable dataset
+    monkeypatch.setattr(sample.Drawer, "batch", original)
+    write(class_ckpt, part, "--per-class", "3")
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first} == first     # never rewritten
+    files = sorted(p.relative_to(part) for p in part.rglob("*.png"))
+    assert files == sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
+    assert all(np.array_equal(pixels(part / f), pixels(whole / f)) for f in files)
+    assert rows(part / "manifest.csv") == rows(whole / "manifest.csv")
+
+
+def test_a_larger_count_extends_the_set_and_other_requests_are_refused(class_ckpt, tmp_path):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "1")
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    write(class_ckpt, out, "--per-class", "2")
+    assert len(list(out.rglob("*.png"))) == 6 and all(p.read_bytes() == b for p, b in before.items())
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="made with other options"):
+        write(class_ckpt, out, "--per-class", "2", "--seed", "1")
+    with pytest.raises(ValueError, match="made with other options"):
+        write(class_ckpt, out, "--per-class", "2", "--guidance-scale", "2")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a dataset of ours"):
+        write(class_ckpt, foreign, "--per-class", "1")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_parameter_dataset_writes_a_params_csv_the_folder_loader_reads(params_ckpt, tmp_path):
+    out = write(params_ckpt, tmp_path / "set", "--num", "6", "--param", "heat=3.5")
+    manifest = rows(out / "manifest.csv")
+    loaded = load_dataset(f"folder:{out}", RES)
+    assert loaded.info.param_names == ("wind", "heat") and loaded.info.class_names == ()
+    expected = torch.tensor([[float(r["wind"]), float(r["heat"])] for r in manifest])
+    assert torch.allclose(loaded.params, expected) and loaded.params[:, 1].eq(3.5).all()
+    assert loaded.params[:, 0].min() >= -1 and loaded.params[:, 0].max() <= 1   # drawn over the training range
+    again = sample.main(["--ckpt", str(params_ckpt), "--out", str(tmp_path / "plain"), "--device", "cpu", "--sampler",
+                         "ddim", "--steps", "2", "--num", "6", "--param", "heat=3.5"])
+    assert [float(r["wind"]) for r in rows(again / "manifest.csv")] == pytest.approx(expected[:, 0].tolist())
+
+
+def test_classes_from_parameter_bins(params_ckpt, tmp_path):
+    out = write(params_ckpt, tmp_path / "set", "--num", "12", "--classes", "wind:3:-1:1")
+    binning = Binning("wind", 3, -1.0, 1.0)
+    for r in rows(out / "manifest.csv"):
+        wind = float(r["wind"])
+        low, high = binning.edges[int(r["class"][-1])], binning.edges[int(r["class"][-1]) + 1]
+        assert low <= wind <= high and r["file"].startswith(r["class"] + "/")
+    loaded = load_dataset(f"folder:{out}", RES)
+    assert set(loaded.info.class_names) <= {"wind0", "wind1", "wind2"} and loaded.info.param_names == ("wind", "heat")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--per-class", "2", "--sweep", "class"], "--sweep does not apply"),
+    (["--per-class", "2", "--gif"], "--gif does not apply"),
+    (["--per-class", "2", "--first-index", "3"], "--first-index does not apply"),
+    (["--num", "4"], "use --per-class"),
+    (["--per-class", "2", "--classes", "wind:3"], "not conditioned on parameters"),
+    (["--per-class", "0"], "--per-class must be at least 1"),
+])
+def test_bad_dataset_options_are_refused_before_anything_is_written(class_ckpt, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        write(class_ckpt, tmp_path / "set", *extra)
+    assert not (tmp_path / "set").exists()
+
+
+def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
+    for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty")):
+        with pytest.raises(ValueError, match=message):
+            write(params_ckpt, tmp_path / "set", "--num", "2", "--classes", spec)
+        assert not (tmp_path / "set").exists()
+    with pytest.raises(ValueError, match="applies to --dataset-out only"):
+        sample.main(["--ckpt", str(params_ckpt), "--per-class", "3", "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m data.export
+
+
+def test_bins_label_by_equal_width_over_the_range():
+    b = Binning("wind", 3, -1.0, 1.0)
+    assert b.edges == pytest.approx([-1, -1 / 3, 1 / 3, 1]) and b.class_names == ["wind0", "wind1", "wind2"]
+    assert [b.label(v) for v in (-1, -0.34, -0.33, 0.33, 0.34, 1, 5, -5)] == [0, 0, 1, 1, 2, 2, 2, 0]
+    assert Binning("t", 12, 0, 1).class_names[:2] == ["t00", "t01"]            # sorts in bin order
+
+
+def test_export_plumes_by_wind_bins_with_the_same_edges_for_both_splits(tmp_path):
+    cache = str(tmp_path / "cache")
+    common = ["--classes", "wind:3:-1:1", "--resolution", "16", "--cache-dir", cache]
+    train_dir = export.main(["plumes", str(tmp_path / "real"), "--num-samples", "24", *common])
+    test_dir = export.main(["plumes", str(tmp_path / "test"), "--num-samples", "12", "--split", "test", *common])
+    for folder in (train_dir, test_dir):
+        loaded = load_dataset(f"folder:{folder}", 16)
+        assert loaded.info.param_names == ("wind", "temperature")
+        wind = loaded.params[:, 0].contiguous()
+        expected = torch.bucketize(wind, torch.tensor([-1 / 3, 1 / 3]))
+        assert torch.equal(torch.tensor([int(loaded.info.class_names[y][-1]) for y in loaded.labels]), expected)
+    original = load_dataset("plumes", 16, cache_dir=cache, num_samples=24)
+    exported = load_dataset(f"folder:{train_dir}", 16)
+    by_index = {int(r["index"]): r["file"] for r in rows(train_dir / "manifest.csv")}
+    for k in range(24):                                             # pixels survive the round trip exactly
+        assert np.array_equal(pixels(train_dir / by_index[k]), original.images[k].permute(1, 2, 0).numpy())
+    assert sorted(exported.params[:, 0].tolist()) == pytest.approx(sorted(original.params[:, 0].tolist()))
+
+
+def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
+    source = tmp_path / "source"
+    for name in ("cat", "dog"):
+        (source / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((RES, RES, 3), 40 * k + (100 if name == "dog" else 0), np.uint8)).save(
+                source / name / f"{k}.png")
+    out = export.main([f"folder:{source}", str(tmp_path / "out"), "--resolution", str(RES)])
+    assert ImageFolder(str(out)).class_to_idx == {"cat": 0, "dog": 1}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    export.main([f"folder:{source}", str(out), "--resolution", str(RES)])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+    assert torch.equal(load_dataset(f"folder:{out}", RES).images, load_dataset(f"folder:{source}", RES).images)
+    with pytest.raises(ValueError, match="NAME one of"):
+        parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
