@@ -61,7 +61,7 @@ def classify_demo() -> ClassifyConfig:
         data=DataConfig(dataset="plumes", resolution=32, num_samples=2000, hflip=False, test_samples=500),
         model=ClassifierConfig(target="params"),
         train=TrainConfig(steps=300, batch_size=32, lr=0.05, lr_schedule="onecycle", warmup_steps=90,
-                          weight_decay=5e-4, grad_clip=0.0, log_every=25, sample_every=0, ckpt_every=100),
+                          weight_decay=5e-4, grad_clip=1.0, log_every=25, sample_every=0, ckpt_every=100),
     )
 
 

@@ -36,7 +36,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, RunError):
         return str(err), err.exit_code
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C); nothing was saved past the last checkpoint.", 128 + signal.SIGINT
+        return ("interrupted (Ctrl-C); every file written before is intact: run the same command again to go on (a "
+                "training run with --resume, from its last checkpoint; a dataset where it stopped)."), 128 + signal.SIGINT
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):

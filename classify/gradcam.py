@@ -1,0 +1,313 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in an image a classifier looks, and statistics that let
+classifiers trained on real and on synthetic data be compared side by side.
+
+    python -m classify.gradcam --ckpt runs/real/checkpoint.pt --ckpt runs/synth/checkpoint.pt \\
+        --name real --name synthetic --images folder:test [--num 32] [--layer layer4] [--out DIR]
+
+For a layer with activations A^k (k = channels) and a score y^c, Grad-CAM weighs each channel by the
+spatial mean of its gradient, alpha_k = mean_ij dy^c / dA^k_ij (eq. 1), and keeps the positive part
+of the weighted sum, ReLU(sum_k alpha_k A^k) (eq. 2). It is computed here with a forward hook (the
+activations) and a tensor hook (their gradient) on any named layer, for a whole batch in one forward
+and one backward pass; the classifier's weights get no gradient. The map is upsampled bilinearly to
+the image and divided by its maximum (an all-zero map, where no location raises the score, stays 0).
+
+Statistics of a map m, with p = m / sum(m) read as a distribution over pixels:
+- focus: the share of the map's mass in its most active 10% of pixels (0.1 for a uniform map, 1 when
+  all mass is in fewer pixels than that);
+- entropy: -sum p log p / log(H W), the spread as normalised spatial entropy (0: one pixel, 1: uniform);
+- spread: sqrt(sum p |x - centroid|^2) in units of the image side, the spatial standard deviation
+  around the map's centroid;
+- intensity: the mean of the [0, 1]-normalised map.
+
+Writes DIR/overlays.png (a row per image: the image, then each classifier's map over it),
+DIR/stats.csv (one row per image and classifier), DIR/summary.md and DIR/summary.json (per
+classifier: mean ± std of each statistic, and accuracy on these images when they are labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from classify.model import Classifier, load_classifier
+from core import cli
+from core.lock import FolderLock
+from core.runtime import atomic_write, resolve_device, write_json
+from data import check_spec, load_dataset
+from data.dataset import subset_indices
+from data.imageio import save_grid
+
+STATISTICS = ("focus", "entropy", "spread", "intensity")
+TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
+
+
+@contextlib.contextmanager
+def _captured(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """The module's output in the forward pass and its gradient in the backward pass; hooks are
+    removed however the block ends."""
+    seen: dict[str, Tensor] = {}
+
+    def forward(_module, _inputs, output):
+        seen["activation"] = output
+        output.register_hook(lambda grad: seen.__setitem__("gradient", grad))
+
+    handle = module.register_forward_hook(forward)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def find_layer(net: nn.Module, name: str) -> nn.Module:
+    layers = dict(net.named_modules())
+    if name not in layers or not name:
+        some = [n for n in layers if n and "." not in n]
+        raise ValueError(f"The classifier has no layer {name!r}; choose one of {', '.join(some)} (or a nested name "
+                         f"such as layer4.1.conv2).")
+    return layers[name]
+
+
+def grad_cam(net: nn.Module, images: Tensor, layer: str, target: Tensor, *, raw: bool = False) -> Tensor:
+    """Grad-CAM maps of `net` at `layer` for the output `target[b]` of each image b: (B, H, W) in
+    [0, 1] at the image's size, or with `raw` the unnormalised maps at the layer's own size.
+
+    A target may be negative for a regression output to be explained downwards (its score is then
+    minus the output: the map shows what lowers it)."""
+    assert images.dim() == 4 and target.shape == (images.shape[0],), (
+        f"images (B, C, H, W) and one target per image, got {tuple(images.shape)} and {tuple(target.shape)}")
+    module = find_layer(net, layer)
+    was_training = net.training
+    net.eval()
+    requires = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)  # gradients flow to the activations only, never into the weights
+    try:
+        with torch.enable_grad(), _captured(module) as seen:
+            x = images.detach().clone().requires_grad_(True)   # so the graph exists with frozen weights
+            out = net(x).float()
+            rows = torch.arange(len(target), device=out.device)
+            score = out[rows, target.abs()] * torch.where(target < 0, -1.0, 1.0).to(out.device)
+            # Each image's score depends on that image only, so one backward of the sum gives each its own gradient.
+            score.sum().backward()
+        activation, gradient = seen["activation"].detach().float(), seen["gradient"].float()
+    finally:
+        for p, r in zip(net.parameters(), requires):
+            p.requires_grad_(r)
+        net.train(was_training)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)                 # alpha_k (eq. 1)
+    maps = F.relu((weights * activation).sum(dim=1))                  # eq. 2, (B, h, w)
+    if raw:
+        return maps
+    maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = maps.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
+    return (maps / peak).clamp(0, 1)
+
+
+def map_statistics(maps: Tensor) -> dict[str, Tensor]:
+    """Focus, entropy, spread and intensity of each map (B, H, W) (see the module docstring); an
+    all-zero map has focus, entropy and spread NaN (there is no mass to describe) and intensity 0."""
+    b, h, w = maps.shape
+    flat = maps.double().flatten(1)
+    mass = flat.sum(dim=1, keepdim=True)
+    p = flat / mass                                                   # NaN rows for all-zero maps
+    top = max(1, round(TOP_SHARE * h * w))
+    focus = p.sort(dim=1, descending=True).values[:, :top].sum(dim=1)
+    entropy = -(p * p.clamp(min=1e-300).log()).sum(dim=1) / math.log(h * w)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) / h, torch.arange(w, dtype=torch.float64) / w,
+                            indexing="ij")
+    cy, cx = (p * ys.flatten()).sum(dim=1, keepdim=True), (p * xs.flatten()).sum(dim=1, keepdim=True)
+    spread = ((p * ((ys.flatten() - cy) ** 2 + (xs.flatten() - cx) ** 2)).sum(dim=1)).sqrt()
+    return {"focus": focus, "entropy": entropy, "spread": spread, "intensity": flat.mean(dim=1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+
+
+def colour_map(values: Tensor) -> Tensor:
+    """A blue-cyan-green-yellow-red ramp (piecewise linear, like "jet") of values in [0, 1]:
+    (..., ) -> (..., 3) RGB in [0, 1]."""
+    stops = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [0.2, 0.85, 0.2], [1.0, 0.9, 0.0],
+                          [0.85, 0.05, 0.0]], dtype=values.dtype, device=values.device)
+    position = values.clamp(0, 1) * (len(stops) - 1)
+    low = position.floor().long().clamp(max=len(stops) - 2)
+    t = (position - low).unsqueeze(-1)
+    return stops[low] * (1 - t) + stops[low + 1] * t
+
+
+def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
+    """Maps (B, H, W) in [0, 1] coloured and blended over images (B, C, H, W) in [-1, 1]; result in [-1, 1]."""
+    base = (images.expand(-1, 3, -1, -1) + 1) / 2
+    heat = colour_map(maps).permute(0, 3, 1, 2)
+    return ((1 - alpha) * base + alpha * heat) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing classifiers
+
+
+def explained_targets(classifier: Classifier, images: Tensor, labels: Tensor, explain: str, class_name: str | None,
+                      output: str | None) -> Tensor:
+    """Which output each map explains: the predicted class, the true label, a named class, or a
+    regressor's named parameter (default: its first)."""
+    names = classifier.output_names
+    if classifier.config.target == "params":
+        index = names.index(output) if output else 0
+        return torch.full((len(images),), index, dtype=torch.long)
+    if class_name is not None:
+        return torch.full((len(images),), names.index(class_name), dtype=torch.long)
+    if explain == "label":
+        return labels.clone()
+    return classifier.predict(images)
+
+
+def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, labels: Tensor | None, *, layer: str,
+            explain: str = "pred", class_name: str | None = None, output: str | None = None,
+            batch_size: int = 64) -> tuple[dict[str, Tensor], list[dict], dict[str, dict]]:
+    """Grad-CAM of each classifier on the same images: (maps per classifier, one stats row per image and
+    classifier, a summary per classifier)."""
+    all_maps, rows, summary = {}, [], {}
+    for name, classifier in classifiers:
+        device = classifier.device
+        targets = explained_targets(classifier, images, labels if labels is not None else torch.zeros(0), explain,
+                                    class_name, output)
+        maps = torch.cat([grad_cam(classifier.net, classifier.prepare(images[s:s + batch_size]).to(device), layer,
+                                   targets[s:s + batch_size].to(device)).cpu()
+                          for s in range(0, len(images), batch_size)])
+        stats = map_statistics(maps)
+        all_maps[name] = maps
+        predicted = classifier.predict(images)
+        is_class = classifier.config.target == "class"
+        for k in range(len(images)):
+            row = {"image": k, "classifier": name, "explained": classifier.output_names[int(targets[k])]}
+            if is_class:
+                row["predicted"] = classifier.output_names[int(predicted[k])]
+                if labels is not None:
+                    row["label"] = classifier.output_names[int(labels[k])]
+            rows.append({**row, **{s: float(stats[s][k]) for s in STATISTICS}})
+        entry = {}
+        for s in STATISTICS:
+            values = stats[s][~stats[s].isnan()].numpy()
+            entry[s] = {"mean": float(values.mean()) if len(values) else math.nan,
+                        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        entry["empty_maps"] = int(stats["focus"].isnan().sum())
+        if is_class and labels is not None:
+            entry["accuracy"] = float((predicted == labels).float().mean())
+        summary[name] = entry
+    return all_maps, rows, summary
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    head = "| classifier | " + " | ".join(STATISTICS) + " | accuracy |"
+    lines = [head, "|" + "---|" * (len(STATISTICS) + 2)]
+    for name, entry in summary.items():
+        cells = [f"{entry[s]['mean']:.3f} ± {entry[s]['std']:.3f}" for s in STATISTICS]
+        accuracy = f"{100 * entry['accuracy']:.1f}%" if "accuracy" in entry else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {accuracy} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(prog="python -m classify.gradcam", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", type=Path, required=True,
+                        help="a classify checkpoint; repeat to compare classifiers side by side (required)")
+    parser.add_argument("--name", action="append", default=[],
+                        help="a name per --ckpt, in order (default: each checkpoint's run folder)")
+    parser.add_argument("--images", required=True, help="the images: folder:PATH | plumes | cifar10 (required)")
+    parser.add_argument("--num", type=int, default=32, help="images, a seeded subset (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset (default: 0)")
+    parser.add_argument("--layer", default="layer4", help="layer whose activations are explained (default: layer4, "
+                                                         "the last residual stage)")
+    parser.add_argument("--explain", choices=("pred", "label"), default="pred",
+                        help="class whose score is explained: the predicted one or the true label (default: pred)")
+    parser.add_argument("--class", dest="class_name", default=None, help="explain this class for every image instead")
+    parser.add_argument("--output", default=None,
+                        help="for a parameter regressor: the parameter whose value is explained (default: the first)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/gradcam of the first --ckpt)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError("--num and --batch-size must be at least 1.")
+    if args.name and len(args.name) != len(args.ckpt):
+        raise ValueError(f"Give one --name per --ckpt ({len(args.ckpt)}), or none.")
+    names = args.name or [p.parent.name for p in args.ckpt]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The classifiers need distinct names, got {', '.join(names)}; pass --name for each.")
+    check_spec(args.images, "--images")
+    device = resolve_device(args.device)
+    classifiers = [(name, load_classifier(path, device)) for name, path in zip(names, args.ckpt)]
+    first = classifiers[0][1]
+    for name, c in classifiers[1:]:
+        if (c.info.resolution, c.config.target) != (first.info.resolution, first.config.target):
+            raise ValueError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
+                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
+                             f"of one resolution and target.")
+    for name, c in classifiers:
+        find_layer(c.net, args.layer)
+        if args.class_name is not None and args.class_name not in c.output_names:
+            raise ValueError(f"--class {args.class_name} is not a class of {name} ({', '.join(c.output_names)}).")
+        if args.output is not None and (c.config.target != "params" or args.output not in c.output_names):
+            raise ValueError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
+                             f"regressors only.")
+    out = args.out or args.ckpt[0].parent / "gradcam"
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
+
+    with FolderLock(out):
+        data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)
+        keep = subset_indices(len(data), min(args.num, len(data)), args.seed, f"--images {args.images}")
+        data = data.subset(keep)
+        images = data.images.float() / 127.5 - 1
+        labels = None
+        if data.info.class_names:
+            if first.config.target == "class" and data.info.class_names != first.info.class_names:
+                if args.explain == "label":
+                    raise ValueError(f"The classes of --images ({', '.join(data.info.class_names)}) differ from the "
+                                     f"classifier's ({', '.join(first.info.class_names)}); --explain label needs the same.")
+            elif first.config.target == "class":
+                labels = data.labels
+        elif args.explain == "label":
+            raise ValueError("--explain label needs labelled images (class folders); use --explain pred.")
+        maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,
+                                      class_name=args.class_name, output=args.output, batch_size=args.batch_size)
+        columns = [images] + [overlay(images, maps[name]) for name in names]
+        save_grid(torch.stack(columns, dim=1).flatten(0, 1), out / "overlays.png", nrow=len(columns))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(out / "stats.csv", lambda f: f.write(text.getvalue().encode()))
+        table = summary_table(summary)
+        atomic_write(out / "summary.md", lambda f: f.write(table.encode()))
+        write_json({"images": args.images, "num": len(images), "layer": args.layer, "explain": args.explain,
+                    "classifiers": {n: str(p) for n, p in zip(names, args.ckpt)}, "summary": summary},
+                   out / "summary.json")
+    print(table)
+    print(f"Wrote {out}: overlays.png (rows: image, then {', '.join(names)}), stats.csv, summary.md, summary.json")
+    return out
+
+
+if __name__ == "__main__":
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
+    sys.exit(cli.run(main))

@@ -1,0 +1,153 @@
+"""Grad-CAM against its closed form (CAM, for a network that ends in global pooling and a linear
+layer), its statistics against distributions whose values are known, and the comparison tool."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from classify import gradcam
+from classify.model import ClassifierConfig, build_resnet18, load_classifier
+from classify.gradcam import grad_cam, map_statistics
+from core.checkpoint import save_checkpoint
+from core.config import to_dict
+from data import DatasetInfo
+
+
+def resnet(outputs: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_resnet18(ClassifierConfig(num_outputs=outputs), resolution=16).eval()
+
+
+def test_grad_cam_at_the_last_stage_is_cam():
+    # layer4 -> global average pool -> fc is linear, so alpha_k = W[c, k] / (h w) and the map is
+    # ReLU(sum_k W[c, k] A_k) / (h w) (Zhou et al. 2016).
+    net = resnet()
+    images, target = torch.randn(4, 3, 16, 16), torch.tensor([0, 2, 1, 2])
+    captured = {}
+    handle = net.layer4.register_forward_hook(lambda m, i, o: captured.__setitem__("A", o.detach()))
+    maps = grad_cam(net, images, "layer4", target, raw=True)
+    handle.remove()
+    a = captured["A"]
+    h, w = a.shape[-2:]
+    expected = torch.relu(torch.einsum("bk,bkij->bij", net.fc.weight[target], a)) / (h * w)
+    assert torch.allclose(maps, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_batched_maps_equal_single_ones_and_leave_the_weights_alone():
+    net = resnet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images, target = torch.randn(3, 3, 16, 16), torch.tensor([1, 0, 2])
+    batched = grad_cam(net, images, "layer3", target)
+    single = torch.cat([grad_cam(net, images[k:k + 1], "layer3", target[k:k + 1]) for k in range(3)])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert batched.shape == (3, 16, 16) and batched.min() >= 0 and batched.flatten(1).max(dim=1).values.eq(1).all()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.layer3._forward_hooks
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails():
+    net = resnet()
+    with pytest.raises(RuntimeError):
+        grad_cam(net, torch.randn(2, 5, 16, 16), "layer4", torch.tensor([0, 1]))   # wrong channel count
+    assert not net.layer4._forward_hooks
+    with pytest.raises(ValueError, match="no layer 'layer9'"):
+        grad_cam(net, torch.randn(1, 3, 16, 16), "layer9", torch.tensor([0]))
+
+
+def test_the_map_lies_where_the_evidence_is():
+    class Brightness(nn.Module):
+        """Logit 0 = mean of features that respond to bright pixels; logit 1 = minus that."""
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Conv2d(3, 4, 1)
+            nn.init.constant_(self.features.weight, 0.5)
+            nn.init.zeros_(self.features.bias)
+
+        def forward(self, x):
+            score = torch.relu(self.features(x)).mean(dim=(1, 2, 3))
+            return torch.stack([score, -score], dim=1)
+
+    images = torch.zeros(2, 3, 16, 16)
+    images[0, :, 8:, 8:] = 1                                        # evidence in one corner
+    images[1, :, :4, :] = 1                                         # or along the top
+    maps = grad_cam(Brightness(), images, "features", torch.tensor([0, 0]))
+    inside = images[:, 0] > 0
+    assert maps[~inside].eq(0).all() and maps[inside].eq(1).all()
+    assert grad_cam(Brightness(), images, "features", torch.tensor([1, 1])).eq(0).all()   # nothing raises logit 1
+
+
+def test_statistics_of_known_maps():
+    h = w = 10
+    uniform, point = torch.ones(1, h, w), torch.zeros(1, h, w)
+    point[0, 3, 4] = 1
+    two = torch.zeros(1, h, w)
+    two[0, 2, 1] = two[0, 2, 7] = 1                                # 6 pixels apart: 0.6 of the side
+    quarter = torch.zeros(1, h, w)
+    quarter[0, :5, :5] = 1
+    s = {name: map_statistics(m) for name, m in (("u", uniform), ("p", point), ("t", two), ("q", quarter))}
+    grid = torch.arange(10, dtype=torch.float64) / 10
+    assert s["u"]["focus"].item() == pytest.approx(0.1) and s["u"]["entropy"].item() == pytest.approx(1.0)
+    assert s["u"]["spread"].item() == pytest.approx((2 * grid.var(unbiased=False)).sqrt().item())
+    assert s["p"]["focus"].item() == 1 and s["p"]["entropy"].item() == pytest.approx(0, abs=1e-12)
+    assert s["p"]["spread"].item() == pytest.approx(0, abs=1e-12)
+    assert s["t"]["spread"].item() == pytest.approx(0.3) and s["t"]["focus"].item() == 1
+    assert s["t"]["entropy"].item() == pytest.approx(np.log(2) / np.log(100))
+    assert s["q"]["intensity"].item() == pytest.approx(0.25) and s["q"]["focus"].item() == pytest.approx(0.4)
+    empty = map_statistics(torch.zeros(1, h, w))
+    assert empty["focus"].isnan().all() and empty["intensity"].item() == 0
+
+
+def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red")) -> Path:
+    info = DatasetInfo("folder:x", 16, 3, tuple(classes), (), (), 4)
+    config = ClassifierConfig(num_outputs=len(classes))
+    save_checkpoint({"stage": "classify", "config": {"model": to_dict(config)},
+                     "data_info": {**info.to_dict(), "fingerprint": "0"},
+                     "models": {"model": resnet(len(classes), seed).state_dict()}}, path)
+    load_classifier(path)
+    return path
+
+
+def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_path):
+    images = tmp_path / "images"
+    for name, colour in (("blue", (20, 20, 230)), ("red", (230, 20, 20))):
+        (images / name).mkdir(parents=True)
+        for k in range(3):
+            pixels = np.clip(np.array(colour) + np.random.default_rng(k).normal(0, 30, (16, 16, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(images / name / f"{k}.png")
+    a, b = classifier_checkpoint(tmp_path / "a.pt", 0), classifier_checkpoint(tmp_path / "b.pt", 1)
+    out = gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "real", "--name", "synthetic", "--images",
+                        f"folder:{images}", "--num", "5", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with open(out / "stats.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and {r["classifier"] for r in rows} == {"real", "synthetic"}
+    for r in rows:
+        assert 0.1 - 1e-9 <= float(r["focus"]) <= 1 and 0 <= float(r["entropy"]) <= 1 and r["label"] in ("blue", "red")
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert set(summary) == {"real", "synthetic"} and 0 <= summary["real"]["accuracy"] <= 1
+    assert Image.open(out / "overlays.png").size == (3 * 18 + 2, 5 * 18 + 2)      # rows: images; 3 columns
+    with pytest.raises(FileExistsError, match="already holds files"):
+        gradcam.main(["--ckpt", str(a), "--images", f"folder:{images}", "--out", str(out), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "nope"], "no layer 'nope'"),
+    (["--class", "green"], "not a class of"),
+    (["--name", "x", "--name", "y"], "one --name per --ckpt"),
+])
+def test_bad_gradcam_options_write_nothing(tmp_path, extra, message):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    ckpt = classifier_checkpoint(tmp_path / "a.pt", 0)
+    with pytest.raises(ValueError, match=message):
+        gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{tmp_path / 'images'}", "--out",
+                      str(tmp_path / "out"), "--device", "cpu", *extra])
+    assert not (tmp_path / "out").exists()
