@@ -1,7 +1,11 @@
-"""Suite-wide settings."""
+"""Suite-wide settings, and tiny trained models that several test files sample from."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,3 +34,40 @@ def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300)
 def torchrun():
     """`torchrun(nproc, script, args, cwd)`: a multi-process CPU launch that cannot collide on a port."""
     return _torchrun
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny conditional diffusion models (a few seconds each), shared by the dataset-writer and
+# conditioning-accuracy tests
+
+
+@pytest.fixture(scope="session")
+def class_ckpt(tmp_path_factory) -> Path:
+    """A pixel model conditioned on three solid-colour classes (blue, green, red)."""
+    import train
+    from test_sweeps import RES, tiny_args
+    root = tmp_path_factory.mktemp("classes")
+    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
+        (root / name).mkdir()
+        for k in range(2):
+            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
+    run_dir = tmp_path_factory.mktemp("class-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "class"))
+    return run_dir / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def params_ckpt(tmp_path_factory) -> Path:
+    """A pixel model conditioned on two parameters, wind in [-1, 1] and heat in [2, 5]."""
+    import train
+    from test_sweeps import RES, tiny_args
+    root = tmp_path_factory.mktemp("params")
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{k}.png")
+        lines.append(f"{k}.png,{-1 + 2 * k / 3:.4f},{2 + k}")
+    (root / "params.csv").write_text("path,wind,heat\n" + "\n".join(lines) + "\n")
+    run_dir = tmp_path_factory.mktemp("params-run")
+    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "params"))
+    return run_dir / "checkpoint.pt"

@@ -14,7 +14,6 @@ import sample
 from classify import consistency
 from classify.model import Classifier, ClassifierConfig
 from ddpm.config import SamplingConfig
-from test_dataset_writer import class_ckpt, params_ckpt  # noqa: F401  (module-scoped tiny diffusion models)
 from test_gradcam import classifier_checkpoint
 
 SAMPLING = SamplingConfig(sampler="ddim", steps=2)
@@ -48,7 +47,7 @@ def judge(model, net, target, names) -> Classifier:
     return Classifier(net.eval(), ClassifierConfig(target=target, num_outputs=len(names)), info)
 
 
-def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):  # noqa: F811
+def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
     model = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
     colour_of = {"red": 0, "green": 1, "blue": 2}
     names = model.info.class_names                                  # blue, green, red
@@ -67,7 +66,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):  # noqa: F8
     assert torch.equal(again["images"], result["images"])           # same seeds, same images
 
 
-def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):  # noqa: F811
+def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
     model = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
     names = model.info.class_names
     report = consistency.measure(model, judge(model, Constant([5.0, 0.0, 0.0]), "class", names), SAMPLING,
@@ -77,7 +76,7 @@ def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):  #
     assert report["confusion"]["counts"] == [[3, 0, 0], [3, 0, 0], [3, 0, 0]]
 
 
-def test_parameter_error_is_the_distance_between_requested_and_judged_values(params_ckpt):  # noqa: F811
+def test_parameter_error_is_the_distance_between_requested_and_judged_values(params_ckpt):
     model = sample.load_model(params_ckpt, torch.device("cpu"), "ema")
     info = model.info
     # Normalised output (0, 1) is the middle of wind's range and the top of heat's.
@@ -92,7 +91,7 @@ def test_parameter_error_is_the_distance_between_requested_and_judged_values(par
     assert [r["requested_wind"] for r in rows] == pytest.approx(wanted[:, 0].tolist())
 
 
-def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(class_ckpt, params_ckpt, tmp_path):  # noqa: F811
+def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(class_ckpt, params_ckpt, tmp_path):
     good = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
     out = tmp_path / "out"
     report = consistency.main(["--ckpt", str(class_ckpt), "--judge", str(good), "--per-class", "2", "--out", str(out),

@@ -14,11 +14,10 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import sample
-import train
 from data import load_dataset
 from data import export
 from data.writer import Binning, parse_binning
-from test_sweeps import RES, tiny_args
+from test_sweeps import RES
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -28,32 +27,6 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
-
-
-@pytest.fixture(scope="module")
-def class_ckpt(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("classes")
-    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
-        (root / name).mkdir()
-        for k in range(2):
-            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
-    run_dir = tmp_path_factory.mktemp("class-run")
-    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "class"))
-    return run_dir / "checkpoint.pt"
-
-
-@pytest.fixture(scope="module")
-def params_ckpt(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("params")
-    rng = np.random.default_rng(0)
-    lines = []
-    for k in range(4):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{k}.png")
-        lines.append(f"{k}.png,{-1 + 2 * k / 3:.4f},{2 + k}")
-    (root / "params.csv").write_text("path,wind,heat\n" + "\n".join(lines) + "\n")
-    run_dir = tmp_path_factory.mktemp("params-run")
-    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "params"))
-    return run_dir / "checkpoint.pt"
 
 
 def write(ckpt: Path, out: Path, *extra: str) -> Path:
