@@ -299,9 +299,12 @@ TRAIN_CASES = [
     (["--stage", "vae", "--disc-start", "-5"], "--disc-start must be -1"),
     (["--stage", "vae", "--pretrained", "/no/such.ckpt"], "--pretrained /no/such.ckpt does not exist"),
     (["--stage", "vae", "--test-dataset", "folder:/no/such"], "does not exist"),
-    (["--stage", "vae", "--test-samples", "0"], "--test-samples must be at least 1"),
+    (["--stage", "vae", "--test-samples", "-1"], "--test-samples must be 0 (all) or positive"),
     (["--stage", "ldm", "--vae-ckpt", "/no/such.pt"], "--vae-ckpt /no/such.pt does not exist"),
     (["--stage", "ldm", "--encode-batch", "0"], "--encode-batch must be at least 1"),
+    (["--stage", "classify", "--extra-fraction", "0.5"], "need --extra-dataset"),
+    (["--stage", "classify", "--extra-dataset", "folder:/no/such"], "does not exist"),
+    (["--stage", "classify", "--target", "labels"], "invalid choice"),
 ]
 
 
