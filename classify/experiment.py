@@ -32,6 +32,7 @@ from classify.config import PRESETS
 from classify.plots import bar_chart
 from classify.stage import final_results
 from core import cli
+from core.cli import RunInterrupted
 from core.lock import FolderLock
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
@@ -114,7 +115,9 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
             "--test-dataset", args.test, "--seed", str(seed)]
     if row.extra:
         argv += ["--extra-dataset", row.extra]
-    if size is not None:
+    if size is None:
+        argv += ["--num-samples", "0"]  # every image of each set
+    else:
         argv += ["--num-samples", str(size // 2 if row.extra else size)]
         if row.extra:
             argv += ["--extra-samples", str(size - size // 2)]
@@ -175,7 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = final_results(run_dir)
                 if result is None:
                     print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
-                    train.main(run_arguments(row, seed, run_dir, args, passed, size))
+                    try:
+                        train.main(run_arguments(row, seed, run_dir, args, passed, size))
+                    except RunInterrupted as err:
+                        signum = err.exit_code - 128
+                        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
+                                             f"step; run the same command again to resume it and the runs after it.",
+                                             signum) from err
                     result = final_results(run_dir)
                     assert result is not None, f"{run_dir} finished without a held-out evaluation"
                 results.setdefault(row.name, []).append(result)
