@@ -31,7 +31,7 @@ from tqdm import tqdm
 from core import cli
 from core.checkpoint import load_checkpoint, state_fingerprint
 from core.config import add_config_arguments, given_in, override, to_dict
-from core.lock import FolderLock
+from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device
 from data.imageio import save_gif, save_grid, save_images
 from data.writer import DatasetWriter, parse_binning
@@ -167,10 +167,7 @@ def load_model(path: Path, device: torch.device, weights: str) -> DiffusionSampl
 def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
     mode = "-sweep" if args.sweep else "-interpolate" if args.interpolate else ""
     out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a folder.")
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
+    check_output_folder(out, args.overwrite)
     return out
 
 

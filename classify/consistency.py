@@ -34,7 +34,7 @@ from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core import cli
 from core.config import add_config_arguments, given_in, override
-from core.lock import FolderLock
+from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device, write_json
 from data.imageio import atomic_save_image, save_grid
 from ddpm.config import SamplingConfig
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.param and model.net.config.cond != "params":
         raise ValueError("--param applies to parameter-conditional models; drop it.")
     out = args.out or args.ckpt.parent / "consistency"
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
+    check_output_folder(out, args.overwrite)
     with FolderLock(out):
         result = measure(model, judge, sampling, seed=args.seed, per_class=args.per_class, num=args.num,
                          params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))

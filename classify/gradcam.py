@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
 from core import cli
-from core.lock import FolderLock
+from core.lock import FolderLock, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
 from data.dataset import subset_indices
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
                              f"regressors only.")
     out = args.out or args.ckpt[0].parent / "gradcam"
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already holds files; choose another --out or pass --overwrite.")
+    check_output_folder(out, args.overwrite)
 
     with FolderLock(out):
         data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)

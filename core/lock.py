@@ -124,3 +124,19 @@ class FolderLock:
     def _remove_folder_if_unused(self) -> None:
         if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+def holds_files(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds anything besides a lock file (an output folder that is not fresh)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output folder that is a file, or that already holds results unless `overwrite`."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out {folder} is a file; choose a folder.")
+    if holds_files(folder) and not overwrite:
+        raise FileExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
+

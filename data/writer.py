@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from core.lock import holds_files
 from core.runtime import atomic_write, write_json
 from data.dataset import DatasetInfo
 from data.imageio import save_images
@@ -142,7 +143,7 @@ class DatasetWriter:
                 raise ValueError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
                                  f"options to continue it, or choose another folder.")
             self.rows = {int(row["index"]): row for row in _read_csv(self.root / MANIFEST)}
-        elif self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir()):
+        elif holds_files(self.root):
             raise FileExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
                                   f"new folder.")
         else:

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import sample
-import train
 from ddpm.conditioning import slerp
 
 RES = 16
@@ -26,31 +25,16 @@ def tiny_args(run_dir: Path, dataset: str, *extra: str) -> list[str]:
             "--preview-images", "2", "--preview-steps", "2", *extra]
 
 
-@pytest.fixture(scope="module")
-def params_run(tmp_path_factory) -> Path:
-    """A pixel model conditioned on two parameters, on a folder with a params.csv."""
-    root = tmp_path_factory.mktemp("params")
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(4):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{k}.png")
-        rows.append(f"{k}.png,{k / 3:.3f},{2 + k}")
-    (root / "params.csv").write_text("path,wind,heat\n" + "\n".join(rows) + "\n")
-    run_dir = tmp_path_factory.mktemp("params-run")
-    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "params"))
-    return run_dir
+@pytest.fixture
+def params_run(params_ckpt) -> Path:
+    """A pixel model conditioned on two parameters, on a folder with a params.csv (see conftest.py)."""
+    return params_ckpt.parent
 
 
-@pytest.fixture(scope="module")
-def class_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("classes")
-    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
-        (root / name).mkdir()
-        for k in range(2):
-            Image.new("RGB", (RES, RES), colour).save(root / name / f"{k}.png")
-    run_dir = tmp_path_factory.mktemp("class-run")
-    train.main(tiny_args(run_dir, f"folder:{root}", "--cond", "class"))
-    return run_dir
+@pytest.fixture
+def class_run(class_ckpt) -> Path:
+    """A pixel model conditioned on three classes (see conftest.py)."""
+    return class_ckpt.parent
 
 
 def pixels(path: Path) -> np.ndarray:
