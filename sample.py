@@ -13,12 +13,16 @@ With --dataset-out DIR: a labelled dataset instead, DIR/CLASS/NNNNNN.png (torchv
   params.csv (loadable as --dataset folder:DIR): --per-class N for class models, --num N for others
   (--classes NAME:K bins a parameter into class folders). Rerun the same command after an
   interruption to continue it, or with a larger count to extend the set (see data/writer.py).
+From an inversion checkpoint (train.py --stage invert): images drawn from variations of the learned
+  vectors (--emb-noise, --interp) with guidance against their mean (--reference), 2 by default;
+  with --dataset-out, --per-image K images of every inverted image, in its class folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import signal
 import sys
@@ -41,8 +45,10 @@ from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.samplers import per_sample_noise
 from ddpm.synthetic import plan_dataset
+from invert.variations import Inverted, Variations
 from stages import get_stage
 
+INVERSION_GUIDANCE = 2.0  # Zhou et al. 2023's guidance scale for images drawn from learned vectors
 GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
 # Options that only mean something with another one: parsed as None, so giving them alone can be refused.
 OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
@@ -79,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "params.csv; resumable (default: off)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="with --dataset-out, images per class of a class-conditional model (default: 100)")
+    parser.add_argument("--per-image", type=int, default=None,
+                        help="with --dataset-out and an inversion checkpoint, images per inverted image (default: 1)")
     parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
                              "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
@@ -87,13 +95,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
                         help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
                              "latent models (default: auto: x_t for pixel models, x0 for latent models)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="EMA or raw weights; an inversion uses those it was learned against (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="mixed precision (default: auto: bf16, or fp16 where bf16 is unsupported, on CUDA; none on CPU)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
-    add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
+    add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig(),
+                         help_overrides={"guidance_scale": SamplingConfig.__dataclass_fields__["guidance_scale"]
+                                         .metadata["help"] + f"; {INVERSION_GUIDANCE:g} for an inversion checkpoint"})
+    add_config_arguments(parser, "variations", Variations, Variations(),
+                         help_overrides={name: f"(inversion checkpoints) {field.metadata['help']}"
+                                         for name, field in Variations.__dataclass_fields__.items()})
     return parser.parse_args(argv)
 
 
@@ -101,7 +115,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse impossible option values before any work."""
     for name, value, low in (("--num", args.num, 1), ("--first-index", args.first_index, 0), ("--seed", args.seed, 0),
                              ("--batch-size", args.batch_size, 1), ("--gif-images", args.gif_images, 1),
-                             ("--frames", args.frames, 2), ("--per-class", args.per_class, 1)):
+                             ("--frames", args.frames, 2), ("--per-class", args.per_class, 1),
+                             ("--per-image", args.per_image, 1)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}.")
     for option, needs in (("interpolate_to", "interpolate"), ("frames", "interpolate"), ("gif_images", "gif"),
@@ -114,7 +129,7 @@ def check_args(args: argparse.Namespace) -> None:
             if given:
                 raise ValueError(f"{option} does not apply to --dataset-out (a dataset is numbered from 0 and never "
                                  f"overwritten); drop it.")
-    for option in ("per_class", "classes"):
+    for option in ("per_class", "per_image", "classes"):
         if getattr(args, option) is not None and args.dataset_out is None:
             raise ValueError(f"--{option.replace('_', '-')} applies to --dataset-out only; add --dataset-out DIR or "
                              f"drop it.")
@@ -128,11 +143,20 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{option} applies to --sampler {owner} only, and this is --sampler {sampler}; drop it.")
 
 
-def check_against_model(args: argparse.Namespace, model: DiffusionSampler) -> None:
+def check_against_model(args: argparse.Namespace, model: DiffusionSampler, inverted: Inverted | None) -> None:
     """Refuse options the loaded model cannot use, instead of ignoring them."""
     kind = model.net.config.cond
-    check_request(kind, args.label, args.param)
     sampling = given_in(args, "sampling")
+    if inverted is not None:
+        check_against_inversion(args)
+    else:
+        variations = [f"--{name.replace('_', '-')}" for name in given_in(args, "variations")]
+        if args.per_image is not None:
+            variations.append("--per-image")
+        if variations:
+            raise ValueError(f"{', '.join(variations)} applies to inversion checkpoints (train.py --stage invert) "
+                             f"only; drop it.")
+        check_request(kind, args.label, args.param)
     if kind == "none":
         if sampling.get("guidance_scale", 1.0) != 1.0:
             raise ValueError("This model was trained without conditioning, so --guidance-scale has nothing to guide; "
@@ -140,7 +164,7 @@ def check_against_model(args: argparse.Namespace, model: DiffusionSampler) -> No
         if args.interpolate_to:
             raise ValueError("This model was trained without conditioning, so there is no condition to interpolate "
                              "to; drop --interpolate-to.")
-    if args.dataset_out is not None:
+    if args.dataset_out is not None and inverted is None:
         if kind == "class" and args.num is not None:
             raise ValueError("A class-conditional model writes --per-class N images of each class; use --per-class "
                              "instead of --num.")
@@ -154,14 +178,32 @@ def check_against_model(args: argparse.Namespace, model: DiffusionSampler) -> No
                          "images are clamped); drop it.")
 
 
-def load_model(path: Path, device: torch.device, weights: str) -> DiffusionSampler:
-    """The sampler of any generative stage's checkpoint; the checkpoint names its stage."""
+def check_against_inversion(args: argparse.Namespace) -> None:
+    """An inversion's images take their conditions from the learned vectors, not from a class, a parameter
+    or a sweep."""
+    for option, given in (("--class", args.label), ("--param", args.param), ("--sweep", args.sweep),
+                          ("--interpolate", args.interpolate), ("--classes", args.classes),
+                          ("--per-class", args.per_class)):
+        if given:
+            raise ValueError(f"{option} does not apply to an inversion checkpoint, whose images are conditioned on "
+                             f"the learned vectors (their classes come from the inverted images); drop it.")
+    if args.dataset_out is not None and args.num is not None:
+        raise ValueError("An inversion writes --per-image K images of every inverted image; use --per-image instead "
+                         "of --num.")
+
+
+def load_model(path: Path, device: torch.device, weights: str) -> tuple[DiffusionSampler, Inverted | None]:
+    """The sampler of any generative stage's checkpoint (the checkpoint names its stage), and for an
+    inversion checkpoint its learned vectors too."""
     payload = load_checkpoint(path)
     spec = get_stage(str(payload.get("stage")))
+    if spec.load_inversion is not None:
+        inverted = spec.load_inversion(payload, device, path)
+        return inverted.model, inverted
     if spec.load_sampler is None:
         raise ValueError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
-                         f"checkpoint of a diffusion run (ddpm or ldm).")
-    return spec.load_sampler(payload, device, weights, path)
+                         f"checkpoint of a diffusion or inversion run (ddpm, ldm or invert).")
+    return spec.load_sampler(payload, device, weights, path), None
 
 
 def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
@@ -191,7 +233,7 @@ class Drawer:
         """One forward batch: images in [-1, 1] on the CPU, one per seed."""
         conditions = conditions.to(self.model.device)
         return sample_images(self.model, self.sampling, seeds, cond=conditions.cond, cond_emb=conditions.cond_emb,
-                             x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
+                             reference=conditions.reference, x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
@@ -203,9 +245,14 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def draw_images(draw: Drawer, args, model: DiffusionSampler, indices: list[int], out: Path) -> None:
+def draw_images(draw: Drawer, args, model: DiffusionSampler, indices: list[int], out: Path,
+                inverted: Inverted | None, variations: Variations) -> None:
     """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
-    conditions = requested(model.net.config.cond, model.info, indices, args.seed, label=args.label, params=args.param)
+    if inverted is not None:
+        conditions = inverted.conditions(indices, args.seed, variations)
+    else:
+        conditions = requested(model.net.config.cond, model.info, indices, args.seed, label=args.label,
+                               params=args.param)
     frames = []
     every = max(1, draw.sampling.steps // GIF_FRAMES)
     show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)
@@ -267,15 +314,23 @@ def draw_interpolations(draw: Drawer, args, model: DiffusionSampler, indices: li
                      duration_ms=150, hold_last_ms=150)
 
 
-def draw_dataset(draw: Drawer, args, model: DiffusionSampler, sampling: SamplingConfig) -> None:
+def draw_dataset(draw: Drawer, args, model: DiffusionSampler, sampling: SamplingConfig,
+                 inverted: Inverted | None, variations: Variations) -> None:
     """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
-    binning = parse_binning(args.classes, model.info) if args.classes else None
-    plan = plan_dataset(model, args.seed, per_class=args.per_class or 100 if model.net.config.cond == "class" else None,
-                        num=args.num or 64, label=args.label, params=args.param, binning=binning)
     # What makes image k: changing any of it would give other images, so a folder holds one request.
-    request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed, "sampling": to_dict(sampling),
-               "class": args.label, "param": sorted(args.param), "classes": binning.describe() if binning else None,
-               "amp": args.amp, "param_names": list(plan.param_names)}
+    request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed,
+               "sampling": to_dict(sampling), "amp": args.amp}
+    if inverted is not None:
+        plan = inverted.plan(args.per_image or 1, args.seed, variations)
+        request.update(weights=inverted.record["weights"], embeddings=inverted.fingerprint(),
+                       variations=to_dict(variations), per_image=args.per_image or 1)
+    else:
+        binning = parse_binning(args.classes, model.info) if args.classes else None
+        plan = plan_dataset(model, args.seed, per_class=args.per_class or 100 if model.net.config.cond == "class" else None,
+                            num=args.num or 64, label=args.label, params=args.param, binning=binning)
+        request.update({"class": args.label, "param": sorted(args.param),
+                        "classes": binning.describe() if binning else None})
+    request["param_names"] = list(plan.param_names)
     writer = DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
     writer.open()
     pending = writer.pending(plan.items)
@@ -296,16 +351,19 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_args(args)
     sampling = override(SamplingConfig(), args, "sampling")
+    variations = override(Variations(), args, "variations")
     device = resolve_device(args.device)
     amp = autocast_dtype(args.amp, device)
-    model = load_model(args.ckpt, device, args.weights)
+    model, inverted = load_model(args.ckpt, device, args.weights)
+    check_against_model(args, model, inverted)
+    if inverted is not None and "guidance_scale" not in given_in(args, "sampling"):
+        sampling = dataclasses.replace(sampling, guidance_scale=INVERSION_GUIDANCE)
     sampling.check_against(model.schedule)
-    check_against_model(args, model)
     if args.dataset_out is not None:
         if args.classes:
             parse_binning(args.classes, model.info)  # checked before the folder is touched
         with FolderLock(args.dataset_out):  # two writers never share a folder
-            draw_dataset(Drawer(model, sampling, amp, args.batch_size), args, model, sampling)
+            draw_dataset(Drawer(model, sampling, amp, args.batch_size), args, model, sampling, inverted, variations)
         print(f"Wrote {args.dataset_out}")
         return args.dataset_out
     out = output_dir(args, sampling)
@@ -320,7 +378,7 @@ def main(argv: list[str] | None = None) -> Path:
         if args.interpolate:
             draw_interpolations(draw, args, model, indices, out)
         if not special:
-            draw_images(draw, args, model, indices, out)
+            draw_images(draw, args, model, indices, out, inverted, variations)
     print(f"Wrote {out}")
     return out
 

@@ -5,6 +5,7 @@ dispatch on it, and name no stage themselves. See core/stages.py for what a stag
     vae       KL autoencoder (first stage)            vae/stage.py
     ldm       latent diffusion on a VAE               ldm/stage.py
     classify  ResNet-18 on real, synthetic or mixed   classify/stage.py
+    invert    one vector per real image, model frozen invert/stage.py
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from classify.stage import SPEC as CLASSIFY
 from core.stages import StageSpec
 from ddpm.stage import SPEC as DDPM
+from invert.stage import SPEC as INVERT
 from ldm.stage import SPEC as LDM
 from vae.stage import SPEC as VAE
 
-STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (DDPM, VAE, LDM, CLASSIFY)}
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (DDPM, VAE, LDM, CLASSIFY, INVERT)}
 DEFAULT_STAGE = DDPM.name
 
 

@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
     judge = load_classifier(args.judge, device)
-    model = load_model(args.ckpt, device, args.weights)
+    model, inverted = load_model(args.ckpt, device, args.weights)
+    if inverted is not None:
+        raise ValueError(f"{args.ckpt} is an inversion; measure consistency on the diffusion model it was learned "
+                         f"against ({inverted.record['path']}), or judge the inversion's images with classify.experiment.")
     sampling.check_against(model.schedule)
     check_pair(model, judge)
     if args.param and model.net.config.cond != "params":

@@ -1,4 +1,4 @@
-"""What a stage is: the contract between a stage (ddpm, vae, ldm; classify and invert to come), the
+"""What a stage is: the contract between a stage (ddpm, vae, ldm, classify, invert), the
 one training loop, and the entry points `train.py` and `sample.py`.
 
 A stage module exposes one `StageSpec`: its config class, presets, command-line sections, a
@@ -27,7 +27,7 @@ Models = Mapping[str, nn.Module]
 LossFn = Callable[[Models, Any, torch.Generator, int], tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]]
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "lazy_adamw")
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Trainable:
     """A model the loop optimises, with its own optimizer settings."""
     model: nn.Module
     lr: float                                   # peak learning rate; the run's schedule scales it per step
-    optimizer: str = "adamw"                    # adamw (Loshchilov & Hutter 2019) or sgd (with momentum)
+    optimizer: str = "adamw"                    # adamw (Loshchilov & Hutter 2019), sgd (with momentum), or
+                                                # lazy_adamw (AdamW on the rows a step touches: embedding tables)
     betas: tuple[float, float] = (0.9, 0.999)   # AdamW's; GAN training uses (0.5, 0.9)
     weight_decay: float = 0.0                   # AdamW: decoupled; SGD: the classic L2 term in the gradient
     momentum: float = 0.0                       # SGD's
@@ -105,6 +106,9 @@ class StageSpec:
     build: Callable[[Any, Runtime, dict[str, Any] | None], tuple[Any, TrainingStage]]
     # load_sampler(checkpoint payload, device, weights "ema" | "model", path) -> a ddpm.generate.DiffusionSampler
     load_sampler: Callable[[dict[str, Any], torch.device, str, Path], Any] | None = None
+    # load_inversion(checkpoint payload, device, path) -> an invert.variations.Inverted: learned vectors
+    # and the frozen model they condition, for sample.py to draw variations from
+    load_inversion: Callable[[dict[str, Any], torch.device, Path], Any] | None = None
     # prerequisite(config, device name) -> a run to create first, or None
     prerequisite: Callable[[Any, str], Prerequisite | None] | None = None
     # check(config) raises a one-sentence error for options that do not fit together, before any work

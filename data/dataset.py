@@ -75,11 +75,12 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images (N, C, R, R) uint8 with labels (N,) int64 and raw parameters (N, P) float32, held in memory.
 
     Items are `Batch(image, label, params, index)`; the default collate stacks them into a `Batch`.
-    `seeds` optionally records how each sample was made (the plume simulation seed).
+    `seeds` optionally records how each sample was made (the plume simulation seed), `files` where
+    each image came from (a folder's relative paths); `source(i)` names item i either way.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, info: DatasetInfo,
-                 seeds: torch.Tensor | None = None):
+                 seeds: torch.Tensor | None = None, files: tuple[str, ...] | None = None):
         n = images.shape[0]
         assert images.dtype == torch.uint8 and images.shape == (n, info.channels, info.resolution, info.resolution), (
             f"images {tuple(images.shape)} {images.dtype} do not match {info}")
@@ -87,7 +88,17 @@ class ImageDataset(torch.utils.data.Dataset):
         assert params.shape == (n, len(info.param_names)) and params.dtype == torch.float32, (
             f"params {tuple(params.shape)} {params.dtype}")
         assert info.num_samples == n, f"info says {info.num_samples} samples, got {n}"
+        assert files is None or len(files) == n, f"{len(files)} file names for {n} images"
         self.images, self.labels, self.params, self.info, self.seeds = images, labels, params, info, seeds
+        self.files = files
+
+    def source(self, i: int) -> str:
+        """Where item i came from, for records that must point back at it: its file, else its seed or position."""
+        if self.files is not None:
+            return self.files[i]
+        if self.seeds is not None:
+            return f"{self.info.name}#seed={int(self.seeds[i])}"
+        return f"{self.info.name}#{i}"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -109,7 +120,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """The items at `indices`, as a dataset of their own (its info counts only them)."""
         info = DatasetInfo(**{**self.info.to_dict(), "num_samples": len(indices)})
         seeds = None if self.seeds is None else self.seeds[indices]
-        return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds)
+        files = None if self.files is None else tuple(self.files[int(i)] for i in indices)
+        return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds, files)
 
     def __getitem__(self, i: int) -> Batch:
         return Batch(self.images[i].float() / 127.5 - 1.0, self.labels[i], self.params[i], torch.tensor(i))

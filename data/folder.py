@@ -164,4 +164,5 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     info = DatasetInfo(name=f"folder:{root}", resolution=resolution, channels=images.shape[1],
                        class_names=class_names, param_names=param_names, param_ranges=param_ranges(params),
                        num_samples=len(files))
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64)[keep], params, info)
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64)[keep], params, info,
+                        files=tuple(f.relative_to(root).as_posix() for f in files))

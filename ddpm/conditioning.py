@@ -27,14 +27,15 @@ class Conditions:
     cond: torch.Tensor | None = None       # labels (B,) or normalised parameters (B, P)
     cond_emb: torch.Tensor | None = None   # or vectors in the conditioning space (B, E)
     records: tuple[dict[str, Any], ...] = ()
+    reference: torch.Tensor | None = None  # (E,) what guidance pushes away from, shared by all (None: the null embedding)
 
     def to(self, device: torch.device) -> Conditions:
         move = (lambda x: None if x is None else x.to(device))
-        return Conditions(move(self.cond), move(self.cond_emb), self.records)
+        return Conditions(move(self.cond), move(self.cond_emb), self.records, move(self.reference))
 
     def __getitem__(self, rows: slice) -> Conditions:
         take = (lambda x: None if x is None else x[rows])
-        return Conditions(take(self.cond), take(self.cond_emb), self.records[rows])
+        return Conditions(take(self.cond), take(self.cond_emb), self.records[rows], self.reference)
 
 
 def batch_condition(kind: str, info: DatasetInfo, batch: Any) -> torch.Tensor | None:

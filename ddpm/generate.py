@@ -53,21 +53,28 @@ class DiffusionSampler:
 
 
 def eps_model(net: UNet, schedule: Schedule, prediction: str, *, cond: Tensor | None = None,
-              cond_emb: Tensor | None = None, guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None) -> Model:
+              cond_emb: Tensor | None = None, reference: Tensor | None = None, guidance_scale: float = 1.0,
+              amp_dtype: torch.dtype | None = None) -> Model:
     """The sampler-facing eps predictor of `net`, with classifier-free guidance (Ho & Salimans 2022)
-    when the network is conditional."""
+    when the network is conditional: against the null embedding, or against `reference` (E,), a vector
+    in the conditioning space (inversion guides against the mean of its learned embeddings)."""
     device = next(net.parameters()).device
 
-    def predict(x: Tensor, t: Tensor, null_mask: Tensor | None) -> Tensor:
-        # Guidance evaluates conditional and unconditional halves in one batch of 2B: repeat the
+    def predict(x: Tensor, t: Tensor, reference_mask: Tensor | None) -> Tensor:
+        # Guidance evaluates conditional and reference halves in one batch of 2B: repeat the
         # condition to match.
         c = None if cond is None else cond.repeat(x.shape[0] // cond.shape[0], *([1] * (cond.dim() - 1)))
         e = None if cond_emb is None else cond_emb.repeat(x.shape[0] // cond_emb.shape[0], 1)
+        null_mask = reference_mask
+        if reference is not None:
+            own = e if e is not None else net.embed_condition(c)
+            e, c, null_mask = torch.where(reference_mask[:, None], reference.to(own.dtype), own), None, None
         with autocast(device, amp_dtype):
             out = net(x, t, c, null_mask=null_mask, cond_emb=e)
         return schedule.to_eps(x, t, out.float(), prediction)
 
     if net.config.cond == "none":
+        assert reference is None, "an unconditional model has no condition to guide against"
         return lambda x, t: predict(x, t, None)
     return classifier_free_guidance(predict, guidance_scale)
 
@@ -79,13 +86,14 @@ def image_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def sample(model: DiffusionSampler, sampling: SamplingConfig, seeds: Sequence[int], *, cond: Tensor | None = None,
-           cond_emb: Tensor | None = None, x_T: Tensor | None = None, amp_dtype: torch.dtype | None = None,
+           cond_emb: Tensor | None = None, reference: Tensor | None = None, x_T: Tensor | None = None, amp_dtype: torch.dtype | None = None,
            callback: Callback | None = None) -> Tensor:
     """Run the sampler from x_T to x_0 in the model's own space (images or latents), one sample per seed.
 
     Sample k depends only on seeds[k] (its x_T and any sampler noise) and its condition. `x_T`
     replaces the seeded starting points (e.g. interpolated noise); the seeds still drive the noise of
-    stochastic samplers. Latent models are never clipped: their x0 has no [-1, 1] bound.
+    stochastic samplers. `reference` replaces the null embedding as what guidance pushes away from.
+    Latent models are never clipped: their x0 has no [-1, 1] bound.
     """
     sampling.check_against(model.schedule)
     device = model.device
@@ -94,7 +102,7 @@ def sample(model: DiffusionSampler, sampling: SamplingConfig, seeds: Sequence[in
     if x_T is not None:
         assert x_T.shape == x.shape, f"x_T {tuple(x_T.shape)} must be {tuple(x.shape)}"
         x = x_T.to(device)
-    eps = eps_model(model.net, model.schedule, model.prediction, cond=cond, cond_emb=cond_emb,
+    eps = eps_model(model.net, model.schedule, model.prediction, cond=cond, cond_emb=cond_emb, reference=reference,
                     guidance_scale=sampling.guidance_scale, amp_dtype=amp_dtype)
     options = {"ddpm": {"variance": sampling.variance}, "ddim": {"eta": sampling.eta}}.get(sampling.sampler, {})
     return SAMPLERS[sampling.sampler](eps, x, model.schedule, timesteps, clip_x0=sampling.clip_x0 and not model.latent,

@@ -48,7 +48,7 @@ def judge(model, net, target, names) -> Classifier:
 
 
 def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
-    model = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
+    model, _ = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
     colour_of = {"red": 0, "green": 1, "blue": 2}
     names = model.info.class_names                                  # blue, green, red
     result = consistency.measure(model, judge(model, MeanColour([colour_of[n] for n in names]), "class", names),
@@ -67,7 +67,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
 
 
 def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
-    model = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
+    model, _ = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
     names = model.info.class_names
     report = consistency.measure(model, judge(model, Constant([5.0, 0.0, 0.0]), "class", names), SAMPLING,
                                  per_class=3, batch_size=5)["report"]
@@ -77,7 +77,7 @@ def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
 
 
 def test_parameter_error_is_the_distance_between_requested_and_judged_values(params_ckpt):
-    model = sample.load_model(params_ckpt, torch.device("cpu"), "ema")
+    model, _ = sample.load_model(params_ckpt, torch.device("cpu"), "ema")
     info = model.info
     # Normalised output (0, 1) is the middle of wind's range and the top of heat's.
     regressor = judge(model, Constant([0.0, 1.0]), "params", info.param_names)

@@ -15,6 +15,7 @@ import sample
 import train
 from core.checkpoint import load_checkpoint
 from core.config import from_dict
+from data import load_dataset
 from ldm.config import DEFAULT_VAE_CKPT, LDMConfig
 from ldm.stage import prerequisite
 from vae.stage import latent_scale, load_autoencoder
@@ -368,3 +369,29 @@ def test_published_weights_import_into_a_vae_run_with_zero_steps(tmp_path, cache
         train.main(vae_args(tmp_path / "never", cache, 0, "--pretrained", str(tmp_path / "wrong.ckpt"),
                             "--latent-channels", "4"))
     assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# inversion against a latent model
+
+
+def test_inversion_against_a_latent_model_learns_on_its_latents_and_draws_images(ldm_run, cache, tmp_path):
+    from core.runtime import Runtime
+    ckpt = ldm_run / "checkpoint.pt"
+    args = ["--stage", "invert", "--run-dir", str(tmp_path / "inv"), "--device", "cpu", "--model", str(ckpt),
+            "--dataset", "plumes", "--num-samples", "12", "--resolution", str(RES), "--cache-dir", str(cache),
+            "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--preview-images", "2", "--preview-steps", "2",
+            "--eval-images", "4", "--eval-timesteps", "2"]
+    spec, parsed = train.parse_args(args)
+    config, _ = train.resolve_config(spec, parsed, tmp_path / "inv")
+    _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+    net = stage.loss.__self__.net
+    # What is denoised is the autoencoder's scaled latents, not pixels.
+    assert stage.loss.__self__.eval_x0.shape == (4, net.config.in_channels, RES // 2, RES // 2)
+    train.main(args)
+    payload = load_checkpoint(tmp_path / "inv" / "checkpoint.pt")
+    assert payload["inversion"]["start"] == "params" and payload["models"]["model"]["weight"].shape[0] == 12
+    out = sample.main(["--ckpt", str(tmp_path / "inv" / "checkpoint.pt"), "--dataset-out", str(tmp_path / "set"),
+                       "--device", "cpu", "--steps", "2", "--batch-size", "6"])
+    images = load_dataset(f"folder:{out}", RES)
+    assert len(images) == 12 and images.info.param_names == ("wind", "temperature")

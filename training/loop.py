@@ -43,6 +43,7 @@ from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive
 from core.stages import Trainable, TrainingStage
 from data.imageio import atomic_save_image, save_grid
 from training.distributed import mean_across_processes
+from training.optim import LazyAdamW
 
 
 class TrainingDiverged(RunError):
@@ -137,6 +138,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 def make_optimizer(trainable: Trainable, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer a `Trainable` asks for, over `model`'s parameters (fused kernels on CUDA)."""
     fused = device.type == "cuda"
+    if trainable.optimizer == "lazy_adamw":
+        return LazyAdamW(model.parameters(), lr=trainable.lr, betas=trainable.betas, weight_decay=trainable.weight_decay)
     if trainable.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=trainable.lr, momentum=trainable.momentum,
                                nesterov=trainable.nesterov, weight_decay=trainable.weight_decay, fused=fused or None)

@@ -1,0 +1,68 @@
+"""The inversion run config and its presets.
+
+An inversion run learns one vector per image of `--dataset` in the conditioning space of a frozen
+diffusion model (`--model`), with AdamW on the vectors alone and the model's own DDPM objective. The
+learning rate 3e-2 is Zhou et al.'s (2023); the optimizer moves only the rows a batch touches
+(`training.optim.LazyAdamW`), so each image's vector follows the path it would take if inverted
+alone, and the schedule below counts visits per image, not dataset size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.config import DataConfig, TrainConfig, check_choice, option, require
+
+INITS = ("condition", "null")
+
+
+@dataclass(frozen=True)
+class InvertOptions:
+    model: str = option("", "checkpoint.pt of the conditional diffusion run (ddpm or ldm) to invert against; it is "
+                            "never written, and a changed file is refused on resume (required)")
+    weights: str = option("ema", "which of the model's weights to invert against: ema or model", choices=("ema", "model"))
+    init: str = option("condition", "where each vector starts: condition (its image's class or parameter embedding "
+                                    "where the model knows them, else null) or null (the model's null embedding)",
+                       choices=INITS)
+    eval_images: int = option(64, "images in the quality signal: the denoising loss of a fixed subset with learned "
+                                  "vs. starting embeddings, at fixed timesteps and noises (0: all)")
+    eval_timesteps: int = option(8, "timesteps per image in the quality signal, evenly spread over [0, T)")
+
+    def __post_init__(self) -> None:
+        check_choice("weights", self.weights, ("ema", "model"))
+        check_choice("init", self.init, INITS)
+        require(self.eval_images >= 0, f"--eval-images must be 0 (all) or positive, got {self.eval_images}.")
+        require(self.eval_timesteps >= 1, f"--eval-timesteps must be at least 1, got {self.eval_timesteps}.")
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    invert: InvertOptions = field(default_factory=InvertOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def invert_demo() -> InvertConfig:
+    """Images at 32 px against a model trained on plumes (pass --model): 128,000 image visits, about 40
+    per image for 3,000 images (the README walkthrough), 13 for the 10,000 built-in plumes."""
+    return InvertConfig(
+        data=DataConfig(dataset="plumes", resolution=32, hflip=False),
+        train=TrainConfig(steps=2000, batch_size=64, lr=3e-2, warmup_steps=0, grad_clip=0.0, log_every=20,
+                          sample_every=500, ckpt_every=250, preview_images=16, preview_steps=25),
+    )
+
+
+def invert_cifar10() -> InvertConfig:
+    """CIFAR-10's 50,000 training images, batch 128, about 40 visits per image."""
+    return InvertConfig(
+        data=DataConfig(dataset="cifar10", resolution=32, hflip=False),
+        train=TrainConfig(steps=16_000, batch_size=128, lr=3e-2, warmup_steps=0, grad_clip=0.0, log_every=100,
+                          sample_every=2000, ckpt_every=1000, preview_images=16, preview_steps=50),
+    )
+
+
+PRESETS = {"invert-demo": invert_demo, "invert-cifar10": invert_cifar10}
+# Options that mean nothing for inversion: there is no weight average of embeddings, and images are never
+# flipped (each vector stands for one image as it is); no held-out split either.
+DATA_UNUSED = frozenset({"hflip", "test_dataset", "test_samples"})
+TRAIN_UNUSED = frozenset({"ema_decay"})

@@ -1,0 +1,99 @@
+"""The frozen model an inversion learns against: loaded read-only from its checkpoint, identified by
+a fingerprint of its weights, and the clean sample x0 it denoises for each real image.
+
+An inversion checkpoint refers to its model by path and fingerprint instead of carrying a copy:
+embeddings mean nothing under any other weights, so a model file that changed (trained further,
+replaced) or went missing is refused with one sentence rather than silently giving other images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from core.checkpoint import load_checkpoint, state_fingerprint
+from core.runtime import Runtime
+from data import ImageDataset
+from ddpm.generate import DiffusionSampler
+
+
+@dataclass
+class FrozenModel:
+    """A trained diffusion model that an inversion conditions but never changes."""
+    sampler: DiffusionSampler       # network (eval mode, no gradients), schedule, prediction, data info
+    path: Path                      # its checkpoint
+    stage: str                      # the stage that trained it (ddpm, ldm)
+    weights: str                    # ema or model
+    fingerprint: str                # state_fingerprint of the network's weights
+    payload: dict[str, Any]         # the checkpoint, for what else it carries (a latent model's autoencoder)
+
+    def record(self) -> dict[str, Any]:
+        """What an inversion checkpoint keeps of its model: enough to find it again and to know it."""
+        return {"path": str(self.path), "stage": self.stage, "weights": self.weights, "fingerprint": self.fingerprint}
+
+
+def load_frozen(path: str | Path, weights: str, device: torch.device, *, expected: str | None = None,
+                what: str = "--model") -> FrozenModel:
+    """The diffusion model at `path`, frozen; refused unless conditional, and unless its weights'
+    fingerprint is `expected` (when given)."""
+    # The stage registry imports this package's stage, so it is looked up when a model is loaded.
+    from stages import get_stage
+
+    path = Path(path)
+    if not path.is_file():
+        advice = (f"restore it (fingerprint {expected}), or learn the embeddings again against another model"
+                  if expected else "pass the checkpoint.pt of a conditional ddpm or ldm run")
+        raise FileNotFoundError(f"The diffusion model {path} ({what}) does not exist; {advice}.")
+    payload = load_checkpoint(path)
+    spec = get_stage(str(payload.get("stage")))
+    if spec.load_sampler is None:
+        raise ValueError(f"{what} {path} is a checkpoint of stage '{spec.name}', which is not a diffusion model; pass "
+                         f"the checkpoint.pt of a conditional ddpm or ldm run.")
+    sampler = spec.load_sampler(payload, device, weights, path)
+    if sampler.net.config.cond == "none":
+        raise ValueError(f"The model {path} was trained without conditioning (--cond none), so it has no conditioning "
+                         f"slot to invert into; train one with --cond class or --cond params.")
+    fingerprint = state_fingerprint(sampler.net.state_dict())
+    if expected is not None and fingerprint != expected:
+        raise ValueError(f"The diffusion model {path} changed since these embeddings were learned against it "
+                         f"(weights {fingerprint}, learned against {expected}); restore that model, or start a new "
+                         f"inversion.")
+    return FrozenModel(sampler, path, spec.name, weights, fingerprint, payload)
+
+
+def check_images_fit(model: FrozenModel, images: ImageDataset) -> None:
+    """Refuse real images of another size or channel count than the model's own training images."""
+    have, want = images.info, model.sampler.info
+    if have.channels != want.channels:
+        raise ValueError(f"{have.name} has {have.channels}-channel images but the model {model.path} was trained on "
+                         f"{want.channels}-channel ones; invert images of the kind the model draws.")
+    if have.resolution != want.resolution:
+        raise ValueError(f"--resolution {have.resolution} differs from the {want.resolution} px images the model "
+                         f"{model.path} was trained on; pass --resolution {want.resolution}.")
+
+
+def denoised_data(model: FrozenModel, images: ImageDataset, *, cache_dir: str, runtime: Runtime
+                  ) -> tuple[Dataset, Callable[[Any, torch.Generator | None], Tensor]]:
+    """What the model denoises for each image, as a dataset whose items carry `index`, and
+    `x0(batch, generator)`: the images themselves for a pixel model; for a latent model, a draw of
+    each image's scaled latent from its posterior (the mean when `generator` is None), encoded once
+    by the autoencoder the model carries."""
+    if not model.sampler.latent:
+        return images, (lambda batch, generator: batch.image)
+    from ldm.latents import draw_latent, latent_dataset
+    from vae.stage import load_autoencoder
+
+    autoencoder, scale, fingerprint = load_autoencoder(model.payload["vae"], runtime.device, model.path)
+    latents = latent_dataset(autoencoder, fingerprint, images, hflip=False, cache_dir=cache_dir, batch=64,
+                             runtime=runtime)
+
+    def x0(batch: Any, generator: torch.Generator | None) -> Tensor:
+        moments = batch.views[:, 0]
+        return scale * (moments.chunk(2, dim=1)[0] if generator is None else draw_latent(moments, generator))
+
+    return latents, x0

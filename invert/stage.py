@@ -1,0 +1,193 @@
+"""Diffusion inversion as a stage: one vector per real image, learned in a frozen model's conditioning
+slot with the model's own DDPM objective, through the same loop, run directory, checkpoints and exact
+resume as every other stage.
+
+The only trainable is the table of vectors (`EmbeddingStore`); the network is closed over by the
+loss, frozen (eval mode, no gradients), so its weights are never duplicated or written, and a batch
+costs one forward and one backward pass through it (the backward computes activation gradients only,
+down to the conditioning vector). Checkpoints record each vector's source image, label and
+parameters, and the frozen model's path and weight fingerprint.
+
+Quality signal (metrics.jsonl, split "inversion"): on a fixed subset of images, at fixed timesteps
+and noises, the denoising loss with each image's learned vector against the loss with the vector it
+started from (its class or parameter embedding) and with the null embedding, so values are
+comparable from step to step and across runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from core.config import DataConfig, TrainConfig, to_dict
+from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
+from core.stages import Section, StageSpec, Trainable, TrainingStage
+from data import ImageDataset, load_dataset
+from data.dataset import subset_indices
+from ddpm.config import SamplingConfig
+from ddpm.generate import image_seed, sample_images
+from ddpm.objective import diffusion_loss
+from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig, InvertOptions
+from invert.embeddings import EmbeddingStore, starting_condition, starting_vectors
+from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
+
+NAME = "invert"
+EVAL_KEY = 7_919  # seeds the quality signal's noises: a stream of its own, the same at every step
+EVAL_BATCH = 256  # (image, timestep) pairs per forward pass of the quality signal
+
+
+class Inversion:
+    """The loss, quality signal, preview and checkpoint records of one inversion run."""
+
+    def __init__(self, config: InvertConfig, model: FrozenModel, images: ImageDataset, dataset: Dataset,
+                 x0: Callable[[Any, torch.Generator | None], Tensor], start: str, initial: Tensor,
+                 device: torch.device):
+        self.config, self.model, self.images, self.x0 = config, model, images, x0
+        self.start, self.device = start, device
+        self.net = model.sampler.net
+        self.train_net = torch.compile(self.net) if config.train.compile else self.net
+        self.schedule = model.sampler.schedule
+        self.amp_dtype = autocast_dtype(config.train.amp, device)
+        # The quality signal: a fixed subset of images, timesteps spread evenly over [0, T), and one
+        # fixed noise per (image, timestep).
+        self.eval_index = _eval_subset(len(images), config.invert.eval_images)
+        T, K = self.schedule.num_timesteps, config.invert.eval_timesteps
+        self.eval_t = ((torch.arange(K, dtype=torch.float64) + 0.5) * T / K).long().clamp(max=T - 1).to(device)
+        eval_x0 = x0(default_collate([dataset[int(i)] for i in self.eval_index]), None)
+        self.eval_x0 = eval_x0.to(device)
+        self.eval_noise = torch.stack([
+            torch.randn((K, *eval_x0.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(EVAL_KEY, int(i))))
+            for i in self.eval_index]).to(device)
+        self.initial = initial[self.eval_index].to(device)
+
+    def loss(self, models, batch, generator, step):
+        vectors = models["model"](batch.index)
+        x0 = self.x0(batch, generator)
+        losses = diffusion_loss(self.train_net, self.schedule, x0, generator, prediction=self.model.sampler.prediction,
+                                cond_emb=vectors)
+        return losses.mean(), {}
+
+    @torch.no_grad()
+    def per_image_loss(self, vectors: Tensor | None) -> Tensor:
+        """Mean denoising loss (M,) of each quality-signal image over the fixed timesteps and noises,
+        conditioned on `vectors` (M, E), or on the null embedding (None)."""
+        M, K = len(self.eval_index), len(self.eval_t)
+        pairs = torch.arange(M * K, device=self.device)
+        out = []
+        for chunk in pairs.split(EVAL_BATCH):
+            image, k = chunk // K, chunk % K
+            emb = None if vectors is None else vectors[image]
+
+            def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+                with autocast(self.device, self.amp_dtype):
+                    return self.net(x_t, t, cond_emb=emb).float()
+
+            out.append(self.schedule.training_losses(model_fn, self.eval_x0[image], self.eval_t[k],
+                                                     self.eval_noise[image, k], self.model.sampler.prediction))
+        return torch.cat(out).view(M, K).mean(dim=1)
+
+    def evaluate(self, models) -> dict[str, Any]:
+        learned = models["model"].weight.detach()[self.eval_index.to(self.device)]
+        ours = self.per_image_loss(learned)
+        null = self.per_image_loss(None)
+        start = null if self.start == "null" else self.per_image_loss(self.initial)
+        return {"split": "inversion", "images": len(ours), "start": self.start,
+                "loss_learned": ours.mean().item(), "loss_start": start.mean().item(), "loss_null": null.mean().item(),
+                "improved": (ours < start).float().mean().item(),
+                "shift": (learned - self.initial).norm(dim=1).mean().item()}
+
+    def preview(self, models) -> Tensor:
+        """Real images beside samples drawn from their learned vectors (same seeds at every preview)."""
+        n = min(self.config.train.preview_images, len(self.eval_index))
+        index = self.eval_index[:n]
+        vectors = models["model"].weight.detach()[index.to(self.device)]
+        sampling = SamplingConfig(sampler="ddim", steps=min(self.config.train.preview_steps,
+                                                            self.schedule.num_timesteps))
+        drawn = sample_images(self.model.sampler, sampling, [image_seed(self.config.train.seed, k) for k in range(n)],
+                              cond_emb=vectors).cpu()
+        real = self.images.images[index].float() / 127.5 - 1
+        return torch.stack([real, drawn], dim=1).flatten(0, 1)  # real, drawn, real, drawn, ...
+
+    def payload(self, models) -> dict[str, Any]:
+        images = self.images
+        return {"inversion": {"model": self.model.record(), "start": self.start,
+                              "sources": [images.source(i) for i in range(len(images))],
+                              "labels": images.labels.clone(), "params": images.params.clone()}}
+
+
+def _eval_subset(n: int, count: int) -> Tensor:
+    """The quality signal's images: a seeded subset of `count` (0: all), the same in every run on the data."""
+    return subset_indices(n, min(count or n, n), 0, "the inversion's quality signal").sort().values
+
+
+def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDataset, dataset: Dataset,
+                    x0: Callable[[Any, torch.Generator | None], Tensor], device: torch.device,
+                    announce: bool = False) -> TrainingStage:
+    """The training stage that inverts `images` (denoised as `dataset` items through `x0`) into `model`."""
+    start = starting_condition(model.sampler.net, model.sampler.info, images.info, config.invert.init)
+    initial = starting_vectors(model.sampler.net, model.sampler.info, images.info, images.labels, images.params, start)
+    if announce:
+        print(f"Inverting {len(images)} images of {images.info.name} into the {initial.shape[1]}-wide conditioning "
+              f"space of {model.path} ({model.stage}, {model.weights} weights {model.fingerprint}); vectors start "
+              f"from the {'null embedding' if start == 'null' else start + ' embeddings'}.", flush=True)
+    run = Inversion(config, model, images, dataset, x0, start, initial, device)
+    n = min(config.train.preview_images, len(run.eval_index))
+    trainable = Trainable(EmbeddingStore(initial), lr=config.train.lr, optimizer="lazy_adamw",
+                          weight_decay=config.train.weight_decay)
+    return TrainingStage(name=NAME, trainables={"model": trainable}, loss=run.loss, dataset=dataset,
+                         config=to_dict(config), data_info=images.description(), preview=run.preview,
+                         preview_nrow=2 * math.ceil(math.sqrt(n)), evaluate=run.evaluate, payload=run.payload)
+
+
+def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
+    data, options, device = config.data, config.invert, runtime.device
+    expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
+    model = load_frozen(options.model, options.weights, device, expected=expected)
+    images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    check_images_fit(model, images)
+    dataset, x0 = denoised_data(model, images, cache_dir=data.cache_dir, runtime=runtime)
+    return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main)
+
+
+def check(config: InvertConfig) -> None:
+    """The model must be named and exist before any work; the data is checked against it in build."""
+    path = config.invert.model
+    if not path:
+        raise ValueError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
+                         "against (e.g. train.py --stage ddpm --cond params).")
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"--model {path} does not exist; pass the checkpoint.pt of a conditional ddpm or ldm "
+                                f"run.")
+
+
+def load_inversion(payload: dict[str, Any], device: torch.device, path: Path):
+    from invert.variations import load_inverted
+    return load_inverted(payload, device, path)
+
+
+SPEC = StageSpec(
+    name=NAME,
+    summary="diffusion inversion: one learned conditioning vector per real image against a frozen model",
+    config_class=InvertConfig,
+    presets=PRESETS,
+    default_preset="invert-demo",
+    sections=(Section("data", DataConfig, skip=DATA_UNUSED,
+                      help={"dataset": "real images to invert: plumes (built in) | folder:PATH | cifar10",
+                            "resolution": "image side in pixels; must be the model's"}),
+              Section("invert", InvertOptions),
+              Section("train", TrainConfig, skip=TRAIN_UNUSED,
+                      help={"lr": "AdamW learning rate of the vectors (Zhou et al. 2023: 3e-2)",
+                            "weight_decay": "AdamW decoupled weight decay of the vectors",
+                            "compile": "torch.compile the frozen model (faster on CUDA after a warm-up)",
+                            "sample_every": "steps between previews and quality-signal evaluations (0: only at the end)",
+                            "preview_images": "real images shown beside samples from their vectors",
+                            "preview_steps": "DDIM steps of the preview samples"})),
+    build=build,
+    check=check,
+    load_inversion=load_inversion,
+)

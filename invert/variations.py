@@ -1,0 +1,126 @@
+"""An inversion checkpoint as a source of new images (Zhou et al. 2023, section 3.2): each image is
+drawn from a variation of one learned vector, with classifier-free guidance against a reference.
+
+Image k of a set comes from source image i = k mod N (so K images per source are images 0 .. K*N - 1,
+and a larger K keeps the earlier ones) and from draws seeded by (seed, k) alone:
+
+    e_k = (1 - w) e_i + w e_j + sigma * rms(E) * n      w ~ U(0, interp), j ~ another image of i's class,
+                                                         n ~ N(0, I)
+
+where rms(E) is the root mean square entry of all N learned vectors, so `emb_noise` is relative to
+their size whatever the model. The images are sampled with guidance scale s against a reference r,
+eps = eps(r) + s (eps(e_k) - eps(r)), r being the mean learned vector (the paper's choice) or the
+model's null embedding. With interp = 0 and emb_noise = 0, e_k = e_i exactly and image k is the plain
+sample from image i's learned vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from core.checkpoint import require_keys, state_fingerprint
+from core.config import option, require
+from core.runtime import derive_seed
+from data import DatasetInfo
+from data.writer import Item
+from ddpm.conditioning import Conditions
+from ddpm.generate import DiffusionSampler, image_seed
+from ddpm.synthetic import DatasetPlan
+from invert.frozen import load_frozen
+
+REFERENCES = ("mean", "null")
+VARIATION_KEY = 2  # (seed, k, VARIATION_KEY) seeds image k's partner, weight and noise
+
+
+@dataclass(frozen=True)
+class Variations:
+    emb_noise: float = option(0.1, "Gaussian noise added to each learned vector, as a multiple of the vectors' root "
+                                   "mean square entry (Zhou et al. 2023: 0.1)")
+    interp: float = option(0.1, "interpolate towards another image of the same class with a weight drawn uniformly "
+                                "from [0, this] (Zhou et al. 2023: up to 0.1; 0: off)")
+    reference: str = option("mean", "what guidance pushes away from: mean (of all learned vectors, as in Zhou et al. "
+                                    "2023) or null (the model's null embedding, plain classifier-free guidance)",
+                            choices=REFERENCES)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.emb_noise < float("inf"), f"--emb-noise must be 0 or a positive number, got {self.emb_noise}.")
+        require(0 <= self.interp <= 1, f"--interp must be in [0, 1], got {self.interp}.")
+        require(self.reference in REFERENCES, f"--reference must be one of {', '.join(REFERENCES)}, got "
+                                              f"{self.reference!r}.")
+
+
+@dataclass
+class Inverted:
+    """Learned vectors with what they stand for, and the frozen model they condition."""
+    model: DiffusionSampler         # the frozen model (its info describes the model's own training data)
+    vectors: Tensor                 # (N, E) float32, on the CPU
+    labels: Tensor                  # (N,) class of each source image, in `info`'s classes
+    params: Tensor                  # (N, P) raw parameters of each source image
+    sources: tuple[str, ...]        # where each source image came from
+    info: DatasetInfo               # the real images: classes and parameter names
+    record: dict[str, Any]          # what the checkpoint says of the frozen model (path, fingerprint, ...)
+
+    def __post_init__(self) -> None:
+        self.members = {int(y): (self.labels == y).nonzero().squeeze(1) for y in self.labels.unique()}
+
+    def fingerprint(self) -> str:
+        return state_fingerprint({"vectors": self.vectors})
+
+    def reference(self, which: str) -> Tensor | None:
+        """The guidance reference: the mean learned vector, or None for the null embedding."""
+        return self.vectors.mean(dim=0) if which == "mean" else None
+
+    def conditions(self, indices: Sequence[int], seed: int, variations: Variations) -> Conditions:
+        """The vector of image k for each k in `indices` (see the module docstring), with manifest records."""
+        n = len(self.vectors)
+        scale = variations.emb_noise * self.vectors.square().mean().sqrt()
+        rows, records = [], []
+        for k in indices:
+            i = k % n
+            generator = torch.Generator().manual_seed(derive_seed(seed, k, VARIATION_KEY))
+            same = self.members[int(self.labels[i])]
+            others = same[same != i]
+            j = int(others[torch.randint(len(others), (1,), generator=generator)]) if len(others) else i
+            w = variations.interp * float(torch.rand((), generator=generator, dtype=torch.float64))
+            noise = torch.randn(self.vectors.shape[1], generator=generator)
+            rows.append((1 - w) * self.vectors[i] + w * self.vectors[j] + scale * noise)
+            record = {"source": self.sources[i], "source_index": i, "partner": self.sources[j], "partner_index": j,
+                      "weight": w}
+            if self.info.class_names:
+                record["class"] = self.info.class_names[int(self.labels[i])]
+            records.append(record)
+        return Conditions(cond_emb=torch.stack(rows) if rows else torch.zeros(0, self.vectors.shape[1]),
+                          records=tuple(records), reference=self.reference(variations.reference))
+
+    def plan(self, per_image: int, seed: int, variations: Variations) -> DatasetPlan:
+        """`per_image` images of every source image, labelled with its class (a flat set without classes);
+        parameters are the source's, interpolated with the same weight as the vectors."""
+        indices = list(range(per_image * len(self.vectors)))
+        conditions = (lambda idx: self.conditions(list(idx), seed, variations))
+        items = []
+        for k, record in zip(indices, conditions(indices).records):
+            i, j, w = record["source_index"], record["partner_index"], record["weight"]
+            values = (1 - w) * self.params[i].double() + w * self.params[j].double()
+            items.append(Item(k, record.get("class", ""), params=dict(zip(self.info.param_names, map(float, values))),
+                              record={"seed": image_seed(seed, k), **record}))
+        return DatasetPlan(items, conditions, param_names=self.info.param_names)
+
+
+def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> Inverted:
+    """The vectors of an invert checkpoint and the frozen model, refused if the model file is missing or changed."""
+    require_keys(payload, ("models", "data_info", "inversion"), path)
+    inversion = payload["inversion"]
+    model = inversion["model"]
+    frozen = load_frozen(model["path"], model["weights"], device, expected=model["fingerprint"],
+                         what=f"the model that the embeddings in {path} were learned against")
+    vectors = payload["models"]["model"]["weight"].float().cpu()
+    if not torch.isfinite(vectors).all():
+        raise ValueError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
+                         f"again with a lower --lr.")
+    return Inverted(frozen.sampler, vectors, inversion["labels"].long(), inversion["params"].float(),
+                    tuple(inversion["sources"]), DatasetInfo.from_dict(payload["data_info"]), model)

@@ -1,0 +1,400 @@
+"""Diffusion inversion: the per-row optimizer, convergence to closed-form optima on a model whose
+dependence on the embedding is known, the invert stage end to end on a tiny class-conditional model
+(frozen weights, records, exact resume, refusals), and images drawn from the learned vectors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import sample
+import train
+from core.checkpoint import load_checkpoint, state_fingerprint
+from core.config import DataConfig, TrainConfig
+from core.runtime import Runtime
+from data import DatasetInfo, ImageDataset
+from ddpm.config import SamplingConfig
+from ddpm.generate import DiffusionSampler, image_seed, sample_images
+from ddpm.schedule import Schedule
+from invert.config import InvertConfig, InvertOptions
+from invert.frozen import FrozenModel
+from invert.stage import inversion_stage
+from training.loop import Trainer
+from training.optim import LazyAdamW
+from test_sweeps import RES, tiny_args
+
+CPU = torch.device("cpu")
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer
+
+
+def test_lazy_adamw_is_adamw_when_every_row_has_a_gradient():
+    torch.manual_seed(0)
+    ours, theirs = (torch.randn(5, 3).requires_grad_(True) for _ in range(2))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    a = LazyAdamW([ours], lr=0.1, weight_decay=0.01)
+    b = torch.optim.AdamW([theirs], lr=0.1, weight_decay=0.01)
+    for _ in range(10):
+        g = torch.randn(5, 3)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_lazy_adamw_moves_a_row_only_when_touched_and_as_if_it_were_alone():
+    torch.manual_seed(1)
+    table = torch.randn(4, 3).requires_grad_(True)
+    alone = table[2:3].detach().clone().requires_grad_(True)
+    start = table.detach().clone()
+    lazy, single = LazyAdamW([table], lr=0.05), torch.optim.AdamW([alone], lr=0.05, weight_decay=0.0)
+    for step in range(12):
+        g = torch.zeros(4, 3)
+        g[step % 2] = torch.randn(3)                # row 0 or 1 every step
+        if step % 3 == 0:                           # row 2 every third step
+            g[2] = torch.randn(3)
+            alone.grad = g[2:3].clone()
+            single.step()
+        table.grad = g
+        lazy.step()
+    assert torch.equal(table[3], start[3])          # never touched: never moved
+    torch.testing.assert_close(table[2:3], alone)   # touched 4 times: AdamW's 4 steps, not 12
+    assert lazy.state[table]["step"].tolist() == [6, 6, 4, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# a model whose dependence on the embedding is known: x0 = W e, whatever x_t and t
+
+
+class LinearDenoiser(nn.Module):
+    """A frozen "x0-predicting" network that outputs W e for conditioning vector e (the null embedding
+    when none is given), so the inversion objective is least squares: min_e |W e - x0|^2."""
+
+    def __init__(self, weight: torch.Tensor, classes: torch.Tensor):
+        super().__init__()
+        d, e = weight.shape
+        side = int(d ** 0.5)
+        self.config = SimpleNamespace(cond="class", embedding_dim=e, num_classes=len(classes), in_channels=1,
+                                      image_size=side)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.table = nn.Parameter(classes, requires_grad=False)
+        self.null_embedding = nn.Parameter(torch.zeros(e), requires_grad=False)
+
+    def embed_condition(self, labels):
+        return self.table[labels]
+
+    def forward(self, x, t, cond=None, *, null_mask=None, cond_emb=None):
+        e = self.null_embedding.expand(len(x), -1) if cond_emb is None else cond_emb
+        if null_mask is not None:
+            e = torch.where(null_mask[:, None], self.null_embedding, e)
+        return (e @ self.weight.T).view_as(x) + 0 * x
+
+
+def linear_inversion(targets: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor,
+                     tmp_path: Path, *, init: str, steps: int = 400):
+    """Invert uint8 images `targets` (N, 1, R, R) into a LinearDenoiser; returns (stage, final evaluation)."""
+    n, _, r, _ = targets.shape
+    net = LinearDenoiser(weight, classes)
+    info = DatasetInfo("linear", r, 1, tuple(f"c{k}" for k in range(len(classes))), (), (), n)
+    images = ImageDataset(targets, labels, torch.zeros(n, 0), info)
+    model = FrozenModel(DiffusionSampler(net, Schedule.from_name("cosine", 100), "x0", info), tmp_path / "model.pt",
+                        "ddpm", "ema", "linear", {})
+    config = InvertConfig(data=DataConfig(dataset="linear", resolution=r), invert=InvertOptions(init=init,
+                                                                                                eval_images=0),
+                          train=TrainConfig(steps=steps, batch_size=3, lr=3e-2, lr_schedule="cosine", warmup_steps=0,
+                                            grad_clip=0.0, log_every=100, sample_every=0, ckpt_every=max(steps, 1),
+                                            preview_images=2, preview_steps=2))
+    stage = inversion_stage(config, model, images, images, lambda batch, generator: batch.image, CPU)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    Trainer(stage, config.train, tmp_path / "run", Runtime(CPU)).run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    return stage, [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def test_inversion_of_a_linear_model_converges_to_the_least_squares_embedding(tmp_path):
+    torch.manual_seed(0)
+    r, e = 8, 6
+    weight = torch.randn(r * r, e) / e ** 0.5
+    targets = torch.randint(0, 256, (6, 1, r, r), dtype=torch.uint8)
+    stage, final = linear_inversion(targets, weight, torch.randn(2, e), torch.zeros(6, dtype=torch.long), tmp_path,
+                                    init="null")
+    x0 = targets.double().flatten(1) / 127.5 - 1
+    optimum = torch.linalg.lstsq(weight.double(), x0.T).solution.T      # argmin_e |W e - x0|^2, per image
+    learned = stage.trainables["model"].model.weight.detach().double()
+    assert (learned - optimum).norm(dim=1).max() < 1e-2 * optimum.norm(dim=1).min()
+    # The quality signal: every image fits better than from the null embedding it started at.
+    assert final["split"] == "inversion" and final["start"] == "null" and final["improved"] == 1.0
+    assert final["loss_learned"] < 0.9 * final["loss_null"]
+
+
+def test_inversion_of_images_of_class_c_lands_nearest_class_c(tmp_path):
+    torch.manual_seed(1)
+    r, e = 8, 8
+    weight = torch.randn(r * r, e) / e ** 0.5 * 0.25
+    classes = torch.randn(3, e)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    clean = (classes[labels] @ weight.T) + 0.05 * torch.randn(6, r * r)    # images of class c, plus noise
+    targets = ((clean.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).view(6, 1, r, r)
+    stage, final = linear_inversion(targets, weight, classes, labels, tmp_path, init="null")
+    learned = stage.trainables["model"].model.weight.detach()
+    nearest = torch.cdist(learned, classes).argmin(dim=1)
+    assert nearest.tolist() == labels.tolist()
+    assert final["improved"] == 1.0
+
+
+def test_the_quality_signal_is_the_same_for_the_same_vectors(tmp_path):
+    torch.manual_seed(2)
+    weight, classes = torch.randn(64, 4), torch.randn(2, 4)
+    targets = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    stage, _ = linear_inversion(targets, weight, classes, torch.tensor([0, 1] * 3), tmp_path, init="condition",
+                                steps=0)
+    first = stage.evaluate({"model": stage.trainables["model"].model})
+    assert first == stage.evaluate({"model": stage.trainables["model"].model})   # fixed timesteps and noises
+    assert first["start"] == "class" and first["loss_learned"] == first["loss_start"] and first["shift"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the invert stage on a tiny class-conditional U-Net (conftest's class_ckpt: blue, green, red)
+
+
+def folder_of(ckpt: Path) -> str:
+    return json.loads((ckpt.parent / "config.json").read_text())["data"]["dataset"]
+
+
+def invert_args(run_dir: Path, model: Path, dataset: str, *extra: str) -> list[str]:
+    return ["--stage", "invert", "--run-dir", str(run_dir), "--device", "cpu", "--model", str(model),
+            "--dataset", dataset, "--resolution", str(RES), "--steps", "4", "--batch-size", "4", "--log-every", "1",
+            "--sample-every", "0", "--ckpt-every", "2", "--preview-images", "2", "--preview-steps", "2",
+            "--eval-images", "3", "--eval-timesteps", "2", "--cache-dir", str(run_dir.parent / "cache"), *extra]
+
+
+@pytest.fixture(scope="module")
+def inverted(class_ckpt, tmp_path_factory) -> Path:
+    """An inversion of the class model's own six training images (four steps)."""
+    run_dir = tmp_path_factory.mktemp("inverted") / "run"
+    before = file_hash(class_ckpt)
+    train.main(invert_args(run_dir, class_ckpt, folder_of(class_ckpt)))
+    assert file_hash(class_ckpt) == before        # the frozen model's file is never written
+    return run_dir
+
+
+def test_the_checkpoint_records_sources_labels_and_the_frozen_model(inverted, class_ckpt):
+    payload = torch.load(inverted / "checkpoint.pt", weights_only=True)
+    record = payload["inversion"]
+    assert payload["stage"] == "invert" and record["start"] == "class"
+    assert record["sources"] == [f"{c}/{k}.png" for c in ("blue", "green", "red") for k in range(2)]
+    assert record["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    model = load_checkpoint(class_ckpt)
+    from ddpm.stage import load_sampler
+    net = load_sampler(model, CPU, "ema", class_ckpt).net
+    assert record["model"] == {"path": str(class_ckpt), "stage": "ddpm", "weights": "ema",
+                               "fingerprint": state_fingerprint(net.state_dict())}
+    vectors = payload["models"]["model"]["weight"]
+    assert vectors.shape == (6, net.config.embedding_dim)
+    # The vectors started at their class's embedding and moved.
+    start = net.embed_condition(record["labels"])
+    assert not torch.equal(vectors, start) and (vectors - start).norm(dim=1).max() < 1.0
+    assert set(payload["models"]) == {"model"} and payload["ema"] == {}   # nothing of the U-Net is stored
+    assert (inverted / "samples" / "final.png").is_file()
+    quality = [json.loads(line) for line in (inverted / "metrics.jsonl").read_text().splitlines()][-1]
+    assert quality["split"] == "inversion" and quality["images"] == 3
+
+
+def test_only_the_vectors_get_gradients_and_the_network_is_untouched(class_ckpt, tmp_path):
+    spec, args = train.parse_args(invert_args(tmp_path / "run", class_ckpt, folder_of(class_ckpt)))
+    config, _ = train.resolve_config(spec, args, tmp_path / "run")
+    _, stage = spec.build(config, Runtime(CPU), None)
+    run = stage.loss.__self__
+    net = run.net
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batch = torch.utils.data.default_collate([stage.dataset[i] for i in range(4)])
+    loss, _ = stage.loss({"model": stage.trainables["model"].model}, batch, torch.Generator().manual_seed(0), 0)
+    loss.backward()
+    store = stage.trainables["model"].model
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    assert not net.training
+    grad = store.weight.grad
+    assert grad[:4].ne(0).any(dim=1).all() and grad[4:].eq(0).all()      # exactly the batch's rows
+    Trainer(stage, config.train, tmp_path / "run", Runtime(CPU)).run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_resume_continues_exactly(class_ckpt, tmp_path):
+    data = folder_of(class_ckpt)
+    train.main(invert_args(tmp_path / "straight", class_ckpt, data, "--steps", "6", "--ckpt-every", "3"))
+    train.main(invert_args(tmp_path / "resumed", class_ckpt, data, "--steps", "3", "--ckpt-every", "3"))
+    train.main(["--stage", "invert", "--run-dir", str(tmp_path / "resumed"), "--resume", "--steps", "6",
+                "--device", "cpu"])
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
+    assert torch.equal(a["models"]["model"]["weight"], b["models"]["model"]["weight"])
+    assert torch.equal(a["optimizers"]["model"]["state"][0]["exp_avg_sq"],
+                       b["optimizers"]["model"]["state"][0]["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def unconditional_ckpt(class_ckpt, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("unconditional")
+    train.main(tiny_args(run_dir, folder_of(class_ckpt), "--steps", "1"))
+    return run_dir / "checkpoint.pt"
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(class_ckpt, unconditional_ckpt, tmp_path):
+    data = folder_of(class_ckpt)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for k in range(3):
+        Image.new("L", (RES, RES), 40 * k).save(grey / f"{k}.png")
+    cases = [
+        (unconditional_ckpt, data, (), "trained without conditioning"),
+        (class_ckpt, data, ("--resolution", str(2 * RES)), f"pass --resolution {RES}"),
+        (class_ckpt, f"folder:{grey}", (), "1-channel images"),
+        (tmp_path / "missing.pt", data, (), "does not exist"),
+        (class_ckpt, data, ("--lr", "-1"), "--lr"),
+    ]
+    for k, (model, dataset, extra, message) in enumerate(cases):
+        run_dir = tmp_path / f"run{k}"
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.main(invert_args(run_dir, model, dataset, *extra))
+        assert not run_dir.exists() or not any(p for p in run_dir.iterdir() if p.name != ".lock")
+    with pytest.raises(ValueError, match="--model is required"):
+        train.main(["--stage", "invert", "--run-dir", str(tmp_path / "none"), "--dataset", data])
+
+
+def test_a_changed_or_missing_model_is_refused_on_resume_and_when_sampling(class_ckpt, tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(class_ckpt.read_bytes())
+    run_dir = tmp_path / "run"
+    train.main(invert_args(run_dir, model, folder_of(class_ckpt), "--steps", "2"))
+    saved = file_hash(run_dir / "checkpoint.pt")
+    payload = load_checkpoint(model)
+    payload["ema"]["model"]["null_embedding"] += 1          # the model is trained further, say
+    from core.checkpoint import save_checkpoint
+    save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "version")}, model)
+    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+        train.main(["--stage", "invert", "--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
+    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+        draw(run_dir / "checkpoint.pt", tmp_path / "set")
+    model.unlink()
+    with pytest.raises(FileNotFoundError, match="does not exist; restore it"):
+        draw(run_dir / "checkpoint.pt", tmp_path / "set")
+    assert file_hash(run_dir / "checkpoint.pt") == saved and not (tmp_path / "set").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# images from the learned vectors: sample.py on an inversion checkpoint
+
+
+def draw(ckpt: Path, out: Path, *extra: str) -> Path:
+    return sample.main(["--ckpt", str(ckpt), "--dataset-out", str(out), "--device", "cpu", "--sampler", "ddim",
+                        "--steps", "2", "--batch-size", "4", *extra])
+
+
+def test_without_noise_or_interpolation_image_k_is_the_plain_sample_of_its_vector(inverted, tmp_path):
+    out = draw(inverted / "checkpoint.pt", tmp_path / "set", "--emb-noise", "0", "--interp", "0")
+    manifest = rows(out / "manifest.csv")
+    assert [r["file"] for r in manifest] == [f"{c}/{k:06d}.png" for k, c in
+                                             enumerate(["blue", "blue", "green", "green", "red", "red"])]
+    payload = load_checkpoint(inverted / "checkpoint.pt")
+    vectors = payload["models"]["model"]["weight"]
+    model, inv = sample.load_model(inverted / "checkpoint.pt", CPU, "ema")
+    sampling = SamplingConfig(sampler="ddim", steps=2, guidance_scale=2.0)
+    for k in (1, 4):
+        plain = sample_images(model, sampling, [image_seed(0, k)], cond_emb=vectors[k:k + 1],
+                              reference=vectors.mean(dim=0))
+        expected = ((plain[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        assert np.abs(pixels(out / manifest[k]["file"]).astype(int) - expected.astype(int)).max() <= 1
+        assert manifest[k]["source"] == payload["inversion"]["sources"][k] and float(manifest[k]["weight"]) == 0
+
+
+def test_variations_stay_in_class_reproduce_alone_and_extend(inverted, tmp_path):
+    ckpt = inverted / "checkpoint.pt"
+    out = draw(ckpt, tmp_path / "set", "--per-image", "2", "--interp", "1", "--emb-noise", "0.5")
+    manifest = rows(out / "manifest.csv")
+    assert len(manifest) == 12
+    sources = load_checkpoint(ckpt)["inversion"]["sources"]
+    for r in manifest:
+        k = int(r["index"])
+        assert r["source"] == sources[k % 6] and r["partner"].split("/")[0] == r["class"] == r["file"].split("/")[0]
+        assert 0 <= float(r["weight"]) <= 1
+    assert any(r["partner"] != r["source"] for r in manifest)
+    # Image 9 drawn alone (grid mode, same seed and options) is the same picture.
+    alone = sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "alone"), "--device", "cpu", "--sampler", "ddim",
+                         "--steps", "2", "--first-index", "9", "--num", "1", "--interp", "1", "--emb-noise", "0.5"])
+    assert np.array_equal(pixels(alone / "images" / "000009.png"), pixels(out / manifest[9]["file"]))
+    # One per image is the first six of those: a larger --per-image only adds images.
+    fewer = draw(ckpt, tmp_path / "fewer", "--interp", "1", "--emb-noise", "0.5")
+    for r in rows(fewer / "manifest.csv"):
+        assert np.array_equal(pixels(fewer / r["file"]), pixels(out / r["file"]))
+
+
+def test_guidance_against_a_reference_vector_is_eps_ref_plus_scale_times_the_difference():
+    from ddpm.generate import eps_model
+    from ddpm.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=32, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_resolutions=(), cond="class", num_classes=3)).eval()
+    for p in net.parameters():  # away from the zero-initialised output, so conditions matter
+        p.data += 0.05 * torch.randn_like(p)
+    schedule = Schedule.from_name("cosine", 50)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 40])
+    vectors, reference = torch.randn(2, net.config.embedding_dim), torch.randn(net.config.embedding_dim)
+    with torch.no_grad():
+        guided = eps_model(net, schedule, "eps", cond_emb=vectors, reference=reference, guidance_scale=2.5)(x, t)
+        own = net(x, t, cond_emb=vectors)
+        ref = net(x, t, cond_emb=reference.expand(2, -1))
+        plain_null = eps_model(net, schedule, "eps", cond_emb=vectors, guidance_scale=2.5)(x, t)
+        null = net(x, t, None)
+    torch.testing.assert_close(guided, ref + 2.5 * (own - ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain_null, null + 2.5 * (own - null), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(guided, plain_null, atol=1e-3)
+    # Class labels guided against a reference vector: the labels are embedded first.
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        by_label = eps_model(net, schedule, "eps", cond=labels, reference=reference, guidance_scale=2.5)(x, t)
+        by_vector = eps_model(net, schedule, "eps", cond_emb=net.embed_condition(labels), reference=reference,
+                              guidance_scale=2.5)(x, t)
+    torch.testing.assert_close(by_label, by_vector)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--per-class", "2"), "--per-class does not apply to an inversion"),
+    (("--num", "3"), "use --per-image instead of --num"),
+    (("--class", "red"), "--class does not apply to an inversion"),
+    (("--interp", "2"), "--interp must be in"),
+    (("--emb-noise", "-1"), "--emb-noise must be"),
+])
+def test_bad_variation_options_are_refused(inverted, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        draw(inverted / "checkpoint.pt", tmp_path / "set", *extra)
+    assert not (tmp_path / "set").exists()
+
+
+def test_variation_options_need_an_inversion_checkpoint(class_ckpt, tmp_path):
+    for extra in (("--per-image", "2"), ("--emb-noise", "0.2")):
+        with pytest.raises(ValueError, match="applies to inversion checkpoints"):
+            draw(class_ckpt, tmp_path / "set", *extra)
