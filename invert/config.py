@@ -4,7 +4,10 @@ An inversion run learns one vector per image of `--dataset` in the conditioning 
 diffusion model (`--model`), with AdamW on the vectors alone and the model's own DDPM objective. The
 learning rate 3e-2 is Zhou et al.'s (2023); the optimizer moves only the rows a batch touches
 (`training.optim.LazyAdamW`), so each image's vector follows the path it would take if inverted
-alone, and the schedule below counts visits per image, not dataset size.
+alone, and the schedule below counts visits per image, not dataset size. Each visit's gradient comes
+from one timestep and one noise, so a vector random-walks around its optimum; the cosine decay of the
+learning rate lets it settle (on the plumes, 40 visits per image: 78% of images improved with the
+decay, 69% at a constant rate).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def invert_demo() -> InvertConfig:
     per image for 3,000 images (the README walkthrough), 13 for the 10,000 built-in plumes."""
     return InvertConfig(
         data=DataConfig(dataset="plumes", resolution=32, hflip=False),
-        train=TrainConfig(steps=2000, batch_size=64, lr=3e-2, warmup_steps=0, grad_clip=0.0, log_every=20,
+        train=TrainConfig(steps=2000, batch_size=64, lr=3e-2, lr_schedule="cosine", warmup_steps=0, grad_clip=0.0,
+                          log_every=20,
                           sample_every=500, ckpt_every=250, preview_images=16, preview_steps=25),
     )
 
@@ -56,7 +60,8 @@ def invert_cifar10() -> InvertConfig:
     """CIFAR-10's 50,000 training images, batch 128, about 40 visits per image."""
     return InvertConfig(
         data=DataConfig(dataset="cifar10", resolution=32, hflip=False),
-        train=TrainConfig(steps=16_000, batch_size=128, lr=3e-2, warmup_steps=0, grad_clip=0.0, log_every=100,
+        train=TrainConfig(steps=16_000, batch_size=128, lr=3e-2, lr_schedule="cosine", warmup_steps=0, grad_clip=0.0,
+                          log_every=100,
                           sample_every=2000, ckpt_every=1000, preview_images=16, preview_steps=50),
     )
 

@@ -53,16 +53,12 @@ class Inversion:
         self.train_net = torch.compile(self.net) if config.train.compile else self.net
         self.schedule = model.sampler.schedule
         self.amp_dtype = autocast_dtype(config.train.amp, device)
-        # The quality signal: a fixed subset of images, timesteps spread evenly over [0, T), and one
-        # fixed noise per (image, timestep).
+        # The quality signal: a fixed subset of images (their posterior means for a latent model),
+        # timesteps spread evenly over [0, T), and one fixed noise per (image, timestep).
         self.eval_index = _eval_subset(len(images), config.invert.eval_images)
         T, K = self.schedule.num_timesteps, config.invert.eval_timesteps
         self.eval_t = ((torch.arange(K, dtype=torch.float64) + 0.5) * T / K).long().clamp(max=T - 1).to(device)
-        eval_x0 = x0(default_collate([dataset[int(i)] for i in self.eval_index]), None)
-        self.eval_x0 = eval_x0.to(device)
-        self.eval_noise = torch.stack([
-            torch.randn((K, *eval_x0.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(EVAL_KEY, int(i))))
-            for i in self.eval_index]).to(device)
+        self.eval_x0 = x0(default_collate([dataset[int(i)] for i in self.eval_index]), None).to(device)
         self.initial = initial[self.eval_index].to(device)
 
     def loss(self, models, batch, generator, step):
@@ -76,20 +72,24 @@ class Inversion:
     def per_image_loss(self, vectors: Tensor | None) -> Tensor:
         """Mean denoising loss (M,) of each quality-signal image over the fixed timesteps and noises,
         conditioned on `vectors` (M, E), or on the null embedding (None)."""
-        M, K = len(self.eval_index), len(self.eval_t)
-        pairs = torch.arange(M * K, device=self.device)
+        K = len(self.eval_t)
         out = []
-        for chunk in pairs.split(EVAL_BATCH):
-            image, k = chunk // K, chunk % K
-            emb = None if vectors is None else vectors[image]
+        for rows in torch.arange(len(self.eval_index)).split(max(1, EVAL_BATCH // K)):
+            # Image i's noises are seeded by i alone: the same whatever the subset or chunk.
+            noise = torch.cat([torch.randn((K, *self.eval_x0.shape[1:]),
+                                           generator=torch.Generator().manual_seed(derive_seed(EVAL_KEY, int(i))))
+                               for i in self.eval_index[rows]]).to(self.device)
+            rows = rows.to(self.device)
+            emb = None if vectors is None else vectors[rows].repeat_interleave(K, dim=0)
 
             def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
                 with autocast(self.device, self.amp_dtype):
                     return self.net(x_t, t, cond_emb=emb).float()
 
-            out.append(self.schedule.training_losses(model_fn, self.eval_x0[image], self.eval_t[k],
-                                                     self.eval_noise[image, k], self.model.sampler.prediction))
-        return torch.cat(out).view(M, K).mean(dim=1)
+            losses = self.schedule.training_losses(model_fn, self.eval_x0[rows].repeat_interleave(K, dim=0),
+                                                   self.eval_t.repeat(len(rows)), noise, self.model.sampler.prediction)
+            out.append(losses.view(len(rows), K).mean(dim=1))
+        return torch.cat(out)
 
     def evaluate(self, models) -> dict[str, Any]:
         learned = models["model"].weight.detach()[self.eval_index.to(self.device)]

@@ -245,9 +245,11 @@ def test_only_the_vectors_get_gradients_and_the_network_is_untouched(class_ckpt,
 
 
 def test_resume_continues_exactly(class_ckpt, tmp_path):
+    # A constant rate, so that stopping at 3 of 3 steps and extending to 6 is an interruption at 3 of 6.
     data = folder_of(class_ckpt)
-    train.main(invert_args(tmp_path / "straight", class_ckpt, data, "--steps", "6", "--ckpt-every", "3"))
-    train.main(invert_args(tmp_path / "resumed", class_ckpt, data, "--steps", "3", "--ckpt-every", "3"))
+    common = ("--ckpt-every", "3", "--lr-schedule", "constant")
+    train.main(invert_args(tmp_path / "straight", class_ckpt, data, "--steps", "6", *common))
+    train.main(invert_args(tmp_path / "resumed", class_ckpt, data, "--steps", "3", *common))
     train.main(["--stage", "invert", "--run-dir", str(tmp_path / "resumed"), "--resume", "--steps", "6",
                 "--device", "cpu"])
     a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
