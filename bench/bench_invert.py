@@ -3,6 +3,7 @@ U-Net), and steps to convergence of the quality signal on real images.
 
     python bench/bench_invert.py                                  # throughput, ddpm-demo and ddpm-cifar10 shapes
     python bench/bench_invert.py --model runs/ddpm-params/checkpoint.pt --dataset folder:REAL --steps 2000
+    python bench/bench_invert.py --from-run runs/invert           # the same table from a finished run
 
 Throughput: one inversion step is the forward and backward pass through the frozen network (no weight
 gradients) and a LazyAdamW step on the batch's rows of an (N, E) table; "train" is a full training
@@ -99,20 +100,29 @@ def throughput_table(args, device) -> None:
 
 def convergence_table(args) -> None:
     import train
+    from core.checkpoint import load_checkpoint
+    resolution = load_checkpoint(args.model)["data_info"]["resolution"]  # the images the model was trained on
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir or tmp) / "invert"
         argv = ["--stage", "invert", "--model", args.model, "--dataset", args.dataset, "--run-dir", str(run_dir),
-                "--steps", str(args.steps), "--sample-every", str(args.eval_every), "--device", args.device,
-                "--cache-dir", args.cache_dir]
+                "--resolution", str(resolution), "--steps", str(args.steps), "--sample-every", str(args.eval_every),
+                "--device", args.device, "--cache-dir", args.cache_dir]
         if args.num_samples:
             argv += ["--num-samples", str(args.num_samples)]
         train.main(argv)
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        print_convergence(run_dir)
+
+
+def print_convergence(run_dir: Path) -> None:
+    """The quality signal of an inversion run at each evaluation, and when it converged."""
+    config = json.loads((run_dir / "config.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     quality = [r for r in lines if r["split"] == "inversion"]
     train_rows = [r for r in lines if r["split"] == "train"]
     speed = sum(r["images_per_s"] for r in train_rows) / max(len(train_rows), 1)
-    print(f"\nInversion of {args.dataset} against {args.model}: {args.steps} steps, {speed:.0f} images/s on average "
-          f"(evaluations and previews excluded)\n")
+    print(f"\nInversion of {config['data']['dataset']} against {config['invert']['model']}: {config['train']['steps']} "
+          f"steps of {config['train']['batch_size']}, {speed:.0f} images/s on average (evaluations and previews "
+          f"excluded)\n")
     print("| step | loss, learned | loss, start | loss, null | images improved | mean shift |")
     print("|---|---|---|---|---|---|")
     for r in quality:
@@ -120,7 +130,7 @@ def convergence_table(args) -> None:
               f"{100 * r['improved']:.0f}% | {r['shift']:.3f} |")
     start, best = quality[0]["loss_start"], min(r["loss_learned"] for r in quality)
     if best >= start:
-        print(f"\nThe learned vectors never beat their starting point (loss {start:.5f}) within {args.steps} steps.")
+        print(f"\nThe learned vectors never beat their starting point (loss {start:.5f}).")
         return
     reached = next(r["step"] for r in quality if r["loss_learned"] <= start - 0.9 * (start - best))
     print(f"\n90% of the improvement ({start:.5f} -> {best:.5f}) was reached by step {reached}.")
@@ -135,12 +145,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="inversion steps of the convergence run (default: 2000)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between quality signals (default: 250)")
     parser.add_argument("--run-dir", default="", help="keep the convergence run here (default: a temporary folder)")
+    parser.add_argument("--from-run", default="", help="print the convergence table of this finished invert run "
+                                                       "instead of measuring anything (default: off)")
     parser.add_argument("--cache-dir", default=".cache/datasets", help="dataset cache (default: .cache/datasets)")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="fp32 | bf16 | fp16 (default: fp32 bf16)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 128 on CUDA, 16 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 30 on CUDA, 3 on CPU)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     args = parser.parse_args()
+    if args.from_run:
+        print_convergence(Path(args.from_run))
+        return
     if args.dataset and not args.model:
         parser.error("--dataset needs --model: the convergence run inverts against a trained conditional model")
     device, description = setup(args.device)

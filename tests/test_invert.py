@@ -400,3 +400,13 @@ def test_variation_options_need_an_inversion_checkpoint(class_ckpt, tmp_path):
     for extra in (("--per-image", "2"), ("--emb-noise", "0.2")):
         with pytest.raises(ValueError, match="applies to inversion checkpoints"):
             draw(class_ckpt, tmp_path / "set", *extra)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "pndm", "spndm"])
+def test_every_sampler_draws_from_an_inversion(inverted, tmp_path, sampler):
+    out = sample.main(["--ckpt", str(inverted / "checkpoint.pt"), "--out", str(tmp_path / sampler), "--device", "cpu",
+                       "--sampler", sampler, "--steps", "4", "--num", "3", "--seed", "5"])
+    manifest = rows(out / "manifest.csv")
+    assert [r["source_index"] for r in manifest] == ["0", "1", "2"]
+    assert all(r["seed"] == str(image_seed(5, k)) for k, r in enumerate(manifest))
+    assert pixels(out / "images" / "000002.png").shape == (RES, RES, 3)
