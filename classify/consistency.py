@@ -12,6 +12,13 @@ written with the same options), and lets a classifier trained on real data judge
   parameter, with a scatter plot (scatter.png). For the plumes: does a plume show the wind asked for?
 Classes and parameters are matched by name. Also writes grid.png (the first 64 images),
 predictions.csv and report.json into --out.
+
+    python -m classify.consistency --images folder:DIR --judge CLASSIFIER_CKPT
+
+judges an image set already written (a `sample.py --dataset-out` folder, an inversion's set, or
+real images) against its own labels instead: the class folders for a classifier, params.csv for a
+parameter regressor. The images are loaded at the judge's resolution and channels, and
+predictions.csv names each image's file; the results go to DIR-consistency beside the set.
 """
 
 from __future__ import annotations
@@ -36,33 +43,35 @@ from core import cli
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device, write_json
+from data import load_dataset
+from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
 
 
-def check_pair(model: DiffusionSampler, judge: Classifier) -> None:
-    """Refuse a judge that cannot judge this model's conditions, before anything is drawn."""
-    kind = model.net.config.cond
+def check_pair(kind: str, info: DatasetInfo, judge: Classifier, what: str = "diffusion model") -> None:
+    """Refuse a judge that cannot judge the `kind` ("class" or "params") of labels `info` names, before
+    anything is drawn or loaded."""
     if kind == "none":
         raise ValueError("This diffusion model was trained without conditioning, so there is nothing to check; pass "
                          "a class- or parameter-conditional checkpoint.")
     if kind == "class":
         if judge.config.target != "class":
-            raise ValueError("A class-conditional model needs a classifier as judge (--target class), not a "
-                             "parameter regressor.")
-        missing = [c for c in model.info.class_names if c not in judge.output_names]
+            raise ValueError(f"A class-conditional {what} needs a classifier as judge (--target class), not a "
+                             f"parameter regressor.")
+        missing = [c for c in info.class_names if c not in judge.output_names]
         if missing:
-            raise ValueError(f"The judge does not know the classes {', '.join(missing)} of the diffusion model (it "
+            raise ValueError(f"The judge does not know the classes {', '.join(missing)} of the {what} (it "
                              f"knows {', '.join(judge.output_names)}); train it on data with the same class names.")
     else:
         if judge.config.target != "params":
-            raise ValueError("A parameter-conditional model needs a parameter regressor as judge (train.py --stage "
-                             "classify --target params), not a classifier.")
-        missing = [p for p in model.info.param_names if p not in judge.output_names]
+            raise ValueError(f"A parameter-conditional {what} needs a parameter regressor as judge (train.py --stage "
+                             f"classify --target params), not a classifier.")
+        missing = [p for p in info.param_names if p not in judge.output_names]
         if missing:
-            raise ValueError(f"The judge does not predict the parameters {', '.join(missing)} of the diffusion model "
+            raise ValueError(f"The judge does not predict the parameters {', '.join(missing)} of the {what} "
                              f"(it predicts {', '.join(judge.output_names)}); train it on the same parameters.")
 
 
@@ -75,26 +84,15 @@ def judge_images(judge: Classifier, images: torch.Tensor) -> torch.Tensor:
     return judge.predict(images)
 
 
-def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig, *, seed: int = 0,
-            per_class: int = 50, num: int = 200, params: Sequence[str] = (), batch_size: int = 64,
-            amp: torch.dtype | None = None) -> dict[str, Any]:
-    """Draw the requested images and judge them: {"images", "rows", "report"}."""
-    from sample import Drawer  # the drawing code sample.py itself uses
-    check_pair(model, judge)
-    kind, info = model.net.config.cond, model.info
-    plan = plan_dataset(model, seed, per_class=per_class if kind == "class" else None, num=num, params=params)
-    draw = Drawer(model, sampling, amp, batch_size)
-    images, predictions = [], []
-    for start in tqdm(range(0, len(plan.items), batch_size), desc="draw and judge", unit="batch"):
-        part = plan.items[start:start + batch_size]
-        batch = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
-        images.append(batch)
-        predictions.append(judge_images(judge, batch))
-    images, predicted = torch.cat(images), torch.cat(predictions)
-    rows, report = [], {"images": len(plan.items), "resized": images.shape[-1] != judge.info.resolution}
+def compare(judge: Classifier, kind: str, info: DatasetInfo, predicted: torch.Tensor, records: list[dict[str, Any]],
+            wanted: Sequence[str] | torch.Tensor) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and report of the judge's predictions against what each image should show: class names
+    (kind "class"), or parameter values (N, P) in the order of `info.param_names` (kind "params").
+    `records` identify the images (index, seed or source) and open each row."""
+    rows, report = [], {"images": len(records)}
     if kind == "class":
         names = list(info.class_names)
-        asked = torch.tensor([names.index(item.record["class"]) for item in plan.items])
+        asked = torch.tensor([names.index(c) for c in wanted])
         said = [judge.output_names[int(p)] for p in predicted]
         said_index = torch.tensor([names.index(s) if s in names else -1 for s in said])
         agree = asked == said_index
@@ -105,20 +103,73 @@ def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig
         for a, p in zip(asked, predicted):
             confusion[a, p] += 1
         report["confusion"] = {"requested": names, "predicted": columns, "counts": confusion.tolist()}
-        for item, s in zip(plan.items, said):
-            rows.append({"index": item.index, "seed": item.record["seed"], "requested": item.record["class"],
-                         "predicted": s})
+        for record, c, s in zip(records, wanted, said):
+            rows.append({**record, "requested": c, "predicted": s})
     else:
         order = [judge.output_names.index(p) for p in info.param_names]
-        got = predicted[:, order].double()
-        wanted = torch.tensor([[item.params[p] for p in info.param_names] for item in plan.items], dtype=torch.float64)
+        got, wanted = predicted[:, order].double(), torch.as_tensor(wanted, dtype=torch.float64)
         report["mae"] = {p: float((got[:, j] - wanted[:, j]).abs().mean()) for j, p in enumerate(info.param_names)}
         report["pearson_r"] = {p: _pearson(wanted[:, j], got[:, j]) for j, p in enumerate(info.param_names)}
-        for item, g in zip(plan.items, got):
-            rows.append({"index": item.index, "seed": item.record["seed"],
-                         **{f"requested_{p}": item.params[p] for p in info.param_names},
+        for record, w, g in zip(records, wanted, got):
+            rows.append({**record, **{f"requested_{p}": float(v) for p, v in zip(info.param_names, w)},
                          **{f"predicted_{p}": float(v) for p, v in zip(info.param_names, g)}})
         report["requested"], report["predicted"] = wanted.tolist(), got.tolist()
+    return rows, report
+
+
+def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig, *, seed: int = 0,
+            per_class: int = 50, num: int = 200, params: Sequence[str] = (), batch_size: int = 64,
+            amp: torch.dtype | None = None) -> dict[str, Any]:
+    """Draw the requested images and judge them: {"images", "rows", "report"}."""
+    from sample import Drawer  # the drawing code sample.py itself uses
+    kind, info = model.net.config.cond, model.info
+    check_pair(kind, info, judge)
+    plan = plan_dataset(model, seed, per_class=per_class if kind == "class" else None, num=num, params=params)
+    draw = Drawer(model, sampling, amp, batch_size)
+    images, predictions = [], []
+    for start in tqdm(range(0, len(plan.items), batch_size), desc="draw and judge", unit="batch"):
+        part = plan.items[start:start + batch_size]
+        batch = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
+        images.append(batch)
+        predictions.append(judge_images(judge, batch))
+    images, predicted = torch.cat(images), torch.cat(predictions)
+    records = [{"index": item.index, "seed": item.record["seed"]} for item in plan.items]
+    if kind == "class":
+        wanted = [item.record["class"] for item in plan.items]
+    else:
+        wanted = torch.tensor([[item.params[p] for p in info.param_names] for item in plan.items], dtype=torch.float64)
+    rows, report = compare(judge, kind, info, predicted, records, wanted)
+    report["resized"] = images.shape[-1] != judge.info.resolution
+    return {"images": images, "rows": rows, "report": report}
+
+
+def check_dataset(info: DatasetInfo, judge: Classifier) -> None:
+    """Refuse an image set that lacks the labels this judge reads, or names others."""
+    kind = judge.config.target
+    if kind == "class" and not info.class_names:
+        raise ValueError("This image set has no class folders for a classifier to check; judge it with a parameter "
+                         "regressor (if it has params.csv) or pass a set with class subfolders.")
+    if kind == "params" and not info.param_names:
+        raise ValueError("This image set has no params.csv for a parameter regressor to check; judge it with a "
+                         "classifier (if it has class folders) or pass a set with params.csv.")
+    check_pair(kind, info, judge, what="image set")
+
+
+def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 256) -> dict[str, Any]:
+    """Judge a labelled image set (a written synthetic set, or real images) against its own labels:
+    a classifier against the class folders, a parameter regressor against params.csv. Returns
+    {"images", "rows", "report"} as `measure` does."""
+    check_dataset(dataset.info, judge)
+    kind, info = judge.config.target, dataset.info
+    images = dataset.images.float() / 127.5 - 1.0
+    predicted = torch.cat([judge_images(judge, chunk) for chunk in
+                           tqdm(images.split(batch_size), desc="judge", unit="batch")])
+    records = [{"index": i, "source": dataset.source(i)} for i in range(len(dataset))]
+    if kind == "class":
+        wanted = [info.class_names[int(k)] for k in dataset.labels]
+    else:
+        wanted = dataset.params.double()
+    rows, report = compare(judge, kind, info, predicted, records, wanted)
     return {"images": images, "rows": rows, "report": report}
 
 
@@ -131,11 +182,16 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m classify.consistency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint of a conditional diffusion model (required)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="checkpoint of a conditional diffusion model to draw from")
+    source.add_argument("--images", metavar="folder:DIR",
+                        help="judge a written image set instead (a --dataset-out folder, or real images) against its "
+                             "own class folders or params.csv")
     parser.add_argument("--judge", type=Path, required=True,
                         help="checkpoint of a classifier (class models) or parameter regressor (parameter models) "
                              "trained on real data (required)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/consistency next to --ckpt)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: RUN_DIR/consistency next to --ckpt, DIR-consistency beside --images DIR)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
     parser.add_argument("--per-class", type=int, default=50, help="class models: images per class (default: 50)")
     parser.add_argument("--num", type=int, default=200,
@@ -161,20 +217,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{option} must be at least 1, got {value}.")
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
+    if args.images is not None:
+        if not args.images.startswith("folder:") or len(args.images) == len("folder:"):
+            raise ValueError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
+        drawing = [o for o, given in (("--per-class", args.per_class != 50), ("--num", args.num != 200),
+                                      ("--param", args.param), ("--sampler and its options", given_in(args, "sampling")))
+                   if given]
+        if drawing:
+            raise ValueError(f"{', '.join(drawing)} choose what to draw from a --ckpt; drop them with --images.")
     judge = load_classifier(args.judge, device)
-    model, inverted = load_model(args.ckpt, device, args.weights)
-    if inverted is not None:
-        raise ValueError(f"{args.ckpt} is an inversion; measure consistency on the diffusion model it was learned "
-                         f"against ({inverted.record['path']}), or judge the inversion's images with classify.experiment.")
-    sampling.check_against(model.schedule)
-    check_pair(model, judge)
-    if args.param and model.net.config.cond != "params":
-        raise ValueError("--param applies to parameter-conditional models; drop it.")
-    out = args.out or args.ckpt.parent / "consistency"
-    check_output_folder(out, args.overwrite)
+    if args.images is not None:
+        folder = Path(args.images[len("folder:"):])
+        # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
+        out = args.out or folder.parent / f"{folder.name}-consistency"
+        dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
+        check_dataset(dataset.info, judge)
+        check_output_folder(out, args.overwrite)
+        names, asked, source = dataset.info.param_names, "of their folder", {"image_set": args.images}
+        run = lambda: judge_dataset(dataset, judge)  # noqa: E731
+    else:
+        model, inverted = load_model(args.ckpt, device, args.weights)
+        if inverted is not None:
+            raise ValueError(f"{args.ckpt} is an inversion; measure consistency on the diffusion model it was learned "
+                             f"against ({inverted.record['path']}), or judge the images it wrote with --images "
+                             f"folder:DIR.")
+        sampling.check_against(model.schedule)
+        check_pair(model.net.config.cond, model.info, judge)
+        if args.param and model.net.config.cond != "params":
+            raise ValueError("--param applies to parameter-conditional models; drop it.")
+        out = args.out or args.ckpt.parent / "consistency"
+        check_output_folder(out, args.overwrite)
+        names, asked, source = model.info.param_names, "asked for", {"diffusion": str(args.ckpt), "seed": args.seed,
+                                                                     "sampling": given_in(args, "sampling")}
+        run = lambda: measure(model, judge, sampling, seed=args.seed, per_class=args.per_class,  # noqa: E731
+                              num=args.num, params=args.param, batch_size=args.batch_size,
+                              amp=autocast_dtype(args.amp, device))
     with FolderLock(out):
-        result = measure(model, judge, sampling, seed=args.seed, per_class=args.per_class, num=args.num,
-                         params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
+        result = run()
         report = result["report"]
         save_grid(result["images"][:64], out / "grid.png")
         rows = result["rows"]
@@ -191,22 +270,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             picture = confusion_matrix_image(matrix, c["predicted"], title=f"requested (rows) vs judged: "
                                                                           f"{100 * report['agreement']:.1f}% agree")
             atomic_save_image(picture, out / "confusion.png")
-            summary = (f"{100 * report['agreement']:.1f}% of {report['images']} images are judged to be the class asked "
-                       f"for (" + ", ".join(f"{n} {100 * v:.0f}%" for n, v in report["per_class"].items()) + ").")
+            summary = (f"{100 * report['agreement']:.1f}% of {report['images']} images are judged to be the class "
+                       f"{asked} (" + ", ".join(f"{n} {100 * v:.0f}%" for n, v in report["per_class"].items()) + ").")
         else:
-            names = model.info.param_names
             wanted, got = np.array(report["requested"]), np.array(report["predicted"])
             panels = [scatter_plot(wanted[:, j], got[:, j], title=f"{n}: MAE {report['mae'][n]:.3g}, "
                                                                   f"r {report['pearson_r'][n]:.3f}")
                       for j, n in enumerate(names)]
             atomic_save_image(side_by_side(panels), out / "scatter.png")
-            summary = (f"Requested against judged parameters over {report['images']} images: " +
+            summary = (f"{'Labelled' if args.images else 'Requested'} against judged parameters over {report['images']} images: " +
                        ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f})" for n in names)
                        + ".")
-        if report["resized"]:
+        if report.get("resized"):
             summary += f" Images were resized to the judge's {judge.info.resolution} px."
-        write_json({"diffusion": str(args.ckpt), "judge": str(args.judge), "seed": args.seed,
-                    "sampling": given_in(args, "sampling"), **report, "summary": summary}, out / "report.json")
+        write_json({**source, "judge": str(args.judge), **report, "summary": summary}, out / "report.json")
     print(summary)
     print(f"Wrote {out}")
     return report

@@ -6,13 +6,17 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import sample
 from classify import consistency
 from classify.model import Classifier, ClassifierConfig
+from data import load_dataset
+from data.dataset import DatasetInfo
 from ddpm.config import SamplingConfig
 from test_gradcam import classifier_checkpoint
 
@@ -109,3 +113,73 @@ def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(clas
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="needs 'classify'"):
         consistency.main(["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--device", "cpu"])
+
+
+def colour_folder(root, labelled: dict[str, list[str]], params: dict[str, float] | None = None):
+    """root/<label>/<k>.png: a 16 px square of the colour named by each entry of labelled[label]."""
+    rgb = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+    rows = []
+    for label, colours in labelled.items():
+        (root / label).mkdir(parents=True)
+        for k, colour in enumerate(colours):
+            Image.fromarray(np.full((16, 16, 3), rgb[colour], dtype=np.uint8)).save(root / label / f"{k}.png")
+            rows.append(f"{label}/{k}.png,{(params or {}).get(colour, 0.0)}")
+    if params is not None:
+        (root / "params.csv").write_text("file,heat\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def set_judge(net, target, names) -> Classifier:
+    info = DatasetInfo("folder:x", 16, 3, tuple(names) if target == "class" else (),
+                       tuple(names) if target == "params" else (), ((0.0, 10.0),) if target == "params" else (), 4)
+    return Classifier(net.eval(), ClassifierConfig(target=target, num_outputs=len(names)), info)
+
+
+def test_a_written_set_is_judged_against_its_own_labels(tmp_path):
+    # Two of the six images sit in the wrong class folder: a judge that sees colours agrees on 4 of 6.
+    folder = colour_folder(tmp_path / "set", {"blue": ["blue", "blue"], "green": ["green", "red"],
+                                              "red": ["red", "blue"]}, params={"red": 7.0, "green": 2.0, "blue": 4.0})
+    dataset = load_dataset(f"folder:{folder}", 16)
+    colour_of = {"red": 0, "green": 1, "blue": 2}
+    names = ("red", "blue", "green")                                # the judge's own order
+    result = consistency.judge_dataset(dataset, set_judge(MeanColour([colour_of[n] for n in names]), "class", names))
+    report = result["report"]
+    assert report["agreement"] == pytest.approx(4 / 6)
+    assert report["per_class"] == pytest.approx({"blue": 1.0, "green": 0.5, "red": 0.5})
+    assert report["confusion"]["counts"] == [[0, 2, 0], [1, 0, 1], [1, 1, 0]]   # rows blue, green, red; cols red, blue, green
+    assert [r["source"] for r in result["rows"]][:3] == ["blue/0.png", "blue/1.png", "green/0.png"]
+    # A regressor that always says heat = 5 (output 0 over the range 0..10) errs by |heat - 5| on average.
+    regressor = set_judge(Constant([0.0]), "params", ("heat",))
+    result = consistency.judge_dataset(dataset, regressor)
+    heat = dataset.params[:, 0].double()
+    assert result["report"]["mae"]["heat"] == pytest.approx(float((heat - 5).abs().mean()))
+    assert [r["requested_heat"] for r in result["rows"]] == pytest.approx(heat.tolist())
+
+
+def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(tmp_path):
+    folder = colour_folder(tmp_path / "set", {"blue": ["blue"] * 2, "red": ["red", "blue"]})
+    judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "red"))
+    report = consistency.main(["--images", f"folder:{folder}", "--judge", str(judge_ckpt), "--device", "cpu"])
+    out = tmp_path / "set-consistency"                              # beside the set: inside would be a class
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["source"] for r in rows] == ["blue/0.png", "blue/1.png", "red/0.png", "red/1.png"]
+    assert report["agreement"] == pytest.approx(sum(r["requested"] == r["predicted"] for r in rows) / 4)
+    assert json.loads((out / "report.json").read_text())["image_set"] == f"folder:{folder}"
+    assert load_dataset(f"folder:{folder}", 16).info.class_names == ("blue", "red")
+    unlabelled = tmp_path / "loose"
+    unlabelled.mkdir()
+    Image.new("RGB", (16, 16)).save(unlabelled / "a.png")
+    three = colour_folder(tmp_path / "three", {"blue": ["blue"], "green": ["green"], "red": ["red"]})
+    for images, extra, message in ((f"folder:{folder}", ["--per-class", "3"], "--per-class choose what to draw"),
+                                   (f"folder:{folder}", ["--sampler", "ddim"], "--sampler and its options"),
+                                   ("plumes", [], "takes folder:DIR"),
+                                   (f"folder:{unlabelled}", [], "no class folders"),
+                                   (f"folder:{three}", [], "does not know the classes green")):
+        bad = tmp_path / "bad"
+        with pytest.raises(ValueError, match=message):
+            consistency.main(["--images", images, "--judge", str(judge_ckpt), "--out", str(bad), "--device", "cpu",
+                              *extra])
+        assert not bad.exists()
+    with pytest.raises(SystemExit):                                 # one source: a model or a set, not both
+        consistency.main(["--images", f"folder:{folder}", "--ckpt", str(judge_ckpt), "--judge", str(judge_ckpt)])
