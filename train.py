@@ -1,11 +1,13 @@
 """Train a model: `python train.py --stage ddpm` runs a stage's demo preset on the built-in plumes data.
 
-Stages: ddpm (pixel diffusion), vae (the KL autoencoder of latent diffusion), ldm (latent diffusion;
-it trains the default VAE first when that has no checkpoint yet), classify (ResNet-18 on real,
-synthetic or mixed images, judged on held-out real ones). Everything a run writes lives in
-its run directory: config.json, checkpoint.pt, metrics.jsonl, samples/. This help lists every
-stage's options; with a stage given (--stage NAME --help), only that stage's. Launch with
-`torchrun --nproc_per_node N train.py ...` to train on N GPUs with DDP.
+Stages: ddpm (pixel diffusion), vae (the KL autoencoder of latent diffusion), ldm (latent
+diffusion; it trains the default VAE first when that has no checkpoint yet), classify (ResNet-18
+on real, synthetic or mixed images, judged on held-out real ones), invert (one learned
+conditioning vector per real image against a frozen ddpm or ldm model, given with --model).
+Everything a run writes lives in its run directory: config.json, checkpoint.pt, metrics.jsonl,
+samples/. This help lists every stage's options; with a stage given (--stage NAME --help), only
+that stage's. Launch with `torchrun --nproc_per_node N train.py ...` to train on N GPUs with
+DDP.
 """
 
 from __future__ import annotations
