@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import signal
 import sys
@@ -45,7 +46,7 @@ from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device, write_json
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
-from data.imageio import atomic_save_image, save_grid
+from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
@@ -155,28 +156,33 @@ def check_dataset(info: DatasetInfo, judge: Classifier) -> None:
     check_pair(kind, info, judge, what="image set")
 
 
-def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 256) -> dict[str, Any]:
+def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 64) -> dict[str, Any]:
     """Judge a labelled image set (a written synthetic set, or real images) against its own labels:
     a classifier against the class folders, a parameter regressor against params.csv. Returns
-    {"images", "rows", "report"} as `measure` does."""
+    {"images", "rows", "report"} as `measure` does, "images" holding only the first 64 (for the
+    grid): the set stays uint8 and is converted a batch at a time."""
     check_dataset(dataset.info, judge)
     kind, info = judge.config.target, dataset.info
-    images = dataset.images.float() / 127.5 - 1.0
-    predicted = torch.cat([judge_images(judge, chunk) for chunk in
-                           tqdm(images.split(batch_size), desc="judge", unit="batch")])
+    predicted = torch.cat([judge_images(judge, from_uint8(chunk)) for chunk in
+                           tqdm(dataset.images.split(batch_size), desc="judge", unit="batch")])
     records = [{"index": i, "source": dataset.source(i)} for i in range(len(dataset))]
     if kind == "class":
         wanted = [info.class_names[int(k)] for k in dataset.labels]
     else:
         wanted = dataset.params.double()
     rows, report = compare(judge, kind, info, predicted, records, wanted)
-    return {"images": images, "rows": rows, "report": report}
+    report["resized"] = dataset.images.shape[-1] != judge.info.resolution
+    return {"images": from_uint8(dataset.images[:64]), "rows": rows, "report": report}
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = float(x.norm() * y.norm())
     return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+# Options that only choose what is drawn from a --ckpt; with --images they would be silently ignored.
+DRAWING_OPTIONS = ("per_class", "num", "param", "seed", "weights", "amp")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -206,7 +212,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.images is not None:
+        drawing = [f"--{name.replace('_', '-')}" for name in DRAWING_OPTIONS
+                   if getattr(args, name) != parser.get_default(name)]
+        drawing += ["--sampler and its options"] if given_in(args, "sampling") else []
+        if drawing:
+            raise ValueError(f"{', '.join(drawing)} choose what to draw from a --ckpt; drop them with --images.")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,24 +230,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{option} must be at least 1, got {value}.")
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
-    if args.images is not None:
-        if not args.images.startswith("folder:") or len(args.images) == len("folder:"):
-            raise ValueError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
-        drawing = [o for o, given in (("--per-class", args.per_class != 50), ("--num", args.num != 200),
-                                      ("--param", args.param), ("--sampler and its options", given_in(args, "sampling")))
-                   if given]
-        if drawing:
-            raise ValueError(f"{', '.join(drawing)} choose what to draw from a --ckpt; drop them with --images.")
+    if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
+        raise ValueError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device)
     if args.images is not None:
         folder = Path(args.images[len("folder:"):])
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
         out = args.out or folder.parent / f"{folder.name}-consistency"
+        check_output_folder(out, args.overwrite)
         dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
         check_dataset(dataset.info, judge)
-        check_output_folder(out, args.overwrite)
-        names, asked, source = dataset.info.param_names, "of their folder", {"image_set": args.images}
-        run = lambda: judge_dataset(dataset, judge)  # noqa: E731
+        names, asked, requested = dataset.info.param_names, "of their folder", "Labelled"
+        source = {"image_set": args.images}
+        run = functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size)
     else:
         model, inverted = load_model(args.ckpt, device, args.weights)
         if inverted is not None:
@@ -247,11 +255,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("--param applies to parameter-conditional models; drop it.")
         out = args.out or args.ckpt.parent / "consistency"
         check_output_folder(out, args.overwrite)
-        names, asked, source = model.info.param_names, "asked for", {"diffusion": str(args.ckpt), "seed": args.seed,
-                                                                     "sampling": given_in(args, "sampling")}
-        run = lambda: measure(model, judge, sampling, seed=args.seed, per_class=args.per_class,  # noqa: E731
-                              num=args.num, params=args.param, batch_size=args.batch_size,
-                              amp=autocast_dtype(args.amp, device))
+        names, asked, requested = model.info.param_names, "asked for", "Requested"
+        source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}
+        run = functools.partial(measure, model, judge, sampling, seed=args.seed, per_class=args.per_class,
+                                num=args.num, params=args.param, batch_size=args.batch_size,
+                                amp=autocast_dtype(args.amp, device))
     with FolderLock(out):
         result = run()
         report = result["report"]
@@ -278,10 +286,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                   f"r {report['pearson_r'][n]:.3f}")
                       for j, n in enumerate(names)]
             atomic_save_image(side_by_side(panels), out / "scatter.png")
-            summary = (f"{'Labelled' if args.images else 'Requested'} against judged parameters over {report['images']} images: " +
+            summary = (f"{requested} against judged parameters over {report['images']} images: " +
                        ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f})" for n in names)
                        + ".")
-        if report.get("resized"):
+        if report["resized"]:
             summary += f" Images were resized to the judge's {judge.info.resolution} px."
         write_json({**source, "judge": str(args.judge), **report, "summary": summary}, out / "report.json")
     print(summary)

@@ -47,7 +47,7 @@ from core.lock import FolderLock, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
 from data.dataset import subset_indices
-from data.imageio import save_grid
+from data.imageio import from_uint8, save_grid
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> Path:
         data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)
         keep = subset_indices(len(data), min(args.num, len(data)), args.seed, f"--images {args.images}")
         data = data.subset(keep)
-        images = data.images.float() / 127.5 - 1
+        images = from_uint8(data.images)
         labels = None
         if data.info.class_names:
             if first.config.target == "class" and data.info.class_names != first.info.class_names:

@@ -28,6 +28,7 @@ from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import DatasetInfo, ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import compose, random_crop, random_hflip
 from data.dataset import param_ranges
+from data.imageio import from_uint8
 
 EVAL_BATCH = 256
 
@@ -106,7 +107,7 @@ class ClassifierTraining:
         try:
             parts = []
             for start in range(0, len(self.test_set), EVAL_BATCH):
-                x = self.test_set.images[start:start + EVAL_BATCH].to(self.device).float() / 127.5 - 1
+                x = from_uint8(self.test_set.images[start:start + EVAL_BATCH].to(self.device))
                 with autocast(self.device, self.amp_dtype):
                     parts.append(net(x).float().cpu())
             return torch.cat(parts)

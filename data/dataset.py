@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from data.imageio import from_uint8
+
 
 class Batch(NamedTuple):
     """One item, or (collated) one batch, of an image dataset."""
@@ -124,7 +126,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds, files)
 
     def __getitem__(self, i: int) -> Batch:
-        return Batch(self.images[i].float() / 127.5 - 1.0, self.labels[i], self.params[i], torch.tensor(i))
+        return Batch(from_uint8(self.images[i]), self.labels[i], self.params[i], torch.tensor(i))
 
 
 def param_ranges(params: torch.Tensor) -> tuple[tuple[float, float], ...]:

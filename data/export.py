@@ -24,6 +24,7 @@ from tqdm import tqdm
 from core import cli
 from core.lock import FolderLock
 from data import check_spec, load_dataset
+from data.imageio import from_uint8
 from data.writer import DatasetWriter, Item, parse_binning
 
 SPLITS = ("train", "test")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
         for start in tqdm(range(0, len(pending), BATCH), desc=f"Exporting {len(pending)} images", unit="batch"):
             part = pending[start:start + BATCH]
             index = [item.index for item in part]
-            writer.write(part, dataset.images[index].float() / 127.5 - 1, every_item=items if start == 0 else ())
+            writer.write(part, from_uint8(dataset.images[index]), every_item=items if start == 0 else ())
         if not pending:
             writer.write([], dataset.images[:0].float(), every_item=items)
     print(f"Wrote {len(items)} images to {args.out}" + (f" in classes {', '.join(binning.class_names)} by {binning.name} "

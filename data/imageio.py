@@ -158,6 +158,11 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
     return Image.fromarray(grey, "L")
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 pixels (any shape) -> float32 in [-1, 1], the range every model here sees."""
+    return images.float() / 127.5 - 1
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     assert images.dim() == 4, f"expected (B, C, H, W), got {tuple(images.shape)}"

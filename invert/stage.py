@@ -29,6 +29,7 @@ from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
 from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import ImageDataset, load_dataset
 from data.dataset import subset_indices
+from data.imageio import from_uint8
 from ddpm.config import SamplingConfig
 from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
@@ -110,7 +111,7 @@ class Inversion:
                                                             self.schedule.num_timesteps))
         drawn = sample_images(self.model.sampler, sampling, [image_seed(self.config.train.seed, k) for k in range(n)],
                               cond_emb=vectors).cpu()
-        real = self.images.images[index].float() / 127.5 - 1
+        real = from_uint8(self.images.images[index])
         return torch.stack([real, drawn], dim=1).flatten(0, 1)  # real, drawn, real, drawn, ...
 
     def payload(self, models) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from core.runtime import Runtime, atomic_write, main_process_first
 from data import DatasetInfo, ImageDataset
+from data.imageio import from_uint8
 from vae.autoencoder import AutoencoderKL
 
 VERSION = 1  # bump when what a cache file holds changes
@@ -74,7 +75,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: ImageDataset, views: int
     device = next(autoencoder.parameters()).device
     out = []
     for start in tqdm(range(0, len(dataset), batch), desc=f"Encoding {len(dataset)} images into latents", unit="batch"):
-        x = dataset.images[start:start + batch].to(device).float() / 127.5 - 1
+        x = from_uint8(dataset.images[start:start + batch].to(device))
         per_view = []
         for view in range(views):
             posterior = autoencoder.encode(x.flip(3) if view else x)

@@ -22,6 +22,7 @@ from core.runtime import Runtime, derive_seed
 from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
+from data.imageio import from_uint8
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig, VAEOptions,
                         resolve_autoencoder)
@@ -47,7 +48,7 @@ def latent_scale(autoencoder: AutoencoderKL, images: Tensor, seed: int, batch: i
     z = []
     for part in images.split(batch):
         x = part.to(device)
-        x = x.float() / 127.5 - 1 if part.dtype == torch.uint8 else x.float()
+        x = from_uint8(x) if part.dtype == torch.uint8 else x.float()
         z.append(autoencoder.encode(x).sample(generator=generator).double().flatten())
     std = torch.cat(z).std().item()
     if not math.isfinite(std) or std <= 0:
@@ -102,7 +103,7 @@ class VAETraining:
         autoencoder = models["model"]
         totals = {"l1": 0.0, "psnr": 0.0, "perceptual": 0.0, "kl": 0.0}
         for start in range(0, len(self.test_set), EVAL_BATCH):
-            x = self.test_set.images[start:start + EVAL_BATCH].to(self.device).float() / 127.5 - 1
+            x = from_uint8(self.test_set.images[start:start + EVAL_BATCH].to(self.device))
             posterior = autoencoder.encode(x)
             reconstruction = autoencoder.decode(posterior.mode()).clamp(-1, 1)
             mse = ((x - reconstruction) / 2).square().flatten(1).mean(dim=1)
@@ -117,7 +118,7 @@ class VAETraining:
     def preview(self, models) -> Tensor:
         """Held-out images above their reconstructions, in pairs of rows of 8."""
         n = min(self.config.train.preview_images, len(self.test_set))
-        x = self.test_set.images[:n].to(self.device).float() / 127.5 - 1
+        x = from_uint8(self.test_set.images[:n].to(self.device))
         reconstruction = models["model"].decode(models["model"].encode(x).mode()).clamp(-1, 1)
         rows = [t for start in range(0, n, 8) for t in (x[start:start + 8], reconstruction[start:start + 8])]
         width = min(8, n)  # a short last pair of rows is padded with black images
