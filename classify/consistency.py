@@ -218,7 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    if getattr(args, name) != parser.get_default(name)]
         drawing += ["--sampler and its options"] if given_in(args, "sampling") else []
         if drawing:
-            raise ValueError(f"{', '.join(drawing)} choose what to draw from a --ckpt; drop them with --images.")
+            raise ValueError(f"With --images nothing is drawn, so drop {', '.join(drawing)} (they choose what a --ckpt "
+                             f"draws).")
     return args
 
 

@@ -171,9 +171,9 @@ def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(
     unlabelled.mkdir()
     Image.new("RGB", (16, 16)).save(unlabelled / "a.png")
     three = colour_folder(tmp_path / "three", {"blue": ["blue"], "green": ["green"], "red": ["red"]})
-    for images, extra, message in ((f"folder:{folder}", ["--per-class", "3"], "--per-class choose what to draw"),
+    for images, extra, message in ((f"folder:{folder}", ["--per-class", "3"], "drop --per-class"),
                                    (f"folder:{folder}", ["--sampler", "ddim"], "--sampler and its options"),
-                                   (f"folder:{folder}", ["--seed", "3"], "--seed choose what to draw"),
+                                   (f"folder:{folder}", ["--seed", "3"], "drop --seed"),
                                    ("plumes", [], "takes folder:DIR"),
                                    (f"folder:{unlabelled}", [], "no class folders"),
                                    (f"folder:{three}", [], "does not know the classes green")):
