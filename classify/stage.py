@@ -25,7 +25,7 @@ from classify.plots import confusion_matrix_image
 from core.config import DataConfig, TrainConfig, to_dict
 from core.runtime import Runtime, autocast, autocast_dtype
 from core.stages import Section, StageSpec, Trainable, TrainingStage
-from data import DatasetInfo, ImageDataset, check_spec, load_dataset, load_test_set
+from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
 from data.augment import compose, random_crop, random_hflip
 from data.dataset import param_ranges
 from data.imageio import from_uint8
@@ -43,13 +43,14 @@ def _same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: s
                          f"--dataset ({', '.join(train.param_names)}); give both the same params.csv columns.")
 
 
-def _check_targets(info: DatasetInfo, target: str) -> None:
-    if target == "class" and len(info.class_names) < 2:
-        raise ValueError(f"--target class needs at least two classes, and {info.name} has "
-                         f"{len(info.class_names) or 'no'} class folders; use class subfolders (e.g. `python -m "
-                         f"data.export plumes DIR --classes wind:3`) or --target params.")
-    if target == "params" and not info.param_names:
-        raise ValueError(f"--target params needs per-image parameters, and {info.name} has none; add a params.csv "
+def _check_targets(name: str, classes: int, has_params: bool, target: str) -> None:
+    """Refuse a target the dataset `name` has no labels for (`data.label_counts` tells before loading)."""
+    if target == "class" and classes < 2:
+        raise ValueError(f"--target class needs at least two classes, and {name} has {classes or 'no'} class "
+                         f"folders; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
+                         f"or --target params.")
+    if target == "params" and not has_params:
+        raise ValueError(f"--target params needs per-image parameters, and {name} has none; add a params.csv "
                          f"or use --target class.")
 
 
@@ -66,7 +67,7 @@ def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any],
     """The training images (real, then any extra ones), what checkpoints record of them, and the batch mix."""
     data, options, target = config.data, config.classify, config.model.target
     real = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
-    _check_targets(real.info, target)
+    _check_targets(real.info.name, len(real.info.class_names), bool(real.info.param_names), target)
     if not options.extra_dataset:
         return real, real.description(), None
     extra = load_dataset(options.extra_dataset, data.resolution, cache_dir=data.cache_dir,
@@ -176,6 +177,7 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
 def check(config: ClassifyConfig) -> None:
     """Options that must agree with each other, and datasets that must exist, before any work."""
     options = config.classify
+    _check_targets(config.data.dataset, *label_counts(config.data.dataset), config.model.target)
     if options.extra_dataset:
         check_spec(options.extra_dataset, "--extra-dataset")
     elif options.extra_fraction != -1 or options.extra_samples:

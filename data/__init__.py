@@ -13,7 +13,7 @@ from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
-__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "load_dataset"]
+__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "label_counts", "load_dataset"]
 
 
 def check_spec(spec: str, option: str = "--dataset") -> None:
@@ -28,6 +28,21 @@ def check_spec(spec: str, option: str = "--dataset") -> None:
             raise FileNotFoundError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
         return
     raise ValueError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
+
+
+def label_counts(spec: str) -> tuple[int, bool]:
+    """(number of classes, whether it has per-image parameters) of the dataset `spec` names, found
+    without decoding an image (a folder is only listed), so that options needing labels are refused
+    before plumes are simulated or a folder is decoded. `load_dataset` is the authority on the rest."""
+    if spec == "plumes":
+        return 0, True
+    if spec == "cifar10":
+        return 10, False
+    from data.folder import PARAMS_FILE
+    from data.imageio import list_images
+    root = Path(spec[len("folder:"):]).expanduser()
+    classes = {f.relative_to(root).parts[0] for f in list_images(root) if len(f.relative_to(root).parts) > 1}
+    return len(classes), (root / PARAMS_FILE).is_file()
 
 
 def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/datasets", train: bool = True,

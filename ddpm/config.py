@@ -91,14 +91,19 @@ UNET_OPTIONS = {
 UNET_FROM_DATA = frozenset(f.name for f in dataclasses.fields(UNetConfig)) - set(UNET_OPTIONS)
 
 
+def check_conditioning(cond: str, name: str, classes: int, has_params: bool) -> None:
+    """Refuse conditioning on labels the dataset `name` lacks (`data.label_counts` tells before loading)."""
+    check_choice("cond", cond, CONDITIONING_KINDS)
+    if cond == "class" and not classes:
+        raise ValueError(f"--cond class needs a labelled dataset, and {name} has no classes; use class subfolders or --cond none.")
+    if cond == "params" and not has_params:
+        raise ValueError(f"--cond params needs per-image parameters, and {name} has none; add a params.csv or use --cond none.")
+
+
 def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels: int) -> UNetConfig:
     """`unet` with the fields the data decides: the size and channels of what it denoises (pixels or
     latents) and the number of classes or parameters its conditioning slot takes."""
-    check_choice("cond", unet.cond, CONDITIONING_KINDS)
-    if unet.cond == "class" and not info.class_names:
-        raise ValueError(f"--cond class needs a labelled dataset, and {info.name} has no classes; use class subfolders or --cond none.")
-    if unet.cond == "params" and not info.param_names:
-        raise ValueError(f"--cond params needs per-image parameters, and {info.name} has none; add a params.csv or use --cond none.")
+    check_conditioning(unet.cond, info.name, len(info.class_names), bool(info.param_names))
     unet = dataclasses.replace(unet, image_size=image_size, in_channels=channels, out_channels=channels,
                                num_classes=len(info.class_names) if unet.cond == "class" else 0,
                                num_params=len(info.param_names) if unet.cond == "params" else 0)

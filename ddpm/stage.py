@@ -18,10 +18,11 @@ from core.checkpoint import require_keys
 from core.config import DataConfig, TrainConfig, from_dict, require, to_dict
 from core.runtime import Runtime
 from core.stages import Section, StageSpec, Trainable, TrainingStage
-from data import DatasetInfo, load_dataset
+from data import DatasetInfo, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
-from ddpm.config import PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, DiffusionConfig, SamplingConfig, resolve_unet
+from ddpm.config import (PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, DiffusionConfig, SamplingConfig,
+                         check_conditioning, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from ddpm.unet import UNet, UNetConfig
@@ -67,6 +68,7 @@ def check_diffusion_options(config: Any) -> None:
     """Options of a diffusion run that must agree with each other (pixel and latent stages alike)."""
     steps, T = config.train.preview_steps, config.diffusion.num_timesteps
     require(steps <= T, f"--preview-steps {steps} exceeds the model's T = {T} timesteps; use at most {T}.")
+    check_conditioning(config.unet.cond, config.data.dataset, *label_counts(config.data.dataset))
 
 
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:

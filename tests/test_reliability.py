@@ -325,6 +325,35 @@ def test_every_bad_train_option_is_one_line_and_writes_nothing(tmp_path, trained
     assert not new_dir.exists() and snapshot(run_dir) == before
 
 
+LABEL_CASES = [
+    (["--cond", "class", "--dataset", "plumes"], "--cond class needs a labelled dataset, and plumes has no classes"),
+    (["--stage", "ldm", "--cond", "params", "--dataset", "cifar10"], "--cond params needs per-image parameters"),
+    (["--stage", "classify", "--target", "params", "--dataset", "cifar10"], "--target params needs"),
+    (["--stage", "classify", "--target", "class", "--dataset", "plumes"], "and plumes has no class folders"),
+    (["--cond", "params", "--dataset", "folder:{folder}"], "--cond params needs per-image parameters"),
+    (["--cond", "class", "--dataset", "folder:{folder}/class0"], "has no classes"),
+]
+
+
+@pytest.mark.parametrize("extra, message", LABEL_CASES, ids=[" ".join(c[0][-4:]) for c in LABEL_CASES])
+def test_labels_an_option_needs_are_checked_before_any_data_is_loaded(tmp_path, folder, monkeypatch, capsys, extra,
+                                                                      message):
+    # Simulating 10000 plumes, downloading CIFAR-10 or decoding a folder before refusing would be minutes lost.
+    import classify.stage
+    import ddpm.stage
+    import ldm.stage
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data was loaded before the options were checked")
+    for module in (ddpm.stage, ldm.stage, classify.stage):
+        monkeypatch.setattr(module, "load_dataset", loading)
+    new_dir = tmp_path / "new"
+    args = ["--run-dir", str(new_dir), "--device", "cpu", *(a.format(folder=folder) for a in extra)]
+    assert cli.run(train.main, args) != 0
+    assert message in the_error(capsys.readouterr().err)
+    assert not new_dir.exists()
+
+
 def test_resume_mistakes_are_one_line_and_change_nothing(tmp_path, trained, capsys):
     run_dir, images = trained
     before = snapshot(run_dir)
