@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, state_fingerprint
 from core.config import add_config_arguments, given_in, override, to_dict
 from core.lock import FolderLock, check_output_folder
-from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device
+from core.runtime import AMP_HELP, AMP_MODES, atomic_write, autocast_dtype, resolve_device
+from core.speed import check_cuda_graphs, speed_up
 from data.imageio import save_gif, save_grid, save_images
 from data.writer import DatasetWriter, parse_binning
 from ddpm.conditioning import (Conditions, check_request, interpolate_conditions, interpolation_end, requested,
@@ -98,8 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="EMA or raw weights; an inversion uses those it was learned against (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
-                        help="mixed precision (default: auto: bf16, or fp16 where bf16 is unsupported, on CUDA; none on CPU)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help=f"{AMP_HELP} (default: auto)")
+    parser.add_argument("--kernels", default="auto", choices=kernels.BACKENDS, help=f"{kernels.HELP} (default: auto)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (a warm-up of a minute or so, then faster steps) (default: off)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each step's network call as a recorded CUDA graph, so small batches are not "
+                             "bound by Python and kernel launches; CUDA only (default: off)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig(),
@@ -354,7 +361,10 @@ def main(argv: list[str] | None = None) -> Path:
     variations = override(Variations(), args, "variations")
     device = resolve_device(args.device)
     amp = autocast_dtype(args.amp, device)
+    kernels.use(args.kernels, device)
+    check_cuda_graphs(args.cuda_graphs, device)
     model, inverted = load_model(args.ckpt, device, args.weights)
+    speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
     check_against_model(args, model, inverted)
     if inverted is not None and "guidance_scale" not in given_in(args, "sampling"):
         sampling = dataclasses.replace(sampling, guidance_scale=INVERSION_GUIDANCE)

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
 from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
@@ -153,6 +154,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     # The main process holds the run directory for the whole run: a second run into it is refused.
     with FolderLock(run_dir) if runtime.is_main else contextlib.nullcontext():
         config, saved = resolve_config(spec, args, run_dir)
+        kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run, before any work
         if config.train.batch_size % runtime.world_size:
             raise ValueError(f"--batch-size {config.train.batch_size} must split evenly across the "
                              f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")

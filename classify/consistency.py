@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import kernels
 from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core import cli
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device, write_json
+from core.speed import compile_module, speed_up
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
@@ -209,6 +211,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")
+    parser.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
+                        help=f"{kernels.HELP}, for sampling (default: auto)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the diffusion network and the judge (default: off)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     add_config_arguments(parser, "sampling", SamplingConfig, SamplingConfig())
@@ -231,9 +237,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{option} must be at least 1, got {value}.")
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
+    kernels.use(args.kernels, device)
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
         raise ValueError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device)
+    if args.compile:
+        compile_module(judge.net)
     if args.images is not None:
         folder = Path(args.images[len("folder:"):])
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run = functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size)
     else:
         model, inverted = load_model(args.ckpt, device, args.weights)
+        speed_up(model.net, device, compile=args.compile)
         if inverted is not None:
             raise ValueError(f"{args.ckpt} is an inversion; measure consistency on the diffusion model it was learned "
                              f"against ({inverted.record['path']}), or judge the images it wrote with --images "

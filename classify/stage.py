@@ -23,7 +23,7 @@ from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConf
 from classify.model import NAME, ClassifierConfig, build_resnet18
 from classify.plots import confusion_matrix_image
 from core.config import DataConfig, TrainConfig, to_dict
-from core.runtime import Runtime, autocast, autocast_dtype
+from core.runtime import Runtime
 from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
 from data.augment import compose, random_crop, random_hflip
@@ -89,7 +89,6 @@ class ClassifierTraining:
                  device: torch.device):
         self.config, self.info, self.test_set, self.split, self.device = config, info, test_set, split, device
         self.target = config.model.target
-        self.amp_dtype = autocast_dtype(config.train.amp, device)
 
     def loss(self, models, batch, generator, step) -> tuple[Tensor, dict[str, Tensor]]:
         out = models["model"](batch.image).float()
@@ -102,15 +101,18 @@ class ClassifierTraining:
 
     @torch.no_grad()
     def outputs(self, net: torch.nn.Module) -> Tensor:
-        """The network's outputs on every test image, in eval mode (batch-norm running statistics)."""
+        """The network's outputs on every test image, in eval mode (batch-norm running statistics).
+
+        In full precision, whatever --amp trains with: the held-out numbers are what `Classifier.predict`
+        gives for the checkpoint, and evaluation is too rare a step to be worth bf16's rounding.
+        """
         was_training = net.training
         net.eval()
         try:
             parts = []
             for start in range(0, len(self.test_set), EVAL_BATCH):
                 x = from_uint8(self.test_set.images[start:start + EVAL_BATCH].to(self.device))
-                with autocast(self.device, self.amp_dtype):
-                    parts.append(net(x).float().cpu())
+                parts.append(net(x).float().cpu())
             return torch.cat(parts)
         finally:
             net.train(was_training)

@@ -15,7 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from core.runtime import AMP_MODES
+from core.runtime import AMP_HELP, AMP_MODES
+from kernels import BACKENDS as KERNEL_BACKENDS, HELP as KERNELS_HELP
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")  # see training.loop.lr_factor
 
@@ -68,9 +69,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     ema_decay: float = option(0.999, "decay of the exponential moving average of the weights used for sampling")
-    amp: str = option("auto", "mixed precision (auto: bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU)",
-                      choices=AMP_MODES)
-    compile: bool = option(False, "torch.compile the model for training (faster on CUDA after a warm-up)")
+    amp: str = option("auto", AMP_HELP, choices=AMP_MODES)
+    compile: bool = option(False, "torch.compile the trained networks (faster on CUDA after a warm-up of a minute or two)")
+    kernels: str = option("auto", KERNELS_HELP, choices=KERNEL_BACKENDS)
     seed: int = option(0, "seed for weights, data order, noise and preview samples")
     log_every: int = option(50, "steps between metrics.jsonl entries")
     sample_every: int = option(1000, "steps between previews and held-out evaluations (0: only at the end)")
@@ -91,6 +92,7 @@ class TrainConfig:
         require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
         check_choice("amp", self.amp, AMP_MODES)
+        check_choice("kernels", self.kernels, KERNEL_BACKENDS)
         require(self.seed >= 0, f"--seed must be 0 or positive, got {self.seed}.")
         require(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}.")
         require(self.sample_every >= 0, f"--sample-every must be 0 (only at the end) or positive, got {self.sample_every}.")

@@ -7,6 +7,7 @@ needs to import the training loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -85,19 +86,36 @@ def main_process_first(runtime: Runtime):
 # mixed precision
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+AMP_HELP = ("mixed precision (auto: bf16 on CUDA, or fp16 with loss scaling where bf16 is unsupported; bf16 on CPUs "
+            "with native bf16 (AVX512-BF16, AMX); none on other CPUs)")
+
+
+@functools.cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo's flags.
+
+    Where it does, oneDNN's bf16 convolutions and matmuls run about 2-2.5x faster than fp32 ones
+    (`python -m bench` measures it); elsewhere PyTorch emulates bf16 and autocast is many times slower.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: be conservative
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp`, or None for full precision.
 
-    "auto" is bf16 on CUDA (fp16 with loss scaling on GPUs without bf16) and full precision on the
-    CPU, where bf16 autocast is many times slower unless the processor computes natively in bf16.
+    "auto" is bf16 on CUDA (fp16 with loss scaling on GPUs without bf16), bf16 on CPUs that compute
+    natively in bf16 (`cpu_computes_bf16`), and full precision on other CPUs, where bf16 autocast is
+    many times slower than fp32.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"Unknown --amp {amp!r}; choose one of {', '.join(AMP_MODES)}.")
     if amp == "auto":
         if device.type != "cuda":
-            return None
+            return torch.bfloat16 if cpu_computes_bf16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")

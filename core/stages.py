@@ -91,7 +91,9 @@ class Prerequisite:
 
 
 # Options that may change when a run is resumed; everything else is fixed by its checkpoint.
-RESUMABLE = frozenset({"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every"})
+# How fast a step runs (compile, kernels) never changes what it computes beyond float rounding.
+RESUMABLE = frozenset({"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.compile",
+                       "train.kernels"})
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ddpm.samplers import Model
+from ddpm.samplers import GuidedEps, GuidedModel
 
 
-def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], scale: float) -> Model:
+class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_ref + scale * (eps_cond - eps_ref).
 
     `model_fn(x, t, reference_mask)` returns eps, conditioned on each sample's own condition where the
@@ -21,19 +21,34 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor
     those takes a single call of batch B. Any other scale runs one call of batch 2B: x repeated
     twice, the first half conditional and the second on the reference; a `model_fn` that closes over
     per-sample conditions must tile them to match (e.g. `labels.repeat(len(x) // len(labels))`).
+
+    Called, it is a plain `Model`. It is also a `GuidedModel`: the samplers take its two halves from
+    `guided_eps` and combine them in the same fused step as their update, saving a pass over both.
     """
 
-    def model(x: Tensor, t: Tensor) -> Tensor:
+    def __init__(self, model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], scale: float):
+        self.model_fn = model_fn
+        self.scale = scale
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        eps = self.guided_eps(x, t)
+        return eps.combined() if isinstance(eps, GuidedEps) else eps
+
+    def guided_eps(self, x: Tensor, t: Tensor) -> Tensor | GuidedEps:
+        """The halves (eps_cond, eps_ref) to combine, or the one eps that scale 1 or 0 needs."""
         b = x.shape[0]
         assert t.shape == (b,), f"t must have shape ({b},), got {tuple(t.shape)}"
-        if scale == 1:
-            return model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
-        if scale == 0:
-            return model_fn(x, t, torch.ones(b, dtype=torch.bool, device=x.device))
+        if self.scale == 1:
+            return self.model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
+        if self.scale == 0:
+            return self.model_fn(x, t, torch.ones(b, dtype=torch.bool, device=x.device))
         reference_mask = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        eps = model_fn(torch.cat([x, x]), torch.cat([t, t]), reference_mask)
+        eps = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), reference_mask)
         assert eps.shape == (2 * b, *x.shape[1:]), f"model_fn returned {tuple(eps.shape)} for a batch of {2 * b}"
         eps_cond, eps_ref = eps.chunk(2)
-        return eps_ref + scale * (eps_cond - eps_ref)
+        return GuidedEps(eps_cond, eps_ref, self.scale)
 
-    return model
+
+def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], scale: float) -> GuidedModel:
+    """`model_fn` guided with `scale` (see `ClassifierFreeGuidance`), as the model the samplers take."""
+    return ClassifierFreeGuidance(model_fn, scale)

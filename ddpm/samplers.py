@@ -5,24 +5,50 @@ Every sampler has the same signature, `sampler(model, x, schedule, timesteps, *,
 live inside that callable, see `ddpm.guidance`). `timesteps` is an ascending int64 tensor starting at 0
 (`make_timesteps`); the loop walks it from the last entry to the first and then takes one more jump from
 t = timesteps[0] = 0 to the clean image, where abar = 1. So a sampler always returns x_0, never x_1.
+
+Each step is the model call plus one `kernels.sampler_step` (a fused kernel on GPUs): the x0
+prediction, its clipping and the update in one pass. A `GuidedModel` (classifier-free guidance) hands
+the step its conditional and reference eps instead of their combination, so that the guidance is
+fused into the same pass; any other callable works as it is.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ddpm.schedule import Schedule, check_timesteps
+from kernels.sampler_step import Step, Update, sampler_step
 
 Model = Callable[[Tensor, Tensor], Tensor]
 # callback(i, t, x_t, x0_pred), once per entry of `timesteps` in sampling order: i counts 0, 1, ...,
 # t is the original timestep, x_t the sample entering the step and x0_pred the step's x0 prediction.
 Callback = Callable[[int, int, Tensor, Tensor], None]
 Noise = Callable[[], Tensor]
+
+
+class GuidedEps(NamedTuple):
+    """A classifier-free guided eps in its two halves (Ho & Salimans 2022, eq. 6): eps = ref + scale (cond - ref)."""
+    cond: Tensor
+    ref: Tensor
+    scale: float
+
+    def combined(self) -> Tensor:
+        return self.ref + self.scale * (self.cond - self.ref)
+
+
+@runtime_checkable
+class GuidedModel(Protocol):
+    """A `Model` that can also give its prediction before the guidance combination (`ddpm.guidance`), which
+    the samplers then fuse into their update; `guided_eps` may return a plain eps where no combination is needed."""
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+    def guided_eps(self, x: Tensor, t: Tensor) -> Tensor | GuidedEps: ...
 
 
 def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
@@ -73,15 +99,28 @@ def _start(x: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int]) -> 
     return check_timesteps(timesteps, schedule.num_timesteps)
 
 
-def _predict_x0(schedule: Schedule, x: Tensor, t: Tensor, eps: Tensor, clip_x0: bool) -> tuple[Tensor, Tensor]:
-    """(eps, x0) at (x, t): x0 from DDPM eq. 15; with clip_x0, x0 is clamped to [-1, 1] and eps recomputed from it,
-    so that the update that follows moves towards the clipped x0 and not the raw one."""
-    assert eps.shape == x.shape, f"model output {tuple(eps.shape)} must match x {tuple(x.shape)}"
-    x0 = schedule.x0_from_eps(x, t, eps)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = schedule.eps_from_x0(x, t, x0)
-    return eps, x0
+def _predict(model: Model, x: Tensor, t: Tensor) -> Tensor | GuidedEps:
+    """The model's eps at (x, t); a `GuidedModel` keeps its halves apart, for `_step` to combine."""
+    eps = model.guided_eps(x, t) if isinstance(model, GuidedModel) else model(x, t)
+    shape = eps.cond.shape if isinstance(eps, GuidedEps) else eps.shape
+    assert shape == x.shape, f"model output {tuple(shape)} must match x {tuple(x.shape)}"
+    return eps
+
+
+def _step(x: Tensor, eps: Tensor | GuidedEps, update: Update, *, history: Sequence[Tensor] = (), clip_x0: bool = False,
+          noise: Tensor | None = None, return_x0: bool = True, return_eps: bool = False) -> Step:
+    """`kernels.sampler_step` on a plain or guided eps: x0 = recip x - recipm1 eps' (DDPM eq. 15), clamped to
+    [-1, 1] under clip_x0 with eps' recomputed from it, so that the update moves towards the clipped x0."""
+    guided = isinstance(eps, GuidedEps)
+    return sampler_step(x, eps.cond if guided else eps, update, eps_ref=eps.ref if guided else None,
+                        guidance_scale=eps.scale if guided else 1.0, history=history, clip_x0=clip_x0, noise=noise,
+                        return_x0=return_x0, return_eps=return_eps)
+
+
+def _x0_coefficients(schedule: Schedule, ts: list[int]) -> list[tuple[float, float]]:
+    """(sqrt(1 / abar), sqrt(1 / abar - 1)) at each of the timesteps: x0 = first x_t - second eps (DDPM eq. 15)."""
+    recip, recipm1 = schedule.sqrt_recip_alphas_cumprod[ts].tolist(), schedule.sqrt_recipm1_alphas_cumprod[ts].tolist()
+    return list(zip(recip, recipm1))
 
 
 def _batch_t(t: int, x: Tensor) -> Tensor:
@@ -102,20 +141,21 @@ def ddpm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     ts = _start(x, schedule, timesteps)
     noise = noise or (lambda: torch.randn_like(x))
     chain = schedule.respaced(ts)
+    predict_x0 = _x0_coefficients(schedule, ts)
+    coef1, coef2 = chain.posterior_mean_coef1.tolist(), chain.posterior_mean_coef2.tolist()
+    log_variance = (chain.betas.log() if variance == "large" else chain.posterior_log_variance_clipped).tolist()
     for step, i in enumerate(reversed(range(len(ts)))):
-        t, idx = _batch_t(ts[i], x), _batch_t(i, x)
-        # Predict eps and the x0 it implies.
-        _, x0 = _predict_x0(schedule, x, t, model(x, t), clip_x0)
+        t = _batch_t(ts[i], x)
+        # Predict eps and the x0 it implies, then step to the posterior mean of the respaced chain,
+        # mu_tilde(x_t, x0_pred) = coef1 x0_pred + coef2 x_t (DDPM eq. 7), plus sigma z; the jump to the clean
+        # image adds no noise (Algorithm 2, line 3 with z = 0).
+        sigma = math.exp(0.5 * log_variance[i]) if i > 0 else 0.0
+        update = Update(*predict_x0[i], x=coef2[i], x0=coef1[i], sigma=sigma)
+        x_prev, x0, _ = _step(x, _predict(model, x, t), update, clip_x0=clip_x0, noise=noise() if i > 0 else None,
+                              return_x0=callback is not None)
         if callback is not None:
             callback(step, ts[i], x, x0)
-        # Posterior mean mu_tilde(x_t, x0_pred) of the respaced chain (DDPM eq. 7).
-        mean, _, log_variance = chain.q_posterior(x0, x, idx)
-        if i == 0:
-            x = mean  # the jump to the clean image adds no noise (Algorithm 2, line 3 with z = 0)
-        else:
-            if variance == "large":
-                log_variance = chain.betas[i].log().to(x.dtype)
-            x = mean + (0.5 * log_variance).exp() * noise()
+        x = x_prev
     return x
 
 
@@ -130,19 +170,20 @@ def ddim_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     ts = _start(x, schedule, timesteps)
     noise = noise or (lambda: torch.randn_like(x))
     abar = schedule.alphas_cumprod.tolist()
+    predict_x0 = _x0_coefficients(schedule, ts)
     for step, i in enumerate(reversed(range(len(ts)))):
         t = _batch_t(ts[i], x)
         a_t, a_prev = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
-        # Predict eps and the x0 it implies (eq. 12, "predicted x0").
-        eps, x0 = _predict_x0(schedule, x, t, model(x, t), clip_x0)
-        if callback is not None:
-            callback(step, ts[i], x, x0)
         # eq. 16: sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev); zero on the final jump.
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        # Predict eps and the x0 it implies (eq. 12, "predicted x0"), then
         # eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
-        if sigma > 0:
-            x = x + sigma * noise()
+        update = Update(*predict_x0[i], x0=math.sqrt(a_prev), eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
+        x_prev, x0, _ = _step(x, _predict(model, x, t), update, clip_x0=clip_x0, noise=noise() if sigma > 0 else None,
+                              return_x0=callback is not None)
+        if callback is not None:
+            callback(step, ts[i], x, x0)
+        x = x_prev
     return x
 
 
@@ -158,21 +199,24 @@ def ddim_invert(model: Model, x0: Tensor, schedule: Schedule, timesteps: Tensor)
     x = x0
     for i in range(len(ts)):
         a_from, a_to = (abar[ts[i - 1]] if i > 0 else 1.0), abar[ts[i]]
-        eps = model(x, _batch_t(ts[i], x))
-        assert eps.shape == x.shape, f"model output {tuple(eps.shape)} must match x {tuple(x.shape)}"
-        # The DDIM step read backwards: x0_pred from the current level, then re-noised to the next level.
-        x0_pred = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
-        x = math.sqrt(a_to) * x0_pred + math.sqrt(1 - a_to) * eps
+        # The DDIM step read backwards: x0_pred = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from) from the current
+        # level, then re-noised to the next level, sqrt(abar_to) x0_pred + sqrt(1 - abar_to) eps.
+        update = Update(1 / math.sqrt(a_from), math.sqrt(1 / a_from - 1), x0=math.sqrt(a_to), eps=math.sqrt(1 - a_to))
+        x = _step(x, _predict(model, x, _batch_t(ts[i], x)), update, return_x0=False).x_prev
     return x
 
 
-def _transfer(x: Tensor, eps: Tensor, a_t: float, a_next: float) -> Tensor:
-    """PNDM's transfer part phi(x_t, eps, t, t - delta) (Liu et al. 2022, Sec. 3.2): move x from noise level
-    abar = a_t to a_next along eps. Algebraically the deterministic DDIM step, written as in the paper in a
-    form without cancellation when a_t and a_next are close."""
+def _transfer(x: Tensor, eps: Tensor | GuidedEps, a_t: float, a_next: float, x0_coefficients: tuple[float, float], *,
+              weights: tuple[float, ...] = (1.0,), history: Sequence[Tensor] = (), clip_x0: bool = False,
+              return_x0: bool = False) -> Step:
+    """PNDM's transfer part phi(x_t, eps', t, t - delta) (Liu et al. 2022, Sec. 3.2): move x from noise level
+    abar = a_t to a_next along eps' = weights[0] eps + weights[1] history[0] + ... Algebraically the deterministic
+    DDIM step, written as in the paper in a form without cancellation when a_t and a_next are close. Returns the
+    guided eps too; with clip_x0, eps' is recomputed from the clipped x0 predicted with x0_coefficients at a_t."""
     coef_x = math.sqrt(a_next / a_t)
     coef_eps = -(a_next - a_t) / (math.sqrt(a_t) * (math.sqrt((1 - a_next) * a_t) + math.sqrt((1 - a_t) * a_next)))
-    return coef_x * x + coef_eps * eps
+    update = Update(*x0_coefficients, x=coef_x, eps=coef_eps, weights=weights)
+    return _step(x, eps, update, history=history, clip_x0=clip_x0, return_x0=return_x0, return_eps=True)
 
 
 def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
@@ -189,28 +233,33 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         raise ValueError(f"pndm_sample needs at least 4 timesteps (3 warm-up steps and 1 multistep), got {len(ts)}; "
                          f"use more steps or ddim_sample.")
     abar = schedule.alphas_cumprod.tolist()
+    predict_x0 = _x0_coefficients(schedule, ts)
     history: list[Tensor] = []  # eps at the last three timesteps, oldest first
     for step, i in enumerate(reversed(range(len(ts)))):
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
-        e_1 = model(x, t)
+        e_1 = _predict(model, x, t)
         if len(history) < 3:
             # Pseudo Runge-Kutta (fourth order): three more evaluations at the half step and the end of the step.
             t_mid = (ts[i] + ts[i - 1]) // 2
             a_mid = abar[t_mid]
-            e_2 = model(_transfer(x, e_1, a_t, a_mid), _batch_t(t_mid, x))
-            e_3 = model(_transfer(x, e_2, a_t, a_mid), _batch_t(t_mid, x))
-            e_4 = model(_transfer(x, e_3, a_t, a_next), _batch_t(ts[i - 1], x))
-            e_prime = (e_1 + 2 * e_2 + 2 * e_3 + e_4) / 6
+            x_2, _, e_1 = _transfer(x, e_1, a_t, a_mid, predict_x0[i])
+            x_3, _, e_2 = _transfer(x, _predict(model, x_2, _batch_t(t_mid, x)), a_t, a_mid, predict_x0[i])
+            x_4, _, e_3 = _transfer(x, _predict(model, x_3, _batch_t(t_mid, x)), a_t, a_next, predict_x0[i])
+            e_4 = _predict(model, x_4, _batch_t(ts[i - 1], x))
+            # Transfer x along e' = (e_1 + 2 e_2 + 2 e_3 + e_4) / 6 (the weights of e_4, then of e_1, e_2, e_3).
+            x_next, x0, _ = _transfer(x, e_4, a_t, a_next, predict_x0[i], weights=(1 / 6, 1 / 6, 2 / 6, 2 / 6),
+                                      history=(e_1, e_2, e_3), clip_x0=clip_x0, return_x0=callback is not None)
         else:
-            # Pseudo linear multistep (fourth-order Adams-Bashforth weights on the eps history).
-            e_prime = (55 * e_1 - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+            # Pseudo linear multistep (fourth-order Adams-Bashforth weights on the eps history): transfer x along
+            # e' = (55 e_1 - 59 history[-1] + 37 history[-2] - 9 history[-3]) / 24.
+            x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i],
+                                        weights=(55 / 24, -59 / 24, 37 / 24, -9 / 24), history=history[::-1],
+                                        clip_x0=clip_x0, return_x0=callback is not None)
         history = (history + [e_1])[-3:]
-        e_prime, x0 = _predict_x0(schedule, x, t, e_prime, clip_x0)
         if callback is not None:
             callback(step, ts[i], x, x0)
-        # Transfer x along the combined eps.
-        x = _transfer(x, e_prime, a_t, a_next)
+        x = x_next
     return x
 
 
@@ -227,24 +276,27 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
         raise ValueError(f"spndm_sample needs at least 2 timesteps (1 warm-up step and 1 multistep), got {len(ts)}; "
                          f"use more steps or ddim_sample.")
     abar = schedule.alphas_cumprod.tolist()
+    predict_x0 = _x0_coefficients(schedule, ts)
     previous: Tensor | None = None  # eps at the previous timestep
     for step, i in enumerate(reversed(range(len(ts)))):
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
-        e_1 = model(x, t)
+        e_1 = _predict(model, x, t)
         if previous is None:
-            # Pseudo improved Euler (Heun): average eps at the start and at the transferred end of the step.
-            e_2 = model(_transfer(x, e_1, a_t, a_next), _batch_t(ts[i - 1], x))
-            e_prime = (e_1 + e_2) / 2
+            # Pseudo improved Euler (Heun): transfer x along the average of eps at the start, e_1, and at the
+            # transferred end of the step, e_2.
+            x_2, _, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i])
+            e_2 = _predict(model, x_2, _batch_t(ts[i - 1], x))
+            x_next, x0, _ = _transfer(x, e_2, a_t, a_next, predict_x0[i], weights=(1 / 2, 1 / 2), history=(e_1,),
+                                      clip_x0=clip_x0, return_x0=callback is not None)
         else:
-            # Second-order pseudo linear multistep (Adams-Bashforth weights 3/2, -1/2).
-            e_prime = (3 * e_1 - previous) / 2
+            # Second-order pseudo linear multistep: transfer x along e' = (3 e_1 - previous) / 2 (Adams-Bashforth).
+            x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], weights=(3 / 2, -1 / 2),
+                                        history=(previous,), clip_x0=clip_x0, return_x0=callback is not None)
         previous = e_1
-        e_prime, x0 = _predict_x0(schedule, x, t, e_prime, clip_x0)
         if callback is not None:
             callback(step, ts[i], x, x0)
-        # Transfer x along the combined eps.
-        x = _transfer(x, e_prime, a_t, a_next)
+        x = x_next
     return x
 
 

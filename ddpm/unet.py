@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.group_norm import group_norm_act
+
 CONDITIONING_KINDS = ("none", "class", "params")
 
 
@@ -156,19 +158,22 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # Each norm, its modulation and the SiLU after it are one fused op (kernels.group_norm).
+        h = self.conv1(group_norm_act(x, self.norm1, silu=True))
         if self.emb_proj is None:
-            h = self.norm2(h)
+            h = group_norm_act(h, self.norm2, silu=True)
         else:
-            e = self.emb_proj(F.silu(emb))[:, :, None, None]
+            e = self.emb_proj(F.silu(emb))
             if self.scale_shift_norm:
+                # silu(norm2(h) * (1 + scale) + shift): after the norm, which would otherwise remove the shift.
                 scale, shift = e.chunk(2, dim=1)
-                h = self.norm2(h) * (1 + scale) + shift  # after the norm, which would otherwise remove the shift
+                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, silu=True)
             else:
-                # DDPM adds the embedding before a GroupNorm, which removes each group's mean: only the
-                # part of e that varies within a group survives -- small models want scale_shift_norm.
-                h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
+                # silu(norm2(h + e)). DDPM adds the embedding before a GroupNorm, which removes each group's
+                # mean: only the part of e that varies within a group survives -- small models want
+                # scale_shift_norm.
+                h = group_norm_act(h, self.norm2, add=e, silu=True)
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -185,7 +190,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         # Channels are laid out as [q | k | v], each split into heads of C // num_heads channels.
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        qkv = self.qkv(group_norm_act(x, self.norm)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, head_dim)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fused where available
         h = h.transpose(-1, -2).reshape(B, C, H, W)
@@ -390,6 +395,6 @@ class UNet(nn.Module):
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
 
-        out = self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(group_norm_act(h, self.norm_out, silu=True))
         assert out.shape == (B, self.config.out_channels, H, W)
         return out

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (0: decode in the main process)")
     parser.add_argument("--device", default=default_device(), help="torch device, e.g. cuda, cuda:1, cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network: the first batch waits a minute or more on a CPU, then "
+                             "batches run about 10%% faster there; the features equal eager ones to float rounding")
     parser.add_argument("--weights", default=None,
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
@@ -58,7 +61,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                  num_workers=args.num_workers, files=args.files)
+                  num_workers=args.num_workers, files=args.files, compile=args.compile)
     a, b = args.paths
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning

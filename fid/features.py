@@ -9,14 +9,14 @@ needs them).
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .folder import FolderBatches, ImageFolder, check_file_selection
-from .inception import FEATURE_DIM, FIDInceptionV3
+from .inception import FEATURE_DIM, FIDInceptionV3, inference_copy
 from .stats import Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
@@ -46,11 +46,15 @@ def check_device_available(device: torch.device) -> None:
 
 
 class FeatureExtractor:
-    """Runs the FID Inception network over image sources; the network is built on first use, once."""
+    """Runs the FID Inception network over image sources; the network is built on first use, once.
+
+    Features come from `network`, a copy of `model` with its batch norms folded, channels_last on CPU,
+    and through torch.compile with `compile`: the same features as `model` gives, to float rounding.
+    """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                  batch_size: int = 50, num_workers: int = 0, progress: bool = True,
-                 files: str = "pytorch-fid") -> None:
+                 files: str = "pytorch-fid", compile: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"The batch size is {batch_size} but must be at least 1.")
         if num_workers < 0:
@@ -62,24 +66,42 @@ class FeatureExtractor:
         self.num_workers = num_workers
         self.progress = progress
         self.files = files  # which files of a folder are read: "pytorch-fid" or "all" (see fid.folder)
+        self.compile = compile  # torch.compile the network: slow to start, then faster; same features to rounding
+        # channels_last measured 1.5x faster on CPU; on CUDA it is unmeasured, so the default layout stays.
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self._model: FIDInceptionV3 | None = None
+        self._network: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def model(self) -> FIDInceptionV3:
+        """The network as loaded, with the published weights' layout."""
         if self._model is None:
             # Checked here, not in __init__: comparing two statistics files needs no device.
             check_device_available(self.device)
             self._model = build_fid_inception(self.weights).to(self.device)
         return self._model
 
+    @property
+    def network(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What features are computed with: `model`'s faster copy (`inference_copy`), compiled if asked."""
+        if self._network is None:
+            fast = inference_copy(self.model, channels_last=self.memory_format == torch.channels_last)
+            # Dynamic shapes: one compilation serves every image size and every batch size from 2 up
+            # (oneDNN's choice of convolution splits that at 16 on CPU; 1 is specialised too).
+            self._network = torch.compile(fast, dynamic=True) if self.compile else fast
+        return self._network
+
     @torch.no_grad()
     def batches(self, source: ImageSource) -> Iterator[torch.Tensor]:
         """Features of `source`, one float32 CPU tensor (B, 2048) per batch."""
         images, total, name = self._image_batches(source)
-        model = self.model  # built before the first batch is read, so a missing weights file fails fast
+        network = self.network  # built before the first batch is read, so a missing weights file fails fast
         for batch in tqdm(images, total=total, desc=f"FID features {name}", unit="batch", disable=not self.progress):
-            batch = _check_images(batch).to(self.device, torch.float32)
-            features = model(batch).cpu()
+            batch = _check_layout(batch).to(self.device, torch.float32, memory_format=self.memory_format)
+            low_high = torch.stack(torch.aminmax(batch))  # one pass over the batch for both bounds
+            features = network(batch).cpu()
+            # Read once the features are here: on CUDA, reading it first would hold back the network.
+            _check_range(*low_high.tolist())
             assert features.shape == (batch.shape[0], FEATURE_DIM)
             yield features
 
@@ -111,31 +133,36 @@ class FeatureExtractor:
         raise TypeError(f"Cannot read images from {type(source).__name__}; pass a folder, a tensor or batches.")
 
 
-def _check_images(batch: torch.Tensor) -> torch.Tensor:
-    """Validate one (B, C, H, W) batch in [0, 1] and give it 3 channels."""
+def _check_layout(batch: torch.Tensor) -> torch.Tensor:
+    """Validate one (B, C, H, W) float batch and give it 3 channels; its values are checked by `_check_range`."""
     if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
         raise ValueError(f"Image batch is {shape} but must be a tensor (B, 1 or 3, H, W).")
     if not batch.is_floating_point():
         raise ValueError(f"Image batch has dtype {batch.dtype}; pass floats in [0, 1] (e.g. uint8 / 255).")
+    return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+
+
+def _check_range(low: float, high: float) -> None:
+    """Refuse a batch whose values span [low, high], outside [0, 1]."""
     # Catch the commonest mix-up, images in [-1, 1], which would silently shift every feature.
-    low, high = float(batch.min()), float(batch.max())
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(
             f"Image values span [{low:.3g}, {high:.3g}] but must lie in [0, 1]; map [-1, 1] images with (x + 1) / 2."
         )
-    return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
 
 
 def compute_statistics(source: ImageSource, *, weights: str | os.PathLike | None = None,
                        device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                       progress: bool = True, files: str = "pytorch-fid") -> Statistics:
+                       progress: bool = True, files: str = "pytorch-fid", compile: bool = False) -> Statistics:
     """FID statistics (mu, sigma) of the Inception features of `source`, streamed in float64."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files).statistics(source)
+    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
+                            compile).statistics(source)
 
 
 def compute_features(source: ImageSource, *, weights: str | os.PathLike | None = None,
                      device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                     progress: bool = True, files: str = "pytorch-fid") -> np.ndarray:
+                     progress: bool = True, files: str = "pytorch-fid", compile: bool = False) -> np.ndarray:
     """Inception features (N, 2048) of `source`, all held in memory (needed for KID)."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files).features(source)
+    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
+                            compile).features(source)

@@ -11,10 +11,13 @@ change every feature, so both are reproduced here:
 * the pool branch of the last block, Mixed_7c, takes a max instead of an average.
 
 Module and attribute names follow the weights file, so `load_state_dict(strict=True)` checks the
-whole structure. Features are the 2048-d global average of Mixed_7c.
+whole structure. Features are the 2048-d global average of Mixed_7c. `inference_copy` gives the same
+network in a faster form for feature extraction (batch norms folded, optionally channels_last).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,25 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        # In place: the batch norm's (or, folded, the convolution's) output is a fresh tensor.
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """Fold the eval-mode batch norm into the convolution, which then has a bias.
+
+        With s = gamma / sqrt(var + eps) per output channel, BN(conv(x, W)) = conv(x, s W) + beta - s mean
+        (Ioffe & Szegedy 2015, Algorithm 2 at inference), so one pass over the activations is saved.
+        The new weights are computed in float64 and rounded once, so features change only by float
+        rounding. The state dict loses the published layout.
+        """
+        assert not self.bn.training, "only an eval-mode batch norm is a fixed affine map"
+        bn, weight = self.bn, self.conv.weight
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        self.conv.weight.copy_(weight.double() * scale[:, None, None, None])
+        self.conv.bias = nn.Parameter((bn.bias.double() - bn.running_mean.double() * scale).to(weight.dtype),
+                                      requires_grad=False)
+        self.bn = nn.Identity()
 
 
 def _tf_avg_pool() -> nn.AvgPool2d:
@@ -202,3 +223,19 @@ class FIDInceptionV3(nn.Module):
         features = F.adaptive_avg_pool2d(x, 1).flatten(1)
         assert features.shape == (images.shape[0], FEATURE_DIM)
         return features
+
+
+def inference_copy(model: FIDInceptionV3, channels_last: bool = False) -> FIDInceptionV3:
+    """A copy of the eval-mode `model` that gives the same features, to float rounding, in less time.
+
+    Every batch norm is folded into its convolution (`BasicConv2d.fold_batch_norm`). `channels_last`
+    stores the weights with channels innermost, the layout oneDNN's CPU convolutions and pools run
+    fastest in (about 1.5x for this network on CPU); inputs should then be channels_last too, which
+    the resize in `forward` preserves bit for bit. `model` itself is left as it is.
+    """
+    assert not model.training, "fold batch norms of an eval-mode network only"
+    fast = copy.deepcopy(model)
+    for module in fast.modules():
+        if isinstance(module, BasicConv2d):
+            module.fold_batch_norm()
+    return fast.to(memory_format=torch.channels_last) if channels_last else fast

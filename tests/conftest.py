@@ -1,11 +1,18 @@
 """Suite-wide settings, and tiny trained models that several test files sample from."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# Without a GPU our Triton kernels are tested in Triton's CPU interpreter. Triton reads this once,
+# when it is first imported (ddpm.unet imports it through kernels/), so it is set before any test
+# module loads; on a CUDA machine the kernel tests run compiled, on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,6 +35,18 @@ def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     subprocess.run(command + args, check=True, env=env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def on_the_gpu_when_there_is_one():
+    """On a CUDA machine (bench/gpu_check.sh) every tensor and module is made on the GPU, so the
+    kernels run compiled there; on the CPU they run in Triton's interpreter."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    yield
+    torch.set_default_device("cpu")
 
 
 @pytest.fixture

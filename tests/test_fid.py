@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -412,6 +413,128 @@ def test_last_block_pools_with_max_and_the_one_before_with_average(net):
 
 
 # ----------------------------------------------------------------------------------------------
+# The network's faster forms: batch norms folded, channels_last, torch.compile
+
+
+def with_trained_like_batch_norms(net: fid.FIDInceptionV3) -> fid.FIDInceptionV3:
+    """A copy of `net` whose batch norms are not the identity of a fresh network, so folding them shows."""
+    net = copy.deepcopy(net)
+    generator = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.8, 1.2, generator=generator)
+                module.bias.normal_(0.0, 0.1, generator=generator)
+    return net
+
+
+def assert_same_features(got: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> None:
+    """Equal up to float32 rounding through the network: 1e-5 of the largest feature."""
+    got, expected = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    assert got.shape == expected.shape and expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_folded_batch_norm_is_the_same_affine_map():
+    layer = fid.inception.BasicConv2d(5, 7, kernel_size=3, padding=1).eval()
+    generator = torch.Generator().manual_seed(18)
+    with torch.no_grad():
+        for tensor in (layer.bn.running_mean, layer.bn.bias):
+            tensor.normal_(0.0, 1.0, generator=generator)
+        for tensor in (layer.bn.running_var, layer.bn.weight):
+            tensor.uniform_(0.1, 3.0, generator=generator)
+        x = torch.randn(2, 5, 6, 6, generator=generator)
+        expected = layer(x)
+        layer.fold_batch_norm()
+        got = layer(x)
+    assert isinstance(layer.bn, torch.nn.Identity) and layer.conv.bias is not None
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_copy_gives_the_same_features_and_leaves_the_network_alone(net, small_input, channels_last):
+    trained = with_trained_like_batch_norms(net)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    fast = fid.inception.inference_copy(trained, channels_last=channels_last)
+    x = torch.rand(3, 3, 20, 24)
+    with torch.no_grad():
+        expected = trained(x)
+        got = fast(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    assert_same_features(got, expected)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    after = trained.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_extractor_runs_the_folded_channels_last_copy_on_cpu(extractor):
+    network = extractor.network
+    assert network is not extractor.model and network is extractor.network  # built once
+    assert network.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(extractor.model.Conv2d_1a_3x3.bn, torch.nn.BatchNorm2d)  # the published layout is kept
+    images = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = extractor.model(images)
+    assert_same_features(extractor.features(images), expected)
+
+
+def test_inception_forward_is_one_graph_for_torch_compile(net, small_input):
+    # A graph break would split what torch.compile fuses and add a round trip through Python per batch.
+    explanation = torch._dynamo.explain(fid.inception.inference_copy(net, channels_last=True))(torch.rand(2, 3, 8, 8))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+needs_cpp_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler")
+
+
+class _PoolsOfFoldedConv(torch.nn.Module):
+    """The pieces of an Inception block in small: a folded convolution, both kinds of pool, a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = fid.inception.BasicConv2d(4, 8, kernel_size=3, padding=1).eval()
+        self.average = fid.inception._tf_avg_pool()
+        self.max = torch.nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return torch.cat([x, self.average(x), self.max(x)], dim=1)
+
+
+@needs_cpp_compiler
+def test_compiled_pieces_of_the_network_match_eager():
+    # Compiling the whole network takes over a minute on a CPU (the slow test below); these pieces take
+    # about a second once torch's compiler cache is warm (about 20 s the first time on a machine).
+    pieces = _PoolsOfFoldedConv()
+    generator = torch.Generator().manual_seed(20)
+    with torch.no_grad():
+        pieces.conv.bn.running_mean.normal_(0.0, 0.1, generator=generator)
+        pieces.conv.bn.running_var.uniform_(0.5, 1.5, generator=generator)
+    pieces.conv.fold_batch_norm()
+    pieces = pieces.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = pieces(x)
+        got = torch.compile(pieces, dynamic=True)(x)
+    assert_same_features(got, expected)
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_compiled_extractor_gives_the_eager_features(extractor):
+    compiled = fid.FeatureExtractor(weights="random", device="cpu", batch_size=4, progress=False, compile=True)
+    compiled._model = extractor.model
+    torch._dynamo.reset()
+    # Batches of 4 and 2, then another image size: shapes are dynamic, so one compilation serves all three.
+    for images in (torch.rand(6, 3, 16, 16), torch.rand(4, 3, 24, 24)):
+        assert_same_features(compiled.features(images), extractor.features(images))
+
+
+# ----------------------------------------------------------------------------------------------
 # Weights
 
 
@@ -598,6 +721,28 @@ def test_folder_tensor_and_batch_sources_give_the_same_statistics(extractor, tmp
     assert from_folder.mu.shape == (2048,) and from_folder.sigma.shape == (2048, 2048)
 
 
+def test_folder_features_match_pytorch_fids_with_the_same_weights(net, tmp_path):
+    # pytorch-fid's own code on the same files with the same weights: decoding, the resize to 299 and
+    # the network agree, to float rounding (our batch norms are folded and run channels_last).
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    from unittest import mock
+    trained = with_trained_like_batch_norms(net)
+    rng = np.random.default_rng(19)
+    rgb = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    _write(tmp_path, "rgb.png", Image.fromarray(rgb))
+    _write(tmp_path, "rgba.png", Image.fromarray(np.concatenate([rgb[::-1], rgb[..., :1]], axis=2), "RGBA"))
+    _write(tmp_path, "palette.png", Image.fromarray(rgb[:, ::-1]).quantize(colors=16))
+    ours = fid.FeatureExtractor(weights="random", device="cpu", batch_size=3, progress=False)
+    ours._model = trained
+    state = trained.state_dict()
+    with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *args, **kwargs: state):
+        theirs = fid_score.InceptionV3([3]).eval()
+    files = sorted(tmp_path.glob("*.png"))
+    with mock.patch.object(fid_score, "tqdm", lambda batches: batches):
+        expected = fid_score.get_activations(files, theirs, batch_size=3, device="cpu", num_workers=0)
+    assert_same_features(ours.features(tmp_path), expected)
+
+
 def test_one_channel_images_are_repeated_to_rgb(extractor):
     grey = torch.rand(1, 1, 20, 20)
     np.testing.assert_allclose(extractor.features(grey), extractor.features(grey.repeat(1, 3, 1, 1)), rtol=0, atol=0)
@@ -690,10 +835,22 @@ def test_cli_help_runs_as_a_module_and_shows_defaults():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     for option in ("--batch-size", "--num-workers", "--device", "--weights", "--save-stats", "--kid-subsets",
-                   "--kid-subset-size", "--seed", "--files"):
+                   "--kid-subset-size", "--seed", "--files", "--compile"):
         assert option in done.stdout
     assert "(default: 50)" in done.stdout and "default 1000" in done.stdout
     assert "(default: pytorch-fid)" in done.stdout
+
+
+def test_cli_compile_option_compiles_the_network_once(tmp_path, capsys, extractor, monkeypatch):
+    monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: extractor.model)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or model)
+    for i in range(2):
+        _write(tmp_path / "a", f"{i}.png", Image.new("RGB", (8, 8), (100 * i, 0, 0)))
+    a, options = str(tmp_path / "a"), ["--weights", "random", "--device", "cpu", "--num-workers", "0", "--no-kid"]
+    assert cli_main([a, a, *options, "--compile"]) == 0
+    assert compiled == [{"dynamic": True}]  # one network for both sides
+    assert _numbers(capsys.readouterr().out, "FID:")[0] == pytest.approx(0.0, abs=1e-3)
 
 
 def _one_sentence_error(capsys) -> str:

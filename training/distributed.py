@@ -10,6 +10,9 @@ import torch.distributed as dist
 from core.runtime import Runtime, resolve_device
 
 
+_host_group = None  # set by `setup` when the main group is NCCL
+
+
 def setup(device: str = "auto") -> Runtime:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -23,7 +26,19 @@ def setup(device: str = "auto") -> Runtime:
         run_device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
+    global _host_group
+    # A CPU-side group for the small decisions the loop takes every step (whether to stop), so they
+    # never synchronise the GPU; under gloo the default group already is one.
+    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Runtime(run_device, rank, world_size)
+
+
+def agree_on_signal(signum: int) -> int:
+    """The largest of every process's `signum` (0: none received), all-reduced on the host: each rank
+    stops after the same step even when a signal reached only some of them."""
+    value = torch.tensor([signum], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return int(value)
 
 
 def teardown(runtime: Runtime) -> None:

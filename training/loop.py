@@ -42,7 +42,7 @@ from core.config import LR_SCHEDULES, TrainConfig
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
 from core.stages import Trainable, TrainingStage
 from data.imageio import atomic_save_image, save_grid
-from training.distributed import mean_across_processes
+from training.distributed import agree_on_signal, mean_across_processes
 from training.optim import LazyAdamW
 
 
@@ -357,11 +357,15 @@ class Trainer:
             f.flush()
 
     def _stop_signal(self, received: list[int]) -> int | None:
-        """The signal every process agrees to stop for after this step (all-reduced under DDP), or None."""
-        signum = torch.tensor(received[0] if received else 0, device=self.runtime.device)
-        if self.runtime.distributed:
-            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-        return int(signum) or None
+        """The signal every process agrees to stop for after this step, or None.
+
+        Decided on the host, so a step never waits for the GPU to drain: alone, from the handler's
+        list; under DDP, by an all-reduce of that number over the processes' host-side (gloo) group,
+        which costs a loopback round trip and no device synchronisation.
+        """
+        if not self.runtime.distributed:
+            return received[0] if received else None
+        return agree_on_signal(received[0] if received else 0) or None
 
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""

@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm.unet import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, num_groups
+from kernels.group_norm import group_norm_act
 
 # Latent-diffusion clamps the log-variance so exp() neither overflows nor underflows in float32.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -182,7 +182,7 @@ class Encoder(nn.Module):
             if level < len(self.down) - 1:
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_act(h, self.norm_out, silu=True))
 
 
 class Decoder(nn.Module):
@@ -212,7 +212,7 @@ class Decoder(nn.Module):
             h = self.up[level](h)
             if level > 0:
                 h = self.up[level].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_act(h, self.norm_out, silu=True))
 
 
 class AutoencoderKL(nn.Module):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from core.weights import check_state_dict, download, hub_checkpoint, read_state_dict
+from kernels.lpips import normalise_channels, tap_distance
 
 TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 PERCEPTUAL_KINDS = ("auto", "lpips", "random")
@@ -53,8 +54,6 @@ TAP_CHANNELS = (64, 128, 256, 512, 512)
 # them roughly onto the ImageNet-standardised inputs the VGG-16 weights were trained on.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
-# Added to the feature norm before dividing, as LPIPS does, so all-zero feature vectors stay zero.
-NORM_EPS = 1e-10
 # Seed of the private generator for kind="random": every build draws the same trunk.
 RANDOM_TRUNK_SEED = 0
 
@@ -155,18 +154,19 @@ class PerceptualDistance(nn.Module):
         self.kind = "lpips"
 
     def tap_features(self, x: Tensor) -> list[Tensor]:
-        """The trunk's ReLU outputs at the used taps for images x in [-1, 1], each unit-normalised over channels."""
+        """The trunk's ReLU outputs at the used taps for images x in [-1, 1], each unit-normalised over channels
+        (`kernels.lpips.normalise_channels`)."""
+        return [normalise_channels(h) for h in self._tap_activations(x)]
+
+    def _tap_activations(self, x: Tensor) -> list[Tensor]:
+        """The trunk's ReLU outputs at the used taps for images x in [-1, 1], as they are (channels_last)."""
         h = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last)
-        features = []
+        activations = []
         for index, layer in enumerate(self.features):
             h = layer(h)
             if index in _TAP_LAYERS:
-                # NORM_EPS keeps all-zero feature vectors (every ReLU of a pixel off) at zero, not 0/0;
-                # vector_norm's backward is zero there, where sqrt(sum f^2) would send back a NaN that
-                # only the ReLU's mask happens to discard.
-                norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)
-                features.append(h / (norm + NORM_EPS))
-        return features
+                activations.append(h)
+        return activations
 
     def tap_distances(self, x: Tensor, y: Tensor) -> Tensor:
         """(B, taps) float32: each tap's term of the distance between x and y, (B, 3, H, W) in [-1, 1]."""
@@ -178,13 +178,11 @@ class PerceptualDistance(nn.Module):
             raise ValueError(f"Images of size {tuple(x.shape[-2:])} are too small for {self.taps} taps (each tap "
                              f"after the first halves the size); use at least {smallest}x{smallest} or fewer taps.")
         # Separate passes, not one batch of both: y is usually a target without gradient, and a joint
-        # batch would carry its half through the backward pass for nothing.
-        terms = []
-        for fx, fy, head in zip(self.tap_features(x), self.tap_features(y), self.heads):
-            # The 1x1 head and the spatial mean are both linear, so averaging the squared difference
-            # over pixels first and then weighting channels gives the same number with less work.
-            terms.append((fx - fy).square().mean(dim=(2, 3)) @ head)
-        return torch.stack(terms, dim=1).float()
+        # batch would carry its half through the backward pass for nothing. Each tap's normalisation and
+        # weighted difference is one fused op (`kernels.lpips`).
+        terms = [tap_distance(fx, fy, head)
+                 for fx, fy, head in zip(self._tap_activations(x), self._tap_activations(y), self.heads)]
+        return torch.stack(terms, dim=1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """(B,) float32 distance between each pair of images x[i], y[i], (B, 3, H, W) in [-1, 1]."""

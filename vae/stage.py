@@ -19,6 +19,7 @@ from torch import Tensor
 from core.checkpoint import require_keys, state_fingerprint
 from core.config import DataConfig, TrainConfig, from_dict, to_dict
 from core.runtime import Runtime, derive_seed
+from core.speed import compile_module
 from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
@@ -161,6 +162,8 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
         discriminator = PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers)
         trainables["disc"] = Trainable(discriminator, lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS,
                                        weight_decay=train.weight_decay)
+    if train.compile:  # the loop compiles the trainables; the frozen perceptual network is the stage's own
+        compile_module(perceptual)
     run = VAETraining(config, autoencoder, discriminator, perceptual, dataset, test_set, split, runtime.device)
     stage = TrainingStage(name=NAME, trainables=trainables, loss=run.loss, dataset=dataset, config=to_dict(config),
                           data_info=dataset.description(), augment=random_hflip if data.hflip else None, preview=run.preview,

@@ -1,0 +1,441 @@
+"""GroupNorm fused with the time-embedding modulation and SiLU, forward and backward.
+
+Every residual block of the U-Net and the autoencoder normalises its activation and then, before
+the next convolution, applies some of
+
+    y = GN(x + add) * weight + bias          GroupNorm (Wu & He 2018); `add` is DDPM's embedding
+    y = y * (1 + scale) + shift              improved DDPM's scale-shift norm (Nichol & Dhariwal 2021)
+    y = silu(y)
+
+with `add`, `scale`, `shift` one value per (image, channel). In PyTorch each step is its own kernel,
+and each reads and writes the whole activation (B, C, H, W), while what the steps compute per
+element is a few flops; `group_norm_act` does all of it in two kernels, one that reads the
+activation for the group statistics and one that reads it again and writes the result. Counting
+full passes over the activation (R read, W written), for scale-shift + SiLU, the heaviest case, with
+PyTorch's GroupNorm itself being a statistics kernel and an apply kernel:
+
+    forward                          PyTorch ops        fused
+      GroupNorm                      2R 1W              2R 1W
+      * (1 + scale), + shift         2R 2W              -
+      SiLU                           1R 1W              -
+      total                          5R 4W              2R 1W
+    backward                         11R 4W             4R 1W
+
+The fused backward reads x and dy twice (per-channel sums, then dx), recomputing the normalised
+value, the modulated value and the SiLU gate from x and the saved statistics. DDPM's GN(x + add)
++ SiLU is 4R 3W unfused and a plain GN + SiLU 3R 2W; both become 2R 1W. The unfused sequence also
+keeps activations for its backward (the SiLU's input, and with scale the GroupNorm's output); the
+fused op keeps only its input x and the (B, G) float32 mean and 1/std. The kernels are
+memory-bound, so the time saved is about the traffic saved.
+
+Numerics: statistics are accumulated in float32 whatever the input dtype, as sums of (v - v0) and
+(v - v0)^2 with v0 the group's first value ("shifted data"), so the variance does not cancel
+catastrophically when a group's mean is large against its spread. Outputs are in x's dtype;
+weight, bias, add, scale and shift may be any float dtype (bf16 under autocast next to a float32
+weight) and are read as float32. (Under autocast PyTorch's own group_norm runs in float32 and
+returns float32; the fused op returns bf16 for a bf16 x, the dtype the next convolution casts to
+anyway.) Tested tolerances against the reference evaluated in float64 on the same inputs, relative
+to the largest magnitude of each compared tensor: 1e-5 in float32, 1e-2 in bfloat16 and 2e-3 in
+float16, for the output and every gradient.
+
+The PyTorch reference (`group_norm_act_reference`) is what CPUs run, and what the Triton op must
+equal; `group_norm_act` chooses between them with `kernels.runs_triton`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only PyTorch builds often come without Triton: then only the reference exists
+    triton = None
+
+
+def group_norm_act(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None, scale: Tensor | None = None,
+                   shift: Tensor | None = None, silu: bool = False) -> Tensor:
+    """silu?((GN(x + add) * weight + bias) * (1 + scale) + shift), GN and its parameters from `norm`.
+
+    x is (B, C, H, W), contiguous or channels_last; add, scale and shift are (B, C) or None (each
+    optional on its own). Runs our Triton kernels when `kernels.runs_triton(x)`, PyTorch otherwise.
+    """
+    B, C = x.shape[:2]
+    assert x.ndim == 4 and C == norm.num_channels, (x.shape, norm)
+    for extra in (add, scale, shift):
+        assert extra is None or extra.shape == (B, C), (extra.shape, x.shape)
+    if not kernels.runs_triton(x):
+        return group_norm_act_reference(x, norm, add=add, scale=scale, shift=shift, silu=silu)
+    weight = norm.weight if norm.affine else x.new_ones(C, dtype=torch.float32)
+    bias = norm.bias if norm.affine else x.new_zeros(C, dtype=torch.float32)
+    y, _mean, _rstd = torch.ops.synthdiff.group_norm_act(x, weight, bias, add, scale, shift, norm.num_groups,
+                                                         norm.eps, silu)
+    return y
+
+
+def group_norm_act_reference(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None,
+                             scale: Tensor | None = None, shift: Tensor | None = None, silu: bool = False) -> Tensor:
+    """`group_norm_act` in PyTorch ops: the ones the networks called before the fusion, so no slower."""
+    if add is not None:
+        x = x + add[:, :, None, None]
+    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    # Two ops, not torch.addcmul: on the CPU, addcmul with broadcast (B, C, 1, 1) factors is slower.
+    if scale is not None:
+        y = y * (1 + scale[:, :, None, None])
+    if shift is not None:
+        y = y + shift[:, :, None, None]
+    return F.silu(y) if silu else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Every kernel runs on a grid (B * G, n_split): program (b * G + g, k) handles channel group g of
+# image b at the spatial positions [k * span, (k + 1) * span), all of the group's channels. Splitting
+# the positions keeps the GPU busy when B * G alone is small (one image, 32 groups); the statistics
+# kernel leaves per-split partial sums that the next kernel adds up, so the result does not depend
+# on the order programs run in (no atomics). Inside a program, a loop over tiles of BLOCK_C channels
+# x BLOCK_S positions: a group never has to fit in one block (16 channels at 64x64, a group of 512
+# channels, or 4 channels at 256x256 are 65,536 and 262,144 values). Positions are flattened,
+# h * W + w: with the stride of w, that addresses contiguous and channels_last tensors alike.
+
+TILE = 2048  # values per tile: 16 per thread at 4 warps, enough loads in flight to be memory-bound
+VALUES_PER_PROGRAM = 8192  # values of a group per program: one 64x64x512 image still gives 256 programs
+MAX_CHANNEL_BLOCK = 64  # channels per tile at most, so a tile still spans positions
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; without it the kernels stay plain functions nobody calls."""
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, batch, channel, mask, C,
+                        HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Per channel, float32: (add, gain, offset) such that u = (x + add - mean) * rstd * gain + offset,
+    gain = weight * (1 + scale), offset = bias * (1 + scale) + shift. `add`, `scale`, `shift` are (B, C)."""
+    weight = tl.load(weight_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    add = tl.zeros_like(weight)
+    if HAS_ADD:
+        add = tl.load(add_ptr + batch * C + channel, mask=mask, other=0.0).to(tl.float32)
+    gain = weight
+    offset = bias
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + batch * C + channel, mask=mask, other=0.0).to(tl.float32)
+        gain = weight * (1.0 + scale)
+        offset = bias * (1.0 + scale)
+    if HAS_SHIFT:
+        offset += tl.load(shift_ptr + batch * C + channel, mask=mask, other=0.0).to(tl.float32)
+    return add, gain, offset
+
+
+@_jit
+def _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels, HAS_ADD: tl.constexpr):
+    """For this program's group: its image, first channel, the address of its first value, and that
+    value v0 = x + add in float32, the shift of the shifted sums."""
+    groups = C // group_channels
+    batch = tl.program_id(0) // groups
+    first_channel = (tl.program_id(0) % groups) * group_channels
+    x_group = x_ptr + batch.to(tl.int64) * stride_xb + first_channel * stride_xc
+    v0 = tl.load(x_group).to(tl.float32)
+    if HAS_ADD:
+        v0 += tl.load(add_ptr + batch * C + first_channel).to(tl.float32)
+    return batch, first_channel, x_group, v0
+
+
+@_jit
+def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, span,
+                          stride_xb, stride_xc, stride_xs,
+                          HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """partial[b * G + g, k] = (sum of v - v0, sum of (v - v0)^2) over the program's part of its group."""
+    batch, first_channel, x_group, v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
+                                                     HAS_ADD)
+    sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for c_start in range(0, group_channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < group_channels
+        add = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_ADD:
+            add = tl.load(add_ptr + batch * C + first_channel + c, mask=c_mask, other=0.0).to(tl.float32)
+        for s_start in range(0, span, BLOCK_S):
+            s = tl.program_id(1) * span + s_start + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < HW)[None, :]
+            x = tl.load(x_group + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0)
+            d = tl.where(mask, x.to(tl.float32) + add[:, None] - v0, 0.0)
+            sum1 += d
+            sum2 += d * d
+    out = partial_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
+    tl.store(out, tl.sum(sum1))
+    tl.store(out + 1, tl.sum(sum2))
+
+
+@_jit
+def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, partial_ptr,
+                          mean_ptr, rstd_ptr, C, HW, group_channels, span, eps,
+                          stride_xb, stride_xc, stride_xs, stride_yb, stride_yc, stride_ys,
+                          HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                          SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_SPLIT: tl.constexpr):
+    """The group's mean and 1/std from the partial sums, then y = silu?(xhat * gain + offset) on the
+    program's part of the group; the split-0 program stores mean and 1/std for the backward."""
+    group, n_split = tl.program_id(0), tl.num_programs(1)
+    batch, first_channel, x_group, v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
+                                                     HAS_ADD)
+    k = tl.arange(0, BLOCK_SPLIT)
+    partial = partial_ptr + (group * n_split + k) * 2
+    sum1 = tl.sum(tl.load(partial, mask=k < n_split, other=0.0))
+    sum2 = tl.sum(tl.load(partial + 1, mask=k < n_split, other=0.0))
+    count = group_channels * HW
+    shifted_mean = sum1 / count
+    var = tl.maximum(sum2 / count - shifted_mean * shifted_mean, 0.0)
+    mean = v0 + shifted_mean
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + group, mean, mask=tl.program_id(1) == 0)
+    tl.store(rstd_ptr + group, rstd, mask=tl.program_id(1) == 0)
+
+    y_group = y_ptr + batch.to(tl.int64) * stride_yb + first_channel * stride_yc
+    for c_start in range(0, group_channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < group_channels
+        add, gain, offset = _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, batch,
+                                                first_channel + c, c_mask, C, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+        for s_start in range(0, span, BLOCK_S):
+            s = tl.program_id(1) * span + s_start + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < HW)[None, :]
+            x = tl.load(x_group + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0)
+            xhat = (x.to(tl.float32) + add[:, None] - mean) * rstd
+            u = xhat * gain[:, None] + offset[:, None]
+            if SILU:
+                u = u * tl.sigmoid(u)
+            tl.store(y_group + c[:, None] * stride_yc + s[None, :] * stride_ys, u.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+@_jit
+def _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs, stride_dyc,
+               stride_dys, SILU: tl.constexpr):
+    """(xhat, du) on a tile, float32 and zero outside `mask`: the normalised value from x and the saved
+    statistics, and du = dL/du, the gradient at the modulated value u (before SiLU)."""
+    x = tl.load(x_group + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0)
+    du = tl.load(dy_group + c[:, None] * stride_dyc + s[None, :] * stride_dys, mask=mask, other=0.0)
+    du = du.to(tl.float32)
+    xhat = tl.where(mask, (x.to(tl.float32) + add[:, None] - mean) * rstd, 0.0)
+    if SILU:
+        u = xhat * gain[:, None] + offset[:, None]
+        gate = tl.sigmoid(u)
+        du = du * gate * (1.0 + u * (1.0 - gate))  # silu'(u)
+    return xhat, du
+
+
+@_jit
+def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
+                          rstd_ptr, partial_ptr, C, HW, group_channels, span,
+                          stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
+                          HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                          SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """partial[:, b, c, k] = (sum of xhat, sum of du, sum of du * xhat) per channel over the program's
+    positions: every parameter gradient and the group means of the GroupNorm backward follow from them."""
+    group, split, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    batch, first_channel, x_group, _v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
+                                                      HAS_ADD)
+    dy_group = dy_ptr + batch.to(tl.int64) * stride_dyb + first_channel * stride_dyc
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    for c_start in range(0, group_channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < group_channels
+        add, gain, offset = _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, batch,
+                                                first_channel + c, c_mask, C, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+        sum_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        sum_du = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        sum_du_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for s_start in range(0, span, BLOCK_S):
+            s = split * span + s_start + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < HW)[None, :]
+            xhat, du = _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs,
+                                  stride_dyc, stride_dys, SILU)
+            sum_xhat += xhat
+            sum_du += du
+            sum_du_xhat += du * xhat
+        out = partial_ptr + (batch * C + first_channel + c) * n_split + split
+        plane = tl.num_programs(0) * group_channels * n_split  # B * C * n_split
+        tl.store(out, tl.sum(sum_xhat, axis=1), mask=c_mask)
+        tl.store(out + plane, tl.sum(sum_du, axis=1), mask=c_mask)
+        tl.store(out + 2 * plane, tl.sum(sum_du_xhat, axis=1), mask=c_mask)
+
+
+@_jit
+def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
+                           rstd_ptr, mean_dxhat_ptr, mean_dxhat_xhat_ptr, C, HW, group_channels, span,
+                           stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
+                           stride_dxb, stride_dxc, stride_dxs,
+                           HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                           SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = du * gain: GroupNorm's
+    backward, with the two group means from the sums kernel."""
+    group, split = tl.program_id(0), tl.program_id(1)
+    batch, first_channel, x_group, _v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
+                                                      HAS_ADD)
+    dy_group = dy_ptr + batch.to(tl.int64) * stride_dyb + first_channel * stride_dyc
+    dx_group = dx_ptr + batch.to(tl.int64) * stride_dxb + first_channel * stride_dxc
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    mean_dxhat = tl.load(mean_dxhat_ptr + group)
+    mean_dxhat_xhat = tl.load(mean_dxhat_xhat_ptr + group)
+    for c_start in range(0, group_channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < group_channels
+        add, gain, offset = _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, batch,
+                                                first_channel + c, c_mask, C, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+        for s_start in range(0, span, BLOCK_S):
+            s = split * span + s_start + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < HW)[None, :]
+            xhat, du = _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs,
+                                  stride_dyc, stride_dys, SILU)
+            dx = rstd * (du * gain[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+            tl.store(dx_group + c[:, None] * stride_dxc + s[None, :] * stride_dxs, dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as torch.library ops so torch.compile traces through them
+
+
+def _flat_positions(x: Tensor) -> Tensor:
+    """x itself if positions h * W + w sit at one stride (contiguous and channels_last do), else a copy."""
+    return x if x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    """(image, channel, position) strides of a (B, C, H, W) tensor that passes `_flat_positions`."""
+    return x.stride(0), x.stride(1), x.stride(3)
+
+
+def _launch_shape(group_channels: int, HW: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_S, span, n_split): tile, positions per program, and programs per group."""
+    block_c = min(triton.next_power_of_2(group_channels), MAX_CHANNEL_BLOCK)
+    block_s = min(triton.next_power_of_2(HW), TILE // block_c)
+    n_split = max(1, min(triton.cdiv(group_channels * HW, VALUES_PER_PROGRAM), triton.cdiv(HW, block_s)))
+    span = triton.cdiv(triton.cdiv(HW, n_split), block_s) * block_s  # whole tiles per program
+    return block_c, block_s, span, triton.cdiv(HW, span)
+
+
+def _per_channel(t: Tensor | None, x: Tensor) -> Tensor:
+    """A (B, C) argument as the kernels index it (row-major), or any pointer when absent (never read)."""
+    return x if t is None else t.contiguous()
+
+
+def _forward_outputs(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised (y, mean, rstd): shared by the op and its fake, so both give the same strides."""
+    B = x.shape[0]
+    stats = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
+    return torch.empty_like(_flat_positions(x)), stats, torch.empty_like(stats)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale: Tensor | None,
+             shift: Tensor | None, num_groups: int, eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x = _flat_positions(x)
+    B, C, H, W = x.shape
+    assert C % num_groups == 0, f"{C} channels do not split into {num_groups} groups"
+    group_channels = C // num_groups
+    y, mean, rstd = _forward_outputs(x, num_groups)
+    block_c, block_s, span, n_split = _launch_shape(group_channels, H * W)
+    partial = torch.empty((B * num_groups, n_split, 2), device=x.device, dtype=torch.float32)
+    grid = (B * num_groups, n_split)
+    add_ = _per_channel(add, x)
+    torch.library.wrap_triton(_forward_stats_kernel)[grid](
+        x, add_, partial, C, H * W, group_channels, span, *_strides(x),
+        HAS_ADD=add is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+    torch.library.wrap_triton(_forward_apply_kernel)[grid](
+        x, y, weight, bias, add_, _per_channel(scale, x), _per_channel(shift, x), partial, mean, rstd,
+        C, H * W, group_channels, span, eps, *_strides(x), *_strides(y),
+        HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
+        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLIT=triton.next_power_of_2(n_split), num_warps=4)
+    return y, mean, rstd
+
+
+def _forward_fake(x, weight, bias, add, scale, shift, num_groups, eps, silu):
+    return _forward_outputs(x, num_groups)
+
+
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale: Tensor | None,
+              shift: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int, silu: bool,
+              x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dadd, dscale, dshift); empty tensors for absent inputs, and for dx unless x_grad."""
+    x, dy = _flat_positions(x), _flat_positions(dy)
+    B, C, H, W = x.shape
+    G, group_channels = num_groups, C // num_groups
+    block_c, block_s, span, n_split = _launch_shape(group_channels, H * W)
+    grid = (B * G, n_split)
+    flags = dict(HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
+                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+    per_channel = [_per_channel(t, x) for t in (add, scale, shift)]
+    partial = torch.empty((3, B, C, n_split), device=x.device, dtype=torch.float32)
+    torch.library.wrap_triton(_backward_sums_kernel)[grid](
+        x, dy, weight, bias, *per_channel, mean, rstd, partial, C, H * W, group_channels, span,
+        *_strides(x), *_strides(dy), **flags)
+
+    # Per (image, channel) sums over positions; u = z * (1 + scale) + shift, z = xhat * weight + bias.
+    sum_xhat, sum_du, sum_du_xhat = partial.sum(-1)  # contiguous, as outputs must be (the fake's strides)
+    one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
+    gain = weight.float() * one_plus_scale  # du/dxhat per channel
+    count = group_channels * H * W
+    mean_dxhat = (gain * sum_du).view(B, G, group_channels).sum(-1) / count
+    mean_dxhat_xhat = (gain * sum_du_xhat).view(B, G, group_channels).sum(-1) / count
+
+    dx = x.new_empty(0)
+    if x_grad:
+        dx = torch.empty_like(x)
+        torch.library.wrap_triton(_backward_apply_kernel)[grid](
+            x, dy, dx, weight, bias, *per_channel, mean, rstd, mean_dxhat, mean_dxhat_xhat, C, H * W,
+            group_channels, span, *_strides(x), *_strides(dy), *_strides(dx), **flags)
+    dweight = (one_plus_scale * sum_du_xhat).sum(0).to(weight.dtype)
+    dbias = (one_plus_scale * sum_du).sum(0).to(bias.dtype)
+    dadd, dscale, dshift = (x.new_empty(0) for _ in range(3))  # distinct tensors: op outputs may not alias
+    if add is not None:  # the sum over positions of dx, from the same sums
+        dadd = rstd[..., None] * ((gain * sum_du).view(B, G, group_channels) - H * W * mean_dxhat[..., None]
+                                  - mean_dxhat_xhat[..., None] * sum_xhat.view(B, G, group_channels))
+        dadd = dadd.view(B, C).to(add.dtype)
+    if scale is not None:
+        dscale = (weight.float() * sum_du_xhat + bias.float() * sum_du).to(scale.dtype)
+    if shift is not None:
+        dshift = sum_du.to(shift.dtype)
+    return dx, dweight, dbias, dadd, dscale, dshift
+
+
+def _backward_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu, x_grad):
+    dx = torch.empty_like(_flat_positions(x)) if x_grad else x.new_empty(0)
+    per_channel = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (add, scale, shift)]
+    return dx, weight.new_empty(weight.shape), bias.new_empty(bias.shape), *per_channel
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, add, scale, shift, num_groups, _eps, silu = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)  # no activation but x itself
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _autograd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.synthdiff.group_norm_act_backward(dy, x, weight, bias, add, scale, shift, mean, rstd,
+                                                        ctx.num_groups, ctx.silu, ctx.needs_input_grad[0])
+    grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
+    return *grads, None, None, None
+
+
+if triton is not None:
+    # triton_op, unlike custom_op, lets torch.compile see the kernels inside (Inductor can schedule
+    # them); the fakes are registered explicitly because Triton's CPU interpreter cannot run the op
+    # bodies on fake tensors, as triton_op's default fake would.
+    _forward_op = torch.library.triton_op("synthdiff::group_norm_act", _forward, mutates_args=())
+    _forward_op.register_fake(_forward_fake)
+    _backward_op = torch.library.triton_op("synthdiff::group_norm_act_backward", _backward, mutates_args=())
+    _backward_op.register_fake(_backward_fake)
+    _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)

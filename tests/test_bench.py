@@ -1,0 +1,123 @@
+"""`python -m bench`'s machinery: the peer mappings build the same networks, the table prints what it
+should, and the timer alternates. Nothing here is timed."""
+
+import dataclasses
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from bench.common import alternating_seconds, peak_memory_bytes
+from bench.device import FP32, Settings, candidate_settings, file_stem
+from bench.peers import autoencoder_kl_kwargs, check_same_size, parameter_count, unet2d_kwargs
+from bench.table import COLUMNS, Row, format_table
+from ddpm.config import PRESETS
+from ddpm.unet import UNet
+from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
+                                     reason="diffusers (a benchmark peer, bench/requirements.txt) is not installed")
+
+
+@needs_diffusers
+@pytest.mark.parametrize("preset", ["ddpm-demo", "ddpm-cifar10"])
+@pytest.mark.parametrize("cond", ["none", "class"])
+def test_unet2d_mapping_has_our_parameter_count(preset, cond):
+    from diffusers import UNet2DModel
+    config = PRESETS[preset]().unet
+    if cond == "class":  # the sampling row's model: diffusers gets the null class as an extra embedding
+        config = dataclasses.replace(config, cond="class", num_classes=10)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        ours, peer = UNet(config), UNet2DModel(**unet2d_kwargs(config))
+    assert parameter_count(peer) == parameter_count(ours)
+    if preset == "ddpm-cifar10" and cond == "none":
+        assert parameter_count(ours) == 35_746_307  # Ho et al.'s CIFAR-10 model
+
+
+@needs_diffusers
+def test_autoencoder_kl_mapping_has_our_parameter_count():
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    config = AutoencoderConfig.kl_f8()
+    with torch.device("meta"):
+        ours, peer = AutoencoderKL(config), DiffusersAutoencoderKL(**autoencoder_kl_kwargs(config))
+    assert parameter_count(ours) == parameter_count(peer) == 83_653_863  # Stable Diffusion's autoencoder
+
+
+@needs_diffusers
+@pytest.mark.parametrize("preset", ["ddpm-demo", "ddpm-cifar10"])
+def test_the_peer_ddim_loop_computes_our_ddim(preset):
+    # The sampling row compares equal work only if diffusers' scheduler takes our steps: same timesteps,
+    # same abar, final jump to abar = 1, eps re-derived from the clipped x0.
+    from bench.peers import diffusers_ddim
+    from ddpm.samplers import ddim_sample, make_timesteps
+    diffusion = PRESETS[preset]().diffusion
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t):  # any smooth function of (x, t), large enough that clipping acts
+        return torch.tanh(x) * 0.7 + 1e-5 * t.float().view(-1, 1, 1, 1)
+
+    schedule = diffusion.make_schedule()
+    ours = ddim_sample(model, x_T, schedule, make_timesteps(diffusion.num_timesteps, 50), clip_x0=True)
+    scheduler = diffusers_ddim(schedule, "eps")
+    scheduler.set_timesteps(50)
+    x = x_T
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t.expand(2)), t, x, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x, ours, rtol=0, atol=1e-5)
+
+
+def test_a_wrong_mapping_is_refused():
+    with torch.device("meta"):
+        small, large = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+    with pytest.raises(AssertionError, match="mapping is wrong"):
+        check_same_size(small, large, "Linear")
+
+
+def test_table_has_the_columns_and_marks_a_missing_peer():
+    rows = [Row("U-Net train step", "ddpm-demo, batch 8", 100.0, 250.0, "bf16 autocast", "diffusers UNet2DModel",
+                peer_default=125.0, memory=(2**20, 3 * 2**20, None)),
+            Row("LPIPS fwd+bwd", "64 px", 10.0, 12.5, "fp32", "no peer (lpips not installed)"),
+            Row("fused GroupNorm+SiLU", "4x128x32x32", None, None, "needs CUDA", "torch ops (unfused)",
+                peer_default=5000.0)]
+    lines = format_table(rows).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == list(COLUMNS)
+    assert lines[1] == "|" + "---|" * len(COLUMNS)
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert all(len(row) == len(COLUMNS) for row in cells)
+    measured, no_peer, no_triton = (dict(zip(COLUMNS, row)) for row in cells)
+    assert measured["ours fastest img/s"] == "250"
+    assert measured["fastest / peer"] == "2.00x" and measured["fp32 / peer"] == "0.80x"
+    assert measured["peak MiB: fp32 / fastest / peer"] == "1 / 3 / -"
+    assert no_peer["ours fp32 img/s"] == "10.0" and no_peer["peer img/s"] == "-"
+    assert no_peer["fastest / peer"] == "-" and no_peer["peer"] == "no peer (lpips not installed)"
+    assert no_triton["ours fp32 img/s"] == "-" and no_triton["fastest settings"] == "needs CUDA"
+    assert no_triton["peer img/s"] == "5000"
+
+
+def test_alternating_timer_alternates():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    seconds = alternating_seconds(fns, torch.device("cpu"), repeats=3, warmup=1, inner=2)
+    assert set(seconds) == set("ABC") and all(s >= 0 for s in seconds.values())
+    assert calls == list("ABC") + list("AABBCC") * 3  # warm-up round, then rounds of `inner` calls each in turn
+
+
+def test_candidates_start_with_plain_fp32_and_skip_compile_in_a_quick_cpu_run():
+    quick = candidate_settings(torch.device("cpu"), quick=True)
+    assert quick[0] == FP32 and not any(s.compile for s in quick)
+    assert any(s.compile for s in candidate_settings(torch.device("cpu"), quick=False))
+    assert Settings(torch.bfloat16, channels_last=True, compile=True).label == "bf16 autocast + channels_last + compile"
+
+
+def test_device_file_name_is_sanitised():
+    assert file_stem("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
+    assert file_stem("Intel(R) Xeon(R) CPU @ 2.20GHz") == "Intel-R-Xeon-R-CPU-2.20GHz"
+    assert file_stem("../") == "device"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU memory measurement reads /proc/self/statm (Linux)")
+def test_cpu_peak_memory_counts_what_the_call_allocates():
+    grown = peak_memory_bytes(lambda: torch.ones(16 * 2**20), torch.device("cpu"))  # 64 MiB, every page touched
+    assert grown >= 48 * 2**20

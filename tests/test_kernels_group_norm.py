@@ -1,0 +1,288 @@
+"""Tests for the fused GroupNorm + modulation + SiLU (kernels.group_norm).
+
+The PyTorch reference is checked against the formula written out by hand; the Triton op (run by
+Triton's CPU interpreter) against the reference, forward and every gradient, on odd shapes, both
+memory formats and three dtypes; then whole networks under both backends, and torch.compile.
+Tolerances, relative to the largest magnitude of the expected tensor: 1e-5 in float32, 1e-2 in
+bfloat16, 2e-3 in float16 (the module docstring states the same).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch imports triton: run the kernels on the CPU
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from kernels import group_norm
+from kernels.group_norm import group_norm_act, group_norm_act_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("on_the_gpu_when_there_is_one")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def triton_kernels():
+    """Skips a test where our Triton kernels cannot run."""
+    pytest.importorskip("triton", reason="the triton package is not installed, so there are no kernels to test")
+    from triton.runtime.interpreter import InterpretedFunction
+    if kernels.interpreting() and not isinstance(group_norm._forward_stats_kernel, InterpretedFunction):
+        # Whether jit functions run in the interpreter (tl.zeros and the rest of Triton's own library
+        # included) is settled when triton is imported.
+        pytest.skip("triton was imported (by an earlier test file) before this file set TRITON_INTERPRET=1, so "
+                    "its CPU interpreter is off; set TRITON_INTERPRET=1 in the environment or in tests/conftest.py")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    """Every element within tolerance * max |expected| (a relative error that near-zero entries cannot
+    inflate). Every tensor compared here is of order one, except gradients that vanish analytically (d add
+    with one channel per group: GroupNorm removes a per-channel constant); those are held to `tolerance`."""
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0.0, atol=tolerance * scale)
+
+
+def make_norm(groups: int, channels: int, seed: int = 0) -> nn.GroupNorm:
+    torch.manual_seed(seed)
+    norm = nn.GroupNorm(groups, channels, eps=1e-6)
+    with torch.no_grad():  # away from the identity initialisation, so weight and bias matter
+        norm.weight.copy_(1 + 0.5 * torch.randn(channels))
+        norm.bias.copy_(torch.randn(channels))
+    return norm
+
+
+def make_inputs(shape, which: str, dtype=torch.float32, channels_last: bool = False, seed: int = 1) -> dict:
+    """x with a mean far from 0, and (B, C) add / scale / shift for the letters in `which` ("a", "s", "h")."""
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    B, C = shape[:2]
+    x = (3 + 2 * torch.randn(shape, generator=g)).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    extras = {name: torch.randn(B, C, generator=g).to(dtype) for letter, name in
+              (("a", "add"), ("s", "scale"), ("h", "shift")) if letter in which}
+    return {"x": x, **extras}
+
+
+def run(fn, inputs: dict, dy: torch.Tensor, norm: nn.GroupNorm) -> list[torch.Tensor]:
+    """[y = fn(**inputs), then the gradient of (y * dy).sum() for every input and for weight and bias]."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    y = fn(**leaves)
+    grads = torch.autograd.grad(y, [*leaves.values(), norm.weight, norm.bias], dy)
+    return [y, *grads]
+
+
+def formula(x, weight, bias, groups, eps, add=None, scale=None, shift=None, silu=False):
+    """GroupNorm written out: mean and biased variance over each group's channels and positions."""
+    B, C, H, W = x.shape
+    if add is not None:
+        x = x + add.view(B, C, 1, 1)
+    v = x.reshape(B, groups, -1)
+    mean = v.sum(-1, keepdim=True) / v.shape[-1]
+    var = ((v - mean) ** 2).sum(-1, keepdim=True) / v.shape[-1]
+    y = ((v - mean) / torch.sqrt(var + eps)).view(B, C, H, W) * weight.view(1, C, 1, 1) + bias.view(1, C, 1, 1)
+    if scale is not None:
+        y = y * (1 + scale.view(B, C, 1, 1))
+    if shift is not None:
+        y = y + shift.view(B, C, 1, 1)
+    return y * torch.sigmoid(y) if silu else y
+
+
+# ---- the reference ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, silu", [("", False), ("", True), ("a", True), ("sh", True), ("s", False),
+                                         ("ha", False)])
+def test_reference_equals_the_formula(which, silu):
+    norm = make_norm(3, 6).double()
+    inputs = {k: v.double() for k, v in make_inputs((2, 6, 4, 5), which).items()}
+    expected = formula(**inputs, weight=norm.weight, bias=norm.bias, groups=3, eps=norm.eps, silu=silu)
+    torch.testing.assert_close(group_norm_act_reference(norm=norm, silu=silu, **inputs), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_public_function_runs_the_reference_under_the_torch_backend():
+    norm = make_norm(2, 4)
+    inputs = make_inputs((1, 4, 3, 3), "sh")
+    with kernels.using("torch"):
+        assert torch.equal(group_norm_act(**inputs, norm=norm, silu=True),
+                           group_norm_act_reference(**inputs, norm=norm, silu=True))
+
+
+# ---- the Triton op against the reference --------------------------------------------------------
+
+# (B, C, H, W, groups): batch 1, channels not a power of two, one group, 1 and 3 channels per group.
+SHAPES = [(1, 6, 3, 5, 2), (2, 5, 4, 3, 5), (1, 7, 2, 9, 1), (2, 12, 3, 3, 4)]
+# (add "a" / scale "s" / shift "h", silu): every argument alone and in the combinations the networks use.
+MODULATIONS = [("", False), ("", True), ("a", True), ("sh", True), ("s", False), ("h", False)]
+
+
+def compare_backends(shape, which, silu, dtype=torch.float32, channels_last=False):
+    B, C, H, W, G = shape
+    norm = make_norm(G, C)
+    inputs = make_inputs((B, C, H, W), which, dtype, channels_last)
+    # dy in the other memory format than x: the backward reads each through its own strides.
+    dy = torch.randn(B, C, H, W, generator=torch.Generator(torch.get_default_device()).manual_seed(2)).to(dtype)
+    dy = dy if channels_last else dy.to(memory_format=torch.channels_last)
+    with kernels.using("triton"):
+        assert kernels.runs_triton(inputs["x"])
+        actual = run(lambda **t: group_norm_act(norm=norm, silu=silu, **t), inputs, dy, norm)
+    # The reference in float64 on the same (rounded) inputs: the exact answer the kernel approximates.
+    norm64 = copy.deepcopy(norm).double()
+    expected = run(lambda **t: group_norm_act_reference(norm=norm64, silu=silu, **t),
+                   {k: v.double() for k, v in inputs.items()}, dy.double(), norm64)
+    names = ["y", *inputs, "weight", "bias"]
+    assert actual[0].dtype == dtype and actual[0].stride() == inputs["x"].stride()
+    for name, a, e in zip(names, actual, expected):
+        try:
+            assert_close(a, e, TOLERANCE[dtype])
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_equals_reference_float32(shape, channels_last):
+    for which, silu in MODULATIONS:
+        compare_backends(shape, which, silu, channels_last=channels_last)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_triton_loops_over_channel_blocks_tiles_and_splits(monkeypatch):
+    # Blocks far smaller than the group, so one program loops over several channel blocks (the last
+    # one partial) and several position tiles, and each group is split over two programs.
+    monkeypatch.setattr(group_norm, "TILE", 8)
+    monkeypatch.setattr(group_norm, "VALUES_PER_PROGRAM", 40)
+    monkeypatch.setattr(group_norm, "MAX_CHANNEL_BLOCK", 2)
+    assert group_norm._launch_shape(5, 15) == (2, 4, 8, 2)  # (BLOCK_C, BLOCK_S, span, n_split)
+    for channels_last in (False, True):
+        compare_backends((2, 10, 5, 3, 2), "ash", True, channels_last=channels_last)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision_with_float32_parameters(dtype):
+    # As under autocast: x and the embedding in half precision, the norm's parameters in float32.
+    for which, silu in [("sh", True), ("a", True)]:
+        compare_backends((2, 12, 3, 5, 4), which, silu, dtype=dtype, channels_last=True)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_statistics_survive_a_mean_far_from_zero():
+    # Values 1000 +- 1: float32 sums of v and v^2 would lose the variance to cancellation (~10%);
+    # the shifted sums keep it.
+    norm = make_norm(2, 4)
+    x = 1000 + torch.randn(1, 4, 8, 8, generator=torch.Generator(torch.get_default_device()).manual_seed(3))
+    with kernels.using("triton"):
+        y = group_norm_act(x, norm)
+    assert_close(y, group_norm_act_reference(x.double(), norm.double()), 1e-4)
+
+
+# ---- whole networks (the Triton forward compiled with fullgraph=True: no graph breaks) ----------
+
+
+def perturbed(model: nn.Module) -> nn.Module:
+    """The model with every parameter nudged, so zero-initialised layers pass gradients on."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def outputs_and_gradients(model: nn.Module, backend: str, forward) -> list[torch.Tensor]:
+    """[forward(), then the gradient of its mean square for every parameter that gets one]. Under
+    "triton", forward is compiled with fullgraph=True, which fails on any graph break."""
+    model.zero_grad()
+    torch._dynamo.reset()
+    with kernels.using(backend):
+        out = (torch.compile(forward, backend="eager", fullgraph=True) if backend == "triton" else forward)()
+    out.square().mean().backward()
+    return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+def test_unet_is_the_same_under_both_backends(scale_shift_norm):
+    from ddpm.unet import UNet, UNetConfig
+    # One level of 32 channels (8 groups): res blocks with either embedding, attention, concatenated skips.
+    config = UNetConfig(image_size=4, base_channels=32, channel_mult=(1,), num_res_blocks=1,
+                        attention_resolutions=(4,), num_heads=2, dropout=0.0, scale_shift_norm=scale_shift_norm,
+                        cond="class", num_classes=3)
+    model = perturbed(UNet(config))
+    x, t, labels = torch.randn(1, 3, 4, 4), torch.tensor([500]), torch.tensor([2])
+    expected = outputs_and_gradients(model, "torch", lambda: model(x, t, labels))
+    actual = outputs_and_gradients(model, "triton", lambda: model(x, t, labels))
+    assert len(actual) == len(expected) > 10
+    for a, e in zip(actual, expected):
+        assert_close(a, e, 1e-4)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_autoencoder_is_the_same_under_both_backends():
+    from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+    # One level of 8 channels (2 groups); the middle has the attention block.
+    config = AutoencoderConfig(in_channels=3, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                               latent_channels=2, resolution=4)
+    model = perturbed(AutoencoderKL(config))
+    x, noise = torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4)
+
+    def reconstruct():
+        return model.decode(model.encode(x).sample(noise))
+
+    expected = outputs_and_gradients(model, "torch", reconstruct)
+    actual = outputs_and_gradients(model, "triton", reconstruct)
+    assert len(actual) == len(expected) > 10
+    for a, e in zip(actual, expected):
+        assert_close(a, e, 1e-4)
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_op_compiles_without_graph_breaks():
+    norm = make_norm(2, 6)
+    inputs = make_inputs((1, 6, 3, 5), "sh", channels_last=True)
+
+    def f(x, scale, shift):
+        return group_norm_act(x, norm, scale=scale, shift=shift, silu=True)
+
+    dy = torch.randn(1, 6, 3, 5)
+    with kernels.using("triton"):
+        eager = run(f, inputs, dy, norm)
+        # The interpreter cannot run kernels on the fake tensors AOTAutograd traces with, so keep the op
+        # opaque there; on a GPU the default decomposition hands the kernels themselves to the backend.
+        with torch._functorch.config.patch(decompose_custom_triton_ops=not kernels.interpreting()):
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(f)(**inputs).graph_break_count == 0
+            compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+            traced = run(compiled, inputs, dy, norm)
+    for a, e in zip(traced, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# ---- without Triton -----------------------------------------------------------------------------
+
+
+def test_everything_imports_and_runs_without_triton():
+    # A None entry in sys.modules makes `import triton` fail, as on a PyTorch build without it.
+    script = """
+import sys
+sys.modules["triton"] = None
+import torch, kernels
+from kernels.group_norm import group_norm_act
+from ddpm.unet import UNet, UNetConfig
+assert not kernels.triton_importable() and kernels.use("auto", "cpu") == "torch"
+model = UNet(UNetConfig(image_size=4, base_channels=32, channel_mult=(1,), attention_resolutions=()))
+assert model(torch.randn(1, 3, 4, 4), torch.tensor([1])).shape == (1, 3, 4, 4)
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})

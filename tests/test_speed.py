@@ -1,0 +1,212 @@
+"""The fast paths change how a result is computed, never what: compile, backend choice, bf16 autocast.
+
+Compiled-versus-eager checks use the "aot_eager" backend: it traces the networks exactly as
+Inductor would (Dynamo, then AOTAutograd's forward and backward graphs) but runs the traced graphs
+with PyTorch's own kernels, so it takes seconds instead of the minutes Inductor's C++ code
+generation takes on a 2-core CPU. The full Inductor path is measured by `python -m bench` and run
+by `bench/gpu_check.sh`.
+"""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+
+import kernels
+from core import runtime
+from core.speed import GraphedForward, capture_cuda_graphs, check_cuda_graphs, compile_module
+from ddpm.samplers import ddim_sample, make_timesteps
+from ddpm.schedule import Schedule
+from ddpm.unet import UNet, UNetConfig
+from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+from vae.perceptual import PerceptualDistance
+
+
+def tiny_unet(scale_shift_norm: bool) -> UNet:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), dropout=0.0, scale_shift_norm=scale_shift_norm, cond="class",
+                          num_classes=3))
+    # Zero-initialised output layers would make every comparison trivially equal: perturb them.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def tiny_autoencoder() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                           attention_resolutions=(8,), latent_channels=3, resolution=16))
+
+
+def unet_inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    labels = torch.randint(0, 3, (batch,), generator=g)
+    null_mask = torch.tensor([False, True, False][:batch])
+    return x, t, labels, null_mask
+
+
+def graph_breaks(fn, *args, **kwargs) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args, **kwargs).graph_break_count
+
+
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+def test_unet_forward_has_no_graph_breaks(scale_shift_norm):
+    net = tiny_unet(scale_shift_norm)
+    x, t, labels, null_mask = unet_inputs()
+    assert graph_breaks(net, x, t, labels, null_mask=null_mask) == 0
+    assert graph_breaks(net, x, t, cond_emb=torch.randn(3, net.config.embedding_dim)) == 0
+
+
+def test_autoencoder_and_lpips_forward_have_no_graph_breaks():
+    ae = tiny_autoencoder()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert graph_breaks(ae.encode_moments, x) == 0
+    assert graph_breaks(ae.decode, torch.randn(2, 3, 8, 8)) == 0
+    lpips = PerceptualDistance(taps=2)
+    assert graph_breaks(lpips, x, torch.rand(2, 3, 16, 16) * 2 - 1) == 0
+
+
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+def test_compiled_unet_matches_eager_outputs_and_gradients(scale_shift_norm):
+    eager, traced = tiny_unet(scale_shift_norm), tiny_unet(scale_shift_norm)
+    traced.compile(backend="aot_eager")
+    x, t, labels, null_mask = unet_inputs()
+    outs, grads = [], []
+    for net in (eager, traced):
+        out = net(x, t, labels, null_mask=null_mask)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in net.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for g_traced, g_eager in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_traced, g_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_autoencoder_and_lpips_match_eager():
+    ae = tiny_autoencoder()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    encode = torch.compile(ae.encode_moments, backend="aot_eager")
+    decode = torch.compile(ae.decode, backend="aot_eager")
+    torch.testing.assert_close(encode(x), ae.encode_moments(x), rtol=1e-5, atol=1e-6)
+    z = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(decode(z), ae.decode(z), rtol=1e-5, atol=1e-6)
+
+    lpips = PerceptualDistance(taps=2)
+    x.requires_grad_(True)
+    eager = lpips(x, y)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(lpips, backend="aot_eager")(x, y)
+    (grad_compiled,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-7)
+
+
+def test_sampling_with_a_compiled_network_gives_the_eager_images():
+    eager, traced = tiny_unet(True).eval(), tiny_unet(True).eval()
+    compile_module(traced)  # the public path; swap in the fast tracing backend below
+    traced.compile(backend="aot_eager")
+    schedule = Schedule.from_name("linear", 1000)
+    labels = torch.tensor([0, 2])
+    ts = make_timesteps(schedule.num_timesteps, 4)
+    images = []
+    for net in (eager, traced):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            images.append(ddim_sample(lambda x_t, t, net=net: net(x_t, t, labels), x, schedule, ts))
+    torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the fast path
+
+
+def test_amp_auto_is_bf16_exactly_on_cpus_that_compute_in_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)
+    assert runtime.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
+    assert runtime.autocast_dtype("auto", cpu) is None
+    assert runtime.autocast_dtype("none", cpu) is None
+    assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_kernel_backend_choice(monkeypatch):
+    assert kernels.resolve("torch", "cpu") == "torch"
+    assert kernels.resolve("auto", "cpu") == "torch"  # the CPU always runs PyTorch's ops unless asked otherwise
+    with pytest.raises(ValueError, match="Unknown --kernels 'cuda'"):
+        kernels.resolve("cuda", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if kernels.triton_importable():
+        with pytest.raises(ValueError, match="--kernels triton runs our kernels on CUDA GPUs"):
+            kernels.resolve("triton", "cpu")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.resolve("triton", "cpu") == "triton"
+    with kernels.using("torch"):
+        assert kernels.active() == "torch"
+
+
+def test_cuda_graphs_are_refused_on_the_cpu_and_cpu_calls_run_eagerly():
+    with pytest.raises(ValueError, match="--cuda-graphs captures CUDA kernel launches"):
+        check_cuda_graphs(True, torch.device("cpu"))
+    net = tiny_unet(True).eval()
+    x, t, labels, _ = unet_inputs()
+    expected = net(x, t, labels)
+    capture_cuda_graphs(net)
+    assert isinstance(net.forward, GraphedForward)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, labels), expected)
+    assert not net.forward.graphs  # nothing was recorded for CPU tensors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run by bench/gpu_check.sh)")
+def test_cuda_graph_replay_equals_eager_on_cuda():
+    net = tiny_unet(True).cuda().eval()
+    x, t, labels, null_mask = (a.cuda() for a in unet_inputs())
+    with torch.no_grad():
+        expected = [net(x + k, t, labels, null_mask=null_mask) for k in range(3)]
+        capture_cuda_graphs(net)
+        replayed = [net(x + k, t, labels, null_mask=null_mask) for k in range(3)]
+    assert len(net.forward.graphs) == 1
+    for a, b in zip(replayed, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on the CPU
+
+BF16_LOSS_TOLERANCE = 0.05  # relative distance of the bf16 run's mean loss from the fp32 run's
+
+
+def test_bf16_autocast_training_stays_close_to_fp32():
+    """A short denoising run in bf16 autocast tracks the fp32 run: same data, noise and timesteps."""
+    schedule = Schedule.from_name("linear", 1000)
+    data = torch.rand(8, 3, 8, 8) * 2 - 1
+    curves = {}
+    for dtype in (None, torch.bfloat16):
+        net = tiny_unet(True)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(12):
+            t = torch.randint(0, schedule.num_timesteps, (8,), generator=g)
+            noise = torch.randn(data.shape, generator=g)
+            x_t = schedule.q_sample(data, t, noise)
+            with runtime.autocast(torch.device("cpu"), dtype):
+                out = net(x_t, t)
+            loss = (out.float() - noise).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curves[dtype] = losses
+    fp32, bf16 = curves[None], curves[torch.bfloat16]
+    assert fp32[-1] < fp32[0]  # the run learns, so the comparison is not between two flat lines
+    mean_fp32, mean_bf16 = sum(fp32[6:]) / 6, sum(bf16[6:]) / 6
+    assert math.isclose(mean_bf16, mean_fp32, rel_tol=BF16_LOSS_TOLERANCE)
