@@ -49,12 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds often come without Triton: then only the reference exists
-    triton = None
+from kernels.triton_support import flat_positions, jit, strides, tl, triton
 
 
 def group_norm_act(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None, scale: Tensor | None = None,
@@ -108,12 +103,8 @@ VALUES_PER_PROGRAM = 8192  # values of a group per program: one 64x64x512 image 
 MAX_CHANNEL_BLOCK = 64  # channels per tile at most, so a tile still spans positions
 
 
-def _jit(fn):
-    """triton.jit where Triton is installed; without it the kernels stay plain functions nobody calls."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit
 def _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, batch, channel, mask, C,
                         HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """Per channel, float32: (add, gain, offset) such that u = (x + add - mean) * rstd * gain + offset,
@@ -134,7 +125,7 @@ def _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, bat
     return add, gain, offset
 
 
-@_jit
+@jit
 def _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels, HAS_ADD: tl.constexpr):
     """For this program's group: its image, first channel, the address of its first value, and that
     value v0 = x + add in float32, the shift of the shifted sums."""
@@ -148,7 +139,7 @@ def _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels, HAS_AD
     return batch, first_channel, x_group, v0
 
 
-@_jit
+@jit
 def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, span,
                           stride_xb, stride_xc, stride_xs,
                           HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -175,7 +166,7 @@ def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, sp
     tl.store(out + 1, tl.sum(sum2))
 
 
-@_jit
+@jit
 def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, partial_ptr,
                           mean_ptr, rstd_ptr, C, HW, group_channels, span, eps,
                           stride_xb, stride_xc, stride_xs, stride_yb, stride_yc, stride_ys,
@@ -217,7 +208,7 @@ def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr
                      mask=mask)
 
 
-@_jit
+@jit
 def _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs, stride_dyc,
                stride_dys, SILU: tl.constexpr):
     """(xhat, du) on a tile, float32 and zero outside `mask`: the normalised value from x and the saved
@@ -233,7 +224,7 @@ def _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, str
     return xhat, du
 
 
-@_jit
+@jit
 def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
                           rstd_ptr, partial_ptr, C, HW, group_channels, span,
                           stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
@@ -270,7 +261,7 @@ def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_pt
         tl.store(out + 2 * plane, tl.sum(sum_du_xhat, axis=1), mask=c_mask)
 
 
-@_jit
+@jit
 def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
                            rstd_ptr, mean_dxhat_ptr, mean_dxhat_xhat_ptr, C, HW, group_channels, span,
                            stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
@@ -307,14 +298,6 @@ def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr,
 # Launchers, registered as torch.library ops so torch.compile traces through them
 
 
-def _flat_positions(x: Tensor) -> Tensor:
-    """x itself if positions h * W + w sit at one stride (contiguous and channels_last do), else a copy."""
-    return x if x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
-
-
-def _strides(x: Tensor) -> tuple[int, int, int]:
-    """(image, channel, position) strides of a (B, C, H, W) tensor that passes `_flat_positions`."""
-    return x.stride(0), x.stride(1), x.stride(3)
 
 
 def _launch_shape(group_channels: int, HW: int) -> tuple[int, int, int, int]:
@@ -335,12 +318,12 @@ def _forward_outputs(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor
     """Uninitialised (y, mean, rstd): shared by the op and its fake, so both give the same strides."""
     B = x.shape[0]
     stats = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
-    return torch.empty_like(_flat_positions(x)), stats, torch.empty_like(stats)
+    return torch.empty_like(flat_positions(x)), stats, torch.empty_like(stats)
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale: Tensor | None,
              shift: Tensor | None, num_groups: int, eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    x = _flat_positions(x)
+    x = flat_positions(x)
     B, C, H, W = x.shape
     assert C % num_groups == 0, f"{C} channels do not split into {num_groups} groups"
     group_channels = C // num_groups
@@ -350,11 +333,11 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale:
     grid = (B * num_groups, n_split)
     add_ = _per_channel(add, x)
     torch.library.wrap_triton(_forward_stats_kernel)[grid](
-        x, add_, partial, C, H * W, group_channels, span, *_strides(x),
+        x, add_, partial, C, H * W, group_channels, span, *strides(x),
         HAS_ADD=add is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     torch.library.wrap_triton(_forward_apply_kernel)[grid](
         x, y, weight, bias, add_, _per_channel(scale, x), _per_channel(shift, x), partial, mean, rstd,
-        C, H * W, group_channels, span, eps, *_strides(x), *_strides(y),
+        C, H * W, group_channels, span, eps, *strides(x), *strides(y),
         HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
         BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLIT=triton.next_power_of_2(n_split), num_warps=4)
     return y, mean, rstd
@@ -368,7 +351,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
               shift: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int, silu: bool,
               x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dadd, dscale, dshift); empty tensors for absent inputs, and for dx unless x_grad."""
-    x, dy = _flat_positions(x), _flat_positions(dy)
+    x, dy = flat_positions(x), flat_positions(dy)
     B, C, H, W = x.shape
     G, group_channels = num_groups, C // num_groups
     block_c, block_s, span, n_split = _launch_shape(group_channels, H * W)
@@ -379,7 +362,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     partial = torch.empty((3, B, C, n_split), device=x.device, dtype=torch.float32)
     torch.library.wrap_triton(_backward_sums_kernel)[grid](
         x, dy, weight, bias, *per_channel, mean, rstd, partial, C, H * W, group_channels, span,
-        *_strides(x), *_strides(dy), **flags)
+        *strides(x), *strides(dy), **flags)
 
     # Per (image, channel) sums over positions; u = z * (1 + scale) + shift, z = xhat * weight + bias.
     sum_xhat, sum_du, sum_du_xhat = partial.sum(-1)  # contiguous, as outputs must be (the fake's strides)
@@ -394,7 +377,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
         dx = torch.empty_like(x)
         torch.library.wrap_triton(_backward_apply_kernel)[grid](
             x, dy, dx, weight, bias, *per_channel, mean, rstd, mean_dxhat, mean_dxhat_xhat, C, H * W,
-            group_channels, span, *_strides(x), *_strides(dy), *_strides(dx), **flags)
+            group_channels, span, *strides(x), *strides(dy), *strides(dx), **flags)
     dweight = (one_plus_scale * sum_du_xhat).sum(0).to(weight.dtype)
     dbias = (one_plus_scale * sum_du).sum(0).to(bias.dtype)
     dadd, dscale, dshift = (x.new_empty(0) for _ in range(3))  # distinct tensors: op outputs may not alias
@@ -410,7 +393,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
 
 
 def _backward_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu, x_grad):
-    dx = torch.empty_like(_flat_positions(x)) if x_grad else x.new_empty(0)
+    dx = torch.empty_like(flat_positions(x)) if x_grad else x.new_empty(0)
     per_channel = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (add, scale, shift)]
     return dx, weight.new_empty(weight.shape), bias.new_empty(bias.shape), *per_channel
 

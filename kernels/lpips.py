@@ -43,12 +43,7 @@ import torch
 from torch import Tensor
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds often come without Triton: then only the reference exists
-    triton = None
+from kernels.triton_support import flat_positions, jit, strides, tl, triton
 
 # Added to the feature norm before dividing, as LPIPS does, so all-zero feature vectors stay zero.
 NORM_EPS = 1e-10
@@ -95,12 +90,8 @@ TILE = 4096  # values per tensor per program: 16 per thread at 8 warps, with roo
 MAX_CHANNELS = TILE  # one position's channels must fit one tile; LPIPS's trunks have at most 512
 
 
-def _jit(fn):
-    """triton.jit where Triton is installed; without it the kernels stay plain functions nobody calls."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit
 def _load_normalised(f_ptr, batch, p, c, mask, stride_b, stride_c, stride_p, eps):
     """(f, |f|, f / (|f| + eps)) on a [BLOCK_P, BLOCK_C] tile, float32, zero outside `mask`."""
     f = tl.load(f_ptr + batch.to(tl.int64) * stride_b + p[:, None] * stride_p + c[None, :] * stride_c, mask=mask,
@@ -109,7 +100,7 @@ def _load_normalised(f_ptr, batch, p, c, mask, stride_b, stride_c, stride_p, eps
     return f, norm, f / (norm + eps)[:, None]
 
 
-@_jit
+@jit
 def _forward_kernel(fx_ptr, fy_ptr, w_ptr, partial_ptr, C, HW, eps,
                     stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -125,7 +116,7 @@ def _forward_kernel(fx_ptr, fy_ptr, w_ptr, partial_ptr, C, HW, eps,
     tl.store(partial_ptr + batch * tl.num_programs(0) + block, tl.sum(w[None, :] * d * d))
 
 
-@_jit
+@jit
 def _input_gradient(f, norm, u, q, scale, eps):
     """scale (q - f / |f| sum_c q_c u_c) / (|f| + eps): the gradient at f of a loss whose gradient at u is q."""
     projection = tl.sum(q * u, axis=1)
@@ -133,7 +124,7 @@ def _input_gradient(f, norm, u, q, scale, eps):
     return scale * (q - direction * projection[:, None]) / (norm + eps)[:, None]
 
 
-@_jit
+@jit
 def _backward_kernel(grad_ptr, fx_ptr, fy_ptr, w_ptr, dfx_ptr, dfy_ptr, C, HW, eps,
                      stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
                      stride_dxb, stride_dxc, stride_dxp, stride_dyb, stride_dyc, stride_dyp,
@@ -162,14 +153,6 @@ def _backward_kernel(grad_ptr, fx_ptr, fy_ptr, w_ptr, dfx_ptr, dfy_ptr, C, HW, e
 # Launchers, registered as torch.library ops so torch.compile traces through them
 
 
-def _flat_positions(f: Tensor) -> Tensor:
-    """f itself if positions h * W + w sit at one stride (contiguous and channels_last do), else a copy."""
-    return f if f.stride(2) == f.shape[3] * f.stride(3) else f.contiguous()
-
-
-def _strides(f: Tensor) -> tuple[int, int, int]:
-    """(image, channel, position) strides of a (B, C, H, W) tensor that passes `_flat_positions`."""
-    return f.stride(0), f.stride(1), f.stride(3)
 
 
 def _launch_shape(C: int, HW: int) -> tuple[int, int, int]:
@@ -180,12 +163,12 @@ def _launch_shape(C: int, HW: int) -> tuple[int, int, int]:
 
 
 def _distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
-    fx, fy = _flat_positions(fx), _flat_positions(fy)
+    fx, fy = flat_positions(fx), flat_positions(fy)
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     partial = torch.empty((B, blocks), device=fx.device, dtype=torch.float32)
     torch.library.wrap_triton(_forward_kernel)[(blocks, B)](
-        fx, fy, weight, partial, C, H * W, NORM_EPS, *_strides(fx), *_strides(fy),
+        fx, fy, weight, partial, C, H * W, NORM_EPS, *strides(fx), *strides(fy),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     return partial.sum(1) / (H * W)
 
@@ -197,20 +180,20 @@ def _distance_fake(fx, fy, weight):
 def _backward(grad: Tensor, fx: Tensor, fy: Tensor, weight: Tensor, fx_grad: bool, fy_grad: bool
               ) -> tuple[Tensor, Tensor]:
     """(dfx, dfy), each an empty tensor unless asked for."""
-    fx, fy = _flat_positions(fx), _flat_positions(fy)
+    fx, fy = flat_positions(fx), flat_positions(fy)
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     dfx, dfy = _backward_fake(grad, fx, fy, weight, fx_grad, fy_grad)
     torch.library.wrap_triton(_backward_kernel)[(blocks, B)](
         grad.contiguous(), fx, fy, weight, dfx if fx_grad else fx, dfy if fy_grad else fy, C, H * W, NORM_EPS,
-        *_strides(fx), *_strides(fy), *_strides(dfx if fx_grad else fx), *_strides(dfy if fy_grad else fy),
+        *strides(fx), *strides(fy), *strides(dfx if fx_grad else fx), *strides(dfy if fy_grad else fy),
         FX_GRAD=fx_grad, FY_GRAD=fy_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     return dfx, dfy
 
 
 def _backward_fake(grad, fx, fy, weight, fx_grad, fy_grad):
     """Uninitialised (dfx, dfy) laid out as fx and fy: shared by the op and its fake, so both give the same strides."""
-    return tuple(torch.empty_like(_flat_positions(f)) if wanted else f.new_empty(0)
+    return tuple(torch.empty_like(flat_positions(f)) if wanted else f.new_empty(0)
                  for f, wanted in ((fx, fx_grad), (fy, fy_grad)))
 
 

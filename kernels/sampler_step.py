@@ -46,12 +46,7 @@ import torch
 from torch import Tensor
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds often come without Triton: then only the reference exists
-    triton = None
+from kernels.triton_support import jit, tl, triton
 
 MAX_HISTORY = 3  # F-PNDM's fourth-order methods combine the newest eps with three earlier ones
 
@@ -149,12 +144,8 @@ def _check(x: Tensor, eps: Tensor, update: Update, eps_ref: Tensor | None, histo
 BLOCK = 1024  # elements per program: 8 per thread at 4 warps
 
 
-def _jit(fn):
-    """triton.jit where Triton is installed; without it the kernel stays a plain function nobody calls."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit
 def _sampler_step_kernel(x_ptr, eps_ptr, ref_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, x_prev_ptr, x0_ptr,
                          guided_ptr, n, recip, recipm1, c_x, c_x0, c_eps, sigma, scale, w0, w1, w2, w3,
                          GUIDED: tl.constexpr, HISTORY: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,

@@ -8,6 +8,10 @@ by `bench/gpu_check.sh`.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +19,14 @@ import torch._dynamo
 
 import kernels
 from core import runtime
-from core.speed import GraphedForward, capture_cuda_graphs, check_cuda_graphs, compile_module
+from core.speed import GraphedForward, capture_cuda_graphs, check_cuda_graphs
 from ddpm.samplers import ddim_sample, make_timesteps
 from ddpm.schedule import Schedule
 from ddpm.unet import UNet, UNetConfig
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.perceptual import PerceptualDistance
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_unet(scale_shift_norm: bool) -> UNet:
@@ -110,7 +116,6 @@ def test_compiled_autoencoder_and_lpips_match_eager():
 
 def test_sampling_with_a_compiled_network_gives_the_eager_images():
     eager, traced = tiny_unet(True).eval(), tiny_unet(True).eval()
-    compile_module(traced)  # the public path; swap in the fast tracing backend below
     traced.compile(backend="aot_eager")
     schedule = Schedule.from_name("linear", 1000)
     labels = torch.tensor([0, 2])
@@ -150,6 +155,33 @@ def test_kernel_backend_choice(monkeypatch):
         assert kernels.resolve("triton", "cpu") == "triton"
     with kernels.using("torch"):
         assert kernels.active() == "torch"
+
+
+def test_everything_imports_and_runs_without_triton():
+    """On a PyTorch build without Triton (a None entry in sys.modules makes `import triton` fail) the
+    networks, the perceptual distance and the samplers run on the PyTorch references."""
+    script = """
+import sys
+sys.modules["triton"] = None
+import torch, kernels
+from ddpm.guidance import classifier_free_guidance
+from ddpm.samplers import ddim_sample, make_timesteps
+from ddpm.schedule import Schedule
+from ddpm.unet import UNet, UNetConfig
+from vae.perceptual import PerceptualDistance
+assert not kernels.triton_importable() and kernels.use("auto", "cpu") == "torch"
+model = UNet(UNetConfig(image_size=4, base_channels=32, channel_mult=(1,), attention_resolutions=()))
+assert model(torch.randn(1, 3, 4, 4), torch.tensor([1])).shape == (1, 3, 4, 4)
+x = torch.zeros(1, 3, 8, 8, requires_grad=True)
+distance = PerceptualDistance(taps=1)(x, torch.ones(1, 3, 8, 8))
+distance.sum().backward()
+assert distance.shape == (1,) and distance.item() > 0 and x.grad.abs().sum() > 0
+guided = classifier_free_guidance(lambda x, t, mask: x * 0.1 + mask.view(-1, 1, 1, 1), 2.0)
+out = ddim_sample(guided, torch.randn(1, 3, 4, 4), Schedule.from_name("cosine", 50), make_timesteps(50, 3), clip_x0=True)
+assert out.shape == (1, 3, 4, 4) and out.abs().max() <= 1
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cuda_graphs_are_refused_on_the_cpu_and_cpu_calls_run_eagerly():
