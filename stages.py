@@ -1,5 +1,5 @@
 """The registry of stages: `train.py --stage NAME` and `sample.py` (through a checkpoint's "stage")
-dispatch on it, and name no stage themselves. See core/stages.py for what a stage provides.
+dispatch on it, and name no stage themselves. `open_source` opens any checkpoint that draws images. See core/contract.py for what a stage provides.
 
     ddpm      pixel diffusion                         ddpm/stage.py
     vae       KL autoencoder (first stage)            vae/stage.py
@@ -10,8 +10,15 @@ dispatch on it, and name no stage themselves. See core/stages.py for what a stag
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from classify.stage import SPEC as CLASSIFY
-from core.stages import StageSpec
+from core.checkpoint import load_checkpoint
+from core.contract import StageSpec
+from core.errors import UserError
+from ddpm.source import ImageSource
 from ddpm.stage import SPEC as DDPM
 from invert.stage import SPEC as INVERT
 from ldm.stage import SPEC as LDM
@@ -19,9 +26,20 @@ from vae.stage import SPEC as VAE
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (DDPM, VAE, LDM, CLASSIFY, INVERT)}
 DEFAULT_STAGE = DDPM.name
+GENERATIVE: dict[str, StageSpec] = {name: spec for name, spec in STAGES.items() if spec.load_source is not None}
 
 
 def get_stage(name: str) -> StageSpec:
     if name not in STAGES:
-        raise ValueError(f"Unknown stage {name!r}; choose one of {', '.join(STAGES)}.")
+        raise UserError(f"Unknown stage {name!r}; choose one of {', '.join(STAGES)}.")
     return STAGES[name]
+
+
+def open_source(path: Path, device: torch.device, weights: str = "ema") -> ImageSource:
+    """Any generative stage's checkpoint as a source of images (the checkpoint names its stage)."""
+    payload = load_checkpoint(path)
+    spec = get_stage(str(payload.get("stage")))
+    if spec.load_source is None:
+        raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
+                        f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")
+    return spec.load_source(payload, device, weights, path)

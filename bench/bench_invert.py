@@ -99,8 +99,9 @@ def throughput_table(args, device) -> None:
 
 
 def convergence_table(args) -> None:
-    import train
     from core.checkpoint import load_checkpoint
+    from invert.stage import SPEC as INVERT
+    from training.run import parse_stage_args, run
     resolution = load_checkpoint(args.model)["data_info"]["resolution"]  # the images the model was trained on
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir or tmp) / "invert"
@@ -109,7 +110,7 @@ def convergence_table(args) -> None:
                 "--device", args.device, "--cache-dir", args.cache_dir]
         if args.num_samples:
             argv += ["--num-samples", str(args.num_samples)]
-        train.main(argv)
+        run(INVERT, parse_stage_args(INVERT, argv))
         print_convergence(run_dir)
 
 

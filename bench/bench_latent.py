@@ -60,9 +60,8 @@ def unet_pair(ldm: str, device: torch.device) -> tuple[UNet, UNet, AutoencoderKL
     vae = autoencoder(VAE_PRESET_OF[ldm], device)
     f, L, r = vae.config.downsampling_factor, vae.config.latent_channels, config.data.resolution
     cond = dict(cond="none", num_classes=0, num_params=0)  # conditioning costs the same in both
-    latent = dataclasses.replace(config.unet, image_size=r // f, in_channels=L, out_channels=L, **cond)
+    latent = dataclasses.replace(config.unet, image_size=r // f, in_channels=L, **cond)
     pixel = dataclasses.replace(config.unet, image_size=r, in_channels=vae.config.in_channels,
-                                out_channels=vae.config.in_channels,
                                 attention_resolutions=tuple(s * f for s in config.unet.attention_resolutions), **cond)
     torch.manual_seed(0)
     return (UNet(latent).to(device).eval().requires_grad_(False), UNet(pixel).to(device).eval().requires_grad_(False),

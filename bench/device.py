@@ -98,7 +98,7 @@ def candidate_settings(device: torch.device, quick: bool) -> list[Settings]:
     bf16 = torch.bfloat16 if cpu_computes_bf16() else None
     if quick:  # the likeliest winner only: a quick run on a small CPU has no time for the rest
         return [FP32, Settings(bf16, channels_last=True)]
-    candidates = [FP32, Settings(channels_last=True)]
+    candidates = [FP32, Settings(channels_last=True), Settings(channels_last=True, compile=True)]
     if bf16 is not None:
-        candidates += [Settings(bf16), Settings(bf16, channels_last=True)]
-    return candidates + [Settings(bf16, channels_last=True, compile=True)]
+        candidates += [Settings(bf16), Settings(bf16, channels_last=True), Settings(bf16, channels_last=True, compile=True)]
+    return candidates

@@ -15,6 +15,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from core.errors import UserError
 from ddpm.schedule import Schedule
 from ddpm.unet import UNetConfig, num_groups
 from vae.autoencoder import AutoencoderConfig
@@ -48,9 +49,9 @@ def unet2d_kwargs(config: UNetConfig) -> dict:
     class that classifier-free guidance needs, the counterpart of our `null_embedding`.
     """
     if config.cond == "params":
-        raise ValueError("UNet2DModel has no parameter-vector conditioning; map a cond='none' or 'class' config.")
+        raise UserError("UNet2DModel has no parameter-vector conditioning; map a cond='none' or 'class' config.")
     if not config.resample_with_conv:
-        raise ValueError("UNet2DModel has no average-pool downsampling; map a resample_with_conv=True config.")
+        raise UserError("UNet2DModel has no average-pool downsampling; map a resample_with_conv=True config.")
     widths = tuple(config.base_channels * m for m in config.channel_mult)
     sizes = [config.image_size // 2**level for level in range(len(widths))]
     attention = [size in config.attention_resolutions for size in sizes]
@@ -62,7 +63,7 @@ def unet2d_kwargs(config: UNetConfig) -> dict:
     else:
         head_dim = attention_widths[0] // config.num_heads
     kwargs = dict(
-        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
+        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.in_channels,
         block_out_channels=widths, layers_per_block=config.num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),

@@ -102,10 +102,12 @@ def compare(plan: Plan, name: str, size: str, images: int, ours: Callable[[Setti
     seconds = alternating_seconds(steps, plan.device, plan.repeats, plan.warmup)
     rates = {label: images / s for label, s in seconds.items()}
     fastest = max((s for s in candidates if s.label in rates), key=lambda s: rates[s.label])
+    best_fp32 = max((s for s in candidates if s.label in rates and s.dtype is None), key=lambda s: rates[s.label])
     return Row(name=name, size=size, ours_fp32=rates[FP32.label], ours_fastest=rates[fastest.label],
                settings=fastest.label, peer=peer_name, peer_default=rates.get("peer"),
                memory=(memory[FP32.label], memory[fastest.label], memory.get("peer")),
-               notes="; ".join(filter(None, [notes, *dropped])))
+               notes="; ".join(filter(None, [notes, *dropped])),
+               best_fp32=rates[best_fp32.label], best_fp32_settings=best_fp32.label)
 
 
 def _millions(net: nn.Module) -> str:
@@ -334,7 +336,7 @@ def fid_row(result: dict, name: str, size: str) -> Row:
     if compiled is not None:
         notes.append(f"compiled vs eager {result['max_abs_diff_compiled']:.1e}")
     return Row(name, size, eager, fastest, settings, result.get("peer_note") or "pytorch-fid",
-               result.get("peer_img_per_s"), notes="; ".join(notes))
+               result.get("peer_img_per_s"), notes="; ".join(notes), best_fp32=fastest, best_fp32_settings=settings)
 
 
 def resnet18(plan: Plan) -> Row:

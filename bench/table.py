@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COLUMNS = ("row", "size", "ours fp32 img/s", "ours fastest img/s", "fastest settings", "peer", "peer img/s",
-           "fastest / peer", "fp32 / peer", "peak MiB: fp32 / fastest / peer", "notes")
+           "fastest / peer", "fp32 / peer", "best fp32 / peer", "peak MiB: fp32 / fastest / peer", "notes")
 
 
 @dataclass
@@ -24,6 +24,9 @@ class Row:
     peer_default: float | None = None   # images/s of the peer as shipped (fp32 eager: its default, so also its fp32)
     memory: tuple[int | None, int | None, int | None] = (None, None, None)  # peak bytes: ours fp32, fastest, peer
     notes: str = ""
+    # The fastest fp32 candidate (eager, channels_last, compiled), for the equal-precision comparison
+    best_fp32: float | None = None
+    best_fp32_settings: str = ""
 
 
 def _rate(value: float | None) -> str:
@@ -34,6 +37,11 @@ def _rate(value: float | None) -> str:
 
 def _ratio(ours: float | None, peer: float | None) -> str:
     return "-" if ours is None or not peer else f"{ours / peer:.2f}x"
+
+
+def _best_fp32(r: Row) -> str:
+    ratio = _ratio(r.best_fp32, r.peer_default)
+    return ratio if ratio == "-" else f"{ratio} ({r.best_fp32_settings})"
 
 
 def _mebibytes(memory: tuple[int | None, ...]) -> str:
@@ -47,7 +55,7 @@ def format_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = (r.name, r.size, _rate(r.ours_fp32), _rate(r.ours_fastest), r.settings, r.peer, _rate(r.peer_default),
-                 _ratio(r.ours_fastest, r.peer_default), _ratio(r.ours_fp32, r.peer_default), _mebibytes(r.memory),
-                 r.notes)
+                 _ratio(r.ours_fastest, r.peer_default), _ratio(r.ours_fp32, r.peer_default), _best_fp32(r),
+                 _mebibytes(r.memory), r.notes)
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

@@ -51,7 +51,7 @@ class ClassifyConfig:
 
 def classify_demo() -> ClassifyConfig:
     """ResNet-18 regressing the plumes' wind and temperature at 32x32 (the 10,000 plumes of the pixel demo),
-    a few minutes on 2 CPU cores.
+    minutes on 2 CPU cores (docs/presets.md).
 
     No flips: mirroring a plume reverses its wind, so a flipped image would carry the wrong target
     (the same holds for wind classes). Classification needs labels, which plumes lack: export them

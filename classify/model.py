@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-from core.checkpoint import load_checkpoint, require_keys
+from core.checkpoint import load_checkpoint, load_weights, require_keys
 from core.config import check_choice, from_dict, option, require
+from core.errors import UserError
 from data import DatasetInfo
 
 NAME = "classify"
@@ -87,9 +88,9 @@ class Classifier:
         info = self.info
         assert images.dim() == 4, f"expected images (B, C, H, W), got {tuple(images.shape)}"
         if images.shape[-2:] != (info.resolution, info.resolution):
-            raise ValueError(f"This classifier takes {info.resolution}x{info.resolution} images, got "
-                             f"{images.shape[-1]}x{images.shape[-2]}; resize them or load them at --resolution "
-                             f"{info.resolution}.")
+            raise UserError(f"This classifier takes {info.resolution}x{info.resolution} images, got "
+                            f"{images.shape[-1]}x{images.shape[-2]}; resize them or load them at --resolution "
+                            f"{info.resolution}.")
         if images.shape[1] == info.channels:
             return images
         if images.shape[1] == 1 and info.channels == 3:
@@ -97,7 +98,7 @@ class Classifier:
         if images.shape[1] == 3 and info.channels == 1:  # ITU-R 601 luma, as data.dataset.to_channels
             weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
             return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-        raise ValueError(f"This classifier takes {info.channels}-channel images, got {images.shape[1]}.")
+        raise UserError(f"This classifier takes {info.channels}-channel images, got {images.shape[1]}.")
 
     @torch.no_grad()
     def outputs(self, images: Tensor, batch_size: int = 256) -> Tensor:
@@ -114,21 +115,6 @@ class Classifier:
         return self.info.denormalize_params(out)
 
 
-def classifier_from_state(config: ClassifierConfig, info: DatasetInfo, state: dict[str, Tensor],
-                          path: str | Path) -> nn.Module:
-    """The network of a checkpoint, weights loaded strictly and checked for NaN."""
-    net = build_resnet18(config, info.resolution)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"The weights in {path} do not fit the ResNet-18 its config describes "
-                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
-    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):
-        raise ValueError(f"The weights in {path} hold NaN or infinite values; the run diverged, so use an earlier "
-                         f"checkpoint.")
-    return net
-
-
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """The classifier or regressor saved by `train.py --stage classify` at `path`, frozen, in eval mode."""
     path = Path(path)
@@ -136,8 +122,5 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
     require_keys(payload, ("config", "data_info", "models"), path)
     config = from_dict(ClassifierConfig, payload["config"]["model"])
     info = DatasetInfo.from_dict(payload["data_info"])
-    state = payload["models"].get("model")
-    if state is None:
-        raise ValueError(f"Checkpoint {path} has no classifier weights; it is inconsistent, so retrain it.")
-    net = classifier_from_state(config, info, state, path)
+    net = load_weights(build_resnet18(config, info.resolution), payload["models"].get("model"), path, "ResNet-18")
     return Classifier(net.to(device).eval().requires_grad_(False), config, info)

@@ -23,8 +23,9 @@ from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConf
 from classify.model import NAME, ClassifierConfig, build_resnet18
 from classify.plots import confusion_matrix_image
 from core.config import DataConfig, TrainConfig, to_dict
+from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
+from core.errors import UserError
 from core.runtime import Runtime
-from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
 from data.augment import compose, random_crop, random_hflip
 from data.dataset import param_ranges
@@ -36,22 +37,22 @@ EVAL_BATCH = 256
 def _same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: str) -> None:
     """Refuse a second dataset (extra training images, test images) whose classes or parameters differ."""
     if target == "class" and other.class_names != train.class_names:
-        raise ValueError(f"The classes of {option} ({', '.join(other.class_names) or 'none'}) differ from those of "
-                         f"--dataset ({', '.join(train.class_names)}); give both the same class folder names.")
+        raise UserError(f"The classes of {option} ({', '.join(other.class_names) or 'none'}) differ from those of "
+                        f"--dataset ({', '.join(train.class_names)}); give both the same class folder names.")
     if target == "params" and other.param_names != train.param_names:
-        raise ValueError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
-                         f"--dataset ({', '.join(train.param_names)}); give both the same params.csv columns.")
+        raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
+                        f"--dataset ({', '.join(train.param_names)}); give both the same params.csv columns.")
 
 
 def _check_targets(name: str, classes: int, has_params: bool, target: str) -> None:
     """Refuse a target the dataset `name` has no labels for (`data.label_counts` tells before loading)."""
     if target == "class" and classes < 2:
-        raise ValueError(f"--target class needs at least two classes, and {name} has {classes or 'no'} class "
-                         f"folders; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
-                         f"or --target params.")
+        raise UserError(f"--target class needs at least two classes, and {name} has {classes or 'no'} class "
+                        f"folders; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
+                        f"or --target params.")
     if target == "params" and not has_params:
-        raise ValueError(f"--target params needs per-image parameters, and {name} has none; add a params.csv "
-                         f"or use --target class.")
+        raise UserError(f"--target params needs per-image parameters, and {name} has none; add a params.csv "
+                        f"or use --target class.")
 
 
 def concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
@@ -91,7 +92,7 @@ class ClassifierTraining:
         self.target = config.model.target
 
     def loss(self, models, batch, generator, step) -> tuple[Tensor, dict[str, Tensor]]:
-        out = models["model"](batch.image).float()
+        out = models[MAIN](batch.image).float()
         if self.target == "class":
             loss = F.cross_entropy(out, batch.label, label_smoothing=self.config.classify.label_smoothing)
             return loss, {"accuracy": (out.argmax(dim=1) == batch.label).float().mean()}
@@ -118,7 +119,7 @@ class ClassifierTraining:
             net.train(was_training)
 
     def evaluate(self, models) -> dict[str, Any]:
-        out = self.outputs(models["model"])
+        out = self.outputs(models[MAIN])
         record: dict[str, Any] = {"split": self.split, "images": len(self.test_set)}
         if self.target == "class":
             labels, names = self.test_set.labels, self.info.class_names
@@ -170,9 +171,9 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
     options = config.classify
     trainable = Trainable(net, lr=train.lr, optimizer="sgd", momentum=options.momentum, nesterov=options.nesterov,
                           weight_decay=train.weight_decay)
-    stage = TrainingStage(name=NAME, trainables={"model": trainable}, loss=run.loss, dataset=dataset,
-                          config=to_dict(config), data_info=data_info, augment=augmentation(config),
-                          evaluate=run.evaluate, mix=mix)
+    stage = TrainingStage(name=NAME, trainables={MAIN: trainable}, loss=run.loss, dataset=dataset,
+                          config=to_dict(config), data_info=data_info, augment=augmentation(config), mix=mix,
+                          outputs=Outputs(evaluate=run.evaluate))
     return config, stage
 
 
@@ -183,13 +184,13 @@ def check(config: ClassifyConfig) -> None:
     if options.extra_dataset:
         check_spec(options.extra_dataset, "--extra-dataset")
     elif options.extra_fraction != -1 or options.extra_samples:
-        raise ValueError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
+        raise UserError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
     count = round(options.extra_fraction * config.train.batch_size)
     if options.extra_fraction > 0 and count == 0:
-        raise ValueError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "
-                         f"less than one image; raise either.")
+        raise UserError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "
+                        f"less than one image; raise either.")
 
 
 def final_results(run_dir: str | Path) -> dict[str, Any] | None:
@@ -215,7 +216,6 @@ SPEC = StageSpec(
     summary="ResNet-18 classifier or parameter regressor on real, synthetic or mixed images",
     config_class=ClassifyConfig,
     presets=PRESETS,
-    default_preset="classify-demo",
     sections=(Section("data", DataConfig, help={"hflip": "random horizontal flips (off for labels that mirroring "
                                                          "changes, e.g. a plume's wind)"}),
               Section("model", ClassifierConfig, skip=MODEL_FROM_DATA),

@@ -1,6 +1,10 @@
 """How every entry point ends: an expected failure is one sentence on stderr and a non-zero exit; the
-traceback is shown only with --debug (or SYNTHDIFF_DEBUG=1), or for an error no one anticipated,
-which is a bug worth a traceback.
+traceback is shown only with --debug (or SYNTHDIFF_DEBUG=1), or for any other error, which is a
+bug worth a traceback.
+
+Expected failures are a `core.errors.UserError` (a check refused an option, a file or the data), a
+`RunError` (a run ended early: divergence, a stop signal), Ctrl-C, and the machine's limits: out of
+GPU memory, disk full, a folder that cannot be written.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ import errno
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
+
+from core.errors import UserError
 
 DEBUG_ENV = "SYNTHDIFF_DEBUG"
 
@@ -35,6 +42,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""
     if isinstance(err, RunError):
         return str(err), err.exit_code
+    if isinstance(err, UserError):
+        return _original_message(str(err)), 1
     if isinstance(err, KeyboardInterrupt):
         return ("interrupted (Ctrl-C); every file written before is intact: run the same command again to go on (a "
                 "training run with --resume, from its last checkpoint; a dataset where it stopped)."), 128 + signal.SIGINT
@@ -47,10 +56,6 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
-    if isinstance(err, OSError) and err.errno is None:  # raised by our own code with a message for the user
-        return _original_message(str(err)), 1
-    if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
-        return _original_message(str(err)), 1
     return None
 
 
@@ -98,3 +103,11 @@ def terminate_as_interrupt(signum: int, frame: Any) -> None:
     """A SIGTERM outside a training loop: unwind like Ctrl-C (finally blocks run, locks are released)."""
     raise RunInterrupted("stopped by SIGTERM outside a training step; every checkpoint written so far is intact, so "
                          "run the same command again to go on.", signum)
+
+
+def main(entry: Callable[[list[str]], Any]) -> None:
+    """How every command's `if __name__ == "__main__"` ends: SIGTERM unwinds like Ctrl-C, and the
+    process exits with `run(entry)`'s code."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate_as_interrupt)
+    sys.exit(run(entry))

@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from core.runtime import AMP_HELP, AMP_MODES
-from kernels import BACKENDS as KERNEL_BACKENDS, HELP as KERNELS_HELP
+from core.errors import UserError
+from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")  # see training.loop.lr_factor
 
@@ -29,7 +29,7 @@ def option(default: Any, help: str, **extra: Any) -> Any:
 def require(ok: bool, message: str) -> None:
     """Refuse an invalid option value with a one-sentence message (raised as ValueError)."""
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -122,9 +122,9 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)} - getattr(cls, "retired_keys", frozenset())
     if unknown:
-        raise ValueError(f"Config section {cls.__name__} has unknown keys {sorted(unknown)}; the checkpoint was written by a newer toolkit.")
+        raise UserError(f"Config section {cls.__name__} has unknown keys {sorted(unknown)}; the checkpoint was written by a newer toolkit.")
     return cls(**kwargs)
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import ExistsError
 from core.runtime import process_alive
 
 try:
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover - not POSIX
 LOCK_NAME = ".lock"
 
 
-class FolderInUse(FileExistsError):
+class FolderInUse(ExistsError):
     """Another live process holds the folder."""
 
 
@@ -136,7 +137,7 @@ def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output folder that is a file, or that already holds results unless `overwrite`."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--out {folder} is a file; choose a folder.")
+        raise ExistsError(f"--out {folder} is a file; choose a folder.")
     if holds_files(folder) and not overwrite:
-        raise FileExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
+        raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
 

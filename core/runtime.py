@@ -19,6 +19,8 @@ from typing import IO, Any, Callable, ContextManager
 import numpy as np
 import torch
 
+from core.errors import UserError
+
 # ---------------------------------------------------------------------------------------------
 # seeds
 
@@ -57,16 +59,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"Unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+        raise UserError(f"Unknown --device {name!r}; use auto, cpu, cuda or cuda:N.") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; "
-                             f"use --device cpu or install a CUDA build of PyTorch.")
+            raise UserError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; "
+                            f"use --device cpu or install a CUDA build of PyTorch.")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+            raise UserError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
     return device
 
 
@@ -88,6 +90,10 @@ def main_process_first(runtime: Runtime):
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 AMP_HELP = ("mixed precision (auto: bf16 on CUDA, or fp16 with loss scaling where bf16 is unsupported; bf16 on CPUs "
             "with native bf16 (AVX512-BF16, AMX); none on other CPUs)")
+# --kernels: which implementation of our fused ops runs (the kernels package reads the choice)
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+KERNELS_HELP = ("fused kernels: auto (our Triton kernels on CUDA when Triton is importable, PyTorch's ops otherwise), "
+                "triton or torch; both give the same results within the kernels' stated tolerances")
 
 
 @functools.cache
@@ -112,13 +118,13 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     many times slower than fp32.
     """
     if amp not in AMP_MODES:
-        raise ValueError(f"Unknown --amp {amp!r}; choose one of {', '.join(AMP_MODES)}.")
+        raise UserError(f"Unknown --amp {amp!r}; choose one of {', '.join(AMP_MODES)}.")
     if amp == "auto":
         if device.type != "cuda":
             return torch.bfloat16 if cpu_computes_bf16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
+        raise UserError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from core.errors import UserError
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -29,7 +31,7 @@ def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
     "reduce-overhead" also records CUDA graphs on CUDA (compile's own capture).
     """
     if mode not in COMPILE_MODES:
-        raise ValueError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}.")
+        raise UserError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}.")
     module.compile(mode=None if mode == "default" else mode)
     return module
 
@@ -119,5 +121,5 @@ def speed_up(module: nn.Module, device: torch.device, *, compile: bool = False, 
 def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
     """Refuse `--cuda-graphs` where there is no CUDA device, before any work."""
     if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs captures CUDA kernel launches, and this run is on {device.type}; drop it "
-                         f"(use --compile to speed up CPU sampling).")
+        raise UserError(f"--cuda-graphs captures CUDA kernel launches, and this run is on {device.type}; drop it "
+                        f"(use --compile to speed up CPU sampling).")

@@ -85,20 +85,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, source: str,
-                     what: str, ignore_prefixes: Iterable[str] = ()) -> None:
-    """Refuse `found` unless its keys and shapes are exactly `expected`'s (keys under `ignore_prefixes` aside).
-
-    The error names the first few missing, unexpected and mis-shaped keys, so a user can tell a
-    wrong file from a truncated one.
-    """
-    ignore = tuple(ignore_prefixes)
-    keys = {k for k in found if not k.startswith(ignore)} if ignore else set(found)
-    missing = sorted(set(expected) - keys)
-    unexpected = sorted(keys - set(expected))
-    misshaped = sorted(k for k in set(expected) & keys if tuple(found[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or misshaped):
-        return
+def state_dict_mismatch(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> str:
+    """How `found`'s keys and shapes differ from `expected`'s ('' when they are the same): the first few
+    missing, unexpected and mis-shaped keys, so a user can tell a wrong file from a truncated one."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
@@ -108,8 +100,18 @@ def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, t
         k = misshaped[0]
         problems.append(f"{len(misshaped)} with the wrong shape (e.g. {k}: {tuple(found[k].shape)} instead of "
                         f"{tuple(expected[k])})")
-    raise ValueError(f"{source} is not a {what} weights file: its keys do not match ({'; '.join(problems)}); "
-                     f"pass the published {what} file.")
+    return "; ".join(problems)
+
+
+def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, source: str,
+                     what: str, ignore_prefixes: Iterable[str] = ()) -> None:
+    """Refuse `found` unless its keys and shapes are exactly `expected`'s (keys under `ignore_prefixes` aside)."""
+    ignore = tuple(ignore_prefixes)
+    kept = {k: v for k, v in found.items() if not k.startswith(ignore)} if ignore else found
+    problems = state_dict_mismatch(kept, expected)
+    if problems:
+        raise ValueError(f"{source} is not a {what} weights file: its keys do not match ({problems}); "
+                         f"pass the published {what} file.")
 
 
 def download(url: str, filename: str, what: str, advice: str, hash_prefix: str | None = None) -> Path:

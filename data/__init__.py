@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.errors import MissingFileError, UserError
 from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
@@ -19,15 +20,15 @@ __all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "label_counts", "loa
 def check_spec(spec: str, option: str = "--dataset") -> None:
     """Refuse a dataset spec that names no known source, or a folder that does not exist, before any work."""
     if not spec:
-        raise ValueError(f"No dataset was given (this preset has none); pass {option} folder:PATH, plumes or cifar10.")
+        raise UserError(f"No dataset was given (this preset has none); pass {option} folder:PATH, plumes or cifar10.")
     if spec in ("plumes", "cifar10"):
         return
     if spec.startswith("folder:") and len(spec) > len("folder:"):
         folder = Path(spec[len("folder:"):]).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
+            raise MissingFileError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
         return
-    raise ValueError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
+    raise UserError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
 
 
 def label_counts(spec: str) -> tuple[int, bool]:
@@ -54,12 +55,12 @@ def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/
     1 (greyscale) or 3 (RGB), None keeps the source's own.
     """
     if not isinstance(resolution, int) or resolution < 8:
-        raise ValueError(f"resolution must be an integer of at least 8, got {resolution!r}.")
+        raise UserError(f"resolution must be an integer of at least 8, got {resolution!r}.")
     if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1 (greyscale), 3 (RGB) or None (the data's own), got {channels!r}.")
+        raise UserError(f"channels must be 1 (greyscale), 3 (RGB) or None (the data's own), got {channels!r}.")
     # Imported lazily so that asking for one source never pays for (or fails on) another's imports.
     if not spec:
-        raise ValueError("No dataset was given (this preset has none); pass --dataset folder:PATH, plumes or cifar10.")
+        raise UserError("No dataset was given (this preset has none); pass --dataset folder:PATH, plumes or cifar10.")
     if spec == "plumes":
         from data.plumes import load_plumes
         return load_plumes(resolution, cache_dir, train=train, num_samples=num_samples, seed=seed, channels=channels)
@@ -69,7 +70,7 @@ def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/
     if spec.startswith("folder:") and len(spec) > len("folder:"):
         from data.folder import load_folder
         return load_folder(spec[len("folder:"):], resolution, num_samples=num_samples, seed=seed, channels=channels)
-    raise ValueError(f"Unknown dataset {spec!r}; choose one of {', '.join(SPECS)}.")
+    raise UserError(f"Unknown dataset {spec!r}; choose one of {', '.join(SPECS)}.")
 
 
 SPLITS_WITH_TEST = ("plumes", "cifar10")

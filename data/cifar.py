@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torchvision.datasets import cifar as torchvision_cifar
 
+from core.errors import MissingFileError
 from data.dataset import DatasetInfo, ImageDataset, resize_uint8, subset_indices, to_channels
 
 FOLDER = "cifar-10-batches-py"
@@ -113,7 +114,7 @@ def _fetch(root: Path) -> None:
         torchvision_cifar.download_and_extract_archive(torchvision_cifar.CIFAR10.url, str(root), filename=ARCHIVE,
                                                        md5=torchvision_cifar.CIFAR10.tgz_md5)
     except Exception as err:  # network, checksum and extraction failures all need the same advice
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(err).__name__}: {err}); put "
             f"{ARCHIVE} (https://www.cs.toronto.edu/~kriz/{ARCHIVE}) or its extracted {FOLDER}/ folder "
             f"({', '.join(TRAIN_BATCHES)}, {', '.join(TEST_BATCHES)}, {META}) in {root}, or run once with internet access."

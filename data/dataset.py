@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
 from data.imageio import from_uint8
 
 
@@ -141,7 +142,7 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) with C in {1, 3} -> `channels` (1: ITU-R 601 luma, 3: grey replicated)."""
     c = images.shape[1]
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}; pick greyscale (1) or RGB (3).")
+        raise UserError(f"channels must be 1 or 3, got {channels}; pick greyscale (1) or RGB (3).")
     if c == channels:
         return images
     if channels == 3:
@@ -165,6 +166,6 @@ def subset_indices(total: int, num_samples: int | None, seed: int, what: str) ->
     if num_samples is None:
         return torch.arange(total)
     if not 0 < num_samples <= total:
-        raise ValueError(f"Asked for {num_samples} samples but {what} has {total}; pass a num_samples between 1 and {total}.")
+        raise UserError(f"Asked for {num_samples} samples but {what} has {total}; pass a num_samples between 1 and {total}.")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=generator)[:num_samples].sort().values

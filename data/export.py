@@ -14,14 +14,12 @@ the same edges (each split's own range differs slightly). Rerunning continues an
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
 from core import cli
+from core.errors import UserError
 from core.lock import FolderLock
 from data import check_spec, load_dataset
 from data.imageio import from_uint8
@@ -54,9 +52,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_spec(args.spec, "SPEC")
     if args.num_samples < 0:
-        raise ValueError(f"--num-samples must be 0 (all) or positive, got {args.num_samples}.")
+        raise UserError(f"--num-samples must be 0 (all) or positive, got {args.num_samples}.")
     if args.split == "test" and args.spec.startswith("folder:"):
-        raise ValueError("A folder has no test split; export the folder that holds your test images instead.")
+        raise UserError("A folder has no test split; export the folder that holds your test images instead.")
     with FolderLock(args.out):
         dataset = load_dataset(args.spec, args.resolution, cache_dir=args.cache_dir, train=args.split == "train",
                                num_samples=args.num_samples or None)
@@ -92,6 +90,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
-    sys.exit(cli.run(main))
+    cli.main(main)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from core.errors import UserError
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
 from data.imageio import IMAGE_EXTENSIONS, list_images, load_image
 
@@ -35,8 +36,8 @@ def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]
     if len(loose) == len(files):
         return (), [0] * len(files)
     if loose:
-        raise ValueError(f"{root} has images both directly inside (e.g. {loose[0].name}) and in subfolders; "
-                         f"move them all into class subfolders, or all to the top level for an unlabelled dataset.")
+        raise UserError(f"{root} has images both directly inside (e.g. {loose[0].name}) and in subfolders; "
+                        f"move them all into class subfolders, or all to the top level for an unlabelled dataset.")
     names = tuple(sorted({parts[0] for parts in tops}))
     index = {name: i for i, name in enumerate(names)}
     return names, [index[parts[0]] for parts in tops]
@@ -57,17 +58,17 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
         return (), torch.zeros(len(files), 0)
     rows = _csv_rows(csv_path)
     if not rows or len(rows[0][1]) < 2:
-        raise ValueError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
+        raise UserError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
     header_line, header = rows[0]
     names = tuple(h.strip() for h in header[1:])
     for column, name in enumerate(names, start=2):
         if not name:
-            raise ValueError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
-                             f"parameter column.")
+            raise UserError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
+                            f"parameter column.")
         first = names.index(name) + 2
         if first != column:
-            raise ValueError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "
-                             f"and {column}; give each column its own name.")
+            raise UserError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "
+                            f"and {column}; give each column its own name.")
 
     largest = torch.finfo(torch.float32).max
     table: dict[str, tuple[int, list[float]]] = {}
@@ -75,29 +76,29 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
         if not any(cell.strip() for cell in row):
             continue  # spreadsheets end their exports with rows like ",,"
         if len(row) != len(names) + 1:
-            raise ValueError(f"{csv_path} line {line} has {len(row)} columns but the header has {len(names) + 1}; fix that row.")
+            raise UserError(f"{csv_path} line {line} has {len(row)} columns but the header has {len(names) + 1}; fix that row.")
         if not row[0].strip():
-            raise ValueError(f"{csv_path} line {line} has an empty image path; give the image's path relative to {root}.")
+            raise UserError(f"{csv_path} line {line} has an empty image path; give the image's path relative to {root}.")
         try:
             values = [float(v) for v in row[1:]]
         except ValueError:
-            raise ValueError(f"{csv_path} line {line} ({row[0]}) has a non-numeric parameter in {row[1:]}; "
-                             f"make every parameter column a number.") from None
+            raise UserError(f"{csv_path} line {line} ({row[0]}) has a non-numeric parameter in {row[1:]}; "
+                            f"make every parameter column a number.") from None
         if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"{csv_path} line {line} ({row[0]}) has a NaN or infinite parameter; give finite numbers.")
+            raise UserError(f"{csv_path} line {line} ({row[0]}) has a NaN or infinite parameter; give finite numbers.")
         if any(abs(v) > largest for v in values):
-            raise ValueError(f"{csv_path} line {line} ({row[0]}) has a parameter beyond float32's range "
-                             f"(+-{largest:.3g}); rescale that parameter.")
+            raise UserError(f"{csv_path} line {line} ({row[0]}) has a parameter beyond float32's range "
+                            f"(+-{largest:.3g}); rescale that parameter.")
         # One spelling per image: "./a.png", "a.png" and a Windows "sub\a.png" all name the same file.
         key = Path(row[0].strip().replace("\\", "/")).as_posix()
         if key in table:
-            raise ValueError(f"{csv_path} lines {table[key][0]} and {line} both give parameters for {key}; keep one of them.")
+            raise UserError(f"{csv_path} lines {table[key][0]} and {line} both give parameters for {key}; keep one of them.")
         table[key] = (line, values)
 
     keys = [file.relative_to(root).as_posix() for file in files]
     for key in keys:
         if key not in table:
-            raise ValueError(f"{csv_path} has no row for image {key}; add one (path relative to {root}).")
+            raise UserError(f"{csv_path} has no row for image {key}; add one (path relative to {root}).")
     present = set(keys)
     unused = sorted(line for key, (line, _) in table.items() if key not in present)
     if unused:
@@ -114,11 +115,11 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
         text = raw.decode("utf-8-sig")  # "-sig": spreadsheets often start UTF-8 files with a byte-order mark
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise ValueError(f"{csv_path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8 "
-                         f"(\"CSV UTF-8\" in a spreadsheet).") from None
+        raise UserError(f"{csv_path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8 "
+                        f"(\"CSV UTF-8\" in a spreadsheet).") from None
     if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 but puts a NUL in every character
         line = text[:text.index("\x00")].count("\n") + 1
-        raise ValueError(f"{csv_path} has NUL bytes (from line {line}), as UTF-16 text does; save it as UTF-8.")
+        raise UserError(f"{csv_path} has NUL bytes (from line {line}), as UTF-16 text does; save it as UTF-8.")
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, start = [], 1
     try:
@@ -126,7 +127,7 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
             rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as err:
-        raise ValueError(f"{csv_path} line {reader.line_num} is not valid CSV ({err}); fix that row.") from None
+        raise UserError(f"{csv_path} line {reader.line_num} is not valid CSV ({err}); fix that row.") from None
     return rows
 
 
@@ -145,7 +146,7 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     root = Path(root).expanduser().resolve()
     files = list_images(root)
     if not files:
-        raise ValueError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); point --dataset folder:PATH at a folder of images.")
+        raise UserError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); point --dataset folder:PATH at a folder of images.")
     class_names, labels = _classes(root, files)
     param_names, params = _read_params(root, files)
     keep = subset_indices(len(files), num_samples, seed, f"folder {root}").tolist()

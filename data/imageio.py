@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.errors import MissingFileError, UserError
 from core.runtime import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -34,10 +35,10 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist or is not a directory; pass a directory that holds images.")
+        raise MissingFileError(f"Image folder {root} does not exist or is not a directory; pass a directory that holds images.")
 
     def unreadable(err: OSError) -> None:
-        raise ValueError(f"Cannot list the folder {err.filename} ({err.strerror}); fix its permissions or move it out of {root}.")
+        raise UserError(f"Cannot list the folder {err.filename} ({err.strerror}); fix its permissions or move it out of {root}.")
 
     files, seen = [], set()
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
@@ -53,8 +54,8 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
                 continue
             path = Path(folder, name)
             if not path.is_file():
-                raise ValueError(f"{path} is not a regular file (a broken link, a pipe or a device); remove it or "
-                                 f"replace it with the image.")
+                raise UserError(f"{path} is not a regular file (a broken link, a pipe or a device); remove it or "
+                                f"replace it with the image.")
             files.append(path)
     return sorted(files)
 
@@ -85,7 +86,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     A file that cannot be decoded or converted raises ValueError naming it; a missing one FileNotFoundError.
     """
     if mode not in ("RGB", "L"):
-        raise ValueError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
+        raise UserError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
     with _decode(path) as im:
         if im.mode in HIGH_DEPTH:
             return _high_depth_to_grey(im, path).convert(mode)
@@ -102,8 +103,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
                 im = im.convert("RGB")
             return im.convert(mode)
         except ValueError as err:
-            raise ValueError(f"Image {path} has pixel mode {im.mode}, which cannot be converted to {mode} ({err}); "
-                             f"save it as 8-bit RGB or greyscale.") from err
+            raise UserError(f"Image {path} has pixel mode {im.mode}, which cannot be converted to {mode} ({err}); "
+                            f"save it as 8-bit RGB or greyscale.") from err
 
 
 def _decode(path: str | os.PathLike) -> Image.Image:
@@ -122,15 +123,15 @@ def _decode(path: str | os.PathLike) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow raises before the size is ours to read
         pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise ValueError(f"Image {path} has {pixels}, more than the limit of {Image.MAX_IMAGE_PIXELS:,} "
-                         f"(PIL.Image.MAX_IMAGE_PIXELS), so it is refused as a possible decompression bomb; "
-                         f"shrink it, or raise that limit if you trust the file.") from None
+        raise UserError(f"Image {path} has {pixels}, more than the limit of {Image.MAX_IMAGE_PIXELS:,} "
+                        f"(PIL.Image.MAX_IMAGE_PIXELS), so it is refused as a possible decompression bomb; "
+                        f"shrink it, or raise that limit if you trust the file.") from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"Image {path} does not exist; check the path.") from None
+        raise MissingFileError(f"Image {path} does not exist; check the path.") from None
     except Exception as err:
         # Pillow's parsers meet malformed bytes with many exception types (OSError, SyntaxError,
         # struct.error, EOFError, IndexError, ...); whichever it is, the file is at fault.
-        raise ValueError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
+        raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
 
 
 def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image:
@@ -138,18 +139,18 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
     values = np.asarray(im)  # uint16 in the file's byte order, int32 or float32
     if im.mode == "F":
         if not np.isfinite(values).all():
-            raise ValueError(f"Image {path} has NaN or infinite pixel values; replace them with finite ones "
-                             f"(0..1 or 0..255) and save it again.")
+            raise UserError(f"Image {path} has NaN or infinite pixel values; replace them with finite ones "
+                            f"(0..1 or 0..255) and save it again.")
         top = 1.0 if values.max() <= 1 else 255.0
         scaled = values.astype(np.float64) * (255.0 / top)
         if scaled.min() < -0.5:
-            raise ValueError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
-                             f"which neither 0..1 nor 0..255 gives a meaning; rescale it to one of those ranges.")
+            raise UserError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
+                            f"which neither 0..1 nor 0..255 gives a meaning; rescale it to one of those ranges.")
     else:
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > 65535:
-            raise ValueError(f"Image {path} is a 32-bit integer image with values from {low} to {high}, outside the "
-                             f"16-bit range 0..65535 this loader maps to 8 bits; save it as an 8- or 16-bit image.")
+            raise UserError(f"Image {path} is a 32-bit integer image with values from {low} to {high}, outside the "
+                            f"16-bit range 0..65535 this loader maps to 8 bits; save it as an 8- or 16-bit image.")
         scaled = values.astype(np.float64) / 257.0  # 65535 -> 255 exactly
     grey = np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
     key = im.info.get("transparency")

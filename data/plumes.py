@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.errors import UserError
 from core.runtime import atomic_write
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, resize_uint8, to_channels
 from data.fluid import advect, project
@@ -151,7 +152,7 @@ def _read_cache(path: Path, num_samples: int, resolution: int) -> tuple[torch.Te
             images, params, seeds = z["images"], z["params"], z["seeds"]
         if (images.shape != (num_samples, 3, resolution, resolution) or images.dtype != np.uint8
                 or params.shape != (num_samples, len(PARAM_NAMES)) or seeds.shape != (num_samples,)):
-            raise ValueError(f"arrays of shapes {images.shape}, {params.shape}, {seeds.shape}")
+            raise UserError(f"arrays of shapes {images.shape}, {params.shape}, {seeds.shape}")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         warnings.warn(f"Plume cache {path} is unreadable ({err}); regenerating it.", stacklevel=3)
         return None
@@ -168,7 +169,7 @@ def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_
     """The plumes dataset, read from the cache or simulated (with a progress bar) and cached."""
     n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
     if n < 1:
-        raise ValueError(f"num_samples must be at least 1, got {n}.")
+        raise UserError(f"num_samples must be at least 1, got {n}.")
     path = cache_path(cache_dir, resolution, n, seed, train)
     cached = _read_cache(path, n, resolution)
     if cached is None:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from core.errors import ExistsError, UserError
 from core.lock import holds_files
 from core.runtime import atomic_write, write_json
 from data.dataset import DatasetInfo
@@ -90,19 +91,19 @@ def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Bi
     """NAME:K (bins over the data's own range of NAME) or NAME:K:LOW:HIGH (over [LOW, HIGH])."""
     parts = spec.split(":")
     if len(parts) not in (2, 4) or parts[0] not in info.param_names:
-        raise ValueError(f"{option} {spec!r} is not NAME:K or NAME:K:LOW:HIGH with NAME one of "
-                         f"{', '.join(info.param_names) or '(this data has no parameters)'}.")
+        raise UserError(f"{option} {spec!r} is not NAME:K or NAME:K:LOW:HIGH with NAME one of "
+                        f"{', '.join(info.param_names) or '(this data has no parameters)'}.")
     name = parts[0]
     try:
         bins = int(parts[1])
         low, high = (float(parts[2]), float(parts[3])) if len(parts) == 4 else info.param_ranges[info.param_names.index(name)]
     except ValueError:
-        raise ValueError(f"{option} {spec!r}: K must be a whole number and LOW, HIGH numbers.") from None
+        raise UserError(f"{option} {spec!r}: K must be a whole number and LOW, HIGH numbers.") from None
     if bins < 2:
-        raise ValueError(f"{option} {spec!r}: K must be at least 2 bins.")
+        raise UserError(f"{option} {spec!r}: K must be at least 2 bins.")
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"{option} {spec!r}: the range of {name} ({low}, {high}) is empty; give LOW < HIGH, as "
-                         f"NAME:K:LOW:HIGH.")
+        raise UserError(f"{option} {spec!r}: the range of {name} ({low}, {high}) is empty; give LOW < HIGH, as "
+                        f"NAME:K:LOW:HIGH.")
     return Binning(name, bins, float(low), float(high))
 
 
@@ -127,25 +128,25 @@ class DatasetWriter:
     def open(self) -> int:
         """Check that `root` is empty or holds a set made by the same request; returns the images it has."""
         if self.root.exists() and not self.root.is_dir():
-            raise FileExistsError(f"{self.root} is a file; choose a folder for the dataset.")
+            raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
         made_by = self.root / REQUEST
         if made_by.is_file():
             try:
                 saved = json.loads(made_by.read_text())
                 assert saved.get("format") == FORMAT
             except (ValueError, AssertionError):
-                raise ValueError(f"{made_by} is not a dataset description written by this toolkit; choose another "
-                                 f"folder.") from None
+                raise UserError(f"{made_by} is not a dataset description written by this toolkit; choose another "
+                                f"folder.") from None
             differ = sorted(k for k in set(saved["request"]) | set(self.request)
                             if saved["request"].get(k) != self.request.get(k))
             if differ:
                 was = ", ".join(f"{k}={json.dumps(saved['request'].get(k))[:60]}" for k in differ[:4])
-                raise ValueError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
-                                 f"options to continue it, or choose another folder.")
+                raise UserError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
+                                f"options to continue it, or choose another folder.")
             self.rows = {int(row["index"]): row for row in _read_csv(self.root / MANIFEST)}
         elif holds_files(self.root):
-            raise FileExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
-                                  f"new folder.")
+            raise ExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
+                              f"new folder.")
         else:
             write_json({"format": FORMAT, "request": self.request, "about": self.about}, made_by)
         # Images written after the last manifest update (a kill between the two) are complete too.

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from core.errors import UserError
 from core.runtime import derive_seed
 from data import DatasetInfo
 from ddpm.unet import UNetConfig
@@ -68,7 +69,7 @@ def parse_class(name: str, info: DatasetInfo) -> int:
         return names.index(name)
     if name.isdigit() and int(name) < len(names):
         return int(name)
-    raise ValueError(f"Unknown class {name!r}; choose one of {', '.join(names)} or an index below {len(names)}.")
+    raise UserError(f"Unknown class {name!r}; choose one of {', '.join(names)} or an index below {len(names)}.")
 
 
 def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "--param") -> dict[str, float]:
@@ -77,15 +78,15 @@ def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "-
     for item in items:
         name, _, text = item.partition("=")
         if name not in info.param_names or not text:
-            raise ValueError(f"{option} {item!r} is not NAME=VALUE with NAME one of {', '.join(info.param_names)}.")
+            raise UserError(f"{option} {item!r} is not NAME=VALUE with NAME one of {', '.join(info.param_names)}.")
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"{option} {item!r} has a value that is not a number.") from None
+            raise UserError(f"{option} {item!r} has a value that is not a number.") from None
         if not math.isfinite(value):
-            raise ValueError(f"{option} {item!r} must be a finite number.")
+            raise UserError(f"{option} {item!r} must be a finite number.")
         if name in values:
-            raise ValueError(f"{option} gives {name} twice; give each parameter once.")
+            raise UserError(f"{option} gives {name} twice; give each parameter once.")
         values[name] = value
     return values
 
@@ -93,11 +94,11 @@ def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "-
 def check_request(kind: str, label: str | None, params: Sequence[str]) -> None:
     """Refuse a class for a parameter model, parameters for a class model, or either for an unconditional one."""
     if kind == "none" and (label is not None or params):
-        raise ValueError("This model was trained without conditioning; drop --class and --param.")
+        raise UserError("This model was trained without conditioning; drop --class and --param.")
     if kind == "class" and params:
-        raise ValueError("This model is conditioned on classes, not parameters; use --class instead of --param.")
+        raise UserError("This model is conditioned on classes, not parameters; use --class instead of --param.")
     if kind == "params" and label is not None:
-        raise ValueError("This model is conditioned on parameters, not classes; use --param NAME=VALUE instead of --class.")
+        raise UserError("This model is conditioned on parameters, not classes; use --param NAME=VALUE instead of --class.")
 
 
 def requested(kind: str, info: DatasetInfo, indices: Sequence[int], seed: int, *, label: str | None = None,
@@ -137,24 +138,24 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions) -> 
     `base`), or "class" (every class) or "class=A,B,..." for a class model. Rows are `base`'s images.
     """
     if kind == "none":
-        raise ValueError("--sweep needs a conditional model; this one was trained without conditioning.")
+        raise UserError("--sweep needs a conditional model; this one was trained without conditioning.")
     name, _, values = spec.partition("=")
     if kind == "class":
         if name != "class":
-            raise ValueError(f"--sweep {spec!r}: this model is conditioned on classes; use --sweep class or class=A,B,...")
+            raise UserError(f"--sweep {spec!r}: this model is conditioned on classes; use --sweep class or class=A,B,...")
         labels = [parse_class(v, info) for v in values.split(",")] if values else list(range(len(info.class_names)))
         columns = [Conditions(cond=torch.full((len(base.records),), y),
                               records=tuple({"class": info.class_names[y]} for _ in base.records)) for y in labels]
         return columns, [info.class_names[y] for y in labels]
     if name not in info.param_names or values.count(":") != 2:
-        raise ValueError(f"--sweep {spec!r} is not NAME=START:STOP:N with NAME one of {', '.join(info.param_names)}.")
+        raise UserError(f"--sweep {spec!r} is not NAME=START:STOP:N with NAME one of {', '.join(info.param_names)}.")
     try:
         start, stop, count = values.split(":")
         start, stop, count = float(start), float(stop), int(count)
     except ValueError:
-        raise ValueError(f"--sweep {spec!r}: START and STOP must be numbers and N a whole number.") from None
+        raise UserError(f"--sweep {spec!r}: START and STOP must be numbers and N a whole number.") from None
     if count < 2 or not (math.isfinite(start) and math.isfinite(stop)):
-        raise ValueError(f"--sweep {spec!r}: give finite START and STOP and N of at least 2.")
+        raise UserError(f"--sweep {spec!r}: give finite START and STOP and N of at least 2.")
     column = info.param_names.index(name)
     raw = torch.tensor([[r[p] for p in info.param_names] for r in base.records], dtype=torch.float64)
     columns = []
@@ -173,7 +174,7 @@ def interpolation_end(kind: str, info: DatasetInfo, start: Conditions, to: Seque
     """
     if kind == "class":
         if len(to) > 1:
-            raise ValueError("--interpolate-to takes one class for a class-conditional model.")
+            raise UserError("--interpolate-to takes one class for a class-conditional model.")
         current = info.class_names.index(start.records[0]["class"])
         y = parse_class(to[0], info) if to else (current + 1) % len(info.class_names)
         return Conditions(cond=torch.tensor([y]), records=({"class": info.class_names[y]},))

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from core.config import DataConfig, TrainConfig, check_choice, option, require
+from core.errors import UserError
 from data import DatasetInfo
 from ddpm.samplers import SAMPLERS
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
@@ -95,16 +96,16 @@ def check_conditioning(cond: str, name: str, classes: int, has_params: bool) -> 
     """Refuse conditioning on labels the dataset `name` lacks (`data.label_counts` tells before loading)."""
     check_choice("cond", cond, CONDITIONING_KINDS)
     if cond == "class" and not classes:
-        raise ValueError(f"--cond class needs a labelled dataset, and {name} has no classes; use class subfolders or --cond none.")
+        raise UserError(f"--cond class needs a labelled dataset, and {name} has no classes; use class subfolders or --cond none.")
     if cond == "params" and not has_params:
-        raise ValueError(f"--cond params needs per-image parameters, and {name} has none; add a params.csv or use --cond none.")
+        raise UserError(f"--cond params needs per-image parameters, and {name} has none; add a params.csv or use --cond none.")
 
 
 def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels: int) -> UNetConfig:
     """`unet` with the fields the data decides: the size and channels of what it denoises (pixels or
     latents) and the number of classes or parameters its conditioning slot takes."""
     check_conditioning(unet.cond, info.name, len(info.class_names), bool(info.param_names))
-    unet = dataclasses.replace(unet, image_size=image_size, in_channels=channels, out_channels=channels,
+    unet = dataclasses.replace(unet, image_size=image_size, in_channels=channels,
                                num_classes=len(info.class_names) if unet.cond == "class" else 0,
                                num_params=len(info.param_names) if unet.cond == "params" else 0)
     unet.check_resolved()
@@ -112,7 +113,7 @@ def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels:
 
 
 def ddpm_demo() -> DDPMConfig:
-    """Small enough to train on 2 CPU cores in about 12 minutes: 32x32 plumes, a 0.9M-parameter U-Net.
+    """Small enough to train on 2 CPU cores in minutes (docs/presets.md): 32x32 plumes, a 0.9M-parameter U-Net.
 
     v-prediction rather than eps: a briefly trained eps model gets the noise's mean colour slightly
     wrong, and at high noise x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies that error by up

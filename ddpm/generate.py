@@ -102,6 +102,8 @@ def sample(model: DiffusionSampler, sampling: SamplingConfig, seeds: Sequence[in
     if x_T is not None:
         assert x_T.shape == x.shape, f"x_T {tuple(x_T.shape)} must be {tuple(x.shape)}"
         x = x_T.to(device)
+    model.net.check_inputs(x, timesteps[:1].expand(len(x)), None if cond is None else cond.to(device),
+                           cond_emb=None if cond_emb is None else cond_emb.to(device))
     eps = eps_model(model.net, model.schedule, model.prediction, cond=cond, cond_emb=cond_emb, reference=reference,
                     guidance_scale=sampling.guidance_scale, amp_dtype=amp_dtype)
     options = {"ddpm": {"variance": sampling.variance}, "ddim": {"eta": sampling.eta}}.get(sampling.sampler, {})

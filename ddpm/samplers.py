@@ -187,25 +187,6 @@ def ddim_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     return x
 
 
-def ddim_invert(model: Model, x0: Tensor, schedule: Schedule, timesteps: Tensor) -> Tensor:
-    """DDIM inversion: integrate the deterministic DDIM process (eq. 12, eta = 0; the ODE of eq. 14) from x_0 up to
-    x_T at timesteps[-1], so that `ddim_sample` with the same timesteps maps the result back to about x0.
-
-    The jump t_{i-1} -> t_i needs eps at the unknown x_{t_i}; it uses the model at the current sample with the
-    destination timestep instead, a first-order approximation, so reconstructions sharpen with more steps.
-    """
-    ts = _start(x0, schedule, timesteps)
-    abar = schedule.alphas_cumprod.tolist()
-    x = x0
-    for i in range(len(ts)):
-        a_from, a_to = (abar[ts[i - 1]] if i > 0 else 1.0), abar[ts[i]]
-        # The DDIM step read backwards: x0_pred = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from) from the current
-        # level, then re-noised to the next level, sqrt(abar_to) x0_pred + sqrt(1 - abar_to) eps.
-        update = Update(1 / math.sqrt(a_from), math.sqrt(1 / a_from - 1), x0=math.sqrt(a_to), eps=math.sqrt(1 - a_to))
-        x = _step(x, _predict(model, x, _batch_t(ts[i], x)), update, return_x0=False).x_prev
-    return x
-
-
 def _transfer(x: Tensor, eps: Tensor | GuidedEps, a_t: float, a_next: float, x0_coefficients: tuple[float, float], *,
               weights: tuple[float, ...] = (1.0,), history: Sequence[Tensor] = (), clip_x0: bool = False,
               return_x0: bool = False) -> Step:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.errors import UserError
+
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -38,22 +40,22 @@ def make_betas(kind: str, num_timesteps: int, beta_range: tuple[float, float] | 
     `beta_range` replaces the published (beta_1, beta_T), used as given (no 1000 / T scaling).
     """
     if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}.")
+        raise UserError(f"num_timesteps must be at least 1, got {num_timesteps}.")
     if kind not in SCHEDULES:
-        raise ValueError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
+        raise UserError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
     if beta_range is not None:
         if kind == "cosine":
-            raise ValueError("The cosine schedule has no beta range; drop --beta-range or use linear or scaled_linear.")
+            raise UserError("The cosine schedule has no beta range; drop --beta-range or use linear or scaled_linear.")
         lo, hi = beta_range
         if not 0 < lo <= hi < 1:
-            raise ValueError(f"--beta-range must satisfy 0 < start <= end < 1, got {lo} {hi}.")
+            raise UserError(f"--beta-range must satisfy 0 < start <= end < 1, got {lo} {hi}.")
     if kind == "linear":
         if beta_range is not None:
             return np.linspace(beta_range[0], beta_range[1], num_timesteps, dtype=np.float64)
         scale = 1000 / num_timesteps
         if BETA_RANGES["linear"][1] * scale >= 1:
-            raise ValueError(f"The linear schedule needs num_timesteps > 20 (its betas are scaled by 1000/T and "
-                             f"would reach 1), got {num_timesteps}; use more timesteps or the cosine schedule.")
+            raise UserError(f"The linear schedule needs num_timesteps > 20 (its betas are scaled by 1000/T and "
+                            f"would reach 1), got {num_timesteps}; use more timesteps or the cosine schedule.")
         return np.linspace(scale * BETA_RANGES["linear"][0], scale * BETA_RANGES["linear"][1], num_timesteps,
                            dtype=np.float64)
     if kind == "cosine":
@@ -78,8 +80,8 @@ def check_timesteps(timesteps: Tensor | Sequence[int], num_timesteps: int) -> li
     """Validate a sampling subsequence (strictly increasing, starting at 0, all < T) and return it as ints."""
     ts = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)]
     if not ts or ts[0] != 0 or ts[-1] >= num_timesteps or any(b <= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps must be strictly increasing, start at 0 and stay below {num_timesteps}; "
-                         f"build them with make_timesteps.")
+        raise UserError(f"timesteps must be strictly increasing, start at 0 and stay below {num_timesteps}; "
+                        f"build them with make_timesteps.")
     return ts
 
 
@@ -89,13 +91,17 @@ class Schedule(torch.nn.Module):
     The tables are float64, computed once, and registered as non-persistent buffers: `schedule.to(device)`
     moves them and they never enter a state dict (they are a pure function of the betas). Methods take
     `t` as an int64 tensor of shape (B,) on x's device and broadcast the per-t coefficient over x.
+
+    Every method takes its arguments in one order, improved-diffusion's: the sample it starts from
+    (x_t, or x0 for the forward process), then t, then the other tensors, e.g. `x0_from_eps(x_t, t, eps)`,
+    `q_posterior(x_t, t, x0)`, `v_from_eps(x0, t, eps)`, `training_target(x0, t, noise, prediction)`.
     """
 
     def __init__(self, betas: np.ndarray | Tensor):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a non-empty 1-D array with every value in (0, 1).")
+            raise UserError("betas must be a non-empty 1-D array with every value in (0, 1).")
         self.num_timesteps = len(betas)
 
         alphas = 1 - betas
@@ -147,7 +153,7 @@ class Schedule(torch.nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x0) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
-    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def q_posterior(self, x_t: Tensor, t: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
 
         The mean has x's shape; the variance and log-variance are (B, 1, ..., 1) and broadcast.
@@ -174,7 +180,7 @@ class Schedule(torch.nn.Module):
         return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
-    def v_from_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    def v_from_eps(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0, the velocity target of Salimans & Ho 2022."""
         return extract(self.sqrt_alphas_cumprod, t, x0) * eps - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
@@ -208,14 +214,15 @@ class Schedule(torch.nn.Module):
 
     # Training.
 
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction: str) -> Tensor:
+    def training_target(self, x0: Tensor, t: Tensor, noise: Tensor, prediction: str) -> Tensor:
         """What a network of kind `prediction` should output for x_t = q_sample(x0, t, noise)."""
         _check_prediction(prediction)
+        assert noise.shape == x0.shape, f"noise {tuple(noise.shape)} must match x0 {tuple(x0.shape)}"
         if prediction == "eps":
             return noise
         if prediction == "x0":
             return x0
-        return self.v_from_eps(x0, noise, t)
+        return self.v_from_eps(x0, t, noise)
 
     def training_losses(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, t: Tensor, noise: Tensor,
                         prediction: str = "eps") -> Tensor:
@@ -227,10 +234,10 @@ class Schedule(torch.nn.Module):
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
         assert output.shape == x0.shape, f"model output {tuple(output.shape)} must match x0 {tuple(x0.shape)}"
-        target = self.training_target(x0, noise, t, prediction)
+        target = self.training_target(x0, t, noise, prediction)
         return (output - target).square().flatten(1).mean(dim=1)
 
 
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
+        raise UserError(f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")

@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from core.checkpoint import require_keys
+from core.checkpoint import load_weights, require_keys
 from core.config import DataConfig, TrainConfig, from_dict, require, to_dict
+from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
 from core.runtime import Runtime
-from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import DatasetInfo, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
@@ -25,6 +25,7 @@ from ddpm.config import (PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, Diff
                          check_conditioning, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
+from ddpm.source import ImageSource
 from ddpm.unet import UNet, UNetConfig
 
 NAME = "ddpm"
@@ -46,7 +47,7 @@ def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, datase
 
     def loss(models, batch, generator, step):
         cond = batch_condition(net.config.cond, info, batch)
-        losses = diffusion_loss(models["model"], schedule, x0(batch, generator), generator,
+        losses = diffusion_loss(models[MAIN], schedule, x0(batch, generator), generator,
                                 prediction=diffusion.prediction, cond=cond, cond_drop_prob=diffusion.cond_drop_prob)
         return losses.mean(), {}
 
@@ -54,14 +55,14 @@ def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, datase
 
     def preview(models) -> Tensor:
         n = train.preview_images
-        model = DiffusionSampler(models["model"], schedule, diffusion.prediction, info, decode)
+        model = DiffusionSampler(models[MAIN], schedule, diffusion.prediction, info, decode)
         return sample_images(model, preview_sampling, [image_seed(train.seed, k) for k in range(n)],
                              cond=preview_condition(net.config, n, device))
 
-    return TrainingStage(name=name, trainables={"model": Trainable(net, lr=train.lr, weight_decay=train.weight_decay,
-                                                                   ema=True)},
+    return TrainingStage(name=name, trainables={MAIN: Trainable(net, lr=train.lr, weight_decay=train.weight_decay,
+                                                                ema=True)},
                          loss=loss, dataset=dataset, config=to_dict(config), data_info=data_info,
-                         augment=augment, preview=preview, payload=payload)
+                         augment=augment, outputs=Outputs(preview=preview, payload=payload))
 
 
 def check_diffusion_options(config: Any) -> None:
@@ -87,18 +88,8 @@ def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tup
 def load_unet(payload: dict[str, Any], unet: UNetConfig, device: torch.device, weights: str, path: Path) -> UNet:
     """The U-Net of a diffusion checkpoint with its "ema" or raw "model" weights, frozen, in eval mode."""
     require_keys(payload, ("models", "ema", "data_info"), path)
-    state = payload["ema" if weights == "ema" else "models"].get("model")
-    if state is None:
-        raise ValueError(f"Checkpoint {path} has no {weights} weights; pass --weights ema or model.")
-    net = UNet(unet)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"The weights in {path} do not fit the U-Net its config describes "
-                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
-    if not all(torch.isfinite(p).all() for p in net.state_dict().values()):
-        raise ValueError(f"The {weights} weights in {path} hold NaN or infinite values; the run diverged, so "
-                         f"sample from an earlier checkpoint.")
+    net = load_weights(UNet(unet), payload["ema" if weights == "ema" else "models"].get("model"), path,
+                       f"U-Net ({weights})")
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -111,17 +102,21 @@ def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, pa
                             DatasetInfo.from_dict(payload["data_info"]))
 
 
+
+def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> ImageSource:
+    return ImageSource(load_sampler(payload, device, weights, path))
+
+
 SPEC = StageSpec(
     name=NAME,
     summary="pixel-space denoising diffusion (DDPM U-Net on images)",
     config_class=DDPMConfig,
     presets=PRESETS,
-    default_preset="ddpm-demo",
     sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
               Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
               Section("diffusion", DiffusionConfig),
               Section("train", TrainConfig)),
     build=build,
-    load_sampler=load_sampler,
+    load_source=load_source,
     check=check_diffusion_options,
 )

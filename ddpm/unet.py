@@ -28,11 +28,15 @@ CONDITIONING_KINDS = ("none", "class", "params")
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Everything needed to rebuild a `UNet`; stored in checkpoints as `dataclasses.asdict(config)`."""
+    """Everything needed to rebuild a `UNet`; stored in checkpoints as `dataclasses.asdict(config)`.
+
+    The output has `in_channels` channels: one eps, x0 or v prediction per input channel (no learned
+    variances: no loss or sampler here uses them).
+    """
+    retired_keys = frozenset({"out_channels"})  # (not a field) in older checkpoints; always in_channels
 
     image_size: int = 32  # side of the training images; attention_resolutions refer to this size
     in_channels: int = 3  # image (or latent) channels
-    out_channels: int = 3  # = in_channels for eps/x0/v prediction; 2 * in_channels to also learn variances
     base_channels: int = 128  # DDPM: 128 for CIFAR-10 and 256x256 LSUN/CelebA-HQ
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels per level / base; DDPM CIFAR-10: (1, 2, 2, 2)
     num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
@@ -94,7 +98,7 @@ class UNetConfig:
     @classmethod
     def ddpm_cifar10(cls) -> UNetConfig:
         """The CIFAR-10 model of Ho et al. 2020 (35.7M parameters)."""
-        return cls(image_size=32, in_channels=3, out_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+        return cls(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
                    num_res_blocks=2, attention_resolutions=(16,), num_heads=1, dropout=0.1,
                    scale_shift_norm=False, resample_with_conv=True)
 
@@ -235,7 +239,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM U-Net: (x_t, t, condition) -> tensor of x_t's shape with `out_channels` channels.
+    """DDPM U-Net: (x_t, t, condition) -> tensor of x_t's shape.
 
     Conditioning (Ho & Salimans 2022): a vector in the E-dimensional time-embedding space is added to
     the time embedding. It comes from class labels (an embedding table), from a parameter vector (a
@@ -290,7 +294,7 @@ class UNet(nn.Module):
         assert not skip_channels
 
         self.norm_out = group_norm(h_ch)
-        self.conv_out = nn.Conv2d(h_ch, config.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(h_ch, config.in_channels, 3, padding=1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -307,63 +311,10 @@ class UNet(nn.Module):
                 zero_init(m.proj_out)
         zero_init(self.conv_out)
 
-    def embed_condition(self, cond: Tensor | None, null_mask: Tensor | None = None) -> Tensor | None:
-        """Conditioning vectors (B, E) for labels (B,) or parameters (B, P); None on an unconditional model.
-
-        Rows where `null_mask` is True get the null embedding. Public so that inversion can start
-        its per-image vectors from, e.g., the mean embedding of a class.
-        """
-        kind = self.config.cond
-        if kind == "none":
-            if cond is not None:
-                raise ValueError("This model was trained without conditioning; call it with cond=None.")
-            return None
-        if cond is None:
-            raise ValueError(f"embed_condition needs the {kind} to embed; the null vector is model.null_embedding.")
-        if kind == "class" and (cond.ndim != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool):
-            raise ValueError(f"cond='class' expects integer labels of shape (B,), got {cond.dtype} {tuple(cond.shape)}.")
-        if kind == "params" and (cond.ndim != 2 or cond.shape[1] != self.config.num_params
-                                 or not cond.dtype.is_floating_point):
-            raise ValueError(f"cond='params' expects float parameters of shape (B, {self.config.num_params}), "
-                             f"got {cond.dtype} {tuple(cond.shape)}.")
-        return self._apply_null_mask(self.cond_encoder(cond), null_mask)
-
-    def _apply_null_mask(self, emb: Tensor, null_mask: Tensor | None) -> Tensor:
-        if null_mask is None:
-            return emb
-        if null_mask.shape != emb.shape[:1] or null_mask.dtype != torch.bool:
-            raise ValueError(f"null_mask must be a bool tensor of shape ({emb.shape[0]},), "
-                             f"got {null_mask.dtype} {tuple(null_mask.shape)}.")
-        # torch.where, not indexing: no data-dependent shapes, so torch.compile sees one graph.
-        return torch.where(null_mask[:, None], self.null_embedding.to(emb.dtype), emb)
-
-    def _condition_vector(self, cond: Tensor | None, cond_emb: Tensor | None, null_mask: Tensor | None,
-                          batch: int) -> Tensor | None:
-        if self.config.cond == "none":
-            if cond is not None or cond_emb is not None or null_mask is not None:
-                raise ValueError("This model was trained without conditioning; "
-                                 "call it without cond, cond_emb or null_mask.")
-            return None
-        if cond is not None and cond_emb is not None:
-            raise ValueError("Pass either cond or cond_emb, not both.")
-        if cond_emb is not None:
-            if cond_emb.shape != (batch, self.config.embedding_dim):
-                raise ValueError(f"cond_emb must have shape ({batch}, {self.config.embedding_dim}), "
-                                 f"got {tuple(cond_emb.shape)}.")
-            return self._apply_null_mask(cond_emb, null_mask)
-        if cond is None:  # a conditional model called without a condition: every row is null
-            return self._apply_null_mask(self.null_embedding.expand(batch, -1), null_mask)
-        if cond.ndim == 0 or cond.shape[0] != batch:
-            raise ValueError(f"cond must have one row per image ({batch}), got shape {tuple(cond.shape)}.")
-        return self.embed_condition(cond, null_mask)
-
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, null_mask: Tensor | None = None,
-                cond_emb: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W), t (B,) int or float timesteps, cond labels (B,) / params (B, P) / None (all null).
-
-        `null_mask` (B,) bool swaps in the null embedding per row; `cond_emb` (B, E) replaces `cond`
-        with vectors already in the conditioning space.
-        """
+    def check_inputs(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, null_mask: Tensor | None = None,
+                     cond_emb: Tensor | None = None) -> None:
+        """Refuse a call `forward` cannot compute, with one sentence; the public entry points (the
+        samplers, inversion) call it once, so that `forward` reads like the network it is."""
         B, C, H, W = x.shape
         factor = 2 ** (len(self.config.channel_mult) - 1)
         if C != self.config.in_channels:
@@ -372,7 +323,68 @@ class UNet(nn.Module):
             raise ValueError(f"Image size {H}x{W} must be divisible by {factor} (2 ** (len(channel_mult) - 1)).")
         if t.shape != (B,):
             raise ValueError(f"t must have shape ({B},), one timestep per image, got {tuple(t.shape)}.")
+        kind = self.config.cond
+        if kind == "none":
+            if cond is not None or cond_emb is not None or null_mask is not None:
+                raise ValueError("This model was trained without conditioning; "
+                                 "call it without cond, cond_emb or null_mask.")
+            return
+        if cond is not None and cond_emb is not None:
+            raise ValueError("Pass either cond or cond_emb, not both.")
+        if cond_emb is not None and cond_emb.shape != (B, self.config.embedding_dim):
+            raise ValueError(f"cond_emb must have shape ({B}, {self.config.embedding_dim}), got {tuple(cond_emb.shape)}.")
+        if cond is not None:
+            if cond.ndim == 0 or cond.shape[0] != B:
+                raise ValueError(f"cond must have one row per image ({B}), got shape {tuple(cond.shape)}.")
+            self.check_condition(cond)
+        if null_mask is not None and (null_mask.shape != (B,) or null_mask.dtype != torch.bool):
+            raise ValueError(f"null_mask must be a bool tensor of shape ({B},), "
+                             f"got {null_mask.dtype} {tuple(null_mask.shape)}.")
 
+    def check_condition(self, cond: Tensor) -> None:
+        """Refuse labels or parameters `embed_condition` cannot embed."""
+        kind = self.config.cond
+        if kind == "none":
+            raise ValueError("This model was trained without conditioning; call it with cond=None.")
+        if kind == "class" and (cond.ndim != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool):
+            raise ValueError(f"cond='class' expects integer labels of shape (B,), got {cond.dtype} {tuple(cond.shape)}.")
+        if kind == "params" and (cond.ndim != 2 or cond.shape[1] != self.config.num_params
+                                 or not cond.dtype.is_floating_point):
+            raise ValueError(f"cond='params' expects float parameters of shape (B, {self.config.num_params}), "
+                             f"got {cond.dtype} {tuple(cond.shape)}.")
+
+    def embed_condition(self, cond: Tensor, null_mask: Tensor | None = None) -> Tensor:
+        """Conditioning vectors (B, E) for labels (B,) or parameters (B, P) of a conditional model.
+
+        Rows where `null_mask` is True get the null embedding. Public so that inversion can start
+        its per-image vectors from, e.g., the mean embedding of a class.
+        """
+        return self._apply_null_mask(self.cond_encoder(cond), null_mask)
+
+    def _apply_null_mask(self, emb: Tensor, null_mask: Tensor | None) -> Tensor:
+        if null_mask is None:
+            return emb
+        # torch.where, not indexing: no data-dependent shapes, so torch.compile sees one graph.
+        return torch.where(null_mask[:, None], self.null_embedding.to(emb.dtype), emb)
+
+    def _condition_vector(self, cond: Tensor | None, cond_emb: Tensor | None, null_mask: Tensor | None,
+                          batch: int) -> Tensor | None:
+        if self.config.cond == "none":
+            return None
+        if cond_emb is not None:
+            return self._apply_null_mask(cond_emb, null_mask)
+        if cond is None:  # a conditional model called without a condition: every row is null
+            return self._apply_null_mask(self.null_embedding.expand(batch, -1), null_mask)
+        return self.embed_condition(cond, null_mask)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, *, null_mask: Tensor | None = None,
+                cond_emb: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) int or float timesteps, cond labels (B,) / params (B, P) / None (all null).
+
+        `null_mask` (B,) bool swaps in the null embedding per row; `cond_emb` (B, E) replaces `cond`
+        with vectors already in the conditioning space. `check_inputs` says what a valid call is.
+        """
+        B, _, H, W = x.shape
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         cond_vec = self._condition_vector(cond, cond_emb, null_mask, B)
         if cond_vec is not None:
@@ -396,5 +408,5 @@ class UNet(nn.Module):
                 h = self.upsamples[i](h)
 
         out = self.conv_out(group_norm_act(h, self.norm_out, silu=True))
-        assert out.shape == (B, self.config.out_channels, H, W)
+        assert out.shape == x.shape
         return out

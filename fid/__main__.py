@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from core import cli
+from core.errors import UserError
 
 from .compare import fid_between, is_statistics_source
 from .features import compute_statistics, default_device
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=default_device(), help="torch device, e.g. cuda, cuda:1, cpu")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network: the first batch waits a minute or more on a CPU, then "
-                             "batches run about 10%% faster there; the features equal eager ones to float rounding")
+                             "batches run faster; the features equal eager ones to float rounding")
     parser.add_argument("--weights", default=None,
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         warnings.showwarning = _print_warning
         if args.save_stats:
             if not Path(a).is_dir():
-                raise ValueError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
+                raise UserError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
             prepare_statistics_path(b)
             save_statistics(compute_statistics(a, **common), b)
             print(f"Saved statistics of {a} to {b}")
@@ -94,4 +95,4 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    cli.main(main)

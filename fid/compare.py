@@ -16,6 +16,8 @@ from .frechet import frechet_distance
 from .kid import check_kid_sizes, kid
 from .stats import Statistics, StreamingStatistics, load_statistics
 
+from core.errors import UserError
+
 Source = Union[ImageSource, Statistics]
 
 
@@ -49,7 +51,7 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
     runs the network through torch.compile (see `FeatureExtractor`).
     """
     if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
-        raise ValueError("KID needs the images of both sides, not saved statistics; pass two image sources.")
+        raise UserError("KID needs the images of both sides, not saved statistics; pass two image sources.")
     extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files, compile)
     # Both folders are listed, and KID's subset size checked against them, before minutes are spent
     # on the features of either side.
@@ -70,7 +72,7 @@ def _open(source: Source, files: str) -> Source:
         return source
     if is_statistics_source(source):
         if not Path(source).is_file():
-            raise ValueError(f"Statistics file {source} does not exist; create it with --save-stats.")
+            raise UserError(f"Statistics file {source} does not exist; create it with --save-stats.")
         return source
     return ImageFolder(source, files)
 

@@ -20,6 +20,8 @@ from .inception import FEATURE_DIM, FIDInceptionV3, inference_copy
 from .stats import Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
+from core.errors import UserError
+
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
 
 
@@ -31,7 +33,7 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     try:
         return torch.device(device or default_device())
     except RuntimeError as err:
-        raise ValueError(f"Device {device!r} is not a torch device; pass cpu, cuda or cuda:N.") from err
+        raise UserError(f"Device {device!r} is not a torch device; pass cpu, cuda or cuda:N.") from err
 
 
 def check_device_available(device: torch.device) -> None:
@@ -39,10 +41,10 @@ def check_device_available(device: torch.device) -> None:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
-            raise ValueError(f"Device {device} is not available ({count} CUDA devices found); "
-                             "pass --device cpu (device='cpu' in Python).")
+            raise UserError(f"Device {device} is not available ({count} CUDA devices found); "
+                            "pass --device cpu (device='cpu' in Python).")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"Device {device} is not available on this machine; pass --device cpu (device='cpu' in Python).")
+        raise UserError(f"Device {device} is not available on this machine; pass --device cpu (device='cpu' in Python).")
 
 
 class FeatureExtractor:
@@ -56,9 +58,9 @@ class FeatureExtractor:
                  batch_size: int = 50, num_workers: int = 0, progress: bool = True,
                  files: str = "pytorch-fid", compile: bool = False) -> None:
         if batch_size < 1:
-            raise ValueError(f"The batch size is {batch_size} but must be at least 1.")
+            raise UserError(f"The batch size is {batch_size} but must be at least 1.")
         if num_workers < 0:
-            raise ValueError(f"The number of workers is {num_workers} but must be 0 (decode in this process) or more.")
+            raise UserError(f"The number of workers is {num_workers} but must be 0 (decode in this process) or more.")
         check_file_selection(files)
         self.weights = weights
         self.device = parse_device(device)
@@ -67,7 +69,7 @@ class FeatureExtractor:
         self.progress = progress
         self.files = files  # which files of a folder are read: "pytorch-fid" or "all" (see fid.folder)
         self.compile = compile  # torch.compile the network: slow to start, then faster; same features to rounding
-        # channels_last measured 1.5x faster on CPU; on CUDA it is unmeasured, so the default layout stays.
+        # channels_last: faster on CPU (docs/speed.md); unmeasured on CUDA, so the default layout stays there.
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self._model: FIDInceptionV3 | None = None
         self._network: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -115,7 +117,7 @@ class FeatureExtractor:
         """All features of `source` as one (N, 2048) float32 array."""
         chunks = [f.numpy() for f in self.batches(source)]
         if not chunks:
-            raise ValueError("The image source yielded no images; give at least 2 images.")
+            raise UserError("The image source yielded no images; give at least 2 images.")
         return np.concatenate(chunks)
 
     def _image_batches(self, source: ImageSource) -> tuple[Iterable[torch.Tensor], int | None, str]:
@@ -126,7 +128,7 @@ class FeatureExtractor:
             return batches, len(batches), source.root.name
         if isinstance(source, torch.Tensor):
             if source.dim() != 4:
-                raise ValueError(f"Images have shape {tuple(source.shape)} but must be (N, C, H, W).")
+                raise UserError(f"Images have shape {tuple(source.shape)} but must be (N, C, H, W).")
             return source.split(self.batch_size), -(-source.shape[0] // self.batch_size), "tensor"
         if isinstance(source, Iterable):
             return source, None, "batches"
@@ -137,9 +139,9 @@ def _check_layout(batch: torch.Tensor) -> torch.Tensor:
     """Validate one (B, C, H, W) float batch and give it 3 channels; its values are checked by `_check_range`."""
     if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise ValueError(f"Image batch is {shape} but must be a tensor (B, 1 or 3, H, W).")
+        raise UserError(f"Image batch is {shape} but must be a tensor (B, 1 or 3, H, W).")
     if not batch.is_floating_point():
-        raise ValueError(f"Image batch has dtype {batch.dtype}; pass floats in [0, 1] (e.g. uint8 / 255).")
+        raise UserError(f"Image batch has dtype {batch.dtype}; pass floats in [0, 1] (e.g. uint8 / 255).")
     return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
 
 
@@ -147,7 +149,7 @@ def _check_range(low: float, high: float) -> None:
     """Refuse a batch whose values span [low, high], outside [0, 1]."""
     # Catch the commonest mix-up, images in [-1, 1], which would silently shift every feature.
     if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(
+        raise UserError(
             f"Image values span [{low:.3g}, {high:.3g}] but must lie in [0, 1]; map [-1, 1] images with (x + 1) / 2."
         )
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageMode
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import UserError
 from data.imageio import list_images, load_image
 
 from . import inception
@@ -37,12 +38,12 @@ FILE_SELECTIONS = ("pytorch-fid", "all")
 
 def check_file_selection(files: str) -> None:
     if files not in FILE_SELECTIONS:
-        raise ValueError(f"files is {files!r} but must be one of {', '.join(map(repr, FILE_SELECTIONS))}.")
+        raise UserError(f"files is {files!r} but must be one of {', '.join(map(repr, FILE_SELECTIONS))}.")
 
 
 def check_folder(path: Path) -> None:
     if not path.is_dir():
-        raise ValueError(f"{path} is not a folder of images; pass an existing image folder.")
+        raise UserError(f"{path} is not a folder of images; pass an existing image folder.")
 
 
 def list_fid_images(root: str | os.PathLike, files: str = "pytorch-fid") -> list[Path]:
@@ -69,9 +70,9 @@ def list_fid_images(root: str | os.PathLike, files: str = "pytorch-fid") -> list
 def _nonempty(root: Path, chosen: list[Path], left_out: list[Path]) -> list[Path]:
     """`chosen`, or an error if it is empty; image files left out are named in the error or a warning."""
     if not chosen and not left_out:
-        raise ValueError(f"Image folder {root} contains no images; point to a folder of PNG/JPEG files.")
+        raise UserError(f"Image folder {root} contains no images; point to a folder of PNG/JPEG files.")
     if not chosen:
-        raise ValueError(
+        raise UserError(
             f"Image folder {root} contains no images pytorch-fid would read (top-level files ending in "
             f".{', .'.join(PYTORCH_FID_EXTENSIONS)}) but {len(left_out)} others such as "
             f"{left_out[0].relative_to(root)}; pass --files all (files='all' in Python) to read them."
@@ -95,7 +96,7 @@ def read_rgb(path: Path) -> Image.Image:
     except Exception as err:
         # Pillow's parsers meet malformed bytes with many exception types (OSError, SyntaxError,
         # struct.error, EOFError, ...); whichever it is, the file is at fault.
-        raise ValueError(
+        raise UserError(
             f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file."
         ) from err
     return load_image(path, mode="RGB")

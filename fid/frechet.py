@@ -34,6 +34,8 @@ import warnings
 
 import numpy as np
 
+from core.errors import UserError
+
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
 
@@ -48,7 +50,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, sigma1, precision1 = _check_gaussian(mu1, sigma1, "first")
     mu2, sigma2, precision2 = _check_gaussian(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
-        raise ValueError(
+        raise UserError(
             f"The two statistics have feature dimensions {mu1.size} and {mu2.size}; "
             "compute both with the same network."
         )
@@ -78,7 +80,7 @@ def _psd_factor(sigma: np.ndarray, precision: float, which: str) -> np.ndarray:
     norm = float(np.abs(eigenvalues).max(initial=0.0))  # ||sigma||_2
     bound = sigma.shape[0] * precision * norm
     if eigenvalues.size and eigenvalues[0] < -bound:
-        raise ValueError(
+        raise UserError(
             f"The {which} covariance is not positive semi-definite: its eigenvalue {eigenvalues[0]:.3g} lies further "
             f"below zero than rounding explains (-{bound:.3g}), so it is not a covariance matrix; pass the sigma "
             "computed from features, stored in the precision it was computed in."
@@ -96,19 +98,19 @@ def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.n
     mu = np.asarray(mu, dtype=np.float64)
     sigma = sigma.astype(np.float64)
     if mu.ndim != 1:
-        raise ValueError(f"The {which} mean has shape {mu.shape} but must be a vector (d,); pass mu, not features.")
+        raise UserError(f"The {which} mean has shape {mu.shape} but must be a vector (d,); pass mu, not features.")
     if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
-        raise ValueError(f"The {which} covariance has shape {sigma.shape} but must be square (d, d).")
+        raise UserError(f"The {which} covariance has shape {sigma.shape} but must be square (d, d).")
     if sigma.shape[0] != mu.size:
-        raise ValueError(
+        raise UserError(
             f"The {which} mean has length {mu.size} but its covariance is {sigma.shape}; pass matching mu and sigma."
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"The {which} mean or covariance contains NaN or infinity; recompute the statistics.")
+        raise UserError(f"The {which} mean or covariance contains NaN or infinity; recompute the statistics.")
     bound = sigma.shape[0] * precision * float(np.abs(sigma).max(initial=0.0))
     asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
     if asymmetry > bound:
-        raise ValueError(
+        raise UserError(
             f"The {which} covariance is not symmetric: it differs from its transpose by up to {asymmetry:.3g}, more "
             f"than rounding explains ({bound:.3g}), so it is not a covariance matrix; pass the sigma computed from "
             "features, stored in the precision it was computed in."

@@ -230,7 +230,7 @@ def inference_copy(model: FIDInceptionV3, channels_last: bool = False) -> FIDInc
 
     Every batch norm is folded into its convolution (`BasicConv2d.fold_batch_norm`). `channels_last`
     stores the weights with channels innermost, the layout oneDNN's CPU convolutions and pools run
-    fastest in (about 1.5x for this network on CPU); inputs should then be channels_last too, which
+    fastest in (docs/speed.md); inputs should then be channels_last too, which
     the resize in `forward` preserves bit for bit. `model` itself is left as it is.
     """
     assert not model.training, "fold batch norms of an eval-mode network only"

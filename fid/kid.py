@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.errors import UserError
+
 
 def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor, num_subsets: int = 100,
         subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -27,7 +29,7 @@ def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tens
     x = _as_float64(features1, "first")
     y = _as_float64(features2, "second")
     if x.shape[1] != y.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"The two feature sets have dimensions {x.shape[1]} and {y.shape[1]}; extract both with the same network."
         )
     check_kid_sizes(x.shape[0], y.shape[0], num_subsets, subset_size)
@@ -43,13 +45,13 @@ def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tens
 def check_kid_sizes(n1: int | None, n2: int | None, num_subsets: int, subset_size: int) -> None:
     """Refuse subset settings KID cannot honour; n1, n2 are the set sizes (None: not known yet)."""
     if num_subsets < 1:
-        raise ValueError(f"The number of KID subsets is {num_subsets} but must be at least 1.")
+        raise UserError(f"The number of KID subsets is {num_subsets} but must be at least 1.")
     if subset_size < 2:
-        raise ValueError(f"The KID subset size is {subset_size} but the unbiased estimate needs at least 2.")
+        raise UserError(f"The KID subset size is {subset_size} but the unbiased estimate needs at least 2.")
     known = [n for n in (n1, n2) if n is not None]
     if known and min(known) < subset_size:
         got = " and ".join(str(n) for n in (n1, n2) if n is not None)
-        raise ValueError(
+        raise UserError(
             f"KID needs at least {subset_size} images per side for subsets of {subset_size} but got {got}; "
             f"pass a subset size of at most {min(known)} (on the command line --kid-subset-size N, or --no-kid to "
             "skip KID) or more images."
@@ -75,5 +77,5 @@ def _as_float64(features: np.ndarray | torch.Tensor, which: str) -> np.ndarray:
         features = features.detach().cpu().numpy()
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"The {which} feature set has shape {x.shape} but must be (n, d).")
+        raise UserError(f"The {which} feature set has shape {x.shape} but must be (n, d).")
     return x

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Statistics:
@@ -49,7 +51,7 @@ class StreamingStatistics:
         x = np.asarray(features, dtype=np.float64)
         assert x.ndim == 2, f"expected features of shape (B, d), got {x.shape}"
         if self._mean is not None and x.shape[1] != self._mean.size:
-            raise ValueError(
+            raise UserError(
                 f"Feature batch has dimension {x.shape[1]} but earlier batches had {self._mean.size}; "
                 "feed features from one network layer only."
             )
@@ -70,7 +72,7 @@ class StreamingStatistics:
 
     def result(self) -> Statistics:
         if self.count < 2:
-            raise ValueError(
+            raise UserError(
                 f"A covariance needs at least 2 images but {self.count} were seen; give more images."
             )
         sigma = self._scatter / (self.count - 1)
@@ -85,18 +87,18 @@ def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
     try:
         np.savez(path, mu=stats.mu, sigma=stats.sigma)
     except OSError as err:
-        raise OSError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
+        raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
 
 
 def prepare_statistics_path(path: str | os.PathLike) -> None:
     """Create the folder `path` will be written to, so that a bad path fails before any work is done."""
     path = Path(path)
     if path.is_dir():
-        raise OSError(f"Cannot write statistics to the folder {path}; pass a file name such as {path / 'stats.npz'}.")
+        raise UserError(f"Cannot write statistics to the folder {path}; pass a file name such as {path / 'stats.npz'}.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
+        raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
 
 
 def _reason(err: OSError) -> str:
@@ -109,21 +111,21 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     try:
         loaded = np.load(path)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("it holds one unnamed array")
+            raise UserError("it holds one unnamed array")
         with loaded:
             keys = sorted(loaded.files)
             arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # missing, truncated, pickled, not a zip
         reason = str(err).split(". ")[0].rstrip(".")  # numpy's messages run on for several sentences
-        raise ValueError(f"Cannot read statistics file {path} ({reason}); recreate it with --save-stats.") from err
+        raise UserError(f"Cannot read statistics file {path} ({reason}); recreate it with --save-stats.") from err
     if len(arrays) != 2:
-        raise ValueError(
+        raise UserError(
             f"Statistics file {path} has arrays {keys} but needs 'mu' and 'sigma'; "
             "create it with `python -m fid --save-stats FOLDER OUT.npz`."
         )
     mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(
+        raise UserError(
             f"Statistics file {path} has mu of shape {mu.shape} and sigma of shape {sigma.shape}, "
             "but needs (d,) and (d, d); recreate it with --save-stats."
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.errors import MissingFileError, UserError
 from core.weights import read_state_dict
 
 from .inception import FIDInceptionV3
@@ -54,7 +55,7 @@ def load_fid_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], s
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         summary = " ".join(str(err).split())[:300]
-        raise ValueError(
+        raise UserError(
             f"Weights {source} do not fit the FID Inception network ({summary}); use {WEIGHTS_FILENAME}."
         ) from err
 
@@ -66,14 +67,14 @@ def _download_state_dict() -> dict[str, torch.Tensor]:
         )
     except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
         checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Cannot download the FID weights {WEIGHTS_FILENAME} from {WEIGHTS_URL} ({err}); download it "
             f"elsewhere and pass --weights PATH (weights=PATH in Python) or put it in {checkpoints}."
         ) from err
     except Exception as err:  # a download that fails its hash check, or a damaged copy in the cache
         cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
         summary = " ".join(str(err).split())[:200]
-        raise ValueError(
+        raise UserError(
             f"The FID weights {WEIGHTS_FILENAME} from {WEIGHTS_URL} or its cached copy cannot be read "
             f"({type(err).__name__}: {summary}); delete {cached} and run again, or pass --weights PATH."
         ) from err

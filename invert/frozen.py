@@ -17,9 +17,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from core.checkpoint import load_checkpoint, state_fingerprint
+from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
 from data import ImageDataset
 from ddpm.generate import DiffusionSampler
+from ddpm.stage import SPEC as DDPM
+from ldm.stage import SPEC as LDM
+
+# The stages whose models can be inverted (by their checkpoints' "stage"): diffusion models that draw
+# images themselves, through their stage's `load_source`.
+DIFFUSION_MODELS = {spec.name: spec for spec in (DDPM, LDM)}
 
 
 @dataclass
@@ -41,40 +48,37 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
                 what: str = "--model") -> FrozenModel:
     """The diffusion model at `path`, frozen; refused unless conditional, and unless its weights'
     fingerprint is `expected` (when given)."""
-    # The stage registry imports this package's stage, so it is looked up when a model is loaded.
-    from stages import get_stage
-
     path = Path(path)
     if not path.is_file():
         advice = (f"restore it (fingerprint {expected}), or learn the embeddings again against another model"
                   if expected else "pass the checkpoint.pt of a conditional ddpm or ldm run")
-        raise FileNotFoundError(f"The diffusion model {path} ({what}) does not exist; {advice}.")
+        raise MissingFileError(f"The diffusion model {path} ({what}) does not exist; {advice}.")
     payload = load_checkpoint(path)
-    spec = get_stage(str(payload.get("stage")))
-    if spec.load_sampler is None:
-        raise ValueError(f"{what} {path} is a checkpoint of stage '{spec.name}', which is not a diffusion model; pass "
-                         f"the checkpoint.pt of a conditional ddpm or ldm run.")
-    sampler = spec.load_sampler(payload, device, weights, path)
+    stage = str(payload.get("stage"))
+    if stage not in DIFFUSION_MODELS:
+        raise UserError(f"{what} {path} is a checkpoint of stage '{stage}', which is not a diffusion model; pass "
+                        f"the checkpoint.pt of a conditional ddpm or ldm run.")
+    sampler = DIFFUSION_MODELS[stage].load_source(payload, device, weights, path).model
     if sampler.net.config.cond == "none":
-        raise ValueError(f"The model {path} was trained without conditioning (--cond none), so it has no conditioning "
-                         f"slot to invert into; train one with --cond class or --cond params.")
+        raise UserError(f"The model {path} was trained without conditioning (--cond none), so it has no conditioning "
+                        f"slot to invert into; train one with --cond class or --cond params.")
     fingerprint = state_fingerprint(sampler.net.state_dict())
     if expected is not None and fingerprint != expected:
-        raise ValueError(f"The diffusion model {path} changed since these embeddings were learned against it "
-                         f"(weights {fingerprint}, learned against {expected}); restore that model, or start a new "
-                         f"inversion.")
-    return FrozenModel(sampler, path, spec.name, weights, fingerprint, payload)
+        raise UserError(f"The diffusion model {path} changed since these embeddings were learned against it "
+                        f"(weights {fingerprint}, learned against {expected}); restore that model, or start a new "
+                        f"inversion.")
+    return FrozenModel(sampler, path, stage, weights, fingerprint, payload)
 
 
 def check_images_fit(model: FrozenModel, images: ImageDataset) -> None:
     """Refuse real images of another size or channel count than the model's own training images."""
     have, want = images.info, model.sampler.info
     if have.channels != want.channels:
-        raise ValueError(f"{have.name} has {have.channels}-channel images but the model {model.path} was trained on "
-                         f"{want.channels}-channel ones; invert images of the kind the model draws.")
+        raise UserError(f"{have.name} has {have.channels}-channel images but the model {model.path} was trained on "
+                        f"{want.channels}-channel ones; invert images of the kind the model draws.")
     if have.resolution != want.resolution:
-        raise ValueError(f"--resolution {have.resolution} differs from the {want.resolution} px images the model "
-                         f"{model.path} was trained on; pass --resolution {want.resolution}.")
+        raise UserError(f"--resolution {have.resolution} differs from the {want.resolution} px images the model "
+                        f"{model.path} was trained on; pass --resolution {want.resolution}.")
 
 
 def denoised_data(model: FrozenModel, images: ImageDataset, *, cache_dir: str, runtime: Runtime

@@ -25,8 +25,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from core.config import DataConfig, TrainConfig, to_dict
+from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
+from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
-from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import ImageDataset, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8
@@ -36,6 +37,7 @@ from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig, InvertOptions
 from invert.embeddings import EmbeddingStore, starting_condition, starting_vectors
 from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
+from invert.variations import InversionSource, Variations, load_inverted
 
 NAME = "invert"
 EVAL_KEY = 7_919  # seeds the quality signal's noises: a stream of its own, the same at every step
@@ -63,7 +65,7 @@ class Inversion:
         self.initial = initial[self.eval_index].to(device)
 
     def loss(self, models, batch, generator, step):
-        vectors = models["model"](batch.index)
+        vectors = models[MAIN](batch.index)
         x0 = self.x0(batch, generator)
         losses = diffusion_loss(self.train_net, self.schedule, x0, generator, prediction=self.model.sampler.prediction,
                                 cond_emb=vectors)
@@ -93,7 +95,7 @@ class Inversion:
         return torch.cat(out)
 
     def evaluate(self, models) -> dict[str, Any]:
-        learned = models["model"].weight.detach()[self.eval_index.to(self.device)]
+        learned = models[MAIN].weight.detach()[self.eval_index.to(self.device)]
         ours = self.per_image_loss(learned)
         null = self.per_image_loss(None)
         start = null if self.start == "null" else self.per_image_loss(self.initial)
@@ -106,7 +108,7 @@ class Inversion:
         """Real images beside samples drawn from their learned vectors (same seeds at every preview)."""
         n = min(self.config.train.preview_images, len(self.eval_index))
         index = self.eval_index[:n]
-        vectors = models["model"].weight.detach()[index.to(self.device)]
+        vectors = models[MAIN].weight.detach()[index.to(self.device)]
         sampling = SamplingConfig(sampler="ddim", steps=min(self.config.train.preview_steps,
                                                             self.schedule.num_timesteps))
         drawn = sample_images(self.model.sampler, sampling, [image_seed(self.config.train.seed, k) for k in range(n)],
@@ -140,9 +142,10 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
     n = min(config.train.preview_images, len(run.eval_index))
     trainable = Trainable(EmbeddingStore(initial), lr=config.train.lr, optimizer="lazy_adamw",
                           weight_decay=config.train.weight_decay)
-    return TrainingStage(name=NAME, trainables={"model": trainable}, loss=run.loss, dataset=dataset,
-                         config=to_dict(config), data_info=images.description(), preview=run.preview,
-                         preview_nrow=2 * math.ceil(math.sqrt(n)), evaluate=run.evaluate, payload=run.payload)
+    return TrainingStage(name=NAME, trainables={MAIN: trainable}, loss=run.loss, dataset=dataset,
+                         config=to_dict(config), data_info=images.description(),
+                         outputs=Outputs(preview=run.preview, preview_nrow=2 * math.ceil(math.sqrt(n)),
+                                         evaluate=run.evaluate, payload=run.payload))
 
 
 def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
@@ -159,16 +162,17 @@ def check(config: InvertConfig) -> None:
     """The model must be named and exist before any work; the data is checked against it in build."""
     path = config.invert.model
     if not path:
-        raise ValueError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
-                         "against (e.g. train.py --stage ddpm --cond params).")
+        raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
+                        "against (e.g. train.py --stage ddpm --cond params).")
     if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"--model {path} does not exist; pass the checkpoint.pt of a conditional ddpm or ldm "
-                                f"run.")
+        raise MissingFileError(f"--model {path} does not exist; pass the checkpoint.pt of a conditional ddpm or ldm "
+                               f"run.")
 
 
-def load_inversion(payload: dict[str, Any], device: torch.device, path: Path):
-    from invert.variations import load_inverted
-    return load_inverted(payload, device, path)
+def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> InversionSource:
+    """Images drawn from variations of the learned vectors, with the model they were learned against (its
+    weights are the ones the inversion used, whatever `weights` asks)."""
+    return InversionSource(load_inverted(payload, device, path))
 
 
 SPEC = StageSpec(
@@ -176,7 +180,6 @@ SPEC = StageSpec(
     summary="diffusion inversion: one learned conditioning vector per real image against a frozen model",
     config_class=InvertConfig,
     presets=PRESETS,
-    default_preset="invert-demo",
     sections=(Section("data", DataConfig, skip=DATA_UNUSED,
                       help={"dataset": "real images to invert: plumes (built in) | folder:PATH | cifar10",
                             "resolution": "image side in pixels; must be the model's"}),
@@ -190,5 +193,8 @@ SPEC = StageSpec(
                             "preview_steps": "DDIM steps of the preview samples"})),
     build=build,
     check=check,
-    load_inversion=load_inversion,
+    load_source=load_source,
+    sample_options=(Section("variations", Variations,
+                            help={name: f"(inversion checkpoints) {field.metadata['help']}"
+                                  for name, field in Variations.__dataclass_fields__.items()}),),
 )

@@ -16,6 +16,7 @@ sample from image i's learned vector.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,16 +25,19 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import require_keys, state_fingerprint
-from core.config import option, require
+from core.config import option, override, require, to_dict
+from core.errors import UserError
 from core.runtime import derive_seed
 from data import DatasetInfo
 from data.writer import Item
 from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
+from ddpm.source import ImageSource
 from ddpm.synthetic import DatasetPlan
 from invert.frozen import load_frozen
 
 REFERENCES = ("mean", "null")
+GUIDANCE = 2.0  # Zhou et al. 2023's guidance scale for images drawn from learned vectors
 VARIATION_KEY = 2  # (seed, k, VARIATION_KEY) seeds image k's partner, weight and noise
 
 
@@ -120,7 +124,42 @@ def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> 
                          what=f"the model that the embeddings in {path} were learned against")
     vectors = payload["models"]["model"]["weight"].float().cpu()
     if not torch.isfinite(vectors).all():
-        raise ValueError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
-                         f"again with a lower --lr.")
+        raise UserError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
+                        f"again with a lower --lr.")
     return Inverted(frozen.sampler, vectors, inversion["labels"].long(), inversion["params"].float(),
                     tuple(inversion["sources"]), DatasetInfo.from_dict(payload["data_info"]), model)
+
+
+class InversionSource(ImageSource):
+    """An inversion checkpoint as sample.py draws from it: image k from a variation of the learned vector
+    of source image k mod N (see the module docstring), guided against the reference."""
+    default_guidance = GUIDANCE
+    option_sections = ("variations",)
+    draws_requests = False
+
+    def __init__(self, inverted: Inverted):
+        super().__init__(inverted.model)
+        self.inverted = inverted
+
+    def check(self, args: argparse.Namespace) -> None:
+        """The conditions come from the learned vectors (their classes from the inverted images), so no class,
+        parameter or sweep can be asked for."""
+        for flag, given in (("--class", args.label), ("--param", args.param), ("--sweep", args.sweep),
+                            ("--interpolate", args.interpolate), ("--classes", args.classes),
+                            ("--per-class", args.per_class)):
+            if given:
+                raise UserError(f"{flag} does not apply to an inversion checkpoint, whose images are conditioned on "
+                                f"the learned vectors (their classes come from the inverted images); drop it.")
+        if args.dataset_out is not None and args.num is not None:
+            raise UserError("An inversion writes --per-image K images of every inverted image; use --per-image "
+                            "instead of --num.")
+
+    def conditions(self, indices: Sequence[int], args: argparse.Namespace) -> Conditions:
+        return self.inverted.conditions(indices, args.seed, override(Variations(), args, "variations"))
+
+    def dataset(self, args: argparse.Namespace) -> tuple[DatasetPlan, dict[str, Any]]:
+        variations = override(Variations(), args, "variations")
+        per_image = args.per_image or 1
+        plan = self.inverted.plan(per_image, args.seed, variations)
+        return plan, {"weights": self.inverted.record["weights"], "embeddings": self.inverted.fingerprint(),
+                      "variations": to_dict(variations), "per_image": per_image}

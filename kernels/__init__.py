@@ -32,9 +32,8 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
-HELP = ("fused kernels: auto (our Triton kernels on CUDA when Triton is importable, PyTorch's ops otherwise), "
-        "triton or torch; both give the same results within the kernels' stated tolerances")
+from core.errors import UserError
+from core.runtime import KERNEL_BACKENDS as BACKENDS
 
 _active = "torch"
 
@@ -58,19 +57,19 @@ def resolve(name: str, device: torch.device | str) -> str:
     """The backend `--kernels NAME` means on `device`: "triton" or "torch"; a choice that cannot run is an error."""
     device = torch.device(device)
     if name not in BACKENDS:
-        raise ValueError(f"Unknown --kernels {name!r}; choose one of {', '.join(BACKENDS)}.")
+        raise UserError(f"Unknown --kernels {name!r}; choose one of {', '.join(BACKENDS)}.")
     if name == "torch":
         return "torch"
     runnable = triton_importable() and (device.type == "cuda" or interpreting())
     if name == "auto":
         return "triton" if runnable and device.type == "cuda" else "torch"
     if not triton_importable():
-        raise ValueError("--kernels triton needs the triton package, which this PyTorch install lacks; "
-                         "use --kernels auto or torch, or pip install triton.")
+        raise UserError("--kernels triton needs the triton package, which this PyTorch install lacks; "
+                        "use --kernels auto or torch, or pip install triton.")
     if not runnable:
-        raise ValueError(f"--kernels triton runs our kernels on CUDA GPUs, and this run is on {device.type}; "
-                         f"use --kernels auto or torch (or set TRITON_INTERPRET=1 to run them, slowly, in "
-                         f"Triton's CPU interpreter).")
+        raise UserError(f"--kernels triton runs our kernels on CUDA GPUs, and this run is on {device.type}; "
+                        f"use --kernels auto or torch (or set TRITON_INTERPRET=1 to run them, slowly, in "
+                        f"Triton's CPU interpreter).")
     return "triton"
 
 

@@ -1,9 +1,9 @@
 """One sampler update in one kernel: classifier-free guidance, the multistep combination, the x0
 prediction, its clipping, and the step to the next noise level.
 
-Every sampler in `ddpm.samplers` (DDPM's ancestral step, DDIM's eq. 12, PNDM's transfer, DDIM
-inversion) turns the network's eps at (x_t, t) into the next sample with the same elementwise recipe;
-only the per-step numbers differ. `sampler_step` computes, for every element,
+Every sampler in `ddpm.samplers` (DDPM's ancestral step, DDIM's eq. 12, PNDM's transfer) turns the
+network's eps at (x_t, t) into the next sample with the same elementwise recipe; only the per-step
+numbers differ. `sampler_step` computes, for every element,
 
     eps     = eps_ref + s (eps_cond - eps_ref)            classifier-free guidance (Ho & Salimans 2022, eq. 6)
     eps'    = w_0 eps + w_1 h_1 + w_2 h_2 + w_3 h_3       PNDM's Runge-Kutta or multistep combination

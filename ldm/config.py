@@ -20,8 +20,9 @@ DEFAULT_VAE_CKPT = str(DEFAULT_VAE_RUN / "checkpoint.pt")
 @dataclass(frozen=True)
 class LatentConfig:
     vae_ckpt: str = option(DEFAULT_VAE_CKPT, "the trained autoencoder, a `train.py --stage vae` checkpoint; its weights "
-                                             "and latent scale are copied into this run's checkpoints (the default run "
-                                             "is trained first if it has no checkpoint yet)")
+                                             "are copied into this run's checkpoints, and the latent scale is measured "
+                                             "on this run's latents (the default run is trained first if it has no "
+                                             "checkpoint yet)")
     encode_batch: int = option(64, "images per encoder pass when the latent cache is built")
 
     def __post_init__(self) -> None:
@@ -40,7 +41,7 @@ class LDMConfig:
 
 def ldm_demo() -> LDMConfig:
     """64x64 plumes conditioned on (wind, temperature), on the 16x16x3 latents of `vae-demo`: a 1.2M-parameter
-    U-Net, about 11 minutes on 2 CPU cores.
+    U-Net, minutes on 2 CPU cores (docs/presets.md has the time and result).
 
     Latent diffusion's scaled-linear schedule; v-prediction for the reason the pixel demo gives (a
     briefly trained eps model's small mean errors are amplified by 1/sqrt(abar) at high noise).

@@ -2,9 +2,10 @@
 
 Latent diffusion trains on z ~ q(z | x), a fresh draw each time an image is seen. The encoder is
 the expensive half of that, and it is frozen, so the cache keeps each image's posterior mean and
-standard deviation and the training loop draws z = (mean + std * eps) * scale_factor per step. With
-horizontal flips the mirror image is encoded too (a convolutional encoder is not equivariant to
-mirroring, so a flipped latent is not the mirror image's latent) and one of the two views is drawn.
+standard deviation and the training loop draws z = (mean + std * eps) * scale_factor per step, the
+scale measured on the cache itself (`latent_scale_factor`). With horizontal flips the mirror image
+is encoded too (a convolutional encoder is not equivariant to mirroring, so a flipped latent is not
+the mirror image's latent) and one of the two views is drawn.
 
 A cache file is named by the autoencoder's weight fingerprint and a hash of the images, labels and
 parameters, and both are checked when it is read: a different autoencoder, or changed data, never
@@ -13,6 +14,7 @@ reuses a cache.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 import zipfile
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from core.errors import UserError
 from core.runtime import Runtime, atomic_write, main_process_first
 from data import DatasetInfo, ImageDataset
 from data.imageio import from_uint8
@@ -64,6 +67,34 @@ def draw_latent(moments: Tensor, generator: torch.Generator) -> Tensor:
     return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
+def latent_scale_factor(moments: Tensor, chunk: int = 256) -> float:
+    """1 / the standard deviation of z = mean + std * eps over the whole latent dataset `moments`
+    (N, V, 2L, h, w) = [mean | std]: latent diffusion's `scale_by_std`, so scaled latents have the unit
+    variance the diffusion schedule assumes for x0.
+
+    Every element of every view is one draw of the mixture the training loop samples, so in closed form
+        Var(z) = Var(mean) + E[std^2]
+    (the law of total variance: the spread of the posterior means plus the average posterior variance),
+    with both moments over all N V L h w elements. Latent diffusion instead takes the sample standard
+    deviation of one posterior draw of its first training batch; this is the value that estimate scatters
+    around, free of the batch's noise. Accumulated in float64, `chunk` images at a time.
+    """
+    assert moments.ndim == 5 and moments.shape[2] % 2 == 0, f"expected (N, V, 2L, h, w) moments, got {tuple(moments.shape)}"
+
+    def parts():  # (mean, std) in float64, a few images at a time
+        return (part.double().chunk(2, dim=2) for part in moments.split(chunk))
+
+    count = moments.numel() // 2
+    average = sum(mean.sum() for mean, _ in parts()) / count
+    # Two passes (the mean first), so a large common offset of the latents cannot cancel the variance away.
+    variance = sum((mean - average).square().sum() + std.square().sum() for mean, std in parts()) / count
+    std = variance.sqrt().item()
+    if not math.isfinite(std) or std <= 0:
+        raise UserError(f"The latents have standard deviation {std}; the autoencoder's weights are broken, so train "
+                        f"it again or load other weights.")
+    return 1.0 / std
+
+
 def cache_path(cache_dir: str | Path, info: DatasetInfo, vae_fingerprint: str, images_hash: str, views: int) -> Path:
     name = re.sub(r"[^A-Za-z0-9]+", "_", info.name).strip("_")[-40:] or "data"
     return Path(cache_dir) / "latents" / f"{name}-r{info.resolution}-vae{vae_fingerprint}-data{images_hash}-v{views}-{VERSION}.npz"
@@ -91,7 +122,7 @@ def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[in
         with np.load(path, allow_pickle=False) as z:
             moments, fingerprint, hashed = z["moments"], str(z["vae_fingerprint"]), str(z["data_hash"])
         if fingerprint != vae_fingerprint or hashed != images_hash or moments.shape != expected:
-            raise ValueError(f"it was made for another autoencoder or other data (shape {moments.shape})")
+            raise UserError(f"it was made for another autoencoder or other data (shape {moments.shape})")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         warnings.warn(f"Latent cache {path} is unusable ({err}); encoding again.", stacklevel=3)
         return None

@@ -2,8 +2,9 @@
 samplers, trained on the scaled latents of a frozen KL autoencoder and decoded to images.
 
 The autoencoder is read from a `vae` checkpoint when a run starts, and a copy of its sampling
-weights and latent scale goes into every checkpoint of the run, so one file is enough to resume or
-to sample, whatever happens to the VAE run afterwards.
+weights goes into every checkpoint of the run, with the latent scale factor the run measured on its
+own latent cache (latent diffusion's `scale_by_std`), so one file is enough to resume or to sample,
+whatever happens to the VAE run afterwards.
 """
 
 from __future__ import annotations
@@ -17,36 +18,41 @@ from torch import Tensor
 
 from core.checkpoint import load_checkpoint, require_keys
 from core.config import DataConfig, TrainConfig, from_dict
+from core.contract import Prerequisite, Section, StageSpec, TrainingStage
+from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
-from core.stages import Prerequisite, Section, StageSpec, TrainingStage
 from data import DatasetInfo, load_dataset
 from data.augment import random_view
 from ddpm.config import UNET_FROM_DATA, UNET_OPTIONS, DiffusionConfig, resolve_unet
 from ddpm.generate import DiffusionSampler
+from ddpm.source import ImageSource
 from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
 from ddpm.unet import UNet, UNetConfig
 from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LatentConfig, LDMConfig
-from ldm.latents import draw_latent, latent_dataset
+from ldm.latents import draw_latent, latent_dataset, latent_scale_factor
 from vae.autoencoder import AutoencoderKL
-from vae.stage import load_autoencoder
+from vae.stage import SPEC as VAE, load_autoencoder
 
 NAME = "ldm"
 
 
-def vae_record(payload: dict[str, Any], source: str | Path, fingerprint: str) -> dict[str, Any]:
-    """What an LDM checkpoint keeps of its autoencoder: a VAE checkpoint's config, sampling weights and
-    scale, in the layout `load_autoencoder` reads (both weight entries share one set of tensors)."""
+def vae_record(payload: dict[str, Any], source: str | Path, fingerprint: str, scale: float) -> dict[str, Any]:
+    """What an LDM checkpoint keeps of its autoencoder, in the layout `load_autoencoder` reads: a VAE
+    checkpoint's config and sampling weights (both weight entries share one set of tensors), with
+    `scale_factor` the scale this latent model trains and samples with, and `autoencoder_scale_factor`
+    the one the VAE run measured on its own data, kept for comparison."""
     weights = payload["ema"]["model"]
+    measured_by_vae = float(payload.get("autoencoder_scale_factor", payload["scale_factor"]))
     return {"stage": "vae", "config": payload["config"], "data_info": payload.get("data_info"),
-            "models": {"model": weights}, "ema": {"model": weights}, "scale_factor": float(payload["scale_factor"]),
-            "fingerprint": fingerprint, "source": str(source)}
+            "models": {"model": weights}, "ema": {"model": weights}, "scale_factor": float(scale),
+            "autoencoder_scale_factor": measured_by_vae, "fingerprint": fingerprint, "source": str(source)}
 
 
 def _read_vae(path: str) -> dict[str, Any]:
     payload = load_checkpoint(path)
     if payload.get("stage") != "vae":
-        raise ValueError(f"--vae-ckpt {path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; "
-                         f"pass the checkpoint.pt of a `train.py --stage vae` run.")
+        raise UserError(f"--vae-ckpt {path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; "
+                        f"pass the checkpoint.pt of a `train.py --stage vae` run.")
     return payload
 
 
@@ -55,16 +61,16 @@ def fit_unet_to_latents(config: LDMConfig, info: DatasetInfo, autoencoder: Autoe
     ae = autoencoder.config
     f = ae.downsampling_factor
     if ae.in_channels != info.channels:
-        raise ValueError(f"The autoencoder encodes {ae.in_channels}-channel images but {info.name} has {info.channels} "
-                         f"channels; use an autoencoder trained on this kind of image.")
+        raise UserError(f"The autoencoder encodes {ae.in_channels}-channel images but {info.name} has {info.channels} "
+                        f"channels; use an autoencoder trained on this kind of image.")
     if info.resolution % f:
-        raise ValueError(f"--resolution {info.resolution} is not divisible by the autoencoder's downsampling factor "
-                         f"{f}; pick a multiple of {f}.")
+        raise UserError(f"--resolution {info.resolution} is not divisible by the autoencoder's downsampling factor "
+                        f"{f}; pick a multiple of {f}.")
     size = info.resolution // f
     try:
         unet = resolve_unet(config.unet, info, size, ae.latent_channels)
     except ValueError as err:
-        raise ValueError(f"The autoencoder's latents ({ae.latent_channels}x{size}x{size}) do not fit the U-Net: {err}") from None
+        raise UserError(f"The autoencoder's latents ({ae.latent_channels}x{size}x{size}) do not fit the U-Net: {err}") from None
     return dataclasses.replace(config, unet=unet)
 
 
@@ -73,22 +79,25 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     # A resumed run keeps the autoencoder it started with, whatever became of the VAE run since.
     vae_payload = resume_from["vae"] if resume_from is not None else _read_vae(config.latent.vae_ckpt)
     source = vae_payload.get("source", config.latent.vae_ckpt)
-    autoencoder, scale, fingerprint = load_autoencoder(vae_payload, device, source)
-    record = vae_record(vae_payload, source, fingerprint)
+    autoencoder, recorded_scale, fingerprint = load_autoencoder(vae_payload, device, source)
 
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     info = dataset.info
     config = fit_unet_to_latents(config, info, autoencoder)
     latents = latent_dataset(autoencoder, fingerprint, dataset, hflip=data.hflip, cache_dir=data.cache_dir,
                              batch=config.latent.encode_batch, runtime=runtime)
+    # Latent diffusion's scale_by_std, on the latents this run trains on. A resumed run keeps the scale it
+    # started with (runs from before the measurement moved here trained with the autoencoder run's own).
+    scale = recorded_scale if resume_from is not None else latent_scale_factor(latents.moments)
+    record = vae_record(vae_payload, source, fingerprint, scale)
     if runtime.is_main:
         print(f"Latents: {len(latents)} x {config.unet.in_channels}x{config.unet.image_size}x{config.unet.image_size}, "
-              f"scale factor {scale:.4f}, autoencoder {fingerprint} from {source}.", flush=True)
+              f"scale factor {scale:.4f} (the autoencoder run measured {record['autoencoder_scale_factor']:.4f} on "
+              f"its data), autoencoder {fingerprint} from {source}.", flush=True)
         trained_on = vae_payload.get("data_info") or {}
         if (trained_on.get("name"), trained_on.get("resolution")) != (info.name, info.resolution):
             print(f"Note: the autoencoder was trained on {trained_on.get('name')} at {trained_on.get('resolution')} px, "
-                  f"this run uses {info.name} at {info.resolution} px; its latent scale was measured on its own data.",
-                  flush=True)
+                  f"this run uses {info.name} at {info.resolution} px.", flush=True)
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
     stage = diffusion_stage(NAME, config, info, net, latents, device, data_info=dataset.description(),
@@ -124,13 +133,13 @@ def prerequisite(config: LDMConfig, device: str) -> Prerequisite | None:
     if not ckpt.exists():
         same_data = ("--dataset", data.dataset, "--resolution", str(data.resolution), "--num-samples",
                      str(data.num_samples), "--cache-dir", data.cache_dir, "--num-workers", str(data.num_workers))
-        return Prerequisite("vae", common + ("--preset", "vae-demo") + same_data,
+        return Prerequisite(VAE, common + ("--preset", "vae-demo") + same_data,
                             f"The default autoencoder ({ckpt}) has no checkpoint yet: training it first "
                             f"(train.py --stage vae --preset vae-demo).")
     payload = load_checkpoint(ckpt, "vae")
     steps = from_dict(TrainConfig, payload["config"]["train"]).steps
     if payload["step"] < steps:
-        return Prerequisite("vae", common + ("--resume",),
+        return Prerequisite(VAE, common + ("--resume",),
                             f"The default autoencoder ({ckpt}) stopped at step {payload['step']} of {steps}: "
                             f"finishing it first.")
     return None
@@ -140,8 +149,13 @@ def check(config: LDMConfig) -> None:
     check_diffusion_options(config)
     path = Path(config.latent.vae_ckpt)
     if path != Path(DEFAULT_VAE_CKPT) and not path.is_file():  # the default one is trained when missing
-        raise FileNotFoundError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` "
-                                f"run.")
+        raise MissingFileError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` "
+                               f"run.")
+
+
+
+def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> ImageSource:
+    return ImageSource(load_sampler(payload, device, weights, path))
 
 
 SPEC = StageSpec(
@@ -149,14 +163,13 @@ SPEC = StageSpec(
     summary="latent diffusion: a DDPM U-Net on the latents of a trained KL autoencoder",
     config_class=LDMConfig,
     presets=PRESETS,
-    default_preset="ldm-demo",
     sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
               Section("latent", LatentConfig),
               Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
               Section("diffusion", DiffusionConfig),
               Section("train", TrainConfig)),
     build=build,
-    load_sampler=load_sampler,
+    load_source=load_source,
     prerequisite=prerequisite,
     check=check,
 )

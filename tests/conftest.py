@@ -64,7 +64,7 @@ def torchrun():
 def class_ckpt(tmp_path_factory) -> Path:
     """A pixel model conditioned on three solid-colour classes (blue, green, red)."""
     import train
-    from test_sweeps import RES, tiny_args
+    from helpers import RES, tiny_args
     root = tmp_path_factory.mktemp("classes")
     for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
         (root / name).mkdir()
@@ -79,7 +79,7 @@ def class_ckpt(tmp_path_factory) -> Path:
 def params_ckpt(tmp_path_factory) -> Path:
     """A pixel model conditioned on two parameters, wind in [-1, 1] and heat in [2, 5]."""
     import train
-    from test_sweeps import RES, tiny_args
+    from helpers import RES, tiny_args
     root = tmp_path_factory.mktemp("params")
     rng = np.random.default_rng(0)
     lines = []

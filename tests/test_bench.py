@@ -76,7 +76,8 @@ def test_a_wrong_mapping_is_refused():
 
 def test_table_has_the_columns_and_marks_a_missing_peer():
     rows = [Row("U-Net train step", "ddpm-demo, batch 8", 100.0, 250.0, "bf16 autocast", "diffusers UNet2DModel",
-                peer_default=125.0, memory=(2**20, 3 * 2**20, None)),
+                peer_default=125.0, memory=(2**20, 3 * 2**20, None), best_fp32=150.0,
+                best_fp32_settings="fp32 + channels_last + compile"),
             Row("LPIPS fwd+bwd", "64 px", 10.0, 12.5, "fp32", "no peer (lpips not installed)"),
             Row("fused GroupNorm+SiLU", "4x128x32x32", None, None, "needs CUDA", "torch ops (unfused)",
                 peer_default=5000.0)]
@@ -89,9 +90,10 @@ def test_table_has_the_columns_and_marks_a_missing_peer():
     measured, no_peer, no_triton = (dict(zip(COLUMNS, row)) for row in cells)
     assert measured["ours fastest img/s"] == "250"
     assert measured["fastest / peer"] == "2.00x" and measured["fp32 / peer"] == "0.80x"
+    assert measured["best fp32 / peer"] == "1.20x (fp32 + channels_last + compile)"
     assert measured["peak MiB: fp32 / fastest / peer"] == "1 / 3 / -"
     assert no_peer["ours fp32 img/s"] == "10.0" and no_peer["peer img/s"] == "-"
-    assert no_peer["fastest / peer"] == "-" and no_peer["peer"] == "no peer (lpips not installed)"
+    assert no_peer["fastest / peer"] == no_peer["best fp32 / peer"] == "-" and no_peer["peer"] == "no peer (lpips not installed)"
     assert no_triton["ours fp32 img/s"] == "-" and no_triton["fastest settings"] == "needs CUDA"
     assert no_triton["peer img/s"] == "5000"
 

@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision.models import resnet18
 
 import train
-from classify import experiment
+from training.run import resolve_config
+from evaluate import experiment
 from classify.model import ClassifierConfig, build_resnet18, load_classifier
 from classify.stage import final_results
 from core.checkpoint import load_checkpoint
@@ -162,7 +163,7 @@ def test_an_extra_dataset_joins_the_training_set_at_a_fixed_share(colours, tmp_p
     synthetic = colour_folder(tmp_path / "synth", 4, seed=3)
     spec, parsed = train.parse_args(args(tmp_path / "run", *colours, "--extra-dataset", f"folder:{synthetic}",
                                          "--extra-fraction", "0.25"))
-    config, _ = train.resolve_config(spec, parsed, tmp_path / "run")
+    config, _ = resolve_config(spec, parsed, tmp_path / "run")
     _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
     assert len(stage.dataset) == 24 + 12 and stage.mix == ((24, 9), (12, 3))
     assert [p["num_samples"] for p in stage.data_info["parts"]] == [24, 12]

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import sample
-from classify import consistency
+from evaluate import consistency
 from classify.model import Classifier, ClassifierConfig
 from data import load_dataset
 from data.dataset import DatasetInfo
 from ddpm.config import SamplingConfig
+from stages import open_source
 from test_gradcam import classifier_checkpoint
 
 SAMPLING = SamplingConfig(sampler="ddim", steps=2)
@@ -52,7 +52,7 @@ def judge(model, net, target, names) -> Classifier:
 
 
 def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
-    model, _ = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
+    model = open_source(class_ckpt, torch.device("cpu")).model
     colour_of = {"red": 0, "green": 1, "blue": 2}
     names = model.info.class_names                                  # blue, green, red
     result = consistency.measure(model, judge(model, MeanColour([colour_of[n] for n in names]), "class", names),
@@ -71,7 +71,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
 
 
 def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
-    model, _ = sample.load_model(class_ckpt, torch.device("cpu"), "ema")
+    model = open_source(class_ckpt, torch.device("cpu")).model
     names = model.info.class_names
     report = consistency.measure(model, judge(model, Constant([5.0, 0.0, 0.0]), "class", names), SAMPLING,
                                  per_class=3, batch_size=5)["report"]
@@ -81,7 +81,7 @@ def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
 
 
 def test_parameter_error_is_the_distance_between_requested_and_judged_values(params_ckpt):
-    model, _ = sample.load_model(params_ckpt, torch.device("cpu"), "ema")
+    model = open_source(params_ckpt, torch.device("cpu")).model
     info = model.info
     # Normalised output (0, 1) is the middle of wind's range and the top of heat's.
     regressor = judge(model, Constant([0.0, 1.0]), "params", info.param_names)

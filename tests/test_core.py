@@ -17,8 +17,8 @@ from torch import nn
 import train
 from core.checkpoint import VERSION, load_checkpoint, save_checkpoint, state_fingerprint
 from core.config import LR_SCHEDULES, TrainConfig
+from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime, atomic_write
-from core.stages import Trainable, TrainingStage
 from core.weights import check_state_dict, read_state_dict
 from stages import STAGES
 from training.loop import Trainer, lr_factor
@@ -84,7 +84,7 @@ def toy_stage(losses, *, metrics=None, payload=None, evaluate=None, data=None):
         return losses(models, batch, step), (metrics(step) if metrics else {})
 
     stage = TrainingStage("toy", {"model": Trainable(g, lr=0.1, ema=True), "disc": Trainable(d, lr=0.1)}, loss, data,
-                          {"toy": 1}, {"name": "toy"}, payload=payload, evaluate=evaluate)
+                          {"toy": 1}, {"name": "toy"}, outputs=Outputs(payload=payload, evaluate=evaluate))
     return stage, g, d
 
 

@@ -17,7 +17,8 @@ import sample
 from data import load_dataset
 from data import export
 from data.writer import Binning, parse_binning
-from test_sweeps import RES
+from sampling.draw import Drawer
+from helpers import RES
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -65,7 +66,7 @@ def test_an_interrupted_run_continues_without_redrawing_and_ends_as_an_uninterru
                                                                                          monkeypatch):
     whole = write(class_ckpt, tmp_path / "whole", "--per-class", "3")
     calls = {"n": 0}
-    original = sample.Drawer.batch
+    original = Drawer.batch
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
@@ -73,7 +74,7 @@ def test_an_interrupted_run_continues_without_redrawing_and_ends_as_an_uninterru
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(sample.Drawer, "batch", interrupted)
+    monkeypatch.setattr(Drawer, "batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write(class_ckpt, tmp_path / "part", "--per-class", "3")
     part = tmp_path / "part"
@@ -81,7 +82,7 @@ def test_an_interrupted_run_continues_without_redrawing_and_ends_as_an_uninterru
     assert len(first) == 4                                          # the first batch, saved before the second
     assert len(rows(part / "manifest.csv")) == 4                   # and the manifest covers exactly those
     assert len(load_dataset(f"folder:{part}", RES)) == 4           # an interrupted folder is a loadable dataset
-    monkeypatch.setattr(sample.Drawer, "batch", original)
+    monkeypatch.setattr(Drawer, "batch", original)
     write(class_ckpt, part, "--per-class", "3")
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first} == first     # never rewritten
     files = sorted(p.relative_to(part) for p in part.rglob("*.png"))

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from classify import gradcam
+from evaluate import gradcam
 from classify.model import ClassifierConfig, build_resnet18, load_classifier
-from classify.gradcam import grad_cam, map_statistics
+from evaluate.gradcam import grad_cam, map_statistics
 from core.checkpoint import save_checkpoint
 from core.config import to_dict
 from data import DatasetInfo

@@ -18,6 +18,8 @@ from torch import nn
 
 import sample
 import train
+from stages import open_source
+from training.run import resolve_config
 from core.checkpoint import load_checkpoint, state_fingerprint
 from core.config import DataConfig, TrainConfig
 from core.runtime import Runtime
@@ -30,7 +32,7 @@ from invert.frozen import FrozenModel
 from invert.stage import inversion_stage
 from training.loop import Trainer
 from training.optim import LazyAdamW
-from test_sweeps import RES, tiny_args
+from helpers import RES, tiny_args
 
 CPU = torch.device("cpu")
 
@@ -108,6 +110,9 @@ class LinearDenoiser(nn.Module):
     def embed_condition(self, labels):
         return self.table[labels]
 
+    def check_inputs(self, x, t, cond=None, *, null_mask=None, cond_emb=None):
+        assert x.shape[1:] == (1, self.config.image_size, self.config.image_size) and t.shape == x.shape[:1]
+
     def forward(self, x, t, cond=None, *, null_mask=None, cond_emb=None):
         e = self.null_embedding.expand(len(x), -1) if cond_emb is None else cond_emb
         if null_mask is not None:
@@ -173,8 +178,8 @@ def test_the_quality_signal_is_the_same_for_the_same_vectors(tmp_path):
     targets = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     stage, _ = linear_inversion(targets, weight, classes, torch.tensor([0, 1] * 3), tmp_path, init="condition",
                                 steps=0)
-    first = stage.evaluate({"model": stage.trainables["model"].model})
-    assert first == stage.evaluate({"model": stage.trainables["model"].model})   # fixed timesteps and noises
+    first = stage.outputs.evaluate({"model": stage.trainables["model"].model})
+    assert first == stage.outputs.evaluate({"model": stage.trainables["model"].model})   # fixed timesteps and noises
     assert first["start"] == "class" and first["loss_learned"] == first["loss_start"] and first["shift"] == 0
 
 
@@ -227,7 +232,7 @@ def test_the_checkpoint_records_sources_labels_and_the_frozen_model(inverted, cl
 
 def test_only_the_vectors_get_gradients_and_the_network_is_untouched(class_ckpt, tmp_path):
     spec, args = train.parse_args(invert_args(tmp_path / "run", class_ckpt, folder_of(class_ckpt)))
-    config, _ = train.resolve_config(spec, args, tmp_path / "run")
+    config, _ = resolve_config(spec, args, tmp_path / "run")
     _, stage = spec.build(config, Runtime(CPU), None)
     run = stage.loss.__self__
     net = run.net
@@ -323,7 +328,7 @@ def test_without_noise_or_interpolation_image_k_is_the_plain_sample_of_its_vecto
                                              enumerate(["blue", "blue", "green", "green", "red", "red"])]
     payload = load_checkpoint(inverted / "checkpoint.pt")
     vectors = payload["models"]["model"]["weight"]
-    model, inv = sample.load_model(inverted / "checkpoint.pt", CPU, "ema")
+    model = open_source(inverted / "checkpoint.pt", CPU).model
     sampling = SamplingConfig(sampler="ddim", steps=2, guidance_scale=2.0)
     for k in (1, 4):
         plain = sample_images(model, sampling, [image_seed(0, k)], cond_emb=vectors[k:k + 1],
@@ -358,7 +363,7 @@ def test_guidance_against_a_reference_vector_is_eps_ref_plus_scale_times_the_dif
     from ddpm.generate import eps_model
     from ddpm.unet import UNet, UNetConfig
     torch.manual_seed(0)
-    net = UNet(UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=32, channel_mult=(1, 2),
+    net = UNet(UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mult=(1, 2),
                           num_res_blocks=1, attention_resolutions=(), cond="class", num_classes=3)).eval()
     for p in net.parameters():  # away from the zero-initialised output, so conditions matter
         p.data += 0.05 * torch.randn_like(p)
@@ -398,7 +403,7 @@ def test_bad_variation_options_are_refused(inverted, tmp_path, extra, message):
 
 def test_variation_options_need_an_inversion_checkpoint(class_ckpt, tmp_path):
     for extra in (("--per-image", "2"), ("--emb-noise", "0.2")):
-        with pytest.raises(ValueError, match="applies to inversion checkpoints"):
+        with pytest.raises(ValueError, match="applies to (inversion|invert) checkpoints"):
             draw(class_ckpt, tmp_path / "set", *extra)
 
 

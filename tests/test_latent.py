@@ -4,6 +4,7 @@ the latent cache, exact resume, self-contained latent checkpoints, and every bad
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from PIL import Image
 
 import sample
 import train
+from training.run import resolve_config
 from core.checkpoint import load_checkpoint
 from core.config import from_dict
 from data import load_dataset
 from ldm.config import DEFAULT_VAE_CKPT, LDMConfig
+from ldm.latents import draw_latent, latent_scale_factor
 from ldm.stage import prerequisite
 from vae.stage import latent_scale, load_autoencoder
 
@@ -91,17 +94,21 @@ def test_scale_factor_gives_latents_of_unit_standard_deviation(vae_run, cache):
     assert (z * scale).std().item() == pytest.approx(1.0, rel=0.05)
 
 
-def test_vae_resume_with_discriminator_is_exact(tmp_path, cache):
-    """Two optimizers (autoencoder and PatchGAN from step 2), EMA and the adaptive weight, interrupted and
-    resumed, give bit-identical losses and weights."""
+@pytest.mark.parametrize("logvar", [(), ("--learn-logvar", "--logvar-init", "0.5")], ids=["fixed-logvar", "learned-logvar"])
+def test_vae_resume_with_discriminator_is_exact(tmp_path, cache, logvar):
+    """Two optimizers (autoencoder and PatchGAN from step 2), EMA and the adaptive weight, and a third for
+    the output log-variance when it is learned, interrupted and resumed, give bit-identical losses and weights."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    gan = ("--disc-start", "2", "--disc-layers", "2")
+    gan = ("--disc-start", "2", "--disc-layers", "2", *logvar)
     train.main(vae_args(straight, cache, 4, *gan))
     train.main(vae_args(split, cache, 2, *gan))
     train.main(["--stage", "vae", "--run-dir", str(split), "--resume", "--steps", "4", "--device", "cpu"])
     assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
     assert "loss/disc" in records(straight)[-1] and "d_weight" in records(straight)[-1]
     a, b = (load_checkpoint(d / "checkpoint.pt", "vae") for d in (straight, split))
+    if logvar:  # s is a trainable of its own, saved with the run, and it moved
+        assert set(a["models"]) == {"model", "disc", "logvar"} and "loss/logvar" in records(straight)[-1]
+        assert a["models"]["logvar"]["logvar"].item() != 0.5 and records(straight)[0]["logvar"] == 0.5
     for group in ("models", "ema"):
         for name in a[group]:
             for key, value in a[group][name].items():
@@ -129,7 +136,7 @@ def test_folder_without_a_test_split_is_evaluated_on_training_images_and_says_so
 def test_ldm_checkpoint_carries_its_autoencoder_and_samples_alone(ldm_run, vae_run, tmp_path):
     payload = load_checkpoint(ldm_run / "checkpoint.pt", "ldm")
     vae_payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
-    assert payload["vae"]["scale_factor"] == vae_payload["scale_factor"]
+    assert payload["vae"]["autoencoder_scale_factor"] == vae_payload["scale_factor"]  # kept for comparison
     for key, value in vae_payload["ema"]["model"].items():
         assert torch.equal(payload["vae"]["ema"]["model"][key], value)
     assert payload["config"]["unet"]["image_size"] == RES // 2 and payload["config"]["unet"]["in_channels"] == 2
@@ -147,6 +154,52 @@ def test_ldm_checkpoint_carries_its_autoencoder_and_samples_alone(ldm_run, vae_r
         assert 1 < gif.n_frames <= 5 and gif.size == (2 * (RES + 2) + 2, RES + 2 + 2)
     rows = list(__import__("csv").DictReader(open(out / "manifest.csv")))
     assert [float(r["wind"]) for r in rows] == [-1.0, -1.0]
+
+
+def test_latent_scale_factor_is_one_over_the_std_of_the_posterior_draws_in_closed_form():
+    """Var(z) = Var(mean) + E[std^2] over every element of every view of a cache small enough to write out."""
+    g = torch.Generator().manual_seed(0)
+    mean = (torch.randn(5, 2, 3, 4, 4, generator=g) + 40.0).half()  # a large offset must not cancel the variance
+    std = (0.3 + torch.rand(5, 2, 3, 4, 4, generator=g)).half()
+    moments = torch.cat([mean, std], dim=2)  # (N, V, 2L, h, w) = [mean | std]
+    m, v = mean.double().flatten(), std.double().flatten()
+    expected = 1 / math.sqrt(((m - m.mean()) ** 2).mean() + (v ** 2).mean())
+    assert latent_scale_factor(moments) == pytest.approx(expected, rel=1e-12)
+    assert latent_scale_factor(moments, chunk=2) == pytest.approx(expected, rel=1e-12)
+    # ... which is what many posterior draws spread as.
+    draws = torch.stack([draw_latent(moments.flatten(0, 1).float(), g) for _ in range(400)])
+    assert latent_scale_factor(moments) == pytest.approx(1 / draws.double().std().item(), rel=0.01)
+    with pytest.raises(ValueError, match="standard deviation 0.0"):
+        latent_scale_factor(torch.zeros(2, 1, 2, 2, 2))
+
+
+def test_latent_model_trains_and_samples_with_the_scale_of_its_own_latents(ldm_run, vae_run, cache, tmp_path):
+    """Latent diffusion's scale_by_std: measured on this run's latent cache, stored in its checkpoint, and
+    what sampling divides by before decoding; a resumed run keeps the stored value."""
+    from core.runtime import Runtime
+    from ldm.latents import latent_dataset
+    from ldm.stage import SPEC as LDM
+    cpu = torch.device("cpu")
+    autoencoder, _, fingerprint = load_autoencoder(load_checkpoint(vae_run / "checkpoint.pt", "vae"), cpu, vae_run)
+    latents = latent_dataset(autoencoder, fingerprint, load_dataset("plumes", RES, cache_dir=cache, num_samples=12),
+                             hflip=False, cache_dir=cache, batch=64, runtime=Runtime(cpu))
+    payload = load_checkpoint(ldm_run / "checkpoint.pt", "ldm")
+    assert payload["vae"]["scale_factor"] == latent_scale_factor(latents.moments)
+
+    # A checkpoint whose scale differs from what its cache would measure: sampling and resuming both use it.
+    payload["vae"]["scale_factor"] = 0.5
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(payload, run_dir / "checkpoint.pt")
+    z = torch.randn(2, 2, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    decode = LDM.load_source(payload, cpu, "ema", run_dir / "checkpoint.pt").model.decode
+    with torch.no_grad():
+        assert torch.equal(decode(z), autoencoder.decode(z / 0.5))
+    (run_dir / "metrics.jsonl").write_text((ldm_run / "metrics.jsonl").read_text())
+    train.main(["--stage", "ldm", "--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
+    resumed = load_checkpoint(run_dir / "checkpoint.pt", "ldm")
+    assert resumed["step"] == 4 and resumed["vae"]["scale_factor"] == 0.5
+    assert resumed["vae"]["autoencoder_scale_factor"] == payload["vae"]["autoencoder_scale_factor"]
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "spndm"])
@@ -247,11 +300,13 @@ def test_default_autoencoder_is_trained_first_or_finished_when_missing(tmp_path,
 
 
 def test_two_process_ddp_vae_with_discriminator(tmp_path, cache, torchrun):
-    """torchrun with 2 CPU processes (gloo): two optimizers and the adaptive weight under DDP."""
+    """torchrun with 2 CPU processes (gloo): three optimizers (autoencoder, PatchGAN, output log-variance),
+    the discriminator's two passes in one call through DDP, and the adaptive weight."""
     run_dir = tmp_path / "ddp"
-    torchrun(2, str(Path(train.__file__)), vae_args(run_dir, cache, 3, "--disc-start", "1", "--disc-layers", "2"),
-             cwd=tmp_path)
-    assert [r["step"] for r in records(run_dir)] == [1, 2, 3] and "loss/disc" in records(run_dir)[-1]
+    torchrun(2, str(Path(train.__file__)), vae_args(run_dir, cache, 3, "--disc-start", "1", "--disc-layers", "2",
+                                                    "--learn-logvar"), cwd=tmp_path)
+    last = records(run_dir)[-1]
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3] and "loss/disc" in last and "loss/logvar" in last
 
 
 def test_every_preset_builds_its_network_on_the_data_it_names():
@@ -383,7 +438,7 @@ def test_inversion_against_a_latent_model_learns_on_its_latents_and_draws_images
             "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--preview-images", "2", "--preview-steps", "2",
             "--eval-images", "4", "--eval-timesteps", "2"]
     spec, parsed = train.parse_args(args)
-    config, _ = train.resolve_config(spec, parsed, tmp_path / "inv")
+    config, _ = resolve_config(spec, parsed, tmp_path / "inv")
     _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
     net = stage.loss.__self__.net
     # What is denoised is the autoencoder's scaled latents, not pixels.

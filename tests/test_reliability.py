@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -23,7 +24,9 @@ import sample
 import train
 from core import cli
 from core.checkpoint import load_checkpoint
+from core.errors import MissingFileError, UserError
 from core.lock import FolderInUse, FolderLock
+from helpers import tiny_args
 
 TRAIN = str(Path(train.__file__))
 
@@ -37,14 +40,6 @@ def folder(tmp_path) -> Path:
         (root / f"class{k % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
     return root
-
-
-def tiny_args(run_dir: Path, folder: Path, steps: int, *extra: str) -> list[str]:
-    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", "16",
-            "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
-            "--attention-resolutions", "8", "--dropout", "0.1", "--num-timesteps", "100", "--steps", str(steps),
-            "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
-            "--ckpt-every", "100000", "--preview-images", "2", "--preview-steps", "2", *extra]
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -87,7 +82,7 @@ def weights(run_dir: Path) -> dict:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(tmp_path, folder, signum):
     run_dir = tmp_path / "stopped"
-    process = start(tiny_args(run_dir, folder, 100_000), tmp_path)
+    process = start(tiny_args(run_dir, folder, steps=100_000), tmp_path)
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
@@ -100,7 +95,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
     total = stopped + 3
     train.main(["--run-dir", str(run_dir), "--resume", "--steps", str(total), "--device", "cpu"])
     straight = tmp_path / "straight"
-    train.main(tiny_args(straight, folder, total))
+    train.main(tiny_args(straight, folder, steps=total))
     losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, straight)]
     assert losses[0] == losses[1]
     assert all(torch.equal(v, weights(straight)[k]) for k, v in weights(run_dir).items())
@@ -112,12 +107,12 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
 
 def test_a_second_process_is_refused_and_a_dead_holder_is_taken_over(tmp_path, folder, capsys):
     run_dir = tmp_path / "busy"
-    process = start(tiny_args(run_dir, folder, 100_000, "--ckpt-every", "1"), tmp_path)
+    process = start(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=100_000), tmp_path)
     try:
         wait_for(lambda: (run_dir / "checkpoint.pt").exists(), process)
         before = (run_dir / "config.json").read_bytes()
         with pytest.raises(FolderInUse, match=f"in use by process {process.pid}"):
-            train.main(tiny_args(run_dir, folder, 5))
+            train.main(tiny_args(run_dir, folder, steps=5))
         with pytest.raises(FolderInUse, match=f"in use by process {process.pid}"):
             train.main(["--run-dir", str(run_dir), "--resume", "--steps", "5", "--device", "cpu"])
         assert (run_dir / "config.json").read_bytes() == before
@@ -149,7 +144,7 @@ def test_folder_lock_in_process(tmp_path):
 
 def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path, folder, monkeypatch, capsys):
     run_dir = tmp_path / "full"
-    train.main(tiny_args(run_dir, folder, 2, "--ckpt-every", "1"))
+    train.main(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=2))
     good = (run_dir / "checkpoint.pt").read_bytes()
 
     def disk_fills_up(obj, f, *args, **kwargs):
@@ -166,7 +161,7 @@ def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path,
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, folder):
     import socket
     run_dir = tmp_path / "stale"
-    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    train.main(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=1))
     dead = run_dir / f".checkpoint.pt.{socket.gethostname()}.999999999.tmp"
     alive = run_dir / f".elsewhere.bin.{socket.gethostname()}.{os.getpid()}.tmp"  # a live writer's
     for path in (dead, alive):
@@ -180,13 +175,13 @@ def test_a_new_run_refuses_a_folder_holding_metrics_of_a_run_that_never_checkpoi
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
     with pytest.raises(FileExistsError, match="never saved a checkpoint"):
-        train.main(tiny_args(run_dir, folder, 2))
+        train.main(tiny_args(run_dir, folder, steps=2))
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
 
 def test_resuming_on_changed_data_is_refused(tmp_path, folder):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    train.main(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=1))
     resume = ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]
     extra = folder / "class0" / "extra.png"
     Image.new("RGB", (16, 16), (9, 9, 9)).save(extra)                    # an image more
@@ -218,13 +213,13 @@ def test_a_final_preview_that_fails_cannot_lose_the_final_checkpoint(tmp_path, f
 
     monkeypatch.setattr(training.loop.Trainer, "_preview", broken_preview)
     with pytest.raises(RuntimeError, match="preview failed"):
-        train.main(tiny_args(run_dir, folder, 2))
+        train.main(tiny_args(run_dir, folder, steps=2))
     assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2   # written before the preview
 
 
 def test_inconsistent_checkpoints_are_refused_in_one_sentence(tmp_path, folder):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(run_dir, folder, 1, "--ckpt-every", "1"))
+    train.main(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=1))
     payload = load_checkpoint(run_dir / "checkpoint.pt")
     resume = ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]
     del payload["optimizers"]
@@ -238,15 +233,81 @@ def test_inconsistent_checkpoints_are_refused_in_one_sentence(tmp_path, folder):
         train.main(resume)
 
 
+
+def _tiny_saved_models(tmp_path: Path) -> dict:
+    """For each network a checkpoint loader rebuilds: (its weights, a function loading a payload that
+    holds `state` as its sampling weights, or no weights at all for None)."""
+    from classify.model import ClassifierConfig, build_resnet18, load_classifier
+    from core.checkpoint import save_checkpoint
+    from core.config import to_dict
+    from data import DatasetInfo
+    from ddpm.stage import load_unet
+    from ddpm.unet import UNet, UNetConfig
+    from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+    from vae.config import VAEConfig
+    from vae.stage import load_autoencoder
+
+    cpu, path = torch.device("cpu"), tmp_path / "checkpoint.pt"
+    unet = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mult=(1,),
+                      num_res_blocks=1, attention_resolutions=())
+    autoencoder = AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                    latent_channels=2, resolution=8)
+    vae_config = to_dict(VAEConfig(autoencoder=autoencoder))
+    classifier = ClassifierConfig(in_channels=1, num_outputs=2)
+    info = DatasetInfo("toy", resolution=8, channels=1, class_names=("a", "b"), param_names=(), param_ranges=(),
+                       num_samples=2).to_dict()
+
+    def saved(state):  # None: the entry is missing altogether
+        return {} if state is None else {"model": state}
+
+    def classify(state):
+        save_checkpoint({"stage": "classify", "config": {"model": to_dict(classifier)}, "data_info": info,
+                         "models": saved(state)}, path)
+        return load_classifier(path)
+
+    return {
+        "U-Net": (UNet(unet).state_dict(),
+                  lambda state: load_unet({"models": {}, "ema": saved(state), "data_info": info}, unet, cpu,
+                                          "ema", path)),
+        "autoencoder": (AutoencoderKL(autoencoder).state_dict(),
+                        lambda state: load_autoencoder({"stage": "vae", "config": vae_config, "models": {},
+                                                        "ema": saved(state), "scale_factor": 1.0}, cpu, path)),
+        "ResNet-18": (build_resnet18(classifier, 8).state_dict(), classify),
+    }
+
+
+@pytest.mark.parametrize("network", ["U-Net", "autoencoder", "ResNet-18"])
+def test_weights_that_do_not_fit_their_network_are_refused_in_one_sentence(tmp_path, network):
+    """Every loader of a trained network (ddpm, ldm and invert read U-Nets; ldm and invert an autoencoder;
+    the judging tools a classifier) refuses a broken state dict with a ValueError naming the file, never
+    a KeyError or a half-loaded model."""
+    state, load = _tiny_saved_models(tmp_path)[network]
+    load(state)  # intact: loads
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    cases = [({k: v for k, v in state.items() if k != first}, rf"{network}.*1 missing \(e\.g\. {re.escape(first)}\)"),
+             ({**state, "extra.weight": torch.zeros(1)}, r"1 unexpected \(e\.g\. extra\.weight\)"),
+             ({**state, first: state[first][:1]}, "with the wrong shape"),
+             ({**state, first: torch.full_like(state[first], math.nan)}, "NaN or infinite"),
+             (None, f"holds no {re.escape(network)}")]
+    for broken, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            load(broken)
+        assert str(tmp_path / "checkpoint.pt") in str(caught.value)
+
+
 def test_expected_os_errors_read_as_one_sentence():
     full = cli.explain(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl"))
     assert full[0].startswith("disk full while writing runs/x/metrics.jsonl") and full[1] == 1
     read_only = cli.explain(OSError(errno.EROFS, "Read-only file system", "runs/x"))
     assert read_only[0].startswith("cannot write runs/x (Read-only file system)")
-    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                         "  File ...\nValueError: Cannot read image a.png (truncated); remove or replace the file.")
+    wrapped = UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        "  File ...\ncore.errors.UserError: Cannot read image a.png (truncated); remove or replace the "
+                        "file.")
     assert cli.explain(wrapped)[0] == "Cannot read image a.png (truncated); remove or replace the file."
+    assert cli.explain(MissingFileError("--ckpt x.pt does not exist; pass a checkpoint."))[0].startswith("--ckpt x.pt")
     assert cli.explain(RuntimeError("a bug")) is None  # unexpected errors keep their traceback
+    assert cli.explain(ValueError("math domain error")) is None  # so does a library's ValueError
+    assert cli.explain(FileNotFoundError(2, "No such file or directory", "x")) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +322,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     for k in range(4):
         Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(images / f"{k}.png")
     run_dir = root / "run"
-    train.main(tiny_args(run_dir, images, 2, "--ckpt-every", "1"))
+    train.main(tiny_args(run_dir, images, "--ckpt-every", "1", steps=2))
     return run_dir, images
 
 
@@ -313,7 +374,7 @@ def test_every_bad_train_option_is_one_line_and_writes_nothing(tmp_path, trained
     run_dir, images = trained
     before = snapshot(run_dir)
     new_dir = tmp_path / "new"
-    args = tiny_args(new_dir, images, 2)
+    args = tiny_args(new_dir, images, steps=2)
     if extra[0] == "--stage":  # stage-specific options go with that stage's own defaults
         args = ["--run-dir", str(new_dir), "--device", "cpu", *extra]
     else:
@@ -359,7 +420,7 @@ def test_resume_mistakes_are_one_line_and_change_nothing(tmp_path, trained, caps
     before = snapshot(run_dir)
     cases = [(["--run-dir", str(run_dir), "--resume", "--steps", "5", "--lr", "1.0"], "cannot change when resuming"),
              (["--run-dir", str(run_dir), "--resume", "--steps", "1"], "already at step 2"),
-             (tiny_args(run_dir, images, 5), "already holds a run"),
+             (tiny_args(run_dir, images, steps=5), "already holds a run"),
              (["--run-dir", str(tmp_path / "empty"), "--resume"], "holds no checkpoint to resume"),
              (["--stage", "vae", "--run-dir", str(run_dir), "--resume"], "stage 'ddpm'")]
     for args, message in cases:
@@ -425,11 +486,11 @@ def test_bad_checkpoints_and_outputs_for_sample_are_one_line(tmp_path, trained, 
 def test_the_real_entry_points_exit_non_zero_with_one_line(tmp_path, trained):
     run_dir, images = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for script, args in ((TRAIN, tiny_args(tmp_path / "x", images, 2, "--lr", "-1")),
+    for script, args in ((TRAIN, tiny_args(tmp_path / "x", images, "--lr", "-1", steps=2)),
                          (str(Path(sample.__file__)), ["--ckpt", str(tmp_path / "missing.pt")])):
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert done.returncode == 1 and the_error(done.stderr)
-    done = subprocess.run([sys.executable, TRAIN, *tiny_args(tmp_path / "x", images, 2, "--lr", "-1"), "--debug"],
+    done = subprocess.run([sys.executable, TRAIN, *tiny_args(tmp_path / "x", images, "--lr", "-1", steps=2), "--debug"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" in done.stderr  # --debug shows where it came from
 

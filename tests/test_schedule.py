@@ -105,7 +105,7 @@ def test_posterior_matches_closed_form_and_product_of_gaussians():
         precision = alpha / beta + 1 / (1 - a_prev)
         x0, x_t = torch.tensor([[0.7], [-0.2]], dtype=torch.float64), torch.tensor([[0.1], [1.5]], dtype=torch.float64)
         mean_expected = (math.sqrt(alpha) * x_t / beta + math.sqrt(a_prev) * x0 / (1 - a_prev)) / precision
-        mean, var, log_var = schedule.q_posterior(x0, x_t, batch_t(t, 2))
+        mean, var, log_var = schedule.q_posterior(x_t, batch_t(t, 2), x0)
         torch.testing.assert_close(mean, mean_expected, rtol=1e-12, atol=1e-14)
         assert var.shape == (2, 1) and var[0, 0].item() == pytest.approx(1 / precision, rel=1e-12)
         assert log_var[0, 0].item() == pytest.approx(math.log(1 / precision), rel=1e-12)
@@ -155,13 +155,13 @@ def test_prediction_round_trips(prediction):
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     torch.testing.assert_close(schedule.q_sample(x0, t, eps), x_t, rtol=1e-12, atol=1e-12)
     output = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
-    torch.testing.assert_close(schedule.training_target(x0, eps, t, prediction), output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(schedule.training_target(x0, t, eps, prediction), output, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(schedule.to_eps(x_t, t, output, prediction), eps, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(schedule.to_x0(x_t, t, output, prediction), x0, rtol=1e-9, atol=1e-9)
     x0_from_eps = schedule.x0_from_eps(x_t, t, eps)
     torch.testing.assert_close(schedule.eps_from_x0(x_t, t, x0_from_eps), eps, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(schedule.x0_from_v(x_t, t, schedule.v_from_eps(x0, eps, t)), x0, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(schedule.eps_from_v(x_t, t, schedule.v_from_eps(x0, eps, t)), eps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(schedule.x0_from_v(x_t, t, schedule.v_from_eps(x0, t, eps)), x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(schedule.eps_from_v(x_t, t, schedule.v_from_eps(x0, t, eps)), eps, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="eps, x0, v"):
         schedule.to_eps(x_t, t, output, "score")
 

@@ -14,15 +14,7 @@ from PIL import Image
 
 import sample
 from ddpm.conditioning import slerp
-
-RES = 16
-
-
-def tiny_args(run_dir: Path, dataset: str, *extra: str) -> list[str]:
-    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", dataset, "--resolution", str(RES), "--no-hflip",
-            "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions", "8",
-            "--num-timesteps", "100", "--steps", "3", "--batch-size", "4", "--log-every", "1", "--sample-every", "0",
-            "--preview-images", "2", "--preview-steps", "2", *extra]
+from helpers import RES
 
 
 @pytest.fixture

@@ -15,9 +15,10 @@ import sample
 import train
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import TrainConfig, from_dict
+from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime
-from core.stages import Trainable, TrainingStage
 from ddpm.config import DDPMConfig
+from helpers import tiny_args
 from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
@@ -35,15 +36,6 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_args(run_dir: Path, folder: Path, steps: int, *extra: str) -> list[str]:
-    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", "16",
-            "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
-            "--attention-resolutions", "8", "--dropout", "0.1", "--schedule", "linear", "--prediction", "eps",
-            "--num-timesteps", "100", "--steps", str(steps),
-            "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
-            "--ckpt-every", "1000", "--preview-images", "4", "--preview-steps", "4", *extra]
-
-
 def losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["split"] == "train"]
@@ -52,7 +44,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, image_folder) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    train.main(tiny_args(run_dir, image_folder, 3))
+    train.main(tiny_args(run_dir, image_folder, steps=3))
     return run_dir
 
 
@@ -68,8 +60,8 @@ def test_run_directory_holds_config_checkpoint_metrics_and_grids(trained_run):
 
 def test_resume_continues_exactly(tmp_path, image_folder):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(tiny_args(straight, image_folder, 6))
-    train.main(tiny_args(split, image_folder, 3))
+    train.main(tiny_args(straight, image_folder, steps=6))
+    train.main(tiny_args(split, image_folder, steps=3))
     train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu"])
     assert losses(split) == losses(straight)  # bit-identical: data order, noise and dropout all replayed
     a, b = (load_checkpoint(d / "checkpoint.pt", "ddpm") for d in (straight, split))
@@ -80,7 +72,7 @@ def test_resume_continues_exactly(tmp_path, image_folder):
 
 def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
     run_dir = tmp_path / "overfit"
-    train.main(tiny_args(run_dir, image_folder, 200, "--dropout", "0", "--lr", "3e-3", "--log-every", "20"))
+    train.main(tiny_args(run_dir, image_folder, "--dropout", "0", "--lr", "3e-3", "--log-every", "20", steps=200))
     history = losses(run_dir)
     assert history[-1] < 0.35 * history[0], history
 
@@ -88,7 +80,7 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
 def test_new_run_refuses_to_overwrite_an_existing_one(trained_run, image_folder):
     before = {p: p.read_bytes() for p in (trained_run / "config.json", trained_run / "checkpoint.pt")}
     with pytest.raises(RunExists, match="--resume"):
-        train.main(tiny_args(trained_run, image_folder, 3, "--lr", "1e-4"))
+        train.main(tiny_args(trained_run, image_folder, "--lr", "1e-4", steps=3))
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
@@ -117,6 +109,83 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
         Trainer(stage(), dataclasses.replace(cfg, steps=4), tmp_path, Runtime(torch.device("cpu")),
                 resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+
+class PairItems(torch.utils.data.Dataset):
+    """Item k: (image k, k) as a plain tuple, or as a dict, or nested inside one."""
+
+    def __init__(self, kind: str):
+        self.kind, self.images = kind, torch.arange(8 * 6, dtype=torch.float32).view(8, 2, 3)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int):
+        image, index = self.images[k], torch.tensor(k)
+        if self.kind == "tuple":
+            return image, index
+        if self.kind == "dict":
+            return {"image": image, "index": index, "name": f"item{k}"}
+        return {"pair": (image, index), "extra": [index, index]}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "nested"])
+def test_a_batch_reaches_the_loss_whole_whatever_its_structure(tmp_path, kind):
+    """`default_collate` turns tuples into lists and keeps dicts: the loop must hand the loss the batch
+    it collated (moved to the device), never a tensor split into its rows."""
+    dataset, seen = PairItems(kind), []
+
+    def loss(models, batch, generator, step):
+        if kind == "tuple":
+            image, index = batch
+        elif kind == "dict":
+            image, index = batch["image"], batch["index"]
+            assert batch["name"] == [f"item{int(k)}" for k in index]
+        else:
+            (image, index), extra = batch["pair"], batch["extra"]
+            assert isinstance(extra, list) and all(torch.equal(e, index) for e in extra)
+        seen.append((image, index))
+        return models["model"](image.flatten(1)).square().mean(), {}
+
+    stage = TrainingStage("toy", {"model": Trainable(torch.nn.Linear(6, 1), lr=1e-3)}, loss, dataset, {}, {})
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=1, ckpt_every=10, sample_every=0)
+    Trainer(stage, cfg, tmp_path, Runtime(torch.device("cpu"))).run()
+    assert len(seen) == 2
+    for image, index in seen:
+        assert image.shape == (4, 2, 3) and index.shape == (4,)
+        assert torch.equal(image, dataset.images[index])  # each image beside its own index
+
+
+
+def test_an_ema_decay_of_zero_keeps_no_copy_and_checkpoints_the_weights_as_the_average(tmp_path):
+    """kl-f4 and kl-f8 train without a weight average: no copy is made or updated, the trained model stands
+    in for it (in eval mode) wherever the average would be seen, and checkpoint loaders find the weights
+    under "ema" as usual, at no cost in file size."""
+    data = torch.utils.data.TensorDataset(torch.randn(8, 256))
+
+    def loss(models, batch, generator, step):
+        return models["model"](batch[0]).square().mean(), {}
+
+    def run(decay: float, run_dir: Path) -> tuple[Trainer, torch.nn.Module, list]:
+        torch.manual_seed(0)
+        net, modes = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Dropout(0.5)), []
+        stage = TrainingStage("toy", {"model": Trainable(net, lr=1e-3, ema=True)}, loss, data, {}, {},
+                              outputs=Outputs(evaluate=lambda models: modes.append(models["model"].training) or {}))
+        cfg = TrainConfig(steps=2, batch_size=4, log_every=1, ckpt_every=10, sample_every=1, ema_decay=decay)
+        trainer = Trainer(stage, cfg, run_dir, Runtime(torch.device("cpu")))
+        trainer.run()
+        return trainer, net, modes
+
+    trainer, net, modes = run(0.0, tmp_path / "none")
+    assert trainer.ema == {} and modes == [False, False] and net.training
+    payload = load_checkpoint(tmp_path / "none" / "checkpoint.pt", "toy")
+    assert payload["ema"]["model"].keys() == payload["models"]["model"].keys()
+    assert all(torch.equal(v, payload["ema"]["model"][k]) for k, v in payload["models"]["model"].items())
+    run(0.5, tmp_path / "kept")
+    weights_bytes = sum(p.numel() * 4 for p in net.parameters())
+    sizes = [(tmp_path / name / "checkpoint.pt").stat().st_size for name in ("none", "kept")]
+    assert sizes[1] - sizes[0] > 0.9 * weights_bytes  # the weights are written once, not again as the "average"
 
 
 def test_step_batches_cover_each_epoch_once_and_start_anywhere():
@@ -249,7 +318,7 @@ def manifest(out: Path) -> list[dict[str, str]]:
 
 def test_class_conditional_run_samples_the_asked_class_with_guidance(tmp_path, labelled_folder, image_folder):
     run_dir = tmp_path / "classes"
-    train.main(tiny_args(run_dir, labelled_folder, 2, "--cond", "class"))
+    train.main(tiny_args(run_dir, labelled_folder, "--cond", "class", steps=2))
     ckpt = str(run_dir / "checkpoint.pt")
     out = sample.main(["--ckpt", ckpt, "--class", "red", "--guidance-scale", "3", "--num", "2", "--steps", "4",
                        "--out", str(tmp_path / "red"), "--device", "cpu"])
@@ -261,13 +330,13 @@ def test_class_conditional_run_samples_the_asked_class_with_guidance(tmp_path, l
     with pytest.raises(ValueError, match="--class instead of --param"):
         sample.main(["--ckpt", ckpt, "--param", "wind=1", "--out", str(tmp_path / "x"), "--device", "cpu"])
     with pytest.raises(ValueError, match="no classes"):
-        train.main(tiny_args(tmp_path / "unlabelled", image_folder, 2, "--cond", "class"))
+        train.main(tiny_args(tmp_path / "unlabelled", image_folder, "--cond", "class", steps=2))
 
 
 def test_parameter_conditional_run_on_plumes(tmp_path):
     run_dir = tmp_path / "params"
-    train.main(tiny_args(run_dir, tmp_path, 2, "--dataset", "plumes", "--num-samples", "8",
-                         "--cache-dir", str(tmp_path / "cache"), "--cond", "params"))
+    train.main(tiny_args(run_dir, "plumes", "--num-samples", "8", "--cache-dir", str(tmp_path / "cache"),
+                         "--cond", "params", steps=2))
     out = sample.main(["--ckpt", str(run_dir / "checkpoint.pt"), "--param", "wind=0.25", "--guidance-scale", "2",
                        "--num", "2", "--steps", "4", "--out", str(tmp_path / "out"), "--device", "cpu"])
     info = load_checkpoint(run_dir / "checkpoint.pt", "ddpm")["data_info"]
@@ -284,7 +353,7 @@ def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder, torc
     """torchrun with 2 CPU processes (gloo): the DDP path runs, only rank 0 writes, and resume works."""
     run_dir = tmp_path / "ddp"
     script = str(Path(train.__file__))
-    torchrun(2, script, tiny_args(run_dir, image_folder, 2), cwd=tmp_path)
+    torchrun(2, script, tiny_args(run_dir, image_folder, steps=2), cwd=tmp_path)
     torchrun(2, script, ["--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu"], cwd=tmp_path)
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert load_checkpoint(run_dir / "checkpoint.pt", "ddpm")["step"] == 3

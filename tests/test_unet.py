@@ -12,7 +12,7 @@ from ddpm.unet import AttentionBlock, ResBlock, UNet, UNetConfig, timestep_embed
 
 
 def tiny_config(**overrides) -> UNetConfig:
-    fields = dict(image_size=16, in_channels=3, out_channels=3, base_channels=32, channel_mult=(1, 2),
+    fields = dict(image_size=16, in_channels=3, base_channels=32, channel_mult=(1, 2),
                   num_res_blocks=1, attention_resolutions=(8,), num_heads=2, dropout=0.0)
     return UNetConfig(**{**fields, **overrides})
 
@@ -38,11 +38,11 @@ def inputs(batch: int = 3, channels: int = 3, size: int = 16, seed: int = 1) -> 
 @pytest.mark.parametrize("size", [16, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shape(size, channels):
-    model = tiny_model(in_channels=channels, out_channels=2 * channels)
+    model = tiny_model(in_channels=channels)
     x, t = inputs(batch=2, channels=channels, size=size)
     with torch.no_grad():
         out = model(x, t)
-    assert out.shape == (2, 2 * channels, size, size)
+    assert out.shape == (2, channels, size, size)
     assert torch.isfinite(out).all()
 
 
@@ -290,36 +290,37 @@ def test_batch_rows_are_independent(kind):
 
 
 def test_conditioning_errors():
+    """check_inputs, which the samplers call once per draw, refuses what forward cannot compute."""
     x, t = inputs(batch=2)
     with pytest.raises(ValueError, match="trained without conditioning"):
-        UNet(tiny_config())(x, t, torch.tensor([0, 1]))
+        UNet(tiny_config()).check_inputs(x, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="trained without conditioning"):
-        UNet(tiny_config())(x, t, cond_emb=torch.zeros(2, 128))
+        UNet(tiny_config()).check_inputs(x, t, cond_emb=torch.zeros(2, 128))
     model = UNet(tiny_config(cond="class", num_classes=4))
     with pytest.raises(ValueError, match="integer labels of shape"):
-        model(x, t, torch.tensor([0.0, 1.0]))
+        model.check_inputs(x, t, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="integer labels of shape"):
-        model(x, t, torch.tensor([[0], [1]]))
+        model.check_inputs(x, t, torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match="one row per image"):
-        model(x, t, torch.tensor([0, 1, 2]))
+        model.check_inputs(x, t, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="null_mask must be a bool"):
-        model(x, t, torch.tensor([0, 1]), null_mask=torch.tensor([0, 1]))
+        model.check_inputs(x, t, torch.tensor([0, 1]), null_mask=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="either cond or cond_emb"):
-        model(x, t, torch.tensor([0, 1]), cond_emb=torch.zeros(2, 128))
+        model.check_inputs(x, t, torch.tensor([0, 1]), cond_emb=torch.zeros(2, 128))
     with pytest.raises(ValueError, match=r"cond_emb must have shape \(2, 128\)"):
-        model(x, t, cond_emb=torch.zeros(2, 64))
+        model.check_inputs(x, t, cond_emb=torch.zeros(2, 64))
     with pytest.raises(ValueError, match=r"parameters of shape \(B, 2\)"):
-        UNet(tiny_config(cond="params", num_params=2))(x, t, torch.zeros(2, 3))
+        UNet(tiny_config(cond="params", num_params=2)).check_inputs(x, t, torch.zeros(2, 3))
 
 
 def test_input_shape_errors():
     model = UNet(tiny_config())
     with pytest.raises(ValueError, match="divisible by 2"):
-        model(torch.randn(1, 3, 17, 17), torch.tensor([1]))
+        model.check_inputs(torch.randn(1, 3, 17, 17), torch.tensor([1]))
     with pytest.raises(ValueError, match="input channels"):
-        model(torch.randn(1, 1, 16, 16), torch.tensor([1]))
+        model.check_inputs(torch.randn(1, 1, 16, 16), torch.tensor([1]))
     with pytest.raises(ValueError, match="t must have shape"):
-        model(torch.randn(2, 3, 16, 16), torch.tensor(1))
+        model.check_inputs(torch.randn(2, 3, 16, 16), torch.tensor(1))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -334,3 +335,11 @@ def test_input_shape_errors():
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         UNet(tiny_config(**overrides))  # size checks run once the size is known, at the latest here
+
+
+def test_a_config_from_an_older_checkpoint_with_out_channels_still_loads():
+    from core.config import from_dict, to_dict
+    saved = {**to_dict(tiny_config()), "out_channels": 3}  # written when the field existed (always in_channels)
+    assert from_dict(UNetConfig, saved) == tiny_config()
+    with pytest.raises(ValueError, match="unknown keys"):
+        from_dict(UNetConfig, {**to_dict(tiny_config()), "learned_sigma": True})

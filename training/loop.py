@@ -2,7 +2,7 @@
 schedule, EMA, AMP, gradient clipping, checkpoints, exact resume, DDP, JSONL metrics, previews and a
 progress bar.
 
-A stage (core.stages.TrainingStage) hands the loop its models, a loss that returns named metrics,
+A stage (core.contract.TrainingStage) hands the loop its models, a loss that returns named metrics,
 and optionally an augmentation, a preview, a held-out evaluation and extra checkpoint entries. The
 loop knows nothing about diffusion, autoencoders or any other stage.
 
@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,9 @@ from tqdm import tqdm
 from core.checkpoint import save_checkpoint
 from core.cli import RunError, RunInterrupted
 from core.config import LR_SCHEDULES, TrainConfig
+from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
+from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
-from core.stages import Trainable, TrainingStage
 from data.imageio import atomic_save_image, save_grid
 from training.distributed import agree_on_signal, mean_across_processes
 from training.optim import LazyAdamW
@@ -50,8 +51,8 @@ class TrainingDiverged(RunError):
     pass
 
 
-class RunExists(FileExistsError):
-    pass
+class RunExists(ExistsError):
+    """A run folder already holds a run (or its metrics)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ class StepBatches(Sampler[list[int]]):
     def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int, runtime: Runtime,
                  mix: tuple[tuple[int, int], ...] | None = None):
         if global_batch % runtime.world_size:
-            raise ValueError(f"--batch-size {global_batch} must split evenly across {runtime.world_size} processes.")
+            raise UserError(f"--batch-size {global_batch} must split evenly across {runtime.world_size} processes.")
         self.parts = mix or ((num_items, global_batch),)
         assert sum(n for n, _ in self.parts) == num_items and sum(c for _, c in self.parts) == global_batch, (
             f"mix {self.parts} must cover {num_items} items and {global_batch} per batch")
@@ -117,7 +118,7 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     the momentum fixed.
     """
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+        raise UserError(f"Unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     progress = (step - warmup) / max(1, steps - warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if schedule == "onecycle":
@@ -153,6 +154,20 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`batch` with `fn` applied to every tensor in it and its nesting kept: named tuples, tuples, lists
+    and dicts (what `default_collate` makes of a dataset's items) come back as the same structure."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple takes its fields as arguments
+        return type(batch)(*(map_tensors(b, fn) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(b, fn) for b in batch)
+    if isinstance(batch, Mapping):
+        return {key: map_tensors(value, fn) for key, value in batch.items()}
+    return batch  # strings, numbers: left as they are
 
 
 @contextlib.contextmanager
@@ -222,8 +237,11 @@ class Trainer:
 
         device = runtime.device
         self.models = {name: t.model.to(device) for name, t in stage.trainables.items()}
+        # The weight averages sampling uses. At --ema-decay 0 the average is the weights themselves, so no
+        # copy is kept or updated (a kl-f8 autoencoder's would cost 84M parameters and a pass every step).
+        self.averaged = [name for name, t in stage.trainables.items() if t.ema]
         self.ema = {name: copy.deepcopy(self.models[name]).eval().requires_grad_(False)
-                    for name, t in stage.trainables.items() if t.ema}
+                    for name in self.averaged if cfg.ema_decay > 0}
         self.optimizers = {name: make_optimizer(t, self.models[name], device) for name, t in stage.trainables.items()}
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
@@ -232,9 +250,10 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         if self.start_step > 0 and self.start_step >= cfg.steps:
-            raise ValueError(f"The run in {self.run_dir} is already at step {self.start_step}; pass --steps larger "
-                             f"than that to train further.")
-        self.train_models = {name: self._wrap(model) for name, model in self.models.items()}
+            raise UserError(f"The run in {self.run_dir} is already at step {self.start_step}; pass --steps larger "
+                            f"than that to train further.")
+        self.train_models = TrainingModels({name: self._wrap(model) for name, model in self.models.items()},
+                                           self.models)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -249,9 +268,9 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
             set_rng_state(payload["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise ValueError(f"The checkpoint in {self.run_dir} does not fit the run its config describes "
-                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
-                             f"start a new --run-dir.") from err
+            raise UserError(f"The checkpoint in {self.run_dir} does not fit the run its config describes "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
+                            f"start a new --run-dir.") from err
         self.start_step = int(payload["step"])
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -270,9 +289,18 @@ class Trainer:
                           persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda",
                           worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
 
-    def eval_models(self) -> dict[str, nn.Module]:
-        """What previews, evaluations and checkpoint payloads see: the EMA copy where there is one."""
-        return {name: self.ema.get(name, model) for name, model in self.models.items()}
+    @contextlib.contextmanager
+    def eval_models(self) -> Iterator[dict[str, nn.Module]]:
+        """What previews, evaluations and checkpoint payloads see: the EMA copy where there is one, and at
+        --ema-decay 0 the trained model in its place, meanwhile in eval mode as the copy would be."""
+        standing_in = [self.models[name] for name in self.averaged if name not in self.ema]
+        for model in standing_in:
+            model.eval()
+        try:
+            yield {name: self.ema.get(name, model) for name, model in self.models.items()}
+        finally:
+            for model in standing_in:
+                model.train()
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -285,7 +313,7 @@ class Trainer:
     def _step(self, step: int, batch: Any, generator: torch.Generator) -> tuple[dict, dict, dict]:
         """One optimizer step of every trainable the loss names; returns (losses, metrics, grad norms)."""
         device = self.runtime.device
-        batch = type(batch)(*(b.to(device, non_blocking=True) for b in batch))
+        batch = map_tensors(batch, lambda t: t.to(device, non_blocking=True))
         self._set_lr(step)
         seed = derive_seed(self.cfg.seed, step, self.runtime.rank)
         torch.manual_seed(seed)          # dropout
@@ -296,7 +324,7 @@ class Trainer:
         with autocast(device, self.amp_dtype):
             losses, metrics = self.stage.loss(self.train_models, batch, generator, step)
         if isinstance(losses, torch.Tensor):
-            losses = {"model": losses}
+            losses = {MAIN: losses}
         unknown = set(losses) - set(self.models)
         assert not unknown, f"the loss names trainables the stage does not have: {sorted(unknown)}"
 
@@ -320,12 +348,14 @@ class Trainer:
     # -- outputs -----------------------------------------------------------------------------
 
     def _save(self, step: int) -> None:
-        models = self.eval_models()
-        extra = self.stage.payload(models) if self.stage.payload is not None else {}
+        with self.eval_models() as models:
+            extra = self.stage.outputs.payload(models) if self.stage.outputs.payload is not None else {}
         payload = {
             "stage": self.stage.name, "config": self.stage.config, "data_info": self.stage.data_info, "step": step,
             "models": {name: m.state_dict() for name, m in self.models.items()},
-            "ema": {name: m.state_dict() for name, m in self.ema.items()},
+            # At --ema-decay 0, the weights again: loaders find what to sample with in one place, and
+            # torch.save writes tensors shared by both entries once.
+            "ema": {name: models[name].state_dict() for name in self.averaged},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
         }
@@ -334,16 +364,19 @@ class Trainer:
         save_checkpoint({**payload, **extra}, self.ckpt_path)
 
     def _preview(self, step: int) -> Path | None:
-        if self.stage.preview is None:
+        outputs = self.stage.outputs
+        if outputs.preview is None:
             return None
         path = self.run_dir / "samples" / f"step-{step:07d}.png"
-        save_grid(self.stage.preview(self.eval_models()), path, nrow=self.stage.preview_nrow)
+        with self.eval_models() as models:
+            save_grid(outputs.preview(models), path, nrow=outputs.preview_nrow)
         return path
 
     def _evaluate(self, step: int) -> None:
-        if self.stage.evaluate is None:
+        if self.stage.outputs.evaluate is None:
             return
-        record = {"step": step, **self.stage.evaluate(self.eval_models())}
+        with self.eval_models() as models:
+            record = {"step": step, **self.stage.outputs.evaluate(models)}
         for name, image in record.pop("figures", {}).items():
             atomic_save_image(image, self.run_dir / "figures" / f"{name}-step-{step:07d}.png")
             atomic_save_image(image, self.run_dir / f"{name}.png")
@@ -439,7 +472,7 @@ class Trainer:
                     f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run with a lower "
                     f"--lr, or with --amp none.")
         if log_due:
-            record = self.window.close(done, self.optimizers["model"].param_groups[0]["lr"], cfg.batch_size,
+            record = self.window.close(done, self.optimizers[MAIN].param_groups[0]["lr"], cfg.batch_size,
                                        self.started)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}")
             if runtime.is_main:
@@ -498,8 +531,8 @@ class MetricsWindow:
 
 def _named(losses: dict, metrics: dict, grad_norms: dict) -> dict[str, torch.Tensor]:
     """One flat dict of what a step logs: loss, loss/<trainable>, metrics, grad_norm, grad_norm/<trainable>."""
-    named = {("loss" if name == "model" else f"loss/{name}"): value for name, value in losses.items()}
-    named.update({("grad_norm" if name == "model" else f"grad_norm/{name}"): value for name, value in grad_norms.items()})
+    named = {("loss" if name == MAIN else f"loss/{name}"): value for name, value in losses.items()}
+    named.update({("grad_norm" if name == MAIN else f"grad_norm/{name}"): value for name, value in grad_norms.items()})
     clash = set(named) & set(metrics)
     assert not clash, f"stage metrics reuse the loop's names {sorted(clash)}"
     named.update(metrics)

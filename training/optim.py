@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from core.errors import UserError
+
 
 class LazyAdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019) applied row by row (dim 0) to the rows with a non-zero gradient.
@@ -24,7 +26,7 @@ class LazyAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         if not (lr >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps >= 0 and weight_decay >= 0):
-            raise ValueError(f"invalid LazyAdamW settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise UserError(f"invalid LazyAdamW settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()

@@ -20,9 +20,23 @@ from vae.perceptual import PERCEPTUAL_KINDS, TAPS
 class VAELossConfig:
     """L1 + perceptual + a small KL weight, with an optional PatchGAN (latent-diffusion's LPIPSWithDiscriminator).
 
-    Weights are per pixel: the loss is mean|x - x^| + perceptual_weight * d(x, x^) + kl_weight * KL / (C H W),
-    latent diffusion's objective (which sums over pixels) divided by the pixel count, so its kl_weight 1e-6
-    means the same here.
+    The reconstruction term is a Laplace-style negative log-likelihood with one output log-variance s:
+    with rec = mean|x - x^| + perceptual_weight * d(x, x^), the loss is
+
+        rec / exp(s) + s  +  kl_weight * KL / (C H W)  [+ d_weight * L_G once the discriminator starts].
+
+    Weights are per pixel: latent diffusion sums the same terms over the C H W pixels and divides by the
+    batch; we divide that by the pixel count, so its kl_weight 1e-6 means the same here, the adaptive GAN
+    weight (from the gradient of the NLL, as theirs) gives the generator term the same share of the loss
+    (only its clamp at 1e4 applies to our per-pixel value), and s gets the same Adam steps (Adam does not
+    see the constant factor).
+
+    s is a parameter of latent diffusion's loss (initialised at logvar_init = 0), but the optimizer of
+    their AutoencoderKL is given only the encoder, decoder and quant convs, so s never moves and their
+    first stages train on rec itself (s = 0). Stability's generative-models made that explicit: a
+    `learn_logvar` flag, off by default. So learn_logvar is off in every preset, as published; turn it
+    on to learn s with the autoencoder's learning rate and Adam betas, as a trainable of its own (saved
+    and resumed with the run; no weight decay, no average).
     """
     perceptual: str = option("auto", "perceptual network: lpips (VGG-16 and LPIPS v0.1 weights from files), random "
                                      "(seeded random VGG-16, uniform heads) or auto (lpips if both files are in the "
@@ -39,6 +53,10 @@ class VAELossConfig:
     disc_weight: float = option(0.5, "scale of the adaptive GAN weight (Esser et al. 2021)")
     disc_layers: int = option(3, "PatchGAN depth (strided conv layers)")
     disc_lr: float = option(0.0, "discriminator learning rate (0: the autoencoder's --lr)")
+    learn_logvar: bool = option(False, "learn the output log-variance s of the reconstruction NLL rec / exp(s) + s "
+                                       "(latent diffusion declares s but never optimises it: off)")
+    logvar_init: float = option(0.0, "the output log-variance s at the start (kept there unless --learn-logvar; "
+                                     "latent diffusion: 0)")
 
     def __post_init__(self) -> None:
         check_choice("perceptual", self.perceptual, PERCEPTUAL_KINDS)
@@ -48,6 +66,7 @@ class VAELossConfig:
             require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 or positive, got {value}.")
         require(self.disc_start >= -1, f"--disc-start must be -1 (off) or a step, got {self.disc_start}.")
         require(self.disc_layers >= 1, f"--disc-layers must be at least 1, got {self.disc_layers}.")
+        require(math.isfinite(self.logvar_init), f"--logvar-init must be a finite number, got {self.logvar_init}.")
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,8 @@ class VAEOptions:
     pretrained: str = option("", "start from published weights: a latent-diffusion / Stable Diffusion KL autoencoder "
                                  "file with the original key names (.ckpt, .pt or .safetensors); with --steps 0 the run "
                                  "just imports them (and measures the latent scale on your data)")
-    scale_samples: int = option(512, "training images whose latents set the scale factor (1 / their standard deviation)")
+    scale_samples: int = option(512, "training images whose latents set the scale factor stored with the autoencoder "
+                                     "(1 / their standard deviation; a latent model measures its own on its latents)")
 
     def __post_init__(self) -> None:
         require(self.scale_samples >= 2, f"--scale-samples must be at least 2, got {self.scale_samples}.")
@@ -88,8 +108,8 @@ def resolve_autoencoder(config: VAEConfig, channels: int, resolution: int) -> VA
 
 
 def vae_demo() -> VAEConfig:
-    """64x64 plumes into 16x16x3 latents (f = 4) with a 0.68M-parameter autoencoder: about 5 minutes on
-    2 CPU cores, reaching a held-out PSNR above 30 dB.
+    """64x64 plumes into 16x16x3 latents (f = 4) with a 0.68M-parameter autoencoder, trained in minutes on
+    2 CPU cores (docs/presets.md has the time and the held-out PSNR it reaches).
 
     Narrow at full resolution (16 channels), where a CPU spends most of its time, and the perceptual
     term reads only VGG-16's first tap: at 64x64 each deeper tap costs about as much as the whole
@@ -108,12 +128,14 @@ def vae_demo() -> VAEConfig:
 def _latent_diffusion_first_stage(autoencoder: AutoencoderConfig, batch_size: int) -> VAEConfig:
     """Latent diffusion's first-stage recipe (models/first_stage_models/kl-f*/config.yaml): Adam with betas
     (0.5, 0.9) at base rate 4.5e-6 scaled by the batch size (one GPU), LPIPS weight 1, KL weight 1e-6, the
-    discriminator from step 50001 with weight 0.5, no gradient clipping, no weight average. The configs
+    discriminator from step 50001 with weight 0.5, the output log-variance at 0 and not learned (their
+    optimizer leaves it out; see VAELossConfig), no gradient clipping, no weight average. The configs
     give no step count; 100k is ours."""
     return VAEConfig(
         data=DataConfig(dataset="", resolution=256, hflip=True),
         autoencoder=autoencoder,
-        loss=VAELossConfig(perceptual="lpips", perceptual_taps=5, kl_weight=1e-6, disc_start=50001, disc_weight=0.5),
+        loss=VAELossConfig(perceptual="lpips", perceptual_taps=5, kl_weight=1e-6, disc_start=50001, disc_weight=0.5,
+                           learn_logvar=False, logvar_init=0.0),
         train=TrainConfig(steps=100_000, batch_size=batch_size, lr=4.5e-6 * batch_size, warmup_steps=0, grad_clip=0.0,
                           ema_decay=0.0, sample_every=5000, ckpt_every=5000, log_every=100, preview_images=8),
     )

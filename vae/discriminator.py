@@ -8,7 +8,7 @@ taming-transformers' `NLayerDiscriminator` uses, so the `loss.discriminator.*` t
 first-stage checkpoint have the same names here.
 
 The losses are the hinge losses of VQGAN / latent diffusion, and the generator's term is weighted
-adaptively so that its gradient at the decoder's last layer matches the reconstruction loss's
+adaptively so that its gradient at the decoder's last layer matches the reconstruction term's
 (Esser et al. 2021, eq. 7).
 """
 
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
+
 
 class PatchDiscriminator(nn.Module):
     """Images (B, C, H, W) -> patch logits (B, 1, h, w); (B, 1, 30, 30) for 256x256 with three layers."""
@@ -26,7 +28,7 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         self.in_channels = in_channels  # image channels, as the autoencoder's
         if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+            raise UserError(f"num_layers must be >= 1, got {num_layers}.")
         # Width doubles per layer up to 8 * base_channels (pix2pix's "C64-C128-C256-C512").
         widths = [base_channels * min(2**n, 8) for n in range(num_layers + 1)]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
@@ -48,10 +50,20 @@ class PatchDiscriminator(nn.Module):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Expected images of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        return self.main(x)
+    def forward(self, x: Tensor, *more: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Patch logits of `x`; given more batches of images, a tuple of logits, one per batch.
+
+        Each batch takes its own pass, so in training mode BatchNorm normalises it with its own
+        statistics: taming-transformers and latent diffusion call the discriminator once on the real
+        and once on the reconstructed images, never on the two concatenated. Passing both in one call
+        keeps that to one forward per backward through a DistributedDataParallel wrapper.
+        """
+        for images in (x, *more):
+            if images.ndim != 4 or images.shape[1] != self.in_channels:
+                raise UserError(f"Expected images of shape (B, {self.in_channels}, H, W), got {tuple(images.shape)}.")
+        if not more:
+            return self.main(x)
+        return tuple(self.main(images) for images in (x, *more))
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
@@ -64,14 +76,16 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
+def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
     """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4).
 
-    Both gradients are taken at the decoder's last layer; lambda is clamped to [0, 1e4] and
-    detached (it scales the generator loss but is not itself trained), then multiplied by
-    `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
+    `nll_loss` is the reconstruction term as it enters the loss: latent diffusion takes the gradient
+    of its negative log-likelihood rec / exp(s) + s (s the output log-variance), not of the plain
+    reconstruction loss. Both gradients are taken at the decoder's last layer; lambda is clamped to
+    [0, 1e4] and detached (it scales the generator loss but is not itself trained), then multiplied
+    by `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
     """
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, 1e4).detach() * disc_weight

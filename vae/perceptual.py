@@ -30,6 +30,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from core.errors import MissingFileError, UserError
 from core.weights import check_state_dict, download, hub_checkpoint, read_state_dict
 from kernels.lpips import normalise_channels, tap_distance
 
@@ -92,7 +93,7 @@ class PerceptualDistance(nn.Module):
     def __init__(self, taps: int = 5) -> None:
         super().__init__()
         if not isinstance(taps, int) or not 1 <= taps <= len(TAPS):
-            raise ValueError(f"taps must be one of 1, 2, 3, 4, 5 (the first n of {', '.join(TAPS)}), not {taps!r}.")
+            raise UserError(f"taps must be one of 1, 2, 3, 4, 5 (the first n of {', '.join(TAPS)}), not {taps!r}.")
         self.kind = "random"  # "lpips" once load_published has run
         self.taps = taps  # leading taps used; the trunk is cut after the last one
         layers: list[nn.Module] = []
@@ -107,7 +108,7 @@ class PerceptualDistance(nn.Module):
                 layers += [nn.utils.skip_init(nn.Conv2d, in_channels, entry, 3, padding=1), nn.ReLU(inplace=True)]
                 in_channels = entry
         self.features = nn.Sequential(*layers[:_TAP_LAYERS[taps - 1] + 1])  # indices stay torchvision's
-        # Channels-last convolutions measured 15-25% faster for forward+backward on CPU (oneDNN).
+        # Channels-last: oneDNN's fastest layout for these convolutions on CPU (docs/speed.md).
         self.features.to(memory_format=torch.channels_last)
         self.heads = nn.ParameterList(nn.Parameter(torch.empty(channels)) for channels in TAP_CHANNELS[:taps])
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
@@ -142,8 +143,8 @@ class PerceptualDistance(nn.Module):
             # LPIPS clamps its heads at zero while fitting them; a negative weight would reward
             # differences, so such a file was not produced by LPIPS training.
             if not bool((weight >= 0).all()):
-                raise ValueError(f"{lpips_source} has negative or non-finite head weights under {key}, which LPIPS "
-                                 f"heads never have; pass the published v0.1 vgg.pth.")
+                raise UserError(f"{lpips_source} has negative or non-finite head weights under {key}, which LPIPS "
+                                f"heads never have; pass the published v0.1 vgg.pth.")
         with torch.no_grad():
             for index, layer in enumerate(self.features):
                 if isinstance(layer, nn.Conv2d):
@@ -171,12 +172,12 @@ class PerceptualDistance(nn.Module):
     def tap_distances(self, x: Tensor, y: Tensor) -> Tensor:
         """(B, taps) float32: each tap's term of the distance between x and y, (B, 3, H, W) in [-1, 1]."""
         if x.ndim != 4 or x.shape[1] != 3 or x.shape != y.shape:
-            raise ValueError(f"Perceptual distance needs two image batches of one shape (B, 3, H, W), got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}; pass RGB images of matching size.")
+            raise UserError(f"Perceptual distance needs two image batches of one shape (B, 3, H, W), got "
+                            f"{tuple(x.shape)} and {tuple(y.shape)}; pass RGB images of matching size.")
         smallest = 2 ** (self.taps - 1)
         if min(x.shape[-2:]) < smallest:
-            raise ValueError(f"Images of size {tuple(x.shape[-2:])} are too small for {self.taps} taps (each tap "
-                             f"after the first halves the size); use at least {smallest}x{smallest} or fewer taps.")
+            raise UserError(f"Images of size {tuple(x.shape[-2:])} are too small for {self.taps} taps (each tap "
+                            f"after the first halves the size); use at least {smallest}x{smallest} or fewer taps.")
         # Separate passes, not one batch of both: y is usually a target without gradient, and a joint
         # batch would carry its half through the backward pass for nothing. Each tap's normalisation and
         # weighted difference is one fused op (`kernels.lpips`).
@@ -201,7 +202,7 @@ def build_perceptual(kind: str = "auto", taps: int = 5, vgg_weights: str = "",
     taps: how many of relu1_2 .. relu5_3 to use (LPIPS uses all 5).
     """
     if kind not in PERCEPTUAL_KINDS:
-        raise ValueError(f"Perceptual kind must be one of {', '.join(PERCEPTUAL_KINDS)}, not {kind!r}.")
+        raise UserError(f"Perceptual kind must be one of {', '.join(PERCEPTUAL_KINDS)}, not {kind!r}.")
     net = PerceptualDistance(taps)
     if kind == "random":
         return net
@@ -226,8 +227,8 @@ def _local_file(explicit: str | os.PathLike, filename: str) -> Path | None:
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"Weights file {path} does not exist; pass the path of {filename} or leave the "
-                                    f"option empty to use the torch hub cache ({hub_checkpoint(filename).parent}).")
+            raise MissingFileError(f"Weights file {path} does not exist; pass the path of {filename} or leave the "
+                                   f"option empty to use the torch hub cache ({hub_checkpoint(filename).parent}).")
         return path
     cached = hub_checkpoint(filename)
     return cached if cached.is_file() else None

@@ -21,13 +21,16 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from core.errors import UserError
 from core.weights import check_state_dict, read_state_dict
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
 FULL_CHECKPOINT_PREFIX = "first_stage_model."  # where a full Stable Diffusion checkpoint keeps the autoencoder
 # Not autoencoder weights: CompVis first-stage checkpoints carry the training loss (discriminator,
 # LPIPS, output log-variance) under `loss.`, and the EMA-pruned fine-tuned VAEs keep the two scalars
-# of the moving average that produced them.
+# of the moving average that produced them. A run that starts from published weights starts its own
+# loss afresh; the log-variance there is the 0 it was created with, as latent diffusion's optimizer
+# never updates it (see vae.config.VAELossConfig).
 IGNORED_PREFIXES = ("loss.",)
 IGNORED_KEYS = frozenset({"model_ema.decay", "model_ema.num_updates"})
 
@@ -65,8 +68,8 @@ def to_published(state_dict: Mapping[str, Tensor], config: AutoencoderConfig) ->
     """Our `AutoencoderKL(config).state_dict()` under latent-diffusion's names (q, k, v split off qkv)."""
     expected = {name: tuple(t.shape) for name, t in _initial_state_dict(config).items()}
     if {name: tuple(t.shape) for name, t in state_dict.items()} != expected:
-        raise ValueError("to_published expects the state dict of an AutoencoderKL built from the same config; "
-                         "pass model.state_dict() together with model.config.")
+        raise UserError("to_published expects the state dict of an AutoencoderKL built from the same config; "
+                        "pass model.state_dict() together with model.config.")
     return _rename_to_published(state_dict)
 
 

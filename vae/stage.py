@@ -1,5 +1,6 @@
-"""The KL autoencoder as a stage: its loss (L1 + perceptual + KL, optionally a PatchGAN), held-out
-metrics, reconstruction previews, and the latent scale factor stored with every checkpoint.
+"""The KL autoencoder as a stage: its loss (L1 + perceptual as a negative log-likelihood, KL, optionally
+a PatchGAN), held-out metrics, reconstruction previews, and the latent scale factor stored with every
+checkpoint (latent models measure their own on their latent cache and keep this one for comparison).
 
 Later stages read a trained autoencoder back with `load_autoencoder`, which returns the weights'
 fingerprint too: latent caches and latent models are keyed by it, so a different VAE is never
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from core.checkpoint import require_keys, state_fingerprint
+from core.checkpoint import load_weights, require_keys, state_fingerprint
 from core.config import DataConfig, TrainConfig, from_dict, to_dict
+from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingModels, TrainingStage
+from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, derive_seed
 from core.speed import compile_module
-from core.stages import Section, StageSpec, Trainable, TrainingStage
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import from_uint8
@@ -43,7 +45,10 @@ def rgb(x: Tensor) -> Tensor:
 @torch.no_grad()
 def latent_scale(autoencoder: AutoencoderKL, images: Tensor, seed: int, batch: int = EVAL_BATCH) -> float:
     """1 / the standard deviation of posterior samples of `images` (uint8 or [-1, 1]), latent diffusion's
-    `scale_by_std`: scaled latents have unit variance, the scale the diffusion schedule assumes for x0."""
+    `scale_by_std`: scaled latents have unit variance, the scale the diffusion schedule assumes for x0.
+
+    Stored with the autoencoder as a reference; a latent model measures its own, on the latents it
+    trains on (`ldm.latents.latent_scale_factor`), as latent diffusion does."""
     device = next(autoencoder.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     z = []
@@ -53,8 +58,8 @@ def latent_scale(autoencoder: AutoencoderKL, images: Tensor, seed: int, batch: i
         z.append(autoencoder.encode(x).sample(generator=generator).double().flatten())
     std = torch.cat(z).std().item()
     if not math.isfinite(std) or std <= 0:
-        raise ValueError(f"The autoencoder's latents have standard deviation {std}; its weights are broken, so "
-                         f"train it again or load other weights.")
+        raise UserError(f"The autoencoder's latents have standard deviation {std}; its weights are broken, so "
+                        f"train it again or load other weights.")
     return 1.0 / std
 
 
@@ -66,42 +71,70 @@ def _describe_perceptual(net: PerceptualDistance, cfg: VAELossConfig) -> str:
     return (f"random-weight VGG-16 (taps {taps}; seeded, uniform heads: a generic perceptual loss, not LPIPS){why}")
 
 
+class OutputLogVariance(nn.Module):
+    """The output log-variance s of the reconstruction likelihood: rec -> rec / exp(s) + s.
+
+    Latent diffusion's LPIPSWithDiscriminator (and generative-models' successor) reads the per-pixel
+    reconstruction loss as the negative log-likelihood of a distribution of scale exp(s); its minimum
+    over s is at s = log(rec), where the NLL's gradient in s, 1 - rec / exp(s), vanishes.
+    """
+
+    def __init__(self, init: float = 0.0):
+        super().__init__()
+        self.logvar = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, rec_loss: Tensor) -> Tensor:
+        return rec_loss / self.logvar.exp() + self.logvar
+
+
 class VAETraining:
     """The loss, evaluation, preview and checkpoint payload of one autoencoder run."""
 
-    def __init__(self, config: VAEConfig, autoencoder: AutoencoderKL, discriminator: PatchDiscriminator | None,
-                 perceptual: PerceptualDistance, train_set: ImageDataset, test_set: ImageDataset, test_split: str,
-                 device: torch.device):
+    def __init__(self, config: VAEConfig, fixed_logvar: OutputLogVariance | None, perceptual: PerceptualDistance,
+                 train_set: ImageDataset, test_set: ImageDataset, test_split: str, device: torch.device):
         self.config, self.loss_cfg = config, config.loss
-        self.autoencoder, self.discriminator, self.perceptual = autoencoder, discriminator, perceptual.to(device)
+        # Neither is trained: s when it is not learned (a learned one is the trainable "logvar"), and LPIPS.
+        self.fixed_logvar = None if fixed_logvar is None else fixed_logvar.to(device)
+        self.perceptual = perceptual.to(device)
         self.train_set, self.test_set, self.test_split, self.device = train_set, test_set, test_split, device
 
-    def loss(self, models, batch, generator: torch.Generator, step: int):
+    def loss(self, models: TrainingModels, batch, generator: torch.Generator, step: int):
         """LDM's LPIPSWithDiscriminator objective, per pixel (see VAELossConfig)."""
         cfg, x = self.loss_cfg, batch.image
-        reconstruction, posterior = models["model"](x, generator=generator)
+        reconstruction, posterior = models[MAIN](x, generator=generator)
         l1 = (x - reconstruction).abs().flatten(1).mean(dim=1)
         perceptual = self.perceptual(rgb(reconstruction), rgb(x))
         rec_loss = (l1 + cfg.perceptual_weight * perceptual).mean()
+        # The raw module, not through DDP: this term trains only the autoencoder (the "logvar" loss trains s).
+        logvar = models.raw["logvar"] if cfg.learn_logvar else self.fixed_logvar
+        nll = logvar(rec_loss)
         kl = posterior.kl()
-        loss = rec_loss + cfg.kl_weight * kl.mean() / x[0].numel()
+        loss = nll + cfg.kl_weight * kl.mean() / x[0].numel()
         metrics = {"l1": l1.mean().detach(), "perceptual": perceptual.mean().detach(), "kl": kl.mean().detach()}
-        if self.discriminator is None or step < cfg.disc_start:
-            return loss, metrics
-        # The generator term reads the discriminator directly, not through DDP: its gradient must
-        # reach only the autoencoder, and DDP would wait for discriminator gradients it never gets.
-        g_loss = hinge_g_loss(self.discriminator(reconstruction))
-        d_weight = adaptive_weight(rec_loss, g_loss, self.autoencoder.last_layer, cfg.disc_weight)
-        logits_real, logits_fake = models["disc"](torch.cat([x, reconstruction.detach()])).chunk(2)
+        losses = {MAIN: loss}
+        if cfg.learn_logvar:
+            # s's gradient, 1 - rec / exp(s), depends on rec's value only, so s trains on a copy of the NLL
+            # with rec detached: the loop backpropagates each trainable's loss on its own graph.
+            losses["logvar"] = models["logvar"](rec_loss.detach())
+            metrics["logvar"] = logvar.logvar.detach().clone()  # before this step's update
+        if "disc" not in models or step < cfg.disc_start:
+            return losses, metrics
+        # The generator term goes through the raw discriminator: its gradient must reach only the
+        # autoencoder, and a DDP-wrapped discriminator would wait for gradients it never gets.
+        g_loss = hinge_g_loss(models.raw["disc"](reconstruction))
+        d_weight = adaptive_weight(nll, g_loss, models.raw[MAIN].last_layer, cfg.disc_weight)
+        # Real and reconstructed images in separate passes (one call: one forward through DDP).
+        logits_real, logits_fake = models["disc"](x, reconstruction.detach())
         metrics.update(g_loss=g_loss.detach(), d_weight=d_weight.detach(), logits_real=logits_real.mean().detach(),
                        logits_fake=logits_fake.mean().detach())
-        return {"model": loss + d_weight * g_loss, "disc": hinge_d_loss(logits_real, logits_fake)}, metrics
+        losses.update({MAIN: loss + d_weight * g_loss, "disc": hinge_d_loss(logits_real, logits_fake)})
+        return losses, metrics
 
     @torch.no_grad()
     def evaluate(self, models) -> dict[str, Any]:
         """Mean L1 (in [-1, 1] units), PSNR (dB, on [0, 1]), perceptual distance and KL (nats per image) of
         reconstructions from the posterior mean, over the held-out images."""
-        autoencoder = models["model"]
+        autoencoder = models[MAIN]
         totals = {"l1": 0.0, "psnr": 0.0, "perceptual": 0.0, "kl": 0.0}
         for start in range(0, len(self.test_set), EVAL_BATCH):
             x = from_uint8(self.test_set.images[start:start + EVAL_BATCH].to(self.device))
@@ -120,7 +153,7 @@ class VAETraining:
         """Held-out images above their reconstructions, in pairs of rows of 8."""
         n = min(self.config.train.preview_images, len(self.test_set))
         x = from_uint8(self.test_set.images[:n].to(self.device))
-        reconstruction = models["model"].decode(models["model"].encode(x).mode()).clamp(-1, 1)
+        reconstruction = models[MAIN].decode(models[MAIN].encode(x).mode()).clamp(-1, 1)
         rows = [t for start in range(0, n, 8) for t in (x[start:start + 8], reconstruction[start:start + 8])]
         width = min(8, n)  # a short last pair of rows is padded with black images
         padded = [torch.cat([r, r.new_full((width - len(r), *r.shape[1:]), -1.0)]) for r in rows]
@@ -130,7 +163,7 @@ class VAETraining:
         """The latent scale factor, measured with the weights this checkpoint holds for sampling."""
         n = min(self.config.vae.scale_samples, len(self.train_set))
         pick = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.config.train.seed))[:n]
-        scale = latent_scale(models["model"], self.train_set.images[pick], seed=derive_seed(self.config.train.seed, 1))
+        scale = latent_scale(models[MAIN], self.train_set.images[pick], seed=derive_seed(self.config.train.seed, 1))
         return {"scale_factor": scale, "scale_samples": n}
 
 
@@ -155,20 +188,22 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     autoencoder = AutoencoderKL(config.autoencoder)
     if config.vae.pretrained and resume_from is None:
         load_published_weights(autoencoder, config.vae.pretrained)
-    trainables = {"model": Trainable(autoencoder, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
+    trainables = {MAIN: Trainable(autoencoder, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
                                      ema=True)}
-    discriminator = None
     if loss_cfg.disc_start >= 0:
-        discriminator = PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers)
-        trainables["disc"] = Trainable(discriminator, lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS,
-                                       weight_decay=train.weight_decay)
+        trainables["disc"] = Trainable(PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers),
+                                       lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay)
+    logvar = OutputLogVariance(loss_cfg.logvar_init).requires_grad_(loss_cfg.learn_logvar)
+    if loss_cfg.learn_logvar:  # the autoencoder's learning rate and betas, as generative-models optimises it
+        trainables["logvar"] = Trainable(logvar, lr=train.lr, betas=ADAM_BETAS)
     if train.compile:  # the loop compiles the trainables; the frozen perceptual network is the stage's own
         compile_module(perceptual)
-    run = VAETraining(config, autoencoder, discriminator, perceptual, dataset, test_set, split, runtime.device)
+    fixed_logvar = None if loss_cfg.learn_logvar else logvar
+    run = VAETraining(config, fixed_logvar, perceptual, dataset, test_set, split, runtime.device)
     stage = TrainingStage(name=NAME, trainables=trainables, loss=run.loss, dataset=dataset, config=to_dict(config),
-                          data_info=dataset.description(), augment=random_hflip if data.hflip else None, preview=run.preview,
-                          preview_nrow=min(8, train.preview_images, len(test_set)), evaluate=run.evaluate,
-                          payload=run.payload)
+                          data_info=dataset.description(), augment=random_hflip if data.hflip else None,
+                          outputs=Outputs(preview=run.preview, preview_nrow=min(8, train.preview_images, len(test_set)),
+                                          evaluate=run.evaluate, payload=run.payload))
     return config, stage
 
 
@@ -177,22 +212,15 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
     """A trained autoencoder from a `vae` checkpoint's payload: (model frozen in eval mode, latent scale
     factor, fingerprint of its weights)."""
     if payload.get("stage") != NAME:
-        raise ValueError(f"{path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; pass the "
-                         f"checkpoint.pt of a `train.py --stage vae` run.")
+        raise UserError(f"{path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; pass the "
+                        f"checkpoint.pt of a `train.py --stage vae` run.")
     require_keys(payload, ("config", "models", "ema", "scale_factor"), path)
     config = from_dict(VAEConfig, payload["config"])
-    state = payload["ema" if weights == "ema" else "models"]["model"]
-    autoencoder = AutoencoderKL(config.autoencoder)
-    try:
-        autoencoder.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"The weights in {path} do not fit the autoencoder its config describes "
-                         f"({' '.join(str(err).split())[:200]}); the checkpoint is inconsistent.") from err
-    if not all(torch.isfinite(t).all() for t in state.values()):
-        raise ValueError(f"The autoencoder weights in {path} hold NaN or infinite values; use an earlier checkpoint.")
+    state = payload["ema" if weights == "ema" else "models"].get("model")
+    autoencoder = load_weights(AutoencoderKL(config.autoencoder), state, path, "autoencoder")
     scale = float(payload["scale_factor"])
     if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{path} records an invalid latent scale factor {scale}; the checkpoint is inconsistent.")
+        raise UserError(f"{path} records an invalid latent scale factor {scale}; the checkpoint is inconsistent.")
     return autoencoder.to(device).eval().requires_grad_(False), scale, state_fingerprint(state)
 
 
@@ -201,22 +229,24 @@ def check(config: VAEConfig) -> None:
     for option, value in (("--pretrained", config.vae.pretrained), ("--vgg-weights", config.loss.vgg_weights),
                           ("--lpips-weights", config.loss.lpips_weights)):
         if value and not Path(value).expanduser().is_file():
-            raise FileNotFoundError(f"{option} {value} does not exist; pass the path of the weights file.")
+            raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
 
+
+# Previews are reconstructions of held-out images, so there are no sampling steps to choose.
+TRAIN_UNUSED = frozenset({"preview_steps"})
 
 SPEC = StageSpec(
     name=NAME,
     summary="KL autoencoder, the first stage of latent diffusion (L1 + perceptual + KL, optional PatchGAN)",
     config_class=VAEConfig,
     presets=PRESETS,
-    default_preset="vae-demo",
     sections=(Section("data", DataConfig),
               Section("autoencoder", AutoencoderConfig, skip=AUTOENCODER_FROM_DATA, help=AUTOENCODER_OPTIONS),
               Section("loss", VAELossConfig),
               Section("vae", VAEOptions),
-              Section("train", TrainConfig)),
+              Section("train", TrainConfig, skip=TRAIN_UNUSED)),
     build=build,
     check=check,
 )

@@ -1,6 +1,6 @@
 """The results table: is synthetic data good enough to train on?
 
-    python -m classify.experiment --real folder:R --synthetic NAME=folder:S [--synthetic ...] \\
+    python -m evaluate.experiment --real folder:R --synthetic NAME=folder:S [--synthetic ...] \\
         --test folder:T --seeds 3 [--match-size] [--out runs/experiment] [-- TRAIN OPTIONS]
 
 trains the same classifier (`train.py --stage classify`) on the real images, on each synthetic set,
@@ -20,23 +20,23 @@ import argparse
 import re
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import train
 from classify.config import PRESETS
 from classify.plots import bar_chart
-from classify.stage import final_results
+from classify.stage import SPEC as CLASSIFY, final_results
 from core import cli
 from core.cli import RunInterrupted
+from core.errors import UserError
 from core.lock import FolderLock
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
 from data.imageio import atomic_save_image, list_images
+from training.run import parse_stage_args, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
@@ -54,7 +54,7 @@ class Row:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     own, passed = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = cli.ArgumentParser(prog="python -m classify.experiment", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m evaluate.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", required=True, help="the real training images: folder:PATH | plumes | cifar10 (required)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="NAME=SPEC", required=True,
@@ -78,12 +78,12 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     for item in args.synthetic:
         name, _, spec = item.partition("=")
         if not ROW_NAME.match(name) or not spec:
-            raise ValueError(f"--synthetic {item!r} is not NAME=SPEC with a NAME of letters, digits, '.', '_' or '-'.")
+            raise UserError(f"--synthetic {item!r} is not NAME=SPEC with a NAME of letters, digits, '.', '_' or '-'.")
         check_spec(spec, f"--synthetic {name}")
         synthetic.append((name, spec))
     names = [name for name, _ in synthetic]
     if "real" in names or len(set(names)) != len(names):
-        raise ValueError("Every --synthetic set needs its own name, other than 'real'.")
+        raise UserError("Every --synthetic set needs its own name, other than 'real'.")
     rows = [Row("real", args.real)] + [Row(name, spec) for name, spec in synthetic]
     if not args.no_mixed:
         rows += [Row(f"real+{name}", args.real, spec) for name, spec in synthetic]
@@ -94,7 +94,7 @@ def check_passed(passed: list[str]) -> None:
     """Refuse options for the training runs that the runner sets itself."""
     clash = [a for a in passed if a.split("=")[0] in RUNNER_OPTIONS]
     if clash:
-        raise ValueError(f"{clash[0]} is set by the experiment for each run; drop it from the options after --.")
+        raise UserError(f"{clash[0]} is set by the experiment for each run; drop it from the options after --.")
 
 
 def count_images(spec: str, resolution: int, cache_dir: str) -> int:
@@ -153,14 +153,14 @@ def markdown(summary: dict[str, Any], seeds: int, test: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
     check_passed(passed)
     resolve_device(args.device)
-    spec, given = train.parse_args(["--stage", "classify", "--preset", args.preset, *passed])
-    config = train.with_options(spec, spec.presets[args.preset](), given)  # what every run starts from
+    given = parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])
+    config = with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)  # what every run starts from
     target = config.model.target
 
     out = args.out
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if result is None:
                     print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
                     try:
-                        train.main(run_arguments(row, seed, run_dir, args, passed, size))
+                        run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
                     except RunInterrupted as err:
                         signum = err.exit_code - 128
                         raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
@@ -205,6 +205,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
-    sys.exit(cli.run(main))
+    cli.main(main)

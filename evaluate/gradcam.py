@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017): where in an image a classifier looks, and statistics that let
 classifiers trained on real and on synthetic data be compared side by side.
 
-    python -m classify.gradcam --ckpt runs/real/checkpoint.pt --ckpt runs/synth/checkpoint.pt \\
+    python -m evaluate.gradcam --ckpt runs/real/checkpoint.pt --ckpt runs/synth/checkpoint.pt \\
         --name real --name synthetic --images folder:test [--num 32] [--layer layer4] [--out DIR]
 
 For a layer with activations A^k (k = channels) and a score y^c, Grad-CAM weighs each channel by the
@@ -31,9 +31,6 @@ import contextlib
 import csv
 import io
 import math
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +40,7 @@ from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
 from core import cli
+from core.errors import UserError
 from core.lock import FolderLock, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
@@ -74,8 +72,8 @@ def find_layer(net: nn.Module, name: str) -> nn.Module:
     layers = dict(net.named_modules())
     if name not in layers or not name:
         some = [n for n in layers if n and "." not in n]
-        raise ValueError(f"The classifier has no layer {name!r}; choose one of {', '.join(some)} (or a nested name "
-                         f"such as layer4.1.conv2).")
+        raise UserError(f"The classifier has no layer {name!r}; choose one of {', '.join(some)} (or a nested name "
+                        f"such as layer4.1.conv2).")
     return layers[name]
 
 
@@ -219,7 +217,7 @@ def summary_table(summary: dict[str, dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog="python -m classify.gradcam", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m evaluate.gradcam", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", type=Path, required=True,
                         help="a classify checkpoint; repeat to compare classifiers side by side (required)")
@@ -247,28 +245,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.num < 1 or args.batch_size < 1:
-        raise ValueError("--num and --batch-size must be at least 1.")
+        raise UserError("--num and --batch-size must be at least 1.")
     if args.name and len(args.name) != len(args.ckpt):
-        raise ValueError(f"Give one --name per --ckpt ({len(args.ckpt)}), or none.")
+        raise UserError(f"Give one --name per --ckpt ({len(args.ckpt)}), or none.")
     names = args.name or [p.parent.name for p in args.ckpt]
     if len(set(names)) != len(names):
-        raise ValueError(f"The classifiers need distinct names, got {', '.join(names)}; pass --name for each.")
+        raise UserError(f"The classifiers need distinct names, got {', '.join(names)}; pass --name for each.")
     check_spec(args.images, "--images")
     device = resolve_device(args.device)
     classifiers = [(name, load_classifier(path, device)) for name, path in zip(names, args.ckpt)]
     first = classifiers[0][1]
     for name, c in classifiers[1:]:
         if (c.info.resolution, c.config.target) != (first.info.resolution, first.config.target):
-            raise ValueError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
-                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
-                             f"of one resolution and target.")
+            raise UserError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
+                            f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
+                            f"of one resolution and target.")
     for name, c in classifiers:
         find_layer(c.net, args.layer)
         if args.class_name is not None and args.class_name not in c.output_names:
-            raise ValueError(f"--class {args.class_name} is not a class of {name} ({', '.join(c.output_names)}).")
+            raise UserError(f"--class {args.class_name} is not a class of {name} ({', '.join(c.output_names)}).")
         if args.output is not None and (c.config.target != "params" or args.output not in c.output_names):
-            raise ValueError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
-                             f"regressors only.")
+            raise UserError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
+                            f"regressors only.")
     out = args.out or args.ckpt[0].parent / "gradcam"
     check_output_folder(out, args.overwrite)
 
@@ -281,12 +279,12 @@ def main(argv: list[str] | None = None) -> Path:
         if data.info.class_names:
             if first.config.target == "class" and data.info.class_names != first.info.class_names:
                 if args.explain == "label":
-                    raise ValueError(f"The classes of --images ({', '.join(data.info.class_names)}) differ from the "
-                                     f"classifier's ({', '.join(first.info.class_names)}); --explain label needs the same.")
+                    raise UserError(f"The classes of --images ({', '.join(data.info.class_names)}) differ from the "
+                                    f"classifier's ({', '.join(first.info.class_names)}); --explain label needs the same.")
             elif first.config.target == "class":
                 labels = data.labels
         elif args.explain == "label":
-            raise ValueError("--explain label needs labelled images (class folders); use --explain pred.")
+            raise UserError("--explain label needs labelled images (class folders); use --explain pred.")
         maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,
                                       class_name=args.class_name, output=args.output, batch_size=args.batch_size)
         columns = [images] + [overlay(images, maps[name]) for name in names]
@@ -307,6 +305,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
-    sys.exit(cli.run(main))
+    cli.main(main)

@@ -1,6 +1,6 @@
 """Conditioning accuracy: does a conditional diffusion model draw what it is asked for?
 
-    python -m classify.consistency --ckpt DIFFUSION_CKPT --judge CLASSIFIER_CKPT [--per-class 50 | --num 300]
+    python -m evaluate.consistency --ckpt DIFFUSION_CKPT --judge CLASSIFIER_CKPT [--per-class 50 | --num 300]
 
 draws images for requested classes or parameter values, exactly as `sample.py` would (the same
 plan, seeds and conditions as `sample.py --dataset-out`: image k of a check is image k of a dataset
@@ -13,7 +13,7 @@ written with the same options), and lets a classifier trained on real data judge
 Classes and parameters are matched by name. Also writes grid.png (the first 64 images),
 predictions.csv and report.json into --out.
 
-    python -m classify.consistency --images folder:DIR --judge CLASSIFIER_CKPT
+    python -m evaluate.consistency --images folder:DIR --judge CLASSIFIER_CKPT
 
 judges an image set already written (a `sample.py --dataset-out` folder, an inversion's set, or
 real images) against its own labels instead: the class folders for a classifier, params.csv for a
@@ -27,9 +27,6 @@ import argparse
 import csv
 import functools
 import io
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.errors import UserError
 import kernels
 from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core import cli
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
-from core.runtime import AMP_MODES, atomic_write, autocast_dtype, resolve_device, write_json
+from core.runtime import AMP_MODES, KERNELS_HELP, KERNEL_BACKENDS, atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import compile_module, speed_up
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
@@ -52,30 +50,32 @@ from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
+from sampling.draw import Drawer
+from stages import open_source
 
 
 def check_pair(kind: str, info: DatasetInfo, judge: Classifier, what: str = "diffusion model") -> None:
     """Refuse a judge that cannot judge the `kind` ("class" or "params") of labels `info` names, before
     anything is drawn or loaded."""
     if kind == "none":
-        raise ValueError("This diffusion model was trained without conditioning, so there is nothing to check; pass "
-                         "a class- or parameter-conditional checkpoint.")
+        raise UserError("This diffusion model was trained without conditioning, so there is nothing to check; pass "
+                        "a class- or parameter-conditional checkpoint.")
     if kind == "class":
         if judge.config.target != "class":
-            raise ValueError(f"A class-conditional {what} needs a classifier as judge (--target class), not a "
-                             f"parameter regressor.")
+            raise UserError(f"A class-conditional {what} needs a classifier as judge (--target class), not a "
+                            f"parameter regressor.")
         missing = [c for c in info.class_names if c not in judge.output_names]
         if missing:
-            raise ValueError(f"The judge does not know the classes {', '.join(missing)} of the {what} (it "
-                             f"knows {', '.join(judge.output_names)}); train it on data with the same class names.")
+            raise UserError(f"The judge does not know the classes {', '.join(missing)} of the {what} (it "
+                            f"knows {', '.join(judge.output_names)}); train it on data with the same class names.")
     else:
         if judge.config.target != "params":
-            raise ValueError(f"A parameter-conditional {what} needs a parameter regressor as judge (train.py --stage "
-                             f"classify --target params), not a classifier.")
+            raise UserError(f"A parameter-conditional {what} needs a parameter regressor as judge (train.py --stage "
+                            f"classify --target params), not a classifier.")
         missing = [p for p in info.param_names if p not in judge.output_names]
         if missing:
-            raise ValueError(f"The judge does not predict the parameters {', '.join(missing)} of the {what} "
-                             f"(it predicts {', '.join(judge.output_names)}); train it on the same parameters.")
+            raise UserError(f"The judge does not predict the parameters {', '.join(missing)} of the {what} "
+                            f"(it predicts {', '.join(judge.output_names)}); train it on the same parameters.")
 
 
 def judge_images(judge: Classifier, images: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,6 @@ def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig
             per_class: int = 50, num: int = 200, params: Sequence[str] = (), batch_size: int = 64,
             amp: torch.dtype | None = None) -> dict[str, Any]:
     """Draw the requested images and judge them: {"images", "rows", "report"}."""
-    from sample import Drawer  # the drawing code sample.py itself uses
     kind, info = model.net.config.cond, model.info
     check_pair(kind, info, judge)
     plan = plan_dataset(model, seed, per_class=per_class if kind == "class" else None, num=num, params=params)
@@ -150,11 +149,11 @@ def check_dataset(info: DatasetInfo, judge: Classifier) -> None:
     """Refuse an image set that lacks the labels this judge reads, or names others."""
     kind = judge.config.target
     if kind == "class" and not info.class_names:
-        raise ValueError("This image set has no class folders for a classifier to check; judge it with a parameter "
-                         "regressor (if it has params.csv) or pass a set with class subfolders.")
+        raise UserError("This image set has no class folders for a classifier to check; judge it with a parameter "
+                        "regressor (if it has params.csv) or pass a set with class subfolders.")
     if kind == "params" and not info.param_names:
-        raise ValueError("This image set has no params.csv for a parameter regressor to check; judge it with a "
-                         "classifier (if it has class folders) or pass a set with params.csv.")
+        raise UserError("This image set has no params.csv for a parameter regressor to check; judge it with a "
+                        "classifier (if it has class folders) or pass a set with params.csv.")
     check_pair(kind, info, judge, what="image set")
 
 
@@ -188,7 +187,7 @@ DRAWING_OPTIONS = ("per_class", "num", "param", "seed", "weights", "amp")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog="python -m classify.consistency", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m evaluate.consistency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="checkpoint of a conditional diffusion model to draw from")
@@ -211,8 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")
-    parser.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                        help=f"{kernels.HELP}, for sampling (default: auto)")
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
+                        help=f"{KERNELS_HELP}, for sampling (default: auto)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the diffusion network and the judge (default: off)")
     parser.add_argument("--debug", action="store_true",
@@ -224,22 +223,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    if getattr(args, name) != parser.get_default(name)]
         drawing += ["--sampler and its options"] if given_in(args, "sampling") else []
         if drawing:
-            raise ValueError(f"With --images nothing is drawn, so drop {', '.join(drawing)} (they choose what a --ckpt "
-                             f"draws).")
+            raise UserError(f"With --images nothing is drawn, so drop {', '.join(drawing)} (they choose what a --ckpt "
+                            f"draws).")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from sample import load_model
     args = parse_args(argv)
     for option, value in (("--per-class", args.per_class), ("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
-            raise ValueError(f"{option} must be at least 1, got {value}.")
+            raise UserError(f"{option} must be at least 1, got {value}.")
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
     kernels.use(args.kernels, device)
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
-        raise ValueError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
+        raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device)
     if args.compile:
         compile_module(judge.net)
@@ -254,16 +252,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = {"image_set": args.images}
         run = functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size)
     else:
-        model, inverted = load_model(args.ckpt, device, args.weights)
+        image_source = open_source(args.ckpt, device, args.weights)
+        if not image_source.draws_requests:
+            raise UserError(f"{args.ckpt} does not draw images of requested classes or parameters (an inversion "
+                            f"draws variations of learned vectors); measure consistency on the diffusion model it "
+                            f"was learned against, or judge the images it wrote with --images folder:DIR.")
+        model = image_source.model
         speed_up(model.net, device, compile=args.compile)
-        if inverted is not None:
-            raise ValueError(f"{args.ckpt} is an inversion; measure consistency on the diffusion model it was learned "
-                             f"against ({inverted.record['path']}), or judge the images it wrote with --images "
-                             f"folder:DIR.")
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
         if args.param and model.net.config.cond != "params":
-            raise ValueError("--param applies to parameter-conditional models; drop it.")
+            raise UserError("--param applies to parameter-conditional models; drop it.")
         out = args.out or args.ckpt.parent / "consistency"
         check_output_folder(out, args.overwrite)
         names, asked, requested = model.info.param_names, "asked for", "Requested"
@@ -309,6 +308,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)
-    sys.exit(cli.run(main))
+    cli.main(main)

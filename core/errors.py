@@ -1,0 +1,24 @@
+"""The one kind of error a user is meant to see as a sentence rather than a traceback.
+
+Every check of an option, a file or a dataset raises `UserError` (or one of its two forms below)
+with one sentence that says what is wrong and what to do. The entry points print exactly these as
+one line (core/cli.py); any other exception is a bug, in our code or a library's, and keeps its
+traceback.
+
+`UserError` is a ValueError, and its two forms are also the built-in errors their situations
+raise, so code that catches FileNotFoundError for a missing file still catches ours.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """What the user asked for or gave cannot be done; the message says what to do instead."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class ExistsError(UserError, FileExistsError):
+    """Writing would overwrite something that must be kept (a run, a dataset, a file)."""

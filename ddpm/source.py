@@ -1,0 +1,76 @@
+"""A trained model as a source of images: the sampler and what each image is conditioned on.
+
+Each generative stage turns one of its checkpoints into an `ImageSource` (`StageSpec.load_source`),
+and the sampling package (sample.py, the consistency check, the benchmarks) draws through it without
+knowing the stage.
+The plain source is a conditional or unconditional diffusion model: image k's condition is the class
+or the parameters asked for (by default the classes in turn, or parameters drawn from their training
+range). A stage whose images are conditioned otherwise (an inversion: learned vectors) subclasses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from core.config import given_in
+from core.errors import UserError
+from ddpm.conditioning import Conditions, check_request, requested
+from ddpm.generate import DiffusionSampler
+from ddpm.synthetic import DatasetPlan, plan_dataset
+from data.writer import parse_binning
+
+
+class ImageSource:
+    """A diffusion model that draws image k under the condition sample.py's options ask for.
+
+    `args` below is sample.py's parsed command line (see its --help for each option).
+    """
+    default_guidance: float | None = None  # the guidance scale when none is given (None: SamplingConfig's)
+    option_sections: tuple[str, ...] = ()  # sample.py option groups only this kind of source reads
+    draws_requests = True                  # image k's condition is a class or parameters asked for (or none)
+
+    def __init__(self, model: DiffusionSampler):
+        self.model = model
+
+    @property
+    def kind(self) -> str:
+        """The model's conditioning: none, class or params."""
+        return self.model.net.config.cond
+
+    def check(self, args: argparse.Namespace) -> None:
+        """Refuse options this model cannot use, instead of ignoring them."""
+        if args.per_image is not None:
+            raise UserError("--per-image applies to inversion checkpoints (train.py --stage invert) only; drop it.")
+        check_request(self.kind, args.label, args.param)
+        if self.kind == "none":
+            if given_in(args, "sampling").get("guidance_scale", 1.0) != 1.0:
+                raise UserError("This model was trained without conditioning, so --guidance-scale has nothing to "
+                                "guide; drop it.")
+            if args.interpolate_to:
+                raise UserError("This model was trained without conditioning, so there is no condition to "
+                                "interpolate to; drop --interpolate-to.")
+        if args.dataset_out is not None:
+            if self.kind == "class" and args.num is not None:
+                raise UserError("A class-conditional model writes --per-class N images of each class; use "
+                                "--per-class instead of --num.")
+            if self.kind != "class" and args.per_class is not None:
+                raise UserError("--per-class needs a class-conditional model; use --num N for this one.")
+            if args.classes is not None and self.kind != "params":
+                raise UserError("--classes bins a parameter into class folders, and this model is not conditioned "
+                                "on parameters; drop it.")
+            if args.classes:
+                parse_binning(args.classes, self.model.info)  # checked before any folder is touched
+
+    def conditions(self, indices: Sequence[int], args: argparse.Namespace) -> Conditions:
+        """The condition of image k for each k in `indices`, with what the manifest records of it."""
+        return requested(self.kind, self.model.info, indices, args.seed, label=args.label, params=args.param)
+
+    def dataset(self, args: argparse.Namespace) -> tuple[DatasetPlan, dict[str, Any]]:
+        """The images of `--dataset-out`, and what else (besides the model, weights, seed and sampler) makes
+        them: entries of the folder's request, which a rerun must repeat to continue the folder."""
+        binning = parse_binning(args.classes, self.model.info) if args.classes else None
+        plan = plan_dataset(self.model, args.seed, per_class=args.per_class or 100 if self.kind == "class" else None,
+                            num=args.num or 64, label=args.label, params=args.param, binning=binning)
+        return plan, {"class": args.label, "param": sorted(args.param),
+                      "classes": binning.describe() if binning else None}

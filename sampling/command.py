@@ -1,0 +1,137 @@
+"""What `python sample.py` does once its command line is parsed: check every option before any work,
+open the checkpoint as an `ImageSource`, and draw into one locked output folder.
+
+`run` takes the opener of checkpoints from sample.py, which holds the registry of stages, so nothing
+here knows which stages exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Callable, Collection, Mapping
+
+import torch
+
+from core.errors import MissingFileError, UserError
+import kernels
+from core.checkpoint import load_checkpoint
+from core.config import given_in, override
+from core.lock import FolderLock, check_output_folder
+from core.runtime import autocast_dtype, resolve_device
+from core.speed import check_cuda_graphs, speed_up
+from ddpm.config import SamplingConfig
+from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
+from ddpm.source import ImageSource
+
+# Options that only mean something with another one: parsed as None, so giving them alone can be refused.
+OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
+RUNS = Path("runs")  # where train.py puts runs by default, searched when no --ckpt is given
+
+OpenSource = Callable[[Path, torch.device, str], ImageSource]  # (checkpoint, device, weights) -> source
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible option values and options that mean nothing without another, before any work."""
+    for name, value, low in (("--num", args.num, 1), ("--first-index", args.first_index, 0), ("--seed", args.seed, 0),
+                             ("--batch-size", args.batch_size, 1), ("--gif-images", args.gif_images, 1),
+                             ("--frames", args.frames, 2), ("--per-class", args.per_class, 1),
+                             ("--per-image", args.per_image, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}.")
+    for option, needs in (("interpolate_to", "interpolate"), ("frames", "interpolate"), ("gif_images", "gif"),
+                          ("gif_frames", "gif")):
+        if getattr(args, option) and not getattr(args, needs):
+            raise UserError(f"--{option.replace('_', '-')} has no effect without --{needs}; add --{needs} or drop it.")
+    if args.dataset_out is not None:
+        for option, given in (("--sweep", args.sweep), ("--interpolate", args.interpolate), ("--gif", args.gif),
+                              ("--out", args.out), ("--overwrite", args.overwrite), ("--first-index", args.first_index)):
+            if given:
+                raise UserError(f"{option} does not apply to --dataset-out (a dataset is numbered from 0 and never "
+                                f"overwritten); drop it.")
+    for option in ("per_class", "per_image", "classes"):
+        if getattr(args, option) is not None and args.dataset_out is None:
+            raise UserError(f"--{option.replace('_', '-')} applies to --dataset-out only; add --dataset-out DIR or "
+                            f"drop it.")
+    for option, default in OPTIONAL_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    sampling = given_in(args, "sampling")
+    sampler = sampling.get("sampler", SamplingConfig().sampler)
+    for option, owner in (("eta", "ddim"), ("variance", "ddpm")):
+        if option in sampling and sampler != owner:
+            raise UserError(f"--{option} applies to --sampler {owner} only, and this is --sampler {sampler}; drop it.")
+
+
+def check_against_source(args: argparse.Namespace, source: ImageSource, option_sections: Mapping[str, str]) -> None:
+    """Refuse options the loaded model cannot use: another kind of source's own options, then its own checks."""
+    for section, owner in option_sections.items():
+        foreign = [f"--{name.replace('_', '-')}" for name in given_in(args, section)]
+        if foreign and section not in source.option_sections:
+            raise UserError(f"{', '.join(foreign)} applies to {owner} checkpoints only, and {args.ckpt} is not one; "
+                            f"drop it.")
+    if source.model.latent and given_in(args, "sampling").get("clip_x0"):
+        raise UserError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
+                        "images are clamped); drop it.")
+    source.check(args)
+
+
+def latest_checkpoint(generative: Collection[str], runs: Path = RUNS) -> Path:
+    """The checkpoint of the most recently saved run under `runs` whose stage draws images."""
+    for path in sorted(runs.glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            stage = load_checkpoint(path).get("stage")
+        except (ValueError, OSError):
+            continue  # a broken checkpoint is not the one meant; its own run reports it when resumed
+        if stage in generative:
+            return path
+    raise MissingFileError(f"No --ckpt given and no run under {runs}/ that draws images ({', '.join(generative)}); "
+                           f"train one (python train.py --stage ddpm) or pass --ckpt.")
+
+
+def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
+    mode = "-sweep" if args.sweep else "-interpolate" if args.interpolate else ""
+    out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
+    check_output_folder(out, args.overwrite)
+    return out
+
+
+def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapping[str, str] | None = None) -> Path:
+    """Draw what `args` ask for from the checkpoint `args.ckpt`; returns the folder written.
+
+    `option_sections`: the option groups of every kind of source (sample.py's --help lists them all), each
+    with the stage it belongs to, so that one given for another kind of checkpoint is refused, not ignored.
+    """
+    check_args(args)
+    sampling = override(SamplingConfig(), args, "sampling")
+    device = resolve_device(args.device)
+    amp = autocast_dtype(args.amp, device)
+    kernels.use(args.kernels, device)
+    check_cuda_graphs(args.cuda_graphs, device)
+    source = open_source(args.ckpt, device, args.weights)
+    model = source.model
+    speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    check_against_source(args, source, option_sections or {})
+    if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):
+        sampling = dataclasses.replace(sampling, guidance_scale=source.default_guidance)
+    sampling.check_against(model.schedule)
+    draw = Drawer(model, sampling, amp, args.batch_size)
+    if args.dataset_out is not None:
+        with FolderLock(args.dataset_out):  # two writers never share a folder
+            draw_dataset(draw, args, source)
+        print(f"Wrote {args.dataset_out}")
+        return args.dataset_out
+    out = output_dir(args, sampling)
+    special = args.sweep or args.interpolate
+    num = args.num or (4 if special else 64)
+    indices = list(range(args.first_index, args.first_index + num))
+    with FolderLock(out):  # two samplers never write one folder
+        if args.sweep:
+            draw_sweep(draw, args, model, indices, out)
+        if args.interpolate:
+            draw_interpolations(draw, args, model, indices, out)
+        if not special:
+            draw_images(draw, args, source, indices, out)
+    print(f"Wrote {out}")
+    return out

@@ -1,0 +1,146 @@
+"""Drawing images: `Drawer` draws seeded batches with one model, sampler and precision, and the four
+outputs of sample.py are written from it (each function below names the files it writes)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from core.checkpoint import state_fingerprint
+from core.config import to_dict
+from core.runtime import atomic_write
+from data.imageio import save_gif, save_grid, save_images
+from data.writer import DatasetWriter
+from ddpm.conditioning import Conditions, interpolate_conditions, interpolation_end, requested, slerp, sweep_columns
+from ddpm.config import SamplingConfig
+from ddpm.generate import DiffusionSampler, image_seed, sample_images
+from ddpm.samplers import per_sample_noise
+from ddpm.source import ImageSource
+
+GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
+
+
+class Drawer:
+    """Draws batches of images with one model, sampling config and precision."""
+
+    def __init__(self, model: DiffusionSampler, sampling: SamplingConfig, amp: torch.dtype | None, batch_size: int):
+        self.model, self.sampling, self.amp, self.batch_size = model, sampling, amp, batch_size
+
+    def __call__(self, seeds: list[int], conditions: Conditions, x_T: torch.Tensor | None = None,
+                 callback=None, desc: str = "sample") -> torch.Tensor:
+        images = []
+        for start in tqdm(range(0, len(seeds), self.batch_size), desc=desc, unit="batch"):
+            rows = slice(start, start + self.batch_size)
+            images.append(self.batch(seeds[rows], conditions[rows], None if x_T is None else x_T[rows],
+                                     callback=callback if start == 0 else None))
+        return torch.cat(images)
+
+    def batch(self, seeds: list[int], conditions: Conditions, x_T: torch.Tensor | None = None,
+              callback=None) -> torch.Tensor:
+        """One forward batch: images in [-1, 1] on the CPU, one per seed."""
+        conditions = conditions.to(self.model.device)
+        return sample_images(self.model, self.sampling, seeds, cond=conditions.cond, cond_emb=conditions.cond_emb,
+                             reference=conditions.reference, x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, indices: list[int], out: Path) -> None:
+    """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
+    model = source.model
+    conditions = source.conditions(indices, args)
+    frames = []
+    every = max(1, draw.sampling.steps // GIF_FRAMES)
+    show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)
+
+    def keep_frame(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % every == 0:
+            frames.append(model.to_images((x0 if show_x0 else x_t)[: args.gif_images]).float().cpu())
+
+    seeds = [image_seed(args.seed, k) for k in indices]
+    images = draw(seeds, conditions, callback=keep_frame if args.gif else None, desc=f"sample {draw.sampling.sampler}")
+    names = [f"{k:06d}.png" for k in indices]
+    save_images(images, out / "images", names)
+    save_grid(images, out / "grid.png")
+    if args.gif:
+        save_gif(frames + [images[: args.gif_images]], out / "reverse.gif")
+    write_manifest(out / "manifest.csv", [{"index": k, "file": f"images/{name}", "seed": seed, **record}
+                                          for k, name, seed, record in zip(indices, names, seeds, conditions.records)])
+
+
+def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, indices: list[int], out: Path) -> None:
+    """Rows are images (each with its own noise), columns step through the swept condition."""
+    kind, info = model.net.config.cond, model.info
+    base = requested(kind, info, indices, args.seed, label=args.label, params=args.param)
+    columns, labels = sweep_columns(args.sweep, kind, info, base)
+    seeds = [image_seed(args.seed, k) for k in indices]
+    per_column = [draw(seeds, c, desc=f"sweep {label}") for c, label in zip(columns, labels)]
+    grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value
+    save_grid(grid, out / "sweep.png", nrow=len(columns))
+    save_gif(per_column, out / "sweep.gif", nrow=len(indices), duration_ms=400, hold_last_ms=800)
+    write_manifest(out / "sweep.csv", [{"row": r, "column": c, "index": k, "seed": seeds[r], **columns[c].records[r]}
+                                       for r, k in enumerate(indices) for c in range(len(columns))])
+    print(f"Sweep over {args.sweep}: columns {', '.join(labels)}")
+
+
+def draw_interpolations(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, indices: list[int],
+                        out: Path) -> None:
+    """Per row k: noise slerped from image k's to image k+1's under k's condition; and, for conditional
+    models, k's noise under conditions moving linearly from k's condition to --interpolate-to."""
+    kind, info = model.net.config.cond, model.info
+    weights = torch.linspace(0, 1, args.frames)
+    starts = [requested(kind, info, [k], args.seed, label=args.label, params=args.param) for k in indices]
+    # Every condition is worked out (and every --interpolate-to checked) before any image is drawn.
+    ends = [interpolation_end(kind, info, start, args.interpolate_to) for start in starts] if kind != "none" else []
+    embed = (lambda c: model.net.embed_condition(c.to(model.device)).cpu())
+    noise_rows, cond_rows = [], []
+    for row, (k, start) in enumerate(zip(indices, starts)):
+        (x_a, _), (x_b, _) = (per_sample_noise([image_seed(args.seed, j)], (1, *model.shape), "cpu") for j in (k, k + 1))
+        seeds = [image_seed(args.seed, k)] * args.frames
+        same = Conditions(*(None if c is None else c.expand(args.frames, *c.shape[1:])
+                            for c in (start.cond, start.cond_emb)), records=start.records * args.frames)
+        noise_rows.append(draw(seeds, same, x_T=slerp(x_a[0], x_b[0], weights), desc=f"interpolate noise {k}"))
+        if ends:
+            line = interpolate_conditions(start, ends[row], weights, embed)
+            cond_rows.append(draw(seeds, line, desc=f"interpolate condition {k}"))
+    for name, rows in (("noise", noise_rows), ("condition", cond_rows)):
+        if rows:
+            save_grid(torch.cat(rows), out / f"interpolate-{name}.png", nrow=args.frames)
+            frames = list(torch.stack(rows, dim=1))  # frame j: every row at weight j
+            save_gif(frames + frames[::-1][1:-1], out / f"interpolate-{name}.gif", nrow=len(indices),
+                     duration_ms=150, hold_last_ms=150)
+
+
+def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> None:
+    """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
+    model = source.model
+    plan, specific = source.dataset(args)
+    # What makes image k: changing any of it would give other images, so a folder holds one request.
+    request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed,
+               "sampling": to_dict(draw.sampling), "amp": args.amp, **specific, "param_names": list(plan.param_names)}
+    writer = DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
+    writer.open()
+    pending = writer.pending(plan.items)
+    bar = tqdm(total=len(plan.items), initial=len(plan.items) - len(pending), desc=f"dataset {args.dataset_out}",
+               unit="img")
+    with bar:
+        for start in range(0, max(len(pending), 1), draw.batch_size):
+            part = pending[start:start + draw.batch_size]
+            if part:
+                images = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
+            else:  # nothing left to draw: bring the tables up to date with the images on disk
+                images = torch.zeros(0, *model.shape)
+            writer.write(part, images, every_item=plan.items if start == 0 else ())
+            bar.update(len(part))

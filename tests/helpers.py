@@ -1,0 +1,20 @@
+"""What several test files share: the command line of a tiny pixel-diffusion run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RES = 16  # image side of every tiny run
+
+
+def tiny_args(run_dir: Path, dataset: str | Path, *extra: str, steps: int = 3) -> list[str]:
+    """`train.py` arguments for a ddpm run that takes about a second per step on one CPU thread: 16 px
+    images, a two-level 32-channel U-Net (with dropout, so exact resume replays it), T = 100, batches of 4,
+    one checkpoint at the end. `dataset` is a dataset spec, or a folder of images; `extra` options come
+    last, so they override these."""
+    spec = f"folder:{dataset}" if isinstance(dataset, Path) else dataset
+    return ["--run-dir", str(run_dir), "--device", "cpu", "--dataset", spec, "--resolution", str(RES), "--no-hflip",
+            "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions", "8",
+            "--dropout", "0.1", "--schedule", "linear", "--prediction", "eps", "--num-timesteps", "100",
+            "--steps", str(steps), "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
+            "--ckpt-every", "100000", "--preview-images", "2", "--preview-steps", "2", *extra]

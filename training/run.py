@@ -1,0 +1,180 @@
+"""One training run from the command line: the options of a stage, the config they resolve to (a new
+run's, or a resumed run's checked against its checkpoint), any run that must exist first, and the
+loop. `train.py` picks the stage from the registry and calls `run`; tools that start training runs
+of their own (the experiment table, benchmarks) call `run` with the stage they mean.
+
+    parse_stage_args(spec, argv) -> args     the stage's options, typed as on the command line
+    resolve_config(spec, args, run_dir)      preset or checkpoint config + options, checked without data
+    train(spec, args, runtime)               prerequisites, build, resume checks, Trainer(...).run()
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from core.errors import MissingFileError, UserError
+import kernels
+from core import cli
+from core.checkpoint import load_checkpoint, require_keys
+from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
+from core.contract import RESUMABLE, StageSpec
+from core.lock import FolderLock
+from core.runtime import Runtime
+from data import check_spec
+from training import distributed
+from training.loop import RunExists, Trainer
+
+CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
+
+
+def common_parser(spec: StageSpec, stage_names: Sequence[str], description: str | None = None,
+                  **kwargs: Any) -> argparse.ArgumentParser:
+    """The options every stage has: which stage and preset, where the run lives, the device."""
+    parser = cli.ArgumentParser(prog="train.py", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument("--stage", choices=tuple(stage_names), default=spec.name,
+                        help=f"what to train (default: {spec.name})")
+    parser.add_argument("--preset", choices=tuple(spec.presets), default=spec.default_preset,
+                        help=f"starting configuration of the stage; the options below override it "
+                             f"(default: {spec.default_preset})")
+    parser.add_argument("--run-dir", type=Path, default=None, help="where the run is written (default: runs/PRESET)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its checkpoint (default: off)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
+    return parser
+
+
+def add_sections(parser: argparse.ArgumentParser, spec: StageSpec) -> None:
+    """The stage's own options, one group per config section, defaults shown from its default preset."""
+    shown = spec.presets[spec.default_preset]()
+    for section in spec.sections:
+        add_config_arguments(parser, section.name, section.cls, getattr(shown, section.name), skip=section.skip,
+                             help_overrides=dict(section.help))
+
+
+def stage_parser(spec: StageSpec, stage_names: Sequence[str] = (), description: str | None = None
+                 ) -> argparse.ArgumentParser:
+    parser = common_parser(spec, stage_names or (spec.name,), description)
+    add_sections(parser, spec)
+    return parser
+
+
+def parse_stage_args(spec: StageSpec, argv: Sequence[str]) -> argparse.Namespace:
+    """`argv` as `train.py --stage SPEC.NAME ...` would parse it."""
+    return stage_parser(spec).parse_args(list(argv))
+
+
+def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
+    """`config` with the options the user typed applied, section by section."""
+    for section in spec.sections:
+        config = apply_arguments(config, args, section.name)
+    return config
+
+
+def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_config: Any) -> list[str]:
+    """The options given on a resume that would change what the checkpoint fixes (those outside
+    `RESUMABLE` whose value differs from the saved config's)."""
+    repeated = with_options(spec, saved_config, args)
+    was, now = json.loads(json.dumps(to_dict(saved_config))), json.loads(json.dumps(to_dict(repeated)))
+    changed = []
+    for name in sorted(set(given_arguments(args)) - RESUMABLE):
+        section, field = name.split(".", 1)
+        if was[section][field] != now[section][field]:
+            changed.append(name)
+    return changed
+
+
+def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
+    """The run's config: its checkpoint's when resuming (an option outside `RESUMABLE` may be
+    repeated, but not changed), else the preset's, with the user's options applied either way; then
+    every check that needs no data."""
+    saved = None
+    checkpoint = run_dir / "checkpoint.pt"
+    if args.resume:
+        if not checkpoint.exists():
+            raise MissingFileError(f"{run_dir} holds no checkpoint to resume; drop --resume to start a new run there.")
+        saved = load_checkpoint(checkpoint, spec.name)
+        require_keys(saved, CHECKPOINT_KEYS, checkpoint)
+        config = from_dict(spec.config_class, saved["config"])
+        fixed = _changed_fixed_options(spec, args, config)
+        if fixed:
+            raise UserError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
+                            f"give the values the run was started with, drop them, or start a new --run-dir.")
+    else:
+        if checkpoint.exists():
+            raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+        if (run_dir / "metrics.jsonl").exists():
+            raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
+                            f"to start over there, or choose another --run-dir.")
+        config = spec.presets[args.preset]()
+    config = with_options(spec, config, args)
+    check_spec(config.data.dataset)
+    if spec.check is not None:
+        spec.check(config)
+    return config, saved
+
+
+def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, run_dir: Path) -> None:
+    """Refuse to resume on data that no longer is what the checkpoint was trained on."""
+    def normal(x: Any) -> Any:
+        return json.loads(json.dumps(x))
+
+    was, now = normal(saved["data_info"]), normal(data_info)
+    changed = [k for k in was if k in now and was[k] != now[k]]  # older checkpoints lack some keys
+    if changed:
+        key = changed[0]
+        what = ("the images, labels or parameters themselves (content fingerprint)" if key == "fingerprint"
+                else f"{key} was {was[key]!r}, now {now[key]!r}")
+        raise UserError(f"The data changed since {run_dir} was checkpointed ({what}); restore it, or start a new "
+                        f"--run-dir.")
+    resumable = {name.split(".", 1)[1] for name in RESUMABLE if name.startswith("train.")}
+    # Through from_dict, so keys an older toolkit wrote and this one retired do not count as a change.
+    now, was = normal(to_dict(config)), normal(to_dict(from_dict(spec.config_class, saved["config"])))
+    for cfg in (now, was):
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in resumable}
+    if now != was:
+        raise UserError(f"The run in {run_dir} no longer resolves to the config it was trained with; restore its "
+                        f"data and settings, or start a new --run-dir.")
+
+
+def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
+    """Run one stage's training as the parsed `args` say, after any run it needs first."""
+    run_dir = args.run_dir or Path("runs") / args.preset
+    # The main process holds the run directory for the whole run: a second run into it is refused.
+    with FolderLock(run_dir) if runtime.is_main else contextlib.nullcontext():
+        config, saved = resolve_config(spec, args, run_dir)
+        kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run, before any work
+        if config.train.batch_size % runtime.world_size:
+            raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
+                            f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")
+        if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
+            need = spec.prerequisite(config, args.device)
+            if need is not None:
+                if runtime.is_main:
+                    print(need.message, flush=True)
+                train(need.spec, parse_stage_args(need.spec, need.argv), runtime)
+        config, stage = spec.build(config, runtime, saved)
+        if saved is not None:
+            check_same_run(spec, config, stage.data_info, saved, run_dir)
+        summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
+                          num_workers=config.data.num_workers).run()
+    if runtime.is_main:
+        where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
+        print(f"Done ({spec.name}): step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
+              f"{where}Checkpoint: {summary['checkpoint']}", flush=True)
+    return summary
+
+
+def run(spec: StageSpec, args: argparse.Namespace) -> dict:
+    """`train` in a process group of its own (one process, or each of torchrun's), torn down at the end."""
+    runtime = distributed.setup(args.device)
+    try:
+        return train(spec, args, runtime)
+    finally:
+        distributed.teardown(runtime)
