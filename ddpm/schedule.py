@@ -162,11 +162,6 @@ class Schedule(torch.nn.Module):
         mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
 
-    def snr(self, t: Tensor) -> Tensor:
-        """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021), float64, shape (B,)."""
-        abar = self.alphas_cumprod[t]
-        return abar / (1 - abar)
-
     # Conversions between what a network can predict: eps, x0, or v (Salimans & Ho 2022, Sec. 4 and App. D).
     # All follow from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x0.
 
@@ -201,16 +196,6 @@ class Schedule(torch.nn.Module):
         if prediction == "x0":
             return self.eps_from_x0(x_t, t, output)
         return self.eps_from_v(x_t, t, output)
-
-    def to_x0(self, x_t: Tensor, t: Tensor, output: Tensor, prediction: str) -> Tensor:
-        """Read a network output of kind `prediction` ("eps", "x0" or "v") as an x0 prediction."""
-        _check_prediction(prediction)
-        assert output.shape == x_t.shape, f"output {tuple(output.shape)} must match x_t {tuple(x_t.shape)}"
-        if prediction == "eps":
-            return self.x0_from_eps(x_t, t, output)
-        if prediction == "x0":
-            return output
-        return self.x0_from_v(x_t, t, output)
 
     # Training.
 

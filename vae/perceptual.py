@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from core.errors import MissingFileError, UserError
 from core.weights import check_state_dict, download, hub_checkpoint, read_state_dict
-from kernels.lpips import normalise_channels, tap_distance
+from kernels.lpips import tap_distance
 
 TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 PERCEPTUAL_KINDS = ("auto", "lpips", "random")
@@ -153,11 +153,6 @@ class PerceptualDistance(nn.Module):
             for tap, head in enumerate(self.heads):
                 head.copy_(lpips[f"lin{tap}.model.1.weight"].reshape(-1))
         self.kind = "lpips"
-
-    def tap_features(self, x: Tensor) -> list[Tensor]:
-        """The trunk's ReLU outputs at the used taps for images x in [-1, 1], each unit-normalised over channels
-        (`kernels.lpips.normalise_channels`)."""
-        return [normalise_channels(h) for h in self._tap_activations(x)]
 
     def _tap_activations(self, x: Tensor) -> list[Tensor]:
         """The trunk's ReLU outputs at the used taps for images x in [-1, 1], as they are (channels_last)."""
