@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, TrainConfig, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, option, require
 from classify.model import ClassifierConfig
 
 
@@ -42,11 +42,9 @@ class ClassifyOptions:
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class ClassifyConfig(StageConfig):
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     classify: ClassifyOptions = field(default_factory=ClassifyOptions)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def classify_demo() -> ClassifyConfig:

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig, ClassifyOptions
-from classify.model import NAME, ClassifierConfig, build_resnet18
+from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig
+from classify.model import NAME, build_resnet18
 from classify.plots import confusion_matrix_image
-from core.config import DataConfig, TrainConfig, to_dict
-from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
+from core.config import to_dict
+from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError
 from core.runtime import Runtime
 from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
@@ -216,13 +216,12 @@ SPEC = StageSpec(
     summary="ResNet-18 classifier or parameter regressor on real, synthetic or mixed images",
     config_class=ClassifyConfig,
     presets=PRESETS,
-    sections=(Section("data", DataConfig, help={"hflip": "random horizontal flips (off for labels that mirroring "
-                                                         "changes, e.g. a plume's wind)"}),
-              Section("model", ClassifierConfig, skip=MODEL_FROM_DATA),
-              Section("classify", ClassifyOptions),
-              Section("train", TrainConfig, skip=TRAIN_UNUSED,
-                      help={"sample_every": "steps between held-out evaluations (0: only at the end)",
-                            "lr": "peak learning rate of SGD", "weight_decay": "SGD weight decay (L2)"})),
+    sections=sections_of(
+        ClassifyConfig,
+        data=dict(help={"hflip": "random horizontal flips (off for labels that mirroring changes, e.g. a plume's wind)"}),
+        model=dict(skip=MODEL_FROM_DATA),
+        train=dict(skip=TRAIN_UNUSED, help={"sample_every": "steps between held-out evaluations (0: only at the end)",
+                                            "lr": "peak learning rate of SGD", "weight_decay": "SGD weight decay (L2)"})),
     build=build,
     check=check,
 )

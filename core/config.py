@@ -101,6 +101,14 @@ class TrainConfig:
         require(self.preview_steps >= 1, f"--preview-steps must be at least 1, got {self.preview_steps}.")
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """What every stage's config holds: the data it trains on and how it trains. A stage's config adds
+    its own sections (its network, its loss) as fields of further config dataclasses."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 # ---------------------------------------------------------------------------------------------
 # dataclass <-> plain dict (for checkpoints and config.json)
 

@@ -19,6 +19,8 @@ from.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -125,6 +127,16 @@ class Section:
     cls: type
     skip: frozenset[str] = frozenset()          # fields decided by the data, not by the user
     help: Mapping[str, str] = field(default_factory=dict)   # help text replacing the field's own
+
+
+def sections_of(config_class: type, **custom: Mapping[str, Any]) -> tuple[Section, ...]:
+    """One `Section` per field of a stage's config: data first, train last, the stage's own between in the
+    order the config declares them. `custom[name]` holds that section's `skip` and `help`."""
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    assert set(custom) <= set(fields), f"{config_class.__name__} has no sections {sorted(set(custom) - set(fields))}"
+    hints = typing.get_type_hints(config_class)
+    order = ["data", *(name for name in fields if name not in ("data", "train")), "train"]
+    return tuple(Section(name, hints[name], **custom.get(name, {})) for name in order)
 
 
 # Options that may change when a run is resumed; everything else is fixed by its checkpoint.

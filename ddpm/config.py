@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, TrainConfig, check_choice, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from core.errors import UserError
 from data import DatasetInfo
 from ddpm.samplers import SAMPLERS
@@ -69,13 +69,13 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class DDPMConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class DDPMConfig(StageConfig):
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# DataConfig fields a diffusion stage never reads: it evaluates no held-out images.
+NO_HELD_OUT_SET = frozenset({"test_dataset", "test_samples"})
 # Network fields a user sets; the rest (image size, channels, class and parameter counts) follow
 # from the data and --cond.
 UNET_OPTIONS = {

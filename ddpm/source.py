@@ -11,7 +11,10 @@ range). A stage whose images are conditioned otherwise (an inversion: learned ve
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
 
 from core.config import given_in
 from core.errors import UserError
@@ -19,6 +22,13 @@ from ddpm.conditioning import Conditions, check_request, requested
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import DatasetPlan, plan_dataset
 from data.writer import parse_binning
+
+
+def source_loader(load_sampler: Callable[[dict[str, Any], torch.device, str, Path], DiffusionSampler]
+                  ) -> Callable[[dict[str, Any], torch.device, str, Path], ImageSource]:
+    """A diffusion stage's `load_source`: its checkpoint loader (payload, device, weights, path) ->
+    sampler, as a plain source of images."""
+    return lambda payload, device, weights, path: ImageSource(load_sampler(payload, device, weights, path))
 
 
 class ImageSource:

@@ -15,17 +15,17 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import load_weights, require_keys
-from core.config import DataConfig, TrainConfig, from_dict, require, to_dict
-from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
+from core.config import from_dict, require, to_dict
+from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.runtime import Runtime
 from data import DatasetInfo, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
-from ddpm.config import (PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, DiffusionConfig, SamplingConfig,
+from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, SamplingConfig,
                          check_conditioning, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
-from ddpm.source import ImageSource
+from ddpm.source import source_loader
 from ddpm.unet import UNet, UNetConfig
 
 NAME = "ddpm"
@@ -103,20 +103,13 @@ def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, pa
 
 
 
-def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> ImageSource:
-    return ImageSource(load_sampler(payload, device, weights, path))
-
-
 SPEC = StageSpec(
     name=NAME,
     summary="pixel-space denoising diffusion (DDPM U-Net on images)",
     config_class=DDPMConfig,
     presets=PRESETS,
-    sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
-              Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
-              Section("diffusion", DiffusionConfig),
-              Section("train", TrainConfig)),
+    sections=sections_of(DDPMConfig, data=dict(skip=NO_HELD_OUT_SET), unet=dict(skip=UNET_FROM_DATA, help=UNET_OPTIONS)),
     build=build,
-    load_source=load_source,
+    load_source=source_loader(load_sampler),
     check=check_diffusion_options,
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, TrainConfig, check_choice, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 
 INITS = ("condition", "null")
 
@@ -38,10 +38,8 @@ class InvertOptions:
 
 
 @dataclass(frozen=True)
-class InvertConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class InvertConfig(StageConfig):
     invert: InvertOptions = field(default_factory=InvertOptions)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def invert_demo() -> InvertConfig:

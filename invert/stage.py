@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from core.config import DataConfig, TrainConfig, to_dict
-from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage
+from core.config import to_dict
+from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
 from data import ImageDataset, load_dataset
@@ -34,7 +34,7 @@ from data.imageio import from_uint8
 from ddpm.config import SamplingConfig
 from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
-from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig, InvertOptions
+from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import EmbeddingStore, starting_condition, starting_vectors
 from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
 from invert.variations import InversionSource, Variations, load_inverted
@@ -180,17 +180,17 @@ SPEC = StageSpec(
     summary="diffusion inversion: one learned conditioning vector per real image against a frozen model",
     config_class=InvertConfig,
     presets=PRESETS,
-    sections=(Section("data", DataConfig, skip=DATA_UNUSED,
-                      help={"dataset": "real images to invert: plumes (built in) | folder:PATH | cifar10",
-                            "resolution": "image side in pixels; must be the model's"}),
-              Section("invert", InvertOptions),
-              Section("train", TrainConfig, skip=TRAIN_UNUSED,
-                      help={"lr": "AdamW learning rate of the vectors (Zhou et al. 2023: 3e-2)",
-                            "weight_decay": "AdamW decoupled weight decay of the vectors",
-                            "compile": "torch.compile the frozen model (faster on CUDA after a warm-up)",
-                            "sample_every": "steps between previews and quality-signal evaluations (0: only at the end)",
-                            "preview_images": "real images shown beside samples from their vectors",
-                            "preview_steps": "DDIM steps of the preview samples"})),
+    sections=sections_of(
+        InvertConfig,
+        data=dict(skip=DATA_UNUSED, help={"dataset": "real images to invert: plumes (built in) | folder:PATH | cifar10",
+                                          "resolution": "image side in pixels; must be the model's"}),
+        train=dict(skip=TRAIN_UNUSED,
+                   help={"lr": "AdamW learning rate of the vectors (Zhou et al. 2023: 3e-2)",
+                         "weight_decay": "AdamW decoupled weight decay of the vectors",
+                         "compile": "torch.compile the frozen model (faster on CUDA after a warm-up)",
+                         "sample_every": "steps between previews and quality-signal evaluations (0: only at the end)",
+                         "preview_images": "real images shown beside samples from their vectors",
+                         "preview_steps": "DDIM steps of the preview samples"})),
     build=build,
     check=check,
     load_source=load_source,

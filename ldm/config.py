@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import DataConfig, TrainConfig, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, option, require
 from ddpm.config import DiffusionConfig
 from ddpm.unet import UNetConfig
 
@@ -31,12 +31,10 @@ class LatentConfig:
 
 
 @dataclass(frozen=True)
-class LDMConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class LDMConfig(StageConfig):
     latent: LatentConfig = field(default_factory=LatentConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def ldm_demo() -> LDMConfig:

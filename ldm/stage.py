@@ -17,18 +17,18 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import DataConfig, TrainConfig, from_dict
-from core.contract import Prerequisite, Section, StageSpec, TrainingStage
+from core.config import TrainConfig, from_dict
+from core.contract import Prerequisite, StageSpec, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
 from data import DatasetInfo, load_dataset
 from data.augment import random_view
-from ddpm.config import UNET_FROM_DATA, UNET_OPTIONS, DiffusionConfig, resolve_unet
+from ddpm.config import NO_HELD_OUT_SET, UNET_FROM_DATA, UNET_OPTIONS, resolve_unet
 from ddpm.generate import DiffusionSampler
-from ddpm.source import ImageSource
+from ddpm.source import source_loader
 from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
-from ddpm.unet import UNet, UNetConfig
-from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LatentConfig, LDMConfig
+from ddpm.unet import UNet
+from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LDMConfig
 from ldm.latents import draw_latent, latent_dataset, latent_scale_factor
 from vae.autoencoder import AutoencoderKL
 from vae.stage import SPEC as VAE, load_autoencoder
@@ -154,22 +154,14 @@ def check(config: LDMConfig) -> None:
 
 
 
-def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> ImageSource:
-    return ImageSource(load_sampler(payload, device, weights, path))
-
-
 SPEC = StageSpec(
     name=NAME,
     summary="latent diffusion: a DDPM U-Net on the latents of a trained KL autoencoder",
     config_class=LDMConfig,
     presets=PRESETS,
-    sections=(Section("data", DataConfig, skip=frozenset({"test_dataset", "test_samples"})),
-              Section("latent", LatentConfig),
-              Section("unet", UNetConfig, skip=UNET_FROM_DATA, help=UNET_OPTIONS),
-              Section("diffusion", DiffusionConfig),
-              Section("train", TrainConfig)),
+    sections=sections_of(LDMConfig, data=dict(skip=NO_HELD_OUT_SET), unet=dict(skip=UNET_FROM_DATA, help=UNET_OPTIONS)),
     build=build,
-    load_source=load_source,
+    load_source=source_loader(load_sampler),
     prerequisite=prerequisite,
     check=check,
 )

@@ -130,3 +130,14 @@ def test_resume_accepts_the_fixed_options_repeated_unchanged_and_refuses_a_chang
     with pytest.raises(ValueError, match=r"^unet.base_channels cannot change"):
         train.main(tiny_args(run_dir, image_folder, "--resume", "--base-channels", "64", steps=3))
     assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2
+
+
+def test_every_stage_lists_its_config_sections_data_first_and_train_last():
+    import dataclasses
+    from stages import STAGES
+    for spec in STAGES.values():
+        names = [section.name for section in spec.sections]
+        assert sorted(names) == sorted(f.name for f in dataclasses.fields(spec.config_class)), spec.name
+        assert names[0] == "data" and names[-1] == "train", spec.name
+        for section in spec.sections:
+            assert isinstance(getattr(spec.presets[spec.default_preset](), section.name), section.cls)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, TrainConfig, check_choice, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from vae.autoencoder import AutoencoderConfig
 from vae.perceptual import PERCEPTUAL_KINDS, TAPS
 
@@ -82,12 +82,10 @@ class VAEOptions:
 
 
 @dataclass(frozen=True)
-class VAEConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+class VAEConfig(StageConfig):
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     vae: VAEOptions = field(default_factory=VAEOptions)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # Autoencoder fields the data decides, and help for the rest.

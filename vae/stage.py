@@ -18,16 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from core.checkpoint import load_weights, require_keys, state_fingerprint
-from core.config import DataConfig, TrainConfig, from_dict, to_dict
-from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingModels, TrainingStage
+from core.config import from_dict, to_dict
+from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, derive_seed
 from core.speed import compile_module
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import from_uint8
-from vae.autoencoder import AutoencoderConfig, AutoencoderKL
-from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig, VAEOptions,
+from vae.autoencoder import AutoencoderKL
+from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig,
                         resolve_autoencoder)
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vae.perceptual import TAPS, PerceptualDistance, build_perceptual
@@ -242,11 +242,8 @@ SPEC = StageSpec(
     summary="KL autoencoder, the first stage of latent diffusion (L1 + perceptual + KL, optional PatchGAN)",
     config_class=VAEConfig,
     presets=PRESETS,
-    sections=(Section("data", DataConfig),
-              Section("autoencoder", AutoencoderConfig, skip=AUTOENCODER_FROM_DATA, help=AUTOENCODER_OPTIONS),
-              Section("loss", VAELossConfig),
-              Section("vae", VAEOptions),
-              Section("train", TrainConfig, skip=TRAIN_UNUSED)),
+    sections=sections_of(VAEConfig, autoencoder=dict(skip=AUTOENCODER_FROM_DATA, help=AUTOENCODER_OPTIONS),
+                         train=dict(skip=TRAIN_UNUSED)),
     build=build,
     check=check,
 )
