@@ -20,11 +20,14 @@ From an inversion checkpoint (train.py --stage invert): images drawn from variat
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
 from pathlib import Path
 
-
-from core import cli
 from core.config import add_config_arguments
 from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 from ddpm.config import SamplingConfig

@@ -35,9 +35,10 @@ def get_stage(name: str) -> StageSpec:
     return STAGES[name]
 
 
-def open_source(path: Path, device: torch.device, weights: str = "ema") -> ImageSource:
-    """Any generative stage's checkpoint as a source of images (the checkpoint names its stage)."""
-    payload = load_checkpoint(path)
+def open_source(path: Path, device: torch.device, weights: str = "ema", option: str = "--ckpt") -> ImageSource:
+    """Any generative stage's checkpoint as a source of images (the checkpoint names its stage); `option`
+    is the command's option that named the file, for the advice of an error."""
+    payload = load_checkpoint(path, option=option)
     spec = get_stage(str(payload.get("stage")))
     if spec.load_source is None:
         raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "

@@ -12,10 +12,14 @@ DDP.
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
 import sys
 
-from core import cli
 from core.contract import StageSpec
 from stages import DEFAULT_STAGE, STAGES, get_stage
 from training.run import add_sections, common_parser, run, stage_parser

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from core.config import DataConfig, StageConfig, TrainConfig, option, require
-from classify.model import ClassifierConfig
+from classify.model import ClassifierConfig, check_batch_norm_fits
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class ClassifyOptions:
 class ClassifyConfig(StageConfig):
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     classify: ClassifyOptions = field(default_factory=ClassifyOptions)
+
+    def __post_init__(self) -> None:
+        # The image size and batch the network must take are known before any data is loaded.
+        check_batch_norm_fits(self.model, self.data.resolution, self.train.batch_size)
 
 
 def classify_demo() -> ClassifyConfig:

@@ -14,6 +14,7 @@ range). Grad-CAM, the experiment runner and the conditioning-accuracy check all 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,26 @@ class ClassifierConfig:
 
 def small_stem(config: ClassifierConfig, resolution: int) -> bool:
     return config.stem == "small" or (config.stem == "auto" and resolution <= SMALL_IMAGE)
+
+
+def last_feature_map(config: ClassifierConfig, resolution: int) -> int:
+    """Side of the feature maps in ResNet-18's last stage for `resolution`-pixel images: each stride-2 layer
+    (a padded 3x3 or 7x7 convolution, the padded 3x3 max-pool) halves the side, rounding up; layer2 to layer4
+    make three halvings, and the ImageNet stem two more."""
+    halvings = 3 if small_stem(config, resolution) else 5
+    return -(-resolution // 2**halvings)
+
+
+def check_batch_norm_fits(config: ClassifierConfig, resolution: int, batch_size: int) -> None:
+    """Batch norm in training needs more than one value per channel: a batch of one image shrunk to 1x1 by the
+    last stage has one, and fails at the first step."""
+    if batch_size > 1 or last_feature_map(config, resolution) > 1:
+        return
+    alternative = ("" if last_feature_map(dataclasses.replace(config, stem="small"), resolution) == 1
+                   else ", or --stem small")
+    raise UserError(f"ResNet-18 shrinks {resolution} px images to 1x1 in its last stage, where batch norm needs more "
+                    f"than one value per channel, so --batch-size 1 cannot train it; pass --batch-size 2 or "
+                    f"more{alternative}.")
 
 
 def build_resnet18(config: ClassifierConfig, resolution: int) -> nn.Module:
@@ -115,12 +136,13 @@ class Classifier:
         return self.info.denormalize_params(out)
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
-    """The classifier or regressor saved by `train.py --stage classify` at `path`, frozen, in eval mode."""
+def load_classifier(path: str | Path, device: torch.device | str = "cpu", option: str | None = None) -> Classifier:
+    """The classifier or regressor saved by `train.py --stage classify` at `path`, frozen, in eval mode;
+    `option` is the command's option that named the file, for the advice of an error."""
     path = Path(path)
-    payload: dict[str, Any] = load_checkpoint(path, NAME)
-    require_keys(payload, ("config", "data_info", "models"), path)
-    config = from_dict(ClassifierConfig, payload["config"]["model"])
+    payload: dict[str, Any] = load_checkpoint(path, NAME, option=option)
+    require_keys(payload, ("config", "data_info", "models"), path, option=option)
+    config = from_dict(ClassifierConfig, payload["config"]["model"], source=path)
     info = DatasetInfo.from_dict(payload["data_info"])
     net = load_weights(build_resnet18(config, info.resolution), payload["models"].get("model"), path, "ResNet-18")
     return Classifier(net.to(device).eval().requires_grad_(False), config, info)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,29 @@ def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any],
     return union, described, mix
 
 
+class RunData(NamedTuple):
+    """The images of one classifier run, and what its checkpoint records of them."""
+    dataset: ImageDataset                           # the training images: real, then any extra ones
+    mix: tuple[tuple[int, int], ...] | None         # the batch mix of those two parts (None: uniform)
+    test_set: ImageDataset                          # the images every evaluation uses
+    split: str                                      # "heldout", or "trainset" for a subset of the training images
+    data_info: dict[str, Any]                       # the training data's description, its parts, and test_fingerprint
+
+
+def run_data(config: ClassifyConfig) -> RunData:
+    """The training and test images `config` names, loaded and checked against each other."""
+    data = config.data
+    dataset, described, mix = training_data(config)
+    # The test images do not depend on the training seed, so runs that differ only in it are compared
+    # on the same images.
+    test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
+                                    cache_dir=data.cache_dir, seed=0)
+    _same_targets(dataset.info, test_set.info, "--test-dataset", config.model.target)
+    # The test images' fingerprint too: a resumed run (or a finished one the results table keeps) whose
+    # test folder changed would otherwise report held-out numbers from two test sets as one.
+    return RunData(dataset, mix, test_set, split, {**described, "test_fingerprint": test_set.fingerprint()})
+
+
 class ClassifierTraining:
     """The loss and held-out evaluation of one classifier run."""
 
@@ -150,13 +173,8 @@ def augmentation(config: ClassifyConfig):
 
 def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) -> tuple[ClassifyConfig, TrainingStage]:
     data, train = config.data, config.train
-    dataset, data_info, mix = training_data(config)
+    dataset, mix, test_set, split, data_info = run_data(config)
     info = dataset.info
-    # The test images do not depend on the training seed, so runs that differ only in it are compared
-    # on the same images.
-    test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
-                                    cache_dir=data.cache_dir, seed=0)
-    _same_targets(info, test_set.info, "--test-dataset", config.model.target)
     if runtime.is_main and split != "heldout":
         print(f"Evaluating on {len(test_set)} training images: {data.dataset} has no test split; pass --test-dataset "
               f"for held-out numbers.", flush=True)
@@ -177,8 +195,9 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
     return config, stage
 
 
-def check(config: ClassifyConfig) -> None:
-    """Options that must agree with each other, and datasets that must exist, before any work."""
+def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
+    """Options that must agree with each other, and datasets that must exist, before any work (the same for
+    a new run and a resumed one, `resume_from`)."""
     options = config.classify
     _check_targets(config.data.dataset, *label_counts(config.data.dataset), config.model.target)
     if options.extra_dataset:

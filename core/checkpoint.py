@@ -11,14 +11,19 @@ Layout (version 2), written by the training loop:
                                      average (with --ema-decay 0, the weights themselves)
     optimizers  {name: state_dict}, scaler, rng
     ...         anything the stage adds (e.g. a latent model's VAE)
+
+A checkpoint is read back only through `load_checkpoint` and `require_keys`, which check the layout's
+types (`FIELDS`), so a damaged or hand-edited file is refused with one sentence naming it and the
+field, never met later as a KeyError. Their `option` names the command-line option the file came
+from, so that the advice in that sentence is one the command in hand can follow.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -32,42 +37,91 @@ from core.weights import state_dict_mismatch
 FORMAT = "synthdiff-checkpoint"
 VERSION = 2
 
+# What each field of the layout above must be wherever it is present. "data_info" is a dataset's
+# description (data.DatasetInfo.to_dict, plus a fingerprint); `require_keys` checks its own fields.
+FIELDS: dict[str, type] = {"stage": str, "config": dict, "data_info": dict, "step": int, "models": dict,
+                           "ema": dict, "optimizers": dict, "scaler": dict, "rng": dict}
+DATA_INFO_FIELDS: dict[str, type] = {"name": str, "resolution": int, "channels": int, "class_names": list,
+                                     "param_names": list, "param_ranges": list, "num_samples": int}
+_KINDS = {str: "text", int: "a whole number", float: "a number", dict: "a record", list: "a list"}
+
+
+def advice(option: str | None) -> str:
+    """What to do about an unusable checkpoint that the command read from `option` (None: a path no
+    option of the command names, such as one recorded in another checkpoint)."""
+    if option is None:
+        return "replace it with an intact checkpoint.pt"
+    if option == "--resume":  # the run's own RUN_DIR/checkpoint.pt
+        return "restore it from a copy, or start a new --run-dir"
+    return f"point {option} at an intact checkpoint.pt"
+
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `payload` to `path` atomically (see `core.runtime.atomic_write`): a crash mid-write never
-    leaves a truncated checkpoint where the previous good one was."""
+    """Write `payload` to `path` atomically (see `core.runtime.atomic_write`): a crash or an interruption
+    mid-write never leaves a truncated checkpoint where the previous good one was."""
     assert "stage" in payload, "a checkpoint must name its stage"
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
 def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+                    map_location: str | torch.device = "cpu", *, option: str | None = None) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` and check that it belongs to `stage` (None: any).
 
-    Every failure a user can cause (a missing path, a truncated or foreign file, a checkpoint of
-    another stage) raises a one-sentence error saying what to do.
+    Every failure a user can cause (a missing path, a file that is not a PyTorch file, a truncated or
+    foreign one, a field of the wrong type, a checkpoint of another stage) raises a one-sentence error
+    naming the file; `option` is the option of the command that named it (see `advice`).
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"Checkpoint {path} does not exist; pass the checkpoint.pt of a finished or running training run.")
+        where = f"{option} {path}" if option and option != "--resume" else f"Checkpoint {path}"
+        raise MissingFileError(f"{where} does not exist; pass the checkpoint.pt of a finished or running training run.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"Checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}); "
-                        f"point --ckpt at an intact checkpoint.pt.") from err
+    except Exception as err:  # torch raises a zoo of types (KeyError for a text file, RuntimeError, ...)
+        raise UserError(f"Checkpoint {path} {_unreadable(path, err)}; {advice(option)}.") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by this toolkit; point --ckpt at a checkpoint.pt from a run directory.")
-    if not isinstance(payload.get("version"), int) or payload["version"] > VERSION:
-        raise UserError(f"Checkpoint {path} has format version {payload.get('version')}, newer than this code "
-                        f"understands ({VERSION}); update the toolkit.")
-    if payload["version"] == 1:
+        raise UserError(f"{path} is not a checkpoint written by this toolkit (train.py writes RUN_DIR/checkpoint.pt); "
+                        f"{advice(option)}.")
+    version = payload.get("version")
+    if "version" not in payload:
+        raise UserError(f"Checkpoint {path} has no format version, so it was damaged or edited; {advice(option)}.")
+    if type(version) is not int or version < 1:
+        raise UserError(f"Checkpoint {path} has format version {version!r}, which is not a version number, so it "
+                        f"was damaged or edited; {advice(option)}.")
+    if version > VERSION:
+        raise UserError(f"Checkpoint {path} has format version {version}, newer than this code understands "
+                        f"({VERSION}); update the toolkit.")
+    if version == 1:
         payload = _upgrade_v1(payload)
+    require_keys(payload, ("stage",), path, option=option)
+    for key in FIELDS.keys() & payload.keys():  # every field present has its type, needed or not
+        _check_type(payload, key, path, option)
     if stage is not None:
         stages = (stage,) if isinstance(stage, str) else tuple(stage)
-        if payload.get("stage") not in stages:
-            raise UserError(f"Checkpoint {path} is from stage '{payload.get('stage')}', but this needs "
-                            f"{' or '.join(repr(s) for s in stages)}; pass a checkpoint of that stage.")
+        if payload["stage"] not in stages:
+            if option == "--resume":
+                what_to_do = f"resume it with --stage {payload['stage']}, or start a new --run-dir"
+            else:
+                what_to_do = f"point {option} at a checkpoint of that stage" if option else "pass one of that stage"
+            raise UserError(f"Checkpoint {path} is from stage '{payload['stage']}', but this needs "
+                            f"{' or '.join(repr(s) for s in stages)}; {what_to_do}.")
     return payload
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why `torch.load` failed, said of the file rather than of torch's internals."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError as reading:  # the file system's refusal (permissions, a device error), not the bytes
+        return f"cannot be read ({reading.strerror or reading})"
+    if not start:
+        return "is empty (a write that never finished)"
+    if not (start.startswith(b"PK") or start.startswith(b"\x80")):  # a zip archive, or a legacy pickle
+        return "is not a PyTorch file at all"
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return "holds Python objects besides tensors and plain values, so it is not one of ours and is not loaded"
+    return f"is corrupt: a truncated or damaged PyTorch file ({type(err).__name__})"
 
 
 def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
@@ -80,22 +134,89 @@ def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def require_keys(payload: dict[str, Any], keys: Iterable[str], path: str | os.PathLike) -> None:
-    """Refuse a checkpoint that lacks fields a loader needs (a hand-edited or half-written payload)."""
+def require_keys(payload: dict[str, Any], keys: Iterable[str], path: str | os.PathLike, *,
+                 option: str | None = None) -> None:
+    """Refuse a checkpoint that lacks fields a loader needs (a hand-edited or half-written payload), or
+    holds them with the wrong type (`FIELDS`); a "data_info" must hold every field of a dataset
+    description, each of its type."""
+    keys = tuple(keys)
     missing = [k for k in keys if k not in payload]
     if missing:
-        raise UserError(f"Checkpoint {path} lacks {', '.join(missing)}; it is incomplete, so point --ckpt at an "
-                        f"intact checkpoint.pt.")
+        raise UserError(f"Checkpoint {path} lacks {', '.join(missing)}; it is incomplete, so {advice(option)}.")
+    for key in keys:
+        _check_type(payload, key, path, option)
+    if "data_info" in keys:
+        _check_data_info(payload["data_info"], path, option)
 
 
-def load_weights(model: nn.Module, state: Any, path: str | os.PathLike, what: str) -> nn.Module:
+def _check_type(payload: Mapping[str, Any], key: str, path: str | os.PathLike, option: str | None,
+                expected: type | None = None, prefix: str = "") -> None:
+    expected = expected or FIELDS.get(key)
+    if expected is not None and not _is(payload[key], expected):
+        raise UserError(f"Checkpoint {path} holds {prefix}{key} as {describe(payload[key])} where {_KINDS[expected]} "
+                        f"belongs; it is damaged or was edited, so {advice(option)}.")
+
+
+def _is(value: Any, expected: type) -> bool:
+    if expected is int:
+        return type(value) is int  # not a bool, not a float
+    if expected is float:
+        return type(value) in (int, float)
+    if expected is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, expected)
+
+
+def describe(value: Any) -> str:
+    """A value as an error message names it: its kind, and the value itself when it is short."""
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    if isinstance(value, Mapping):
+        return "a record"
+    if isinstance(value, (list, tuple)):
+        return f"the list {list(value)!r}" if len(repr(list(value))) <= 40 else "a list"
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    return f"a {type(value).__name__}"
+
+
+def _check_data_info(info: dict[str, Any], path: str | os.PathLike, option: str | None) -> None:
+    """A dataset description that data.DatasetInfo.from_dict can read: every field of its type, names
+    that are text, one (low, high) range of finite numbers per parameter, 1 or 3 channels."""
+    for key, expected in DATA_INFO_FIELDS.items():
+        if key not in info:
+            raise UserError(f"Checkpoint {path} lacks data_info.{key}; it is incomplete, so {advice(option)}.")
+        _check_type(info, key, path, option, expected, prefix="data_info.")
+    ranges = info["param_ranges"]
+    if not all(isinstance(n, str) for n in (*info["class_names"], *info["param_names"])):
+        problem = "class or parameter names that are not text"
+    elif len(ranges) != len(info["param_names"]):
+        problem = f"{len(ranges)} param_ranges for {len(info['param_names'])} parameters"
+    elif not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(_is(v, float) and math.isfinite(v) for v in r)
+                 for r in ranges):
+        problem = "a parameter range that is not two finite numbers"
+    elif info["channels"] not in (1, 3) or info["resolution"] < 1 or info["num_samples"] < 0:
+        problem = (f"{info['channels']} channels, {info['resolution']} px and {info['num_samples']} images, which "
+                   f"no dataset has")
+    else:
+        return
+    raise UserError(f"Checkpoint {path} holds a data_info with {problem}; it is damaged or was edited, so "
+                    f"{advice(option)}.")
+
+
+def load_weights(model: nn.Module, state: Any, path: str | os.PathLike, what: str, *,
+                 option: str | None = None) -> nn.Module:
     """`model` with a checkpoint's weights `state` copied in, strictly: a state dict that is absent, whose
     keys or shapes differ from the model's (the network its config describes), or that holds NaN or
     infinite values is refused with one sentence naming `path`, before any weight is copied. `what`
-    names the network in that sentence ("U-Net", "autoencoder")."""
+    names the network in that sentence ("U-Net", "autoencoder"); `option` is as for `load_checkpoint`."""
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"Checkpoint {path} holds no {what} weights where they belong; it is incomplete, so point "
-                        f"at an intact checkpoint.pt.")
+        raise UserError(f"Checkpoint {path} holds no {what} weights where they belong; it is incomplete, so "
+                        f"{advice(option)}.")
     problems = state_dict_mismatch(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problems:
         raise UserError(f"The {what} weights in {path} do not fit the network its config describes ({problems}); "

@@ -3,8 +3,12 @@ traceback is shown only with --debug (or SYNTHDIFF_DEBUG=1), or for any other er
 bug worth a traceback.
 
 Expected failures are a `core.errors.UserError` (a check refused an option, a file or the data), a
-`RunError` (a run ended early: divergence, a stop signal), Ctrl-C, and the machine's limits: out of
-GPU memory, disk full, a folder that cannot be written.
+`RunError` (a run ended early: divergence), an interruption (Ctrl-C, SIGTERM: `RunInterrupted`), and
+the machine's limits: out of GPU memory, disk full, a folder that cannot be written.
+
+An entry point calls `catch_early_sigterm()` before its heavy imports and `main(entry)` at the
+end, so a SIGTERM is answered with one line whenever it comes. This module imports neither torch nor
+tqdm at the top, so that the first of those calls comes within milliseconds of start-up.
 """
 
 from __future__ import annotations
@@ -17,21 +21,21 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-import torch
-from tqdm import tqdm
-
 from core.errors import UserError
 
 DEBUG_ENV = "SYNTHDIFF_DEBUG"
 
 
 class RunError(RuntimeError):
-    """An expected way for a run to end early (divergence, a stop signal), reported as its message."""
+    """An expected way for a run to end early (divergence), reported as its message."""
     exit_code = 1
 
 
-class RunInterrupted(RunError):
-    """Stopped by a signal; the message says what was saved and how to go on. Exit code 128 + signal."""
+class RunInterrupted(KeyboardInterrupt):
+    """Stopped by a signal; the message says what was saved and how to go on. Exit code 128 + signal.
+
+    A KeyboardInterrupt, as Ctrl-C's own is, so that no `except Exception` guarding a file read, a
+    decode or a download takes an interruption for a fault of what it was reading."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -40,14 +44,14 @@ class RunInterrupted(RunError):
 
 def explain(err: BaseException) -> tuple[str, int] | None:
     """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""
-    if isinstance(err, RunError):
+    if isinstance(err, (RunError, RunInterrupted)):
         return str(err), err.exit_code
     if isinstance(err, UserError):
         return _original_message(str(err)), 1
     if isinstance(err, KeyboardInterrupt):
-        return ("interrupted (Ctrl-C); every file written before is intact: run the same command again to go on (a "
-                "training run with --resume, from its last checkpoint; a dataset where it stopped)."), 128 + signal.SIGINT
-    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return interrupted("interrupted (Ctrl-C)"), 128 + signal.SIGINT
+    torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
+    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing {err.filename}" if err.filename else ""
@@ -57,6 +61,12 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
     return None
+
+
+def interrupted(how: str) -> str:
+    """The sentence for an interruption outside a training step, whatever it interrupted."""
+    return (f"{how}; every file written before is intact: run the same command again to go on (a training run "
+            f"with --resume, from its last checkpoint; a dataset where it stopped).")
 
 
 def _original_message(message: str) -> str:
@@ -92,6 +102,7 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
             raise
         message, code = explained
         # A progress bar cut short by the error has left the cursor at the end of its line.
+        tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # not imported here: see the module docstring
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -101,8 +112,20 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
 
 def terminate_as_interrupt(signum: int, frame: Any) -> None:
     """A SIGTERM outside a training loop: unwind like Ctrl-C (finally blocks run, locks are released)."""
-    raise RunInterrupted("stopped by SIGTERM outside a training step; every checkpoint written so far is intact, so "
-                         "run the same command again to go on.", signum)
+    raise RunInterrupted(interrupted("stopped by SIGTERM"), signum)
+
+
+def _terminated_while_starting(signum: int, frame: Any) -> None:
+    print("error: stopped by SIGTERM while starting, before anything was written; run the same command again.",
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # from inside an import: nothing is open and nothing needs unwinding
+
+
+def catch_early_sigterm() -> None:
+    """Until `main` installs its own handler, answer SIGTERM with one line and exit 143 (Python's default
+    would end the process without a word while torch is still being imported)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated_while_starting)
 
 
 def main(entry: Callable[[list[str]], Any]) -> None:

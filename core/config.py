@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from core.checkpoint import describe
 from core.errors import UserError
 from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 
@@ -117,23 +119,65 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from `to_dict`'s output; lists become tuples again."""
+def from_dict(cls: type, values: Any, source: str | os.PathLike | None = None, _section: str = "") -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict`'s output; lists become tuples again.
+
+    `source` names the file the values were read from (a checkpoint) in the one-sentence error that
+    refuses values of the wrong shape: a section that is not a record, a key this code does not know,
+    a field of the wrong type, or values that fail the config's own checks.
+    """
+    where = "The config" + (f" in {source}" if source is not None else "")
+    fix = "the file is damaged or was edited, so use an intact copy" if source is not None else "fix it"
+    if not isinstance(values, dict):
+        held = (f"holds {_section} as {describe(values)} where a record of settings belongs" if _section
+                else f"is {describe(values)}, not a record of settings")
+        raise UserError(f"{where} {held}; {fix}.")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue  # a field added after the checkpoint was written keeps its default
-        value, hint = values[f.name], hints[f.name]
+        value, hint, name = values[f.name], hints[f.name], f"{_section}.{f.name}".lstrip(".")
         if dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value)
+            value = from_dict(hint, value, source, name)
+        elif not _fits(value, hint):
+            raise UserError(f"{where} holds {name} as {describe(value)} where {_kind(hint)} belongs; {fix}.")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)} - getattr(cls, "retired_keys", frozenset())
     if unknown:
-        raise UserError(f"Config section {cls.__name__} has unknown keys {sorted(unknown)}; the checkpoint was written by a newer toolkit.")
-    return cls(**kwargs)
+        names = ", ".join(f"{_section}.{key}".lstrip(".") for key in sorted(map(str, unknown)))
+        raise UserError(f"{where} has unknown keys ({names}); a newer toolkit wrote it, so update this one, or it "
+                        f"was edited, so use an intact copy.")
+    try:
+        return cls(**kwargs)
+    except UserError as err:  # the values were read, not typed: the file is at fault, not an option
+        section = f" in its {_section} section" if _section else ""
+        raise UserError(f"{where} fails its own checks{section} ({str(err).rstrip('.')}); {fix}.") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read back from JSON or a checkpoint is of a config field's type (bool, int,
+    float, str, or a tuple of one of those)."""
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return type(value) in (int, float)
+    if hint in (bool, int, str):
+        return type(value) is hint
+    return True  # a type these configs do not use: left to the dataclass
+
+
+_KINDS = {bool: ("true or false", "true or false values"), int: ("a whole number", "whole numbers"),
+          float: ("a number", "numbers"), str: ("text", "texts")}
+
+
+def _kind(hint: Any) -> str:
+    """What a config field holds, as an error message says it."""
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_KINDS.get(typing.get_args(hint)[0], (None, 'values'))[1]}"
+    return _KINDS.get(hint, (str(hint),))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ repository; the loop and the entry points only ever see the types below, so none
 The call path of `python train.py --stage NAME ...`:
 
     train.py                  picks STAGES[NAME], a StageSpec, and parses its options
-    training.run.train        spec.presets[PRESET]() + options -> config; spec.check(config);
-                              spec.prerequisite(config) -> a run to train first, if any;
+    training.run.train        spec.presets[PRESET]() + options -> config (the checkpoint's, on --resume);
+                              spec.check(config, checkpoint); spec.prerequisite(config) -> a run to train
+                              first, if any;
                               spec.build(config, runtime, checkpoint) -> (resolved config, TrainingStage)
     training.loop.Trainer     each step: stage.augment(batch) -> stage.loss(TrainingModels, batch, ...)
-                              -> one backward and optimizer step per trainable; every so often
-                              stage.outputs.preview / evaluate / payload, given the weight averages
+                              -> one backward and optimizer step per trainable; before each log line and
+                              checkpoint, the loop's divergence tests and stage.diverged(trained models);
+                              every so often stage.outputs.preview / evaluate / payload, given the weight averages
 
 and of `python sample.py --ckpt CKPT`: the checkpoint's "stage" picks the spec, whose
 `load_source` turns the checkpoint into a `ddpm.source.ImageSource` that the sampling package draws
@@ -114,6 +116,11 @@ class TrainingStage:
     # batch) per part, the counts summing to the batch size. None: uniformly from the whole dataset.
     mix: tuple[tuple[int, int], ...] | None = None
     outputs: Outputs = field(default_factory=Outputs)
+    # diverged(trained models) -> what shows that training has diverged (a phrase, e.g. "the largest vector's
+    # RMS became 3e+07, ..."), or None. For what the loop's own tests (a loss or gradient norm that is not
+    # finite) cannot see; checked on every process before each log line and checkpoint, so a diverged state
+    # is never saved.
+    diverged: Callable[[Models], str | None] | None = None
 
     def __post_init__(self) -> None:
         assert MAIN in self.trainables, f"a stage's main trainable is called {MAIN!r}"
@@ -155,8 +162,10 @@ class StageSpec:
     sections: tuple[Section, ...]
     # build(config, runtime, resume_from) -> (config resolved against the data, the stage for the loop)
     build: Callable[[Any, Runtime, dict[str, Any] | None], tuple[Any, TrainingStage]]
-    # check(config) raises a one-sentence error for options that do not fit together, before any work
-    check: Callable[[Any], None] | None = None
+    # check(config, resume_from) raises a one-sentence error for options that do not fit together (networks
+    # that cannot take the image size, files that do not exist), before any data is loaded or anything written;
+    # resume_from is the checkpoint a resumed run continues (None for a new run), as for build
+    check: Callable[[Any, dict[str, Any] | None], None] | None = None
     # prerequisite(config, device name) -> a run to create first, or None
     prerequisite: Callable[[Any, str], Prerequisite | None] | None = None
     # load_source(checkpoint payload, device, weights "ema" | "model", path) -> a ddpm.source.ImageSource:

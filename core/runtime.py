@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, ContextManager
@@ -151,16 +152,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    handled = sys.exc_info()[1]  # an error the caller is handling is not this write's
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        interruption = _interruption_behind(err, handled)
+        if interruption is not None and interruption is not err:
+            raise interruption from None
         raise
     _fsync_directory(path.parent)
+
+
+def _interruption_behind(err: BaseException, handled: BaseException | None) -> KeyboardInterrupt | None:
+    """The interruption (Ctrl-C, or a stop signal raised as one) that `err` was raised while handling, if any.
+
+    torch.save's zip writer meets a KeyboardInterrupt raised in its writes by failing with a
+    RuntimeError ("unexpected pos ..."); the interruption is what happened, and what the user must hear.
+    """
+    while err is not None and err is not handled:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        err = err.__context__
+    return None
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.tmp$")

@@ -13,12 +13,16 @@ the same edges (each split's own range differs slightly). Rerunning continues an
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
 from pathlib import Path
 
 from tqdm import tqdm
 
-from core import cli
 from core.errors import UserError
 from core.lock import FolderLock
 from data import check_spec, load_dataset

@@ -146,7 +146,9 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     root = Path(root).expanduser().resolve()
     files = list_images(root)
     if not files:
-        raise UserError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); point --dataset folder:PATH at a folder of images.")
+        # No option named: --dataset, --images, --real and data.export's SPEC all come here.
+        raise UserError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); put images in it, or name a "
+                        f"folder that holds some.")
     class_names, labels = _classes(root, files)
     param_names, params = _read_params(root, files)
     keep = subset_indices(len(files), num_samples, seed, f"folder {root}").tolist()

@@ -130,7 +130,8 @@ def _decode(path: str | os.PathLike) -> Image.Image:
         raise MissingFileError(f"Image {path} does not exist; check the path.") from None
     except Exception as err:
         # Pillow's parsers meet malformed bytes with many exception types (OSError, SyntaxError,
-        # struct.error, EOFError, IndexError, ...); whichever it is, the file is at fault.
+        # struct.error, EOFError, IndexError, ...); whichever it is, the file is at fault. Ctrl-C and
+        # stop signals (core.cli.RunInterrupted) are no Exception: an interruption passes through.
         raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
 
 

@@ -131,19 +131,13 @@ class DatasetWriter:
             raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
         made_by = self.root / REQUEST
         if made_by.is_file():
-            try:
-                saved = json.loads(made_by.read_text())
-                assert saved.get("format") == FORMAT
-            except (ValueError, AssertionError):
-                raise UserError(f"{made_by} is not a dataset description written by this toolkit; choose another "
-                                f"folder.") from None
-            differ = sorted(k for k in set(saved["request"]) | set(self.request)
-                            if saved["request"].get(k) != self.request.get(k))
+            saved = _read_request(made_by)
+            differ = sorted(k for k in set(saved) | set(self.request) if saved.get(k) != self.request.get(k))
             if differ:
-                was = ", ".join(f"{k}={json.dumps(saved['request'].get(k))[:60]}" for k in differ[:4])
+                was = ", ".join(f"{k}={json.dumps(saved.get(k))[:60]}" for k in differ[:4])
                 raise UserError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
                                 f"options to continue it, or choose another folder.")
-            self.rows = {int(row["index"]): row for row in _read_csv(self.root / MANIFEST)}
+            self.rows = _read_manifest(self.root / MANIFEST, self.request.get("param_names", []))
         elif holds_files(self.root):
             raise ExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
                               f"new folder.")
@@ -187,7 +181,54 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None 
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_request(path: Path) -> dict[str, Any]:
+    """The request a dataset.json records, refused unless it is one this toolkit wrote."""
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8, or not JSON
+        saved = None
+    if not (isinstance(saved, dict) and saved.get("format") == FORMAT and isinstance(saved.get("request"), dict)):
+        raise UserError(f"{path} is not a dataset description written by this toolkit (a JSON record with "
+                        f"\"format\": \"{FORMAT}\" and a \"request\" record); choose another folder, or restore "
+                        f"that file.")
+    return saved["request"]
+
+
+def _read_manifest(path: Path, param_names: Sequence[str]) -> dict[int, dict[str, str]]:
+    """The rows of a manifest.csv by index (none if there is no file yet), each checked: an index, the file
+    that index is written to, and a value for every parameter of the request."""
     if not path.is_file():
-        return []
-    return list(csv.DictReader(io.StringIO(path.read_text(), newline="")))
+        return {}
+    # The manifest is a record of the images on disk, so the advice for a damaged one is to rebuild it.
+    rebuild = f"delete {path.name} and run the same command again, which rebuilds it from the images on disk"
+    try:
+        reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline=""))
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error):
+        raise UserError(f"{path} is not a CSV table of UTF-8 text; {rebuild}.") from None
+    columns = ["index", "file", *param_names]
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{path} has no column {', '.join(missing)}; {rebuild}.")
+    table: dict[int, dict[str, str]] = {}
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # more cells than the header names, or fewer
+            raise UserError(f"{path} line {line} does not have one cell per column of the header; {rebuild}.")
+        index = row["index"].strip()
+        if not (index.isascii() and index.isdigit()) or Path(row["file"]).name != f"{int(index):06d}.png":
+            raise UserError(f"{path} line {line} names image {row['index']!r} as {row['file']!r}, not an index "
+                            f"and its file NNNNNN.png; {rebuild}.")
+        if not all(_is_number(row[name]) for name in param_names):
+            raise UserError(f"{path} line {line} has a parameter ({', '.join(param_names)}) that is not a number; "
+                            f"{rebuild}.")
+        if int(index) in table:
+            raise UserError(f"{path} lists image {int(index)} twice; {rebuild}.")
+        table[int(index)] = row
+    return table
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

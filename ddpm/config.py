@@ -10,12 +10,14 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from core.errors import UserError
 from data import DatasetInfo
 from ddpm.samplers import SAMPLERS
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
-from ddpm.unet import CONDITIONING_KINDS, UNetConfig
+from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,30 @@ def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels:
                                num_params=len(info.param_names) if unet.cond == "params" else 0)
     unet.check_resolved()
     return unet
+
+
+def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str) -> None:
+    """Refuse, before any data is loaded, U-Net options that cannot denoise `channels` x `size` x `size` inputs
+    (`what` names those in the sentence): no level, depths or dropout no network has, sizes its levels cannot
+    halve, attention at sizes that never occur. A forward pass on the meta device (shapes only: no memory, no
+    arithmetic, milliseconds) then catches whatever else would fail at the first step."""
+    mult = " ".join(map(str, unet.channel_mult)) or "(none)"
+    require(len(unet.channel_mult) >= 1 and min(unet.channel_mult) >= 1,
+            f"--channel-mult needs at least one level, each a positive multiplier (e.g. 1 2 2 2), got {mult}.")
+    require(unet.base_channels >= 1, f"--base-channels must be positive, got {unet.base_channels}.")
+    require(unet.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {unet.num_res_blocks}.")
+    require(0 <= unet.dropout < 1, f"--dropout must be in [0, 1), got {unet.dropout}.")
+    require(unet.num_heads >= 1 and unet.head_channels >= 0, f"--num-heads must be at least 1 and --head-channels 0 "
+                                                             f"or positive, got {unet.num_heads} and {unet.head_channels}.")
+    # One class or parameter stands in for the data's: their counts change only the conditioning slot's input.
+    resolved = dataclasses.replace(unet, image_size=size, in_channels=channels,
+                                   num_classes=int(unet.cond == "class"), num_params=int(unet.cond == "params"))
+    try:
+        resolved.check_resolved()
+        with torch.device("meta"):
+            UNet(resolved)(torch.empty(1, channels, size, size), torch.zeros(1, dtype=torch.long))
+    except Exception as err:  # whatever a network of these options raises at this size
+        raise UserError(f"{what} do not fit the U-Net: {' '.join(str(err).split()) or type(err).__name__}") from None
 
 
 def ddpm_demo() -> DDPMConfig:

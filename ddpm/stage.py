@@ -22,7 +22,7 @@ from data import DatasetInfo, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
 from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, SamplingConfig,
-                         check_conditioning, resolve_unet)
+                         check_conditioning, check_unet_fits, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from ddpm.source import source_loader
@@ -72,6 +72,14 @@ def check_diffusion_options(config: Any) -> None:
     check_conditioning(config.unet.cond, config.data.dataset, *label_counts(config.data.dataset))
 
 
+def check(config: DDPMConfig, resume_from: dict | None) -> None:
+    """Before any data is loaded: the diffusion options, and the U-Net at the image size. The data decides
+    the channel count later, which changes only the U-Net's first and last convolutions."""
+    check_diffusion_options(config)
+    size = config.data.resolution
+    check_unet_fits(config.unet, size, 3, f"{size}x{size} images (--resolution {size})")
+
+
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
     """Load the data, fit the U-Net to it, and assemble the stage."""
     data = config.data
@@ -96,7 +104,7 @@ def load_unet(payload: dict[str, Any], unet: UNetConfig, device: torch.device, w
 def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> DiffusionSampler:
     """Rebuild a trained pixel-diffusion model from its checkpoint alone ("ema" or raw "model" weights)."""
     require_keys(payload, ("config",), path)
-    config = from_dict(DDPMConfig, payload["config"])
+    config = from_dict(DDPMConfig, payload["config"], source=path)
     net = load_unet(payload, config.unet, device, weights, path)
     return DiffusionSampler(net, config.diffusion.make_schedule().to(device), config.diffusion.prediction,
                             DatasetInfo.from_dict(payload["data_info"]))
@@ -111,5 +119,5 @@ SPEC = StageSpec(
     sections=sections_of(DDPMConfig, data=dict(skip=NO_HELD_OUT_SET), unet=dict(skip=UNET_FROM_DATA, help=UNET_OPTIONS)),
     build=build,
     load_source=source_loader(load_sampler),
-    check=check_diffusion_options,
+    check=check,
 )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from kernels.group_norm import group_norm_act
 
 CONDITIONING_KINDS = ("none", "class", "params")
@@ -55,15 +56,18 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.cond not in CONDITIONING_KINDS:
-            raise ValueError(f"cond must be one of {CONDITIONING_KINDS}, got {self.cond!r}.")
+            raise UserError(f"cond must be one of {CONDITIONING_KINDS}, got {self.cond!r}.")
+        if self.num_heads < 1 or self.head_channels < 0:
+            raise UserError(f"--num-heads must be at least 1 and --head-channels 0 or positive, got {self.num_heads} "
+                            f"and {self.head_channels}.")
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
-                raise ValueError(f"base_channels * channel_mult must be multiples of 32, got {channels}.")
+                raise UserError(f"base_channels * channel_mult must be multiples of 32, got {channels}.")
             if self.head_channels and channels % self.head_channels:
-                raise ValueError(f"head_channels {self.head_channels} must divide every level's channels, got {channels}.")
+                raise UserError(f"head_channels {self.head_channels} must divide every level's channels, got {channels}.")
             if not self.head_channels and channels % self.num_heads:
-                raise ValueError(f"num_heads {self.num_heads} must divide every level's channels, got {channels}.")
+                raise UserError(f"num_heads {self.num_heads} must divide every level's channels, got {channels}.")
 
     def check_resolved(self) -> None:
         """Refuse the fields the data decides when they do not fit the rest: an `image_size` the levels
@@ -73,18 +77,18 @@ class UNetConfig:
         latents the model denoises) is: a preset's network options are applied before that.
         """
         if self.cond == "class" and self.num_classes < 1:
-            raise ValueError("cond='class' needs num_classes >= 1.")
+            raise UserError("cond='class' needs num_classes >= 1.")
         if self.cond == "params" and self.num_params < 1:
-            raise ValueError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
+            raise UserError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1) = "
-                             f"{2 ** (levels - 1)}: {levels} levels halve it {levels - 1} times; use fewer levels "
-                             f"(--channel-mult) or another size.")
+            raise UserError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1) = "
+                            f"{2 ** (levels - 1)}: {levels} levels halve it {levels - 1} times; use fewer levels "
+                            f"(--channel-mult) or another size.")
         sizes = [self.image_size // 2**level for level in range(levels)]
         if not set(self.attention_resolutions) <= set(sizes):
-            raise ValueError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map sizes "
-                             f"{sizes} of a {self.image_size}x{self.image_size} input; change --attention-resolutions.")
+            raise UserError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map sizes "
+                            f"{sizes} of a {self.image_size}x{self.image_size} input; change --attention-resolutions.")
 
     def heads_for(self, channels: int) -> int:
         """Attention heads at a level of `channels` channels: fixed count, or fixed width (head_channels)."""

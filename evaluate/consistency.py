@@ -23,6 +23,11 @@ predictions.csv names each image's file; the results go to DIR-consistency besid
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
 import csv
 import functools
@@ -39,7 +44,6 @@ from core.errors import UserError
 import kernels
 from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
-from core import cli
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
 from core.runtime import AMP_MODES, KERNELS_HELP, KERNEL_BACKENDS, atomic_write, autocast_dtype, resolve_device, write_json
@@ -59,23 +63,24 @@ def check_pair(kind: str, info: DatasetInfo, judge: Classifier, what: str = "dif
     anything is drawn or loaded."""
     if kind == "none":
         raise UserError("This diffusion model was trained without conditioning, so there is nothing to check; pass "
-                        "a class- or parameter-conditional checkpoint.")
+                        "the checkpoint of a class- or parameter-conditional one as --ckpt.")
     if kind == "class":
         if judge.config.target != "class":
-            raise UserError(f"A class-conditional {what} needs a classifier as judge (--target class), not a "
-                            f"parameter regressor.")
+            raise UserError(f"A class-conditional {what} needs a classifier as --judge (trained with train.py "
+                            f"--stage classify --target class), not a parameter regressor; pass one.")
         missing = [c for c in info.class_names if c not in judge.output_names]
         if missing:
-            raise UserError(f"The judge does not know the classes {', '.join(missing)} of the {what} (it "
-                            f"knows {', '.join(judge.output_names)}); train it on data with the same class names.")
+            raise UserError(f"The --judge classifier does not know the classes {', '.join(missing)} of the {what} (it "
+                            f"knows {', '.join(judge.output_names)}); pass one trained on data with the same class "
+                            f"names.")
     else:
         if judge.config.target != "params":
-            raise UserError(f"A parameter-conditional {what} needs a parameter regressor as judge (train.py --stage "
-                            f"classify --target params), not a classifier.")
+            raise UserError(f"A parameter-conditional {what} needs a parameter regressor as --judge (trained with "
+                            f"train.py --stage classify --target params), not a classifier; pass one.")
         missing = [p for p in info.param_names if p not in judge.output_names]
         if missing:
-            raise UserError(f"The judge does not predict the parameters {', '.join(missing)} of the {what} "
-                            f"(it predicts {', '.join(judge.output_names)}); train it on the same parameters.")
+            raise UserError(f"The --judge regressor does not predict the parameters {', '.join(missing)} of the {what} "
+                            f"(it predicts {', '.join(judge.output_names)}); pass one trained on the same parameters.")
 
 
 def judge_images(judge: Classifier, images: torch.Tensor) -> torch.Tensor:
@@ -149,11 +154,11 @@ def check_dataset(info: DatasetInfo, judge: Classifier) -> None:
     """Refuse an image set that lacks the labels this judge reads, or names others."""
     kind = judge.config.target
     if kind == "class" and not info.class_names:
-        raise UserError("This image set has no class folders for a classifier to check; judge it with a parameter "
-                        "regressor (if it has params.csv) or pass a set with class subfolders.")
+        raise UserError("This image set has no class folders for a classifier to check; pass a parameter regressor "
+                        "as --judge (if the set has params.csv), or a set with class subfolders as --images.")
     if kind == "params" and not info.param_names:
-        raise UserError("This image set has no params.csv for a parameter regressor to check; judge it with a "
-                        "classifier (if it has class folders) or pass a set with params.csv.")
+        raise UserError("This image set has no params.csv for a parameter regressor to check; pass a classifier as "
+                        "--judge (if the set has class folders), or a set with params.csv as --images.")
     check_pair(kind, info, judge, what="image set")
 
 
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kernels.use(args.kernels, device)
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
-    judge = load_classifier(args.judge, device)
+    judge = load_classifier(args.judge, device, option="--judge")
     if args.compile:
         compile_module(judge.net)
     if args.images is not None:

@@ -11,12 +11,20 @@ OUT/results.png. Options after `--` go to every training run (e.g. `-- --target 
 half from each), so rows compare the quality of the data rather than its quantity.
 
 Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
-runs are kept, interrupted ones resumed from their checkpoints.
+runs are kept, interrupted ones resumed from their checkpoints. A run is kept or resumed only if it was
+made from the same request (its datasets and their contents, test set, seed, preset, options and
+--match-size count); before anything trains, any that was not is refused with what differs.
 """
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
+import json
 import re
 import signal
 import sys
@@ -26,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from classify.config import PRESETS
+from classify.config import MODEL_FROM_DATA, PRESETS, ClassifyConfig
 from classify.plots import bar_chart
-from classify.stage import SPEC as CLASSIFY, final_results
-from core import cli
+from classify.stage import SPEC as CLASSIFY, final_results, run_data
+from core.checkpoint import load_checkpoint, require_keys
 from core.cli import RunInterrupted
+from core.config import from_dict, to_dict
+from core.contract import RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock
 from core.runtime import atomic_write, resolve_device, write_json
@@ -42,6 +52,12 @@ from training.run import parse_stage_args, run, with_options
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
                   "--num-samples", "--extra-samples", "--device", "--preset")
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The config fields that name a run's datasets, each set by one of the experiment's own options.
+DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
+# Config fields a kept run may differ in: the shape the data gives the network, and how often a run logs,
+# evaluates, checkpoints or how fast it steps, none of which changes its final weights.
+NOT_COMPARED = ({f"model.{name}" for name in MODEL_FROM_DATA}
+                | {name for name in RESUMABLE if name.startswith("train.")} - {"train.steps"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,7 @@ class Row:
     name: str
     dataset: str
     extra: str = ""          # a second training set (mixed rows)
+    synthetic: str = ""      # the name of its synthetic set (--synthetic NAME=SPEC), if it has one
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -84,9 +101,9 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     names = [name for name, _ in synthetic]
     if "real" in names or len(set(names)) != len(names):
         raise UserError("Every --synthetic set needs its own name, other than 'real'.")
-    rows = [Row("real", args.real)] + [Row(name, spec) for name, spec in synthetic]
+    rows = [Row("real", args.real)] + [Row(name, spec, synthetic=name) for name, spec in synthetic]
     if not args.no_mixed:
-        rows += [Row(f"real+{name}", args.real, spec) for name, spec in synthetic]
+        rows += [Row(f"real+{name}", args.real, spec, synthetic=name) for name, spec in synthetic]
     return rows
 
 
@@ -107,9 +124,15 @@ def count_images(spec: str, resolution: int, cache_dir: str) -> int:
 def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
                   size: int | None) -> list[str]:
     """train.py arguments of one run: a new run, or the resumption of an interrupted one."""
-    common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
     if (run_dir / "checkpoint.pt").exists():
-        return [*common, "--resume"]
+        return ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device, "--resume"]
+    return new_run_arguments(row, seed, run_dir, args, passed, size)
+
+
+def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
+                      size: int | None) -> list[str]:
+    """train.py arguments that start the run of `row` and `seed` afresh."""
+    common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
     every_test_image = [] if any(a.split("=")[0] == "--test-samples" for a in passed) else ["--test-samples", "0"]
     argv = [*common, "--preset", args.preset, *every_test_image, *passed, "--dataset", row.dataset,
             "--test-dataset", args.test, "--seed", str(seed)]
@@ -122,6 +145,98 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
         if row.extra:
             argv += ["--extra-samples", str(size - size // 2)]
     return argv
+
+
+def requested_config(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
+                     size: int | None) -> ClassifyConfig:
+    """The config a new run of `row` and `seed` starts from (before its data fixes the network's shape)."""
+    given = parse_stage_args(CLASSIFY, new_run_arguments(row, seed, run_dir, args, passed, size))
+    return with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """section.field -> value, as JSON gives it back (tuples as lists)."""
+    return {f"{section}.{name}": value for section, fields in json.loads(json.dumps(config)).items()
+            for name, value in fields.items()}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+class ReusedRuns:
+    """The runs already in OUT/runs, each checked to have been made from the request now given."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Any]] = {}  # data_info by the data part of a config, loaded once
+
+    def check(self, row: Row, run_dir: Path, request: ClassifyConfig) -> None:
+        """Refuse a finished or interrupted run in `run_dir` that was not made from `request`."""
+        checkpoint = run_dir / "checkpoint.pt"
+        if not checkpoint.is_file():
+            if (run_dir / "metrics.jsonl").exists():
+                raise UserError(f"{run_dir} holds metrics.jsonl but no checkpoint.pt, so what it was made from cannot "
+                                f"be checked; delete that folder to train the run again, or choose another --out.")
+            return
+        saved = load_checkpoint(checkpoint, CLASSIFY.name)
+        require_keys(saved, ("config", "data_info"), checkpoint)
+        self._check_config(row, run_dir, request, from_dict(ClassifyConfig, saved["config"]))
+        self._check_data(row, run_dir, request, saved["data_info"])
+
+    def _check_config(self, row: Row, run_dir: Path, request: ClassifyConfig, saved: ClassifyConfig) -> None:
+        now, was = _flat(to_dict(request)), _flat(to_dict(saved))
+        changed = [key for key in now if key not in NOT_COMPARED and now[key] != was[key]]
+        if not changed:
+            return
+        key = changed[0]
+        if key in DATASETS:
+            raise UserError(f"{_option(row, key)} now names {now[key]} but {run_dir} was trained on {was[key]}; "
+                            f"{_remedy(row, key)}.")
+        if key in ("data.num_samples", "classify.extra_samples"):
+            spec = request.classify.extra_dataset if key == "classify.extra_samples" else request.data.dataset
+            raise UserError(f"{run_dir} was trained on {was[key] or 'all'} images of {spec} but this request trains "
+                            f"on {now[key] or 'all'} (--match-size); choose another --out, or repeat the request it "
+                            f"was made with.")
+        option = "--" + key.split(".", 1)[1].replace("_", "-")
+        raise UserError(f"{run_dir} was trained with {option} {_shown(was[key])} but this request gives {option} "
+                        f"{_shown(now[key])} (through --preset or the options after --); choose another --out, or "
+                        f"repeat the options it was made with.")
+
+    def _check_data(self, row: Row, run_dir: Path, request: ClassifyConfig, recorded: dict[str, Any]) -> None:
+        was, now = json.loads(json.dumps(recorded)), json.loads(json.dumps(self._data_info(request)))
+        # (option, recorded description, current description) of each set of images the run used.
+        sets = (list(zip(("data.dataset", "classify.extra_dataset"), was["parts"], now["parts"]))
+                if "parts" in was and "parts" in now else [("data.dataset", was, now)])
+        if "test_fingerprint" in was:  # older checkpoints lack it
+            sets.append(("data.test_dataset", {"fingerprint": was["test_fingerprint"]},
+                         {"fingerprint": now["test_fingerprint"]}))
+        specs = _flat(to_dict(request))
+        for key, before, after in sets:
+            if any(before[k] != after[k] for k in before if k in after and k not in ("parts", "test_fingerprint")):
+                raise UserError(f"The images of {_option(row, key)} ({specs[key]}) changed since {run_dir} was made "
+                                f"with them; restore them, or {_remedy(row, key)}.")
+
+    def _data_info(self, request: ClassifyConfig) -> dict[str, Any]:
+        """What a run of `request` records of its data; the runs of one row share it whatever their seed."""
+        key = json.dumps({**to_dict(request), "train": None}, sort_keys=True)
+        if key not in self._data:
+            self._data[key] = run_data(request).data_info
+        return self._data[key]
+
+
+def _option(row: Row, key: str) -> str:
+    """The experiment's option that sets the dataset field `key` of `row`'s runs."""
+    if key == "data.dataset":
+        return "--real" if row.extra or not row.synthetic else f"--synthetic {row.synthetic}"
+    return f"--synthetic {row.synthetic}" if key == "classify.extra_dataset" else "--test"
+
+
+def _remedy(row: Row, key: str) -> str:
+    """What to do when the data `key` of `row` is not what its kept runs were made with: a synthetic set
+    can also take another name, which gives its rows new runs."""
+    if _option(row, key).startswith("--synthetic"):
+        return "choose another --out or another row name"
+    return "choose another --out"
 
 
 def summarise(rows: list[Row], results: dict[str, list[dict]], target: str) -> dict[str, Any]:
@@ -171,23 +286,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       for spec in {args.real, *(row.dataset for row in rows), *(row.extra for row in rows if row.extra)}}
             size = min(counts.values())
             print(f"Every row trains on {size} images (--match-size).", flush=True)
+        plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in rows for seed in range(args.seeds)]
+        # Every run already there is checked against this request before any run trains.
+        reused = ReusedRuns()
+        for row, seed, run_dir in plan:
+            reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size))
         results: dict[str, list[dict]] = {}
-        for row in rows:
-            for seed in range(args.seeds):
-                run_dir = out / "runs" / row.name / f"seed{seed}"
+        for row, seed, run_dir in plan:
+            result = final_results(run_dir)
+            if result is None:
+                print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
+                try:
+                    run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
+                except RunInterrupted as err:
+                    signum = err.exit_code - 128
+                    raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
+                                         f"step; run the same command again to resume it and the runs after it.",
+                                         signum) from err
                 result = final_results(run_dir)
-                if result is None:
-                    print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
-                    try:
-                        run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
-                    except RunInterrupted as err:
-                        signum = err.exit_code - 128
-                        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
-                                             f"step; run the same command again to resume it and the runs after it.",
-                                             signum) from err
-                    result = final_results(run_dir)
-                    assert result is not None, f"{run_dir} finished without a held-out evaluation"
-                results.setdefault(row.name, []).append(result)
+                assert result is not None, f"{run_dir} finished without a held-out evaluation"
+            results.setdefault(row.name, []).append(result)
 
         summary = summarise(rows, results, target)
         summary.update(test=args.test, seeds=args.seeds, match_size=size, train_options=passed, preset=args.preset)

@@ -26,6 +26,11 @@ classifier: mean ± std of each statistic, and accuracy on these images when the
 
 from __future__ import annotations
 
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
 import argparse
 import contextlib
 import csv
@@ -39,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
-from core import cli
 from core.errors import UserError
 from core.lock import FolderLock, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_json
@@ -72,8 +76,8 @@ def find_layer(net: nn.Module, name: str) -> nn.Module:
     layers = dict(net.named_modules())
     if name not in layers or not name:
         some = [n for n in layers if n and "." not in n]
-        raise UserError(f"The classifier has no layer {name!r}; choose one of {', '.join(some)} (or a nested name "
-                        f"such as layer4.1.conv2).")
+        raise UserError(f"The classifier has no layer {name!r}; pass --layer one of {', '.join(some)} (or a nested "
+                        f"name such as layer4.1.conv2).")
     return layers[name]
 
 
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"The classifiers need distinct names, got {', '.join(names)}; pass --name for each.")
     check_spec(args.images, "--images")
     device = resolve_device(args.device)
-    classifiers = [(name, load_classifier(path, device)) for name, path in zip(names, args.ckpt)]
+    classifiers = [(name, load_classifier(path, device, option="--ckpt")) for name, path in zip(names, args.ckpt)]
     first = classifiers[0][1]
     for name, c in classifiers[1:]:
         if (c.info.resolution, c.config.target) != (first.info.resolution, first.config.target):

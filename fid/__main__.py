@@ -1,8 +1,15 @@
 """Command line: `python -m fid A B` prints FID between two image folders or .npz statistics files
 (and KID when both are folders); `python -m fid --save-stats FOLDER OUT.npz` saves a folder's
-statistics once for later comparisons. Folders are read as pytorch-fid reads them (see README)."""
+statistics once for later comparisons, with the network and weights that computed them, and a file
+computed with other weights than the other side is refused. Folders are read as pytorch-fid reads
+them (see docs/fid.md)."""
 
 from __future__ import annotations
+
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
 
 import argparse
 import os
@@ -10,13 +17,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from core import cli
 from core.errors import UserError
 
 from .compare import fid_between, is_statistics_source
-from .features import compute_statistics, default_device
+from .features import FeatureExtractor, compute_statistics, default_device
 from .folder import FILE_SELECTIONS, list_fid_images
-from .stats import prepare_statistics_path, save_statistics
+from .stats import check_same_features, load_statistics, prepare_statistics_path, save_statistics
 from .weights import WEIGHTS_FILENAME
 
 KID_SUBSET_SIZE = 1000  # the usual size (Binkowski et al. 2018 use 1000); smaller sets need an explicit choice
@@ -59,6 +65,18 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"warning: {message}", file=sys.stderr)
 
 
+def check_reused_statistics(paths: list[str], common: dict) -> None:
+    """Refuse a statistics file computed with another network or weights than the other side, before
+    any features are computed (the run's own network is built only to compare with a file that says)."""
+    saved = [(f"statistics file {path}", load_statistics(path).provenance)
+             for path in paths if is_statistics_source(path) and Path(path).is_file()]
+    if len(saved) == 1 and saved[0][1] is not None:  # the other side's features are computed here
+        weights = common["weights"] or f"the published {WEIGHTS_FILENAME}"
+        saved.append((f"this run's features (weights {weights})", FeatureExtractor(**common).provenance()))
+    if saved:
+        check_same_features(saved)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
@@ -73,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             save_statistics(compute_statistics(a, **common), b)
             print(f"Saved statistics of {a} to {b}")
             return
+        check_reused_statistics([a, b], common)
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
         subset_size = args.kid_subset_size
         if with_kid and subset_size is None:

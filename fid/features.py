@@ -8,6 +8,7 @@ needs them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Iterable, Iterator, Union
 
@@ -17,12 +18,23 @@ from tqdm import tqdm
 
 from .folder import FolderBatches, ImageFolder, check_file_selection
 from .inception import FEATURE_DIM, FIDInceptionV3, inference_copy
-from .stats import Statistics, StreamingStatistics
+from .stats import Provenance, Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
+from core.checkpoint import state_fingerprint
 from core.errors import UserError
 
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
+# What features are computed with, as statistics files record it: this network, its pool3 features.
+NETWORK = f"FIDInceptionV3/pool3-{FEATURE_DIM}"
+
+
+def weights_fingerprint(model: FIDInceptionV3) -> str:
+    """A hash of the weights features depend on: the same for the published file downloaded or given as a
+    path, and for a copy re-saved without BatchNorm's `num_batches_tracked` counters (which eval mode
+    never reads)."""
+    return state_fingerprint({name: value for name, value in model.state_dict().items()
+                              if not name.endswith("num_batches_tracked")})
 
 
 def default_device() -> str:
@@ -73,6 +85,7 @@ class FeatureExtractor:
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self._model: FIDInceptionV3 | None = None
         self._network: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._fingerprint: str | None = None
 
     @property
     def model(self) -> FIDInceptionV3:
@@ -107,11 +120,19 @@ class FeatureExtractor:
             assert features.shape == (batch.shape[0], FEATURE_DIM)
             yield features
 
+    def provenance(self, files: str = "", images: int = 0) -> Provenance:
+        """What statistics computed here are made of: this network and its weights, and which images."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return Provenance(NETWORK, self._fingerprint, files, images)
+
     def statistics(self, source: ImageSource) -> Statistics:
+        """Statistics of `source`'s features, with their provenance."""
         accumulator = StreamingStatistics()
         for features in self.batches(source):
             accumulator.update(features)
-        return accumulator.result()
+        files = self.files if isinstance(source, (str, os.PathLike, ImageFolder)) else ""
+        return dataclasses.replace(accumulator.result(), provenance=self.provenance(files, accumulator.count))
 
     def features(self, source: ImageSource) -> np.ndarray:
         """All features of `source` as one (N, 2048) float32 array."""

@@ -8,14 +8,23 @@ Statistics files are `.npz` with arrays `mu` (d,) and `sigma` (d, d), the layout
 and writes, so files can be exchanged with it. A file's arrays keep the precision they were saved in:
 a float32 covariance is positive semi-definite only up to float32 rounding, and `frechet_distance`
 needs to know that to accept it.
+
+Files written here also record what they were computed from (`Provenance`: the feature network, a
+fingerprint of its weights, which files of the folder were read, how many images), as four more
+arrays that pytorch-fid ignores. FID compares two feature distributions, so statistics are only
+comparable with features of the same network and weights: `check_same_features` refuses a file
+computed with others, and accepts one without the record (an older or pytorch-fid file) with a
+warning, since nothing can be checked.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,12 +33,27 @@ from core.errors import UserError
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What a set of statistics was computed from."""
+
+    network: str      # the feature network and layer (`fid.features.NETWORK`)
+    weights: str      # fingerprint of the network's weights (`fid.features.weights_fingerprint`)
+    files: str = ""   # which files of a folder were read ("pytorch-fid" or "all"; "" for images given directly)
+    images: int = 0   # how many images
+
+
+# The .npz arrays that hold a Provenance, field by field.
+PROVENANCE_KEYS = {"network": "feature_network", "weights": "feature_weights", "files": "files", "images": "num_images"}
+
+
+@dataclass(frozen=True)
 class Statistics:
     """Mean `mu` (d,) and covariance `sigma` (d, d) of a feature set: float64 when computed here, the
-    stored dtype when loaded from a file."""
+    stored dtype when loaded from a file; `provenance` None when a file does not record it."""
 
     mu: np.ndarray
     sigma: np.ndarray
+    provenance: Provenance | None = None
 
     def __post_init__(self) -> None:
         assert self.mu.ndim == 1 and self.sigma.shape == (self.mu.size, self.mu.size), (
@@ -81,11 +105,14 @@ class StreamingStatistics:
 
 
 def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
-    """Write `mu` and `sigma` to an .npz file (the name is used as given; numpy adds .npz if missing)."""
+    """Write `mu`, `sigma` and any provenance to an .npz file (the name is used as given; numpy adds .npz
+    if missing)."""
     path = Path(path)
     prepare_statistics_path(path)
+    record = {} if stats.provenance is None else {
+        key: np.asarray(getattr(stats.provenance, field)) for field, key in PROVENANCE_KEYS.items()}
     try:
-        np.savez(path, mu=stats.mu, sigma=stats.sigma)
+        np.savez(path, mu=stats.mu, sigma=stats.sigma, **record)
     except OSError as err:
         raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
 
@@ -109,12 +136,24 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     """Read an .npz with `mu` (d,) and `sigma` (d, d), as written by this package or pytorch-fid."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            start = f.read(6)
+    except OSError:  # missing or unreadable: np.load below says which
+        start = None
+    # Anything but a zip of .npy arrays or one .npy array (text, a pickle) numpy would refuse as "pickled
+    # data", which says nothing true about such a file.
+    if start is not None and not (start.startswith(b"PK") or start == b"\x93NUMPY"):
+        what = "it holds text or another format" if start else "it is empty"
+        raise UserError(f"Statistics file {path} is not a NumPy .npz file ({what}); create it with "
+                        f"`python -m fid --save-stats FOLDER OUT.npz`.")
+    try:
         loaded = np.load(path)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise UserError("it holds one unnamed array")
         with loaded:
             keys = sorted(loaded.files)
             arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
+            record = {field: loaded[key][()] for field, key in PROVENANCE_KEYS.items() if key in keys}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # missing, truncated, pickled, not a zip
         reason = str(err).split(". ")[0].rstrip(".")  # numpy's messages run on for several sentences
         raise UserError(f"Cannot read statistics file {path} ({reason}); recreate it with --save-stats.") from err
@@ -129,7 +168,39 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
             f"Statistics file {path} has mu of shape {mu.shape} and sigma of shape {sigma.shape}, "
             "but needs (d,) and (d, d); recreate it with --save-stats."
         )
-    return Statistics(mu=mu, sigma=sigma)
+    provenance = None
+    if len(record) == len(PROVENANCE_KEYS):
+        try:
+            provenance = Provenance(str(record["network"]), str(record["weights"]), str(record["files"]),
+                                    int(record["images"]))
+        except (TypeError, ValueError) as err:
+            raise UserError(f"Statistics file {path} records what it was computed from in a form this code cannot "
+                            f"read ({err}); recreate it with --save-stats.") from err
+    return Statistics(mu=mu, sigma=sigma, provenance=provenance)
+
+
+def check_same_features(sides: Sequence[tuple[str, Provenance | None]]) -> None:
+    """Refuse to compare statistics of features from different networks or weights.
+
+    `sides` names each side of a comparison ("statistics file real.npz", "this run's features") with
+    what it was computed from, None for a file that does not say (written by an older version or by
+    pytorch-fid): those are accepted with one warning, since nothing can be checked.
+    """
+    unknown = [name for name, provenance in sides if provenance is None]
+    if unknown:
+        several = len(unknown) > 1
+        warnings.warn(f"{' and '.join(unknown)} {'do' if several else 'does'} not record which feature network and "
+                      f"weights computed {'them' if several else 'it'} (an older or pytorch-fid file), so the FID is "
+                      f"only meaningful if both sides' features come from the same network and weights.",
+                      UserWarning, stacklevel=2)
+    known = [(name, provenance) for name, provenance in sides if provenance is not None]
+    for (name_a, a), (name_b, b) in zip(known, known[1:]):
+        if a.network != b.network:
+            raise UserError(f"{name_a} holds features of {a.network} but {name_b} of {b.network}; compute both "
+                            f"sides with the same network.")
+        if a.weights != b.weights:
+            raise UserError(f"{name_a} was computed with feature weights {a.weights} but {name_b} with "
+                            f"{b.weights}; recompute the statistics with --save-stats and the same --weights.")
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:

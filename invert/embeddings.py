@@ -15,6 +15,11 @@ from torch import Tensor, nn
 from data import DatasetInfo
 from ddpm.unet import UNet
 
+# A vector this many times the RMS of the model's own embeddings drowns the time embedding it is added to:
+# the inversion has diverged. AdamW moves an element by about --lr per visit, so at the presets' 3e-2 and
+# ~40 visits a vector stays within a few times that RMS; an absurd --lr takes it to 1e7 in a step.
+DIVERGED_RMS = 100.0
+
 
 class EmbeddingStore(nn.Module):
     """N learned vectors of width E; `store(index)` gives the rows of a batch's images."""
@@ -26,6 +31,18 @@ class EmbeddingStore(nn.Module):
 
     def forward(self, index: Tensor) -> Tensor:
         return self.weight[index]
+
+    @torch.no_grad()
+    def largest_rms(self) -> float:
+        """The root mean square of the largest vector (NaN if any holds a NaN)."""
+        return self.weight.float().square().mean(dim=1).sqrt().max().item()
+
+
+def rms_limit(initial: Tensor) -> float:
+    """The RMS past which a vector has diverged: `DIVERGED_RMS` times that of the vectors the inversion
+    starts from (the model's class, parameter or null embeddings), or of 1 where those are near zero (a
+    null embedding barely moved from its zero start)."""
+    return DIVERGED_RMS * max(1.0, initial.float().square().mean().sqrt().item())
 
 
 def starting_condition(net: UNet, model_info: DatasetInfo, real: DatasetInfo, init: str) -> str:

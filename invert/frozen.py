@@ -53,7 +53,7 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
         advice = (f"restore it (fingerprint {expected}), or learn the embeddings again against another model"
                   if expected else "pass the checkpoint.pt of a conditional ddpm or ldm run")
         raise MissingFileError(f"The diffusion model {path} ({what}) does not exist; {advice}.")
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, option=what if what.startswith("--") else None)
     stage = str(payload.get("stage"))
     if stage not in DIFFUSION_MODELS:
         raise UserError(f"{what} {path} is a checkpoint of stage '{stage}', which is not a diffusion model; pass "

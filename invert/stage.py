@@ -35,7 +35,7 @@ from ddpm.config import SamplingConfig
 from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
-from invert.embeddings import EmbeddingStore, starting_condition, starting_vectors
+from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
 from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
 from invert.variations import InversionSource, Variations, load_inverted
 
@@ -63,6 +63,7 @@ class Inversion:
         self.eval_t = ((torch.arange(K, dtype=torch.float64) + 0.5) * T / K).long().clamp(max=T - 1).to(device)
         self.eval_x0 = x0(default_collate([dataset[int(i)] for i in self.eval_index]), None).to(device)
         self.initial = initial[self.eval_index].to(device)
+        self.rms_limit = rms_limit(initial)
 
     def loss(self, models, batch, generator, step):
         vectors = models[MAIN](batch.index)
@@ -103,6 +104,14 @@ class Inversion:
                 "loss_learned": ours.mean().item(), "loss_start": start.mean().item(), "loss_null": null.mean().item(),
                 "improved": (ours < start).float().mean().item(),
                 "shift": (learned - self.initial).norm(dim=1).mean().item()}
+
+    def diverged(self, models) -> str | None:
+        """The loss stays finite however far the vectors fly (the network saturates), so the vectors say it."""
+        rms = models[MAIN].largest_rms()
+        if rms <= self.rms_limit:
+            return None
+        return (f"the largest learned vector's RMS became {rms:.3g}, over {DIVERGED_RMS:g} times that of the model's "
+                f"own embeddings (limit {self.rms_limit:.3g})")
 
     def preview(self, models) -> Tensor:
         """Real images beside samples drawn from their learned vectors (same seeds at every preview)."""
@@ -145,21 +154,32 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
     return TrainingStage(name=NAME, trainables={MAIN: trainable}, loss=run.loss, dataset=dataset,
                          config=to_dict(config), data_info=images.description(),
                          outputs=Outputs(preview=run.preview, preview_nrow=2 * math.ceil(math.sqrt(n)),
-                                         evaluate=run.evaluate, payload=run.payload))
+                                         evaluate=run.evaluate, payload=run.payload),
+                         diverged=run.diverged)
+
+
+def check_resolution(model: FrozenModel, resolution: int) -> None:
+    """The frozen network takes images of its training size only: refused before any image is loaded."""
+    want = model.sampler.info.resolution
+    if resolution != want:
+        raise UserError(f"--resolution {resolution} differs from the {want} px images the model {model.path} was "
+                        f"trained on; pass --resolution {want}.")
 
 
 def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
     data, options, device = config.data, config.invert, runtime.device
     expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
     model = load_frozen(options.model, options.weights, device, expected=expected)
+    check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     check_images_fit(model, images)
     dataset, x0 = denoised_data(model, images, cache_dir=data.cache_dir, runtime=runtime)
     return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main)
 
 
-def check(config: InvertConfig) -> None:
-    """The model must be named and exist before any work; the data is checked against it in build."""
+def check(config: InvertConfig, resume_from: dict | None) -> None:
+    """The model must be named and exist before any work; build checks the image size against it before the
+    images are loaded, and the images themselves once they are."""
     path = config.invert.model
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "

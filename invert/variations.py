@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from core.checkpoint import require_keys, state_fingerprint
+from core.checkpoint import advice, require_keys, state_fingerprint
 from core.config import option, override, require, to_dict
 from core.errors import UserError
 from core.runtime import derive_seed
@@ -115,9 +115,38 @@ class Inverted:
         return DatasetPlan(items, conditions, param_names=self.info.param_names)
 
 
-def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> Inverted:
-    """The vectors of an invert checkpoint and the frozen model, refused if the model file is missing or changed."""
+def check_inversion(payload: dict[str, Any], path: Path) -> None:
+    """Refuse an invert checkpoint whose "inversion" record (see invert/stage.py) does not describe its
+    vectors: the frozen model's path, weights and fingerprint as text, and per vector a source image, a
+    label among the classes and the source's parameters."""
     require_keys(payload, ("models", "data_info", "inversion"), path)
+    info, inversion = payload["data_info"], payload["inversion"]
+    inversion = inversion if isinstance(inversion, dict) else {}
+    main = payload["models"].get("model")
+    vectors = main.get("weight") if isinstance(main, dict) else None
+    model, labels, params, sources = (inversion.get(k) for k in ("model", "labels", "params", "sources"))
+    if not (isinstance(vectors, torch.Tensor) and vectors.dim() == 2 and vectors.is_floating_point()):
+        problem = "no learned vectors (models.model.weight, one row per image)"
+    elif not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("path", "weights",
+                                                                                      "fingerprint"))):
+        problem = "no path, weights and fingerprint of the frozen model (inversion.model)"
+    elif not (isinstance(labels, torch.Tensor) and labels.shape == (len(vectors),) and not labels.is_floating_point()
+              and all(0 <= int(y) < max(1, len(info["class_names"])) for y in labels.unique())):
+        problem = "no label among its classes for every vector (inversion.labels)"
+    elif not (isinstance(params, torch.Tensor) and params.shape == (len(vectors), len(info["param_names"]))):
+        problem = "no parameters for every vector (inversion.params)"
+    elif not (isinstance(sources, (list, tuple)) and len(sources) == len(vectors)
+              and all(isinstance(s, str) for s in sources)):
+        problem = "no source image for every vector (inversion.sources)"
+    else:
+        return
+    raise UserError(f"Checkpoint {path} holds {problem}; it is damaged or was edited, so {advice(None)}.")
+
+
+def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> Inverted:
+    """The vectors of an invert checkpoint and the frozen model, refused if the checkpoint is damaged
+    (`check_inversion`) or the model file is missing or changed."""
+    check_inversion(payload, path)
     inversion = payload["inversion"]
     model = inversion["model"]
     frozen = load_frozen(model["path"], model["weights"], device, expected=model["fingerprint"],
@@ -125,7 +154,7 @@ def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> 
     vectors = payload["models"]["model"]["weight"].float().cpu()
     if not torch.isfinite(vectors).all():
         raise UserError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
-                        f"again with a lower --lr.")
+                        f"again (train.py --stage invert) with a lower --lr.")
     return Inverted(frozen.sampler, vectors, inversion["labels"].long(), inversion["params"].float(),
                     tuple(inversion["sources"]), DatasetInfo.from_dict(payload["data_info"]), model)
 

@@ -13,7 +13,8 @@ from core.config import DataConfig, StageConfig, TrainConfig, option, require
 from ddpm.config import DiffusionConfig
 from ddpm.unet import UNetConfig
 
-DEFAULT_VAE_RUN = Path("runs") / "vae-demo"
+DEFAULT_VAE_PRESET = "vae-demo"  # the `vae` preset of the autoencoder trained first when --vae-ckpt is the default
+DEFAULT_VAE_RUN = Path("runs") / DEFAULT_VAE_PRESET
 DEFAULT_VAE_CKPT = str(DEFAULT_VAE_RUN / "checkpoint.pt")
 
 

@@ -8,15 +8,15 @@ is encoded too (a convolutional encoder is not equivariant to mirroring, so a fl
 the mirror image's latent) and one of the two views is drawn.
 
 A cache file is named by the autoencoder's weight fingerprint and a hash of the images, labels and
-parameters, and both are checked when it is read: a different autoencoder, or changed data, never
-reuses a cache.
+parameters, and both are stored in it and checked when it is read, with the latents' shape: a
+different autoencoder, or changed data, never reuses a cache, and a file whose contents are not what
+its name promises is encoded again and replaced (saying so).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -115,18 +115,33 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: ImageDataset, views: int
     return torch.cat(out)
 
 
-def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[int, ...]) -> Tensor | None:
+def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[int, ...]) -> tuple[Tensor | None, str]:
+    """The moments cached at `path`, or None and why they cannot be used ("" when there is no file).
+
+    The file's name says what it should hold, but only its contents say what it does: a file copied or
+    renamed into place, or written by other code, is checked before it is trusted."""
     if not path.is_file():
-        return None
+        return None, ""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return None, "holds one bare array, not an .npz archive"
+        with loaded as z:
+            missing = [key for key in ("moments", "vae_fingerprint", "data_hash") if key not in z.files]
+            if missing:
+                return None, f"lacks {', '.join(missing)}"
             moments, fingerprint, hashed = z["moments"], str(z["vae_fingerprint"]), str(z["data_hash"])
-        if fingerprint != vae_fingerprint or hashed != images_hash or moments.shape != expected:
-            raise UserError(f"it was made for another autoencoder or other data (shape {moments.shape})")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        warnings.warn(f"Latent cache {path} is unusable ({err}); encoding again.", stacklevel=3)
-        return None
-    return torch.from_numpy(moments)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        return None, f"is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    if fingerprint != vae_fingerprint:
+        return None, f"was encoded by another autoencoder (weights {fingerprint}, not {vae_fingerprint})"
+    if hashed != images_hash:
+        return None, f"was encoded from other images (data {hashed}, not {images_hash})"
+    if moments.shape != expected or moments.dtype != np.float16:
+        return None, f"holds {moments.dtype} latents of shape {moments.shape}, not float16 {expected}"
+    if not np.isfinite(moments).all():
+        return None, "holds NaN or infinite values"
+    return torch.from_numpy(moments), ""
 
 
 def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: ImageDataset, *, hflip: bool,
@@ -140,12 +155,15 @@ def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: Im
     images_hash = dataset.fingerprint()
     path = cache_path(cache_dir, dataset.info, vae_fingerprint, images_hash, views)
     with main_process_first(runtime):
-        moments = _read(path, vae_fingerprint, images_hash, expected)
+        moments, unusable = _read(path, vae_fingerprint, images_hash, expected)
         if moments is None and runtime.is_main:
+            if unusable:
+                print(f"Latent cache {path} {unusable}; encoding again.", flush=True)
             moments = encode_dataset(autoencoder, dataset, views, batch)
+            # Atomically, so the file that replaces an unusable one is whole or absent.
             atomic_write(path, lambda file: np.savez(file, moments=moments.numpy(), vae_fingerprint=vae_fingerprint,
                                                      data_hash=images_hash))
     if moments is None:  # another process wrote it while this one waited
-        moments = _read(path, vae_fingerprint, images_hash, expected)
-        assert moments is not None, f"the main process did not leave a readable latent cache at {path}"
+        moments, unusable = _read(path, vae_fingerprint, images_hash, expected)
+        assert moments is not None, f"the main process did not leave a usable latent cache at {path}: it {unusable}"
     return LatentDataset(moments, dataset.labels, dataset.params, dataset.info)

@@ -4,7 +4,8 @@ samplers, trained on the scaled latents of a frozen KL autoencoder and decoded t
 The autoencoder is read from a `vae` checkpoint when a run starts, and a copy of its sampling
 weights goes into every checkpoint of the run, with the latent scale factor the run measured on its
 own latent cache (latent diffusion's `scale_by_std`), so one file is enough to resume or to sample,
-whatever happens to the VAE run afterwards.
+even once the VAE checkpoint is moved or deleted. A resume refuses a different autoencoder at
+--vae-ckpt, whose latents would not be the ones the run trains on.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.checkpoint import load_checkpoint, require_keys
+from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.config import TrainConfig, from_dict
 from core.contract import Prerequisite, StageSpec, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
 from data import DatasetInfo, load_dataset
 from data.augment import random_view
-from ddpm.config import NO_HELD_OUT_SET, UNET_FROM_DATA, UNET_OPTIONS, resolve_unet
+from ddpm.config import NO_HELD_OUT_SET, UNET_FROM_DATA, UNET_OPTIONS, check_unet_fits, resolve_unet
 from ddpm.generate import DiffusionSampler
 from ddpm.source import source_loader
 from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
 from ddpm.unet import UNet
-from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_RUN, PRESETS, LDMConfig
+from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_PRESET, DEFAULT_VAE_RUN, PRESETS, LDMConfig
 from ldm.latents import draw_latent, latent_dataset, latent_scale_factor
-from vae.autoencoder import AutoencoderKL
+from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+from vae.config import PRESETS as VAE_PRESETS, VAEConfig
 from vae.stage import SPEC as VAE, load_autoencoder
 
 NAME = "ldm"
@@ -49,28 +51,37 @@ def vae_record(payload: dict[str, Any], source: str | Path, fingerprint: str, sc
 
 
 def _read_vae(path: str) -> dict[str, Any]:
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, option="--vae-ckpt")
     if payload.get("stage") != "vae":
         raise UserError(f"--vae-ckpt {path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; "
                         f"pass the checkpoint.pt of a `train.py --stage vae` run.")
     return payload
 
 
+def latent_size(autoencoder: AutoencoderConfig, resolution: int) -> int:
+    """The side of the latents of `resolution`-pixel images, or one sentence on why there are none."""
+    f = autoencoder.downsampling_factor
+    if resolution % f:
+        raise UserError(f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {f}; "
+                        f"pick a multiple of {f}.")
+    return resolution // f
+
+
+def latent_description(autoencoder: AutoencoderConfig, size: int) -> str:
+    return f"The autoencoder's latents ({autoencoder.latent_channels}x{size}x{size})"
+
+
 def fit_unet_to_latents(config: LDMConfig, info: DatasetInfo, autoencoder: AutoencoderKL) -> LDMConfig:
     """The U-Net config for this autoencoder's latents of this data, or one sentence on why they do not fit."""
     ae = autoencoder.config
-    f = ae.downsampling_factor
     if ae.in_channels != info.channels:
         raise UserError(f"The autoencoder encodes {ae.in_channels}-channel images but {info.name} has {info.channels} "
                         f"channels; use an autoencoder trained on this kind of image.")
-    if info.resolution % f:
-        raise UserError(f"--resolution {info.resolution} is not divisible by the autoencoder's downsampling factor "
-                        f"{f}; pick a multiple of {f}.")
-    size = info.resolution // f
+    size = latent_size(ae, info.resolution)
     try:
         unet = resolve_unet(config.unet, info, size, ae.latent_channels)
     except ValueError as err:
-        raise UserError(f"The autoencoder's latents ({ae.latent_channels}x{size}x{size}) do not fit the U-Net: {err}") from None
+        raise UserError(f"{latent_description(ae, size)} do not fit the U-Net: {err}") from None
     return dataclasses.replace(config, unet=unet)
 
 
@@ -111,7 +122,7 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
 def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> DiffusionSampler:
     """A latent model from its checkpoint alone: its U-Net, and the autoencoder it carries."""
     require_keys(payload, ("config", "vae"), path)
-    config = from_dict(LDMConfig, payload["config"])
+    config = from_dict(LDMConfig, payload["config"], source=path)
     net = load_unet(payload, config.unet, device, weights, path)
     autoencoder, scale, _ = load_autoencoder(payload["vae"], device, path)
 
@@ -133,9 +144,9 @@ def prerequisite(config: LDMConfig, device: str) -> Prerequisite | None:
     if not ckpt.exists():
         same_data = ("--dataset", data.dataset, "--resolution", str(data.resolution), "--num-samples",
                      str(data.num_samples), "--cache-dir", data.cache_dir, "--num-workers", str(data.num_workers))
-        return Prerequisite(VAE, common + ("--preset", "vae-demo") + same_data,
+        return Prerequisite(VAE, common + ("--preset", DEFAULT_VAE_PRESET) + same_data,
                             f"The default autoencoder ({ckpt}) has no checkpoint yet: training it first "
-                            f"(train.py --stage vae --preset vae-demo).")
+                            f"(train.py --stage vae --preset {DEFAULT_VAE_PRESET}).")
     payload = load_checkpoint(ckpt, "vae")
     steps = from_dict(TrainConfig, payload["config"]["train"]).steps
     if payload["step"] < steps:
@@ -145,12 +156,46 @@ def prerequisite(config: LDMConfig, device: str) -> Prerequisite | None:
     return None
 
 
-def check(config: LDMConfig) -> None:
-    check_diffusion_options(config)
+def check_carried_autoencoder(path: str | Path, carried: dict[str, Any]) -> None:
+    """A resumed run encodes with the autoencoder its checkpoint carries (`carried`), so the file it was read
+    from may since have been moved or deleted; a different autoencoder at that path is refused, since its
+    latents are not the ones the run trains on, and the user may think the run now uses it."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    payload = _read_vae(str(path))
+    require_keys(payload, ("ema",), path, option="--vae-ckpt")
+    now, was = state_fingerprint(payload["ema"].get("model") or {}), state_fingerprint(carried["ema"]["model"])
+    if now != was:
+        raise UserError(f"--vae-ckpt {path} holds another autoencoder (weights {now}) than the one this run trains "
+                        f"on ({was}, which its checkpoint carries); restore that file, move it away to resume with "
+                        f"the copy the checkpoint carries, or start a new --run-dir.")
+
+
+def autoencoder_config(config: LDMConfig) -> AutoencoderConfig:
+    """The layout of the autoencoder a new run will encode with, before any weights are loaded: the one in
+    --vae-ckpt, or the default preset's when the default run is still to be trained (`prerequisite`)."""
     path = Path(config.latent.vae_ckpt)
-    if path != Path(DEFAULT_VAE_CKPT) and not path.is_file():  # the default one is trained when missing
-        raise MissingFileError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` "
-                               f"run.")
+    if path.is_file():
+        payload = _read_vae(str(path))
+        require_keys(payload, ("config",), path, option="--vae-ckpt")
+        return from_dict(VAEConfig, payload["config"]).autoencoder
+    if path == Path(DEFAULT_VAE_CKPT):
+        return VAE_PRESETS[DEFAULT_VAE_PRESET]().autoencoder
+    raise MissingFileError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` run.")
+
+
+def check(config: LDMConfig, resume_from: dict | None) -> None:
+    """Before any data is loaded: the diffusion options, the autoencoder, and the U-Net at the size of its
+    latents. A resumed run needs no file at --vae-ckpt: its checkpoint carries the autoencoder, and its U-Net
+    was fitted to those latents when it started."""
+    check_diffusion_options(config)
+    if resume_from is not None:
+        check_carried_autoencoder(config.latent.vae_ckpt, resume_from["vae"])
+        return
+    autoencoder = autoencoder_config(config)
+    size = latent_size(autoencoder, config.data.resolution)
+    check_unet_fits(config.unet, size, autoencoder.latent_channels, latent_description(autoencoder, size))
 
 
 

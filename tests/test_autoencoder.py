@@ -527,3 +527,14 @@ def test_adaptive_weight_is_the_detached_gradient_norm_ratio():
 
     # No generator gradient: the ratio is clamped at 1e4.
     assert adaptive_weight((2 * w).sum(), (0.0 * w).sum(), w, disc_weight=1.0).item() == pytest.approx(1e4)
+
+
+def test_adaptive_weight_survives_gradients_that_underflow_in_half_precision():
+    """Under fp16 autocast the two gradients pass through half-precision activations; unscaled, a gradient
+    of 1e-8 per element is below fp16's smallest number and the weight would read 0."""
+    w = torch.nn.Parameter(torch.ones(64))
+    through_half = (w.half() * 1).float().sum()           # d/dw flows back through an fp16 tensor
+    nll, g = through_half * 1e-8, through_half * 3e-8
+    assert torch.autograd.grad(nll, w, retain_graph=True)[0].abs().max() == 0  # what an unscaled pass sees
+    expected = (1e-8 * 8) / (3e-8 * 8 + 1e-4)              # norms over 64 ones: 8 times the per-element value
+    assert adaptive_weight(nll, g, w, disc_weight=1.0).item() == pytest.approx(expected, rel=2e-2)

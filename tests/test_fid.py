@@ -8,6 +8,7 @@ published weight file's layout written out below.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import shutil
 import struct
@@ -30,7 +31,7 @@ from fid.__main__ import run as cli_main
 from fid.folder import ImageFolder, collate_images
 from fid.frechet import frechet_distance
 from fid.kid import kid
-from fid.stats import Statistics, StreamingStatistics, load_statistics, save_statistics
+from fid.stats import Provenance, Statistics, StreamingStatistics, load_statistics, save_statistics
 from fid.weights import WEIGHTS_FILENAME, WEIGHTS_URL, build_fid_inception, load_fid_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +283,13 @@ def test_statistics_npz_round_trip_uses_pytorch_fid_keys(tmp_path):
         assert sorted(raw.files) == ["mu", "sigma"]
     loaded = load_statistics(tmp_path / "s.npz")
     assert np.array_equal(loaded.mu, stats.mu) and np.array_equal(loaded.sigma, stats.sigma)
+    assert loaded.provenance is None
+    # What they were computed from travels in arrays of their own, which pytorch-fid (reading mu and sigma) ignores.
+    recorded = Provenance("FIDInceptionV3/pool3-2048", "0123456789abcdef", "all", 7)
+    save_statistics(dataclasses.replace(stats, provenance=recorded), tmp_path / "r.npz")
+    with np.load(tmp_path / "r.npz") as raw:
+        assert np.array_equal(raw["mu"], stats.mu) and np.array_equal(raw["sigma"], stats.sigma)
+    assert load_statistics(tmp_path / "r.npz").provenance == recorded
 
 
 def test_load_statistics_rejects_wrong_keys_and_shapes(tmp_path):
@@ -815,6 +823,9 @@ def test_cli_end_to_end_with_folders_and_saved_statistics(tmp_path, capsys, extr
 
     assert cli_main(["--save-stats", a, stats, *options]) == 0
     np.testing.assert_allclose(load_statistics(stats).mu, f_a.mean(0), rtol=1e-6)
+    from fid.features import NETWORK, weights_fingerprint
+    assert load_statistics(stats).provenance == Provenance(NETWORK, weights_fingerprint(extractor.model),
+                                                           "pytorch-fid", 2)
     capsys.readouterr()
     assert cli_main([stats, b, *options]) == 0
     out = capsys.readouterr().out
@@ -855,7 +866,8 @@ def test_cli_compile_option_compiles_the_network_once(tmp_path, capsys, extracto
 
 def _one_sentence_error(capsys) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("FID features")]  # progress bars
+    # Without progress bars, and warnings (an old statistics file's), which are lines of their own.
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("FID features", "warning: "))]
     assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), err
     assert not re.search(r"\.\s+[A-Z]", lines[0]), err  # no second sentence
     return lines[0]

@@ -225,6 +225,34 @@ def test_ldm_resume_is_exact(tmp_path, cache, vae_run):
     assert all(torch.equal(v, b["ema"]["model"][k]) for k, v in a["ema"]["model"].items())
 
 
+def test_ldm_resumes_exactly_from_the_autoencoder_it_carries_once_the_file_is_gone(tmp_path, cache, vae_run):
+    """The README's promise: a latent checkpoint is enough to resume. The VAE file it started from may be
+    moved or deleted; another autoencoder in its place is refused, its latents not being this run's."""
+    vae = tmp_path / "vae.pt"
+    vae.write_bytes((vae_run / "checkpoint.pt").read_bytes())
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(ldm_args(straight, cache, vae_run / "checkpoint.pt", 4, "--cond", "params"))
+    train.main(ldm_args(split, cache, vae, 2, "--cond", "params"))
+    resume = ["--stage", "ldm", "--run-dir", str(split), "--resume", "--steps", "4", "--device", "cpu"]
+
+    other = load_checkpoint(vae_run / "checkpoint.pt", "vae")
+    other["ema"]["model"]["decoder.conv_out.bias"] += 0.1  # the autoencoder trained further, say
+    torch.save(other, vae)
+    saved = (split / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=f"--vae-ckpt {vae} holds another autoencoder .* move it away to resume with "
+                                         f"the copy the checkpoint carries"):
+        train.main(resume)
+    assert (split / "checkpoint.pt").read_bytes() == saved
+
+    vae.unlink()
+    train.main(resume)
+    assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
+    a, b = (load_checkpoint(d / "checkpoint.pt", "ldm") for d in (straight, split))
+    for group in ("models", "ema"):
+        assert all(torch.equal(v, b[group]["model"][k]) for k, v in a[group]["model"].items())
+    assert b["vae"]["source"] == str(vae)  # still names the file it came from
+
+
 def test_latent_cache_is_reused_for_the_same_autoencoder_and_rebuilt_for_another(tmp_path, cache, vae_run, capsys):
     other_vae = tmp_path / "other-vae"
     train.main(vae_args(other_vae, cache, 1, "--seed", "1"))
@@ -240,8 +268,8 @@ def test_latent_cache_is_reused_for_the_same_autoencoder_and_rebuilt_for_another
     assert "Encoding 12 images" in capsys.readouterr().err
     assert len(list((folder / "latents").iterdir())) == 2   # a different VAE has its own cache
     first.write_bytes(b"torn")                              # a cache cut off mid-write is encoded again
-    with pytest.warns(UserWarning, match="unusable"):
-        train.main(ldm_args(tmp_path / "d", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+    train.main(ldm_args(tmp_path / "d", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
+    assert f"Latent cache {first} is unreadable" in capsys.readouterr().out
 
 
 def test_a_tiny_latent_model_overfits_a_few_images(tmp_path, cache, vae_run):
@@ -424,6 +452,9 @@ def test_published_weights_import_into_a_vae_run_with_zero_steps(tmp_path, cache
         train.main(vae_args(tmp_path / "never", cache, 0, "--pretrained", str(tmp_path / "wrong.ckpt"),
                             "--latent-channels", "4"))
     assert not (tmp_path / "never").exists()
+    (tmp_path / "published.ckpt").unlink()  # fine-tuning goes on from the run's own checkpoint: the file may go
+    train.main(["--stage", "vae", "--run-dir", str(run_dir), "--resume", "--steps", "1", "--device", "cpu"])
+    assert load_checkpoint(run_dir / "checkpoint.pt", "vae")["step"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

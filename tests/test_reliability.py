@@ -366,6 +366,12 @@ TRAIN_CASES = [
     (["--stage", "classify", "--extra-fraction", "0.5"], "need --extra-dataset"),
     (["--stage", "classify", "--extra-dataset", "folder:/no/such"], "does not exist"),
     (["--stage", "classify", "--target", "labels"], "invalid choice"),
+    # networks that cannot take the image size: refused at start-up, not at the first step (or the first step of
+    # the discriminator) after the data is loaded
+    (["--channel-mult"], "--channel-mult needs at least one level"),
+    (["--resolution", "24"], "24x24 images (--resolution 24) do not fit the U-Net"),
+    (["--stage", "vae", "--resolution", "16", "--disc-start", "0"], "--disc-layers 3 needs images of at least 24 px"),
+    (["--stage", "classify", "--resolution", "8", "--batch-size", "1"], "ResNet-18 shrinks 8 px images to 1x1"),
 ]
 
 

@@ -404,16 +404,7 @@ class Trainer:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
         if not self.metrics_path.exists():
             return
-        kept = []
-        for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.warn(f"{self.metrics_path} line {number} is torn (the run was cut off while writing it); "
-                              f"dropping it.", stacklevel=2)
-                continue
-            if record["step"] <= self.start_step:
-                kept.append(line)
+        kept = [line for line, record in read_metrics(self.metrics_path) if record["step"] <= self.start_step]
         write_json_lines(kept, self.metrics_path)
 
     # -- the run -----------------------------------------------------------------------------
@@ -465,10 +456,10 @@ class Trainer:
         if save_due or log_due:
             means = self.window.means()  # every process takes part: the means are all-reduced
             # Checked before any checkpoint is written, so a diverged model never replaces a good one.
-            bad = [k for k in means if k.startswith("loss") and not math.isfinite(means[k])]
-            if bad:
+            diverged = self._divergence(means)
+            if diverged:
                 raise TrainingDiverged(
-                    f"the {bad[0]} became {means[bad[0]]} by step {done}; nothing was saved past the last checkpoint "
+                    f"{diverged} by step {done}; nothing was saved past the last checkpoint "
                     f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run with a lower "
                     f"--lr, or with --amp none.")
         if log_due:
@@ -484,6 +475,16 @@ class Trainer:
                 self._evaluate(done)
                 self._preview(done)
         return save_due
+
+    def _divergence(self, means: dict[str, float]) -> str | None:
+        """What shows that training has diverged, or None: a loss that is not finite; a gradient norm that is
+        not finite, unless fp16 loss scaling is on (it skips those steps and lowers its scale); or what the
+        stage's own test (`TrainingStage.diverged`) finds in the weights being trained."""
+        watched = ("loss",) if self.scaler.is_enabled() else ("loss", "grad_norm")
+        bad = [k for k in means if k.startswith(watched) and not math.isfinite(means[k])]
+        if bad:
+            return f"the {bad[0]} became {means[bad[0]]}"
+        return self.stage.diverged(self.models) if self.stage.diverged is not None else None
 
     def _stop(self, done: int, signum: int, saved: bool) -> None:
         """Checkpoint the step just finished (unless that happened already) and end the run."""
@@ -537,6 +538,26 @@ def _named(losses: dict, metrics: dict, grad_norms: dict) -> dict[str, torch.Ten
     assert not clash, f"stage metrics reuse the loop's names {sorted(clash)}"
     named.update(metrics)
     return {k: torch.as_tensor(v) for k, v in named.items()}
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records of a metrics.jsonl, each with its line: a line that is not JSON is torn (the run was
+    cut off while writing it, or the disk filled) and is dropped with a warning; a line that is JSON but
+    not a record with a whole-number "step" was edited, and is refused in one sentence naming it."""
+    records = []
+    # Bytes that are not UTF-8 make their line torn, like any other line that is not JSON.
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path} line {number} is torn (the run was cut off while writing it); dropping it.",
+                          stacklevel=3)
+            continue
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise UserError(f"{path} line {number} is not a metrics record (a JSON object with a whole-number "
+                            f"\"step\"), so the file was edited; fix or delete that line.")
+        records.append((line, record))
+    return records
 
 
 def write_json_lines(lines: list[str], path: Path) -> None:

@@ -99,9 +99,9 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     if args.resume:
         if not checkpoint.exists():
             raise MissingFileError(f"{run_dir} holds no checkpoint to resume; drop --resume to start a new run there.")
-        saved = load_checkpoint(checkpoint, spec.name)
-        require_keys(saved, CHECKPOINT_KEYS, checkpoint)
-        config = from_dict(spec.config_class, saved["config"])
+        saved = load_checkpoint(checkpoint, spec.name, option="--resume")
+        require_keys(saved, CHECKPOINT_KEYS, checkpoint, option="--resume")
+        config = from_dict(spec.config_class, saved["config"], checkpoint)
         fixed = _changed_fixed_options(spec, args, config)
         if fixed:
             raise UserError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
@@ -116,7 +116,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
     if spec.check is not None:
-        spec.check(config)
+        spec.check(config, saved)
     return config, saved
 
 
@@ -130,6 +130,7 @@ def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, r
     if changed:
         key = changed[0]
         what = ("the images, labels or parameters themselves (content fingerprint)" if key == "fingerprint"
+                else "the held-out test images (content fingerprint)" if key == "test_fingerprint"
                 else f"{key} was {was[key]!r}, now {now[key]!r}")
         raise UserError(f"The data changed since {run_dir} was checkpointed ({what}); restore it, or start a new "
                         f"--run-dir.")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from core.errors import UserError
 from ddpm.unet import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, num_groups
 from kernels.group_norm import group_norm_act
 
@@ -47,24 +48,24 @@ class AutoencoderConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.in_channels < 1 or self.latent_channels < 1:
-            raise ValueError(f"in_channels and latent_channels must be >= 1, got {self.in_channels} and "
-                             f"{self.latent_channels}.")
+            raise UserError(f"in_channels and latent_channels must be >= 1, got {self.in_channels} and "
+                            f"{self.latent_channels}.")
         if not self.channel_mult or self.num_res_blocks < 1:
-            raise ValueError("channel_mult needs at least one level and num_res_blocks must be >= 1.")
+            raise UserError("channel_mult needs at least one level and num_res_blocks must be >= 1.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}.")
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             # GroupNorm needs whole groups: min(32, C // 4) of them (see ddpm.unet.num_groups).
             if channels < 4 or channels % num_groups(channels):
-                raise ValueError(f"base_channels * channel_mult must be a multiple of 4 below 128 and of 32 from "
-                                 f"128 on (whole GroupNorm groups), got {channels}.")
+                raise UserError(f"base_channels * channel_mult must be a multiple of 4 below 128 and of 32 from "
+                                f"128 on (whole GroupNorm groups), got {channels}.")
         if self.resolution % self.downsampling_factor:
-            raise ValueError(f"resolution {self.resolution} must be divisible by the downsampling factor "
-                             f"{self.downsampling_factor}.")
+            raise UserError(f"resolution {self.resolution} must be divisible by the downsampling factor "
+                            f"{self.downsampling_factor}.")
         if not set(self.attention_resolutions) <= set(self.feature_sizes):
-            raise ValueError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map "
-                             f"sizes {self.feature_sizes}.")
+            raise UserError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map "
+                            f"sizes {self.feature_sizes}.")
 
     @property
     def downsampling_factor(self) -> int:

@@ -41,6 +41,14 @@ class PatchDiscriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self._init_weights()
 
+    @staticmethod
+    def min_image_size(num_layers: int) -> int:
+        """The smallest image side the discriminator can judge. A 4x4 convolution with padding 1 halves the
+        side, rounding down, at stride 2 (the first layer and every hidden one but the last) and takes 1 off it
+        at stride 1 (the last two), so the logit grid is floor(side / 2**num_layers) - 2 wide: at least 1 from
+        side 3 * 2**num_layers on (24 px for three layers)."""
+        return 3 * 2**num_layers
+
     def _init_weights(self) -> None:
         # DCGAN's init (Radford et al. 2016), used by pix2pix: weights N(0, 0.02), BatchNorm scales N(1, 0.02).
         for m in self.modules():
@@ -76,6 +84,9 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
+GRAD_SCALE = 2.0 ** 16  # see adaptive_weight
+
+
 def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
     """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4).
 
@@ -85,7 +96,10 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, 
     [0, 1e4] and detached (it scales the generator loss but is not itself trained), then multiplied
     by `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
     """
-    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    # Both losses are scaled by 2^16 on the way back and the norms scaled down again: under fp16 autocast
+    # the gradients pass through half-precision activations, where unscaled they can underflow to zero
+    # (the GradScaler does not see these two backward passes). The ratio itself is scale-free.
+    nll_grad, = torch.autograd.grad(nll_loss * GRAD_SCALE, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss * GRAD_SCALE, last_layer, retain_graph=True)
+    weight = (nll_grad.float().norm() / GRAD_SCALE) / (g_grad.float().norm() / GRAD_SCALE + 1e-4)
     return weight.clamp(0.0, 1e4).detach() * disc_weight

@@ -215,7 +215,7 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
         raise UserError(f"{path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; pass the "
                         f"checkpoint.pt of a `train.py --stage vae` run.")
     require_keys(payload, ("config", "models", "ema", "scale_factor"), path)
-    config = from_dict(VAEConfig, payload["config"])
+    config = from_dict(VAEConfig, payload["config"], source=path)
     state = payload["ema" if weights == "ema" else "models"].get("model")
     autoencoder = load_weights(AutoencoderKL(config.autoencoder), state, path, "autoencoder")
     scale = float(payload["scale_factor"])
@@ -224,14 +224,33 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
     return autoencoder.to(device).eval().requires_grad_(False), scale, state_fingerprint(state)
 
 
-def check(config: VAEConfig) -> None:
-    """Files the options name must exist before any work starts."""
-    for option, value in (("--pretrained", config.vae.pretrained), ("--vgg-weights", config.loss.vgg_weights),
-                          ("--lpips-weights", config.loss.lpips_weights)):
+def check(config: VAEConfig, resume_from: dict | None) -> None:
+    """Before any work starts: the files the options name must exist, and every network of the run must take
+    images of the size asked for (the autoencoder, the perceptual network, and the discriminator when on)."""
+    files = [("--vgg-weights", config.loss.vgg_weights), ("--lpips-weights", config.loss.lpips_weights)]
+    if resume_from is None:  # a resumed run starts from its checkpoint, not from the published weights
+        files.append(("--pretrained", config.vae.pretrained))
+    for option, value in files:
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
+    size, loss = config.data.resolution, config.loss
+    try:
+        dataclasses.replace(config.autoencoder, resolution=size)
+    except ValueError as err:
+        raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: {err}") from None
+    smallest = 2 ** (loss.perceptual_taps - 1)  # each VGG-16 tap after the first is behind one more 2x2 max-pool
+    if size < smallest:
+        raise UserError(f"--perceptual-taps {loss.perceptual_taps} needs images of at least {smallest} px (each VGG-16 "
+                        f"tap after the first halves them), and --resolution is {size}; pass --perceptual-taps "
+                        f"{size.bit_length()} or a larger --resolution.")
+    smallest = PatchDiscriminator.min_image_size(loss.disc_layers)
+    if loss.disc_start >= 0 and size < smallest:
+        fits = max(n for n in range(1, loss.disc_layers) if PatchDiscriminator.min_image_size(n) <= size)
+        raise UserError(f"--disc-layers {loss.disc_layers} needs images of at least {smallest} px (its strided 4x4 "
+                        f"convolutions leave smaller ones no patch to judge), and --resolution is {size}; pass "
+                        f"--disc-layers {fits}, a larger --resolution, or --disc-start -1 for no discriminator.")
 
 
 # Previews are reconstructions of held-out images, so there are no sampling steps to choose.

@@ -1,0 +1,238 @@
+"""A run that cannot work is refused at start-up, and a run that goes wrong stops before it saves.
+
+Every network's needs from the image size, channel counts and depth are checked before any data is
+loaded (the arithmetic each check uses is held against the networks themselves, on the meta device);
+and in every stage a learning rate large enough to diverge ends the run with the same advice, leaving
+the last good checkpoint as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from core import cli
+from core.runtime import Runtime
+from helpers import RES, tiny_args
+from training.loop import Trainer, TrainingDiverged
+from training.run import resolve_config
+
+CPU = torch.device("cpu")
+
+
+def the_error(stderr: str) -> str:
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Six 16x16 RGB images in two classes."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        (root / f"class{k % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# options no network can take: one line, before any data is loaded, nothing written
+
+
+def stage_args(stage: str, folder: Path, *extra: str) -> list[str]:
+    return ["--stage", stage, "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", str(RES), *extra]
+
+
+IMPOSSIBLE = [
+    # ddpm: the U-Net (an empty --channel-mult was an IndexError in the middle of building it)
+    ("ddpm", ("--channel-mult", "--attention-resolutions"), "--channel-mult needs at least one level"),
+    ("ddpm", ("--channel-mult", "1", "0"), "--channel-mult needs at least one level, each a positive multiplier"),
+    ("ddpm", ("--num-res-blocks", "0"), "--num-res-blocks must be at least 1"),
+    ("ddpm", ("--dropout", "1"), "--dropout must be in [0, 1)"),
+    ("ddpm", ("--channel-mult", "1", "1", "1", "1", "1", "1", "--attention-resolutions"),
+     "16x16 images (--resolution 16) do not fit the U-Net: image_size 16 must be divisible by"),
+    ("ddpm", ("--attention-resolutions", "3"), "do not fit the U-Net: attention_resolutions (3,) must be among"),
+    # vae: the discriminator (a raw convolution error at the step it started), the perceptual network, the autoencoder
+    ("vae", ("--disc-start", "0"), "--disc-layers 3 needs images of at least 24 px"),
+    ("vae", ("--disc-start", "5", "--disc-layers", "2", "--resolution", "8"), "--disc-layers 2 needs images of at "
+                                                                              "least 12 px"),
+    ("vae", ("--resolution", "8", "--perceptual-taps", "5"), "--perceptual-taps 5 needs images of at least 16 px"),
+    ("vae", ("--resolution", "12", "--channel-mult", "1", "2", "2", "2"),
+     "12x12 images (--resolution 12) do not fit the autoencoder: resolution 12 must be divisible by the "
+     "downsampling factor 8"),
+    # ldm: the latents of the default autoencoder (vae-demo, f = 4), refused before that is trained
+    ("ldm", ("--cond", "none", "--resolution", "18"), "--resolution 18 is not divisible by the autoencoder's downsampling factor 4"),
+    ("ldm", ("--cond", "none"), "The autoencoder's latents (3x4x4) do not fit the U-Net: attention_resolutions (8,)"),
+    ("ldm", ("--cond", "none", "--attention-resolutions", "--channel-mult", "1", "1", "1", "1"),
+     "latents (3x4x4) do not fit the U-Net: image_size 4 must be divisible by 2**(len(channel_mult) - 1) = 8"),
+    # classify: batch norm of one image shrunk to 1x1
+    ("classify", ("--target", "class", "--batch-size", "1", "--resolution", "8"),
+     "ResNet-18 shrinks 8 px images to 1x1 in its last stage"),
+    ("classify", ("--target", "class", "--batch-size", "1", "--resolution", "32", "--stem", "imagenet"),
+     "--batch-size 1 cannot train it; pass --batch-size 2 or more, or --stem small"),
+]
+
+
+@pytest.mark.parametrize("stage, extra, message", IMPOSSIBLE, ids=[f"{c[0]} {' '.join(c[1])}" for c in IMPOSSIBLE])
+def test_options_no_network_can_take_are_refused_before_any_data_is_loaded(tmp_path, folder, monkeypatch, capsys,
+                                                                         stage, extra, message):
+    import classify.stage
+    import ddpm.stage
+    import ldm.stage
+    import vae.stage
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data was loaded before the options were checked")
+    for module in (ddpm.stage, vae.stage, ldm.stage, classify.stage):
+        monkeypatch.setattr(module, "load_dataset", loading)
+    monkeypatch.chdir(tmp_path)  # no default autoencoder run: the latent stage would train it first
+    run_dir = tmp_path / "run"
+    assert cli.run(train.main, [*stage_args(stage, folder, *extra), "--run-dir", str(run_dir)]) == 1
+    assert message in the_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, and no autoencoder run either
+
+
+def test_an_inversion_at_another_size_than_its_model_is_refused_before_the_images_are_loaded(
+        tmp_path, class_ckpt, monkeypatch, capsys):
+    import invert.stage
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the images were loaded before their size was checked")
+    monkeypatch.setattr(invert.stage, "load_dataset", loading)
+    args = ["--stage", "invert", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--model", str(class_ckpt),
+            "--dataset", "plumes", "--resolution", str(2 * RES)]
+    assert cli.run(train.main, args) == 1
+    assert f"--resolution {2 * RES} differs from the {RES} px images the model" in the_error(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_discriminators_size_arithmetic_is_the_network_s():
+    from vae.discriminator import PatchDiscriminator
+    for layers in range(1, 5):
+        with torch.device("meta"):
+            net = PatchDiscriminator(3, base_channels=8, num_layers=layers).train()
+        for size in range(8, 60):
+            try:
+                with torch.device("meta"):
+                    side = net(torch.empty(2, 3, size, size)).shape[-1]
+                assert side == size // 2**layers - 2, (layers, size)
+            except RuntimeError:  # "Kernel size can't be greater than actual input size"
+                side = 0
+            assert (size >= PatchDiscriminator.min_image_size(layers)) == (side >= 1), (layers, size)
+
+
+def test_the_classifier_s_size_arithmetic_is_the_network_s():
+    from classify.model import ClassifierConfig, build_resnet18, check_batch_norm_fits, last_feature_map
+    from core.errors import UserError
+    for stem in ("small", "imagenet"):
+        config = ClassifierConfig(stem=stem, num_outputs=2)
+        with torch.device("meta"):
+            net = build_resnet18(config, 32).train()
+        sides = []
+        net.layer4.register_forward_hook(lambda module, inputs, output: sides.append(output.shape[-1]))
+        for size in (8, 9, 16, 17, 32, 33, 40, 65):
+            sides.clear()
+            for batch in (2, 1):
+                try:
+                    with torch.device("meta"):
+                        net(torch.empty(batch, 3, size, size))
+                    runs = True
+                except ValueError:  # "Expected more than 1 value per channel when training"
+                    runs = False
+                try:
+                    check_batch_norm_fits(config, size, batch)
+                    accepted = True
+                except UserError:
+                    accepted = False
+                assert accepted == runs, (stem, size, batch)
+            assert sides[0] == last_feature_map(config, size), (stem, size)  # the batch of two's, at layer4
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence: every stage stops before a diverged state replaces the last good checkpoint
+
+
+def invert_args(run_dir: Path, model: Path, *extra: str) -> list[str]:
+    dataset = json.loads((model.parent / "config.json").read_text())["data"]["dataset"]
+    return ["--stage", "invert", "--run-dir", str(run_dir), "--device", "cpu", "--model", str(model), "--dataset",
+            dataset, "--resolution", str(RES), "--batch-size", "4", "--log-every", "1", "--sample-every", "0",
+            "--preview-images", "2", "--preview-steps", "2", "--eval-images", "3", "--eval-timesteps", "2",
+            "--cache-dir", str(run_dir.parent / "cache"), *extra]
+
+
+def classify_args(run_dir: Path, folder: Path, *extra: str) -> list[str]:
+    return [*stage_args("classify", folder, "--target", "class", "--batch-size", "2", "--test-samples", "2",
+                        "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0", *extra),
+            "--run-dir", str(run_dir)]
+
+
+# (stage, the command of a healthy run, a learning rate that diverges, checkpoint interval after the resume).
+# The inversion's test looks at the weights themselves, so it holds even when a checkpoint is due at the very
+# step that blew the vectors up; the loss tests see a blown-up step at the next one.
+DIVERGING = {
+    "invert": (lambda run_dir, folder, model: invert_args(run_dir, model), 1e6, 1),
+    "ddpm": (lambda run_dir, folder, model: tiny_args(run_dir, folder), 1e30, 2),
+    "classify": (lambda run_dir, folder, model: classify_args(run_dir, folder), 1e30, 2),
+}
+
+
+@pytest.mark.parametrize("stage", DIVERGING)
+def test_a_diverging_run_stops_with_advice_and_keeps_the_last_good_checkpoint(tmp_path, folder, class_ckpt, stage):
+    command, lr, ckpt_every = DIVERGING[stage]
+    run_dir = tmp_path / "run"
+    train.main(command(run_dir, folder, class_ckpt) + ["--steps", "2", "--ckpt-every", "2"])
+    good = (run_dir / "checkpoint.pt").read_bytes()
+    # The same run continued with the learning rate raised (a resume refuses a changed --lr, so the config is
+    # changed here): it diverges within the first steps after the checkpoint.
+    spec, args = train.parse_args(["--stage", stage, "--run-dir", str(run_dir), "--resume", "--device", "cpu"])
+    config, saved = resolve_config(spec, args, run_dir)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, steps=8, ckpt_every=ckpt_every))
+    config, built = spec.build(config, Runtime(CPU), saved)
+    with pytest.raises(TrainingDiverged, match=r"by step [34]; nothing was saved past the last checkpoint "
+                                               r"\(.*checkpoint.pt\), so start a new run with a lower --lr"):
+        Trainer(built, config.train, run_dir, Runtime(CPU), resume_from=saved).run()
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
+
+
+def test_an_inversion_with_an_absurd_learning_rate_ends_with_one_line_and_no_checkpoint(tmp_path, class_ckpt, capsys):
+    """It used to finish "Done", its vectors of size 1e6 and more and no image improved: the loss stays finite
+    however far the vectors go, since the network saturates."""
+    run_dir = tmp_path / "run"
+    assert cli.run(train.main, invert_args(run_dir, class_ckpt, "--steps", "4", "--lr", "1e6")) == 1
+    line = the_error(capsys.readouterr().err)
+    assert re.search(r"the largest learned vector's RMS became [0-9.e+]+, over 100 times that of the model's own "
+                     r"embeddings \(limit [0-9.]+\) by step 1; .* a lower --lr", line), line
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_gradients_that_overflow_stop_a_run_whose_loss_is_still_finite(tmp_path, folder, capsys):
+    """At --lr 1e10 the pixel U-Net's loss grows to 1e23 and stays finite while its gradient norm overflows:
+    the run used to finish "Done" with those weights."""
+    run_dir = tmp_path / "run"
+    assert cli.run(train.main, tiny_args(run_dir, folder, "--lr", "1e10", "--warmup-steps", "0", steps=8)) == 1
+    assert re.search(r"the grad_norm became (inf|nan) by step \d", the_error(capsys.readouterr().err))
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_an_overflowing_gradient_is_divergence_unless_fp16_loss_scaling_skips_its_step(tmp_path):
+    from core.config import TrainConfig
+    from core.contract import Trainable, TrainingStage
+    stage = TrainingStage(name="toy", trainables={"model": Trainable(torch.nn.Linear(2, 1), lr=1e-3)},
+                          loss=lambda models, batch, generator, step: (models["model"](batch).mean(), {}),
+                          dataset=torch.zeros(4, 2), config={}, data_info={})
+    trainer = Trainer(stage, TrainConfig(steps=1), tmp_path / "run", Runtime(CPU))
+    means = {"loss": 0.5, "grad_norm": math.inf}
+    assert trainer._divergence(means) == "the grad_norm became inf"
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # fp16: such a step is skipped, the scale lowered
+    assert trainer._divergence(means) is None
+    assert trainer._divergence({**means, "loss": math.nan}) == "the loss became nan"
