@@ -22,10 +22,10 @@ from torch import Tensor
 from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig
 from classify.model import NAME, build_resnet18
 from classify.plots import confusion_matrix_image
-from core.config import to_dict
+from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError
-from core.runtime import Runtime
+from core.runtime import Runtime, read_metrics
 from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
 from data.augment import compose, random_crop, random_hflip
 from data.dataset import param_ranges
@@ -218,14 +218,15 @@ def final_results(run_dir: str | Path) -> dict[str, Any] | None:
     config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
     if not (config_path.is_file() and metrics_path.is_file()):
         return None
-    steps = json.loads(config_path.read_text())["train"]["steps"]
+    try:
+        saved = json.loads(config_path.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8, or not JSON
+        raise UserError(f"{config_path} is not the JSON config a run writes; restore it, or delete the run folder "
+                        f"{run_dir} to train it again.") from None
+    steps = from_dict(ClassifyConfig, saved, source=config_path).train.steps
     last = None
-    for line in metrics_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step") == steps and record.get("split") != "train":
+    for _, record in read_metrics(metrics_path):
+        if record["step"] == steps and record.get("split") != "train":
             last = record
     return last
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import warnings
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,3 +225,23 @@ def _fsync_directory(folder: Path) -> None:
 def write_json(values: Any, path: str | os.PathLike) -> None:
     """Write `values` as indented JSON, atomically."""
     atomic_write(path, lambda f: f.write((json.dumps(values, indent=2) + "\n").encode()))
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records of a metrics.jsonl, each with its line: a line that is not JSON is torn (the run was
+    cut off while writing it, or the disk filled) and is dropped with a warning; a line that is JSON but
+    not a record with a whole-number "step" was edited, and is refused in one sentence naming it."""
+    records = []
+    # Bytes that are not UTF-8 make their line torn, like any other line that is not JSON.
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path} line {number} is torn (the run was cut off while writing it); dropping it.",
+                          stacklevel=3)
+            continue
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise UserError(f"{path} line {number} is not a metrics record (a JSON object with a whole-number "
+                            f"\"step\"), so the file was edited; fix or delete that line.")
+        records.append((line, record))
+    return records

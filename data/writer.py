@@ -147,7 +147,14 @@ class DatasetWriter:
         return sum(1 for _ in self.root.rglob("*.png"))
 
     def pending(self, items: Sequence[Item]) -> list[Item]:
-        """The items whose image is not on disk yet."""
+        """The items whose image is not on disk yet. Images on disk beyond `items` (an earlier run asked for
+        more) are kept, never deleted, and said so in one line: the folder then holds more than was asked."""
+        wanted = {item.index for item in items}
+        beyond = sorted(k for k in self.rows if k not in wanted)
+        if beyond:
+            print(f"{self.root} already holds {len(beyond)} images beyond the {len(items)} asked for (from an earlier "
+                  f"run that asked for more); they are kept, so the set has {len(wanted) + len(beyond)} images. "
+                  f"Write to a new folder for a set of exactly {len(items)}.", flush=True)
         return [item for item in items if not (self.root / item.file).is_file()]
 
     def write(self, items: Sequence[Item], images: torch.Tensor, every_item: Sequence[Item] = ()) -> None:

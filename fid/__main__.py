@@ -67,14 +67,14 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def check_reused_statistics(paths: list[str], common: dict) -> None:
     """Refuse a statistics file computed with another network or weights than the other side, before
-    any features are computed (the run's own network is built only to compare with a file that says)."""
+    any features are computed (fid_between checks again, and warns of a file that does not say) (the run's own network is built only to compare with a file that says)."""
     saved = [(f"statistics file {path}", load_statistics(path).provenance)
              for path in paths if is_statistics_source(path) and Path(path).is_file()]
     if len(saved) == 1 and saved[0][1] is not None:  # the other side's features are computed here
         weights = common["weights"] or f"the published {WEIGHTS_FILENAME}"
         saved.append((f"this run's features (weights {weights})", FeatureExtractor(**common).provenance()))
     if saved:
-        check_same_features(saved)
+        check_same_features(saved, warn=False)  # fid_between warns of a file that does not say, once
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from .features import FeatureExtractor, ImageSource
 from .folder import ImageFolder
 from .frechet import frechet_distance
 from .kid import check_kid_sizes, kid
-from .stats import Statistics, StreamingStatistics, load_statistics
+from .stats import Statistics, StreamingStatistics, check_same_features, load_statistics
 
 from core.errors import UserError
 
@@ -58,6 +58,7 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
     a, b = _open(a, files), _open(b, files)
     if not with_kid:
         s_a, s_b = _statistics(a, extractor), _statistics(b, extractor)
+        check_same_features([(_describe(source), s.provenance) for source, s in ((a, s_a), (b, s_b))])
         return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma))
     check_kid_sizes(_count(a), _count(b), kid_subsets, kid_subset_size)
     f_a, f_b = extractor.features(a), extractor.features(b)
@@ -84,6 +85,12 @@ def _count(source: Source) -> int | None:
     if isinstance(source, torch.Tensor):
         return source.shape[0]
     return None
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"statistics file {source}" if is_statistics_source(source) else f"the features of {source}"
+    return "the statistics given" if isinstance(source, Statistics) else "the features of the images given"
 
 
 def _statistics(source: Source, extractor: FeatureExtractor) -> Statistics:

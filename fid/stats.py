@@ -179,15 +179,15 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     return Statistics(mu=mu, sigma=sigma, provenance=provenance)
 
 
-def check_same_features(sides: Sequence[tuple[str, Provenance | None]]) -> None:
+def check_same_features(sides: Sequence[tuple[str, Provenance | None]], warn: bool = True) -> None:
     """Refuse to compare statistics of features from different networks or weights.
 
     `sides` names each side of a comparison ("statistics file real.npz", "this run's features") with
     what it was computed from, None for a file that does not say (written by an older version or by
-    pytorch-fid): those are accepted with one warning, since nothing can be checked.
+    pytorch-fid): those are accepted with one warning (unless `warn` is off), since nothing can be checked.
     """
     unknown = [name for name, provenance in sides if provenance is None]
-    if unknown:
+    if unknown and warn:
         several = len(unknown) > 1
         warnings.warn(f"{' and '.join(unknown)} {'do' if several else 'does'} not record which feature network and "
                       f"weights computed {'them' if several else 'it'} (an older or pytorch-fid file), so the FID is "

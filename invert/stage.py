@@ -37,7 +37,7 @@ from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
 from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
-from invert.variations import InversionSource, Variations, load_inverted
+from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
 EVAL_KEY = 7_919  # seeds the quality signal's noises: a stream of its own, the same at every step
@@ -168,6 +168,8 @@ def check_resolution(model: FrozenModel, resolution: int) -> None:
 
 def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
     data, options, device = config.data, config.invert, runtime.device
+    if resume_from is not None:  # its record of the frozen model and the vectors, checked before it is trusted
+        check_inversion(resume_from, Path("the checkpoint to resume"))
     expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
     model = load_frozen(options.model, options.weights, device, expected=expected)
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)

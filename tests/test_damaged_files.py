@@ -243,7 +243,7 @@ def test_a_config_that_is_whole_still_round_trips():
 @pytest.mark.parametrize("line", ['[1, 2]', '"a note"', '3', 'null', '{"loss": 0.5}', '{"step": "2"}',
                                   '{"step": 2.0}', '{"step": true}'])
 def test_a_metrics_line_that_is_json_but_not_a_record_is_refused_naming_the_line(tmp_path, line):
-    from training.loop import read_metrics
+    from core.runtime import read_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 1.0}\n' + line + '\n{"step": 3, "loss": 0.5}\n')
     with pytest.raises(UserError, match=rf"{re.escape(str(path))} line 2 is not a metrics record"):
@@ -251,7 +251,7 @@ def test_a_metrics_line_that_is_json_but_not_a_record_is_refused_naming_the_line
 
 
 def test_torn_metrics_lines_are_dropped_with_a_warning(tmp_path):
-    from training.loop import read_metrics
+    from core.runtime import read_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n{"step": 2, "lo\n\xff\xfe\x00\n{"step": 3}\n\x00\x00\x00')
     with pytest.warns(UserWarning, match="torn") as warned:
@@ -390,3 +390,18 @@ def test_a_statistics_file_that_is_npz_still_loads(tmp_path):
 def test_checkpoints_load_intact_and_extra_fields_are_kept(tmp_path):
     save_checkpoint({"stage": "toy", "step": 3, "extra": [1]}, tmp_path / "c.pt")
     assert load_checkpoint(tmp_path / "c.pt", "toy")["extra"] == [1]
+
+
+@pytest.mark.parametrize("config_text, metrics_text, message", [
+    ("not json", '{"step": 1}\n', "is not the JSON config a run writes"),
+    ('{"train": "fast"}', '{"step": 1}\n', "config.json"),
+    ('{"train": {"steps": 1}}', '[1, 2]\n', "line 1 is not a metrics record"),
+])
+def test_a_finished_classify_run_read_back_with_damaged_files_is_one_sentence(tmp_path, config_text, metrics_text,
+                                                                               message):
+    from classify.stage import final_results
+    from core.errors import UserError
+    (tmp_path / "config.json").write_text(config_text)
+    (tmp_path / "metrics.jsonl").write_text(metrics_text)
+    with pytest.raises(UserError, match=message):
+        final_results(tmp_path)

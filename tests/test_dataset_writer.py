@@ -202,3 +202,15 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
     assert torch.equal(load_dataset(f"folder:{out}", RES).images, load_dataset(f"folder:{source}", RES).images)
     with pytest.raises(ValueError, match="NAME one of"):
         parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
+
+
+def test_a_smaller_count_keeps_the_larger_set_and_says_so(class_ckpt, tmp_path, capsys):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "2")
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    write(class_ckpt, out, "--per-class", "1")
+    said = capsys.readouterr().out
+    assert "already holds 3 images beyond the 3 asked for" in said and "the set has 6 images" in said
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot  # nothing deleted or rewritten
+    write(class_ckpt, out, "--per-class", "2")
+    assert "beyond" not in capsys.readouterr().out

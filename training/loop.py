@@ -26,7 +26,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -41,7 +40,7 @@ from core.cli import RunError, RunInterrupted
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
-from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, write_json
+from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
 from training.distributed import agree_on_signal, mean_across_processes
 from training.optim import LazyAdamW
@@ -538,26 +537,6 @@ def _named(losses: dict, metrics: dict, grad_norms: dict) -> dict[str, torch.Ten
     assert not clash, f"stage metrics reuse the loop's names {sorted(clash)}"
     named.update(metrics)
     return {k: torch.as_tensor(v) for k, v in named.items()}
-
-
-def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The records of a metrics.jsonl, each with its line: a line that is not JSON is torn (the run was
-    cut off while writing it, or the disk filled) and is dropped with a warning; a line that is JSON but
-    not a record with a whole-number "step" was edited, and is refused in one sentence naming it."""
-    records = []
-    # Bytes that are not UTF-8 make their line torn, like any other line that is not JSON.
-    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{path} line {number} is torn (the run was cut off while writing it); dropping it.",
-                          stacklevel=3)
-            continue
-        if not isinstance(record, dict) or type(record.get("step")) is not int:
-            raise UserError(f"{path} line {number} is not a metrics record (a JSON object with a whole-number "
-                            f"\"step\"), so the file was edited; fix or delete that line.")
-        records.append((line, record))
-    return records
 
 
 def write_json_lines(lines: list[str], path: Path) -> None:
