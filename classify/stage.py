@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -106,6 +107,10 @@ def run_data(config: ClassifyConfig) -> RunData:
     return RunData(dataset, mix, test_set, split, {**described, "test_fingerprint": test_set.fingerprint()})
 
 
+# A logged loss this many times that of uninformed outputs stops the run as diverged (see `diverged`).
+DIVERGED_LOSS = 100.0
+
+
 class ClassifierTraining:
     """The loss and held-out evaluation of one classifier run."""
 
@@ -122,6 +127,15 @@ class ClassifierTraining:
         loss = F.mse_loss(out, self.info.normalize_params(batch.params))
         error = (self.info.denormalize_params(out) - batch.params).abs().mean(dim=0)
         return loss, {f"mae/{name}": e for name, e in zip(self.info.param_names, error.detach())}
+
+    def diverged(self, models, means) -> str | None:
+        """A loss far beyond what knowing nothing costs (ln C for C classes: uniform outputs; 1 for parameters
+        scaled to [-1, 1]: predicting 0) means the weights were thrown far off, though they stay finite."""
+        baseline = math.log(len(self.info.class_names)) if self.target == "class" else 1.0
+        loss = means.get("loss", 0.0)
+        if loss <= DIVERGED_LOSS * max(baseline, 1.0):
+            return None
+        return f"the loss became {loss:.3g}, over {DIVERGED_LOSS:g} times that of a network that knows nothing"
 
     @torch.no_grad()
     def outputs(self, net: torch.nn.Module) -> Tensor:
@@ -191,7 +205,7 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
                           weight_decay=train.weight_decay)
     stage = TrainingStage(name=NAME, trainables={MAIN: trainable}, loss=run.loss, dataset=dataset,
                           config=to_dict(config), data_info=data_info, augment=augmentation(config), mix=mix,
-                          outputs=Outputs(evaluate=run.evaluate))
+                          outputs=Outputs(evaluate=run.evaluate), diverged=run.diverged)
     return config, stage
 
 

@@ -116,11 +116,11 @@ class TrainingStage:
     # batch) per part, the counts summing to the batch size. None: uniformly from the whole dataset.
     mix: tuple[tuple[int, int], ...] | None = None
     outputs: Outputs = field(default_factory=Outputs)
-    # diverged(trained models) -> what shows that training has diverged (a phrase, e.g. "the largest vector's
-    # RMS became 3e+07, ..."), or None. For what the loop's own tests (a loss or gradient norm that is not
-    # finite) cannot see; checked on every process before each log line and checkpoint, so a diverged state
-    # is never saved.
-    diverged: Callable[[Models], str | None] | None = None
+    # diverged(trained models, the logging window's mean metrics) -> what shows that training has diverged
+    # (a phrase, e.g. "the largest vector's RMS became 3e+07, ..."), or None. For what the loop's own tests
+    # (a loss or gradient norm that is not finite) cannot see; checked on every process before each log
+    # line and checkpoint, so a diverged state is never saved.
+    diverged: Callable[[Models, Mapping[str, float]], str | None] | None = None
 
     def __post_init__(self) -> None:
         assert MAIN in self.trainables, f"a stage's main trainable is called {MAIN!r}"

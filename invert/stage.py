@@ -105,7 +105,7 @@ class Inversion:
                 "improved": (ours < start).float().mean().item(),
                 "shift": (learned - self.initial).norm(dim=1).mean().item()}
 
-    def diverged(self, models) -> str | None:
+    def diverged(self, models, means) -> str | None:
         """The loss stays finite however far the vectors fly (the network saturates), so the vectors say it."""
         rms = models[MAIN].largest_rms()
         if rms <= self.rms_limit:

@@ -236,3 +236,18 @@ def test_an_overflowing_gradient_is_divergence_unless_fp16_loss_scaling_skips_it
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # fp16: such a step is skipped, the scale lowered
     assert trainer._divergence(means) is None
     assert trainer._divergence({**means, "loss": math.nan}) == "the loss became nan"
+
+
+def test_a_classifier_whose_loss_grows_far_past_knowing_nothing_has_diverged():
+    """Finite weights, finite loss, and yet a run gone wrong: at --lr 1e3 a classifier's cross-entropy ends in
+    the hundreds, where uniform outputs cost ln C."""
+    from classify.stage import DIVERGED_LOSS, ClassifierTraining
+    from data import DatasetInfo
+    info = DatasetInfo("toy", RES, 3, ("a", "b", "c"), (), (), 12)
+    run = ClassifierTraining.__new__(ClassifierTraining)
+    run.info, run.target = info, "class"
+    limit = DIVERGED_LOSS * math.log(3)
+    assert run.diverged({}, {"loss": 0.9 * limit}) is None
+    assert run.diverged({}, {"loss": 818.0}).startswith("the loss became 818")
+    run.target = "params"
+    assert run.diverged({}, {"loss": 50.0}) is None and run.diverged({}, {"loss": 150.0}) is not None

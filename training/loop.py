@@ -483,7 +483,7 @@ class Trainer:
         bad = [k for k in means if k.startswith(watched) and not math.isfinite(means[k])]
         if bad:
             return f"the {bad[0]} became {means[bad[0]]}"
-        return self.stage.diverged(self.models) if self.stage.diverged is not None else None
+        return self.stage.diverged(self.models, means) if self.stage.diverged is not None else None
 
     def _stop(self, done: int, signum: int, saved: bool) -> None:
         """Checkpoint the step just finished (unless that happened already) and end the run."""
