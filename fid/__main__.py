@@ -2,7 +2,8 @@
 (and KID when both are folders); `python -m fid --save-stats FOLDER OUT.npz` saves a folder's
 statistics once for later comparisons, with the network and weights that computed them, and a file
 computed with other weights than the other side is refused. Folders are read as pytorch-fid reads
-them (see docs/fid.md)."""
+them (see docs/fid.md). `--features CKPT` measures both in the penultimate features of a classifier
+trained here (the domain's own) instead of Inception's."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from core.errors import UserError
 from .compare import fid_between, is_statistics_source
 from .features import FeatureExtractor, compute_statistics, default_device
 from .folder import FILE_SELECTIONS, list_fid_images
-from .stats import check_same_features, load_statistics, prepare_statistics_path, save_statistics
+from .stats import Provenance, check_same_features, load_statistics, prepare_statistics_path, save_statistics
 from .weights import WEIGHTS_FILENAME
 
 KID_SUBSET_SIZE = 1000  # the usual size (Binkowski et al. 2018 use 1000); smaller sets need an explicit choice
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "batches run faster; the features equal eager ones to float rounding")
     parser.add_argument("--weights", default=None,
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
+    parser.add_argument("--features", default=None, metavar="CKPT",
+                        help="a classify-stage checkpoint: measure FID and KID in its penultimate features (the "
+                             "domain's own) instead of Inception's; --weights is then not read")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
     parser.add_argument("--kid-subsets", type=int, default=100, help="number of random subsets for KID")
     parser.add_argument("--kid-subset-size", type=int, default=None,
@@ -71,8 +75,13 @@ def check_reused_statistics(paths: list[str], common: dict) -> None:
     saved = [(f"statistics file {path}", load_statistics(path).provenance)
              for path in paths if is_statistics_source(path) and Path(path).is_file()]
     if len(saved) == 1 and saved[0][1] is not None:  # the other side's features are computed here
-        weights = common["weights"] or f"the published {WEIGHTS_FILENAME}"
-        saved.append((f"this run's features (weights {weights})", FeatureExtractor(**common).provenance()))
+        weights = (f"classifier {common['features']}" if common["features"] else
+                   f"weights {common['weights'] or f'the published {WEIGHTS_FILENAME}'}")
+        run = FeatureExtractor(**common)
+        # Another network is refused by name, without building (or downloading) this run's network.
+        same_network = saved[0][1].network == run.network_name
+        saved.append((f"this run's features ({weights})",
+                      run.provenance() if same_network else Provenance(run.network_name, "")))
     if saved:
         check_same_features(saved, warn=False)  # fid_between warns of a file that does not say, once
 
@@ -80,7 +89,9 @@ def check_reused_statistics(paths: list[str], common: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                  num_workers=args.num_workers, files=args.files, compile=args.compile)
+                  num_workers=args.num_workers, files=args.files, compile=args.compile, features=args.features)
+    if args.features is not None:
+        FeatureExtractor(**common).domain  # a wrong checkpoint is refused before any folder is read
     a, b = args.paths
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning

@@ -41,18 +41,20 @@ def is_statistics_source(source: Source) -> bool:
 def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: int = 100,
                 kid_subset_size: int = 1000, seed: int = 0, weights: str | os.PathLike | None = None,
                 device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                progress: bool = True, files: str = "pytorch-fid", compile: bool = False) -> FIDResult:
+                progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
+                features: str | os.PathLike | None = None) -> FIDResult:
     """FID between `a` and `b` (folders, .npz files, `Statistics`, image tensors or batch iterables).
 
     With `with_kid`, both sides must be images: KID (Bińkowski et al. 2018) needs the features
     themselves, which are then held in memory; otherwise only streamed statistics are kept. Each
     side needs at least `kid_subset_size` images. `files` selects which files of a folder are read
     ("pytorch-fid": its selection; "all": subfolders, any case, GIF; see `fid.folder`). `compile`
-    runs the network through torch.compile (see `FeatureExtractor`).
+    runs the network through torch.compile (see `FeatureExtractor`). `features`, a classify-stage
+    checkpoint, measures both in that classifier's penultimate features instead of Inception's (`fid.domain`).
     """
     if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
         raise UserError("KID needs the images of both sides, not saved statistics; pass two image sources.")
-    extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files, compile)
+    extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files, compile, features)
     # Both folders are listed, and KID's subset size checked against them, before minutes are spent
     # on the features of either side.
     a, b = _open(a, files), _open(b, files)

@@ -1,4 +1,5 @@
-"""From images to Inception features and their statistics.
+"""From images to features and their statistics: Inception's (the published FID), or with `features=`
+a classifier trained here (its penultimate layer, see `fid.domain`).
 
 A source of images is a folder path (read as pytorch-fid reads it, see `fid.folder`), a tensor
 (N, C, H, W) in [0, 1] with C = 1 or 3, or an iterable of such tensors (e.g. batches straight from a
@@ -9,6 +10,7 @@ needs them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Iterable, Iterator, Union
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .domain import ClassifierFeatures, fit_to
 from .folder import FolderBatches, ImageFolder, check_file_selection
 from .inception import FEATURE_DIM, FIDInceptionV3, inference_copy
 from .stats import Provenance, Statistics, StreamingStatistics
@@ -60,15 +63,18 @@ def check_device_available(device: torch.device) -> None:
 
 
 class FeatureExtractor:
-    """Runs the FID Inception network over image sources; the network is built on first use, once.
+    """Runs the feature network over image sources; the network is built on first use, once.
 
-    Features come from `network`, a copy of `model` with its batch norms folded, channels_last on CPU,
-    and through torch.compile with `compile`: the same features as `model` gives, to float rounding.
+    By default that is the FID Inception network: features come from `network`, a copy of `model` with
+    its batch norms folded, channels_last on CPU, and through torch.compile with `compile`: the same
+    features as `model` gives, to float rounding. With `features` (a classify-stage checkpoint) it is
+    that classifier's penultimate layer instead (`fid.domain`), and `weights` is not read.
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                  batch_size: int = 50, num_workers: int = 0, progress: bool = True,
-                 files: str = "pytorch-fid", compile: bool = False) -> None:
+                 files: str = "pytorch-fid", compile: bool = False,
+                 features: str | os.PathLike | None = None) -> None:
         if batch_size < 1:
             raise UserError(f"The batch size is {batch_size} but must be at least 1.")
         if num_workers < 0:
@@ -83,6 +89,8 @@ class FeatureExtractor:
         self.compile = compile  # torch.compile the network: slow to start, then faster; same features to rounding
         # channels_last: faster on CPU (docs/speed.md); unmeasured on CUDA, so the default layout stays there.
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.checkpoint = features  # a classify checkpoint whose penultimate features replace Inception's
+        self._domain: ClassifierFeatures | None = None
         self._model: FIDInceptionV3 | None = None
         self._network: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._fingerprint: str | None = None
@@ -97,10 +105,26 @@ class FeatureExtractor:
         return self._model
 
     @property
+    def domain(self) -> ClassifierFeatures:
+        """The classifier's penultimate features (only with `features`)."""
+        assert self.checkpoint is not None, "no classifier checkpoint was given (features=)"
+        if self._domain is None:
+            check_device_available(self.device)
+            self._domain = ClassifierFeatures(self.checkpoint, self.device)
+        return self._domain
+
+    @property
+    def dim(self) -> int:
+        """Size of one feature vector."""
+        return FEATURE_DIM if self.checkpoint is None else self.domain.dim
+
+    @property
     def network(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What features are computed with: `model`'s faster copy (`inference_copy`), compiled if asked."""
+        """What features are computed with: `model`'s faster copy (`inference_copy`), or the classifier's
+        penultimate layer; compiled if asked."""
         if self._network is None:
-            fast = inference_copy(self.model, channels_last=self.memory_format == torch.channels_last)
+            fast = self.domain if self.checkpoint is not None else inference_copy(
+                self.model, channels_last=self.memory_format == torch.channels_last)
             # Dynamic shapes: one compilation serves every image size and every batch size from 2 up
             # (oneDNN's choice of convolution splits that at 16 on CPU; 1 is specialised too).
             self._network = torch.compile(fast, dynamic=True) if self.compile else fast
@@ -108,7 +132,7 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def batches(self, source: ImageSource) -> Iterator[torch.Tensor]:
-        """Features of `source`, one float32 CPU tensor (B, 2048) per batch."""
+        """Features of `source`, one float32 CPU tensor (B, d) per batch (d = 2048 for Inception)."""
         images, total, name = self._image_batches(source)
         network = self.network  # built before the first batch is read, so a missing weights file fails fast
         for batch in tqdm(images, total=total, desc=f"FID features {name}", unit="batch", disable=not self.progress):
@@ -117,11 +141,18 @@ class FeatureExtractor:
             features = network(batch).cpu()
             # Read once the features are here: on CUDA, reading it first would hold back the network.
             _check_range(*low_high.tolist())
-            assert features.shape == (batch.shape[0], FEATURE_DIM)
+            assert features.shape == (batch.shape[0], self.dim)
             yield features
+
+    @property
+    def network_name(self) -> str:
+        """The feature network and layer statistics record (without building Inception)."""
+        return NETWORK if self.checkpoint is None else self.domain.name
 
     def provenance(self, files: str = "", images: int = 0) -> Provenance:
         """What statistics computed here are made of: this network and its weights, and which images."""
+        if self.checkpoint is not None:
+            return Provenance(self.domain.name, self.domain.fingerprint, files, images)
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.model)
         return Provenance(NETWORK, self._fingerprint, files, images)
@@ -135,7 +166,7 @@ class FeatureExtractor:
         return dataclasses.replace(accumulator.result(), provenance=self.provenance(files, accumulator.count))
 
     def features(self, source: ImageSource) -> np.ndarray:
-        """All features of `source` as one (N, 2048) float32 array."""
+        """All features of `source` as one (N, d) float32 array."""
         chunks = [f.numpy() for f in self.batches(source)]
         if not chunks:
             raise UserError("The image source yielded no images; give at least 2 images.")
@@ -145,7 +176,9 @@ class FeatureExtractor:
         if isinstance(source, (str, os.PathLike)):
             source = ImageFolder(source, self.files)
         if isinstance(source, ImageFolder):
-            batches = FolderBatches(source, self.batch_size, self.num_workers)
+            # Mixed sizes meet at the classifier's input (centre square, resized) or at Inception's 299x299.
+            fit = None if self.checkpoint is None else functools.partial(fit_to, resolution=self.domain.resolution)
+            batches = FolderBatches(source, self.batch_size, self.num_workers, fit)
             return batches, len(batches), source.root.name
         if isinstance(source, torch.Tensor):
             if source.dim() != 4:
@@ -177,15 +210,19 @@ def _check_range(low: float, high: float) -> None:
 
 def compute_statistics(source: ImageSource, *, weights: str | os.PathLike | None = None,
                        device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                       progress: bool = True, files: str = "pytorch-fid", compile: bool = False) -> Statistics:
-    """FID statistics (mu, sigma) of the Inception features of `source`, streamed in float64."""
+                       progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
+                       features: str | os.PathLike | None = None) -> Statistics:
+    """FID statistics (mu, sigma) of the Inception features of `source` (or with `features`, a classify
+    checkpoint's penultimate features), streamed in float64."""
     return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
-                            compile).statistics(source)
+                            compile, features).statistics(source)
 
 
 def compute_features(source: ImageSource, *, weights: str | os.PathLike | None = None,
                      device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                     progress: bool = True, files: str = "pytorch-fid", compile: bool = False) -> np.ndarray:
-    """Inception features (N, 2048) of `source`, all held in memory (needed for KID)."""
+                     progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
+                     features: str | os.PathLike | None = None) -> np.ndarray:
+    """Inception features (N, 2048) of `source` (or with `features`, a classify checkpoint's (N, 512)), all
+    held in memory (needed for KID)."""
     return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
-                            compile).features(source)
+                            compile, features).features(source)

@@ -15,10 +15,11 @@ Which files are read, and how each becomes RGB, follow pytorch-fid (mseitzer/pyt
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -118,18 +119,22 @@ class ImageFolder(Dataset):
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
 
 
-def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack a batch; images of different sizes are first resized to the network input.
+def collate_images(images: list[torch.Tensor],
+                   fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Stack a batch; images of different sizes are first brought to the network input by `fit`
+    ((1, C, H, W) -> (1, C, S, S)), by default Inception's bilinear resize to 299x299.
 
     The network resizes every input to 299x299 with the same bilinear filter, and resizing an
     image to its own size is the identity, so the features do not depend on where it happens.
     """
     if all(image.shape == images[0].shape for image in images):
         return torch.stack(images)
-    return torch.cat([
-        F.interpolate(image[None], size=(inception.INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
-        for image in images
-    ])
+    fit = fit or _inception_size
+    return torch.cat([fit(image[None]) for image in images])
+
+
+def _inception_size(image: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(image, size=(inception.INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
 
 
 class FolderBatches:
@@ -141,9 +146,11 @@ class FolderBatches:
     back as the batch instead and it is raised on arrival.
     """
 
-    def __init__(self, folder: ImageFolder, batch_size: int, num_workers: int) -> None:
-        self.loader = DataLoader(_ErrorsAsItems(folder), batch_size=batch_size, shuffle=False,
-                                 num_workers=num_workers, collate_fn=_collate_or_error, drop_last=False)
+    def __init__(self, folder: ImageFolder, batch_size: int, num_workers: int,
+                 fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        # `fit`: how images of mixed sizes are brought to one size (see collate_images); picklable for workers.
+        self.loader = DataLoader(_ErrorsAsItems(folder), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                 collate_fn=functools.partial(_collate_or_error, fit=fit), drop_last=False)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -171,6 +178,7 @@ class _ErrorsAsItems(Dataset):
             return err
 
 
-def _collate_or_error(items: list[torch.Tensor | Exception]) -> torch.Tensor | Exception:
+def _collate_or_error(items: list[torch.Tensor | Exception],
+                      fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | Exception:
     errors = [item for item in items if isinstance(item, Exception)]
-    return errors[0] if errors else collate_images(items)
+    return errors[0] if errors else collate_images(items, fit)

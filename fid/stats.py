@@ -36,7 +36,7 @@ from core.errors import UserError
 class Provenance:
     """What a set of statistics was computed from."""
 
-    network: str      # the feature network and layer (`fid.features.NETWORK`)
+    network: str      # the feature network and layer (`fid.features.NETWORK`, or `fid.domain.network_name`)
     weights: str      # fingerprint of the network's weights (`fid.features.weights_fingerprint`)
     files: str = ""   # which files of a folder were read ("pytorch-fid" or "all"; "" for images given directly)
     images: int = 0   # how many images
@@ -197,10 +197,11 @@ def check_same_features(sides: Sequence[tuple[str, Provenance | None]], warn: bo
     for (name_a, a), (name_b, b) in zip(known, known[1:]):
         if a.network != b.network:
             raise UserError(f"{name_a} holds features of {a.network} but {name_b} of {b.network}; compute both "
-                            f"sides with the same network.")
+                            f"sides with the same network (--features CKPT for a classifier's, none for Inception's).")
         if a.weights != b.weights:
+            option = "--features" if a.network.startswith("classify ") else "--weights"  # see fid.domain
             raise UserError(f"{name_a} was computed with feature weights {a.weights} but {name_b} with "
-                            f"{b.weights}; recompute the statistics with --save-stats and the same --weights.")
+                            f"{b.weights}; recompute the statistics with --save-stats and the same {option}.")
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:

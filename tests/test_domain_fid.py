@@ -1,0 +1,178 @@
+"""FID and KID in a domain's own features (`python -m fid A B --features CKPT`): a classifier trained
+here, read at its penultimate layer, with the statistics, files and refusals of Inception's FID."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+from classify.model import ClassifierConfig, build_resnet18, load_classifier
+from core.checkpoint import save_checkpoint, state_fingerprint
+from core.config import to_dict
+from data import DatasetInfo
+from fid.__main__ import run as cli_main
+from fid.domain import network_name
+from fid.features import NETWORK
+from fid.frechet import frechet_distance
+from fid.stats import Provenance, Statistics, load_statistics, save_statistics
+from test_gradcam import classifier_checkpoint
+
+CPU = ["--device", "cpu", "--num-workers", "0", "--batch-size", "2"]
+
+
+@pytest.fixture(autouse=True)
+def no_inception(monkeypatch):
+    """Domain features must never build (or download) the Inception network."""
+    def refuse(weights):
+        raise AssertionError("the Inception network was built")
+    monkeypatch.setattr("fid.features.build_fid_inception", refuse)
+
+
+def params_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A greyscale parameter regressor at 16 px, as the classify stage saves one."""
+    torch.manual_seed(seed)
+    info = DatasetInfo("folder:x", 16, 1, (), ("wind",), ((0.0, 1.0),), 4)
+    config = ClassifierConfig(target="params", in_channels=1, num_outputs=1)
+    save_checkpoint({"stage": "classify", "config": {"model": to_dict(config)},
+                     "data_info": {**info.to_dict(), "fingerprint": "0"},
+                     "models": {"model": build_resnet18(config, 16).state_dict()}}, path)
+    return path
+
+
+def image_folder(root: Path, count: int, size: tuple[int, int], seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return str(root)
+
+
+def by_hand(path: Path, folder: str) -> np.ndarray:
+    """Penultimate features computed without fid: centre square, bicubic antialiased resize, [-1, 1],
+    the classifier's channels, then every child of the ResNet but `fc`, flattened."""
+    classifier = load_classifier(path)
+    images = []
+    for file in sorted(Path(folder).glob("*.png")):
+        x = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
+        side = min(x.shape[-2:])
+        top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
+        x = x[None, :, top:top + side, left:left + side]
+        size = classifier.info.resolution
+        if side != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        images.append(x)
+    x = classifier.prepare(torch.cat(images) * 2 - 1)
+    body = torch.nn.Sequential(*list(classifier.net.children())[:-1])  # conv1 ... avgpool, without fc
+    with torch.no_grad():
+        return torch.flatten(body(x), 1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["class", "params"])
+def test_features_are_the_classifiers_penultimate_layer(tmp_path, kind):
+    ckpt = (classifier_checkpoint(tmp_path / "c.pt", 0) if kind == "class"
+            else params_checkpoint(tmp_path / "c.pt"))       # RGB classes; or greyscale parameters (luma)
+    for size in ((24, 20), (16, 16)):                          # resized from a non-square image; taken as it is
+        folder = image_folder(tmp_path / f"{size}", 3, size, seed=size[0])
+        got = fid.compute_features(folder, features=ckpt, device="cpu", batch_size=2, progress=False)
+        assert got.shape == (3, 512)
+        np.testing.assert_allclose(got, by_hand(ckpt, folder), rtol=1e-5, atol=1e-6)
+    mixed = tmp_path / "mixed"                                 # sizes met in one batch: each fitted on its own
+    mixed.mkdir()
+    for i, size in enumerate(((16, 16), (24, 20), (12, 30))):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            mixed / f"{i}.png")
+    got = fid.compute_features(str(mixed), features=ckpt, device="cpu", batch_size=3, progress=False)
+    np.testing.assert_allclose(got, by_hand(ckpt, str(mixed)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_folder_is_at_distance_zero_from_itself(tmp_path):
+    ckpt = classifier_checkpoint(tmp_path / "c.pt", 0)
+    folder = image_folder(tmp_path / "a", 6, (16, 16), seed=1)
+    options = dict(features=ckpt, device="cpu", batch_size=4, progress=False)
+    first, second = fid.compute_statistics(folder, **options), fid.compute_statistics(folder, **options)
+    assert first.mu.shape == (512,) and first.mu.dtype == np.float64 and first.sigma.shape == (512, 512)
+    assert frechet_distance(first.mu, first.sigma, second.mu, second.sigma) == pytest.approx(0.0, abs=1e-6)
+    other = image_folder(tmp_path / "b", 6, (16, 16), seed=2)
+    assert fid.fid_between(folder, other, **options).fid > 1e-3
+
+
+def test_saved_statistics_round_trip_with_the_classifier_that_made_them(tmp_path, capsys):
+    ckpt = classifier_checkpoint(tmp_path / "c.pt", 0)
+    folder = image_folder(tmp_path / "a", 4, (16, 16), seed=1)
+    stats = tmp_path / "a.npz"
+    assert cli_main(["--save-stats", folder, str(stats), "--features", str(ckpt), *CPU]) == 0
+    loaded = load_statistics(stats)
+    classifier = load_classifier(ckpt)
+    expected = fid.compute_statistics(folder, features=ckpt, device="cpu", batch_size=2, progress=False)
+    assert loaded.provenance == Provenance(
+        "classify ResNet-18/penultimate-512 (class target, 16 px, 3 channels)",
+        state_fingerprint({k: v for k, v in classifier.net.state_dict().items()
+                           if not k.endswith("num_batches_tracked")}),
+        "pytorch-fid", 4)
+    assert loaded.provenance.network == network_name(classifier)
+    assert loaded.mu.dtype == loaded.sigma.dtype == np.float64  # saved at the precision computed
+    np.testing.assert_allclose(loaded.mu, expected.mu, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(loaded.sigma, expected.sigma, rtol=1e-12, atol=1e-15)
+    # The saved file then stands in for the folder against images.
+    assert cli_main([str(stats), folder, "--features", str(ckpt), *CPU]) == 0
+    assert float(re.search(r"FID: (\S+)", capsys.readouterr().out).group(1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_statistics_of_other_networks_are_refused_in_one_sentence(tmp_path, capsys):
+    ckpt, other = classifier_checkpoint(tmp_path / "c.pt", 0), classifier_checkpoint(tmp_path / "d.pt", 1)
+    folder = image_folder(tmp_path / "a", 4, (16, 16), seed=1)
+    domain = tmp_path / "domain.npz"
+    assert cli_main(["--save-stats", folder, str(domain), "--features", str(ckpt), *CPU]) == 0
+    inception = tmp_path / "inception.npz"
+    save_statistics(Statistics(np.zeros(2048), np.eye(2048), Provenance(NETWORK, "0123456789abcdef", "", 4)),
+                    inception)
+    capsys.readouterr()
+
+    def refusal(argv):
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.count(". ") == 0, err
+        return err
+
+    err = refusal([str(inception), str(domain), *CPU])                         # Inception against a classifier
+    assert f"holds features of {NETWORK} but" in err and "classify ResNet-18/penultimate-512" in err
+    err = refusal([str(domain), folder, "--features", str(other), *CPU])      # two classifiers' weights
+    assert "was computed with feature weights" in err and err.endswith("the same --features.")
+    err = refusal([str(domain), folder, *CPU])                                 # a classifier's file, Inception run
+    assert "holds features of classify ResNet-18/penultimate-512" in err
+    params = params_checkpoint(tmp_path / "p.pt")                              # a regressor: another network
+    err = refusal([str(domain), folder, "--features", str(params), "--no-kid", *CPU])
+    assert "(class target, 16 px, 3 channels) but this run's features" in err and "(params target" in err
+
+
+def test_cli_prints_fid_and_kid_in_the_classifiers_features(tmp_path, capsys):
+    ckpt = params_checkpoint(tmp_path / "c.pt")
+    a = image_folder(tmp_path / "a", 4, (16, 16), seed=1)
+    b = image_folder(tmp_path / "b", 4, (32, 32), seed=2)
+    assert cli_main([a, b, "--features", str(ckpt), "--kid-subsets", "5", "--kid-subset-size", "3", *CPU]) == 0
+    out = capsys.readouterr().out
+    fid_value = float(re.search(r"FID: (\S+)", out).group(1))
+    kid_mean, kid_std = map(float, re.search(r"KID: (\S+) \+/- (\S+)", out).groups())
+    f_a, f_b = (fid.compute_features(x, features=ckpt, device="cpu", progress=False) for x in (a, b))
+    expected = fid.fid_between(a, b, features=ckpt, device="cpu", progress=False, with_kid=True, kid_subsets=5,
+                               kid_subset_size=3)
+    assert fid_value == pytest.approx(expected.fid, rel=1e-5) and fid_value > 0
+    assert (kid_mean, kid_std) == pytest.approx((expected.kid_mean, expected.kid_std), rel=1e-4, abs=1e-8)
+    assert (kid_mean, kid_std) == pytest.approx(fid.kid(f_a, f_b, num_subsets=5, subset_size=3), rel=1e-4, abs=1e-8)
+
+
+def test_a_checkpoint_of_another_stage_is_refused_naming_the_option(tmp_path, capsys):
+    not_classify = tmp_path / "vae.pt"
+    save_checkpoint({"stage": "vae"}, not_classify)
+    folder = image_folder(tmp_path / "a", 2, (16, 16), seed=1)
+    for ckpt in (not_classify, tmp_path / "missing.pt"):
+        assert cli_main([folder, folder, "--features", str(ckpt), "--no-kid", *CPU]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--features" in err, err
