@@ -8,7 +8,10 @@ and on real + each synthetic set, once per seed, tests every run on the same hel
 and writes OUT/results.md (mean and standard deviation over seeds), OUT/results.json and
 OUT/results.png. Options after `--` go to every training run (e.g. `-- --target class --steps 2000`).
 `--match-size` trains every row on the same number of images (the smallest set's; a mixed row takes
-half from each), so rows compare the quality of the data rather than its quantity.
+half from each), so rows compare the quality of the data rather than its quantity. `--synthetic-multiple
+K` measures the other regime, synthetic data as augmentation: the real row trains on N real images, a
+synthetic row on K*N synthetic ones, and a mixed row on all N real plus K*N synthetic (N: every real
+image, or with --match-size the most that every synthetic set can supply K times over).
 
 Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
 runs are kept, interrupted ones resumed from their checkpoints. A run is kept or resumed only if it was
@@ -80,6 +83,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", type=int, default=3, help="training runs per row, seeds 0..N-1 (default: 3)")
     parser.add_argument("--match-size", action="store_true",
                         help="train every row on the same number of images (default: off: each row on all its images)")
+    parser.add_argument("--synthetic-multiple", type=float, default=None, metavar="K",
+                        help="synthetic rows train on K times as many images as the real row, and mixed rows on all "
+                             "the real images plus K times as many synthetic ones (default: off)")
     parser.add_argument("--no-mixed", action="store_true", help="leave out the real + synthetic rows (default: off)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
@@ -121,8 +127,57 @@ def count_images(spec: str, resolution: int, cache_dir: str) -> int:
     return len(load_dataset(spec, resolution, cache_dir=cache_dir))
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How many images each row trains on: every image of its sets (the default), the same number for every
+    row (--match-size; a mixed row half and half), or N real and K*N synthetic (--synthetic-multiple)."""
+    match: int | None = None       # --match-size alone: images per row
+    real: int | None = None        # --synthetic-multiple: N, the real images of the real and mixed rows
+    multiple: float | None = None  # --synthetic-multiple: K
+
+    def of(self, row: Row) -> tuple[int, int] | None:
+        """(images of the row's dataset, images of its extra dataset), or None for every image of both."""
+        if self.multiple is not None:
+            synthetic = round(self.multiple * self.real)
+            return (self.real, synthetic) if row.extra else (synthetic, 0) if row.synthetic else (self.real, 0)
+        if self.match is None:
+            return None
+        return (self.match // 2, self.match - self.match // 2) if row.extra else (self.match, 0)
+
+    def describe(self) -> str:
+        if self.multiple is not None:
+            n, k = self.real, self.multiple
+            return (f"The real row trains on {n} real images, each synthetic row on {round(k * n)} synthetic ones and "
+                    f"each mixed row on both (--synthetic-multiple {k:g}).")
+        return f"Every row trains on {self.match} images (--match-size)."
+
+
+def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache_dir: str) -> Sizes:
+    """The sizes of the rows, from the sets' image counts (folders are counted without decoding)."""
+    if args.synthetic_multiple is None and not args.match_size:
+        return Sizes()
+    counts = {spec: count_images(spec, resolution, cache_dir)
+              for spec in {args.real, *(row.dataset for row in rows), *(row.extra for row in rows if row.extra)}}
+    if args.synthetic_multiple is None:
+        return Sizes(match=min(counts.values()))
+    k = args.synthetic_multiple
+    synthetic = {spec: counts[spec] for spec in counts if spec != args.real}
+    real = counts[args.real]
+    if args.match_size:  # the most real images every synthetic set can match k times over
+        real = min([real, *(int(n // k) for n in synthetic.values())])
+    short = {spec: n for spec, n in synthetic.items() if n < round(k * real)}
+    if short:
+        spec, n = next(iter(short.items()))
+        raise UserError(f"--synthetic-multiple {k:g} needs {round(k * real)} images of every synthetic set and {spec} "
+                        f"holds {n}; write more, lower --synthetic-multiple, or add --match-size to use fewer real "
+                        f"images.")
+    if real < 1:
+        raise UserError(f"--synthetic-multiple {k:g} leaves no real images to train on; lower it.")
+    return Sizes(real=real, multiple=k)
+
+
 def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
-                  size: int | None) -> list[str]:
+                  size: Sizes) -> list[str]:
     """train.py arguments of one run: a new run, or the resumption of an interrupted one."""
     if (run_dir / "checkpoint.pt").exists():
         return ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device, "--resume"]
@@ -130,7 +185,7 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
 
 
 def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
-                      size: int | None) -> list[str]:
+                      size: Sizes) -> list[str]:
     """train.py arguments that start the run of `row` and `seed` afresh."""
     common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
     every_test_image = [] if any(a.split("=")[0] == "--test-samples" for a in passed) else ["--test-samples", "0"]
@@ -138,17 +193,18 @@ def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespa
             "--test-dataset", args.test, "--seed", str(seed)]
     if row.extra:
         argv += ["--extra-dataset", row.extra]
-    if size is None:
+    counts = size.of(row)
+    if counts is None:
         argv += ["--num-samples", "0"]  # every image of each set
     else:
-        argv += ["--num-samples", str(size // 2 if row.extra else size)]
+        argv += ["--num-samples", str(counts[0])]
         if row.extra:
-            argv += ["--extra-samples", str(size - size // 2)]
+            argv += ["--extra-samples", str(counts[1])]
     return argv
 
 
 def requested_config(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
-                     size: int | None) -> ClassifyConfig:
+                     size: Sizes) -> ClassifyConfig:
     """The config a new run of `row` and `seed` starts from (before its data fixes the network's shape)."""
     given = parse_stage_args(CLASSIFY, new_run_arguments(row, seed, run_dir, args, passed, size))
     return with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)
@@ -195,7 +251,7 @@ class ReusedRuns:
         if key in ("data.num_samples", "classify.extra_samples"):
             spec = request.classify.extra_dataset if key == "classify.extra_samples" else request.data.dataset
             raise UserError(f"{run_dir} was trained on {was[key] or 'all'} images of {spec} but this request trains "
-                            f"on {now[key] or 'all'} (--match-size); choose another --out, or repeat the request it "
+                            f"on {now[key] or 'all'} (--match-size, --synthetic-multiple); choose another --out, or repeat the request it "
                             f"was made with.")
         option = "--" + key.split(".", 1)[1].replace("_", "-")
         raise UserError(f"{run_dir} was trained with {option} {_shown(was[key])} but this request gives {option} "
@@ -269,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.synthetic_multiple is not None and not 0 < args.synthetic_multiple < float("inf"):
+        raise UserError(f"--synthetic-multiple must be a positive number, got {args.synthetic_multiple:g}.")
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
@@ -280,12 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = args.out
     with FolderLock(out):
-        size = None
-        if args.match_size:
-            counts = {spec: count_images(spec, config.data.resolution, config.data.cache_dir)
-                      for spec in {args.real, *(row.dataset for row in rows), *(row.extra for row in rows if row.extra)}}
-            size = min(counts.values())
-            print(f"Every row trains on {size} images (--match-size).", flush=True)
+        size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
+        if size != Sizes():
+            print(size.describe(), flush=True)
         plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in rows for seed in range(args.seeds)]
         # Every run already there is checked against this request before any run trains.
         reused = ReusedRuns()
@@ -308,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.setdefault(row.name, []).append(result)
 
         summary = summarise(rows, results, target)
-        summary.update(test=args.test, seeds=args.seeds, match_size=size, train_options=passed, preset=args.preset)
+        summary.update(test=args.test, seeds=args.seeds, match_size=size.match, synthetic_multiple=size.multiple,
+                       real_images=size.real, train_options=passed, preset=args.preset)
         table = markdown(summary, args.seeds, args.test)
         atomic_write(out / "results.md", lambda f: f.write(table.encode()))
         write_json(summary, out / "results.json")

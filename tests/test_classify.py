@@ -230,6 +230,30 @@ def test_experiment_table_trains_every_row_and_seed_once_and_resumes(colours, tm
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
 
 
+def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_the_real_ones(colours, tmp_path):
+    real, test = colours                                            # 24 real images
+    synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
+
+    def argv(out, *extra):
+        return ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
+                "--seeds", "1", "--out", str(out), "--device", "cpu", *extra,
+                "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
+                "--batch-size", "6", "--test-samples", "0"]
+
+    def trained_on(out):
+        return {name: (c["data"]["num_samples"], c["classify"]["extra_samples"]) for name in ("real", "gen", "real+gen")
+                for c in [json.loads((out / "runs" / name / "seed0" / "config.json").read_text())]}
+
+    summary = experiment.main(argv(tmp_path / "x2", "--synthetic-multiple", "2"))
+    assert trained_on(tmp_path / "x2") == {"real": (24, 0), "gen": (48, 0), "real+gen": (24, 48)}
+    assert summary["synthetic_multiple"] == 2 and summary["real_images"] == 24
+    with pytest.raises(ValueError, match="needs 72 images of every synthetic set and folder:.* holds 48"):
+        experiment.main(argv(tmp_path / "x3", "--synthetic-multiple", "3"))
+    assert not (tmp_path / "x3" / "runs").exists()                  # refused before anything trained
+    experiment.main(argv(tmp_path / "x3m", "--synthetic-multiple", "3", "--match-size"))
+    assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
+
+
 def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):
     real, test = colours
     with pytest.raises(ValueError, match="--seed is set by the experiment"):

@@ -297,7 +297,7 @@ CASES = {
     "table: another --match-size count": Case(
         "experiment", without_match_size, "refused",
         r"^\S+/runs/real/seed0 was trained on 6 images of folder:\S+/real but this request trains on all "
-        r"\(--match-size\)"),
+        r"\(--match-size, --synthetic-multiple\)"),
     "table: an interrupted run of another folder": Case(
         "experiment", interrupted_run_of_another_folder, "refused",
         r"^--synthetic gen now names folder:\S+/other but \S+/runs/gen/seed0 was trained on folder:\S+/synth"),
