@@ -108,6 +108,17 @@ def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None =
     return payload
 
 
+def checkpoint_stage(path: str | os.PathLike) -> str | None:
+    """The stage a checkpoint names, read without loading its tensors (they stay memory-mapped, untouched);
+    None for a file that is not a readable checkpoint of ours."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- any unreadable file simply names no stage
+        return None
+    stage = payload.get("stage") if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+    return stage if isinstance(stage, str) else None
+
+
 def _unreadable(path: Path, err: Exception) -> str:
     """Why `torch.load` failed, said of the file rather than of torch's internals."""
     try:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from kernels.triton_support import flat_positions, jit, strides, tl, triton
+from kernels.triton_support import flat_positions, jit, register_op, strides, tl, triton
 
 
 def group_norm_act(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None, scale: Tensor | None = None,
@@ -414,11 +414,6 @@ def _autograd_backward(ctx, dy, _dmean, _drstd):
 
 
 if triton is not None:
-    # triton_op, unlike custom_op, lets torch.compile see the kernels inside (Inductor can schedule
-    # them); the fakes are registered explicitly because Triton's CPU interpreter cannot run the op
-    # bodies on fake tensors, as triton_op's default fake would.
-    _forward_op = torch.library.triton_op("synthdiff::group_norm_act", _forward, mutates_args=())
-    _forward_op.register_fake(_forward_fake)
-    _backward_op = torch.library.triton_op("synthdiff::group_norm_act_backward", _backward, mutates_args=())
-    _backward_op.register_fake(_backward_fake)
-    _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+    register_op("group_norm_act_backward", _backward, _backward_fake)
+    register_op("group_norm_act", _forward, _forward_fake).register_autograd(_autograd_backward,
+                                                                              setup_context=_setup_context)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from kernels.triton_support import flat_positions, jit, strides, tl, triton
+from kernels.triton_support import flat_positions, jit, register_op, strides, tl, triton
 
 # Added to the feature norm before dividing, as LPIPS does, so all-zero feature vectors stay zero.
 NORM_EPS = 1e-10
@@ -210,10 +210,6 @@ def _autograd_backward(ctx, grad):
 
 
 if triton is not None:
-    # triton_op, unlike custom_op, lets torch.compile see the kernels inside; the fakes are registered
-    # explicitly because Triton's CPU interpreter cannot run the op bodies on fake tensors.
-    _distance_op = torch.library.triton_op("synthdiff::lpips_tap_distance", _distance, mutates_args=())
-    _distance_op.register_fake(_distance_fake)
-    _backward_op = torch.library.triton_op("synthdiff::lpips_tap_distance_backward", _backward, mutates_args=())
-    _backward_op.register_fake(_backward_fake)
-    _distance_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+    register_op("lpips_tap_distance_backward", _backward, _backward_fake)
+    register_op("lpips_tap_distance", _distance, _distance_fake).register_autograd(_autograd_backward,
+                                                                                    setup_context=_setup_context)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from kernels.triton_support import jit, tl, triton
+from kernels.triton_support import jit, register_op, tl, triton
 
 MAX_HISTORY = 3  # F-PNDM's fourth-order methods combine the newest eps with three earlier ones
 
@@ -228,7 +228,4 @@ def _launch_fake(x, eps, eps_ref, history, noise, coefficients, clip_x0, store_x
 
 
 if triton is not None:
-    # triton_op, unlike custom_op, lets torch.compile see the kernel inside; the fake is registered
-    # explicitly because Triton's CPU interpreter cannot run the op body on fake tensors.
-    _op = torch.library.triton_op("synthdiff::sampler_step", _launch, mutates_args=())
-    _op.register_fake(_launch_fake)
+    register_op("sampler_step", _launch, _launch_fake)

@@ -6,6 +6,9 @@ the kernels as plain functions nobody calls, and only the PyTorch references run
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
 try:
@@ -18,6 +21,18 @@ except ImportError:
 def jit(fn):
     """triton.jit where Triton is installed; without it the kernel stays a plain function nobody calls."""
     return fn if triton is None else triton.jit(fn)
+
+
+def register_op(name: str, body: Callable, fake: Callable):
+    """`body` as the operator torch.ops.synthdiff.NAME, with `fake` for shape propagation.
+
+    torch.library.triton_op, unlike custom_op, lets torch.compile see the Triton kernels inside (Inductor
+    can schedule them); the fake is registered explicitly because Triton's CPU interpreter cannot run the
+    body on fake tensors, as triton_op's default fake would.
+    """
+    op = torch.library.triton_op(f"synthdiff::{name}", body, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
 def flat_positions(x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from core.errors import MissingFileError, UserError
 import kernels
-from core.checkpoint import load_checkpoint
+from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
 from core.lock import FolderLock, check_output_folder
 from core.runtime import autocast_dtype, resolve_device
@@ -80,11 +80,9 @@ def check_against_source(args: argparse.Namespace, source: ImageSource, option_s
 def latest_checkpoint(generative: Collection[str], runs: Path = RUNS) -> Path:
     """The checkpoint of the most recently saved run under `runs` whose stage draws images."""
     for path in sorted(runs.glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            stage = load_checkpoint(path).get("stage")
-        except (ValueError, OSError):
-            continue  # a broken checkpoint is not the one meant; its own run reports it when resumed
-        if stage in generative:
+        # Only the stage is read: the tensors of every run looked at stay on disk. A broken checkpoint is
+        # not the one meant; its own run reports it when resumed.
+        if checkpoint_stage(path) in generative:
             return path
     raise MissingFileError(f"No --ckpt given and no run under {runs}/ that draws images ({', '.join(generative)}); "
                            f"train one (python train.py --stage ddpm) or pass --ckpt.")

@@ -104,6 +104,9 @@ def test_sample_without_ckpt_draws_from_the_newest_run_that_draws_images(tmp_pat
         stamp = (tmp_path / "runs" / name / "checkpoint.pt").stat().st_mtime - age
         os.utime(tmp_path / "runs" / name / "checkpoint.pt", (stamp, stamp))
     os.utime(classifier, None)
+    broken = tmp_path / "runs" / "broken" / "checkpoint.pt"     # newer still, and not a checkpoint at all
+    broken.parent.mkdir()
+    broken.write_text("not a checkpoint")
     out = sample.main(["--sampler", "ddim", "--steps", "2", "--num", "2", "--device", "cpu"])
     assert out.resolve().is_relative_to((tmp_path / "runs" / "newer").resolve())
     assert (out / "grid.png").is_file()
