@@ -108,14 +108,19 @@ def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None =
     return payload
 
 
-def checkpoint_stage(path: str | os.PathLike) -> str | None:
-    """The stage a checkpoint names, read without loading its tensors (they stay memory-mapped, untouched);
-    None for a file that is not a readable checkpoint of ours."""
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's entries with its tensors memory-mapped, not read: cheap when only its stage or config
+    is needed. None for a file that is not a readable checkpoint of ours (`load_checkpoint` says why)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 -- any unreadable file simply names no stage
+    except Exception:  # noqa: BLE001 -- any unreadable file is simply not peeked into
         return None
-    stage = payload.get("stage") if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+
+
+def checkpoint_stage(path: str | os.PathLike) -> str | None:
+    """The stage a checkpoint names, its tensors left unread; None for a file that is not a checkpoint of ours."""
+    stage = (peek_checkpoint(path) or {}).get("stage")
     return stage if isinstance(stage, str) else None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
+from core.checkpoint import load_checkpoint, peek_checkpoint, require_keys, state_fingerprint
 from core.config import TrainConfig, from_dict
 from core.contract import Prerequisite, StageSpec, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
@@ -177,7 +177,9 @@ def autoencoder_config(config: LDMConfig) -> AutoencoderConfig:
     --vae-ckpt, or the default preset's when the default run is still to be trained (`prerequisite`)."""
     path = Path(config.latent.vae_ckpt)
     if path.is_file():
-        payload = _read_vae(str(path))
+        payload = peek_checkpoint(path)  # only the config is needed here: the weights are read once, by build
+        if payload is None or payload.get("stage") != "vae" or not isinstance(payload.get("config"), dict):
+            payload = _read_vae(str(path))  # says in one sentence what is wrong with the file
         require_keys(payload, ("config",), path, option="--vae-ckpt")
         return from_dict(VAEConfig, payload["config"]).autoencoder
     if path == Path(DEFAULT_VAE_CKPT):
