@@ -1,5 +1,6 @@
 """The pictures of the judging tools, drawn with Pillow: a confusion matrix, a bar chart with error
-bars, and scatter plots of requested against predicted values. Each returns a `PIL.Image` that
+bars, scatter plots of requested against predicted values, and line charts of a measure against a
+setting. Each returns a `PIL.Image` that
 `data.imageio.atomic_save_image` writes; nothing here depends on a plotting library.
 """
 
@@ -168,6 +169,58 @@ def scatter_plot(x: Sequence[float], y: Sequence[float], title: str = "", xlabel
         draw.ellipse([cx - 2.5, cy - 2.5, cx + 2.5, cy + 2.5], fill=BLUE)
     draw.text((left + size / 2 - 30, top + size + 20), xlabel, fill=GREY, font=font)
     draw.text((8, top - 16), ylabel, fill=GREY, font=font)
+    return image
+
+
+def line_chart(x: Sequence[float], lines: dict[str, Sequence[float]], title: str = "", xlabel: str = "",
+               ylabel: str = "", size: tuple[int, int] = (340, 220)) -> Image.Image:
+    """One line per entry of `lines` (name -> y at each x; NaN leaves a gap), with a legend below. The x
+    positions are evenly spaced and labelled with their values, since settings are rarely even."""
+    xs = _finite(x, "x")
+    ys = {name: np.asarray(values, dtype=np.float64).reshape(-1) for name, values in lines.items()}
+    if any(len(v) != len(xs) for v in ys.values()):
+        raise ValueError(f"every line needs one value per x ({len(xs)}).")
+    seen = np.concatenate([v[np.isfinite(v)] for v in ys.values()] or [np.zeros(0)])
+    if seen.size == 0:
+        raise ValueError("Nothing to plot: every value is NaN.")
+    font = _font(12)
+    left, top, right, width, height = 60, 46, 20, *size
+    legend = 18 * len(ys) + 34
+    image = Image.new("RGB", (left + width + right, top + height + legend), WHITE)
+    draw = ImageDraw.Draw(image)
+    low, high = float(seen.min()), float(seen.max())
+    pad = 0.08 * (high - low) if high > low else max(abs(high), 1.0) * 0.1
+    ticks = _ticks(low - pad, high + pad)
+    low, high = min(low - pad, ticks[0]), max(high + pad, ticks[-1])
+
+    def px(k: int) -> float:
+        return left + width * (k + 0.5) / len(xs)
+
+    def py(v: float) -> float:
+        return top + height * (high - v) / (high - low)
+
+    draw.text((8, 8), title, fill=BLACK, font=_font(14))
+    draw.text((8, 26), ylabel, fill=GREY, font=font)
+    for t in ticks:
+        draw.line([left, py(t), left + width, py(t)], fill=LIGHT)
+        draw.text((left - 6 - _text_size(draw, _label(t), font)[0], py(t) - 7), _label(t), fill=GREY, font=font)
+    draw.rectangle([left, top, left + width, top + height], outline=BLACK)
+    for k, v in enumerate(xs):
+        text = _label(float(v))
+        draw.text((px(k) - _text_size(draw, text, font)[0] / 2, top + height + 4), text, fill=GREY, font=font)
+    draw.text((left + width / 2 - _text_size(draw, xlabel, font)[0] / 2, top + height + 18), xlabel, fill=GREY,
+              font=font)
+    for n, (name, values) in enumerate(ys.items()):
+        colour = PALETTE[n % len(PALETTE)]
+        points = [(px(k), py(float(v))) if np.isfinite(v) else None for k, v in enumerate(values)]
+        for a, b in zip(points, points[1:]):
+            if a and b:
+                draw.line([*a, *b], fill=colour, width=2)
+        for point in filter(None, points):
+            draw.ellipse([point[0] - 3, point[1] - 3, point[0] + 3, point[1] + 3], fill=colour)
+        y = top + height + 36 + 18 * n
+        draw.line([left, y + 7, left + 20, y + 7], fill=colour, width=3)
+        draw.text((left + 26, y), name, fill=BLACK, font=font)
     return image
 
 

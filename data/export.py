@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=0,
                         help="plumes to simulate, or a seeded subset of another dataset (default: 0: as for training: "
                              "10000 plumes, all other images)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="plumes: the seed of the simulations (another seed, other plumes: a validation set beside "
+                             "--split test); other datasets: of the subset --num-samples picks (default: 0)")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: 32)")
     parser.add_argument("--cache-dir", default=".cache/datasets", help="dataset cache (default: .cache/datasets)")
     parser.add_argument("--debug", action="store_true",
@@ -55,18 +58,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_spec(args.spec, "SPEC")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or positive, got {args.seed}.")
     if args.num_samples < 0:
         raise UserError(f"--num-samples must be 0 (all) or positive, got {args.num_samples}.")
     if args.split == "test" and args.spec.startswith("folder:"):
         raise UserError("A folder has no test split; export the folder that holds your test images instead.")
     with FolderLock(args.out):
         dataset = load_dataset(args.spec, args.resolution, cache_dir=args.cache_dir, train=args.split == "train",
-                               num_samples=args.num_samples or None)
+                               num_samples=args.num_samples or None, seed=args.seed)
         info = dataset.info
         binning = parse_binning(args.classes, info) if args.classes else None
         request = {"source": args.spec, "split": args.split, "num_samples": args.num_samples,
                    "resolution": args.resolution, "param_names": list(info.param_names),
-                   "classes": binning.describe() if binning else list(info.class_names)}
+                   "classes": binning.describe() if binning else list(info.class_names),
+                   **({"seed": args.seed} if args.seed else {})}  # (folders written before --seed existed: 0)
         writer = DatasetWriter(args.out, request)
         writer.open()
         items = []

@@ -46,7 +46,7 @@ from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
-from core.runtime import AMP_MODES, KERNELS_HELP, KERNEL_BACKENDS, atomic_write, autocast_dtype, resolve_device, write_json
+from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import compile_module, speed_up
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
@@ -54,6 +54,7 @@ from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
+from sampling.command import add_drawing_options
 from sampling.draw import Drawer
 from stages import open_source
 
@@ -211,12 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="parameter models: fix a parameter instead of drawing it (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k) (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")
-    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
-                        help=f"{KERNELS_HELP}, for sampling (default: auto)")
+    add_drawing_options(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the diffusion network and the judge (default: off)")
     parser.add_argument("--debug", action="store_true",

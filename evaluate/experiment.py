@@ -226,8 +226,9 @@ class ReusedRuns:
     def __init__(self) -> None:
         self._data: dict[str, dict[str, Any]] = {}  # data_info by the data part of a config, loaded once
 
-    def check(self, row: Row, run_dir: Path, request: ClassifyConfig) -> None:
-        """Refuse a finished or interrupted run in `run_dir` that was not made from `request`."""
+    def check(self, row: Row, run_dir: Path, request: ClassifyConfig, data: bool = True) -> None:
+        """Refuse a finished or interrupted run in `run_dir` that was not made from `request` (only its options
+        and the names of its datasets with `data=False`, when the datasets are still being written)."""
         checkpoint = run_dir / "checkpoint.pt"
         if not checkpoint.is_file():
             if (run_dir / "metrics.jsonl").exists():
@@ -237,7 +238,8 @@ class ReusedRuns:
         saved = load_checkpoint(checkpoint, CLASSIFY.name)
         require_keys(saved, ("config", "data_info"), checkpoint)
         self._check_config(row, run_dir, request, from_dict(ClassifyConfig, saved["config"]))
-        self._check_data(row, run_dir, request, saved["data_info"])
+        if data:
+            self._check_data(row, run_dir, request, saved["data_info"])
 
     def _check_config(self, row: Row, run_dir: Path, request: ClassifyConfig, saved: ClassifyConfig) -> None:
         now, was = _flat(to_dict(request)), _flat(to_dict(saved))
@@ -321,6 +323,29 @@ def markdown(summary: dict[str, Any], seeds: int, test: str) -> str:
     return "\n".join(lines) + f"\n\nTest set: {test}.\n"
 
 
+def train_plan(plan: list[tuple[Row, int, Path]], args: argparse.Namespace, passed: list[str],
+               size: Sizes) -> dict[str, list[dict]]:
+    """Train (or resume, or keep) the run of every (row, seed, run folder) of `plan`, each checked before by
+    `ReusedRuns`; returns each row's held-out results, one per seed. `args` gives the runs' --device,
+    --preset and --test."""
+    results: dict[str, list[dict]] = {}
+    for row, seed, run_dir in plan:
+        result = final_results(run_dir)
+        if result is None:
+            print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
+            try:
+                run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
+            except RunInterrupted as err:
+                signum = err.exit_code - 128
+                raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
+                                     f"step; run the same command again to resume it and the runs after it.",
+                                     signum) from err
+            result = final_results(run_dir)
+            assert result is not None, f"{run_dir} finished without a held-out evaluation"
+        results.setdefault(row.name, []).append(result)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.seeds < 1:
@@ -346,21 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reused = ReusedRuns()
         for row, seed, run_dir in plan:
             reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size))
-        results: dict[str, list[dict]] = {}
-        for row, seed, run_dir in plan:
-            result = final_results(run_dir)
-            if result is None:
-                print(f"Training on {row.name}, seed {seed} ({run_dir})", flush=True)
-                try:
-                    run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
-                except RunInterrupted as err:
-                    signum = err.exit_code - 128
-                    raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
-                                         f"step; run the same command again to resume it and the runs after it.",
-                                         signum) from err
-                result = final_results(run_dir)
-                assert result is not None, f"{run_dir} finished without a held-out evaluation"
-            results.setdefault(row.name, []).append(result)
+        results = train_plan(plan, args, passed, size)
 
         summary = summarise(rows, results, target)
         summary.update(test=args.test, seeds=args.seeds, match_size=size.match, synthetic_multiple=size.multiple,

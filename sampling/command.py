@@ -19,7 +19,7 @@ import kernels
 from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
 from core.lock import FolderLock, check_output_folder
-from core.runtime import autocast_dtype, resolve_device
+from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
 from core.speed import check_cuda_graphs, speed_up
 from ddpm.config import SamplingConfig
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
@@ -30,6 +30,17 @@ OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
 RUNS = Path("runs")  # where train.py puts runs by default, searched when no --ckpt is given
 
 OpenSource = Callable[[Path, torch.device, str], ImageSource]  # (checkpoint, device, weights) -> source
+
+
+def add_drawing_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a tool that draws from a checkpoint as sample.py does (the consistency check, the
+    sweep): --batch-size, --weights, --device, --amp and --kernels."""
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
+                        help=f"{KERNELS_HELP}, for sampling (default: auto)")
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.samplers import per_sample_noise
 from ddpm.source import ImageSource
+from ddpm.synthetic import DatasetPlan
 
 GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
 
@@ -123,14 +124,19 @@ def draw_interpolations(draw: Drawer, args: argparse.Namespace, model: Diffusion
                      duration_ms=150, hold_last_ms=150)
 
 
-def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> None:
-    """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
+def dataset_writer(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> tuple[DatasetPlan, DatasetWriter]:
+    """The plan of a --dataset-out request and the writer of its folder, which `open()` checks against it."""
     model = source.model
     plan, specific = source.dataset(args)
     # What makes image k: changing any of it would give other images, so a folder holds one request.
     request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed,
                "sampling": to_dict(draw.sampling), "amp": args.amp, **specific, "param_names": list(plan.param_names)}
-    writer = DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
+    return plan, DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
+
+
+def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> None:
+    """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
+    plan, writer = dataset_writer(draw, args, source)
     writer.open()
     pending = writer.pending(plan.items)
     bar = tqdm(total=len(plan.items), initial=len(plan.items) - len(pending), desc=f"dataset {args.dataset_out}",
@@ -141,6 +147,6 @@ def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) ->
             if part:
                 images = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
             else:  # nothing left to draw: bring the tables up to date with the images on disk
-                images = torch.zeros(0, *model.shape)
+                images = torch.zeros(0, *source.model.shape)
             writer.write(part, images, every_item=plan.items if start == 0 else ())
             bar.update(len(part))

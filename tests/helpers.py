@@ -1,8 +1,12 @@
-"""What several test files share: the command line of a tiny pixel-diffusion run."""
+"""What several test files share: the command line of a tiny pixel-diffusion run, and folders of
+labelled images that a few classifier steps learn."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 RES = 16  # image side of every tiny run
 
@@ -18,3 +22,17 @@ def tiny_args(run_dir: Path, dataset: str | Path, *extra: str, steps: int = 3) -
             "--dropout", "0.1", "--schedule", "linear", "--prediction", "eps", "--num-timesteps", "100",
             "--steps", str(steps), "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--sample-every", "0",
             "--ckpt-every", "100000", "--preview-images", "2", "--preview-steps", "2", *extra]
+
+
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40)}
+
+
+def colour_folder(root: Path, per_class: int, seed: int, classes: dict = COLOURS) -> Path:
+    """Class folders of noisy solid colours (RES px): trivially separable, so a few steps learn them."""
+    rng = np.random.default_rng(seed)
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (RES, RES, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{k}.png")
+    return root

@@ -21,20 +21,8 @@ from classify.stage import final_results
 from core.checkpoint import load_checkpoint
 from data import Batch, load_dataset
 from data.augment import random_crop
+from helpers import RES, colour_folder
 
-RES = 16
-COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40)}
-
-
-def colour_folder(root: Path, per_class: int, seed: int, classes=COLOURS) -> Path:
-    """Class folders of noisy solid colours: trivially separable, so a few steps learn them."""
-    rng = np.random.default_rng(seed)
-    for name, colour in classes.items():
-        (root / name).mkdir(parents=True)
-        for k in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (RES, RES, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{k}.png")
-    return root
 
 
 def params_folder(root: Path, count: int, seed: int) -> Path:

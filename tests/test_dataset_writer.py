@@ -187,6 +187,19 @@ def test_export_plumes_by_wind_bins_with_the_same_edges_for_both_splits(tmp_path
     assert sorted(exported.params[:, 0].tolist()) == pytest.approx(sorted(original.params[:, 0].tolist()))
 
 
+def test_export_with_another_seed_gives_other_plumes_for_a_validation_set(tmp_path):
+    cache = str(tmp_path / "cache")
+    common = ["--num-samples", "6", "--split", "test", "--resolution", "16", "--cache-dir", cache]
+    test = export.main(["plumes", str(tmp_path / "test"), *common])
+    val = export.main(["plumes", str(tmp_path / "val"), "--seed", "1", *common])
+    seeds = [{int(r["seed"]) for r in rows(folder / "manifest.csv")} for folder in (test, val)]
+    assert len(seeds[0]) == len(seeds[1]) == 6 and not seeds[0] & seeds[1]
+    assert torch.equal(load_dataset(f"folder:{val}", 16).images,
+                       load_dataset("plumes", 16, cache_dir=cache, train=False, num_samples=6, seed=1).images)
+    with pytest.raises(ValueError, match="made with other options"):           # a folder holds one request
+        export.main(["plumes", str(val), *common])
+
+
 def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
     source = tmp_path / "source"
     for name in ("cat", "dog"):

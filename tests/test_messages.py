@@ -36,9 +36,10 @@ NOT_PROJECT = {"tests", "examples", ".git", ".ci"}
 # Every command, as a message names it, with the module that runs it.
 COMMANDS = {"train.py": "train", "sample.py": "sample", "python -m evaluate.experiment": "evaluate.experiment",
             "python -m evaluate.gradcam": "evaluate.gradcam", "python -m evaluate.consistency": "evaluate.consistency",
-            "python -m fid": "fid.__main__", "python -m data.export": "data.export", "python -m bench": "bench.__main__"}
-# Commands whose code paths are train.py's: the experiment trains its rows with train.py's options.
-TRAINING = {"train.py", "python -m evaluate.experiment"}
+            "python -m evaluate.sweep": "evaluate.sweep", "python -m fid": "fid.__main__",
+            "python -m data.export": "data.export", "python -m bench": "bench.__main__"}
+# Commands whose code paths are train.py's: the experiment and the sweep train their rows with train.py's options.
+TRAINING = {"train.py", "python -m evaluate.experiment", "python -m evaluate.sweep"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_every_option_an_error_suggests_belongs_to_a_command_that_can_raise_it()
     errors, wrong = user_errors(), []
     for name, path in sorted(modules().items()):
         commands = [c for c in COMMANDS if name in reached_from(c)]
-        if set(commands) <= TRAINING and name != COMMANDS["python -m evaluate.experiment"] and commands:
+        if set(commands) <= TRAINING and name not in {COMMANDS[c] for c in TRAINING} and commands:
             commands = ["train.py"]  # run only by training: the options of train.py alone
         allowed = set().union(*(options(c) for c in commands or COMMANDS))
         for line, text in messages(path, errors):

@@ -27,23 +27,12 @@ from evaluate import experiment
 from fid.features import NETWORK, weights_fingerprint
 from fid.stats import Provenance, Statistics, save_statistics
 from fid.weights import build_fid_inception
-from helpers import RES
+from helpers import RES, colour_folder
 from ldm.latents import cache_path, encode_dataset, latent_dataset
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
 # ---------------------------------------------------------------------------------------------
 # what each kind of reuse starts from
-
-
-def colour_folder(root: Path, per_class: int, seed: int) -> Path:
-    """Class folders (blue, green, red) of noisy solid colours."""
-    rng = np.random.default_rng(seed)
-    for name, colour in {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40)}.items():
-        (root / name).mkdir(parents=True)
-        for k in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (RES, RES, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{k}.png")
-    return root
 
 
 def repaint(folder: Path) -> None:

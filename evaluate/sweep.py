@@ -1,0 +1,578 @@
+"""The quality sweep: which way of sampling a model makes the best training data?
+
+    python -m evaluate.sweep --ckpt DIFFUSION --judge CLASSIFIER --real folder:R --test folder:T \\
+        --guidance 1,1.5,2,3,5 --steps 25,50 [--sampler ddim] [--train] [--out runs/sweep] [-- TRAIN OPTIONS]
+
+For every setting (each sampler x step count x guidance scale) it writes a synthetic set of the same
+size into OUT/sets/SETTING (the images `sample.py --dataset-out` writes with those options: image k
+has the seed and condition of image k of every other setting) and measures it against held-out real
+images (--test), in the features of the judge, a classifier trained on real images:
+
+- conditioning: the share of images the judge puts in the class they were drawn for (a parameter
+  regressor as judge: each parameter's mean absolute error, and their mean in units of the test
+  images' standard deviation);
+- domain FID and KID to the --test images, in the judge's penultimate features (`fid.domain`);
+- per-class diversity: the mean distance between two images of one class in those features, as a
+  share of the same for the --test images (1: as varied as real images; below 1: too alike);
+- with --train, the accuracy of a classifier trained on the set alone and tested on --test, one run
+  per --train-seeds seed (the runner of `evaluate.experiment`, with the options after `--`).
+
+A first row, `real`, measures as many --real images the same way (its FID is the floor a set can
+reach at this size; its trained classifier, the accuracy to match). The table (OUT/sweep.md,
+sweep.json) names the best setting by --criterion (default: the trained classifier's accuracy with
+--train, else domain FID), OUT/sweep.png draws each measure against the settings, and where the
+table holds DDIM, PNDM and DDPM it says whether the orderings the DDIM and PNDM papers report hold.
+--write-best DIR then writes a full dataset with the best setting.
+
+Choose on images you will not report: pass a validation split of real images as --test, and judge
+the chosen set on the final test set (`evaluate.experiment`); a best-of-N on the test set flatters.
+
+Run the same command again after an interruption: finished sets, measures and classifiers are kept
+and interrupted ones continued. A set made with other options, or a kept classifier made from other
+inputs, is refused before anything is drawn or trained; measures are recomputed whenever the images,
+the judge or the test set they came from have changed.
+"""
+
+from __future__ import annotations
+
+from core import cli
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    cli.catch_early_sigterm()
+
+import argparse
+import functools
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import kernels
+from classify.config import PRESETS
+from classify.model import Classifier
+from classify.plots import bar_chart, line_chart, side_by_side
+from classify.stage import SPEC as CLASSIFY
+from core.errors import UserError
+from core.lock import FolderLock, holds_files
+from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
+from core.speed import speed_up
+from data import check_spec, load_dataset
+from data.dataset import ImageDataset
+from data.imageio import atomic_save_image
+from data.writer import parse_binning
+from ddpm.config import SamplingConfig
+from ddpm.samplers import SAMPLERS
+from ddpm.source import ImageSource
+from evaluate.consistency import check_pair, judge_dataset
+from evaluate.experiment import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
+from fid.domain import ClassifierFeatures
+from fid.frechet import frechet_distance
+from fid.kid import kid
+from sampling.command import add_drawing_options
+from sampling.draw import Drawer, dataset_writer, draw_dataset
+from stages import open_source
+from training.run import parse_stage_args, with_options
+
+CRITERIA = ("auto", "accuracy", "fid", "kid", "conditioning")
+DEFAULT_NUM, DEFAULT_PER_CLASS = 500, 100  # images per set
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # subsets of at most 1000 images (Binkowski et al. 2018), fewer if a set is smaller
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of sampling the model: a row of the table."""
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler}-{self.steps}-g{self.guidance:g}"
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance)
+
+
+def _list(kind: type, option: str):
+    """argparse type of a comma-separated list (`--steps 25,50`), each item a `kind`."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes a comma-separated list, e.g. {option} 25,50") from None
+        if not values or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{option} needs one or more different values, got {text!r}")
+        return values
+    return parse
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    own, passed = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = cli.ArgumentParser(prog="python -m evaluate.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint of the diffusion model to sample (required)")
+    parser.add_argument("--judge", type=Path, required=True,
+                        help="checkpoint of a classifier or parameter regressor trained on real images: it judges the "
+                             "conditioning and its penultimate features measure FID, KID and diversity (required)")
+    parser.add_argument("--real", required=True,
+                        help="real training images (folder:PATH | plumes | cifar10): the reference row (required)")
+    parser.add_argument("--test", required=True,
+                        help="held-out real images every set is measured against, and every classifier tested on "
+                             "(required; a validation split, see above)")
+    parser.add_argument("--sampler", type=_list(str, "--sampler"), default=("ddim",),
+                        help=f"samplers, comma-separated, of {', '.join(SAMPLERS)} (default: ddim)")
+    parser.add_argument("--steps", type=_list(int, "--steps"), default=(50,),
+                        help="sampling step counts, comma-separated (default: 50)")
+    parser.add_argument("--guidance", type=_list(float, "--guidance"), default=None,
+                        help="classifier-free guidance scales, comma-separated (default: the model's own default, 1 "
+                             "for most)")
+    parser.add_argument("--num", type=int, default=None,
+                        help="images per set for parameter and unconditional models (default: 500)")
+    parser.add_argument("--per-class", type=int, default=None, help="images per class per set for class models "
+                                                                   "(default: 100)")
+    parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
+                        help="parameter models: label images by K bins of one parameter (as sample.py --classes), "
+                             "which a classifier as --judge needs (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="image k of every set uses a seed derived from (seed, k) "
+                                                           "(default: 0)")
+    parser.add_argument("--train", action="store_true",
+                        help="also train a classifier on each set and on as many real images, tested on --test "
+                             "(default: off)")
+    parser.add_argument("--train-seeds", type=int, default=1, help="with --train: runs per row (default: 1)")
+    parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS),
+                        help="with --train: the classify preset every run starts from (default: classify-demo)")
+    parser.add_argument("--criterion", default="auto", choices=CRITERIA,
+                        help="what names the best setting: accuracy (of the trained classifiers; top-1, or the mean "
+                             "absolute error of a parameter target), fid, kid, conditioning; auto: accuracy with "
+                             "--train, else fid (default: auto)")
+    parser.add_argument("--write-best", type=Path, default=None, metavar="DIR",
+                        help="afterwards, write a dataset with the best setting into DIR (default: off)")
+    parser.add_argument("--write-num", type=int, default=None, help="with --write-best: images (parameter and "
+                                                                    "unconditional models)")
+    parser.add_argument("--write-per-class", type=int, default=None, help="with --write-best: images per class "
+                                                                          "(class models)")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
+    add_drawing_options(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
+    return parser.parse_args(own), passed
+
+
+def check_args(args: argparse.Namespace, passed: list[str]) -> None:
+    """Refuse impossible values and options that mean nothing without another, before any work."""
+    for option, value in (("--num", args.num), ("--per-class", args.per_class), ("--train-seeds", args.train_seeds),
+                          ("--batch-size", args.batch_size), ("--write-num", args.write_num),
+                          ("--write-per-class", args.write_per_class)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}.")
+    unknown = [s for s in args.sampler if s not in SAMPLERS]
+    if unknown:
+        raise UserError(f"--sampler {unknown[0]} is not one of {', '.join(SAMPLERS)}.")
+    for setting in settings_of(args, default_guidance=1.0):
+        setting.sampling()  # refuses impossible values (e.g. PNDM with fewer than 4 steps)
+    if args.criterion == "accuracy" and not args.train:
+        raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
+                        "conditioning.")
+    if args.write_best is not None and holds_files(args.write_best) and not (args.write_best / "dataset.json").is_file():
+        raise UserError(f"{args.write_best} already holds files that are not a dataset of ours; choose an empty or new "
+                        f"folder for --write-best.")
+    if not args.train and (passed or args.train_seeds != 1 or args.preset != "classify-demo"):
+        raise UserError("Training options (--train-seeds, --preset, options after --) apply with --train only; add "
+                        "--train or drop them.")
+    if args.write_best is None and (args.write_num or args.write_per_class):
+        raise UserError("--write-num and --write-per-class size the set of --write-best; add --write-best DIR or drop "
+                        "them.")
+    if args.write_best is not None and not (args.write_num or args.write_per_class):
+        raise UserError("--write-best needs its size: --write-per-class N for a class model, --write-num N otherwise.")
+    check_spec(args.real, "--real")
+    check_spec(args.test, "--test")
+    check_passed(passed)
+
+
+def settings_of(args: argparse.Namespace, default_guidance: float) -> list[Setting]:
+    return [Setting(s, n, g) for s in args.sampler for n in args.steps for g in (args.guidance or (default_guidance,))]
+
+
+# ---------------------------------------------------------------------------------------------
+# what each set is measured by
+
+
+@dataclass
+class Measured:
+    """An image set seen by the judge: its features and what each image should show."""
+    features: np.ndarray           # (N, D) penultimate features, float64
+    groups: dict[str, np.ndarray]  # class name -> indices of its images ("all" for a set without classes)
+
+
+def features_of(dataset: ImageDataset, features: ClassifierFeatures, batch_size: int, desc: str) -> np.ndarray:
+    chunks = [features(chunk.float() / 255) for chunk in tqdm(dataset.images.split(batch_size), desc=desc, unit="batch")]
+    return torch.cat(chunks).double().numpy()
+
+
+def measured(dataset: ImageDataset, features: ClassifierFeatures, batch_size: int, desc: str) -> Measured:
+    names = dataset.info.class_names
+    groups = ({name: np.flatnonzero(dataset.labels.numpy() == k) for k, name in enumerate(names)} if names
+              else {"all": np.arange(len(dataset))})
+    return Measured(features_of(dataset, features, batch_size, desc), {k: v for k, v in groups.items() if len(v)})
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of distinct rows of `x` (n >= 2)."""
+    n = x.shape[0]
+    squared = (x * x).sum(1)
+    d2 = np.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0)
+    return float(np.sqrt(d2)[np.triu_indices(n, 1)].mean())
+
+
+def diversity(images: Measured, real: Measured) -> dict[str, Any]:
+    """Per class, the mean distance between two of its images over the same for real images of that class
+    (classes with fewer than two images on either side are left out), and the mean of those ratios."""
+    ours, theirs = images.groups, real.groups
+    if not set(ours) <= set(theirs):  # classes the real images do not share: compare the whole sets
+        ours, theirs = {"all": np.concatenate(list(ours.values()))}, {"all": np.concatenate(list(theirs.values()))}
+    per_class = {}
+    for name, members in ours.items():
+        reference = theirs[name]
+        if len(members) < 2 or len(reference) < 2:
+            continue
+        per_class[name] = (mean_pairwise_distance(images.features[members])
+                           / mean_pairwise_distance(real.features[reference]))
+    return {"diversity": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+            "diversity_per_class": per_class}
+
+
+def distances(images: Measured, real: Measured, seed: int) -> dict[str, float]:
+    """Domain FID and KID (mean and std over subsets) of `images` to `real`."""
+    a, b = images.features, real.features
+    fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    size = min(KID_SUBSET_SIZE, a.shape[0], b.shape[0])
+    kid_mean, kid_std = kid(a, b, num_subsets=KID_SUBSETS, subset_size=size, seed=seed)
+    return {"fid": float(fid), "kid": kid_mean, "kid_std": kid_std, "kid_subset_size": size}
+
+
+def conditioning(dataset: ImageDataset, judge: Classifier, test: ImageDataset, batch_size: int) -> dict[str, Any]:
+    """How well the images show what they were drawn for, by the judge; 'conditioning' is the figure the
+    criterion ranks: the agreement (higher is better), or a regressor's mean error in units of each
+    parameter's spread over the test images (lower is better)."""
+    if not (dataset.info.class_names if judge.config.target == "class" else dataset.info.param_names):
+        return {"conditioning": float("nan")}  # an unconditional model's images ask for nothing
+    report = judge_dataset(dataset, judge, batch_size)["report"]
+    if "agreement" in report:
+        return {"conditioning": report["agreement"], "agreement_per_class": report["per_class"]}
+    spread = {p: float(test.params[:, j].std()) for j, p in enumerate(test.info.param_names)}
+    relative = [report["mae"][p] / spread[p] for p in report["mae"] if spread.get(p, 0) > 0]
+    return {"conditioning": float(np.mean(relative)) if relative else float("nan"), "mae": report["mae"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking and the papers' orderings
+
+
+def criterion_of(args: argparse.Namespace) -> str:
+    return ("accuracy" if args.train else "fid") if args.criterion == "auto" else args.criterion
+
+
+def higher_is_better(criterion: str, target: str, judge_target: str) -> bool:
+    if criterion == "accuracy":
+        return target == "class"
+    if criterion == "conditioning":
+        return judge_target == "class"
+    return False  # fid, kid
+
+
+def best_setting(rows: dict[str, dict[str, Any]], criterion: str, higher: bool) -> str | None:
+    """The name of the row with the best finite value of `criterion` (the real row never counts); ties go
+    to the first in table order."""
+    scored = [(name, row[criterion]) for name, row in rows.items()
+              if name != "real" and row.get(criterion) is not None and math.isfinite(row[criterion])]
+    if not scored:
+        return None
+    return (max if higher else min)(scored, key=lambda item: item[1])[0]
+
+
+def paper_orderings(rows: dict[str, dict[str, Any]], settings: Sequence[Setting]) -> list[str]:
+    """Whether the domain FIDs reproduce what the DDIM paper (Song et al. 2021, Table 1: DDIM far better
+    than DDPM at few steps) and the PNDM paper (Liu et al. 2022, Table 1: PNDM better than DDIM at 50
+    steps) report, at each guidance scale where the table has both sides."""
+    found = {(s.sampler, s.steps, s.guidance): rows[s.name]["fid"] for s in settings}
+    lines = []
+    for g in sorted({s.guidance for s in settings}):
+        at = f" (guidance {g:g})" if len({s.guidance for s in settings}) > 1 else ""
+        for pndm in ("pndm", "spndm"):
+            if (pndm, 50, g) in found and ("ddim", 50, g) in found:
+                a, b = found[(pndm, 50, g)], found[("ddim", 50, g)]
+                lines.append(f"{pndm.upper()} better than DDIM at 50 steps{at}: {'holds' if a < b else 'does not hold'} "
+                             f"(FID {a:.3g} against {b:.3g}).")
+        few = sorted(n for (s, n, h) in found if s == "ddim" and h == g and ("ddpm", n, g) in found)
+        if few:
+            n = few[0]
+            a, b = found[("ddim", n, g)], found[("ddpm", n, g)]
+            verdict = (f"holds, {b / a:.1f}x lower" if a > 0 and b >= 1.5 * a else "holds, but not by far" if a < b
+                       else "does not hold")
+            lines.append(f"DDIM far better than DDPM at {n} steps{at}: {verdict} (FID {a:.3g} against {b:.3g}).")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the table and the chart
+
+
+COLUMNS = (("conditioning", "conditioning", 3), ("fid", "domain FID", 3), ("kid", "KID", 4),
+           ("diversity", "diversity (x real)", 3))
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    trained = summary["trained_metric"]
+    head = ["setting", *[title for _, title, _ in COLUMNS]] + ([trained] if trained else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary["rows"].items():
+        cells = [f"**{name}** (best)" if name == summary["best"] else name]
+        cells += ["–" if not math.isfinite(row[key]) else f"{row[key]:.{digits}g}" for key, _, digits in COLUMNS]
+        if trained:
+            cells.append(f"{row['accuracy']:.2f} ± {row['accuracy_std']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"{summary['images']} images per set; measured against {summary['test']} in the features of "
+             f"{summary['judge']}; conditioning: {summary['conditioning_metric']}.",
+             f"Best by {summary['criterion']}: {summary['best'] or 'none (no finite value)'}."]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes + summary["orderings"]) + "\n"
+
+
+def chart(summary: dict[str, Any], settings: Sequence[Setting]) -> Any:
+    """A panel per measure: against guidance (or steps), a line per remaining axis, and the real row as a
+    line of its own; a bar chart per measure when the settings differ in sampler only."""
+    rows, real = summary["rows"], summary["rows"]["real"]
+    keys = [(key, title) for key, title, _ in COLUMNS] + ([("accuracy", summary["trained_metric"])]
+                                                           if summary["trained_metric"] else [])
+    guidances, steps = sorted({s.guidance for s in settings}), sorted({s.steps for s in settings})
+    panels = []
+    for key, title in keys:
+        if not any(math.isfinite(rows[s.name][key]) for s in settings):
+            continue
+        if len(guidances) > 1 or len(steps) > 1:
+            axis, xs = ("guidance", guidances) if len(guidances) > 1 else ("steps", steps)
+            lines: dict[str, list[float]] = {}
+            for s in settings:
+                label = f"{s.sampler} {s.steps}" if axis == "guidance" else f"{s.sampler} g{s.guidance:g}"
+                lines.setdefault(label, [float("nan")] * len(xs))[xs.index(getattr(s, axis))] = rows[s.name][key]
+            if math.isfinite(real[key]):
+                lines["real"] = [real[key]] * len(xs)
+            panels.append(line_chart(xs, lines, title=title, xlabel=axis))
+        else:
+            names = [s.name for s in settings] + (["real"] if math.isfinite(real[key]) else [])
+            values = [rows[n][key] for n in names]
+            panels.append(bar_chart(names, [v if math.isfinite(v) else 0.0 for v in values], title=title))
+    return side_by_side(panels)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def set_size(args: argparse.Namespace, source: ImageSource) -> int:
+    """The images of every set: --per-class N of each class of a class model (default 100), else --num."""
+    if source.kind == "class":
+        return (args.per_class or DEFAULT_PER_CLASS) * len(source.model.info.class_names)
+    return args.num or DEFAULT_NUM
+
+
+def dataset_request(args: argparse.Namespace, setting: Setting, folder: Path, kind: str, *, num: int | None = None,
+                    per_class: int | None = None) -> argparse.Namespace:
+    """sample.py's parsed --dataset-out command line that writes `setting`'s set (by default the sweep's
+    size: --num or --per-class) into `folder`."""
+    request = argparse.Namespace(ckpt=args.ckpt, dataset_out=folder, seed=args.seed, weights=args.weights,
+                                 amp=args.amp, classes=args.classes, label=None, param=[], per_image=None,
+                                 interpolate_to=None, num=None if kind == "class" else num or args.num or DEFAULT_NUM,
+                                 per_class=per_class or args.per_class or DEFAULT_PER_CLASS if kind == "class" else None)
+    setattr(request, "sampling.guidance_scale", setting.guidance)
+    return request
+
+
+def check_judge(kind: str, source_info, judge: Classifier, classes: str | None) -> None:
+    """Refuse a judge that cannot read what this model's images are drawn for, before anything is drawn."""
+    if kind == "params" and judge.config.target == "class":
+        if classes is None:
+            raise UserError("A classifier judges class folders, and this model is conditioned on parameters; add "
+                            "--classes NAME:K[:LOW:HIGH] to bin its images by a parameter, or pass a parameter "
+                            "regressor as --judge.")
+        names = parse_binning(classes, source_info).class_names
+        missing = [n for n in names if n not in judge.output_names]
+        if missing:
+            raise UserError(f"The --judge classifier does not know the classes {', '.join(missing)} that --classes "
+                            f"{classes} makes (it knows {', '.join(judge.output_names)}); pass one trained on real "
+                            f"images binned the same way.")
+    elif kind != "none":
+        check_pair(kind, source_info, judge)
+
+
+def check_labels(option: str, data: ImageDataset, judge: Classifier) -> None:
+    """Refuse real images labelled with classes or parameters the judge does not know (images without
+    labels are measured without conditioning)."""
+    names = data.info.class_names if judge.config.target == "class" else data.info.param_names
+    missing = [n for n in names if n not in judge.output_names]
+    if missing:
+        raise UserError(f"The --judge {'classifier' if judge.config.target == 'class' else 'regressor'} does not know "
+                        f"{', '.join(missing)} of the {option} images (it knows {', '.join(judge.output_names)}); pass "
+                        f"real images labelled as it was trained, or a judge trained on them.")
+
+
+def check_model(args: argparse.Namespace, source: ImageSource, judge: Classifier) -> None:
+    """Refuse options this model cannot use, and a judge that cannot read its images."""
+    if not source.draws_requests:
+        raise UserError(f"{args.ckpt} does not draw images of requested classes or parameters (an inversion draws "
+                        f"variations of learned vectors); sweep the diffusion model it was learned against.")
+    kind = source.kind
+    if kind == "none" and args.guidance not in (None, (1.0,)):
+        raise UserError("This model was trained without conditioning, so --guidance has nothing to guide; drop it.")
+    if kind == "class" and args.num is not None:
+        raise UserError("A class-conditional model's sets hold --per-class N images of each class; use --per-class.")
+    if kind != "class" and args.per_class is not None:
+        raise UserError("--per-class needs a class-conditional model; use --num N for this one.")
+    if args.write_best is not None and (kind == "class") != (args.write_per_class is not None):
+        raise UserError("--write-best takes --write-per-class N for a class model and --write-num N otherwise.")
+    check_judge(kind, source.model.info, judge, args.classes)
+
+
+def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[Setting], amp: torch.dtype | None,
+              out: Path) -> None:
+    """Write (or finish) the set of every setting into OUT/sets/SETTING; every folder is checked against its
+    request before any image is drawn, and a finished set is left as it is."""
+    drawers = {s.name: Drawer(source.model, s.sampling(), amp, args.batch_size) for s in settings}
+    requests = {s.name: dataset_request(args, s, out / "sets" / s.name, source.kind) for s in settings}
+    finished = set()
+    for name, request in requests.items():
+        source.check(request)
+        plan, writer = dataset_writer(drawers[name], request, source)
+        writer.open()
+        if all(item.index in writer.rows and (writer.root / item.file).is_file() for item in plan.items):
+            finished.add(name)
+    for name, request in requests.items():
+        if name not in finished:
+            print(f"Drawing the set of {name}", flush=True)
+            draw_dataset(drawers[name], request, source)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
+    check_args(args, passed)
+    device = resolve_device(args.device)
+    kernels.use(args.kernels, device)
+    judge_features = ClassifierFeatures(args.judge, device)
+    judge = judge_features.classifier
+    source = open_source(args.ckpt, device, args.weights)
+    check_model(args, source, judge)
+    settings = settings_of(args, source.default_guidance or SamplingConfig().guidance_scale)
+    for setting in settings:
+        setting.sampling().check_against(source.model.schedule)
+    speed_up(source.model.net, device)
+    amp = autocast_dtype(args.amp, device)
+    target = with_options(CLASSIFY, CLASSIFY.presets[args.preset](),  # the training options, parsed now
+                          parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])).model.target
+    # The real images are read, and checked to be judgeable, before anything is drawn.
+    images = set_size(args, source)
+    resolution, channels = judge.info.resolution, judge.info.channels
+    test = load_dataset(args.test, resolution, channels=channels)
+    real = load_dataset(args.real, resolution, channels=channels, num_samples=images)
+    for option, data in (("--test", test), ("--real", real)):
+        check_labels(option, data, judge)
+
+    out = args.out
+    with FolderLock(out):
+        if args.train:  # kept classifiers are checked against the training options before anything is drawn
+            train_rows(args, passed, settings, images, {}, out, check_only=True)
+        draw_sets(args, source, settings, amp, out)
+        real_test = functools.cache(lambda: measured(test, judge_features, args.batch_size, "features of --test"))
+        sets = {"real": real, **{s.name: load_dataset(f"folder:{out / 'sets' / s.name}", resolution, channels=channels)
+                                 for s in settings}}
+        rows = {name: measure(name, dataset, judge_features, test, real_test, out, args)
+                for name, dataset in sets.items()}
+        trained_metric = train_rows(args, passed, settings, images, rows, out) if args.train else None
+        criterion = criterion_of(args)
+        best = best_setting(rows, criterion, higher_is_better(criterion, target, judge.config.target))
+        summary = {"rows": rows, "best": best, "criterion": criterion, "images": images, "test": args.test,
+                   "real": args.real, "judge": judge_features.name, "judge_checkpoint": str(args.judge),
+                   "ckpt": str(args.ckpt), "seed": args.seed, "trained_metric": trained_metric,
+                   "conditioning_metric": ("share judged the class drawn for" if judge.config.target == "class" else
+                                           "mean absolute error / test std, over parameters"),
+                   "settings": {s.name: {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}
+                                for s in settings},
+                   "orderings": paper_orderings(rows, settings), "train_options": passed}
+        table = markdown(summary)
+        atomic_write(out / "sweep.md", lambda f: f.write(table.encode()))
+        write_json(summary, out / "sweep.json")
+        atomic_save_image(chart(summary, settings), out / "sweep.png")
+    print(table)
+    print(f"Wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+    if args.write_best is not None and best is not None:
+        write_best(args, source, next(s for s in settings if s.name == best))
+    return summary
+
+
+def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test: ImageDataset,
+            real_test: Callable[[], Measured], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The measures of one set, kept in OUT/measures/NAME.json and recomputed when its images, the judge
+    or the test images are not those they were computed from; `real_test()` gives the test images'
+    features (computed once, when a set first needs them)."""
+    path = out / "measures" / f"{name}.json"
+    inputs = {"images": dataset.fingerprint(), "judge": features.fingerprint, "test": test.fingerprint()}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_bytes())
+        except ValueError:
+            saved = {}
+        if saved.get("inputs") == inputs:
+            return saved["measures"]
+        print(f"{path} was measured on other images, judge or test set; measuring again.", flush=True)
+    images = measured(dataset, features, args.batch_size, f"features of {name}")
+    row = {**conditioning(dataset, features.classifier, test, args.batch_size), **distances(images, real_test(), args.seed),
+           **diversity(images, real_test())}
+    write_json({"inputs": inputs, "measures": row}, path)
+    return row
+
+
+def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[Setting], images: int,
+               rows: dict[str, dict[str, Any]], out: Path, check_only: bool = False) -> str:
+    """Train the classifiers of every row (as `evaluate.experiment` trains a table's rows), each checked
+    first against the request if kept; adds 'accuracy' and its std to each row and returns its name.
+    `check_only`: check the options of the kept runs, before the sets they train on are written."""
+    size = Sizes(match=images)  # every row trains on as many images as a set holds
+    table_rows = [Row("real", args.real)] + [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name)
+                                             for s in settings]
+    plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
+            for seed in range(args.train_seeds)]
+    reused = ReusedRuns()
+    for row, seed, run_dir in plan:
+        reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size), data=not check_only)
+    if check_only:
+        return ""
+    results = train_plan(plan, args, passed, size)
+    first = next(iter(results.values()))[0]
+    metric = "top1" if "top1" in first else "mae"
+    for name, runs in results.items():
+        values = [r[metric] * (100 if metric == "top1" else 1) for r in runs]
+        rows[name].update(accuracy=float(np.mean(values)),
+                          accuracy_std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                          accuracy_per_seed=values)
+    return "trained top-1 (%)" if metric == "top1" else "trained mean absolute error"
+
+
+def write_best(args: argparse.Namespace, source: ImageSource, setting: Setting) -> None:
+    """--write-best: the full dataset with the best setting (resumable as any --dataset-out folder)."""
+    request = dataset_request(args, setting, args.write_best, source.kind, num=args.write_num,
+                              per_class=args.write_per_class)
+    print(f"Writing {args.write_best} with {setting.name} "
+          f"(sample.py --sampler {setting.sampler} --steps {setting.steps} --guidance-scale {setting.guidance:g})",
+          flush=True)
+    with FolderLock(args.write_best):
+        draw = Drawer(source.model, setting.sampling(), autocast_dtype(args.amp, source.model.device), args.batch_size)
+        draw_dataset(draw, request, source)
+    print(f"Wrote {args.write_best}")
+
+
+if __name__ == "__main__":
+    cli.main(main)

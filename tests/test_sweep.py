@@ -1,0 +1,245 @@
+"""The quality sweep (evaluate.sweep): a row per setting, the best named by the criterion, resume
+that redoes nothing finished, and changed inputs refused or redone; its measures against closed forms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import UserError
+from evaluate import sweep
+from evaluate.sweep import Measured, Setting
+from helpers import COLOURS, RES, colour_folder
+from test_gradcam import classifier_checkpoint
+
+CLASSES = ("blue", "green", "red")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, class_ckpt) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep")
+    return {"root": root, "ckpt": class_ckpt, "judge": classifier_checkpoint(root / "judge.pt", 0, CLASSES),
+            "real": colour_folder(root / "real", 3, seed=0), "test": colour_folder(root / "test", 2, seed=1)}
+
+
+def argv(inputs, out: Path, *options: str, train: bool = True) -> list[str]:
+    own = ["--ckpt", str(inputs["ckpt"]), "--judge", str(inputs["judge"]), "--real", f"folder:{inputs['real']}",
+           "--test", f"folder:{inputs['test']}", "--guidance", "1,3", "--steps", "2,3", "--per-class", "2",
+           "--out", str(out), "--device", "cpu", "--batch-size", "6", *options]
+    trained = ["--train", "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
+               "--batch-size", "6"]
+    return own + (trained if train else [])
+
+
+def files_and_times(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "out"
+    sweep.main(argv(inputs, out))
+    return out
+
+
+def test_one_row_per_setting_each_measured_and_trained(finished):
+    summary = json.loads((finished / "sweep.json").read_text())
+    names = ["real", "ddim-2-g1", "ddim-2-g3", "ddim-3-g1", "ddim-3-g3"]
+    assert list(summary["rows"]) == names
+    for name in names[1:]:
+        assert len(list((finished / "sets" / name).rglob("*.png"))) == 6          # 2 per class x 3 classes
+        assert (finished / "runs" / name / "seed0" / "checkpoint.pt").is_file()
+    assert summary["images"] == 6 and summary["criterion"] == "accuracy"
+    for name, row in summary["rows"].items():
+        assert 0 <= row["conditioning"] <= 1 and row["fid"] >= 0 and 0 <= row["accuracy"] <= 100
+        assert row["diversity"] > 0
+        if name != "real":  # (the real row is a seeded subset of 6 of the 9 real images: not 2 per class)
+            assert set(row["diversity_per_class"]) == set(CLASSES)
+    best = max((n for n in names[1:]), key=lambda n: summary["rows"][n]["accuracy"])
+    assert summary["best"] == best and f"**{best}** (best)" in (finished / "sweep.md").read_text()
+    assert Image.open(finished / "sweep.png").size[0] > 300
+
+
+def test_a_set_is_the_images_sample_py_writes_with_that_setting(finished, inputs, tmp_path):
+    import sample
+    sample.main(["--ckpt", str(inputs["ckpt"]), "--dataset-out", str(tmp_path / "set"), "--per-class", "2",
+                 "--sampler", "ddim", "--steps", "3", "--guidance-scale", "3", "--device", "cpu"])
+    ours = sorted((finished / "sets" / "ddim-3-g3").rglob("*.png"))
+    theirs = sorted((tmp_path / "set").rglob("*.png"))
+    assert [p.relative_to(finished / "sets" / "ddim-3-g3") for p in ours] == [p.relative_to(tmp_path / "set")
+                                                                               for p in theirs]
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_the_best_follows_the_criterion_on_planted_numbers(finished, inputs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("runs"))  # (runs record their folders by path)
+    for k, name in enumerate(["real", "ddim-2-g1", "ddim-2-g3", "ddim-3-g1", "ddim-3-g3"]):
+        path = out / "measures" / f"{name}.json"
+        saved = json.loads(path.read_text())
+        saved["measures"].update(fid=[0.5, 9.0, 7.0, 3.0, 8.0][k], conditioning=[1.0, 0.2, 0.9, 0.4, 0.1][k],
+                                 kid=[0.0, 0.3, 0.1, 0.2, 0.4][k])
+        path.write_text(json.dumps(saved))
+    no_train = [a for a in argv(inputs, out, train=False)]
+    assert sweep.main(no_train)["best"] == "ddim-3-g1"                          # lowest FID; the real row never counts
+    assert sweep.main(no_train + ["--criterion", "conditioning"])["best"] == "ddim-2-g3"
+    assert sweep.main(no_train + ["--criterion", "kid"])["best"] == "ddim-2-g3"
+
+
+def test_rerunning_redoes_nothing_finished(finished, inputs, monkeypatch, capsys):
+    before = files_and_times(finished / "sets"), files_and_times(finished / "runs")
+
+    def no(*args, **kwargs):
+        raise AssertionError("redone")
+    monkeypatch.setattr(sweep, "measured", no)
+    monkeypatch.setattr("evaluate.experiment.run", no)
+    monkeypatch.setattr("sampling.draw.Drawer.batch", no)
+    summary = sweep.main(argv(inputs, finished))
+    assert (files_and_times(finished / "sets"), files_and_times(finished / "runs")) == before
+    assert summary["best"] == json.loads((finished / "sweep.json").read_text())["best"]
+
+
+def test_an_interrupted_sweep_continues_where_it_stopped(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_draw = sweep.draw_dataset
+    drawn = []
+
+    def stop_at_the_third(draw, request, source):
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        drawn.append(request.dataset_out.name)
+        real_draw(draw, request, source)
+    monkeypatch.setattr(sweep, "draw_dataset", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(argv(inputs, out, train=False))
+    kept = {name: files_and_times(out / "sets" / name) for name in drawn}
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr("sampling.draw.Drawer.batch", lambda self, seeds, *a, **k: calls.append(len(seeds)) or
+                        real_batch(self, seeds, *a, **k))
+    summary = sweep.main(argv(inputs, out, train=False))
+    assert {name: files_and_times(out / "sets" / name) for name in drawn} == kept
+    assert sum(calls) == 2 * 6 and len(summary["rows"]) == 5                   # only the two sets left were drawn
+
+
+from sampling.draw import Drawer  # noqa: E402  (the real method, kept before any monkeypatch)
+real_batch = Drawer.batch
+
+
+def test_changed_inputs_are_refused_or_redone(finished, inputs, tmp_path, capsys):
+    import shutil
+    before = files_and_times(finished)
+    with pytest.raises(UserError, match="made with other options"):                # other seed: other images
+        sweep.main(argv(inputs, finished, "--seed", "1"))
+    with pytest.raises(UserError, match="--steps 1 but this request gives --steps 2"):  # other training options
+        sweep.main(argv(inputs, finished)[:-6] + ["--steps", "2", "--warmup-steps", "0", "--batch-size", "6"])
+    other_test = colour_folder(tmp_path / "test2", 2, seed=5)                   # the kept classifiers were tested
+    with pytest.raises(UserError, match="--test now names"):                    # on other images
+        sweep.main([a.replace(str(inputs["test"]), str(other_test)) for a in argv(inputs, finished)])
+    assert files_and_times(finished) == before
+    # Without --train the measures alone depend on the test images: they are redone. (Runs record their
+    # folders by path, so a copy of the sweep keeps its sets and measures, not its classifiers.)
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("runs"))
+    capsys.readouterr()
+    sweep.main([a.replace(str(inputs["test"]), str(other_test)) for a in argv(inputs, out, train=False)])
+    assert "measuring again" in capsys.readouterr().out
+    assert all(files_and_times(out / "sets" / name) == files_and_times(finished / "sets" / name)
+               for name in ("ddim-2-g1", "ddim-3-g3"))
+
+
+def test_options_are_checked_before_any_work(inputs, tmp_path):
+    out = tmp_path / "out"
+    for options, message in ((["--criterion", "accuracy"], "needs the trained classifiers"),
+                             (["--sampler", "pndm", "--steps", "2"], "at least 4 steps"),
+                             (["--num", "5"], "use --per-class"),
+                             (["--write-num", "4"], "add --write-best"),
+                             (["--classes", "wind:3"], "not conditioned on parameters")):
+        with pytest.raises(UserError, match=message):
+            sweep.main(argv(inputs, out, *options, train=False))
+        assert not out.exists() or not any((out / "sets").rglob("*.png"))
+
+
+def test_write_best_writes_the_full_set_with_the_chosen_setting(finished, inputs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("runs"))
+    summary = sweep.main(argv(inputs, out, "--write-best", str(tmp_path / "best"), "--write-per-class", "3",
+                              train=False))
+    request = json.loads((tmp_path / "best" / "dataset.json").read_text())["request"]
+    chosen = summary["settings"][summary["best"]]
+    assert request["sampling"]["steps"] == chosen["steps"] and request["sampling"]["guidance_scale"] == chosen["guidance"]
+    assert len(list((tmp_path / "best").rglob("*.png"))) == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# the measures
+
+
+def test_mean_pairwise_distance_and_diversity_against_closed_forms():
+    square = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # 4 sides of 1, 2 diagonals of sqrt 2
+    assert sweep.mean_pairwise_distance(square) == pytest.approx((4 + 2 * np.sqrt(2)) / 6)
+    real = Measured(np.concatenate([square, 10 + square]), {"a": np.arange(4), "b": np.arange(4, 8)})
+    half = Measured(np.concatenate([square / 2, 3 * square]), {"a": np.arange(4), "b": np.arange(4, 8)})
+    result = sweep.diversity(half, real)
+    assert result["diversity_per_class"] == pytest.approx({"a": 0.5, "b": 3.0})
+    assert result["diversity"] == pytest.approx(1.75)
+
+
+def test_distances_of_a_set_to_itself_are_zero_and_grow_with_a_shift():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    assert sweep.distances(Measured(x, {}), Measured(x, {}), seed=0)["fid"] == pytest.approx(0, abs=1e-6)
+    shifted = sweep.distances(Measured(x + 2, {}), Measured(x, {}), seed=0)
+    assert shifted["fid"] == pytest.approx(16, rel=1e-6)                       # |mu1 - mu2|^2, covariances equal
+    # KID (cubic kernel (x.y / d + 1)^3): two draws of one Gaussian are near 0, a shifted one far above.
+    same = sweep.distances(Measured(y, {}), Measured(x, {}), seed=0)
+    assert abs(same["kid"]) < 0.05 * shifted["kid"] and shifted["kid_subset_size"] == 300
+
+
+def test_paper_orderings_are_read_off_the_fids():
+    settings = [Setting(s, n, 2.0) for s in ("ddim", "pndm", "ddpm") for n in (10, 50)]
+    fids = {"ddim-10-g2": 20.0, "ddim-50-g2": 10.0, "pndm-10-g2": 15.0, "pndm-50-g2": 8.0, "ddpm-10-g2": 90.0,
+            "ddpm-50-g2": 40.0}
+    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
+    assert lines == ["PNDM better than DDIM at 50 steps: holds (FID 8 against 10).",
+                     "DDIM far better than DDPM at 10 steps: holds, 4.5x lower (FID 20 against 90)."]
+    fids["pndm-50-g2"], fids["ddpm-10-g2"] = 12.0, 19.0
+    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
+    assert "does not hold (FID 12 against 10)" in lines[0] and lines[1].startswith("DDIM far better than DDPM at 10 "
+                                                                                    "steps: does not hold")
+
+
+def test_best_setting_ignores_the_real_row_and_nan():
+    rows = {"real": {"fid": 0.0}, "a": {"fid": float("nan")}, "b": {"fid": 3.0}, "c": {"fid": 2.0}}
+    assert sweep.best_setting(rows, "fid", higher=False) == "c"
+    assert sweep.best_setting(rows, "fid", higher=True) == "b"
+    assert sweep.best_setting({"real": {"fid": 1.0}}, "fid", higher=False) is None
+
+
+def test_a_parameter_model_is_judged_by_the_bins_of_one_parameter(params_ckpt, inputs, tmp_path):
+    judge = classifier_checkpoint(tmp_path / "judge.pt", 0, ("wind0", "wind1", "wind2"))
+    for split, seed in (("real", 0), ("test", 1)):
+        colour_folder(tmp_path / split, 2, seed)
+        for k, colour in enumerate(COLOURS):
+            (tmp_path / split / colour).rename(tmp_path / split / f"wind{k}")
+    own = ["--ckpt", str(params_ckpt), "--judge", str(judge), "--real", f"folder:{tmp_path / 'real'}",
+           "--test", f"folder:{tmp_path / 'test'}", "--num", "6", "--steps", "2", "--out", str(tmp_path / "out"),
+           "--device", "cpu"]
+    with pytest.raises(UserError, match="does not know blue, green, red of the --test images"):
+        sweep.main(own[:7] + [f"folder:{inputs['test']}"] + own[8:] + ["--classes", "wind:3:-1:1"])
+    with pytest.raises(UserError, match="add --classes"):
+        sweep.main(own)
+    with pytest.raises(UserError, match="does not know the classes heat0"):
+        sweep.main(own + ["--classes", "heat:3"])
+    summary = sweep.main(own + ["--classes", "wind:3:-1:1", "--guidance", "1,2"])
+    assert list(summary["rows"]) == ["real", "ddim-2-g1", "ddim-2-g2"] and summary["criterion"] == "fid"
+    written = sorted(p.parent.name for p in (tmp_path / "out" / "sets" / "ddim-2-g2").rglob("*.png"))
+    assert len(written) == 6 and set(written) <= {"wind0", "wind1", "wind2"}
+    assert all(0 <= row["conditioning"] <= 1 for name, row in summary["rows"].items() if name != "real")
