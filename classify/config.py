@@ -25,6 +25,9 @@ class ClassifyOptions:
                                          "share; batches draw uniformly from the union)")
     crop_padding: int = option(-1, "random crops: pad by this many pixels (reflected) and crop back, shifting by up "
                                    "to it (-1: resolution / 8, 4 px at 32 px; 0: off)")
+    noise_std: float = option(0.0, "pixel noise: add Gaussian noise of a standard deviation drawn per image from [0, "
+                                   "this] (in the [-1, 1] pixel range, then clamped), so that a judge of generated images "
+                                   "does not key on a noise-free background (0: off)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (Szegedy et al. 2016; 0: off)")
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(True, "Nesterov momentum")
@@ -34,6 +37,8 @@ class ClassifyOptions:
         require(self.extra_fraction == -1 or 0 <= self.extra_fraction <= 1,
                 f"--extra-fraction must be in [0, 1], or -1 for no fixed share, got {self.extra_fraction}.")
         require(self.crop_padding >= -1, f"--crop-padding must be -1 (auto), 0 (off) or positive, got {self.crop_padding}.")
+        require(math.isfinite(self.noise_std) and 0 <= self.noise_std <= 2,
+                f"--noise-std must be in [0, 2] (the [-1, 1] pixel range), got {self.noise_std}.")
         require(math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
                 f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}.")

@@ -28,7 +28,7 @@ from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, se
 from core.errors import UserError
 from core.runtime import Runtime, read_metrics
 from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
-from data.augment import compose, random_crop, random_hflip
+from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import param_ranges
 from data.imageio import from_uint8
 
@@ -182,7 +182,9 @@ def augmentation(config: ClassifyConfig):
     padding = config.classify.crop_padding
     padding = config.data.resolution // 8 if padding == -1 else padding
     crop = (lambda batch, generator: random_crop(batch, generator, padding)) if padding else None
-    return compose(crop, random_hflip if config.data.hflip else None)
+    std = config.classify.noise_std
+    noise = (lambda batch, generator: random_noise(batch, generator, std)) if std else None
+    return compose(crop, random_hflip if config.data.hflip else None, noise)
 
 
 def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) -> tuple[ClassifyConfig, TrainingStage]:

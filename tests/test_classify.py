@@ -20,7 +20,7 @@ from classify.model import ClassifierConfig, build_resnet18, load_classifier
 from classify.stage import final_results
 from core.checkpoint import load_checkpoint
 from data import Batch, load_dataset
-from data.augment import random_crop
+from data.augment import random_crop, random_noise
 from helpers import RES, colour_folder
 
 
@@ -84,6 +84,20 @@ def test_random_crop_shifts_each_image_by_at_most_the_padding_with_reflected_bor
         offsets.append(match[0])
     assert len(set(offsets)) > 1                                   # drawn per image
     assert random_crop(batch, torch.Generator(), padding=0).image is image
+
+
+def test_random_noise_has_a_per_image_std_up_to_the_limit_and_stays_in_range():
+    grey = torch.zeros(400, 1, 16, 16)                             # mid-grey: nothing is clamped
+    batch = Batch(grey, torch.zeros(400, dtype=torch.long), torch.zeros(400, 0), torch.arange(400))
+    out = random_noise(batch, torch.Generator().manual_seed(0), max_std=0.3).image
+    stds = out.flatten(1).std(dim=1)
+    assert stds.max() <= 0.3 * 1.15 and stds.min() < 0.03                      # uniform over [0, 0.3] per image
+    assert (stds ** 2).mean() == pytest.approx(0.3 ** 2 / 3, rel=0.1)          # E[U(0, s)^2] = s^2 / 3
+    black = batch._replace(image=torch.full_like(grey, -1.0))
+    dark = random_noise(black, torch.Generator().manual_seed(0), max_std=0.3).image
+    assert dark.min() >= -1 and dark.mean() > -1                               # clamped: a faint noise floor
+    again = random_noise(batch, torch.Generator().manual_seed(0), max_std=0.3).image
+    assert torch.equal(out, again)                                             # the step's generator decides
 
 
 # ---------------------------------------------------------------------------------------------
