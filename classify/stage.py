@@ -57,9 +57,13 @@ def _check_targets(name: str, classes: int, has_params: bool, target: str) -> No
 
 
 def concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
-    """One dataset holding `first`'s items, then `second`'s (same resolution, channels and targets)."""
-    params = torch.cat([first.params, second.params])
-    info = dataclasses.replace(first.info, name=f"{first.info.name}+{second.info.name}",
+    """One dataset holding `first`'s items, then `second`'s (same resolution, channels and targets). Sets
+    with other parameters (real plumes with their params.csv, a class model's set without one) join
+    without parameters: only a class target can train on them, and it reads none."""
+    names = first.info.param_names if first.info.param_names == second.info.param_names else ()
+    params = (torch.cat([first.params, second.params]) if names else
+              torch.zeros(len(first) + len(second), 0, dtype=first.params.dtype))
+    info = dataclasses.replace(first.info, name=f"{first.info.name}+{second.info.name}", param_names=names,
                                param_ranges=param_ranges(params), num_samples=len(first) + len(second))
     return ImageDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]), params,
                         info)

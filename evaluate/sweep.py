@@ -335,7 +335,8 @@ def markdown(summary: dict[str, Any]) -> str:
         cells = [f"**{name}** (best)" if name == summary["best"] else name]
         cells += ["–" if not math.isfinite(row[key]) else f"{row[key]:.{digits}g}" for key, _, digits in COLUMNS]
         if trained:
-            cells.append(f"{row['accuracy']:.2f} ± {row['accuracy_std']:.2f}")
+            spread = f" ± {row['accuracy_std']:.2f}" if len(row["accuracy_per_seed"]) > 1 else ""
+            cells.append(f"{row['accuracy']:.2f}{spread}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{summary['images']} images per set; measured against {summary['test']} in the features of "
              f"{summary['judge']}; conditioning: {summary['conditioning_metric']}.",

@@ -173,6 +173,21 @@ def test_an_extra_dataset_joins_the_training_set_at_a_fixed_share(colours, tmp_p
     assert stage.data_info["test_fingerprint"] == load_dataset(f"folder:{colours[1]}", RES).fingerprint()
 
 
+def test_a_class_target_joins_sets_with_and_without_parameters(colours, tmp_path):
+    """Real plumes carry params.csv, a class model's set has none: a class target trains on both."""
+    from core.runtime import Runtime
+    with_params = colour_folder(tmp_path / "real", 4, seed=4)
+    files = sorted(p.relative_to(with_params).as_posix() for p in with_params.rglob("*.png"))
+    (with_params / "params.csv").write_text("path,wind\n" + "".join(f"{f},{k / 10}\n" for k, f in enumerate(files)))
+    spec, parsed = train.parse_args(args(tmp_path / "run", with_params, colours[1], "--extra-dataset",
+                                         f"folder:{colours[0]}"))
+    config, _ = resolve_config(spec, parsed, tmp_path / "run")
+    _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+    assert len(stage.dataset) == 12 + 24 and stage.dataset.params.shape == (36, 0)
+    assert stage.dataset.info.param_names == () and stage.data_info["parts"][0]["param_names"] == ("wind",)
+    assert torch.equal(stage.dataset.labels[:12], load_dataset(f"folder:{with_params}", RES).labels)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d, t, tmp: ["--test-dataset", f"folder:{colour_folder(tmp / 'other', 2, 5, {'blue': (0, 0, 255), 'cyan': (0, 255, 255), 'red': (255, 0, 0)})}"],
      "classes of --test-dataset"),
