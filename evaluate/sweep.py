@@ -478,24 +478,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images = set_size(args, source)
     resolution, channels = judge.info.resolution, judge.info.channels
     test = load_dataset(args.test, resolution, channels=channels)
-    real = load_dataset(args.real, resolution, channels=channels, num_samples=images)
+    real = load_dataset(args.real, resolution, channels=channels)
+    if len(real) > images:  # the real row: as many real images as a set holds, or all there are
+        real = load_dataset(args.real, resolution, channels=channels, num_samples=images)
+    elif len(real) < images:
+        print(f"--real holds {len(real)} images, fewer than the {images} of each set: the real row measures and "
+              f"trains on all of them.", flush=True)
     for option, data in (("--test", test), ("--real", real)):
         check_labels(option, data, judge)
 
     out = args.out
     with FolderLock(out):
         if args.train:  # kept classifiers are checked against the training options before anything is drawn
-            train_rows(args, passed, settings, images, {}, out, check_only=True)
+            train_rows(args, passed, settings, images, len(real), {}, out, check_only=True)
         draw_sets(args, source, settings, amp, out)
         real_test = functools.cache(lambda: measured(test, judge_features, args.batch_size, "features of --test"))
         sets = {"real": real, **{s.name: load_dataset(f"folder:{out / 'sets' / s.name}", resolution, channels=channels)
                                  for s in settings}}
         rows = {name: measure(name, dataset, judge_features, test, real_test, out, args)
                 for name, dataset in sets.items()}
-        trained_metric = train_rows(args, passed, settings, images, rows, out) if args.train else None
+        trained_metric = train_rows(args, passed, settings, images, len(real), rows, out) if args.train else None
         criterion = criterion_of(args)
         best = best_setting(rows, criterion, higher_is_better(criterion, target, judge.config.target))
-        summary = {"rows": rows, "best": best, "criterion": criterion, "images": images, "test": args.test,
+        summary = {"rows": rows, "best": best, "criterion": criterion, "images": images, "real_images": len(real),
+                   "test": args.test,
                    "real": args.real, "judge": judge_features.name, "judge_checkpoint": str(args.judge),
                    "ckpt": str(args.ckpt), "seed": args.seed, "trained_metric": trained_metric,
                    "conditioning_metric": ("share judged the class drawn for" if judge.config.target == "class" else
@@ -536,22 +542,24 @@ def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test
     return row
 
 
-def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[Setting], images: int,
+def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[Setting], images: int, real: int,
                rows: dict[str, dict[str, Any]], out: Path, check_only: bool = False) -> str:
     """Train the classifiers of every row (as `evaluate.experiment` trains a table's rows), each checked
-    first against the request if kept; adds 'accuracy' and its std to each row and returns its name.
+    first against the request if kept: a set's on its `images`, the real row's on `real` real images (as
+    many, or all there are). Adds 'accuracy' and its std to each row and returns its name.
     `check_only`: check the options of the kept runs, before the sets they train on are written."""
-    size = Sizes(match=images)  # every row trains on as many images as a set holds
-    table_rows = [Row("real", args.real)] + [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name)
-                                             for s in settings]
-    plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
-            for seed in range(args.train_seeds)]
+    groups = [(Sizes(match=real), [Row("real", args.real)]),
+              (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name)
+                                     for s in settings])]
+    plans = [(size, [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
+                     for seed in range(args.train_seeds)]) for size, table_rows in groups]
     reused = ReusedRuns()
-    for row, seed, run_dir in plan:
-        reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size), data=not check_only)
+    for size, plan in plans:
+        for row, seed, run_dir in plan:
+            reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size), data=not check_only)
     if check_only:
         return ""
-    results = train_plan(plan, args, passed, size)
+    results = {name: runs for size, plan in plans for name, runs in train_plan(plan, args, passed, size).items()}
     first = next(iter(results.values()))[0]
     metric = "top1" if "top1" in first else "mae"
     for name, runs in results.items():

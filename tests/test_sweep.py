@@ -154,6 +154,17 @@ def test_changed_inputs_are_refused_or_redone(finished, inputs, tmp_path, capsys
                for name in ("ddim-2-g1", "ddim-3-g3"))
 
 
+def test_fewer_real_images_than_a_set_holds_make_the_real_row_of_all_of_them(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    command = argv(inputs, out)
+    command[command.index("--per-class") + 1] = "4"                            # 12 images per set; 9 real
+    summary = sweep.main(command)
+    assert "--real holds 9 images, fewer than the 12 of each set" in capsys.readouterr().out
+    assert summary["images"] == 12 and summary["real_images"] == 9
+    config = json.loads((out / "runs" / "real" / "seed0" / "config.json").read_text())
+    assert config["data"]["num_samples"] == 9                                  # every real image, not 12
+
+
 def test_options_are_checked_before_any_work(inputs, tmp_path):
     out = tmp_path / "out"
     for options, message in ((["--criterion", "accuracy"], "needs the trained classifiers"),
