@@ -70,6 +70,8 @@ class Row:
     dataset: str
     extra: str = ""          # a second training set (mixed rows)
     synthetic: str = ""      # the name of its synthetic set (--synthetic NAME=SPEC), if it has one
+    named_by: str = ""       # what messages call its synthetic set, when no --synthetic option names it (the
+                             # sweep's own sets); such a set cannot take another row name
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -283,10 +285,11 @@ class ReusedRuns:
 
 
 def _option(row: Row, key: str) -> str:
-    """The experiment's option that sets the dataset field `key` of `row`'s runs."""
+    """The option (or the description) that sets the dataset field `key` of `row`'s runs."""
+    synthetic = row.named_by or f"--synthetic {row.synthetic}"
     if key == "data.dataset":
-        return "--real" if row.extra or not row.synthetic else f"--synthetic {row.synthetic}"
-    return f"--synthetic {row.synthetic}" if key == "classify.extra_dataset" else "--test"
+        return "--real" if row.extra or not row.synthetic else synthetic
+    return synthetic if key == "classify.extra_dataset" else "--test"
 
 
 def _remedy(row: Row, key: str) -> str:

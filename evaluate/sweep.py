@@ -75,7 +75,7 @@ from fid.domain import ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid
 from sampling.command import add_drawing_options
-from sampling.draw import Drawer, dataset_writer, draw_dataset
+from sampling.draw import Drawer, dataset_writer, draw_dataset, fill_dataset
 from stages import open_source
 from training.run import parse_stage_args, with_options
 
@@ -171,11 +171,8 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
                           ("--write-per-class", args.write_per_class)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
-    unknown = [s for s in args.sampler if s not in SAMPLERS]
-    if unknown:
-        raise UserError(f"--sampler {unknown[0]} is not one of {', '.join(SAMPLERS)}.")
     for setting in settings_of(args, default_guidance=1.0):
-        setting.sampling()  # refuses impossible values (e.g. PNDM with fewer than 4 steps)
+        setting.sampling()  # refuses impossible values (an unknown sampler, PNDM with fewer than 4 steps)
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
@@ -443,19 +440,18 @@ def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[
               out: Path) -> None:
     """Write (or finish) the set of every setting into OUT/sets/SETTING; every folder is checked against its
     request before any image is drawn, and a finished set is left as it is."""
-    drawers = {s.name: Drawer(source.model, s.sampling(), amp, args.batch_size) for s in settings}
-    requests = {s.name: dataset_request(args, s, out / "sets" / s.name, source.kind) for s in settings}
-    finished = set()
-    for name, request in requests.items():
+    unfinished = []
+    for setting in settings:
+        request = dataset_request(args, setting, out / "sets" / setting.name, source.kind)
         source.check(request)
-        plan, writer = dataset_writer(drawers[name], request, source)
+        draw = Drawer(source.model, setting.sampling(), amp, args.batch_size)
+        plan, writer = dataset_writer(draw, request, source)
         writer.open()
-        if all(item.index in writer.rows and (writer.root / item.file).is_file() for item in plan.items):
-            finished.add(name)
-    for name, request in requests.items():
-        if name not in finished:
-            print(f"Drawing the set of {name}", flush=True)
-            draw_dataset(drawers[name], request, source)
+        if not all(item.index in writer.rows and (writer.root / item.file).is_file() for item in plan.items):
+            unfinished.append((setting.name, draw, plan, writer))
+    for name, draw, plan, writer in unfinished:
+        print(f"Drawing the set of {name}", flush=True)
+        fill_dataset(draw, plan, writer)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -549,8 +545,8 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
     many, or all there are). Adds 'accuracy' and its std to each row and returns its name.
     `check_only`: check the options of the kept runs, before the sets they train on are written."""
     groups = [(Sizes(match=real), [Row("real", args.real)]),
-              (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name)
-                                     for s in settings])]
+              (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name,
+                                         named_by=f"the set of {s.name}") for s in settings])]
     plans = [(size, [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
                      for seed in range(args.train_seeds)]) for size, table_rows in groups]
     reused = ReusedRuns()

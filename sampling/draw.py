@@ -138,15 +138,19 @@ def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) ->
     """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
     plan, writer = dataset_writer(draw, args, source)
     writer.open()
+    fill_dataset(draw, plan, writer)
+
+
+def fill_dataset(draw: Drawer, plan: DatasetPlan, writer: DatasetWriter) -> None:
+    """Draw the images of `plan` that the opened `writer`'s folder lacks, each batch saved before the next."""
     pending = writer.pending(plan.items)
-    bar = tqdm(total=len(plan.items), initial=len(plan.items) - len(pending), desc=f"dataset {args.dataset_out}",
-               unit="img")
+    bar = tqdm(total=len(plan.items), initial=len(plan.items) - len(pending), desc=f"dataset {writer.root}", unit="img")
     with bar:
         for start in range(0, max(len(pending), 1), draw.batch_size):
             part = pending[start:start + draw.batch_size]
             if part:
                 images = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
             else:  # nothing left to draw: bring the tables up to date with the images on disk
-                images = torch.zeros(0, *source.model.shape)
+                images = torch.zeros(0, *draw.model.shape)
             writer.write(part, images, every_item=plan.items if start == 0 else ())
             bar.update(len(part))

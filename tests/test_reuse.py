@@ -98,46 +98,52 @@ class Reuse(NamedTuple):
 # -- the results table ------------------------------------------------------------------------
 
 
+def table_again(root: Path, *options: str, **folders: Path) -> Reuse:
+    """The results table of `root` asked for again (with `options` for every run, or other folders), which
+    may touch nothing but root/out."""
+    return Reuse(lambda: experiment.main(experiment_argv(root, *options, **folders)), (root / "out",))
+
+
 def another_synthetic_folder(request) -> Reuse:
     root = request.getfixturevalue("table")
     other = colour_folder(root / "other", 2, seed=5)
-    return Reuse(lambda: experiment.main(experiment_argv(root, synthetic=other)), (root / "out",))
+    return table_again(root, synthetic=other)
 
 
 def synthetic_folder_changed_in_place(request) -> Reuse:
     root = request.getfixturevalue("table")
     repaint(root / "synth")
-    return Reuse(lambda: experiment.main(experiment_argv(root)), (root / "out",))
+    return table_again(root)
 
 
 def mixed_rows_synthetic_part_changed(request) -> Reuse:
     root = request.getfixturevalue("table")
     shutil.rmtree(root / "out" / "runs" / "gen")    # so that the real+gen run is the first to meet the change
     repaint(root / "synth")
-    return Reuse(lambda: experiment.main(experiment_argv(root)), (root / "out",))
+    return table_again(root)
 
 
 def real_folder_changed_in_place(request) -> Reuse:
     root = request.getfixturevalue("table")
     repaint(root / "real")
-    return Reuse(lambda: experiment.main(experiment_argv(root)), (root / "out",))
+    return table_again(root)
 
 
 def another_test_folder(request) -> Reuse:
     root = request.getfixturevalue("table")
     other = colour_folder(root / "other-test", 2, seed=6)
-    return Reuse(lambda: experiment.main(experiment_argv(root, test=other)), (root / "out",))
+    return table_again(root, test=other)
 
 
 def changed_test_set(request) -> Reuse:
     root = request.getfixturevalue("table")
     repaint(root / "test")
-    return Reuse(lambda: experiment.main(experiment_argv(root)), (root / "out",))
+    return table_again(root)
 
 
 def another_training_option(request) -> Reuse:
     root = request.getfixturevalue("table")
-    return Reuse(lambda: experiment.main(experiment_argv(root, "--steps", "2")), (root / "out",))
+    return table_again(root, "--steps", "2")
 
 
 def without_match_size(request) -> Reuse:
@@ -152,7 +158,7 @@ def interrupted_run_of_another_folder(request) -> Reuse:
     shutil.rmtree(root / "out" / "runs" / "real")
     drop_final_evaluation(root / "out" / "runs" / "gen" / "seed0")
     other = colour_folder(root / "other", 2, seed=5)
-    return Reuse(lambda: experiment.main(experiment_argv(root, synthetic=other)), (root / "out",))
+    return table_again(root, synthetic=other)
 
 
 # -- resuming a classifier or an inversion ------------------------------------------------------

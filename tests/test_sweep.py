@@ -107,15 +107,15 @@ def test_rerunning_redoes_nothing_finished(finished, inputs, monkeypatch, capsys
 
 def test_an_interrupted_sweep_continues_where_it_stopped(inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_draw = sweep.draw_dataset
+    real_fill = sweep.fill_dataset
     drawn = []
 
-    def stop_at_the_third(draw, request, source):
+    def stop_at_the_third(draw, plan, writer):
         if len(drawn) == 2:
             raise KeyboardInterrupt
-        drawn.append(request.dataset_out.name)
-        real_draw(draw, request, source)
-    monkeypatch.setattr(sweep, "draw_dataset", stop_at_the_third)
+        drawn.append(writer.root.name)
+        real_fill(draw, plan, writer)
+    monkeypatch.setattr(sweep, "fill_dataset", stop_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(argv(inputs, out, train=False))
     kept = {name: files_and_times(out / "sets" / name) for name in drawn}
@@ -254,3 +254,15 @@ def test_a_parameter_model_is_judged_by_the_bins_of_one_parameter(params_ckpt, i
     written = sorted(p.parent.name for p in (tmp_path / "out" / "sets" / "ddim-2-g2").rglob("*.png"))
     assert len(written) == 6 and set(written) <= {"wind0", "wind1", "wind2"}
     assert all(0 <= row["conditioning"] <= 1 for name, row in summary["rows"].items() if name != "real")
+
+
+def test_a_set_changed_after_its_classifier_was_trained_is_refused_in_the_sweeps_own_terms(inputs, tmp_path):
+    out = tmp_path / "out"
+    command = argv(inputs, out)
+    command[command.index("--guidance") + 1], command[command.index("--steps") + 1] = "1", "2"
+    sweep.main(command)
+    image = next((out / "sets" / "ddim-2-g1").rglob("*.png"))
+    Image.new("RGB", Image.open(image).size, (255, 255, 0)).save(image)
+    with pytest.raises(UserError, match=r"The images of the set of ddim-2-g1 \(folder:.*\) changed") as refused:
+        sweep.main(command)
+    assert "--synthetic" not in str(refused.value) and "row name" not in str(refused.value)
