@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from PIL import Image
 
 import sample
 import train
+from training.loop import Trainer
 from training.run import resolve_config
+from core.cli import RunInterrupted
 from core.checkpoint import load_checkpoint
 from core.config import from_dict
 from data import load_dataset
@@ -325,6 +328,36 @@ def test_default_autoencoder_is_trained_first_or_finished_when_missing(tmp_path,
     import dataclasses
     named = dataclasses.replace(config, latent=dataclasses.replace(config.latent, vae_ckpt="elsewhere.pt"))
     assert prerequisite(named, "cpu") is None  # a VAE the user names is never trained behind their back
+
+
+def test_an_interrupted_default_autoencoder_says_the_latent_command_finishes_it(tmp_path, monkeypatch, cache, vae_run):
+    """SIGTERM in the autoencoder run that `--stage ldm` trains first: the advice names the command the user
+    typed, and that command, run again, finishes the autoencoder and then trains the latent model."""
+    monkeypatch.chdir(tmp_path)
+    Path(DEFAULT_VAE_CKPT).parent.mkdir(parents=True)
+    unfinished = load_checkpoint(vae_run / "checkpoint.pt")
+    unfinished["config"]["train"]["steps"] = 8  # stopped at step 6 of 8
+    torch.save(unfinished, DEFAULT_VAE_CKPT)
+    run = Trainer.run
+
+    def stopped(self):
+        if self.stage.name == "vae":
+            raise RunInterrupted("stopped by SIGTERM at step 7 of 8 and saved it; resume with: python train.py "
+                                 "--stage vae --resume", signal.SIGTERM)
+        return run(self)
+
+    monkeypatch.setattr(Trainer, "run", stopped)
+    args = ldm_args(tmp_path / "ldm", cache, Path(DEFAULT_VAE_CKPT), 1)
+    with pytest.raises(RunInterrupted) as stop:
+        train.main(args)
+    assert str(stop.value) == (f"stopped by SIGTERM in the vae run {Path(DEFAULT_VAE_CKPT).parent} that --stage ldm "
+                               f"trains first; run the same command again to go on from where it stopped.")
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert not (tmp_path / "ldm" / "checkpoint.pt").exists()
+    monkeypatch.setattr(Trainer, "run", run)
+    train.main(args)
+    assert load_checkpoint(DEFAULT_VAE_CKPT, "vae")["step"] == 8
+    assert load_checkpoint(tmp_path / "ldm" / "checkpoint.pt", "ldm")["step"] == 1
 
 
 def test_two_process_ddp_vae_with_discriminator(tmp_path, cache, torchrun):
