@@ -41,6 +41,12 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    def told_from(self, where: str, advice: str) -> RunInterrupted:
+        """The same stop told by the command the user typed, when it stopped in a run that command started
+        (whose own advice would name a command the user never typed): `where` it stopped, and `advice`."""
+        signum = self.exit_code - 128
+        return RunInterrupted(f"stopped by {signal.Signals(signum).name} {where}; {advice}", signum)
+
 
 def explain(err: BaseException) -> tuple[str, int] | None:
     """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""

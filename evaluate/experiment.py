@@ -29,7 +29,6 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 import argparse
 import json
 import re
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,10 +338,8 @@ def train_plan(plan: list[tuple[Row, int, Path]], args: argparse.Namespace, pass
             try:
                 run(CLASSIFY, parse_stage_args(CLASSIFY, run_arguments(row, seed, run_dir, args, passed, size)))
             except RunInterrupted as err:
-                signum = err.exit_code - 128
-                raise RunInterrupted(f"stopped by {signal.Signals(signum).name} in {run_dir}, which saved its "
-                                     f"step; run the same command again to resume it and the runs after it.",
-                                     signum) from err
+                raise err.told_from(f"in {run_dir}, which saved its step",
+                                    "run the same command again to resume it and the runs after it.") from err
             result = final_results(run_dir)
             assert result is not None, f"{run_dir} finished without a held-out evaluation"
         results.setdefault(row.name, []).append(result)

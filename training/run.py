@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -163,12 +162,10 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                 first = parse_stage_args(need.spec, need.argv)
                 try:
                     train(need.spec, first, runtime)
-                except cli.RunInterrupted as stop:  # its own advice would name a command the user never typed
-                    signum = stop.exit_code - 128
-                    raise cli.RunInterrupted(
-                        f"stopped by {signal.Signals(signum).name} in the {need.spec.name} run {first.run_dir} that "
-                        f"--stage {spec.name} trains first; run the same command again to go on from where it "
-                        f"stopped.", signum) from stop
+                except cli.RunInterrupted as stop:
+                    raise stop.told_from(f"in the {need.spec.name} run {first.run_dir} that --stage {spec.name} "
+                                         f"trains first", "run the same command again to go on from where it "
+                                         "stopped.") from stop
         config, stage = spec.build(config, runtime, saved)
         if saved is not None:
             check_same_run(spec, config, stage.data_info, saved, run_dir)
