@@ -8,8 +8,11 @@ written with the same options), and lets a classifier trained on real data judge
 - a class-conditional model and a classifier: the share of images the classifier puts in the class
   asked for (overall and per class), and the requested x predicted confusion matrix (confusion.png);
 - a parameter-conditional model and a parameter regressor (`train.py --stage classify --target
-  params`): the mean absolute error and correlation between requested and predicted values of each
-  parameter, with a scatter plot (scatter.png). For the plumes: does a plume show the wind asked for?
+  params`): the mean absolute error, correlation and slope between requested and predicted values of
+  each parameter, with a scatter plot (scatter.png). The slope (least squares, judged on requested)
+  says how strongly an image shows its parameter: a regressor reads real images with a slope below 1
+  (it regresses towards the mean), so compare a generated set's slope with the real images': a lower
+  one means the model draws the parameter weaker than asked for. For the plumes: does a plume show the wind asked for?
 Classes and parameters are matched by name. Also writes grid.png (the first 64 images),
 predictions.csv and report.json into --out.
 
@@ -119,6 +122,7 @@ def compare(judge: Classifier, kind: str, info: DatasetInfo, predicted: torch.Te
         got, wanted = predicted[:, order].double(), torch.as_tensor(wanted, dtype=torch.float64)
         report["mae"] = {p: float((got[:, j] - wanted[:, j]).abs().mean()) for j, p in enumerate(info.param_names)}
         report["pearson_r"] = {p: _pearson(wanted[:, j], got[:, j]) for j, p in enumerate(info.param_names)}
+        report["slope"] = {p: _slope(wanted[:, j], got[:, j]) for j, p in enumerate(info.param_names)}
         for record, w, g in zip(records, wanted, got):
             rows.append({**record, **{f"requested_{p}": float(v) for p, v in zip(info.param_names, w)},
                          **{f"predicted_{p}": float(v) for p, v in zip(info.param_names, g)}})
@@ -180,6 +184,13 @@ def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 64
     rows, report = compare(judge, kind, info, predicted, records, wanted)
     report["resized"] = dataset.images.shape[-1] != judge.info.resolution
     return {"images": from_uint8(dataset.images[:64]), "rows": rows, "report": report}
+
+
+def _slope(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The least-squares slope of y on x; NaN when x does not vary."""
+    x = x - x.mean()
+    spread = float((x * x).sum())
+    return float((x * (y - y.mean())).sum()) / spread if spread > 0 else float("nan")
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -294,11 +305,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             wanted, got = np.array(report["requested"]), np.array(report["predicted"])
             panels = [scatter_plot(wanted[:, j], got[:, j], title=f"{n}: MAE {report['mae'][n]:.3g}, "
-                                                                  f"r {report['pearson_r'][n]:.3f}")
+                                                                  f"r {report['pearson_r'][n]:.3f}, slope {report['slope'][n]:.3f}")
                       for j, n in enumerate(names)]
             atomic_save_image(side_by_side(panels), out / "scatter.png")
             summary = (f"{requested} against judged parameters over {report['images']} images: " +
-                       ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f})" for n in names)
+                       ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f}, "
+                                 f"slope {report['slope'][n]:.3f})" for n in names)
                        + ".")
         if report["resized"]:
             summary += f" Images were resized to the judge's {judge.info.resolution} px."

@@ -5,6 +5,7 @@ loaded classifier's own predictions, exact resume, mixed training sets, and the 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from evaluate import experiment
 from classify.model import ClassifierConfig, build_resnet18, load_classifier
 from classify.stage import final_results
 from core.checkpoint import load_checkpoint
+from core.cli import RunInterrupted
 from data import Batch, load_dataset
 from data.augment import random_crop, random_noise
 from helpers import RES, colour_folder
@@ -245,6 +247,42 @@ def test_experiment_table_trains_every_row_and_seed_once_and_resumes(colours, tm
     again = experiment.main(argv)                                  # nothing left to train: the same table
     assert again["rows"] == summary["rows"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
+
+
+def test_an_interrupted_table_says_how_to_go_on_and_the_same_command_finishes_it(colours, tmp_path, monkeypatch):
+    """SIGTERM in the second run: the advice names the experiment command (not the run's own `train.py
+    --resume`, which the user never typed), and that command, run again, keeps the finished run and trains
+    the rest."""
+    real, test = colours
+    synthetic = colour_folder(tmp_path / "synth", 4, seed=7)
+    out = tmp_path / "experiment"
+    argv = ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
+            "--seeds", "1", "--match-size", "--out", str(out), "--device", "cpu",
+            "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
+            "--batch-size", "6", "--test-samples", "0"]
+    run, started = experiment.run, []
+
+    def stopped_in_the_second(stage, args):
+        started.append(args.run_dir)
+        if len(started) == 2:
+            raise RunInterrupted("stopped by SIGTERM at step 1 of 1 and saved it; resume with: python train.py "
+                                 "--stage classify --resume", signal.SIGTERM)
+        return run(stage, args)
+
+    monkeypatch.setattr(experiment, "run", stopped_in_the_second)
+    with pytest.raises(RunInterrupted) as stop:
+        experiment.main(argv)
+    second = out / "runs" / "gen" / "seed0"
+    assert str(stop.value) == (f"stopped by SIGTERM in {second}, which saved its step; run the same command again "
+                               f"to resume it and the runs after it.")
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert not (out / "results.md").exists()
+    first = out / "runs" / "real" / "seed0" / "checkpoint.pt"
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(experiment, "run", run)
+    summary = experiment.main(argv)
+    assert list(summary["rows"]) == ["real", "gen", "real+gen"] and first.stat().st_mtime_ns == stamp
+    assert (out / "results.md").is_file()
 
 
 def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_the_real_ones(colours, tmp_path):

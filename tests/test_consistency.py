@@ -95,6 +95,22 @@ def test_parameter_error_is_the_distance_between_requested_and_judged_values(par
     assert [r["requested_wind"] for r in rows] == pytest.approx(wanted[:, 0].tolist())
 
 
+def test_the_slope_is_how_strongly_judged_values_follow_requested_ones(params_ckpt):
+    info = open_source(params_ckpt, torch.device("cpu")).model.info
+    regressor = judge(open_source(params_ckpt, torch.device("cpu")).model, Constant([0.0, 0.0]), "params",
+                      info.param_names)
+    wanted = torch.tensor([[-1.0, 1.5], [0.0, 2.0], [0.5, 2.5], [1.0, 3.0], [-0.5, 1.0]])
+    noise = torch.tensor([0.1, -0.2, 0.3, -0.1, -0.1])  # sums to 0 and is orthogonal to neither column
+    predicted = torch.stack((0.5 * wanted[:, 0] + 0.2, 2 * wanted[:, 1] - 1 + noise), dim=1)
+    _, report = consistency.compare(regressor, "params", info, predicted, [{}] * 5, wanted)
+    assert report["slope"]["wind"] == pytest.approx(0.5)
+    x = wanted[:, 1].double() - wanted[:, 1].double().mean()
+    assert report["slope"]["heat"] == pytest.approx(2 + float((x * noise.double()).sum() / (x * x).sum()))
+    assert report["pearson_r"]["wind"] == pytest.approx(1.0)
+    _, flat = consistency.compare(regressor, "params", info, predicted, [{}] * 5, wanted[:, :1].expand(5, 2) * 0)
+    assert np.isnan(flat["slope"]["wind"])
+
+
 def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(class_ckpt, params_ckpt, tmp_path):
     good = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
     out = tmp_path / "out"
