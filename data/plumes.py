@@ -7,7 +7,8 @@ SIGGRAPH 2001), a constant horizontal wind and small seeded turbulence, rendered
 The parameters a model can condition on are the wind and the source temperature.
 
 Every random number of sample k comes from its own generator seeded with its own seed, so a sample is
-the same whether simulated alone or in a batch. Datasets are cached as .npz under the cache directory.
+the same whether simulated alone or in a batch. Datasets are cached as .npz under the cache directory,
+batch by batch while they are simulated, so an interrupted simulation goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -164,6 +165,36 @@ def _write_cache(path: Path, images: torch.Tensor, params: torch.Tensor, seeds: 
     atomic_write(path, lambda f: np.savez(f, images=images.numpy(), params=params.numpy(), seeds=seeds.numpy()))
 
 
+def _part_path(path: Path, start: int, count: int) -> Path:
+    return path.with_name(f"{path.stem}.part{start}-{start + count}.npz")
+
+
+def _simulate_in_parts(path: Path, seeds: list[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Simulate `seeds` batch by batch into the cache at `path`.
+
+    Each finished batch is cached on its own first, so a run interrupted after hours of simulation
+    goes on from the batches it finished; the parts are removed once the whole set is cached.
+    """
+    n = len(seeds)
+    starts = range(0, n, BATCH)
+    parts = []
+    for start in tqdm(starts, desc=f"Simulating {n} plumes at {resolution}x{resolution}", unit="batch"):
+        batch = seeds[start:start + BATCH]
+        part_path = _part_path(path, start, len(batch))
+        part = _read_cache(part_path, len(batch), resolution) if len(starts) > 1 else None
+        if part is None or part[2].tolist() != batch:
+            images, params = generate(batch, resolution)
+            part = images, params, torch.tensor(batch, dtype=torch.int64)
+            if len(starts) > 1:
+                _write_cache(part_path, *part)
+        parts.append(part)
+    whole = tuple(torch.cat([part[i] for part in parts]) for i in range(3))
+    _write_cache(path, *whole)
+    for start in starts:
+        _part_path(path, start, min(BATCH, n - start)).unlink(missing_ok=True)
+    return whole
+
+
 def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_samples: int | None = None,
                 seed: int = 0, channels: int | None = None) -> ImageDataset:
     """The plumes dataset, read from the cache or simulated (with a progress bar) and cached."""
@@ -173,11 +204,7 @@ def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_
     path = cache_path(cache_dir, resolution, n, seed, train)
     cached = _read_cache(path, n, resolution)
     if cached is None:
-        seeds = sample_seeds(seed, n, train)
-        parts = [generate(seeds[i:i + BATCH], resolution)
-                 for i in tqdm(range(0, n, BATCH), desc=f"Simulating {n} plumes at {resolution}x{resolution}", unit="batch")]
-        cached = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.tensor(seeds, dtype=torch.int64)
-        _write_cache(path, *cached)
+        cached = _simulate_in_parts(path, sample_seeds(seed, n, train), resolution)
     images, params, seeds = cached
     images = to_channels(images, channels or 3)
     info = DatasetInfo(name="plumes", resolution=resolution, channels=images.shape[1], class_names=(),

@@ -140,6 +140,29 @@ def test_plumes_cache_round_trip_and_info(tmp_path, monkeypatch):
     assert grey[0][0].shape == (1, RES, RES) and grey.info.channels == 1
 
 
+def test_an_interrupted_simulation_goes_on_from_the_batches_it_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(plumes, "BATCH", 2)
+    whole = load_dataset("plumes", RES, cache_dir=tmp_path / "whole", num_samples=5, seed=3)
+    simulate, calls = plumes.generate, []
+
+    def stopped_in_the_third_batch(seeds, resolution):
+        calls.append(list(seeds))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return simulate(seeds, resolution)
+
+    monkeypatch.setattr(plumes, "generate", stopped_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("plumes", RES, cache_dir=tmp_path / "cut", num_samples=5, seed=3)
+    assert not plumes.cache_path(tmp_path / "cut", RES, 5, 3, train=True).exists()
+    calls.clear()
+    resumed = load_dataset("plumes", RES, cache_dir=tmp_path / "cut", num_samples=5, seed=3)
+    assert calls == [whole.seeds[4:].tolist()]      # only the batch that never finished is simulated
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.params, whole.params)
+    assert torch.equal(resumed.seeds, whole.seeds)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [plumes.cache_path(".", RES, 5, 3, True).name]
+
+
 def test_constant_parameter_normalizes_to_zero():
     info = DatasetInfo("x", 8, 1, (), ("a", "b"), ((2.0, 2.0), (0.0, 4.0)), 1)
     assert torch.equal(info.normalize_params(torch.tensor([[2.0, 3.0]])), torch.tensor([[0.0, 0.5]]))
