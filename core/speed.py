@@ -5,7 +5,8 @@ the code that holds the network -- a sampler, a training stage, the FID extracto
 know whether it was compiled or captured.
 
 - `compile_module`: `torch.compile` on the module's forward. Inductor fuses the elementwise work
-  between convolutions and matmuls (on the CPU into vectorised C++ loops, on CUDA into Triton).
+  between convolutions and matmuls (on the CPU into vectorised C++ loops, on CUDA into Triton); on
+  the CPU its C++ wrapper also runs the kernels in order without returning to Python between them.
 - `capture_cuda_graphs`: the forward is recorded once per input signature as a CUDA graph and
   replayed afterwards, so a small-batch sampling step costs one graph launch instead of hundreds of
   kernel launches issued by Python. Only inference calls on CUDA tensors are captured; everything
@@ -32,8 +33,19 @@ def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}.")
-    module.compile(mode=None if mode == "default" else mode)
+    if mode == "default" and _on_cpu(module):
+        # Inductor's C++ wrapper calls the generated kernels from C++ instead of one Python call per
+        # kernel: a small network's step on a CPU is mostly that overhead (measured in docs/speed.md).
+        module.compile(options={"cpp_wrapper": True})
+    else:
+        module.compile(mode=None if mode == "default" else mode)
     return module
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of `module` is on the CPU (and it has at least one)."""
+    devices = {t.device.type for t in (*module.parameters(), *module.buffers())}
+    return devices == {"cpu"}
 
 
 def capture_cuda_graphs(module: nn.Module, warmup: int = 2) -> nn.Module:

@@ -19,7 +19,7 @@ import torch._dynamo
 
 import kernels
 from core import runtime
-from core.speed import GraphedForward, capture_cuda_graphs, check_cuda_graphs
+from core.speed import GraphedForward, capture_cuda_graphs, check_cuda_graphs, compile_module
 from ddpm.samplers import ddim_sample, make_timesteps
 from ddpm.schedule import Schedule
 from ddpm.unet import UNet, UNetConfig
@@ -92,6 +92,28 @@ def test_compiled_unet_matches_eager_outputs_and_gradients(scale_shift_norm):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     for g_traced, g_eager in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_traced, g_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_module_runs_inductor_with_its_cpp_wrapper_on_the_cpu_and_gives_the_eager_result(monkeypatch):
+    # The one Inductor compilation of the suite (a few seconds for this small network): forward and backward.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    eager = net(x)
+    (grad_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    asked = []
+    compile_as_asked = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **options: asked.append(options) or compile_as_asked(self, **options))
+    compile_module(net)
+    compiled = net(x)
+    (grad_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    assert asked == [{"options": {"cpp_wrapper": True}}]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-6)
+    # Elsewhere (here: a module with no tensors on the CPU) compile's own modes apply as asked.
+    compile_module(torch.nn.Identity(), "max-autotune")
+    assert asked[-1] == {"mode": "max-autotune"}
 
 
 def test_compiled_autoencoder_and_lpips_match_eager():
