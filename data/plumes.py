@@ -176,22 +176,23 @@ def _simulate_in_parts(path: Path, seeds: list[int], resolution: int) -> tuple[t
     goes on from the batches it finished; the parts are removed once the whole set is cached.
     """
     n = len(seeds)
-    starts = range(0, n, BATCH)
+    batches = [(start, seeds[start:start + BATCH]) for start in range(0, n, BATCH)]
+    # A set of one batch is cached whole at once: a part of it would be the same file twice.
+    part_paths = [_part_path(path, start, len(batch)) for start, batch in batches] if len(batches) > 1 else []
     parts = []
-    for start in tqdm(starts, desc=f"Simulating {n} plumes at {resolution}x{resolution}", unit="batch"):
-        batch = seeds[start:start + BATCH]
-        part_path = _part_path(path, start, len(batch))
-        part = _read_cache(part_path, len(batch), resolution) if len(starts) > 1 else None
+    for i, (start, batch) in enumerate(tqdm(batches, desc=f"Simulating {n} plumes at {resolution}x{resolution}",
+                                            unit="batch")):
+        part = _read_cache(part_paths[i], len(batch), resolution) if part_paths else None
         if part is None or part[2].tolist() != batch:
             images, params = generate(batch, resolution)
             part = images, params, torch.tensor(batch, dtype=torch.int64)
-            if len(starts) > 1:
-                _write_cache(part_path, *part)
+            if part_paths:
+                _write_cache(part_paths[i], *part)
         parts.append(part)
     whole = tuple(torch.cat([part[i] for part in parts]) for i in range(3))
     _write_cache(path, *whole)
-    for start in starts:
-        _part_path(path, start, min(BATCH, n - start)).unlink(missing_ok=True)
+    for part_path in part_paths:
+        part_path.unlink(missing_ok=True)
     return whole
 
 

@@ -111,7 +111,10 @@ def test_compile_module_runs_inductor_with_its_cpp_wrapper_on_the_cpu_and_gives_
     assert asked == [{"options": {"cpp_wrapper": True}}]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-6)
-    # Elsewhere (here: a module with no tensors on the CPU) compile's own modes apply as asked.
+    # Elsewhere (a module whose weights are not on the CPU: here, on the meta device) compile's own modes
+    # apply as asked; compilation itself waits for a first call, which these never get.
+    compile_module(torch.nn.Linear(2, 2, device="meta"))
+    assert asked[-1] == {"mode": None}
     compile_module(torch.nn.Identity(), "max-autotune")
     assert asked[-1] == {"mode": "max-autotune"}
 
