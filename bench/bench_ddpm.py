@@ -24,12 +24,14 @@ from ddpm.config import PRESETS, SamplingConfig  # noqa: E402
 from ddpm.generate import DiffusionSampler, sample_images  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 from bench.common import seconds_per_call, setup  # noqa: E402
+from core.contract import Trainable  # noqa: E402
+from training.loop import make_optimizer  # noqa: E402
 
 
 def train_throughput(net, schedule, batch: int, dtype, device, iters: int, warmup: int, compiled: bool) -> float:
     cfg = net.config
     model = torch.compile(net) if compiled else net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(Trainable(net, lr=1e-4), net, device)  # the training loop's (fused) AdamW
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     net.train()

@@ -23,11 +23,13 @@ from bench.device import FP32, Settings, peaks
 from bench.peers import (diffusers_autoencoder, diffusers_ddim, diffusers_unet, missing, parameter_count,
                          torchvision_resnet18_cifar)
 from bench.table import Row
+from core.contract import Trainable
 from core.runtime import autocast
 from data import DatasetInfo
 from ddpm.config import PRESETS as DDPM_PRESETS, SamplingConfig
 from ddpm.generate import DiffusionSampler, sample
 from ddpm.unet import UNet
+from training.loop import make_optimizer
 
 Step = Callable[[], object]
 GUIDANCE_SCALE = 2.0  # classifier-free guidance scale of the sampling rows (1 + w; 2: a typical strength)
@@ -55,18 +57,20 @@ class Plan:
 
 
 def prepared(net: nn.Module, settings: Settings,
-             compiled_parts: Callable[[nn.Module], Iterable[nn.Module]] = lambda net: [net]) -> nn.Module:
+             compiled_parts: Callable[[nn.Module], Iterable[nn.Module]] = lambda net: [net],
+             inference: bool = False) -> nn.Module:
     """`net` in the memory format `settings` asks for, and compiled (in place) if it asks for that.
 
     Compilation acts on a module's forward, so a network used through other methods (the autoencoder's
-    encode and decode) names the submodules those call in `compiled_parts`.
+    encode and decode) names the submodules those call in `compiled_parts`. An `inference` network is
+    compiled as our inference tools compile theirs (`core.speed.speed_up`: frozen weights).
     """
     if settings.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if settings.compile:
         from core.speed import compile_module
         for part in compiled_parts(net):
-            compile_module(part)
+            compile_module(part, frozen=inference)
     return net
 
 
@@ -129,11 +133,11 @@ def unet_train(plan: Plan, preset: str) -> Row:
     torch.manual_seed(0)
     base = UNet(unet).to(device)
     x0 = torch.rand(batch, unet.in_channels, unet.image_size, unet.image_size, device=device) * 2 - 1
-    optimizer = dict(lr=train.lr, weight_decay=train.weight_decay, fused=plan.cuda)
 
     def ours(settings: Settings) -> Step:
         net = prepared(copy.deepcopy(base).train(), settings)
-        opt = torch.optim.AdamW(net.parameters(), **optimizer)
+        # Our training loop's optimizer (fused AdamW); the peer's is PyTorch's AdamW as shipped.
+        opt = make_optimizer(Trainable(net, lr=train.lr, weight_decay=train.weight_decay), net, device)
         x = layout(x0, settings)
 
         def step():
@@ -147,7 +151,7 @@ def unet_train(plan: Plan, preset: str) -> Row:
 
     def peer() -> Step:
         net = diffusers_unet(unet, base).to(device).train()
-        opt = torch.optim.AdamW(net.parameters(), **optimizer)
+        opt = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
         def step():
             t = torch.randint(0, schedule.num_timesteps, (batch,), device=device)
@@ -202,7 +206,8 @@ def ddim_guided(plan: Plan, preset: str) -> Row:
     sampling = SamplingConfig(sampler="ddim", steps=steps, guidance_scale=GUIDANCE_SCALE)
 
     def ours(settings: Settings) -> Step:
-        model = DiffusionSampler(prepared(copy.deepcopy(base), settings), schedule, diffusion.prediction, info)
+        net = prepared(copy.deepcopy(base), settings, inference=True)
+        model = DiffusionSampler(net, schedule, diffusion.prediction, info)
         return lambda: sample(model, sampling, range(batch), cond=labels, amp_dtype=settings.dtype)
 
     def peer() -> Step:
@@ -251,7 +256,7 @@ def autoencoder(plan: Plan, preset: str = "kl-f8") -> list[Row]:
     rows = []
     for direction in ("encode", "decode"):
         def ours(settings: Settings, direction=direction) -> Step:
-            net = prepared(copy.deepcopy(base), settings, lambda net: (net.encoder, net.decoder))
+            net = prepared(copy.deepcopy(base), settings, lambda net: (net.encoder, net.decoder), inference=True)
             run, inputs = (net.encode, x) if direction == "encode" else (net.decode, z)
             inputs = layout(inputs, settings)
 
@@ -352,8 +357,7 @@ def resnet18(plan: Plan) -> Row:
     labels = torch.arange(batch, device=device) % NUM_CLASSES
     sgd = dict(lr=train.lr, momentum=options.momentum, nesterov=options.nesterov, weight_decay=train.weight_decay)
 
-    def train_step(net: nn.Module, settings: Settings) -> Step:
-        opt = torch.optim.SGD(net.parameters(), **sgd)
+    def train_step(net: nn.Module, settings: Settings, opt: torch.optim.Optimizer) -> Step:
         x = layout(images, settings)
 
         def step():
@@ -367,12 +371,15 @@ def resnet18(plan: Plan) -> Row:
 
     def ours(settings: Settings) -> Step:
         torch.manual_seed(0)
-        net = build_resnet18(ClassifierConfig(target="class", num_outputs=NUM_CLASSES), 32).to(device).train()
-        return train_step(prepared(net, settings), settings)
+        net = prepared(build_resnet18(ClassifierConfig(target="class", num_outputs=NUM_CLASSES), 32).to(device).train(),
+                       settings)
+        # Our training loop's optimizer (fused SGD); the peer's is PyTorch's SGD as shipped.
+        return train_step(net, settings, make_optimizer(Trainable(net, optimizer="sgd", **sgd), net, device))
 
     def peer() -> Step:
         torch.manual_seed(0)
-        return train_step(torchvision_resnet18_cifar(NUM_CLASSES).to(device).train(), FP32)
+        net = torchvision_resnet18_cifar(NUM_CLASSES).to(device).train()
+        return train_step(net, FP32, torch.optim.SGD(net.parameters(), **sgd))
 
     return compare(plan, "ResNet-18 train step (SGD)", f"CIFAR stem, 32 px, batch {batch}", batch, ours,
                    "torchvision resnet18, defaults", peer)

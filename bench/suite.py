@@ -91,6 +91,8 @@ def legend(plan: Plan) -> list[str]:
             "ours fastest: the fastest of " + ", ".join(s.label for s in plan.candidates) + " on this device "
             "(bf16 only where it is native). A peer runs as shipped: fp32 eager, its default, so one number serves "
             "both ratios (fastest / peer default, fp32 / peer fp32)." + tf32,
+            "Training rows: ours steps with our training loop's optimizer (PyTorch's fused AdamW or SGD), the peer "
+            "with PyTorch's AdamW or SGD at its defaults, as a user of the peer would.",
             f"peak MiB, {memory}.",
             "Weights are random (nothing is downloaded); throughput does not depend on them."]
 

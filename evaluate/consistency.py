@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device, option="--judge")
     if args.compile:
-        compile_module(judge.net)
+        compile_module(judge.net, frozen=True)
     if args.images is not None:
         folder = Path(args.images[len("folder:"):])
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.

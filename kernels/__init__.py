@@ -7,6 +7,9 @@ Each kernel lives in its own module beside the PyTorch reference it must equal:
 - `kernels.sampler_step`: one DDIM / PNDM / DDPM update with the classifier-free guidance combination
   and optional x0 clipping.
 - `kernels.lpips`: LPIPS's per-position channel normalisation and weighted squared difference.
+- `kernels.dropout`: not a Triton kernel but the CPU's counterpart: dropout whose mask is cut from
+  64-bit random words, 7x cheaper to draw on the CPU than PyTorch's (CUDA and compiled code keep
+  PyTorch's, already fused there).
 
 The module docstring of each says what the fusion saves and why.
 

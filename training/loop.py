@@ -136,8 +136,12 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def make_optimizer(trainable: Trainable, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer a `Trainable` asks for, over `model`'s parameters (fused kernels on CUDA)."""
-    fused = device.type == "cuda"
+    """The optimizer a `Trainable` asks for, over `model`'s parameters.
+
+    PyTorch's fused kernels on CUDA and on the CPU: one pass over all parameters instead of a loop of
+    small ops per tensor (on the CPU the per-tensor loop took 2.5% of a `ddpm-cifar10` training step).
+    """
+    fused = device.type in ("cuda", "cpu")
     if trainable.optimizer == "lazy_adamw":
         return LazyAdamW(model.parameters(), lr=trainable.lr, betas=trainable.betas, weight_decay=trainable.weight_decay)
     if trainable.optimizer == "sgd":
