@@ -54,8 +54,9 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """F.dropout(x, p, training), with the mask drawn by `keep_mask` on the CPU (module docstring)."""
     dropped = effective_probability(p)
-    if (not training or x.device.type != "cpu" or dropped == 0.0 or dropped == 1.0
-            or torch.compiler.is_compiling()):  # compiled, Inductor draws the mask inside its fused kernel
+    # PyTorch's own: where it is fused already (CUDA; compiled, Inductor draws the mask inside its kernel),
+    # where nothing or everything is dropped, and for a p outside [0, 1], which it refuses.
+    if not training or x.device.type != "cpu" or torch.compiler.is_compiling() or not 0.0 < dropped < 1.0:
         return F.dropout(x, p, training)
     # x * keep: autograd keeps the boolean mask for the backward pass; the scale is a constant.
     return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - dropped))

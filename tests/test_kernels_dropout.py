@@ -72,6 +72,9 @@ def test_it_is_the_identity_in_eval_mode_and_plain_dropout_at_the_extremes():
     assert torch.equal(dropout(x, 0.1, False), x)
     assert torch.equal(dropout(x, 0.0, True), x)
     assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            dropout(x, bad, True)
     module = Dropout(0.25)
     assert isinstance(module, torch.nn.Dropout) and module.state_dict() == {}
     assert torch.equal(module.eval()(x), x)

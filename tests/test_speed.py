@@ -95,7 +95,7 @@ def test_compiled_unet_matches_eager_outputs_and_gradients(scale_shift_norm):
 
 
 def test_compile_module_runs_inductor_with_its_cpp_wrapper_on_the_cpu_and_gives_the_eager_result(monkeypatch):
-    # The one Inductor compilation of the suite (a few seconds for this small network): forward and backward.
+    # A real Inductor compilation (a few seconds for this small network): forward and backward.
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
