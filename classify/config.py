@@ -31,6 +31,9 @@ class ClassifyOptions:
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (Szegedy et al. 2016; 0: off)")
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(True, "Nesterov momentum")
+    init_from: str = option("", "start from the weights of this classify checkpoint, e.g. one trained on synthetic "
+                                "images, to fine-tune them on --dataset; the optimizer, learning-rate schedule and "
+                                "step count start anew (empty: random weights)")
 
     def __post_init__(self) -> None:
         require(self.extra_samples >= 0, f"--extra-samples must be 0 (all) or positive, got {self.extra_samples}.")

@@ -5,7 +5,9 @@ real ones, through the same loop, run directory, checkpoints and exact resume as
 and a confusion matrix (RUN_DIR/confusion.png); `--target params` regresses the data's numeric
 parameters (normalised to [-1, 1] over the training range, mean squared error) and reports the mean
 absolute error of each in the data's units. `--extra-dataset` adds images (a synthetic set) to the
-training data, optionally at a fixed share of every batch (`--extra-fraction`).
+training data, optionally at a fixed share of every batch (`--extra-fraction`). `--init-from` starts
+from another classify run's weights instead of random ones: pretrained on synthetic images, say, and
+fine-tuned here on real ones.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig
-from classify.model import NAME, build_resnet18
+from classify.model import NAME, build_resnet18, small_stem
 from classify.plots import confusion_matrix_image
+from core.checkpoint import checkpoint_stage, load_checkpoint, load_weights, require_keys, state_fingerprint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError
@@ -182,6 +185,40 @@ class ClassifierTraining:
         return record
 
 
+INIT_OPTION = "--init-from"
+
+
+def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) -> dict[str, str]:
+    """Copy the weights of the checkpoint `--init-from` names into `net` (built for `config` and the training
+    data `info`), after checking that it predicts the same targets from the same images; returns what the
+    run's checkpoint records of it (path and weight fingerprint)."""
+    path = Path(config.classify.init_from)
+    payload = load_checkpoint(path, NAME, option=INIT_OPTION)
+    require_keys(payload, ("config", "data_info", "models"), path, option=INIT_OPTION)
+    theirs = from_dict(ClassifyConfig, payload["config"], source=path)
+    their_info = DatasetInfo.from_dict(payload["data_info"])
+
+    def labels(of: DatasetInfo, target: str) -> str:
+        names = of.class_names if target == "class" else of.param_names
+        return f"{'classes' if target == 'class' else 'parameters'} {', '.join(names) or 'none'}"
+
+    def stem(model, resolution: int) -> str:
+        return f"the {'small' if small_stem(model, resolution) else 'imagenet'} stem"
+
+    ours = config.model.target
+    for was, now in ((f"--target {theirs.model.target}", f"--target {ours}"),
+                     (f"{their_info.resolution} px images", f"{info.resolution} px images"),
+                     (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
+                     (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution)),
+                     (labels(their_info, theirs.model.target), labels(info, ours))):
+        if was != now:
+            raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
+                            f"data and options that match it, or train from random weights.")
+    state = payload["models"].get(MAIN)
+    load_weights(net, state, path, "ResNet-18", option=INIT_OPTION)
+    return {"path": str(path), "fingerprint": state_fingerprint(state)}
+
+
 def augmentation(config: ClassifyConfig):
     padding = config.classify.crop_padding
     padding = config.data.resolution // 8 if padding == -1 else padding
@@ -203,6 +240,11 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
                                                                    num_outputs=outputs))
     torch.manual_seed(train.seed)  # the initial weights
     net = build_resnet18(config.model, info.resolution)
+    if config.classify.init_from:
+        # A resumed run's weights come from its own checkpoint: the starting point is only recorded, so that
+        # the data_info a resume compares stays the same even if that file has gone since.
+        start = resume_from["data_info"].get("init_from") if resume_from is not None else None
+        data_info = {**data_info, "init_from": start or start_from(net, config, info)}
     if runtime.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions under AMP
     run = ClassifierTraining(config, info, test_set, split, runtime.device)
@@ -226,6 +268,8 @@ def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
         raise UserError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
+    if options.init_from and resume_from is None and checkpoint_stage(options.init_from) != NAME:
+        load_checkpoint(options.init_from, NAME, option=INIT_OPTION)  # says why not: missing, unreadable, other stage
     count = round(options.extra_fraction * config.train.batch_size)
     if options.extra_fraction > 0 and count == 0:
         raise UserError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "

@@ -11,7 +11,10 @@ OUT/results.png. Options after `--` go to every training run (e.g. `-- --target 
 half from each), so rows compare the quality of the data rather than its quantity. `--synthetic-multiple
 K` measures the other regime, synthetic data as augmentation: the real row trains on N real images, a
 synthetic row on K*N synthetic ones, and a mixed row on all N real plus K*N synthetic (N: every real
-image, or with --match-size the most that every synthetic set can supply K times over).
+image, or with --match-size the most that every synthetic set can supply K times over). `--fine-tune` adds
+a third use of each synthetic set, pretraining: a row NAME-then-real whose runs start from the weights the
+synthetic row's run of the same seed ended with, and train on the real images (as many as the real row)
+with the same options, so they have trained twice as many steps in all as any other row.
 
 Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
 runs are kept, interrupted ones resumed from their checkpoints. A run is kept or resumed only if it was
@@ -39,10 +42,10 @@ import numpy as np
 from classify.config import MODEL_FROM_DATA, PRESETS, ClassifyConfig
 from classify.plots import bar_chart
 from classify.stage import SPEC as CLASSIFY, final_results, run_data
-from core.checkpoint import load_checkpoint, require_keys
+from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.cli import RunInterrupted
 from core.config import from_dict, to_dict
-from core.contract import RESUMABLE
+from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock
 from core.runtime import atomic_write, resolve_device, write_json
@@ -52,7 +55,7 @@ from training.run import parse_stage_args, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
-                  "--num-samples", "--extra-samples", "--device", "--preset")
+                  "--num-samples", "--extra-samples", "--device", "--preset", "--init-from")
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The config fields that name a run's datasets, each set by one of the experiment's own options.
 DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
@@ -71,6 +74,7 @@ class Row:
     synthetic: str = ""      # the name of its synthetic set (--synthetic NAME=SPEC), if it has one
     named_by: str = ""       # what messages call its synthetic set, when no --synthetic option names it (the
                              # sweep's own sets); such a set cannot take another row name
+    pretrained_on: str = ""  # fine-tuned rows: the row whose run of the same seed gives the starting weights
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -88,6 +92,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="synthetic rows train on K times as many images as the real row, and mixed rows on all "
                              "the real images plus K times as many synthetic ones (default: off)")
     parser.add_argument("--no-mixed", action="store_true", help="leave out the real + synthetic rows (default: off)")
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="add a row per synthetic set that starts from its run's weights and trains on the real "
+                             "images, NAME-then-real: pretraining on synthetic images (default: off)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -97,7 +104,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def plan_rows(args: argparse.Namespace) -> list[Row]:
-    """Real, each synthetic set, then real + each synthetic set; names and specs checked."""
+    """Real, each synthetic set, real + each synthetic set, then (--fine-tune) each synthetic set then real;
+    names and specs checked."""
     synthetic = []
     for item in args.synthetic:
         name, _, spec = item.partition("=")
@@ -108,9 +116,14 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     names = [name for name, _ in synthetic]
     if "real" in names or len(set(names)) != len(names):
         raise UserError("Every --synthetic set needs its own name, other than 'real'.")
+    if args.fine_tune and any(f"{name}-then-real" in names for name in names):
+        raise UserError("With --fine-tune no --synthetic set may be called NAME-then-real after another set NAME, "
+                        "which is the name of that set's fine-tuned row; rename it.")
     rows = [Row("real", args.real)] + [Row(name, spec, synthetic=name) for name, spec in synthetic]
     if not args.no_mixed:
         rows += [Row(f"real+{name}", args.real, spec, synthetic=name) for name, spec in synthetic]
+    if args.fine_tune:  # after the synthetic rows, whose runs they start from
+        rows += [Row(f"{name}-then-real", args.real, synthetic=name, pretrained_on=name) for name, _ in synthetic]
     return rows
 
 
@@ -140,7 +153,9 @@ class Sizes:
         """(images of the row's dataset, images of its extra dataset), or None for every image of both."""
         if self.multiple is not None:
             synthetic = round(self.multiple * self.real)
-            return (self.real, synthetic) if row.extra else (synthetic, 0) if row.synthetic else (self.real, 0)
+            if row.extra:
+                return self.real, synthetic
+            return (synthetic, 0) if row.synthetic and not row.pretrained_on else (self.real, 0)
         if self.match is None:
             return None
         return (self.match // 2, self.match - self.match // 2) if row.extra else (self.match, 0)
@@ -194,6 +209,8 @@ def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespa
             "--test-dataset", args.test, "--seed", str(seed)]
     if row.extra:
         argv += ["--extra-dataset", row.extra]
+    if row.pretrained_on:
+        argv += ["--init-from", str(run_dir.parent.parent / row.pretrained_on / run_dir.name / "checkpoint.pt")]
     counts = size.of(row)
     if counts is None:
         argv += ["--num-samples", "0"]  # every image of each set
@@ -241,6 +258,20 @@ class ReusedRuns:
         self._check_config(row, run_dir, request, from_dict(ClassifyConfig, saved["config"]))
         if data:
             self._check_data(row, run_dir, request, saved["data_info"])
+        if row.pretrained_on:
+            self._check_start(run_dir, Path(request.classify.init_from), saved["data_info"].get("init_from"))
+
+    @staticmethod
+    def _check_start(run_dir: Path, source: Path, recorded: dict[str, str] | None) -> None:
+        """Refuse a fine-tuned run whose starting weights are no longer those of its source run (trained again,
+        or gone and about to be)."""
+        now = None
+        if source.is_file():
+            now = state_fingerprint(load_checkpoint(source, CLASSIFY.name).get("models", {}).get(MAIN, {}))
+        if recorded is None or now != recorded.get("fingerprint"):
+            what = "is gone" if now is None else "holds other weights now"
+            raise UserError(f"{run_dir} was fine-tuned from {source}, which {what}; delete {run_dir} to fine-tune it "
+                            f"again from the new run, or choose another --out.")
 
     def _check_config(self, row: Row, run_dir: Path, request: ClassifyConfig, saved: ClassifyConfig) -> None:
         now, was = _flat(to_dict(request)), _flat(to_dict(saved))
@@ -287,7 +318,7 @@ def _option(row: Row, key: str) -> str:
     """The option (or the description) that sets the dataset field `key` of `row`'s runs."""
     synthetic = row.named_by or f"--synthetic {row.synthetic}"
     if key == "data.dataset":
-        return "--real" if row.extra or not row.synthetic else synthetic
+        return "--real" if row.extra or row.pretrained_on or not row.synthetic else synthetic
     return synthetic if key == "classify.extra_dataset" else "--test"
 
 

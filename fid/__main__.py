@@ -71,7 +71,8 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def check_reused_statistics(paths: list[str], common: dict) -> None:
     """Refuse a statistics file computed with another network or weights than the other side, before
-    any features are computed (fid_between checks again, and warns of a file that does not say) (the run's own network is built only to compare with a file that says)."""
+    any features are computed. This run's own network is built only to compare with a file that records
+    its network; `fid_between` checks again, and warns of a file that records none."""
     saved = [(f"statistics file {path}", load_statistics(path).provenance)
              for path in paths if is_statistics_source(path) and Path(path).is_file()]
     if len(saved) == 1 and saved[0][1] is not None:  # the other side's features are computed here

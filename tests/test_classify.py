@@ -23,7 +23,7 @@ from core.checkpoint import load_checkpoint
 from core.cli import RunInterrupted
 from data import Batch, load_dataset
 from data.augment import random_crop, random_noise
-from helpers import RES, colour_folder
+from helpers import COLOURS, RES, colour_folder
 
 
 
@@ -190,6 +190,57 @@ def test_a_class_target_joins_sets_with_and_without_parameters(colours, tmp_path
     assert torch.equal(stage.dataset.labels[:12], load_dataset(f"folder:{with_params}", RES).labels)
 
 
+def test_init_from_starts_from_another_runs_weights_and_a_resume_needs_it_no_more(colour_run, colours, tmp_path):
+    """Fine-tuning: the network starts as the --init-from run ended (weights and batch-norm statistics), the
+    optimizer and step start anew, the checkpoint records where it started, and a resume replays the
+    uninterrupted run exactly even once that file is gone."""
+    from core.checkpoint import state_fingerprint
+    from core.runtime import Runtime
+    source = tmp_path / "source.pt"
+    source.write_bytes((colour_run / "checkpoint.pt").read_bytes())
+    start = load_checkpoint(source, "classify")["models"]["model"]
+    spec, parsed = train.parse_args(args(tmp_path / "built", *colours, "--init-from", str(source)))
+    config, _ = resolve_config(spec, parsed, tmp_path / "built")
+    _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+    built = stage.trainables["model"].model.state_dict()
+    assert all(torch.equal(built[k], v) for k, v in start.items())
+    assert stage.data_info["init_from"] == {"path": str(source), "fingerprint": state_fingerprint(start)}
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ("--init-from", str(source), "--warmup-steps", "1", "--lr", "0.02", "--ckpt-every", "2")
+    train.main(args(whole, *colours, "--steps", "4", *common))
+    assert final_results(whole)["top1"] == 1.0                     # fine-tuned from a run that had learnt them
+    train.main(args(split, *colours, "--steps", "2", *common))
+    assert load_checkpoint(split / "checkpoint.pt", "classify")["step"] == 2   # its own steps, not the source's
+    source.unlink()
+    train.main(["--stage", "classify", "--run-dir", str(split), "--device", "cpu", "--resume", "--steps", "4"])
+    a, b = (load_checkpoint(d / "checkpoint.pt", "classify") for d in (whole, split))
+    for key, value in a["models"]["model"].items():
+        assert torch.equal(value, b["models"]["model"][key]), key
+
+
+def test_init_from_refuses_a_checkpoint_that_predicts_something_else(colour_run, colours, tmp_path):
+    from core.checkpoint import save_checkpoint
+    two = {"blue": COLOURS["blue"], "red": COLOURS["red"]}
+    data, test = colour_folder(tmp_path / "two", 4, 5, two), colour_folder(tmp_path / "two-test", 2, 6, two)
+    diffusion = tmp_path / "ddpm.pt"
+    save_checkpoint({"stage": "ddpm", "config": {}, "data_info": {}, "models": {}}, diffusion)
+    source = str(colour_run / "checkpoint.pt")
+    for run_dir, argv, message in [
+            ("classes", args(tmp_path / "classes", data, test, "--init-from", source),
+             r"was trained with classes blue, green, red, and this run has classes blue, red"),
+            ("size", args(tmp_path / "size", *colours, "--init-from", source, "--resolution", "24"),
+             r"was trained with 16 px images, and this run has 24 px images"),
+            ("stem", args(tmp_path / "stem", *colours, "--init-from", source, "--stem", "imagenet"),
+             r"the small stem, and this run has the imagenet stem"),
+            ("stage", args(tmp_path / "stage", *colours, "--init-from", str(diffusion)), r"needs 'classify'"),
+            ("missing", args(tmp_path / "missing", *colours, "--init-from", str(tmp_path / "no.pt")),
+             r"--init-from .*no.pt does not exist")]:
+        with pytest.raises(ValueError, match=message):
+            train.main(argv)
+        assert not (tmp_path / run_dir / "checkpoint.pt").exists() and not (tmp_path / run_dir / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d, t, tmp: ["--test-dataset", f"folder:{colour_folder(tmp / 'other', 2, 5, {'blue': (0, 0, 255), 'cyan': (0, 255, 255), 'red': (255, 0, 0)})}"],
      "classes of --test-dataset"),
@@ -307,6 +358,37 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
     assert not (tmp_path / "x3" / "runs").exists()                  # refused before anything trained
     experiment.main(argv(tmp_path / "x3m", "--synthetic-multiple", "3", "--match-size"))
     assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
+
+
+def test_fine_tune_rows_start_from_the_synthetic_rows_runs_and_train_on_the_real_images(colours, tmp_path):
+    from core.checkpoint import state_fingerprint
+    real, test = colours                                            # 24 real images
+    synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
+    out = tmp_path / "x"
+    argv = ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
+            "--seeds", "2", "--out", str(out), "--device", "cpu", "--synthetic-multiple", "2", "--no-mixed",
+            "--fine-tune", "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
+            "--batch-size", "6", "--test-samples", "0"]
+    summary = experiment.main(argv)
+    assert list(summary["rows"]) == ["real", "gen", "gen-then-real"]
+    for seed in range(2):
+        tuned = out / "runs" / "gen-then-real" / f"seed{seed}"
+        config = json.loads((tuned / "config.json").read_text())
+        source = out / "runs" / "gen" / f"seed{seed}" / "checkpoint.pt"
+        assert config["data"]["dataset"] == f"folder:{real}" and config["data"]["num_samples"] == 24
+        assert config["classify"]["init_from"] == str(source) and config["train"]["seed"] == seed
+        start = load_checkpoint(tuned / "checkpoint.pt", "classify")["data_info"]["init_from"]
+        assert start["fingerprint"] == state_fingerprint(load_checkpoint(source, "classify")["models"]["model"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
+    assert experiment.main(argv)["rows"] == summary["rows"]         # kept, not trained again
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
+    source = out / "runs" / "gen" / "seed1" / "checkpoint.pt"
+    source.unlink()
+    (source.parent / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"gen-then-real.seed1 was fine-tuned from .*gen.seed1.checkpoint.pt, which "
+                                         r"is gone; delete"):
+        experiment.main(argv)
+    assert not source.exists()                                      # refused before anything trained
 
 
 def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):

@@ -257,3 +257,35 @@ def test_user_errors():
         ddim_sample(data, x, schedule, make_timesteps(100, 3), eta=2.0)
     with pytest.raises(ValueError, match="len\\(seeds\\)"):
         per_sample_noise([1, 2], (3, 2, 1, 1), "cpu")
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 10), ("ddim", 50), ("pndm", 10), ("pndm", 50), ("ddpm", 50),
+                                         ("ddpm", 1000)])
+def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps):
+    """A reference implementation, where it is installed (an optional extra, never a dependency): diffusers'
+    DDIMScheduler, PNDMScheduler (PRK warm-up, then PLMS) and DDPMScheduler (variance "fixed_small", fed the
+    same noise draws) at DDPM's linear schedule, with x0 left unclipped and the last step reaching alpha-bar 1,
+    give the same images as ours from the same start and the same (non-linear) eps-predictor. Theirs keep
+    alpha-bar in float32, hence a tolerance of float32's precision."""
+    schedulers = pytest.importorskip("diffusers.schedulers", reason="diffusers is not installed (bench extra)")
+
+    def eps(x, t):
+        level = t.to(x.dtype).view(-1, 1, 1, 1) / T
+        return 0.9 * torch.tanh(0.7 * x + level) + 0.1 * torch.sin(3 * x)
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    draws = torch.Generator().manual_seed(1)
+    ours = {"ddim": ddim_sample, "pndm": pndm_sample, "ddpm": ddpm_sample}[name](
+        eps, x, Schedule(make_betas("linear", T)), make_timesteps(T, steps),
+        noise=lambda: torch.randn(x.shape, generator=draws, dtype=F64))
+    common = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    theirs = {"ddim": lambda: schedulers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common),
+              "pndm": lambda: schedulers.PNDMScheduler(skip_prk_steps=False, set_alpha_to_one=True, **common),
+              "ddpm": lambda: schedulers.DDPMScheduler(clip_sample=False, variance_type="fixed_small", **common)}[name]()
+    theirs.set_timesteps(steps)
+    draws.manual_seed(1)
+    y = x
+    for t in theirs.timesteps:
+        extra = {"generator": draws} if name == "ddpm" else {}
+        y = theirs.step(eps(y, t.repeat(len(y))), t, y, **extra).prev_sample
+    assert (ours - y).abs().max() <= 2e-5 * y.abs().max()
