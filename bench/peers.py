@@ -5,7 +5,10 @@ bench/bench_fid.py).
 Peers are optional benchmark extras (bench/requirements.txt), never project dependencies: each is
 imported inside the function that needs it, and `missing(module)` says, for a row, that it is absent.
 Every diffusers mapping is checked by parameter count against our network before it is timed, so a
-ratio always compares networks of the same size and layout.
+ratio always compares networks of the same size and layout. `UNet2DModel` and `AutoencoderKL` are also
+given our networks' weights (`unet2d_state`, `autoencoder_kl_state`): where the two agree on
+GroupNorm's groups (128 channels and more, as in DDPM's CIFAR-10 model and kl-f8) they then compute
+our functions, which tests/test_bench.py checks.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def unet2d_kwargs(config: UNetConfig) -> dict:
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         downsample_type="conv", upsample_type="conv", dropout=config.dropout,
+        # DDPM's sinusoids (sin first, frequencies 10000^(-i / (half - 1))) and its stride-2 convolution
+        # padded on the bottom and right only (TF's "SAME"), as ours.
+        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
         attention_head_dim=head_dim, norm_num_groups=num_groups(min(widths)), norm_eps=1e-6,
         # diffusers drops the middle attention's GroupNorm under scale_shift unless given its groups; ours has one.
         attn_norm_num_groups=num_groups(min(widths)),
@@ -92,21 +98,96 @@ def autoencoder_kl_kwargs(config: AutoencoderConfig) -> dict:
     )
 
 
+def _diffusers_layer_names(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of a residual or attention block under diffusers' layer names: our 1x1 shortcut is its
+    conv_shortcut, the time projection time_emb_proj, an attention's norm group_norm, its fused q|k|v 1x1
+    convolution three linear layers to_q, to_k, to_v, and its output projection the linear to_out.0."""
+    name = (name.replace(".emb_proj.", ".time_emb_proj.").replace(".skip.", ".conv_shortcut.")
+            .replace(".norm.", ".group_norm.").replace(".proj_out.", ".to_out.0."))
+    if ".qkv." in name:
+        return {name.replace("qkv", part): chunk.flatten(1) if chunk.ndim == 4 else chunk
+                for part, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3))}
+    return {name: value.flatten(1) if ".to_out.0.weight" in name else value}
+
+
+def _renamed(state: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    """`state` with each name passed through `rename` (None: dropped), then through `_diffusers_layer_names`."""
+    out = {}
+    for name, value in state.items():
+        new = rename(name)
+        if new is not None:
+            out.update(_diffusers_layer_names(new, value))
+    return out
+
+
+def unet2d_state(ours: nn.Module) -> dict[str, torch.Tensor]:
+    """Our U-Net's state dict under UNet2DModel's names (see `_diffusers_layer_names` for the layers), with
+    the class table joined with the null embedding as its last row (class index num_classes)."""
+    prefixes = {"time_mlp.0.": "time_embedding.linear_1.", "time_mlp.2.": "time_embedding.linear_2.",
+                "norm_out.": "conv_norm_out.", "mid.0.res.": "mid_block.resnets.0.",
+                "mid.0.attn.": "mid_block.attentions.0.", "mid.1.res.": "mid_block.resnets.1."}
+
+    def rename(name: str) -> str | None:
+        if name.startswith(("cond_encoder.", "null_embedding")):
+            return None  # the class table, below
+        for old, new in prefixes.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        part = name.split(".")
+        if part[0] in ("down_blocks", "up_blocks") and part[3] in ("res", "attn"):  # LEVEL.I.res|attn.LAYER
+            return ".".join([part[0], part[1], "resnets" if part[3] == "res" else "attentions", part[2], *part[4:]])
+        if part[0] in ("downsamples", "upsamples"):  # downsamples.LEVEL.conv -> down_blocks.LEVEL.downsamplers.0.conv
+            return ".".join([f"{part[0][:-len('samples')]}_blocks", part[1], f"{part[0][:-1]}rs", "0", *part[2:]])
+        return name
+
+    state = _renamed(ours.state_dict(), rename)
+    if ours.config.cond == "class":
+        state["class_embedding.weight"] = torch.cat([ours.cond_encoder.weight, ours.null_embedding[None]]).detach()
+    return state
+
+
+def autoencoder_kl_state(ours: nn.Module) -> dict[str, torch.Tensor]:
+    """Our autoencoder's state dict (latent diffusion's names) under diffusers' AutoencoderKL names. The
+    decoder's `up` list is indexed by resolution level, as in latent diffusion's code, and diffusers' up_blocks
+    in the order they run, lowest resolution first."""
+    levels = len(ours.config.channel_mult)
+    prefixes = {"mid.block_1.": "mid_block.resnets.0.", "mid.attn_1.": "mid_block.attentions.0.",
+                "mid.block_2.": "mid_block.resnets.1.", "norm_out.": "conv_norm_out."}
+
+    def rename(name: str) -> str:
+        net, _, rest = name.partition(".")
+        if net not in ("encoder", "decoder"):
+            return name  # quant_conv, post_quant_conv
+        for old, new in prefixes.items():
+            if rest.startswith(old):
+                return f"{net}.{new}{rest[len(old):]}"
+        part = rest.split(".")
+        if part[0] in ("down", "up"):  # down|up.LEVEL.block|attn.I.LAYER or down|up.LEVEL.downsample|upsample.conv
+            index = int(part[1]) if part[0] == "down" else levels - 1 - int(part[1])
+            blocks = f"{net}.{part[0]}_blocks.{index}"
+            if part[2] in ("block", "attn"):
+                return ".".join([blocks, "resnets" if part[2] == "block" else "attentions", *part[3:]])
+            return ".".join([blocks, f"{part[2]}rs", "0", *part[3:]])
+        return name
+
+    return _renamed(ours.state_dict(), rename)
+
+
 def diffusers_unet(config: UNetConfig, ours: nn.Module) -> nn.Module:
-    """UNet2DModel at `config`, seeded, checked against `ours` by parameter count."""
+    """UNet2DModel at `config` with `ours`'s weights, checked against it by parameter count."""
     from diffusers import UNet2DModel
-    torch.manual_seed(0)
     peer = UNet2DModel(**unet2d_kwargs(config))
     check_same_size(ours, peer, "UNet2DModel")
+    peer.load_state_dict(unet2d_state(ours))
     return peer
 
 
 def diffusers_autoencoder(config: AutoencoderConfig, ours: nn.Module) -> nn.Module:
-    """diffusers' AutoencoderKL at `config`, seeded, checked against `ours` by parameter count."""
+    """diffusers' AutoencoderKL at `config` with `ours`'s weights, checked against it by parameter count."""
     from diffusers import AutoencoderKL
-    torch.manual_seed(0)
     peer = AutoencoderKL(**autoencoder_kl_kwargs(config))
     check_same_size(ours, peer, "AutoencoderKL")
+    peer.load_state_dict(autoencoder_kl_state(ours))
     return peer
 
 

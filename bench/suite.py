@@ -94,7 +94,9 @@ def legend(plan: Plan) -> list[str]:
             "Training rows: ours steps with our training loop's optimizer (PyTorch's fused AdamW or SGD), the peer "
             "with PyTorch's AdamW or SGD at its defaults, as a user of the peer would.",
             f"peak MiB, {memory}.",
-            "Weights are random (nothing is downloaded); throughput does not depend on them."]
+            "Weights are random (nothing is downloaded); throughput does not depend on them. The diffusers U-Net and "
+            "autoencoder are given ours: the same function wherever their GroupNorm groups agree, from 128 channels "
+            "on (tests/test_bench.py)."]
 
 
 def report(rows: list[Row], plan: Plan, command: str) -> str:

@@ -36,12 +36,62 @@ def test_unet2d_mapping_has_our_parameter_count(preset, cond):
 
 
 @needs_diffusers
+@pytest.mark.parametrize("cond", ["none", "class"])
+@pytest.mark.parametrize("scale_shift_norm", [True, False])
+def test_unet2d_given_our_weights_computes_our_unet(cond, scale_shift_norm):
+    """A reference implementation of the DDPM U-Net: with our weights (renamed, q|k|v split, the null
+    embedding as the last class), diffusers' UNet2DModel gives our outputs, through the down path (with a
+    stride-2 convolution), attention, the middle block and the up path, for both ways of injecting the time
+    embedding and with the null class. At 128 channels both use GroupNorm(32) everywhere."""
+    from bench.peers import diffusers_unet
+    config = dataclasses.replace(PRESETS["ddpm-demo"]().unet, image_size=8, base_channels=128, channel_mult=(1, 1),
+                                 attention_resolutions=(4,), scale_shift_norm=scale_shift_norm, cond=cond,
+                                 num_classes=3 if cond == "class" else 0)
+    torch.manual_seed(0)
+    ours = UNet(config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # every layer non-zero: DDPM starts the residual branches' last ones at 0
+            p.normal_(0, 0.05)
+    peer = diffusers_unet(config, ours).eval()
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        if cond == "class":
+            expected = ours(x, t, torch.tensor([0, 2, 1]), null_mask=torch.tensor([False, False, True]))
+            got = peer(x, t, class_labels=torch.tensor([0, 2, 3])).sample  # 3: the null class
+        else:
+            expected, got = ours(x, t), peer(x, t).sample
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@needs_diffusers
 def test_autoencoder_kl_mapping_has_our_parameter_count():
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     config = AutoencoderConfig.kl_f8()
     with torch.device("meta"):
         ours, peer = AutoencoderKL(config), DiffusersAutoencoderKL(**autoencoder_kl_kwargs(config))
     assert parameter_count(ours) == parameter_count(peer) == 83_653_863  # Stable Diffusion's autoencoder
+
+
+@needs_diffusers
+def test_autoencoder_kl_given_our_weights_computes_our_autoencoder():
+    """A reference implementation of latent diffusion's autoencoder: with our weights (the decoder's levels
+    reversed into diffusers' order, the middle attention's q|k|v split), diffusers' AutoencoderKL encodes to
+    our posterior's moments and decodes to our images, at kl-f8's layout on 32 px images."""
+    from bench.peers import diffusers_autoencoder
+    config = dataclasses.replace(AutoencoderConfig.kl_f8(), base_channels=128, channel_mult=(1, 2), resolution=32)
+    torch.manual_seed(0)
+    ours = AutoencoderKL(config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.03)
+    peer = diffusers_autoencoder(config, ours).eval()
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, config.latent_channels, 16, 16)
+    with torch.no_grad():
+        moments, images = ours.encode_moments(x), ours.decode(z)
+        torch.testing.assert_close(peer.encode(x).latent_dist.parameters, moments, rtol=0, atol=1e-5)
+        torch.testing.assert_close(peer.decode(z).sample, images, rtol=0, atol=1e-5)
+    assert moments.abs().max() > 0.05 and images.abs().max() > 0.05
 
 
 @needs_diffusers

@@ -259,8 +259,7 @@ def test_user_errors():
         per_sample_noise([1, 2], (3, 2, 1, 1), "cpu")
 
 
-@pytest.mark.parametrize("name, steps", [("ddim", 10), ("ddim", 50), ("pndm", 10), ("pndm", 50), ("ddpm", 50),
-                                         ("ddpm", 1000)])
+@pytest.mark.parametrize("name, steps", [("ddim", 10), ("pndm", 10), ("pndm", 50), ("ddpm", 50), ("ddpm", 1000)])
 def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps):
     """A reference implementation, where it is installed (an optional extra, never a dependency): diffusers'
     DDIMScheduler, PNDMScheduler (PRK warm-up, then PLMS) and DDPMScheduler (variance "fixed_small", fed the

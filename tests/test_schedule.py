@@ -223,3 +223,14 @@ def test_make_timesteps_values_and_errors():
         make_timesteps(100, 0)
     with pytest.raises(ValueError, match="uniform"):
         make_timesteps(100, 10, "cosine")
+
+
+@pytest.mark.parametrize("kind, theirs", [("linear", "linear"), ("cosine", "squaredcos_cap_v2"),
+                                          ("scaled_linear", "scaled_linear")])
+def test_betas_equal_diffusers_schedules(kind, theirs):
+    """A reference implementation, where it is installed (an optional extra, never a dependency): each of our
+    schedules at T = 1000 is the one diffusers names so (its betas are float32, hence the tolerance)."""
+    schedulers = pytest.importorskip("diffusers.schedulers", reason="diffusers is not installed (bench extra)")
+    reference = schedulers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs,
+                                         **({"beta_start": 0.00085, "beta_end": 0.012} if kind == "scaled_linear" else {}))
+    np.testing.assert_allclose(make_betas(kind, 1000), reference.betas.double().numpy(), rtol=1e-6, atol=1e-9)
