@@ -14,7 +14,8 @@ synthetic row on K*N synthetic ones, and a mixed row on all N real plus K*N synt
 image, or with --match-size the most that every synthetic set can supply K times over). `--fine-tune` adds
 a third use of each synthetic set, pretraining: a row NAME-then-real whose runs start from the weights the
 synthetic row's run of the same seed ended with, and train on the real images (as many as the real row)
-with the same options, so they have trained twice as many steps in all as any other row.
+with the same options. They have trained twice as many steps in all, so --fine-tune adds their control
+too, real-then-real: the real row's runs trained once more on the real images in the same way.
 
 Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
 runs are kept, interrupted ones resumed from their checkpoints. A run is kept or resumed only if it was
@@ -57,6 +58,9 @@ from training.run import parse_stage_args, run, with_options
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
                   "--num-samples", "--extra-samples", "--device", "--preset", "--init-from")
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# --fine-tune's control row: the real row's runs trained again on the real images, as many steps in all as
+# the rows pretrained on synthetic images.
+FINE_TUNED_CONTROL = "real-then-real"
 # The config fields that name a run's datasets, each set by one of the experiment's own options.
 DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
 # Config fields a kept run may differ in: the shape the data gives the network, and how often a run logs,
@@ -94,7 +98,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--no-mixed", action="store_true", help="leave out the real + synthetic rows (default: off)")
     parser.add_argument("--fine-tune", action="store_true",
                         help="add a row per synthetic set that starts from its run's weights and trains on the real "
-                             "images, NAME-then-real: pretraining on synthetic images (default: off)")
+                             "images, NAME-then-real (pretraining on synthetic images), and its control with as many "
+                             "steps, real-then-real (default: off)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -104,8 +109,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def plan_rows(args: argparse.Namespace) -> list[Row]:
-    """Real, each synthetic set, real + each synthetic set, then (--fine-tune) each synthetic set then real;
-    names and specs checked."""
+    """Real, each synthetic set, real + each synthetic set, then (--fine-tune) real then real and each
+    synthetic set then real; names and specs checked."""
     synthetic = []
     for item in args.synthetic:
         name, _, spec = item.partition("=")
@@ -116,13 +121,14 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     names = [name for name, _ in synthetic]
     if "real" in names or len(set(names)) != len(names):
         raise UserError("Every --synthetic set needs its own name, other than 'real'.")
-    if args.fine_tune and any(f"{name}-then-real" in names for name in names):
-        raise UserError("With --fine-tune no --synthetic set may be called NAME-then-real after another set NAME, "
-                        "which is the name of that set's fine-tuned row; rename it.")
+    if args.fine_tune and any(f"{name}-then-real" in names for name in ("real", *names)):
+        raise UserError("With --fine-tune no --synthetic set may be called NAME-then-real after 'real' or another "
+                        "set NAME: that is the name of a fine-tuned row; rename it.")
     rows = [Row("real", args.real)] + [Row(name, spec, synthetic=name) for name, spec in synthetic]
     if not args.no_mixed:
         rows += [Row(f"real+{name}", args.real, spec, synthetic=name) for name, spec in synthetic]
-    if args.fine_tune:  # after the synthetic rows, whose runs they start from
+    if args.fine_tune:  # after the rows whose runs they start from; the first is the control (as many steps)
+        rows += [Row(FINE_TUNED_CONTROL, args.real, pretrained_on="real")]
         rows += [Row(f"{name}-then-real", args.real, synthetic=name, pretrained_on=name) for name, _ in synthetic]
     return rows
 

@@ -360,7 +360,7 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
     assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
 
 
-def test_fine_tune_rows_start_from_the_synthetic_rows_runs_and_train_on_the_real_images(colours, tmp_path):
+def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path):
     from core.checkpoint import state_fingerprint
     real, test = colours                                            # 24 real images
     synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
@@ -370,15 +370,16 @@ def test_fine_tune_rows_start_from_the_synthetic_rows_runs_and_train_on_the_real
             "--fine-tune", "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
             "--batch-size", "6", "--test-samples", "0"]
     summary = experiment.main(argv)
-    assert list(summary["rows"]) == ["real", "gen", "gen-then-real"]
-    for seed in range(2):
-        tuned = out / "runs" / "gen-then-real" / f"seed{seed}"
-        config = json.loads((tuned / "config.json").read_text())
-        source = out / "runs" / "gen" / f"seed{seed}" / "checkpoint.pt"
-        assert config["data"]["dataset"] == f"folder:{real}" and config["data"]["num_samples"] == 24
-        assert config["classify"]["init_from"] == str(source) and config["train"]["seed"] == seed
-        start = load_checkpoint(tuned / "checkpoint.pt", "classify")["data_info"]["init_from"]
-        assert start["fingerprint"] == state_fingerprint(load_checkpoint(source, "classify")["models"]["model"])
+    assert list(summary["rows"]) == ["real", "gen", "real-then-real", "gen-then-real"]
+    for row, first in (("gen-then-real", "gen"), ("real-then-real", "real")):  # and the control, as many steps
+        for seed in range(2):
+            tuned = out / "runs" / row / f"seed{seed}"
+            config = json.loads((tuned / "config.json").read_text())
+            source = out / "runs" / first / f"seed{seed}" / "checkpoint.pt"
+            assert config["data"]["dataset"] == f"folder:{real}" and config["data"]["num_samples"] == 24
+            assert config["classify"]["init_from"] == str(source) and config["train"]["seed"] == seed
+            start = load_checkpoint(tuned / "checkpoint.pt", "classify")["data_info"]["init_from"]
+            assert start["fingerprint"] == state_fingerprint(load_checkpoint(source, "classify")["models"]["model"])
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
     assert experiment.main(argv)["rows"] == summary["rows"]         # kept, not trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
