@@ -126,6 +126,7 @@ def unet2d_state(ours: nn.Module) -> dict[str, torch.Tensor]:
     prefixes = {"time_mlp.0.": "time_embedding.linear_1.", "time_mlp.2.": "time_embedding.linear_2.",
                 "norm_out.": "conv_norm_out.", "mid.0.res.": "mid_block.resnets.0.",
                 "mid.0.attn.": "mid_block.attentions.0.", "mid.1.res.": "mid_block.resnets.1."}
+    resamplers = {"downsamples": ("down_blocks", "downsamplers"), "upsamples": ("up_blocks", "upsamplers")}
 
     def rename(name: str) -> str | None:
         if name.startswith(("cond_encoder.", "null_embedding")):
@@ -136,8 +137,8 @@ def unet2d_state(ours: nn.Module) -> dict[str, torch.Tensor]:
         part = name.split(".")
         if part[0] in ("down_blocks", "up_blocks") and part[3] in ("res", "attn"):  # LEVEL.I.res|attn.LAYER
             return ".".join([part[0], part[1], "resnets" if part[3] == "res" else "attentions", part[2], *part[4:]])
-        if part[0] in ("downsamples", "upsamples"):  # downsamples.LEVEL.conv -> down_blocks.LEVEL.downsamplers.0.conv
-            return ".".join([f"{part[0][:-len('samples')]}_blocks", part[1], f"{part[0][:-1]}rs", "0", *part[2:]])
+        if part[0] in resamplers:  # downsamples.LEVEL.conv -> down_blocks.LEVEL.downsamplers.0.conv
+            return ".".join([resamplers[part[0]][0], part[1], resamplers[part[0]][1], "0", *part[2:]])
         return name
 
     state = _renamed(ours.state_dict(), rename)
