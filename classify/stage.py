@@ -259,7 +259,7 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
 
 def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
     """Options that must agree with each other, and datasets that must exist, before any work (the same for
-    a new run and a resumed one, `resume_from`)."""
+    a new run and a resumed one, `resume_from`, except --init-from: a resumed run no longer reads it)."""
     options = config.classify
     _check_targets(config.data.dataset, *label_counts(config.data.dataset), config.model.target)
     if options.extra_dataset:

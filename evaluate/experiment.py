@@ -206,6 +206,11 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
     return new_run_arguments(row, seed, run_dir, args, passed, size)
 
 
+def sibling_run(run_dir: Path, row_name: str) -> Path:
+    """The folder of the same seed's run of row `row_name`, beside `run_dir` (OUT/runs/ROW/seedS)."""
+    return run_dir.parent.parent / row_name / run_dir.name
+
+
 def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
                       size: Sizes) -> list[str]:
     """train.py arguments that start the run of `row` and `seed` afresh."""
@@ -216,7 +221,7 @@ def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespa
     if row.extra:
         argv += ["--extra-dataset", row.extra]
     if row.pretrained_on:
-        argv += ["--init-from", str(run_dir.parent.parent / row.pretrained_on / run_dir.name / "checkpoint.pt")]
+        argv += ["--init-from", str(sibling_run(run_dir, row.pretrained_on) / "checkpoint.pt")]
     counts = size.of(row)
     if counts is None:
         argv += ["--num-samples", "0"]  # every image of each set

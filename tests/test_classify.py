@@ -361,7 +361,7 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
 
 
 def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path):
-    from core.checkpoint import state_fingerprint
+    from core.checkpoint import save_checkpoint, state_fingerprint
     real, test = colours                                            # 24 real images
     synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
     out = tmp_path / "x"
@@ -384,6 +384,14 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
     assert experiment.main(argv)["rows"] == summary["rows"]         # kept, not trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
     source = out / "runs" / "gen" / "seed1" / "checkpoint.pt"
+    payload = load_checkpoint(source, "classify")                   # trained again, say: other weights
+    payload["models"]["model"]["fc.bias"] += 1
+    save_checkpoint(payload, source)
+    with pytest.raises(ValueError, match=r"gen-then-real.seed1 was fine-tuned from .*gen.seed1.checkpoint.pt, which "
+                                         r"holds other weights now; delete"):
+        experiment.main(argv)
+    tuned = out / "runs" / "gen-then-real" / "seed1" / "checkpoint.pt"
+    assert tuned.stat().st_mtime_ns == stamps[tuned]                # refused before anything trained
     source.unlink()
     (source.parent / "metrics.jsonl").unlink()
     with pytest.raises(ValueError, match=r"gen-then-real.seed1 was fine-tuned from .*gen.seed1.checkpoint.pt, which "
