@@ -307,7 +307,7 @@ def lpips(plan: Plan) -> Row:
         net = lpips_package.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).to(device)
         return gradient_step(net.requires_grad_(False), None)
 
-    absent = importlib.util.find_spec("lpips") is None  # not in bench/requirements.txt: no peer is fine
+    absent = importlib.util.find_spec("lpips") is None
     return compare(plan, "LPIPS fwd+bwd", f"VGG-16, 5 taps, random weights, {side} px, batch {batch}", batch, ours,
                    "no peer (lpips not installed)" if absent else "lpips package", None if absent else peer, candidates,
                    notes="our trunk runs channels_last in every setting")

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from core.errors import MissingFileError, UserError
 from core.runtime import atomic_write
@@ -60,13 +60,17 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     return sorted(files)
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and/or turned
 GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # every byte order Pillow reports for 16-bit greyscale
 HIGH_DEPTH = GREY_16 + ("I", "F")
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True) -> Image.Image:
     """Decode an image file into `mode` ("RGB" or "L"), the same way for every pixel mode Pillow reads.
 
+    - EXIF orientation (photos from cameras and phones store the sensor's pixels and a tag that says
+      how to turn them): applied when `upright`, so an image is read the way image viewers show it.
+      `upright=False` keeps the stored pixels, as readers that ignore the tag do (pytorch-fid).
     - Multi-frame files (animated GIF, PNG or WebP, multi-page TIFF): the first frame only.
     - Alpha (RGBA, LA, PA, palettes with transparency, a transparent colour key) is composited on
       black, so transparent regions are black in every mode rather than whatever colour happened to
@@ -88,6 +92,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     if mode not in ("RGB", "L"):
         raise UserError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
     with _decode(path) as im:
+        if upright and im.getexif().get(ORIENTATION_TAG, 1) != 1:
+            im = ImageOps.exif_transpose(im)
         if im.mode in HIGH_DEPTH:
             return _high_depth_to_grey(im, path).convert(mode)
         if im.mode == "RGBa":

@@ -11,6 +11,7 @@ Which files are read, and how each becomes RGB, follow pytorch-fid (mseitzer/pyt
   and a palette's transparent entry keeps its colour. The one exception is greyscale stored with
   more than 8 bits per pixel (16- or 32-bit integer, 32-bit float), which that conversion clips at
   255 (a 16-bit image turns almost white); it is read by `data.imageio.load_image`, which rescales it.
+  EXIF orientation is ignored, as there (training's datasets turn photos upright).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def read_rgb(path: Path) -> Image.Image:
         raise UserError(
             f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file."
         ) from err
-    return load_image(path, mode="RGB")
+    return load_image(path, mode="RGB", upright=False)
 
 
 class ImageFolder(Dataset):

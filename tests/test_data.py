@@ -370,6 +370,47 @@ def test_load_image_refuses_broken_missing_and_bomb_files(tmp_path, monkeypatch)
     assert load_image(tmp_path / "bomb.png").size == (10, 1)
 
 
+# EXIF orientation -> how the stored pixels turn to stand upright, written out with numpy (rot90 turns
+# anticlockwise): 3 half a turn, 6 a quarter clockwise, 8 a quarter anticlockwise, 2/4 mirrored.
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
+           5: lambda a: np.rot90(a[:, ::-1], 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a[:, ::-1], -1),
+           8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_load_image_turns_photos_upright_by_their_exif_orientation(tmp_path, orientation, mode):
+    stored = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3) * 5  # 3 wide, 5 tall: no symmetry
+    image = Image.fromarray(stored, "RGB")
+    if mode != "RGB":
+        image = image.convert("L")
+        if mode == "I;16":
+            image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)  # 16-bit, same grey levels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "photo.png", exif=exif)
+    read_as = "RGB" if mode == "RGB" else "L"
+    want = UPRIGHT[orientation](np.asarray(load_image(tmp_path / "photo.png", read_as, upright=False)))
+    got = np.asarray(load_image(tmp_path / "photo.png", read_as))
+    assert got.shape[:2] == ((5, 3) if orientation < 5 else (3, 5))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_folder_dataset_and_fid_read_an_exif_turned_photo_their_own_ways(tmp_path):
+    """Training data stands upright; FID reads the stored pixels, as pytorch-fid does."""
+    from fid.folder import read_rgb
+    stored = np.zeros((8, 8, 3), dtype=np.uint8)
+    stored[0, :] = 255  # a white top row, which the tag turns into the right column
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "a").mkdir()
+    Image.fromarray(stored).save(tmp_path / "a" / "photo.jpg", exif=exif, quality=100)
+    images = load_dataset(f"folder:{tmp_path}", resolution=8, channels=3).images.float()  # stored 0..255
+    assert images[0, :, :, -1].mean() > 200 and images[0, :, 0, :].mean() < 100
+    fid_pixels = np.asarray(read_rgb(tmp_path / "a" / "photo.jpg"), dtype=float)
+    assert fid_pixels[0].mean() > 200 and fid_pixels[:, -1].mean() < 100
+
+
 def test_list_images_skips_hidden_follows_links_and_refuses_non_files(tmp_path):
     for name in ("a.png", "sub/b.png", ".hidden.png", "._a.png", ".ipynb_checkpoints/a-checkpoint.png"):
         _save(tmp_path / "data" / name, _row("L", [1]))

@@ -356,3 +356,41 @@ def test_mismatched_or_too_small_images_are_refused(random_net):
         random_net(torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match="too small for 5 taps"):
         random_net(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the reference implementation (the `lpips` package, a bench extra; skipped without it)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.05])  # far apart, and near (where the distance is small)
+def test_equals_the_lpips_package_with_its_published_heads(tmp_path, scale):
+    """The package's own distance with the head file it ships (the published LPIPS v0.1 vgg.pth, loaded
+    by our reader from the package's folder) and its VGG-16 trunk at random weights, copied into ours."""
+    lpips = pytest.importorskip("lpips")
+    import os
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # the package still passes torchvision the deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    trunk = {}
+    for part in (reference.net.slice1, reference.net.slice2, reference.net.slice3, reference.net.slice4,
+                 reference.net.slice5):
+        for index, layer in part.named_children():  # the slices keep torchvision's feature indices
+            if isinstance(layer, torch.nn.Conv2d):
+                trunk[f"features.{index}.weight"] = layer.weight.detach().clone()
+                trunk[f"features.{index}.bias"] = layer.bias.detach().clone()
+    for layer in (0, 3, 6):  # never read; present because a torchvision file has them
+        trunk[f"classifier.{layer}.weight"], trunk[f"classifier.{layer}.bias"] = torch.zeros(2, 2), torch.zeros(2)
+    torch.save(trunk, tmp_path / "vgg16.pth")
+    heads_path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
+    ours = build_perceptual("lpips", taps=5, vgg_weights=str(tmp_path / "vgg16.pth"), lpips_weights=heads_path)
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 3, 48, 40, generator=generator) * 2 - 1
+    y = (x + scale * (torch.rand(x.shape, generator=generator) * 2 - 1)).clamp(-1, 1)
+    with torch.no_grad():
+        expected = reference(x, y).flatten()  # inputs in [-1, 1], the package's default
+        actual = ours(x, y)
+    assert expected.min() > 0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=0)
