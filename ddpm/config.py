@@ -44,11 +44,17 @@ class DiffusionConfig:
         return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)
 
 
+SPACINGS = ("uniform", "trailing", "quadratic")
+PNDM_MIN_ABAR = 1e-6  # below it, PNDM's first trailing step divides eps errors by sqrt(abar) < 1e-3  # ddpm.samplers.make_timesteps says what each is
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     sampler: str = option("ddim", "ddpm (ancestral), ddim, pndm (F-PNDM) or spndm (S-PNDM)", choices=tuple(SAMPLERS))
     steps: int = option(50, "number of denoising steps (a subsequence of the T training steps)")
-    spacing: str = option("uniform", "timestep spacing (quadratic: DDIM's)", choices=("uniform", "quadratic"))
+    spacing: str = option("uniform", "timestep spacing: uniform from 0 (DDIM's linear), trailing (uniform, ending at "
+                                     "the last timestep: better few-step samples under the cosine schedule), "
+                                     "quadratic (DDIM's for CIFAR-10)", choices=SPACINGS)
     eta: float = option(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like")
     variance: str = option("small", "DDPM ancestral variance: small (posterior beta~) or large (beta)",
                            choices=("small", "large"))
@@ -59,6 +65,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("spacing", self.spacing, SPACINGS)
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}.")
         require(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         require(math.isfinite(self.guidance_scale), f"--guidance-scale must be a finite number, got {self.guidance_scale}.")
@@ -68,6 +75,14 @@ class SamplingConfig:
     def check_against(self, schedule: Schedule) -> None:
         require(self.steps <= schedule.num_timesteps,
                 f"--steps must be at most the model's T = {schedule.num_timesteps}, got {self.steps}.")
+        # PNDM's steps combine eps from several points and turn the mix into x0 with a factor 1 / sqrt(abar) of
+        # the step's start; trailing spacing starts at T - 1, where the cosine schedule's abar is 2e-9 (a factor
+        # of 20,000, and the samples blow up), the linear schedule's 4e-5 (160, harmless).
+        abar_last = float(schedule.alphas_cumprod[-1])
+        require(not (self.sampler in ("pndm", "spndm") and self.spacing == "trailing" and abar_last < PNDM_MIN_ABAR),
+                f"--sampler {self.sampler} with --spacing trailing starts where this model's abar is {abar_last:.2g}, "
+                f"too close to 0 for its multi-evaluation steps to stay finite; use --spacing uniform with "
+                f"{self.sampler}, or --sampler ddim with trailing spacing.")
 
 
 @dataclass(frozen=True)

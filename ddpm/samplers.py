@@ -2,9 +2,10 @@
 
 Every sampler has the same signature, `sampler(model, x, schedule, timesteps, *, clip_x0, callback, noise,
 ...)`, where `model(x_t, t)` returns an eps prediction (guidance, latent decoding and label embeddings all
-live inside that callable, see `ddpm.guidance`). `timesteps` is an ascending int64 tensor starting at 0
-(`make_timesteps`); the loop walks it from the last entry to the first and then takes one more jump from
-t = timesteps[0] = 0 to the clean image, where abar = 1. So a sampler always returns x_0, never x_1.
+live inside that callable, see `ddpm.guidance`). `timesteps` is an ascending int64 tensor of timesteps in
+[0, T) (`make_timesteps`; 0 first for the uniform and quadratic spacings, T - 1 last for the trailing one);
+the loop walks it from the last entry to the first, and its final jump goes from t = timesteps[0] to the
+clean image, where abar = 1. So a sampler always returns x_0, never x_1.
 
 Each step is the model call plus one `kernels.sampler_step` (a fused kernel on GPUs): the x0
 prediction, its clipping and the update in one pass. A `GuidedModel` (classifier-free guidance) hands
@@ -54,7 +55,15 @@ class GuidedModel(Protocol):
 def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
     """`steps` distinct timesteps in [0, T), ascending from 0, as an int64 tensor (Song et al. 2021, DDIM Sec. 5).
 
-    "uniform":   t_i = floor(i T / S), i.e. 0, T/S, 2T/S, ...
+    "uniform":   t_i = floor(i T / S), i.e. 0, T/S, 2T/S, ... (DDIM's "linear", diffusers' "leading"): the
+                 first step is at T - T/S, not T - 1, which matters when abar there is not near 0 (see
+                 "trailing").
+    "trailing":  t_i = round((i + 1) T / S) - 1, i.e. T/S - 1, ..., T - 1 (Lin et al. 2024, "Common diffusion
+                 noise schedules and sample steps are flawed", Sec. 3.3): sampling starts from the last
+                 timestep, where x_T ~ N(0, I) is what the model was trained on. Under the cosine schedule
+                 abar at T - T/S is 0.024 for S = 10, so uniform spacing hands the model pure noise where it
+                 expects 16% of the image's amplitude; a deterministic sampler (DDIM, PNDM) never
+                 corrects that first error, and few-step samples come out hazy.
     "quadratic": t_i = floor(linspace(0, sqrt(0.8 T), S)_i ** 2), DDIM's spacing that crowds steps near
                  t = 0. For large S the first squares round to the same integer; each repeat is moved up
                  by one so that every step is distinct (DDIM's code would visit such a timestep twice).
@@ -65,12 +74,14 @@ def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
         raise ValueError(f"steps must be <= T = {num_timesteps} (there are only T timesteps), got {steps}.")
     if spacing == "uniform":
         ts = [i * num_timesteps // steps for i in range(steps)]
+    elif spacing == "trailing":
+        ts = [round((i + 1) * num_timesteps / steps) - 1 for i in range(steps)]
     elif spacing == "quadratic":
         ts = []
         for q in np.linspace(0, math.sqrt(0.8 * num_timesteps), steps) ** 2:
             ts.append(max(int(q), ts[-1] + 1) if ts else int(q))
     else:
-        raise ValueError(f"Unknown spacing {spacing!r}; choose 'uniform' or 'quadratic'.")
+        raise ValueError(f"Unknown spacing {spacing!r}; choose 'uniform', 'trailing' or 'quadratic'.")
     return torch.tensor(ts, dtype=torch.int64)
 
 

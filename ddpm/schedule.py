@@ -77,10 +77,10 @@ def extract(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
 
 
 def check_timesteps(timesteps: Tensor | Sequence[int], num_timesteps: int) -> list[int]:
-    """Validate a sampling subsequence (strictly increasing, starting at 0, all < T) and return it as ints."""
+    """Validate a sampling subsequence (strictly increasing, all in [0, T)) and return it as ints."""
     ts = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)]
-    if not ts or ts[0] != 0 or ts[-1] >= num_timesteps or any(b <= a for a, b in zip(ts, ts[1:])):
-        raise UserError(f"timesteps must be strictly increasing, start at 0 and stay below {num_timesteps}; "
+    if not ts or ts[0] < 0 or ts[-1] >= num_timesteps or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise UserError(f"timesteps must be strictly increasing and lie in [0, {num_timesteps}); "
                         f"build them with make_timesteps.")
     return ts
 

@@ -1,9 +1,10 @@
 """The quality sweep: which way of sampling a model makes the best training data?
 
     python -m evaluate.sweep --ckpt DIFFUSION --judge CLASSIFIER --real folder:R --test folder:T \\
-        --guidance 1,1.5,2,3,5 --steps 25,50 [--sampler ddim] [--train] [--out runs/sweep] [-- TRAIN OPTIONS]
+        --guidance 1,1.5,2,3,5 --steps 25,50 [--sampler ddim] [--spacing uniform,trailing] [--train] \
+        [--out runs/sweep] [-- TRAIN OPTIONS]
 
-For every setting (each sampler x step count x guidance scale) it writes a synthetic set of the same
+For every setting (each sampler x step count x guidance scale x timestep spacing) it writes a synthetic set of the same
 size into OUT/sets/SETTING (the images `sample.py --dataset-out` writes with those options: image k
 has the seed and condition of image k of every other setting) and measures it against held-out real
 images (--test), in the features of the judge, a classifier trained on real images:
@@ -66,7 +67,7 @@ from data import check_spec, load_dataset
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
 from data.writer import parse_binning
-from ddpm.config import SamplingConfig
+from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS
 from ddpm.source import ImageSource
 from evaluate.consistency import check_pair, judge_dataset
@@ -90,13 +91,16 @@ class Setting:
     sampler: str
     steps: int
     guidance: float
+    spacing: str = "uniform"
 
     @property
     def name(self) -> str:
-        return f"{self.sampler}-{self.steps}-g{self.guidance:g}"
+        # The default spacing is left out of the name, so sets written before --spacing existed keep theirs.
+        spacing = "" if self.spacing == SamplingConfig.spacing else f"-{self.spacing}"
+        return f"{self.sampler}-{self.steps}-g{self.guidance:g}{spacing}"
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance)
+        return SamplingConfig(sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance, spacing=self.spacing)
 
 
 def _list(kind: type, option: str):
@@ -129,6 +133,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help=f"samplers, comma-separated, of {', '.join(SAMPLERS)} (default: ddim)")
     parser.add_argument("--steps", type=_list(int, "--steps"), default=(50,),
                         help="sampling step counts, comma-separated (default: 50)")
+    parser.add_argument("--spacing", type=_list(str, "--spacing"), default=(SamplingConfig.spacing,),
+                        help=f"timestep spacings, comma-separated, of {', '.join(SPACINGS)} (sample.py --spacing says "
+                             f"what each is) (default: {SamplingConfig.spacing})")
     parser.add_argument("--guidance", type=_list(float, "--guidance"), default=None,
                         help="classifier-free guidance scales, comma-separated (default: the model's own default, 1 "
                              "for most)")
@@ -193,7 +200,8 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
 
 
 def settings_of(args: argparse.Namespace, default_guidance: float) -> list[Setting]:
-    return [Setting(s, n, g) for s in args.sampler for n in args.steps for g in (args.guidance or (default_guidance,))]
+    return [Setting(s, n, g, spacing) for spacing in args.spacing for s in args.sampler for n in args.steps
+            for g in (args.guidance or (default_guidance,))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,11 +304,23 @@ def best_setting(rows: dict[str, dict[str, Any]], criterion: str, higher: bool) 
 def paper_orderings(rows: dict[str, dict[str, Any]], settings: Sequence[Setting]) -> list[str]:
     """Whether the domain FIDs reproduce what the DDIM paper (Song et al. 2021, Table 1: DDIM far better
     than DDPM at few steps) and the PNDM paper (Liu et al. 2022, Table 1: PNDM better than DDIM at 50
-    steps) report, at each guidance scale where the table has both sides."""
-    found = {(s.sampler, s.steps, s.guidance): rows[s.name]["fid"] for s in settings}
+    steps) report, at each guidance scale and timestep spacing where the table has both sides."""
     lines = []
-    for g in sorted({s.guidance for s in settings}):
-        at = f" (guidance {g:g})" if len({s.guidance for s in settings}) > 1 else ""
+    spacings = list(dict.fromkeys(s.spacing for s in settings))
+    for spacing in spacings:
+        chosen = [s for s in settings if s.spacing == spacing]
+        lines += _orderings({(s.sampler, s.steps, s.guidance): rows[s.name]["fid"] for s in chosen},
+                            sorted({s.guidance for s in chosen}), len({s.guidance for s in settings}) > 1,
+                            f"{spacing} spacing" if len(spacings) > 1 else "")
+    return lines
+
+
+def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float], name_guidance: bool,
+               spacing: str) -> list[str]:
+    lines = []
+    for g in guidances:
+        at = ", ".join(filter(None, [f"guidance {g:g}" if name_guidance else "", spacing]))
+        at = f" ({at})" if at else ""
         for pndm in ("pndm", "spndm"):
             if (pndm, 50, g) in found and ("ddim", 50, g) in found:
                 a, b = found[(pndm, 50, g)], found[("ddim", 50, g)]
@@ -355,8 +375,10 @@ def chart(summary: dict[str, Any], settings: Sequence[Setting]) -> Any:
         if len(guidances) > 1 or len(steps) > 1:
             axis, xs = ("guidance", guidances) if len(guidances) > 1 else ("steps", steps)
             lines: dict[str, list[float]] = {}
+            several_spacings = len({s.spacing for s in settings}) > 1
             for s in settings:
                 label = f"{s.sampler} {s.steps}" if axis == "guidance" else f"{s.sampler} g{s.guidance:g}"
+                label += f" {s.spacing}" if several_spacings else ""
                 lines.setdefault(label, [float("nan")] * len(xs))[xs.index(getattr(s, axis))] = rows[s.name][key]
             if math.isfinite(real[key]):
                 lines["real"] = [real[key]] * len(xs)

@@ -180,7 +180,7 @@ def test_model_evaluations_follow_the_paper_algorithms():
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-@pytest.mark.parametrize("spacing,steps", [("uniform", 10), ("quadratic", 7), ("uniform", 4)])
+@pytest.mark.parametrize("spacing,steps", [("uniform", 10), ("quadratic", 7), ("uniform", 4), ("trailing", 6)])
 def test_every_sampler_visits_each_timestep_once_and_returns_x0(name, spacing, steps):
     # Data centred outside [-1, 1], so that clip_x0 has something to clip.
     data = GaussianMixture(weights=[1.0], means=[[1.5, -1.2]], covs=[[[0.2, 0.0], [0.0, 0.1]]], abar=alpha_bar())
@@ -243,9 +243,11 @@ def test_user_errors():
     x = torch.zeros(2, 2, 1, 1, dtype=F64)
     with pytest.raises(ValueError, match="steps must be <= T"):
         make_timesteps(100, 200)
-    with pytest.raises(ValueError, match="start at 0"):
-        ddim_sample(data, x, schedule, torch.tensor([10, 20]))
-    with pytest.raises(ValueError, match="stay below 100"):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ddim_sample(data, x, schedule, torch.tensor([20, 10]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 100\)"):
+        ddim_sample(data, x, schedule, torch.tensor([-1, 10]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 100\)"):
         ddim_sample(data, x, schedule, torch.tensor([0, 100]))
     with pytest.raises(ValueError, match="at least 4 timesteps"):
         pndm_sample(data, x, schedule, make_timesteps(100, 3))
@@ -259,13 +261,38 @@ def test_user_errors():
         per_sample_noise([1, 2], (3, 2, 1, 1), "cpu")
 
 
-@pytest.mark.parametrize("name, steps", [("ddim", 10), ("pndm", 10), ("pndm", 50), ("ddpm", 50), ("ddpm", 1000)])
-def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps):
+def test_pndm_with_trailing_spacing_is_refused_where_it_blows_up_and_kept_where_it_does_not():
+    """Trailing spacing starts at T - 1. PNDM mixes eps from several points and turns the mix into x0 with a factor
+    1 / sqrt(abar) of the step's start: 160 under the linear schedule (it follows the exact flow), 20,000 under
+    the cosine schedule (it explodes), where SamplingConfig refuses it before any work."""
+    from core.errors import UserError
+    from ddpm.config import SamplingConfig
+    x = torch.randn(500, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    trailing = make_timesteps(T, 20, "trailing")
+    for kind, ok in (("linear", True), ("cosine", False)):
+        data, schedule = GaussianMixture(**GAUSSIAN, abar=alpha_bar(kind)), Schedule.from_name(kind, T)
+        error = (pndm_sample(data, x, schedule, trailing) - exact_flow(data, x, T - 1)).abs().max().item()
+        assert error < 0.03 if ok else error > 100, (kind, error)
+        SamplingConfig(sampler="ddim", steps=20, spacing="trailing").check_against(schedule)
+        for sampler in ("pndm", "spndm"):
+            config = SamplingConfig(sampler=sampler, steps=20, spacing="trailing")
+            if ok:
+                config.check_against(schedule)
+            else:
+                with pytest.raises(UserError, match="too close to 0"):
+                    config.check_against(schedule)
+
+
+@pytest.mark.parametrize("name, steps, spacing", [("ddim", 10, "uniform"), ("pndm", 10, "uniform"), ("pndm", 50, "uniform"),
+                                                  ("ddpm", 50, "uniform"), ("ddpm", 1000, "uniform"),
+                                                  ("ddim", 10, "trailing"), ("ddpm", 10, "trailing")])
+def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps, spacing):
     """A reference implementation, where it is installed (an optional extra, never a dependency): diffusers'
     DDIMScheduler, PNDMScheduler (PRK warm-up, then PLMS) and DDPMScheduler (variance "fixed_small", fed the
     same noise draws) at DDPM's linear schedule, with x0 left unclipped and the last step reaching alpha-bar 1,
     give the same images as ours from the same start and the same (non-linear) eps-predictor. Theirs keep
-    alpha-bar in float32, hence a tolerance of float32's precision."""
+    alpha-bar in float32, hence a tolerance of float32's precision. Our uniform spacing is their "leading", our
+    trailing their "trailing"."""
     schedulers = pytest.importorskip("diffusers.schedulers", reason="diffusers is not installed (bench extra)")
 
     def eps(x, t):
@@ -275,9 +302,10 @@ def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
     draws = torch.Generator().manual_seed(1)
     ours = {"ddim": ddim_sample, "pndm": pndm_sample, "ddpm": ddpm_sample}[name](
-        eps, x, Schedule(make_betas("linear", T)), make_timesteps(T, steps),
+        eps, x, Schedule(make_betas("linear", T)), make_timesteps(T, steps, spacing),
         noise=lambda: torch.randn(x.shape, generator=draws, dtype=F64))
-    common = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    common = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                  timestep_spacing={"uniform": "leading", "trailing": "trailing"}[spacing])
     theirs = {"ddim": lambda: schedulers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common),
               "pndm": lambda: schedulers.PNDMScheduler(skip_prk_steps=False, set_alpha_to_one=True, **common),
               "ddpm": lambda: schedulers.DDPMScheduler(clip_sample=False, variance_type="fixed_small", **common)}[name]()

@@ -205,18 +205,27 @@ def test_respaced_chain_keeps_alpha_bar_at_the_visited_timesteps():
         torch.testing.assert_close(getattr(full, name), table, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "trailing"])
 @pytest.mark.parametrize("num_timesteps,steps", [(1000, 1), (1000, 50), (1000, 999), (1000, 1000), (37, 10), (3, 3)])
 def test_make_timesteps_properties(spacing, num_timesteps, steps):
     ts = make_timesteps(num_timesteps, steps, spacing)
     assert ts.dtype == torch.int64 and ts.shape == (steps,)
-    assert ts[0] == 0 and ts[-1] < num_timesteps and bool((ts[1:] > ts[:-1]).all())
+    assert ts[0] >= 0 and ts[-1] < num_timesteps and bool((ts[1:] > ts[:-1]).all())
+    if spacing == "trailing":  # ends at the last timestep, every gap T / S rounded
+        assert ts[-1] == num_timesteps - 1
+        gaps = torch.diff(torch.cat([torch.tensor([-1]), ts]))
+        assert bool((gaps - num_timesteps / steps).abs().max() < 1)
+    else:
+        assert ts[0] == 0
 
 
 def test_make_timesteps_values_and_errors():
     assert make_timesteps(1000, 4).tolist() == [0, 250, 500, 750]
     # Quadratic: floor(linspace(0, sqrt(800), 5) ** 2) = floor([0, 50, 200, 450, 800]).
     assert make_timesteps(1000, 5, "quadratic").tolist() == [0, 50, 200, 450, 800]
+    # Trailing: round((i + 1) T / S) - 1, the uniform steps shifted to end at T - 1.
+    assert make_timesteps(1000, 4, "trailing").tolist() == [249, 499, 749, 999]
+    assert make_timesteps(1000, 3, "trailing").tolist() == [332, 666, 999]
     with pytest.raises(ValueError, match="steps must be <= T"):
         make_timesteps(100, 101)
     with pytest.raises(ValueError, match="at least 1"):

@@ -171,7 +171,8 @@ def test_options_are_checked_before_any_work(inputs, tmp_path):
                              (["--sampler", "pndm", "--steps", "2"], "at least 4 steps"),
                              (["--num", "5"], "use --per-class"),
                              (["--write-num", "4"], "add --write-best"),
-                             (["--classes", "wind:3"], "not conditioned on parameters")):
+                             (["--classes", "wind:3"], "not conditioned on parameters"),
+                             (["--spacing", "uniform,leading"], "spacing")):
         with pytest.raises(UserError, match=message):
             sweep.main(argv(inputs, out, *options, train=False))
         assert not out.exists() or not any((out / "sets").rglob("*.png"))
@@ -225,6 +226,33 @@ def test_paper_orderings_are_read_off_the_fids():
     lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
     assert "does not hold (FID 12 against 10)" in lines[0] and lines[1].startswith("DDIM far better than DDPM at 10 "
                                                                                     "steps: does not hold")
+
+
+def test_paper_orderings_are_read_per_timestep_spacing():
+    settings = [Setting(s, 10, 2.0, spacing) for spacing in ("uniform", "trailing") for s in ("ddim", "ddpm")]
+    assert [s.name for s in settings] == ["ddim-10-g2", "ddpm-10-g2", "ddim-10-g2-trailing", "ddpm-10-g2-trailing"]
+    fids = dict(zip((s.name for s in settings), (39.0, 2.0, 1.0, 2.5)))
+    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
+    assert lines == ["DDIM far better than DDPM at 10 steps (uniform spacing): does not hold (FID 39 against 2).",
+                     "DDIM far better than DDPM at 10 steps (trailing spacing): holds, 2.5x lower (FID 1 against 2.5)."]
+
+
+def test_spacings_are_swept_and_each_set_is_what_sample_py_writes_with_it(inputs, tmp_path):
+    import sample
+    out = tmp_path / "out"
+    summary = sweep.main(argv(inputs, out, "--spacing", "uniform,trailing", "--steps", "2", "--guidance", "1",
+                              train=False))
+    assert list(summary["rows"]) == ["real", "ddim-2-g1", "ddim-2-g1-trailing"]
+    sample.main(["--ckpt", str(inputs["ckpt"]), "--dataset-out", str(tmp_path / "set"), "--per-class", "2",
+                 "--sampler", "ddim", "--steps", "2", "--guidance-scale", "1", "--spacing", "trailing",
+                 "--device", "cpu"])
+    files = sorted(p.relative_to(tmp_path / "set") for p in (tmp_path / "set").rglob("*.png"))
+    differs = False
+    for name in files:
+        trailing = np.asarray(Image.open(out / "sets" / "ddim-2-g1-trailing" / name))
+        assert np.array_equal(trailing, np.asarray(Image.open(tmp_path / "set" / name)))
+        differs |= not np.array_equal(trailing, np.asarray(Image.open(out / "sets" / "ddim-2-g1" / name)))
+    assert len(files) == 6 and differs  # the other spacing draws other images from the same seeds
 
 
 def test_best_setting_ignores_the_real_row_and_nan():
