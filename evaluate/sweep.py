@@ -68,7 +68,8 @@ from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
 from data.writer import parse_binning
 from ddpm.config import SPACINGS, SamplingConfig
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import SAMPLERS, make_timesteps
+from ddpm.schedule import Schedule
 from ddpm.source import ImageSource
 from evaluate.consistency import check_pair, judge_dataset
 from evaluate.experiment import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
@@ -301,22 +302,35 @@ def best_setting(rows: dict[str, dict[str, Any]], criterion: str, higher: bool) 
     return (max if higher else min)(scored, key=lambda item: item[1])[0]
 
 
-def paper_orderings(rows: dict[str, dict[str, Any]], settings: Sequence[Setting]) -> list[str]:
+def paper_orderings(rows: dict[str, dict[str, Any]], settings: Sequence[Setting],
+                    schedule: Schedule | None = None) -> list[str]:
     """Whether the domain FIDs reproduce what the DDIM paper (Song et al. 2021, Table 1: DDIM far better
     than DDPM at few steps) and the PNDM paper (Liu et al. 2022, Table 1: PNDM better than DDIM at 50
-    steps) report, at each guidance scale and timestep spacing where the table has both sides."""
+    steps) report, at each guidance scale and timestep spacing where the table has both sides. Given the
+    model's `schedule`, a failed DDIM order whose first step starts short of pure noise says so."""
     lines = []
     spacings = list(dict.fromkeys(s.spacing for s in settings))
     for spacing in spacings:
         chosen = [s for s in settings if s.spacing == spacing]
+        start = None if schedule is None or spacing == "trailing" else functools.partial(_first_step, schedule, spacing)
         lines += _orderings({(s.sampler, s.steps, s.guidance): rows[s.name]["fid"] for s in chosen},
                             sorted({s.guidance for s in chosen}), len({s.guidance for s in settings}) > 1,
-                            f"{spacing} spacing" if len(spacings) > 1 else "")
+                            f"{spacing} spacing" if len(spacings) > 1 else "", start)
     return lines
 
 
+def _first_step(schedule: Schedule, spacing: str, steps: int) -> tuple[int, float]:
+    """The first timestep a sampler of `steps` steps visits (it starts there from pure noise), and abar there."""
+    first = int(make_timesteps(schedule.num_timesteps, steps, spacing)[-1])
+    return first, float(schedule.alphas_cumprod[first])
+
+
+# Above this abar at the first visited timestep, x_T ~ N(0, I) is visibly not what the model expects there.
+START_ABAR_NOTICEABLE = 1e-3
+
+
 def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float], name_guidance: bool,
-               spacing: str) -> list[str]:
+               spacing: str, start: Callable[[int], tuple[int, float]] | None = None) -> list[str]:
     lines = []
     for g in guidances:
         at = ", ".join(filter(None, [f"guidance {g:g}" if name_guidance else "", spacing]))
@@ -332,7 +346,12 @@ def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float
             a, b = found[("ddim", n, g)], found[("ddpm", n, g)]
             verdict = (f"holds, {b / a:.1f}x lower" if a > 0 and b >= 1.5 * a else "holds, but not by far" if a < b
                        else "does not hold")
-            lines.append(f"DDIM far better than DDPM at {n} steps{at}: {verdict} (FID {a:.3g} against {b:.3g}).")
+            line = f"DDIM far better than DDPM at {n} steps{at}: {verdict} (FID {a:.3g} against {b:.3g})."
+            if a >= b and start is not None and start(n)[1] > START_ABAR_NOTICEABLE:
+                first, abar = start(n)
+                line += (f" Its first step is at t = {first}, where this schedule keeps abar = {abar:.2g}, yet it "
+                         f"starts from pure noise, which DDIM never corrects; try --spacing trailing (docs/sampling.md).")
+            lines.append(line)
     return lines
 
 
@@ -524,9 +543,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "ckpt": str(args.ckpt), "seed": args.seed, "trained_metric": trained_metric,
                    "conditioning_metric": ("share judged the class drawn for" if judge.config.target == "class" else
                                            "mean absolute error / test std, over parameters"),
-                   "settings": {s.name: {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}
-                                for s in settings},
-                   "orderings": paper_orderings(rows, settings), "train_options": passed}
+                   "settings": {s.name: {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+                                         "spacing": s.spacing} for s in settings},
+                   "orderings": paper_orderings(rows, settings, source.model.schedule), "train_options": passed}
         table = markdown(summary)
         atomic_write(out / "sweep.md", lambda f: f.write(table.encode()))
         write_json(summary, out / "sweep.json")

@@ -235,6 +235,14 @@ def test_paper_orderings_are_read_per_timestep_spacing():
     lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
     assert lines == ["DDIM far better than DDPM at 10 steps (uniform spacing): does not hold (FID 39 against 2).",
                      "DDIM far better than DDPM at 10 steps (trailing spacing): holds, 2.5x lower (FID 1 against 2.5)."]
+    # Given the model's schedule, a failed order whose first step is short of pure noise says so, with the abar
+    # there; trailing spacing starts at T - 1, and the linear schedule's abar at t = 900 is small enough.
+    from ddpm.schedule import Schedule
+    cosine = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings, Schedule.from_name("cosine", 1000))
+    assert cosine[0].startswith(lines[0]) and "first step is at t = 900, where this schedule keeps abar = 0.024" in cosine[0]
+    assert cosine[1] == lines[1]
+    linear = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings, Schedule.from_name("linear", 1000))
+    assert linear == lines
 
 
 def test_spacings_are_swept_and_each_set_is_what_sample_py_writes_with_it(inputs, tmp_path):
