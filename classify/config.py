@@ -34,6 +34,9 @@ class ClassifyOptions:
     init_from: str = option("", "start from the weights of this classify checkpoint, e.g. one trained on synthetic "
                                 "images, to fine-tune them on --dataset; the optimizer, learning-rate schedule and "
                                 "step count start anew (empty: random weights)")
+    new_head: bool = option(False, "with --init-from: copy every layer but the output layer (fc), which starts from "
+                                   "random weights, so the source may predict other classes, parameters or another "
+                                   "target (transfer learning)")
 
     def __post_init__(self) -> None:
         require(self.extra_samples >= 0, f"--extra-samples must be 0 (all) or positive, got {self.extra_samples}.")

@@ -186,12 +186,14 @@ class ClassifierTraining:
 
 
 INIT_OPTION = "--init-from"
+HEAD = "fc."  # the output layer's parameters (torchvision's name), which --new-head does not copy
 
 
 def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) -> dict[str, str]:
     """Copy the weights of the checkpoint `--init-from` names into `net` (built for `config` and the training
-    data `info`), after checking that it predicts the same targets from the same images; returns what the
-    run's checkpoint records of it (path and weight fingerprint)."""
+    data `info`), after checking that it reads the same images (size, channels, stem) and, unless `--new-head`
+    keeps `net`'s own randomly initialised output layer, predicts the same targets; returns what the run's
+    checkpoint records of it (path, weight fingerprint, and whether the head is new)."""
     path = Path(config.classify.init_from)
     payload = load_checkpoint(path, NAME, option=INIT_OPTION)
     require_keys(payload, ("config", "data_info", "models"), path, option=INIT_OPTION)
@@ -205,18 +207,26 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) 
     def stem(model, resolution: int) -> str:
         return f"the {'small' if small_stem(model, resolution) else 'imagenet'} stem"
 
-    ours = config.model.target
-    for was, now in ((f"--target {theirs.model.target}", f"--target {ours}"),
-                     (f"{their_info.resolution} px images", f"{info.resolution} px images"),
-                     (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
-                     (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution)),
-                     (labels(their_info, theirs.model.target), labels(info, ours))):
+    ours, new_head = config.model.target, config.classify.new_head
+    images = [(f"{their_info.resolution} px images", f"{info.resolution} px images"),
+              (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
+              (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution))]
+    outputs = [(f"--target {theirs.model.target}", f"--target {ours}"),
+               (labels(their_info, theirs.model.target), labels(info, ours))]
+    for was, now in images if new_head else [outputs[0], *images, outputs[1]]:
         if was != now:
+            advice = ("train from random weights" if (was, now) in images else
+                      "add --new-head to train a new output layer on the copied trunk, or train from random weights")
             raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
-                            f"data and options that match it, or train from random weights.")
+                            f"data and options that match it, or {advice}.")
     state = payload["models"].get(MAIN)
+    if new_head and isinstance(state, dict):
+        # The trunk as the source ended; the output layer as this run's seed initialised it.
+        head = {key: value for key, value in net.state_dict().items() if key.startswith(HEAD)}
+        state = {**{key: value for key, value in state.items() if not key.startswith(HEAD)}, **head}
     load_weights(net, state, path, "ResNet-18", option=INIT_OPTION)
-    return {"path": str(path), "fingerprint": state_fingerprint(state)}
+    record = {"path": str(path), "fingerprint": state_fingerprint(payload["models"][MAIN])}
+    return {**record, "new_head": True} if new_head else record
 
 
 def augmentation(config: ClassifyConfig):
@@ -268,6 +278,9 @@ def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
         raise UserError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
+    if options.new_head and not options.init_from:
+        raise UserError("--new-head replaces the output layer of the --init-from network; add --init-from CKPT, or "
+                        "drop --new-head.")
     if options.init_from and resume_from is None and checkpoint_stage(options.init_from) != NAME:
         load_checkpoint(options.init_from, NAME, option=INIT_OPTION)  # says why not: missing, unreadable, other stage
     count = round(options.extra_fraction * config.train.batch_size)

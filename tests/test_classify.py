@@ -228,7 +228,7 @@ def test_init_from_refuses_a_checkpoint_that_predicts_something_else(colour_run,
     source = str(colour_run / "checkpoint.pt")
     for run_dir, argv, message in [
             ("classes", args(tmp_path / "classes", data, test, "--init-from", source),
-             r"was trained with classes blue, green, red, and this run has classes blue, red"),
+             r"was trained with classes blue, green, red, and this run has classes blue, red; .* add --new-head"),
             ("size", args(tmp_path / "size", *colours, "--init-from", source, "--resolution", "24"),
              r"was trained with 16 px images, and this run has 24 px images"),
             ("stem", args(tmp_path / "stem", *colours, "--init-from", source, "--stem", "imagenet"),
@@ -238,6 +238,49 @@ def test_init_from_refuses_a_checkpoint_that_predicts_something_else(colour_run,
              r"--init-from .*no.pt does not exist")]:
         with pytest.raises(ValueError, match=message):
             train.main(argv)
+        assert not (tmp_path / run_dir / "checkpoint.pt").exists() and not (tmp_path / run_dir / "metrics.jsonl").exists()
+
+
+def test_new_head_copies_the_trunk_and_trains_a_fresh_output_layer_for_other_classes_or_targets(colour_run,
+                                                                                                 colours, tmp_path):
+    """Transfer learning: --new-head takes every layer but fc from the source, fc as this run's seed builds it,
+    so a 3-class source starts a 2-class classifier or a parameter regressor; the images must still match."""
+    from core.checkpoint import state_fingerprint
+    from core.runtime import Runtime
+    two = {"blue": COLOURS["blue"], "red": COLOURS["red"]}
+    data, test = colour_folder(tmp_path / "two", 4, 5, two), colour_folder(tmp_path / "two-test", 2, 6, two)
+    source = str(colour_run / "checkpoint.pt")
+    start = load_checkpoint(source, "classify")["models"]["model"]
+
+    def built(run_dir, *options):
+        spec, parsed = train.parse_args(args(run_dir, *options))
+        config, _ = resolve_config(spec, parsed, run_dir)
+        _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+        return stage, stage.trainables["model"].model.state_dict()
+
+    fresh = built(tmp_path / "fresh", data, test)[1]
+    stage, tuned = built(tmp_path / "tuned", data, test, "--init-from", source, "--new-head")
+    assert tuned["fc.weight"].shape == (2, 512) and start["fc.weight"].shape == (3, 512)
+    assert torch.equal(tuned["fc.weight"], fresh["fc.weight"]) and torch.equal(tuned["fc.bias"], fresh["fc.bias"])
+    trunk = [k for k in start if not k.startswith("fc.")]
+    assert len(trunk) > 100 and all(torch.equal(tuned[k], start[k]) for k in trunk)
+    assert not torch.equal(tuned["conv1.weight"], fresh["conv1.weight"])
+    assert stage.data_info["init_from"] == {"path": source, "fingerprint": state_fingerprint(start), "new_head": True}
+
+    regressor = colour_folder(tmp_path / "params", 2, seed=7)  # colour images with a parameter each
+    files = sorted(p.relative_to(regressor).as_posix() for p in regressor.rglob("*.png"))
+    (regressor / "params.csv").write_text("path,wind\n" + "".join(f"{f},{k / 10}\n" for k, f in enumerate(files)))
+    _, tuned = built(tmp_path / "regress", regressor, regressor, "--target", "params", "--init-from", source,
+                     "--new-head")
+    assert tuned["fc.weight"].shape[0] == 1 and all(torch.equal(tuned[k], start[k]) for k in trunk)
+
+    train.main(args(tmp_path / "trained", data, test, "--init-from", source, "--new-head", "--steps", "3"))
+    assert final_results(tmp_path / "trained") is not None
+    for run_dir, options, message in [
+            ("size", ("--init-from", source, "--new-head", "--resolution", "24"), r"16 px images, and this run has 24"),
+            ("alone", ("--new-head",), r"--new-head replaces the output layer .* add --init-from")]:
+        with pytest.raises(ValueError, match=message):
+            train.main(args(tmp_path / run_dir, data, test, *options))
         assert not (tmp_path / run_dir / "checkpoint.pt").exists() and not (tmp_path / run_dir / "metrics.jsonl").exists()
 
 
