@@ -75,14 +75,6 @@ class SamplingConfig:
     def check_against(self, schedule: Schedule) -> None:
         require(self.steps <= schedule.num_timesteps,
                 f"--steps must be at most the model's T = {schedule.num_timesteps}, got {self.steps}.")
-        # PNDM's steps combine eps from several points and turn the mix into x0 with a factor 1 / sqrt(abar) of
-        # the step's start; trailing spacing starts at T - 1, where the cosine schedule's abar is 2e-9 (a factor
-        # of 20,000, and the samples blow up), the linear schedule's 4e-5 (160, harmless).
-        abar_last = float(schedule.alphas_cumprod[-1])
-        require(not (self.sampler in ("pndm", "spndm") and self.spacing == "trailing" and abar_last < PNDM_MIN_ABAR),
-                f"--sampler {self.sampler} with --spacing trailing starts where this model's abar is {abar_last:.2g}, "
-                f"too close to 0 for its multi-evaluation steps to stay finite; use --spacing uniform with "
-                f"{self.sampler}, or --sampler ddim with trailing spacing.")
 
 
 @dataclass(frozen=True)

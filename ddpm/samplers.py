@@ -211,9 +211,18 @@ def _transfer(x: Tensor, eps: Tensor | GuidedEps, a_t: float, a_next: float, x0_
     return _step(x, eps, update, history=history, clip_x0=clip_x0, return_x0=return_x0, return_eps=True)
 
 
+# PNDM's steps mix eps from several points and turn the mix into x0 with a factor 1 / sqrt(abar) of the step's
+# start. Where that start is pure noise (trailing spacing under the cosine schedule: abar 2e-9 at T - 1, a factor
+# of 20,000), any difference between the points' eps blows up, so the first step there is a plain DDIM step,
+# eps from x alone, as PLMS without its Runge-Kutta warm-up takes it; the warm-up and multistep follow it
+# unchanged. The linear schedule's abar at T - 1 (4e-5, a factor of 160) is far above this.
+MIXED_STEP_MIN_ABAR = 1e-6
+
+
 def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
                 callback: Callback | None = None, noise: Noise | None = None) -> Tensor:
-    """F-PNDM (Liu et al. 2022, Sec. 3.3): three pseudo Runge-Kutta steps, then the pseudo linear multistep method.
+    """F-PNDM (Liu et al. 2022, Sec. 3.3): three pseudo Runge-Kutta steps, then the pseudo linear multistep method
+    (preceded by one DDIM step where the first timestep is pure noise: `MIXED_STEP_MIN_ABAR`).
 
     Deterministic (`noise` is accepted for the shared signature and unused). The warm start evaluates the
     model at the end of its step, which the final jump to the clean image does not have, so at least 4
@@ -231,7 +240,10 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
         e_1 = _predict(model, x, t)
-        if len(history) < 3:
+        if step == 0 and a_t < MIXED_STEP_MIN_ABAR:
+            x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], clip_x0=clip_x0,
+                                        return_x0=callback is not None)  # from pure noise: a DDIM step
+        elif len(history) < 3:
             # Pseudo Runge-Kutta (fourth order): three more evaluations at the half step and the end of the step.
             t_mid = (ts[i] + ts[i - 1]) // 2
             a_mid = abar[t_mid]
@@ -257,7 +269,8 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
 
 def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
                  callback: Callback | None = None, noise: Noise | None = None) -> Tensor:
-    """S-PNDM (Liu et al. 2022): one pseudo improved Euler step, then the second-order pseudo linear multistep method.
+    """S-PNDM (Liu et al. 2022): one pseudo improved Euler step, then the second-order pseudo linear multistep method
+    (the first step a DDIM step where its timestep is pure noise: `MIXED_STEP_MIN_ABAR`).
 
     One model evaluation per step plus one extra in the first step. Deterministic (`noise` is accepted for
     the shared signature and unused); needs at least 2 timesteps since the warm start evaluates the model
@@ -274,7 +287,10 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
         e_1 = _predict(model, x, t)
-        if previous is None:
+        if step == 0 and a_t < MIXED_STEP_MIN_ABAR:
+            x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], clip_x0=clip_x0,
+                                        return_x0=callback is not None)  # from pure noise: a DDIM step
+        elif previous is None:
             # Pseudo improved Euler (Heun): transfer x along the average of eps at the start, e_1, and at the
             # transferred end of the step, e_2.
             x_2, _, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i])
