@@ -44,8 +44,7 @@ class DiffusionConfig:
         return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)
 
 
-SPACINGS = ("uniform", "trailing", "quadratic")
-PNDM_MIN_ABAR = 1e-6  # below it, PNDM's first trailing step divides eps errors by sqrt(abar) < 1e-3  # ddpm.samplers.make_timesteps says what each is
+SPACINGS = ("uniform", "trailing", "quadratic")  # ddpm.samplers.make_timesteps says what each is
 
 
 @dataclass(frozen=True)

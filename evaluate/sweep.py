@@ -4,10 +4,10 @@
         --guidance 1,1.5,2,3,5 --steps 25,50 [--sampler ddim] [--spacing uniform,trailing] [--train] \
         [--out runs/sweep] [-- TRAIN OPTIONS]
 
-For every setting (each sampler x step count x guidance scale x timestep spacing) it writes a synthetic set of the same
-size into OUT/sets/SETTING (the images `sample.py --dataset-out` writes with those options: image k
-has the seed and condition of image k of every other setting) and measures it against held-out real
-images (--test), in the features of the judge, a classifier trained on real images:
+For every setting (each sampler x step count x guidance scale x timestep spacing) it writes a synthetic
+set of the same size into OUT/sets/SETTING (the images `sample.py --dataset-out` writes with those
+options: image k has the seed and condition of image k of every other setting) and measures it against
+held-out real images (--test), in the features of the judge, a classifier trained on real images:
 
 - conditioning: the share of images the judge puts in the class they were drawn for (a parameter
   regressor as judge: each parameter's mean absolute error, and their mean in units of the test
