@@ -16,6 +16,7 @@ a third use of each synthetic set, pretraining: a row NAME-then-real whose runs 
 synthetic row's run of the same seed ended with, and train on the real images (as many as the real row)
 with the same options. They have trained twice as many steps in all, so --fine-tune adds their control
 too, real-then-real: the real row's runs trained once more on the real images in the same way.
+`--fine-tune-lr LR` fine-tunes both at another peak learning rate (a tenth of the first phase's, say).
 
 Every run lives in OUT/runs/ROW/seedS: run the same command again after an interruption and finished
 runs are kept, interrupted ones resumed from their checkpoints. A run is kept or resumed only if it was
@@ -100,6 +101,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="add a row per synthetic set that starts from its run's weights and trains on the real "
                              "images, NAME-then-real (pretraining on synthetic images), and its control with as many "
                              "steps, real-then-real (default: off)")
+    parser.add_argument("--fine-tune-lr", type=float, default=None, metavar="LR",
+                        help="with --fine-tune: the peak learning rate of the fine-tuned rows (both NAME-then-real and "
+                             "the control), e.g. a tenth of the other runs' (default: theirs)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -222,6 +226,8 @@ def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespa
         argv += ["--extra-dataset", row.extra]
     if row.pretrained_on:
         argv += ["--init-from", str(sibling_run(run_dir, row.pretrained_on) / "checkpoint.pt")]
+        if args.fine_tune_lr is not None:  # after the options of every run, so it is the one that counts
+            argv += ["--lr", repr(args.fine_tune_lr)]
     counts = size.of(row)
     if counts is None:
         argv += ["--num-samples", "0"]  # every image of each set
@@ -394,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
     if args.synthetic_multiple is not None and not 0 < args.synthetic_multiple < float("inf"):
         raise UserError(f"--synthetic-multiple must be a positive number, got {args.synthetic_multiple:g}.")
+    if args.fine_tune_lr is not None and not (args.fine_tune and 0 < args.fine_tune_lr < float("inf")):
+        raise UserError(f"--fine-tune-lr must be a positive number, got {args.fine_tune_lr:g}." if args.fine_tune else
+                        "--fine-tune-lr sets the learning rate of the fine-tuned rows; add --fine-tune or drop it.")
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         summary = summarise(rows, results, target)
         summary.update(test=args.test, seeds=args.seeds, match_size=size.match, synthetic_multiple=size.multiple,
-                       real_images=size.real, train_options=passed, preset=args.preset)
+                       real_images=size.real, train_options=passed, preset=args.preset, fine_tune_lr=args.fine_tune_lr)
         table = markdown(summary, args.seeds, args.test)
         atomic_write(out / "results.md", lambda f: f.write(table.encode()))
         write_json(summary, out / "results.json")

@@ -92,7 +92,7 @@ class Setting:
     sampler: str
     steps: int
     guidance: float
-    spacing: str = "uniform"
+    spacing: str = SamplingConfig.spacing
 
     @property
     def name(self) -> str:

@@ -443,6 +443,31 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
     assert not source.exists()                                      # refused before anything trained
 
 
+def test_fine_tune_lr_sets_the_learning_rate_of_the_fine_tuned_rows_only(colours, tmp_path):
+    real, test = colours
+    out = tmp_path / "x"
+
+    def argv(*extra):
+        return ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{real}", "--test", f"folder:{test}",
+                "--seeds", "1", "--out", str(out), "--device", "cpu", "--no-mixed", *extra, "--", "--target",
+                "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0", "--batch-size", "6",
+                "--test-samples", "0", "--lr", "0.04"]
+
+    summary = experiment.main(argv("--fine-tune", "--fine-tune-lr", "0.004"))
+    lr = {row: json.loads((out / "runs" / row / "seed0" / "config.json").read_text())["train"]["lr"]
+          for row in summary["rows"]}
+    assert lr == {"real": 0.04, "gen": 0.04, "real-then-real": 0.004, "gen-then-real": 0.004}
+    assert summary["fine_tune_lr"] == 0.004
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
+    with pytest.raises(ValueError, match=r"real-then-real.seed0 .*lr"):    # a kept run made at another rate
+        experiment.main(argv("--fine-tune", "--fine-tune-lr", "0.002"))
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
+    for extra, message in ((("--fine-tune-lr", "0.004"), "add --fine-tune"),
+                           (("--fine-tune", "--fine-tune-lr", "0"), "must be a positive number")):
+        with pytest.raises(ValueError, match=message):
+            experiment.main(argv(*extra))
+
+
 def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):
     real, test = colours
     with pytest.raises(ValueError, match="--seed is set by the experiment"):
