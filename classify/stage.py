@@ -207,25 +207,29 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) 
     def stem(model, resolution: int) -> str:
         return f"the {'small' if small_stem(model, resolution) else 'imagenet'} stem"
 
-    ours, new_head = config.model.target, config.classify.new_head
-    images = [(f"{their_info.resolution} px images", f"{info.resolution} px images"),
-              (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
-              (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution))]
-    outputs = [(f"--target {theirs.model.target}", f"--target {ours}"),
-               (labels(their_info, theirs.model.target), labels(info, ours))]
-    for was, now in images if new_head else [outputs[0], *images, outputs[1]]:
-        if was != now:
-            advice = ("train from random weights" if (was, now) in images else
-                      "add --new-head to train a new output layer on the copied trunk, or train from random weights")
-            raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
-                            f"data and options that match it, or {advice}.")
-    state = payload["models"].get(MAIN)
-    if new_head and isinstance(state, dict):
+    def require_same(pairs: list[tuple[str, str]], advice: str) -> None:
+        for was, now in pairs:
+            if was != now:
+                raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
+                                f"data and options that match it, or {advice}.")
+
+    new_head = config.classify.new_head
+    require_same([(f"{their_info.resolution} px images", f"{info.resolution} px images"),
+                  (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
+                  (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution))],
+                 "train from random weights")
+    if not new_head:  # the output layer is copied too, so it must predict what this run trains
+        require_same([(f"--target {theirs.model.target}", f"--target {config.model.target}"),
+                      (labels(their_info, theirs.model.target), labels(info, config.model.target))],
+                     "add --new-head to train a new output layer on the copied trunk, or train from random weights")
+    source = payload["models"].get(MAIN)
+    start = source
+    if new_head and isinstance(source, dict):
         # The trunk as the source ended; the output layer as this run's seed initialised it.
         head = {key: value for key, value in net.state_dict().items() if key.startswith(HEAD)}
-        state = {**{key: value for key, value in state.items() if not key.startswith(HEAD)}, **head}
-    load_weights(net, state, path, "ResNet-18", option=INIT_OPTION)
-    record = {"path": str(path), "fingerprint": state_fingerprint(payload["models"][MAIN])}
+        start = {**{key: value for key, value in source.items() if not key.startswith(HEAD)}, **head}
+    load_weights(net, start, path, "ResNet-18", option=INIT_OPTION)
+    record = {"path": str(path), "fingerprint": state_fingerprint(source)}
     return {**record, "new_head": True} if new_head else record
 
 

@@ -347,8 +347,8 @@ def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float
             verdict = (f"holds, {b / a:.1f}x lower" if a > 0 and b >= 1.5 * a else "holds, but not by far" if a < b
                        else "does not hold")
             line = f"DDIM far better than DDPM at {n} steps{at}: {verdict} (FID {a:.3g} against {b:.3g})."
-            if a >= b and start is not None and start(n)[1] > START_ABAR_NOTICEABLE:
-                first, abar = start(n)
+            first, abar = start(n) if a >= b and start is not None else (0, 0.0)
+            if abar > START_ABAR_NOTICEABLE:
                 line += (f" Its first step is at t = {first}, where this schedule keeps abar = {abar:.2g}, yet it "
                          f"starts from pure noise, which DDIM never corrects; try --spacing trailing (docs/sampling.md).")
             lines.append(line)
