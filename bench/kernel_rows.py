@@ -10,6 +10,7 @@ img/s reads like the model rows'.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -71,7 +72,8 @@ def _bandwidth(seconds: dict[str, float], bytes_moved: int, device: torch.device
 def group_norm_rows(plan: Plan) -> list[Row]:
     """GroupNorm with the time-embedding modulation and SiLU (the start of every ResBlock branch), forward and
     forward+backward, at the widths and sizes of the ddpm-cifar10 U-Net: DDPM's GN(x + emb), improved DDPM's
-    scale-shift, and the plain GN + SiLU of the autoencoder."""
+    scale-shift, and the plain GN + SiLU of the autoencoder; and DDPM's GN(x + emb) + SiLU + dropout 0.1, the
+    op before each ddpm-cifar10 block's second convolution in training."""
     device = plan.device
     batch = plan.pick(cuda=128, cpu=16, quick_cpu=4)
     variants = [(128, 32, "add")] if plan.quick else [(128, 32, "add"), (256, 16, "scale-shift"), (256, 8, "plain")]
@@ -88,12 +90,12 @@ def group_norm_rows(plan: Plan) -> list[Row]:
         def forward(emb=emb, x=x, norm=norm) -> Step:
             return torch.no_grad()(lambda: group_norm_act(x, norm, **emb, silu=True))
 
-        def forward_backward(emb=emb, x=x, norm=norm) -> Step:
+        def forward_backward(emb=emb, x=x, norm=norm, dropout=0.0) -> Step:
             grad = torch.randn_like(x)
 
             def step():
                 leaf = x.detach().requires_grad_(True)
-                out = group_norm_act(leaf, norm, **emb, silu=True)
+                out = group_norm_act(leaf, norm, **emb, silu=True, dropout=dropout)
                 return torch.autograd.grad(out, (leaf, *norm.parameters()), grad)
             return step
 
@@ -101,6 +103,9 @@ def group_norm_rows(plan: Plan) -> list[Row]:
         rows.append(kernel_row(plan, "fused GroupNorm+SiLU, forward", size, batch, forward, 2 * n))
         if not plan.quick or plan.cuda:
             rows.append(kernel_row(plan, "fused GroupNorm+SiLU, fwd+bwd", size, batch, forward_backward, 5 * n))
+            if modulation == "add":  # the bytes are the same: the fused dropout moves none of its own
+                rows.append(kernel_row(plan, "fused GroupNorm+SiLU+dropout, fwd+bwd", f"{size}, dropout 0.1", batch,
+                                       functools.partial(forward_backward, dropout=0.1), 5 * n))
     return rows
 
 

@@ -161,28 +161,30 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift_norm else 1)) if emb_dim else None
         self.norm2 = group_norm(out_channels)
-        self.dropout = Dropout(dropout)  # nn.Dropout with a mask that is cheap to draw on the CPU
+        self.dropout = Dropout(dropout)  # its p, applied inside the fused norm2 op (forward)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # DDPM's "nin" shortcut: a 1x1 conv only where the channel count changes.
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        # Each norm, its modulation and the SiLU after it are one fused op (kernels.group_norm).
+        # Each norm, its modulation, the SiLU after it and the dropout before conv2 are one fused op
+        # (kernels.group_norm).
         h = self.conv1(group_norm_act(x, self.norm1, silu=True))
+        drop = self.dropout.p if self.training else 0.0
         if self.emb_proj is None:
-            h = group_norm_act(h, self.norm2, silu=True)
+            h = group_norm_act(h, self.norm2, silu=True, dropout=drop)
         else:
             e = self.emb_proj(F.silu(emb))
             if self.scale_shift_norm:
                 # silu(norm2(h) * (1 + scale) + shift): after the norm, which would otherwise remove the shift.
                 scale, shift = e.chunk(2, dim=1)
-                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, silu=True)
+                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, silu=True, dropout=drop)
             else:
                 # silu(norm2(h + e)). DDPM adds the embedding before a GroupNorm, which removes each group's
                 # mean: only the part of e that varies within a group survives -- small models want
                 # scale_shift_norm.
-                h = group_norm_act(h, self.norm2, add=e, silu=True)
-        h = self.conv2(self.dropout(h))
+                h = group_norm_act(h, self.norm2, add=e, silu=True, dropout=drop)
+        h = self.conv2(h)
         return self.skip(x) + h
 
 

@@ -2,14 +2,16 @@
 
 Each kernel lives in its own module beside the PyTorch reference it must equal:
 
-- `kernels.group_norm`: GroupNorm fused with the time-embedding modulation and SiLU,
-  `silu((GN(x + add) * weight + bias) * (1 + scale) + shift)`, forward and backward.
+- `kernels.group_norm`: GroupNorm fused with the time-embedding modulation, SiLU and dropout,
+  `dropout(silu((GN(x + add) * weight + bias) * (1 + scale) + shift))`, forward and backward; the
+  dropout mask is Philox of a seed and each value's index, drawn again in the backward, never stored.
 - `kernels.sampler_step`: one DDIM / PNDM / DDPM update with the classifier-free guidance combination
   and optional x0 clipping.
 - `kernels.lpips`: LPIPS's per-position channel normalisation and weighted squared difference.
 - `kernels.dropout`: not a Triton kernel but the CPU's counterpart: dropout whose mask is cut from
-  64-bit random words, 7x cheaper to draw on the CPU than PyTorch's (CUDA and compiled code keep
-  PyTorch's, already fused there).
+  64-bit random words, 7x cheaper to draw on the CPU than PyTorch's (on CUDA the Triton backend
+  folds the U-Net's dropout into `group_norm`'s kernels; `--kernels torch` and compiled code keep
+  PyTorch's).
 
 The module docstring of each says what the fusion saves and why.
 

@@ -16,7 +16,8 @@ training step the draws now take 2% of the time instead of 6% (docs/speed.md). W
 backward pass is the same as PyTorch's: the boolean mask.
 
 On CUDA PyTorch's dropout is already one kernel (Philox in registers, no mask draw of its own) and is
-used as it is; so it is under `torch.compile`, where Inductor draws the mask inside the kernel it
+used as it is under `--kernels torch` (the Triton backend folds the U-Net's dropout into the GroupNorm
+kernels, `kernels.group_norm`); so it is under `torch.compile`, where Inductor draws the mask inside the kernel it
 fuses around the dropout, and wherever nothing (or everything) is dropped. The draws come from the
 default CPU generator, so a seeded run is reproducible and a resumed one (whose checkpoint holds that
 generator's state) continues the same masks; they are a different stream from `bernoulli_`'s, so a

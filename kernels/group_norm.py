@@ -21,6 +21,15 @@ PyTorch's GroupNorm itself being a statistics kernel and an apply kernel:
       total                          5R 4W              2R 1W
     backward                         11R 4W             4R 1W
 
+Dropout, where a block drops values right after the SiLU (DDPM's CIFAR-10 U-Net drops 10% before
+each block's second convolution), is folded into the same kernels. Unfused it is one more pass each
+way (forward 1R 1W and a one-byte mask per value written; backward 1R 1W and the mask read) and it
+keeps the mask for the backward; fused it costs no memory traffic: each value is kept by Philox of a
+per-call seed and the value's index in NCHW order (`tl.rand`), so the forward writes no mask and the
+backward draws the same one again. The seed is drawn by the device's generator, so seeded runs are
+reproducible; the masks are not the ones PyTorch's dropout would draw (another stream), and the CPU
+keeps `kernels.dropout`'s.
+
 The fused backward reads x and dy twice (per-channel sums, then dx), recomputing the normalised
 value, the modulated value and the SiLU gate from x and the saved statistics. DDPM's GN(x + add)
 + SiLU is 4R 3W unfused and a plain GN + SiLU 3R 2W; both become 2R 1W. The unfused sequence also
@@ -49,26 +58,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.dropout import dropout as cpu_cheap_dropout
 from kernels.triton_support import flat_positions, jit, register_op, strides, tl, triton
+
+SEED_LIMIT = 2 ** 31 - 1  # dropout seeds are drawn in [0, SEED_LIMIT)
 
 
 def group_norm_act(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None, scale: Tensor | None = None,
-                   shift: Tensor | None = None, silu: bool = False) -> Tensor:
-    """silu?((GN(x + add) * weight + bias) * (1 + scale) + shift), GN and its parameters from `norm`.
+                   shift: Tensor | None = None, silu: bool = False, dropout: float = 0.0) -> Tensor:
+    """dropout(silu?((GN(x + add) * weight + bias) * (1 + scale) + shift)), GN and its parameters from `norm`.
 
     x is (B, C, H, W), contiguous or channels_last; add, scale and shift are (B, C) or None (each
-    optional on its own). Runs our Triton kernels when `kernels.runs_triton(x)`, PyTorch otherwise.
+    optional on its own). `dropout` is the probability of zeroing each value (the kept ones scaled by
+    1 / (1 - p)): pass 0 outside training, as a module's `self.training` would. Runs our Triton kernels
+    when `kernels.runs_triton(x)`, PyTorch otherwise (with `kernels.dropout`'s CPU dropout).
     """
     B, C = x.shape[:2]
     assert x.ndim == 4 and C == norm.num_channels, (x.shape, norm)
     for extra in (add, scale, shift):
         assert extra is None or extra.shape == (B, C), (extra.shape, x.shape)
-    if not kernels.runs_triton(x):
-        return group_norm_act_reference(x, norm, add=add, scale=scale, shift=shift, silu=silu)
+    if not kernels.runs_triton(x) or not 0.0 <= dropout < 1.0:  # p = 1 (or invalid): PyTorch's dropout decides
+        y = group_norm_act_reference(x, norm, add=add, scale=scale, shift=shift, silu=silu)
+        return cpu_cheap_dropout(y, dropout, training=True) if dropout else y
     weight = norm.weight if norm.affine else x.new_ones(C, dtype=torch.float32)
     bias = norm.bias if norm.affine else x.new_zeros(C, dtype=torch.float32)
+    # The mask's seed is drawn on the device by its own generator: no host sync, reproducible from a
+    # seeded run, and a tensor, so a compiled graph does not specialise on its value.
+    seed = torch.randint(0, SEED_LIMIT, (1,), device=x.device, dtype=torch.int64) if dropout else None
     y, _mean, _rstd = torch.ops.synthdiff.group_norm_act(x, weight, bias, add, scale, shift, norm.num_groups,
-                                                         norm.eps, silu)
+                                                         norm.eps, silu, dropout, seed)
     return y
 
 
@@ -140,6 +158,18 @@ def _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels, HAS_AD
 
 
 @jit
+def _dropout(v, seed_ptr, p, keep_scale, rows, s, HW):
+    """v with each value zeroed with probability p and the others scaled by keep_scale = 1 / (1 - p).
+
+    The value at row b * C + c (a vector, one per channel of the tile) and position s is kept when
+    tl.rand(seed, row * HW + s) >= p: Philox of its index in NCHW order, so the mask depends on neither
+    the memory format nor the launch shape, and the backward draws the same mask again instead of
+    keeping one."""
+    keep = tl.rand(tl.load(seed_ptr), rows[:, None] * HW + s[None, :]) >= p
+    return tl.where(keep, v * keep_scale, 0.0)
+
+
+@jit
 def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, span,
                           stride_xb, stride_xc, stride_xs,
                           HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -168,13 +198,13 @@ def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, sp
 
 @jit
 def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, partial_ptr,
-                          mean_ptr, rstd_ptr, C, HW, group_channels, span, eps,
+                          mean_ptr, rstd_ptr, seed_ptr, p, keep_scale, C, HW, group_channels, span, eps,
                           stride_xb, stride_xc, stride_xs, stride_yb, stride_yc, stride_ys,
                           HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                          SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_SPLIT: tl.constexpr):
-    """The group's mean and 1/std from the partial sums, then y = silu?(xhat * gain + offset) on the
-    program's part of the group; the split-0 program stores mean and 1/std for the backward."""
+    """The group's mean and 1/std from the partial sums, then y = dropout?(silu?(xhat * gain + offset)) on
+    the program's part of the group; the split-0 program stores mean and 1/std for the backward."""
     group, n_split = tl.program_id(0), tl.num_programs(1)
     batch, first_channel, x_group, v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
                                                      HAS_ADD)
@@ -204,18 +234,22 @@ def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr
             u = xhat * gain[:, None] + offset[:, None]
             if SILU:
                 u = u * tl.sigmoid(u)
+            if DROPOUT:
+                u = _dropout(u, seed_ptr, p, keep_scale, batch * C + first_channel + c, s, HW)
             tl.store(y_group + c[:, None] * stride_yc + s[None, :] * stride_ys, u.to(y_ptr.dtype.element_ty),
                      mask=mask)
 
 
 @jit
 def _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs, stride_dyc,
-               stride_dys, SILU: tl.constexpr):
+               stride_dys, seed_ptr, p, keep_scale, first_row, HW, SILU: tl.constexpr, DROPOUT: tl.constexpr):
     """(xhat, du) on a tile, float32 and zero outside `mask`: the normalised value from x and the saved
-    statistics, and du = dL/du, the gradient at the modulated value u (before SiLU)."""
+    statistics, and du = dL/du, the gradient at the modulated value u (before SiLU and dropout)."""
     x = tl.load(x_group + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0)
     du = tl.load(dy_group + c[:, None] * stride_dyc + s[None, :] * stride_dys, mask=mask, other=0.0)
     du = du.to(tl.float32)
+    if DROPOUT:  # the forward's mask, drawn again from its seed
+        du = _dropout(du, seed_ptr, p, keep_scale, first_row + c, s, HW)
     xhat = tl.where(mask, (x.to(tl.float32) + add[:, None] - mean) * rstd, 0.0)
     if SILU:
         u = xhat * gain[:, None] + offset[:, None]
@@ -226,10 +260,10 @@ def _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, str
 
 @jit
 def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
-                          rstd_ptr, partial_ptr, C, HW, group_channels, span,
+                          rstd_ptr, partial_ptr, seed_ptr, p, keep_scale, C, HW, group_channels, span,
                           stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
                           HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                          SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """partial[:, b, c, k] = (sum of xhat, sum of du, sum of du * xhat) per channel over the program's
     positions: every parameter gradient and the group means of the GroupNorm backward follow from them."""
     group, split, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
@@ -250,7 +284,8 @@ def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_pt
             s = split * span + s_start + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < HW)[None, :]
             xhat, du = _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs,
-                                  stride_dyc, stride_dys, SILU)
+                                  stride_dyc, stride_dys, seed_ptr, p, keep_scale, batch * C + first_channel, HW,
+                                  SILU, DROPOUT)
             sum_xhat += xhat
             sum_du += du
             sum_du_xhat += du * xhat
@@ -263,11 +298,12 @@ def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_pt
 
 @jit
 def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr,
-                           rstd_ptr, mean_dxhat_ptr, mean_dxhat_xhat_ptr, C, HW, group_channels, span,
+                           rstd_ptr, mean_dxhat_ptr, mean_dxhat_xhat_ptr, seed_ptr, p, keep_scale,
+                           C, HW, group_channels, span,
                            stride_xb, stride_xc, stride_xs, stride_dyb, stride_dyc, stride_dys,
                            stride_dxb, stride_dxc, stride_dxs,
                            HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                           SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                           SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = du * gain: GroupNorm's
     backward, with the two group means from the sums kernel."""
     group, split = tl.program_id(0), tl.program_id(1)
@@ -288,7 +324,8 @@ def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr,
             s = split * span + s_start + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < HW)[None, :]
             xhat, du = _recompute(x_group, dy_group, c, s, mask, add, gain, offset, mean, rstd, stride_xc, stride_xs,
-                                  stride_dyc, stride_dys, SILU)
+                                  stride_dyc, stride_dys, seed_ptr, p, keep_scale, batch * C + first_channel, HW,
+                                  SILU, DROPOUT)
             dx = rstd * (du * gain[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
             tl.store(dx_group + c[:, None] * stride_dxc + s[None, :] * stride_dxs, dx.to(dx_ptr.dtype.element_ty),
                      mask=mask)
@@ -298,6 +335,23 @@ def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr,
 # Launchers, registered as torch.library ops so torch.compile traces through them
 
 
+
+
+@jit
+def _keep_mask_kernel(seed_ptr, keep_ptr, p, n, BLOCK: tl.constexpr):
+    """keep[i] = tl.rand(seed, i) >= p over a flat NCHW index i: the dropout mask, written out (for tests)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(seed_ptr), i) >= p
+    tl.store(keep_ptr + i, keep.to(tl.int8), mask=i < n)
+
+
+def dropout_keep_mask(seed: Tensor, p: float, shape: tuple[int, ...]) -> Tensor:
+    """The boolean mask the Triton op keeps (True) and drops with for `seed`, as a contiguous tensor of
+    `shape` (B, C, H, W) on the seed's device: what the fused forward multiplies by, written out."""
+    keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
+    block = 1024
+    _keep_mask_kernel[(triton.cdiv(keep.numel(), block),)](seed, keep, p, keep.numel(), BLOCK=block)
+    return keep.bool()
 
 
 def _launch_shape(group_channels: int, HW: int) -> tuple[int, int, int, int]:
@@ -321,8 +375,18 @@ def _forward_outputs(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor
     return torch.empty_like(flat_positions(x)), stats, torch.empty_like(stats)
 
 
+def _dropout_args(x: Tensor, p: float, seed: Tensor | None) -> tuple[Tensor, float, float]:
+    """(seed pointer, p, 1 / (1 - p)) as the kernels take them; any pointer and p = 0 without dropout."""
+    if seed is None:
+        return x, 0.0, 1.0
+    assert 0.0 < p < 1.0 and seed.numel() == 1 and seed.device == x.device, (p, seed)
+    assert x.numel() < 2 ** 31, "dropout indexes values with 32-bit offsets"
+    return seed, p, 1.0 / (1.0 - p)
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale: Tensor | None,
-             shift: Tensor | None, num_groups: int, eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+             shift: Tensor | None, num_groups: int, eps: float, silu: bool, p: float,
+             seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     x = flat_positions(x)
     B, C, H, W = x.shape
     assert C % num_groups == 0, f"{C} channels do not split into {num_groups} groups"
@@ -337,19 +401,19 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale:
         HAS_ADD=add is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     torch.library.wrap_triton(_forward_apply_kernel)[grid](
         x, y, weight, bias, add_, _per_channel(scale, x), _per_channel(shift, x), partial, mean, rstd,
-        C, H * W, group_channels, span, eps, *strides(x), *strides(y),
+        *_dropout_args(x, p, seed), C, H * W, group_channels, span, eps, *strides(x), *strides(y),
         HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
-        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLIT=triton.next_power_of_2(n_split), num_warps=4)
+        DROPOUT=seed is not None, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLIT=triton.next_power_of_2(n_split), num_warps=4)
     return y, mean, rstd
 
 
-def _forward_fake(x, weight, bias, add, scale, shift, num_groups, eps, silu):
+def _forward_fake(x, weight, bias, add, scale, shift, num_groups, eps, silu, p, seed):
     return _forward_outputs(x, num_groups)
 
 
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale: Tensor | None,
-              shift: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int, silu: bool,
-              x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              shift: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int, silu: bool, p: float,
+              seed: Tensor | None, x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dadd, dscale, dshift); empty tensors for absent inputs, and for dx unless x_grad."""
     x, dy = flat_positions(x), flat_positions(dy)
     B, C, H, W = x.shape
@@ -357,11 +421,12 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     block_c, block_s, span, n_split = _launch_shape(group_channels, H * W)
     grid = (B * G, n_split)
     flags = dict(HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
-                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+                 DROPOUT=seed is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+    drop = _dropout_args(x, p, seed)
     per_channel = [_per_channel(t, x) for t in (add, scale, shift)]
     partial = torch.empty((3, B, C, n_split), device=x.device, dtype=torch.float32)
     torch.library.wrap_triton(_backward_sums_kernel)[grid](
-        x, dy, weight, bias, *per_channel, mean, rstd, partial, C, H * W, group_channels, span,
+        x, dy, weight, bias, *per_channel, mean, rstd, partial, *drop, C, H * W, group_channels, span,
         *strides(x), *strides(dy), **flags)
 
     # Per (image, channel) sums over positions; u = z * (1 + scale) + shift, z = xhat * weight + bias.
@@ -376,7 +441,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     if x_grad:
         dx = torch.empty_like(x)
         torch.library.wrap_triton(_backward_apply_kernel)[grid](
-            x, dy, dx, weight, bias, *per_channel, mean, rstd, mean_dxhat, mean_dxhat_xhat, C, H * W,
+            x, dy, dx, weight, bias, *per_channel, mean, rstd, mean_dxhat, mean_dxhat_xhat, *drop, C, H * W,
             group_channels, span, *strides(x), *strides(dy), *strides(dx), **flags)
     dweight = (one_plus_scale * sum_du_xhat).sum(0).to(weight.dtype)
     dbias = (one_plus_scale * sum_du).sum(0).to(bias.dtype)
@@ -392,25 +457,27 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     return dx, dweight, dbias, dadd, dscale, dshift
 
 
-def _backward_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu, x_grad):
+def _backward_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu, p, seed, x_grad):
     dx = torch.empty_like(flat_positions(x)) if x_grad else x.new_empty(0)
     per_channel = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (add, scale, shift)]
     return dx, weight.new_empty(weight.shape), bias.new_empty(bias.shape), *per_channel
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, add, scale, shift, num_groups, _eps, silu = inputs
+    x, weight, bias, add, scale, shift, num_groups, _eps, silu, p, seed = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)  # no activation but x itself
-    ctx.num_groups, ctx.silu = num_groups, silu
+    # No activation but x itself, and no dropout mask: the backward draws it again from the seed.
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd, seed)
+    ctx.num_groups, ctx.silu, ctx.p = num_groups, silu, p
 
 
 def _autograd_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    x, weight, bias, add, scale, shift, mean, rstd, seed = ctx.saved_tensors
     grads = torch.ops.synthdiff.group_norm_act_backward(dy, x, weight, bias, add, scale, shift, mean, rstd,
-                                                        ctx.num_groups, ctx.silu, ctx.needs_input_grad[0])
+                                                        ctx.num_groups, ctx.silu, ctx.p, seed,
+                                                        ctx.needs_input_grad[0])
     grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
-    return *grads, None, None, None
+    return *grads, None, None, None, None, None
 
 
 if triton is not None:

@@ -177,6 +177,100 @@ def test_statistics_survive_a_mean_far_from_zero():
     assert_close(y, group_norm_act_reference(x.double(), norm.double()), 1e-4)
 
 
+# ---- dropout folded into the op ------------------------------------------------------------------
+
+
+def fused_with_dropout(norm, p, seed, silu=True, **inputs):
+    """The public function with dropout p, its seed drawn after torch.manual_seed(seed); and that seed."""
+    torch.manual_seed(seed)
+    with kernels.using("triton"):
+        y = group_norm_act(norm=norm, silu=silu, dropout=p, **inputs)
+    torch.manual_seed(seed)
+    return y, torch.randint(0, group_norm.SEED_LIMIT, (1,), dtype=torch.int64)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 6, 3, 5, 2), (2, 12, 3, 3, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_triton_dropout_equals_the_reference_times_the_mask(shape, channels_last):
+    # Forward and every gradient: the reference (float64) times the kernel's mask written out over a flat
+    # NCHW index (a launch of its own), scaled by 1 / (1 - p).
+    B, C, H, W, G = shape
+    p = 0.3
+    norm = make_norm(G, C)
+    for which, silu in [("", True), ("a", True), ("sh", True), ("h", False)]:
+        inputs = make_inputs((B, C, H, W), which, channels_last=channels_last)
+        dy = torch.randn(B, C, H, W, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
+        leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+        y, seed = fused_with_dropout(norm, p, 5, silu, **leaves)
+        actual = [y, *torch.autograd.grad(y, [*leaves.values(), norm.weight, norm.bias], dy)]
+        keep = group_norm.dropout_keep_mask(seed, p, (B, C, H, W))
+        norm64 = copy.deepcopy(norm).double()
+        expected = run(lambda **t: group_norm_act_reference(norm=norm64, silu=silu, **t) * keep / (1 - p),
+                       {k: v.double() for k, v in inputs.items()}, dy.double(), norm64)
+        assert 0 < keep.sum() < keep.numel() and torch.equal(y == 0, ~keep)  # the zeros are the mask's
+        assert y.stride() == inputs["x"].stride()
+        for name, a, e in zip(["y", *inputs, "weight", "bias"], actual, expected):
+            try:
+                assert_close(a, e, TOLERANCE[torch.float32])
+            except AssertionError as error:
+                raise AssertionError(f"{which} {silu} {name}: {error}") from None
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_triton_dropout_mask_statistics_layout_and_seeds():
+    B, C, H, W, p = 2, 8, 24, 24, 0.25
+    norm = make_norm(4, C)
+    x = make_inputs((B, C, H, W), "")["x"]
+    y, seed = fused_with_dropout(norm, p, 0, x=x)
+    last, _ = fused_with_dropout(norm, p, 0, x=x.to(memory_format=torch.channels_last))
+    other, _ = fused_with_dropout(norm, p, 1, x=x)
+    assert torch.equal(last, y)  # the mask is a function of (seed, NCHW index), not of the layout
+    dropped, dropped_other = (y == 0), (other == 0)
+    n = y.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.double().mean().item() - p) < 5 * sigma
+    # Another seed draws another mask, independent of the first: P(both dropped) = p^2.
+    assert abs((dropped & dropped_other).double().mean().item() - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    # Neither repeated across images nor across channels (a wrong row index would repeat the pattern).
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[:, 0], dropped[:, 1])
+    with kernels.using("triton"):  # without dropout (or outside training) nothing is zeroed
+        assert torch.equal(group_norm_act(x, norm, silu=True, dropout=0.0), group_norm_act(x, norm, silu=True))
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_triton_dropout_in_bfloat16():
+    norm = make_norm(4, 12)
+    inputs = make_inputs((2, 12, 3, 5), "a", torch.bfloat16, channels_last=True)
+    y, seed = fused_with_dropout(norm, 0.1, 3, **inputs)
+    keep = group_norm.dropout_keep_mask(seed, 0.1, y.shape)
+    expected = group_norm_act_reference(norm=copy.deepcopy(norm).double(), silu=True,
+                                        **{k: v.double() for k, v in inputs.items()}) * keep / 0.9
+    assert y.dtype == torch.bfloat16
+    assert_close(y, expected, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_unet_drops_inside_the_fused_op_in_training_only():
+    from ddpm.unet import UNet, UNetConfig
+    config = UNetConfig(image_size=4, base_channels=32, channel_mult=(1,), num_res_blocks=1,
+                        attention_resolutions=(), dropout=0.3, cond="class", num_classes=3)
+    model = perturbed(UNet(config))
+    x, t, labels = torch.randn(2, 3, 4, 4), torch.tensor([500, 20]), torch.tensor([2, 0])
+
+    def forward(backend, seed):
+        torch.manual_seed(seed)
+        with kernels.using(backend), torch.no_grad():
+            return model(x, t, labels)
+
+    model.train()
+    assert torch.equal(forward("triton", 0), forward("triton", 0))
+    assert not torch.equal(forward("triton", 0), forward("triton", 1))
+    assert not torch.equal(forward("triton", 0), forward("torch", 0))  # another stream than the CPU's
+    model.eval()
+    assert_close(forward("triton", 0), forward("torch", 1), 1e-4)
+
+
 # ---- whole networks (the Triton forward compiled with fullgraph=True: no graph breaks) ----------
 
 
@@ -259,3 +353,31 @@ def test_op_compiles_without_graph_breaks():
             traced = run(compiled, inputs, dy, norm)
     for a, e in zip(traced, eager):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_op_with_dropout_compiles_without_graph_breaks():
+    # The seed is a device tensor drawn inside the graph: compiled and eager draw the same mask from the
+    # same generator state, and no recompilation follows from a new seed.
+    norm = make_norm(2, 6)
+    inputs = make_inputs((1, 6, 3, 5), "a", channels_last=True)
+
+    def f(x, add):
+        return group_norm_act(x, norm, add=add, silu=True, dropout=0.2)
+
+    dy = torch.randn(1, 6, 3, 5)
+    with kernels.using("triton"):
+        torch.manual_seed(0)
+        eager = run(f, inputs, dy, norm)
+        with torch._functorch.config.patch(decompose_custom_triton_ops=not kernels.interpreting()):
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(f)(**inputs).graph_break_count == 0
+            compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+            torch.manual_seed(0)
+            traced = run(compiled, inputs, dy, norm)
+            torch.manual_seed(1)
+            again = run(compiled, inputs, dy, norm)
+    assert (eager[0] == 0).any()
+    for a, e in zip(traced, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert not torch.equal(again[0], eager[0])
