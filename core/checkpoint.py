@@ -63,6 +63,16 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
+def not_a_checkpoint_file(path: Path, run: str) -> str:
+    """Why `path`, which is not a file, cannot be read as a checkpoint, and what to pass instead (`run`
+    describes the run whose checkpoint.pt is wanted): the end of a one-sentence error."""
+    if path.is_dir():
+        inside = path / "checkpoint.pt"
+        return (f"is a run folder; pass its checkpoint, {inside}" if inside.is_file() else
+                f"is a folder, not a file; pass the checkpoint.pt of {run}")
+    return f"does not exist; pass the checkpoint.pt of {run}"
+
+
 def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None = None,
                     map_location: str | torch.device = "cpu", *, option: str | None = None) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` and check that it belongs to `stage` (None: any).
@@ -74,7 +84,7 @@ def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None =
     path = Path(path)
     if not path.is_file():
         where = f"{option} {path}" if option and option != "--resume" else f"Checkpoint {path}"
-        raise MissingFileError(f"{where} does not exist; pass the checkpoint.pt of a finished or running training run.")
+        raise MissingFileError(f"{where} {not_a_checkpoint_file(path, 'a finished or running training run')}.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises a zoo of types (KeyError for a text file, RuntimeError, ...)

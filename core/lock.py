@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.errors import ExistsError
+from core.errors import ExistsError, UserError
 from core.runtime import process_alive
 
 try:
@@ -58,8 +58,13 @@ class FolderLock:
         self.created = False
 
     def __enter__(self) -> FolderLock:
+        check_folder_path(self.folder, "The output folder")
         self.created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # no permission, a read-only or full disk
+            raise UserError(f"Cannot make the folder {self.folder} ({err.strerror}); choose another place for the "
+                            f"output.") from None
         try:
             self._acquire()
         except BaseException:
@@ -131,6 +136,16 @@ def holds_files(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds anything besides a lock file (an output folder that is not fresh)."""
     folder = Path(folder)
     return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def check_folder_path(folder: str | os.PathLike, option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made: a file, or a path under a file."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ExistsError(f"{option} {folder} lies at or under the file {path}, not a folder; choose a folder.")
+            return
 
 
 def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:

@@ -33,6 +33,14 @@ from data.imageio import save_images
 
 MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
 FORMAT = "synthdiff-dataset"
+# The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
+# "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
+MANIFEST_COLUMNS = ("index", "file", "seed", "class")
+
+
+def manifest_column(param: str) -> str:
+    """The manifest column of the parameter `param`."""
+    return f"param:{param}" if param in MANIFEST_COLUMNS else param
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class Item:
         return f"{self.folder}/{name}" if self.folder else name
 
     def row(self) -> dict[str, Any]:
-        return {"index": self.index, "file": self.file, **self.record, **{k: repr(float(v)) for k, v in self.params.items()}}
+        return {"index": self.index, "file": self.file, **self.record,
+                **{manifest_column(k): repr(float(v)) for k, v in self.params.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +184,8 @@ class DatasetWriter:
         _write_csv(self.root / MANIFEST, rows)
         names = list(self.request.get("param_names", []))
         if names:
-            _write_csv(self.root / PARAMS, [{"path": r["file"], **{n: r[n] for n in names}} for r in rows],
-                       fields=["path", *names])
+            _write_csv(self.root / PARAMS, [{"path": r["file"], **{n: r[manifest_column(n)] for n in names}}
+                                            for r in rows], fields=["path", *names])
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
@@ -213,7 +222,7 @@ def _read_manifest(path: Path, param_names: Sequence[str]) -> dict[int, dict[str
         rows = list(reader)
     except (UnicodeDecodeError, csv.Error):
         raise UserError(f"{path} is not a CSV table of UTF-8 text; {rebuild}.") from None
-    columns = ["index", "file", *param_names]
+    columns = ["index", "file", *map(manifest_column, param_names)]
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
         raise UserError(f"{path} has no column {', '.join(missing)}; {rebuild}.")
@@ -225,7 +234,7 @@ def _read_manifest(path: Path, param_names: Sequence[str]) -> dict[int, dict[str
         if not (index.isascii() and index.isdigit()) or Path(row["file"]).name != f"{int(index):06d}.png":
             raise UserError(f"{path} line {line} names image {row['index']!r} as {row['file']!r}, not an index "
                             f"and its file NNNNNN.png; {rebuild}.")
-        if not all(_is_number(row[name]) for name in param_names):
+        if not all(_is_number(row[manifest_column(name)]) for name in param_names):
             raise UserError(f"{path} line {line} has a parameter ({', '.join(param_names)}) that is not a number; "
                             f"{rebuild}.")
         if int(index) in table:

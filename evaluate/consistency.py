@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         compile_module(judge.net, frozen=True)
     if args.images is not None:
-        folder = Path(args.images[len("folder:"):])
+        # Resolved as the loader resolves it ("folder:." or "folder:~/set" name a folder by where it is).
+        folder = Path(args.images[len("folder:"):]).expanduser().resolve()
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
         out = args.out or folder.parent / f"{folder.name}-consistency"
         check_output_folder(out, args.overwrite)

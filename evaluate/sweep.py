@@ -60,7 +60,7 @@ from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
 from classify.stage import SPEC as CLASSIFY
 from core.errors import UserError
-from core.lock import FolderLock, holds_files
+from core.lock import FolderLock, check_folder_path, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
 from data import check_spec, load_dataset
@@ -184,6 +184,9 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
+    check_folder_path(args.out, "--out")
+    if args.write_best is not None:
+        check_folder_path(args.write_best, "--write-best")
     if args.write_best is not None and holds_files(args.write_best) and not (args.write_best / "dataset.json").is_file():
         raise UserError(f"{args.write_best} already holds files that are not a dataset of ours; choose an empty or new "
                         f"folder for --write-best.")

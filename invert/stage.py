@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from core.checkpoint import not_a_checkpoint_file
 from core.config import to_dict
 from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
@@ -187,8 +188,8 @@ def check(config: InvertConfig, resume_from: dict | None) -> None:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
                         "against (e.g. train.py --stage ddpm --cond params).")
     if not Path(path).expanduser().is_file():
-        raise MissingFileError(f"--model {path} does not exist; pass the checkpoint.pt of a conditional ddpm or ldm "
-                               f"run.")
+        reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
+        raise MissingFileError(f"--model {path} {reason}.")
 
 
 def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> InversionSource:

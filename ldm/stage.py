@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.checkpoint import load_checkpoint, peek_checkpoint, require_keys, state_fingerprint
+from core.checkpoint import load_checkpoint, not_a_checkpoint_file, peek_checkpoint, require_keys, state_fingerprint
 from core.config import TrainConfig, from_dict
 from core.contract import Prerequisite, StageSpec, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
@@ -184,7 +184,7 @@ def autoencoder_config(config: LDMConfig) -> AutoencoderConfig:
         return from_dict(VAEConfig, payload["config"]).autoencoder
     if path == Path(DEFAULT_VAE_CKPT):
         return VAE_PRESETS[DEFAULT_VAE_PRESET]().autoencoder
-    raise MissingFileError(f"--vae-ckpt {path} does not exist; pass the checkpoint.pt of a `train.py --stage vae` run.")
+    raise MissingFileError(f"--vae-ckpt {path} {not_a_checkpoint_file(path, 'a `train.py --stage vae` run')}.")
 
 
 def check(config: LDMConfig, resume_from: dict | None) -> None:

@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -49,6 +50,12 @@ class Drawer:
                              reference=conditions.reference, x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
 
 
+def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row: its own columns, then what the conditions record (class, parameters), a parameter named
+    like an own column as "param:NAME" (data.writer.manifest_column), so that it overwrites nothing."""
+    return {**own, **{(f"param:{key}" if key in own else key): value for key, value in record.items()}}
+
+
 def write_manifest(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
@@ -77,7 +84,7 @@ def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, ind
     save_grid(images, out / "grid.png")
     if args.gif:
         save_gif(frames + [images[: args.gif_images]], out / "reverse.gif")
-    write_manifest(out / "manifest.csv", [{"index": k, "file": f"images/{name}", "seed": seed, **record}
+    write_manifest(out / "manifest.csv", [manifest_row({"index": k, "file": f"images/{name}", "seed": seed}, record)
                                           for k, name, seed, record in zip(indices, names, seeds, conditions.records)])
 
 
@@ -91,7 +98,8 @@ def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, 
     grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value
     save_grid(grid, out / "sweep.png", nrow=len(columns))
     save_gif(per_column, out / "sweep.gif", nrow=len(indices), duration_ms=400, hold_last_ms=800)
-    write_manifest(out / "sweep.csv", [{"row": r, "column": c, "index": k, "seed": seeds[r], **columns[c].records[r]}
+    write_manifest(out / "sweep.csv", [manifest_row({"row": r, "column": c, "index": k, "seed": seeds[r]},
+                                                    columns[c].records[r])
                                        for r, k in enumerate(indices) for c in range(len(columns))])
     print(f"Sweep over {args.sweep}: columns {', '.join(labels)}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_a_written_set_is_judged_against_its_own_labels(tmp_path):
     assert [r["requested_heat"] for r in result["rows"]] == pytest.approx(heat.tolist())
 
 
-def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(tmp_path):
+def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(tmp_path, monkeypatch):
     folder = colour_folder(tmp_path / "set", {"blue": ["blue"] * 2, "red": ["red", "blue"]})
     judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "red"))
     report = consistency.main(["--images", f"folder:{folder}", "--judge", str(judge_ckpt), "--device", "cpu"])
@@ -183,6 +184,14 @@ def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(
     assert report["agreement"] == pytest.approx(sum(r["requested"] == r["predicted"] for r in rows) / 4)
     assert json.loads((out / "report.json").read_text())["image_set"] == f"folder:{folder}"
     assert load_dataset(f"folder:{folder}", 16).info.class_names == ("blue", "red")
+    # Named from inside ("folder:.") or from home ("folder:~/set"), it is still the folder beside the set.
+    shutil.rmtree(out)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for images in ("folder:.", "folder:~/set"):
+        consistency.main(["--images", images, "--judge", str(judge_ckpt), "--device", "cpu", "--overwrite"])
+        assert (out / "predictions.csv").is_file() and sorted(p.name for p in folder.iterdir()) == ["blue", "red"]
+    assert not (folder / "~").exists()
     unlabelled = tmp_path / "loose"
     unlabelled.mkdir()
     Image.new("RGB", (16, 16)).save(unlabelled / "a.png")

@@ -227,3 +227,39 @@ def test_a_smaller_count_keeps_the_larger_set_and_says_so(class_ckpt, tmp_path, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot  # nothing deleted or rewritten
     write(class_ckpt, out, "--per-class", "2")
     assert "beyond" not in capsys.readouterr().out
+
+
+def test_parameters_named_like_manifest_columns_overwrite_none_of_them(tmp_path):
+    # A simulation's own "seed" (or "index", "class", "file") as a parameter: the manifest keeps the image's
+    # seed and index and records the parameter as "param:NAME"; params.csv and the folder loader keep its
+    # name; and a rerun that extends the set reads that manifest back.
+    from data.writer import DatasetWriter, Item
+    from sampling.draw import manifest_row
+    names = ["seed", "index", "wind"]
+    request = {"param_names": names}
+
+    def items(n):
+        return [Item(k, params={"seed": 100.5 + k, "index": 7.25 * k, "wind": -k / 10}, record={"seed": 9000 + k})
+                for k in range(n)]
+
+    def write_items(n):
+        writer = DatasetWriter(tmp_path / "set", request)
+        writer.open()
+        wanted = items(n)
+        pending = writer.pending(wanted)
+        writer.write(pending, torch.zeros(len(pending), 3, RES, RES), every_item=wanted)
+
+    write_items(2)
+    write_items(3)  # extends: reads the manifest it wrote
+    manifest = rows(tmp_path / "set" / "manifest.csv")
+    assert [(int(r["index"]), int(r["seed"]), r["file"]) for r in manifest] == [(k, 9000 + k, f"{k:06d}.png")
+                                                                                 for k in range(3)]
+    assert [float(r["param:seed"]) for r in manifest] == [100.5, 101.5, 102.5]
+    assert [float(r["param:index"]) for r in manifest] == [0.0, 7.25, 14.5] and "param:wind" not in manifest[0]
+    assert list(rows(tmp_path / "set" / "params.csv")[0]) == ["path", *names]
+    loaded = load_dataset(f"folder:{tmp_path / 'set'}", RES)
+    assert loaded.info.param_names == tuple(names)
+    torch.testing.assert_close(loaded.params, torch.tensor([[100.5 + k, 7.25 * k, -k / 10] for k in range(3)]))
+    # sample.py's grid and sweep manifests: the same rule for their own columns.
+    row = manifest_row({"index": 3, "file": "images/000003.png", "seed": 42}, {"seed": 0.5, "wind": 0.1})
+    assert row == {"index": 3, "file": "images/000003.png", "seed": 42, "param:seed": 0.5, "wind": 0.1}

@@ -281,6 +281,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(class_ckpt, unconditi
         (class_ckpt, data, ("--resolution", str(2 * RES)), f"pass --resolution {RES}"),
         (class_ckpt, f"folder:{grey}", (), "1-channel images"),
         (tmp_path / "missing.pt", data, (), "does not exist"),
+        (tmp_path, data, (), r"is a folder, not a file; pass the checkpoint.pt of a conditional ddpm or ldm run\.$"),
         (class_ckpt, data, ("--lr", "-1"), "--lr"),
     ]
     for k, (model, dataset, extra, message) in enumerate(cases):

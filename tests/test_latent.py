@@ -297,7 +297,8 @@ def test_ldm_refuses_bad_autoencoders_and_writes_nothing(tmp_path, cache, vae_ru
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00" * 64)
     for vae, message in ((tmp_path / "missing.pt", "does not exist"), (corrupt, "corrupt"),
-                         (ldm_run / "checkpoint.pt", "stage 'ldm', not an autoencoder")):
+                         (ldm_run / "checkpoint.pt", "stage 'ldm', not an autoencoder"),
+                         (vae_run, rf"is a run folder; pass its checkpoint, {vae_run / 'checkpoint.pt'}\.$")):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             train.main(ldm_args(run_dir, cache, vae, 1))
     with pytest.raises(ValueError, match=r"latents \(2x8x8\) do not fit the U-Net"):

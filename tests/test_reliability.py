@@ -179,6 +179,20 @@ def test_a_new_run_refuses_a_folder_holding_metrics_of_a_run_that_never_checkpoi
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
 
+def test_a_new_run_refuses_a_folder_of_other_files_such_as_its_own_training_images(tmp_path, folder):
+    # A --run-dir typo that names the dataset: previews written there would become training data.
+    before = sorted(str(p) for p in folder.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"already holds files that are not a run's \(class0, class1\); "):
+        train.main(tiny_args(folder, folder, steps=1))
+    assert sorted(str(p) for p in folder.rglob("*")) == before
+    # What a run killed before its first checkpoint leaves is no obstacle to starting it again.
+    early = tmp_path / "early"
+    (early / "samples").mkdir(parents=True)
+    (early / "config.json").write_text("{}")
+    train.main(tiny_args(early, folder, steps=1))
+    assert (early / "checkpoint.pt").is_file()
+
+
 def test_resuming_on_changed_data_is_refused(tmp_path, folder):
     run_dir = tmp_path / "run"
     train.main(tiny_args(run_dir, folder, "--ckpt-every", "1", steps=1))
@@ -509,3 +523,37 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_run_folder_or_another_folder_given_as_a_checkpoint_is_named_as_such(tmp_path, class_ckpt):
+    run_dir = class_ckpt.parent
+    with pytest.raises(FileNotFoundError, match=rf"^--ckpt {run_dir} is a run folder; pass its checkpoint, "
+                                                rf"{class_ckpt}\.$"):
+        sample.main(["--ckpt", str(run_dir), "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match=rf"^--ckpt {tmp_path} is a folder, not a file; pass the checkpoint.pt"):
+        sample.main(["--ckpt", str(tmp_path), "--device", "cpu"])
+
+
+def test_an_output_folder_that_is_a_file_or_lies_under_one_is_refused_in_one_line(tmp_path, folder, class_ckpt, capsys):
+    from evaluate import experiment, sweep
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    real = f"folder:{folder}"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (train.main, tiny_args(blocker, folder)),
+        (train.main, tiny_args(blocker / "run", folder)),
+        (sample.main, ["--ckpt", str(class_ckpt), "--dataset-out", str(blocker), "--per-class", "1", "--device", "cpu"]),
+        (experiment.main, ["--real", real, "--synthetic", f"gen={real}", "--test", real, "--out", str(blocker / "table"),
+                           "--device", "cpu"]),
+        # Checked before any set is drawn, though --write-best is written last.
+        (sweep.main, ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", real, "--test", real,
+                      "--out", str(tmp_path / "sweep"), "--write-best", str(blocker), "--write-per-class", "1"]),
+        (sweep.main, ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", real, "--test", real,
+                      "--out", str(blocker)]),
+    ]
+    for main, argv in cases:
+        assert cli.run(main, argv) == 1, argv
+        error = the_error(capsys.readouterr().err)
+        assert re.fullmatch(rf"error: .*{re.escape(str(blocker))}.* (a )?file.*; choose .*\.", error), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and blocker.read_text() == "mine"

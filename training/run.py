@@ -90,6 +90,12 @@ def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_conf
     return changed
 
 
+def _of_an_unstarted_run(name: str) -> bool:
+    """Whether a run folder may hold `name` before its first checkpoint: what a run killed that early leaves
+    (its config, first previews), the lock, and temporary files of interrupted writes."""
+    return name in (".lock", "config.json", "samples", "figures") or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (an option outside `RESUMABLE` may be
     repeated, but not changed), else the preset's, with the user's options applied either way; then
@@ -112,6 +118,10 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         if (run_dir / "metrics.jsonl").exists():
             raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
                             f"to start over there, or choose another --run-dir.")
+        stray = sorted(p.name for p in run_dir.iterdir() if not _of_an_unstarted_run(p.name)) if run_dir.exists() else []
+        if stray:  # a dataset, another tool's output: the run's files would mix with them (and become data)
+            raise RunExists(f"{run_dir} already holds files that are not a run's ({', '.join(stray[:3])}"
+                            f"{', ...' if len(stray) > 3 else ''}); choose an empty or new --run-dir.")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
