@@ -49,12 +49,12 @@ from kernels.triton_support import flat_positions, jit, register_op, strides, tl
 NORM_EPS = 1e-10
 
 
-def normalise_channels(f: Tensor) -> Tensor:
-    """f / (|f| + NORM_EPS), |f| the Euclidean norm over channels (dim 1) at each position."""
+def normalise_channels(f: Tensor, dim: int = 1) -> Tensor:
+    """f / (|f| + NORM_EPS), |f| the Euclidean norm over channels (dim `dim`) at each position."""
     # NORM_EPS keeps all-zero feature vectors (every ReLU of a pixel off) at zero, not 0/0; vector_norm's
     # backward is zero there, where sqrt(sum f^2) would send back a NaN that only the ReLU's mask happens
     # to discard.
-    return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + NORM_EPS)
+    return f / (torch.linalg.vector_norm(f, dim=dim, keepdim=True) + NORM_EPS)
 
 
 def tap_distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
@@ -71,10 +71,18 @@ def tap_distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
 
 def tap_distance_reference(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
     """`tap_distance` in PyTorch ops: the ones LPIPS called before the fusion, so no slower."""
-    u, v = normalise_channels(fx), normalise_channels(fy)
+    if fx.is_contiguous(memory_format=torch.channels_last) and not fx.is_contiguous():
+        # The trunk's channels_last features, as the (B, H, W, C) tensors they are in memory. On the (B, C, H,
+        # W) view the broadcast gradients of the mean and the norm come back contiguous, so the features'
+        # gradient would too, and every op of the trunk's backward would then mix layouts (its ReLUs' took
+        # 4x as long).
+        fx, fy, channels, positions = fx.permute(0, 2, 3, 1), fy.permute(0, 2, 3, 1), -1, (1, 2)
+    else:
+        channels, positions = 1, (2, 3)
+    u, v = normalise_channels(fx, channels), normalise_channels(fy, channels)
     # The 1x1 head and the spatial mean are both linear, so averaging the squared difference over pixels
     # first and then weighting channels gives the same number with less work.
-    return ((u - v).square().mean(dim=(2, 3)) @ weight).float()
+    return ((u - v).square().mean(dim=positions) @ weight).float()
 
 
 # ---------------------------------------------------------------------------------------------

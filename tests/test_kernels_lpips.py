@@ -88,6 +88,24 @@ def test_reference_is_the_lpips_definition_written_out():
     assert NORM_EPS == 1e-10
 
 
+def test_reference_gives_channels_last_features_a_channels_last_gradient():
+    # The trunk's backward then runs in one layout (a contiguous gradient of channels_last features made each
+    # of its ReLU backward passes mix layouts); the values do not depend on the layout.
+    fx, fy = (torch.randn(2, 6, 3, 4, dtype=F64).relu() for _ in range(2))
+    weight = torch.rand(6, dtype=F64)
+    gradients = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaf = fx.contiguous(memory_format=layout).requires_grad_(True)
+        seen = []
+        leaf.register_hook(seen.append)  # the gradient as it arrives, before autograd matches it to the leaf
+        distance = tap_distance_reference(leaf, fy.contiguous(memory_format=layout), weight)
+        distance.sum().backward()
+        assert seen[0].is_contiguous(memory_format=layout)
+        gradients[layout] = (distance, seen[0])
+    for a, b in zip(*gradients.values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 # ---- the Triton op against the reference -----------------------------------------------------------
 
 SHAPES = [(1, 5, 3, 7),     # batch 1; 5 channels of a block of 8, 21 positions of one block of 32
