@@ -39,10 +39,10 @@ def label_counts(spec: str) -> tuple[int, bool]:
         return 0, True
     if spec == "cifar10":
         return 10, False
-    from data.folder import PARAMS_FILE
+    from data.folder import PARAMS_FILE, nfc
     from data.imageio import list_images
     root = Path(spec[len("folder:"):]).expanduser()
-    classes = {f.relative_to(root).parts[0] for f in list_images(root) if len(f.relative_to(root).parts) > 1}
+    classes = {nfc(f.relative_to(root).parts[0]) for f in list_images(root) if len(f.relative_to(root).parts) > 1}
     return len(classes), (root / PARAMS_FILE).is_file()
 
 

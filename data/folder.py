@@ -1,9 +1,11 @@
 """`folder:PATH` datasets: a directory of images, optionally in class subfolders, optionally with parameters.
 
 Layout: images directly in PATH are unlabelled; images in PATH/<class>/... are labelled by the index of
-<class> among the sorted class names; hidden files and folders (".name") are not part of the dataset.
+<class> among the sorted class names, taken in Unicode NFC (macOS writes names decomposed, NFD);
+hidden files and folders (".name") are not part of the dataset.
 An optional PATH/params.csv (UTF-8) gives numeric parameters per image: a header, then one row per
-image, first column the image's path relative to PATH (`_read_params` lists what it refuses).
+image, first column the image's path relative to PATH, matched in NFC too (`_read_params` lists what
+it refuses).
 Every image is decoded once, converted (RGB, or L for one channel; `data.imageio.load_image` says how
 each pixel mode converts and what it refuses), its short side resized to the target with antialiased
 Lanczos and the centre square kept, so mixed modes and sizes all work.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -29,8 +32,24 @@ from data.imageio import IMAGE_EXTENSIONS, list_images, load_image
 PARAMS_FILE = "params.csv"
 
 
+# Top-level folder names that name a split of a dataset rather than a class (compared in lower case).
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
+
+
+def nfc(name: str) -> str:
+    """`name` (a folder's or a path's) in Unicode NFC: macOS writes names decomposed (NFD), so one "é" can be
+    one code point or two."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]:
-    """Class names (sorted top-level subfolders that hold images) and each file's label; () if unlabelled."""
+    """Class names (sorted top-level subfolders that hold images, in NFC) and each file's label; () if unlabelled.
+
+    Names are NFC-normalised, so that a folder copied from macOS (NFD) gives the same class names as
+    one written elsewhere; two folders whose names differ only in normalisation are one class. Class
+    folders named like splits (train, val, ...) that hold subfolders are warned about: that is a root
+    of splits, which would train on the split names as labels.
+    """
     tops = [f.relative_to(root).parts for f in files]
     loose = [f for f, parts in zip(files, tops) if len(parts) == 1]
     if len(loose) == len(files):
@@ -38,9 +57,18 @@ def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]
     if loose:
         raise UserError(f"{root} has images both directly inside (e.g. {loose[0].name}) and in subfolders; "
                         f"move them all into class subfolders, or all to the top level for an unlabelled dataset.")
-    names = tuple(sorted({parts[0] for parts in tops}))
+    splits = sorted({parts[0] for parts in tops if len(parts) > 2 and parts[0].lower() in SPLIT_NAMES})
+    if splits:
+        train = next((s for s in splits if s.lower() in SPLIT_NAMES[:2]), "train")
+        # A validation split rather than a test split, where there are both.
+        held_out = min((s for s in splits if s.lower() not in SPLIT_NAMES[:2]), default="val",
+                       key=lambda s: SPLIT_NAMES.index(s.lower()))
+        warnings.warn(f"{root} has class folders named {', '.join(splits)} that hold subfolders, so the split "
+                      f"names become the labels; to learn the classes inside, point --dataset at folder:{root / train} "
+                      f"and --test-dataset at folder:{root / held_out}.")
+    names = tuple(sorted({nfc(parts[0]) for parts in tops}))
     index = {name: i for i, name in enumerate(names)}
-    return names, [index[parts[0]] for parts in tops]
+    return names, [index[nfc(parts[0])] for parts in tops]
 
 
 def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -49,9 +77,11 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
     Refused, naming the file and line: text that is not UTF-8 (a UTF-8 byte-order mark is fine), a
     header with no parameter column or with an empty or repeated name, a row with the wrong number of
     columns, an empty path, or a value that is not a finite number within float32's range, an image
-    listed twice, and an image with no row. Rows that are empty or all blank cells are skipped. Rows
-    for images that are not in the folder are ignored with a warning, so that removing a bad image
-    does not also mean editing the table.
+    listed twice, an image with no row, and two images whose paths are equal in NFC. Paths match in
+    NFC, so a row typed "é" finds a file macOS stored as "e" + a combining accent (the file is still
+    opened by its real name). Rows that are empty or all blank cells are skipped. Rows for images
+    that are not in the folder are ignored with a warning, so that removing a bad image does not
+    also mean editing the table.
     """
     csv_path = root / PARAMS_FILE
     if not csv_path.is_file():
@@ -90,12 +120,18 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
             raise UserError(f"{csv_path} line {line} ({row[0]}) has a parameter beyond float32's range "
                             f"(+-{largest:.3g}); rescale that parameter.")
         # One spelling per image: "./a.png", "a.png" and a Windows "sub\a.png" all name the same file.
-        key = Path(row[0].strip().replace("\\", "/")).as_posix()
+        # NFC, as the file keys below: a name typed on one system matches the same name stored by macOS (NFD).
+        key = nfc(Path(row[0].strip().replace("\\", "/")).as_posix())
         if key in table:
             raise UserError(f"{csv_path} lines {table[key][0]} and {line} both give parameters for {key}; keep one of them.")
         table[key] = (line, values)
 
-    keys = [file.relative_to(root).as_posix() for file in files]
+    keys = [nfc(file.relative_to(root).as_posix()) for file in files]  # files are opened by their real names
+    if len(set(keys)) < len(keys):
+        seen: set[str] = set()
+        twin = next(key for key in keys if key in seen or seen.add(key))
+        raise UserError(f"{root} holds two images named {twin} that differ only in how their accented letters are "
+                        f"encoded (Unicode normalisation), so {csv_path} cannot tell them apart; rename one of them.")
     for key in keys:
         if key not in table:
             raise UserError(f"{csv_path} has no row for image {key}; add one (path relative to {root}).")

@@ -7,6 +7,7 @@ the same way, by name) and writes what people look at through `save_images`, `sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps
 from core.errors import MissingFileError, UserError
 from core.runtime import atomic_write
 
+# Sets the most pixels an image may have (`max_image_pixels`); read at each decode, so it can be set at any time.
+MAX_PIXELS_ENV = "SYNTHDIFF_MAX_IMAGE_PIXELS"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -84,8 +87,9 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
       than half a grey level, have no meaning in either convention and are refused.
     - 1 (bilevel) gives 0 and 255; CMYK (without colour management), YCbCr, LAB and HSV go to RGB by
       Pillow's conversions. "L" is ITU-R 601 luma of the RGB image (of the grey value for grey modes).
-    - An image of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused as a possible
-      decompression bomb (Pillow itself refuses only above twice that and warns in between).
+    - An image of more than `max_image_pixels()` pixels is refused as a possible decompression bomb:
+      by default twice `PIL.Image.MAX_IMAGE_PIXELS` (about 179 million), where Pillow itself, and so
+      FID's reader, refuses; the environment variable SYNTHDIFF_MAX_IMAGE_PIXELS sets another limit.
 
     A file that cannot be decoded or converted raises ValueError naming it; a missing one FileNotFoundError.
     """
@@ -113,25 +117,57 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
                             f"save it as 8-bit RGB or greyscale.") from err
 
 
+def max_image_pixels() -> int | None:
+    """The most pixels `load_image` decodes: $SYNTHDIFF_MAX_IMAGE_PIXELS if set, else 2 x PIL.Image.MAX_IMAGE_PIXELS.
+
+    The default is where Pillow's own refusal starts (it only warns from 1x), so training reads every
+    photo FID's reader (plain Pillow) reads, 100-megapixel cameras' included, while a decompression
+    bomb (a small file that claims billions of pixels) is still refused before it is decoded. A larger
+    limit from the environment also raises Pillow's, which would otherwise refuse first. None: no limit
+    (PIL.Image.MAX_IMAGE_PIXELS set to None).
+    """
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise UserError(f"The environment variable {MAX_PIXELS_ENV} is {value!r}; set it to a whole number of pixels "
+                        f"such as 300000000, or unset it for the default limit.")
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = (limit + 1) // 2  # Pillow refuses above twice this; only ever raised
+    return limit
+
+
+# At import too, so that FID's reader (plain Pillow) allows what the environment allows.
+with contextlib.suppress(UserError):  # a bad value is reported where an image is read
+    max_image_pixels()
+
+
 def _decode(path: str | os.PathLike) -> Image.Image:
     """Open `path` and decode its first frame; any failure is one error naming the file."""
+    limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
-            # Pillow raises above 2x MAX_IMAGE_PIXELS but only warns from 1x; refuse both alike.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from 1x MAX_IMAGE_PIXELS and raises above 2x; `limit` decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
             try:
+                if limit is not None and im.width * im.height > limit:  # header read, pixels not yet
+                    raise Image.DecompressionBombError(f"({im.width * im.height} pixels)")  # told as Pillow's
                 im.load()
             except BaseException:
                 im.close()
                 raise
         return im
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow raises before the size is ours to read
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow raises in open(), before im.size is ours
         pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise UserError(f"Image {path} has {pixels}, more than the limit of {Image.MAX_IMAGE_PIXELS:,} "
-                        f"(PIL.Image.MAX_IMAGE_PIXELS), so it is refused as a possible decompression bomb; "
-                        f"shrink it, or raise that limit if you trust the file.") from None
+        raise UserError(f"Image {path} has {pixels}, more than the limit of {limit:,}, so it is refused as a possible "
+                        f"decompression bomb; shrink it, or if you trust the file set the environment variable "
+                        f"{MAX_PIXELS_ENV} to a larger number of pixels.") from None
     except FileNotFoundError:
         raise MissingFileError(f"Image {path} does not exist; check the path.") from None
     except Exception as err:

@@ -8,7 +8,11 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import unicodedata
 import urllib.error
+import warnings
 import zlib
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import data.plumes as plumes
 from core import cli
 from data import DatasetInfo, load_dataset
 from data.fluid import advect, divergence, project
-from data.imageio import list_images, load_image
+from data.imageio import MAX_PIXELS_ENV, list_images, load_image, max_image_pixels
 
 RES = 16
 
@@ -360,14 +364,53 @@ def test_load_image_refuses_broken_missing_and_bomb_files(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
         load_image(tmp_path / "missing.png")
 
-    _row("L", [0] * 10).save(tmp_path / "bomb.png")
-    # Pillow only warns between 1x and 2x its limit, and raises above 2x: both are refused alike.
-    for limit in (6, 4):
-        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-        with pytest.raises(ValueError, match=rf"{tmp_path / 'bomb.png'} has 10 pixels, more than the limit of {limit} "):
-            load_image(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
-    assert load_image(tmp_path / "bomb.png").size == (10, 1)
+
+
+def test_load_image_refuses_what_pillow_and_fid_refuse_unless_the_environment_allows_more(tmp_path, monkeypatch):
+    """The pixel limit is where Pillow (and so FID's reader) refuses, 2x PIL.Image.MAX_IMAGE_PIXELS; between
+    1x and 2x Pillow only warns, and a 90-megapixel photo (over 1x by default) is read by both, silently here.
+    SYNTHDIFF_MAX_IMAGE_PIXELS sets another limit; a tiny Pillow limit stands in for a huge image."""
+    from fid.folder import read_rgb
+    bomb = tmp_path / "bomb.png"
+    _row("L", [0] * 10).save(bomb)
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # refused above 8
+    with pytest.raises(ValueError, match=rf"{bomb} has 10 pixels, more than the limit of 8, .* set the environment "
+                                         rf"variable {MAX_PIXELS_ENV} to a larger number of pixels\."):
+        load_image(bomb)
+    with pytest.raises(ValueError, match="DecompressionBombError"):
+        read_rgb(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5)  # refused above 10: 10 pixels are read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning is not passed on
+        assert load_image(bomb).size == (10, 1)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert read_rgb(bomb).size == (10, 1)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "10")  # above Pillow's limit: Pillow's is raised to match
+    assert load_image(bomb).size == (10, 1) and max_image_pixels() == 10 and 2 * Image.MAX_IMAGE_PIXELS >= 10
+    with pytest.warns(Image.DecompressionBombWarning):  # within Pillow's (raised) limit, so read with its warning
+        assert read_rgb(bomb).size == (10, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "9")  # below Pillow's limit: this one decides
+    with pytest.raises(ValueError, match=rf"{bomb} has 10 pixels, more than the limit of 9, "):
+        load_image(bomb)
+    for bad in ("lots", "0", "-5", "1e9"):
+        monkeypatch.setenv(MAX_PIXELS_ENV, bad)
+        with pytest.raises(ValueError, match=rf"The environment variable {MAX_PIXELS_ENV} is '{bad}'; set it to a "
+                                             rf"whole number of pixels"):
+            load_image(bomb)
+
+
+def test_the_pixel_limit_from_the_environment_reaches_pillow_at_import():
+    """FID's reader opens 8-bit files with plain Pillow, so importing data.imageio applies the limit to Pillow."""
+    code = "import data.imageio; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    env = {**os.environ, MAX_PIXELS_ENV: "500000000", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 250_000_000
 
 
 # EXIF orientation -> how the stored pixels turn to stand upright, written out with numpy (rot90 turns
@@ -568,6 +611,57 @@ def test_folder_ignores_hidden_files_and_folders(tmp_path):
     (tmp_path / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     ds = load_dataset(f"folder:{tmp_path}", RES)
     assert ds.info.class_names == ("cats", "dogs") and len(ds) == 2
+
+
+def test_folder_class_names_and_params_paths_are_equal_in_every_unicode_normalisation(tmp_path):
+    """macOS stores "é" decomposed (NFD: "e" + a combining accent): a folder from there gives the same classes
+    as one written elsewhere, and params.csv rows typed precomposed (NFC) find its files."""
+    nfd, nfc = unicodedata.normalize("NFD", "chat \u00e9"), unicodedata.normalize("NFC", "chat \u00e9")
+    assert nfd != nfc
+    _save(tmp_path / "train" / nfd / "a.png", Image.new("RGB", (20, 20), (200, 0, 0)))
+    _save(tmp_path / "train" / "dog" / "b.png", Image.new("RGB", (20, 20)))
+    if nfd not in os.listdir(tmp_path / "train"):
+        pytest.skip("this file system normalises file names itself, so no NFD name can be stored")
+    _save(tmp_path / "test" / nfc / "c.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "test" / "dog" / "d.png", Image.new("RGB", (20, 20)))
+    (tmp_path / "train" / "params.csv").write_text(f"path,speed\n{nfc}/a.png,1\ndog/b.png,2\n", encoding="utf-8")
+    train = load_dataset(f"folder:{tmp_path / 'train'}", RES)
+    test = load_dataset(f"folder:{tmp_path / 'test'}", RES)
+    assert train.info.class_names == test.info.class_names == (nfc, "dog")
+    assert train.labels.tolist() == test.labels.tolist() == [0, 1]
+    assert train.params.tolist() == [[1.0], [2.0]]
+    assert train.files[0] == f"{nfd}/a.png" and train.images[0, 0].float().mean() > 150  # opened by its real name
+
+    # Two folders spelt both ways are one class; two images spelt both ways cannot be told apart by params.csv.
+    _save(tmp_path / "test" / nfd / "c.png", Image.new("RGB", (20, 20)))
+    both = load_dataset(f"folder:{tmp_path / 'test'}", RES)
+    assert both.info.class_names == (nfc, "dog") and both.labels.tolist() == [0, 0, 1]
+    (tmp_path / "test" / "params.csv").write_text(f"path,speed\n{nfc}/c.png,1\ndog/d.png,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"two images named chat \u00e9/c\.png that differ only in how their accented"):
+        load_dataset(f"folder:{tmp_path / 'test'}", RES)
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("Training", "Validation"), ("TRAIN", "valid", "test")])
+def test_folder_warns_when_its_class_folders_are_splits_holding_classes(tmp_path, splits):
+    for split in splits:
+        for cls in ("cat", "dog"):
+            _save(tmp_path / split / cls / "a.png", Image.new("RGB", (20, 20)))
+    root = tmp_path.resolve()
+    named = ", ".join(sorted(splits))
+    with pytest.warns(UserWarning, match=rf"class folders named {named} that hold subfolders") as got:
+        ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.class_names == tuple(sorted(splits))  # still loaded as asked
+    message = str(got[0].message)
+    assert f"--dataset at folder:{root / splits[0]} and --test-dataset at folder:{root / splits[1]}." in message
+
+
+def test_folder_does_not_warn_for_classes_that_are_not_splits(tmp_path):
+    _save(tmp_path / "cats" / "indoor" / "a.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "trains" / "steam" / "b.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "test" / "c.png", Image.new("RGB", (20, 20)))  # a class named test, with no subfolders
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset(f"folder:{tmp_path}", RES).info.class_names == ("cats", "test", "trains")
 
 
 def test_entry_points_print_data_errors_as_one_line(tmp_path, capsys):
