@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 from core.errors import ExistsError, UserError
 from core.runtime import process_alive
@@ -136,6 +137,20 @@ def holds_files(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds anything besides a lock file (an output folder that is not fresh)."""
     folder = Path(folder)
     return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def check_own_folder(folder: str | os.PathLike, own: Iterable[str], option: str) -> None:
+    """Refuse, before any work, an output folder that holds anything but the names in `own` (what the command
+    writes there), its lock and temporary files of interrupted writes: a dataset named by a typo would get
+    the command's files written into it, and read them as data next time."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    stray = sorted(p.name for p in folder.iterdir()
+                   if p.name not in own and p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if stray:
+        raise ExistsError(f"{option} {folder} already holds files that are not this command's ({', '.join(stray[:3])}"
+                          f"{', ...' if len(stray) > 3 else ''}); choose an empty or new folder.")
 
 
 def check_folder_path(folder: str | os.PathLike, option: str) -> None:

@@ -49,7 +49,7 @@ from core.cli import RunInterrupted
 from core.config import from_dict, to_dict
 from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
-from core.lock import FolderLock
+from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_spec, load_dataset
 from data.imageio import atomic_save_image, list_images
@@ -62,6 +62,8 @@ ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # --fine-tune's control row: the real row's runs trained again on the real images, as many steps in all as
 # the rows pretrained on synthetic images.
 FINE_TUNED_CONTROL = "real-then-real"
+# What the table writes in --out.
+TABLE_FILES = ("runs", "results.md", "results.json", "results.png")
 # The config fields that name a run's datasets, each set by one of the experiment's own options.
 DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
 # Config fields a kept run may differ in: the shape the data gives the network, and how often a run logs,
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = config.model.target
 
     out = args.out
+    check_own_folder(out, TABLE_FILES, "--out")
     with FolderLock(out):
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
         if size != Sizes():

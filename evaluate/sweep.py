@@ -60,7 +60,7 @@ from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
 from classify.stage import SPEC as CLASSIFY
 from core.errors import UserError
-from core.lock import FolderLock, check_folder_path, holds_files
+from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
 from data import check_spec, load_dataset
@@ -82,6 +82,8 @@ from stages import open_source
 from training.run import parse_stage_args, with_options
 
 CRITERIA = ("auto", "accuracy", "fid", "kid", "conditioning")
+# What the sweep writes in --out.
+SWEEP_FILES = ("sets", "measures", "runs", "sweep.md", "sweep.json", "sweep.png")
 DEFAULT_NUM, DEFAULT_PER_CLASS = 500, 100  # images per set
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # subsets of at most 1000 images (Binkowski et al. 2018), fewer if a set is smaller
 
@@ -185,6 +187,7 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
     check_folder_path(args.out, "--out")
+    check_own_folder(args.out, SWEEP_FILES, "--out")
     if args.write_best is not None:
         check_folder_path(args.write_best, "--write-best")
     if args.write_best is not None and holds_files(args.write_best) and not (args.write_best / "dataset.json").is_file():

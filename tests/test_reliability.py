@@ -182,8 +182,17 @@ def test_a_new_run_refuses_a_folder_holding_metrics_of_a_run_that_never_checkpoi
 def test_a_new_run_refuses_a_folder_of_other_files_such_as_its_own_training_images(tmp_path, folder):
     # A --run-dir typo that names the dataset: previews written there would become training data.
     before = sorted(str(p) for p in folder.rglob("*"))
-    with pytest.raises(FileExistsError, match=r"already holds files that are not a run's \(class0, class1\); "):
+    with pytest.raises(FileExistsError, match=r"^--run-dir \S+ already holds files that are not this command's \(class0, "):
         train.main(tiny_args(folder, folder, steps=1))
+    assert sorted(str(p) for p in folder.rglob("*")) == before
+    # The same of the results table's and the sweep's --out, before any work.
+    from evaluate import experiment, sweep
+    real = f"folder:{folder}"
+    with pytest.raises(FileExistsError, match=rf"^--out {folder} already holds files that are not this command's "
+                                              rf"\(class0, class1\); choose an empty or new folder\.$"):
+        experiment.main(["--real", real, "--synthetic", f"gen={real}", "--test", real, "--out", str(folder)])
+    with pytest.raises(FileExistsError, match="not this command's"):
+        sweep.main(["--ckpt", "x.pt", "--judge", "y.pt", "--real", real, "--test", real, "--out", str(folder)])
     assert sorted(str(p) for p in folder.rglob("*")) == before
     # What a run killed before its first checkpoint leaves is no obstacle to starting it again.
     early = tmp_path / "early"

@@ -22,13 +22,15 @@ from core import cli
 from core.checkpoint import load_checkpoint, require_keys
 from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
 from core.contract import RESUMABLE, StageSpec
-from core.lock import FolderLock
+from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
 from data import check_spec
 from training import distributed
 from training.loop import RunExists, Trainer
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
+# What a run killed before its first checkpoint leaves in its folder: a new run may start there.
+UNSTARTED_RUN = ("config.json", "samples", "figures")
 
 
 def common_parser(spec: StageSpec, stage_names: Sequence[str], description: str | None = None,
@@ -90,12 +92,6 @@ def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_conf
     return changed
 
 
-def _of_an_unstarted_run(name: str) -> bool:
-    """Whether a run folder may hold `name` before its first checkpoint: what a run killed that early leaves
-    (its config, first previews), the lock, and temporary files of interrupted writes."""
-    return name in (".lock", "config.json", "samples", "figures") or (name.startswith(".") and name.endswith(".tmp"))
-
-
 def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (an option outside `RESUMABLE` may be
     repeated, but not changed), else the preset's, with the user's options applied either way; then
@@ -118,10 +114,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         if (run_dir / "metrics.jsonl").exists():
             raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
                             f"to start over there, or choose another --run-dir.")
-        stray = sorted(p.name for p in run_dir.iterdir() if not _of_an_unstarted_run(p.name)) if run_dir.exists() else []
-        if stray:  # a dataset, another tool's output: the run's files would mix with them (and become data)
-            raise RunExists(f"{run_dir} already holds files that are not a run's ({', '.join(stray[:3])}"
-                            f"{', ...' if len(stray) > 3 else ''}); choose an empty or new --run-dir.")
+        check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
