@@ -22,7 +22,7 @@ from core.errors import UserError
 
 from .compare import fid_between, is_statistics_source
 from .features import FeatureExtractor, compute_statistics, default_device
-from .folder import FILE_SELECTIONS, list_fid_images
+from .folder import FILE_SELECTIONS, ImageFolder, check_enough_images
 from .stats import Provenance, check_same_features, load_statistics, prepare_statistics_path, save_statistics
 from .weights import WEIGHTS_FILENAME
 
@@ -87,8 +87,25 @@ def check_reused_statistics(paths: list[str], common: dict) -> None:
         check_same_features(saved, warn=False)  # fid_between warns of a file that does not say, once
 
 
+def check_kid_options(args: argparse.Namespace) -> None:
+    """Refuse KID settings that can never work, before anything is read (even where KID is then skipped)."""
+    if args.kid_subsets < 1:
+        raise UserError(f"--kid-subsets is {args.kid_subsets} but must be at least 1; pass 1 or more (default 100).")
+    if args.kid_subset_size is not None and args.kid_subset_size < 2:
+        raise UserError(f"--kid-subset-size is {args.kid_subset_size} but KID's unbiased estimate needs subsets of "
+                        f"at least 2 images; pass 2 or more (default {KID_SUBSET_SIZE}).")
+
+
+def open_folder(path: str, files: str) -> ImageFolder:
+    """The image folder `path`, refused with its name if FID cannot use it (no images, or fewer than 2)."""
+    folder = ImageFolder(path, files)
+    check_enough_images(folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    check_kid_options(args)
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
                   num_workers=args.num_workers, files=args.files, compile=args.compile, features=args.features)
     if args.features is not None:
@@ -99,22 +116,28 @@ def main(argv: list[str] | None = None) -> None:
         if args.save_stats:
             if not Path(a).is_dir():
                 raise UserError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
-            prepare_statistics_path(b)
-            save_statistics(compute_statistics(a, **common), b)
+            folder = open_folder(a, args.files)
+            prepare_statistics_path(b)  # refuses a name without .npz, before any features are computed
+            save_statistics(compute_statistics(folder, **common), b)
             print(f"Saved statistics of {a} to {b}")
             return
+        # Folders are listed once, here, and both checked (at least 2 images each) before any network is built.
+        sources = [path if is_statistics_source(path) else open_folder(path, args.files) for path in (a, b)]
         check_reused_statistics([a, b], common)
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
         subset_size = args.kid_subset_size
         if with_kid and subset_size is None:
-            smallest = min(len(list_fid_images(path, args.files)) for path in (a, b))
+            smallest = min(len(source) for source in sources)
             subset_size = KID_SUBSET_SIZE
             if smallest < subset_size:
                 with_kid = False
+                # Subsets need 2 images or more; every folder here has that many (open_folder).
+                sizes = "--kid-subset-size 2" if smallest == 2 else f"a --kid-subset-size from 2 to {smallest}"
                 print(f"warning: KID skipped: its default subsets of {subset_size} images need that many per folder "
-                      f"and one has {smallest}; pass --kid-subset-size {smallest} or less to get it.", file=sys.stderr)
-        result = fid_between(a, b, with_kid=with_kid, kid_subsets=args.kid_subsets,
-                             kid_subset_size=subset_size or KID_SUBSET_SIZE, seed=args.seed, **common)
+                      f"and one has {smallest}; pass {sizes} to get it.", file=sys.stderr)
+        result = fid_between(*sources, with_kid=with_kid, kid_subsets=args.kid_subsets,
+                             kid_subset_size=KID_SUBSET_SIZE if subset_size is None else subset_size,
+                             seed=args.seed, **common)
     print(f"FID: {result.fid:.6f}")
     if result.kid_mean is not None:
         print(f"KID: {result.kid_mean:.8f} +/- {result.kid_std:.8f}")

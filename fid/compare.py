@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .features import FeatureExtractor, ImageSource
-from .folder import ImageFolder
+from .folder import ImageFolder, check_enough_images
 from .frechet import frechet_distance
 from .kid import check_kid_sizes, kid
 from .stats import Statistics, StreamingStatistics, check_same_features, load_statistics
@@ -47,17 +47,21 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
 
     With `with_kid`, both sides must be images: KID (Bińkowski et al. 2018) needs the features
     themselves, which are then held in memory; otherwise only streamed statistics are kept. Each
-    side needs at least `kid_subset_size` images. `files` selects which files of a folder are read
-    ("pytorch-fid": its selection; "all": subfolders, any case, GIF; see `fid.folder`). `compile`
-    runs the network through torch.compile (see `FeatureExtractor`). `features`, a classify-stage
-    checkpoint, measures both in that classifier's penultimate features instead of Inception's (`fid.domain`).
+    side needs at least `kid_subset_size` images, and a folder at least 2 (refused up front). `files`
+    selects which files of a folder are read ("pytorch-fid": its selection; "all": subfolders, any
+    case, GIF; see `fid.folder`). `compile` runs the network through torch.compile (see
+    `FeatureExtractor`). `features`, a classify-stage checkpoint, measures both in that classifier's
+    penultimate features instead of Inception's (`fid.domain`).
     """
     if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
         raise UserError("KID needs the images of both sides, not saved statistics; pass two image sources.")
     extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files, compile, features)
-    # Both folders are listed, and KID's subset size checked against them, before minutes are spent
-    # on the features of either side.
+    # Both folders are listed and checked to hold 2 images or more (a covariance needs them), and KID's
+    # subset size checked against them, before minutes are spent on the features of either side.
     a, b = _open(a, files), _open(b, files)
+    for source in (a, b):
+        if isinstance(source, ImageFolder):
+            check_enough_images(source)
     if not with_kid:
         s_a, s_b = _statistics(a, extractor), _statistics(b, extractor)
         check_same_features([(_describe(source), s.provenance) for source, s in ((a, s_a), (b, s_b))])
@@ -90,6 +94,8 @@ def _count(source: Source) -> int | None:
 
 
 def _describe(source: Source) -> str:
+    if isinstance(source, ImageFolder):
+        return f"the features of {source.root}"
     if isinstance(source, (str, os.PathLike)):
         return f"statistics file {source}" if is_statistics_source(source) else f"the features of {source}"
     return "the statistics given" if isinstance(source, Statistics) else "the features of the images given"

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .domain import ClassifierFeatures, fit_to
-from .folder import FolderBatches, ImageFolder, check_file_selection
+from .folder import FolderBatches, ImageFolder, check_enough_images, check_file_selection
 from .inception import FEATURE_DIM, FIDInceptionV3, inference_copy
 from .stats import Provenance, Statistics, StreamingStatistics
 from .weights import build_fid_inception
@@ -159,6 +159,10 @@ class FeatureExtractor:
 
     def statistics(self, source: ImageSource) -> Statistics:
         """Statistics of `source`'s features, with their provenance."""
+        if isinstance(source, (str, os.PathLike)):
+            source = ImageFolder(source, self.files)
+        if isinstance(source, ImageFolder):
+            check_enough_images(source)  # before the network is built or any image read
         accumulator = StreamingStatistics()
         for features in self.batches(source):
             accumulator.update(features)
@@ -176,9 +180,14 @@ class FeatureExtractor:
         if isinstance(source, (str, os.PathLike)):
             source = ImageFolder(source, self.files)
         if isinstance(source, ImageFolder):
-            # Mixed sizes meet at the classifier's input (centre square, resized) or at Inception's 299x299.
-            fit = None if self.checkpoint is None else functools.partial(fit_to, resolution=self.domain.resolution)
-            batches = FolderBatches(source, self.batch_size, self.num_workers, fit)
+            # Large images, and mixed sizes, are brought to the classifier's input (centre square, resized) or
+            # to Inception's 299x299 image by image as they are decoded (see FolderBatches).
+            if self.checkpoint is None:
+                batches = FolderBatches(source, self.batch_size, self.num_workers)
+            else:
+                resolution = self.domain.resolution
+                batches = FolderBatches(source, self.batch_size, self.num_workers,
+                                        functools.partial(fit_to, resolution=resolution), resolution)
             return batches, len(batches), source.root.name
         if isinstance(source, torch.Tensor):
             if source.dim() != 4:

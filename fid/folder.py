@@ -36,6 +36,7 @@ from . import inception
 # pytorch-fid's IMAGE_EXTENSIONS, matched as `*.<ext>` (lower case) in the folder itself.
 PYTORCH_FID_EXTENSIONS = ("bmp", "jpeg", "jpg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 FILE_SELECTIONS = ("pytorch-fid", "all")
+MIN_IMAGES = 2  # per folder: the fewest a covariance (FID's sigma) can be estimated from
 
 
 def check_file_selection(files: str) -> None:
@@ -116,8 +117,16 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         array = np.asarray(read_rgb(self.files[index]), dtype=np.uint8)
-        # Same conversion as torchvision's ToTensor, which pytorch-fid uses.
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+        # Same conversion as torchvision's ToTensor, which pytorch-fid uses (in place: one float copy
+        # of a large photo, not two).
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def check_enough_images(folder: ImageFolder) -> None:
+    """Refuse a folder with fewer images than FID's covariance needs, naming it, before any features are computed."""
+    if len(folder) < MIN_IMAGES:
+        raise UserError(f"Image folder {folder.root} holds {len(folder)} image(s) but FID needs at least "
+                        f"{MIN_IMAGES} per folder to estimate a covariance; add images to it.")
 
 
 def collate_images(images: list[torch.Tensor],
@@ -134,12 +143,21 @@ def collate_images(images: list[torch.Tensor],
     return torch.cat([fit(image[None]) for image in images])
 
 
-def _inception_size(image: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(image, size=(inception.INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
+def _inception_size(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    size = inception.INPUT_SIZE if size is None else size
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
 
 
 class FolderBatches:
     """Batches of an ImageFolder in file order, decoded by `num_workers` processes (0: this one).
+
+    `fit` brings an image (1, C, H, W) to the network's input (1, C, size, size): by default
+    Inception's bilinear resize to `inception.INPUT_SIZE`; for another network give both (picklable,
+    for workers). An image with more pixels than size x size is fitted on its own as soon as it is
+    decoded, so a batch of photos holds batch_size inputs, not batch_size photos (a 12-megapixel
+    photo is 144 MB as floats); the network's own fit then leaves it as it is (see collate_images), so
+    the features are those of fitting the batch there. Smaller images are batched as they are
+    (brought to one size by `fit` only when their sizes differ) and fitted by the network, on its device.
 
     A file that cannot be read raises its own one-sentence error here, whichever process read it.
     Raised inside a DataLoader worker, it would reach the user wrapped in that worker's traceback
@@ -148,10 +166,14 @@ class FolderBatches:
     """
 
     def __init__(self, folder: ImageFolder, batch_size: int, num_workers: int,
-                 fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        # `fit`: how images of mixed sizes are brought to one size (see collate_images); picklable for workers.
-        self.loader = DataLoader(_ErrorsAsItems(folder), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                 collate_fn=functools.partial(_collate_or_error, fit=fit), drop_last=False)
+                 fit: Callable[[torch.Tensor], torch.Tensor] | None = None, size: int | None = None) -> None:
+        if fit is None:
+            size = inception.INPUT_SIZE if size is None else size
+            fit = functools.partial(_inception_size, size=size)  # the size read here, also in worker processes
+        assert size is not None, "give the input size that `fit` brings images to"
+        self.loader = DataLoader(_ErrorsAsItems(folder, fit, size), batch_size=batch_size, shuffle=False,
+                                 num_workers=num_workers, collate_fn=functools.partial(_collate_or_error, fit=fit),
+                                 drop_last=False)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -164,19 +186,25 @@ class FolderBatches:
 
 
 class _ErrorsAsItems(Dataset):
-    """The folder's images, with an error returned as the item rather than raised."""
+    """The folder's images, each with more pixels than size x size fitted to the network input on its
+    own; an error is returned as the item rather than raised."""
 
-    def __init__(self, folder: ImageFolder) -> None:
-        self.folder = folder
+    def __init__(self, folder: ImageFolder, fit: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
+        self.folder, self.fit, self.size = folder, fit, size
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, index: int) -> torch.Tensor | Exception:
         try:
-            return self.folder[index]
+            image = self.folder[index]
         except (ValueError, OSError) as err:  # a file that cannot be read, or that vanished
             return err
+        if image.shape[-2] * image.shape[-1] > self.size ** 2:
+            # A copy: a fit that only crops (a classifier's centre square) would return a view that keeps
+            # the whole photo alive.
+            image = self.fit(image[None])[0].clone()
+        return image
 
 
 def _collate_or_error(items: list[torch.Tensor | Exception],

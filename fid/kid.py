@@ -47,10 +47,14 @@ def check_kid_sizes(n1: int | None, n2: int | None, num_subsets: int, subset_siz
     if num_subsets < 1:
         raise UserError(f"The number of KID subsets is {num_subsets} but must be at least 1.")
     if subset_size < 2:
-        raise UserError(f"The KID subset size is {subset_size} but the unbiased estimate needs at least 2.")
+        raise UserError(f"The KID subset size is {subset_size} but the unbiased estimate needs at least 2; "
+                        "pass 2 or more.")
     known = [n for n in (n1, n2) if n is not None]
+    got = " and ".join(str(n) for n in known)
+    if known and min(known) < 2:  # no subset size is possible: advise more images only
+        raise UserError(f"KID needs at least 2 images per side but got {got}; give each side 2 images or more, "
+                        "or skip KID (on the command line --no-kid).")
     if known and min(known) < subset_size:
-        got = " and ".join(str(n) for n in (n1, n2) if n is not None)
         raise UserError(
             f"KID needs at least {subset_size} images per side for subsets of {subset_size} but got {got}; "
             f"pass a subset size of at most {min(known)} (on the command line --kid-subset-size N, or --no-kid to "

@@ -105,8 +105,8 @@ class StreamingStatistics:
 
 
 def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
-    """Write `mu`, `sigma` and any provenance to an .npz file (the name is used as given; numpy adds .npz
-    if missing)."""
+    """Write `mu`, `sigma` and any provenance to the .npz file `path` (a name not ending in .npz is refused,
+    since numpy would write another name, with .npz added)."""
     path = Path(path)
     prepare_statistics_path(path)
     record = {} if stats.provenance is None else {
@@ -122,6 +122,9 @@ def prepare_statistics_path(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"Cannot write statistics to the folder {path}; pass a file name such as {path / 'stats.npz'}.")
+    if not path.name.endswith(".npz"):  # numpy's test: it would append .npz, and write another file than named
+        suggestion = path.with_suffix(".npz") if path.suffix.lower() == ".npz" else path.with_name(path.name + ".npz")
+        raise UserError(f"Statistics files are .npz files but {path} does not end in .npz; name it {suggestion}.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -27,10 +27,10 @@ from PIL import Image
 
 import fid
 from data.imageio import list_images
-from fid.__main__ import run as cli_main
-from fid.folder import ImageFolder, collate_images
+from fid.__main__ import build_parser, check_kid_options, run as cli_main
+from fid.folder import FolderBatches, ImageFolder, collate_images
 from fid.frechet import frechet_distance
-from fid.kid import kid
+from fid.kid import check_kid_sizes, kid
 from fid.stats import Provenance, Statistics, StreamingStatistics, load_statistics, save_statistics
 from fid.weights import WEIGHTS_FILENAME, WEIGHTS_URL, build_fid_inception, load_fid_state_dict
 
@@ -239,6 +239,14 @@ def test_kid_refuses_subsets_larger_than_either_set():
         kid(x, y, num_subsets=0, subset_size=5)
     _, spread = kid(x, y, num_subsets=5, subset_size=10)
     assert spread > 0  # the larger set is still subsampled
+
+
+def test_kid_of_a_set_of_one_advises_more_images_not_an_impossible_subset_size():
+    with pytest.raises(ValueError) as info:
+        kid(np.zeros((1, 4)), np.ones((5, 4)), num_subsets=5, subset_size=2)
+    message = str(info.value)
+    assert re.fullmatch(r"KID needs at least 2 images per side but got 1 and 5; give each side 2 images or more, "
+                        r"or skip KID \(on the command line --no-kid\)\.", message), message
 
 
 def test_kid_rejects_mismatched_dimensions():
@@ -714,6 +722,34 @@ def test_collate_resizes_mixed_sizes_exactly_as_the_network_would():
     assert same.shape == (2, 3, 10, 12)
 
 
+def test_large_images_are_resized_one_by_one_as_decoded_with_the_features_the_network_gives(extractor, tmp_path):
+    # A batch of photos was held at full size until the network resized it (a 12-megapixel photo is
+    # 144 MB as floats, so memory grew with photo size times batch size); each image with more pixels
+    # than the input is now resized on its own as it is decoded. INPUT_SIZE is 75 here (small_input).
+    rng = np.random.default_rng(21)
+    large = rng.integers(0, 256, size=(3, 400, 600, 3), dtype=np.uint8)
+    for i, array in enumerate(large):
+        _write(tmp_path / "large", f"{i}.png", Image.fromarray(array))
+    batches = list(FolderBatches(ImageFolder(tmp_path / "large"), batch_size=2, num_workers=0))
+    assert [tuple(batch.shape) for batch in batches] == [(2, 3, 75, 75), (1, 3, 75, 75)]
+    # The same features as before: the whole batch at full size, resized by the network itself.
+    full_size = torch.from_numpy(large).permute(0, 3, 1, 2).float() / 255
+    assert_same_features(extractor.features(tmp_path / "large"), extractor.model(full_size))
+    from_folder, from_tensor = extractor.statistics(tmp_path / "large"), extractor.statistics(full_size)
+    np.testing.assert_allclose(from_folder.mu, from_tensor.mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(from_folder.sigma, from_tensor.sigma, rtol=1e-4, atol=1e-6)
+    # Mixed with images smaller than the input (left for the network, or fitted when sizes differ):
+    # each image gets the features the network gives it on its own.
+    small = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    for name, array in (("0.png", large[0]), ("1.png", small), ("2.png", large[1]), ("3.png", small[::-1])):
+        _write(tmp_path / "mixed", name, Image.fromarray(array))
+    batches = list(FolderBatches(ImageFolder(tmp_path / "mixed"), batch_size=2, num_workers=0))
+    assert [tuple(batch.shape) for batch in batches] == [(2, 3, 75, 75)] * 2
+    one_by_one = torch.cat([extractor.model(_as_tensor(array)[None]) for array in (large[0], small, large[1],
+                                                                                     small[::-1])])
+    assert_same_features(extractor.features(tmp_path / "mixed"), one_by_one)
+
+
 def test_folder_tensor_and_batch_sources_give_the_same_statistics(extractor, tmp_path):
     rng = np.random.default_rng(12)
     arrays = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
@@ -841,6 +877,24 @@ def test_cli_end_to_end_with_folders_and_saved_statistics(tmp_path, capsys, extr
     assert "warning: KID skipped" in captured.err and "--kid-subset-size 2" in captured.err
 
 
+def test_cli_kid_skipped_for_small_folders_advises_subset_sizes_that_work(tmp_path, capsys, extractor, monkeypatch):
+    monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: extractor.model)
+    rng = np.random.default_rng(22)
+    for i in range(3):
+        _write(tmp_path / "a", f"{i}.png", Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+        _write(tmp_path / "b", f"{i}.png", Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    paths = [str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "random", "--device", "cpu", "--num-workers", "0"]
+    assert cli_main(paths) == 0
+    err = capsys.readouterr().err
+    # Not "3 or less": subsets of fewer than 2 images are refused.
+    advice = re.search(r"warning: KID skipped: .* one has 3; pass a --kid-subset-size from (\d+) to (\d+) to get it\.",
+                       err)
+    assert advice, err
+    for size in advice.groups():  # both ends of the advised range are accepted, by the options and by KID
+        check_kid_options(build_parser().parse_args([*paths, "--kid-subset-size", size]))
+        check_kid_sizes(3, 3, num_subsets=100, subset_size=int(size))
+
+
 def test_cli_help_runs_as_a_module_and_shows_defaults():
     done = subprocess.run([sys.executable, "-m", "fid", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60)
@@ -914,3 +968,57 @@ def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, c
     }[case]
     assert cli_main(argv) == 1
     assert re.search(match, _one_sentence_error(capsys))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("one image on the second side", r"^error: Image folder \S*one holds 1 image\(s\) but FID needs at least 2 per "
+                                     r"folder to estimate a covariance; add images to it\.$"),
+    ("one image on the first side", r"Image folder \S*one holds 1 image\(s\) but FID needs at least 2"),
+    ("one image to save statistics of", r"Image folder \S*one holds 1 image\(s\) but FID needs at least 2"),
+    ("KID subset size 0", r"--kid-subset-size is 0 but KID's unbiased estimate needs subsets of at least 2 images; "
+                          r"pass 2 or more"),
+    ("KID subset size 1, KID skipped", r"--kid-subset-size is 1 but .* at least 2 images"),
+    ("no KID subsets", r"--kid-subsets is 0 but must be at least 1; pass 1 or more"),
+    ("statistics name without .npz", r"Statistics files are \.npz files but \S*statsnoext does not end in \.npz; "
+                                     r"name it \S*out/statsnoext\.npz\.$"),
+    ("statistics name in upper case", r"\S*s\.NPZ does not end in \.npz; name it \S*out/s\.npz\.$"),
+])
+def test_cli_refuses_bad_input_before_building_the_network_or_writing(case, match, tmp_path, capsys, monkeypatch):
+    def refuse(weights):
+        raise AssertionError("the network was built before the input was checked")
+
+    monkeypatch.setattr("fid.features.build_fid_inception", refuse)
+    for i in range(3):
+        _write(tmp_path / "a", f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)))
+    _write(tmp_path / "one", "0.png", Image.new("RGB", (8, 8)))
+    a, one, out = str(tmp_path / "a"), str(tmp_path / "one"), tmp_path / "out"
+    options = ["--weights", "random", "--device", "cpu", "--num-workers", "0"]
+    argv = {
+        "one image on the second side": [a, one, *options],
+        "one image on the first side": [one, a, *options, "--no-kid"],
+        "one image to save statistics of": ["--save-stats", one, str(out / "one.npz"), *options],
+        "KID subset size 0": [a, a, *options, "--kid-subset-size", "0"],
+        "KID subset size 1, KID skipped": [a, a, *options, "--kid-subset-size", "1", "--no-kid"],
+        "no KID subsets": [a, a, *options, "--kid-subsets", "0"],
+        "statistics name without .npz": ["--save-stats", a, str(out / "statsnoext"), *options],
+        "statistics name in upper case": ["--save-stats", a, str(out / "s.NPZ"), *options],
+    }[case]
+    before = sorted(tmp_path.rglob("*"))
+    assert cli_main(argv) == 1
+    assert re.search(match, _one_sentence_error(capsys))
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output's folder
+
+
+def test_one_image_folder_and_statistics_name_without_npz_are_refused_in_python_too(tmp_path, monkeypatch):
+    monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: pytest.fail("network built"))
+    for i in range(2):
+        _write(tmp_path / "a", f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)))
+    _write(tmp_path / "one", "0.png", Image.new("RGB", (8, 8)))
+    with pytest.raises(ValueError, match=r"Image folder \S*one holds 1 image\(s\) but FID needs at least 2"):
+        fid.fid_between(tmp_path / "a", tmp_path / "one", weights="random", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"Image folder \S*one holds 1 image\(s\)"):
+        fid.compute_statistics(tmp_path / "one", weights="random", device="cpu", progress=False)
+    stats = Statistics(mu=np.zeros(2), sigma=np.eye(2))
+    with pytest.raises(ValueError, match=r"does not end in \.npz; name it \S*stats\.npz"):
+        save_statistics(stats, tmp_path / "stats")
+    assert not list(tmp_path.glob("stats*"))  # numpy would have written stats.npz
