@@ -39,17 +39,17 @@ SAMPLE_OPTIONS = [(section, spec.name) for spec in GENERATIVE.values() for secti
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, default=None,
+    parser.add_argument("--ckpt", type=cli.path_option, default=None,
                         help="checkpoint.pt of a training run (default: the most recently saved run under runs/ that "
                              "draws images)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=cli.path_option, default=None,
                         help="output folder (default: RUN_DIR/samples/SAMPLER-STEPS-seedSEED[-MODE] next to the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
-    parser.add_argument("--num", type=int, default=None,
+    parser.add_argument("--num", type=cli.int_option, default=None,
                         help="number of images; with --sweep or --interpolate, the number of rows (default: 64; 4 rows)")
-    parser.add_argument("--first-index", type=int, default=0, help="index of the first image, to redraw image k alone (default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; image k uses a seed derived from (seed, k) (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--first-index", type=cli.int_option, default=0, help="index of the first image, to redraw image k alone (default: 0)")
+    parser.add_argument("--seed", type=cli.seed_option, default=0, help="run seed; image k uses a seed derived from (seed, k) (default: 0)")
+    parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--class", dest="label", default=None,
                         help="class name or index for a class-conditional model (default: cycle through the classes)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -64,19 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interpolate-to", action="append", default=[], metavar="CLASS|NAME=VALUE",
                         help="the condition at the far end of --interpolate: a class, or parameter values (repeat per "
                              "parameter) (default: the next class; each parameter mirrored within its range)")
-    parser.add_argument("--frames", type=int, default=None, help="images along each --interpolate strip (default: 8)")
-    parser.add_argument("--dataset-out", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--frames", type=cli.int_option, default=None, help="images along each --interpolate strip (default: 8)")
+    parser.add_argument("--dataset-out", type=cli.path_option, default=None, metavar="DIR",
                         help="write a labelled dataset into DIR instead of a grid: class folders, manifest.csv, "
                              "params.csv; resumable (default: off)")
-    parser.add_argument("--per-class", type=int, default=None,
+    parser.add_argument("--per-class", type=cli.int_option, default=None,
                         help="with --dataset-out, images per class of a class-conditional model (default: 100)")
-    parser.add_argument("--per-image", type=int, default=None,
+    parser.add_argument("--per-image", type=cli.int_option, default=None,
                         help="with --dataset-out and an inversion checkpoint, images per inverted image (default: 1)")
     parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
                              "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
-    parser.add_argument("--gif-images", type=int, default=None, help="images shown in the GIF (default: 16)")
+    parser.add_argument("--gif-images", type=cli.int_option, default=None, help="images shown in the GIF (default: 16)")
     parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
                         help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
                              "latent models (default: auto: x_t for pixel models, x0 for latent models)")

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from core.errors import UserError
@@ -81,6 +82,38 @@ def _original_message(message: str) -> str:
         return message
     last = message.strip().splitlines()[-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+# No count, size or seed of this toolkit comes near it; larger numbers overflow C integers inside PyTorch and
+# numpy (a traceback instead of a message) or ask for work that would never end.
+INT_LIMIT = 2 ** 31
+
+
+def int_option(text: str) -> int:
+    """argparse type of a whole-number option: int(text), refused beyond +-INT_LIMIT."""
+    value = int(text)  # argparse reports a ValueError as "invalid int value"
+    if abs(value) >= INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a whole number below {INT_LIMIT:,}")
+    return value
+
+
+def seed_option(text: str) -> int:
+    """argparse type of a --seed option: a whole number from 0 (numpy's generators take no negative seed)."""
+    value = int_option(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is 0 or positive, got {text}")
+    return value
+
+
+def path_option(text: str) -> Path:
+    """argparse type of a file or folder option: refuses an empty path, which would silently mean the current
+    folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file or folder; give one")
+    return Path(text)
+
+
+int_option.__name__, seed_option.__name__, path_option.__name__ = "int", "int", "path"  # as argparse names them in "invalid ... value"
 
 
 class ArgumentParser(argparse.ArgumentParser):

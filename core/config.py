@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from core.checkpoint import describe
+from core.cli import int_option
 from core.errors import UserError
 from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 
@@ -56,6 +57,7 @@ class DataConfig:
         require(self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}.")
         require(self.num_samples >= 0, f"--num-samples must be 0 (all) or positive, got {self.num_samples}.")
         require(self.num_workers >= 0, f"--num-workers must be 0 or positive, got {self.num_workers}.")
+        require(self.cache_dir.strip() != "", "--cache-dir is empty; give a folder (default .cache/datasets).")
         require(self.test_samples >= 0, f"--test-samples must be 0 (all) or positive, got {self.test_samples}.")
 
 
@@ -90,8 +92,9 @@ class TrainConfig:
         require(self.lr_schedule != "onecycle" or self.warmup_steps < self.steps or self.steps == 0,
                 f"--warmup-steps {self.warmup_steps} leaves no annealing phase in a one-cycle schedule of --steps "
                 f"{self.steps}; pass --warmup-steps {round(0.3 * self.steps)} (30% of the run is usual).")
-        require(self.weight_decay >= 0, f"--weight-decay must be 0 or positive, got {self.weight_decay}.")
-        require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"--weight-decay must be 0 or a positive number, got {self.weight_decay}.")
+        require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")  # inf: off too
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
         check_choice("amp", self.amp, AMP_MODES)
         check_choice("kernels", self.kernels, KERNEL_BACKENDS)
@@ -185,11 +188,13 @@ def _kind(hint: Any) -> str:
 
 
 def _arg_type(hint: Any, metavar: str | None) -> dict[str, Any]:
+    def typed(t: Any) -> Any:  # whole numbers within range (cli.int_option), else the type itself
+        return int_option if t is int else t
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is tuple:  # tuple[int, ...] -> "--channel-mult 1 2 2"
-        return {"type": typing.get_args(hint)[0], "nargs": "*", "metavar": metavar}
-    return {"type": hint, "metavar": metavar}
+        return {"type": typed(typing.get_args(hint)[0]), "nargs": "*", "metavar": metavar}
+    return {"type": typed(hint), "metavar": metavar}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,

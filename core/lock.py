@@ -47,20 +47,20 @@ def _describe(holder: dict) -> str:
 class FolderLock:
     """Exclusive use of `folder` by this process for the duration of a `with` block.
 
-    Creates the folder if needed, and removes it again on release if it made it and nothing else was
-    written there (a run refused at start leaves no trace). A lock whose holder died is taken over
-    with a note on stderr.
+    Creates the folder (and any missing parents) if needed, and removes them again on release if it
+    made them and nothing else was written there (a run refused at start leaves no trace). A lock whose
+    holder died is taken over with a note on stderr.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.fd: int | None = None
-        self.created = False
+        self.created: list[Path] = []  # the folders this lock made, deepest first
 
     def __enter__(self) -> FolderLock:
         check_folder_path(self.folder, "The output folder")
-        self.created = not self.folder.exists()
+        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # no permission, a read-only or full disk
@@ -129,8 +129,11 @@ class FolderLock:
         self._remove_folder_if_unused()
 
     def _remove_folder_if_unused(self) -> None:
-        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        """Remove the folders this lock made (the parents too, from the deepest) while they are empty."""
+        for folder in self.created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
 
 
 def holds_files(folder: str | os.PathLike) -> bool:

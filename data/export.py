@@ -37,18 +37,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m data.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="the dataset: plumes | folder:PATH | cifar10")
-    parser.add_argument("out", type=Path, help="the folder to write")
+    parser.add_argument("out", type=cli.path_option, help="the folder to write")
     parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="label images by K equal bins of parameter NAME, over [LOW, HIGH] or the data's own range "
                              "(default: the dataset's own classes, if any)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="plumes and cifar10: which split (default: train)")
-    parser.add_argument("--num-samples", type=int, default=0,
+    parser.add_argument("--num-samples", type=cli.int_option, default=0,
                         help="plumes to simulate, or a seeded subset of another dataset (default: 0: as for training: "
                              "10000 plumes, all other images)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=cli.seed_option, default=0,
                         help="plumes: the seed of the simulations (another seed, other plumes: a validation set beside "
                              "--split test); other datasets: of the subset --num-samples picks (default: 0)")
-    parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: 32)")
+    parser.add_argument("--resolution", type=cli.int_option, default=32, help="image side in pixels (default: 32)")
     parser.add_argument("--cache-dir", default=".cache/datasets", help="dataset cache (default: .cache/datasets)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
@@ -58,8 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_spec(args.spec, "SPEC")
-    if args.seed < 0:
-        raise UserError(f"--seed must be 0 or positive, got {args.seed}.")
     if args.num_samples < 0:
         raise UserError(f"--num-samples must be 0 (all) or positive, got {args.num_samples}.")
     if args.split == "test" and args.spec.startswith("folder:"):

@@ -19,6 +19,9 @@ from ddpm.samplers import SAMPLERS
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
+# T beyond this only costs (the schedule is tabulated per timestep); papers use 1000 to 4000.
+MAX_TIMESTEPS = 100_000
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
@@ -35,7 +38,8 @@ class DiffusionConfig:
         object.__setattr__(self, "beta_range", tuple(self.beta_range))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("prediction", self.prediction, PREDICTIONS)
-        require(self.num_timesteps >= 1, f"--num-timesteps must be at least 1, got {self.num_timesteps}.")
+        require(1 <= self.num_timesteps <= MAX_TIMESTEPS, f"--num-timesteps must be from 1 to {MAX_TIMESTEPS:,} (DDPM: "
+                f"1000, improved DDPM: 4000), got {self.num_timesteps}.")
         require(len(self.beta_range) in (0, 2), f"--beta-range takes two numbers (beta_1 beta_T), got {self.beta_range}.")
         require(0 <= self.cond_drop_prob <= 1, f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}.")
         self.make_schedule()  # refuse an impossible schedule (e.g. linear with T <= 20) before any work

@@ -207,22 +207,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m evaluate.consistency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", type=Path, help="checkpoint of a conditional diffusion model to draw from")
+    source.add_argument("--ckpt", type=cli.path_option, help="checkpoint of a conditional diffusion model to draw from")
     source.add_argument("--images", metavar="folder:DIR",
                         help="judge a written image set instead (a --dataset-out folder, or real images) against its "
                              "own class folders or params.csv")
-    parser.add_argument("--judge", type=Path, required=True,
+    parser.add_argument("--judge", type=cli.path_option, required=True,
                         help="checkpoint of a classifier (class models) or parameter regressor (parameter models) "
                              "trained on real data (required)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=cli.path_option, default=None,
                         help="output folder (default: RUN_DIR/consistency next to --ckpt, DIR-consistency beside --images DIR)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
-    parser.add_argument("--per-class", type=int, default=50, help="class models: images per class (default: 50)")
-    parser.add_argument("--num", type=int, default=200,
+    parser.add_argument("--per-class", type=cli.int_option, default=50, help="class models: images per class (default: 50)")
+    parser.add_argument("--num", type=cli.int_option, default=200,
                         help="parameter models: images, parameters drawn over the training ranges (default: 200)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="parameter models: fix a parameter instead of drawing it (default: none)")
-    parser.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k) (default: 0)")
+    parser.add_argument("--seed", type=cli.seed_option, default=0, help="image k uses a seed derived from (seed, k) (default: 0)")
     add_drawing_options(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the diffusion network and the judge (default: off)")

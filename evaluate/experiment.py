@@ -92,7 +92,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--synthetic", action="append", default=[], metavar="NAME=SPEC", required=True,
                         help="a synthetic training set and its row name, e.g. ddpm=folder:synth; repeat per set (required)")
     parser.add_argument("--test", required=True, help="held-out real images every run is tested on (required)")
-    parser.add_argument("--seeds", type=int, default=3, help="training runs per row, seeds 0..N-1 (default: 3)")
+    parser.add_argument("--seeds", type=cli.int_option, default=3, help="training runs per row, seeds 0..N-1 (default: 3)")
     parser.add_argument("--match-size", action="store_true",
                         help="train every row on the same number of images (default: off: each row on all its images)")
     parser.add_argument("--synthetic-multiple", type=float, default=None, metavar="K",
@@ -107,7 +107,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="with --fine-tune: the peak learning rate of the fine-tuned rows (both NAME-then-real and "
                              "the control), e.g. a tenth of the other runs' (default: theirs)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS), help="classify preset every run starts from (default: classify-demo)")
-    parser.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
+    parser.add_argument("--out", type=cli.path_option, default=Path("runs/experiment"), help="output folder (default: runs/experiment)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")

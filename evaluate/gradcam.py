@@ -72,10 +72,17 @@ def _captured(module: nn.Module) -> Iterator[dict[str, Tensor]]:
         handle.remove()
 
 
+# Layers whose output has no positions left (pooled, flattened, the output layer): nothing to map.
+NOT_SPATIAL = (nn.Linear, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+
 def find_layer(net: nn.Module, name: str) -> nn.Module:
     layers = dict(net.named_modules())
-    if name not in layers or not name:
-        some = [n for n in layers if n and "." not in n]
+    if name not in layers or not name or isinstance(layers[name], NOT_SPATIAL):
+        some = [n for n, m in layers.items() if n and "." not in n and not isinstance(m, NOT_SPATIAL)]
+        if name in layers and name:
+            raise UserError(f"--layer {name} leaves no image positions to map (Grad-CAM weighs a convolutional "
+                            f"layer's feature maps); pass one of {', '.join(some)}.")
         raise UserError(f"The classifier has no layer {name!r}; pass --layer one of {', '.join(some)} (or a nested "
                         f"name such as layer4.1.conv2).")
     return layers[name]
@@ -223,13 +230,13 @@ def summary_table(summary: dict[str, dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m evaluate.gradcam", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", action="append", type=Path, required=True,
+    parser.add_argument("--ckpt", action="append", type=cli.path_option, required=True,
                         help="a classify checkpoint; repeat to compare classifiers side by side (required)")
     parser.add_argument("--name", action="append", default=[],
                         help="a name per --ckpt, in order (default: each checkpoint's run folder)")
     parser.add_argument("--images", required=True, help="the images: folder:PATH | plumes | cifar10 (required)")
-    parser.add_argument("--num", type=int, default=32, help="images, a seeded subset (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset (default: 0)")
+    parser.add_argument("--num", type=cli.int_option, default=32, help="images, a seeded subset (default: 32)")
+    parser.add_argument("--seed", type=cli.seed_option, default=0, help="seed of the subset (default: 0)")
     parser.add_argument("--layer", default="layer4", help="layer whose activations are explained (default: layer4, "
                                                          "the last residual stage)")
     parser.add_argument("--explain", choices=("pred", "label"), default="pred",
@@ -237,9 +244,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--class", dest="class_name", default=None, help="explain this class for every image instead")
     parser.add_argument("--output", default=None,
                         help="for a parameter regressor: the parameter whose value is explained (default: the first)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/gradcam of the first --ckpt)")
+    parser.add_argument("--out", type=cli.path_option, default=None, help="output folder (default: RUN_DIR/gradcam of the first --ckpt)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")

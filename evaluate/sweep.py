@@ -109,8 +109,12 @@ class Setting:
 def _list(kind: type, option: str):
     """argparse type of a comma-separated list (`--steps 25,50`), each item a `kind`."""
     def parse(text: str) -> tuple:
+        items = text.split(",")
+        if any(not item.strip() for item in items):
+            raise argparse.ArgumentTypeError(f"{option} {text!r} has an empty item; separate values by single "
+                                             f"commas, e.g. {option} 25,50")
         try:
-            values = tuple(kind(item) for item in text.split(",") if item.strip())
+            values = tuple(kind(item.strip()) for item in items)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{option} takes a comma-separated list, e.g. {option} 25,50") from None
         if not values or len(set(values)) != len(values):
@@ -123,8 +127,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     own, passed = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = cli.ArgumentParser(prog="python -m evaluate.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint of the diffusion model to sample (required)")
-    parser.add_argument("--judge", type=Path, required=True,
+    parser.add_argument("--ckpt", type=cli.path_option, required=True, help="checkpoint of the diffusion model to sample (required)")
+    parser.add_argument("--judge", type=cli.path_option, required=True,
                         help="checkpoint of a classifier or parameter regressor trained on real images: it judges the "
                              "conditioning and its penultimate features measure FID, KID and diversity (required)")
     parser.add_argument("--real", required=True,
@@ -134,7 +138,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "(required; a validation split, see above)")
     parser.add_argument("--sampler", type=_list(str, "--sampler"), default=("ddim",),
                         help=f"samplers, comma-separated, of {', '.join(SAMPLERS)} (default: ddim)")
-    parser.add_argument("--steps", type=_list(int, "--steps"), default=(50,),
+    parser.add_argument("--steps", type=_list(cli.int_option, "--steps"), default=(50,),
                         help="sampling step counts, comma-separated (default: 50)")
     parser.add_argument("--spacing", type=_list(str, "--spacing"), default=(SamplingConfig.spacing,),
                         help=f"timestep spacings, comma-separated, of {', '.join(SPACINGS)} (sample.py --spacing says "
@@ -142,32 +146,32 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--guidance", type=_list(float, "--guidance"), default=None,
                         help="classifier-free guidance scales, comma-separated (default: the model's own default, 1 "
                              "for most)")
-    parser.add_argument("--num", type=int, default=None,
+    parser.add_argument("--num", type=cli.int_option, default=None,
                         help="images per set for parameter and unconditional models (default: 500)")
-    parser.add_argument("--per-class", type=int, default=None, help="images per class per set for class models "
+    parser.add_argument("--per-class", type=cli.int_option, default=None, help="images per class per set for class models "
                                                                    "(default: 100)")
     parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="parameter models: label images by K bins of one parameter (as sample.py --classes), "
                              "which a classifier as --judge needs (default: none)")
-    parser.add_argument("--seed", type=int, default=0, help="image k of every set uses a seed derived from (seed, k) "
+    parser.add_argument("--seed", type=cli.seed_option, default=0, help="image k of every set uses a seed derived from (seed, k) "
                                                            "(default: 0)")
     parser.add_argument("--train", action="store_true",
                         help="also train a classifier on each set and on as many real images, tested on --test "
                              "(default: off)")
-    parser.add_argument("--train-seeds", type=int, default=1, help="with --train: runs per row (default: 1)")
+    parser.add_argument("--train-seeds", type=cli.int_option, default=1, help="with --train: runs per row (default: 1)")
     parser.add_argument("--preset", default="classify-demo", choices=tuple(PRESETS),
                         help="with --train: the classify preset every run starts from (default: classify-demo)")
     parser.add_argument("--criterion", default="auto", choices=CRITERIA,
                         help="what names the best setting: accuracy (of the trained classifiers; top-1, or the mean "
                              "absolute error of a parameter target), fid, kid, conditioning; auto: accuracy with "
                              "--train, else fid (default: auto)")
-    parser.add_argument("--write-best", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--write-best", type=cli.path_option, default=None, metavar="DIR",
                         help="afterwards, write a dataset with the best setting into DIR (default: off)")
-    parser.add_argument("--write-num", type=int, default=None, help="with --write-best: images (parameter and "
+    parser.add_argument("--write-num", type=cli.int_option, default=None, help="with --write-best: images (parameter and "
                                                                     "unconditional models)")
-    parser.add_argument("--write-per-class", type=int, default=None, help="with --write-best: images per class "
+    parser.add_argument("--write-per-class", type=cli.int_option, default=None, help="with --write-best: images per class "
                                                                           "(class models)")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
+    parser.add_argument("--out", type=cli.path_option, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
     add_drawing_options(parser)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")

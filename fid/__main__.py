@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--files", choices=FILE_SELECTIONS, default="pytorch-fid",
                         help="which files of a folder to read: pytorch-fid's selection (top-level *.bmp, jpeg, jpg, "
                              "pgm, png, ppm, tif, tiff, webp, lower-case) or all (subfolders too, any case, .gif)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--batch-size", type=cli.int_option, default=50, help="images per forward pass")
+    parser.add_argument("--num-workers", type=cli.int_option, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (0: decode in the main process)")
     parser.add_argument("--device", default=default_device(), help="torch device, e.g. cuda, cuda:1, cpu")
     parser.add_argument("--compile", action="store_true",
@@ -53,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a classify-stage checkpoint: measure FID and KID in its penultimate features (the "
                              "domain's own) instead of Inception's; --weights is then not read")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
-    parser.add_argument("--kid-subsets", type=int, default=100, help="number of random subsets for KID")
-    parser.add_argument("--kid-subset-size", type=int, default=None,
+    parser.add_argument("--kid-subsets", type=cli.int_option, default=100, help="number of random subsets for KID")
+    parser.add_argument("--kid-subset-size", type=cli.int_option, default=None,
                         help=f"images per KID subset; each folder needs at least this many (default {KID_SUBSET_SIZE}; "
                              f"left at that, KID is skipped with a warning for smaller folders, while a size you give "
                              f"is an error if a folder is smaller)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
+    parser.add_argument("--seed", type=cli.seed_option, default=0, help="seed of the KID subset draws")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1)")
     return parser

@@ -16,6 +16,7 @@ import torch
 
 from core.errors import MissingFileError, UserError
 import kernels
+from core import cli
 from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
 from core.lock import FolderLock, check_output_folder
@@ -35,7 +36,7 @@ OpenSource = Callable[[Path, torch.device, str], ImageSource]  # (checkpoint, de
 def add_drawing_options(parser: argparse.ArgumentParser) -> None:
     """The options of a tool that draws from a checkpoint as sample.py does (the consistency check, the
     sweep): --batch-size, --weights, --device, --amp and --kernels."""
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")

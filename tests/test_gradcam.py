@@ -151,3 +151,14 @@ def test_bad_gradcam_options_write_nothing(tmp_path, extra, message):
         gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{tmp_path / 'images'}", "--out",
                       str(tmp_path / "out"), "--device", "cpu", *extra])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_without_image_positions_is_refused_and_not_suggested():
+    net = resnet()
+    for layer in ("fc", "avgpool"):
+        with pytest.raises(ValueError, match=rf"^--layer {layer} leaves no image positions to map .*; pass one of "
+                                             r"conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4\.$"):
+            gradcam.find_layer(net, layer)
+    with pytest.raises(ValueError, match=r"no layer 'head'; pass --layer one of conv1, .*, layer4 \(or a nested"):
+        gradcam.find_layer(net, "head")
+    assert gradcam.find_layer(net, "layer3.1.conv2") is net.layer3[1].conv2

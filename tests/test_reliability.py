@@ -365,7 +365,7 @@ TRAIN_CASES = [
     (["--preview-images", "0"], "--preview-images must be at least 1"),
     (["--preview-steps", "500"], "--preview-steps 500 exceeds the model's T = 100"),
     (["--cond-drop-prob", "1.5"], "--cond-drop-prob must be in"),
-    (["--num-timesteps", "0"], "--num-timesteps must be at least 1"),
+    (["--num-timesteps", "0"], "--num-timesteps must be from 1 to 100,000"),
     (["--beta-range", "0.1"], "--beta-range takes two numbers"),
     (["--schedule", "linear", "--beta-range", "0.5", "0.1"], "--beta-range must satisfy"),
     (["--schedule", "cosine", "--beta-range", "0.001", "0.02"], "cosine schedule has no beta range"),
@@ -566,3 +566,38 @@ def test_an_output_folder_that_is_a_file_or_lies_under_one_is_refused_in_one_lin
         error = the_error(capsys.readouterr().err)
         assert re.fullmatch(rf"error: .*{re.escape(str(blocker))}.* (a )?file.*; choose .*\.", error), error
     assert sorted(p.name for p in tmp_path.iterdir()) == before and blocker.read_text() == "mine"
+
+
+def test_values_no_option_can_take_are_refused_in_one_line_before_any_file_is_written(tmp_path, folder, class_ckpt,
+                                                                                       capsys):
+    from evaluate import consistency, sweep
+    real = f"folder:{folder}"
+    run_dir = tmp_path / "new" / "run"
+    sweep_argv = ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", real, "--test", real,
+                  "--out", str(tmp_path / "new" / "sweep")]
+    cases = [
+        (train.main, tiny_args(run_dir, folder, "--weight-decay", "inf"), r"--weight-decay must be 0 or a positive"),
+        (train.main, tiny_args(run_dir, folder, "--seed", str(2 ** 64)), r"argument --seed: \d+ is out of range"),
+        (train.main, tiny_args(run_dir, folder, "--steps", str(2 ** 63)), r"argument --steps: \d+ is out of range"),
+        (train.main, tiny_args(run_dir, folder, "--channel-mult", "1", str(2 ** 40)), r"--channel-mult: \d+ is out"),
+        (train.main, tiny_args(run_dir, folder, "--num-timesteps", str(10 ** 6)), r"--num-timesteps must be from 1 to"),
+        (train.main, tiny_args(run_dir, folder, "--cache-dir", ""), r"--cache-dir is empty"),
+        (train.main, tiny_args(run_dir, folder, "--base-channels", "8"), r"multiples of 32"),  # refused under the lock
+        (train.main, tiny_args("", folder), r"argument --run-dir: an empty path names no file or folder"),
+        (sample.main, ["--ckpt", str(class_ckpt), "--dataset-out", " "], r"--dataset-out: an empty path"),
+        (sample.main, ["--ckpt", str(class_ckpt), "--num", str(2 ** 63)], r"argument --num: \d+ is out of range"),
+        (consistency.main, ["--judge", str(class_ckpt), "--ckpt", str(class_ckpt), "--seed", "-1"],
+         r"argument --seed: a seed is 0 or positive, got -1"),
+        (sweep.main, [*sweep_argv, "--steps", "10,,25"], r"--steps '10,,25' has an empty item"),
+        (sweep.main, [*sweep_argv, "--seed", "-2"], r"argument --seed: a seed is 0 or positive"),
+        (sweep.main, [*sweep_argv[:-1], ""], r"argument --out: an empty path"),
+    ]
+    for main, argv, message in cases:
+        try:
+            code = cli.run(main, argv)
+        except SystemExit as exit_:  # a mistyped command line: argparse's exit, after its one line
+            code = exit_.code
+        assert code in (1, 2), argv
+        error = capsys.readouterr().err
+        assert re.search(message, the_error(error)), error
+    assert not (tmp_path / "new").exists()  # not even the parent folders a refused run would have made

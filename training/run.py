@@ -43,7 +43,7 @@ def common_parser(spec: StageSpec, stage_names: Sequence[str], description: str 
     parser.add_argument("--preset", choices=tuple(spec.presets), default=spec.default_preset,
                         help=f"starting configuration of the stage; the options below override it "
                              f"(default: {spec.default_preset})")
-    parser.add_argument("--run-dir", type=Path, default=None, help="where the run is written (default: runs/PRESET)")
+    parser.add_argument("--run-dir", type=cli.path_option, default=None, help="where the run is written (default: runs/PRESET)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-dir from its checkpoint (default: off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
