@@ -166,6 +166,7 @@ def subset_indices(total: int, num_samples: int | None, seed: int, what: str) ->
     if num_samples is None:
         return torch.arange(total)
     if not 0 < num_samples <= total:
-        raise UserError(f"Asked for {num_samples} samples but {what} has {total}; pass a num_samples between 1 and {total}.")
+        raise UserError(f"Asked for {num_samples} samples but {what} has {total}; pass a number of samples "
+                        f"(--num-samples) from 1 to {total}.")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=generator)[:num_samples].sort().values

@@ -57,18 +57,21 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.cond not in CONDITIONING_KINDS:
-            raise UserError(f"cond must be one of {CONDITIONING_KINDS}, got {self.cond!r}.")
+            raise UserError(f"--cond must be one of {', '.join(CONDITIONING_KINDS)}, got {self.cond!r}.")
         if self.num_heads < 1 or self.head_channels < 0:
             raise UserError(f"--num-heads must be at least 1 and --head-channels 0 or positive, got {self.num_heads} "
                             f"and {self.head_channels}.")
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
-                raise UserError(f"base_channels * channel_mult must be multiples of 32, got {channels}.")
+                raise UserError(f"--base-channels times each --channel-mult must be a multiple of 32 (GroupNorm's "
+                                f"32 groups), got {self.base_channels} x {mult} = {channels}; use --base-channels 32 "
+                                f"or a multiple of it.")
             if self.head_channels and channels % self.head_channels:
-                raise UserError(f"head_channels {self.head_channels} must divide every level's channels, got {channels}.")
+                raise UserError(f"--head-channels {self.head_channels} must divide every level's channels, got "
+                                f"{channels}.")
             if not self.head_channels and channels % self.num_heads:
-                raise UserError(f"num_heads {self.num_heads} must divide every level's channels, got {channels}.")
+                raise UserError(f"--num-heads {self.num_heads} must divide every level's channels, got {channels}.")
 
     def check_resolved(self) -> None:
         """Refuse the fields the data decides when they do not fit the rest: an `image_size` the levels

@@ -76,9 +76,10 @@ class FeatureExtractor:
                  files: str = "pytorch-fid", compile: bool = False,
                  features: str | os.PathLike | None = None) -> None:
         if batch_size < 1:
-            raise UserError(f"The batch size is {batch_size} but must be at least 1.")
+            raise UserError(f"The batch size (--batch-size) is {batch_size} but must be at least 1.")
         if num_workers < 0:
-            raise UserError(f"The number of workers is {num_workers} but must be 0 (decode in this process) or more.")
+            raise UserError(f"The number of workers (--num-workers) is {num_workers} but must be 0 (decode in this "
+                            f"process) or more.")
         check_file_selection(files)
         self.weights = weights
         self.device = parse_device(device)

@@ -582,7 +582,7 @@ def test_values_no_option_can_take_are_refused_in_one_line_before_any_file_is_wr
         (train.main, tiny_args(run_dir, folder, "--channel-mult", "1", str(2 ** 40)), r"--channel-mult: \d+ is out"),
         (train.main, tiny_args(run_dir, folder, "--num-timesteps", str(10 ** 6)), r"--num-timesteps must be from 1 to"),
         (train.main, tiny_args(run_dir, folder, "--cache-dir", ""), r"--cache-dir is empty"),
-        (train.main, tiny_args(run_dir, folder, "--base-channels", "8"), r"multiples of 32"),  # refused under the lock
+        (train.main, tiny_args(run_dir, folder, "--base-channels", "8"), r"must be a multiple of 32"),  # refused under the lock
         (train.main, tiny_args("", folder), r"argument --run-dir: an empty path names no file or folder"),
         (sample.main, ["--ckpt", str(class_ckpt), "--dataset-out", " "], r"--dataset-out: an empty path"),
         (sample.main, ["--ckpt", str(class_ckpt), "--num", str(2 ** 63)], r"argument --num: \d+ is out of range"),
