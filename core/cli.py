@@ -60,10 +60,19 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" while writing {err.filename}" if err.filename else ""
-        return (f"disk full{where}: free some space and run the same command again (with --resume for a training "
-                f"run); files written before are intact.", 1)
+    # A full disk may surface wrapped: torch.save's zip writer raises its own RuntimeError while handling
+    # the OSError of the write that failed, so the cause is looked for down the chain.
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" while writing {cause.filename}" if cause.filename else ""
+            full, fix = (("file size limit reached", "raise the limit (ulimit -f)") if cause.errno == errno.EFBIG
+                         else ("disk full", "free some space"))
+            return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run); files "
+                    f"written before are intact.", 1)
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
@@ -155,16 +164,27 @@ def terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def _terminated_while_starting(signum: int, frame: Any) -> None:
-    print("error: stopped by SIGTERM while starting, before anything was written; run the same command again.",
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    print(f"error: stopped by {how} while starting, before anything was written; run the same command again.",
           file=sys.stderr, flush=True)
     os._exit(128 + signum)  # from inside an import: nothing is open and nothing needs unwinding
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """`worker_init_fn` of DataLoader workers: they leave SIGINT and SIGTERM to the main process, which stops
+    them after saving what it must (a Ctrl-C in a terminal, or a scheduler's SIGTERM to the process group,
+    reaches every process, and a worker killed by it would add a traceback of its own)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def catch_early_sigterm() -> None:
-    """Until `main` installs its own handler, answer SIGTERM with one line and exit 143 (Python's default
-    would end the process without a word while torch is still being imported)."""
+    """Until `main` installs its own handlers, answer SIGTERM and Ctrl-C with one line and exit 143 or 130
+    (Python's defaults would end the process without a word, or with a KeyboardInterrupt traceback from
+    deep inside the import of torch)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated_while_starting)
+        signal.signal(signal.SIGINT, _terminated_while_starting)
 
 
 def main(entry: Callable[[list[str]], Any]) -> None:
@@ -172,4 +192,5 @@ def main(entry: Callable[[list[str]], Any]) -> None:
     process exits with `run(entry)`'s code."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects
     sys.exit(run(entry))

@@ -267,10 +267,7 @@ class ReusedRuns:
         """Refuse a finished or interrupted run in `run_dir` that was not made from `request` (only its options
         and the names of its datasets with `data=False`, when the datasets are still being written)."""
         checkpoint = run_dir / "checkpoint.pt"
-        if not checkpoint.is_file():
-            if (run_dir / "metrics.jsonl").exists():
-                raise UserError(f"{run_dir} holds metrics.jsonl but no checkpoint.pt, so what it was made from cannot "
-                                f"be checked; delete that folder to train the run again, or choose another --out.")
+        if not checkpoint.is_file():  # not started, or stopped before its first checkpoint: trained from the start
             return
         saved = load_checkpoint(checkpoint, CLASSIFY.name)
         require_keys(saved, ("config", "data_info"), checkpoint)

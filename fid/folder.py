@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageMode
 from torch.utils.data import DataLoader, Dataset
 
+from core.cli import ignore_stop_signals
 from core.errors import UserError
 from data.imageio import list_images, load_image
 
@@ -173,7 +174,7 @@ class FolderBatches:
         assert size is not None, "give the input size that `fit` brings images to"
         self.loader = DataLoader(_ErrorsAsItems(folder, fit, size), batch_size=batch_size, shuffle=False,
                                  num_workers=num_workers, collate_fn=functools.partial(_collate_or_error, fit=fit),
-                                 drop_last=False)
+                                 drop_last=False, worker_init_fn=ignore_stop_signals if num_workers else None)
 
     def __len__(self) -> int:
         return len(self.loader)

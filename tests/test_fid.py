@@ -1022,3 +1022,21 @@ def test_one_image_folder_and_statistics_name_without_npz_are_refused_in_python_
     with pytest.raises(ValueError, match=r"does not end in \.npz; name it \S*stats\.npz"):
         save_statistics(stats, tmp_path / "stats")
     assert not list(tmp_path.glob("stats*"))  # numpy would have written stats.npz
+
+
+def test_decoding_workers_leave_stop_signals_to_the_main_process(tmp_path):
+    # A scheduler's SIGTERM (or a terminal's Ctrl-C) reaches the whole process group: a worker that died of it
+    # would print a DataLoader traceback beside the main process's one line.
+    import signal
+    from core.cli import ignore_stop_signals
+    for k in range(2):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / f"{k}.png")
+    assert FolderBatches(ImageFolder(tmp_path), 2, 2).loader.worker_init_fn is ignore_stop_signals
+    assert FolderBatches(ImageFolder(tmp_path), 2, 0).loader.worker_init_fn is None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -270,14 +270,15 @@ def test_the_module_every_command_starts_with_imports_neither_torch_nor_tqdm():
     assert done.communicate(timeout=60)[0].strip() == "[]"
 
 
-def test_a_sigterm_while_a_command_is_still_importing_is_one_line_and_exit_143():
+@pytest.mark.parametrize("signum, how", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(signum, how):
     process = _python("from core import cli\ncli.catch_early_sigterm()\nprint('importing', flush=True)\n"
                       "import time\ntime.sleep(60)  # an import of torch, slowed down")
     assert process.stdout.readline().strip() == "importing"
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and err.strip().splitlines() == [
-        "error: stopped by SIGTERM while starting, before anything was written; run the same command again."]
+    assert process.returncode == 128 + signum and err.strip().splitlines() == [
+        f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate/consistency.py", "evaluate/gradcam.py"])

@@ -149,7 +149,10 @@ def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path,
 
     def disk_fills_up(obj, f, *args, **kwargs):
         f.write(b"the first few bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:  # as torch.save's zip writer does: its own error, raised while handling the full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3297472 vs 3297364")
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     code = cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
@@ -170,13 +173,23 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, folder):
     assert not dead.exists() and alive.exists()
 
 
-def test_a_new_run_refuses_a_folder_holding_metrics_of_a_run_that_never_checkpointed(tmp_path, folder):
-    run_dir = tmp_path / "orphan"
+def test_a_run_killed_before_its_first_checkpoint_starts_over_when_run_again(tmp_path, folder, capsys):
+    # What kill -9 leaves between the first logged step and the first checkpoint: config, log, a lock file.
+    run_dir = tmp_path / "killed"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
-    with pytest.raises(FileExistsError, match="never saved a checkpoint"):
-        train.main(tiny_args(run_dir, folder, steps=2))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 9.0}\n')
+    (run_dir / ".lock").write_text('{"pid": 999999999}')
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint to resume; drop --resume to start a new run there "
+                                                r"\(the run there stopped before its first checkpoint\)\.$"):
+        train.main(["--run-dir", str(run_dir), "--resume", "--device", "cpu"])
+    train.main(tiny_args(run_dir, folder, steps=2))
+    assert "stopped before its first checkpoint; starting it over" in capsys.readouterr().out
+    train.main(tiny_args(tmp_path / "fresh", folder, steps=2))
+    assert (run_dir / "metrics.jsonl").read_text() != ""
+    assert [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(line)["loss"] for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
+    assert torch.equal(weights(run_dir)["conv_in.weight"], weights(tmp_path / "fresh")["conv_in.weight"])
 
 
 def test_a_new_run_refuses_a_folder_of_other_files_such_as_its_own_training_images(tmp_path, folder):
@@ -321,6 +334,10 @@ def test_weights_that_do_not_fit_their_network_are_refused_in_one_sentence(tmp_p
 def test_expected_os_errors_read_as_one_sentence():
     full = cli.explain(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl"))
     assert full[0].startswith("disk full while writing runs/x/metrics.jsonl") and full[1] == 1
+    limit = RuntimeError("a writer's own error")
+    limit.__cause__ = OSError(errno.EFBIG, "File too large")
+    assert cli.explain(limit)[0].startswith("file size limit reached: raise the limit (ulimit -f)")
+    assert cli.explain(RuntimeError("a bug")) is None
     read_only = cli.explain(OSError(errno.EROFS, "Read-only file system", "runs/x"))
     assert read_only[0].startswith("cannot write runs/x (Read-only file system)")
     wrapped = UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"

@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.cli import RunError, RunInterrupted
+from core.cli import RunError, RunInterrupted, ignore_stop_signals
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
@@ -198,12 +197,6 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops them after checkpointing
-    (a Ctrl-C in a terminal reaches every process of the group)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
 
 def rng_state() -> dict[str, Any]:
     """Every global random number generator torch uses in a training step (dropout draws from these)."""
@@ -290,7 +283,7 @@ class Trainer:
                               mix=self.stage.mix)
         return DataLoader(self.stage.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda",
-                          worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
+                          worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
 
     @contextlib.contextmanager
     def eval_models(self) -> Iterator[dict[str, nn.Module]]:
@@ -445,7 +438,8 @@ class Trainer:
             last_preview = self.run_dir / "samples" / f"step-{cfg.steps:07d}.png"
             if last_preview.exists():
                 final = self.run_dir / "samples" / "final.png"
-                shutil.copyfile(last_preview, final)
+                grid = last_preview.read_bytes()
+                atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
         return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
 

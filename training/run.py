@@ -30,7 +30,7 @@ from training.loop import RunExists, Trainer
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there.
-UNSTARTED_RUN = ("config.json", "samples", "figures")
+UNSTARTED_RUN = ("config.json", "metrics.jsonl", "samples", "figures")
 
 
 def common_parser(spec: StageSpec, stage_names: Sequence[str], description: str | None = None,
@@ -100,7 +100,8 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     checkpoint = run_dir / "checkpoint.pt"
     if args.resume:
         if not checkpoint.exists():
-            raise MissingFileError(f"{run_dir} holds no checkpoint to resume; drop --resume to start a new run there.")
+            raise MissingFileError(f"{run_dir} holds no checkpoint to resume; drop --resume to start a new run there"
+                                   f"{' (the run there stopped before its first checkpoint)' if run_dir.is_dir() else ''}.")
         saved = load_checkpoint(checkpoint, spec.name, option="--resume")
         require_keys(saved, CHECKPOINT_KEYS, checkpoint, option="--resume")
         config = from_dict(spec.config_class, saved["config"], checkpoint)
@@ -111,10 +112,13 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     else:
         if checkpoint.exists():
             raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
-        if (run_dir / "metrics.jsonl").exists():
-            raise RunExists(f"{run_dir} holds metrics.jsonl from a run that never saved a checkpoint; delete that folder "
-                            f"to start over there, or choose another --run-dir.")
         check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
+        if (run_dir / "metrics.jsonl").exists():
+            # A run stopped (kill -9, a crash) before its first checkpoint: nothing of it can be resumed, so it
+            # starts over, as a rerun after a kill must; its log would otherwise hold steps twice.
+            print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
+                  flush=True)
+            (run_dir / "metrics.jsonl").unlink()
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
