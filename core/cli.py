@@ -60,19 +60,13 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
-    # A full disk may surface wrapped: torch.save's zip writer raises its own RuntimeError while handling
-    # the OSError of the write that failed, so the cause is looked for down the chain.
-    chain, cause = [], err
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    for cause in chain:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            where = f" while writing {cause.filename}" if cause.filename else ""
-            full, fix = (("file size limit reached", "raise the limit (ulimit -f)") if cause.errno == errno.EFBIG
-                         else ("disk full", "free some space"))
-            return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run); files "
-                    f"written before are intact.", 1)
+    # (A full disk inside torch.save surfaces as its zip writer's own error: atomic_write re-raises the OSError.)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f" while writing {err.filename}" if err.filename else ""
+        full, fix = (("file size limit reached", "raise the limit (ulimit -f)") if err.errno == errno.EFBIG
+                     else ("disk full", "free some space"))
+        return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run); files "
+                f"written before are intact.", 1)
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
@@ -122,7 +116,8 @@ def path_option(text: str) -> Path:
     return Path(text)
 
 
-int_option.__name__, seed_option.__name__, path_option.__name__ = "int", "int", "path"  # as argparse names them in "invalid ... value"
+# As argparse names them in "invalid ... value".
+int_option.__name__, seed_option.__name__, path_option.__name__ = "int", "int", "path"
 
 
 class ArgumentParser(argparse.ArgumentParser):

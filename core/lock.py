@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from core.errors import ExistsError, UserError
-from core.runtime import process_alive
+from core.runtime import is_temporary, process_alive
 
 try:
     import fcntl
@@ -149,8 +149,8 @@ def check_own_folder(folder: str | os.PathLike, own: Iterable[str], option: str)
     folder = Path(folder)
     if not folder.is_dir():
         return
-    stray = sorted(p.name for p in folder.iterdir()
-                   if p.name not in own and p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    stray = sorted(p.name for p in folder.iterdir() if p.name not in own and p.name != LOCK_NAME
+                   and not is_temporary(p.name))
     if stray:
         raise ExistsError(f"{option} {folder} already holds files that are not this command's ({', '.join(stray[:3])}"
                           f"{', ...' if len(stray) > 3 else ''}); choose an empty or new folder.")

@@ -162,27 +162,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        interruption = _interruption_behind(err, handled)
-        if interruption is not None and interruption is not err:
-            raise interruption from None
+        cause = _cause_behind(err, handled)
+        if cause is not None and cause is not err:
+            raise cause from None
         raise
     _fsync_directory(path.parent)
 
 
-def _interruption_behind(err: BaseException, handled: BaseException | None) -> KeyboardInterrupt | None:
-    """The interruption (Ctrl-C, or a stop signal raised as one) that `err` was raised while handling, if any.
+def _cause_behind(err: BaseException, handled: BaseException | None) -> KeyboardInterrupt | OSError | None:
+    """The interruption (Ctrl-C, or a stop signal raised as one) or the failed write (an OSError: a full
+    disk, a file-size limit) that `err` was raised while handling, if any.
 
-    torch.save's zip writer meets a KeyboardInterrupt raised in its writes by failing with a
-    RuntimeError ("unexpected pos ..."); the interruption is what happened, and what the user must hear.
+    torch.save's zip writer meets either in its writes by failing with a RuntimeError of its own
+    ("unexpected pos ..."); the cause is what happened, and what the user must hear.
     """
     while err is not None and err is not handled:
-        if isinstance(err, KeyboardInterrupt):
+        if isinstance(err, (KeyboardInterrupt, OSError)):
             return err
         err = err.__context__
     return None
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is that of a temporary file `atomic_write` writes before renaming it."""
+    return _TEMP_NAME.match(name) is not None
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -38,9 +38,9 @@ FORMAT = "synthdiff-dataset"
 MANIFEST_COLUMNS = ("index", "file", "seed", "class")
 
 
-def manifest_column(param: str) -> str:
-    """The manifest column of the parameter `param`."""
-    return f"param:{param}" if param in MANIFEST_COLUMNS else param
+def manifest_column(param: str, own: Iterable[str] = MANIFEST_COLUMNS) -> str:
+    """The manifest column of the parameter `param`, in a manifest whose own columns are `own`."""
+    return f"param:{param}" if param in own else param
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from core.checkpoint import state_fingerprint
 from core.config import to_dict
 from core.runtime import atomic_write
 from data.imageio import save_gif, save_grid, save_images
-from data.writer import DatasetWriter
+from data.writer import DatasetWriter, manifest_column
 from ddpm.conditioning import Conditions, interpolate_conditions, interpolation_end, requested, slerp, sweep_columns
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
@@ -52,8 +52,8 @@ class Drawer:
 
 def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """A manifest row: its own columns, then what the conditions record (class, parameters), a parameter named
-    like an own column as "param:NAME" (data.writer.manifest_column), so that it overwrites nothing."""
-    return {**own, **{(f"param:{key}" if key in own else key): value for key, value in record.items()}}
+    like an own column under `manifest_column`'s name for it, so that it overwrites nothing."""
+    return {**own, **{manifest_column(key, own): value for key, value in record.items()}}
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

@@ -118,7 +118,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
             # starts over, as a rerun after a kill must; its log would otherwise hold steps twice.
             print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
                   flush=True)
-            (run_dir / "metrics.jsonl").unlink()
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # every process of a torchrun job gets here
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
