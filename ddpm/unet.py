@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from kernels.attention import attention
 from kernels.dropout import Dropout
 from kernels.group_norm import group_norm_act
 
@@ -205,13 +206,8 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         # Channels are laid out as [q | k | v], each split into heads of C // num_heads channels.
         qkv = self.qkv(group_norm_act(x, self.norm)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        qkv = qkv.transpose(-1, -2)  # (B, 3, heads, H*W, head_dim)
-        if qkv.stride(-1) != 1:
-            # SDPA's fused kernels (the CPU's flash attention too) need head_dim contiguous: it already is
-            # for channels_last x; otherwise one copy here beats SDPA's unfused fallback (4x slower on the CPU).
-            qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(dim=1)  # each (B, heads, H*W, head_dim)
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fused where available
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, head_dim)
+        h = attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v: fused SDPA, or matmuls where faster
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 

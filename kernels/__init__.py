@@ -12,6 +12,8 @@ Each kernel lives in its own module beside the PyTorch reference it must equal:
   64-bit random words, 7x cheaper to draw on the CPU than PyTorch's (on CUDA the Triton backend
   folds the U-Net's dropout into `group_norm`'s kernels; `--kernels torch` and compiled code keep
   PyTorch's).
+- `kernels.attention`: not a kernel either but a choice: PyTorch's fused SDPA, or on the CPU in bf16
+  two matmuls and a softmax in cache-sized chunks where that is measured faster (short sequences).
 
 The module docstring of each says what the fusion saves and why.
 
