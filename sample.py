@@ -50,12 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first-index", type=cli.int_option, default=0, help="index of the first image, to redraw image k alone (default: 0)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="run seed; image k uses a seed derived from (seed, k) (default: 0)")
     parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--class", dest="label", default=None,
+    parser.add_argument("--class", dest="label", type=cli.text_option, default=None,
                         help="class name or index for a class-conditional model (default: cycle through the classes)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter value in the data's units for a parameter-conditional model; repeat per "
                              "parameter (default: drawn uniformly from the training range, per image)")
-    parser.add_argument("--sweep", default=None, metavar="NAME=START:STOP:N",
+    parser.add_argument("--sweep", type=cli.text_option, default=None, metavar="NAME=START:STOP:N",
                         help="draw a grid whose columns step through a parameter (or 'class' / 'class=A,B,...' "
                              "through classes) with each row's noise held fixed (default: off)")
     parser.add_argument("--interpolate", action="store_true",
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --dataset-out, images per class of a class-conditional model (default: 100)")
     parser.add_argument("--per-image", type=cli.int_option, default=None,
                         help="with --dataset-out and an inversion checkpoint, images per inverted image (default: 1)")
-    parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
+    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
                              "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")

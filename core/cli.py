@@ -116,8 +116,16 @@ def path_option(text: str) -> Path:
     return Path(text)
 
 
+def text_option(text: str) -> str:
+    """argparse type of an option naming something (a class, a parameter spec, a name): refuses an empty value,
+    which would otherwise read as the option not given."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value names nothing; give one or drop the option")
+    return text
+
+
 # As argparse names them in "invalid ... value".
-int_option.__name__, seed_option.__name__, path_option.__name__ = "int", "int", "path"
+int_option.__name__, seed_option.__name__, path_option.__name__, text_option.__name__ = "int", "int", "path", "text"
 
 
 class ArgumentParser(argparse.ArgumentParser):

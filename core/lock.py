@@ -167,10 +167,9 @@ def check_folder_path(folder: str | os.PathLike, option: str) -> None:
 
 
 def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an output folder that is a file, or that already holds results unless `overwrite`."""
+    """Refuse an --out folder that is a file or lies under one, or that already holds results unless `overwrite`."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExistsError(f"--out {folder} is a file; choose a folder.")
+    check_folder_path(folder, "--out")
     if holds_files(folder) and not overwrite:
         raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
 

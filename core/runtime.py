@@ -7,7 +7,9 @@ needs to import the training loop.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
+import io
 import json
 import os
 import re
@@ -231,6 +233,17 @@ def _fsync_directory(folder: Path) -> None:
 def write_json(values: Any, path: str | os.PathLike) -> None:
     """Write `values` as indented JSON, atomically."""
     atomic_write(path, lambda f: f.write((json.dumps(values, indent=2) + "\n").encode()))
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike, fields: list[str] | None = None) -> None:
+    """Write `rows` as a CSV with a header, atomically; the columns are `fields`, or every key of the rows in
+    order of first appearance."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields or list(dict.fromkeys(key for row in rows for key in row)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:

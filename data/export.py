@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="the dataset: plumes | folder:PATH | cifar10")
     parser.add_argument("out", type=cli.path_option, help="the folder to write")
-    parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
+    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="label images by K equal bins of parameter NAME, over [LOW, HIGH] or the data's own range "
                              "(default: the dataset's own classes, if any)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="plumes and cifar10: which split (default: train)")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="plumes: the seed of the simulations (another seed, other plumes: a validation set beside "
                              "--split test); other datasets: of the subset --num-samples picks (default: 0)")
     parser.add_argument("--resolution", type=cli.int_option, default=32, help="image side in pixels (default: 32)")
-    parser.add_argument("--cache-dir", default=".cache/datasets", help="dataset cache (default: .cache/datasets)")
+    parser.add_argument("--cache-dir", type=cli.path_option, default=".cache/datasets", help="dataset cache (default: .cache/datasets)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (or set {cli.DEBUG_ENV}=1) (default: off)")
     return parser.parse_args(argv)

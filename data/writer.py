@@ -27,7 +27,7 @@ import torch
 
 from core.errors import ExistsError, UserError
 from core.lock import holds_files
-from core.runtime import atomic_write, write_json
+from core.runtime import write_csv, write_json
 from data.dataset import DatasetInfo
 from data.imageio import save_images
 
@@ -181,20 +181,11 @@ class DatasetWriter:
 
     def _write_tables(self) -> None:
         rows = [self.rows[k] for k in sorted(self.rows)]
-        _write_csv(self.root / MANIFEST, rows)
+        write_csv(rows, self.root / MANIFEST)
         names = list(self.request.get("param_names", []))
         if names:
-            _write_csv(self.root / PARAMS, [{"path": r["file"], **{n: r[manifest_column(n)] for n in names}}
-                                            for r in rows], fields=["path", *names])
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
-    fields = fields or list(dict.fromkeys(key for row in rows for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+            write_csv([{"path": r["file"], **{n: r[manifest_column(n)] for n in names}} for r in rows],
+                      self.root / PARAMS, fields=["path", *names])
 
 
 def _read_request(path: Path) -> dict[str, Any]:

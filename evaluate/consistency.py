@@ -32,9 +32,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     cli.catch_early_sigterm()
 
 import argparse
-import csv
 import functools
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,7 +47,7 @@ from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core.config import add_config_arguments, given_in, override
 from core.lock import FolderLock, check_output_folder
-from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
+from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
 from core.speed import compile_module, speed_up
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
@@ -60,6 +58,9 @@ from ddpm.synthetic import plan_dataset
 from sampling.command import add_drawing_options
 from sampling.draw import Drawer
 from stages import open_source
+
+DEFAULT_PER_CLASS, DEFAULT_NUM = 50, 200  # images drawn per class (class models), in all (parameter models)
+CONDITIONED_ON = {"class": "classes", "params": "parameters"}
 
 
 def check_pair(kind: str, info: DatasetInfo, judge: Classifier, what: str = "diffusion model") -> None:
@@ -131,7 +132,7 @@ def compare(judge: Classifier, kind: str, info: DatasetInfo, predicted: torch.Te
 
 
 def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig, *, seed: int = 0,
-            per_class: int = 50, num: int = 200, params: Sequence[str] = (), batch_size: int = 64,
+            per_class: int = DEFAULT_PER_CLASS, num: int = DEFAULT_NUM, params: Sequence[str] = (), batch_size: int = 64,
             amp: torch.dtype | None = None) -> dict[str, Any]:
     """Draw the requested images and judge them: {"images", "rows", "report"}."""
     kind, info = model.net.config.cond, model.info
@@ -217,9 +218,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=cli.path_option, default=None,
                         help="output folder (default: RUN_DIR/consistency next to --ckpt, DIR-consistency beside --images DIR)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
-    parser.add_argument("--per-class", type=cli.int_option, default=50, help="class models: images per class (default: 50)")
-    parser.add_argument("--num", type=cli.int_option, default=200,
-                        help="parameter models: images, parameters drawn over the training ranges (default: 200)")
+    parser.add_argument("--per-class", type=cli.int_option, default=None,
+                        help=f"class models: images per class (default: {DEFAULT_PER_CLASS})")
+    parser.add_argument("--num", type=cli.int_option, default=None,
+                        help=f"parameter models: images, parameters drawn over the training ranges (default: {DEFAULT_NUM})")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="parameter models: fix a parameter instead of drawing it (default: none)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="image k uses a seed derived from (seed, k) (default: 0)")
@@ -243,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     for option, value in (("--per-class", args.per_class), ("--num", args.num), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
@@ -274,25 +276,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speed_up(model.net, device, compile=args.compile)
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
-        if args.param and model.net.config.cond != "params":
-            raise UserError("--param applies to parameter-conditional models; drop it.")
+        cond = model.net.config.cond
+        for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
+                                     ("--param", args.param, "params")):
+            if given and cond != owner:
+                raise UserError(f"{option} applies to models conditioned on {CONDITIONED_ON[owner]}, and {args.ckpt} "
+                                f"is conditioned on {CONDITIONED_ON[cond]}; drop it.")
         out = args.out or args.ckpt.parent / "consistency"
         check_output_folder(out, args.overwrite)
         names, asked, requested = model.info.param_names, "asked for", "Requested"
         source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}
-        run = functools.partial(measure, model, judge, sampling, seed=args.seed, per_class=args.per_class,
-                                num=args.num, params=args.param, batch_size=args.batch_size,
-                                amp=autocast_dtype(args.amp, device))
+        run = functools.partial(measure, model, judge, sampling, seed=args.seed,
+                                per_class=args.per_class or DEFAULT_PER_CLASS, num=args.num or DEFAULT_NUM,
+                                params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
     with FolderLock(out):
         result = run()
         report = result["report"]
         save_grid(result["images"][:64], out / "grid.png")
         rows = result["rows"]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(out / "predictions.csv", lambda f: f.write(text.getvalue().encode()))
+        write_csv(rows, out / "predictions.csv")
         if "confusion" in report:
             c = report["confusion"]
             matrix = np.zeros((len(c["predicted"]),) * 2, dtype=np.int64)

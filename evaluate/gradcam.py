@@ -33,8 +33,6 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
 import argparse
 import contextlib
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -46,7 +44,7 @@ from torch import Tensor, nn
 from classify.model import Classifier, load_classifier
 from core.errors import UserError
 from core.lock import FolderLock, check_output_folder
-from core.runtime import atomic_write, resolve_device, write_json
+from core.runtime import atomic_write, resolve_device, write_csv, write_json
 from data import check_spec, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8, save_grid
@@ -232,17 +230,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", type=cli.path_option, required=True,
                         help="a classify checkpoint; repeat to compare classifiers side by side (required)")
-    parser.add_argument("--name", action="append", default=[],
+    parser.add_argument("--name", action="append", type=cli.text_option, default=[],
                         help="a name per --ckpt, in order (default: each checkpoint's run folder)")
     parser.add_argument("--images", required=True, help="the images: folder:PATH | plumes | cifar10 (required)")
     parser.add_argument("--num", type=cli.int_option, default=32, help="images, a seeded subset (default: 32)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="seed of the subset (default: 0)")
-    parser.add_argument("--layer", default="layer4", help="layer whose activations are explained (default: layer4, "
+    parser.add_argument("--layer", type=cli.text_option, default="layer4", help="layer whose activations are explained (default: layer4, "
                                                          "the last residual stage)")
     parser.add_argument("--explain", choices=("pred", "label"), default="pred",
                         help="class whose score is explained: the predicted one or the true label (default: pred)")
-    parser.add_argument("--class", dest="class_name", default=None, help="explain this class for every image instead")
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--class", dest="class_name", type=cli.text_option, default=None, help="explain this class for every image instead")
+    parser.add_argument("--output", type=cli.text_option, default=None,
                         help="for a parameter regressor: the parameter whose value is explained (default: the first)")
     parser.add_argument("--out", type=cli.path_option, default=None, help="output folder (default: RUN_DIR/gradcam of the first --ckpt)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
@@ -300,11 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
                                       class_name=args.class_name, output=args.output, batch_size=args.batch_size)
         columns = [images] + [overlay(images, maps[name]) for name in names]
         save_grid(torch.stack(columns, dim=1).flatten(0, 1), out / "overlays.png", nrow=len(columns))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(out / "stats.csv", lambda f: f.write(text.getvalue().encode()))
+        write_csv(rows, out / "stats.csv")
         table = summary_table(summary)
         atomic_write(out / "summary.md", lambda f: f.write(table.encode()))
         write_json({"images": args.images, "num": len(images), "layer": args.layer, "explain": args.explain,

@@ -150,7 +150,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="images per set for parameter and unconditional models (default: 500)")
     parser.add_argument("--per-class", type=cli.int_option, default=None, help="images per class per set for class models "
                                                                    "(default: 100)")
-    parser.add_argument("--classes", default=None, metavar="NAME:K[:LOW:HIGH]",
+    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
                         help="parameter models: label images by K bins of one parameter (as sample.py --classes), "
                              "which a classifier as --judge needs (default: none)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="image k of every set uses a seed derived from (seed, k) "

@@ -4,8 +4,6 @@ outputs of sample.py are written from it (each function below names the files it
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from tqdm import tqdm
 
 from core.checkpoint import state_fingerprint
 from core.config import to_dict
-from core.runtime import atomic_write
+from core.runtime import write_csv
 from data.imageio import save_gif, save_grid, save_images
 from data.writer import DatasetWriter, manifest_column
 from ddpm.conditioning import Conditions, interpolate_conditions, interpolation_end, requested, slerp, sweep_columns
@@ -56,15 +54,6 @@ def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     return {**own, **{manifest_column(key, own): value for key, value in record.items()}}
 
 
-def write_manifest(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
 def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, indices: list[int], out: Path) -> None:
     """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
     model = source.model
@@ -84,8 +73,8 @@ def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, ind
     save_grid(images, out / "grid.png")
     if args.gif:
         save_gif(frames + [images[: args.gif_images]], out / "reverse.gif")
-    write_manifest(out / "manifest.csv", [manifest_row({"index": k, "file": f"images/{name}", "seed": seed}, record)
-                                          for k, name, seed, record in zip(indices, names, seeds, conditions.records)])
+    write_csv([manifest_row({"index": k, "file": f"images/{name}", "seed": seed}, record)
+               for k, name, seed, record in zip(indices, names, seeds, conditions.records)], out / "manifest.csv")
 
 
 def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, indices: list[int], out: Path) -> None:
@@ -98,9 +87,8 @@ def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, 
     grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value
     save_grid(grid, out / "sweep.png", nrow=len(columns))
     save_gif(per_column, out / "sweep.gif", nrow=len(indices), duration_ms=400, hold_last_ms=800)
-    write_manifest(out / "sweep.csv", [manifest_row({"row": r, "column": c, "index": k, "seed": seeds[r]},
-                                                    columns[c].records[r])
-                                       for r, k in enumerate(indices) for c in range(len(columns))])
+    write_csv([manifest_row({"row": r, "column": c, "index": k, "seed": seeds[r]}, columns[c].records[r])
+               for r, k in enumerate(indices) for c in range(len(columns))], out / "sweep.csv")
     print(f"Sweep over {args.sweep}: columns {', '.join(labels)}")
 
 

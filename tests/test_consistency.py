@@ -130,6 +130,16 @@ def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(clas
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="needs 'classify'"):
         consistency.main(["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--device", "cpu"])
+    # The other kind of model's drawing options, refused rather than ignored.
+    params_judge = classifier_checkpoint(tmp_path / "regressor.pt", 0,
+                                         info=open_source(params_ckpt, torch.device("cpu")).model.info)
+    for ckpt, judge_ckpt, option, kind in ((class_ckpt, good, ["--num", "5"], "parameters"),
+                                           (class_ckpt, good, ["--param", "heat=1"], "parameters"),
+                                           (params_ckpt, params_judge, ["--per-class", "5"], "classes")):
+        with pytest.raises(ValueError, match=rf"{option[0]} applies to models conditioned on {kind}, and"):
+            consistency.main(["--ckpt", str(ckpt), "--judge", str(judge_ckpt), *option, "--out", str(tmp_path / "bad"),
+                              "--device", "cpu"])
+        assert not (tmp_path / "bad").exists()
 
 
 def colour_folder(root, labelled: dict[str, list[str]], params: dict[str, float] | None = None):

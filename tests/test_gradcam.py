@@ -106,12 +106,14 @@ def test_statistics_of_known_maps():
     assert empty["focus"].isnan().all() and empty["intensity"].item() == 0
 
 
-def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red")) -> Path:
-    info = DatasetInfo("folder:x", 16, 3, tuple(classes), (), (), 4)
-    config = ClassifierConfig(num_outputs=len(classes))
+def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red"), info: DatasetInfo | None = None) -> Path:
+    """A random classifier of `classes`, or of `info`'s classes or parameters (a regressor where it has any)."""
+    info = info or DatasetInfo("folder:x", 16, 3, tuple(classes), (), (), 4)
+    names = info.param_names or info.class_names
+    config = ClassifierConfig(target="params" if info.param_names else "class", num_outputs=len(names))
     save_checkpoint({"stage": "classify", "config": {"model": to_dict(config)},
                      "data_info": {**info.to_dict(), "fingerprint": "0"},
-                     "models": {"model": resnet(len(classes), seed).state_dict()}}, path)
+                     "models": {"model": resnet(len(names), seed).state_dict()}}, path)
     load_classifier(path)
     return path
 

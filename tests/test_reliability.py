@@ -521,7 +521,8 @@ def test_bad_checkpoints_and_outputs_for_sample_are_one_line(tmp_path, trained, 
     cases = [(["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
              (["--ckpt", str(corrupt)], "corrupt"),
              (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(busy)], "already holds files"),
-             (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(afile)], "is a file")]
+             (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(afile)], "lies at or under the file"),
+             (["--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(afile / "grid")], "lies at or under the file")]
     for args, message in cases:
         assert cli.run(sample.main, [*args, "--device", "cpu", "--num", "1"]) != 0
         assert message in the_error(capsys.readouterr().err), args
@@ -586,7 +587,9 @@ def test_an_output_folder_that_is_a_file_or_lies_under_one_is_refused_in_one_lin
 
 def test_values_no_option_can_take_are_refused_in_one_line_before_any_file_is_written(tmp_path, folder, class_ckpt,
                                                                                        capsys):
-    from evaluate import consistency, sweep
+    from data import export
+    from evaluate import consistency, gradcam, sweep
+    from fid import __main__ as fid_cli
     real = f"folder:{folder}"
     run_dir = tmp_path / "new" / "run"
     sweep_argv = ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", real, "--test", real,
@@ -607,6 +610,13 @@ def test_values_no_option_can_take_are_refused_in_one_line_before_any_file_is_wr
         (sweep.main, [*sweep_argv, "--steps", "10,,25"], r"--steps '10,,25' has an empty item"),
         (sweep.main, [*sweep_argv, "--seed", "-2"], r"argument --seed: a seed is 0 or positive"),
         (sweep.main, [*sweep_argv[:-1], ""], r"argument --out: an empty path"),
+        # An empty name or spec would read as the option not given (plain sampling for --sweep '').
+        (sample.main, ["--ckpt", str(class_ckpt), "--sweep", ""], r"argument --sweep: an empty value names nothing"),
+        (sample.main, ["--ckpt", str(class_ckpt), "--class", " "], r"argument --class: an empty value"),
+        (sweep.main, [*sweep_argv, "--classes", ""], r"argument --classes: an empty value"),
+        (gradcam.main, ["--ckpt", str(class_ckpt), "--name", "", "--images", real], r"argument --name: an empty value"),
+        (export.main, ["plumes", str(tmp_path / "new" / "set"), "--classes", ""], r"argument --classes: an empty"),
+        (fid_cli.main, [real, real, "--features", ""], r"argument --features: an empty path"),
     ]
     for main, argv, message in cases:
         try:

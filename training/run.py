@@ -92,7 +92,8 @@ def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_conf
     return changed
 
 
-def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
+def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path,
+                   main: bool = True) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (an option outside `RESUMABLE` may be
     repeated, but not changed), else the preset's, with the user's options applied either way; then
     every check that needs no data."""
@@ -113,12 +114,13 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         if checkpoint.exists():
             raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
         check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
-        if (run_dir / "metrics.jsonl").exists():
+        if main and (run_dir / "metrics.jsonl").exists():
             # A run stopped (kill -9, a crash) before its first checkpoint: nothing of it can be resumed, so it
-            # starts over, as a rerun after a kill must; its log would otherwise hold steps twice.
+            # starts over, as a rerun after a kill must; its log would otherwise hold steps twice. (The main
+            # process of a torchrun job, which holds the folder's lock, says so and removes it.)
             print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
                   flush=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # every process of a torchrun job gets here
+            (run_dir / "metrics.jsonl").unlink()
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
@@ -156,7 +158,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     run_dir = args.run_dir or Path("runs") / args.preset
     # The main process holds the run directory for the whole run: a second run into it is refused.
     with FolderLock(run_dir) if runtime.is_main else contextlib.nullcontext():
-        config, saved = resolve_config(spec, args, run_dir)
+        config, saved = resolve_config(spec, args, run_dir, main=runtime.is_main)
         kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run, before any work
         if config.train.batch_size % runtime.world_size:
             raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
