@@ -70,6 +70,29 @@ def test_resume_continues_exactly(tmp_path, image_folder):
             assert torch.equal(value, b[key]["model"][name]), f"{key}.{name} differs after resume"
 
 
+def test_a_run_resumed_from_inside_a_logging_window_logs_what_an_unbroken_one_does(tmp_path, image_folder, monkeypatch):
+    """Checkpoint at step 4, logs every 3 steps, killed after step 5: the record of step 6 must still average
+    steps 4, 5 and 6, the first of which only the checkpoint remembers."""
+    options = ("--log-every", "3", "--ckpt-every", "4")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(tiny_args(straight, image_folder, *options, steps=8))
+
+    after_step = Trainer._after_step
+
+    def killed_after_step_5(self, done):
+        if done == 5:
+            raise SystemExit("killed")  # as a kill -9 between steps: step 5 neither logged nor saved
+        return after_step(self, done)
+    monkeypatch.setattr(Trainer, "_after_step", killed_after_step_5)
+    with pytest.raises(SystemExit, match="killed"):
+        train.main(tiny_args(split, image_folder, *options, steps=8))
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    assert load_checkpoint(split / "checkpoint.pt", "ddpm")["step"] == 4 and losses(split) == losses(straight)[:1]
+    train.main(["--run-dir", str(split), "--resume", "--steps", "8", "--device", "cpu"])
+    assert [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()] == [3, 6, 8]
+    assert losses(split) == losses(straight)
+
+
 def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
     run_dir = tmp_path / "overfit"
     train.main(tiny_args(run_dir, image_folder, "--dropout", "0", "--lr", "3e-3", "--log-every", "20", steps=200))

@@ -242,7 +242,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
-        self.start_step = 0
+        self.start_step, self.resumed_window = 0, None
         if resume_from is not None:
             self._restore(resume_from)
         if self.start_step > 0 and self.start_step >= cfg.steps:
@@ -268,6 +268,7 @@ class Trainer:
                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
                             f"start a new --run-dir.") from err
         self.start_step = int(payload["step"])
+        self.resumed_window = payload.get("metrics_window")  # absent from checkpoints older than it
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
@@ -343,7 +344,8 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, window: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint of step `step`; `window`: the open metrics window's state (`MetricsWindow.state`)."""
         with self.eval_models() as models:
             extra = self.stage.outputs.payload(models) if self.stage.outputs.payload is not None else {}
         payload = {
@@ -354,6 +356,7 @@ class Trainer:
             "ema": {name: models[name].state_dict() for name in self.averaged},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "metrics_window": window or {},
         }
         clash = set(extra) & (set(payload) | {"format", "version"})
         assert not clash, f"the stage's checkpoint payload overwrites {sorted(clash)}"
@@ -411,7 +414,7 @@ class Trainer:
             self._trim_metrics()
             write_json(self.stage.config, self.run_dir / "config.json")
         generator = torch.Generator(runtime.device)
-        self.window = MetricsWindow(runtime)
+        self.window = MetricsWindow(runtime, self.resumed_window)
         self.started = time.perf_counter()
         self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
                              disable=not runtime.is_main, dynamic_ncols=True)
@@ -465,9 +468,10 @@ class Trainer:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}")
             if runtime.is_main:
                 self._append_metrics(record)
+        window = self.window.state() if save_due else None  # every process takes part
         if runtime.is_main:
             if save_due:
-                self._save(done)  # before anything else that could fail at this step
+                self._save(done, window)  # before anything else that could fail at this step
             if last or (cfg.sample_every and done % cfg.sample_every == 0):
                 self._evaluate(done)
                 self._preview(done)
@@ -485,8 +489,9 @@ class Trainer:
 
     def _stop(self, done: int, signum: int, saved: bool) -> None:
         """Checkpoint the step just finished (unless that happened already) and end the run."""
+        window = None if saved else self.window.state()  # every process takes part
         if self.runtime.is_main and not saved:
-            self._save(done)
+            self._save(done, window)
         name = signal.Signals(signum).name
         raise RunInterrupted(f"stopped by {name} at step {done} of {self.cfg.steps} and saved {self.ckpt_path}; "
                              f"resume with: python train.py --stage {self.stage.name} --run-dir {self.run_dir} "
@@ -495,12 +500,25 @@ class Trainer:
 
 class MetricsWindow:
     """Sums and counts of what the steps of one logging window reported, per name (a name may be absent
-    from some steps, e.g. a discriminator's loss before it starts, so each averages over its own count)."""
+    from some steps, e.g. a discriminator's loss before it starts, so each averages over its own count).
 
-    def __init__(self, runtime: Runtime):
+    A checkpoint written inside a window carries its `state`, so the run resumed from it logs the same
+    numbers at the same steps as one never stopped."""
+
+    def __init__(self, runtime: Runtime, state: dict[str, Any] | None = None):
         self.runtime = runtime
         self.last_loss = math.nan
         self.reset(time.perf_counter())
+        if state:
+            device = runtime.device
+            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}
+            self.counts, self.steps = dict(state["counts"]), int(state["steps"])
+
+    def state(self) -> dict[str, Any]:
+        """The open window as plain numbers for a checkpoint; every process takes part (under DDP the sums
+        are averaged over the processes, which is what their means will be)."""
+        sums = {k: mean_across_processes(v, self.runtime).item() for k, v in sorted(self.sums.items())}
+        return {"sums": sums, "counts": dict(self.counts), "steps": self.steps}
 
     def reset(self, now: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}
