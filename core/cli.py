@@ -196,4 +196,10 @@ def main(entry: Callable[[list[str]], Any]) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects
-    sys.exit(run(entry))
+    code = run(entry)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and threading.current_thread() is threading.main_thread():
+        # Stopped, with what had to be saved saved and the line printed: another Ctrl-C while Python shuts
+        # down (joining DataLoader workers, atexit) could only add a traceback, so it is ignored now.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

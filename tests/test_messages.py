@@ -281,6 +281,19 @@ def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(sign
         f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_stop_signal_while_a_stopped_command_exits_adds_nothing(signum):
+    """After the one line of a stopped command, Python still shuts down (DataLoader workers, atexit); a
+    second Ctrl-C or SIGTERM landing then (sent here from an atexit hook) changes neither the line nor the code."""
+    process = _python("import atexit, os, signal, time\nfrom core import cli\n"
+                      f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), time.sleep(0.5), print('exited')))\n"
+                      "def stopped(argv):\n    raise KeyboardInterrupt\n"
+                      "cli.main(stopped)")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and out.strip() == "exited"
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate/consistency.py", "evaluate/gradcam.py"])
 def test_the_entry_points_answer_sigterm_before_their_heavy_imports(script):
     tree = ast.parse((ROOT / script).read_text())
