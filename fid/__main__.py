@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network: the first batch waits a minute or more on a CPU, then "
                              "batches run faster; the features equal eager ones to float rounding")
-    parser.add_argument("--weights", type=cli.path_option, default=None,
+    parser.add_argument("--weights", type=cli.text_option, default=None,
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
     parser.add_argument("--features", type=cli.path_option, default=None, metavar="CKPT",
                         help="a classify-stage checkpoint: measure FID and KID in its penultimate features (the "
