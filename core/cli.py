@@ -30,6 +30,7 @@ DEBUG_ENV = "SYNTHDIFF_DEBUG"
 class RunError(RuntimeError):
     """An expected way for a run to end early (divergence), reported as its message."""
     exit_code = 1
+    every_process = True  # under torchrun all processes end so together (all-reduced means): rank 0 reports it
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -37,6 +38,8 @@ class RunInterrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, as Ctrl-C's own is, so that no `except Exception` guarding a file read, a
     decode or a download takes an interruption for a fault of what it was reading."""
+
+    every_process = True  # under torchrun all processes stop after the same step: rank 0, which saves, reports it
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -49,9 +52,19 @@ class RunInterrupted(KeyboardInterrupt):
         return RunInterrupted(f"stopped by {signal.Signals(signum).name} {where}; {advice}", signum)
 
 
+class ReportedByAnotherProcess(Exception):
+    """This process of a torchrun job stops because another one failed, and that one reports why."""
+    exit_code = 1
+
+
+def launched_rank() -> int:
+    """This process's rank in a torchrun job (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def explain(err: BaseException) -> tuple[str, int] | None:
     """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""
-    if isinstance(err, (RunError, RunInterrupted)):
+    if isinstance(err, (RunError, RunInterrupted, ReportedByAnotherProcess)):
         return str(err), err.exit_code
     if isinstance(err, UserError):
         return _original_message(str(err)), 1
@@ -152,6 +165,8 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
         if explained is None:
             raise
         message, code = explained
+        if isinstance(err, ReportedByAnotherProcess) or (getattr(err, "every_process", False) and launched_rank()):
+            return code  # one line for a torchrun job, not one per process
         # A progress bar cut short by the error has left the cursor at the end of its line.
         tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # not imported here: see the module docstring
         for bar in list(getattr(tqdm, "_instances", ())):

@@ -281,6 +281,42 @@ def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(sign
         f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
+def test_a_torchrun_job_says_a_shared_ending_once(monkeypatch, capsys):
+    """A stop or divergence every process of a torchrun job reaches together is told by rank 0 alone; an
+    error of one process alone is told by it; a process stopping for another's failure says nothing."""
+    from training.loop import TrainingDiverged
+
+    def raising(err):
+        def entry(argv):
+            raise err
+        return entry
+    shared = [(cli.RunInterrupted("stopped by SIGTERM at step 7 of 9 and saved ckpt", signal.SIGTERM), 143),
+              (TrainingDiverged("the loss became nan by step 7"), 1)]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        for err, code in shared:
+            assert cli.run(raising(err), []) == code
+            assert capsys.readouterr().err.count("error: ") == (1 if rank == "0" else 0)
+        assert cli.run(raising(cli.UserError("image 3 is corrupt; replace it.")), []) == 1
+        assert capsys.readouterr().err.count("error: ") == 1
+        assert cli.run(raising(cli.ReportedByAnotherProcess("rank 0 failed")), []) == 1
+        assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("world_size, stops_at_once", [("1", True), ("2", False)])
+def test_a_second_ctrl_c_stops_at_once_except_in_a_torchrun_worker(world_size, stops_at_once, monkeypatch):
+    from training.loop import stop_requests
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with stop_requests() as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # a scheduler's copy, and the launcher's
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+    assert stopped == stops_at_once and received[0] == signal.SIGINT
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_stop_signal_while_a_stopped_command_exits_adds_nothing(signum):
     """After the one line of a stopped command, Python still shuts down (DataLoader workers, atexit); a

@@ -372,6 +372,58 @@ def test_parameter_conditional_run_on_plumes(tmp_path):
                      "--out", str(tmp_path / "x"), "--device", "cpu"])
 
 
+def test_a_refusal_under_torchrun_is_one_line_and_removes_nothing(tmp_path, image_folder):
+    """Both processes refuse an odd --batch-size; one says so. A killed run's log stays until a run starts."""
+    import os
+    import subprocess
+    import sys
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(train.__file__)), *tiny_args(run_dir, image_folder, "--batch-size", "3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --batch-size 3 must split evenly across the 2 processes; use a multiple of 2."]
+    ours = str(Path(train.__file__).parent)
+    assert f'File "{ours}' not in done.stderr  # no traceback through our code (the launcher prints its own)
+    assert (run_dir / "metrics.jsonl").exists() and "starting it over" not in done.stdout
+
+
+def _window_state_round_trip(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from training.loop import MetricsWindow
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    runtime = Runtime(torch.device("cpu"), rank, 2)
+    window = MetricsWindow(runtime)
+    for value in ([0.1, 0.7, 1 / 3] if rank == 0 else [0.2, 0.9, 2 / 7]):
+        window.add({"model": torch.tensor(value)}, {}, {})
+    state = window.state()  # a collective: both processes
+    resumed = MetricsWindow(runtime, state)
+    torch.save({"state": state, "mine": window.sums["loss"], "resumed": resumed.sums["loss"],
+                "means": (window.means(), resumed.means())}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_path):
+    """Under torchrun the window's state holds every process's sums; a resume with as many processes
+    gives each its own (the means then match an unbroken run bit for bit), with another number their mean."""
+    import torch.multiprocessing as mp
+    mp.spawn(_window_state_round_trip, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    for rank, result in enumerate(results):
+        assert torch.equal(result["resumed"], result["mine"])
+        assert result["means"][0] == result["means"][1]
+        assert result["state"]["counts"] == {"loss": 3} and result["state"]["steps"] == 3
+    sums = results[0]["state"]["sums"]
+    assert [row["loss"] for row in sums] == [results[0]["mine"].item(), results[1]["mine"].item()]
+    from training.loop import MetricsWindow
+    alone = MetricsWindow(Runtime(torch.device("cpu")), results[0]["state"])  # resumed by one process
+    assert alone.sums["loss"].item() == pytest.approx((sums[0]["loss"] + sums[1]["loss"]) / 2)
+
+
 def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder, torchrun):
     """torchrun with 2 CPU processes (gloo): the DDP path runs, only rank 0 writes, and resume works."""
     run_dir = tmp_path / "ddp"

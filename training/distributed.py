@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from core.cli import ReportedByAnotherProcess
 from core.runtime import Runtime, resolve_device
 
 
@@ -41,6 +44,32 @@ def agree_on_signal(signum: int) -> int:
     return int(value)
 
 
+@contextlib.contextmanager
+def together(runtime: Runtime) -> Iterator[None]:
+    """A block of start-up checks every process of a torchrun job runs (the lock, the options, the resolved
+    config), with no collective inside. If it fails in any process, the lowest-ranked failing one raises
+    its error and reports it, and the others stop quietly (`ReportedByAnotherProcess`), rather than running
+    on to a collective the failed process never joins, or printing the same line once per process."""
+    if not runtime.distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        if _first_failure(runtime, failed=True) != runtime.rank:
+            raise ReportedByAnotherProcess("another process of this torchrun job failed and reported why") from None
+        raise
+    if _first_failure(runtime, failed=False) is not None:
+        raise ReportedByAnotherProcess("another process of this torchrun job failed and reported why")
+
+
+def _first_failure(runtime: Runtime, failed: bool) -> int | None:
+    """The lowest rank that reports a failure (this one if `failed`), agreed on the host; None if none did."""
+    value = torch.tensor([runtime.rank if failed else runtime.world_size], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_host_group)
+    return None if int(value) == runtime.world_size else int(value)
+
+
 def teardown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -52,3 +81,12 @@ def mean_across_processes(value: torch.Tensor, runtime: Runtime) -> torch.Tensor
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= runtime.world_size
     return value
+
+
+def gather_across_processes(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Every process's `value`, stacked in rank order (just `value[None]` without torchrun)."""
+    if not runtime.distributed:
+        return value[None]
+    parts = [torch.empty_like(value) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, value.contiguous())
+    return torch.stack(parts)

@@ -41,7 +41,7 @@ from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
-from training.distributed import agree_on_signal, mean_across_processes
+from training.distributed import agree_on_signal, gather_across_processes, mean_across_processes
 from training.optim import LazyAdamW
 
 
@@ -176,16 +176,19 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 def stop_requests() -> Iterator[list[int]]:
     """The signals (SIGINT, SIGTERM) received while the body runs, for the loop to act on between steps.
 
-    A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait for the step.
+    A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait for the step; not in a
+    torchrun worker, which a Ctrl-C reaches only through the launcher, and often twice (a scheduler signals
+    every process, and the launcher passes its own copy on), so a second one there is no one's impatience.
     Signal handlers can only be set from the main thread; elsewhere nothing is caught.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+    impatience_stops = int(os.environ.get("WORLD_SIZE", "1")) == 1
 
     def handle(signum: int, frame: Any) -> None:
-        if received and signum == signal.SIGINT:
+        if received and signum == signal.SIGINT and impatience_stops:
             raise KeyboardInterrupt
         received.append(signum)
 
@@ -510,15 +513,23 @@ class MetricsWindow:
         self.last_loss = math.nan
         self.reset(time.perf_counter())
         if state:
-            device = runtime.device
-            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}
+            # Each process takes back its own sums; resumed with another number of processes, each takes their
+            # mean, which gives the same means up to rounding.
+            per_process = state["sums"]
+            sums = (per_process[runtime.rank] if len(per_process) == runtime.world_size else
+                    {k: sum(p[k] for p in per_process) / len(per_process) for k in per_process[0]})
+            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=runtime.device) for k, v in sums.items()}
             self.counts, self.steps = dict(state["counts"]), int(state["steps"])
 
     def state(self) -> dict[str, Any]:
-        """The open window as plain numbers for a checkpoint; every process takes part (under DDP the sums
-        are averaged over the processes, which is what their means will be)."""
-        sums = {k: mean_across_processes(v, self.runtime).item() for k, v in sorted(self.sums.items())}
-        return {"sums": sums, "counts": dict(self.counts), "steps": self.steps}
+        """The open window as plain numbers for a checkpoint: every process's sums (gathered: every process
+        takes part), the counts and the steps."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        mine = torch.stack([self.sums[k] for k in keys])
+        gathered = gather_across_processes(mine, self.runtime).tolist()
+        return {"sums": [dict(zip(keys, row)) for row in gathered], "counts": dict(self.counts), "steps": self.steps}
 
     def reset(self, now: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}

@@ -92,8 +92,7 @@ def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_conf
     return changed
 
 
-def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path,
-                   main: bool = True) -> tuple[Any, dict | None]:
+def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:
     """The run's config: its checkpoint's when resuming (an option outside `RESUMABLE` may be
     repeated, but not changed), else the preset's, with the user's options applied either way; then
     every check that needs no data."""
@@ -114,19 +113,22 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path,
         if checkpoint.exists():
             raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
         check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
-        if main and (run_dir / "metrics.jsonl").exists():
-            # A run stopped (kill -9, a crash) before its first checkpoint: nothing of it can be resumed, so it
-            # starts over, as a rerun after a kill must; its log would otherwise hold steps twice. (The main
-            # process of a torchrun job, which holds the folder's lock, says so and removes it.)
-            print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
-                  flush=True)
-            (run_dir / "metrics.jsonl").unlink()
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
     if spec.check is not None:
         spec.check(config, saved)
     return config, saved
+
+
+def start_over_if_killed(run_dir: Path) -> None:
+    """A new run into a folder with a log but no checkpoint: a run stopped (kill -9, a crash) before its first
+    checkpoint. Nothing of it can be resumed, so it starts over, as a rerun after a kill must; its log would
+    otherwise hold steps twice. Called once every check has passed, so a refused command removes nothing."""
+    if (run_dir / "metrics.jsonl").exists():
+        print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
+              flush=True)
+        (run_dir / "metrics.jsonl").unlink()
 
 
 def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, run_dir: Path) -> None:
@@ -156,13 +158,18 @@ def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, r
 def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     """Run one stage's training as the parsed `args` say, after any run it needs first."""
     run_dir = args.run_dir or Path("runs") / args.preset
-    # The main process holds the run directory for the whole run: a second run into it is refused.
-    with FolderLock(run_dir) if runtime.is_main else contextlib.nullcontext():
-        config, saved = resolve_config(spec, args, run_dir, main=runtime.is_main)
-        kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run, before any work
-        if config.train.batch_size % runtime.world_size:
-            raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
-                            f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")
+    with contextlib.ExitStack() as held:
+        # Every check before any work; under torchrun one process reports a failure, the others stop quietly.
+        with distributed.together(runtime):
+            if runtime.is_main:  # it holds the run directory for the whole run: a second run into it is refused
+                held.enter_context(FolderLock(run_dir))
+            config, saved = resolve_config(spec, args, run_dir)
+            kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run
+            if config.train.batch_size % runtime.world_size:
+                raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
+                                f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")
+        if saved is None and runtime.is_main:
+            start_over_if_killed(run_dir)
         if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
             need = spec.prerequisite(config, args.device)
             if need is not None:
