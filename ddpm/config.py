@@ -55,7 +55,8 @@ SPACINGS = ("uniform", "trailing", "quadratic")  # ddpm.samplers.make_timesteps 
 class SamplingConfig:
     sampler: str = option("ddim", "ddpm (ancestral), ddim, pndm (F-PNDM) or spndm (S-PNDM)", choices=tuple(SAMPLERS))
     steps: int = option(50, "number of denoising steps (a subsequence of the T training steps)")
-    spacing: str = option("uniform", "timestep spacing: uniform from 0 (DDIM's linear), trailing (uniform, ending at "
+    spacing: str = option("uniform", "timestep spacing: uniform from 0 (floor(i T / S); DDIM's linear where S divides "
+                                     "T), trailing (uniform, ending at "
                                      "the last timestep: better few-step samples under the cosine schedule), "
                                      "quadratic (DDIM's for CIFAR-10)", choices=SPACINGS)
     eta: float = option(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like")

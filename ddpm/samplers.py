@@ -55,9 +55,10 @@ class GuidedModel(Protocol):
 def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
     """`steps` distinct timesteps in [0, T), ascending from 0, as an int64 tensor (Song et al. 2021, DDIM Sec. 5).
 
-    "uniform":   t_i = floor(i T / S), i.e. 0, T/S, 2T/S, ... (DDIM's "linear", diffusers' "leading"): the
-                 first step is at T - T/S, not T - 1, which matters when abar there is not near 0 (see
-                 "trailing").
+    "uniform":   t_i = floor(i T / S), i.e. 0, T/S, 2T/S, ... (DDIM's "linear" and diffusers' "leading" where S
+                 divides T; otherwise those step by T // S and end lower, and DDIM's code can visit more than S
+                 timesteps): the first step is at T - T/S, not T - 1, which matters when abar there is not near
+                 0 (see "trailing").
     "trailing":  t_i = round((i + 1) T / S) - 1, i.e. T/S - 1, ..., T - 1 (Lin et al. 2024, "Common diffusion
                  noise schedules and sample steps are flawed", Sec. 3.3): sampling starts from the last
                  timestep, where x_T ~ N(0, I) is what the model was trained on. Under the cosine schedule
@@ -214,15 +215,16 @@ def _transfer(x: Tensor, eps: Tensor | GuidedEps, a_t: float, a_next: float, x0_
 # PNDM's steps mix eps from several points and turn the mix into x0 with a factor 1 / sqrt(abar) of the step's
 # start. Where that start is pure noise (trailing spacing under the cosine schedule: abar 2e-9 at T - 1, a factor
 # of 20,000), any difference between the points' eps blows up, so the first step there is a plain DDIM step,
-# eps from x alone, as PLMS without its Runge-Kutta warm-up takes it; the warm-up and multistep follow it
-# unchanged. The linear schedule's abar at T - 1 (4e-5, a factor of 160) is far above this.
+# eps from x alone, as PLMS without its Runge-Kutta warm-up takes it. Its eps is kept as the first entry of the
+# history, so F-PNDM follows it with two Runge-Kutta steps instead of three, and S-PNDM goes straight to its
+# multistep. The linear schedule's abar at T - 1 (4e-5, a factor of 160) is far above this.
 MIXED_STEP_MIN_ABAR = 1e-6
 
 
 def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, clip_x0: bool = False,
                 callback: Callback | None = None, noise: Noise | None = None) -> Tensor:
     """F-PNDM (Liu et al. 2022, Sec. 3.3): three pseudo Runge-Kutta steps, then the pseudo linear multistep method
-    (preceded by one DDIM step where the first timestep is pure noise: `MIXED_STEP_MIN_ABAR`).
+    (where the first timestep is pure noise, `MIXED_STEP_MIN_ABAR`, a DDIM step first, and two Runge-Kutta steps).
 
     Deterministic (`noise` is accepted for the shared signature and unused). The warm start evaluates the
     model at the end of its step, which the final jump to the clean image does not have, so at least 4
@@ -272,7 +274,8 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
     """S-PNDM (Liu et al. 2022): one pseudo improved Euler step, then the second-order pseudo linear multistep method
     (the first step a DDIM step where its timestep is pure noise: `MIXED_STEP_MIN_ABAR`).
 
-    One model evaluation per step plus one extra in the first step. Deterministic (`noise` is accepted for
+    One model evaluation per step plus one extra in the first step (none where that step is the DDIM step: its
+    eps then serves as the multistep's history). Deterministic (`noise` is accepted for
     the shared signature and unused); needs at least 2 timesteps since the warm start evaluates the model
     at the end of its step.
     """

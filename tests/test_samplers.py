@@ -294,8 +294,8 @@ def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps, spacing
     DDIMScheduler, PNDMScheduler (PRK warm-up, then PLMS) and DDPMScheduler (variance "fixed_small", fed the
     same noise draws) at DDPM's linear schedule, with x0 left unclipped and the last step reaching alpha-bar 1,
     give the same images as ours from the same start and the same (non-linear) eps-predictor. Theirs keep
-    alpha-bar in float32, hence a tolerance of float32's precision. Our uniform spacing is their "leading", our
-    trailing their "trailing"."""
+    alpha-bar in float32, hence a tolerance of float32's precision. Our uniform spacing is their "leading" at
+    the step counts here, which divide T (elsewhere theirs steps by T // S), our trailing their "trailing"."""
     schedulers = pytest.importorskip("diffusers.schedulers", reason="diffusers is not installed (bench extra)")
 
     def eps(x, t):
