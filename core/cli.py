@@ -52,6 +52,11 @@ class RunInterrupted(KeyboardInterrupt):
         return RunInterrupted(f"stopped by {signal.Signals(signum).name} {where}; {advice}", signum)
 
 
+# How PyTorch's collectives (gloo, NCCL) report a peer process that died mid-job.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Broken pipe")
+
+
 class ReportedByAnotherProcess(Exception):
     """This process of a torchrun job stops because another one failed, and that one reports why."""
     exit_code = 1
@@ -73,6 +78,10 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(err, RuntimeError) and any(
+            sign in str(err) for sign in PEER_LOST):
+        return ("another process of this torchrun job ended while this one waited for it (see the launcher's report "
+                "for which, and why); the checkpoints written before are intact: resume the job with --resume.", 1)
     # (A full disk inside torch.save surfaces as its zip writer's own error: atomic_write re-raises the OSError.)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         where = f" while writing {err.filename}" if err.filename else ""
@@ -212,9 +221,10 @@ def main(entry: Callable[[list[str]], Any]) -> None:
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects
     code = run(entry)
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and threading.current_thread() is threading.main_thread():
-        # Stopped, with what had to be saved saved and the line printed: another Ctrl-C while Python shuts
-        # down (joining DataLoader workers, atexit) could only add a traceback, so it is ignored now.
+    if code and threading.current_thread() is threading.main_thread():
+        # Ended, with what had to be saved saved and the line printed: a Ctrl-C or SIGTERM while Python shuts
+        # down (joining DataLoader workers, atexit; torchrun's to the workers left after one failed) could only
+        # add a traceback, so it is ignored now.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

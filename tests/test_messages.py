@@ -303,6 +303,15 @@ def test_a_torchrun_job_says_a_shared_ending_once(monkeypatch, capsys):
         assert capsys.readouterr().err == ""
 
 
+def test_a_peer_that_died_mid_job_is_one_line_in_a_torchrun_worker(monkeypatch):
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:40123")
+    assert cli.explain(lost) is None  # alone, a bug worth its traceback
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message, code = cli.explain(lost)
+    assert code == 1 and message.startswith("another process of this torchrun job ended") and "--resume" in message
+
+
 @pytest.mark.parametrize("world_size, stops_at_once", [("1", True), ("2", False)])
 def test_a_second_ctrl_c_stops_at_once_except_in_a_torchrun_worker(world_size, stops_at_once, monkeypatch):
     from training.loop import stop_requests

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -276,6 +277,10 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
         if self.runtime.distributed and any(p.requires_grad for p in model.parameters()):
+            # The weight gradients of 1x1 convolutions come with channels-last strides, which for their size-1
+            # dimensions is the same memory order as the parameter's; DDP compares strides literally and would
+            # warn once per process about a copy it makes into its buckets anyway.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device = self.runtime.device
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if self.cfg.compile:
