@@ -1,6 +1,6 @@
 """Self-attention, `softmax(q k^T / sqrt(head_dim)) v`, by whichever implementation is fastest for the
 tensors at hand: PyTorch's fused `scaled_dot_product_attention` (SDPA), or two batched matmuls and a
-softmax on the CPU in bf16 when the sequence is short.
+softmax on the CPU in bf16 when the sequence is of moderate length.
 
 SDPA is the right call on CUDA (flash / memory-efficient attention) and for long sequences anywhere:
 it never materialises the L x L score matrix. On the CPU in bf16, though, its flash kernel works in
@@ -21,13 +21,18 @@ AVX512-BF16 (`python -m bench.attention`; one run to the next the ratios move by
 | 8 x 2, 1024, 64 | 1.18x | 1.16x | matmul |
 | 8 x 8, 256, 64 | 1.29x | 1.02x | matmul |
 | 16 x 4, 512, 64 | 1.16x | 0.75x | matmul |
-| 8 x 1, 64, 64 (ddpm-demo's 8x8 attention) | 0.83x | 1.36x | matmul |
+| 8 x 1, 128, 64 | 1.17x | 1.87x | matmul |
+| 8 x 1, 64, 256 | 1.26x | 1.21x | matmul |
+| 8 x 1, 64, 64 (ddpm-demo's 8x8 attention) | 0.84x | 1.40x | SDPA |
+| 8 x 1, 16, 512 | 0.75x | 1.04x | SDPA |
 | 2 x 1, 2048, 64 | 0.50x | 0.68x | SDPA |
 | 1 x 4, 4096, 64 | 0.38x | 0.46x | SDPA |
 | 8 x 8, 256, 32 | 1.01x | 0.88x | SDPA |
 
-So the matmul form is used on the CPU in bf16 when `head_dim >= 64`, `L <= 16 * head_dim` and
-`L <= 2048` (one head's scores fit a chunk), and SDPA everywhere else. In fp32 neither form is
+So the matmul form is used on the CPU in bf16 when `head_dim >= 64`, `L <= 16 * head_dim`, `L <= 2048`
+(one head's scores fit a chunk) and the sequence is not too short for the matmuls to pay: `L >= 128`, or
+`L >= 64` with `head_dim >= 256` (below that the forward, all that sampling runs, is slower than SDPA's,
+though forward + backward is faster); SDPA everywhere else. In fp32 neither form is
 consistently faster (0.7x to 1.5x, mostly near 1), so fp32 keeps SDPA and its O(L) memory. In the
 `ddpm-cifar10` training step in bf16 the matmul form made the step 4% faster (9.44 -> 9.86 img/s at
 batch 16).
@@ -50,8 +55,8 @@ SCORE_CHUNK = 1 << 22  # most score values (batch x heads x L x L) one matmul-fo
 def uses_matmul_form(q: Tensor) -> bool:
     """Whether `attention` computes q (B, heads, L, head_dim) with matmuls rather than SDPA (see above)."""
     length, head_dim = q.shape[-2:]
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and head_dim >= 64 and length <= min(16 * head_dim, 2048))
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and head_dim >= 64
+            and (length >= 128 or (length >= 64 and head_dim >= 256)) and length <= min(16 * head_dim, 2048))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -51,6 +51,10 @@ def test_matmul_form_gradients_equal_sdpa():
     ((2, 1, 2048, 64), torch.bfloat16, False),    # L > 16 * head_dim
     ((1, 1, 4096, 512), torch.bfloat16, False),   # L > 2048
     ((2, 8, 256, 32), torch.bfloat16, False),     # head_dim < 64
+    ((8, 1, 128, 64), torch.bfloat16, True),      # L >= 128
+    ((8, 1, 64, 256), torch.bfloat16, True),      # L = 64 with a wide head
+    ((8, 1, 64, 64), torch.bfloat16, False),      # L = 64, head_dim 64: SDPA's forward is faster
+    ((8, 1, 16, 512), torch.bfloat16, False),     # too short
     ((16, 1, 256, 256), torch.float32, False),    # fp32: SDPA
     ((16, 1, 256, 256), torch.float16, False),
 ])
@@ -86,7 +90,7 @@ def test_attention_block_uses_the_matmul_form_under_cpu_autocast(channels_last, 
     torch.manual_seed(0)
     block = AttentionBlock(128, num_heads=1)
     torch.nn.init.normal_(block.proj_out.weight, std=0.1)
-    x = torch.randn(3, 128, 8, 8)
+    x = torch.randn(3, 128, 16, 16)
     expected = block(x)
     if channels_last:
         block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
