@@ -3,6 +3,7 @@ checkpoint format and fingerprints, weight files, and the stage registry behind 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -146,15 +147,22 @@ def test_evaluation_lines_payload_and_a_zero_step_run(tmp_path):
     assert set(payload["models"]) == {"model", "disc"} and set(payload["ema"]) == {"model"}
 
 
-def test_resuming_a_finished_run_or_into_an_existing_one_is_refused(tmp_path):
+def test_resuming_a_finished_run_does_nothing_and_going_back_or_into_an_existing_one_is_refused(tmp_path, capsys):
     stage, *_ = toy_stage(lambda models, batch, step: models["model"](batch[0]).mean())
     cfg = TrainConfig(steps=2, batch_size=4, sample_every=0)
-    Trainer(stage, cfg, tmp_path, CPU).run()
+    first = Trainer(stage, cfg, tmp_path, CPU).run()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl")}
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], cfg, tmp_path, CPU)
-    with pytest.raises(ValueError, match="already at step 2"):
-        Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], cfg, tmp_path, CPU,
-                resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy"))
+    # The same run resumed to the same step (a resubmitted job): nothing trained, nothing changed, no error.
+    again = Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], cfg, tmp_path, CPU,
+                    resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
+    assert "already at step 2 of 2: nothing to train" in capsys.readouterr().out
+    assert again["step"] == 2 and again["loss"] == pytest.approx(first["loss"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl")} == before
+    with pytest.raises(ValueError, match="already at step 2, past --steps 1"):
+        Trainer(toy_stage(lambda m, b, s: m["model"](b[0]).mean())[0], dataclasses.replace(cfg, steps=1), tmp_path,
+                CPU, resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy"))
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):

@@ -249,9 +249,9 @@ class Trainer:
         self.start_step, self.resumed_window = 0, None
         if resume_from is not None:
             self._restore(resume_from)
-        if self.start_step > 0 and self.start_step >= cfg.steps:
-            raise UserError(f"The run in {self.run_dir} is already at step {self.start_step}; pass --steps larger "
-                            f"than that to train further.")
+        if self.start_step > cfg.steps:
+            raise UserError(f"The run in {self.run_dir} is already at step {self.start_step}, past --steps {cfg.steps}; "
+                            f"pass --steps larger than {self.start_step} to train further.")
         self.train_models = TrainingModels({name: self._wrap(model) for name, model in self.models.items()},
                                            self.models)
 
@@ -407,6 +407,13 @@ class Trainer:
             return received[0] if received else None
         return agree_on_signal(received[0] if received else 0) or None
 
+    def _last_logged_loss(self) -> float:
+        """The training loss of the last record in metrics.jsonl (NaN if there is none to read here)."""
+        if not self.metrics_path.exists():
+            return math.nan
+        losses = [r["loss"] for _, r in read_metrics(self.metrics_path) if r.get("split") == "train" and "loss" in r]
+        return float(losses[-1]) if losses else math.nan
+
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
         if not self.metrics_path.exists():
@@ -430,6 +437,10 @@ class Trainer:
             model.train()
 
         steps = range(self.start_step, cfg.steps)
+        finished = self.start_step == cfg.steps > 0
+        if finished and runtime.is_main:  # run again as it was (a resubmitted job): nothing to do, and no error
+            print(f"The run in {self.run_dir} is already at step {cfg.steps} of {cfg.steps}: nothing to train (pass a "
+                  f"larger --steps to train further).", flush=True)
         # The bar is closed however the loop ends, so an error message starts on a line of its own.
         with stop_requests() as received, contextlib.closing(self.progress):
             for step, batch in zip(steps, self._batches() if len(steps) else ()):
@@ -451,7 +462,8 @@ class Trainer:
                 final = self.run_dir / "samples" / "final.png"
                 grid = last_preview.read_bytes()
                 atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
-        return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
+        loss = self._last_logged_loss() if finished else self.window.last_loss
+        return {"step": cfg.steps, "loss": loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
 
     def _after_step(self, done: int) -> bool:
