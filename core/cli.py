@@ -221,10 +221,10 @@ def main(entry: Callable[[list[str]], Any]) -> None:
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects
     code = run(entry)
-    if code and threading.current_thread() is threading.main_thread():
-        # Ended, with what had to be saved saved and the line printed: a Ctrl-C or SIGTERM while Python shuts
-        # down (joining DataLoader workers, atexit; torchrun's to the workers left after one failed) could only
-        # add a traceback, so it is ignored now.
+    if threading.current_thread() is threading.main_thread():
+        # Ended (done, or with what had to be saved saved and the line printed): a Ctrl-C or SIGTERM while Python
+        # shuts down (joining DataLoader workers, atexit; torchrun's to the workers left after one failed) could
+        # only add a traceback, or turn a finished command's 0 into 130 or 143, so it is ignored now.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

@@ -327,6 +327,15 @@ def test_a_second_ctrl_c_stops_at_once_except_in_a_torchrun_worker(world_size, s
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_while_a_finished_command_exits_keeps_its_success(signum):
+    process = _python("import atexit, os, signal, time\nfrom core import cli\n"
+                      f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), time.sleep(0.5), print('exited')))\n"
+                      "cli.main(lambda argv: None)")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and out.strip() == "exited" and err == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_stop_signal_while_a_stopped_command_exits_adds_nothing(signum):
     """After the one line of a stopped command, Python still shuts down (DataLoader workers, atexit); a
     second Ctrl-C or SIGTERM landing then (sent here from an atexit hook) changes neither the line nor the code."""
