@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         sources = [path if is_statistics_source(path) else open_folder(path, args.files) for path in (a, b)]
         check_reused_statistics([a, b], common)
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
+        kid_options = [option for option, value, default in (("--kid-subsets", args.kid_subsets, 100),
+                                                              ("--kid-subset-size", args.kid_subset_size, None),
+                                                              ("--seed", args.seed, 0)) if value != default]
+        if kid_options and not with_kid:
+            why = "--no-kid skips it" if args.no_kid else "a statistics file holds no features to draw subsets from"
+            raise UserError(f"{', '.join(kid_options)} set{'s' if len(kid_options) == 1 else ''} up KID, but {why}; "
+                            f"drop {'it' if len(kid_options) == 1 else 'them'}.")
         subset_size = args.kid_subset_size
         if with_kid and subset_size is None:
             smallest = min(len(source) for source in sources)

@@ -940,6 +940,8 @@ def _one_sentence_error(capsys) -> str:
     ("images in subfolders only", "no images pytorch-fid would read .* pass --files all"),
     ("unreadable image in a worker", r"Cannot read image .*bad\.png"),
     ("unwritable statistics path", "Cannot write statistics to"),
+    ("KID options with --no-kid", r"--kid-subsets, --seed set up KID, but --no-kid skips it; drop them"),
+    ("KID options with statistics files", r"--kid-subset-size sets up KID, but a statistics file holds no features"),
 ])
 def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, capsys, extractor, monkeypatch):
     monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: extractor.model)
@@ -966,6 +968,9 @@ def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, c
         "images in subfolders only": [str(tmp_path / "classes"), a, *options],
         "unreadable image in a worker": [str(tmp_path / "broken"), a, *options, "--num-workers", "1"],
         "unwritable statistics path": ["--save-stats", a, str(tmp_path / "file" / "a.npz"), *options],
+        "KID options with --no-kid": [a, a, *options, "--kid-subsets", "5", "--seed", "2"],
+        "KID options with statistics files": [str(tmp_path / "good.npz"), str(tmp_path / "good.npz"),
+                                              "--kid-subset-size", "3"],
     }[case]
     assert cli_main(argv) == 1
     assert re.search(match, _one_sentence_error(capsys))
