@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from core.errors import MissingFileError
+
 # safetensors dtype names -> torch dtypes
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,6 +129,6 @@ def download(url: str, filename: str, what: str, advice: str, hash_prefix: str |
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(target), hash_prefix=hash_prefix, progress=True)
     except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
-        raise FileNotFoundError(f"Cannot download the {what} weights from {url} ({err}); fetch {filename} "
+        raise MissingFileError(f"Cannot download the {what} weights from {url} ({err}); fetch {filename} "
                                 f"elsewhere and put it in {target.parent}, or {advice}.") from err
     return target

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import MissingFileError
+
 from vae.perceptual import (LPIPS_FILENAME, PERCEPTUAL_KINDS, TAPS, VGG16_FILENAME, PerceptualDistance,
                             build_perceptual)
 
@@ -301,13 +303,13 @@ def test_auto_with_explicit_paths_is_lpips_and_a_missing_explicit_path_is_an_err
 
 def test_lpips_offline_without_files_says_where_to_put_them(isolated_hub, files):
     hub, downloads = isolated_hub
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(MissingFileError) as info:  # a UserError: one line on the command line, not a traceback
         build_perceptual("lpips", taps=1)
     message = str(info.value)
     assert VGG16_FILENAME in message and str(hub / "checkpoints") in message and "--vgg-weights" in message
     assert downloads == ["https://download.pytorch.org/models/vgg16-397923af.pth"]
     _cache(hub, files, heads=False)
-    with pytest.raises(FileNotFoundError, match=r"lpips_v0\.1_vgg\.pth.*--lpips-weights"):
+    with pytest.raises(MissingFileError, match=r"lpips_v0\.1_vgg\.pth.*--lpips-weights"):
         build_perceptual("lpips", taps=1)
     assert downloads[-1].endswith("lpips/weights/v0.1/vgg.pth")
 
