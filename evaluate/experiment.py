@@ -172,11 +172,13 @@ class Sizes:
             return None
         return (self.match // 2, self.match - self.match // 2) if row.extra else (self.match, 0)
 
-    def describe(self) -> str:
+    def describe(self, mixed: bool = True) -> str:
+        """One line for the table's log; `mixed`: whether the table has mixed rows (not under --no-mixed)."""
         if self.multiple is not None:
             n, k = self.real, self.multiple
-            return (f"The real row trains on {n} real images, each synthetic row on {round(k * n)} synthetic ones and "
-                    f"each mixed row on both (--synthetic-multiple {k:g}).")
+            rows = " and each mixed row on both" if mixed else ""
+            return (f"The real row trains on {n} real images, each synthetic row on {round(k * n)} synthetic ones"
+                    f"{rows} (--synthetic-multiple {k:g}).")
         return f"Every row trains on {self.match} images (--match-size)."
 
 
@@ -304,9 +306,11 @@ class ReusedRuns:
                             f"on {now[key] or 'all'} (--match-size, --synthetic-multiple); choose another --out, or repeat the request it "
                             f"was made with.")
         option = "--" + key.split(".", 1)[1].replace("_", "-")
+        through = ("--fine-tune-lr, or the options after --" if row.pretrained_on and key == "train.lr" else
+                   "--preset or the options after --")
         raise UserError(f"{run_dir} was trained with {option} {_shown(was[key])} but this request gives {option} "
-                        f"{_shown(now[key])} (through --preset or the options after --); choose another --out, or "
-                        f"repeat the options it was made with.")
+                        f"{_shown(now[key])} (through {through}); choose another --out, or repeat the options it was "
+                        f"made with.")
 
     def _check_data(self, row: Row, run_dir: Path, request: ClassifyConfig, recorded: dict[str, Any]) -> None:
         was, now = json.loads(json.dumps(recorded)), json.loads(json.dumps(self._data_info(request)))
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with FolderLock(out):
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
         if size != Sizes():
-            print(size.describe(), flush=True)
+            print(size.describe(mixed=any(row.extra for row in rows)), flush=True)
         plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in rows for seed in range(args.seeds)]
         # Every run already there is checked against this request before any run trains.
         reused = ReusedRuns()

@@ -403,7 +403,7 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
     assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
 
 
-def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path):
+def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path, capsys):
     from core.checkpoint import save_checkpoint, state_fingerprint
     real, test = colours                                            # 24 real images
     synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
@@ -414,6 +414,7 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
             "--batch-size", "6", "--test-samples", "0"]
     summary = experiment.main(argv)
     assert list(summary["rows"]) == ["real", "gen", "real-then-real", "gen-then-real"]
+    assert "each synthetic row on 48 synthetic ones (--synthetic-multiple 2)" in capsys.readouterr().out  # no mixed
     for row, first in (("gen-then-real", "gen"), ("real-then-real", "real")):  # and the control, as many steps
         for seed in range(2):
             tuned = out / "runs" / row / f"seed{seed}"
@@ -459,7 +460,7 @@ def test_fine_tune_lr_sets_the_learning_rate_of_the_fine_tuned_rows_only(colours
     assert lr == {"real": 0.04, "gen": 0.04, "real-then-real": 0.004, "gen-then-real": 0.004}
     assert summary["fine_tune_lr"] == 0.004
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
-    with pytest.raises(ValueError, match=r"real-then-real.seed0 .*lr"):    # a kept run made at another rate
+    with pytest.raises(ValueError, match=r"real-then-real.seed0 .*lr.*through --fine-tune-lr"):  # made at another rate
         experiment.main(argv("--fine-tune", "--fine-tune-lr", "0.002"))
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
     for extra, message in ((("--fine-tune-lr", "0.004"), "add --fine-tune"),

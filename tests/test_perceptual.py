@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import MissingFileError
-
 from vae.perceptual import (LPIPS_FILENAME, PERCEPTUAL_KINDS, TAPS, VGG16_FILENAME, PerceptualDistance,
                             build_perceptual)
 
