@@ -141,9 +141,10 @@ class DatasetWriter:
         made_by = self.root / REQUEST
         if made_by.is_file():
             saved = _read_request(made_by)
-            differ = sorted(k for k in set(saved) | set(self.request) if saved.get(k) != self.request.get(k))
+            before, now = _flat(saved), _flat(self.request)
+            differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if differ:
-                was = ", ".join(f"{k}={json.dumps(saved.get(k))[:60]}" for k in differ[:4])
+                was = "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
                 raise UserError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
                                 f"options to continue it, or choose another folder.")
             self.rows = _read_manifest(self.root / MANIFEST, self.request.get("param_names", []))
@@ -186,6 +187,23 @@ class DatasetWriter:
         if names:
             write_csv([{"path": r["file"], **{n: r[manifest_column(n)] for n in names}} for r in rows],
                       self.root / PARAMS, fields=["path", *names])
+
+
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`record` with nested records spelled out as dotted keys ("sampling.guidance_scale")."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: Any) -> str:
+    """A recorded value as a message shows it: JSON, cut short if long; "(none)" where it is absent."""
+    text = "(none)" if value is None else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _read_request(path: Path) -> dict[str, Any]:
