@@ -102,9 +102,11 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     scale = recorded_scale if resume_from is not None else latent_scale_factor(latents.moments)
     record = vae_record(vae_payload, source, fingerprint, scale)
     if runtime.is_main:
+        # A resumed run reads the copy in its checkpoint, wherever (or whether) the VAE run's file still is.
+        origin = f"the copy in this run's checkpoint (first read from {source})" if resume_from is not None else source
         print(f"Latents: {len(latents)} x {config.unet.in_channels}x{config.unet.image_size}x{config.unet.image_size}, "
               f"scale factor {scale:.4f} (the autoencoder run measured {record['autoencoder_scale_factor']:.4f} on "
-              f"its data), autoencoder {fingerprint} from {source}.", flush=True)
+              f"its data), autoencoder {fingerprint} from {origin}.", flush=True)
         trained_on = vae_payload.get("data_info") or {}
         if (trained_on.get("name"), trained_on.get("resolution")) != (info.name, info.resolution):
             print(f"Note: the autoencoder was trained on {trained_on.get('name')} at {trained_on.get('resolution')} px, "

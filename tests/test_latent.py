@@ -228,7 +228,7 @@ def test_ldm_resume_is_exact(tmp_path, cache, vae_run):
     assert all(torch.equal(v, b["ema"]["model"][k]) for k, v in a["ema"]["model"].items())
 
 
-def test_ldm_resumes_exactly_from_the_autoencoder_it_carries_once_the_file_is_gone(tmp_path, cache, vae_run):
+def test_ldm_resumes_exactly_from_the_autoencoder_it_carries_once_the_file_is_gone(tmp_path, cache, vae_run, capsys):
     """The README's promise: a latent checkpoint is enough to resume. The VAE file it started from may be
     moved or deleted; another autoencoder in its place is refused, its latents not being this run's."""
     vae = tmp_path / "vae.pt"
@@ -248,7 +248,9 @@ def test_ldm_resumes_exactly_from_the_autoencoder_it_carries_once_the_file_is_go
     assert (split / "checkpoint.pt").read_bytes() == saved
 
     vae.unlink()
+    capsys.readouterr()
     train.main(resume)
+    assert f"from the copy in this run's checkpoint (first read from {vae})" in capsys.readouterr().out
     assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
     a, b = (load_checkpoint(d / "checkpoint.pt", "ldm") for d in (straight, split))
     for group in ("models", "ema"):
