@@ -68,4 +68,8 @@ def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", s
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m examples.tiny_ddpm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="tiny_ddpm.png", help="the PNG grid to write (default: tiny_ddpm.png)")
+    main(out=parser.parse_args().out)
