@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import alternating_seconds, setup
-from kernels.attention import matmul_attention, uses_matmul_form
+from kernels.attention import matmul_attention, sdpa_attention, uses_matmul_form
 
 SHAPES = [  # (batch, heads, L, head_dim)
     (16, 1, 256, 256),   # ddpm-cifar10's 16x16 attention at the bench's training batch
@@ -30,10 +29,6 @@ SHAPES = [  # (batch, heads, L, head_dim)
     (2, 1, 2048, 128),
     (8, 8, 256, 32),
 ]
-
-
-def sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def speedup(shape, dtype, device, backward: bool, repeats: int) -> float:
@@ -51,7 +46,7 @@ def speedup(shape, dtype, device, backward: bool, repeats: int) -> float:
                     fn(q, k, v)
         return call
 
-    seconds = alternating_seconds({"sdpa": timed(sdpa), "matmul": timed(matmul_attention)}, device, repeats, warmup=2)
+    seconds = alternating_seconds({"sdpa": timed(sdpa_attention), "matmul": timed(matmul_attention)}, device, repeats, warmup=2)
     return seconds["sdpa"] / seconds["matmul"]
 
 

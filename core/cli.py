@@ -67,6 +67,11 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world_size() -> int:
+    """The number of processes of this torchrun job (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def explain(err: BaseException) -> tuple[str, int] | None:
     """(one-sentence message, exit code) for an expected failure, or None for one that is a bug."""
     if isinstance(err, (RunError, RunInterrupted, ReportedByAnotherProcess)):
@@ -78,7 +83,7 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(err, RuntimeError) and any(
+    if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(
             sign in str(err) for sign in PEER_LOST):
         return ("another process of this torchrun job ended while this one waited for it (see the launcher's report "
                 "for which, and why); the checkpoints written before are intact: resume the job with --resume.", 1)

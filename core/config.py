@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import typing
@@ -116,6 +117,18 @@ class StageConfig:
 
 # ---------------------------------------------------------------------------------------------
 # dataclass <-> plain dict (for checkpoints and config.json)
+
+
+def flat_fields(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`record` (a config's `to_dict`, or any JSON record) with nested records spelled out as dotted keys
+    ("train.lr", "sampling.guidance_scale"), values as JSON gives them back (tuples as lists)."""
+    flat = {}
+    for key, value in json.loads(json.dumps(record)).items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from core.config import flat_fields
 from core.errors import ExistsError, UserError
 from core.lock import holds_files
 from core.runtime import write_csv, write_json
@@ -141,7 +142,7 @@ class DatasetWriter:
         made_by = self.root / REQUEST
         if made_by.is_file():
             saved = _read_request(made_by)
-            before, now = _flat(saved), _flat(self.request)
+            before, now = flat_fields(saved), flat_fields(self.request)
             differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if differ:
                 was = "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
@@ -187,17 +188,6 @@ class DatasetWriter:
         if names:
             write_csv([{"path": r["file"], **{n: r[manifest_column(n)] for n in names}} for r in rows],
                       self.root / PARAMS, fields=["path", *names])
-
-
-def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`record` with nested records spelled out as dotted keys ("sampling.guidance_scale")."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _shown(value: Any) -> str:

@@ -46,7 +46,7 @@ from classify.plots import bar_chart
 from classify.stage import SPEC as CLASSIFY, final_results, run_data
 from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.cli import RunInterrupted
-from core.config import from_dict, to_dict
+from core.config import flat_fields, from_dict, to_dict
 from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock, check_own_folder
@@ -249,12 +249,6 @@ def requested_config(row: Row, seed: int, run_dir: Path, args: argparse.Namespac
     return with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    """section.field -> value, as JSON gives it back (tuples as lists)."""
-    return {f"{section}.{name}": value for section, fields in json.loads(json.dumps(config)).items()
-            for name, value in fields.items()}
-
-
 def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -292,7 +286,7 @@ class ReusedRuns:
                             f"again from the new run, or choose another --out.")
 
     def _check_config(self, row: Row, run_dir: Path, request: ClassifyConfig, saved: ClassifyConfig) -> None:
-        now, was = _flat(to_dict(request)), _flat(to_dict(saved))
+        now, was = flat_fields(to_dict(request)), flat_fields(to_dict(saved))
         changed = [key for key in now if key not in NOT_COMPARED and now[key] != was[key]]
         if not changed:
             return
@@ -320,7 +314,7 @@ class ReusedRuns:
         if "test_fingerprint" in was:  # older checkpoints lack it
             sets.append(("data.test_dataset", {"fingerprint": was["test_fingerprint"]},
                          {"fingerprint": now["test_fingerprint"]}))
-        specs = _flat(to_dict(request))
+        specs = flat_fields(to_dict(request))
         for key, before, after in sets:
             if any(before[k] != after[k] for k in before if k in after and k not in ("parts", "test_fingerprint")):
                 raise UserError(f"The images of {_option(row, key)} ({specs[key]}) changed since {run_dir} was made "

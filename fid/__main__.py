@@ -104,7 +104,8 @@ def open_folder(path: str, files: str) -> ImageFolder:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_kid_options(args)
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
                   num_workers=args.num_workers, files=args.files, compile=args.compile, features=args.features)
@@ -125,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         sources = [path if is_statistics_source(path) else open_folder(path, args.files) for path in (a, b)]
         check_reused_statistics([a, b], common)
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
-        kid_options = [option for option, value, default in (("--kid-subsets", args.kid_subsets, 100),
-                                                              ("--kid-subset-size", args.kid_subset_size, None),
-                                                              ("--seed", args.seed, 0)) if value != default]
+        kid_options = [f"--{name.replace('_', '-')}" for name in ("kid_subsets", "kid_subset_size", "seed")
+                       if getattr(args, name) != parser.get_default(name)]
         if kid_options and not with_kid:
             why = "--no-kid skips it" if args.no_kid else "a statistics file holds no features to draw subsets from"
             raise UserError(f"{', '.join(kid_options)} set{'s' if len(kid_options) == 1 else ''} up KID, but {why}; "

@@ -13,7 +13,7 @@ Each kernel lives in its own module beside the PyTorch reference it must equal:
   folds the U-Net's dropout into `group_norm`'s kernels; `--kernels torch` and compiled code keep
   PyTorch's).
 - `kernels.attention`: not a kernel either but a choice: PyTorch's fused SDPA, or on the CPU in bf16
-  two matmuls and a softmax in cache-sized chunks where that is measured faster (short sequences).
+  two matmuls and a softmax in cache-sized chunks where that is measured faster (moderate lengths).
 
 The module docstring of each says what the fusion saves and why.
 

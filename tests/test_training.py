@@ -88,6 +88,15 @@ def test_a_run_resumed_from_inside_a_logging_window_logs_what_an_unbroken_one_do
         train.main(tiny_args(split, image_folder, *options, steps=8))
     monkeypatch.setattr(Trainer, "_after_step", after_step)
     assert load_checkpoint(split / "checkpoint.pt", "ddpm")["step"] == 4 and losses(split) == losses(straight)[:1]
+    payload = load_checkpoint(split / "checkpoint.pt", "ddpm")
+    assert payload["metrics_window"]["counts"]["loss"] == 1  # step 4, summed for the record of step 6
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (damaged / name).write_bytes((split / name).read_bytes())
+    save_checkpoint({**payload, "metrics_window": {**payload["metrics_window"], "counts": {}}}, damaged / "checkpoint.pt")
+    with pytest.raises(ValueError, match="does not fit the run its config describes .*metrics window"):
+        train.main(["--run-dir", str(damaged), "--resume", "--steps", "8", "--device", "cpu"])
     train.main(["--run-dir", str(split), "--resume", "--steps", "8", "--device", "cpu"])
     assert [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()] == [3, 6, 8]
     assert losses(split) == losses(straight)
@@ -401,7 +410,7 @@ def _window_state_round_trip(rank: int, init: str, out: str) -> None:
     for value in ([0.1, 0.7, 1 / 3] if rank == 0 else [0.2, 0.9, 2 / 7]):
         window.add({"model": torch.tensor(value)}, {}, {})
     state = window.state()  # a collective: both processes
-    resumed = MetricsWindow(runtime, state)
+    resumed = MetricsWindow(runtime, MetricsWindow.restored(state, runtime))
     torch.save({"state": state, "mine": window.sums["loss"], "resumed": resumed.sums["loss"],
                 "means": (window.means(), resumed.means())}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
@@ -420,7 +429,8 @@ def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_
     sums = results[0]["state"]["sums"]
     assert [row["loss"] for row in sums] == [results[0]["mine"].item(), results[1]["mine"].item()]
     from training.loop import MetricsWindow
-    alone = MetricsWindow(Runtime(torch.device("cpu")), results[0]["state"])  # resumed by one process
+    alone = MetricsWindow(Runtime(torch.device("cpu")),  # resumed by one process
+                          MetricsWindow.restored(results[0]["state"], Runtime(torch.device("cpu"))))
     assert alone.sums["loss"].item() == pytest.approx((sums[0]["loss"] + sums[1]["loss"]) / 2)
 
 

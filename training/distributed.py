@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from core.cli import ReportedByAnotherProcess
+from core.cli import ReportedByAnotherProcess, launched_rank, launched_world_size
 from core.runtime import Runtime, resolve_device
 
 
@@ -18,10 +18,10 @@ _host_group = None  # set by `setup` when the main group is NCCL
 
 def setup(device: str = "auto") -> Runtime:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Runtime(resolve_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and device in ("auto", "cuda"):
         torch.cuda.set_device(local_rank)
         run_device, backend = torch.device("cuda", local_rank), "nccl"

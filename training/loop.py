@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.cli import RunError, RunInterrupted, ignore_stop_signals
+from core.cli import RunError, RunInterrupted, ignore_stop_signals, launched_world_size
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
@@ -186,7 +186,7 @@ def stop_requests() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    impatience_stops = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    impatience_stops = launched_world_size() == 1
 
     def handle(signum: int, frame: Any) -> None:
         if received and signum == signal.SIGINT and impatience_stops:
@@ -267,12 +267,13 @@ class Trainer:
                 ema.load_state_dict(payload["ema"][name])
             self.scaler.load_state_dict(payload["scaler"])
             set_rng_state(payload["rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            # The logging window open at the checkpoint (absent from checkpoints older than it).
+            self.resumed_window = MetricsWindow.restored(payload.get("metrics_window") or {}, self.runtime)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
             raise UserError(f"The checkpoint in {self.run_dir} does not fit the run its config describes "
                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
                             f"start a new --run-dir.") from err
         self.start_step = int(payload["step"])
-        self.resumed_window = payload.get("metrics_window")  # absent from checkpoints older than it
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
@@ -525,18 +526,28 @@ class MetricsWindow:
     A checkpoint written inside a window carries its `state`, so the run resumed from it logs the same
     numbers at the same steps as one never stopped."""
 
-    def __init__(self, runtime: Runtime, state: dict[str, Any] | None = None):
+    def __init__(self, runtime: Runtime, resumed: tuple[dict[str, torch.Tensor], dict[str, int], int] | None = None):
+        """`resumed`: the window a checkpoint carried, as `restored` reads it."""
         self.runtime = runtime
         self.last_loss = math.nan
         self.reset(time.perf_counter())
-        if state:
-            # Each process takes back its own sums; resumed with another number of processes, each takes their
-            # mean, which gives the same means up to rounding.
-            per_process = state["sums"]
-            sums = (per_process[runtime.rank] if len(per_process) == runtime.world_size else
-                    {k: sum(p[k] for p in per_process) / len(per_process) for k in per_process[0]})
-            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=runtime.device) for k, v in sums.items()}
-            self.counts, self.steps = dict(state["counts"]), int(state["steps"])
+        if resumed is not None:
+            self.sums, self.counts, self.steps = resumed
+
+    @staticmethod
+    def restored(state: dict[str, Any], runtime: Runtime) -> tuple[dict[str, torch.Tensor], dict[str, int], int] | None:
+        """This process's (sums, counts, steps) from a checkpoint's `state` (None for a closed window). Each
+        process takes back its own sums; resumed with another number of processes, each takes their mean,
+        which gives the same means up to rounding. A state that does not add up raises KeyError or ValueError."""
+        if not state:
+            return None
+        per_process, counts = state["sums"], {k: int(n) for k, n in state["counts"].items()}
+        if not per_process or any(set(sums) != set(counts) for sums in per_process):
+            raise ValueError("the metrics window's sums and counts name different values")
+        sums = (per_process[runtime.rank] if len(per_process) == runtime.world_size else
+                {k: sum(p[k] for p in per_process) / len(per_process) for k in counts})
+        tensors = {k: torch.tensor(float(v), dtype=torch.float32, device=runtime.device) for k, v in sums.items()}
+        return tensors, counts, int(state["steps"])
 
     def state(self) -> dict[str, Any]:
         """The open window as plain numbers for a checkpoint: every process's sums (gathered: every process
