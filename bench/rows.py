@@ -57,20 +57,18 @@ class Plan:
 
 
 def prepared(net: nn.Module, settings: Settings,
-             compiled_parts: Callable[[nn.Module], Iterable[nn.Module]] = lambda net: [net],
-             inference: bool = False) -> nn.Module:
+             compiled_parts: Callable[[nn.Module], Iterable[nn.Module]] = lambda net: [net]) -> nn.Module:
     """`net` in the memory format `settings` asks for, and compiled (in place) if it asks for that.
 
     Compilation acts on a module's forward, so a network used through other methods (the autoencoder's
-    encode and decode) names the submodules those call in `compiled_parts`. An `inference` network is
-    compiled as our inference tools compile theirs (`core.speed.speed_up`: frozen weights).
+    encode and decode) names the submodules those call in `compiled_parts`.
     """
     if settings.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if settings.compile:
         from core.speed import compile_module
         for part in compiled_parts(net):
-            compile_module(part, frozen=inference)
+            compile_module(part)
     return net
 
 
@@ -206,7 +204,7 @@ def ddim_guided(plan: Plan, preset: str) -> Row:
     sampling = SamplingConfig(sampler="ddim", steps=steps, guidance_scale=GUIDANCE_SCALE)
 
     def ours(settings: Settings) -> Step:
-        net = prepared(copy.deepcopy(base), settings, inference=True)
+        net = prepared(copy.deepcopy(base), settings)
         model = DiffusionSampler(net, schedule, diffusion.prediction, info)
         return lambda: sample(model, sampling, range(batch), cond=labels, amp_dtype=settings.dtype)
 
@@ -256,7 +254,7 @@ def autoencoder(plan: Plan, preset: str = "kl-f8") -> list[Row]:
     rows = []
     for direction in ("encode", "decode"):
         def ours(settings: Settings, direction=direction) -> Step:
-            net = prepared(copy.deepcopy(base), settings, lambda net: (net.encoder, net.decoder), inference=True)
+            net = prepared(copy.deepcopy(base), settings, lambda net: (net.encoder, net.decoder))
             run, inputs = (net.encode, x) if direction == "encode" else (net.decode, z)
             inputs = layout(inputs, settings)
 

@@ -6,9 +6,7 @@ know whether it was compiled or captured.
 
 - `compile_module`: `torch.compile` on the module's forward. Inductor fuses the elementwise work
   between convolutions and matmuls (on the CPU into vectorised C++ loops, on CUDA into Triton); on
-  the CPU its C++ wrapper also runs the kernels in order without returning to Python between them,
-  and an inference network whose weights are final is "frozen": its weights become constants of the
-  compiled graph.
+  the CPU its C++ wrapper also runs the kernels in order without returning to Python between them.
 - `capture_cuda_graphs`: the forward is recorded once per input signature as a CUDA graph and
   replayed afterwards, so a small-batch sampling step costs one graph launch instead of hundreds of
   kernel launches issued by Python. Only inference calls on CUDA tensors are captured; everything
@@ -28,24 +26,20 @@ from core.errors import UserError
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def compile_module(module: nn.Module, mode: str = "default", *, frozen: bool = False) -> nn.Module:
+def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
     """Compile `module`'s forward in place (`nn.Module.compile`); returns the module for chaining.
 
-    "reduce-overhead" also records CUDA graphs on CUDA (compile's own capture). `frozen`: the caller
-    promises that the module's weights never change after its first call, so on the CPU Inductor may
-    fold them into its graphs as constants ("freezing": oneDNN's prepacked weights, folded
-    arithmetic); it acts on calls without autograd only (calls that build a graph for backward are
-    compiled as usual), and weights loaded after the first call would be silently ignored.
+    "reduce-overhead" also records CUDA graphs on CUDA (compile's own capture). Weights stay inputs of
+    the compiled graphs, so weights loaded later are used. Inductor's "freezing" (weights folded in as
+    constants, oneDNN's prepacked convolutions) was measured on the CPU and gave nothing: DDIM sampling
+    of the demo U-Net and ResNet-18 inference, bf16 and fp32, within 1-2% of unfrozen (docs/speed.md).
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}.")
     if mode == "default" and _on_cpu(module):
         # Inductor's C++ wrapper calls the generated kernels from C++ instead of one Python call per
         # kernel: a small network's step on a CPU is mostly that overhead (measured in docs/speed.md).
-        options = {"cpp_wrapper": True}
-        if frozen:
-            options["freezing"] = True  # DDIM sampling of the demo U-Net about 30% faster (docs/speed.md)
-        module.compile(options=options)
+        module.compile(options={"cpp_wrapper": True})
     else:
         module.compile(mode=None if mode == "default" else mode)
     return module
@@ -132,11 +126,11 @@ def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
 
 def speed_up(module: nn.Module, device: torch.device, *, compile: bool = False, cuda_graphs: bool = False) -> nn.Module:
     """`--compile` and `--cuda-graphs` for an inference network whose weights are final, in place:
-    compiled (frozen, see `compile_module`), with compile's own CUDA graphs when both are asked for;
+    compiled (`compile_module`), with compile's own CUDA graphs when both are asked for;
     captured by `capture_cuda_graphs` when only graphs are."""
     check_cuda_graphs(cuda_graphs, device)
     if compile:
-        return compile_module(module, "reduce-overhead" if cuda_graphs else "default", frozen=True)
+        return compile_module(module, "reduce-overhead" if cuda_graphs else "default")
     return capture_cuda_graphs(module) if cuda_graphs else module
 
 

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device, option="--judge")
     if args.compile:
-        compile_module(judge.net, frozen=True)
+        compile_module(judge.net)
     if args.images is not None:
         # Resolved as the loader resolves it ("folder:." or "folder:~/set" name a folder by where it is).
         folder = Path(args.images[len("folder:"):]).expanduser().resolve()
