@@ -176,3 +176,18 @@ def test_a_checkpoint_of_another_stage_is_refused_naming_the_option(tmp_path, ca
         assert cli_main([folder, folder, "--features", str(ckpt), "--no-kid", *CPU]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--features" in err, err
+
+
+def test_domain_features_compiled_give_the_eager_distance(tmp_path, capsys):
+    # A real Inductor compilation of the classifier (dynamic shapes, as fid compiles it).
+    ckpt = params_checkpoint(tmp_path / "c.pt")
+    a = image_folder(tmp_path / "a", 4, (16, 16), seed=1)
+    b = image_folder(tmp_path / "b", 4, (16, 16), seed=2)
+    from torch._dynamo.utils import counters
+    distances = []
+    for extra in ([], ["--compile"]):
+        counters.clear()
+        assert cli_main([a, b, "--features", str(ckpt), "--no-kid", *CPU, *extra]) == 0
+        distances.append(float(re.search(r"FID: (\S+)", capsys.readouterr().out).group(1)))
+    assert counters["stats"]["unique_graphs"] >= 1  # the second run's classifier did run compiled
+    assert distances[1] == pytest.approx(distances[0], rel=1e-3) and distances[0] > 0
