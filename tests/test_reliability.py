@@ -477,6 +477,22 @@ def test_resume_mistakes_are_one_line_and_change_nothing(tmp_path, trained, caps
     assert snapshot(run_dir) == before and not (tmp_path / "empty").exists()
 
 
+def test_a_resubmitted_finished_run_exits_at_once_without_loading_data(tmp_path, trained, capsys, monkeypatch):
+    # Run again as it was: exit 0 and nothing written, decided before the data is read (a job scheduler
+    # that resubmits finished jobs must not wait for a dataset, or fail because it moved).
+    import ddpm.stage
+    run_dir, _ = trained
+    before = snapshot(run_dir)
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data was loaded for a run with nothing to train")
+    monkeypatch.setattr(ddpm.stage, "load_dataset", loading)
+    assert cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 2 of 2: nothing to train" in out and "Done (ddpm): step 2" in out
+    assert snapshot(run_dir) == before
+
+
 SAMPLE_CASES = [
     (["--num", "0"], "--num must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),

@@ -220,6 +220,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # the loop
 
 
+def finished_run(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
+    """The summary `Trainer.run` returns, for a run already at its last step and run again to it (a
+    resubmitted job): nothing to train, nothing written, and no error. `training.run.train` says so
+    before it loads any data or builds a model."""
+    if runtime.is_main:
+        print(f"The run in {run_dir} is already at step {steps} of {steps}: nothing to train (pass a larger --steps "
+              f"to train further).", flush=True)
+    metrics, final = run_dir / "metrics.jsonl", run_dir / "samples" / "final.png"
+    losses = [r["loss"] for _, r in read_metrics(metrics) if r.get("split") == "train" and "loss" in r] \
+        if metrics.exists() else []
+    return {"step": steps, "loss": float(losses[-1]) if losses else math.nan, "seconds": 0.0,
+            "checkpoint": str(run_dir / "checkpoint.pt"), "final_grid": str(final) if final.exists() else None}
+
+
 class Trainer:
     """Trains one `TrainingStage` for `cfg.steps` steps, writing everything under `run_dir`.
 
@@ -408,13 +422,6 @@ class Trainer:
             return received[0] if received else None
         return agree_on_signal(received[0] if received else 0) or None
 
-    def _last_logged_loss(self) -> float:
-        """The training loss of the last record in metrics.jsonl (NaN if there is none to read here)."""
-        if not self.metrics_path.exists():
-            return math.nan
-        losses = [r["loss"] for _, r in read_metrics(self.metrics_path) if r.get("split") == "train" and "loss" in r]
-        return float(losses[-1]) if losses else math.nan
-
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
         if not self.metrics_path.exists():
@@ -426,6 +433,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg, runtime = self.cfg, self.runtime
+        if self.start_step == cfg.steps > 0:
+            return finished_run(self.run_dir, cfg.steps, runtime)
         if runtime.is_main:
             self._trim_metrics()
             write_json(self.stage.config, self.run_dir / "config.json")
@@ -438,10 +447,6 @@ class Trainer:
             model.train()
 
         steps = range(self.start_step, cfg.steps)
-        finished = self.start_step == cfg.steps > 0
-        if finished and runtime.is_main:  # run again as it was (a resubmitted job): nothing to do, and no error
-            print(f"The run in {self.run_dir} is already at step {cfg.steps} of {cfg.steps}: nothing to train (pass a "
-                  f"larger --steps to train further).", flush=True)
         # The bar is closed however the loop ends, so an error message starts on a line of its own.
         with stop_requests() as received, contextlib.closing(self.progress):
             for step, batch in zip(steps, self._batches() if len(steps) else ()):
@@ -463,8 +468,7 @@ class Trainer:
                 final = self.run_dir / "samples" / "final.png"
                 grid = last_preview.read_bytes()
                 atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
-        loss = self._last_logged_loss() if finished else self.window.last_loss
-        return {"step": cfg.steps, "loss": loss, "seconds": time.perf_counter() - self.started,
+        return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
 
     def _after_step(self, done: int) -> bool:

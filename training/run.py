@@ -26,7 +26,7 @@ from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
 from data import check_spec
 from training import distributed
-from training.loop import RunExists, Trainer
+from training.loop import RunExists, Trainer, finished_run
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there.
@@ -182,11 +182,14 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                     raise stop.told_from(f"in the {need.spec.name} run {first.run_dir} that --stage {spec.name} "
                                          f"trains first", "run the same command again to go on from where it "
                                          "stopped.") from stop
-        config, stage = spec.build(config, runtime, saved)
-        if saved is not None:
-            check_same_run(spec, config, stage.data_info, saved, run_dir)
-        summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
-                          num_workers=config.data.num_workers).run()
+        if saved is not None and saved["step"] == config.train.steps > 0:  # a resubmitted job that had finished
+            summary = finished_run(run_dir, config.train.steps, runtime)
+        else:
+            config, stage = spec.build(config, runtime, saved)
+            if saved is not None:
+                check_same_run(spec, config, stage.data_info, saved, run_dir)
+            summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
+                              num_workers=config.data.num_workers).run()
     if runtime.is_main:
         where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
         print(f"Done ({spec.name}): step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
