@@ -104,6 +104,38 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
     assert all(torch.equal(v, weights(straight)[k]) for k, v in weights(run_dir).items())
 
 
+def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_path, folder):
+    # kill -9 of the launcher passes no signal on; its workers (each in a session of its own) used to train on
+    # as orphans holding the lock. Linux now sends each SIGTERM, so they stop together and checkpoint.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    run_dir = tmp_path / "orphaned"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", TRAIN, *tiny_args(run_dir, folder, steps=100_000)],
+                                    cwd=tmp_path, env=env, stdout=out, stderr=err)
+        wait_for(lambda: len(logged_steps(run_dir)) >= 3, launcher, timeout=180)
+        launcher.kill()
+        launcher.wait()
+
+    def released() -> bool:
+        try:
+            with FolderLock(run_dir):
+                return True
+        except FolderInUse:
+            return False
+    deadline = time.monotonic() + 120
+    while not released():
+        assert time.monotonic() < deadline, "the workers did not stop after their launcher died"
+        time.sleep(0.2)
+    stopped = load_checkpoint(run_dir / "checkpoint.pt")["step"]
+    assert logged_steps(run_dir) == list(range(1, stopped + 1))
+    assert f"stopped by SIGTERM at step {stopped}" in (tmp_path / "err.txt").read_text()
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", str(stopped + 1), "--device", "cpu"])
+    assert logged_steps(run_dir) == list(range(1, stopped + 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # one process per folder
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from typing import Iterator
 
 import torch
@@ -21,6 +24,7 @@ def setup(device: str = "auto") -> Runtime:
     world_size = launched_world_size()
     if world_size == 1:
         return Runtime(resolve_device(device))
+    stop_with_the_launcher()
     rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and device in ("auto", "cuda"):
         torch.cuda.set_device(local_rank)
@@ -34,6 +38,27 @@ def setup(device: str = "auto") -> Runtime:
     # never synchronise the GPU; under gloo the default group already is one.
     _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Runtime(run_device, rank, world_size)
+
+
+def stop_with_the_launcher() -> None:
+    """Ask Linux to send this torchrun worker SIGTERM when its launcher dies.
+
+    A launcher killed with SIGKILL (`kill -9`, the OOM killer) cannot pass a stop on, and its workers,
+    each in a session of its own, would train on as orphans holding the run's lock. With this they stop
+    as after any SIGTERM: all together after the current step, which is checkpointed. Only under
+    torchrun: a single process's parent is a shell, whose exit must not stop a `nohup` run. Elsewhere
+    than Linux nothing is asked.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def agree_on_signal(signum: int) -> int:
