@@ -300,3 +300,44 @@ def test_bf16_autocast_training_stays_close_to_fp32(matmul_attention, monkeypatc
     assert fp32[-1] < fp32[0]  # the run learns, so the comparison is not between two flat lines
     mean_fp32, mean_bf16 = sum(fp32[6:]) / 6, sum(bf16[6:]) / 6
     assert math.isclose(mean_bf16, mean_fp32, rel_tol=BF16_LOSS_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_every_stage_trains_with_compile_and_its_first_loss_is_the_eager_one(tmp_path, class_ckpt):
+    """`train.py --stage S --compile` with a real Inductor compilation for every stage (about 5 minutes on
+    2 CPU cores): it runs to the end, and the first step's loss (taken before any update, with the data,
+    noise and timesteps drawn outside the compiled network) is the eager run's up to rounding."""
+    import json
+    import train
+    from helpers import colour_folder
+    images = colour_folder(tmp_path / "images", per_class=4, seed=0)
+    common = ["--device", "cpu", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "100", "--steps", "2",
+              "--resolution", "16", "--warmup-steps", "1"]
+    plumes = ["--dataset", "plumes", "--num-samples", "12", "--cache-dir", str(tmp_path / "cache")]
+    stages = {
+        "vae": [*plumes, "--test-samples", "4", "--base-channels", "16", "--channel-mult", "1", "2",
+                "--num-res-blocks", "1", "--latent-channels", "2", "--perceptual-taps", "1", "--perceptual", "random",
+                "--scale-samples", "12", "--batch-size", "4", "--preview-images", "4"],
+        "ldm": [*plumes, "--vae-ckpt", "{vae}", "--base-channels", "32", "--channel-mult", "1", "2",
+                "--num-res-blocks", "1", "--attention-resolutions", "4", "--num-timesteps", "100", "--dropout", "0",
+                "--batch-size", "4", "--preview-images", "2", "--preview-steps", "2"],
+        "ddpm": ["--dataset", f"folder:{images}", "--base-channels", "32", "--channel-mult", "1", "2",
+                 "--num-res-blocks", "1", "--attention-resolutions", "8", "--num-timesteps", "100", "--dropout", "0",
+                 "--batch-size", "4", "--preview-images", "2", "--preview-steps", "2", "--cond", "class"],
+        "classify": ["--dataset", f"folder:{images}", "--test-dataset", f"folder:{images}", "--num-samples", "0",
+                     "--test-samples", "0", "--batch-size", "8", "--target", "class"],
+        "invert": ["--model", str(class_ckpt), "--dataset", f"folder:{images}", "--batch-size", "4",
+                   "--preview-images", "2", "--preview-steps", "2", "--eval-images", "3", "--eval-timesteps", "2"],
+    }
+    for stage, options in stages.items():
+        first = []
+        for mode in ("eager", "compiled"):
+            run_dir = tmp_path / f"{stage}-{mode}"
+            options = [o.format(vae=tmp_path / "vae-eager" / "checkpoint.pt") for o in options]
+            train.main(["--stage", stage, "--run-dir", str(run_dir), *common, *options,
+                        *(["--compile"] if mode == "compiled" else [])])
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            train_records = [r for r in records if r.get("split") == "train"]
+            assert [r["step"] for r in train_records] == [1, 2], stage
+            first.append(train_records[0]["loss"])
+        assert first[1] == pytest.approx(first[0], rel=1e-2), stage  # bf16 autocast on CPUs with bf16 (--amp auto)
