@@ -9,7 +9,9 @@
 5. `python -m bench --quick`.
 
 Each check prints PASS or FAIL with its time; the report ends with a summary. `--device cpu` runs
-the same checks that make sense without a GPU, to try the script itself.
+the same checks that make sense without a GPU, to try the script itself; `--device cpu --stages-only`
+(the training steps of 2. without compile, under a minute) is what the test suite runs, so the
+commands here keep up with the stages' options and presets.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (the real check) or cpu (to try the script)")
     parser.add_argument("--skip-bench", action="store_true", help="leave out `python -m bench --quick`")
+    parser.add_argument("--stages-only", action="store_true",
+                        help="only the eager training steps of every stage (what the test suite runs)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -92,17 +96,19 @@ def main() -> int:
     began = time.perf_counter()
 
     # 1. Kernels and fast paths on the device (the kernel tests pick CUDA tensors when CUDA is there).
-    check("kernel and speed tests", [sys.executable, "-m", "pytest", "-q", "tests/test_kernels_group_norm.py",
-                                     "tests/test_kernels_sampler.py", "tests/test_kernels_lpips.py",
-                                     "tests/test_speed.py"], ROOT, env={"TRITON_INTERPRET": "0" if cuda else "1"})
+    if not args.stages_only:
+        check("kernel and speed tests", [sys.executable, "-m", "pytest", "-q", "tests/test_kernels_group_norm.py",
+                                         "tests/test_kernels_sampler.py", "tests/test_kernels_lpips.py",
+                                         "tests/test_speed.py"], ROOT, env={"TRITON_INTERPRET": "0" if cuda else "1"})
 
     # 2. Every stage, each precision; the pixel model also compiled.
-    ddpm = work / "ddpm"
+    ddpm = work / ("ddpm-" + precisions[0] if args.stages_only else "ddpm")  # the model sampled and inverted below
     for amp in precisions:
         check(f"ddpm train --amp {amp}", train("ddpm", work / f"ddpm-{amp}", *dev, *TINY_UNET, "--steps", "6",
                                                "--amp", amp, "--cond", "class"), ROOT)
-    check("ddpm train --compile (bf16)", train("ddpm", ddpm, *dev, *TINY_UNET, "--steps", "20", "--amp", "bf16",
-                                               "--cond", "class", "--compile"), ROOT, timeout=600)
+    if not args.stages_only:
+        check("ddpm train --compile (bf16)", train("ddpm", ddpm, *dev, *TINY_UNET, "--steps", "20", "--amp", "bf16",
+                                                   "--cond", "class", "--compile"), ROOT, timeout=600)
     for amp in precisions:
         check(f"vae train with GAN --amp {amp}", train("vae", work / f"vae-{amp}", *dev, *TINY_VAE, "--steps", "6",
                                                        "--amp", amp, "--disc-start", "0", "--disc-layers", "1"), ROOT)
@@ -112,14 +118,18 @@ def main() -> int:
                                               "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks",
                                               "1", "--attention-resolutions", "4", "--batch-size", "8", "--steps", "6",
                                               "--log-every", "1", "--sample-every", "0", "--preview-images", "4",
-                                              "--preview-steps", "4", "--amp", amp, "--cache-dir", str(work / "cache")),
-              ROOT)
+                                              "--preview-steps", "4", "--amp", amp, "--cache-dir", str(work / "cache"),
+                                              "--cond", "class", "--resolution", "16"), ROOT)
         check(f"classify train --amp {amp}", train("classify", work / f"classify-{amp}", *dev, "--resolution", "16",
-                                                   "--steps", "6", "--batch-size", "8", "--log-every", "1",
-                                                   "--sample-every", "0", "--amp", amp), ROOT)
+                                                   "--steps", "6", "--warmup-steps", "2", "--batch-size", "8",
+                                                   "--log-every", "1", "--sample-every", "0", "--amp", amp,
+                                                   "--target", "class"), ROOT)
         check(f"invert train --amp {amp}", train("invert", work / f"invert-{amp}", *dev, "--model",
-                                                 str(ddpm / "checkpoint.pt"), "--steps", "6", "--batch-size", "8",
-                                                 "--log-every", "1", "--sample-every", "0", "--amp", amp), ROOT)
+                                                 str(ddpm / "checkpoint.pt"), "--resolution", "16", "--steps", "6",
+                                                 "--batch-size", "8", "--log-every", "1", "--sample-every", "0",
+                                                 "--amp", amp), ROOT)
+    if args.stages_only:
+        return report(args.device, began, work)
 
     # 3. Sampling: eager, compiled and graph-captured give the same images.
     sample = [sys.executable, "sample.py", "--ckpt", str(ddpm / "checkpoint.pt"), "--device", args.device,
@@ -147,7 +157,12 @@ def main() -> int:
         check("python -m bench --quick", [sys.executable, "-m", "bench", "--quick", "--device", args.device], ROOT,
               timeout=900)
 
-    print(f"\n## GPU check report ({args.device}, {time.perf_counter() - began:.0f} s; files in {work})\n")
+    return report(args.device, began, work)
+
+
+def report(device: str, began: float, work: Path) -> int:
+    """Print the summary table of every check so far; the exit code: 1 if any failed."""
+    print(f"\n## GPU check report ({device}, {time.perf_counter() - began:.0f} s; files in {work})\n")
     print("| check | result | seconds | detail |\n|---|---|---|---|")
     for name, ok, seconds, tail in RESULTS:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {seconds:.0f} | {'' if ok else tail} |")

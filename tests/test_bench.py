@@ -3,7 +3,9 @@ should, and the timer alternates. Nothing here is timed."""
 
 import dataclasses
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +175,14 @@ def test_device_file_name_is_sanitised():
 def test_cpu_peak_memory_counts_what_the_call_allocates():
     grown = peak_memory_bytes(lambda: torch.ones(16 * 2**20), torch.device("cpu"))  # 64 MiB, every page touched
     assert grown >= 48 * 2**20
+
+
+def test_the_gpu_checks_training_commands_run_on_the_cpu():
+    # The GPU check runs only where a GPU is lent, rarely; its commands must not drift from the stages'
+    # options and presets meanwhile (three had, unnoticed, before this test). Every stage, a few eager steps.
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--stages-only"], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "5 passed, 0 failed" in done.stdout
