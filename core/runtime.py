@@ -76,18 +76,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-@contextlib.contextmanager
-def main_process_first(runtime: Runtime):
-    """Run the body on the main process first and on the others after it, e.g. to build a cache once
-    and then read it everywhere (a no-op without torchrun)."""
-    import torch.distributed as dist
-    if runtime.distributed and not runtime.is_main:
-        dist.barrier()
-    yield
-    if runtime.distributed and runtime.is_main:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------
 # mixed precision
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from core.errors import UserError
-from core.runtime import Runtime, atomic_write, main_process_first
+from core.runtime import Runtime, atomic_write
+from training.distributed import main_process_first
 from data import DatasetInfo, ImageDataset
 from data.imageio import from_uint8
 from vae.autoencoder import AutoencoderKL

@@ -416,6 +416,57 @@ def test_a_refusal_under_torchrun_is_one_line_and_removes_nothing(tmp_path, imag
     assert (run_dir / "metrics.jsonl").exists() and "starting it over" not in done.stdout
 
 
+def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):
+    """Every process reads the data and meets the same unreadable file after the start-up checks; one says
+    so (the lowest rank), the others stop quietly, and the refused run leaves no folder behind."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(train.__file__)), *tiny_args(run_dir, images)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0], done.stderr[-3000:]
+    assert not run_dir.exists()
+
+
+def _main_first(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from core.cli import ReportedByAnotherProcess
+    from training import distributed
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    runtime = Runtime(torch.device("cpu"), rank, 2)
+    ran, outcome = False, "finished"
+    try:
+        with distributed.together(runtime):
+            with distributed.main_process_first(runtime):
+                ran = True
+                if rank == 0:
+                    raise ValueError("the cache cannot be built")
+    except ReportedByAnotherProcess:
+        outcome = "quiet"
+    except ValueError:
+        outcome = "reported"
+    torch.save({"ran": ran, "outcome": outcome}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_main_process_first_keeps_the_others_out_when_the_main_process_fails(tmp_path):
+    """The main process fails in the body (building a cache): the other never runs it, and stops quietly
+    while the main process's error is the one raised; every process leaves in step (no hang)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_main_first, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert results == [{"ran": True, "outcome": "reported"}, {"ran": False, "outcome": "quiet"}]
+
+
 def _window_state_round_trip(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from training.loop import MetricsWindow

@@ -71,9 +71,10 @@ def agree_on_signal(signum: int) -> int:
 
 @contextlib.contextmanager
 def together(runtime: Runtime) -> Iterator[None]:
-    """A block of start-up checks every process of a torchrun job runs (the lock, the options, the resolved
-    config), with no collective inside. If it fails in any process, the lowest-ranked failing one raises
-    its error and reports it, and the others stop quietly (`ReportedByAnotherProcess`), rather than running
+    """A block every process of a torchrun job runs (the start-up checks: the lock, the options, the
+    resolved config; then building the stage: its data, models and caches), with no collective inside
+    but `main_process_first`'s. If it fails in any process, the lowest-ranked failing one raises its
+    error and reports it, and the others stop quietly (`ReportedByAnotherProcess`), rather than running
     on to a collective the failed process never joins, or printing the same line once per process."""
     if not runtime.distributed:
         yield
@@ -86,6 +87,28 @@ def together(runtime: Runtime) -> Iterator[None]:
         raise
     if _first_failure(runtime, failed=False) is not None:
         raise ReportedByAnotherProcess("another process of this torchrun job failed and reported why")
+
+
+@contextlib.contextmanager
+def main_process_first(runtime: Runtime) -> Iterator[None]:
+    """Run the body on the main process first and on the others after it, e.g. to build a cache once and
+    then read it everywhere (a no-op without torchrun). If the body fails on the main process, the others
+    skip it and stop quietly: the main process's error is the one reported (inside `together`, which it
+    keeps in step)."""
+    if not runtime.distributed:
+        yield
+        return
+    if not runtime.is_main:
+        if _first_failure(runtime, failed=False) is not None:  # waits for the main process's outcome
+            raise ReportedByAnotherProcess("the main process of this torchrun job failed and reported why")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _first_failure(runtime, failed=True)
+        raise
+    _first_failure(runtime, failed=False)
 
 
 def _first_failure(runtime: Runtime, failed: bool) -> int | None:

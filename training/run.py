@@ -185,9 +185,10 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
         if saved is not None and saved["step"] == config.train.steps > 0:  # a resubmitted job that had finished
             summary = finished_run(run_dir, config.train.steps, runtime)
         else:
-            config, stage = spec.build(config, runtime, saved)
-            if saved is not None:
-                check_same_run(spec, config, stage.data_info, saved, run_dir)
+            with distributed.together(runtime):  # a bad image or cache: told once, not by every process
+                config, stage = spec.build(config, runtime, saved)
+                if saved is not None:
+                    check_same_run(spec, config, stage.data_info, saved, run_dir)
             summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
                               num_workers=config.data.num_workers).run()
     if runtime.is_main:
