@@ -93,11 +93,12 @@ def active() -> str:
 
 
 @contextlib.contextmanager
-def using(name: str, device: torch.device | str = "cpu") -> Iterator[str]:
-    """`use(name, device)` for the body only (tests and benchmarks compare both backends in one process)."""
+def using(name: str, device: torch.device | str | None = None) -> Iterator[str]:
+    """`use(name, device)` for the body only (tests and benchmarks compare both backends in one process);
+    `device` defaults to where new tensors are made (`torch.set_default_device`: CUDA in the GPU check)."""
     previous = _active
     try:
-        yield use(name, device)
+        yield use(name, torch.get_default_device() if device is None else device)
     finally:
         _set(previous)
 

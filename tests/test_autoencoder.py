@@ -538,3 +538,26 @@ def test_adaptive_weight_survives_gradients_that_underflow_in_half_precision():
     assert torch.autograd.grad(nll, w, retain_graph=True)[0].abs().max() == 0  # what an unscaled pass sees
     expected = (1e-8 * 8) / (3e-8 * 8 + 1e-4)              # norms over 64 ones: 8 times the per-element value
     assert adaptive_weight(nll, g, w, disc_weight=1.0).item() == pytest.approx(expected, rel=2e-2)
+
+
+@pytest.mark.parametrize("disc_layers", [1, 2])
+def test_adaptive_weight_under_fp16_autocast_is_the_float32_one(disc_layers):
+    """Under fp16 autocast the discriminator's logits are fp16. A 2^16 gradient scale met them whole before
+    (above fp16's largest number, 65504): the weight was NaN and a VAE with its GAN on stopped at step 1
+    as diverged. The generator loss is now averaged in float32, and an overflowing gradient is retaken
+    at a smaller scale."""
+    torch.manual_seed(0)
+    decoder_out = torch.nn.Conv2d(4, 3, 3, padding=1)  # the decoder's last layer
+    disc = PatchDiscriminator(in_channels=3, base_channels=8, num_layers=disc_layers)
+    z, x = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def weight(dtype):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            reconstruction = decoder_out(z)
+            nll = (x - reconstruction).abs().mean()
+            g_loss = hinge_g_loss(disc(reconstruction))
+            return adaptive_weight(nll, g_loss, decoder_out.weight, disc_weight=1.0), g_loss
+
+    (reference, _), (half, g_loss) = weight(None), weight(torch.float16)
+    assert g_loss.dtype == torch.float32 and torch.isfinite(half)
+    assert half.item() == pytest.approx(reference.item(), rel=5e-2) and reference.item() > 0

@@ -200,6 +200,13 @@ def test_kernel_backend_choice(monkeypatch):
         assert kernels.resolve("triton", "cpu") == "triton"
     with kernels.using("torch"):
         assert kernels.active() == "torch"
+    # Without a device, `using` asks where new tensors are made: on a GPU (the GPU check sets CUDA as the
+    # default device) the kernel tests' `using("triton")` must choose Triton, not refuse it as on a CPU.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "triton_importable", lambda: True)
+    monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cuda"))
+    with kernels.using("triton"):
+        assert kernels.active() == "triton"
 
 
 def test_everything_imports_and_runs_without_triton():

@@ -76,12 +76,15 @@ class PatchDiscriminator(nn.Module):
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Discriminator hinge loss: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (Lim & Ye 2017; VQGAN)."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def hinge_g_loss(logits_fake: Tensor) -> Tensor:
-    """Generator (decoder) loss: -E[D(x_rec)], lower when reconstructions look real to the discriminator."""
-    return -logits_fake.mean()
+    """Generator (decoder) loss: -E[D(x_rec)], lower when reconstructions look real to the discriminator.
+
+    Averaged in float32 (the logits are fp16 under fp16 autocast): a gradient scale on the way back is then
+    divided among the logits before it meets fp16, where 2^16 alone would be infinite."""
+    return -logits_fake.float().mean()
 
 
 GRAD_SCALE = 2.0 ** 16  # see adaptive_weight
@@ -96,10 +99,29 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, 
     [0, 1e4] and detached (it scales the generator loss but is not itself trained), then multiplied
     by `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
     """
-    # Both losses are scaled by 2^16 on the way back and the norms scaled down again: under fp16 autocast
-    # the gradients pass through half-precision activations, where unscaled they can underflow to zero
-    # (the GradScaler does not see these two backward passes). The ratio itself is scale-free.
-    nll_grad, = torch.autograd.grad(nll_loss * GRAD_SCALE, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss * GRAD_SCALE, last_layer, retain_graph=True)
-    weight = (nll_grad.float().norm() / GRAD_SCALE) / (g_grad.float().norm() / GRAD_SCALE + 1e-4)
+    nll_norm, g_norm = (_gradient_norm(loss, last_layer) for loss in (nll_loss, g_loss))
+    weight = nll_norm / (g_norm + 1e-4)
+    # A gradient that still overflowed leaves the generator term out of this step rather than making the
+    # loss NaN (or, with the reconstruction's gradient infinite, weighting it by the clamp's 1e4).
+    weight = torch.where(torch.isfinite(nll_norm) & torch.isfinite(g_norm), weight, torch.zeros_like(weight))
     return weight.clamp(0.0, 1e4).detach() * disc_weight
+
+
+def _gradient_norm(loss: Tensor, param: nn.Parameter) -> Tensor:
+    """||d loss / d param|| (float32), the graph kept.
+
+    The loss is scaled by 2^16 on the way back and the norm scaled down again: under fp16 autocast the
+    gradient passes through half-precision activations, where unscaled it can underflow to zero (the
+    GradScaler does not see this backward pass). Where the scaled gradient overflows instead, under fp16
+    autocast only, it is taken again at a scale 2^8 times smaller, down to 1; checking costs a host sync,
+    which bf16 and float32 runs never pay.
+    """
+    half = loss.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(loss.device.type) and \
+        torch.get_autocast_dtype(loss.device.type) == torch.float16
+    scale = GRAD_SCALE
+    while True:
+        grad, = torch.autograd.grad(loss.float() * scale, param, retain_graph=True)
+        norm = grad.float().norm() / scale
+        if not half or scale <= 1.0 or bool(torch.isfinite(norm)):
+            return norm
+        scale /= 2.0 ** 8
