@@ -29,6 +29,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS: list[tuple[str, bool, float, str]] = []
+NOT_RUN: list[str] = []  # checks left out, and why (past the time budget, one GPU only)
+DEADLINE = float("inf")  # perf_counter() time by which every check must have ended (--budget)
 
 # Dropout on: training steps then run the fused GroupNorm + SiLU + dropout kernels (--kernels auto on CUDA).
 TINY_UNET = ["--resolution", "16", "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2",
@@ -41,13 +43,23 @@ TINY_VAE = ["--resolution", "16", "--no-hflip", "--base-channels", "32", "--chan
 
 
 def check(name: str, command: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> bool:
-    """Run one command; record PASS/FAIL, its time and the tail of its output."""
+    """Run one command; record PASS/FAIL, its time and the tail of its output. A check that would start
+    past the time budget is not run, and one the budget cuts short is listed as not run, not as failed."""
     start = time.perf_counter()
+    left = DEADLINE - start
+    if left < 10:
+        NOT_RUN.append(f"{name} (past the --budget)")
+        print(f"SKIP {name}: past the --budget", flush=True)
+        return False
     try:
         done = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=min(timeout, left))
         ok, tail = done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
+        if left < timeout:
+            NOT_RUN.append(f"{name} (cut short at the --budget)")
+            print(f"SKIP {name}: cut short at the --budget", flush=True)
+            return False
         ok, tail = False, [f"timed out after {timeout} s"]
     seconds = time.perf_counter() - start
     RESULTS.append((name, ok, seconds, " | ".join(tail)[-300:]))
@@ -73,7 +85,9 @@ def train(stage: str, run_dir: Path, *args: str) -> list[str]:
 
 
 def images_equal(a: Path, b: Path, tolerance: int) -> bool:
-    """Whether two folders of PNGs hold the same images, pixel for pixel within `tolerance` levels."""
+    """Whether two `sample.py` outputs hold the same images (images/NNNNNN.png), pixel for pixel within
+    `tolerance` levels."""
+    a, b = a / "images", b / "images"
     names = sorted(p.name for p in a.glob("*.png"))
     if not names or names != sorted(p.name for p in b.glob("*.png")):
         return False
@@ -85,9 +99,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (the real check) or cpu (to try the script)")
     parser.add_argument("--skip-bench", action="store_true", help="leave out `python -m bench --quick`")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds for all the checks (default: 480, 8 minutes); those that do not fit are listed "
+                             "as not run")
     parser.add_argument("--stages-only", action="store_true",
                         help="only the eager training steps of every stage (what the test suite runs)")
     args = parser.parse_args()
+    global DEADLINE
+    DEADLINE = time.perf_counter() + args.budget
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     data = make_folder(work / "data")
@@ -147,10 +166,13 @@ def main() -> int:
     if cuda:
         import torch
         gpus = torch.cuda.device_count()
-        check(f"DDP (NCCL) on {gpus} GPU(s)",
-              [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               "train.py", "--stage", "ddpm", "--run-dir", str(work / "ddp"), "--device", "cuda", "--dataset",
-               f"folder:{data}", *TINY_UNET, "--steps", "6"], ROOT)
+        if gpus < 2:  # one process would run alone (WORLD_SIZE 1): neither NCCL nor DDP would be exercised
+            NOT_RUN.append("DDP over NCCL (needs 2 GPUs; this machine has 1)")
+        else:
+            check(f"DDP (NCCL) on {gpus} GPUs",
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                   "train.py", "--stage", "ddpm", "--run-dir", str(work / "ddp"), "--device", "cuda", "--dataset",
+                   f"folder:{data}", *TINY_UNET, "--steps", "6"], ROOT)
 
     # 5. The benchmark table.
     if not args.skip_bench:
@@ -168,6 +190,8 @@ def report(device: str, began: float, work: Path) -> int:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {seconds:.0f} | {'' if ok else tail} |")
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
+    for reason in NOT_RUN:
+        print(f"not run: {reason}")
     return 1 if failed else 0
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+import kernels
 from bench.common import setup
 from bench.device import candidate_settings, device_name, file_stem
 from bench.kernel_rows import kernel_rows
@@ -72,6 +73,7 @@ def header(device: torch.device, command: str, quick: bool) -> list[str]:
             f"- device: {device_name(device)} ({device})",
             f"- versions: {', '.join(versions)}",
             f"- threads: {torch.get_num_threads()}",
+            f"- kernels: {kernels.active()} (--kernels auto: our Triton kernels on CUDA, PyTorch's ops elsewhere)",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- command: {command}",
             f"- mode: {'quick (small batches, few repeats)' if quick else 'thorough'}"]
@@ -110,4 +112,5 @@ def default_output(device: torch.device) -> Path:
 
 def device_and_plan(name: str, quick: bool) -> Plan:
     device, _ = setup(name)
+    kernels.use("auto", device)  # as train.py and sample.py run by default: our Triton kernels on CUDA
     return make_plan(device, quick)

@@ -129,9 +129,25 @@ def speed_up(module: nn.Module, device: torch.device, *, compile: bool = False, 
     compiled (`compile_module`), with compile's own CUDA graphs when both are asked for;
     captured by `capture_cuda_graphs` when only graphs are."""
     check_cuda_graphs(cuda_graphs, device)
+    if compile and cuda_graphs:
+        # Compile's CUDA graphs hand back tensors in the graph's own memory, which the next replay
+        # overwrites; a sampler keeps past outputs (PNDM's history), so each call returns a copy.
+        module.forward = OwnedOutputs(torch.compile(module.forward, mode="reduce-overhead"))
+        return module
     if compile:
-        return compile_module(module, "reduce-overhead" if cuda_graphs else "default")
+        return compile_module(module)
     return capture_cuda_graphs(module) if cuda_graphs else module
+
+
+class OwnedOutputs:
+    """A forward whose tensor results are copies the caller owns (see `speed_up`)."""
+
+    def __init__(self, forward: Callable[..., Any]):
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.forward(*args, **kwargs)
+        return out.clone() if isinstance(out, Tensor) else out
 
 
 def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:

@@ -348,3 +348,24 @@ def test_every_stage_trains_with_compile_and_its_first_loss_is_the_eager_one(tmp
             assert [r["step"] for r in train_records] == [1, 2], stage
             first.append(train_records[0]["loss"])
         assert first[1] == pytest.approx(first[0], rel=1e-2), stage  # bf16 autocast on CPUs with bf16 (--amp auto)
+
+
+def test_compile_with_cuda_graphs_gives_outputs_a_later_call_cannot_overwrite(monkeypatch):
+    # Compile's reduce-overhead mode returns tensors in its CUDA graph's memory, rewritten by the next
+    # replay; PNDM keeps past outputs. Imitated on the CPU by a "compiled" forward that always returns
+    # one buffer: what speed_up gives back must still hold the first call's values after the second.
+    import core.speed
+    buffer = torch.zeros(2, 2)
+
+    def reduce_overhead(forward, mode=None, **options):
+        assert mode == "reduce-overhead"
+        return lambda *args: buffer.copy_(forward(*args))
+    monkeypatch.setattr(torch, "compile", reduce_overhead)
+    monkeypatch.setattr(core.speed, "check_cuda_graphs", lambda cuda_graphs, device: None)
+    net = torch.nn.Linear(2, 2)
+    speed_up(net, torch.device("cpu"), compile=True, cuda_graphs=True)
+    with torch.no_grad():
+        first = net(torch.ones(2, 2))
+        kept = first.clone()
+        net(torch.zeros(2, 2))
+    assert torch.equal(first, kept)
