@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.runtime import Runtime, atomic_write
-from training.distributed import main_process_first
 from data import DatasetInfo, ImageDataset
 from data.imageio import from_uint8
 from vae.autoencoder import AutoencoderKL
@@ -149,6 +148,7 @@ def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: Im
                    cache_dir: str | Path, batch: int, runtime: Runtime) -> LatentDataset:
     """The latent dataset of `dataset` under `autoencoder`, from the cache or encoded (once, by the main
     process under torchrun) and cached."""
+    from training.distributed import main_process_first  # here: sampling imports this module, never training
     views = 2 if hflip else 1
     f, L = autoencoder.config.downsampling_factor, autoencoder.config.latent_channels
     r = dataset.info.resolution // f
