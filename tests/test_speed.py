@@ -337,10 +337,10 @@ def test_every_stage_trains_with_compile_and_its_first_loss_is_the_eager_one(tmp
                    "--preview-images", "2", "--preview-steps", "2", "--eval-images", "3", "--eval-timesteps", "2"],
     }
     for stage, options in stages.items():
+        options = [o.format(vae=tmp_path / "vae-eager" / "checkpoint.pt") for o in options]
         first = []
         for mode in ("eager", "compiled"):
             run_dir = tmp_path / f"{stage}-{mode}"
-            options = [o.format(vae=tmp_path / "vae-eager" / "checkpoint.pt") for o in options]
             train.main(["--stage", stage, "--run-dir", str(run_dir), *common, *options,
                         *(["--compile"] if mode == "compiled" else [])])
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

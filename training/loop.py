@@ -228,8 +228,9 @@ def finished_run(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
         print(f"The run in {run_dir} is already at step {steps} of {steps}: nothing to train (pass a larger --steps "
               f"to train further).", flush=True)
     metrics, final = run_dir / "metrics.jsonl", run_dir / "samples" / "final.png"
+    # Only the main process prints the summary, so only it reads the log.
     losses = [r["loss"] for _, r in read_metrics(metrics) if r.get("split") == "train" and "loss" in r] \
-        if metrics.exists() else []
+        if runtime.is_main and metrics.exists() else []
     return {"step": steps, "loss": float(losses[-1]) if losses else math.nan, "seconds": 0.0,
             "checkpoint": str(run_dir / "checkpoint.pt"), "final_grid": str(final) if final.exists() else None}
 

@@ -116,8 +116,8 @@ def _gradient_norm(loss: Tensor, param: nn.Parameter) -> Tensor:
     autocast only, it is taken again at a scale 2^8 times smaller, down to 1; checking costs a host sync,
     which bf16 and float32 runs never pay.
     """
-    half = loss.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(loss.device.type) and \
-        torch.get_autocast_dtype(loss.device.type) == torch.float16
+    device = loss.device.type
+    half = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
     scale = GRAD_SCALE
     while True:
         grad, = torch.autograd.grad(loss.float() * scale, param, retain_graph=True)
