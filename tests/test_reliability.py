@@ -119,15 +119,21 @@ def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_
         launcher.kill()
         launcher.wait()
 
+    holder = []
+
     def released() -> bool:
         try:
             with FolderLock(run_dir):
                 return True
-        except FolderInUse:
+        except FolderInUse as err:
+            holder[:] = re.findall(r"in use by process (\d+)", str(err))
             return False
     deadline = time.monotonic() + 120
     while not released():
-        assert time.monotonic() < deadline, "the workers did not stop after their launcher died"
+        if time.monotonic() > deadline:
+            for pid in holder:  # rank 0: the other worker then fails at its next collective
+                os.kill(int(pid), signal.SIGKILL)
+            pytest.fail("the workers did not stop after their launcher died")
         time.sleep(0.2)
     stopped = load_checkpoint(run_dir / "checkpoint.pt")["step"]
     assert logged_steps(run_dir) == list(range(1, stopped + 1))
