@@ -4,7 +4,7 @@ bug worth a traceback.
 
 Expected failures are a `core.errors.UserError` (a check refused an option, a file or the data), a
 `RunError` (a run ended early: divergence), an interruption (Ctrl-C, SIGTERM: `RunInterrupted`), and
-the machine's limits: out of GPU memory, disk full, a folder that cannot be written.
+the machine's limits: out of GPU or CPU memory, disk full, a folder that cannot be written.
 
 An entry point calls `catch_early_sigterm()` before its heavy imports and `main(entry)` at the
 end, so a SIGTERM is answered with one line whenever it comes. This module imports neither torch nor
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,8 @@ class RunInterrupted(KeyboardInterrupt):
         return RunInterrupted(f"stopped by {signal.Signals(signum).name} {where}; {advice}", signum)
 
 
+# PyTorch's CPU allocator raises a RuntimeError with this text when malloc fails (numpy raises MemoryError).
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 # How PyTorch's collectives (gloo, NCCL) report a peer process that died mid-job.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "Broken pipe")
@@ -83,6 +86,11 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and CPU_OUT_OF_MEMORY in str(err)):
+        asked = re.search(r"allocate (\d+) bytes", str(err))
+        size = f" (an allocation of {int(asked[1]) / 2 ** 30:.1f} GiB failed)" if asked else ""
+        return (f"this machine ran out of memory{size}; lower --batch-size (or the image size) and run again; "
+                f"files written before are intact.", 1)
     if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(
             sign in str(err) for sign in PEER_LOST):
         return ("another process of this torchrun job ended while this one waited for it (see the launcher's report "

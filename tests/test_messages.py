@@ -248,6 +248,20 @@ def test_an_error_while_an_interruption_is_being_handled_stays_that_error(tmp_pa
             atomic_write(tmp_path / "f", disk_full)
 
 
+def test_running_out_of_cpu_memory_is_one_sentence_that_names_the_batch_size():
+    """Real allocation failures (an exabyte: refused at once), from PyTorch's allocator and from numpy."""
+    with pytest.raises(RuntimeError) as from_torch:
+        torch.empty(2 ** 60, dtype=torch.uint8)
+    with pytest.raises(MemoryError) as from_numpy:
+        np.empty(2 ** 60, dtype=np.uint8)
+    message, code = cli.explain(from_torch.value)
+    assert code == 1 and "ran out of memory (an allocation of 1073741824.0 GiB failed)" in message
+    assert "lower --batch-size" in message and "\n" not in message
+    message, code = cli.explain(from_numpy.value)
+    assert code == 1 and message.startswith("this machine ran out of memory; lower --batch-size")
+    assert cli.explain(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug keeps its traceback
+
+
 def test_a_stop_signal_while_a_sample_is_saved_does_not_speak_of_checkpoints():
     with pytest.raises(cli.RunInterrupted) as caught:
         cli.terminate_as_interrupt(signal.SIGTERM, None)
