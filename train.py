@@ -40,7 +40,7 @@ def full_help() -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Namespace]:
     """The stage named by --stage (ddpm when none is), and the command line parsed with its options."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = cli.ArgumentParser(prog="train.py", add_help=False)  # a bad --stage is one line too
     pre.add_argument("--stage", choices=tuple(STAGES), default=DEFAULT_STAGE)
     pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)

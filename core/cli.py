@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,6 +103,10 @@ def explain(err: BaseException) -> tuple[str, int] | None:
                      else ("disk full", "free some space"))
         return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run); files "
                 f"written before are intact.", 1)
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+        name = str(err.filename or "")
+        shown = f" ({name[:40]}...{name[-20:]})" if len(name) > 64 else f" ({name})" if name else ""
+        return f"a path given{shown} is too long for the file system; choose a shorter one.", 1
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
@@ -227,9 +232,17 @@ def catch_early_sigterm() -> None:
         signal.signal(signal.SIGINT, _terminated_while_starting)
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for a person at a terminal: "warning: ..." on one line, without the source
+    location and line that Python's default adds (--debug keeps those)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(entry: Callable[[list[str]], Any]) -> None:
-    """How every command's `if __name__ == "__main__"` ends: SIGTERM unwinds like Ctrl-C, and the
-    process exits with `run(entry)`'s code."""
+    """How every command's `if __name__ == "__main__"` ends: SIGTERM unwinds like Ctrl-C, warnings are one
+    line each, and the process exits with `run(entry)`'s code."""
+    if not debug_requested(sys.argv[1:]):
+        warnings.showwarning = print_warning
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 LOCK_NAME = ".lock"
+UNFINISHED = ".unfinished"  # see OutputFolder
 
 
 class FolderInUse(ExistsError):
@@ -166,10 +167,38 @@ def check_folder_path(folder: str | os.PathLike, option: str) -> None:
             return
 
 
+class OutputFolder(FolderLock):
+    """`FolderLock` for a command that writes its results into a fresh --out (see `check_output_folder`).
+
+    While it writes, the folder holds UNFINISHED, removed when the block ends without an error. A command
+    stopped midway (a signal, a full disk) leaves the mark, and `check_output_folder` then lets the next
+    command write there without --overwrite: what a stopped command left is no result to protect, and the
+    advice it printed is to run the same command again."""
+
+    def __enter__(self) -> OutputFolder:
+        super().__enter__()
+        try:
+            (self.folder / UNFINISHED).touch()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, failed, *exc) -> None:
+        mark = self.folder / UNFINISHED
+        if not failed or not any(p.name not in (UNFINISHED, LOCK_NAME) for p in self.folder.iterdir()):
+            mark.unlink(missing_ok=True)  # done, or refused before it wrote anything (a folder it made goes too)
+        super().__exit__(failed, *exc)
+
+
 def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an --out folder that is a file or lies under one, or that already holds results unless `overwrite`."""
+    """Refuse an --out folder that is a file or lies under one, or that already holds results unless `overwrite`
+    (or they are what a command writing it left when it was stopped: see `OutputFolder`)."""
     folder = Path(folder)
     check_folder_path(folder, "--out")
     if holds_files(folder) and not overwrite:
-        raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
+        if not (folder / UNFINISHED).is_file():
+            raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
+        print(f"Note: {folder} holds the output of a command that was stopped before it finished; writing it "
+              f"again.", file=sys.stderr, flush=True)
 

@@ -15,6 +15,8 @@ know whether it was compiled or captured.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -129,6 +131,7 @@ def speed_up(module: nn.Module, device: torch.device, *, compile: bool = False, 
     compiled (`compile_module`), with compile's own CUDA graphs when both are asked for;
     captured by `capture_cuda_graphs` when only graphs are."""
     check_cuda_graphs(cuda_graphs, device)
+    check_compile(compile, device)
     if compile and cuda_graphs:
         # Compile's CUDA graphs hand back tensors in the graph's own memory, which the next replay
         # overwrites; a sampler keeps past outputs (PNDM's history), so each call returns a copy.
@@ -148,6 +151,24 @@ class OwnedOutputs:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.forward(*args, **kwargs)
         return out.clone() if isinstance(out, Tensor) else out
+
+
+def check_compile(compile: bool, device: torch.device) -> None:
+    """Refuse `--compile` where Inductor cannot build what it generates, before any work: its CPU kernels
+    (and the C++ wrapper) are C++, and on CUDA Triton builds each kernel's launcher with a C compiler."""
+    if not compile:
+        return
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()  # runs `CXX --version` (or g++, clang++): a few tens of milliseconds
+        except Exception as err:  # InvalidCxxCompiler, or whatever a broken compiler makes the probe raise
+            raise UserError(f"--compile needs a working C++ compiler on the CPU (g++ or clang++, or the one CXX "
+                            f"names), and none was found ({type(err).__name__}); install one or drop "
+                            f"--compile.") from None
+    elif not any(shutil.which(name) for name in (os.environ.get("CC", ""), "cc", "gcc", "clang") if name):
+        raise UserError("--compile needs a C compiler (cc, gcc or clang, or the one CC names) for Triton's kernel "
+                        "launchers, and none was found; install one or drop --compile.")
 
 
 def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:

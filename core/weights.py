@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from core.errors import MissingFileError
+from core.errors import MissingFileError, UserError
 
 # safetensors dtype names -> torch dtypes
 _SAFETENSORS_DTYPES = {
@@ -31,29 +32,31 @@ def hub_checkpoint(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, keyed by name; `what` names the file's role in error messages.
 
     Accepts a plain PyTorch state dict (zip or legacy format; tensors saved on a GPU are mapped to
     the CPU), a training checkpoint that wraps one under "state_dict" (Lightning, latent-diffusion),
-    and `.safetensors`.
+    and `.safetensors`. `mmap` maps a zip-format PyTorch file instead of reading it, so that checking its
+    names and shapes (a start-up check) reads almost nothing of a file of hundreds of megabytes.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist; pass the path of the published weights file.")
+        raise MissingFileError(f"{what} file {path} does not exist; pass the path of the published weights file.")
     try:
         if path.suffix == ".safetensors":
             tensors = _read_safetensors(path)
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch.load(path, map_location="cpu", weights_only=True,
+                                 mmap=mmap and zipfile.is_zipfile(path))  # the legacy format cannot be mapped
     except Exception as err:  # torch raises a zoo of types for truncated, foreign or code-carrying files
         summary = " ".join(str(err).split())[:200]
-        raise ValueError(f"Cannot read {what} file {path} as weights ({type(err).__name__}: {summary}); "
+        raise UserError(f"Cannot read {what} file {path} as weights ({type(err).__name__}: {summary}); "
                          f"download the published file again.") from err
     if isinstance(tensors, Mapping) and isinstance(tensors.get("state_dict"), Mapping):
         tensors = tensors["state_dict"]
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"{what} file {path} does not hold a dictionary of tensors; pass the published weights file.")
+        raise UserError(f"{what} file {path} does not hold a dictionary of tensors; pass the published weights file.")
     return dict(tensors)
 
 
@@ -112,7 +115,7 @@ def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, t
     kept = {k: v for k, v in found.items() if not k.startswith(ignore)} if ignore else found
     problems = state_dict_mismatch(kept, expected)
     if problems:
-        raise ValueError(f"{source} is not a {what} weights file: its keys do not match ({problems}); "
+        raise UserError(f"{source} is not a {what} weights file: its keys do not match ({problems}); "
                          f"pass the published {what} file.")
 
 

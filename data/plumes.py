@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -154,7 +153,10 @@ def _read_cache(path: Path, num_samples: int, resolution: int) -> tuple[torch.Te
         if (images.shape != (num_samples, 3, resolution, resolution) or images.dtype != np.uint8
                 or params.shape != (num_samples, len(PARAM_NAMES)) or seeds.shape != (num_samples,)):
             raise UserError(f"arrays of shapes {images.shape}, {params.shape}, {seeds.shape}")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        if not np.isfinite(params).all():
+            raise UserError("NaN or infinite parameters")
+    except Exception as err:  # a damaged archive raises anything from BadZipFile to NotImplementedError
+        # (compression) and RuntimeError (encryption flag); an interruption passes
         warnings.warn(f"Plume cache {path} is unreadable ({err}); regenerating it.", stacklevel=3)
         return None
     return torch.from_numpy(images), torch.from_numpy(params).float(), torch.from_numpy(seeds).long()

@@ -46,9 +46,9 @@ import kernels
 from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core.config import add_config_arguments, given_in, override
-from core.lock import FolderLock, check_output_folder
+from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
-from core.speed import compile_module, speed_up
+from core.speed import check_compile, compile_module, speed_up
 from data import load_dataset
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
     kernels.use(args.kernels, device)
+    check_compile(args.compile, device)
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device, option="--judge")
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run = functools.partial(measure, model, judge, sampling, seed=args.seed,
                                 per_class=args.per_class or DEFAULT_PER_CLASS, num=args.num or DEFAULT_NUM,
                                 params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
-    with FolderLock(out):
+    with OutputFolder(out):
         result = run()
         report = result["report"]
         save_grid(result["images"][:64], out / "grid.png")

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
 from core.errors import UserError
-from core.lock import FolderLock, check_output_folder
+from core.lock import OutputFolder, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_csv, write_json
 from data import check_spec, load_dataset
 from data.dataset import subset_indices
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or args.ckpt[0].parent / "gradcam"
     check_output_folder(out, args.overwrite)
 
-    with FolderLock(out):
+    with OutputFolder(out):
         data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)
         keep = subset_indices(len(data), min(args.num, len(data)), args.seed, f"--images {args.images}")
         data = data.subset(keep)

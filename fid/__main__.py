@@ -64,11 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # For a person at a terminal: one line, without the source location.
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def check_reused_statistics(paths: list[str], common: dict) -> None:
     """Refuse a statistics file computed with another network or weights than the other side, before
     any features are computed. This run's own network is built only to compare with a file that records
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         FeatureExtractor(**common).domain  # a wrong checkpoint is refused before any folder is read
     a, b = args.paths
     with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
+        warnings.showwarning = cli.print_warning  # also when called as a function, not through cli.main
         if args.save_stats:
             if not Path(a).is_dir():
                 raise UserError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")

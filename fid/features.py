@@ -26,6 +26,7 @@ from .weights import build_fid_inception
 
 from core.checkpoint import state_fingerprint
 from core.errors import UserError
+from core.speed import check_compile
 
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
 # What features are computed with, as statistics files record it: this network, its pool3 features.
@@ -83,6 +84,7 @@ class FeatureExtractor:
         check_file_selection(files)
         self.weights = weights
         self.device = parse_device(device)
+        check_compile(compile, self.device)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress

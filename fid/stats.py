@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -157,7 +156,8 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
             keys = sorted(loaded.files)
             arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
             record = {field: loaded[key][()] for field, key in PROVENANCE_KEYS.items() if key in keys}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # missing, truncated, pickled, not a zip
+    except Exception as err:  # missing, truncated, not a zip, or damaged: a damaged archive raises anything from BadZipFile to
+        # NotImplementedError (compression) and RuntimeError (encryption flag); an interruption passes
         reason = str(err).split(". ")[0].rstrip(".")  # numpy's messages run on for several sentences
         raise UserError(f"Cannot read statistics file {path} ({reason}); recreate it with --save-stats.") from err
     if len(arrays) != 2:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -131,7 +130,8 @@ def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[in
             if missing:
                 return None, f"lacks {', '.join(missing)}"
             moments, fingerprint, hashed = z["moments"], str(z["vae_fingerprint"]), str(z["data_hash"])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except Exception as err:  # a damaged archive raises anything from BadZipFile to NotImplementedError
+        # (compression) and RuntimeError (encryption flag); an interruption passes
         return None, f"is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
     if fingerprint != vae_fingerprint:
         return None, f"was encoded by another autoencoder (weights {fingerprint}, not {vae_fingerprint})"

@@ -19,9 +19,9 @@ import kernels
 from core import cli
 from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
-from core.lock import FolderLock, check_output_folder
+from core.lock import FolderLock, OutputFolder, check_output_folder
 from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
-from core.speed import check_cuda_graphs, speed_up
+from core.speed import check_compile, check_cuda_graphs, speed_up
 from ddpm.config import SamplingConfig
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
 from ddpm.source import ImageSource
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     amp = autocast_dtype(args.amp, device)
     kernels.use(args.kernels, device)
     check_cuda_graphs(args.cuda_graphs, device)
+    check_compile(args.compile, device)
     source = open_source(args.ckpt, device, args.weights)
     model = source.model
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     special = args.sweep or args.interpolate
     num = args.num or (4 if special else 64)
     indices = list(range(args.first_index, args.first_index + num))
-    with FolderLock(out):  # two samplers never write one folder
+    with OutputFolder(out):  # two samplers never write one folder
         if args.sweep:
             draw_sweep(draw, args, model, indices, out)
         if args.interpolate:

@@ -1,8 +1,9 @@
-"""What several test files share: the command line of a tiny pixel-diffusion run, and folders of
-labelled images that a few classifier steps learn."""
+"""What several test files share: the command line of a tiny pixel-diffusion run, folders of
+labelled images that a few classifier steps learn, and damaged copies of an .npz archive."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +37,20 @@ def colour_folder(root: Path, per_class: int, seed: int, classes: dict = COLOURS
             pixels = np.clip(np.array(colour) + rng.normal(0, 25, (RES, RES, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{k}.png")
     return root
+
+
+# Damage to an .npz (a zip) that numpy reports with neither an OSError nor a ValueError: a compression method
+# zipfile does not know (NotImplementedError), and the encryption flag set (RuntimeError).
+NPZ_DAMAGE = {"compression": (8, 99), "encrypted": (6, 1)}  # offset in a local file header, new 16-bit value
+
+
+def damaged_npz(data: bytes, how: str) -> bytes:
+    """`data`, an .npz file, with the field `NPZ_DAMAGE[how]` of every member's headers overwritten."""
+    offset, value = NPZ_DAMAGE[how]
+    damaged = bytearray(data)
+    for signature, shift in ((b"PK\x03\x04", 0), (b"PK\x01\x02", 2)):  # local header; central directory entry
+        at = damaged.find(signature)
+        while at >= 0:
+            struct.pack_into("<H", damaged, at + offset + shift, value)
+            at = damaged.find(signature, at + 4)
+    return bytes(damaged)

@@ -27,6 +27,7 @@ from core.config import from_dict, to_dict
 from core.errors import UserError
 from data.writer import MANIFEST, REQUEST, DatasetWriter, Item
 from ddpm.config import DDPMConfig
+from helpers import NPZ_DAMAGE, damaged_npz
 
 OPTION = re.compile(r"--[a-z][a-z0-9-]+")
 
@@ -379,6 +380,15 @@ def test_a_statistics_file_that_is_not_npz_says_so_not_pickled_data(tmp_path, co
     with pytest.raises(UserError) as caught:
         load_statistics(path)
     assert message in str(caught.value) and str(path) in str(caught.value) and "pickled" not in str(caught.value)
+
+
+@pytest.mark.parametrize("how", sorted(NPZ_DAMAGE))
+def test_a_damaged_statistics_archive_is_one_sentence(tmp_path, how):
+    from fid.stats import load_statistics
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2))
+    (tmp_path / "s.npz").write_bytes(damaged_npz((tmp_path / "s.npz").read_bytes(), how))
+    with pytest.raises(UserError, match=r"Cannot read statistics file .*s\.npz .*; recreate it with --save-stats"):
+        load_statistics(tmp_path / "s.npz")
 
 
 def test_a_statistics_file_that_is_npz_still_loads(tmp_path):

@@ -27,6 +27,7 @@ from core import cli
 from data import DatasetInfo, load_dataset
 from data.fluid import advect, divergence, project
 from data.imageio import MAX_PIXELS_ENV, list_images, load_image, max_image_pixels
+from helpers import damaged_npz
 
 RES = 16
 
@@ -126,10 +127,18 @@ def test_plumes_cache_round_trip_and_info(tmp_path, monkeypatch):
     assert torch.equal(cached.images, ds.images) and torch.equal(cached.params, ds.params)
     assert torch.equal(cached.seeds, ds.seeds) and cached.info == ds.info
 
-    path.write_bytes(b"not a zip file")
-    with pytest.warns(UserWarning, match="unreadable"):
-        rebuilt = load_dataset("plumes", RES, cache_dir=tmp_path, num_samples=3, seed=7)
-    assert torch.equal(rebuilt.images, ds.images)
+    good = path.read_bytes()
+    with np.load(path) as z:
+        with_nan = {**z, "params": np.where(np.arange(2) == 0, np.nan, z["params"]).astype(z["params"].dtype)}
+    with open(tmp_path / "nan.npz", "wb") as f:
+        np.savez(f, **with_nan)
+    for damaged in (b"not a zip file", damaged_npz(good, "compression"), damaged_npz(good, "encrypted"),
+                    (tmp_path / "nan.npz").read_bytes()):
+        path.write_bytes(damaged)
+        with pytest.warns(UserWarning, match="unreadable"):
+            rebuilt = load_dataset("plumes", RES, cache_dir=tmp_path, num_samples=3, seed=7)
+        assert torch.equal(rebuilt.images, ds.images) and torch.equal(rebuilt.params, ds.params)
+        assert path.read_bytes() == good  # regenerated, the same
 
     info = ds.info
     assert info.name == "plumes" and info.param_names == ("wind", "temperature") and info.class_names == ()

@@ -22,7 +22,8 @@ from core.checkpoint import load_checkpoint
 from core.config import from_dict
 from data import load_dataset
 from ldm.config import DEFAULT_VAE_CKPT, LDMConfig
-from ldm.latents import draw_latent, latent_scale_factor
+from helpers import NPZ_DAMAGE, damaged_npz
+from ldm.latents import _read, draw_latent, latent_scale_factor
 from ldm.stage import prerequisite
 from vae.stage import latent_scale, load_autoencoder
 
@@ -275,6 +276,16 @@ def test_latent_cache_is_reused_for_the_same_autoencoder_and_rebuilt_for_another
     first.write_bytes(b"torn")                              # a cache cut off mid-write is encoded again
     train.main(ldm_args(tmp_path / "d", cache, vae_run / "checkpoint.pt", 1, "--cache-dir", str(folder)))
     assert f"Latent cache {first} is unreadable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", sorted(NPZ_DAMAGE))
+def test_a_damaged_latent_cache_is_unusable_and_says_why_not_a_traceback(tmp_path, how):
+    path, moments = tmp_path / "latents.npz", np.zeros((2, 1, 6, 4, 4), np.float16)
+    np.savez(path, moments=moments, vae_fingerprint="v", data_hash="d")
+    assert _read(path, "v", "d", moments.shape)[0] is not None
+    path.write_bytes(damaged_npz(path.read_bytes(), how))
+    loaded, why = _read(path, "v", "d", moments.shape)
+    assert loaded is None and why.startswith("is unreadable (")
 
 
 def test_a_tiny_latent_model_overfits_a_few_images(tmp_path, cache, vae_run):

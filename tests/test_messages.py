@@ -248,6 +248,34 @@ def test_an_error_while_an_interruption_is_being_handled_stays_that_error(tmp_pa
             atomic_write(tmp_path / "f", disk_full)
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_warning_is_one_line_without_its_source_location_unless_debugging(capsys, monkeypatch, debug):
+    import warnings
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    monkeypatch.setattr(sys, "argv", ["train.py"] + (["--debug"] if debug else []))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # cli.main sets both
+
+    python_default, installed = warnings.showwarning, []
+
+    def entry(argv):
+        installed.append(warnings.showwarning)
+        warnings.warn("metrics.jsonl line 3 is torn; dropping it.")
+
+    try:
+        with warnings.catch_warnings(), pytest.raises(SystemExit) as ended:
+            warnings.simplefilter("always")
+            cli.main(entry)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert ended.value.code == 0
+    if debug:  # Python's own (here pytest's, which records the warning instead of printing it)
+        assert installed == [python_default] and "warning: " not in err
+    else:
+        assert err == "warning: metrics.jsonl line 3 is torn; dropping it.\n"
+
+
 def test_running_out_of_cpu_memory_is_one_sentence_that_names_the_batch_size():
     """Real allocation failures (an exabyte: refused at once), from PyTorch's allocator and from numpy."""
     with pytest.raises(RuntimeError) as from_torch:

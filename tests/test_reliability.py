@@ -446,6 +446,8 @@ TRAIN_CASES = [
     (["--stage", "classify", "--extra-fraction", "0.5"], "need --extra-dataset"),
     (["--stage", "classify", "--extra-dataset", "folder:/no/such"], "does not exist"),
     (["--stage", "classify", "--target", "labels"], "invalid choice"),
+    (["--stage", "gan"], "argument --stage: invalid choice: 'gan'"),  # the stage itself: one line too
+    (["--run-dir", "x" * 300], "is too long for the file system"),  # ENAMETOOLONG
     # networks that cannot take the image size: refused at start-up, not at the first step (or the first step of
     # the discriminator) after the data is loaded
     (["--channel-mult"], "--channel-mult needs at least one level"),
@@ -470,6 +472,26 @@ def test_every_bad_train_option_is_one_line_and_writes_nothing(tmp_path, trained
         assert code != 0
     assert message in the_error(capsys.readouterr().err)
     assert not new_dir.exists() and snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("option", ["--pretrained", "--vgg-weights", "--lpips-weights"])
+def test_a_weights_file_that_is_not_one_is_refused_before_any_data_is_read(tmp_path, trained, capsys, monkeypatch,
+                                                                           option):
+    run_dir, images = trained
+    import vae.stage
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read before the weights file was checked")
+
+    monkeypatch.setattr(vae.stage, "load_dataset", unread)
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    for wrong, message in ((text, "as weights"), (run_dir / "checkpoint.pt", "does not hold a dictionary of tensors")):
+        new_dir = tmp_path / "new"
+        args = ["--stage", "vae", "--dataset", f"folder:{images}", "--resolution", "16", "--run-dir", str(new_dir),
+                "--device", "cpu", "--perceptual", "lpips", option, str(wrong)]
+        assert cli.run(train.main, args) == 1
+        assert message in the_error(capsys.readouterr().err) and not new_dir.exists()
 
 
 LABEL_CASES = [

@@ -102,6 +102,47 @@ def test_options_no_network_can_take_are_refused_before_any_data_is_loaded(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, and no autoencoder run either
 
 
+def no_compiler(*args, **kwargs):
+    from torch._inductor.exc import InvalidCxxCompiler
+    raise InvalidCxxCompiler()
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "fid"])
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path, folder, class_ckpt, monkeypatch,
+                                                                   capsys, command):
+    import torch._inductor.cpp_builder
+    import ddpm.stage
+    import fid.__main__
+    import sample
+
+    def loading(*args, **kwargs):
+        raise AssertionError("work began before --compile was checked")
+    monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(ddpm.stage, "load_dataset", loading)
+    monkeypatch.setattr("sampling.command.Drawer", loading)
+    out = tmp_path / "out"
+    entry, args = {
+        "train": (train.main, [*stage_args("ddpm", folder), "--run-dir", str(out), "--compile"]),
+        "sample": (sample.main, ["--ckpt", str(class_ckpt), "--out", str(out), "--device", "cpu", "--compile"]),
+        "fid": (fid.__main__.main, [str(folder), str(folder), "--files", "all", "--weights", "random", "--device",
+                                    "cpu", "--compile"]),
+    }[command]
+    assert cli.run(entry, args) == 1
+    assert "--compile needs a working C++ compiler" in the_error(capsys.readouterr().err) and not out.exists()
+
+
+def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):
+    from core.errors import UserError
+    from core.speed import check_compile
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="--compile needs a C compiler .* for Triton's kernel launchers"):
+        check_compile(True, torch.device("cuda"))
+    check_compile(False, torch.device("cuda"))  # nothing to check without --compile
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    check_compile(True, torch.device("cuda"))
+
+
 def test_an_inversion_at_another_size_than_its_model_is_refused_before_the_images_are_loaded(
         tmp_path, class_ckpt, monkeypatch, capsys):
     import invert.stage

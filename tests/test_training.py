@@ -322,6 +322,30 @@ def test_sample_refuses_bad_input_and_writes_nothing(trained_run, tmp_path, caps
     assert (out / "keep.png").read_bytes() == b"mine"
 
 
+def test_sampling_stopped_midway_goes_on_when_run_again_and_a_finished_output_is_kept(trained_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import sampling.draw
+    out = tmp_path / "out"
+    command = ["--ckpt", str(trained_run / "checkpoint.pt"), "--out", str(out), "--device", "cpu", "--num", "4",
+               "--steps", "2"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the images, before the grid
+    with monkeypatch.context() as patch:
+        patch.setattr(sampling.draw, "save_grid", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main(command)
+    assert len(list((out / "images").iterdir())) == 4 and not (out / "grid.png").exists()
+    sample.main(command)  # "run the same command again", as the interruption's message says: no --overwrite needed
+    assert "was stopped before it finished; writing it again" in capsys.readouterr().err
+    assert (out / "grid.png").is_file() and sorted(p.name for p in out.iterdir()) == ["grid.png", "images",
+                                                                                         "manifest.csv"]
+    sample.main([*command, "--out", str(tmp_path / "fresh")])
+    assert all((out / "images" / p.name).read_bytes() == p.read_bytes() for p in (tmp_path / "fresh" / "images").iterdir())
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a finished output is a result: kept
+        sample.main(command)
+
+
 def test_checkpoint_errors_are_clear(tmp_path, trained_run):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt", "ddpm")

@@ -24,6 +24,7 @@ from core.config import add_config_arguments, apply_arguments, from_dict, given_
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
+from core.speed import check_compile
 from data import check_spec
 from training import distributed
 from training.loop import RunExists, Trainer, finished_run
@@ -165,6 +166,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                 held.enter_context(FolderLock(run_dir))
             config, saved = resolve_config(spec, args, run_dir)
             kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run
+            check_compile(config.train.compile, runtime.device)
             if config.train.batch_size % runtime.world_size:
                 raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
                                 f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")

@@ -217,6 +217,16 @@ def build_perceptual(kind: str = "auto", taps: int = 5, vgg_weights: str = "",
     return net
 
 
+def check_weight_files(vgg_weights: str | os.PathLike = "", lpips_weights: str | os.PathLike = "") -> None:
+    """Refuse a given VGG-16 or LPIPS file that is not one (names and shapes) before any work starts; the run
+    reads them again when it builds the loss. Files are mapped, not read, where PyTorch can (see read_state_dict)."""
+    for path, what, shapes, ignored in ((vgg_weights, _VGG16_WHAT, VGG16_SHAPES, ("classifier.",)),
+                                        (lpips_weights, _LPIPS_WHAT, LPIPS_SHAPES, ())):
+        if path:
+            check_state_dict(read_state_dict(path, what, mmap=True), shapes, source=str(path), what=what,
+                             ignore_prefixes=ignored)
+
+
 def _local_file(explicit: str | os.PathLike, filename: str) -> Path | None:
     """The explicit path if given (it must exist), else the torch hub cached copy if present, else None."""
     if explicit:

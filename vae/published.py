@@ -90,14 +90,21 @@ def load_published_weights(model: AutoencoderKL, path: str | os.PathLike) -> Non
     The file's keys and shapes are checked against `model.config` before anything is copied, so a
     wrong file or config leaves the model untouched.
     """
-    what = _describe(model.config)
-    tensors = read_state_dict(path, what)
+    model.load_state_dict(from_published(read_published_weights(path, model.config), model.config), strict=True)
+
+
+def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *,
+                           mmap: bool = False) -> dict[str, Tensor]:
+    """The autoencoder's tensors of a published file under their published names, checked against `config`
+    (`mmap`: map the file, for a start-up check that reads almost nothing)."""
+    what = _describe(config)
+    tensors = read_state_dict(path, what, mmap=mmap)
     if any(k.startswith(FULL_CHECKPOINT_PREFIX) for k in tensors):  # keep the autoencoder, drop the rest
         prefix = len(FULL_CHECKPOINT_PREFIX)
         tensors = {k[prefix:]: v for k, v in tensors.items() if k.startswith(FULL_CHECKPOINT_PREFIX)}
     found = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS}
-    check_state_dict(found, published_keys(model.config), source=str(path), what=what)
-    model.load_state_dict(from_published(found, model.config), strict=True)
+    check_state_dict(found, published_keys(config), source=str(path), what=what)
+    return found
 
 
 def _describe(config: AutoencoderConfig) -> str:

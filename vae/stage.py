@@ -30,8 +30,8 @@ from vae.autoencoder import AutoencoderKL
 from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig,
                         resolve_autoencoder)
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-from vae.perceptual import TAPS, PerceptualDistance, build_perceptual
-from vae.published import load_published_weights
+from vae.perceptual import TAPS, PerceptualDistance, build_perceptual, check_weight_files
+from vae.published import load_published_weights, read_published_weights
 
 NAME = "vae"
 EVAL_BATCH = 32
@@ -233,6 +233,10 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
     for option, value in files:
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
+    # What they hold, too: a wrong file is refused now, not after the data is decoded.
+    check_weight_files(config.loss.vgg_weights, config.loss.lpips_weights)
+    if config.vae.pretrained and resume_from is None:
+        read_published_weights(config.vae.pretrained, config.autoencoder, mmap=True)
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
     size, loss = config.data.resolution, config.loss
