@@ -706,3 +706,86 @@ def test_values_no_option_can_take_are_refused_in_one_line_before_any_file_is_wr
         error = capsys.readouterr().err
         assert re.search(message, the_error(error)), error
     assert not (tmp_path / "new").exists()  # not even the parent folders a refused run would have made
+
+
+# ---------------------------------------------------------------------------------------------
+# a kill between a checkpoint and the outputs due after it; a stop signal in the last step
+
+
+TIMINGS = ("seconds", "images_per_s", "steps_per_s", "elapsed_s")
+
+
+def comparable(run_dir: Path) -> list[dict]:
+    """The run's metrics records without wall-clock fields."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith(TIMINGS)} for line in lines]
+
+
+def killed_in(method: str, at_step: int):
+    """A Trainer method that dies (as by kill -9: nothing after it runs) when called for step `at_step`."""
+    from training.loop import Trainer
+    original = getattr(Trainer, method)
+
+    def dies(self, step, *args, **kwargs):
+        if step == at_step:
+            raise KeyboardInterrupt("killed")
+        return original(self, step, *args, **kwargs)
+    return dies
+
+
+@pytest.mark.parametrize("stage, method", [("classify", "_evaluate"), ("ddpm", "_preview")])
+def test_outputs_a_kill_left_out_after_their_checkpoint_are_written_on_resume_as_they_would_have_been(
+        tmp_path, monkeypatch, stage, method):
+    """Checkpoint first, then the step's evaluation and preview: a kill in between (at a middle step, and at the
+    last, where a resubmitted run would otherwise say "nothing to train" for ever) is made good by --resume."""
+    from helpers import colour_folder
+    from training.loop import Trainer
+    images = colour_folder(tmp_path / "images", per_class=4, seed=0)
+    every = ["--steps", "4", "--sample-every", "2", "--ckpt-every", "2"]
+
+    def args(run_dir: Path, *extra: str) -> list[str]:
+        if stage == "ddpm":
+            return tiny_args(run_dir, images, *every, *extra)
+        return ["--stage", "classify", "--dataset", f"folder:{images}", "--target", "class", "--resolution", "16",
+                "--batch-size", "4", "--warmup-steps", "0", "--log-every", "1", "--device", "cpu", "--run-dir",
+                str(run_dir), *every, *extra]
+
+    whole = tmp_path / "whole"
+    train.main(args(whole))
+    for at in (2, 4):
+        run_dir = tmp_path / f"killed-at-{at}"
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, method, killed_in(method, at))
+            with pytest.raises(KeyboardInterrupt, match="killed"):
+                train.main(args(run_dir))
+        assert load_checkpoint(run_dir / "checkpoint.pt", stage)["step"] == at  # its checkpoint, not its outputs
+        train.main(args(run_dir, "--resume"))
+        assert comparable(run_dir) == comparable(whole)
+        written = sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
+        assert written and sorted(p.relative_to(run_dir) for p in run_dir.rglob("*.png")) == written
+        assert all((run_dir / p).read_bytes() == (whole / p).read_bytes() for p in written)
+        assert not train.main(args(run_dir, "--resume"))["seconds"]  # and now it is finished: nothing to do
+
+
+def test_a_stop_signal_in_the_last_step_ends_the_command_with_the_run_complete(tmp_path, trained, monkeypatch):
+    """A signal in the last step (or its outputs) used to be dropped: the run finished and the command went on
+    (the results table's next run, for instance). The run completes and saves; then the command stops."""
+    from training.loop import Trainer
+    _, images = trained
+    original = Trainer._step
+
+    def signalled(self, step, *args, **kwargs):
+        if step == self.cfg.steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "_step", signalled)
+    previous = signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)  # as cli.main installs it
+    try:
+        with pytest.raises(cli.RunInterrupted, match="stopped by SIGTERM at the end of the run, which finished "
+                                                     "step 2") as stopped:
+            train.main(tiny_args(tmp_path / "run", images, "--sample-every", "2", steps=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt", "ddpm")["step"] == 2
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()

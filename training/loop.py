@@ -220,6 +220,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # the loop
 
 
+def missing_outputs(run_dir: Path, checkpoint: dict[str, Any], steps: int) -> list[str]:
+    """What was due right after the checkpoint `checkpoint` of the run in `run_dir` (its `outputs_due`) and is
+    not there: "evaluate" (a held-out record at its step in metrics.jsonl), "preview" (its grid), "final" (the
+    last step's final.png). A process killed between writing a checkpoint and its outputs leaves them out;
+    resuming from that checkpoint writes them (`Trainer.run`). Checkpoints older than `outputs_due` owe none."""
+    step, due = int(checkpoint["step"]), checkpoint.get("outputs_due") or {}
+    missing = []
+    if due.get("evaluate"):
+        metrics = run_dir / "metrics.jsonl"
+        records = read_metrics(metrics) if metrics.exists() else []
+        if not any(r["step"] == step and r.get("split") != "train" for _, r in records):
+            missing.append("evaluate")
+    if due.get("preview"):
+        if not (run_dir / "samples" / f"step-{step:07d}.png").exists():
+            missing.append("preview")
+        if step == steps and not (run_dir / "samples" / "final.png").exists():
+            missing.append("final")
+    return missing
+
+
 def finished_run(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
     """The summary `Trainer.run` returns, for a run already at its last step and run again to it (a
     resubmitted job): nothing to train, nothing written, and no error. `training.run.train` says so
@@ -261,7 +281,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
-        self.start_step, self.resumed_window = 0, None
+        self.start_step, self.resumed_window, self.resumed_outputs = 0, None, {}
         if resume_from is not None:
             self._restore(resume_from)
         if self.start_step > cfg.steps:
@@ -289,6 +309,7 @@ class Trainer:
                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
                             f"start a new --run-dir.") from err
         self.start_step = int(payload["step"])
+        self.resumed_outputs = {"step": self.start_step, "outputs_due": payload.get("outputs_due")}
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
@@ -368,8 +389,9 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def _save(self, step: int, window: dict[str, Any] | None = None) -> None:
-        """Write the checkpoint of step `step`; `window`: the open metrics window's state (`MetricsWindow.state`)."""
+    def _save(self, step: int, window: dict[str, Any] | None = None, outputs_due: bool = False) -> None:
+        """Write the checkpoint of step `step`; `window`: the open metrics window's state (`MetricsWindow.state`);
+        `outputs_due`: whether the evaluation and preview of this step follow it (see `missing_outputs`)."""
         with self.eval_models() as models:
             extra = self.stage.outputs.payload(models) if self.stage.outputs.payload is not None else {}
         payload = {
@@ -381,6 +403,8 @@ class Trainer:
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "metrics_window": window or {},
+            "outputs_due": {"evaluate": outputs_due and self.stage.outputs.evaluate is not None,
+                            "preview": outputs_due and self.stage.outputs.preview is not None},
         }
         clash = set(extra) & (set(payload) | {"format", "version"})
         assert not clash, f"the stage's checkpoint payload overwrites {sorted(clash)}"
@@ -428,16 +452,44 @@ class Trainer:
         if not self.metrics_path.exists():
             return
         kept = [line for line, record in read_metrics(self.metrics_path) if record["step"] <= self.start_step]
-        write_json_lines(kept, self.metrics_path)
+        if self.metrics_path.read_bytes() != "".join(line + "\n" for line in kept).encode():  # else left untouched
+            write_json_lines(kept, self.metrics_path)
 
     # -- the run -----------------------------------------------------------------------------
 
+    def _write_missing_outputs(self) -> None:
+        """The evaluation and preview due right after the checkpoint this run resumes from, if the process that
+        wrote it was killed before them: from the same weights, so the same records and grids as then."""
+        missing = missing_outputs(self.run_dir, self.resumed_outputs, self.cfg.steps)
+        if missing:
+            tqdm.write(f"Writing what step {self.start_step} owed when its run stopped: {', '.join(missing)}.")
+            kept = rng_state()  # the checkpoint's: training goes on from it as if these had run before it
+            if "evaluate" in missing:
+                self._evaluate(self.start_step)
+            if "preview" in missing:
+                self._preview(self.start_step)
+            set_rng_state(kept)
+
+    def _final_grid(self) -> Path | None:
+        """samples/final.png, a copy of the last step's preview (None for a stage without previews)."""
+        last_preview = self.run_dir / "samples" / f"step-{self.cfg.steps:07d}.png"
+        if not last_preview.exists():
+            return None
+        final = self.run_dir / "samples" / "final.png"
+        grid = last_preview.read_bytes()
+        atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
+        return final
+
     def run(self) -> dict[str, Any]:
         cfg, runtime = self.cfg, self.runtime
+        if runtime.is_main and self.start_step > 0:
+            self._trim_metrics()
+            self._write_missing_outputs()
         if self.start_step == cfg.steps > 0:
+            if runtime.is_main:
+                self._final_grid()
             return finished_run(self.run_dir, cfg.steps, runtime)
         if runtime.is_main:
-            self._trim_metrics()
             write_json(self.stage.config, self.run_dir / "config.json")
         generator = torch.Generator(runtime.device)
         self.window = MetricsWindow(runtime, self.resumed_window)
@@ -448,6 +500,7 @@ class Trainer:
             model.train()
 
         steps = range(self.start_step, cfg.steps)
+        signum = None
         # The bar is closed however the loop ends, so an error message starts on a line of its own.
         with stop_requests() as received, contextlib.closing(self.progress):
             for step, batch in zip(steps, self._batches() if len(steps) else ()):
@@ -461,14 +514,14 @@ class Trainer:
         final = None
         if runtime.is_main:
             if cfg.steps == 0 and self.start_step == 0:  # nothing to train: write the model as it starts
-                self._save(0)
+                self._save(0, outputs_due=True)
                 self._evaluate(0)
                 self._preview(0)
-            last_preview = self.run_dir / "samples" / f"step-{cfg.steps:07d}.png"
-            if last_preview.exists():
-                final = self.run_dir / "samples" / "final.png"
-                grid = last_preview.read_bytes()
-                atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
+            final = self._final_grid()
+        signum = signum or (received[0] if received else None)  # agreed at the last step, or seen since
+        if signum is not None:  # in the last step or its outputs: the run is complete, and its caller stops too
+            raise RunInterrupted(f"stopped by {signal.Signals(signum).name} at the end of the run, which finished "
+                                 f"step {cfg.steps} and saved {self.ckpt_path}", signum)
         return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
 
@@ -495,10 +548,11 @@ class Trainer:
             if runtime.is_main:
                 self._append_metrics(record)
         window = self.window.state() if save_due else None  # every process takes part
+        outputs_due = last or bool(cfg.sample_every and done % cfg.sample_every == 0)
         if runtime.is_main:
             if save_due:
-                self._save(done, window)  # before anything else that could fail at this step
-            if last or (cfg.sample_every and done % cfg.sample_every == 0):
+                self._save(done, window, outputs_due)  # before anything else that could fail at this step
+            if outputs_due:
                 self._evaluate(done)
                 self._preview(done)
         return save_due

@@ -27,7 +27,7 @@ from core.runtime import Runtime
 from core.speed import check_compile
 from data import check_spec
 from training import distributed
-from training.loop import RunExists, Trainer, finished_run
+from training.loop import RunExists, Trainer, finished_run, missing_outputs
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there.
@@ -184,7 +184,8 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                     raise stop.told_from(f"in the {need.spec.name} run {first.run_dir} that --stage {spec.name} "
                                          f"trains first", "run the same command again to go on from where it "
                                          "stopped.") from stop
-        if saved is not None and saved["step"] == config.train.steps > 0:  # a resubmitted job that had finished
+        if (saved is not None and saved["step"] == config.train.steps > 0  # a resubmitted job that had finished
+                and not missing_outputs(run_dir, saved, config.train.steps)):  # (else the trainer writes them)
             summary = finished_run(run_dir, config.train.steps, runtime)
         else:
             with distributed.together(runtime):  # a bad image or cache: told once, not by every process
