@@ -41,6 +41,8 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
     names and shapes (a start-up check) reads almost nothing of a file of hundreds of megabytes.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} file {path} is a folder; pass the path of the published weights file in it.")
     if not path.is_file():
         raise MissingFileError(f"{what} file {path} does not exist; pass the path of the published weights file.")
     try:

@@ -19,6 +19,7 @@ warning, since nothing can be checked.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.runtime import atomic_write
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,11 @@ def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
     prepare_statistics_path(path)
     record = {} if stats.provenance is None else {
         key: np.asarray(getattr(stats.provenance, field)) for field, key in PROVENANCE_KEYS.items()}
-    try:
-        np.savez(path, mu=stats.mu, sigma=stats.sigma, **record)
+    try:  # whole or not at all: a full disk leaves the file that was there before, and no empty one
+        atomic_write(path, lambda f: np.savez(f, mu=stats.mu, sigma=stats.sigma, **record))
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # the entry point's "disk full" line
         raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
 
 

@@ -284,6 +284,27 @@ def test_streaming_statistics_reject_dimension_change_and_single_sample():
         accumulator.update(np.zeros((2, 4)))
 
 
+def test_a_statistics_file_that_cannot_be_written_whole_leaves_the_one_before(tmp_path, monkeypatch):
+    import errno
+
+    from core import cli
+    path, rng = tmp_path / "s.npz", np.random.default_rng(11)
+    save_statistics(Statistics(mu=rng.normal(size=3), sigma=random_spd(rng, 3)), path)
+    before = path.read_bytes()
+    real_savez = np.savez
+
+    def disk_fills(file, **arrays):
+        real_savez(file, **arrays)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_fills)
+    with pytest.raises(OSError) as full:
+        save_statistics(Statistics(mu=np.zeros(3), sigma=np.eye(3)), path)
+    assert "disk full" in cli.explain(full.value)[0]
+    with pytest.raises(OSError):
+        save_statistics(Statistics(mu=np.zeros(3), sigma=np.eye(3)), tmp_path / "new.npz")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
 def test_statistics_npz_round_trip_uses_pytorch_fid_keys(tmp_path):
     rng = np.random.default_rng(10)
     stats = Statistics(mu=rng.normal(size=5), sigma=random_spd(rng, 5))
@@ -569,6 +590,13 @@ def test_weights_without_batch_counters_load_and_foreign_weights_are_refused(net
         build_fid_inception(tmp_path / "foreign.pth")
     with pytest.raises(FileNotFoundError, match=r"missing\.pth does not exist"):
         build_fid_inception(tmp_path / "missing.pth")
+    # Each a UserError, so the command line says it in one sentence (they were tracebacks).
+    from core.errors import UserError
+    (tmp_path / "notes.txt").write_text("not weights")
+    for wrong, message in ((tmp_path / "missing.pth", "does not exist"), (tmp_path, "is a folder"),
+                           (tmp_path / "notes.txt", "as weights"), (tmp_path / "foreign.pth", "do not fit")):
+        with pytest.raises(UserError, match=message):
+            build_fid_inception(wrong)
 
 
 def _offline(monkeypatch):
