@@ -31,6 +31,19 @@ def check_spec(spec: str, option: str = "--dataset") -> None:
     raise UserError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
 
 
+def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]) -> None:
+    """Refuse, before any work, an output folder (named by `option`) that is, or lies inside, an image folder the
+    command reads (`inputs`: option -> dataset spec): what it writes there would be read as images of that
+    folder by every later command (and by this one, where it reads the folder again)."""
+    output = Path(output).expanduser().resolve()
+    for name, spec in inputs.items():
+        if spec and spec.startswith("folder:") and len(spec) > len("folder:"):
+            folder = Path(spec[len("folder:"):]).expanduser().resolve()
+            if output == folder or folder in output.parents:
+                raise UserError(f"{option} {output} lies inside the image folder of {name} ({folder}), so what is "
+                                f"written there would be read as images of it; choose a {option} outside it.")
+
+
 def label_counts(spec: str) -> tuple[int, bool]:
     """(number of classes, whether it has per-image parameters) of the dataset `spec` names, found
     without decoding an image (a folder is only listed), so that options needing labels are refused

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.lock import FolderLock
-from data import check_spec, load_dataset
+from data import check_output_outside, check_spec, load_dataset
 from data.imageio import from_uint8
 from data.writer import DatasetWriter, Item, parse_binning
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"--num-samples must be 0 (all) or positive, got {args.num_samples}.")
     if args.split == "test" and args.spec.startswith("folder:"):
         raise UserError("A folder has no test split; export the folder that holds your test images instead.")
+    check_output_outside(args.out, "OUT", {"SPEC": args.spec})
     with FolderLock(args.out):
         dataset = load_dataset(args.spec, args.resolution, cache_dir=args.cache_dir, train=args.split == "train",
                                num_samples=args.num_samples or None, seed=args.seed)

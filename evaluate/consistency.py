@@ -49,7 +49,7 @@ from core.config import add_config_arguments, given_in, override
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
 from core.speed import check_compile, compile_module, speed_up
-from data import load_dataset
+from data import check_output_outside, load_dataset
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folder = Path(args.images[len("folder:"):]).expanduser().resolve()
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
         out = args.out or folder.parent / f"{folder.name}-consistency"
+        check_output_outside(out, "--out", {"--images": args.images})
         check_output_folder(out, args.overwrite)
         dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
         check_dataset(dataset.info, judge)

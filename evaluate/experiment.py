@@ -51,7 +51,7 @@ from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
-from data import check_spec, load_dataset
+from data import check_output_outside, check_spec, load_dataset
 from data.imageio import atomic_save_image, list_images
 from training.run import parse_stage_args, run, with_options
 
@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
+    check_output_outside(args.out, "--out", {"--real": args.real, "--test": args.test,
+                                             **{f"--synthetic {row.name}": row.dataset for row in rows if row.synthetic
+                                                and not row.extra and not row.pretrained_on}})
     check_passed(passed)
     resolve_device(args.device)
     given = parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])

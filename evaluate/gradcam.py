@@ -45,7 +45,7 @@ from classify.model import Classifier, load_classifier
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_csv, write_json
-from data import check_spec, load_dataset
+from data import check_output_outside, check_spec, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8, save_grid
 
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
                             f"regressors only.")
     out = args.out or args.ckpt[0].parent / "gradcam"
+    check_output_outside(out, "--out", {"--images": args.images})
     check_output_folder(out, args.overwrite)
 
     with OutputFolder(out):

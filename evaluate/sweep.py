@@ -63,7 +63,7 @@ from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
-from data import check_spec, load_dataset
+from data import check_output_outside, check_spec, load_dataset
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
 from data.writer import parse_binning
@@ -190,6 +190,9 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
+    for option, folder in (("--out", args.out), ("--write-best", args.write_best)):
+        if folder is not None:
+            check_output_outside(folder, option, {"--real": args.real, "--test": args.test})
     check_folder_path(args.out, "--out")
     check_own_folder(args.out, SWEEP_FILES, "--out")
     if args.write_best is not None:

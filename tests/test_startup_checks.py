@@ -143,6 +143,48 @@ def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch)
     check_compile(True, torch.device("cuda"))
 
 
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["train", "export", "experiment", "sweep"])
+def test_an_output_folder_inside_an_image_folder_it_reads_is_refused_before_any_work(tmp_path, folder, class_ckpt,
+                                                                                   capsys, command):
+    """What a command wrote inside an input folder would be read as images of it next time (a consistency
+    grid became an image without a params.csv row, and the folder unreadable for every command)."""
+    import shutil
+    from data import export
+    from evaluate import experiment, sweep
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    before = snapshot(images)
+    inside = images / "class0" / "out"
+    spec = f"folder:{images}"
+    entry, args, option = {
+        "train": (train.main, [*stage_args("ddpm", images), "--run-dir", str(inside)], "--run-dir"),
+        "export": (export.main, [spec, str(inside)], "OUT"),
+        "experiment": (experiment.main, ["--real", spec, "--synthetic", f"s={spec}", "--test", spec, "--out",
+                                         str(inside)], "--out"),
+        "sweep": (sweep.main, ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", spec, "--test",
+                               spec, "--out", str(tmp_path / "sweep"), "--write-best", str(images / "best"), "--write-num",
+                               "4"], "--write-best"),
+    }[command]
+    assert cli.run(entry, args) == 1
+    assert f"{option} " in (line := the_error(capsys.readouterr().err)) and "lies inside the image folder of" in line
+    assert snapshot(images) == before and not (tmp_path / "sweep").exists()
+
+
+def test_only_an_output_at_or_under_an_input_folder_is_refused(tmp_path):
+    from core.errors import UserError
+    from data import check_output_outside
+    (tmp_path / "data").mkdir()
+    for outside in (tmp_path / "data-out", tmp_path, tmp_path / "other" / "data"):  # beside, above, elsewhere
+        check_output_outside(outside, "--out", {"--real": f"folder:{tmp_path / 'data'}", "--test": "plumes"})
+    for inside in (tmp_path / "data", tmp_path / "data" / "a" / "b", tmp_path / "data" / ".." / "data" / "x"):
+        with pytest.raises(UserError, match=r"--out .* lies inside the image folder of --real"):
+            check_output_outside(inside, "--out", {"--real": f"folder:{tmp_path / 'data'}"})
+
+
 def test_an_inversion_at_another_size_than_its_model_is_refused_before_the_images_are_loaded(
         tmp_path, class_ckpt, monkeypatch, capsys):
     import invert.stage

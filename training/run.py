@@ -20,12 +20,12 @@ from core.errors import MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
+from core.config import add_config_arguments, apply_arguments, flat_fields, from_dict, given_arguments, to_dict
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
 from core.speed import check_compile
-from data import check_spec
+from data import check_output_outside, check_spec
 from training import distributed
 from training.loop import RunExists, Trainer, finished_run, missing_outputs
 
@@ -117,6 +117,10 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
+    if saved is None:  # (a run already there is not moved by refusing to resume it)
+        datasets = {f"--{key.rsplit('.', 1)[-1].replace('_', '-')}": value
+                    for key, value in flat_fields(to_dict(config)).items() if key.endswith("dataset")}
+        check_output_outside(run_dir, "--run-dir", datasets)
     if spec.check is not None:
         spec.check(config, saved)
     return config, saved
