@@ -38,14 +38,15 @@ from data.imageio import from_uint8
 EVAL_BATCH = 256
 
 
-def _same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: str) -> None:
+def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: str, train_option: str = "--dataset"
+                 ) -> None:
     """Refuse a second dataset (extra training images, test images) whose classes or parameters differ."""
     if target == "class" and other.class_names != train.class_names:
         raise UserError(f"The classes of {option} ({', '.join(other.class_names) or 'none'}) differ from those of "
-                        f"--dataset ({', '.join(train.class_names)}); give both the same class folder names.")
+                        f"{train_option} ({', '.join(train.class_names)}); give both the same class folder names.")
     if target == "params" and other.param_names != train.param_names:
         raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
-                        f"--dataset ({', '.join(train.param_names)}); give both the same params.csv columns.")
+                        f"{train_option} ({', '.join(train.param_names)}); give both the same params.csv columns.")
 
 
 def _check_targets(name: str, classes: int, has_params: bool, target: str) -> None:
@@ -81,7 +82,7 @@ def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any],
         return real, real.description(), None
     extra = load_dataset(options.extra_dataset, data.resolution, cache_dir=data.cache_dir,
                          num_samples=options.extra_samples or None, channels=real.info.channels)
-    _same_targets(real.info, extra.info, "--extra-dataset", target)
+    same_targets(real.info, extra.info, "--extra-dataset", target)
     union = concatenate(real, extra)
     described = {**union.description(), "parts": [real.description(), extra.description()]}
     mix = None
@@ -108,7 +109,7 @@ def run_data(config: ClassifyConfig) -> RunData:
     # on the same images.
     test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
                                     cache_dir=data.cache_dir, seed=0)
-    _same_targets(dataset.info, test_set.info, "--test-dataset", config.model.target)
+    same_targets(dataset.info, test_set.info, "--test-dataset", config.model.target)
     # The test images' fingerprint too: a resumed run (or a finished one the results table keeps) whose
     # test folder changed would otherwise report held-out numbers from two test sets as one.
     return RunData(dataset, mix, test_set, split, {**described, "test_fingerprint": test_set.fingerprint()})

@@ -141,12 +141,9 @@ class DatasetWriter:
             raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
         made_by = self.root / REQUEST
         if made_by.is_file():
-            saved = _read_request(made_by)
-            before, now = flat_fields(saved), flat_fields(self.request)
-            differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            differ = self.differences()
             if differ:
-                was = "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
-                raise UserError(f"{self.root} holds a dataset made with other options ({was}); rerun with those "
+                raise UserError(f"{self.root} holds a dataset made with other options ({differ}); rerun with those "
                                 f"options to continue it, or choose another folder.")
             self.rows = _read_manifest(self.root / MANIFEST, self.request.get("param_names", []))
         elif holds_files(self.root):
@@ -156,6 +153,15 @@ class DatasetWriter:
             write_json({"format": FORMAT, "request": self.request, "about": self.about}, made_by)
         # Images written after the last manifest update (a kill between the two) are complete too.
         return sum(1 for _ in self.root.rglob("*.png"))
+
+    def differences(self) -> str:
+        """How the request recorded in `root` differs from this one ("" where it is the same, or none is there)."""
+        made_by = self.root / REQUEST
+        if not made_by.is_file():
+            return ""
+        before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
 
     def pending(self, items: Sequence[Item]) -> list[Item]:
         """The items whose image is not on disk yet. Images on disk beyond `items` (an earlier run asked for

@@ -43,7 +43,7 @@ import numpy as np
 
 from classify.config import MODEL_FROM_DATA, PRESETS, ClassifyConfig
 from classify.plots import bar_chart
-from classify.stage import SPEC as CLASSIFY, final_results, run_data
+from classify.stage import SPEC as CLASSIFY, final_results, run_data, same_targets
 from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.cli import RunInterrupted
 from core.config import flat_fields, from_dict, to_dict
@@ -204,6 +204,19 @@ def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache
     if real < 1:
         raise UserError(f"--synthetic-multiple {k:g} leaves no real images to train on; lower it.")
     return Sizes(real=real, multiple=k)
+
+
+def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig) -> None:
+    """Decode every training set and the test images once, before any run trains, and check each set against
+    the test images as its runs will: a damaged image, a bad params.csv, or other classes than --test's are
+    refused now, not when the set's first run starts after the rows before it have trained."""
+    data = config.data
+    test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir)
+    sets = {"--real": args.real, **{f"--synthetic {row.name}": row.dataset for row in rows
+                                    if row.synthetic and not row.extra and not row.pretrained_on}}
+    for option, spec in sets.items():
+        same_targets(load_dataset(spec, data.resolution, cache_dir=data.cache_dir).info, test.info, "--test",
+                     config.model.target, train_option=option)
 
 
 def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
@@ -415,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out
     check_own_folder(out, TABLE_FILES, "--out")
     with FolderLock(out):
+        check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
         if size != Sizes():
             print(size.describe(mixed=any(row.extra for row in rows)), flush=True)

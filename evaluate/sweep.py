@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = settings_of(args, source.default_guidance or SamplingConfig().guidance_scale)
     for setting in settings:
         setting.sampling().check_against(source.model.schedule)
+    check_write_best(args, source, settings)
     speed_up(source.model.net, device)
     amp = autocast_dtype(args.amp, device)
     target = with_options(CLASSIFY, CLASSIFY.presets[args.preset](),  # the training options, parsed now
@@ -597,7 +598,8 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
     """Train the classifiers of every row (as `evaluate.experiment` trains a table's rows), each checked
     first against the request if kept: a set's on its `images`, the real row's on `real` real images (as
     many, or all there are). Adds 'accuracy' and its std to each row and returns its name.
-    `check_only`: check the options of the kept runs, before the sets they train on are written."""
+    `check_only`: check the kept runs before the sets they train on are written (the sets' runs by their
+    options only)."""
     groups = [(Sizes(match=real), [Row("real", args.real)]),
               (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name,
                                          named_by=f"the set of {s.name}") for s in settings])]
@@ -606,7 +608,9 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
     reused = ReusedRuns()
     for size, plan in plans:
         for row, seed, run_dir in plan:
-            reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size), data=not check_only)
+            # (With `check_only`, the real row's data too: a changed --real or --test is refused before any drawing.)
+            reused.check(row, run_dir, requested_config(row, seed, run_dir, args, passed, size),
+                         data=not (check_only and row.synthetic))
     if check_only:
         return ""
     results = {name: runs for size, plan in plans for name, runs in train_plan(plan, args, passed, size).items()}
@@ -618,6 +622,23 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
                           accuracy_std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                           accuracy_per_seed=values)
     return "trained top-1 (%)" if metric == "top1" else "trained mean absolute error"
+
+
+def check_write_best(args: argparse.Namespace, source: ImageSource, settings: Sequence[Setting]) -> None:
+    """Refuse, before anything is drawn, a --write-best folder that holds a set no setting of this sweep would
+    continue (it was refused only when the best setting came to be written, after the whole sweep)."""
+    if args.write_best is None:
+        return
+    found = []
+    for setting in settings:
+        request = dataset_request(args, setting, args.write_best, source.kind, num=args.write_num,
+                                  per_class=args.write_per_class)
+        draw = Drawer(source.model, setting.sampling(), autocast_dtype(args.amp, source.model.device), args.batch_size)
+        found.append(dataset_writer(draw, request, source)[1].differences())
+    if all(found):
+        raise UserError(f"--write-best {args.write_best} holds a dataset made with other options than any setting "
+                        f"of this sweep would write ({found[0]}); choose another folder, or rerun the sweep that "
+                        f"wrote it.")
 
 
 def write_best(args: argparse.Namespace, source: ImageSource, setting: Setting) -> None:

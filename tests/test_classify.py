@@ -469,6 +469,27 @@ def test_fine_tune_lr_sets_the_learning_rate_of_the_fine_tuned_rows_only(colours
             experiment.main(argv(*extra))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "blue" / "0.png").write_bytes(b""), r"0\.png"),
+    (lambda root: (root / "blue").rename(root / "navy"), r"The classes of --test \(blue, green, red\) differ from "
+                                                         r"those of --synthetic bad \(green, navy, red\)"),
+])
+def test_experiment_refuses_a_bad_synthetic_set_before_any_run_trains(colours, tmp_path, monkeypatch, damage, message):
+    """A set's problems surfaced when its first run started, after every real run had trained."""
+    real, test = colours
+    bad = colour_folder(tmp_path / "bad", 4, seed=7)
+    damage(bad)
+
+    def trains(*args, **kwargs):
+        raise AssertionError("a run trained before the sets were checked")
+    monkeypatch.setattr(experiment, "run", trains)
+    with pytest.raises(ValueError, match=message):
+        experiment.main(["--real", f"folder:{real}", "--synthetic", f"bad=folder:{bad}", "--test", f"folder:{test}",
+                         "--out", str(tmp_path / "x"), "--device", "cpu", "--", "--target", "class", "--resolution",
+                         str(RES)])
+    assert not (tmp_path / "x").exists()
+
+
 def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):
     real, test = colours
     with pytest.raises(ValueError, match="--seed is set by the experiment"):

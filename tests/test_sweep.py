@@ -154,6 +154,30 @@ def test_changed_inputs_are_refused_or_redone(finished, inputs, tmp_path, capsys
                for name in ("ddim-2-g1", "ddim-3-g3"))
 
 
+def test_changed_test_images_or_another_write_best_set_are_refused_before_anything_is_drawn(inputs, tmp_path,
+                                                                                             monkeypatch):
+    """Both were refused only after the sets were drawn and measured (the measures overwritten), or, for
+    --write-best, after the whole sweep."""
+    import shutil
+    test, out, best = shutil.copytree(inputs["test"], tmp_path / "test"), tmp_path / "out", tmp_path / "best"
+    command = [a.replace(str(inputs["test"]), str(test)) for a in argv(inputs, out)]
+    at = command.index("--train")
+    first = command[:at] + ["--guidance", "1", "--steps", "2", "--write-best", str(best), "--write-per-class", "1"]
+    sweep.main(first + command[at:])
+    before = files_and_times(out)
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("sets were drawn before the inputs were checked")
+    monkeypatch.setattr(sweep, "draw_sets", drawn)
+    with pytest.raises(UserError, match=r"--write-best \S+best holds a dataset made with other options than any "
+                                        r"setting of this sweep would write \(.*seed 0 there, 1 now"):
+        sweep.main(first + ["--seed", "1"] + command[at:])
+    Image.new("RGB", (RES, RES), (0, 0, 0)).save(next(test.rglob("*.png")))   # one test image changes
+    with pytest.raises(UserError, match=r"The images of --test .* changed since .*runs/real/seed0 was made"):
+        sweep.main(command[:at] + ["--guidance", "1,2", "--steps", "2"] + command[at:])
+    assert files_and_times(out) == before
+
+
 def test_fewer_real_images_than_a_set_holds_make_the_real_row_of_all_of_them(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     command = argv(inputs, out)
