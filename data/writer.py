@@ -172,6 +172,10 @@ class DatasetWriter:
             print(f"{self.root} already holds {len(beyond)} images beyond the {len(items)} asked for (from an earlier "
                   f"run that asked for more); they are kept, so the set has {len(wanted) + len(beyond)} images. "
                   f"Write to a new folder for a set of exactly {len(items)}.", flush=True)
+        in_the_way = next((item.file for item in items if (self.root / item.file).is_dir()), None)
+        if in_the_way is not None:
+            raise UserError(f"{self.root / in_the_way} is a folder where an image of this set belongs; move it out of "
+                            f"{self.root} and run again.")
         return [item for item in items if not (self.root / item.file).is_file()]
 
     def write(self, items: Sequence[Item], images: torch.Tensor, every_item: Sequence[Item] = ()) -> None:

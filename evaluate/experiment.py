@@ -278,8 +278,11 @@ class ReusedRuns:
         checkpoint = run_dir / "checkpoint.pt"
         if not checkpoint.is_file():  # not started, or stopped before its first checkpoint: trained from the start
             return
-        saved = load_checkpoint(checkpoint, CLASSIFY.name)
-        require_keys(saved, ("config", "data_info"), checkpoint)
+        try:
+            saved = load_checkpoint(checkpoint, CLASSIFY.name)
+            require_keys(saved, ("config", "data_info"), checkpoint)
+        except UserError as err:  # damaged: the advice to replace it, and the simpler way out
+            raise UserError(f"{str(err).rstrip('.')}, or delete {run_dir} to train that run again.") from None
         self._check_config(row, run_dir, request, from_dict(ClassifyConfig, saved["config"]))
         if data:
             self._check_data(row, run_dir, request, saved["data_info"])

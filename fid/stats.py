@@ -214,4 +214,6 @@ def check_same_features(sides: Sequence[tuple[str, Provenance | None]], warn: bo
 def _as_float(array: np.ndarray) -> np.ndarray:
     """Floating arrays as stored (their precision sets the rounding allowed later); others as float64."""
     array = np.asarray(array)
+    if np.iscomplexobj(array):  # numpy would drop the imaginary part with a warning, and FID read nonsense
+        raise UserError("it holds complex numbers")
     return array if np.issubdtype(array.dtype, np.floating) else array.astype(np.float64)

@@ -490,6 +490,20 @@ def test_experiment_refuses_a_bad_synthetic_set_before_any_run_trains(colours, t
     assert not (tmp_path / "x").exists()
 
 
+def test_a_damaged_kept_run_of_the_table_is_refused_with_both_ways_out(colours, tmp_path):
+    real, test = colours
+    out = tmp_path / "x"
+    argv = ["--real", f"folder:{real}", "--synthetic", f"a=folder:{real}", "--test", f"folder:{test}", "--seeds", "1",
+            "--no-mixed", "--out", str(out), "--device", "cpu", "--", "--target", "class", "--resolution", str(RES),
+            "--steps", "1", "--warmup-steps", "0", "--batch-size", "6"]
+    experiment.main(argv)
+    checkpoint = out / "runs" / "a" / "seed0" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"checkpoint\.pt .*replace it with an intact checkpoint\.pt, or delete "
+                                         r"\S+seed0 to train that run again\.$"):
+        experiment.main(argv)
+
+
 def test_experiment_refuses_options_it_sets_itself(colours, tmp_path):
     real, test = colours
     with pytest.raises(ValueError, match="--seed is set by the experiment"):

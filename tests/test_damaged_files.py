@@ -391,6 +391,13 @@ def test_a_damaged_statistics_archive_is_one_sentence(tmp_path, how):
         load_statistics(tmp_path / "s.npz")
 
 
+def test_a_statistics_file_of_complex_numbers_is_refused_not_read_as_its_real_part(tmp_path):
+    from fid.stats import load_statistics
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2) * (1 + 1j))
+    with pytest.raises(UserError, match=r"s\.npz \(it holds complex numbers\)"):
+        load_statistics(tmp_path / "s.npz")
+
+
 def test_a_statistics_file_that_is_npz_still_loads(tmp_path):
     from fid.stats import load_statistics
     np.savez(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2))

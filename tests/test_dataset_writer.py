@@ -108,6 +108,11 @@ def test_a_larger_count_extends_the_set_and_other_requests_are_refused(class_ckp
     with pytest.raises(FileExistsError, match="not a dataset of ours"):
         write(class_ckpt, foreign, "--per-class", "1")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    in_the_way = sorted(out.rglob("*.png"))[-1]
+    in_the_way.unlink()
+    in_the_way.mkdir()  # a folder where an image belongs (was an IsADirectoryError once the image was drawn)
+    with pytest.raises(ValueError, match=rf"{in_the_way.name} is a folder where an image of this set belongs"):
+        write(class_ckpt, out, "--per-class", "2")
 
 
 def test_parameter_dataset_writes_a_params_csv_the_folder_loader_reads(params_ckpt, tmp_path):
