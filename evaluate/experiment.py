@@ -419,9 +419,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
-    check_output_outside(args.out, "--out", {"--real": args.real, "--test": args.test,
-                                             **{f"--synthetic {row.name}": row.dataset for row in rows if row.synthetic
-                                                and not row.extra and not row.pretrained_on}})
     check_passed(passed)
     resolve_device(args.device)
     given = parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])
@@ -430,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = args.out
     check_own_folder(out, TABLE_FILES, "--out")
+    check_output_outside(out, "--out", {"--real": args.real, "--test": args.test,
+                                        **{f"--synthetic {row.name}": row.dataset for row in rows
+                                           if row.synthetic and not row.extra and not row.pretrained_on}})
     with FolderLock(out):
         check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)

@@ -190,11 +190,11 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
+    check_folder_path(args.out, "--out")
+    check_own_folder(args.out, SWEEP_FILES, "--out")
     for option, folder in (("--out", args.out), ("--write-best", args.write_best)):
         if folder is not None:
             check_output_outside(folder, option, {"--real": args.real, "--test": args.test})
-    check_folder_path(args.out, "--out")
-    check_own_folder(args.out, SWEEP_FILES, "--out")
     if args.write_best is not None:
         check_folder_path(args.write_best, "--write-best")
     if args.write_best is not None and holds_files(args.write_best) and not (args.write_best / "dataset.json").is_file():

@@ -477,14 +477,16 @@ class Trainer:
             return None
         final = self.run_dir / "samples" / "final.png"
         grid = last_preview.read_bytes()
-        atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
+        if not final.exists() or final.read_bytes() != grid:
+            atomic_write(final, lambda f: f.write(grid))  # as every file: a kill mid-copy leaves no torn grid
         return final
 
     def run(self) -> dict[str, Any]:
         cfg, runtime = self.cfg, self.runtime
-        if runtime.is_main and self.start_step > 0:
+        if runtime.is_main:
             self._trim_metrics()
-            self._write_missing_outputs()
+            if self.start_step > 0:
+                self._write_missing_outputs()
         if self.start_step == cfg.steps > 0:
             if runtime.is_main:
                 self._final_grid()
