@@ -89,7 +89,9 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         return "the GPU ran out of memory; lower --batch-size.", 1
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and CPU_OUT_OF_MEMORY in str(err)):
         asked = re.search(r"allocate (\d+) bytes", str(err))
-        size = f" (an allocation of {int(asked[1]) / 2 ** 30:.1f} GiB failed)" if asked else ""
+        size = int(asked[1]) if asked else 0
+        size = (f" (an allocation of {size / 2 ** 30:.1f} GiB failed)" if size >= 2 ** 30 else
+                f" (an allocation of {size / 2 ** 20:.0f} MiB failed)" if size else "")
         return (f"this machine ran out of memory{size}; lower --batch-size (or the image size) and run again; "
                 f"files written before are intact.", 1)
     if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(

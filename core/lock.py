@@ -178,6 +178,9 @@ class OutputFolder(FolderLock):
     def __enter__(self) -> OutputFolder:
         super().__enter__()
         try:
+            if (self.folder / UNFINISHED).is_file():  # told now that it is ours, not while another writes there
+                print(f"Note: {self.folder} holds the output of a command that was stopped before it finished; "
+                      f"writing it again.", file=sys.stderr, flush=True)
             (self.folder / UNFINISHED).touch()
         except BaseException:
             self.release()
@@ -196,9 +199,6 @@ def check_output_folder(folder: str | os.PathLike, overwrite: bool) -> None:
     (or they are what a command writing it left when it was stopped: see `OutputFolder`)."""
     folder = Path(folder)
     check_folder_path(folder, "--out")
-    if holds_files(folder) and not overwrite:
-        if not (folder / UNFINISHED).is_file():
-            raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
-        print(f"Note: {folder} holds the output of a command that was stopped before it finished; writing it "
-              f"again.", file=sys.stderr, flush=True)
+    if holds_files(folder) and not overwrite and not (folder / UNFINISHED).is_file():
+        raise ExistsError(f"{folder} already holds files; choose another --out or pass --overwrite.")
 

@@ -161,14 +161,15 @@ def check_compile(compile: bool, device: torch.device) -> None:
     if device.type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
         try:
-            get_cpp_compiler()  # runs `CXX --version` (or g++, clang++): a few tens of milliseconds
+            get_cpp_compiler()  # probes the compiler Inductor would use (CXX, else g++): tens of milliseconds
         except Exception as err:  # InvalidCxxCompiler, or whatever a broken compiler makes the probe raise
-            raise UserError(f"--compile needs a working C++ compiler on the CPU (g++ or clang++, or the one CXX "
+            raise UserError(f"--compile needs a working C++ compiler on the CPU (g++, or the one the CXX variable "
                             f"names), and none was found ({type(err).__name__}); install one or drop "
                             f"--compile.") from None
-    elif not any(shutil.which(name) for name in (os.environ.get("CC", ""), "cc", "gcc", "clang") if name):
-        raise UserError("--compile needs a C compiler (cc, gcc or clang, or the one CC names) for Triton's kernel "
-                        "launchers, and none was found; install one or drop --compile.")
+    # Triton's own choice: the compiler CC names if it is set, else gcc, else clang.
+    elif not (shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("gcc") or shutil.which("clang")):
+        raise UserError("--compile needs a C compiler for Triton's kernel launchers (the one the CC variable names, "
+                        "else gcc or clang), and none was found; install one or drop --compile.")
 
 
 def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:

@@ -39,8 +39,11 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
     for name, spec in inputs.items():
         if spec and spec.startswith("folder:") and len(spec) > len("folder:"):
             folder = Path(spec[len("folder:"):]).expanduser().resolve()
-            if output == folder or folder in output.parents:
-                raise UserError(f"{option} {output} lies inside the image folder of {name} ({folder}), so what is "
+            if output == folder or (folder in output.parents
+                                    # (a hidden folder inside it is never read: see data.imageio.list_images)
+                                    and not any(part.startswith(".") for part in output.relative_to(folder).parts)):
+                where = "is" if output == folder else "lies inside"
+                raise UserError(f"{option} {output} {where} the image folder of {name} ({folder}), so what is "
                                 f"written there would be read as images of it; choose a {option} outside it.")
 
 

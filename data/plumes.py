@@ -155,6 +155,8 @@ def _read_cache(path: Path, num_samples: int, resolution: int) -> tuple[torch.Te
             raise UserError(f"arrays of shapes {images.shape}, {params.shape}, {seeds.shape}")
         if not np.isfinite(params).all():
             raise UserError("NaN or infinite parameters")
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: the entry point says so
     except Exception as err:  # a damaged archive raises anything from BadZipFile to NotImplementedError
         # (compression) and RuntimeError (encryption flag); an interruption passes
         warnings.warn(f"Plume cache {path} is unreadable ({err}); regenerating it.", stacklevel=3)

@@ -160,6 +160,8 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
             keys = sorted(loaded.files)
             arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
             record = {field: loaded[key][()] for field, key in PROVENANCE_KEYS.items() if key in keys}
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: the entry point says so
     except Exception as err:  # missing, truncated, not a zip, or damaged: a damaged archive raises anything from BadZipFile to
         # NotImplementedError (compression) and RuntimeError (encryption flag); an interruption passes
         reason = str(err).split(". ")[0].rstrip(".")  # numpy's messages run on for several sentences

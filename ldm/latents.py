@@ -130,6 +130,8 @@ def _read(path: Path, vae_fingerprint: str, images_hash: str, expected: tuple[in
             if missing:
                 return None, f"lacks {', '.join(missing)}"
             moments, fingerprint, hashed = z["moments"], str(z["vae_fingerprint"]), str(z["data_hash"])
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: the entry point says so
     except Exception as err:  # a damaged archive raises anything from BadZipFile to NotImplementedError
         # (compression) and RuntimeError (encryption flag); an interruption passes
         return None, f"is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"

@@ -406,6 +406,32 @@ def test_to_and_from_published_round_trip():
         to_published(state, tiny_config(latent_channels=4))
 
 
+def test_the_start_up_check_of_pretrained_weights_takes_the_data_s_size_and_channels(tmp_path, monkeypatch):
+    """It checked them against the preset (64 px, RGB): a grey autoencoder's file, or one whose attention sits at
+    a level the preset's size moves, was refused though the run would load it."""
+    import train
+    import vae.stage
+    torch.save(to_published(AutoencoderKL(tiny_config(in_channels=1)).state_dict(), tiny_config(in_channels=1)),
+               tmp_path / "grey.ckpt")
+
+    class DataReached(Exception):
+        pass
+
+    def load_dataset(*args, **kwargs):
+        raise DataReached
+    monkeypatch.setattr(vae.stage, "load_dataset", load_dataset)
+    (tmp_path / "images").mkdir()
+    options = ["--stage", "vae", "--dataset", f"folder:{tmp_path / 'images'}", "--resolution", "32", "--device", "cpu",
+               "--base-channels", "16", "--channel-mult", "1", "2", "2", "--num-res-blocks", "1",
+               "--attention-resolutions", "8", "--latent-channels", "3", "--perceptual", "random",
+               "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(DataReached):  # every start-up check passed
+        train.main([*options, "--pretrained", str(tmp_path / "grey.ckpt")])
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"other\.ckpt is not a latent-diffusion KL autoencoder .* weights file"):
+        train.main([*options, "--pretrained", str(tmp_path / "other.ckpt")])
+
+
 def test_full_stable_diffusion_checkpoint_loads(tmp_path):
     weights = random_published()
     checkpoint = {f"first_stage_model.{k}": v for k, v in weights.items()}

@@ -287,6 +287,8 @@ def test_running_out_of_cpu_memory_is_one_sentence_that_names_the_batch_size():
     assert "lower --batch-size" in message and "\n" not in message
     message, code = cli.explain(from_numpy.value)
     assert code == 1 and message.startswith("this machine ran out of memory; lower --batch-size")
+    small = RuntimeError(f"{cli.CPU_OUT_OF_MEMORY}: you tried to allocate 25165824 bytes. Error code 12")
+    assert "(an allocation of 24 MiB failed)" in cli.explain(small)[0]
     assert cli.explain(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug keeps its traceback
 
 

@@ -136,11 +136,14 @@ def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch)
     from core.speed import check_compile
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(UserError, match="--compile needs a C compiler .* for Triton's kernel launchers"):
+    with pytest.raises(UserError, match="--compile needs a C compiler for Triton's kernel launchers"):
         check_compile(True, torch.device("cuda"))
     check_compile(False, torch.device("cuda"))  # nothing to check without --compile
-    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name in ("gcc", "clang") else None)
     check_compile(True, torch.device("cuda"))
+    monkeypatch.setenv("CC", "/opt/no/cc")  # Triton takes CC as given, gcc or not
+    with pytest.raises(UserError, match="--compile needs a C compiler"):
+        check_compile(True, torch.device("cuda"))
 
 
 def snapshot(folder: Path) -> dict:
@@ -178,10 +181,11 @@ def test_only_an_output_at_or_under_an_input_folder_is_refused(tmp_path):
     from core.errors import UserError
     from data import check_output_outside
     (tmp_path / "data").mkdir()
-    for outside in (tmp_path / "data-out", tmp_path, tmp_path / "other" / "data"):  # beside, above, elsewhere
+    # beside, above, elsewhere, and in a hidden folder inside (never read as images)
+    for outside in (tmp_path / "data-out", tmp_path, tmp_path / "other" / "data", tmp_path / "data" / ".runs" / "a"):
         check_output_outside(outside, "--out", {"--real": f"folder:{tmp_path / 'data'}", "--test": "plumes"})
     for inside in (tmp_path / "data", tmp_path / "data" / "a" / "b", tmp_path / "data" / ".." / "data" / "x"):
-        with pytest.raises(UserError, match=r"--out .* lies inside the image folder of --real"):
+        with pytest.raises(UserError, match=r"--out .* (is|lies inside) the image folder of --real"):
             check_output_outside(inside, "--out", {"--real": f"folder:{tmp_path / 'data'}"})
 
 

@@ -69,6 +69,16 @@ def agree_on_signal(signum: int) -> int:
     return int(value)
 
 
+def any_process(flag: bool, runtime: Runtime) -> bool:
+    """Whether `flag` holds in any process of the job (all-reduced on the host; `flag` itself without torchrun),
+    so that every process takes the same branch after a decision each made from what it sees."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(value)
+
+
 @contextlib.contextmanager
 def together(runtime: Runtime) -> Iterator[None]:
     """A block every process of a torchrun job runs (the start-up checks: the lock, the options, the

@@ -42,7 +42,8 @@ from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
-from training.distributed import agree_on_signal, gather_across_processes, mean_across_processes
+from training.distributed import (agree_on_signal, gather_across_processes, main_process_first,
+                                  mean_across_processes)
 from training.optim import LazyAdamW
 
 
@@ -242,8 +243,9 @@ def missing_outputs(run_dir: Path, checkpoint: dict[str, Any], steps: int) -> li
 
 def finished_run(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
     """The summary `Trainer.run` returns, for a run already at its last step and run again to it (a
-    resubmitted job): nothing to train, nothing written, and no error. `training.run.train` says so
-    before it loads any data or builds a model."""
+    resubmitted job): nothing to train, and no error. `training.run.train` says so before it loads any
+    data or builds a model, unless what the last checkpoint owed is missing (`missing_outputs`): then the
+    trainer writes that first."""
     if runtime.is_main:
         print(f"The run in {run_dir} is already at step {steps} of {steps}: nothing to train (pass a larger --steps "
               f"to train further).", flush=True)
@@ -485,8 +487,11 @@ class Trainer:
         cfg, runtime = self.cfg, self.runtime
         if runtime.is_main:
             self._trim_metrics()
-            if self.start_step > 0:
-                self._write_missing_outputs()
+        if self.start_step > 0:
+            # The other processes wait on the host, not in the first step's collectives (NCCL's time out sooner).
+            with main_process_first(runtime):
+                if runtime.is_main:
+                    self._write_missing_outputs()
         if self.start_step == cfg.steps > 0:
             if runtime.is_main:
                 self._final_grid()
@@ -520,8 +525,7 @@ class Trainer:
                 self._evaluate(0)
                 self._preview(0)
             final = self._final_grid()
-        signum = signum or (received[0] if received else None)  # agreed at the last step, or seen since
-        if signum is not None:  # in the last step or its outputs: the run is complete, and its caller stops too
+        if signum is not None:  # agreed after the last step and its outputs: the run is complete; the caller stops
             raise RunInterrupted(f"stopped by {signal.Signals(signum).name} at the end of the run, which finished "
                                  f"step {cfg.steps} and saved {self.ckpt_path}", signum)
         return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,

@@ -11,6 +11,7 @@ of their own (the experiment table, benchmarks) call `run` with the stage they m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 from pathlib import Path
@@ -74,9 +75,23 @@ def parse_stage_args(spec: StageSpec, argv: Sequence[str]) -> argparse.Namespace
 
 
 def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
-    """`config` with the options the user typed applied, section by section."""
+    """`config` with the options the user typed applied, section by section (data first)."""
     for section in spec.sections:
-        config = apply_arguments(config, args, section.name)
+        try:
+            config = apply_arguments(config, args, section.name)
+        except UserError:
+            # A network whose image size the data decides (the autoencoder's `resolution`) checks its options
+            # when built: judge them at the data's size (--resolution), not at the preset's, before refusing.
+            part = getattr(config, section.name)
+            if "resolution" not in section.skip or part.resolution == config.data.resolution:
+                raise
+            try:
+                at_data_size = dataclasses.replace(part, resolution=config.data.resolution)
+            except UserError:
+                at_data_size = None  # the preset's network does not fit that size either: the first error says why
+            if at_data_size is None:
+                raise
+            config = apply_arguments(dataclasses.replace(config, **{section.name: at_data_size}), args, section.name)
     return config
 
 
@@ -189,7 +204,8 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                                          f"trains first", "run the same command again to go on from where it "
                                          "stopped.") from stop
         if (saved is not None and saved["step"] == config.train.steps > 0  # a resubmitted job that had finished
-                and not missing_outputs(run_dir, saved, config.train.steps)):  # (else the trainer writes them)
+                # ... and wrote what its last checkpoint owed (else the trainer writes it); every process agrees
+                and not distributed.any_process(bool(missing_outputs(run_dir, saved, config.train.steps)), runtime)):
             summary = finished_run(run_dir, config.train.steps, runtime)
         else:
             with distributed.together(runtime):  # a bad image or cache: told once, not by every process

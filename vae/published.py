@@ -93,17 +93,21 @@ def load_published_weights(model: AutoencoderKL, path: str | os.PathLike) -> Non
     model.load_state_dict(from_published(read_published_weights(path, model.config), model.config), strict=True)
 
 
-def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *,
-                           mmap: bool = False) -> dict[str, Tensor]:
-    """The autoencoder's tensors of a published file under their published names, checked against `config`
-    (`mmap`: map the file, for a start-up check that reads almost nothing)."""
+def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *, mmap: bool = False,
+                           names_only: bool = False) -> dict[str, Tensor]:
+    """The autoencoder's tensors of a published file under their published names, checked against `config`:
+    names and shapes, or with `names_only` the names (a start-up check, before the data has said how many
+    channels its images have; with `mmap`, which maps the file and reads almost nothing of it)."""
     what = _describe(config)
     tensors = read_state_dict(path, what, mmap=mmap)
     if any(k.startswith(FULL_CHECKPOINT_PREFIX) for k in tensors):  # keep the autoencoder, drop the rest
         prefix = len(FULL_CHECKPOINT_PREFIX)
         tensors = {k[prefix:]: v for k, v in tensors.items() if k.startswith(FULL_CHECKPOINT_PREFIX)}
     found = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS}
-    check_state_dict(found, published_keys(config), source=str(path), what=what)
+    expected = published_keys(config)
+    if names_only:
+        expected = {name: tuple(found[name].shape) if name in found else shape for name, shape in expected.items()}
+    check_state_dict(found, expected, source=str(path), what=what)
     return found
 
 

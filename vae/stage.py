@@ -233,17 +233,18 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
     for option, value in files:
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
-    # What they hold, too: a wrong file is refused now, not after the data is decoded.
-    check_weight_files(config.loss.vgg_weights, config.loss.lpips_weights)
-    if config.vae.pretrained and resume_from is None:
-        read_published_weights(config.vae.pretrained, config.autoencoder, mmap=True)
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
     size, loss = config.data.resolution, config.loss
     try:
-        dataclasses.replace(config.autoencoder, resolution=size)
+        autoencoder = dataclasses.replace(config.autoencoder, resolution=size)
     except ValueError as err:
         raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: {err}") from None
+    # What the weight files hold, too: a wrong file is refused now, not after the data is decoded (its names:
+    # shapes depend on the images' channels, which only the data tells).
+    check_weight_files(config.loss.vgg_weights, config.loss.lpips_weights)
+    if config.vae.pretrained and resume_from is None:
+        read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
     smallest = 2 ** (loss.perceptual_taps - 1)  # each VGG-16 tap after the first is behind one more 2x2 max-pool
     if size < smallest:
         raise UserError(f"--perceptual-taps {loss.perceptual_taps} needs images of at least {smallest} px (each VGG-16 "
