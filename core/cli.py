@@ -228,10 +228,45 @@ def ignore_stop_signals(worker_id: int) -> None:
 def catch_early_sigterm() -> None:
     """Until `main` installs its own handlers, answer SIGTERM and Ctrl-C with one line and exit 143 or 130
     (Python's defaults would end the process without a word, or with a KeyboardInterrupt traceback from
-    deep inside the import of torch)."""
+    deep inside the import of torch). A torchrun worker also dies with its launcher from here on (see
+    `die_with_the_launcher`): killed while it starts, stopped by SIGTERM once it trains."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated_while_starting)
         signal.signal(signal.SIGINT, _terminated_while_starting)
+    if launched_world_size() > 1:
+        die_with_the_launcher(signal.SIGKILL)
+
+
+_launcher: int | None = None  # the torchrun launcher's process id, as this worker first saw it
+
+
+def die_with_the_launcher(signum: int) -> None:
+    """Ask Linux to send this torchrun worker `signum` when its launcher dies (PR_SET_PDEATHSIG).
+
+    A launcher killed with SIGKILL (`kill -9`, the OOM killer) cannot pass a stop on, and its workers, each
+    in a session of its own, would run on as orphans: while starting, blocked for many minutes joining a
+    process group that will never form (deaf to SIGTERM inside that call), later training on and holding the
+    run's lock. So a worker asks for SIGKILL as soon as it starts (it has written nothing yet), and for SIGTERM
+    once it has joined its group (`training.distributed.setup`): then the workers stop as after any SIGTERM,
+    all together after the current step, which is checkpointed. The launcher is the parent this process
+    first saw; if that is gone when the request takes hold, the signal is sent at once. Only under torchrun: a
+    single process's parent is a shell, whose exit must not stop a `nohup` run. Elsewhere than Linux
+    nothing is asked.
+    """
+    global _launcher
+    if not sys.platform.startswith("linux"):
+        return
+    if _launcher is None:
+        _launcher = os.getppid()
+    try:
+        import ctypes  # here: most commands never run under torchrun
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signum)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _launcher:  # the launcher died before the request took hold (1 is no sign: in a
+        # container torchrun itself may be process 1)
+        os.kill(os.getpid(), signum)
 
 
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:

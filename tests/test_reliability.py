@@ -142,6 +142,41 @@ def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_
     assert logged_steps(run_dir) == list(range(1, stopped + 2))
 
 
+def test_torchrun_workers_die_with_a_launcher_killed_while_they_start(tmp_path, folder):
+    """Killed while its workers imported torch, the launcher left them blocked for half an hour joining a group
+    that would never form (deaf to SIGTERM there): their parent-death signal was asked for only after that."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    run_dir = tmp_path / "never-started"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", TRAIN, *tiny_args(run_dir, folder, steps=10)], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and str(run_dir).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # ended meanwhile
+                pass
+        return [pid for pid in found if pid != launcher.pid]
+    deadline = time.monotonic() + 60
+    while len(workers()) < 2 and time.monotonic() < deadline:  # the launcher has started both
+        time.sleep(0.05)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = workers()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "torchrun workers outlived their launcher"
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # one process per folder
 

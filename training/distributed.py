@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
-import sys
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from core.cli import ReportedByAnotherProcess, launched_rank, launched_world_size
+from core.cli import ReportedByAnotherProcess, die_with_the_launcher, launched_rank, launched_world_size
 from core.runtime import Runtime, resolve_device
 
 
@@ -24,7 +22,7 @@ def setup(device: str = "auto") -> Runtime:
     world_size = launched_world_size()
     if world_size == 1:
         return Runtime(resolve_device(device))
-    stop_with_the_launcher()
+    die_with_the_launcher(signal.SIGKILL)  # (done at start-up by entry points that call cli.catch_early_sigterm)
     rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and device in ("auto", "cuda"):
         torch.cuda.set_device(local_rank)
@@ -33,32 +31,12 @@ def setup(device: str = "auto") -> Runtime:
         run_device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
+    die_with_the_launcher(signal.SIGTERM)  # joined: from now on a dead launcher stops this worker after its step
     global _host_group
     # A CPU-side group for the small decisions the loop takes every step (whether to stop), so they
     # never synchronise the GPU; under gloo the default group already is one.
     _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Runtime(run_device, rank, world_size)
-
-
-def stop_with_the_launcher() -> None:
-    """Ask Linux to send this torchrun worker SIGTERM when its launcher dies.
-
-    A launcher killed with SIGKILL (`kill -9`, the OOM killer) cannot pass a stop on, and its workers,
-    each in a session of its own, would train on as orphans holding the run's lock. With this they stop
-    as after any SIGTERM: all together after the current step, which is checkpointed. Only under
-    torchrun: a single process's parent is a shell, whose exit must not stop a `nohup` run. Elsewhere
-    than Linux nothing is asked.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request took hold
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def agree_on_signal(signum: int) -> int:
