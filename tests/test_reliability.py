@@ -137,7 +137,8 @@ def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_
         time.sleep(0.2)
     stopped = load_checkpoint(run_dir / "checkpoint.pt")["step"]
     assert logged_steps(run_dir) == list(range(1, stopped + 1))
-    assert f"stopped by SIGTERM at step {stopped}" in (tmp_path / "err.txt").read_text()
+    assert f"stopped by SIGTERM at step {stopped}" in (told := (tmp_path / "err.txt").read_text())
+    assert f"resume with: torchrun --nproc_per_node 2 train.py --stage ddpm --run-dir {run_dir} --resume" in told
     train.main(["--run-dir", str(run_dir), "--resume", "--steps", str(stopped + 1), "--device", "cpu"])
     assert logged_steps(run_dir) == list(range(1, stopped + 2))
 

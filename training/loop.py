@@ -579,8 +579,10 @@ class Trainer:
         if self.runtime.is_main and not saved:
             self._save(done, window)
         name = signal.Signals(signum).name
+        # With as many processes as now: each draws its own noise, so another count continues another way.
+        launch = (f"torchrun --nproc_per_node {self.runtime.world_size}" if self.runtime.distributed else "python")
         raise RunInterrupted(f"stopped by {name} at step {done} of {self.cfg.steps} and saved {self.ckpt_path}; "
-                             f"resume with: python train.py --stage {self.stage.name} --run-dir {self.run_dir} "
+                             f"resume with: {launch} train.py --stage {self.stage.name} --run-dir {self.run_dir} "
                              f"--resume", signum)
 
 
