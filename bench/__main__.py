@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from bench.suite import ROWS, default_output, device_and_plan, report, run
+from core import cli
+from core.runtime import atomic_write
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"row groups to measure, in table order (default: all: {' '.join(ROWS)})")
     parser.add_argument("--out", default="", help="markdown file to write (default: bench/results/DEVICE.md)")
     args = parser.parse_args(argv)
+    if args.out and (Path(args.out).suffix != ".md" or Path(args.out).is_dir()
+                     or any(p.is_file() for p in Path(args.out).parents)):
+        parser.exit(2, f"error: --out {args.out} must name a markdown file (.md) in a folder; measuring would "
+                       f"otherwise be lost when the table could not be written.\n")
     start = time.perf_counter()
     try:
         plan = device_and_plan(args.device, args.quick)
@@ -43,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, plan, command.strip())
     out = Path(args.out) if args.out else default_output(plan.device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write(out, lambda f: f.write(text.encode()))  # a full disk leaves the table that was there
     print(text)
     print(f"written to {out} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)  # Ctrl-C, SIGTERM, a full disk: one line

@@ -17,6 +17,7 @@ commands here keep up with the stages' options and presets.
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def main() -> int:
     parser.add_argument("--stages-only", action="store_true",
                         help="only the eager training steps of every stage (what the test suite runs)")
     args = parser.parse_args()
+    if not 0 < args.budget < float("inf"):
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
+        parser.error(f"--device must be cuda, cuda:N or cpu, got {args.device}")
     global DEADLINE
     DEADLINE = time.perf_counter() + args.budget
     cuda = args.device.startswith("cuda")

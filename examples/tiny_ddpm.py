@@ -69,7 +69,11 @@ def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", s
 
 if __name__ == "__main__":
     import argparse
+    import os
     parser = argparse.ArgumentParser(prog="python -m examples.tiny_ddpm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tiny_ddpm.png", help="the PNG grid to write (default: tiny_ddpm.png)")
-    main(out=parser.parse_args().out)
+    out = parser.parse_args().out
+    if not out.lower().endswith(".png") or os.path.isdir(out):  # checked before a minute of training, not after
+        parser.error(f"--out {out} must name a .png file")
+    main(out=out)

@@ -186,3 +186,31 @@ def test_the_gpu_checks_training_commands_run_on_the_cpu():
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:]
     assert "5 passed, 0 failed" in done.stdout
+
+
+def test_the_table_file_is_checked_before_measuring_and_written_whole(tmp_path, monkeypatch, capsys):
+    """A folder or another suffix as --out failed only after minutes of measuring; a full disk cut the old table."""
+    import errno
+
+    import bench.__main__ as command
+    measured = []
+    monkeypatch.setattr(command, "run", lambda *args, **kwargs: measured.append(1) or [])
+    monkeypatch.setattr(command, "report", lambda *args: "| the table |\n")
+    for wrong in (tmp_path, tmp_path / "table.txt", tmp_path / "file.md" / "table.md"):
+        (tmp_path / "file.md").write_text("a file")
+        with pytest.raises(SystemExit):
+            command.main(["--out", str(wrong), "--rows", "kernels", "--quick", "--device", "cpu"])
+        assert "must name a markdown file" in capsys.readouterr().err and not measured
+    table = tmp_path / "table.md"
+    table.write_text("the old table\n")
+
+    def disk_fills(fd):  # the new table's bytes cannot reach the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr("core.runtime.os.fsync", disk_fills)
+        with pytest.raises(OSError):
+            command.main(["--out", str(table), "--rows", "kernels", "--quick", "--device", "cpu"])
+    assert table.read_text() == "the old table\n" and sorted(p.name for p in tmp_path.iterdir()) == ["file.md",
+                                                                                                     "table.md"]
+    command.main(["--out", str(table), "--rows", "kernels", "--quick", "--device", "cpu"])
+    assert table.read_text() == "| the table |\n"
