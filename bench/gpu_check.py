@@ -17,8 +17,9 @@ commands here keep up with the stages' options and presets.
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS: list[tuple[str, bool, float, str]] = []
 NOT_RUN: list[str] = []  # checks left out, and why (past the time budget, one GPU only)
 DEADLINE = float("inf")  # perf_counter() time by which every check must have ended (--budget)
+REPORT_ON_STOP: tuple | None = None  # report()'s arguments once the checks have begun
 
 # Dropout on: training steps then run the fused GroupNorm + SiLU + dropout kernels (--kernels auto on CUDA).
 TINY_UNET = ["--resolution", "16", "--no-hflip", "--base-channels", "32", "--channel-mult", "1", "2",
@@ -118,6 +120,8 @@ def main() -> int:
     dev = ["--device", args.device, "--dataset", f"folder:{data}"]
     precisions = ["bf16", "fp16"] if cuda else ["bf16"]
     began = time.perf_counter()
+    global REPORT_ON_STOP
+    REPORT_ON_STOP = (args.device, began, work)
 
     # 1. Kernels and fast paths on the device (the kernel tests pick CUDA tensors when CUDA is there).
     if not args.stages_only:
@@ -200,5 +204,17 @@ def report(device: str, began: float, work: Path) -> int:
     return 1 if failed else 0
 
 
+def _stop(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # (subprocess.run then kills the check it was running)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _stop)  # a lent machine's time limit: still the report of what ran
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        if REPORT_ON_STOP is None:
+            sys.exit(130)
+        NOT_RUN.append("the check running when a stop signal came, and every one after it")
+        report(*REPORT_ON_STOP)
+        sys.exit(130)
