@@ -114,6 +114,11 @@ def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Bi
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise UserError(f"{option} {spec!r}: the range of {name} ({low}, {high}) is empty; give LOW < HIGH, as "
                         f"NAME:K:LOW:HIGH.")
+    data_low, data_high = info.param_ranges[info.param_names.index(name)]
+    if high <= data_low or low >= data_high:  # every value would land in one edge bin, labelled as it is not
+        raise UserError(f"{option} {spec!r}: the bins over [{low:g}, {high:g}] miss the range of {name} in the data "
+                        f"[{data_low:g}, {data_high:g}], so every image would fall in one edge bin; give LOW:HIGH "
+                        f"that overlap it.")
     return Binning(name, bins, float(low), float(high))
 
 

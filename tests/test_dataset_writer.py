@@ -154,7 +154,8 @@ def test_bad_dataset_options_are_refused_before_anything_is_written(class_ckpt, 
 
 
 def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
-    for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty")):
+    for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty"),
+                          ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data")):
         with pytest.raises(ValueError, match=message):
             write(params_ckpt, tmp_path / "set", "--num", "2", "--classes", spec)
         assert not (tmp_path / "set").exists()
