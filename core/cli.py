@@ -89,10 +89,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         return "the GPU ran out of memory; lower --batch-size.", 1
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and CPU_OUT_OF_MEMORY in str(err)):
         asked = re.search(r"allocate (\d+) bytes", str(err))
-        size = int(asked[1]) if asked else 0
-        size = (f" (an allocation of {size / 2 ** 30:.1f} GiB failed)" if size >= 2 ** 30 else
-                f" (an allocation of {size / 2 ** 20:.0f} MiB failed)" if size else "")
-        return (f"this machine ran out of memory{size}; lower --batch-size (or the image size) and run again; "
+        failed = f" (an allocation of {_size(int(asked[1]))} failed)" if asked else ""
+        return (f"this machine ran out of memory{failed}; lower --batch-size (or the image size) and run again; "
                 f"files written before are intact.", 1)
     if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(
             sign in str(err) for sign in PEER_LOST):
@@ -113,6 +111,10 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
     return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 30:.1f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MiB"
 
 
 def interrupted(how: str) -> str:

@@ -210,6 +210,11 @@ def _arg_type(hint: Any, metavar: str | None) -> dict[str, Any]:
     return {"type": typed(hint), "metavar": metavar}
 
 
+def option_name(key: str) -> str:
+    """The command-line option of a config field, by its name or its dotted key: "train.lr" -> "--lr"."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,
                          skip: Iterable[str] = (), help_overrides: dict[str, str] | None = None) -> None:
     """Add one `--option` per field of `cls` under an argument group named `section`.
@@ -226,7 +231,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
         value = getattr(shown, f.name)
         shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else ("''" if value == "" else value)
         choices = f.metadata.get("choices")
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}", default=None,
+        group.add_argument(option_name(f.name), dest=f"{section}.{f.name}", default=None,
                            choices=choices, help=f"{text} (default: {shown_value})",
                            **_arg_type(hints[f.name], None if choices else f.name.upper()))
 

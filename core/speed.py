@@ -15,6 +15,7 @@ know whether it was compiled or captured.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -159,17 +160,26 @@ def check_compile(compile: bool, device: torch.device) -> None:
     if not compile:
         return
     if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        try:
-            get_cpp_compiler()  # probes the compiler Inductor would use (CXX, else g++): tens of milliseconds
-        except Exception as err:  # InvalidCxxCompiler, or whatever a broken compiler makes the probe raise
+        missing = _cpp_compiler_missing()
+        if missing:
             raise UserError(f"--compile needs a working C++ compiler on the CPU (g++, or the one the CXX variable "
-                            f"names), and none was found ({type(err).__name__}); install one or drop "
-                            f"--compile.") from None
+                            f"names), and none was found ({missing}); install one or drop --compile.")
     # Triton's own choice: the compiler CC names if it is set, else gcc, else clang.
     elif not (shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("gcc") or shutil.which("clang")):
         raise UserError("--compile needs a C compiler for Triton's kernel launchers (the one the CC variable names, "
                         "else gcc or clang), and none was found; install one or drop --compile.")
+
+
+@functools.cache
+def _cpp_compiler_missing() -> str:
+    """Why Inductor would find no C++ compiler ("" when it finds one). It probes the compiler (CXX, else g++),
+    tens of milliseconds, so a command that checks --compile twice (at start-up, then where it compiles) pays once."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # InvalidCxxCompiler, or whatever a broken compiler makes the probe raise
+        return type(err).__name__
+    return ""
 
 
 def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:

@@ -46,7 +46,7 @@ from classify.plots import bar_chart
 from classify.stage import SPEC as CLASSIFY, final_results, run_data, same_targets
 from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.cli import RunInterrupted
-from core.config import flat_fields, from_dict, to_dict
+from core.config import flat_fields, from_dict, option_name, to_dict
 from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock, check_own_folder
@@ -206,15 +206,19 @@ def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache
     return Sizes(real=real, multiple=k)
 
 
+def training_sets(args: argparse.Namespace, rows: list[Row]) -> dict[str, str]:
+    """The sets the runs train on, by the option that names each: --real, then --synthetic NAME per set."""
+    return {"--real": args.real, **{f"--synthetic {row.name}": row.dataset for row in rows
+                                    if row.synthetic and not row.extra and not row.pretrained_on}}
+
+
 def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig) -> None:
     """Decode every training set and the test images once, before any run trains, and check each set against
     the test images as its runs will: a damaged image, a bad params.csv, or other classes than --test's are
     refused now, not when the set's first run starts after the rows before it have trained."""
     data = config.data
     test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir)
-    sets = {"--real": args.real, **{f"--synthetic {row.name}": row.dataset for row in rows
-                                    if row.synthetic and not row.extra and not row.pretrained_on}}
-    for option, spec in sets.items():
+    for option, spec in training_sets(args, rows).items():
         same_targets(load_dataset(spec, data.resolution, cache_dir=data.cache_dir).info, test.info, "--test",
                      config.model.target, train_option=option)
 
@@ -315,7 +319,7 @@ class ReusedRuns:
             raise UserError(f"{run_dir} was trained on {was[key] or 'all'} images of {spec} but this request trains "
                             f"on {now[key] or 'all'} (--match-size, --synthetic-multiple); choose another --out, or repeat the request it "
                             f"was made with.")
-        option = "--" + key.split(".", 1)[1].replace("_", "-")
+        option = option_name(key)
         through = ("--fine-tune-lr, or the options after --" if row.pretrained_on and key == "train.lr" else
                    "--preset or the options after --")
         raise UserError(f"{run_dir} was trained with {option} {_shown(was[key])} but this request gives {option} "
@@ -427,9 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = args.out
     check_own_folder(out, TABLE_FILES, "--out")
-    check_output_outside(out, "--out", {"--real": args.real, "--test": args.test,
-                                        **{f"--synthetic {row.name}": row.dataset for row in rows
-                                           if row.synthetic and not row.extra and not row.pretrained_on}})
+    check_output_outside(out, "--out", {**training_sets(args, rows), "--test": args.test})
     with FolderLock(out):
         check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)

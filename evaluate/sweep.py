@@ -66,7 +66,7 @@ from core.speed import speed_up
 from data import check_output_outside, check_spec, load_dataset
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
-from data.writer import parse_binning
+from data.writer import REQUEST, parse_binning
 from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import Schedule
@@ -627,7 +627,7 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
 def check_write_best(args: argparse.Namespace, source: ImageSource, settings: Sequence[Setting]) -> None:
     """Refuse, before anything is drawn, a --write-best folder that holds a set no setting of this sweep would
     continue (it was refused only when the best setting came to be written, after the whole sweep)."""
-    if args.write_best is None:
+    if args.write_best is None or not (args.write_best / REQUEST).is_file():
         return
     found = []
     for setting in settings:

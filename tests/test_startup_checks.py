@@ -107,9 +107,18 @@ def no_compiler(*args, **kwargs):
     raise InvalidCxxCompiler()
 
 
+@pytest.fixture
+def fresh_compiler_probe():
+    """The probe's answer is kept for the process: forget it before and after a test that fakes it."""
+    from core.speed import _cpp_compiler_missing
+    _cpp_compiler_missing.cache_clear()
+    yield
+    _cpp_compiler_missing.cache_clear()
+
+
 @pytest.mark.parametrize("command", ["train", "sample", "fid"])
 def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path, folder, class_ckpt, monkeypatch,
-                                                                   capsys, command):
+                                                                   capsys, command, fresh_compiler_probe):
     import torch._inductor.cpp_builder
     import ddpm.stage
     import fid.__main__

@@ -39,22 +39,23 @@ def setup(device: str = "auto") -> Runtime:
     return Runtime(run_device, rank, world_size)
 
 
-def agree_on_signal(signum: int) -> int:
-    """The largest of every process's `signum` (0: none received), all-reduced on the host: each rank
-    stops after the same step even when a signal reached only some of them."""
-    value = torch.tensor([signum], dtype=torch.int64)
+def _largest(number: int) -> int:
+    """The largest of every process's `number`, all-reduced on the host group (no GPU synchronisation)."""
+    value = torch.tensor([number], dtype=torch.int64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
     return int(value)
 
 
+def agree_on_signal(signum: int) -> int:
+    """The largest of every process's `signum` (0: none received): each rank stops after the same step even
+    when a signal reached only some of them."""
+    return _largest(signum)
+
+
 def any_process(flag: bool, runtime: Runtime) -> bool:
-    """Whether `flag` holds in any process of the job (all-reduced on the host; `flag` itself without torchrun),
-    so that every process takes the same branch after a decision each made from what it sees."""
-    if not runtime.distributed:
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
-    return bool(value)
+    """Whether `flag` holds in any process of the job (`flag` itself without torchrun), so that every process
+    takes the same branch after a decision each made from what it sees."""
+    return bool(_largest(int(flag))) if runtime.distributed else flag
 
 
 @contextlib.contextmanager

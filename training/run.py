@@ -21,7 +21,8 @@ from core.errors import MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import add_config_arguments, apply_arguments, flat_fields, from_dict, given_arguments, to_dict
+from core.config import (add_config_arguments, apply_arguments, flat_fields, from_dict, given_arguments, option_name,
+                         to_dict)
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
@@ -82,17 +83,22 @@ def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
         except UserError:
             # A network whose image size the data decides (the autoencoder's `resolution`) checks its options
             # when built: judge them at the data's size (--resolution), not at the preset's, before refusing.
-            part = getattr(config, section.name)
-            if "resolution" not in section.skip or part.resolution == config.data.resolution:
+            part = _at_data_size(getattr(config, section.name), section, config.data.resolution)
+            if part is None:
                 raise
-            try:
-                at_data_size = dataclasses.replace(part, resolution=config.data.resolution)
-            except UserError:
-                at_data_size = None  # the preset's network does not fit that size either: the first error says why
-            if at_data_size is None:
-                raise
-            config = apply_arguments(dataclasses.replace(config, **{section.name: at_data_size}), args, section.name)
+            config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name)
     return config
+
+
+def _at_data_size(part: Any, section: Any, resolution: int) -> Any | None:
+    """The config section `part` at the data's image size, where the data decides its size and that differs
+    from the preset's; None otherwise, or where the preset's network does not fit that size either."""
+    if "resolution" not in section.skip or part.resolution == resolution:
+        return None
+    try:
+        return dataclasses.replace(part, resolution=resolution)
+    except UserError:
+        return None
 
 
 def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_config: Any) -> list[str]:
@@ -133,8 +139,8 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
-        datasets = {f"--{key.rsplit('.', 1)[-1].replace('_', '-')}": value
-                    for key, value in flat_fields(to_dict(config)).items() if key.endswith("dataset")}
+        datasets = {option_name(key): value for key, value in flat_fields(to_dict(config)).items()
+                    if key.endswith("dataset")}
         check_output_outside(run_dir, "--run-dir", datasets)
     if spec.check is not None:
         spec.check(config, saved)
