@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from core.cli import ReportedByAnotherProcess, die_with_the_launcher, launched_rank, launched_world_size
+from core.errors import UserError
 from core.runtime import Runtime, resolve_device
 
 
@@ -30,6 +32,8 @@ def setup(device: str = "auto") -> Runtime:
     else:
         run_device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        if _launcher_gone():  # joining would wait half an hour for a store no one serves
+            raise UserError("this worker's torchrun launcher ended before the job started; start the job again.")
         dist.init_process_group(backend)
     die_with_the_launcher(signal.SIGTERM)  # joined: from now on a dead launcher stops this worker after its step
     global _host_group
@@ -37,6 +41,21 @@ def setup(device: str = "auto") -> Runtime:
     # never synchronise the GPU; under gloo the default group already is one.
     _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Runtime(run_device, rank, world_size)
+
+
+def _launcher_gone() -> bool:
+    """Whether the store that torchrun's launcher serves (its agent's, which every worker joins) refuses us: it is
+    up before any worker starts, so a refusal means the launcher died, maybe before this worker could ask to die
+    with it (`cli.die_with_the_launcher`). False wherever that cannot be told (another launcher, another store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    try:
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+    return False
 
 
 def _largest(number: int) -> int:
