@@ -18,6 +18,7 @@ from classify.stage import SPEC as CLASSIFY
 from core.checkpoint import load_checkpoint
 from core.contract import StageSpec
 from core.errors import UserError
+from data import config_datasets
 from ddpm.source import ImageSource
 from ddpm.stage import SPEC as DDPM
 from invert.stage import SPEC as INVERT
@@ -43,4 +44,6 @@ def open_source(path: Path, device: torch.device, weights: str = "ema", option: 
     if spec.load_source is None:
         raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
                         f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")
-    return spec.load_source(payload, device, weights, path)
+    source = spec.load_source(payload, device, weights, path)
+    source.trained_on = {f"the model's {option}": spec for option, spec in config_datasets(payload.get("config", {})).items()}
+    return source

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from core.errors import MissingFileError, UserError
 from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
@@ -45,6 +46,19 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
                 where = "is" if output == folder else "lies inside"
                 raise UserError(f"{option} {output} {where} the image folder of {name} ({folder}), so what is "
                                 f"written there would be read as images of it; choose a {option} outside it.")
+
+
+def config_datasets(config: Mapping[str, Any]) -> dict[str, str]:
+    """The datasets a run's saved config names ("--dataset" -> spec, and so on for every `*dataset` field in
+    any section), for `check_output_outside` of a command that writes what such a run's model makes. A
+    relative folder is taken from the current directory, as the run's command presumably was."""
+    found = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            found.update(config_datasets(value))
+        elif key.endswith("dataset") and isinstance(value, str) and value:
+            found[f"--{key.replace('_', '-')}"] = value
+    return found
 
 
 def label_counts(spec: str) -> tuple[int, bool]:

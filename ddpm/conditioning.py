@@ -11,6 +11,7 @@ embeddings. Users speak in class names and in the data's own units; this module 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -87,6 +88,10 @@ def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "-
             raise UserError(f"{option} {item!r} must be a finite number.")
         if name in values:
             raise UserError(f"{option} gives {name} twice; give each parameter once.")
+        low, high = info.param_ranges[info.param_names.index(name)]
+        if not low <= value <= high:
+            warnings.warn(f"{option} {item!r} lies outside the range the model was trained on ({low:g} to {high:g}): "
+                          "its images there are an extrapolation.", stacklevel=2)
         values[name] = value
     return values
 

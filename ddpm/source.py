@@ -39,6 +39,9 @@ class ImageSource:
     default_guidance: float | None = None  # the guidance scale when none is given (None: SamplingConfig's)
     option_sections: tuple[str, ...] = ()  # sample.py option groups only this kind of source reads
     draws_requests = True                  # image k's condition is a class or parameters asked for (or none)
+    # The datasets the model learnt from (option -> spec, from its run's config; `stages.open_source` sets
+    # them): sample.py writes nothing inside those folders, where it would become training data.
+    trained_on: dict[str, str] = {}
 
     def __init__(self, model: DiffusionSampler):
         self.model = model

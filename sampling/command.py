@@ -22,6 +22,7 @@ from core.config import given_in, override
 from core.lock import FolderLock, OutputFolder, check_output_folder
 from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
 from core.speed import check_compile, check_cuda_graphs, speed_up
+from data import check_output_outside
 from ddpm.config import SamplingConfig
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
 from ddpm.source import ImageSource
@@ -100,10 +101,13 @@ def latest_checkpoint(generative: Collection[str], runs: Path = RUNS) -> Path:
                            f"train one (python train.py --stage ddpm) or pass --ckpt.")
 
 
-def output_dir(args: argparse.Namespace, sampling: SamplingConfig) -> Path:
+def output_dir(args: argparse.Namespace, sampling: SamplingConfig, check: bool = True) -> Path:
+    """The grid's folder: --out, or one named for the sampling under the checkpoint's run; `check`: refuse
+    one that holds another command's finished output (without --overwrite)."""
     mode = "-sweep" if args.sweep else "-interpolate" if args.interpolate else ""
     out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
-    check_output_folder(out, args.overwrite)
+    if check:
+        check_output_folder(out, args.overwrite)
     return out
 
 
@@ -128,6 +132,8 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
         sampling = dataclasses.replace(sampling, guidance_scale=source.default_guidance)
     sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
+    check_output_outside(args.dataset_out or output_dir(args, sampling, check=False),
+                         "--dataset-out" if args.dataset_out else "--out", source.trained_on)
     if args.dataset_out is not None:
         with FolderLock(args.dataset_out):  # two writers never share a folder
             draw_dataset(draw, args, source)

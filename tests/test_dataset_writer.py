@@ -153,6 +153,18 @@ def test_bad_dataset_options_are_refused_before_anything_is_written(class_ckpt, 
     assert not (tmp_path / "set").exists()
 
 
+def test_nothing_is_written_inside_the_models_own_training_images(class_ckpt):
+    import json
+    spec = json.loads((class_ckpt.parent / "config.json").read_text())["data"]["dataset"]
+    real = Path(spec.removeprefix("folder:"))
+    before = sorted(real.rglob("*"))
+    with pytest.raises(ValueError, match=r"--dataset-out .* lies inside the image folder of the model's --dataset"):
+        write(class_ckpt, real / "synthetic", "--per-class", "1")
+    with pytest.raises(ValueError, match=r"--out .* is the image folder of the model's --dataset"):
+        sample.main(["--ckpt", str(class_ckpt), "--out", str(real), "--device", "cpu", "--steps", "2", "--num", "1"])
+    assert sorted(real.rglob("*")) == before
+
+
 def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
     for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty"),
                           ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data")):

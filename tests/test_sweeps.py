@@ -126,3 +126,17 @@ def test_slerp_keeps_the_norm_of_gaussian_noise_and_hits_both_ends():
     cosines = [torch.dot(p.flatten(), a.flatten()) / (p.norm() * a.norm()) for p in path]
     angles = torch.arccos(torch.stack(cosines).clamp(-1, 1))
     assert torch.allclose(angles.diff(), angles[-1].expand(4) / 4, atol=1e-4)  # constant angular speed
+
+
+def test_a_parameter_outside_the_training_range_is_drawn_with_a_warning():
+    from data import DatasetInfo
+    from ddpm.conditioning import parse_param_values
+    info = DatasetInfo("p", 16, 3, (), ("wind", "heat"), ((-1.0, 1.0), (2.0, 5.0)), 10)
+    with pytest.warns(UserWarning, match=r"'heat=6'.*2 to 5.*extrapolation"):
+        assert parse_param_values(["wind=1", "heat=6"], info) == {"wind": 1.0, "heat": 6.0}
+    with pytest.warns(UserWarning, match="'wind=-1.5'"):
+        parse_param_values(["wind=-1.5"], info, option="--interpolate-to")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_param_values(["wind=-1", "heat=2"], info) == {"wind": -1.0, "heat": 2.0}  # the ends are inside

@@ -48,6 +48,12 @@ def trained_run(tmp_path_factory, image_folder) -> Path:
     return run_dir
 
 
+def test_a_run_of_zero_steps_saves_the_initial_weights_and_claims_no_loss(tmp_path, image_folder, capsys):
+    summary = train.main(tiny_args(tmp_path / "run", image_folder, steps=0))
+    assert summary["step"] == 0 and load_checkpoint(tmp_path / "run" / "checkpoint.pt", "ddpm")["step"] == 0
+    assert "Done (ddpm): step 0, loss none yet," in capsys.readouterr().out
+
+
 def test_run_directory_holds_config_checkpoint_metrics_and_grids(trained_run):
     assert {p.name for p in trained_run.iterdir()} >= {"config.json", "checkpoint.pt", "metrics.jsonl", "samples"}
     assert (trained_run / "samples" / "final.png").is_file()

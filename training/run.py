@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -222,7 +223,9 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                               num_workers=config.data.num_workers).run()
     if runtime.is_main:
         where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
-        print(f"Done ({spec.name}): step {summary['step']}, loss {summary['loss']:.4f}, {summary['seconds']:.0f} s. "
+        # No loss before a first step (--steps 0: the initial weights, their preview and checkpoint).
+        loss = "none yet" if math.isnan(summary["loss"]) else f"{summary['loss']:.4f}"
+        print(f"Done ({spec.name}): step {summary['step']}, loss {loss}, {summary['seconds']:.0f} s. "
               f"{where}Checkpoint: {summary['checkpoint']}", flush=True)
     return summary
 
