@@ -271,8 +271,11 @@ def distances(images: Measured, real: Measured, seed: int) -> dict[str, float]:
     a, b = images.features, real.features
     fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     size = min(KID_SUBSET_SIZE, a.shape[0], b.shape[0])
-    kid_mean, kid_std = kid(a, b, num_subsets=KID_SUBSETS, subset_size=size, seed=seed)
-    return {"fid": float(fid), "kid": kid_mean, "kid_std": kid_std, "kid_subset_size": size}
+    # Sets of one size up to 1000: every subset would be both whole sets, so KID is their one estimate, and
+    # a spread over subsets (then 0) would claim a certainty it does not have (fid/kid.py): none is given.
+    whole = size == a.shape[0] == b.shape[0]
+    kid_mean, kid_std = kid(a, b, num_subsets=1 if whole else KID_SUBSETS, subset_size=size, seed=seed)
+    return {"fid": float(fid), "kid": kid_mean, "kid_std": None if whole else kid_std, "kid_subset_size": size}
 
 
 def conditioning(dataset: ImageDataset, judge: Classifier, test: ImageDataset, batch_size: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
+from fid.kid import kid
 from evaluate import sweep
 from evaluate.sweep import Measured, Setting
 from helpers import COLOURS, RES, colour_folder
@@ -237,6 +238,11 @@ def test_distances_of_a_set_to_itself_are_zero_and_grow_with_a_shift():
     # KID (cubic kernel (x.y / d + 1)^3): two draws of one Gaussian are near 0, a shifted one far above.
     same = sweep.distances(Measured(y, {}), Measured(x, {}), seed=0)
     assert abs(same["kid"]) < 0.05 * shifted["kid"] and shifted["kid_subset_size"] == 300
+    # Equal sets under 1000 images: KID on both whole sets, with no spread (each subset would be them);
+    # a larger second set gives subsets that differ, and their spread.
+    assert same["kid"] == pytest.approx(kid(y, x, num_subsets=1, subset_size=300)[0]) and same["kid_std"] is None
+    larger = sweep.distances(Measured(y, {}), Measured(rng.normal(size=(400, 4)), {}), seed=0)
+    assert larger["kid_subset_size"] == 300 and larger["kid_std"] > 0
 
 
 def test_paper_orderings_are_read_off_the_fids():
