@@ -60,7 +60,7 @@ def eps_model(net: UNet, schedule: Schedule, prediction: str, *, cond: Tensor | 
     in the conditioning space (inversion guides against the mean of its learned embeddings)."""
     device = next(net.parameters()).device
 
-    def predict(x: Tensor, t: Tensor, reference_mask: Tensor | None) -> Tensor:
+    def predict(x: Tensor, t: Tensor, reference_mask: Tensor | None, float64: bool = False) -> Tensor:
         # Guidance evaluates conditional and reference halves in one batch of 2B: repeat the
         # condition to match.
         c = None if cond is None else cond.repeat(x.shape[0] // cond.shape[0], *([1] * (cond.dim() - 1)))
@@ -71,11 +71,14 @@ def eps_model(net: UNet, schedule: Schedule, prediction: str, *, cond: Tensor | 
             e, c, null_mask = torch.where(reference_mask[:, None], reference.to(own.dtype), own), None, None
         with autocast(device, amp_dtype):
             out = net(x, t, c, null_mask=null_mask, cond_emb=e)
+        if float64 and prediction != "eps":  # near pure noise, where float32 would lose a v or x0 output in eps
+            return schedule.to_eps(x.double(), t, out.double(), prediction)
         return schedule.to_eps(x, t, out.float(), prediction)
 
     if net.config.cond == "none":
         assert reference is None, "an unconditional model has no condition to guide against"
-        return lambda x, t: predict(x, t, None)
+        # Scale 1 with the mask ignored: one call per step, and a `GuidedModel`, so eps can come in float64.
+        return classifier_free_guidance(lambda x, t, _mask, float64=False: predict(x, t, None, float64), 1.0)
     return classifier_free_guidance(predict, guidance_scale)
 
 

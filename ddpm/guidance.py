@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -13,7 +14,8 @@ from ddpm.samplers import GuidedEps, GuidedModel
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_ref + scale * (eps_cond - eps_ref).
 
-    `model_fn(x, t, reference_mask)` returns eps, conditioned on each sample's own condition where the
+    `model_fn(x, t, reference_mask)` returns eps (`model_fn(..., float64=True)`: in float64, asked for only
+    by `guided_eps(..., float64=True)`), conditioned on each sample's own condition where the
     bool (B,) `reference_mask` is False and on the reference condition where it is True. The
     reference is the null (unconditional) embedding in the paper; diffusion inversion guides against
     another one, the mean of its learned embeddings (Zhou et al. 2023), with the same formula.
@@ -34,16 +36,18 @@ class ClassifierFreeGuidance:
         eps = self.guided_eps(x, t)
         return eps.combined() if isinstance(eps, GuidedEps) else eps
 
-    def guided_eps(self, x: Tensor, t: Tensor) -> Tensor | GuidedEps:
-        """The halves (eps_cond, eps_ref) to combine, or the one eps that scale 1 or 0 needs."""
+    def guided_eps(self, x: Tensor, t: Tensor, float64: bool = False) -> Tensor | GuidedEps:
+        """The halves (eps_cond, eps_ref) to combine, or the one eps that scale 1 or 0 needs; with float64,
+        `model_fn` is called with float64=True (for eps in float64 near pure noise: `ddpm.samplers`)."""
         b = x.shape[0]
         assert t.shape == (b,), f"t must have shape ({b},), got {tuple(t.shape)}"
+        model_fn = functools.partial(self.model_fn, float64=True) if float64 else self.model_fn
         if self.scale == 1:
-            return self.model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
+            return model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
         if self.scale == 0:
-            return self.model_fn(x, t, torch.ones(b, dtype=torch.bool, device=x.device))
+            return model_fn(x, t, torch.ones(b, dtype=torch.bool, device=x.device))
         reference_mask = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        eps = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), reference_mask)
+        eps = model_fn(torch.cat([x, x]), torch.cat([t, t]), reference_mask)
         assert eps.shape == (2 * b, *x.shape[1:]), f"model_fn returned {tuple(eps.shape)} for a batch of {2 * b}"
         eps_cond, eps_ref = eps.chunk(2)
         return GuidedEps(eps_cond, eps_ref, self.scale)

@@ -11,6 +11,13 @@ Each step is the model call plus one `kernels.sampler_step` (a fused kernel on G
 prediction, its clipping and the update in one pass. A `GuidedModel` (classifier-free guidance) hands
 the step its conditional and reference eps instead of their combination, so that the guidance is
 fused into the same pass; any other callable works as it is.
+
+Near pure noise a v or x0 network's eps is nearly x_t itself: at abar = 2.4e-9 (the cosine schedule's
+t = T - 1) eps = sqrt(1 - abar) x_t + sqrt(abar) v holds v in its last 5e-5, and rebuilding x0 =
+sqrt(1 / abar) x_t - sqrt(1 / abar - 1) eps multiplies the float32 rounding of eps by 20,000 (x0 off
+by 7e-3). So where abar < `EXACT_EPS_MAX_ABAR`, the samplers ask a `GuidedModel` for eps in float64
+(`ddpm.generate.eps_model` converts the network's output in float64 there), and that step runs in
+float64; every other step is float32 (or the network's dtype) as before.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class GuidedModel(Protocol):
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
 
-    def guided_eps(self, x: Tensor, t: Tensor) -> Tensor | GuidedEps: ...
+    def guided_eps(self, x: Tensor, t: Tensor, float64: bool = False) -> Tensor | GuidedEps:
+        """eps (or its halves) at (x, t); with float64, in float64, converted from the network's output there."""
 
 
 def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
@@ -111,9 +119,18 @@ def _start(x: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int]) -> 
     return check_timesteps(timesteps, schedule.num_timesteps)
 
 
-def _predict(model: Model, x: Tensor, t: Tensor) -> Tensor | GuidedEps:
-    """The model's eps at (x, t); a `GuidedModel` keeps its halves apart, for `_step` to combine."""
-    eps = model.guided_eps(x, t) if isinstance(model, GuidedModel) else model(x, t)
+# Below this abar, a `GuidedModel`'s eps is asked for in float64 (see the module docstring); at 1e-4 the
+# float32 error of x0 rebuilt from eps is about 100 x 6e-8.
+EXACT_EPS_MAX_ABAR = 1e-4
+
+
+def _predict(model: Model, x: Tensor, t: Tensor, abar: float) -> Tensor | GuidedEps:
+    """The model's eps at (x, t), where t's noise level is `abar`; a `GuidedModel` keeps its halves apart, for
+    `_step` to combine, and gives them in float64 below `EXACT_EPS_MAX_ABAR`."""
+    if isinstance(model, GuidedModel):
+        eps = model.guided_eps(x, t, float64=True) if abar < EXACT_EPS_MAX_ABAR else model.guided_eps(x, t)
+    else:
+        eps = model(x, t)
     shape = eps.cond.shape if isinstance(eps, GuidedEps) else eps.shape
     assert shape == x.shape, f"model output {tuple(shape)} must match x {tuple(x.shape)}"
     return eps
@@ -153,6 +170,7 @@ def ddpm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     ts = _start(x, schedule, timesteps)
     noise = noise or (lambda: torch.randn_like(x))
     chain = schedule.respaced(ts)
+    abar = schedule.alphas_cumprod.tolist()
     predict_x0 = _x0_coefficients(schedule, ts)
     coef1, coef2 = chain.posterior_mean_coef1.tolist(), chain.posterior_mean_coef2.tolist()
     log_variance = (chain.betas.log() if variance == "large" else chain.posterior_log_variance_clipped).tolist()
@@ -163,7 +181,8 @@ def ddpm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         # image adds no noise (Algorithm 2, line 3 with z = 0).
         sigma = math.exp(0.5 * log_variance[i]) if i > 0 else 0.0
         update = Update(*predict_x0[i], x=coef2[i], x0=coef1[i], sigma=sigma)
-        x_prev, x0, _ = _step(x, _predict(model, x, t), update, clip_x0=clip_x0, noise=noise() if i > 0 else None,
+        x_prev, x0, _ = _step(x, _predict(model, x, t, abar[ts[i]]), update, clip_x0=clip_x0,
+                              noise=noise() if i > 0 else None,
                               return_x0=callback is not None)
         if callback is not None:
             callback(step, ts[i], x, x0)
@@ -191,7 +210,8 @@ def ddim_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         # Predict eps and the x0 it implies (eq. 12, "predicted x0"), then
         # eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
         update = Update(*predict_x0[i], x0=math.sqrt(a_prev), eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
-        x_prev, x0, _ = _step(x, _predict(model, x, t), update, clip_x0=clip_x0, noise=noise() if sigma > 0 else None,
+        x_prev, x0, _ = _step(x, _predict(model, x, t, a_t), update, clip_x0=clip_x0,
+                              noise=noise() if sigma > 0 else None,
                               return_x0=callback is not None)
         if callback is not None:
             callback(step, ts[i], x, x0)
@@ -241,7 +261,9 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     for step, i in enumerate(reversed(range(len(ts)))):
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
-        e_1 = _predict(model, x, t)
+        # Every eps of a step is taken in float64 where the step starts near pure noise: the transfer
+        # multiplies them by 1 / sqrt(a_t) (see `_predict`).
+        e_1 = _predict(model, x, t, a_t)
         if step == 0 and a_t < MIXED_STEP_MIN_ABAR:
             x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], clip_x0=clip_x0,
                                         return_x0=callback is not None)  # from pure noise: a DDIM step
@@ -250,9 +272,9 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
             t_mid = (ts[i] + ts[i - 1]) // 2
             a_mid = abar[t_mid]
             x_2, _, e_1 = _transfer(x, e_1, a_t, a_mid, predict_x0[i])
-            x_3, _, e_2 = _transfer(x, _predict(model, x_2, _batch_t(t_mid, x)), a_t, a_mid, predict_x0[i])
-            x_4, _, e_3 = _transfer(x, _predict(model, x_3, _batch_t(t_mid, x)), a_t, a_next, predict_x0[i])
-            e_4 = _predict(model, x_4, _batch_t(ts[i - 1], x))
+            x_3, _, e_2 = _transfer(x, _predict(model, x_2, _batch_t(t_mid, x), a_t), a_t, a_mid, predict_x0[i])
+            x_4, _, e_3 = _transfer(x, _predict(model, x_3, _batch_t(t_mid, x), a_t), a_t, a_next, predict_x0[i])
+            e_4 = _predict(model, x_4, _batch_t(ts[i - 1], x), a_t)
             # Transfer x along e' = (e_1 + 2 e_2 + 2 e_3 + e_4) / 6 (the weights of e_4, then of e_1, e_2, e_3).
             x_next, x0, _ = _transfer(x, e_4, a_t, a_next, predict_x0[i], weights=(1 / 6, 1 / 6, 2 / 6, 2 / 6),
                                       history=(e_1, e_2, e_3), clip_x0=clip_x0, return_x0=callback is not None)
@@ -289,7 +311,7 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
     for step, i in enumerate(reversed(range(len(ts)))):
         t = _batch_t(ts[i], x)
         a_t, a_next = abar[ts[i]], (abar[ts[i - 1]] if i > 0 else 1.0)
-        e_1 = _predict(model, x, t)
+        e_1 = _predict(model, x, t, a_t)  # in float64 where the step starts near pure noise, as in pndm_sample
         if step == 0 and a_t < MIXED_STEP_MIN_ABAR:
             x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], clip_x0=clip_x0,
                                         return_x0=callback is not None)  # from pure noise: a DDIM step
@@ -297,7 +319,7 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
             # Pseudo improved Euler (Heun): transfer x along the average of eps at the start, e_1, and at the
             # transferred end of the step, e_2.
             x_2, _, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i])
-            e_2 = _predict(model, x_2, _batch_t(ts[i - 1], x))
+            e_2 = _predict(model, x_2, _batch_t(ts[i - 1], x), a_t)
             x_next, x0, _ = _transfer(x, e_2, a_t, a_next, predict_x0[i], weights=(1 / 2, 1 / 2), history=(e_1,),
                                       clip_x0=clip_x0, return_x0=callback is not None)
         else:

@@ -102,8 +102,16 @@ def sampler_step_reference(x: Tensor, eps: Tensor, update: Update, *, eps_ref: T
                            guidance_scale: float = 1.0, history: Sequence[Tensor] = (), clip_x0: bool = False,
                            noise: Tensor | None = None, return_x0: bool = True, return_eps: bool = True) -> Step:
     """`sampler_step` in PyTorch ops: the ones the samplers called before the fusion (terms with a zero
-    coefficient skipped, products folded into `add`'s alpha), so no slower."""
+    coefficient skipped, products folded into `add`'s alpha), so no slower.
+
+    Where eps (or its reference half, or a history entry) is float64 and x is not, the step runs in float64
+    (an exact eps near pure noise: `ddpm.samplers.EXACT_EPS_MAX_ABAR`) and writes x_prev and x0 in x's dtype."""
     _check(x, eps, update, eps_ref, history, noise)
+    if x.dtype != torch.float64 and any(t is not None and t.dtype == torch.float64 for t in (eps, eps_ref, *history)):
+        x_prev, x0, eps = sampler_step_reference(x.double(), eps, update, eps_ref=eps_ref, guidance_scale=guidance_scale,
+                                                 history=history, clip_x0=clip_x0, noise=noise, return_x0=return_x0,
+                                                 return_eps=return_eps)
+        return Step(x_prev.to(x.dtype), None if x0 is None else x0.to(x.dtype), eps)
     if eps_ref is not None:
         eps = eps_ref + guidance_scale * (eps - eps_ref)
     combined = eps

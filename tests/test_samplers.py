@@ -319,3 +319,55 @@ def test_samplers_follow_diffusers_schedulers_step_for_step(name, steps, spacing
         extra = {"generator": draws} if name == "ddpm" else {}
         y = theirs.step(eps(y, t.repeat(len(y))), t, y, **extra).prev_sample
     assert (ours - y).abs().max() <= 2e-5 * y.abs().max()
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("name", ["ddim", "pndm", "spndm", "ddpm"])
+def test_v_and_x0_models_sample_in_float32_as_in_float64_even_from_pure_noise(name, prediction):
+    # Trailing spacing under the cosine schedule starts at abar = 2.4e-9, where eps = sqrt(1 - abar) x_t +
+    # sqrt(abar) v holds v in its last 5e-5: in float32 that step alone put x0 off by up to 7e-3 and the
+    # final sample off by 5e-4. A GuidedModel gives eps in float64 there, and the step runs in float64.
+    schedule = Schedule(make_betas("cosine", T))
+
+    def net(x, t):  # a smooth stand-in for a network's v or x0 output
+        return 0.9 * torch.tanh(0.7 * x + t.to(x.dtype).view(-1, 1, 1, 1) / T) + 0.1 * torch.sin(3 * x)
+
+    def model_fn(x, t, mask, float64=False):
+        out = net(x, t)
+        return schedule.to_eps(x.double(), t, out.double(), prediction) if float64 else schedule.to_eps(x, t, out, prediction)
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    z = torch.randn(12, *x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+    def run(dtype, model):
+        draws = iter(z.to(dtype))
+        return SAMPLERS[name](model, x.to(dtype), schedule, make_timesteps(T, 10, "trailing"),
+                              noise=lambda: next(draws)).double()
+
+    exact = run(F64, classifier_free_guidance(model_fn, 1.0))
+    error = (run(torch.float32, classifier_free_guidance(model_fn, 1.0)) - exact).abs().max()
+    # A plain callable gives float32 eps: the error the float64 step removes (so this test can fail).
+    rounded = (run(torch.float32, lambda x, t: model_fn(x, t, None)) - exact).abs().max()
+    assert error < 3e-6 and rounded > 30 * error
+
+
+def test_eps_model_converts_v_in_float64_when_asked():
+    from ddpm.generate import eps_model
+    from ddpm.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mult=(1,), num_res_blocks=1,
+                          attention_resolutions=())).eval()
+    for p in net.parameters():  # away from the zero-initialised output
+        p.data += 0.05 * torch.randn_like(p)
+    schedule = Schedule.from_name("cosine", T)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([999, 999])
+    with torch.no_grad():
+        v = net(x, t).double()
+        model = eps_model(net, schedule, "v")
+        precise, rounded = model.guided_eps(x, t, float64=True), model.guided_eps(x, t)
+        assert precise.dtype == F64 and rounded.dtype == torch.float32
+        torch.testing.assert_close(precise, schedule.to_eps(x.double(), t, v, "v"), rtol=0, atol=1e-12)
+        # x0 from it is v's own x0; from the float32 eps, off by far more.
+        rebuilt = schedule.x0_from_eps(x.double(), t, precise)
+        assert (rebuilt - schedule.x0_from_v(x.double(), t, v)).abs().max() < 1e-9
+        assert (schedule.x0_from_eps(x.double(), t, rounded.double()) - rebuilt).abs().max() > 1e-4
