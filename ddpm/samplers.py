@@ -72,7 +72,9 @@ def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
                  timestep, where x_T ~ N(0, I) is what the model was trained on. Under the cosine schedule
                  abar at T - T/S is 0.024 for S = 10, so uniform spacing hands the model pure noise where it
                  expects 16% of the image's amplitude; a deterministic sampler (DDIM, PNDM) never
-                 corrects that first error, and few-step samples come out hazy.
+                 corrects that first error, and few-step samples come out hazy. Exact halves round to even
+                 ((i + 1) T / S is computed exactly); diffusers' np.arange(T, 0, -T / S) accumulates float error
+                 and can round them either way, one timestep apart (S = 48: 187 here, 186 there, for 186.5).
     "quadratic": t_i = floor(linspace(0, sqrt(0.8 T), S)_i ** 2), DDIM's spacing that crowds steps near
                  t = 0. For large S the first squares round to the same integer; each repeat is moved up
                  by one so that every step is distinct (DDIM's code would visit such a timestep twice).
