@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> Path:
                    "resolution": args.resolution, "param_names": list(info.param_names),
                    "classes": binning.describe() if binning else list(info.class_names),
                    **({"seed": args.seed} if args.seed else {})}  # (folders written before --seed existed: 0)
-        writer = DatasetWriter(args.out, request)
-        writer.open()
         items = []
         for k in range(len(dataset)):
             params = {name: float(v) for name, v in zip(info.param_names, dataset.params[k])}
@@ -85,6 +83,8 @@ def main(argv: list[str] | None = None) -> Path:
             if dataset.seeds is not None:
                 record["seed"] = int(dataset.seeds[k])
             items.append(Item(k, folder, params, record))
+        writer = DatasetWriter(args.out, request)
+        writer.open(items)
         pending = writer.pending(items)
         for start in tqdm(range(0, len(pending), BATCH), desc=f"Exporting {len(pending)} images", unit="batch"):
             part = pending[start:start + BATCH]

@@ -140,8 +140,14 @@ class DatasetWriter:
         self.root, self.request, self.about = Path(root), _normal(request), _normal(about or {})
         self.rows: dict[int, dict[str, Any]] = {}
 
-    def open(self) -> int:
-        """Check that `root` is empty or holds a set made by the same request; returns the images it has."""
+    def open(self, items: Sequence[Item]) -> int:
+        """Check that `root` is empty or holds a set made by the same request, and that no class folder of
+        `items` (what the request will write) takes the name of one of the set's own files; returns the
+        images `root` has."""
+        reserved = sorted({item.folder for item in items} & {MANIFEST, PARAMS, REQUEST})
+        if reserved:
+            raise UserError(f"A class named {reserved[0]!r} would be a folder where the set's own {reserved[0]} "
+                            f"belongs; rename that class folder of the data the classes come from.")
         if self.root.exists() and not self.root.is_dir():
             raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
         made_by = self.root / REQUEST

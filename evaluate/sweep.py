@@ -503,7 +503,7 @@ def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[
         source.check(request)
         draw = Drawer(source.model, setting.sampling(), amp, args.batch_size)
         plan, writer = dataset_writer(draw, request, source)
-        writer.open()
+        writer.open(plan.items)
         if not all(item.index in writer.rows and (writer.root / item.file).is_file() for item in plan.items):
             unfinished.append((setting.name, draw, plan, writer))
     for name, draw, plan, writer in unfinished:

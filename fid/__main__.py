@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="two image folders or .npz statistics files; with --save-stats: FOLDER OUT.npz")
     parser.add_argument("--save-stats", action="store_true",
                         help="save the statistics of the first PATH (a folder) to the second PATH instead")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --save-stats: replace an existing OUT.npz (without it, one is never replaced)")
     parser.add_argument("--files", choices=FILE_SELECTIONS, default="pytorch-fid",
                         help="which files of a folder to read: pytorch-fid's selection (top-level *.bmp, jpeg, jpg, "
                              "pgm, png, ppm, tif, tiff, webp, lower-case) or all (subfolders too, any case, .gif)")
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_kid_options(args)
+    if args.overwrite and not args.save_stats:
+        raise UserError("--overwrite applies to --save-stats only (nothing else is written); drop it.")
+    if args.save_stats and Path(args.paths[1]).is_file() and not args.overwrite:
+        raise UserError(f"{args.paths[1]} already exists; pass --overwrite to replace it, or choose another name.")
     common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
                   num_workers=args.num_workers, files=args.files, compile=args.compile, features=args.features)
     if args.features is not None:

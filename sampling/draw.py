@@ -133,7 +133,7 @@ def dataset_writer(draw: Drawer, args: argparse.Namespace, source: ImageSource) 
 def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> None:
     """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
     plan, writer = dataset_writer(draw, args, source)
-    writer.open()
+    writer.open(plan.items)
     fill_dataset(draw, plan, writer)
 
 

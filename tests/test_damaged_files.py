@@ -280,7 +280,7 @@ def written_set(root: Path) -> DatasetWriter:
     request = {"seed": 0, "param_names": ["wind"]}
     items = [Item(k, "", params={"wind": k / 4}, record={"seed": k}) for k in range(4)]
     writer = DatasetWriter(root, request)
-    writer.open()
+    writer.open(items)
     writer.write(items, torch.zeros(4, 3, 8, 8), every_item=items)
     return DatasetWriter(root, request), items
 
@@ -310,7 +310,7 @@ def test_a_damaged_dataset_description_or_manifest_is_refused_naming_the_file(tm
     writer, _ = written_set(tmp_path / "set")
     (tmp_path / "set" / file).write_bytes(text)
     with pytest.raises(UserError) as caught:
-        writer.open()
+        writer.open([])
     assert message in str(caught.value) and str(tmp_path / "set" / file) in str(caught.value)
 
 
@@ -320,9 +320,9 @@ def test_the_advice_for_a_damaged_manifest_works_deleting_it_and_rerunning_rebui
     intact = manifest.read_text()
     manifest.write_text("index,file\nzero,x.png\n")
     with pytest.raises(UserError, match="delete manifest.csv and run the same command again"):
-        writer.open()
+        writer.open(items)
     manifest.unlink()
-    writer.open()  # the same command again: nothing pending, the tables brought up to date
+    writer.open(items)  # the same command again: nothing pending, the tables brought up to date
     writer.write([], torch.zeros(0, 3, 8, 8), every_item=items)
     assert manifest.read_text() == intact
 

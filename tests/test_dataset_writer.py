@@ -5,6 +5,7 @@ reproducible image by image, resumable after an interruption, and never mixed wi
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,17 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
         parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
 
 
+@pytest.mark.parametrize("reserved", ["manifest.csv", "dataset.json", "params.csv"])
+def test_a_class_named_like_a_file_of_the_set_is_refused_before_anything_is_written(tmp_path, reserved):
+    source = tmp_path / "source"
+    for name in (reserved, "other"):
+        (source / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(source / name / "a.png")
+    with pytest.raises(ValueError, match=f"A class named '{re.escape(reserved)}' would be a folder where"):
+        export.main([f"folder:{source}", str(tmp_path / "out"), "--resolution", str(RES)])
+    assert not [p for p in (tmp_path / "out").rglob("*") if not p.name.startswith(".")]
+
+
 def test_a_smaller_count_keeps_the_larger_set_and_says_so(class_ckpt, tmp_path, capsys):
     out = write(class_ckpt, tmp_path / "set", "--per-class", "2")
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -262,8 +274,8 @@ def test_parameters_named_like_manifest_columns_overwrite_none_of_them(tmp_path)
 
     def write_items(n):
         writer = DatasetWriter(tmp_path / "set", request)
-        writer.open()
         wanted = items(n)
+        writer.open(wanted)
         pending = writer.pending(wanted)
         writer.write(pending, torch.zeros(len(pending), 3, RES, RES), every_item=wanted)
 

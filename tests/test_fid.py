@@ -891,6 +891,10 @@ def test_cli_end_to_end_with_folders_and_saved_statistics(tmp_path, capsys, extr
     from fid.features import NETWORK, weights_fingerprint
     assert load_statistics(stats).provenance == Provenance(NETWORK, weights_fingerprint(extractor.model),
                                                            "pytorch-fid", 2)
+    assert cli_main(["--save-stats", b, stats, *options]) == 1 and "already exists" in capsys.readouterr().err
+    assert cli_main(["--save-stats", b, stats, *options, "--overwrite"]) == 0
+    np.testing.assert_allclose(load_statistics(stats).mu, f_b.mean(0), rtol=1e-6)
+    assert cli_main(["--save-stats", a, stats, *options, "--overwrite"]) == 0
     capsys.readouterr()
     assert cli_main([stats, b, *options]) == 0
     out = capsys.readouterr().out
@@ -1016,6 +1020,8 @@ def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, c
     ("statistics name without .npz", r"Statistics files are \.npz files but \S*statsnoext does not end in \.npz; "
                                      r"name it \S*out/statsnoext\.npz\.$"),
     ("statistics name in upper case", r"\S*s\.NPZ does not end in \.npz; name it \S*out/s\.npz\.$"),
+    ("statistics file that exists", r"\S*kept\.npz already exists; pass --overwrite to replace it"),
+    ("--overwrite without --save-stats", r"--overwrite applies to --save-stats only"),
 ])
 def test_cli_refuses_bad_input_before_building_the_network_or_writing(case, match, tmp_path, capsys, monkeypatch):
     def refuse(weights):
@@ -1025,6 +1031,7 @@ def test_cli_refuses_bad_input_before_building_the_network_or_writing(case, matc
     for i in range(3):
         _write(tmp_path / "a", f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)))
     _write(tmp_path / "one", "0.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "kept.npz").write_bytes(b"statistics saved earlier")
     a, one, out = str(tmp_path / "a"), str(tmp_path / "one"), tmp_path / "out"
     options = ["--weights", "random", "--device", "cpu", "--num-workers", "0"]
     argv = {
@@ -1036,11 +1043,13 @@ def test_cli_refuses_bad_input_before_building_the_network_or_writing(case, matc
         "no KID subsets": [a, a, *options, "--kid-subsets", "0"],
         "statistics name without .npz": ["--save-stats", a, str(out / "statsnoext"), *options],
         "statistics name in upper case": ["--save-stats", a, str(out / "s.NPZ"), *options],
+        "statistics file that exists": ["--save-stats", a, str(tmp_path / "kept.npz"), *options],
+        "--overwrite without --save-stats": [a, a, *options, "--overwrite"],
     }[case]
-    before = sorted(tmp_path.rglob("*"))
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     assert cli_main(argv) == 1
     assert re.search(match, _one_sentence_error(capsys))
-    assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output's folder
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before  # nothing written
 
 
 def test_one_image_folder_and_statistics_name_without_npz_are_refused_in_python_too(tmp_path, monkeypatch):
