@@ -101,6 +101,8 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
                             f"and {column}; give each column its own name.")
 
     largest = torch.finfo(torch.float32).max
+    keys = [nfc(file.relative_to(root).as_posix()) for file in files]  # files are opened by their real names
+    present = set(keys)
     table: dict[str, tuple[int, list[float]]] = {}
     for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
@@ -120,13 +122,16 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
             raise UserError(f"{csv_path} line {line} ({row[0]}) has a parameter beyond float32's range "
                             f"(+-{largest:.3g}); rescale that parameter.")
         # One spelling per image: "./a.png", "a.png" and a Windows "sub\a.png" all name the same file.
-        # NFC, as the file keys below: a name typed on one system matches the same name stored by macOS (NFD).
-        key = nfc(Path(row[0].strip().replace("\\", "/")).as_posix())
+        # NFC, as the file keys: a name typed on one system matches the same name stored by macOS (NFD).
+        # Spaces around the cell are dropped ("a.png , 1"), unless the cell as written names an image: a
+        # folder or file whose name starts with a space is matched by its exact (quoted) path.
+        key = nfc(Path(row[0].replace("\\", "/")).as_posix())
+        if key not in present:
+            key = nfc(Path(row[0].strip().replace("\\", "/")).as_posix())
         if key in table:
             raise UserError(f"{csv_path} lines {table[key][0]} and {line} both give parameters for {key}; keep one of them.")
         table[key] = (line, values)
 
-    keys = [nfc(file.relative_to(root).as_posix()) for file in files]  # files are opened by their real names
     if len(set(keys)) < len(keys):
         seen: set[str] = set()
         twin = next(key for key in keys if key in seen or seen.add(key))
@@ -135,7 +140,6 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
     for key in keys:
         if key not in table:
             raise UserError(f"{csv_path} has no row for image {key}; add one (path relative to {root}).")
-    present = set(keys)
     unused = sorted(line for key, (line, _) in table.items() if key not in present)
     if unused:
         warnings.warn(f"{csv_path} has {len(unused)} row(s) for images that are not in {root} (lines "

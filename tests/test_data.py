@@ -613,6 +613,17 @@ def test_folder_params_csv_accepts_bom_blank_rows_and_other_spellings_and_warns_
     assert ds.info.param_ranges == ((1.0, 2.0),)  # the row for the missing image counts nowhere
 
 
+def test_folder_params_csv_matches_a_name_that_starts_with_a_space_by_its_exact_path(tmp_path):
+    _save(tmp_path / " lead" / "a.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "x" / " b.png", Image.new("RGB", (20, 20)))
+    _save(tmp_path / "x" / "c.png", Image.new("RGB", (20, 20)))
+    # Quoted cells keep their spaces; an unquoted padded cell (" x/c.png ") is still trimmed.
+    (tmp_path / "params.csv").write_text('path,v\n" lead/a.png",1\n"x/ b.png",2\n x/c.png ,3\n')
+    ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.class_names == (" lead", "x") and sorted(ds.params.flatten().tolist()) == [1.0, 2.0, 3.0]
+    assert ds.params[ds.labels == 0].tolist() == [[1.0]]
+
+
 def test_folder_ignores_hidden_files_and_folders(tmp_path):
     _save(tmp_path / "cats" / "a.png", Image.new("RGB", (20, 20)))
     _save(tmp_path / "dogs" / "b.png", Image.new("RGB", (20, 20)))
