@@ -126,6 +126,13 @@ class ImageDataset(torch.utils.data.Dataset):
         files = None if self.files is None else tuple(self.files[int(i)] for i in indices)
         return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds, files)
 
+    def with_channels(self, channels: int) -> ImageDataset:
+        """These items with `channels` channels (see `to_channels`): grey replicated to RGB, or RGB as luma."""
+        if channels == self.info.channels:
+            return self
+        info = DatasetInfo(**{**self.info.to_dict(), "channels": channels})
+        return ImageDataset(to_channels(self.images, channels), self.labels, self.params, info, self.seeds, self.files)
+
     def __getitem__(self, i: int) -> Batch:
         return Batch(from_uint8(self.images[i]), self.labels[i], self.params[i], torch.tensor(i))
 

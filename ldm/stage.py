@@ -74,7 +74,7 @@ def latent_description(autoencoder: AutoencoderConfig, size: int) -> str:
 def fit_unet_to_latents(config: LDMConfig, info: DatasetInfo, autoencoder: AutoencoderKL) -> LDMConfig:
     """The U-Net config for this autoencoder's latents of this data, or one sentence on why they do not fit."""
     ae = autoencoder.config
-    if ae.in_channels != info.channels:
+    if ae.in_channels != info.channels:  # (grey data for an RGB autoencoder was made RGB by `build`)
         raise UserError(f"The autoencoder encodes {ae.in_channels}-channel images but {info.name} has {info.channels} "
                         f"channels; use an autoencoder trained on this kind of image.")
     size = latent_size(ae, info.resolution)
@@ -93,6 +93,11 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     autoencoder, recorded_scale, fingerprint = load_autoencoder(vae_payload, device, source)
 
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    if dataset.info.channels == 1 and autoencoder.config.in_channels == 3:
+        dataset = dataset.with_channels(3)  # grey images are RGB ones with equal channels: an RGB autoencoder takes them
+        if runtime.is_main:
+            print(f"Note: {data.dataset} is greyscale and the autoencoder takes RGB images; each image is given to it "
+                  f"as RGB with three equal channels, and the model draws such images.", flush=True)
     info = dataset.info
     config = fit_unet_to_latents(config, info, autoencoder)
     latents = latent_dataset(autoencoder, fingerprint, dataset, hflip=data.hflip, cache_dir=data.cache_dir,

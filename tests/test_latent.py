@@ -305,6 +305,22 @@ def test_a_tiny_latent_model_overfits_a_few_images(tmp_path, cache, vae_run):
     assert history[-1] < 0.35 * history[0], history
 
 
+def test_greyscale_images_train_a_latent_model_through_an_rgb_autoencoder(tmp_path, cache, vae_run, capsys):
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 255, (RES, RES), dtype=np.uint8), mode="L").save(grey / f"{k}.png")
+    run_dir = tmp_path / "run"
+    train.main(ldm_args(run_dir, cache, vae_run / "checkpoint.pt", 1, "--dataset", f"folder:{grey}",
+                        "--num-samples", "0", "--cond", "none"))
+    assert "is greyscale and the autoencoder takes RGB images" in capsys.readouterr().out
+    payload = load_checkpoint(run_dir / "checkpoint.pt", "ldm")
+    assert payload["data_info"]["channels"] == 3 and payload["data_info"]["num_samples"] == 6
+    rgb = load_dataset(f"folder:{grey}", RES, channels=3)  # what the autoencoder was given: each grey pixel thrice
+    assert payload["data_info"]["fingerprint"] == rgb.fingerprint()
+
+
 def test_ldm_refuses_bad_autoencoders_and_writes_nothing(tmp_path, cache, vae_run, ldm_run):
     run_dir = tmp_path / "never"
     corrupt = tmp_path / "corrupt.pt"
