@@ -30,7 +30,8 @@ from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError
 from core.runtime import Runtime, read_metrics
-from data import DatasetInfo, ImageDataset, check_spec, label_counts, load_dataset, load_test_set
+from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, label_counts, load_dataset,
+                  load_test_set)
 from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import param_ranges
 from data.imageio import from_uint8
@@ -42,8 +43,8 @@ def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: st
                  ) -> None:
     """Refuse a second dataset (extra training images, test images) whose classes or parameters differ."""
     if target == "class" and other.class_names != train.class_names:
-        raise UserError(f"The classes of {option} ({', '.join(other.class_names) or 'none'}) differ from those of "
-                        f"{train_option} ({', '.join(train.class_names)}); give both the same class folder names.")
+        folder = Path(other.name[len("folder:"):]) if other.name.startswith("folder:") else None
+        raise UserError(classes_differ(option, other.class_names, train_option, train.class_names, folder))
     if target == "params" and other.param_names != train.param_names:
         raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
                         f"{train_option} ({', '.join(train.param_names)}); give both the same params.csv columns.")
@@ -283,6 +284,9 @@ def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
         raise UserError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
     if config.data.test_dataset:
         check_spec(config.data.test_dataset, "--test-dataset")
+    if config.model.target == "class":  # folders' classes, by listing them: no image is decoded to refuse them
+        for spec, option in ((options.extra_dataset, "--extra-dataset"), (config.data.test_dataset, "--test-dataset")):
+            check_same_classes(spec, option, config.data.dataset, "--dataset")
     if options.new_head and not options.init_from:
         raise UserError("--new-head replaces the output layer of the --init-from network; add --init-from CKPT, or "
                         "drop --new-head.")

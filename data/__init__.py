@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from core.errors import MissingFileError, UserError
 from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
@@ -69,11 +69,54 @@ def label_counts(spec: str) -> tuple[int, bool]:
         return 0, True
     if spec == "cifar10":
         return 10, False
-    from data.folder import PARAMS_FILE, nfc
+    from data.folder import PARAMS_FILE
+    return len(folder_classes(spec)), (Path(spec[len("folder:"):]).expanduser() / PARAMS_FILE).is_file()
+
+
+class FolderLabels(NamedTuple):
+    """The labels a folder gives its images, as listing it and reading its params.csv header tell them."""
+    class_names: tuple[str, ...]
+    param_names: tuple[str, ...]
+
+
+def folder_labels(spec: str) -> FolderLabels:
+    """The class and parameter names of the folder `spec` (folder:PATH), found without decoding an image."""
+    from data.folder import param_names
+    return FolderLabels(folder_classes(spec), param_names(Path(spec[len("folder:"):]).expanduser()))
+
+
+def folder_classes(spec: str) -> tuple[str, ...]:
+    """The class names the folder `spec` (folder:PATH) gives its images, found by listing it: its subfolders
+    that hold images, sorted, in NFC (as `load_dataset` names them); () for a folder without classes."""
+    from data.folder import nfc
     from data.imageio import list_images
     root = Path(spec[len("folder:"):]).expanduser()
-    classes = {nfc(f.relative_to(root).parts[0]) for f in list_images(root) if len(f.relative_to(root).parts) > 1}
-    return len(classes), (root / PARAMS_FILE).is_file()
+    return tuple(sorted({nfc(f.relative_to(root).parts[0]) for f in list_images(root)
+                         if len(f.relative_to(root).parts) > 1}))
+
+
+def check_same_classes(spec: str, option: str, reference: str, reference_option: str) -> None:
+    """Refuse, by listing both folders, a folder `spec` whose classes differ from those of the folder
+    `reference` (the message of `classify.stage.same_targets`, which checks the decoded sets); either not a
+    folder: nothing to check here."""
+    if not (spec.startswith("folder:") and reference.startswith("folder:")):
+        return
+    ours, theirs = folder_classes(spec), folder_classes(reference)
+    if ours != theirs:
+        raise UserError(classes_differ(option, ours, reference_option, theirs, Path(spec[len("folder:"):])))
+
+
+def classes_differ(option: str, classes: Sequence[str], reference_option: str, reference_classes: Sequence[str],
+                   folder: Path | None = None) -> str:
+    """The sentence that refuses a set (named by `option`) whose classes differ from the reference set's; a
+    missing class that `folder` (the set's, if it is a folder) has as an empty folder is named."""
+    empty = next((name for name in reference_classes if name not in classes and folder is not None
+                  and (folder / name).is_dir()), None)
+    if empty is not None:
+        return (f"The class folder {folder / empty} of {option} holds no images, so {option} lacks a class that "
+                f"{reference_option} has; add images of {empty} to it.")
+    return (f"The classes of {option} ({', '.join(classes) or 'none'}) differ from those of {reference_option} "
+            f"({', '.join(reference_classes)}); give both the same class folder names.")
 
 
 def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/datasets", train: bool = True,

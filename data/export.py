@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError("A folder has no test split; export the folder that holds your test images instead.")
     check_output_outside(args.out, "OUT", {"SPEC": args.spec})
     with FolderLock(args.out):
+        # The request as far as the options tell it, checked against OUT before the data is read.
+        known = {"source": args.spec, "split": args.split, "num_samples": args.num_samples,
+                 "resolution": args.resolution, "seed": args.seed}
+        DatasetWriter(args.out, known if args.seed else {k: v for k, v in known.items() if k != "seed"}).check_early()
         dataset = load_dataset(args.spec, args.resolution, cache_dir=args.cache_dir, train=args.split == "train",
                                num_samples=args.num_samples or None, seed=args.seed)
         info = dataset.info

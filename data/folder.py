@@ -87,19 +87,7 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
     if not csv_path.is_file():
         return (), torch.zeros(len(files), 0)
     rows = _csv_rows(csv_path)
-    if not rows or len(rows[0][1]) < 2:
-        raise UserError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
-    header_line, header = rows[0]
-    names = tuple(h.strip() for h in header[1:])
-    for column, name in enumerate(names, start=2):
-        if not name:
-            raise UserError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
-                            f"parameter column.")
-        first = names.index(name) + 2
-        if first != column:
-            raise UserError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "
-                            f"and {column}; give each column its own name.")
-
+    names = _param_names(csv_path, rows)
     largest = torch.finfo(torch.float32).max
     keys = [nfc(file.relative_to(root).as_posix()) for file in files]  # files are opened by their real names
     present = set(keys)
@@ -146,6 +134,30 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
                       f"{', '.join(map(str, unused[:5]))}{', ...' if len(unused) > 5 else ''}); they are ignored.")
     values = [table[key][1] for key in keys]
     return names, torch.tensor(values, dtype=torch.float32).view(len(files), len(names))
+
+
+def param_names(root: Path) -> tuple[str, ...]:
+    """The parameter names of root/params.csv (its header, checked as `load_folder` checks it; () without the
+    file), read without decoding an image, so that commands can refuse a folder before doing so."""
+    csv_path = root / PARAMS_FILE
+    return _param_names(csv_path, _csv_rows(csv_path)) if csv_path.is_file() else ()
+
+
+def _param_names(csv_path: Path, rows: list[tuple[int, list[str]]]) -> tuple[str, ...]:
+    """The parameter names of a params.csv's header row (the first of `rows`), refused where that row is unusable."""
+    if not rows or len(rows[0][1]) < 2:
+        raise UserError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
+    header_line, header = rows[0]
+    names = tuple(h.strip() for h in header[1:])
+    for column, name in enumerate(names, start=2):
+        if not name:
+            raise UserError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
+                            f"parameter column.")
+        first = names.index(name) + 2
+        if first != column:
+            raise UserError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "
+                            f"and {column}; give each column its own name.")
+    return names
 
 
 def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:

@@ -92,7 +92,18 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
       FID's reader, refuses; the environment variable SYNTHDIFF_MAX_IMAGE_PIXELS sets another limit.
 
     A file that cannot be decoded or converted raises ValueError naming it; a missing one FileNotFoundError.
+    Pillow's warnings about a file it still decodes ("Corrupt EXIF data", ...) name no file: they are
+    repeated with its path.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = _load_image(path, mode, upright)
+    for message, category in dict.fromkeys((str(w.message).strip(), w.category) for w in caught):  # each once
+        warnings.warn(f"{path}: {message}", category, stacklevel=2)
+    return image
+
+
+def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Image:
     if mode not in ("RGB", "L"):
         raise UserError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
     with _decode(path) as im:

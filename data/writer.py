@@ -148,30 +148,38 @@ class DatasetWriter:
         if reserved:
             raise UserError(f"A class named {reserved[0]!r} would be a folder where the set's own {reserved[0]} "
                             f"belongs; rename that class folder of the data the classes come from.")
-        if self.root.exists() and not self.root.is_dir():
-            raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
+        self.check_early(every_entry=True)
         made_by = self.root / REQUEST
         if made_by.is_file():
-            differ = self.differences()
-            if differ:
-                raise UserError(f"{self.root} holds a dataset made with other options ({differ}); rerun with those "
-                                f"options to continue it, or choose another folder.")
             self.rows = _read_manifest(self.root / MANIFEST, self.request.get("param_names", []))
-        elif holds_files(self.root):
-            raise ExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
-                              f"new folder.")
         else:
             write_json({"format": FORMAT, "request": self.request, "about": self.about}, made_by)
         # Images written after the last manifest update (a kill between the two) are complete too.
         return sum(1 for _ in self.root.rglob("*.png"))
 
-    def differences(self) -> str:
-        """How the request recorded in `root` differs from this one ("" where it is the same, or none is there)."""
+    def check_early(self, every_entry: bool = False) -> None:
+        """Refuse a `root` that is a file, holds files not of a set, or holds a set made with other values of this
+        writer's request entries. A caller that knows only part of the request yet (a dataset not read) checks
+        that part before the work; `open` checks every entry, also those only the folder's request has."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ExistsError(f"{self.root} is a file; choose a folder for the dataset.")
+        if (self.root / REQUEST).is_file():
+            differ = self.differences(only=None if every_entry else flat_fields(self.request))
+            if differ:
+                raise UserError(f"{self.root} holds a dataset made with other options ({differ}); rerun with those "
+                                f"options to continue it, or choose another folder.")
+        elif holds_files(self.root):
+            raise ExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
+                              f"new folder.")
+
+    def differences(self, only: Iterable[str] | None = None) -> str:
+        """How the request recorded in `root` differs from this one ("" where it is the same, or none is there),
+        in the entries (flattened names) `only` lists, or in all."""
         made_by = self.root / REQUEST
         if not made_by.is_file():
             return ""
         before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
-        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only))
         return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
 
     def pending(self, items: Sequence[Item]) -> list[Item]:

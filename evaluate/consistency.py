@@ -49,7 +49,7 @@ from core.config import add_config_arguments, given_in, override
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
 from core.speed import check_compile, compile_module, speed_up
-from data import check_output_outside, load_dataset
+from data import FolderLabels, check_output_outside, folder_labels, load_dataset
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
@@ -63,7 +63,7 @@ DEFAULT_PER_CLASS, DEFAULT_NUM = 50, 200  # images drawn per class (class models
 CONDITIONED_ON = {"class": "classes", "params": "parameters"}
 
 
-def check_pair(kind: str, info: DatasetInfo, judge: Classifier, what: str = "diffusion model") -> None:
+def check_pair(kind: str, info: DatasetInfo | FolderLabels, judge: Classifier, what: str = "diffusion model") -> None:
     """Refuse a judge that cannot judge the `kind` ("class" or "params") of labels `info` names, before
     anything is drawn or loaded."""
     if kind == "none":
@@ -156,7 +156,7 @@ def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig
     return {"images": images, "rows": rows, "report": report}
 
 
-def check_dataset(info: DatasetInfo, judge: Classifier) -> None:
+def check_dataset(info: DatasetInfo | FolderLabels, judge: Classifier) -> None:
     """Refuse an image set that lacks the labels this judge reads, or names others."""
     kind = judge.config.target
     if kind == "class" and not info.class_names:
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = args.out or folder.parent / f"{folder.name}-consistency"
         check_output_outside(out, "--out", {"--images": args.images})
         check_output_folder(out, args.overwrite)
+        check_dataset(folder_labels(args.images), judge)  # by listing the folder: before any image is decoded
         dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
-        check_dataset(dataset.info, judge)
         names, asked, requested = dataset.info.param_names, "of their folder", "Labelled"
         source = {"image_set": args.images}
         run = functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size)

@@ -303,6 +303,22 @@ def test_bad_options_are_refused_before_any_file_is_written(colours, tmp_path, c
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_other_classes_in_a_test_folder_are_refused_by_listing_it_before_any_image_is_decoded(colours, tmp_path,
+                                                                                              monkeypatch):
+    data, test = colours
+    monkeypatch.setattr("data.folder.load_image", lambda *a: pytest.fail("an image was decoded"))
+    other = colour_folder(tmp_path / "other", 1, 5, {"blue": (0, 0, 255), "cyan": (0, 255, 255)})
+    with pytest.raises(ValueError, match=r"The classes of --test-dataset \(blue, cyan\) differ from those of "
+                                         r"--dataset \(blue, green, red\)"):
+        train.main(args(tmp_path / "run", data, other, "--steps", "2"))
+    # A class folder that is there but empty: named as such, not as a difference of names.
+    empty = colour_folder(tmp_path / "empty", 1, 5, {"blue": (0, 0, 255), "red": (255, 0, 0)})
+    (empty / "green").mkdir()
+    with pytest.raises(ValueError, match=r"The class folder \S*empty/green of --test-dataset holds no images"):
+        train.main(args(tmp_path / "run", data, empty, "--steps", "2"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_load_classifier_refuses_a_diffusion_checkpoint(tmp_path):
     from core.checkpoint import save_checkpoint
     save_checkpoint({"stage": "ddpm", "config": {}, "data_info": {}, "models": {}}, tmp_path / "c.pt")

@@ -206,6 +206,8 @@ def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(
     unlabelled.mkdir()
     Image.new("RGB", (16, 16)).save(unlabelled / "a.png")
     three = colour_folder(tmp_path / "three", {"blue": ["blue"], "green": ["green"], "red": ["red"]})
+    decode = consistency.load_dataset  # each refusal comes from listing the folders, before any image is decoded
+    monkeypatch.setattr(consistency, "load_dataset", lambda *a, **k: pytest.fail("the images were decoded"))
     for images, extra, message in ((f"folder:{folder}", ["--per-class", "3"], "drop --per-class"),
                                    (f"folder:{folder}", ["--sampler", "ddim"], "--sampler and its options"),
                                    (f"folder:{folder}", ["--seed", "3"], "drop --seed"),
@@ -217,5 +219,6 @@ def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(
             consistency.main(["--images", images, "--judge", str(judge_ckpt), "--out", str(bad), "--device", "cpu",
                               *extra])
         assert not bad.exists()
+    monkeypatch.setattr(consistency, "load_dataset", decode)
     with pytest.raises(SystemExit):                                 # one source: a model or a set, not both
         consistency.main(["--images", f"folder:{folder}", "--ckpt", str(judge_ckpt), "--judge", str(judge_ckpt)])

@@ -448,6 +448,22 @@ def test_load_image_turns_photos_upright_by_their_exif_orientation(tmp_path, ori
     np.testing.assert_array_equal(got, want)
 
 
+def test_pillows_warnings_about_a_damaged_photo_name_the_file_once(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    payload = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12"  # an IFD cut off in its first entry
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    (tmp_path / "photo.jpg").write_bytes(jpeg[:2] + app1 + jpeg[2:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_image(tmp_path / "photo.jpg")
+    assert image.size == (8, 6)  # still decoded
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'photo.jpg'}: Corrupt EXIF data"), said
+
+
 def test_a_folder_dataset_and_fid_read_an_exif_turned_photo_their_own_ways(tmp_path):
     """Training data stands upright; FID reads the stored pixels, as pytorch-fid does."""
     from fid.folder import read_rgb

@@ -236,6 +236,21 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
         parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
 
 
+def test_export_refuses_a_folder_of_another_set_or_of_other_files_before_decoding_the_source(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    for name in ("cat", "dog"):
+        (source / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(source / name / "a.png")
+    made = export.main([f"folder:{source}", str(tmp_path / "made"), "--resolution", str(RES)])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    monkeypatch.setattr("data.folder.load_image", lambda *a: pytest.fail("the source was decoded"))
+    with pytest.raises(ValueError, match=r"holds a dataset made with other options \(resolution 16 there, 24 now\)"):
+        export.main([f"folder:{source}", str(made), "--resolution", str(RES + 8)])
+    with pytest.raises(FileExistsError, match="already holds files that are not a dataset of ours"):
+        export.main([f"folder:{source}", str(tmp_path / "notes"), "--resolution", str(RES)])
+
+
 @pytest.mark.parametrize("reserved", ["manifest.csv", "dataset.json", "params.csv"])
 def test_a_class_named_like_a_file_of_the_set_is_refused_before_anything_is_written(tmp_path, reserved):
     source = tmp_path / "source"
