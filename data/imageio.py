@@ -106,7 +106,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
 def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Image:
     if mode not in ("RGB", "L"):
         raise UserError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
-    with _decode(path) as im:
+    with decode_image(path) as im:
         if upright and im.getexif().get(ORIENTATION_TAG, 1) != 1:
             im = ImageOps.exif_transpose(im)
         if im.mode in HIGH_DEPTH:
@@ -157,7 +157,7 @@ with contextlib.suppress(UserError):  # a bad value is reported where an image i
     max_image_pixels()
 
 
-def _decode(path: str | os.PathLike) -> Image.Image:
+def decode_image(path: str | os.PathLike) -> Image.Image:
     """Open `path` and decode its first frame; any failure is one error naming the file."""
     limit = max_image_pixels()
     try:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.cli import ignore_stop_signals
 from core.errors import UserError
-from data.imageio import list_images, load_image
+from data.imageio import decode_image, list_images, load_image
 
 from . import inception
 
@@ -93,16 +93,18 @@ def _nonempty(root: Path, chosen: list[Path], left_out: list[Path]) -> list[Path
 
 def read_rgb(path: Path) -> Image.Image:
     """The RGB image pytorch-fid reads from `path`, except that wide greyscale is rescaled, not clipped."""
+    # Decoded as training decodes (one error naming the file, the same pixel limit and advice), without
+    # turning it upright by its EXIF tag, as pytorch-fid reads it.
     try:
-        with Image.open(path) as image:
+        with decode_image(path) as image:
             if ImageMode.getmode(image.mode).typestr in ("|u1", "|b1"):  # 8 or 1 bits per channel
                 return image.convert("RGB")
-    except Exception as err:
-        # Pillow's parsers meet malformed bytes with many exception types (OSError, SyntaxError,
-        # struct.error, EOFError, ...); whichever it is, the file is at fault.
-        raise UserError(
-            f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file."
-        ) from err
+    except UserError as err:
+        if Path(path).name.startswith("."):  # e.g. macOS's "._photo.jpg", which pytorch-fid's selection reads too
+            raise UserError(f"{str(err).removesuffix('; remove or replace the file.')}: it is a hidden file, which "
+                            f"pytorch-fid's file selection reads; remove it, or pass --files all, which skips hidden "
+                            f"files.") from err
+        raise
     return load_image(path, mode="RGB", upright=False)
 
 

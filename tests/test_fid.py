@@ -835,6 +835,24 @@ def test_bad_image_sources_raise_clear_errors(extractor, tmp_path):
         extractor.statistics(torch.rand(2, 4, 8, 8))
     with pytest.raises(ValueError, match="is not a folder of images"):
         extractor.statistics(tmp_path / "nowhere")
+    # macOS's "._" copies are hidden files that pytorch-fid's selection reads: the error says how to skip them.
+    _write(tmp_path / "mac", "a.png", Image.new("RGB", (8, 8)))
+    _write(tmp_path / "mac", "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "mac" / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    with pytest.raises(ValueError, match=r"Cannot read image \S*\._a\.png \(.*\): it is a hidden file, .* pass "
+                                         r"--files all, which skips hidden files\.$"):
+        extractor.statistics(tmp_path / "mac")
+    # An image over the pixel limit: the limit and how to raise it, as training says.
+    _write(tmp_path / "big", "a.png", Image.new("RGB", (8, 8)))
+    _write(tmp_path / "big", "b.png", Image.new("RGB", (40, 40)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SYNTHDIFF_MAX_IMAGE_PIXELS", "1000")
+        with pytest.raises(ValueError, match=r"b\.png has 1,600 pixels, more than the limit of 1,000.* "
+                                             r"SYNTHDIFF_MAX_IMAGE_PIXELS"):
+            extractor.statistics(tmp_path / "big")
+        patch.setenv("SYNTHDIFF_MAX_IMAGE_PIXELS", "abc")
+        with pytest.raises(ValueError, match=r"SYNTHDIFF_MAX_IMAGE_PIXELS is 'abc'"):
+            extractor.statistics(tmp_path / "big")
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
