@@ -131,10 +131,11 @@ def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Imag
 def max_image_pixels() -> int | None:
     """The most pixels `load_image` decodes: $SYNTHDIFF_MAX_IMAGE_PIXELS if set, else 2 x PIL.Image.MAX_IMAGE_PIXELS.
 
-    The default is where Pillow's own refusal starts (it only warns from 1x), so training reads every
-    photo FID's reader (plain Pillow) reads, 100-megapixel cameras' included, while a decompression
-    bomb (a small file that claims billions of pixels) is still refused before it is decoded. A larger
-    limit from the environment also raises Pillow's, which would otherwise refuse first. None: no limit
+    The default is where Pillow's own refusal starts (it only warns from 1x), so training and FID (which
+    decodes through `decode_image` too) read every photo pytorch-fid (plain Pillow) reads, 100-megapixel
+    cameras' included, while a decompression bomb (a small file that claims billions of pixels) is still
+    refused before it is decoded. A larger limit from the environment also raises Pillow's, which would
+    otherwise refuse first. None: no limit
     (PIL.Image.MAX_IMAGE_PIXELS set to None).
     """
     value = os.environ.get(MAX_PIXELS_ENV, "").strip()
@@ -152,7 +153,7 @@ def max_image_pixels() -> int | None:
     return limit
 
 
-# At import too, so that FID's reader (plain Pillow) allows what the environment allows.
+# At import too, so that plain Pillow (pytorch-fid, torchvision) allows what the environment allows.
 with contextlib.suppress(UserError):  # a bad value is reported where an image is read
     max_image_pixels()
 
