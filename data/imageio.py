@@ -83,7 +83,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
     - 32-bit integer greyscale (I: 16-bit PGM/PPM, signed or 32-bit TIFF): read on the same 0..65535
       scale; a value outside it has no known white level, so such a file is refused.
     - 32-bit float greyscale (F): read as 0..1 if its largest value is at most 1, otherwise as
-      0..255; values above the top clip to white. NaN or infinity, and values below zero by more
+      0..255; values above the top clip to white. One whose largest value is between 1 and 25.5 is
+      read nearly black, with a warning: likely a 0..1 render whose highlights overshoot 1. NaN or infinity, and values below zero by more
       than half a grey level, have no meaning in either convention and are refused.
     - 1 (bilevel) gives 0 and 255; CMYK (without colour management), YCbCr, LAB and HSV go to RGB by
       Pillow's conversions. "L" is ITU-R 601 luma of the RGB image (of the grey value for grey modes).
@@ -189,6 +190,9 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
         raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
 
 
+FAINT_FLOAT_MAX = 25.5  # a float image whose largest value is above 1 and at most this is under 10% grey on 0..255
+
+
 def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image:
     """16-bit, 32-bit integer or float greyscale -> 8-bit "L", by the rules in `load_image`."""
     values = np.asarray(im)  # uint16 in the file's byte order, int32 or float32
@@ -197,6 +201,12 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
             raise UserError(f"Image {path} has NaN or infinite pixel values; replace them with finite ones "
                             f"(0..1 or 0..255) and save it again.")
         top = 1.0 if values.max() <= 1 else 255.0
+        if 1 < values.max() <= FAINT_FLOAT_MAX:
+            # Read on 0..255, such an image is nearly black; more likely it is a 0..1 image (a render) whose
+            # highlights overshoot 1. Which it is cannot be told from one file: say so, and keep the rule.
+            warnings.warn(f"{path} is a float image with values up to {values.max():.4g}, so it is read on the "
+                          f"0..255 scale and comes out nearly black; if its scale is 0..1 (highlights above 1), "
+                          f"clip it to 1 or save it as 8- or 16-bit.", stacklevel=2)
         scaled = values.astype(np.float64) * (255.0 / top)
         if scaled.min() < -0.5:
             raise UserError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
