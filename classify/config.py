@@ -21,8 +21,9 @@ class ClassifyOptions:
     extra_dataset: str = option("", "more training images, e.g. a synthetic set: folder:PATH | plumes | cifar10, with "
                                     "the same class names (or parameters) as --dataset (empty: none)")
     extra_samples: int = option(0, "a seeded subset of --extra-dataset (0: all of it)")
-    extra_fraction: float = option(-1.0, "share of --extra-dataset images in every batch, in [0, 1] (-1: no fixed "
-                                         "share; batches draw uniformly from the union)")
+    extra_fraction: float = option(-1.0, "share of --extra-dataset images in every batch, in [0, 1], rounded to whole "
+                                         "images (0.2 of 32: 6) (-1: no fixed share; batches draw uniformly from the "
+                                         "union)")
     crop_padding: int = option(-1, "random crops: pad by this many pixels (reflected) and crop back, shifting by up "
                                    "to it (-1: resolution / 8, 4 px at 32 px; 0: off)")
     noise_std: float = option(0.0, "pixel noise: add Gaussian noise of a standard deviation drawn per image from [0, "

@@ -83,7 +83,7 @@ from training.run import parse_stage_args, with_options
 
 CRITERIA = ("auto", "accuracy", "fid", "kid", "conditioning")
 # What the sweep writes in --out.
-SWEEP_FILES = ("sets", "measures", "runs", "sweep.md", "sweep.json", "sweep.png")
+SWEEP_FILES = ("sets", "measures", "runs", "sweep.md", "sweep.json", "sweep.png", "size.json")
 DEFAULT_NUM, DEFAULT_PER_CLASS = 500, 100  # images per set
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # subsets of at most 1000 images (Binkowski et al. 2018), fewer if a set is smaller
 
@@ -429,11 +429,33 @@ def chart(summary: dict[str, Any], settings: Sequence[Setting]) -> Any:
 # the command
 
 
-def set_size(args: argparse.Namespace, source: ImageSource) -> int:
-    """The images of every set: --per-class N of each class of a class model (default 100), else --num."""
+def set_size(args: argparse.Namespace, source: ImageSource) -> tuple[int, str]:
+    """The images of every set: --per-class N of each class of a class model (default 100), else --num; and
+    the option that asks for that size, as a user would give it."""
     if source.kind == "class":
-        return (args.per_class or DEFAULT_PER_CLASS) * len(source.model.info.class_names)
-    return args.num or DEFAULT_NUM
+        per_class = args.per_class or DEFAULT_PER_CLASS
+        return per_class * len(source.model.info.class_names), f"--per-class {per_class}"
+    return args.num or DEFAULT_NUM, f"--num {args.num or DEFAULT_NUM}"
+
+
+SIZE_FILE = "size.json"  # OUT's images per set: every set, and the real row, of one sweep folder have as many
+
+
+def check_set_size(out: Path, images: int, option: str) -> None:
+    """Refuse a sweep folder whose sets were made at another size: its sets, measures and trained classifiers
+    would mix sizes (a smaller request would keep the larger sets, a larger one extend them)."""
+    path = out / SIZE_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_bytes())
+        made, made_by = int(recorded["images"]), str(recorded["option"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not the set-size record a sweep writes; delete it and rerun with the options that "
+                        f"made the sets in {out}.") from None
+    if made != images:
+        raise UserError(f"{out} holds a sweep whose sets have {made} images ({made_by}); rerun with {made_by} to "
+                        f"continue it, or choose another --out for sets of {images} ({option}).")
 
 
 def dataset_request(args: argparse.Namespace, setting: Setting, folder: Path, kind: str, *, num: int | None = None,
@@ -528,8 +550,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     amp = autocast_dtype(args.amp, device)
     target = with_options(CLASSIFY, CLASSIFY.presets[args.preset](),  # the training options, parsed now
                           parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])).model.target
+    images, size_option = set_size(args, source)
+    check_set_size(args.out, images, size_option)
     # The real images are read, and checked to be judgeable, before anything is drawn.
-    images = set_size(args, source)
     resolution, channels = judge.info.resolution, judge.info.channels
     test = load_dataset(args.test, resolution, channels=channels)
     real = load_dataset(args.real, resolution, channels=channels)
@@ -543,6 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = args.out
     with FolderLock(out):
+        check_set_size(out, images, size_option)  # again, now that no other sweep writes here
+        if not (out / SIZE_FILE).is_file():
+            write_json({"images": images, "option": size_option}, out / SIZE_FILE)
         if args.train:  # kept classifiers are checked against the training options before anything is drawn
             train_rows(args, passed, settings, images, len(real), {}, out, check_only=True)
         draw_sets(args, source, settings, amp, out)

@@ -138,6 +138,12 @@ def test_changed_inputs_are_refused_or_redone(finished, inputs, tmp_path, capsys
     before = files_and_times(finished)
     with pytest.raises(UserError, match="made with other options"):                # other seed: other images
         sweep.main(argv(inputs, finished, "--seed", "1"))
+    for size in ("1", "3"):  # other sizes: a smaller set would keep the larger ones, a larger one extend them
+        with pytest.raises(UserError, match=r"holds a sweep whose sets have 6 images \(--per-class 2\); rerun with "
+                                            rf"--per-class 2 to continue it, or choose another --out for sets of "
+                                            rf"{3 * int(size)} \(--per-class {size}\)"):
+            sweep.main([a if a != "2" or i != argv(inputs, finished).index("--per-class") + 1 else size
+                        for i, a in enumerate(argv(inputs, finished))])
     with pytest.raises(UserError, match="--steps 1 but this request gives --steps 2"):  # other training options
         sweep.main(argv(inputs, finished)[:-6] + ["--steps", "2", "--warmup-steps", "0", "--batch-size", "6"])
     other_test = colour_folder(tmp_path / "test2", 2, seed=5)                   # the kept classifiers were tested
