@@ -227,6 +227,14 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def started_as(module: str) -> bool:
+    """Whether this process is `python -m MODULE`. A package's __init__ runs before its command module
+    (`python -m fid` imports fid/__init__.py, and torch with it, before fid/__main__.py), so such a package
+    asks this to call `catch_early_sigterm` first."""
+    argv = getattr(sys, "orig_argv", [])
+    return "-m" in argv[:-1] and argv[argv.index("-m") + 1] == module
+
+
 def catch_early_sigterm() -> None:
     """Until `main` installs its own handlers, answer SIGTERM and Ctrl-C with one line and exit 143 or 130
     (Python's defaults would end the process without a word, or with a KeyboardInterrupt traceback from

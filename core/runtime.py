@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import io
 import json
@@ -131,13 +132,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
 # files
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], replace: bool = True) -> None:
     """Create or replace `path` with what `write(file)` writes, all or nothing.
 
     The bytes go to a temporary file beside `path` (named for this host and process, so two writers
     never share one), are flushed to disk, and only then renamed over `path`; a crash at any point
     leaves either the old file or the new one, never a torn mix. On failure the temporary file is
     removed; temporary files of writers that died (a `kill -9`) are removed by the next write there.
+    With `replace=False` a `path` that exists by then (another writer's, finished meanwhile) is kept and
+    FileExistsError raised: the file is linked into place, which fails where a name exists.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         cause = _cause_behind(err, handled)
@@ -157,6 +163,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             raise cause from None
         raise
     _fsync_directory(path.parent)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give the finished `tmp` the name `path` unless that name exists (FileExistsError); `tmp` goes."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system (FAT, some network ones): a check, then the rename
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 def _cause_behind(err: BaseException, handled: BaseException | None) -> KeyboardInterrupt | OSError | None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
+from core import cli
 from core.errors import MissingFileError, UserError
-from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices
+
+if cli.started_as("data.export"):  # a stop while data.dataset imports torch is one line (see core.cli)
+    cli.catch_early_sigterm()
+
+from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices  # noqa: E402
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 

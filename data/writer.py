@@ -33,6 +33,9 @@ from data.dataset import DatasetInfo
 from data.imageio import save_images
 
 MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
+# Sizes that sets written before recorded in their request (an inversion's per_image): a size is never
+# part of a request, so these are not compared.
+FORMER_SIZE_ENTRIES = ("per_image",)
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
 # "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
@@ -179,7 +182,8 @@ class DatasetWriter:
         if not made_by.is_file():
             return ""
         before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
-        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only))
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only)
+                        and k not in FORMER_SIZE_ENTRIES)
         return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
 
     def pending(self, items: Sequence[Item]) -> list[Item]:

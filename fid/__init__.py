@@ -3,7 +3,12 @@ the published numbers, written in plain PyTorch. Command line: `python -m fid --
 
 from __future__ import annotations
 
-from .compare import FIDResult, fid_between
+from core import cli
+
+if cli.started_as("fid"):  # `python -m fid`: a stop while the imports below take seconds (torch) is one line
+    cli.catch_early_sigterm()
+
+from .compare import FIDResult, fid_between  # noqa: E402
 from .features import FeatureExtractor, compute_features, compute_statistics
 from .frechet import frechet_distance
 from .inception import FIDInceptionV3

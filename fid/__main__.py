@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
             folder = open_folder(a, args.files)
             prepare_statistics_path(b)  # refuses a name without .npz, before any features are computed
-            save_statistics(compute_statistics(folder, **common), b)
+            save_statistics(compute_statistics(folder, **common), b, overwrite=args.overwrite)
             print(f"Saved statistics of {a} to {b}")
             return
         # Folders are listed once, here, and both checked (at least 2 images each) before any network is built.

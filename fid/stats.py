@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from core.errors import UserError
+from core.errors import ExistsError, UserError
 from core.runtime import atomic_write
 
 
@@ -105,15 +105,19 @@ class StreamingStatistics:
         return Statistics(mu=self._mean.copy(), sigma=(sigma + sigma.T) / 2)
 
 
-def save_statistics(stats: Statistics, path: str | os.PathLike) -> None:
+def save_statistics(stats: Statistics, path: str | os.PathLike, overwrite: bool = True) -> None:
     """Write `mu`, `sigma` and any provenance to the .npz file `path` (a name not ending in .npz is refused,
-    since numpy would write another name, with .npz added)."""
+    since numpy would write another name, with .npz added). Without `overwrite` an existing file, also one
+    another command wrote while this one computed, is never replaced."""
     path = Path(path)
     prepare_statistics_path(path)
     record = {} if stats.provenance is None else {
         key: np.asarray(getattr(stats.provenance, field)) for field, key in PROVENANCE_KEYS.items()}
     try:  # whole or not at all: a full disk leaves the file that was there before, and no empty one
-        atomic_write(path, lambda f: np.savez(f, mu=stats.mu, sigma=stats.sigma, **record))
+        atomic_write(path, lambda f: np.savez(f, mu=stats.mu, sigma=stats.sigma, **record), replace=overwrite)
+    except FileExistsError:
+        raise ExistsError(f"{path} was written by another command while this one computed; it is kept: pass "
+                          f"--overwrite to replace it, or choose another name.") from None
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise  # the entry point's "disk full" line

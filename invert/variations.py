@@ -190,5 +190,7 @@ class InversionSource(ImageSource):
         variations = override(Variations(), args, "variations")
         per_image = args.per_image or 1
         plan = self.inverted.plan(per_image, args.seed, variations)
+        # --per-image is the set's size, not part of its request: image k is the same at any count, so a larger
+        # count extends a set and a smaller one keeps it (as --num and --per-class do).
         return plan, {"weights": self.inverted.record["weights"], "embeddings": self.inverted.fingerprint(),
-                      "variations": to_dict(variations), "per_image": per_image}
+                      "variations": to_dict(variations)}

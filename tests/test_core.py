@@ -195,6 +195,27 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_atomic_write_without_replace_keeps_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
+    path = tmp_path / "stats.npz"
+
+    def another_writer_finishes_first(f):
+        f.write(b"mine")
+        path.write_bytes(b"theirs")  # the other command's rename lands while this one writes
+
+    with pytest.raises(FileExistsError):
+        atomic_write(path, another_writer_finishes_first, replace=False)
+    assert path.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
+    atomic_write(tmp_path / "new.npz", lambda f: f.write(b"new"), replace=False)
+    assert (tmp_path / "new.npz").read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 2
+    # Without hard links (FAT, some network file systems): the same refusal, by a check before the rename.
+    monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    with pytest.raises(FileExistsError):
+        atomic_write(path, lambda f: f.write(b"mine"), replace=False)
+    atomic_write(tmp_path / "third.npz", lambda f: f.write(b"3"), replace=False)
+    assert path.read_bytes() == b"theirs" and (tmp_path / "third.npz").read_bytes() == b"3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npz", "stats.npz", "third.npz"]
+
+
 def test_version_1_checkpoints_load_in_the_new_layout(tmp_path):
     weights = {"w": torch.ones(2)}
     torch.save({"format": "synthdiff-checkpoint", "version": 1, "stage": "ddpm", "model": weights, "ema": weights,

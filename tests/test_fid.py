@@ -320,6 +320,10 @@ def test_statistics_npz_round_trip_uses_pytorch_fid_keys(tmp_path):
     with np.load(tmp_path / "r.npz") as raw:
         assert np.array_equal(raw["mu"], stats.mu) and np.array_equal(raw["sigma"], stats.sigma)
     assert load_statistics(tmp_path / "r.npz").provenance == recorded
+    # Without overwrite (the CLI without --overwrite) a file there by the time of writing is kept.
+    with pytest.raises(FileExistsError, match=r"r\.npz was written by another command while this one computed"):
+        save_statistics(stats, tmp_path / "r.npz", overwrite=False)
+    assert load_statistics(tmp_path / "r.npz").provenance == recorded
 
 
 def test_load_statistics_rejects_wrong_keys_and_shapes(tmp_path):

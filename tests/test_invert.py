@@ -358,6 +358,16 @@ def test_variations_stay_in_class_reproduce_alone_and_extend(inverted, tmp_path)
     fewer = draw(ckpt, tmp_path / "fewer", "--interp", "1", "--emb-noise", "0.5")
     for r in rows(fewer / "manifest.csv"):
         assert np.array_equal(pixels(fewer / r["file"]), pixels(out / r["file"]))
+    # So a larger --per-image extends that set, to the one written at once (a set written before the count
+    # left the request, with per_image in its dataset.json, continues too).
+    request = json.loads((fewer / "dataset.json").read_text())
+    assert "per_image" not in request["request"]
+    request["request"]["per_image"] = 1
+    (fewer / "dataset.json").write_text(json.dumps(request))
+    draw(ckpt, fewer, "--per-image", "2", "--interp", "1", "--emb-noise", "0.5")
+    assert rows(fewer / "manifest.csv") == manifest
+    for r in manifest:
+        assert np.array_equal(pixels(fewer / r["file"]), pixels(out / r["file"]))
 
 
 def test_guidance_against_a_reference_vector_is_eps_ref_plus_scale_times_the_difference():

@@ -325,6 +325,23 @@ def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(sign
         f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
+@pytest.mark.parametrize("module, package", [("data.export", "data"), ("fid", "fid")])
+def test_python_m_of_a_package_that_imports_torch_catches_a_stop_before_torch(module, package):
+    # `python -m fid` imports fid/__init__.py (and torch) before fid/__main__.py can say how to stop.
+    process = _python(f"""import builtins, signal, sys
+sys.orig_argv = [sys.executable, "-m", "{module}"]
+real_import, seen = builtins.__import__, []
+def spy(name, *args, **kwargs):
+    if name == "torch" and not seen:
+        seen.append(getattr(signal.getsignal(signal.SIGTERM), "__name__", "default"))
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = spy
+import {package}
+print(seen)""")
+    out, err = process.communicate(timeout=120)
+    assert out.strip() == "['_terminated_while_starting']", err
+
+
 def test_a_torchrun_job_says_a_shared_ending_once(monkeypatch, capsys):
     """A stop or divergence every process of a torchrun job reaches together is told by rank 0 alone; an
     error of one process alone is told by it; a process stopping for another's failure says nothing."""
