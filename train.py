@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from core.contract import StageSpec
+from core.errors import UserError
 from stages import DEFAULT_STAGE, STAGES, get_stage
 from training.run import add_sections, common_parser, run, stage_parser
 
@@ -43,11 +44,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Names
     pre = cli.ArgumentParser(prog="train.py", add_help=False)  # a bad --stage is one line too
     pre.add_argument("--stage", choices=tuple(STAGES), default=DEFAULT_STAGE)
     pre.add_argument("-h", "--help", action="store_true")
+    pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.help and not any(a == "--stage" or a.startswith("--stage=") for a in argv):
         print(full_help())
         raise SystemExit(0)
     spec = get_stage(known.stage)
+    owner = next((other.name for other in STAGES.values() if known.preset in other.presets), None)
+    if known.preset not in (None, *spec.presets) and owner is not None:  # a preset of another stage: say which
+        raise UserError(f"--preset {known.preset} is a preset of --stage {owner}, and this is --stage {spec.name}; "
+                        f"pass --stage {owner}.")
     return spec, stage_parser(spec, tuple(STAGES), __doc__).parse_args(argv)
 
 

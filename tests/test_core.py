@@ -310,9 +310,13 @@ def test_entry_points_reject_unknown_stages_presets_and_values(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "gan"])
     assert "invalid choice: 'gan'" in capsys.readouterr().err
+    for argv, stage in ((["--stage", "vae", "--preset", "ddpm-demo"], "ddpm"), (["--preset", "vae-demo"], "vae")):
+        with pytest.raises(ValueError, match=rf"--preset {argv[-1]} is a preset of --stage {stage}, and this is "
+                                             rf"--stage {'vae' if stage == 'ddpm' else 'ddpm'}; pass --stage {stage}\."):
+            train.parse_args(argv)
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "vae", "--preset", "ddpm-demo"])
-    assert "invalid choice: 'ddpm-demo'" in capsys.readouterr().err
+        train.parse_args(["--stage", "vae", "--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):
         train.main(["--stage", "vae", "--batch-size", "0", "--run-dir", "unused"])
     with pytest.raises(ValueError, match=r"--perceptual-taps must be in 1..5"):
