@@ -231,8 +231,15 @@ def started_as(module: str) -> bool:
     """Whether this process is `python -m MODULE`. A package's __init__ runs before its command module
     (`python -m fid` imports fid/__init__.py, and torch with it, before fid/__main__.py), so such a package
     asks this to call `catch_early_sigterm` first."""
-    argv = getattr(sys, "orig_argv", [])
-    return "-m" in argv[:-1] and argv[argv.index("-m") + 1] == module
+    args = getattr(sys, "orig_argv", [])[1:]
+    i = 0
+    while i < len(args):  # the interpreter's own options, up to -m, -c or a script (whose arguments follow)
+        if args[i] == "-m":
+            return i + 1 < len(args) and args[i + 1] == module
+        if args[i] == "-c" or not args[i].startswith("-") or args[i] == "-":
+            return False
+        i += 2 if args[i] in ("-X", "-W") else 1  # the options that take their value as the next word
+    return False
 
 
 def catch_early_sigterm() -> None:

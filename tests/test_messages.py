@@ -325,6 +325,15 @@ def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(sign
         f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
+@pytest.mark.parametrize("argv, started", [
+    (["python", "-m", "fid", "a", "b"], True), (["python", "-X", "importtime", "-W", "error", "-m", "fid"], True),
+    (["python", "script.py", "-m", "fid"], False), (["python", "-c", "import fid", "-m", "fid"], False),
+    (["python", "-m", "fid.folder"], False), (["python", "-m"], False), (["python"], False)])
+def test_started_as_reads_the_interpreters_own_m_option_only(monkeypatch, argv, started):
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    assert cli.started_as("fid") == started
+
+
 @pytest.mark.parametrize("module, package", [("data.export", "data"), ("fid", "fid")])
 def test_python_m_of_a_package_that_imports_torch_catches_a_stop_before_torch(module, package):
     # `python -m fid` imports fid/__init__.py (and torch) before fid/__main__.py can say how to stop.
