@@ -429,33 +429,33 @@ def chart(summary: dict[str, Any], settings: Sequence[Setting]) -> Any:
 # the command
 
 
-def set_size(args: argparse.Namespace, source: ImageSource) -> tuple[int, str]:
+def set_size(args: argparse.Namespace, source: ImageSource) -> tuple[int, Callable[[int], str]]:
     """The images of every set: --per-class N of each class of a class model (default 100), else --num; and
-    the option that asks for that size, as a user would give it."""
+    how a set size is asked for, as a user would give it."""
     if source.kind == "class":
-        per_class = args.per_class or DEFAULT_PER_CLASS
-        return per_class * len(source.model.info.class_names), f"--per-class {per_class}"
-    return args.num or DEFAULT_NUM, f"--num {args.num or DEFAULT_NUM}"
+        classes = len(source.model.info.class_names)
+        return (args.per_class or DEFAULT_PER_CLASS) * classes, lambda images: f"--per-class {images // classes}"
+    return args.num or DEFAULT_NUM, lambda images: f"--num {images}"
 
 
 SIZE_FILE = "size.json"  # OUT's images per set: every set, and the real row, of one sweep folder have as many
 
 
-def check_set_size(out: Path, images: int, option: str) -> None:
-    """Refuse a sweep folder whose sets were made at another size: its sets, measures and trained classifiers
-    would mix sizes (a smaller request would keep the larger sets, a larger one extend them)."""
-    path = out / SIZE_FILE
+def check_set_size(out: Path, images: int, option: Callable[[int], str]) -> None:
+    """Refuse a sweep folder whose sets were made at another size (OUT/size.json, or the finished table of a
+    folder from before that file): its sets, measures and trained classifiers would mix sizes (a smaller
+    request would keep the larger sets, a larger one extend them)."""
+    path = out / SIZE_FILE if (out / SIZE_FILE).is_file() else out / "sweep.json"
     if not path.is_file():
         return
     try:
-        recorded = json.loads(path.read_bytes())
-        made, made_by = int(recorded["images"]), str(recorded["option"])
+        made = int(json.loads(path.read_bytes())["images"])
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path} is not the set-size record a sweep writes; delete it and rerun with the options that "
-                        f"made the sets in {out}.") from None
+        raise UserError(f"{path} does not say the size of the sets in {out}; delete {out / SIZE_FILE} if it is that "
+                        f"file, and rerun with the options that made the sets.") from None
     if made != images:
-        raise UserError(f"{out} holds a sweep whose sets have {made} images ({made_by}); rerun with {made_by} to "
-                        f"continue it, or choose another --out for sets of {images} ({option}).")
+        raise UserError(f"{out} holds a sweep whose sets have {made} images ({option(made)}); rerun with {option(made)} "
+                        f"to continue it, or choose another --out for sets of {images} ({option(images)}).")
 
 
 def dataset_request(args: argparse.Namespace, setting: Setting, folder: Path, kind: str, *, num: int | None = None,
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with FolderLock(out):
         check_set_size(out, images, size_option)  # again, now that no other sweep writes here
         if not (out / SIZE_FILE).is_file():
-            write_json({"images": images, "option": size_option}, out / SIZE_FILE)
+            write_json({"images": images}, out / SIZE_FILE)
         if args.train:  # kept classifiers are checked against the training options before anything is drawn
             train_rows(args, passed, settings, images, len(real), {}, out, check_only=True)
         draw_sets(args, source, settings, amp, out)

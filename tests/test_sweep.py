@@ -144,6 +144,12 @@ def test_changed_inputs_are_refused_or_redone(finished, inputs, tmp_path, capsys
                                             rf"{3 * int(size)} \(--per-class {size}\)"):
             sweep.main([a if a != "2" or i != argv(inputs, finished).index("--per-class") + 1 else size
                         for i, a in enumerate(argv(inputs, finished))])
+    # A folder from before size.json: its finished table says the size.
+    (finished / "size.json").rename(finished.parent / "size.kept")
+    with pytest.raises(UserError, match=r"sets have 6 images \(--per-class 2\)"):
+        sweep.main([a if a != "2" or i != argv(inputs, finished).index("--per-class") + 1 else "1"
+                    for i, a in enumerate(argv(inputs, finished))])
+    (finished.parent / "size.kept").rename(finished / "size.json")
     with pytest.raises(UserError, match="--steps 1 but this request gives --steps 2"):  # other training options
         sweep.main(argv(inputs, finished)[:-6] + ["--steps", "2", "--warmup-steps", "0", "--batch-size", "6"])
     other_test = colour_folder(tmp_path / "test2", 2, seed=5)                   # the kept classifiers were tested
