@@ -45,5 +45,11 @@ def open_source(path: Path, device: torch.device, weights: str = "ema", option: 
         raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
                         f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")
     source = spec.load_source(payload, device, weights, path)
-    source.trained_on = {f"the model's {option}": spec for option, spec in config_datasets(payload.get("config", {})).items()}
+    # The run's datasets as its config names them, the training folder as its loader resolved it (absolute,
+    # wherever the command ran from).
+    datasets = config_datasets(payload.get("config", {}))
+    trained = str((payload.get("data_info") or {}).get("name", ""))
+    if trained.startswith("folder:"):
+        datasets["--dataset"] = trained
+    source.trained_on = {f"the model's {option}": spec for option, spec in datasets.items()}
     return source

@@ -108,7 +108,8 @@ def check_same_classes(spec: str, option: str, reference: str, reference_option:
         return
     ours, theirs = folder_classes(spec), folder_classes(reference)
     if ours != theirs:
-        raise UserError(classes_differ(option, ours, reference_option, theirs, Path(spec[len("folder:"):])))
+        raise UserError(classes_differ(option, ours, reference_option, theirs,
+                                       Path(spec[len("folder:"):]).expanduser().resolve()))
 
 
 def classes_differ(option: str, classes: Sequence[str], reference_option: str, reference_classes: Sequence[str],

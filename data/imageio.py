@@ -204,9 +204,10 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
         if 1 < values.max() <= FAINT_FLOAT_MAX:
             # Read on 0..255, such an image is nearly black; more likely it is a 0..1 image (a render) whose
             # highlights overshoot 1. Which it is cannot be told from one file: say so, and keep the rule.
-            warnings.warn(f"{path} is a float image with values up to {values.max():.4g}, so it is read on the "
-                          f"0..255 scale and comes out nearly black; if its scale is 0..1 (highlights above 1), "
-                          f"clip it to 1 or save it as 8- or 16-bit.", stacklevel=2)
+            # (`load_image` names the file in front of every warning raised while it decodes one)
+            warnings.warn(f"a float image with values up to {values.max():.4g}, so it is read on the 0..255 scale "
+                          f"and comes out nearly black; if its scale is 0..1 (highlights above 1), clip it to 1 or "
+                          f"save it as 8- or 16-bit.", stacklevel=2)
         scaled = values.astype(np.float64) * (255.0 / top)
         if scaled.min() < -0.5:
             raise UserError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "

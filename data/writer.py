@@ -147,10 +147,12 @@ class DatasetWriter:
         """Check that `root` is empty or holds a set made by the same request, and that no class folder of
         `items` (what the request will write) takes the name of one of the set's own files; returns the
         images `root` has."""
-        reserved = sorted({item.folder for item in items} & {MANIFEST, PARAMS, REQUEST})
+        own = {name.casefold(): name for name in (MANIFEST, PARAMS, REQUEST)}  # (case-insensitive file systems too)
+        reserved = sorted(folder for folder in {item.folder for item in items} if folder.casefold() in own)
         if reserved:
-            raise UserError(f"A class named {reserved[0]!r} would be a folder where the set's own {reserved[0]} "
-                            f"belongs; rename that class folder of the data the classes come from.")
+            raise UserError(f"A class named {reserved[0]!r} would be a folder where the set's own "
+                            f"{own[reserved[0].casefold()]} belongs; rename that class folder of the data the classes "
+                            f"come from.")
         self.check_early(every_entry=True)
         made_by = self.root / REQUEST
         if made_by.is_file():

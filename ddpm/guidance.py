@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -14,8 +15,9 @@ from ddpm.samplers import GuidedEps, GuidedModel
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_ref + scale * (eps_cond - eps_ref).
 
-    `model_fn(x, t, reference_mask)` returns eps (`model_fn(..., float64=True)`: in float64, asked for only
-    by `guided_eps(..., float64=True)`), conditioned on each sample's own condition where the
+    `model_fn(x, t, reference_mask)` returns eps (a `model_fn` that also takes `float64=True` is asked for eps
+    in float64 near pure noise, where `ddpm.samplers` wants it; one without is not), conditioned on each
+    sample's own condition where the
     bool (B,) `reference_mask` is False and on the reference condition where it is True. The
     reference is the null (unconditional) embedding in the paper; diffusion inversion guides against
     another one, the mean of its learned embeddings (Zhou et al. 2023), with the same formula.
@@ -31,6 +33,7 @@ class ClassifierFreeGuidance:
     def __init__(self, model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], scale: float):
         self.model_fn = model_fn
         self.scale = scale
+        self.gives_float64 = _takes_keyword(model_fn, "float64")
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         eps = self.guided_eps(x, t)
@@ -38,10 +41,10 @@ class ClassifierFreeGuidance:
 
     def guided_eps(self, x: Tensor, t: Tensor, float64: bool = False) -> Tensor | GuidedEps:
         """The halves (eps_cond, eps_ref) to combine, or the one eps that scale 1 or 0 needs; with float64,
-        `model_fn` is called with float64=True (for eps in float64 near pure noise: `ddpm.samplers`)."""
+        `model_fn` is called with float64=True where it takes it (eps in float64 near pure noise: `ddpm.samplers`)."""
         b = x.shape[0]
         assert t.shape == (b,), f"t must have shape ({b},), got {tuple(t.shape)}"
-        model_fn = functools.partial(self.model_fn, float64=True) if float64 else self.model_fn
+        model_fn = functools.partial(self.model_fn, float64=True) if float64 and self.gives_float64 else self.model_fn
         if self.scale == 1:
             return model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
         if self.scale == 0:
@@ -51,6 +54,16 @@ class ClassifierFreeGuidance:
         assert eps.shape == (2 * b, *x.shape[1:]), f"model_fn returned {tuple(eps.shape)} for a batch of {2 * b}"
         eps_cond, eps_ref = eps.chunk(2)
         return GuidedEps(eps_cond, eps_ref, self.scale)
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` accepts the keyword argument `name` (by name, or through **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature Python can read: call it plainly
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
 
 
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], scale: float) -> GuidedModel:

@@ -286,7 +286,7 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
             x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i],
                                         weights=(55 / 24, -59 / 24, 37 / 24, -9 / 24), history=history[::-1],
                                         clip_x0=clip_x0, return_x0=callback is not None)
-        history = (history + [e_1])[-3:]
+        history = (history + [e_1.to(x.dtype)])[-3:]  # (a float64 eps of a step near pure noise: back to x's)
         if callback is not None:
             callback(step, ts[i], x, x0)
         x = x_next
@@ -328,7 +328,7 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
             # Second-order pseudo linear multistep: transfer x along e' = (3 e_1 - previous) / 2 (Adams-Bashforth).
             x_next, x0, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i], weights=(3 / 2, -1 / 2),
                                         history=(previous,), clip_x0=clip_x0, return_x0=callback is not None)
-        previous = e_1
+        previous = e_1.to(x.dtype)  # (a float64 eps of a step near pure noise: back to x's)
         if callback is not None:
             callback(step, ts[i], x, x0)
         x = x_next

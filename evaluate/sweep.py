@@ -567,10 +567,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out
     with FolderLock(out):
         check_set_size(out, images, size_option)  # again, now that no other sweep writes here
-        if not (out / SIZE_FILE).is_file():
-            write_json({"images": images}, out / SIZE_FILE)
         if args.train:  # kept classifiers are checked against the training options before anything is drawn
             train_rows(args, passed, settings, images, len(real), {}, out, check_only=True)
+        if not (out / SIZE_FILE).is_file():  # the size of the sets about to be drawn
+            write_json({"images": images}, out / SIZE_FILE)
         draw_sets(args, source, settings, amp, out)
         real_test = functools.cache(lambda: measured(test, judge_features, args.batch_size, "features of --test"))
         sets = {"real": real, **{s.name: load_dataset(f"folder:{out / 'sets' / s.name}", resolution, channels=channels)

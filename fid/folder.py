@@ -100,7 +100,7 @@ def read_rgb(path: Path) -> Image.Image:
             if ImageMode.getmode(image.mode).typestr in ("|u1", "|b1"):  # 8 or 1 bits per channel
                 return image.convert("RGB")
     except UserError as err:
-        if Path(path).name.startswith("."):  # e.g. macOS's "._photo.jpg", which pytorch-fid's selection reads too
+        if Path(path).name.startswith(".") and str(err).startswith("Cannot read image"):  # e.g. macOS's "._a.jpg"
             raise UserError(f"{str(err).removesuffix('; remove or replace the file.')}: it is a hidden file, which "
                             f"pytorch-fid's file selection reads; remove it, or pass --files all, which skips hidden "
                             f"files.") from err

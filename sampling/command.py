@@ -125,6 +125,8 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     check_cuda_graphs(args.cuda_graphs, device)
     check_compile(args.compile, device)
     source = open_source(args.ckpt, device, args.weights)
+    output = args.dataset_out if args.dataset_out is not None else output_dir(args, sampling, check=False)
+    check_output_outside(output, "--dataset-out" if args.dataset_out is not None else "--out", source.trained_on)
     model = source.model
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
     check_against_source(args, source, option_sections or {})
@@ -132,8 +134,6 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
         sampling = dataclasses.replace(sampling, guidance_scale=source.default_guidance)
     sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
-    check_output_outside(args.dataset_out or output_dir(args, sampling, check=False),
-                         "--dataset-out" if args.dataset_out else "--out", source.trained_on)
     if args.dataset_out is not None:
         with FolderLock(args.dataset_out):  # two writers never share a folder
             draw_dataset(draw, args, source)

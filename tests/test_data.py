@@ -450,8 +450,8 @@ def test_load_image_turns_photos_upright_by_their_exif_orientation(tmp_path, ori
 def test_a_faint_float_image_is_read_on_its_rule_with_a_warning_that_names_it(tmp_path):
     # A 0..1 render whose highlights overshoot 1 reads on the 0..255 scale: nearly black, so it is said.
     _row("F", [0.0, 0.2, 1.2]).save(tmp_path / "render.tiff")
-    with pytest.warns(UserWarning, match=r"render\.tiff is a float image with values up to 1\.2, so it is read on "
-                                         r"the 0\.\.255 scale and comes out nearly black"):
+    with pytest.warns(UserWarning, match=r"^\S*render\.tiff: a float image with values up to 1\.2, so it is read "
+                                         r"on the 0\.\.255 scale and comes out nearly black"):
         assert np.asarray(load_image(tmp_path / "render.tiff", "L")).tolist() == [[0, 0, 1]]
     _row("F", [0.0, 100.0, 255.0]).save(tmp_path / "bright.tiff")  # plainly 0..255: no warning
     _row("F", [0.0, 0.5, 1.0]).save(tmp_path / "unit.tiff")        # plainly 0..1: no warning

@@ -251,7 +251,7 @@ def test_export_refuses_a_folder_of_another_set_or_of_other_files_before_decodin
         export.main([f"folder:{source}", str(tmp_path / "notes"), "--resolution", str(RES)])
 
 
-@pytest.mark.parametrize("reserved", ["manifest.csv", "dataset.json", "params.csv"])
+@pytest.mark.parametrize("reserved", ["manifest.csv", "dataset.json", "params.csv", "Manifest.CSV"])
 def test_a_class_named_like_a_file_of_the_set_is_refused_before_anything_is_written(tmp_path, reserved):
     source = tmp_path / "source"
     for name in (reserved, "other"):

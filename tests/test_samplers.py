@@ -371,3 +371,26 @@ def test_eps_model_converts_v_in_float64_when_asked():
         rebuilt = schedule.x0_from_eps(x.double(), t, precise)
         assert (rebuilt - schedule.x0_from_v(x.double(), t, v)).abs().max() < 1e-9
         assert (schedule.x0_from_eps(x.double(), t, rounded.double()) - rebuilt).abs().max() > 1e-4
+
+
+def test_a_guidance_function_without_the_float64_keyword_is_called_as_documented():
+    # model_fn(x, t, reference_mask), as ClassifierFreeGuidance documents it, also where a step is near pure
+    # noise (the linear schedule's t = 999: abar 4e-5); one that takes float64 (or **kwargs) is asked for it there.
+    schedule, x = Schedule(make_betas("linear", T)), torch.randn(2, 3, 4, 4, dtype=torch.float32)
+    asked = []
+
+    def with_keyword(x, t, mask, **kwargs):
+        asked.append(kwargs.get("float64", False))
+        return x * 0.1 + mask.view(-1, 1, 1, 1)
+
+    plain = classifier_free_guidance(lambda x, t, mask: x * 0.1 + mask.view(-1, 1, 1, 1), 2.0)
+    exact = classifier_free_guidance(with_keyword, 2.0)
+    for name in ("ddim", "pndm", "ddpm"):
+        ts = make_timesteps(T, 10, "trailing")
+        torch.manual_seed(0)
+        a = SAMPLERS[name](plain, x, schedule, ts)
+        torch.manual_seed(0)
+        b = SAMPLERS[name](exact, x, schedule, ts)
+        assert a.dtype == b.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert True in asked and False in asked  # float64 at t = 999 only
