@@ -30,8 +30,8 @@ from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError
 from core.runtime import Runtime, read_metrics
-from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, label_counts, load_dataset,
-                  load_test_set)
+from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, folder_of, label_counts,
+                  load_dataset, load_test_set)
 from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import param_ranges
 from data.imageio import from_uint8
@@ -43,8 +43,7 @@ def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: st
                  ) -> None:
     """Refuse a second dataset (extra training images, test images) whose classes or parameters differ."""
     if target == "class" and other.class_names != train.class_names:
-        folder = Path(other.name[len("folder:"):]) if other.name.startswith("folder:") else None
-        raise UserError(classes_differ(option, other.class_names, train_option, train.class_names, folder))
+        raise UserError(classes_differ(option, other.class_names, train_option, train.class_names, folder_of(other.name)))
     if target == "params" and other.param_names != train.param_names:
         raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
                         f"{train_option} ({', '.join(train.param_names)}); give both the same params.csv columns.")

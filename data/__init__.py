@@ -23,14 +23,19 @@ SPECS = ("plumes", "folder:PATH", "cifar10")
 __all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "label_counts", "load_dataset"]
 
 
+def folder_of(spec: str) -> Path | None:
+    """The folder a `folder:PATH` spec names (with ~ expanded); None for any other spec."""
+    return Path(spec[len("folder:"):]).expanduser() if spec.startswith("folder:") and len(spec) > len("folder:") else None
+
+
 def check_spec(spec: str, option: str = "--dataset") -> None:
     """Refuse a dataset spec that names no known source, or a folder that does not exist, before any work."""
     if not spec:
         raise UserError(f"No dataset was given (this preset has none); pass {option} folder:PATH, plumes or cifar10.")
     if spec in ("plumes", "cifar10"):
         return
-    if spec.startswith("folder:") and len(spec) > len("folder:"):
-        folder = Path(spec[len("folder:"):]).expanduser()
+    folder = folder_of(spec)
+    if folder is not None:
         if not folder.is_dir():
             raise MissingFileError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
         return
@@ -43,8 +48,9 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
     folder by every later command (and by this one, where it reads the folder again)."""
     output = Path(output).expanduser().resolve()
     for name, spec in inputs.items():
-        if spec and spec.startswith("folder:") and len(spec) > len("folder:"):
-            folder = Path(spec[len("folder:"):]).expanduser().resolve()
+        folder = folder_of(spec or "")
+        if folder is not None:
+            folder = folder.resolve()
             if output == folder or (folder in output.parents
                                     # (a hidden folder inside it is never read: see data.imageio.list_images)
                                     and not any(part.startswith(".") for part in output.relative_to(folder).parts)):
@@ -75,7 +81,7 @@ def label_counts(spec: str) -> tuple[int, bool]:
     if spec == "cifar10":
         return 10, False
     from data.folder import PARAMS_FILE
-    return len(folder_classes(spec)), (Path(spec[len("folder:"):]).expanduser() / PARAMS_FILE).is_file()
+    return len(folder_classes(spec)), (folder_of(spec) / PARAMS_FILE).is_file()
 
 
 class FolderLabels(NamedTuple):
@@ -87,7 +93,7 @@ class FolderLabels(NamedTuple):
 def folder_labels(spec: str) -> FolderLabels:
     """The class and parameter names of the folder `spec` (folder:PATH), found without decoding an image."""
     from data.folder import param_names
-    return FolderLabels(folder_classes(spec), param_names(Path(spec[len("folder:"):]).expanduser()))
+    return FolderLabels(folder_classes(spec), param_names(folder_of(spec)))
 
 
 def folder_classes(spec: str) -> tuple[str, ...]:
@@ -95,7 +101,7 @@ def folder_classes(spec: str) -> tuple[str, ...]:
     that hold images, sorted, in NFC (as `load_dataset` names them); () for a folder without classes."""
     from data.folder import nfc
     from data.imageio import list_images
-    root = Path(spec[len("folder:"):]).expanduser()
+    root = folder_of(spec)
     return tuple(sorted({nfc(f.relative_to(root).parts[0]) for f in list_images(root)
                          if len(f.relative_to(root).parts) > 1}))
 
@@ -104,12 +110,12 @@ def check_same_classes(spec: str, option: str, reference: str, reference_option:
     """Refuse, by listing both folders, a folder `spec` whose classes differ from those of the folder
     `reference` (the message of `classify.stage.same_targets`, which checks the decoded sets); either not a
     folder: nothing to check here."""
-    if not (spec.startswith("folder:") and reference.startswith("folder:")):
+    folder = folder_of(spec)
+    if folder is None or folder_of(reference) is None:
         return
     ours, theirs = folder_classes(spec), folder_classes(reference)
     if ours != theirs:
-        raise UserError(classes_differ(option, ours, reference_option, theirs,
-                                       Path(spec[len("folder:"):]).expanduser().resolve()))
+        raise UserError(classes_differ(option, ours, reference_option, theirs, folder.resolve()))
 
 
 def classes_differ(option: str, classes: Sequence[str], reference_option: str, reference_classes: Sequence[str],
@@ -146,9 +152,9 @@ def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/
     if spec == "cifar10":
         from data.cifar import load_cifar10
         return load_cifar10(resolution, cache_dir, train=train, num_samples=num_samples, seed=seed, channels=channels)
-    if spec.startswith("folder:") and len(spec) > len("folder:"):
+    if folder_of(spec) is not None:
         from data.folder import load_folder
-        return load_folder(spec[len("folder:"):], resolution, num_samples=num_samples, seed=seed, channels=channels)
+        return load_folder(folder_of(spec), resolution, num_samples=num_samples, seed=seed, channels=channels)
     raise UserError(f"Unknown dataset {spec!r}; choose one of {', '.join(SPECS)}.")
 
 

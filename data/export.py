@@ -66,16 +66,15 @@ def main(argv: list[str] | None = None) -> Path:
     with FolderLock(args.out):
         # The request as far as the options tell it, checked against OUT before the data is read.
         known = {"source": args.spec, "split": args.split, "num_samples": args.num_samples,
-                 "resolution": args.resolution, "seed": args.seed}
-        DatasetWriter(args.out, known if args.seed else {k: v for k, v in known.items() if k != "seed"}).check_early()
+                 "resolution": args.resolution,
+                 **({"seed": args.seed} if args.seed else {})}  # (folders written before --seed existed: 0)
+        DatasetWriter(args.out, known).check_early()
         dataset = load_dataset(args.spec, args.resolution, cache_dir=args.cache_dir, train=args.split == "train",
                                num_samples=args.num_samples or None, seed=args.seed)
         info = dataset.info
         binning = parse_binning(args.classes, info) if args.classes else None
-        request = {"source": args.spec, "split": args.split, "num_samples": args.num_samples,
-                   "resolution": args.resolution, "param_names": list(info.param_names),
-                   "classes": binning.describe() if binning else list(info.class_names),
-                   **({"seed": args.seed} if args.seed else {})}  # (folders written before --seed existed: 0)
+        request = {**known, "param_names": list(info.param_names),
+                   "classes": binning.describe() if binning else list(info.class_names)}
         items = []
         for k in range(len(dataset)):
             params = {name: float(v) for name, v in zip(info.param_names, dataset.params[k])}

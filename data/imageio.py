@@ -84,8 +84,9 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
       scale; a value outside it has no known white level, so such a file is refused.
     - 32-bit float greyscale (F): read as 0..1 if its largest value is at most 1, otherwise as
       0..255; values above the top clip to white. One whose largest value is between 1 and 25.5 is
-      read nearly black, with a warning: likely a 0..1 render whose highlights overshoot 1. NaN or infinity, and values below zero by more
-      than half a grey level, have no meaning in either convention and are refused.
+      read nearly black, with a warning: likely a 0..1 render whose highlights overshoot 1. NaN or
+      infinity, and values below zero by more than half a grey level, have no meaning in either
+      convention and are refused.
     - 1 (bilevel) gives 0 and 255; CMYK (without colour management), YCbCr, LAB and HSV go to RGB by
       Pillow's conversions. "L" is ITU-R 601 luma of the RGB image (of the grey value for grey modes).
     - An image of more than `max_image_pixels()` pixels is refused as a possible decompression bomb:
@@ -136,8 +137,7 @@ def max_image_pixels() -> int | None:
     decodes through `decode_image` too) read every photo pytorch-fid (plain Pillow) reads, 100-megapixel
     cameras' included, while a decompression bomb (a small file that claims billions of pixels) is still
     refused before it is decoded. A larger limit from the environment also raises Pillow's, which would
-    otherwise refuse first. None: no limit
-    (PIL.Image.MAX_IMAGE_PIXELS set to None).
+    otherwise refuse first. None: no limit (PIL.Image.MAX_IMAGE_PIXELS set to None).
     """
     value = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not value:

@@ -17,8 +17,8 @@ class ClassifierFreeGuidance:
 
     `model_fn(x, t, reference_mask)` returns eps (a `model_fn` that also takes `float64=True` is asked for eps
     in float64 near pure noise, where `ddpm.samplers` wants it; one without is not), conditioned on each
-    sample's own condition where the
-    bool (B,) `reference_mask` is False and on the reference condition where it is True. The
+    sample's own condition where the bool (B,) `reference_mask` is False and on the reference condition
+    where it is True. The
     reference is the null (unconditional) embedding in the paper; diffusion inversion guides against
     another one, the mean of its learned embeddings (Zhou et al. 2023), with the same formula.
     `scale` is the paper's 1 + w: 1 is the plain conditional model, 0 the reference one, and each of

@@ -33,7 +33,6 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
 import argparse
 import functools
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,7 +48,7 @@ from core.config import add_config_arguments, given_in, override
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
 from core.speed import check_compile, compile_module, speed_up
-from data import FolderLabels, check_output_outside, folder_labels, load_dataset
+from data import FolderLabels, check_output_outside, folder_labels, folder_of, load_dataset
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile_module(judge.net)
     if args.images is not None:
         # Resolved as the loader resolves it ("folder:." or "folder:~/set" name a folder by where it is).
-        folder = Path(args.images[len("folder:"):]).expanduser().resolve()
+        folder = folder_of(args.images).resolve()
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
         out = args.out or folder.parent / f"{folder.name}-consistency"
         check_output_outside(out, "--out", {"--images": args.images})

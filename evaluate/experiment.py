@@ -51,7 +51,7 @@ from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
-from data import check_output_outside, check_spec, load_dataset
+from data import check_output_outside, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
 from training.run import parse_stage_args, run, with_options
 
@@ -148,8 +148,9 @@ def check_passed(passed: list[str]) -> None:
 
 def count_images(spec: str, resolution: int, cache_dir: str) -> int:
     """How many images a dataset spec holds (folders are counted without decoding)."""
-    if spec.startswith("folder:"):
-        return len(list_images(Path(spec[len("folder:"):]).expanduser()))
+    folder = folder_of(spec)
+    if folder is not None:
+        return len(list_images(folder))
     return len(load_dataset(spec, resolution, cache_dir=cache_dir))
 
 

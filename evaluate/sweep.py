@@ -446,13 +446,15 @@ def check_set_size(out: Path, images: int, option: Callable[[int], str]) -> None
     folder from before that file): its sets, measures and trained classifiers would mix sizes (a smaller
     request would keep the larger sets, a larger one extend them)."""
     path = out / SIZE_FILE if (out / SIZE_FILE).is_file() else out / "sweep.json"
-    if not path.is_file():
-        return
     try:
         made = int(json.loads(path.read_bytes())["images"])
+    except FileNotFoundError:
+        return  # a new folder
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path} does not say the size of the sets in {out}; delete {out / SIZE_FILE} if it is that "
-                        f"file, and rerun with the options that made the sets.") from None
+        if path.name != SIZE_FILE:
+            return  # a damaged table says nothing of the sets (and is written anew at the end)
+        raise UserError(f"{path} does not say the size of the sets in {out}; delete it and rerun with the options "
+                        f"that made the sets.") from None
     if made != images:
         raise UserError(f"{out} holds a sweep whose sets have {made} images ({option(made)}); rerun with {option(made)} "
                         f"to continue it, or choose another --out for sets of {images} ({option(images)}).")
