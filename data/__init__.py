@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from core import cli
 from core.errors import MissingFileError, UserError
@@ -59,17 +59,13 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
                                 f"written there would be read as images of it; choose a {option} outside it.")
 
 
-def config_datasets(config: Mapping[str, Any]) -> dict[str, str]:
-    """The datasets a run's saved config names ("--dataset" -> spec, and so on for every `*dataset` field in
-    any section), for `check_output_outside` of a command that writes what such a run's model makes. A
-    relative folder is taken from the current directory, as the run's command presumably was."""
-    found = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            found.update(config_datasets(value))
-        elif key.endswith("dataset") and isinstance(value, str) and value:
-            found[f"--{key.replace('_', '-')}"] = value
-    return found
+def config_datasets(config: dict[str, Any]) -> dict[str, str]:
+    """The datasets a run's config (its `to_dict`, as saved) names: "--dataset" -> spec, and so on for every
+    `*dataset` field of any section, for `check_output_outside`. A relative folder is taken from the current
+    directory, as the run's command presumably was."""
+    from core.config import flat_fields, option_name
+    return {option_name(key): value for key, value in flat_fields(config).items()
+            if key.endswith("dataset") and isinstance(value, str) and value}
 
 
 def label_counts(spec: str) -> tuple[int, bool]:

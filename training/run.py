@@ -22,13 +22,12 @@ from core.errors import MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import (add_config_arguments, apply_arguments, flat_fields, from_dict, given_arguments, option_name,
-                         to_dict)
+from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
 from core.speed import check_compile
-from data import check_output_outside, check_spec
+from data import check_output_outside, check_spec, config_datasets
 from training import distributed
 from training.loop import RunExists, Trainer, finished_run, missing_outputs
 
@@ -140,9 +139,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     config = with_options(spec, config, args)
     check_spec(config.data.dataset)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
-        datasets = {option_name(key): value for key, value in flat_fields(to_dict(config)).items()
-                    if key.endswith("dataset")}
-        check_output_outside(run_dir, "--run-dir", datasets)
+        check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
     if spec.check is not None:
         spec.check(config, saved)
     return config, saved
