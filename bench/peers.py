@@ -6,9 +6,9 @@ Peers are optional benchmark extras (bench/requirements.txt), never project depe
 imported inside the function that needs it, and `missing(module)` says, for a row, that it is absent.
 Every diffusers mapping is checked by parameter count against our network before it is timed, so a
 ratio always compares networks of the same size and layout. `UNet2DModel` and `AutoencoderKL` are also
-given our networks' weights (`unet2d_state`, `autoencoder_kl_state`): where the two agree on
-GroupNorm's groups (128 channels and more, as in DDPM's CIFAR-10 model and kl-f8) they then compute
-our functions, which tests/test_bench.py checks.
+given our networks' weights (`unet2d_state`; the autoencoder's through `vae.published`, which also
+imports diffusers' files): where the two agree on GroupNorm's groups (128 channels and more, as in
+DDPM's CIFAR-10 model and kl-f8) they then compute our functions, which tests/test_bench.py checks.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from core.errors import UserError
 from ddpm.schedule import Schedule
 from ddpm.unet import UNetConfig, num_groups
 from vae.autoencoder import AutoencoderConfig
+from vae.published import DIFFUSERS, to_published
 
 
 def missing(module: str) -> str:
@@ -86,13 +87,13 @@ def unet2d_kwargs(config: UNetConfig) -> dict:
 
 def autoencoder_kl_kwargs(config: AutoencoderConfig) -> dict:
     """`diffusers.AutoencoderKL` arguments for the same autoencoder as `AutoencoderKL(config)` (kl-f8: Stable
-    Diffusion's, 83,653,863 parameters)."""
+    Diffusion's, 83,653,863 parameters). Its up_block_types run in the decoder's order, lowest resolution first."""
     widths = tuple(config.base_channels * m for m in config.channel_mult)
     attention = [config.attention_at(level) for level in range(len(widths))]
     return dict(
         in_channels=config.in_channels, out_channels=config.in_channels, block_out_channels=widths,
         down_block_types=tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attention)),
         layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels,
         norm_num_groups=num_groups(min(widths)), sample_size=config.resolution,
     )
@@ -147,33 +148,6 @@ def unet2d_state(ours: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def autoencoder_kl_state(ours: nn.Module) -> dict[str, torch.Tensor]:
-    """Our autoencoder's state dict (latent diffusion's names) under diffusers' AutoencoderKL names. The
-    decoder's `up` list is indexed by resolution level, as in latent diffusion's code, and diffusers' up_blocks
-    in the order they run, lowest resolution first."""
-    levels = len(ours.config.channel_mult)
-    prefixes = {"mid.block_1.": "mid_block.resnets.0.", "mid.attn_1.": "mid_block.attentions.0.",
-                "mid.block_2.": "mid_block.resnets.1.", "norm_out.": "conv_norm_out."}
-
-    def rename(name: str) -> str:
-        net, _, rest = name.partition(".")
-        if net not in ("encoder", "decoder"):
-            return name  # quant_conv, post_quant_conv
-        for old, new in prefixes.items():
-            if rest.startswith(old):
-                return f"{net}.{new}{rest[len(old):]}"
-        part = rest.split(".")
-        if part[0] in ("down", "up"):  # down|up.LEVEL.block|attn.I.LAYER or down|up.LEVEL.downsample|upsample.conv
-            index = int(part[1]) if part[0] == "down" else levels - 1 - int(part[1])
-            blocks = f"{net}.{part[0]}_blocks.{index}"
-            if part[2] in ("block", "attn"):
-                return ".".join([blocks, "resnets" if part[2] == "block" else "attentions", *part[3:]])
-            return ".".join([blocks, f"{part[2]}rs", "0", *part[3:]])
-        return name
-
-    return _renamed(ours.state_dict(), rename)
-
-
 def diffusers_unet(config: UNetConfig, ours: nn.Module) -> nn.Module:
     """UNet2DModel at `config` with `ours`'s weights, checked against it by parameter count."""
     from diffusers import UNet2DModel
@@ -188,7 +162,7 @@ def diffusers_autoencoder(config: AutoencoderConfig, ours: nn.Module) -> nn.Modu
     from diffusers import AutoencoderKL
     peer = AutoencoderKL(**autoencoder_kl_kwargs(config))
     check_same_size(ours, peer, "AutoencoderKL")
-    peer.load_state_dict(autoencoder_kl_state(ours))
+    peer.load_state_dict(to_published(ours.state_dict(), config, DIFFUSERS))
     return peer
 
 

@@ -17,6 +17,9 @@ from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss,
 from vae.published import from_published, load_published_weights, published_keys, to_published
 
 KL_F8_PARAMETERS = 83_653_863  # latent-diffusion's kl-f8, the Stable Diffusion autoencoder
+# The tiny configs' 16- and 32-channel layers normalise in fewer than the published 32 groups, which the
+# import warns about (tested once, in test_narrow_configs_are_refused_or_warned_about).
+pytestmark = pytest.mark.filterwarnings("ignore:.*published autoencoders normalise:UserWarning")
 
 
 def tiny_config(**overrides) -> AutoencoderConfig:
@@ -498,6 +501,143 @@ def test_weights_for_another_config_are_refused(tmp_path):
     torch.save(random_published(), tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="not a latent-diffusion KL autoencoder \\(f=4, 4 latent channels\\)"):
         load_published_weights(AutoencoderKL(tiny_config(latent_channels=4)), tmp_path / "model.ckpt")
+
+
+# diffusers' AutoencoderKL names for a few of latent-diffusion's tensors of the tiny config (three levels,
+# attention at 8 px), written out by hand from diffusers' layout: the decoder's up_blocks run lowest
+# resolution first, and attention projections are linear layers.
+DIFFUSERS_NAMES = {
+    "decoder.up.2.block.0.conv1.weight": "decoder.up_blocks.0.resnets.0.conv1.weight",
+    "decoder.up.0.block.1.norm2.bias": "decoder.up_blocks.2.resnets.1.norm2.bias",
+    "decoder.up.1.upsample.conv.weight": "decoder.up_blocks.1.upsamplers.0.conv.weight",
+    "decoder.up.2.attn.1.norm.weight": "decoder.up_blocks.0.attentions.1.group_norm.weight",
+    "decoder.up.2.attn.1.proj_out.bias": "decoder.up_blocks.0.attentions.1.to_out.0.bias",
+    "encoder.down.1.block.0.nin_shortcut.weight": "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+    "encoder.down.0.downsample.conv.bias": "encoder.down_blocks.0.downsamplers.0.conv.bias",
+    "encoder.down.2.attn.0.k.weight": "encoder.down_blocks.2.attentions.0.to_k.weight",
+    "encoder.mid.block_2.conv2.weight": "encoder.mid_block.resnets.1.conv2.weight",
+    "encoder.mid.attn_1.v.bias": "encoder.mid_block.attentions.0.to_v.bias",
+    "decoder.norm_out.weight": "decoder.conv_norm_out.weight",
+    "post_quant_conv.weight": "post_quant_conv.weight",
+}
+LEGACY_ATTENTION = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+
+def as_diffusers(weights: dict[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
+    """Latent-diffusion's tensors renamed as a diffusers AutoencoderKL file holds them, through
+    `to_published` (checked name by name against DIFFUSERS_NAMES below)."""
+    from vae.published import DIFFUSERS
+    config = tiny_config()
+    model = AutoencoderKL(config)
+    model.load_state_dict(from_published(weights, config))
+    out = to_published(model.state_dict(), config, DIFFUSERS)
+    if legacy:
+        for new, old in LEGACY_ATTENTION.items():
+            out = {k.replace(new, old): v for k, v in out.items()}
+    return out
+
+
+def test_diffusers_names_and_shapes():
+    from vae.published import DIFFUSERS, DIFFUSERS_LEGACY
+    ldm = ldm_shapes(**TINY_LDM)
+    keys = published_keys(tiny_config(), DIFFUSERS)
+    assert len(keys) == len(ldm)
+    for ldm_name, name in DIFFUSERS_NAMES.items():
+        shape = ldm[ldm_name]
+        assert keys[name] == (shape[:2] if ".to_" in name and name.endswith("weight") else shape), name
+    assert keys["encoder.mid_block.attentions.0.to_q.weight"] == (32, 32)  # a linear layer's weight
+    legacy = published_keys(tiny_config(), DIFFUSERS_LEGACY)
+    assert legacy["decoder.up_blocks.0.attentions.1.proj_attn.weight"] == (32, 32)
+    assert not any(".to_" in k for k in legacy)
+    kl_f8 = published_keys(AutoencoderConfig.kl_f8(), DIFFUSERS)
+    assert len(kl_f8) == 248 and sum(math.prod(shape) for shape in kl_f8.values()) == KL_F8_PARAMETERS
+    weights = random_published()
+    diffusers = as_diffusers(weights)
+    for ldm_name, name in DIFFUSERS_NAMES.items():
+        assert torch.equal(diffusers[name].flatten(), weights[ldm_name].flatten()), name
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["diffusers", "diffusers-before-0.14"])
+@pytest.mark.parametrize("layout", ["folder", "safetensors", "bin"])
+def test_diffusers_files_load_the_same_weights(tmp_path, legacy, layout):
+    weights = random_published()
+    reference = AutoencoderKL(tiny_config())
+    reference.load_state_dict(from_published(weights, tiny_config()))
+    folder = tmp_path / "sd-vae"
+    folder.mkdir()
+    if layout == "bin":
+        torch.save(as_diffusers(weights, legacy), folder / "diffusion_pytorch_model.bin")
+    else:
+        write_safetensors(folder / "diffusion_pytorch_model.safetensors", as_diffusers(weights, legacy))
+    path = folder if layout == "folder" else next(p for p in folder.iterdir() if p.name.startswith("diffusion"))
+    model = AutoencoderKL(tiny_config())
+    load_published_weights(model, path)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_diffusers_files_of_another_config_and_empty_folders_are_refused(tmp_path):
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", as_diffusers(random_published()))
+    model = AutoencoderKL(tiny_config(latent_channels=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"not a diffusers AutoencoderKL \(f=4, 4 latent channels\) weights file"):
+        load_published_weights(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without a diffusers weights file"):
+        load_published_weights(model, tmp_path / "empty")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["diffusers", "diffusers-before-0.14"])
+def test_a_diffusers_autoencoder_saved_by_diffusers_loads_and_computes_the_same(tmp_path, legacy):
+    """The reference: diffusers' own AutoencoderKL at the tiny config, saved by save_pretrained (or its
+    weights renamed to the names diffusers wrote before 0.14), computes what our model computes from it."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (bench extra)")
+    from bench.peers import autoencoder_kl_kwargs
+    config = tiny_config(base_channels=128)  # diffusers' 32 groups at every width are ours from 128 channels on
+    torch.manual_seed(0)
+    peer = diffusers.AutoencoderKL(**autoencoder_kl_kwargs(config)).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    peer.save_pretrained(tmp_path / "vae")
+    if legacy:
+        path = tmp_path / "vae" / "diffusion_pytorch_model.bin"
+        state = peer.state_dict()
+        for new, old in LEGACY_ATTENTION.items():
+            state = {k.replace(new, old): v for k, v in state.items()}
+        torch.save(state, path)
+    else:
+        path = tmp_path / "vae"
+    ours = AutoencoderKL(config).eval()
+    load_published_weights(ours, path)
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_moments(x), peer.encode(x).latent_dist.parameters, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.decode(z), peer.decode(z).sample, rtol=0, atol=1e-5)
+
+
+def test_narrow_configs_are_refused_or_warned_about(tmp_path):
+    """Published networks normalise in 32 groups at every width, ours from 128 channels on: a narrower
+    config loads the weights but computes another function. Refused where a diffusers config.json says
+    the file's groups, warned about where they are a guess; a wide config loads silently."""
+    import warnings
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", as_diffusers(random_published()))
+    torch.save(random_published(), tmp_path / "model.ckpt")
+    with pytest.warns(UserWarning, match=r"16 channels in 4 groups, 32 channels in 8 groups"):
+        load_published_weights(AutoencoderKL(tiny_config()), tmp_path / "model.ckpt")
+    with pytest.warns(UserWarning, match="published autoencoders normalise every layer in 32 groups"):
+        load_published_weights(AutoencoderKL(tiny_config()), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "norm_num_groups": 32}))
+    model = AutoencoderKL(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"config.json normalises every layer in 32 groups.*--base-channels 128"):
+        load_published_weights(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wide = tiny_config(base_channels=128, channel_mult=(1, 2), attention_resolutions=())
+    torch.save(to_published(AutoencoderKL(wide).state_dict(), wide), tmp_path / "wide.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_published_weights(AutoencoderKL(wide), tmp_path / "wide.ckpt")
 
 
 # ---- discriminator and adversarial losses --------------------------------------------------------

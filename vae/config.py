@@ -72,8 +72,9 @@ class VAELossConfig:
 @dataclass(frozen=True)
 class VAEOptions:
     pretrained: str = option("", "start from published weights: a latent-diffusion / Stable Diffusion KL autoencoder "
-                                 "file with the original key names (.ckpt, .pt or .safetensors); with --steps 0 the run "
-                                 "just imports them (and measures the latent scale on your data)")
+                                 "file (.ckpt, .pt or .safetensors, latent-diffusion's key names), or a diffusers "
+                                 "AutoencoderKL folder or its weights file; with --steps 0 the run just imports them "
+                                 "(and measures the latent scale on your data)")
     scale_samples: int = option(512, "training images whose latents set the scale factor stored with the autoencoder "
                                      "(1 / their standard deviation; a latent model measures its own on its latents)")
 

@@ -31,7 +31,7 @@ from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, 
                         resolve_autoencoder)
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vae.perceptual import TAPS, PerceptualDistance, build_perceptual, check_weight_files
-from vae.published import load_published_weights, read_published_weights
+from vae.published import load_published_weights, published_file, read_published_weights
 
 NAME = "vae"
 EVAL_BATCH = 32
@@ -231,6 +231,8 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
     if resume_from is None:  # a resumed run starts from its checkpoint, not from the published weights
         files.append(("--pretrained", config.vae.pretrained))
     for option, value in files:
+        if value and option == "--pretrained":
+            value = published_file(value)  # a diffusers model folder names its weights file
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
     if config.data.test_dataset:
