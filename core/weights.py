@@ -92,6 +92,44 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# The weights file of a diffusers model folder, in the order diffusers itself prefers them.
+DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                          "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+# How diffusers names an attention block's q, k, v and output projections (linear layers): since 0.14, and before.
+DIFFUSERS_ATTENTION = {"diffusers": ("to_q", "to_k", "to_v", "to_out.0"),
+                       "diffusers-legacy": ("query", "key", "value", "proj_attn")}
+
+
+def diffusers_weights_file(path: str | os.PathLike) -> Path:
+    """The weights file `path` names: itself, or the weights file of the diffusers model folder it is
+    (the `vae/` or `unet/` of a pipeline, say); a folder without one is refused."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    for name in DIFFUSERS_WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise MissingFileError(f"{path} is a folder without a diffusers weights file ({DIFFUSERS_WEIGHT_FILES[0]} or "
+                           f"{DIFFUSERS_WEIGHT_FILES[1]}); pass the path of the weights file.")
+
+
+def diffusers_config(weights_file: Path) -> dict | None:
+    """The diffusers `config.json` beside a weights file, or None where there is none to read (a weights file
+    handed over on its own)."""
+    try:
+        fields = json.loads((weights_file.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def diffusers_attention_naming(keys: Iterable[str]) -> str:
+    """Which of DIFFUSERS_ATTENTION's namings a diffusers file's keys use."""
+    legacy = DIFFUSERS_ATTENTION["diffusers-legacy"]
+    return "diffusers-legacy" if any(k.endswith((f".{legacy[0]}.weight", f".{legacy[3]}.weight")) for k in keys) \
+        else "diffusers"
+
+
 def state_dict_mismatch(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> str:
     """How `found`'s keys and shapes differ from `expected`'s ('' when they are the same): the first few
     missing, unexpected and mis-shaped keys, so a user can tell a wrong file from a truncated one."""

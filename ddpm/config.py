@@ -82,9 +82,17 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class DDPMOptions:
+    pretrained: str = option("", "start from published weights: a diffusers UNet2DModel folder or its weights file "
+                                 "(Ho et al.'s google/ddpm-cifar10-32, with --preset ddpm-cifar10), its config.json "
+                                 "checked against the U-Net's options; with --steps 0 the run just imports them")
+
+
+@dataclass(frozen=True)
 class DDPMConfig(StageConfig):
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ddpm: DDPMOptions = field(default_factory=DDPMOptions)
 
 
 # DataConfig fields a diffusion stage never reads: it evaluates no held-out images.

@@ -25,6 +25,7 @@ from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS,
                          check_conditioning, check_unet_fits, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
+from ddpm.published import load_published_unet, read_published_unet
 from ddpm.source import source_loader
 from ddpm.unet import UNet, UNetConfig
 
@@ -78,6 +79,11 @@ def check(config: DDPMConfig, resume_from: dict | None) -> None:
     check_diffusion_options(config)
     size = config.data.resolution
     check_unet_fits(config.unet, size, 3, f"{size}x{size} images (--resolution {size})")
+    if config.ddpm.pretrained and resume_from is None:  # a resumed run starts from its checkpoint
+        # Names only: the data decides the channels and classes, hence some shapes, later.
+        unet = dataclasses.replace(config.unet, image_size=size, in_channels=3,
+                                   num_classes=int(config.unet.cond == "class"))
+        read_published_unet(config.ddpm.pretrained, unet, mmap=True, names_only=True)
 
 
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
@@ -88,6 +94,10 @@ def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tup
     config = dataclasses.replace(config, unet=resolve_unet(config.unet, info, info.resolution, info.channels))
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
+    if config.ddpm.pretrained and resume_from is None:
+        load_published_unet(net, config.ddpm.pretrained)
+        if runtime.is_main:
+            print(f"Starting from the published weights {config.ddpm.pretrained}.", flush=True)
     stage = diffusion_stage(NAME, config, info, net, dataset, runtime.device, data_info=dataset.description(),
                             x0=lambda batch, generator: batch.image, augment=random_hflip if data.hflip else None)
     return config, stage

@@ -12,9 +12,10 @@ import torch
 
 from bench.common import alternating_seconds, peak_memory_bytes
 from bench.device import FP32, Settings, candidate_settings, file_stem
-from bench.peers import autoencoder_kl_kwargs, check_same_size, parameter_count, unet2d_kwargs
+from bench.peers import autoencoder_kl_kwargs, check_same_size, parameter_count
 from bench.table import COLUMNS, Row, format_table
 from ddpm.config import PRESETS
+from ddpm.published import unet2d_config
 from ddpm.unet import UNet
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -31,7 +32,7 @@ def test_unet2d_mapping_has_our_parameter_count(preset, cond):
     if cond == "class":  # the sampling row's model: diffusers gets the null class as an extra embedding
         config = dataclasses.replace(config, cond="class", num_classes=10)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        ours, peer = UNet(config), UNet2DModel(**unet2d_kwargs(config))
+        ours, peer = UNet(config), UNet2DModel(**unet2d_config(config))
     assert parameter_count(peer) == parameter_count(ours)
     if preset == "ddpm-cifar10" and cond == "none":
         assert parameter_count(ours) == 35_746_307  # Ho et al.'s CIFAR-10 model

@@ -26,7 +26,6 @@ folder's `config.json`) and warned about where they are not.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -35,8 +34,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from core.errors import MissingFileError, UserError
-from core.weights import check_state_dict, read_state_dict
+from core.errors import UserError
+from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
+                          diffusers_weights_file, read_state_dict)
 from ddpm.unet import num_groups
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -53,9 +53,7 @@ PUBLISHED_GROUPS = 32  # latent-diffusion's Normalize at every width, and diffus
 # The namings a published file comes in, and how each calls an attention block's q, k, v and output layers.
 LATENT_DIFFUSION, DIFFUSERS, DIFFUSERS_LEGACY = "latent-diffusion", "diffusers", "diffusers-legacy"
 NAMINGS = (LATENT_DIFFUSION, DIFFUSERS, DIFFUSERS_LEGACY)
-_ATTENTION_LAYERS = {LATENT_DIFFUSION: ("q", "k", "v", "proj_out"),
-                     DIFFUSERS: ("to_q", "to_k", "to_v", "to_out.0"),
-                     DIFFUSERS_LEGACY: ("query", "key", "value", "proj_attn")}
+_ATTENTION_LAYERS = {LATENT_DIFFUSION: ("q", "k", "v", "proj_out"), **DIFFUSERS_ATTENTION}
 _DIFFUSERS_MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}
 
 
@@ -138,8 +136,7 @@ def naming_of(keys) -> str:
     keys = list(keys)
     if not any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in keys):
         return LATENT_DIFFUSION
-    legacy = any(k.endswith((".query.weight", ".proj_attn.weight")) for k in keys)
-    return DIFFUSERS_LEGACY if legacy else DIFFUSERS
+    return diffusers_attention_naming(keys)
 
 
 def to_published(state_dict: Mapping[str, Tensor], config: AutoencoderConfig,
@@ -169,24 +166,6 @@ def from_published(state_dict: Mapping[str, Tensor], config: AutoencoderConfig) 
     return ours
 
 
-# The weights file of a diffusers model folder, in the order diffusers itself prefers them.
-DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                          "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
-
-
-def published_file(path: str | os.PathLike) -> Path:
-    """The weights file `path` names: itself, or the weights file of the diffusers model folder it is
-    (`vae/` of a Stable Diffusion pipeline, say); a folder without one is refused."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return path
-    for name in DIFFUSERS_WEIGHT_FILES:
-        if (path / name).is_file():
-            return path / name
-    raise MissingFileError(f"{path} is a folder without a diffusers weights file ({DIFFUSERS_WEIGHT_FILES[0]} or "
-                           f"{DIFFUSERS_WEIGHT_FILES[1]}); pass the path of the autoencoder's weights file.")
-
-
 def load_published_weights(model: AutoencoderKL, path: str | os.PathLike) -> None:
     """Load a published KL autoencoder: a first-stage `.ckpt`, a full Stable Diffusion checkpoint, a
     `.safetensors` file, or a diffusers AutoencoderKL's weights file or folder.
@@ -202,7 +181,7 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
     """The autoencoder's tensors of a published file under their published names, checked against `config`:
     names and shapes, or with `names_only` the names (a start-up check, before the data has said how many
     channels its images have; with `mmap`, which maps the file and reads almost nothing of it)."""
-    path = published_file(path)
+    path = diffusers_weights_file(path)
     tensors = read_state_dict(path, _describe(config), mmap=mmap)
     if any(k.startswith(FULL_CHECKPOINT_PREFIX) for k in tensors):  # keep the autoencoder, drop the rest
         prefix = len(FULL_CHECKPOINT_PREFIX)
@@ -220,11 +199,8 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
 def _diffusers_groups(path: Path) -> int | None:
     """`norm_num_groups` of the diffusers `config.json` beside a weights file (its default where the file
     leaves it out), or None where there is no such file to read."""
-    try:
-        fields = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    groups = fields.get("norm_num_groups", PUBLISHED_GROUPS) if isinstance(fields, dict) else None
+    fields = diffusers_config(path)
+    groups = None if fields is None else fields.get("norm_num_groups", PUBLISHED_GROUPS)
     return groups if isinstance(groups, int) else None
 
 

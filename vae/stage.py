@@ -23,6 +23,7 @@ from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, T
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, derive_seed
 from core.speed import compile_module
+from core.weights import diffusers_weights_file
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import from_uint8
@@ -31,7 +32,7 @@ from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, 
                         resolve_autoencoder)
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vae.perceptual import TAPS, PerceptualDistance, build_perceptual, check_weight_files
-from vae.published import load_published_weights, published_file, read_published_weights
+from vae.published import load_published_weights, read_published_weights
 
 NAME = "vae"
 EVAL_BATCH = 32
@@ -232,7 +233,7 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
         files.append(("--pretrained", config.vae.pretrained))
     for option, value in files:
         if value and option == "--pretrained":
-            value = published_file(value)  # a diffusers model folder names its weights file
+            value = diffusers_weights_file(value)  # a diffusers model folder names its weights file
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
     if config.data.test_dataset:

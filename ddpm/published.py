@@ -1,0 +1,237 @@
+"""Import of published DDPM U-Nets saved by diffusers as a `UNet2DModel`.
+
+Ho et al.'s own models (`google/ddpm-cifar10-32`, `google/ddpm-ema-cifar10-32`, the 256 px CelebA-HQ,
+LSUN church, bedroom and cat ones) are published as diffusers folders: `config.json` and
+`diffusion_pytorch_model.safetensors` (or `.bin`). Our U-Net is DDPM's network, so with the matching
+options (`--preset ddpm-cifar10` for CIFAR-10) those weights compute here what they computed there.
+
+diffusers names the blocks differently and in places holds them differently:
+
+- our `down_blocks.L.I.res|attn` are its `down_blocks.L.resnets|attentions.I`, our `downsamples.L` its
+  `down_blocks.L.downsamplers.0` (likewise up), `mid.0`/`mid.1` its `mid_block.resnets.0`,
+  `mid_block.attentions.0`, `mid_block.resnets.1`, and `time_mlp.0`/`.2` its `time_embedding.linear_1`/`_2`;
+- a residual block's time projection `emb_proj` is `time_emb_proj`, the 1x1 shortcut `skip` is
+  `conv_shortcut`, an attention's norm `group_norm`;
+- attention's fused q|k|v 1x1 convolution is three linear layers, and its output 1x1 convolution a linear
+  layer: `to_q`, `to_k`, `to_v`, `to_out.0` (`query`, `key`, `value`, `proj_attn` before diffusers 0.14);
+- a class-conditional model keeps one table of num_classes + 1 rows, the last the null class that
+  classifier-free guidance needs (our `null_embedding`).
+
+What the weights cannot tell (the sinusoids' layout, the downsampling's padding, the normalisation's
+groups and epsilon, how the time embedding enters a block, the heads) is read from `config.json` and
+compared with this U-Net's before anything is copied; a weights file without its `config.json` is
+taken on trust, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from core.errors import UserError
+from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
+                          diffusers_weights_file, read_state_dict)
+from ddpm.unet import UNet, UNetConfig, num_groups
+
+DIFFUSERS, DIFFUSERS_LEGACY = "diffusers", "diffusers-legacy"
+_PREFIXES = {"time_mlp.0.": "time_embedding.linear_1.", "time_mlp.2.": "time_embedding.linear_2.",
+             "norm_out.": "conv_norm_out.", "mid.0.res.": "mid_block.resnets.0.",
+             "mid.0.attn.": "mid_block.attentions.0.", "mid.1.res.": "mid_block.resnets.1."}
+_RESAMPLERS = {"downsamples": ("down_blocks", "downsamplers"), "upsamples": ("up_blocks", "upsamplers")}
+_LAYERS = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut", "norm": "group_norm"}
+CLASS_TABLE = "class_embedding.weight"
+
+
+def unet2d_config(config: UNetConfig) -> dict[str, Any]:
+    """`diffusers.UNet2DModel` arguments for the same U-Net as `UNet(config)` (same parameter count).
+
+    Two differences remain that cost no parameters: diffusers uses one GroupNorm group count for every
+    width, where ours takes min(32, C // 4) per width (`ddpm.unet.num_groups`; equal from 128 channels
+    on, so exact for DDPM's CIFAR-10 model), and one attention head width, where ours may fix the head
+    count instead. A class-conditional model gets num_classes + 1 embeddings: the extra one is the null
+    class that classifier-free guidance needs, the counterpart of our `null_embedding`.
+    """
+    if config.cond == "params":
+        raise UserError("UNet2DModel has no parameter-vector conditioning; use a U-Net with --cond none or class.")
+    if not config.resample_with_conv:
+        raise UserError("UNet2DModel has no average-pool downsampling; use a U-Net that resamples with convolutions.")
+    widths = tuple(config.base_channels * m for m in config.channel_mult)
+    sizes = [config.image_size // 2**level for level in range(len(widths))]
+    attention = [size in config.attention_resolutions for size in sizes]
+    attention_widths = [w for w, a in zip(widths, attention) if a] + [widths[-1]]  # the middle block has attention
+    if config.head_channels:
+        head_dim = config.head_channels
+    elif config.num_heads == 1:
+        head_dim = None  # diffusers: one head as wide as the block
+    else:
+        head_dim = attention_widths[0] // config.num_heads
+    kwargs = dict(
+        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.in_channels,
+        block_out_channels=widths, layers_per_block=config.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        downsample_type="conv", upsample_type="conv", dropout=config.dropout,
+        # DDPM's sinusoids (sin first, frequencies 10000^(-i / (half - 1))) and its stride-2 convolution
+        # padded on the bottom and right only (TF's "SAME"), as ours.
+        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+        attention_head_dim=head_dim, norm_num_groups=num_groups(min(widths)), norm_eps=1e-6,
+        # diffusers drops the middle attention's GroupNorm under scale_shift unless given its groups; ours has one.
+        attn_norm_num_groups=num_groups(min(widths)),
+        resnet_time_scale_shift="scale_shift" if config.scale_shift_norm else "default",
+    )
+    if config.cond == "class":
+        kwargs.update(class_embed_type=None, num_class_embeds=config.num_classes + 1)
+    return kwargs
+
+
+# UNet2DModel's defaults, for the fields compared below that an older config.json may leave out. But for
+# attention_head_dim: files older than that field (google/ddpm-cifar10-32's, by diffusers 0.0.4) are DDPM's
+# single-head models, where today's default (8) would split them into heads of 8 channels.
+_UNET2D_DEFAULTS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5,
+                    "norm_num_groups": 32, "attn_norm_num_groups": None, "resnet_time_scale_shift": "default",
+                    "attention_head_dim": None, "downsample_type": "conv", "upsample_type": "conv",
+                    "time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
+                    "mid_block_scale_factor": 1, "add_attention": True, "class_embed_type": None}
+# Fields that change the function and that ours always has so (not in unet2d_config's arguments).
+_FIXED = {"time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
+          "mid_block_scale_factor": 1, "add_attention": True}
+_COMPARED = ("flip_sin_to_cos", "freq_shift", "downsample_padding", "norm_eps", "resnet_time_scale_shift",
+             "attention_head_dim", "downsample_type", "upsample_type", "down_block_types", "up_block_types",
+             "class_embed_type")
+
+
+def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> str:
+    """How a diffusers UNet2DModel config.json differs from `config` in what the weights cannot show
+    ('' where it computes the same function)."""
+    ours = {**_FIXED, **unet2d_config(config)}
+    theirs = {key: fields.get(key, _UNET2D_DEFAULTS.get(key)) for key in (*_COMPARED, *_FIXED)}
+    differ = [f"{key} {theirs[key]!r} (this U-Net: {ours.get(key)!r})" for key in theirs
+              if _plain(theirs[key]) != _plain(ours.get(key))]
+    groups = fields.get("norm_num_groups", _UNET2D_DEFAULTS["norm_num_groups"])
+    widths = sorted({config.base_channels * m for m in config.channel_mult})
+    narrow = [f"{width} channels in {num_groups(width)}" for width in widths if num_groups(width) != groups]
+    if narrow:
+        differ.append(f"norm_num_groups {groups!r} (this U-Net normalises {', '.join(narrow)} groups)")
+    attn_groups = fields.get("attn_norm_num_groups")
+    if attn_groups is None and theirs["resnet_time_scale_shift"] == "default":
+        attn_groups = groups  # what diffusers' attention blocks then use
+    if attn_groups != num_groups(widths[-1]) and not narrow:
+        differ.append(f"attn_norm_num_groups {fields.get('attn_norm_num_groups')!r} (this U-Net normalises its middle "
+                      f"attention in {num_groups(widths[-1])} groups)")
+    return "; ".join(differ)
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _diffusers_names(name: str, naming: str) -> list[str]:
+    """The diffusers tensor(s) one of our U-Net's tensors is made of; several are stacked along dim 0."""
+    for old, new in _PREFIXES.items():
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    part = name.split(".")
+    if part[0] in ("down_blocks", "up_blocks") and part[3] in ("res", "attn"):  # LEVEL.I.res|attn.LAYER
+        part = [part[0], part[1], "resnets" if part[3] == "res" else "attentions", part[2], *part[4:]]
+    elif part[0] in _RESAMPLERS:  # downsamples.LEVEL.conv -> down_blocks.LEVEL.downsamplers.0.conv
+        part = [_RESAMPLERS[part[0]][0], part[1], _RESAMPLERS[part[0]][1], "0", *part[2:]]
+    *module, leaf, param = part
+    q, k, v, out = DIFFUSERS_ATTENTION[naming]
+    if leaf == "qkv":
+        return [".".join([*module, layer, param]) for layer in (q, k, v)]
+    leaf = out if leaf == "proj_out" else _LAYERS.get(leaf, leaf)
+    return [".".join([*module, leaf, param])]
+
+
+def _is_linear(name: str, naming: str) -> bool:
+    return name.endswith(".weight") and any(f".{layer}.weight" in name for layer in DIFFUSERS_ATTENTION[naming])
+
+
+def _meta_state_dict(config: UNetConfig) -> dict[str, Tensor]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        return UNet(config).state_dict()
+
+
+def to_diffusers(state_dict: Mapping[str, Tensor], config: UNetConfig, naming: str = DIFFUSERS) -> dict[str, Tensor]:
+    """Our `UNet(config).state_dict()` under UNet2DModel's names (`unet2d_config(config)` builds that model)."""
+    unet2d_config(config)  # refuses what UNet2DModel cannot hold
+    out = {}
+    for name, tensor in state_dict.items():
+        if name in ("cond_encoder.weight", "null_embedding"):
+            continue  # the class table, below
+        names = _diffusers_names(name, naming)
+        for part, chunk in zip(names, tensor.chunk(len(names), dim=0)):
+            out[part] = chunk.flatten(1) if _is_linear(part, naming) else chunk
+    if config.cond == "class":
+        out[CLASS_TABLE] = torch.cat([state_dict["cond_encoder.weight"], state_dict["null_embedding"][None]])
+    return out
+
+
+def published_keys(config: UNetConfig, naming: str = DIFFUSERS) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of a UNet2DModel file for `config` (328 tensors for DDPM's CIFAR-10 model)."""
+    return {name: tuple(t.shape) for name, t in to_diffusers(_meta_state_dict(config), config, naming).items()}
+
+
+def from_diffusers(state_dict: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """A UNet2DModel's weights, in either of diffusers' attention namings, under our names."""
+    naming = diffusers_attention_naming(state_dict)
+    check_state_dict(state_dict, published_keys(config, naming), source="the state dict given to from_diffusers",
+                     what=_describe(config))
+    ours = {}
+    for name, tensor in _meta_state_dict(config).items():
+        if name == "cond_encoder.weight":
+            ours[name] = state_dict[CLASS_TABLE][:-1]
+        elif name == "null_embedding":
+            ours[name] = state_dict[CLASS_TABLE][-1]
+        else:
+            names = _diffusers_names(name, naming)
+            chunk_shape = (tensor.shape[0] // len(names), *tensor.shape[1:])
+            parts = [state_dict[part].reshape(chunk_shape) for part in names]
+            ours[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return ours
+
+
+def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bool = False,
+                        names_only: bool = False) -> dict[str, Tensor]:
+    """A UNet2DModel's tensors (a diffusers folder, or its weights file), checked against `config`: its
+    config.json where there is one, then the names and shapes (with `names_only` the names: a start-up
+    check before the data has said how many channels and classes it has; `mmap` then reads almost
+    nothing of the file)."""
+    path = diffusers_weights_file(path)
+    tensors = read_state_dict(path, _describe(config), mmap=mmap)
+    fields = diffusers_config(path)
+    if fields is not None and fields.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UserError(f"{path.parent / 'config.json'} describes a diffusers {fields['_class_name']}, not a UNet2DModel; "
+                        f"pass the folder of a pixel-space DDPM model (google/ddpm-cifar10-32, say).")
+    if fields is None:
+        warnings.warn(f"{path} has no diffusers config.json beside it, so its time embedding, padding and normalisation "
+                      f"cannot be checked; it is taken to be DDPM's, as in Ho et al.'s published models.", UserWarning,
+                      stacklevel=1)  # one location: shown once per process
+    else:
+        mismatch = _config_mismatch(fields, config)
+        if mismatch:
+            raise UserError(f"{path.parent / 'config.json'} describes another network than this U-Net ({mismatch}); "
+                            f"pass the options of the published model (--preset ddpm-cifar10 for Ho et al.'s "
+                            f"CIFAR-10 model).")
+    expected = published_keys(config, diffusers_attention_naming(tensors))
+    if names_only:
+        expected = {name: tuple(tensors[name].shape) if name in tensors else shape for name, shape in expected.items()}
+    check_state_dict(tensors, expected, source=str(path), what=_describe(config))
+    return tensors
+
+
+def load_published_unet(net: UNet, path: str | os.PathLike) -> None:
+    """Load a diffusers UNet2DModel (folder or weights file) into `net`; a wrong file leaves it untouched."""
+    net.load_state_dict(from_diffusers(read_published_unet(path, net.config), net.config), strict=True)
+
+
+def _describe(config: UNetConfig) -> str:
+    """How error messages name the expected file, e.g. 'diffusers UNet2DModel (128 channels x 1 2 2 2, unconditional)'."""
+    mult = " ".join(map(str, config.channel_mult))
+    cond = f"{config.num_classes} classes" if config.cond == "class" else "unconditional"
+    return f"diffusers UNet2DModel ({config.base_channels} channels x {mult}, {cond})"
