@@ -116,8 +116,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     """Transformer sinusoids of t, (B,) -> (B, dim): [sin(t * f_i), cos(t * f_i)], f_i = max_period^(-i / (dim/2 - 1)).
 
     The `dim/2 - 1` denominator is the one in the DDPM code (tensor2tensor's), so f runs from 1 to
-    exactly 1/max_period. Computed in float32 even under autocast; float t is allowed because some
-    samplers (PNDM) evaluate the model between integer steps.
+    exactly 1/max_period. Computed in float32 even under autocast; float t is accepted, though every
+    sampler here calls the model at integer timesteps (PNDM rounds its half steps down).
     """
     assert t.ndim == 1 and dim % 2 == 0
     half = dim // 2

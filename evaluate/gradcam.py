@@ -60,8 +60,13 @@ def _captured(module: nn.Module) -> Iterator[dict[str, Tensor]]:
     seen: dict[str, Tensor] = {}
 
     def forward(_module, _inputs, output):
+        seen["calls"] = seen.get("calls", 0) + 1
         seen["activation"] = output
         output.register_hook(lambda grad: seen.__setitem__("gradient", grad))
+        # What runs next gets a copy: the network may change its input in place (torchvision's ResNet adds the
+        # shortcut into a block's bn2 output and applies ReLU in place), which would alter the activation kept
+        # here. The gradient still reaches `output` through the copy.
+        return output.clone()
 
     handle = module.register_forward_hook(forward)
     try:
@@ -90,8 +95,8 @@ def grad_cam(net: nn.Module, images: Tensor, layer: str, target: Tensor, *, raw:
     """Grad-CAM maps of `net` at `layer` for the output `target[b]` of each image b: (B, H, W) in
     [0, 1] at the image's size, or with `raw` the unnormalised maps at the layer's own size.
 
-    A target may be negative for a regression output to be explained downwards (its score is then
-    minus the output: the map shows what lowers it)."""
+    The layer must run once per forward pass: a module called twice (torchvision's blocks reuse one
+    ReLU) has two activations and no single map."""
     assert images.dim() == 4 and target.shape == (images.shape[0],), (
         f"images (B, C, H, W) and one target per image, got {tuple(images.shape)} and {tuple(target.shape)}")
     module = find_layer(net, layer)
@@ -103,8 +108,11 @@ def grad_cam(net: nn.Module, images: Tensor, layer: str, target: Tensor, *, raw:
         with torch.enable_grad(), _captured(module) as seen:
             x = images.detach().clone().requires_grad_(True)   # so the graph exists with frozen weights
             out = net(x).float()
-            rows = torch.arange(len(target), device=out.device)
-            score = out[rows, target.abs()] * torch.where(target < 0, -1.0, 1.0).to(out.device)
+            if seen["calls"] != 1:
+                raise UserError(f"--layer {layer} runs {seen['calls']} times in one forward pass (torchvision's "
+                                f"residual blocks reuse their relu), so it has no single activation to explain; pass a "
+                                f"layer that runs once, such as the block itself or one of its conv or bn layers.")
+            score = out[torch.arange(len(target), device=out.device), target]
             # Each image's score depends on that image only, so one backward of the sum gives each its own gradient.
             score.sum().backward()
         activation, gradient = seen["activation"].detach().float(), seen["gradient"].float()
@@ -269,6 +277,10 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
                             f"of one resolution and target.")
+        if c.config.target == "class" and c.output_names != first.output_names:  # labels index one list of classes
+            raise UserError(f"Classifier {name} has the classes {', '.join(c.output_names)}, {names[0]} "
+                            f"{', '.join(first.output_names)} (in this order); compare classifiers of one list of "
+                            f"classes.")
     for name, c in classifiers:
         find_layer(c.net, args.layer)
         if args.class_name is not None and args.class_name not in c.output_names:

@@ -8,7 +8,8 @@ and a larger K keeps the earlier ones) and from draws seeded by (seed, k) alone:
                                                          n ~ N(0, I)
 
 where rms(E) is the root mean square entry of all N learned vectors, so `emb_noise` is relative to
-their size whatever the model. The images are sampled with guidance scale s against a reference r,
+their size whatever the model. Zhou et al.'s released code interpolates with one fixed weight (0.1)
+and adds noise of a fixed absolute size; drawing w and scaling the noise are our variants. The images are sampled with guidance scale s against a reference r,
 eps = eps(r) + s (eps(e_k) - eps(r)), r being the mean learned vector (the paper's choice) or the
 model's null embedding. With interp = 0 and emb_noise = 0, e_k = e_i exactly and image k is the plain
 sample from image i's learned vector.
@@ -44,9 +45,10 @@ VARIATION_KEY = 2  # (seed, k, VARIATION_KEY) seeds image k's partner, weight an
 @dataclass(frozen=True)
 class Variations:
     emb_noise: float = option(0.1, "Gaussian noise added to each learned vector, as a multiple of the vectors' root "
-                                   "mean square entry (Zhou et al. 2023: 0.1)")
+                                   "mean square entry (0: off; Zhou et al.'s released code adds noise of a fixed "
+                                   "standard deviation instead, none in its dataset script)")
     interp: float = option(0.1, "interpolate towards another image of the same class with a weight drawn uniformly "
-                                "from [0, this] (Zhou et al. 2023: up to 0.1; 0: off)")
+                                "from [0, this] (0: off; Zhou et al.'s released code uses one fixed weight, 0.1)")
     reference: str = option("mean", "what guidance pushes away from: mean (of all learned vectors, as in Zhou et al. "
                                     "2023) or null (the model's null embedding, plain classifier-free guidance)",
                             choices=REFERENCES)

@@ -165,8 +165,9 @@ def test_config_validation_and_json_round_trip():
     assert AutoencoderConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
     with pytest.raises(ValueError, match="attention_resolutions \\(12,\\) must be among"):
         tiny_config(attention_resolutions=(12,))
-    with pytest.raises(ValueError, match="whole GroupNorm groups\\), got 18"):
-        tiny_config(base_channels=18)
+    with pytest.raises(ValueError, match="min\\(32, C // 4\\) equal GroupNorm groups .*, got 18"):
+        tiny_config(base_channels=18)  # 4 groups of 4.5 channels
+    assert tiny_config(base_channels=10, channel_mult=(1,), attention_resolutions=()).base_channels == 10  # 2 of 5
     with pytest.raises(ValueError, match="got 144"):
         tiny_config(base_channels=144)  # 32 groups of 4.5 channels
     with pytest.raises(ValueError, match="resolution 30 must be divisible"):

@@ -164,3 +164,38 @@ def test_a_layer_without_image_positions_is_refused_and_not_suggested():
     with pytest.raises(ValueError, match=r"no layer 'head'; pass --layer one of conv1, .*, layer4 \(or a nested"):
         gradcam.find_layer(net, "head")
     assert gradcam.find_layer(net, "layer3.1.conv2") is net.layer3[1].conv2
+
+
+def test_a_layer_whose_output_is_later_changed_in_place_maps_its_own_activation():
+    """torchvision's block adds the shortcut into bn2's output and applies ReLU in place: the map at bn2
+    weighs bn2's output, not the sum after it (eqs. 1-2 written out by hand)."""
+    net = resnet()
+    images, target = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    block = net.layer4[1]
+    with torch.no_grad():
+        h = net.layer4[0](net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(images))))))))
+    a = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h))))).detach().requires_grad_(True)
+    score = net.fc(torch.flatten(net.avgpool(torch.relu(a + h)), 1))[torch.arange(2), target]
+    (gradient,) = torch.autograd.grad(score.sum(), a)
+    expected = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1))
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(grad_cam(net, images, "layer4.1.bn2", target, raw=True), expected.detach(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_that_runs_twice_per_pass_is_refused():
+    with pytest.raises(ValueError, match=r"--layer layer4.1.relu runs 2 times in one forward pass"):
+        grad_cam(resnet(), torch.randn(1, 3, 16, 16), "layer4.1.relu", torch.tensor([0]))
+
+
+def test_classifiers_of_other_class_lists_are_not_compared(tmp_path):
+    """Labels index the first classifier's classes: a second one with them in another order would be scored
+    against the wrong ones."""
+    (tmp_path / "images" / "red").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (230, 20, 20)).save(tmp_path / "images" / "red" / "a.png")
+    a = classifier_checkpoint(tmp_path / "a.pt", 0, classes=("blue", "red"))
+    b = classifier_checkpoint(tmp_path / "b.pt", 1, classes=("red", "blue"))
+    with pytest.raises(ValueError, match=r"Classifier b has the classes red, blue, a blue, red \(in this order\)"):
+        gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "a", "--name", "b", "--images",
+                      f"folder:{tmp_path / 'images'}", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert not (tmp_path / "out").exists()

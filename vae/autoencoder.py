@@ -58,8 +58,8 @@ class AutoencoderConfig:
             channels = self.base_channels * mult
             # GroupNorm needs whole groups: min(32, C // 4) of them (see ddpm.unet.num_groups).
             if channels < 4 or channels % num_groups(channels):
-                raise UserError(f"base_channels * channel_mult must be a multiple of 4 below 128 and of 32 from "
-                                f"128 on (whole GroupNorm groups), got {channels}.")
+                raise UserError(f"base_channels * channel_mult must split into min(32, C // 4) equal GroupNorm groups "
+                                f"(any multiple of 4 below 128 does, and any multiple of 32 from 128 on), got {channels}.")
         if self.resolution % self.downsampling_factor:
             raise UserError(f"resolution {self.resolution} must be divisible by the downsampling factor "
                             f"{self.downsampling_factor}.")

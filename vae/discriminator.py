@@ -91,7 +91,8 @@ GRAD_SCALE = 2.0 ** 16  # see adaptive_weight
 
 
 def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
-    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4).
+    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4), with
+    the 1e-4 of their code (taming-transformers) as the equation's small delta.
 
     `nll_loss` is the reconstruction term as it enters the loss: latent diffusion takes the gradient
     of its negative log-likelihood rec / exp(s) + s (s the output log-variance), not of the plain
