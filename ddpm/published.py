@@ -219,6 +219,11 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
                             f"pass the options of the published model (--preset ddpm-cifar10 for Ho et al.'s "
                             f"CIFAR-10 model).")
     expected = published_keys(config, diffusers_attention_naming(tensors))
+    table = tensors.get(CLASS_TABLE)
+    if not names_only and table is not None and CLASS_TABLE in expected and len(table) == expected[CLASS_TABLE][0] - 1:
+        raise UserError(f"{path} holds {len(table)} class embeddings for the data's {config.num_classes} classes and no "
+                        f"null class after them, which classifier-free guidance (and this U-Net) needs; it cannot be "
+                        f"imported as a class-conditional model.")
     if names_only:
         expected = {name: tuple(tensors[name].shape) if name in tensors else shape for name, shape in expected.items()}
     check_state_dict(tensors, expected, source=str(path), what=_describe(config))

@@ -172,3 +172,13 @@ def test_train_imports_published_weights_with_zero_steps(tmp_path):
     ours.load_state_dict(payload["ema"]["model"])
     expected = to_diffusers(ours.state_dict(), config)
     assert all(torch.equal(expected[k], v) for k, v in peer.state_dict().items())
+
+
+def test_a_class_table_without_the_null_class_is_named_as_such(tmp_path):
+    config = small_config(cond="class", num_classes=3)
+    weights = to_diffusers(UNet(config).state_dict(), config)
+    weights["class_embedding.weight"] = weights["class_embedding.weight"][:3]  # a model trained without guidance
+    torch.save(weights, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="3 class embeddings for the data's 3 classes and no null class"):
+        with pytest.warns(UserWarning, match="no diffusers config.json"):
+            load_published_unet(UNet(config), tmp_path)
