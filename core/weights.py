@@ -9,6 +9,7 @@ copied, so a wrong file is refused with one sentence instead of being half-used.
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
 import struct
 import zipfile
@@ -37,8 +38,9 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
 
     Accepts a plain PyTorch state dict (zip or legacy format; tensors saved on a GPU are mapped to
     the CPU), a training checkpoint that wraps one under "state_dict" (Lightning, latent-diffusion),
-    and `.safetensors`. `mmap` maps a zip-format PyTorch file instead of reading it, so that checking its
-    names and shapes (a start-up check) reads almost nothing of a file of hundreds of megabytes.
+    and `.safetensors`. `mmap` maps a zip-format PyTorch file or a `.safetensors` file instead of reading
+    it, so that checking its names and shapes (a start-up check) reads almost nothing of a file of
+    hundreds of megabytes.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -47,7 +49,7 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
         raise MissingFileError(f"{what} file {path} does not exist; pass the path of the published weights file.")
     try:
         if path.suffix == ".safetensors":
-            tensors = _read_safetensors(path)
+            tensors = _read_safetensors(path, mmap=mmap)
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True,
                                  mmap=mmap and zipfile.is_zipfile(path))  # the legacy format cannot be mapped
@@ -62,8 +64,14 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
     return dict(tensors)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    data = path.read_bytes()
+def _read_safetensors(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A `.safetensors` file's tensors; with `mmap`, views of a private mapping of the file, read from disk only
+    where touched."""
+    if mmap:
+        with open(path, "rb") as file:
+            data = mmap_module.mmap(file.fileno(), 0, access=mmap_module.ACCESS_COPY) if path.stat().st_size else b""
+    else:
+        data = path.read_bytes()
     if len(data) < 8:
         raise ValueError("file shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -87,6 +95,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"tensor {name} has data offsets {begin}..{end} that do not fit its shape {shape}")
         if count == 0:  # frombuffer refuses an empty buffer
             tensors[name] = torch.empty(shape, dtype=dtype)
+        elif mmap:  # a view of the mapping (copy-on-write: writable, so torch takes it without a copy)
+            tensors[name] = torch.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
         else:
             tensors[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape)
     return tensors

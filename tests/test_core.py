@@ -254,12 +254,16 @@ def test_weight_files_load_as_data_in_every_published_form(tmp_path):
     tensors = {"x.weight": torch.randn(3, 2), "x.half": torch.randn(4).half(), "n": torch.arange(5)}
     write_safetensors(tmp_path / "w.safetensors", tensors)
     torch.save({"state_dict": tensors, "global_step": 7}, tmp_path / "w.ckpt")  # a Lightning-style wrapper
-    for name in ("w.safetensors", "w.ckpt"):
-        loaded = read_state_dict(tmp_path / name, "test")
+    for name, mmap in [(n, m) for n in ("w.safetensors", "w.ckpt") for m in (False, True)]:
+        loaded = read_state_dict(tmp_path / name, "test", mmap=mmap)
         assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
-    with pytest.raises(ValueError, match="Cannot read test file"):
-        read_state_dict(tmp_path / "bad.safetensors", "test")
+    full = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(full[:-3])  # the last tensor's data runs past the end
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name, mmap in [(n, m) for n in ("bad", "cut", "empty") for m in (False, True)]:
+        with pytest.raises(ValueError, match="Cannot read test file"):
+            read_state_dict(tmp_path / f"{name}.safetensors", "test", mmap=mmap)
 
     class Evil:
         def __reduce__(self):
