@@ -133,6 +133,12 @@ def diffusers_config(weights_file: Path) -> dict | None:
     return fields if isinstance(fields, dict) else None
 
 
+def diffusers_linear(name: str, naming: str) -> bool:
+    """Whether a diffusers tensor is an attention projection's weight, which diffusers holds as a linear
+    layer's (out, in) where our 1x1 convolutions hold (out, in, 1, 1)."""
+    return name.endswith(".weight") and any(f".{layer}.weight" in name for layer in DIFFUSERS_ATTENTION[naming])
+
+
 def diffusers_attention_naming(keys: Iterable[str]) -> str:
     """Which of DIFFUSERS_ATTENTION's namings a diffusers file's keys use."""
     legacy = DIFFUSERS_ATTENTION["diffusers-legacy"]

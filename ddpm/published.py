@@ -34,7 +34,7 @@ from torch import Tensor
 
 from core.errors import UserError
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_weights_file, read_state_dict)
+                          diffusers_linear, diffusers_weights_file, read_state_dict)
 from ddpm.unet import UNet, UNetConfig, num_groups
 
 DIFFUSERS, DIFFUSERS_LEGACY = "diffusers", "diffusers-legacy"
@@ -148,10 +148,6 @@ def _diffusers_names(name: str, naming: str) -> list[str]:
     return [".".join([*module, leaf, param])]
 
 
-def _is_linear(name: str, naming: str) -> bool:
-    return name.endswith(".weight") and any(f".{layer}.weight" in name for layer in DIFFUSERS_ATTENTION[naming])
-
-
 def _meta_state_dict(config: UNetConfig) -> dict[str, Tensor]:
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         return UNet(config).state_dict()
@@ -166,7 +162,7 @@ def to_diffusers(state_dict: Mapping[str, Tensor], config: UNetConfig, naming: s
             continue  # the class table, below
         names = _diffusers_names(name, naming)
         for part, chunk in zip(names, tensor.chunk(len(names), dim=0)):
-            out[part] = chunk.flatten(1) if _is_linear(part, naming) else chunk
+            out[part] = chunk.flatten(1) if diffusers_linear(part, naming) else chunk
     if config.cond == "class":
         out[CLASS_TABLE] = torch.cat([state_dict["cond_encoder.weight"], state_dict["null_embedding"][None]])
     return out

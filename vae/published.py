@@ -36,7 +36,7 @@ from torch import Tensor
 
 from core.errors import UserError
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_weights_file, read_state_dict)
+                          diffusers_linear, diffusers_weights_file, read_state_dict)
 from ddpm.unet import num_groups
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -102,8 +102,7 @@ def _published_names(name: str, naming: str, levels: int) -> list[str]:
 def _published_shape(name: str, shape: torch.Size, naming: str) -> tuple[int, ...]:
     """The shape a published tensor has: diffusers' attention projections are linear layers, (out, in)
     where our 1x1 convolutions are (out, in, 1, 1)."""
-    if naming != LATENT_DIFFUSION and name.endswith(".weight") and len(shape) == 4 and any(
-            f".{layer}.weight" in name for layer in _ATTENTION_LAYERS[naming]):
+    if naming != LATENT_DIFFUSION and diffusers_linear(name, naming):
         return tuple(shape[:2])
     return tuple(shape)
 
