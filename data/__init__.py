@@ -161,25 +161,20 @@ def load_test_set(train: ImageDataset, spec: str, test_spec: str, num_samples: i
                   cache_dir: str | Path = ".cache/datasets", seed: int = 0) -> tuple[ImageDataset, str]:
     """Images to evaluate a model trained on `train` (from `spec`) with, and what they are.
 
-    `test_spec` names a dataset of its own; empty means the test split of `spec` where it has one
-    (plumes and cifar10 do), else a seeded subset of the training images, which is then reported as
+    `test_spec` names a dataset of its own (its test split, where it is plumes or cifar10); empty means
+    the test split of `spec` where it has one, else a seeded subset of the training images, which is then reported as
     "trainset" rather than "heldout" so no one mistakes it for held-out data. At most `num_samples`
     images (0: all), at the training set's resolution and channels.
     """
     info = train.info
     num_samples = num_samples or None
-    if test_spec:
-        whole = load_dataset(test_spec, info.resolution, cache_dir=cache_dir, channels=info.channels)
-        keep = subset_indices(len(whole), min(num_samples or len(whole), len(whole)), seed, f"test dataset {test_spec}")
-        return whole.subset(keep), "heldout"
-    if spec in SPLITS_WITH_TEST:
-        if spec == "plumes":
-            test = load_dataset(spec, info.resolution, cache_dir=cache_dir, train=False, num_samples=num_samples,
-                                channels=info.channels)
-        else:
-            test = load_dataset(spec, info.resolution, cache_dir=cache_dir, train=False, channels=info.channels)
-            test = test.subset(subset_indices(len(test), min(num_samples or len(test), len(test)), seed,
-                                              f"the {spec} test split"))
-        return test, "heldout"
+    if test_spec or spec in SPLITS_WITH_TEST:
+        source = test_spec or spec  # plumes or cifar10 named as a test set give their test split too
+        if source == "plumes":  # simulated: only as many as asked for
+            return load_dataset(source, info.resolution, cache_dir=cache_dir, train=False, num_samples=num_samples,
+                                channels=info.channels), "heldout"
+        test = load_dataset(source, info.resolution, cache_dir=cache_dir, train=False, channels=info.channels)
+        what = f"test dataset {test_spec}" if test_spec else f"the {spec} test split"
+        return test.subset(subset_indices(len(test), min(num_samples or len(test), len(test)), seed, what)), "heldout"
     keep = subset_indices(len(train), min(num_samples or len(train), len(train)), seed, f"dataset {spec}")
     return train.subset(keep), "trainset"

@@ -218,7 +218,7 @@ def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig
     the test images as its runs will: a damaged image, a bad params.csv, or other classes than --test's are
     refused now, not when the set's first run starts after the rows before it have trained."""
     data = config.data
-    test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir)
+    test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir, train=False)  # plumes: its test split
     for option, spec in training_sets(args, rows).items():
         same_targets(load_dataset(spec, data.resolution, cache_dir=data.cache_dir).info, test.info, "--test",
                      config.model.target, train_option=option)

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError("--explain label needs labelled images (class folders); use --explain pred.")
         maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,
                                       class_name=args.class_name, output=args.output, batch_size=args.batch_size)
-        columns = [images] + [overlay(images, maps[name]) for name in names]
+        columns = [images.expand(-1, 3, -1, -1)] + [overlay(images, maps[name]) for name in names]  # grey as RGB
         save_grid(torch.stack(columns, dim=1).flatten(0, 1), out / "overlays.png", nrow=len(columns))
         write_csv(rows, out / "stats.csv")
         table = summary_table(summary)

@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_set_size(args.out, images, size_option)
     # The real images are read, and checked to be judgeable, before anything is drawn.
     resolution, channels = judge.info.resolution, judge.info.channels
-    test = load_dataset(args.test, resolution, channels=channels)
+    test = load_dataset(args.test, resolution, channels=channels, train=False)  # plumes, cifar10: their test split
     real = load_dataset(args.real, resolution, channels=channels)
     if len(real) > images:  # the real row: as many real images as a set holds, or all there are
         real = load_dataset(args.real, resolution, channels=channels, num_samples=images)

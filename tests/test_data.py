@@ -863,3 +863,26 @@ def test_cifar10_refuses_batches_of_the_wrong_structure(tmp_path, monkeypatch, t
     (folder / target).write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
     with pytest.raises(ValueError, match=rf"{folder / target} is not a genuine CIFAR-10 batch .*{match}"):
         load_dataset("cifar10", 32, cache_dir=tmp_path)
+
+
+def test_a_test_set_named_plumes_or_cifar10_is_their_test_split(tmp_path, monkeypatch):
+    """`--test-dataset plumes` (and the experiment's and the sweep's `--test plumes`) is the held-out split, never
+    the training split it would be scored on while called "heldout"."""
+    from data import load_test_set
+    import data.cifar as cifar
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    train = load_dataset(f"folder:{tmp_path}", 8)
+    splits = []
+
+    def fake(resolution, cache_dir, train=True, num_samples=None, seed=0, channels=None):
+        splits.append(train)
+        return images
+    images = train
+    monkeypatch.setattr(plumes, "load_plumes", fake)
+    monkeypatch.setattr(cifar, "load_cifar10", fake)
+    for spec, test_spec in (("plumes", ""), (f"folder:{tmp_path}", "plumes"), ("plumes", "plumes"),
+                            (f"folder:{tmp_path}", "cifar10")):
+        splits.clear()
+        _, split = load_test_set(train, spec, test_spec, 3)
+        assert splits == [False] and split == "heldout", (spec, test_spec)

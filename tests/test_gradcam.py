@@ -199,3 +199,17 @@ def test_classifiers_of_other_class_lists_are_not_compared(tmp_path):
         gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "a", "--name", "b", "--images",
                       f"folder:{tmp_path / 'images'}", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_greyscale_classifier_is_drawn_beside_its_images(tmp_path):
+    (tmp_path / "images" / "dark").mkdir(parents=True)
+    Image.new("L", (16, 16), 40).save(tmp_path / "images" / "dark" / "a.png")
+    info = DatasetInfo("folder:x", 16, 1, ("dark", "light"), (), (), 4)
+    config = ClassifierConfig(num_outputs=2, in_channels=1)
+    torch.manual_seed(0)
+    save_checkpoint({"stage": "classify", "config": {"model": to_dict(config)},
+                     "data_info": {**info.to_dict(), "fingerprint": "0"},
+                     "models": {"model": build_resnet18(config, resolution=16).state_dict()}}, tmp_path / "grey.pt")
+    out = gradcam.main(["--ckpt", str(tmp_path / "grey.pt"), "--images", f"folder:{tmp_path / 'images'}", "--out",
+                        str(tmp_path / "out"), "--device", "cpu"])
+    assert Image.open(out / "overlays.png").size == (2 * 18 + 2, 18 + 2) and Image.open(out / "overlays.png").mode == "RGB"
