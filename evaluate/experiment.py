@@ -281,7 +281,16 @@ class ReusedRuns:
         """Refuse a finished or interrupted run in `run_dir` that was not made from `request` (only its options
         and the names of its datasets with `data=False`, when the datasets are still being written)."""
         checkpoint = run_dir / "checkpoint.pt"
-        if not checkpoint.is_file():  # not started, or stopped before its first checkpoint: trained from the start
+        if not checkpoint.is_file():
+            if final_results(run_dir) is None:  # not started, or stopped before its first checkpoint: trained afresh
+                return
+            # Finished, its checkpoint deleted since (to save space, say): config.json still says how it was made.
+            config_path = run_dir / "config.json"
+            saved_config = from_dict(ClassifyConfig, json.loads(config_path.read_bytes().decode("utf-8")),
+                                     source=config_path)
+            self._check_config(row, run_dir, request, saved_config)
+            print(f"{run_dir} has no checkpoint.pt: its result is kept, checked against this request by its options and "
+                  f"dataset names only (not by the images' contents); delete {run_dir} to train it again.", flush=True)
             return
         try:
             saved = load_checkpoint(checkpoint, CLASSIFY.name)

@@ -135,6 +135,14 @@ def another_test_folder(request) -> Reuse:
     return table_again(root, test=other)
 
 
+def another_test_folder_after_checkpoints_were_deleted(request) -> Reuse:
+    root = request.getfixturevalue("table")
+    for checkpoint in (root / "out").rglob("checkpoint.pt"):  # to save space: config.json still says what was done
+        checkpoint.unlink()
+    other = colour_folder(root / "other-test", 2, seed=6)
+    return table_again(root, test=other)
+
+
 def changed_test_set(request) -> Reuse:
     root = request.getfixturevalue("table")
     repaint(root / "test")
@@ -281,6 +289,10 @@ CASES = {
         r"them, or choose another --out\.$"),
     "table: another test folder": Case(
         "experiment", another_test_folder, "refused",
+        r"^--test now names folder:\S+/other-test but \S+/runs/real/seed0 was trained on folder:\S+/test; "
+        r"choose another --out\.$"),
+    "table: another test folder, the runs' checkpoints deleted": Case(
+        "experiment", another_test_folder_after_checkpoints_were_deleted, "refused",
         r"^--test now names folder:\S+/other-test but \S+/runs/real/seed0 was trained on folder:\S+/test; "
         r"choose another --out\.$"),
     "table: the test folder changed in place": Case(
