@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -190,12 +191,19 @@ def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache
     counts = {spec: count_images(spec, resolution, cache_dir)
               for spec in {args.real, *(row.dataset for row in rows), *(row.extra for row in rows if row.extra)}}
     if args.synthetic_multiple is None:
-        return Sizes(match=min(counts.values()))
+        match = min(counts.values())
+        if any(row.extra for row in rows) and match < 2:  # half and half: 0 would read as "every image"
+            raise UserError(f"--match-size gives every row {match} image(s), and a mixed row needs at least 2 (half real, "
+                            f"half synthetic); add images to the smallest set, or pass --no-mixed.")
+        return Sizes(match=match)
     k = args.synthetic_multiple
     synthetic = {spec: counts[spec] for spec in counts if spec != args.real}
     real = counts[args.real]
     if args.match_size:  # the most real images every synthetic set can match k times over
-        real = min([real, *(int(n // k) for n in synthetic.values())])
+        real = min([real, *(most_matched(n, k) for n in synthetic.values())])
+    if real >= 1 and round(k * real) < 1:  # 0 synthetic images would read as "every image"
+        raise UserError(f"--synthetic-multiple {k:g} of {real} real images rounds to no synthetic image per row; raise "
+                        f"it to at least {0.5 / real:.3g}.")
     short = {spec: n for spec, n in synthetic.items() if n < round(k * real)}
     if short:
         spec, n = next(iter(short.items()))
@@ -205,6 +213,12 @@ def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache
     if real < 1:
         raise UserError(f"--synthetic-multiple {k:g} leaves no real images to train on; lower it.")
     return Sizes(real=real, multiple=k)
+
+
+def most_matched(n: int, k: float) -> int:
+    """The most real images N that a set of n holds k times over (k N <= n), with the float error of n / k
+    forgiven (1 // 0.1 is 9.0)."""
+    return math.floor(n / k + 1e-9)
 
 
 def training_sets(args: argparse.Namespace, rows: list[Row]) -> dict[str, str]:

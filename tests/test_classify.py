@@ -419,6 +419,29 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
     assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
 
 
+def test_row_sizes_that_round_to_no_image_are_refused_and_matched_counts_survive_float_division(tmp_path):
+    """0 images would reach the classifier as --num-samples 0 / --extra-samples 0, which mean every image."""
+    import argparse
+    from evaluate.experiment import Row, most_matched, plan_sizes
+    real = colour_folder(tmp_path / "real", 8, seed=0)             # 24 images
+    one = tmp_path / "one"
+    (one / "blue").mkdir(parents=True)
+    Image.new("RGB", (RES, RES)).save(one / "blue" / "0.png")
+    rows = [Row("real", f"folder:{real}"), Row("one", f"folder:{one}", synthetic="one"),
+            Row("real+one", f"folder:{real}", extra=f"folder:{one}", synthetic="one")]
+
+    def sizes(multiple, match_size=False, rows=rows):
+        args = argparse.Namespace(real=f"folder:{real}", synthetic_multiple=multiple, match_size=match_size)
+        return plan_sizes(args, rows, RES, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"--synthetic-multiple 0.01 of 24 real images rounds to no synthetic image"):
+        sizes(0.01)
+    with pytest.raises(ValueError, match=r"--match-size gives every row 1 image\(s\), and a mixed row needs at least 2"):
+        sizes(None, match_size=True)
+    assert sizes(None, match_size=True, rows=rows[:2]).match == 1  # no mixed row: one image each is a table
+    assert sizes(0.1, match_size=True).real == 10                  # 1 // 0.1 is 9.0
+    assert [most_matched(n, k) for n, k in ((1, 0.1), (48, 3), (7, 0.3), (10, 2.5))] == [10, 16, 23, 4]
+
+
 def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path, capsys):
     from core.checkpoint import save_checkpoint, state_fingerprint
     real, test = colours                                            # 24 real images
