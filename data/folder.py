@@ -183,6 +183,12 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+def decode_square(path: Path, resolution: int, mode: str) -> np.ndarray:
+    """The image file as training reads it: decoded upright in `mode` ("RGB" or "L", see `load_image`), its
+    centre square resized to resolution x resolution -> uint8 (H, W[, C])."""
+    return _square(load_image(path, mode), resolution)
+
+
 def _square(image: Image.Image, resolution: int) -> np.ndarray:
     """Centre square of `image`, resized to resolution x resolution with antialiased Lanczos -> (H, W[, C])."""
     w, h = image.size
@@ -207,7 +213,7 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     files = [files[i] for i in keep]
 
     mode = "L" if channels == 1 else "RGB"
-    decoded = [_square(load_image(f, mode), resolution) for f in tqdm(files, desc=f"Decoding {root.name}", unit="img")]
+    decoded = [decode_square(f, resolution, mode) for f in tqdm(files, desc=f"Decoding {root.name}", unit="img")]
     images = torch.from_numpy(np.stack(decoded))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
     if channels is None and (images[:, :1] == images).all():

@@ -5,10 +5,14 @@ what matters. A classifier or parameter regressor trained on the domain (`train.
 has learnt features for it, and its penultimate layer (ResNet-18's 512 averaged channels, the input
 of its `fc` head) serves as the feature space of the same Fréchet distance and KID.
 
-Images reach the network as the classify stage's training data reaches it: a centre square, resized
-to the classifier's resolution (antialiased bicubic, as `data.dataset.resize_uint8`; images already
-at that size, as generated samples are, pass untouched), mapped from [0, 1] to [-1, 1]
-(`data.imageio.from_uint8`), in its channels (ITU-R 601 luma or grey replicated, `Classifier.prepare`).
+Images reach the network as the classify stage's training data reaches it. A folder's files are decoded
+as `load_dataset` decodes them (`data.folder.decode_square`: upright by EXIF, transparency on black,
+the centre square resized with antialiased Lanczos, in the classifier's channels), so that `python -m
+fid --features` and the sweep measure the same features; images handed over as tensors are brought to
+the classifier's resolution by `fit_to` (centre square, antialiased bicubic, as
+`data.dataset.resize_uint8`; images already at that size, as generated samples are, pass untouched).
+Then they are mapped from [0, 1] to [-1, 1] (`data.imageio.from_uint8`), in the classifier's channels
+(ITU-R 601 luma or grey replicated, `Classifier.prepare`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from .stats import Provenance, Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
 from core.checkpoint import state_fingerprint
+from data.folder import decode_square
 from core.errors import UserError
 from core.speed import check_compile
 
@@ -188,9 +189,13 @@ class FeatureExtractor:
             if self.checkpoint is None:
                 batches = FolderBatches(source, self.batch_size, self.num_workers)
             else:
-                resolution = self.domain.resolution
+                # As the classify stage reads its training images (upright, alpha on black, Lanczos centre square,
+                # in the classifier's channels), so that these features are the ones its training and the sweep see.
+                info = self.domain.classifier.info
+                mode = "L" if info.channels == 1 else "RGB"
+                source = source.decoded_by(functools.partial(decode_square, resolution=info.resolution, mode=mode))
                 batches = FolderBatches(source, self.batch_size, self.num_workers,
-                                        functools.partial(fit_to, resolution=resolution), resolution)
+                                        functools.partial(fit_to, resolution=info.resolution), info.resolution)
             return batches, len(batches), source.root.name
         if isinstance(source, torch.Tensor):
             if source.dim() != 4:

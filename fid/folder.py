@@ -16,6 +16,7 @@ Which files are read, and how each becomes RGB, follow pytorch-fid (mseitzer/pyt
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -109,17 +110,30 @@ def read_rgb(path: Path) -> Image.Image:
 
 
 class ImageFolder(Dataset):
-    """The images `list_fid_images(root, files)` selects, each a (3, H, W) float tensor in [0, 1]."""
+    """The images `list_fid_images(root, files)` selects, each a (3, H, W) float tensor in [0, 1] as pytorch-fid
+    reads it, or with `decode` (a picklable path -> uint8 (H, W[, C]) array) as that function reads it."""
 
-    def __init__(self, root: str | os.PathLike, files: str = "pytorch-fid") -> None:
+    def __init__(self, root: str | os.PathLike, files: str = "pytorch-fid",
+                 decode: Callable[[Path], np.ndarray] | None = None) -> None:
         self.root = Path(root)
         self.files = list_fid_images(self.root, files)
+        self.decode = decode
+
+    def decoded_by(self, decode: Callable[[Path], np.ndarray]) -> "ImageFolder":
+        """The same files, read by `decode`."""
+        folder = copy.copy(self)
+        folder.decode = decode
+        return folder
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        array = np.asarray(read_rgb(self.files[index]), dtype=np.uint8)
+        if self.decode is not None:
+            array = self.decode(self.files[index])
+            array = array[..., None] if array.ndim == 2 else array  # greyscale: one channel
+        else:
+            array = np.asarray(read_rgb(self.files[index]), dtype=np.uint8)
         # Same conversion as torchvision's ToTensor, which pytorch-fid uses (in place: one float copy
         # of a large photo, not two).
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)

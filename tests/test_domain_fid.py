@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import fid
@@ -55,19 +54,19 @@ def image_folder(root: Path, count: int, size: tuple[int, int], seed: int) -> st
 
 
 def by_hand(path: Path, folder: str) -> np.ndarray:
-    """Penultimate features computed without fid: centre square, bicubic antialiased resize, [-1, 1],
-    the classifier's channels, then every child of the ResNet but `fc`, flattened."""
+    """Penultimate features computed without fid, from each file as training decodes it: in the classifier's
+    channels (L for one), its centre square resized with Lanczos to the classifier's size, [-1, 1], then every
+    child of the ResNet but `fc`, flattened."""
     classifier = load_classifier(path)
+    size, mode = classifier.info.resolution, "L" if classifier.info.channels == 1 else "RGB"
     images = []
     for file in sorted(Path(folder).glob("*.png")):
-        x = torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1).float() / 255
-        side = min(x.shape[-2:])
-        top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
-        x = x[None, :, top:top + side, left:left + side]
-        size = classifier.info.resolution
-        if side != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        images.append(x)
+        image = Image.open(file).convert(mode)
+        side = min(image.size)
+        left, top = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+        pixels = np.array(image.resize((size, size), Image.LANCZOS, box=(left, top, left + side, top + side)))
+        x = torch.from_numpy(pixels.reshape(size, size, -1)).permute(2, 0, 1).float() / 255
+        images.append(x[None])
     x = classifier.prepare(torch.cat(images) * 2 - 1)
     body = torch.nn.Sequential(*list(classifier.net.children())[:-1])  # conv1 ... avgpool, without fc
     with torch.no_grad():
@@ -90,6 +89,25 @@ def test_features_are_the_classifiers_penultimate_layer(tmp_path, kind):
             mixed / f"{i}.png")
     got = fid.compute_features(str(mixed), features=ckpt, device="cpu", batch_size=3, progress=False)
     np.testing.assert_allclose(got, by_hand(ckpt, str(mixed)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_folder_gives_the_features_of_the_images_training_reads_from_it(tmp_path):
+    """The sweep measures images load_dataset decoded; `python -m fid --features` reads the folder itself: transparent,
+    larger and JPEG files must give both the same features."""
+    from data import load_dataset
+    ckpt = classifier_checkpoint(tmp_path / "c.pt", 0)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        rgba[:6, :, 3] = 0                                         # the top rows transparent
+        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    decoded = load_dataset(f"folder:{folder}", 16, channels=3).images.float() / 255
+    options = dict(features=ckpt, device="cpu", batch_size=3, progress=False)
+    got = fid.compute_features(str(folder), files="all", **options)
+    np.testing.assert_allclose(got, fid.compute_features(decoded, **options), rtol=1e-5, atol=1e-6)
 
 
 def test_a_folder_is_at_distance_zero_from_itself(tmp_path):
