@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> Path:
         info = dataset.info
         binning = parse_binning(args.classes, info) if args.classes else None
         request = {**known, "param_names": list(info.param_names),
-                   "classes": binning.describe() if binning else list(info.class_names)}
+                   "classes": binning.describe() if binning else list(info.class_names),
+                   "source_fingerprint": dataset.fingerprint()}  # the images, labels and parameters exported
         items = []
         for k in range(len(dataset)):
             params = {name: float(v) for name, v in zip(info.param_names, dataset.params[k])}
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
                 record["seed"] = int(dataset.seeds[k])
             items.append(Item(k, folder, params, record))
         writer = DatasetWriter(args.out, request)
+        if writer.differences(only=["source_fingerprint"]) and not writer.differences(ignore=["source_fingerprint"]):
+            raise UserError(f"The images of {args.spec} changed since {args.out} was exported from them, so continuing "
+                            f"it would mix both; export into a new folder, or delete {args.out} first.")
         writer.open(items)
         pending = writer.pending(items)
         for start in tqdm(range(0, len(pending), BATCH), desc=f"Exporting {len(pending)} images", unit="batch"):

@@ -36,6 +36,9 @@ MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
 # Sizes that sets written before recorded in their request (an inversion's per_image): a size is never
 # part of a request, so these are not compared.
 FORMER_SIZE_ENTRIES = ("per_image",)
+# Request entries added since sets were first written: a set whose record lacks one was written before it
+# existed and is continued without that check.
+LATER_ENTRIES = ("source_fingerprint",)
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
 # "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
@@ -177,15 +180,16 @@ class DatasetWriter:
             raise ExistsError(f"{self.root} already holds files that are not a dataset of ours; choose an empty or "
                               f"new folder.")
 
-    def differences(self, only: Iterable[str] | None = None) -> str:
+    def differences(self, only: Iterable[str] | None = None, ignore: Iterable[str] = ()) -> str:
         """How the request recorded in `root` differs from this one ("" where it is the same, or none is there),
-        in the entries (flattened names) `only` lists, or in all."""
+        in the entries (flattened names) `only` lists, or in all but those `ignore` lists."""
         made_by = self.root / REQUEST
         if not made_by.is_file():
             return ""
         before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only)
-                        and k not in FORMER_SIZE_ENTRIES)
+                        and k not in ignore and k not in FORMER_SIZE_ENTRIES
+                        and not (k in LATER_ENTRIES and k not in before))
         return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
 
     def pending(self, items: Sequence[Item]) -> list[Item]:

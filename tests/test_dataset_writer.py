@@ -5,6 +5,7 @@ reproducible image by image, resumable after an interruption, and never mixed wi
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -234,6 +235,17 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
     assert torch.equal(load_dataset(f"folder:{out}", RES).images, load_dataset(f"folder:{source}", RES).images)
     with pytest.raises(ValueError, match="NAME one of"):
         parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
+    for k in range(3, 5):  # the source grows: its files sort among the others, so indices would move
+        Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(source / "cat" / f"{k}.png")
+    with pytest.raises(ValueError, match=rf"The images of folder:{source} changed since {out} was exported"):
+        export.main([f"folder:{source}", str(out), "--resolution", str(RES)])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+    request = json.loads((out / "dataset.json").read_text())  # a set written before the fingerprint was recorded
+    request["request"].pop("source_fingerprint")
+    (out / "dataset.json").write_text(json.dumps(request))
+    for k in range(3, 5):
+        (source / "cat" / f"{k}.png").unlink()
+    export.main([f"folder:{source}", str(out), "--resolution", str(RES)])  # continued without that check
 
 
 def test_export_refuses_a_folder_of_another_set_or_of_other_files_before_decoding_the_source(tmp_path, monkeypatch):
