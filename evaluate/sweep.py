@@ -185,8 +185,13 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
                           ("--write-per-class", args.write_per_class)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
+    named: dict[str, Setting] = {}
     for setting in settings_of(args, default_guidance=1.0):
         setting.sampling()  # refuses impossible values (an unknown sampler, PNDM with fewer than 4 steps)
+        twin = named.setdefault(setting.name, setting)
+        if twin != setting:  # one name, one set folder: e.g. guidance 1.5 and 1.5000001 (shown to 6 digits)
+            raise UserError(f"--guidance {twin.guidance!r} and {setting.guidance!r} both give the set {setting.name}; "
+                            f"pass guidance scales that differ in their first 6 significant digits, or once each.")
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")
@@ -386,9 +391,10 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, row in summary["rows"].items():
         cells = [f"**{name}** (best)" if name == summary["best"] else name]
         cells += ["–" if not math.isfinite(row[key]) else f"{row[key]:.{digits}g}" for key, _, digits in COLUMNS]
-        if trained:
-            spread = f" ± {row['accuracy_std']:.2f}" if len(row["accuracy_per_seed"]) > 1 else ""
-            cells.append(f"{row['accuracy']:.2f}{spread}")
+        if trained:  # top-1 in percent to 2 decimals; a mean absolute error to 4 significant digits
+            shown = "{:.2f}" if trained.startswith("trained top-1") else "{:.4g}"
+            spread = f" ± {shown.format(row['accuracy_std'])}" if len(row["accuracy_per_seed"]) > 1 else ""
+            cells.append(f"{shown.format(row['accuracy'])}{spread}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{summary['images']} images per set; measured against {summary['test']} in the features of "
              f"{summary['judge']}; conditioning: {summary['conditioning_metric']}.",

@@ -209,7 +209,9 @@ def test_options_are_checked_before_any_work(inputs, tmp_path):
                              (["--num", "5"], "use --per-class"),
                              (["--write-num", "4"], "add --write-best"),
                              (["--classes", "wind:3"], "not conditioned on parameters"),
-                             (["--spacing", "uniform,leading"], "spacing")):
+                             (["--spacing", "uniform,leading"], "spacing"),
+                             (["--guidance", "1.5,1.5000001"], r"--guidance 1.5 and 1.5000001 both give the set "
+                                                               r"ddim-2-g1.5")):
         with pytest.raises(UserError, match=message):
             sweep.main(argv(inputs, out, *options, train=False))
         assert not out.exists() or not any((out / "sets").rglob("*.png"))
@@ -344,3 +346,16 @@ def test_a_set_changed_after_its_classifier_was_trained_is_refused_in_the_sweeps
     with pytest.raises(UserError, match=r"The images of the set of ddim-2-g1 \(folder:.*\) changed") as refused:
         sweep.main(command)
     assert "--synthetic" not in str(refused.value) and "row name" not in str(refused.value)
+
+
+def test_the_table_shows_a_trained_error_to_four_significant_digits():
+    """Mean absolute errors that differ in the third decimal (the best named by them) must differ in the table."""
+    row = dict(conditioning=0.5, fid=1.0, kid=0.01, diversity=1.0, accuracy_per_seed=[0.5868, 0.5870])
+    rows = {"a": {**row, "accuracy": 0.5869, "accuracy_std": 0.00014}, "b": {**row, "accuracy": 0.5882,
+                                                                                 "accuracy_std": 0.0021}}
+    common = dict(rows=rows, best="a", images=4, test="folder:t", judge="j", conditioning_metric="agreement",
+                  criterion="trained", orderings=[])
+    table = sweep.markdown({**common, "trained_metric": "trained mean absolute error"})
+    assert "| 0.5869 ± 0.00014 |" in table and "| 0.5882 ± 0.0021 |" in table
+    rows["a"].update(accuracy=73.456, accuracy_std=0.5)
+    assert "| 73.46 ± 0.50 |" in sweep.markdown({**common, "trained_metric": "trained top-1 (%)"})
