@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if report["resized"]:
             summary += f" Images were resized to the judge's {judge.info.resolution} px."
         write_json({**source, "judge": str(args.judge), **report, "summary": summary}, out / "report.json")
+        # With --overwrite, the figure of the other kind of judge an earlier run left would sit beside this report.
+        (out / ("scatter.png" if "confusion" in report else "confusion.png")).unlink(missing_ok=True)
     print(summary)
     print(f"Wrote {out}")
     return report

@@ -59,6 +59,7 @@ from training.run import parse_stage_args, run, with_options
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
                   "--num-samples", "--extra-samples", "--device", "--preset", "--init-from")
+MIXED_ONLY = "--extra-fraction"  # an option after -- that only the mixed rows' runs take
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # --fine-tune's control row: the real row's runs trained again on the real images, as many steps in all as
 # the rows pretrained on synthetic images.
@@ -238,6 +239,19 @@ def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig
                      config.model.target, train_option=option)
 
 
+def without_option(passed: list[str], option: str) -> list[str]:
+    """`passed` without `option` and its value (given as "OPTION VALUE" or "OPTION=VALUE")."""
+    kept, skip = [], False
+    for a in passed:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            kept.append(a)
+    return kept
+
+
 def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],
                   size: Sizes) -> list[str]:
     """train.py arguments of one run: a new run, or the resumption of an interrupted one."""
@@ -256,6 +270,8 @@ def new_run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespa
     """train.py arguments that start the run of `row` and `seed` afresh."""
     common = ["--stage", "classify", "--run-dir", str(run_dir), "--device", args.device]
     every_test_image = [] if any(a.split("=")[0] == "--test-samples" for a in passed) else ["--test-samples", "0"]
+    if not row.extra:  # a share of every batch from the extra set: the mixed rows' option alone
+        passed = without_option(passed, MIXED_ONLY)
     argv = [*common, "--preset", args.preset, *every_test_image, *passed, "--dataset", row.dataset,
             "--test-dataset", args.test, "--seed", str(seed)]
     if row.extra:

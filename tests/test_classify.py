@@ -419,6 +419,20 @@ def test_synthetic_multiple_trains_k_times_the_real_images_and_adds_them_to_all_
     assert trained_on(tmp_path / "x3m") == {"real": (16, 0), "gen": (48, 0), "real+gen": (16, 48)}
 
 
+def test_extra_fraction_after_the_separator_shapes_the_mixed_rows_batches_only(colours, tmp_path):
+    """The real and synthetic rows have no extra set, and their runs refused --extra-fraction ("add
+    --extra-dataset"), which the experiment itself forbids."""
+    real, test = colours
+    synthetic = colour_folder(tmp_path / "synth", 4, seed=7)
+    out = tmp_path / "x"
+    experiment.main(["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
+                     "--seeds", "1", "--out", str(out), "--device", "cpu", "--", "--target", "class", "--resolution",
+                     str(RES), "--steps", "1", "--warmup-steps", "0", "--batch-size", "6", "--extra-fraction=0.5"])
+    fractions = {row: json.loads((out / "runs" / row / "seed0" / "config.json").read_text())["classify"]["extra_fraction"]
+                 for row in ("real", "gen", "real+gen")}
+    assert fractions["real+gen"] == 0.5 and fractions["real"] == fractions["gen"] != 0.5
+
+
 def test_row_sizes_that_round_to_no_image_are_refused_and_matched_counts_survive_float_division(tmp_path):
     """0 images would reach the classifier as --num-samples 0 / --extra-samples 0, which mean every image."""
     import argparse

@@ -121,6 +121,10 @@ def test_the_command_writes_its_report_and_refuses_judges_that_cannot_judge(clas
         assert len(list(csv.DictReader(f))) == 6
     assert json.loads((out / "report.json").read_text())["agreement"] == report["agreement"]
     assert (out / "confusion.png").is_file() and (out / "grid.png").is_file()
+    (out / "scatter.png").write_bytes(b"a regressor's figure, from an earlier run into this folder")
+    consistency.main(["--ckpt", str(class_ckpt), "--judge", str(good), "--per-class", "2", "--out", str(out),
+                      "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--overwrite"])
+    assert not (out / "scatter.png").exists() and (out / "confusion.png").is_file()
     two = classifier_checkpoint(tmp_path / "two.pt", 0, classes=("blue", "red"))
     for ckpt, judge_ckpt, message in ((class_ckpt, two, "does not know the classes green"),
                                       (params_ckpt, good, "needs a parameter regressor")):
