@@ -12,6 +12,7 @@ import json
 import mmap as mmap_module
 import os
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -119,18 +120,37 @@ def diffusers_weights_file(path: str | os.PathLike) -> Path:
     for name in DIFFUSERS_WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
+    parts = [part for part in ("unet", "vae") if (path / part).is_dir()]  # a whole pipeline's folder
+    advice = f"pass {' or '.join(str(path / part) for part in parts)}" if parts else "pass the path of the weights file"
     raise MissingFileError(f"{path} is a folder without a diffusers weights file ({DIFFUSERS_WEIGHT_FILES[0]} or "
-                           f"{DIFFUSERS_WEIGHT_FILES[1]}); pass the path of the weights file.")
+                           f"{DIFFUSERS_WEIGHT_FILES[1]}); {advice}.")
 
 
-def diffusers_config(weights_file: Path) -> dict | None:
-    """The diffusers `config.json` beside a weights file, or None where there is none to read (a weights file
-    handed over on its own)."""
-    try:
-        fields = json.loads((weights_file.parent / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def diffusers_config(weights_file: Path, name: str = "config.json") -> dict | None:
+    """The diffusers config file `name` beside a weights file, or None where there is none (a weights file
+    handed over on its own); a damaged one is refused."""
+    path = weights_file.parent / name
+    if not path.is_file():
         return None
-    return fields if isinstance(fields, dict) else None
+    try:
+        fields = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"{path} is not a readable JSON config ({type(err).__name__}: {err}); download it again, "
+                        f"or pass the weights file alone.") from None
+    if not isinstance(fields, dict):
+        raise UserError(f"{path} holds {type(fields).__name__}, not the record of settings a diffusers config is; "
+                        f"download it again, or pass the weights file alone.")
+    return fields
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning shown once per process, however often the check that gives it runs (start-up, then build)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def diffusers_linear(name: str, naming: str) -> bool:

@@ -26,7 +26,6 @@ taken on trust, with a warning.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Mapping
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from core.errors import UserError
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_linear, diffusers_weights_file, read_state_dict)
+                          diffusers_linear, diffusers_weights_file, read_state_dict, warn_once)
 from ddpm.unet import UNet, UNetConfig, num_groups
 
 DIFFUSERS, DIFFUSERS_LEGACY = "diffusers", "diffusers-legacy"
@@ -67,8 +66,12 @@ def unet2d_config(config: UNetConfig) -> dict[str, Any]:
         head_dim = config.head_channels
     elif config.num_heads == 1:
         head_dim = None  # diffusers: one head as wide as the block
-    else:
+    elif len(set(attention_widths)) == 1:
         head_dim = attention_widths[0] // config.num_heads
+    else:
+        raise UserError(f"UNet2DModel keeps one head width in every attention block, and this U-Net has "
+                        f"{config.num_heads} heads in blocks of {' and '.join(map(str, sorted(set(attention_widths))))} "
+                        f"channels; use --head-channels (a head width) instead of --num-heads.")
     kwargs = dict(
         sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.in_channels,
         block_out_channels=widths, layers_per_block=config.num_res_blocks,
@@ -96,33 +99,52 @@ _UNET2D_DEFAULTS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_paddin
                     "attention_head_dim": None, "downsample_type": "conv", "upsample_type": "conv",
                     "time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
                     "mid_block_scale_factor": 1, "add_attention": True, "class_embed_type": None}
-# Fields that change the function and that ours always has so (not in unet2d_config's arguments).
-_FIXED = {"time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
-          "mid_block_scale_factor": 1, "add_attention": True}
-_COMPARED = ("flip_sin_to_cos", "freq_shift", "downsample_padding", "norm_eps", "resnet_time_scale_shift",
-             "attention_head_dim", "downsample_type", "upsample_type", "down_block_types", "up_block_types",
-             "class_embed_type")
+# What DDPM's network has one way only, ours too: a UNet2DModel set otherwise cannot be imported.
+_FIXED = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_eps": 1e-6,
+          "downsample_type": "conv", "upsample_type": "conv", "time_embedding_type": "positional", "act_fn": "silu",
+          "center_input_sample": False, "mid_block_scale_factor": 1, "add_attention": True, "class_embed_type": None}
+# What the U-Net's options set, and which options.
+_BY_OPTIONS = {"block_out_channels": "--base-channels and --channel-mult", "layers_per_block": "--num-res-blocks",
+               "down_block_types": "--attention-resolutions", "up_block_types": "--attention-resolutions",
+               "resnet_time_scale_shift": "--scale-shift-norm or --no-scale-shift-norm"}
 
 
-def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> str:
-    """How a diffusers UNet2DModel config.json differs from `config` in what the weights cannot show
-    ('' where it computes the same function)."""
-    ours = {**_FIXED, **unet2d_config(config)}
-    theirs = {key: fields.get(key, _UNET2D_DEFAULTS.get(key)) for key in (*_COMPARED, *_FIXED)}
-    differ = [f"{key} {theirs[key]!r} (this U-Net: {ours.get(key)!r})" for key in theirs
-              if _plain(theirs[key]) != _plain(ours.get(key))]
-    groups = fields.get("norm_num_groups", _UNET2D_DEFAULTS["norm_num_groups"])
-    widths = sorted({config.base_channels * m for m in config.channel_mult})
-    narrow = [f"{width} channels in {num_groups(width)}" for width in widths if num_groups(width) != groups]
+def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> tuple[str, str]:
+    """How a diffusers UNet2DModel config.json differs from `config` in what the weights cannot show, as
+    (settings no option of ours can match, settings the named options can): ('', '') where it computes the
+    same function."""
+    theirs = {key: fields.get(key, _UNET2D_DEFAULTS.get(key)) for key in _UNET2D_DEFAULTS}
+    fixed = [f"{key} {theirs[key]!r}" for key, value in _FIXED.items() if _plain(theirs[key]) != _plain(value)]
+    ours = unet2d_config(config)
+    options = [f"{key} {_plain(fields[key])!r} (these options: {_plain(ours[key])!r}; {option})"
+               for key, option in _BY_OPTIONS.items() if key in fields and _plain(fields[key]) != _plain(ours[key])]
+    if theirs["resnet_time_scale_shift"] not in ("default", "scale_shift"):
+        fixed.append(f"resnet_time_scale_shift {theirs['resnet_time_scale_shift']!r}")
+    widths = [config.base_channels * m for m in config.channel_mult]
+    if "block_out_channels" in fields and _plain(fields["block_out_channels"]) != tuple(widths):
+        return "; ".join(fixed), "; ".join(options)  # the heads and groups below are of other widths
+    # Heads per attention block: diffusers keeps one head width (None: one head per block), ours a count or a width.
+    head_dim = theirs["attention_head_dim"]
+    sizes = [config.image_size // 2**level for level in range(len(widths))]
+    attention_widths = sorted({w for w, size in zip(widths, sizes) if size in config.attention_resolutions}
+                              | {widths[-1]})
+    heads = [(w, 1 if head_dim is None else w // head_dim, config.heads_for(w)) for w in attention_widths]
+    if any(theirs_n != ours_n for _, theirs_n, ours_n in heads):
+        per_block = ", ".join(f"{t} at {w} channels" for w, t, _ in heads)
+        options.append(f"attention_head_dim {head_dim!r}: {per_block} (these options: "
+                       f"{', '.join(str(o) for _, _, o in heads)}; --head-channels {head_dim or max(widths)})")
+    groups = theirs["norm_num_groups"]
+    narrow = [f"{width} channels in {num_groups(width)}" for width in sorted(set(widths)) if num_groups(width) != groups]
     if narrow:
-        differ.append(f"norm_num_groups {groups!r} (this U-Net normalises {', '.join(narrow)} groups)")
-    attn_groups = fields.get("attn_norm_num_groups")
+        fixed.append(f"norm_num_groups {groups!r} (this U-Net normalises {', '.join(narrow)} groups: ours takes 32 "
+                     f"from 128 channels on)")
+    attn_groups = theirs["attn_norm_num_groups"]
     if attn_groups is None and theirs["resnet_time_scale_shift"] == "default":
         attn_groups = groups  # what diffusers' attention blocks then use
     if attn_groups != num_groups(widths[-1]) and not narrow:
-        differ.append(f"attn_norm_num_groups {fields.get('attn_norm_num_groups')!r} (this U-Net normalises its middle "
-                      f"attention in {num_groups(widths[-1])} groups)")
-    return "; ".join(differ)
+        fixed.append(f"attn_norm_num_groups {fields.get('attn_norm_num_groups')!r} (this U-Net normalises its middle "
+                     f"attention in {num_groups(widths[-1])} groups)")
+    return "; ".join(fixed), "; ".join(options)
 
 
 def _plain(value: Any) -> Any:
@@ -205,17 +227,28 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
         raise UserError(f"{path.parent / 'config.json'} describes a diffusers {fields['_class_name']}, not a UNet2DModel; "
                         f"pass the folder of a pixel-space DDPM model (google/ddpm-cifar10-32, say).")
     if fields is None:
-        warnings.warn(f"{path} has no diffusers config.json beside it, so its time embedding, padding and normalisation "
-                      f"cannot be checked; it is taken to be DDPM's, as in Ho et al.'s published models.", UserWarning,
-                      stacklevel=1)  # one location: shown once per process
+        warn_once(f"{path} has no diffusers config.json beside it, so its time embedding, padding and normalisation "
+                  f"cannot be checked; it is taken to be DDPM's, as in Ho et al.'s published models.")
     else:
-        mismatch = _config_mismatch(fields, config)
-        if mismatch:
-            raise UserError(f"{path.parent / 'config.json'} describes another network than this U-Net ({mismatch}); "
-                            f"pass the options of the published model (--preset ddpm-cifar10 for Ho et al.'s "
-                            f"CIFAR-10 model).")
-    expected = published_keys(config, diffusers_attention_naming(tensors))
+        fixed, options = _config_mismatch(fields, config)
+        where = path.parent / "config.json"
+        if fixed:
+            raise UserError(f"{where} describes a UNet2DModel set otherwise than DDPM's network ({fixed}), which this "
+                            f"U-Net cannot express; it cannot be imported.")
+        if options:
+            raise UserError(f"{where} describes another network than these options give ({options}); set those "
+                            f"options to match it (--preset ddpm-cifar10 gives Ho et al.'s CIFAR-10 model).")
     table = tensors.get(CLASS_TABLE)
+    if (table is None) != (config.cond != "class"):
+        held = "an unconditional model (no class table)" if table is None else \
+            f"a class-conditional model ({len(table) - 1} classes and the null one)"
+        advice = "drop --cond class (or pass --cond none)" if table is None else "pass --cond class"
+        raise UserError(f"{path} holds {held}, and this U-Net is {'' if table is None else 'not '}class-conditional; "
+                        f"{advice}.")
+    if not names_only and table is not None and len(table) not in (config.num_classes, config.num_classes + 1):
+        raise UserError(f"{path} holds {len(table) - 1} classes and the null one, and the data has "
+                        f"{config.num_classes}; train on data of its classes.")
+    expected = published_keys(config, diffusers_attention_naming(tensors))
     if not names_only and table is not None and CLASS_TABLE in expected and len(table) == expected[CLASS_TABLE][0] - 1:
         raise UserError(f"{path} holds {len(table)} class embeddings for the data's {config.num_classes} classes and no "
                         f"null class after them, which classifier-free guidance (and this U-Net) needs; it cannot be "
@@ -226,6 +259,46 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
     return tensors
 
 
+# diffusers' names of our schedules and predictions (DDPMScheduler's beta_schedule and prediction_type).
+_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
+    """Refuse diffusion options other than those the published model was trained with, where its folder says
+    (the scheduler_config.json beside the weights, or in the scheduler/ folder of a pipeline): the schedule, its
+    range and length, and what the network predicts. Without such a file the options are taken as given."""
+    weights = diffusers_weights_file(path)
+    fields = diffusers_config(weights, "scheduler_config.json")
+    if fields is None and (weights.parent.parent / "scheduler").is_dir():
+        fields = diffusers_config(weights.parent.parent / "scheduler" / weights.name, "scheduler_config.json")
+    if fields is None:
+        return
+    schedule = diffusion.make_schedule()
+    kind = fields.get("beta_schedule", "linear")
+    prediction = fields.get("prediction_type", "epsilon")
+    if kind not in _SCHEDULES or prediction not in _PREDICTIONS or fields.get("trained_betas") is not None:
+        raise UserError(f"The model's scheduler config asks for beta_schedule {kind!r}, prediction_type {prediction!r}"
+                        f"{' and trained_betas' if fields.get('trained_betas') is not None else ''}, which this "
+                        f"toolkit's schedules cannot express; it cannot be imported.")
+    differ = []
+    if _SCHEDULES[kind] != diffusion.schedule:
+        differ.append(f"--schedule {_SCHEDULES[kind]} (these options: {diffusion.schedule})")
+    steps = fields.get("num_train_timesteps", 1000)
+    if steps != diffusion.num_timesteps:
+        differ.append(f"--num-timesteps {steps} (these options: {diffusion.num_timesteps})")
+    if kind != "squaredcos_cap_v2" and _SCHEDULES[kind] == diffusion.schedule and steps == diffusion.num_timesteps:
+        first, last = fields.get("beta_start", 0.0001), fields.get("beta_end", 0.02)
+        ours = (float(schedule.betas[0]), float(schedule.betas[-1]))
+        if max(abs(first - ours[0]), abs(last - ours[1])) > 1e-9:
+            differ.append(f"--beta-range {first:g} {last:g} (these options: {ours[0]:g} {ours[1]:g})")
+    if _PREDICTIONS[prediction] != diffusion.prediction:
+        differ.append(f"--prediction {_PREDICTIONS[prediction]} (these options: {diffusion.prediction})")
+    if differ:
+        raise UserError(f"The published model was trained with {'; '.join(differ)} (its scheduler_config.json); pass "
+                        f"those options (--preset ddpm-cifar10 gives Ho et al.'s).")
+
+
 def load_published_unet(net: UNet, path: str | os.PathLike) -> None:
     """Load a diffusers UNet2DModel (folder or weights file) into `net`; a wrong file leaves it untouched."""
     net.load_state_dict(from_diffusers(read_published_unet(path, net.config), net.config), strict=True)
@@ -234,5 +307,5 @@ def load_published_unet(net: UNet, path: str | os.PathLike) -> None:
 def _describe(config: UNetConfig) -> str:
     """How error messages name the expected file, e.g. 'diffusers UNet2DModel (128 channels x 1 2 2 2, unconditional)'."""
     mult = " ".join(map(str, config.channel_mult))
-    cond = f"{config.num_classes} classes" if config.cond == "class" else "unconditional"
+    cond = "class-conditional" if config.cond == "class" else "unconditional"
     return f"diffusers UNet2DModel ({config.base_channels} channels x {mult}, {cond})"

@@ -25,7 +25,7 @@ from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS,
                          check_conditioning, check_unet_fits, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
-from ddpm.published import load_published_unet, read_published_unet
+from ddpm.published import check_published_schedule, load_published_unet, read_published_unet
 from ddpm.source import source_loader
 from ddpm.unet import UNet, UNetConfig
 
@@ -84,6 +84,7 @@ def check(config: DDPMConfig, resume_from: dict | None) -> None:
         unet = dataclasses.replace(config.unet, image_size=size, in_channels=3,
                                    num_classes=int(config.unet.cond == "class"))
         read_published_unet(config.ddpm.pretrained, unet, mmap=True, names_only=True)
+        check_published_schedule(config.ddpm.pretrained, config.diffusion)
 
 
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:

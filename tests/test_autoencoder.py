@@ -617,6 +617,29 @@ def test_a_diffusers_autoencoder_saved_by_diffusers_loads_and_computes_the_same(
         torch.testing.assert_close(ours.decode(z), peer.decode(z).sample, rtol=0, atol=1e-5)
 
 
+def test_a_diffusers_config_json_of_another_network_is_refused_in_one_sentence(tmp_path):
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", as_diffusers(random_published()))
+    model = AutoencoderKL(tiny_config())
+    base = {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32, 32], "layers_per_block": 1,
+            "latent_channels": 3}
+    for change, message in [({"act_fn": "gelu"}, r"with act_fn 'gelu', which this autoencoder .* cannot express"),
+                            ({"use_quant_conv": False}, r"with use_quant_conv False, which"),
+                            ({"_class_name": "UNet2DModel"}, r"describes a diffusers UNet2DModel, not an AutoencoderKL"),
+                            ({"latent_channels": 16}, r"latent_channels 16 \(these options: 3\)\); set --latent-channels"),
+                            ({"layers_per_block": 2}, r"layers_per_block 2 \(these options: 1\)\); set --num-res-blocks")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_published_weights(model, tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json holds list, not the record of settings"):
+        load_published_weights(model, tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "vae").mkdir()  # a whole pipeline's folder
+    with pytest.raises(FileNotFoundError, match=r"without a diffusers weights file .*; pass \S+/sd/vae\."):
+        load_published_weights(model, tmp_path / "sd")
+
+
 def test_narrow_configs_are_refused_or_warned_about(tmp_path):
     """Published networks normalise in 32 groups at every width, ours from 128 channels on: a narrower
     config loads the weights but computes another function. Refused where a diffusers config.json says

@@ -125,8 +125,9 @@ def test_the_ddpm_cifar10_preset_is_the_published_cifar10_model(tmp_path):
     from ddpm.config import ddpm_cifar10
     from ddpm.published import _config_mismatch
     cifar10 = dataclasses.replace(ddpm_cifar10().unet, image_size=32, in_channels=3)
-    assert _config_mismatch(GOOGLE_DDPM_CIFAR10, cifar10) == ""
-    assert "up_block_types" in _config_mismatch({**GOOGLE_DDPM_CIFAR10, "up_block_types": ["UpBlock2D"] * 4}, cifar10)
+    assert _config_mismatch(GOOGLE_DDPM_CIFAR10, cifar10) == ("", "")
+    fixed, options = _config_mismatch({**GOOGLE_DDPM_CIFAR10, "up_block_types": ["UpBlock2D"] * 4}, cifar10)
+    assert fixed == "" and "up_block_types" in options and "--attention-resolutions" in options
 
 
 def test_a_config_json_of_another_network_is_refused_and_a_bare_file_warned_about(tmp_path):
@@ -135,18 +136,27 @@ def test_a_config_json_of_another_network_is_refused_and_a_bare_file_warned_abou
     fields = json.loads((tmp_path / "unet" / "config.json").read_text())
     net = UNet(config)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    for change, message in [({"flip_sin_to_cos": True}, r"flip_sin_to_cos True \(this U-Net: False\)"),
-                            ({"downsample_padding": 1}, r"downsample_padding 1 \(this U-Net: 0\)"),
+    cannot = r"\), which this U-Net cannot express; it cannot be imported\.$"
+    for change, message in [({"flip_sin_to_cos": True}, r"\(flip_sin_to_cos True" + cannot),
+                            ({"downsample_padding": 1}, r"\(downsample_padding 1" + cannot),
                             ({"norm_num_groups": 16}, r"norm_num_groups 16 \(this U-Net normalises 128 channels in 32"),
-                            ({"attention_head_dim": 8}, r"attention_head_dim 8 \(this U-Net: None\)"),
+                            ({"attention_head_dim": 8}, r"attention_head_dim 8: 16 at 128 channels \(these options: 1; "
+                                                        r"--head-channels 8\)"),
+                            ({"layers_per_block": 2}, r"layers_per_block 2 \(these options: 1; --num-res-blocks\)"),
                             ({"_class_name": "UNet2DConditionModel"}, "a diffusers UNet2DConditionModel, not a UNet2DModel")]:
         (tmp_path / "unet" / "config.json").write_text(json.dumps({**fields, **change}))
         with pytest.raises(ValueError, match=message):
             load_published_unet(net, tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**fields, "attention_head_dim": 128}))
+    load_published_unet(net, tmp_path / "unet")  # one head of 128 channels: the same network, said another way
+    (tmp_path / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not a readable JSON config"):
+        load_published_unet(net, tmp_path / "unet")
+    net.load_state_dict(before)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     fields.pop("flip_sin_to_cos")  # an older config.json: diffusers' default (True), not DDPM's, is what it meant
     (tmp_path / "unet" / "config.json").write_text(json.dumps(fields))
-    with pytest.raises(ValueError, match="flip_sin_to_cos True"):
+    with pytest.raises(ValueError, match=r"\(flip_sin_to_cos True\)"):
         load_published_unet(net, tmp_path / "unet")
     (tmp_path / "unet" / "config.json").unlink()
     with pytest.warns(UserWarning, match="no diffusers config.json beside it"):
@@ -182,3 +192,26 @@ def test_a_class_table_without_the_null_class_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match="3 class embeddings for the data's 3 classes and no null class"):
         with pytest.warns(UserWarning, match="no diffusers config.json"):
             load_published_unet(UNet(config), tmp_path)
+
+
+def test_a_model_of_another_conditioning_or_schedule_is_refused_naming_the_options(tmp_path):
+    from ddpm.config import DiffusionConfig
+    from ddpm.published import check_published_schedule, read_published_unet
+    config = small_config()
+    save_unet2d(tmp_path / "unet", config)
+    with pytest.raises(ValueError, match=r"holds an unconditional model \(no class table\), and this U-Net is "
+                                         r"class-conditional; drop --cond class"):
+        read_published_unet(tmp_path / "unet", small_config(cond="class", num_classes=1), names_only=True)
+    scheduler = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                 "num_train_timesteps": 1000, "prediction_type": "epsilon", "variance_type": "fixed_large"}
+    (tmp_path / "unet" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    check_published_schedule(tmp_path / "unet", DiffusionConfig(schedule="linear", prediction="eps"))
+    with pytest.raises(ValueError, match=r"trained with --schedule linear \(these options: cosine\); --prediction eps "
+                                         r"\(these options: v\)"):
+        check_published_schedule(tmp_path / "unet", DiffusionConfig(schedule="cosine", prediction="v"))
+    with pytest.raises(ValueError, match=r"--beta-range 0.0001 0.02 \(these options: 0.0002 0.02\)"):
+        check_published_schedule(tmp_path / "unet", DiffusionConfig(beta_range=(0.0002, 0.02)))
+    with pytest.raises(ValueError, match=r"--num-timesteps 1000 \(these options: 500\)"):
+        check_published_schedule(tmp_path / "unet", DiffusionConfig(num_timesteps=500))
+    with pytest.raises(ValueError, match="UNet2DModel keeps one head width in every attention block"):
+        unet2d_config(small_config(channel_mult=(1, 2), attention_resolutions=(16, 8), num_heads=4))

@@ -27,7 +27,6 @@ folder's `config.json`) and warned about where they are not.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from core.errors import UserError
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_linear, diffusers_weights_file, read_state_dict)
+                          diffusers_linear, diffusers_weights_file, read_state_dict, warn_once)
 from ddpm.unet import num_groups
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -181,13 +180,16 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
     names and shapes, or with `names_only` the names (a start-up check, before the data has said how many
     channels its images have; with `mmap`, which maps the file and reads almost nothing of it)."""
     path = diffusers_weights_file(path)
-    tensors = read_state_dict(path, _describe(config), mmap=mmap)
+    fields = diffusers_config(path)
+    if fields is not None:
+        _check_diffusers_config(fields, config, path)
+    tensors = read_state_dict(path, _describe(config, None), mmap=mmap)
     if any(k.startswith(FULL_CHECKPOINT_PREFIX) for k in tensors):  # keep the autoencoder, drop the rest
         prefix = len(FULL_CHECKPOINT_PREFIX)
         tensors = {k[prefix:]: v for k, v in tensors.items() if k.startswith(FULL_CHECKPOINT_PREFIX)}
     found = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS}
     naming = naming_of(found)
-    _check_groups(config, path, naming)
+    _check_groups(config, path, naming, fields)
     expected = published_keys(config, naming)
     if names_only:
         expected = {name: tuple(found[name].shape) if name in found else shape for name, shape in expected.items()}
@@ -195,18 +197,40 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
     return found
 
 
-def _diffusers_groups(path: Path) -> int | None:
-    """`norm_num_groups` of the diffusers `config.json` beside a weights file (its default where the file
-    leaves it out), or None where there is no such file to read."""
-    fields = diffusers_config(path)
-    groups = None if fields is None else fields.get("norm_num_groups", PUBLISHED_GROUPS)
-    return groups if isinstance(groups, int) else None
+# diffusers AutoencoderKL settings our network has only one way (latent diffusion's), with diffusers' defaults.
+_FIXED = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True, "use_post_quant_conv": True}
 
 
-def _check_groups(config: AutoencoderConfig, path: Path, naming: str) -> None:
+def _check_diffusers_config(fields: dict, config: AutoencoderConfig, path: Path) -> None:
+    """Refuse a diffusers config.json of another class, of settings this autoencoder cannot take, or of other
+    sizes than the options give, each in one sentence before the weights are read."""
+    where = path.parent / "config.json"
+    kind = fields.get("_class_name", "AutoencoderKL")
+    if kind != "AutoencoderKL":
+        raise UserError(f"{where} describes a diffusers {kind}, not an AutoencoderKL; pass the autoencoder's folder "
+                        f"(the vae/ of a Stable Diffusion pipeline, say).")
+    fixed = [f"{key} {fields[key]!r}" for key, value in _FIXED.items() if fields.get(key, value) != value]
+    if fixed:
+        raise UserError(f"{where} describes an AutoencoderKL with {', '.join(fixed)}, which this autoencoder (latent "
+                        f"diffusion's: SiLU, attention in the middle, quant convolutions) cannot express; it cannot be "
+                        f"imported.")
+    widths = [config.base_channels * m for m in config.channel_mult]
+    sizes = {"block_out_channels": (list(widths), "--base-channels and --channel-mult"),
+             "layers_per_block": (config.num_res_blocks, "--num-res-blocks"),
+             "latent_channels": (config.latent_channels, "--latent-channels")}
+    differ = [(key, option) for key, (ours, option) in sizes.items() if key in fields and fields[key] != ours]
+    if differ:
+        listed = "; ".join(f"{key} {fields[key]!r} (these options: {sizes[key][0]!r})" for key, _ in differ)
+        raise UserError(f"{where} describes another autoencoder than these options ({listed}); set "
+                        f"{' and '.join(option for _, option in differ)} to match it.")
+
+
+def _check_groups(config: AutoencoderConfig, path: Path, naming: str, fields: dict | None) -> None:
     """Refuse (or, where the file's groups are a guess, warn about) a config whose GroupNorms would split
     channels other than the published network's did."""
-    known = _diffusers_groups(path) if naming != LATENT_DIFFUSION else None
+    known = None
+    if naming != LATENT_DIFFUSION and fields is not None:
+        known = fields.get("norm_num_groups", PUBLISHED_GROUPS)
     groups = PUBLISHED_GROUPS if known is None else known
     widths = sorted({config.base_channels * m for m in config.channel_mult})
     differ = [width for width in widths if num_groups(width) != groups]
@@ -215,16 +239,18 @@ def _check_groups(config: AutoencoderConfig, path: Path, naming: str) -> None:
     ours = ", ".join(f"{width} channels in {num_groups(width)} groups" for width in differ)
     if known is not None:
         raise UserError(f"{path.parent / 'config.json'} normalises every layer in {known} groups, where this autoencoder "
-                        f"normalises its layers of {ours} (ddpm.unet.num_groups), so the weights would compute another function "
-                        f"here; pass an autoencoder config with at least 128 channels at every level "
+                        f"normalises its layers of {ours} (ddpm.unet.num_groups), so the weights would compute another "
+                        f"function here; pass an autoencoder config with at least 128 channels at every level "
                         f"(--base-channels 128, as in the kl-f4 and kl-f8 presets).")
-    warnings.warn(f"{path}: published autoencoders normalise every layer in {groups} groups, where this autoencoder "
-                  f"normalises its layers of {ours} (ddpm.unet.num_groups), so weights trained by latent diffusion or diffusers "
-                  f"compute another function here (a file vae.published.to_published wrote from such a model "
-                  f"loads exactly).", UserWarning, stacklevel=1)  # one location: shown once per process
+    warn_once(f"{path}: published autoencoders normalise every layer in {groups} groups, where this autoencoder "
+              f"normalises its layers of {ours} (ddpm.unet.num_groups), so weights trained by latent diffusion or "
+              f"diffusers compute another function here (a file vae.published.to_published wrote from such a model "
+              f"loads exactly).")
 
 
-def _describe(config: AutoencoderConfig, naming: str = LATENT_DIFFUSION) -> str:
-    """How error messages name the expected file, e.g. 'latent-diffusion KL autoencoder (f=8, 4 latent channels)'."""
-    network = "diffusers AutoencoderKL" if naming != LATENT_DIFFUSION else "latent-diffusion KL autoencoder"
+def _describe(config: AutoencoderConfig, naming: str | None = LATENT_DIFFUSION) -> str:
+    """How error messages name the expected file, e.g. 'latent-diffusion KL autoencoder (f=8, 4 latent channels)'
+    (naming None: before the file has said which)."""
+    network = {None: "KL autoencoder", LATENT_DIFFUSION: "latent-diffusion KL autoencoder"}.get(
+        naming, "diffusers AutoencoderKL")
     return f"{network} (f={config.downsampling_factor}, {config.latent_channels} latent channels)"
