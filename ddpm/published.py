@@ -118,6 +118,8 @@ def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> tuple[str
     ours = unet2d_config(config)
     options = [f"{key} {_plain(fields[key])!r} (these options: {_plain(ours[key])!r}; {option})"
                for key, option in _BY_OPTIONS.items() if key in fields and _plain(fields[key]) != _plain(ours[key])]
+    if fields.get("out_channels", 3) != fields.get("in_channels", 3):  # a learnt variance, say
+        fixed.append(f"out_channels {fields.get('out_channels', 3)!r} for in_channels {fields.get('in_channels', 3)!r}")
     if theirs["resnet_time_scale_shift"] not in ("default", "scale_shift"):
         fixed.append(f"resnet_time_scale_shift {theirs['resnet_time_scale_shift']!r}")
     widths = [config.base_channels * m for m in config.channel_mult]
@@ -235,6 +237,9 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
         if fixed:
             raise UserError(f"{where} describes a UNet2DModel set otherwise than DDPM's network ({fixed}), which this "
                             f"U-Net cannot express; it cannot be imported.")
+        if not names_only and fields.get("in_channels", 3) != config.in_channels:
+            raise UserError(f"{where} describes a model of {fields.get('in_channels', 3)}-channel images, and the data "
+                            f"has {config.in_channels} channels; train on images of its channels.")
         if options:
             raise UserError(f"{where} describes another network than these options give ({options}); set those "
                             f"options to match it (--preset ddpm-cifar10 gives Ho et al.'s CIFAR-10 model).")

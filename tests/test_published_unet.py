@@ -147,6 +147,12 @@ def test_a_config_json_of_another_network_is_refused_and_a_bare_file_warned_abou
         (tmp_path / "unet" / "config.json").write_text(json.dumps({**fields, **change}))
         with pytest.raises(ValueError, match=message):
             load_published_unet(net, tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"a model of 3-channel images, and the data has 1 channels"):
+        load_published_unet(UNet(small_config(in_channels=1)), tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**fields, "out_channels": 6}))
+    with pytest.raises(ValueError, match=r"\(out_channels 6 for in_channels 3" + cannot):
+        load_published_unet(net, tmp_path / "unet")
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**fields, "attention_head_dim": 128}))
     load_published_unet(net, tmp_path / "unet")  # one head of 128 channels: the same network, said another way
     (tmp_path / "unet" / "config.json").write_text("{not json")
