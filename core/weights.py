@@ -111,17 +111,17 @@ DIFFUSERS_ATTENTION = {"diffusers": ("to_q", "to_k", "to_v", "to_out.0"),
                        "diffusers-legacy": ("query", "key", "value", "proj_attn")}
 
 
-def diffusers_weights_file(path: str | os.PathLike) -> Path:
+def diffusers_weights_file(path: str | os.PathLike, part: str = "") -> Path:
     """The weights file `path` names: itself, or the weights file of the diffusers model folder it is
-    (the `vae/` or `unet/` of a pipeline, say); a folder without one is refused."""
+    (the `vae/` or `unet/` of a pipeline, say); a folder without one is refused, naming its subfolder `part`
+    where it is a pipeline's."""
     path = Path(path).expanduser()
     if not path.is_dir():
         return path
     for name in DIFFUSERS_WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
-    parts = [part for part in ("unet", "vae") if (path / part).is_dir()]  # a whole pipeline's folder
-    advice = f"pass {' or '.join(str(path / part) for part in parts)}" if parts else "pass the path of the weights file"
+    advice = f"pass {path / part}" if part and (path / part).is_dir() else "pass the path of the weights file"
     raise MissingFileError(f"{path} is a folder without a diffusers weights file ({DIFFUSERS_WEIGHT_FILES[0]} or "
                            f"{DIFFUSERS_WEIGHT_FILES[1]}); {advice}.")
 
@@ -135,11 +135,11 @@ def diffusers_config(weights_file: Path, name: str = "config.json") -> dict | No
     try:
         fields = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
-        raise UserError(f"{path} is not a readable JSON config ({type(err).__name__}: {err}); download it again, "
-                        f"or pass the weights file alone.") from None
+        raise UserError(f"{path} is not a readable JSON config ({type(err).__name__}: {err}); download it again, or "
+                        f"move the weights file to a folder of its own to import it unchecked.") from None
     if not isinstance(fields, dict):
         raise UserError(f"{path} holds {type(fields).__name__}, not the record of settings a diffusers config is; "
-                        f"download it again, or pass the weights file alone.")
+                        f"download it again, or move the weights file to a folder of its own to import it unchecked.")
     return fields
 
 

@@ -25,6 +25,7 @@ taken on trust, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -45,14 +46,15 @@ _LAYERS = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut", "norm": "group_
 CLASS_TABLE = "class_embedding.weight"
 
 
-def unet2d_config(config: UNetConfig) -> dict[str, Any]:
+def unet2d_config(config: UNetConfig, heads: bool = True) -> dict[str, Any]:
     """`diffusers.UNet2DModel` arguments for the same U-Net as `UNet(config)` (same parameter count).
 
     Two differences remain that cost no parameters: diffusers uses one GroupNorm group count for every
     width, where ours takes min(32, C // 4) per width (`ddpm.unet.num_groups`; equal from 128 channels
     on, so exact for DDPM's CIFAR-10 model), and one attention head width, where ours may fix the head
     count instead. A class-conditional model gets num_classes + 1 embeddings: the extra one is the null
-    class that classifier-free guidance needs, the counterpart of our `null_embedding`.
+    class that classifier-free guidance needs, the counterpart of our `null_embedding`. With `heads` False,
+    attention_head_dim is left at None (one head per block) whatever the config's heads.
     """
     if config.cond == "params":
         raise UserError("UNet2DModel has no parameter-vector conditioning; use a U-Net with --cond none or class.")
@@ -62,7 +64,9 @@ def unet2d_config(config: UNetConfig) -> dict[str, Any]:
     sizes = [config.image_size // 2**level for level in range(len(widths))]
     attention = [size in config.attention_resolutions for size in sizes]
     attention_widths = [w for w, a in zip(widths, attention) if a] + [widths[-1]]  # the middle block has attention
-    if config.head_channels:
+    if not heads:
+        head_dim = None
+    elif config.head_channels:
         head_dim = config.head_channels
     elif config.num_heads == 1:
         head_dim = None  # diffusers: one head as wide as the block
@@ -115,7 +119,7 @@ def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> tuple[str
     same function."""
     theirs = {key: fields.get(key, _UNET2D_DEFAULTS.get(key)) for key in _UNET2D_DEFAULTS}
     fixed = [f"{key} {theirs[key]!r}" for key, value in _FIXED.items() if _plain(theirs[key]) != _plain(value)]
-    ours = unet2d_config(config)
+    ours = unet2d_config(config, heads=False)  # heads are compared block by block below
     options = [f"{key} {_plain(fields[key])!r} (these options: {_plain(ours[key])!r}; {option})"
                for key, option in _BY_OPTIONS.items() if key in fields and _plain(fields[key]) != _plain(ours[key])]
     if fields.get("out_channels", 3) != fields.get("in_channels", 3):  # a learnt variance, say
@@ -133,8 +137,9 @@ def _config_mismatch(fields: Mapping[str, Any], config: UNetConfig) -> tuple[str
     heads = [(w, 1 if head_dim is None else w // head_dim, config.heads_for(w)) for w in attention_widths]
     if any(theirs_n != ours_n for _, theirs_n, ours_n in heads):
         per_block = ", ".join(f"{t} at {w} channels" for w, t, _ in heads)
+        option = "--num-heads 1" if head_dim is None else f"--head-channels {head_dim}"
         options.append(f"attention_head_dim {head_dim!r}: {per_block} (these options: "
-                       f"{', '.join(str(o) for _, _, o in heads)}; --head-channels {head_dim or max(widths)})")
+                       f"{', '.join(str(o) for _, _, o in heads)}; {option})")
     groups = theirs["norm_num_groups"]
     narrow = [f"{width} channels in {num_groups(width)}" for width in sorted(set(widths)) if num_groups(width) != groups]
     if narrow:
@@ -222,7 +227,7 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
     config.json where there is one, then the names and shapes (with `names_only` the names: a start-up
     check before the data has said how many channels and classes it has; `mmap` then reads almost
     nothing of the file)."""
-    path = diffusers_weights_file(path)
+    path = diffusers_weights_file(path, "unet")
     tensors = read_state_dict(path, _describe(config), mmap=mmap)
     fields = diffusers_config(path)
     if fields is not None and fields.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -273,7 +278,7 @@ def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
     """Refuse diffusion options other than those the published model was trained with, where its folder says
     (the scheduler_config.json beside the weights, or in the scheduler/ folder of a pipeline): the schedule, its
     range and length, and what the network predicts. Without such a file the options are taken as given."""
-    weights = diffusers_weights_file(path)
+    weights = diffusers_weights_file(path, "unet")
     fields = diffusers_config(weights, "scheduler_config.json")
     if fields is None and (weights.parent.parent / "scheduler").is_dir():
         fields = diffusers_config(weights.parent.parent / "scheduler" / weights.name, "scheduler_config.json")
@@ -282,19 +287,25 @@ def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
     schedule = diffusion.make_schedule()
     kind = fields.get("beta_schedule", "linear")
     prediction = fields.get("prediction_type", "epsilon")
-    if kind not in _SCHEDULES or prediction not in _PREDICTIONS or fields.get("trained_betas") is not None:
-        raise UserError(f"The model's scheduler config asks for beta_schedule {kind!r}, prediction_type {prediction!r}"
-                        f"{' and trained_betas' if fields.get('trained_betas') is not None else ''}, which this "
-                        f"toolkit's schedules cannot express; it cannot be imported.")
+    unexpressed = [f"{key} {fields[key]!r}" for key, ours in (("trained_betas", None), ("rescale_betas_zero_snr", False))
+                   if fields.get(key, ours) not in (ours, [])]
+    if kind not in _SCHEDULES or prediction not in _PREDICTIONS or unexpressed:
+        raise UserError(f"The model's scheduler config asks for {', '.join([f'beta_schedule {kind!r}', *unexpressed])} "
+                        f"and prediction_type {prediction!r}, which this toolkit's schedules cannot all express; it "
+                        f"cannot be imported.")
     differ = []
     if _SCHEDULES[kind] != diffusion.schedule:
         differ.append(f"--schedule {_SCHEDULES[kind]} (these options: {diffusion.schedule})")
     steps = fields.get("num_train_timesteps", 1000)
     if steps != diffusion.num_timesteps:
         differ.append(f"--num-timesteps {steps} (these options: {diffusion.num_timesteps})")
-    if kind != "squaredcos_cap_v2" and _SCHEDULES[kind] == diffusion.schedule and steps == diffusion.num_timesteps:
+    if kind != "squaredcos_cap_v2" and _SCHEDULES[kind] == diffusion.schedule:
         first, last = fields.get("beta_start", 0.0001), fields.get("beta_end", 0.02)
-        ours = (float(schedule.betas[0]), float(schedule.betas[-1]))
+        try:  # the range these options give at the model's T (the published linear range is scaled by 1000 / T)
+            at_their_steps = dataclasses.replace(diffusion, num_timesteps=steps).make_schedule()
+            ours = (float(at_their_steps.betas[0]), float(at_their_steps.betas[-1]))
+        except UserError:
+            ours = (float(schedule.betas[0]), float(schedule.betas[-1]))
         if max(abs(first - ours[0]), abs(last - ours[1])) > 1e-9:
             differ.append(f"--beta-range {first:g} {last:g} (these options: {ours[0]:g} {ours[1]:g})")
     if _PREDICTIONS[prediction] != diffusion.prediction:

@@ -219,5 +219,16 @@ def test_a_model_of_another_conditioning_or_schedule_is_refused_naming_the_optio
         check_published_schedule(tmp_path / "unet", DiffusionConfig(beta_range=(0.0002, 0.02)))
     with pytest.raises(ValueError, match=r"--num-timesteps 1000 \(these options: 500\)"):
         check_published_schedule(tmp_path / "unet", DiffusionConfig(num_timesteps=500))
+    for change, message in [({"num_train_timesteps": 500}, r"--num-timesteps 500 \(these options: 1000\); --beta-range "
+                                                            r"0.0001 0.02 \(these options: 0.0002 0.04\)"),
+                            ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr True and prediction_type "
+                                                               r"'epsilon', which .* cannot be imported")]:
+        (tmp_path / "unet" / "scheduler_config.json").write_text(json.dumps({**scheduler, **change}))
+        with pytest.raises(ValueError, match=message):
+            check_published_schedule(tmp_path / "unet", DiffusionConfig(schedule="linear", prediction="eps"))
+    from ddpm.published import _config_mismatch
+    two_widths = small_config(channel_mult=(1, 2), attention_resolutions=(16, 8), num_heads=4)
+    fields = {"block_out_channels": [128, 256], "attention_head_dim": None}  # one head in every block
+    assert "(these options: 4, 4; --num-heads 1)" in _config_mismatch(fields, two_widths)[1]
     with pytest.raises(ValueError, match="UNet2DModel keeps one head width in every attention block"):
         unet2d_config(small_config(channel_mult=(1, 2), attention_resolutions=(16, 8), num_heads=4))

@@ -179,7 +179,7 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
     """The autoencoder's tensors of a published file under their published names, checked against `config`:
     names and shapes, or with `names_only` the names (a start-up check, before the data has said how many
     channels its images have; with `mmap`, which maps the file and reads almost nothing of it)."""
-    path = diffusers_weights_file(path)
+    path = diffusers_weights_file(path, "vae")
     fields = diffusers_config(path)
     if fields is not None:
         _check_diffusers_config(fields, config, path)

@@ -233,7 +233,7 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
         files.append(("--pretrained", config.vae.pretrained))
     for option, value in files:
         if value and option == "--pretrained":
-            value = diffusers_weights_file(value)  # a diffusers model folder names its weights file
+            value = diffusers_weights_file(value, "vae")  # a diffusers model folder names its weights file
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
     if config.data.test_dataset:
