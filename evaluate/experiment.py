@@ -54,7 +54,7 @@ from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_output_outside, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
-from training.run import parse_stage_args, run, with_options
+from training.run import parse_stage_args, run, stage_parser, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
@@ -141,11 +141,20 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def check_passed(passed: list[str]) -> None:
-    """Refuse options for the training runs that the runner sets itself."""
+def check_passed(passed: list[str], mixed: bool) -> None:
+    """Refuse options for the training runs that the runner sets itself, abbreviated ones (which would slip past
+    that check), and the mixed rows' own option where no row is mixed (`mixed`)."""
+    options = set(stage_parser(CLASSIFY)._option_string_actions)  # every spelling the classify stage takes
+    for given in (a.split("=")[0] for a in passed if a.startswith("--")):
+        full = [o for o in options if o.startswith(given)]
+        if given not in options and full:
+            raise UserError(f"{given} after -- abbreviates {' or '.join(sorted(full))}; spell it out.")
     clash = [a for a in passed if a.split("=")[0] in RUNNER_OPTIONS]
     if clash:
         raise UserError(f"{clash[0]} is set by the experiment for each run; drop it from the options after --.")
+    if not mixed and any(a.split("=")[0] == MIXED_ONLY for a in passed):
+        raise UserError(f"{MIXED_ONLY} shapes the batches of mixed rows (real + synthetic), and none is trained here; "
+                        f"drop it.")
 
 
 def count_images(spec: str, resolution: int, cache_dir: str) -> int:
@@ -203,8 +212,11 @@ def plan_sizes(args: argparse.Namespace, rows: list[Row], resolution: int, cache
     if args.match_size:  # the most real images every synthetic set can match k times over
         real = min([real, *(most_matched(n, k) for n in synthetic.values())])
     if real >= 1 and round(k * real) < 1:  # 0 synthetic images would read as "every image"
+        least = float(f"{0.5 / real:.3g}")
+        while round(least * real) < 1:  # round() takes 0.5 to 0: the next 3-digit value up
+            least = float(f"{least + 10 ** (math.floor(math.log10(least)) - 2):.3g}")
         raise UserError(f"--synthetic-multiple {k:g} of {real} real images rounds to no synthetic image per row; raise "
-                        f"it to at least {0.5 / real:.3g}.")
+                        f"it to at least {least:g}.")
     short = {spec: n for spec, n in synthetic.items() if n < round(k * real)}
     if short:
         spec, n = next(iter(short.items()))
@@ -319,6 +331,9 @@ class ReusedRuns:
             saved_config = from_dict(ClassifyConfig, json.loads(config_path.read_bytes().decode("utf-8")),
                                      source=config_path)
             self._check_config(row, run_dir, request, saved_config)
+            if row.pretrained_on:  # its starting weights are recorded in the checkpoint alone
+                raise UserError(f"{run_dir} was fine-tuned from a run of {row.pretrained_on}, which its checkpoint.pt "
+                                f"alone records, and that file is gone; delete {run_dir} to fine-tune it again.")
             print(f"{run_dir} has no checkpoint.pt: its result is kept, checked against this request by its options and "
                   f"dataset names only (not by the images' contents); delete {run_dir} to train it again.", flush=True)
             return
@@ -463,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = plan_rows(args)
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
-    check_passed(passed)
+    check_passed(passed, mixed=any(row.extra for row in rows))
     resolve_device(args.device)
     given = parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])
     config = with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)  # what every run starts from

@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> Path:
                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
                             f"of one resolution and target.")
         if c.config.target == "class" and c.output_names != first.output_names:  # labels index one list of classes
-            raise UserError(f"Classifier {name} has the classes {', '.join(c.output_names)}, {names[0]} "
-                            f"{', '.join(first.output_names)} (in this order); compare classifiers of one list of "
+            raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
+                            f"({', '.join(first.output_names)}), in this order; compare classifiers of one list of "
                             f"classes.")
     for name, c in classifiers:
         find_layer(c.net, args.layer)

@@ -215,7 +215,7 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
         raise UserError("--write-best needs its size: --write-per-class N for a class model, --write-num N otherwise.")
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
-    check_passed(passed)
+    check_passed(passed, mixed=False)  # the sweep trains on each set alone
 
 
 def settings_of(args: argparse.Namespace, default_guidance: float) -> list[Setting]:
@@ -398,7 +398,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{summary['images']} images per set; measured against {summary['test']} in the features of "
              f"{summary['judge']}; conditioning: {summary['conditioning_metric']}.",
-             f"Best by {summary['criterion']}: {summary['best'] or 'none (no finite value)'}."]
+             f"Best by {trained if summary['criterion'] == 'accuracy' and trained else summary['criterion']}: "
+             f"{summary['best'] or 'none (no finite value)'}."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes + summary["orderings"]) + "\n"
 
 

@@ -431,6 +431,13 @@ def test_extra_fraction_after_the_separator_shapes_the_mixed_rows_batches_only(c
     fractions = {row: json.loads((out / "runs" / row / "seed0" / "config.json").read_text())["classify"]["extra_fraction"]
                  for row in ("real", "gen", "real+gen")}
     assert fractions["real+gen"] == 0.5 and fractions["real"] == fractions["gen"] != 0.5
+    for extra, message in ((["--no-mixed"], "--extra-fraction shapes the batches of mixed rows .* none is trained here"),
+                           ([], r"--extra-frac after -- abbreviates --extra-fraction; spell it out")):
+        passed = ["--extra-fraction", "0.5"] if extra else ["--extra-frac", "0.5"]
+        with pytest.raises(ValueError, match=message):
+            experiment.main(["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test",
+                             f"folder:{test}", "--out", str(tmp_path / "refused"), *extra, "--", *passed])
+        assert not (tmp_path / "refused").exists()
 
 
 def test_row_sizes_that_round_to_no_image_are_refused_and_matched_counts_survive_float_division(tmp_path):
@@ -447,8 +454,10 @@ def test_row_sizes_that_round_to_no_image_are_refused_and_matched_counts_survive
     def sizes(multiple, match_size=False, rows=rows):
         args = argparse.Namespace(real=f"folder:{real}", synthetic_multiple=multiple, match_size=match_size)
         return plan_sizes(args, rows, RES, str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match=r"--synthetic-multiple 0.01 of 24 real images rounds to no synthetic image"):
+    with pytest.raises(ValueError, match=r"--synthetic-multiple 0.01 of 24 real images rounds to no synthetic image per "
+                                         r"row; raise it to at least 0.0209\."):  # 0.0208 x 24 = 0.4992 rounds to 0
         sizes(0.01)
+    assert sizes(0.0209).multiple == 0.0209
     with pytest.raises(ValueError, match=r"--match-size gives every row 1 image\(s\), and a mixed row needs at least 2"):
         sizes(None, match_size=True)
     assert sizes(None, match_size=True, rows=rows[:2]).match == 1  # no mixed row: one image each is a table
@@ -495,6 +504,11 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
                                          r"is gone; delete"):
         experiment.main(argv)
     assert not source.exists()                                      # refused before anything trained
+    tuned.unlink()  # its start is recorded in its checkpoint alone: without it, it cannot be kept
+    with pytest.raises(ValueError, match=r"gen-then-real.seed0 was fine-tuned from a run of gen, which its "
+                                         r"checkpoint.pt alone records, and that file is gone; delete"):
+        (out / "runs" / "gen-then-real" / "seed0" / "checkpoint.pt").unlink()
+        experiment.main(argv)
 
 
 def test_fine_tune_lr_sets_the_learning_rate_of_the_fine_tuned_rows_only(colours, tmp_path):

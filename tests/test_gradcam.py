@@ -195,7 +195,7 @@ def test_classifiers_of_other_class_lists_are_not_compared(tmp_path):
     Image.new("RGB", (16, 16), (230, 20, 20)).save(tmp_path / "images" / "red" / "a.png")
     a = classifier_checkpoint(tmp_path / "a.pt", 0, classes=("blue", "red"))
     b = classifier_checkpoint(tmp_path / "b.pt", 1, classes=("red", "blue"))
-    with pytest.raises(ValueError, match=r"Classifier b has the classes red, blue, a blue, red \(in this order\)"):
+    with pytest.raises(ValueError, match=r"Classifier b has the classes \(red, blue\) and a \(blue, red\), in this order"):
         gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "a", "--name", "b", "--images",
                       f"folder:{tmp_path / 'images'}", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()
