@@ -6,8 +6,9 @@ Peers are optional benchmark extras (bench/requirements.txt), never project depe
 imported inside the function that needs it, and `missing(module)` says, for a row, that it is absent.
 Every diffusers mapping is checked by parameter count against our network before it is timed, so a
 ratio always compares networks of the same size and layout. `UNet2DModel` and `AutoencoderKL` are also
-given our networks' weights through `ddpm.published` and `vae.published`, which import diffusers' files: where the two agree on GroupNorm's groups (128 channels and more, as in
-DDPM's CIFAR-10 model and kl-f8) they then compute our functions, which tests/test_bench.py checks.
+given our networks' weights through `ddpm.published` and `vae.published`, which import diffusers'
+files: where the two agree on GroupNorm's groups (128 channels and more, as in DDPM's CIFAR-10 model
+and kl-f8) they then compute our functions, which tests/test_bench.py checks.
 """
 
 from __future__ import annotations

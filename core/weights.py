@@ -140,6 +140,8 @@ def diffusers_config(weights_file: Path, name: str = "config.json") -> dict | No
     if not isinstance(fields, dict):
         raise UserError(f"{path} holds {type(fields).__name__}, not the record of settings a diffusers config is; "
                         f"download it again, or move the weights file to a folder of its own to import it unchecked.")
+    if "_class_name" not in fields and "_diffusers_version" not in fields:
+        return None  # another program's config (one of our run folders, say): nothing diffusers wrote
     return fields
 
 

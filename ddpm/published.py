@@ -289,10 +289,11 @@ def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
     prediction = fields.get("prediction_type", "epsilon")
     unexpressed = [f"{key} {fields[key]!r}" for key, ours in (("trained_betas", None), ("rescale_betas_zero_snr", False))
                    if fields.get(key, ours) not in (ours, [])]
-    if kind not in _SCHEDULES or prediction not in _PREDICTIONS or unexpressed:
-        raise UserError(f"The model's scheduler config asks for {', '.join([f'beta_schedule {kind!r}', *unexpressed])} "
-                        f"and prediction_type {prediction!r}, which this toolkit's schedules cannot all express; it "
-                        f"cannot be imported.")
+    unexpressed += [f"beta_schedule {kind!r}"] * (kind not in _SCHEDULES)
+    unexpressed += [f"prediction_type {prediction!r}"] * (prediction not in _PREDICTIONS)
+    if unexpressed:
+        raise UserError(f"The model's scheduler config asks for {', '.join(unexpressed)}, which this toolkit's "
+                        f"schedules cannot express; it cannot be imported.")
     differ = []
     if _SCHEDULES[kind] != diffusion.schedule:
         differ.append(f"--schedule {_SCHEDULES[kind]} (these options: {diffusion.schedule})")

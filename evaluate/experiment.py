@@ -52,9 +52,9 @@ from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
-from data import check_output_outside, check_spec, folder_of, load_dataset
+from data import SPLITS_WITH_TEST, check_output_outside, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
-from training.run import parse_stage_args, run, stage_parser, with_options
+from training.run import option_strings, parse_stage_args, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
@@ -144,7 +144,7 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
 def check_passed(passed: list[str], mixed: bool) -> None:
     """Refuse options for the training runs that the runner sets itself, abbreviated ones (which would slip past
     that check), and the mixed rows' own option where no row is mixed (`mixed`)."""
-    options = set(stage_parser(CLASSIFY)._option_string_actions)  # every spelling the classify stage takes
+    options = option_strings(CLASSIFY)
     for given in (a.split("=")[0] for a in passed if a.startswith("--")):
         full = [o for o in options if o.startswith(given)]
         if given not in options and full:
@@ -331,11 +331,14 @@ class ReusedRuns:
             saved_config = from_dict(ClassifyConfig, json.loads(config_path.read_bytes().decode("utf-8")),
                                      source=config_path)
             self._check_config(row, run_dir, request, saved_config)
-            if row.pretrained_on:  # its starting weights are recorded in the checkpoint alone
-                raise UserError(f"{run_dir} was fine-tuned from a run of {row.pretrained_on}, which its checkpoint.pt "
-                                f"alone records, and that file is gone; delete {run_dir} to fine-tune it again.")
+            source = sibling_run(run_dir, row.pretrained_on) if row.pretrained_on else None
+            if source is not None and (final_results(source) is None or (source / "checkpoint.pt").is_file() and (
+                    (source / "checkpoint.pt").stat().st_mtime_ns > (run_dir / "metrics.jsonl").stat().st_mtime_ns)):
+                raise UserError(f"{run_dir} was fine-tuned from {source}, which was trained again since or is about to "
+                                f"be; delete {run_dir} to fine-tune it again from the new run.")
             print(f"{run_dir} has no checkpoint.pt: its result is kept, checked against this request by its options and "
-                  f"dataset names only (not by the images' contents); delete {run_dir} to train it again.", flush=True)
+                  f"dataset names only (not by the images' contents{', nor by its starting weights' if source else ''}); "
+                  f"delete {run_dir} to train it again.", flush=True)
             return
         try:
             saved = load_checkpoint(checkpoint, CLASSIFY.name)
@@ -392,6 +395,10 @@ class ReusedRuns:
         specs = flat_fields(to_dict(request))
         for key, before, after in sets:
             if any(before[k] != after[k] for k in before if k in after and k not in ("parts", "test_fingerprint")):
+                if key == "data.test_dataset" and specs[key] in SPLITS_WITH_TEST:
+                    raise UserError(f"--test {specs[key]} now reads its test split (runs made before read its training "
+                                    f"split under that name), so {run_dir} was tested on other images; choose another "
+                                    f"--out.")
                 raise UserError(f"The images of {_option(row, key)} ({specs[key]}) changed since {run_dir} was made "
                                 f"with them; restore them, or {_remedy(row, key)}.")
 

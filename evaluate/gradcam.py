@@ -112,6 +112,9 @@ def grad_cam(net: nn.Module, images: Tensor, layer: str, target: Tensor, *, raw:
                 raise UserError(f"--layer {layer} runs {seen['calls']} times in one forward pass (torchvision's "
                                 f"residual blocks reuse their relu), so it has no single activation to explain; pass a "
                                 f"layer that runs once, such as the block itself or one of its conv or bn layers.")
+            if not ((target >= 0) & (target < out.shape[1])).all():
+                raise UserError(f"Grad-CAM targets must be outputs 0 to {out.shape[1] - 1} of the network, got "
+                                f"{target.tolist()}.")
             score = out[torch.arange(len(target), device=out.device), target]
             # Each image's score depends on that image only, so one backward of the sum gives each its own gradient.
             score.sum().backward()
@@ -277,10 +280,6 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
                             f"of one resolution and target.")
-        if c.config.target == "class" and c.output_names != first.output_names:  # labels index one list of classes
-            raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
-                            f"({', '.join(first.output_names)}), in this order; compare classifiers of one list of "
-                            f"classes.")
     for name, c in classifiers:
         find_layer(c.net, args.layer)
         if args.class_name is not None and args.class_name not in c.output_names:
@@ -305,6 +304,11 @@ def main(argv: list[str] | None = None) -> Path:
                                     f"classifier's ({', '.join(first.info.class_names)}); --explain label needs the same.")
             elif first.config.target == "class":
                 labels = data.labels
+                for name, c in classifiers[1:]:  # the labels index the first one's classes
+                    if c.output_names != first.output_names:
+                        raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
+                                        f"({', '.join(first.output_names)}), in this order, and these labelled images "
+                                        f"are scored by both; compare classifiers of one list of classes.")
         elif args.explain == "label":
             raise UserError("--explain label needs labelled images (class folders); use --explain pred.")
         maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,

@@ -191,7 +191,7 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
         twin = named.setdefault(setting.name, setting)
         if twin != setting:  # one name, one set folder: e.g. guidance 1.5 and 1.5000001 (shown to 6 digits)
             raise UserError(f"--guidance {twin.guidance!r} and {setting.guidance!r} both give the set {setting.name}; "
-                            f"pass guidance scales that differ in their first 6 significant digits, or once each.")
+                            f"pass guidance scales that differ in their first 6 significant digits.")
     if args.criterion == "accuracy" and not args.train:
         raise UserError("--criterion accuracy needs the trained classifiers; add --train, or choose fid, kid or "
                         "conditioning.")

@@ -9,9 +9,9 @@ and a larger K keeps the earlier ones) and from draws seeded by (seed, k) alone:
 
 where rms(E) is the root mean square entry of all N learned vectors, so `emb_noise` is relative to
 their size whatever the model. Zhou et al.'s released code interpolates with one fixed weight (0.1)
-and adds noise of a fixed absolute size; drawing w and scaling the noise are our variants. The images are sampled with guidance scale s against a reference r,
-eps = eps(r) + s (eps(e_k) - eps(r)), r being the mean learned vector (the paper's choice) or the
-model's null embedding. With interp = 0 and emb_noise = 0, e_k = e_i exactly and image k is the plain
+and adds noise of a fixed absolute size; drawing w and scaling the noise are our variants. The
+images are sampled with guidance scale s against a reference r, eps = eps(r) + s (eps(e_k) - eps(r)),
+r being the mean learned vector (the paper's choice) or the model's null embedding. With interp = 0 and emb_noise = 0, e_k = e_i exactly and image k is the plain
 sample from image i's learned vector.
 """
 

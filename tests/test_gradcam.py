@@ -183,9 +183,11 @@ def test_a_layer_whose_output_is_later_changed_in_place_maps_its_own_activation(
                                rtol=1e-4, atol=1e-6)
 
 
-def test_a_layer_that_runs_twice_per_pass_is_refused():
+def test_a_layer_that_runs_twice_per_pass_and_targets_that_are_no_output_are_refused():
     with pytest.raises(ValueError, match=r"--layer layer4.1.relu runs 2 times in one forward pass"):
         grad_cam(resnet(), torch.randn(1, 3, 16, 16), "layer4.1.relu", torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"targets must be outputs 0 to 2 of the network, got \[-1\]"):
+        grad_cam(resnet(), torch.randn(1, 3, 16, 16), "layer4", torch.tensor([-1]))
 
 
 def test_classifiers_of_other_class_lists_are_not_compared(tmp_path):
@@ -195,10 +197,17 @@ def test_classifiers_of_other_class_lists_are_not_compared(tmp_path):
     Image.new("RGB", (16, 16), (230, 20, 20)).save(tmp_path / "images" / "red" / "a.png")
     a = classifier_checkpoint(tmp_path / "a.pt", 0, classes=("blue", "red"))
     b = classifier_checkpoint(tmp_path / "b.pt", 1, classes=("red", "blue"))
+    (tmp_path / "images" / "blue").mkdir()
+    Image.new("RGB", (16, 16), (20, 20, 230)).save(tmp_path / "images" / "blue" / "a.png")
     with pytest.raises(ValueError, match=r"Classifier b has the classes \(red, blue\) and a \(blue, red\), in this order"):
         gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "a", "--name", "b", "--images",
                       f"folder:{tmp_path / 'images'}", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()
+    loose = tmp_path / "loose"  # unlabelled: each explains its own prediction by its own class names
+    loose.mkdir()
+    Image.new("RGB", (16, 16), (230, 20, 20)).save(loose / "a.png")
+    gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "a", "--name", "b", "--images", f"folder:{loose}",
+                  "--out", str(tmp_path / "out"), "--device", "cpu"])
 
 
 def test_a_greyscale_classifier_is_drawn_beside_its_images(tmp_path):

@@ -354,8 +354,9 @@ def test_the_table_shows_a_trained_error_to_four_significant_digits():
     rows = {"a": {**row, "accuracy": 0.5869, "accuracy_std": 0.00014}, "b": {**row, "accuracy": 0.5882,
                                                                                  "accuracy_std": 0.0021}}
     common = dict(rows=rows, best="a", images=4, test="folder:t", judge="j", conditioning_metric="agreement",
-                  criterion="trained", orderings=[])
+                  criterion="accuracy", orderings=[])
     table = sweep.markdown({**common, "trained_metric": "trained mean absolute error"})
     assert "| 0.5869 ± 0.00014 |" in table and "| 0.5882 ± 0.0021 |" in table
+    assert "Best by trained mean absolute error: a." in table
     rows["a"].update(accuracy=73.456, accuracy_std=0.5)
     assert "| 73.46 ± 0.50 |" in sweep.markdown({**common, "trained_metric": "trained top-1 (%)"})

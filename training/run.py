@@ -27,7 +27,7 @@ from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime
 from core.speed import check_compile
-from data import check_output_outside, check_spec, config_datasets
+from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
 from training import distributed
 from training.loop import RunExists, Trainer, finished_run, missing_outputs
 
@@ -68,6 +68,11 @@ def stage_parser(spec: StageSpec, stage_names: Sequence[str] = (), description: 
     parser = common_parser(spec, stage_names or (spec.name,), description)
     add_sections(parser, spec)
     return parser
+
+
+def option_strings(spec: StageSpec) -> set[str]:
+    """Every spelling of an option `train.py --stage SPEC.NAME` takes (--flag and --no-flag alike)."""
+    return {option for action in stage_parser(spec)._actions for option in action.option_strings}
 
 
 def parse_stage_args(spec: StageSpec, argv: Sequence[str]) -> argparse.Namespace:
@@ -167,6 +172,10 @@ def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, r
         what = ("the images, labels or parameters themselves (content fingerprint)" if key == "fingerprint"
                 else "the held-out test images (content fingerprint)" if key == "test_fingerprint"
                 else f"{key} was {was[key]!r}, now {now[key]!r}")
+        if key == "test_fingerprint" and config.data.test_dataset in SPLITS_WITH_TEST:
+            raise UserError(f"--test-dataset {config.data.test_dataset} now reads its test split (a run made before "
+                            f"read its training split under that name), so {run_dir} cannot resume on the same test "
+                            f"images; start a new --run-dir.")
         raise UserError(f"The data changed since {run_dir} was checkpointed ({what}); restore it, or start a new "
                         f"--run-dir.")
     resumable = {name.split(".", 1)[1] for name in RESUMABLE if name.startswith("train.")}
