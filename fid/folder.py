@@ -16,6 +16,7 @@ Which files are read, and how each becomes RGB, follow pytorch-fid (mseitzer/pyt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -96,17 +97,24 @@ def read_rgb(path: Path) -> Image.Image:
     """The RGB image pytorch-fid reads from `path`, except that wide greyscale is rescaled, not clipped."""
     # Decoded as training decodes (one error naming the file, the same pixel limit and advice), without
     # turning it upright by its EXIF tag, as pytorch-fid reads it.
-    try:
+    with _hidden_file_advice(path):
         with decode_image(path) as image:
             if ImageMode.getmode(image.mode).typestr in ("|u1", "|b1"):  # 8 or 1 bits per channel
                 return image.convert("RGB")
+    return load_image(path, mode="RGB", upright=False)
+
+
+@contextlib.contextmanager
+def _hidden_file_advice(path: Path) -> Iterator[None]:
+    """An unreadable hidden file (macOS's "._a.jpg" copies) is one only pytorch-fid's file selection reads: say so."""
+    try:
+        yield
     except UserError as err:
-        if Path(path).name.startswith(".") and str(err).startswith("Cannot read image"):  # e.g. macOS's "._a.jpg"
+        if Path(path).name.startswith(".") and str(err).startswith("Cannot read image"):
             raise UserError(f"{str(err).removesuffix('; remove or replace the file.')}: it is a hidden file, which "
                             f"pytorch-fid's file selection reads; remove it, or pass --files all, which skips hidden "
                             f"files.") from err
         raise
-    return load_image(path, mode="RGB", upright=False)
 
 
 class ImageFolder(Dataset):
@@ -130,7 +138,8 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self.decode is not None:
-            array = self.decode(self.files[index])
+            with _hidden_file_advice(self.files[index]):
+                array = self.decode(self.files[index])
             array = array[..., None] if array.ndim == 2 else array  # greyscale: one channel
         else:
             array = np.asarray(read_rgb(self.files[index]), dtype=np.uint8)

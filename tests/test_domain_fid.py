@@ -108,6 +108,9 @@ def test_a_folder_gives_the_features_of_the_images_training_reads_from_it(tmp_pa
     options = dict(features=ckpt, device="cpu", batch_size=3, progress=False)
     got = fid.compute_features(str(folder), files="all", **options)
     np.testing.assert_allclose(got, fid.compute_features(decoded, **options), rtol=1e-5, atol=1e-6)
+    (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # read by pytorch-fid's file selection only
+    with pytest.raises(ValueError, match=r"\._0\.png .*: it is a hidden file, .* pass --files all"):
+        fid.compute_features(str(folder), **options)
 
 
 def test_a_folder_is_at_distance_zero_from_itself(tmp_path):
