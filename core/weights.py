@@ -114,8 +114,10 @@ DIFFUSERS_ATTENTION = {"diffusers": ("to_q", "to_k", "to_v", "to_out.0"),
 def diffusers_weights_file(path: str | os.PathLike, part: str = "") -> Path:
     """The weights file `path` names: itself, or the weights file of the diffusers model folder it is
     (the `vae/` or `unet/` of a pipeline, say); a folder without one is refused, naming its subfolder `part`
-    where it is a pipeline's."""
+    where it is a pipeline's, and so is one that does not exist (before a config beside it is read)."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist; pass the path of the published weights file or folder.")
     if not path.is_dir():
         return path
     for name in DIFFUSERS_WEIGHT_FILES:
@@ -126,10 +128,10 @@ def diffusers_weights_file(path: str | os.PathLike, part: str = "") -> Path:
                            f"{DIFFUSERS_WEIGHT_FILES[1]}); {advice}.")
 
 
-def diffusers_config(weights_file: Path, name: str = "config.json") -> dict | None:
-    """The diffusers config file `name` beside a weights file, or None where there is none (a weights file
-    handed over on its own); a damaged one is refused."""
-    path = weights_file.parent / name
+def diffusers_config(folder: Path, name: str = "config.json") -> dict | None:
+    """The diffusers config file `name` in `folder` (a model's, beside its weights), or None where there is none
+    (a weights file handed over on its own) or diffusers did not write it; a damaged one is refused."""
+    path = folder / name
     if not path.is_file():
         return None
     try:

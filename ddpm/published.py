@@ -228,8 +228,7 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
     check before the data has said how many channels and classes it has; `mmap` then reads almost
     nothing of the file)."""
     path = diffusers_weights_file(path, "unet")
-    tensors = read_state_dict(path, _describe(config), mmap=mmap)
-    fields = diffusers_config(path)
+    fields = diffusers_config(path.parent)
     if fields is not None and fields.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UserError(f"{path.parent / 'config.json'} describes a diffusers {fields['_class_name']}, not a UNet2DModel; "
                         f"pass the folder of a pixel-space DDPM model (google/ddpm-cifar10-32, say).")
@@ -248,6 +247,7 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
         if options:
             raise UserError(f"{where} describes another network than these options give ({options}); set those "
                             f"options to match it (--preset ddpm-cifar10 gives Ho et al.'s CIFAR-10 model).")
+    tensors = read_state_dict(path, _describe(config), mmap=mmap)  # read once its config has passed
     table = tensors.get(CLASS_TABLE)
     if (table is None) != (config.cond != "class"):
         held = "an unconditional model (no class table)" if table is None else \
@@ -259,7 +259,7 @@ def read_published_unet(path: str | os.PathLike, config: UNetConfig, *, mmap: bo
         raise UserError(f"{path} holds {len(table) - 1} classes and the null one, and the data has "
                         f"{config.num_classes}; train on data of its classes.")
     expected = published_keys(config, diffusers_attention_naming(tensors))
-    if not names_only and table is not None and CLASS_TABLE in expected and len(table) == expected[CLASS_TABLE][0] - 1:
+    if not names_only and table is not None and len(table) == config.num_classes:
         raise UserError(f"{path} holds {len(table)} class embeddings for the data's {config.num_classes} classes and no "
                         f"null class after them, which classifier-free guidance (and this U-Net) needs; it cannot be "
                         f"imported as a class-conditional model.")
@@ -279,12 +279,11 @@ def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
     (the scheduler_config.json beside the weights, or in the scheduler/ folder of a pipeline): the schedule, its
     range and length, and what the network predicts. Without such a file the options are taken as given."""
     weights = diffusers_weights_file(path, "unet")
-    fields = diffusers_config(weights, "scheduler_config.json")
-    if fields is None and (weights.parent.parent / "scheduler").is_dir():
-        fields = diffusers_config(weights.parent.parent / "scheduler" / weights.name, "scheduler_config.json")
+    fields = diffusers_config(weights.parent, "scheduler_config.json")
+    if fields is None:  # a pipeline's unet/ folder: its scheduler beside it
+        fields = diffusers_config(weights.parent.parent / "scheduler", "scheduler_config.json")
     if fields is None:
         return
-    schedule = diffusion.make_schedule()
     kind = fields.get("beta_schedule", "linear")
     prediction = fields.get("prediction_type", "epsilon")
     unexpressed = [f"{key} {fields[key]!r}" for key, ours in (("trained_betas", None), ("rescale_betas_zero_snr", False))
@@ -305,7 +304,8 @@ def check_published_schedule(path: str | os.PathLike, diffusion: Any) -> None:
         try:  # the range these options give at the model's T (the published linear range is scaled by 1000 / T)
             at_their_steps = dataclasses.replace(diffusion, num_timesteps=steps).make_schedule()
             ours = (float(at_their_steps.betas[0]), float(at_their_steps.betas[-1]))
-        except UserError:
+        except UserError:  # no schedule of these options at that T: compare their own
+            schedule = diffusion.make_schedule()
             ours = (float(schedule.betas[0]), float(schedule.betas[-1]))
         if max(abs(first - ours[0]), abs(last - ours[1])) > 1e-9:
             differ.append(f"--beta-range {first:g} {last:g} (these options: {ours[0]:g} {ours[1]:g})")

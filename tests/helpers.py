@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 RES = 16  # image side of every tiny run
@@ -54,3 +55,13 @@ def damaged_npz(data: bytes, how: str) -> bytes:
             struct.pack_into("<H", damaged, at + offset + shift, value)
             at = damaged.find(signature, at + 4)
     return bytes(damaged)
+
+
+def perturbed(net: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """`net` in eval mode with every weight moved by Gaussian noise of `scale`, so that its zero-initialised
+    layers (residual branches, output convolutions) matter too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net.eval()

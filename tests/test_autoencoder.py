@@ -16,6 +16,8 @@ from vae.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vae.published import from_published, load_published_weights, published_keys, to_published
 
+from helpers import perturbed
+
 KL_F8_PARAMETERS = 83_653_863  # latent-diffusion's kl-f8, the Stable Diffusion autoencoder
 # The tiny configs' 16- and 32-channel layers normalise in fewer than the published 32 groups, which the
 # import warns about (tested once, in test_narrow_configs_are_refused_or_warned_about).
@@ -27,15 +29,6 @@ def tiny_config(**overrides) -> AutoencoderConfig:
     fields = dict(in_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attention_resolutions=(8,), latent_channels=3, dropout=0.0, resolution=32)
     return AutoencoderConfig(**{**fields, **overrides})
-
-
-def perturbed(model: AutoencoderKL, seed: int = 0) -> AutoencoderKL:
-    """The model in eval mode with its zero-initialised residual branches perturbed, so every layer matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 # ---- the diagonal Gaussian posterior -------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from core.checkpoint import load_checkpoint
 from ddpm.published import from_diffusers, load_published_unet, published_keys, to_diffusers, unet2d_config
 from ddpm.unet import UNet, UNetConfig
-from helpers import RES, colour_folder, tiny_args
+from helpers import RES, colour_folder, perturbed, tiny_args
 
 LEGACY_ATTENTION = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 
@@ -23,15 +23,6 @@ def small_config(**overrides) -> UNetConfig:
     fields = dict(image_size=RES, in_channels=3, base_channels=128, channel_mult=(1, 1), num_res_blocks=1,
                   attention_resolutions=(8,), dropout=0.0)
     return UNetConfig(**{**fields, **overrides})
-
-
-def perturbed(net: UNet, seed: int = 0) -> UNet:
-    """`net` in eval mode with every weight moved, so that zero-initialised layers matter too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.03 * torch.randn(p.shape, generator=g))
-    return net.eval()
 
 
 def test_names_and_shapes_follow_unet2d_models_layout():
@@ -60,7 +51,7 @@ def test_names_and_shapes_follow_unet2d_models_layout():
 @pytest.mark.parametrize("cond", ["none", "class"])
 def test_to_and_from_diffusers_round_trip(cond):
     config = small_config(cond=cond, num_classes=3 if cond == "class" else 0)
-    state = perturbed(UNet(config)).state_dict()
+    state = perturbed(UNet(config), scale=0.03).state_dict()
     for naming in ("diffusers", "diffusers-legacy"):
         back = from_diffusers(to_diffusers(state, config, naming), config)
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
@@ -237,7 +228,7 @@ def test_a_model_of_another_conditioning_or_schedule_is_refused_naming_the_optio
 def test_a_config_json_diffusers_did_not_write_is_not_read_as_one(tmp_path):
     """Beside weights in one of our run folders, say: it names no diffusers class, so it says nothing of them."""
     config = small_config()
-    torch.save(to_diffusers(perturbed(UNet(config)).state_dict(), config), tmp_path / "unet.bin")
+    torch.save(to_diffusers(perturbed(UNet(config), scale=0.03).state_dict(), config), tmp_path / "unet.bin")
     (tmp_path / "config.json").write_text(json.dumps({"unet": {"base_channels": 32}, "train": {"steps": 3}}))
     with pytest.warns(UserWarning, match="no diffusers config.json beside it"):
         load_published_unet(UNet(config), tmp_path / "unet.bin")

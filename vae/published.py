@@ -180,7 +180,7 @@ def read_published_weights(path: str | os.PathLike, config: AutoencoderConfig, *
     names and shapes, or with `names_only` the names (a start-up check, before the data has said how many
     channels its images have; with `mmap`, which maps the file and reads almost nothing of it)."""
     path = diffusers_weights_file(path, "vae")
-    fields = diffusers_config(path)
+    fields = diffusers_config(path.parent)
     if fields is not None:
         _check_diffusers_config(fields, config, path)
     tensors = read_state_dict(path, _describe(config, None), mmap=mmap)
