@@ -332,8 +332,7 @@ class ReusedRuns:
                                      source=config_path)
             self._check_config(row, run_dir, request, saved_config)
             source = sibling_run(run_dir, row.pretrained_on) if row.pretrained_on else None
-            if source is not None and (final_results(source) is None or (source / "checkpoint.pt").is_file() and (
-                    (source / "checkpoint.pt").stat().st_mtime_ns > (run_dir / "metrics.jsonl").stat().st_mtime_ns)):
+            if source is not None and self._trained_after(source, run_dir):
                 raise UserError(f"{run_dir} was fine-tuned from {source}, which was trained again since or is about to "
                                 f"be; delete {run_dir} to fine-tune it again from the new run.")
             print(f"{run_dir} has no checkpoint.pt: its result is kept, checked against this request by its options and "
@@ -350,6 +349,15 @@ class ReusedRuns:
             self._check_data(row, run_dir, request, saved["data_info"])
         if row.pretrained_on:
             self._check_start(run_dir, Path(request.classify.init_from), saved["data_info"].get("init_from"))
+
+    @staticmethod
+    def _trained_after(source: Path, run_dir: Path) -> bool:
+        """Whether the run in `source` will train (it has no result) or has trained since `run_dir` finished,
+        which leaves a run fine-tuned from it without its checkpoint no way to tell its starting weights."""
+        if final_results(source) is None:
+            return True
+        checkpoint = source / "checkpoint.pt"
+        return checkpoint.is_file() and checkpoint.stat().st_mtime_ns > (run_dir / "metrics.jsonl").stat().st_mtime_ns
 
     @staticmethod
     def _check_start(run_dir: Path, source: Path, recorded: dict[str, str] | None) -> None:
