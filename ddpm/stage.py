@@ -16,6 +16,7 @@ from torch import Tensor
 
 from core.checkpoint import load_weights, require_keys
 from core.config import from_dict, require, to_dict
+from core.errors import MissingFileError
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.runtime import Runtime
 from data import DatasetInfo, label_counts, load_dataset
@@ -80,6 +81,9 @@ def check(config: DDPMConfig, resume_from: dict | None) -> None:
     size = config.data.resolution
     check_unet_fits(config.unet, size, 3, f"{size}x{size} images (--resolution {size})")
     if config.ddpm.pretrained and resume_from is None:  # a resumed run starts from its checkpoint
+        if not Path(config.ddpm.pretrained).expanduser().exists():
+            raise MissingFileError(f"--pretrained {config.ddpm.pretrained} does not exist; pass the path of the "
+                                   f"published weights file or folder.")
         # Names only: the data decides the channels and classes, hence some shapes, later.
         unet = dataclasses.replace(config.unet, image_size=size, in_channels=3,
                                    num_classes=int(config.unet.cond == "class"))

@@ -475,6 +475,7 @@ TRAIN_CASES = [
     (["--stage", "vae", "--kl-weight", "-1"], "--kl-weight must be 0 or positive"),
     (["--stage", "vae", "--disc-start", "-5"], "--disc-start must be -1"),
     (["--stage", "vae", "--pretrained", "/no/such.ckpt"], "--pretrained /no/such.ckpt does not exist"),
+    (["--stage", "ddpm", "--pretrained", "/no/such-unet"], "--pretrained /no/such-unet does not exist"),
     (["--stage", "vae", "--test-dataset", "folder:/no/such"], "does not exist"),
     (["--stage", "vae", "--test-samples", "-1"], "--test-samples must be 0 (all) or positive"),
     (["--stage", "ldm", "--vae-ckpt", "/no/such.pt"], "--vae-ckpt /no/such.pt does not exist"),

@@ -232,7 +232,7 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
     if resume_from is None:  # a resumed run starts from its checkpoint, not from the published weights
         files.append(("--pretrained", config.vae.pretrained))
     for option, value in files:
-        if value and option == "--pretrained":
+        if value and option == "--pretrained" and Path(value).expanduser().is_dir():
             value = diffusers_weights_file(value, "vae")  # a diffusers model folder names its weights file
         if value and not Path(value).expanduser().is_file():
             raise MissingFileError(f"{option} {value} does not exist; pass the path of the weights file.")
