@@ -53,7 +53,7 @@ def _check_targets(name: str, classes: int, has_params: bool, target: str) -> No
     """Refuse a target the dataset `name` has no labels for (`data.label_counts` tells before loading)."""
     if target == "class" and classes < 2:
         raise UserError(f"--target class needs at least two classes, and {name} has {classes or 'no'} class "
-                        f"folders; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
+                        f"folder(s) that hold images; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
                         f"or --target params.")
     if target == "params" and not has_params:
         raise UserError(f"--target params needs per-image parameters, and {name} has none; add a params.csv "
@@ -190,11 +190,16 @@ INIT_OPTION = "--init-from"
 HEAD = "fc."  # the output layer's parameters (torchvision's name), which --new-head does not copy
 
 
-def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) -> dict[str, str]:
+def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo, announce: bool = True
+               ) -> dict[str, str]:
     """Copy the weights of the checkpoint `--init-from` names into `net` (built for `config` and the training
-    data `info`), after checking that it reads the same images (size, channels, stem) and, unless `--new-head`
+    data `info`), after checking that it reads images of the same size and stem and, unless `--new-head`
     keeps `net`'s own randomly initialised output layer, predicts the same targets; returns what the run's
-    checkpoint records of it (path, weight fingerprint, and whether the head is new)."""
+    checkpoint records of it (path, weight fingerprint, and whether the head is new).
+
+    A network trained on colour images fine-tunes on greyscale ones (or the reverse) through its first
+    convolution adapted (`adapt_first_conv`), as pretrained networks usually are.
+    """
     path = Path(config.classify.init_from)
     payload = load_checkpoint(path, NAME, option=INIT_OPTION)
     require_keys(payload, ("config", "data_info", "models"), path, option=INIT_OPTION)
@@ -216,7 +221,6 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) 
 
     new_head = config.classify.new_head
     require_same([(f"{their_info.resolution} px images", f"{info.resolution} px images"),
-                  (f"{their_info.channels}-channel images", f"{info.channels}-channel images"),
                   (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution))],
                  "train from random weights")
     if not new_head:  # the output layer is copied too, so it must predict what this run trains
@@ -229,9 +233,32 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo) 
         # The trunk as the source ended; the output layer as this run's seed initialised it.
         head = {key: value for key, value in net.state_dict().items() if key.startswith(HEAD)}
         start = {**{key: value for key, value in source.items() if not key.startswith(HEAD)}, **head}
+    if their_info.channels != info.channels and isinstance(start, dict) and FIRST_CONV in start:
+        start = {**start, FIRST_CONV: adapt_first_conv(start[FIRST_CONV], info.channels)}
+        if announce:
+            kinds = {1: "greyscale", 3: "colour"}
+            print(f"Note: {INIT_OPTION} {path} was trained on {kinds[their_info.channels]} images and this run has "
+                  f"{kinds[info.channels]} ones; its first convolution is adapted to them.", flush=True)
     load_weights(net, start, path, "ResNet-18", option=INIT_OPTION)
     record = {"path": str(path), "fingerprint": state_fingerprint(source)}
     return {**record, "new_head": True} if new_head else record
+
+
+FIRST_CONV = "conv1.weight"  # the stem's convolution (torchvision's name), the one layer that sees the channels
+
+
+def adapt_first_conv(weight: Tensor, channels: int) -> Tensor:
+    """First-layer weights (out, C, k, k) for images of `channels` channels, 1 or 3.
+
+    Colour to grey sums the weights over colour: on a grey image the network then computes exactly what it
+    computed on that image as RGB with three equal channels. Grey to colour spreads the weights over the
+    three channels, a third each: the network sees the channels' mean where it saw the grey level.
+    """
+    if weight.shape[1] == channels:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.repeat(1, channels, 1, 1) / channels
 
 
 def augmentation(config: ClassifyConfig):
@@ -259,7 +286,7 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
         # A resumed run's weights come from its own checkpoint: the starting point is only recorded, so that
         # the data_info a resume compares stays the same even if that file has gone since.
         start = resume_from["data_info"].get("init_from") if resume_from is not None else None
-        data_info = {**data_info, "init_from": start or start_from(net, config, info)}
+        data_info = {**data_info, "init_from": start or start_from(net, config, info, announce=runtime.is_main)}
     if runtime.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions under AMP
     run = ClassifierTraining(config, info, test_set, split, runtime.device)

@@ -191,6 +191,14 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
         main(argv)
     except SystemExit:
         raise
+    except BrokenPipeError:
+        # What reads our output has gone (`--help | head`): nothing more can be said there, and the flush at
+        # exit must not fail again. The code a process killed by SIGPIPE gives, as other command-line tools do.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing to flush there
+            pass
+        return 128 + signal.SIGPIPE
     except BaseException as err:
         explained = None if debug_requested(argv) else explain(err)
         if explained is None:

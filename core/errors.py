@@ -6,10 +6,13 @@ one line (core/cli.py); any other exception is a bug, in our code or a library's
 traceback.
 
 `UserError` is a ValueError, and its two forms are also the built-in errors their situations
-raise, so code that catches FileNotFoundError for a missing file still catches ours.
+raise, so code that catches FileNotFoundError for a missing file still catches ours. `warn_once`
+gives a warning that a check run at start-up and again later must not repeat.
 """
 
 from __future__ import annotations
+
+import warnings
 
 
 class UserError(ValueError):
@@ -22,3 +25,13 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ExistsError(UserError, FileExistsError):
     """Writing would overwrite something that must be kept (a run, a dataset, a file)."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning shown once per process, however often the check that gives it runs (start-up, then build)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)

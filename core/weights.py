@@ -12,7 +12,6 @@ import json
 import mmap as mmap_module
 import os
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -145,16 +144,6 @@ def diffusers_config(folder: Path, name: str = "config.json") -> dict | None:
     if "_class_name" not in fields and "_diffusers_version" not in fields:
         return None  # another program's config (one of our run folders, say): nothing diffusers wrote
     return fields
-
-
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """A UserWarning shown once per process, however often the check that gives it runs (start-up, then build)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def diffusers_linear(name: str, naming: str) -> bool:

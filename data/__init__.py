@@ -95,11 +95,14 @@ def folder_labels(spec: str) -> FolderLabels:
 def folder_classes(spec: str) -> tuple[str, ...]:
     """The class names the folder `spec` (folder:PATH) gives its images, found by listing it: its subfolders
     that hold images, sorted, in NFC (as `load_dataset` names them); () for a folder without classes."""
-    from data.folder import nfc
+    from data.folder import nfc, warn_imageless_folders
     from data.imageio import list_images
     root = folder_of(spec)
-    return tuple(sorted({nfc(f.relative_to(root).parts[0]) for f in list_images(root)
-                         if len(f.relative_to(root).parts) > 1}))
+    names = tuple(sorted({nfc(f.relative_to(root).parts[0]) for f in list_images(root)
+                          if len(f.relative_to(root).parts) > 1}))
+    if names:
+        warn_imageless_folders(root, names)
+    return names
 
 
 def check_same_classes(spec: str, option: str, reference: str, reference_option: str) -> None:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> Path:
             record = {"class": folder} if folder else {}
             if dataset.seeds is not None:
                 record["seed"] = int(dataset.seeds[k])
+            if dataset.files is not None:
+                record["source"] = dataset.files[k]  # the exported image's file in the folder it came from
             items.append(Item(k, folder, params, record))
         writer = DatasetWriter(args.out, request)
         if writer.differences(only=["source_fingerprint"]) and not writer.differences(ignore=["source_fingerprint"]):

@@ -19,13 +19,14 @@ import math
 import unicodedata
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core.errors import UserError
+from core.errors import UserError, warn_once
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
 from data.imageio import IMAGE_EXTENSIONS, list_images, load_image
 
@@ -67,8 +68,19 @@ def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]
                       f"names become the labels; to learn the classes inside, point --dataset at folder:{root / train} "
                       f"and --test-dataset at folder:{root / held_out}.")
     names = tuple(sorted({nfc(parts[0]) for parts in tops}))
+    warn_imageless_folders(root, names)
     index = {name: i for i, name in enumerate(names)}
     return names, [index[nfc(parts[0])] for parts in tops]
+
+
+def warn_imageless_folders(root: Path, class_names: Sequence[str]) -> None:
+    """Warn (once) about subfolders of a labelled folder that give no class: empty ones, or links to a
+    folder already read, whose images belong to the class of the folder they were read in."""
+    extra = sorted(d.name for d in root.iterdir()
+                   if not d.name.startswith(".") and d.is_dir() and nfc(d.name) not in class_names)
+    if extra:
+        warn_once(f"{len(extra)} subfolder(s) of {root} hold no images of their own (such as {extra[0]}: empty, or a "
+                  f"link to a folder read once already), so they give no class ({len(class_names)} other subfolders do).")
 
 
 def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -149,6 +161,9 @@ def _param_names(csv_path: Path, rows: list[tuple[int, list[str]]]) -> tuple[str
         raise UserError(f"{csv_path} needs a header row 'path,<param1>,...' with at least one parameter column.")
     header_line, header = rows[0]
     names = tuple(h.strip() for h in header[1:])
+    if Path(header[0].strip()).suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"{csv_path} starts with a row for an image ({header[0].strip()}) where its header belongs; add "
+                        f"a first line 'path,<param1>,...' that names the columns.")
     for column, name in enumerate(names, start=2):
         if not name:
             raise UserError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
@@ -205,8 +220,8 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     files = list_images(root)
     if not files:
         # No option named: --dataset, --images, --real and data.export's SPEC all come here.
-        raise UserError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); put images in it, or name a "
-                        f"folder that holds some.")
+        raise UserError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS[:8])}, ...); put images in it, or "
+                        f"name a folder that holds some.")
     class_names, labels = _classes(root, files)
     param_names, params = _read_params(root, files)
     keep = subset_indices(len(files), num_samples, seed, f"folder {root}").tolist()

@@ -8,6 +8,7 @@ the same way, by name) and writes what people look at through `save_images`, `sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -19,12 +20,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from core.errors import MissingFileError, UserError
+from core.errors import MissingFileError, UserError, warn_once
 from core.runtime import atomic_write
 
 # Sets the most pixels an image may have (`max_image_pixels`); read at each decode, so it can be set at any time.
 MAX_PIXELS_ENV = "SYNTHDIFF_MAX_IMAGE_PIXELS"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The raster formats read as images: photos, renders and their usual containers. Pillow opens more
+# (PSD, EPS, ICO, FITS, ...), whose files are left out with a warning (`list_images`).
+IMAGE_EXTENSIONS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp", ".avif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -43,7 +47,7 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     def unreadable(err: OSError) -> None:
         raise UserError(f"Cannot list the folder {err.filename} ({err.strerror}); fix its permissions or move it out of {root}.")
 
-    files, seen = [], set()
+    files, other_formats, seen = [], [], set()
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in seen:
@@ -53,14 +57,34 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
         # Sorted, so that which of two links to one folder is kept does not depend on the file system.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in names:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            extension = os.path.splitext(name)[1].lower()
+            if name.startswith("."):
                 continue
-            path = Path(folder, name)
-            if not path.is_file():
-                raise UserError(f"{path} is not a regular file (a broken link, a pipe or a device); remove it or "
-                                f"replace it with the image.")
-            files.append(path)
+            if extension in IMAGE_EXTENSIONS:
+                files.append(regular_file(Path(folder, name)))
+            elif extension in _other_pillow_formats():
+                other_formats.append(Path(folder, name))
+    if other_formats:
+        warn_once(f"Leaving out {len(other_formats)} file(s) of {root} in formats not read as images here "
+                  f"(such as {min(other_formats).relative_to(root)}); convert them to PNG to use them.")
     return sorted(files)
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, refused if it is not a regular file: opening a pipe would block forever, and a broken link is
+    an image the user expected to be there."""
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a broken link, a pipe or a device); remove it or "
+                        f"replace it with the image.")
+    return path
+
+
+@functools.cache
+def _other_pillow_formats() -> frozenset[str]:
+    """Extensions of the formats Pillow can open that are not read as images here (PSD, EPS, ICO, ...)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and ext not in IMAGE_EXTENSIONS)
 
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and/or turned
@@ -79,7 +103,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
       black, so transparent regions are black in every mode rather than whatever colour happened to
       be stored there. Premultiplied RGBa and La already hold their colour composited on black.
     - 16-bit greyscale (I;16, I;16L, I;16B, I;16N): 0..65535 maps to 0..255 (v / 257, rounded:
-      65535 -> 255, 32768 -> 128), so a dark 16-bit image stays dark.
+      65535 -> 255, 32768 -> 128), so a dark 16-bit image stays dark. One whose values all fit in
+      12 bits is read nearly black, with a warning: likely 10- or 12-bit camera data, never scaled up.
     - 32-bit integer greyscale (I: 16-bit PGM/PPM, signed or 32-bit TIFF): read on the same 0..65535
       scale; a value outside it has no known white level, so such a file is refused.
     - 32-bit float greyscale (F): read as 0..1 if its largest value is at most 1, otherwise as
@@ -190,6 +215,7 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
         raise UserError(f"Cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file.") from err
 
 
+FAINT_16_BIT_MAX = 4095  # a 16-bit image whose largest value fits 12 bits is under 6.3% grey on 0..65535
 FAINT_FLOAT_MAX = 25.5  # a float image whose largest value is above 1 and at most this is under 10% grey on 0..255
 
 
@@ -217,6 +243,12 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
         if low < 0 or high > 65535:
             raise UserError(f"Image {path} is a 32-bit integer image with values from {low} to {high}, outside the "
                             f"16-bit range 0..65535 this loader maps to 8 bits; save it as an 8- or 16-bit image.")
+        if 0 < high <= FAINT_16_BIT_MAX:
+            # Cameras and microscopes store 10- or 12-bit data in 16-bit files without scaling it up, and
+            # the file does not say so: warn, and keep the rule (a truly dark 16-bit image exists too).
+            warnings.warn(f"a 16-bit image with values up to {high}, so it is read on the 0..65535 scale and comes "
+                          f"out nearly black; if it holds 12-bit (0..4095) or 10-bit data, scale it to 0..65535 or "
+                          f"save it as 8-bit.", stacklevel=2)
         scaled = values.astype(np.float64) / 257.0  # 65535 -> 255 exactly
     grey = np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
     key = im.info.get("transparency")

@@ -2,7 +2,7 @@
 that `folder:` reads back, written so that an interrupted job is continued, never repeated.
 
     DIR/CLASS/NNNNNN.png   one image per item (DIR/NNNNNN.png when items have no class), NNNNNN its index
-    DIR/manifest.csv       index, file, and what made each image (seed, class, parameters, ...)
+    DIR/manifest.csv       index, file, and what made each image (seed, class, source file, parameters, ...)
     DIR/params.csv         path,<param>,... when items have numeric parameters (data/folder.py's format)
     DIR/dataset.json       the request that made the folder (everything but its size)
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from core.config import flat_fields
@@ -42,7 +43,7 @@ LATER_ENTRIES = ("source_fingerprint",)
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
 # "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
-MANIFEST_COLUMNS = ("index", "file", "seed", "class")
+MANIFEST_COLUMNS = ("index", "file", "seed", "class", "source")
 
 
 def manifest_column(param: str, own: Iterable[str] = MANIFEST_COLUMNS) -> str:
@@ -65,7 +66,13 @@ class Item:
 
     def row(self) -> dict[str, Any]:
         return {"index": self.index, "file": self.file, **self.record,
-                **{manifest_column(k): repr(float(v)) for k, v in self.params.items()}}
+                **{manifest_column(k): float32_text(v) for k, v in self.params.items()}}
+
+
+def float32_text(value: float) -> str:
+    """The shortest text that reads back as `value` in float32, the precision every dataset keeps its
+    parameters in: 0.1, where the float32 value's own digits would read 0.10000000149011612."""
+    return str(np.float32(value))
 
 
 # ---------------------------------------------------------------------------------------------

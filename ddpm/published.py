@@ -32,9 +32,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import UserError, warn_once
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_linear, diffusers_weights_file, read_state_dict, warn_once)
+                          diffusers_linear, diffusers_weights_file, read_state_dict)
 from ddpm.unet import UNet, UNetConfig, num_groups
 
 DIFFUSERS, DIFFUSERS_LEGACY = "diffusers", "diffusers-legacy"

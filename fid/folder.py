@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.cli import ignore_stop_signals
 from core.errors import UserError
-from data.imageio import decode_image, list_images, load_image
+from data.imageio import decode_image, list_images, load_image, regular_file
 
 from . import inception
 
@@ -63,7 +63,8 @@ def list_fid_images(root: str | os.PathLike, files: str = "pytorch-fid") -> list
     check_folder(root)
     if files == "all":
         return _nonempty(root, list_images(root), [])
-    chosen = sorted(p for ext in PYTORCH_FID_EXTENSIONS for p in root.glob(f"*.{ext}") if p.is_file())
+    # A match that is neither a file nor a folder (a broken link, a pipe) is refused, as training refuses it.
+    chosen = sorted(regular_file(p) for ext in PYTORCH_FID_EXTENSIONS for p in root.glob(f"*.{ext}") if not p.is_dir())
     try:
         left_out = sorted(set(list_images(root)) - set(chosen))
     except (ValueError, OSError):

@@ -70,15 +70,23 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
     return FrozenModel(sampler, path, stage, weights, fingerprint, payload)
 
 
-def check_images_fit(model: FrozenModel, images: ImageDataset) -> None:
-    """Refuse real images of another size or channel count than the model's own training images."""
+def fit_images(model: FrozenModel, images: ImageDataset, announce: bool = True) -> ImageDataset:
+    """The real images as the model takes them: greyscale ones as RGB with three equal channels for a colour
+    model (which is what a greyscale folder's images are to it, as in latent training). Refused: colour images
+    for a greyscale model, or images of another size than the model's own training images."""
     have, want = images.info, model.sampler.info
-    if have.channels != want.channels:
-        raise UserError(f"{have.name} has {have.channels}-channel images but the model {model.path} was trained on "
-                        f"{want.channels}-channel ones; invert images of the kind the model draws.")
+    if have.channels == 1 and want.channels == 3:
+        if announce:
+            print(f"Note: {have.name} is greyscale and the model {model.path} draws RGB images; each image is "
+                  f"inverted as RGB with three equal channels.", flush=True)
+        images = images.with_channels(3)
+    elif have.channels != want.channels:
+        raise UserError(f"{have.name} has colour images but the model {model.path} was trained on greyscale ones; "
+                        f"invert greyscale images with it (convert these to greyscale first), or use a colour model.")
     if have.resolution != want.resolution:
         raise UserError(f"--resolution {have.resolution} differs from the {want.resolution} px images the model "
                         f"{model.path} was trained on; pass --resolution {want.resolution}.")
+    return images
 
 
 def denoised_data(model: FrozenModel, images: ImageDataset, *, cache_dir: str, runtime: Runtime

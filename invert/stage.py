@@ -37,7 +37,7 @@ from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
-from invert.frozen import FrozenModel, check_images_fit, denoised_data, load_frozen
+from invert.frozen import FrozenModel, denoised_data, fit_images, load_frozen
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -175,7 +175,7 @@ def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> t
     model = load_frozen(options.model, options.weights, device, expected=expected)
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
-    check_images_fit(model, images)
+    images = fit_images(model, images, announce=runtime.is_main)
     dataset, x0 = denoised_data(model, images, cache_dir=data.cache_dir, runtime=runtime)
     return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main)
 

@@ -219,6 +219,36 @@ def test_init_from_starts_from_another_runs_weights_and_a_resume_needs_it_no_mor
         assert torch.equal(value, b["models"]["model"][key]), key
 
 
+def test_init_from_a_colour_network_fine_tunes_on_greyscale_images_computing_what_it_computed_on_them_as_rgb(
+        colour_run, colours, tmp_path):
+    from classify.stage import adapt_first_conv
+    from core.runtime import Runtime
+    grey = []
+    for folder in colours:
+        for image in sorted(folder.rglob("*.png")):
+            target = tmp_path / folder.name / image.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(image).convert("L").save(target)
+        grey.append(tmp_path / folder.name)
+    source = colour_run / "checkpoint.pt"
+    spec, parsed = train.parse_args(args(tmp_path / "built", *grey, "--init-from", str(source)))
+    config, _ = resolve_config(spec, parsed, tmp_path / "built")
+    _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
+    tuned = stage.trainables["model"].model.eval()
+    original = load_classifier(source, torch.device("cpu")).net.eval()
+    x = torch.rand(4, 1, RES, RES) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), original(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    train.main(args(tmp_path / "trained", *grey, "--init-from", str(source), "--steps", "2"))
+
+    # The other way, a third of the grey weights per colour: equal channels give the grey network's output.
+    conv = torch.nn.Conv2d(1, 8, 3, bias=False)
+    spread = torch.nn.Conv2d(3, 8, 3, bias=False)
+    spread.weight.data = adapt_first_conv(conv.weight.data, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(spread(x.expand(-1, 3, -1, -1)), conv(x))
+
+
 def test_init_from_refuses_a_checkpoint_that_predicts_something_else(colour_run, colours, tmp_path):
     from core.checkpoint import save_checkpoint
     two = {"blue": COLOURS["blue"], "red": COLOURS["red"]}

@@ -513,6 +513,29 @@ def test_list_images_skips_hidden_follows_links_and_refuses_non_files(tmp_path):
         list_images(root / "a.png")
 
 
+def test_list_images_reads_jpeg_and_netpbm_under_every_usual_name_and_warns_of_formats_it_leaves_out(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.pnm", "PPM"), ("d.tga", "TGA"), ("e.apng", "PNG")):
+        Image.fromarray(pixels).save(tmp_path / name, format=fmt)
+    Image.fromarray(pixels).save(tmp_path / "f.ico", format="ICO")      # a format Pillow reads, not as data here
+    with pytest.warns(UserWarning, match=r"Leaving out 1 file\(s\) of .* in formats not read as images here "
+                                         r"\(such as f\.ico\)"):
+        listed = list_images(tmp_path)
+    assert [p.name for p in listed] == ["a.jfif", "b.jpe", "c.pnm", "d.tga", "e.apng"]
+    assert np.array_equal(np.asarray(load_image(tmp_path / "c.pnm")), pixels)
+
+
+def test_a_16_bit_image_holding_12_bit_values_is_read_on_its_rule_with_a_warning(tmp_path):
+    _row("I;16", [0, 2048, 4095]).save(tmp_path / "camera.png")
+    with pytest.warns(UserWarning, match=r"camera\.png: a 16-bit image with values up to 4095, so it is read on the "
+                                         r"0\.\.65535 scale and comes out nearly black"):
+        assert np.asarray(load_image(tmp_path / "camera.png", "L")).tolist() == [[0, 8, 16]]
+    _row("I;16", [0, 2048, 65535]).save(tmp_path / "full.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "full.png")
+
+
 def test_list_images_refuses_a_folder_it_cannot_read(tmp_path, monkeypatch):
     _save(tmp_path / "open" / "a.png", _row("L", [1]))
     (tmp_path / "locked").mkdir()
@@ -544,6 +567,16 @@ def test_folder_class_subfolders_give_labels(tmp_path):
     assert [int(ds[i][1]) for i in range(3)] == [0, 1, 1]  # cats/a, dogs/b, dogs/nested/c
     assert ds[0][0][1].mean() > 0.5 and ds[1][0][0].mean() > 0.5 and ds[2][0][2].mean() > 0.5
     assert ds[0][2].shape == (0,) and ds.info.param_names == ()
+
+
+def test_subfolders_that_give_no_class_are_warned_about(tmp_path):
+    for name in ("cats/a.png", "dogs/b.png"):
+        _save(tmp_path / name, Image.new("RGB", (8, 8), (200, 10, 10)))
+    (tmp_path / "birds").mkdir()
+    os.symlink(tmp_path / "cats", tmp_path / "kittens")  # read once, as cats
+    with pytest.warns(UserWarning, match=r"2 subfolder\(s\) of .* hold no images of their own \(such as birds"):
+        ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.class_names == ("cats", "dogs") and len(ds) == 2
 
 
 def test_folder_mixed_modes_and_sizes(tmp_path):
@@ -608,6 +641,8 @@ def test_folder_errors(tmp_path):
     pytest.param(b"path,speed,,angle\na.png,1,2,3\nb.png,1,2,3\n",
                  r"line 1: column 3 of the header has no name", id="empty-column-name"),
     pytest.param(b"path,speed\na.png,1\n,2\nb.png,3\n", r"line 3 has an empty image path", id="empty-path"),
+    pytest.param(b"a.png,1\nb.png,2\n", r"starts with a row for an image \(a\.png\) where its header belongs",
+                 id="no-header"),
     pytest.param(b"path,speed\na.png,1e39\nb.png,2\n",
                  r"line 2 \(a\.png\) has a parameter beyond float32's range", id="beyond-float32"),
     # Line numbers count lines, not rows: a quoted path may span two.

@@ -227,16 +227,25 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
         for k in range(3):
             Image.fromarray(np.full((RES, RES, 3), 40 * k + (100 if name == "dog" else 0), np.uint8)).save(
                 source / name / f"{k}.png")
+    (source / "params.csv").write_text("path,level\n" + "".join(f"{name}/{k}.png,{(1e-8, 0.1, 0.2)[k]}\n"
+                                                               for name in ("cat", "dog") for k in range(3)))
     out = export.main([f"folder:{source}", str(tmp_path / "out"), "--resolution", str(RES)])
     assert ImageFolder(str(out)).class_to_idx == {"cat": 0, "dog": 1}
+    # Each exported image names the file it came from; parameters are written in float32's shortest digits.
+    manifest = rows(out / "manifest.csv")
+    assert [r["source"] for r in manifest] == [f"{name}/{k}.png" for name in ("cat", "dog") for k in range(3)]
+    assert [r["level"] for r in manifest[:3]] == ["1e-08", "0.1", "0.2"]
+    assert torch.equal(load_dataset(f"folder:{out}", RES).params, load_dataset(f"folder:{source}", RES).params)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     export.main([f"folder:{source}", str(out), "--resolution", str(RES)])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
     assert torch.equal(load_dataset(f"folder:{out}", RES).images, load_dataset(f"folder:{source}", RES).images)
     with pytest.raises(ValueError, match="NAME one of"):
         parse_binning("wind:3", load_dataset(f"folder:{source}", RES).info)
+    table = (source / "params.csv").read_text()
     for k in range(3, 5):  # the source grows: its files sort among the others, so indices would move
         Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(source / "cat" / f"{k}.png")
+    (source / "params.csv").write_text(table + "cat/3.png,0\ncat/4.png,0\n")
     with pytest.raises(ValueError, match=rf"The images of folder:{source} changed since {out} was exported"):
         export.main([f"folder:{source}", str(out), "--resolution", str(RES)])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
@@ -245,6 +254,7 @@ def test_export_a_folder_keeps_its_classes_and_resumes(tmp_path):
     (out / "dataset.json").write_text(json.dumps(request))
     for k in range(3, 5):
         (source / "cat" / f"{k}.png").unlink()
+    (source / "params.csv").write_text(table)
     export.main([f"folder:{source}", str(out), "--resolution", str(RES)])  # continued without that check
 
 

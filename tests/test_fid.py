@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import shutil
 import struct
@@ -683,6 +684,11 @@ def test_default_file_selection_is_pytorch_fids_and_all_reads_every_image(tmp_pa
         ImageFolder(tmp_path / "classes")
     with pytest.raises(ValueError, match="files is 'some' but must be one of 'pytorch-fid', 'all'"):
         ImageFolder(tmp_path, files="some")
+    # A broken link among the files it reads is refused, as training refuses it, not skipped.
+    os.symlink(tmp_path / "gone.png", tmp_path / "dead.png")
+    for files in ("pytorch-fid", "all"):
+        with pytest.raises(ValueError, match=r"dead\.png is not a regular file"):
+            ImageFolder(tmp_path, files=files)
 
 
 def test_folder_images_are_what_pil_convert_rgb_gives_as_in_pytorch_fid(tmp_path):

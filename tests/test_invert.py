@@ -5,6 +5,7 @@ dependence on the embedding is known, the invert stage end to end on a tiny clas
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -23,12 +24,12 @@ from training.run import resolve_config
 from core.checkpoint import load_checkpoint, state_fingerprint
 from core.config import DataConfig, TrainConfig
 from core.runtime import Runtime
-from data import DatasetInfo, ImageDataset
+from data import DatasetInfo, ImageDataset, load_dataset
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.schedule import Schedule
 from invert.config import InvertConfig, InvertOptions
-from invert.frozen import FrozenModel
+from invert.frozen import FrozenModel, fit_images, load_frozen
 from invert.stage import inversion_stage
 from training.loop import Trainer
 from training.optim import LazyAdamW
@@ -279,7 +280,6 @@ def test_bad_inputs_are_refused_before_anything_is_written(class_ckpt, unconditi
     cases = [
         (unconditional_ckpt, data, (), "trained without conditioning"),
         (class_ckpt, data, ("--resolution", str(2 * RES)), f"pass --resolution {RES}"),
-        (class_ckpt, f"folder:{grey}", (), "1-channel images"),
         (tmp_path / "missing.pt", data, (), "does not exist"),
         (tmp_path, data, (), r"is a folder, not a file; pass the checkpoint.pt of a conditional ddpm or ldm run\.$"),
         (class_ckpt, data, ("--lr", "-1"), "--lr"),
@@ -291,6 +291,26 @@ def test_bad_inputs_are_refused_before_anything_is_written(class_ckpt, unconditi
         assert not run_dir.exists() or not any(p for p in run_dir.iterdir() if p.name != ".lock")
     with pytest.raises(ValueError, match="--model is required"):
         train.main(["--stage", "invert", "--run-dir", str(tmp_path / "none"), "--dataset", data])
+
+
+def test_greyscale_images_are_inverted_as_rgb_by_a_colour_model_and_colour_refused_by_a_grey_one(class_ckpt, tmp_path):
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for k in range(3):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (RES, RES), dtype=np.uint8)).save(grey / f"{k}.png")
+    model = load_frozen(str(class_ckpt), "ema", torch.device("cpu"))
+    images = load_dataset(f"folder:{grey}", RES, cache_dir=tmp_path / "cache")
+    assert images.info.channels == 1
+    fitted = fit_images(model, images, announce=False)
+    assert fitted.info.channels == 3 and torch.equal(fitted.images, images.images.expand(-1, 3, -1, -1))
+    run_dir = tmp_path / "run"
+    train.main(invert_args(run_dir, class_ckpt, f"folder:{grey}", "--steps", "1"))
+    assert (run_dir / "checkpoint.pt").exists()
+
+    grey_model = SimpleNamespace(path=class_ckpt, sampler=SimpleNamespace(info=dataclasses.replace(
+        model.sampler.info, channels=1)))
+    with pytest.raises(ValueError, match="has colour images but the model .* was trained on greyscale ones"):
+        fit_images(grey_model, images.with_channels(3))
 
 
 def test_a_changed_or_missing_model_is_refused_on_resume_and_when_sampling(class_ckpt, tmp_path):

@@ -325,6 +325,18 @@ def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(sign
         f"error: stopped by {how} while starting, before anything was written; run the same command again."]
 
 
+def test_help_read_by_a_command_that_stops_early_ends_quietly():
+    """`python train.py --help | head -1`: the pipe closes before the help is written; no traceback."""
+    process = subprocess.Popen([sys.executable, "-c", "from core import cli\n"
+                                "def main(argv):\n    for _ in range(10000): print('line of help')\n"
+                                "cli.main(main)"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "line of help\n"
+    process.stdout.close()  # as `head -1` does
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert process.stderr.read() == ""
+
+
 @pytest.mark.parametrize("argv, started", [
     (["python", "-m", "fid", "a", "b"], True), (["python", "-X", "importtime", "-W", "error", "-m", "fid"], True),
     (["python", "script.py", "-m", "fid"], False), (["python", "-c", "import fid", "-m", "fid"], False),

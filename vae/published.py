@@ -33,9 +33,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import UserError, warn_once
 from core.weights import (DIFFUSERS_ATTENTION, check_state_dict, diffusers_attention_naming, diffusers_config,
-                          diffusers_linear, diffusers_weights_file, read_state_dict, warn_once)
+                          diffusers_linear, diffusers_weights_file, read_state_dict)
 from ddpm.unet import num_groups
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
