@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "draws images)")
     parser.add_argument("--out", type=cli.path_option, default=None,
                         help="output folder (default: RUN_DIR/samples/SAMPLER-STEPS-seedSEED[-MODE] next to the checkpoint)")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (default: off)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into a non-empty --out, replacing what an earlier drawing wrote there "
+                             "(images, grids, GIFs, tables) (default: off)")
     parser.add_argument("--num", type=cli.int_option, default=None,
                         help="number of images; with --sweep or --interpolate, the number of rows (default: 64; 4 rows)")
     parser.add_argument("--first-index", type=cli.int_option, default=0, help="index of the first image, to redraw image k alone (default: 0)")

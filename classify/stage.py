@@ -52,9 +52,10 @@ def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: st
 def _check_targets(name: str, classes: int, has_params: bool, target: str) -> None:
     """Refuse a target the dataset `name` has no labels for (`data.label_counts` tells before loading)."""
     if target == "class" and classes < 2:
-        raise UserError(f"--target class needs at least two classes, and {name} has {classes or 'no'} class "
-                        f"folder(s) that hold images; use class subfolders (e.g. `python -m data.export plumes DIR --classes wind:3`) "
-                        f"or --target params.")
+        held = " (subfolders that hold images)" if name.startswith("folder:") else ""
+        raise UserError(f"--target class needs at least two classes, and {name} has "
+                        f"{'only one class' if classes == 1 else 'no classes'}{held}; use class subfolders (e.g. "
+                        f"`python -m data.export plumes DIR --classes wind:3`) or --target params.")
     if target == "params" and not has_params:
         raise UserError(f"--target params needs per-image parameters, and {name} has none; add a params.csv "
                         f"or use --target class.")

@@ -147,9 +147,11 @@ def sections_of(config_class: type, **custom: Mapping[str, Any]) -> tuple[Sectio
 
 
 # Options that may change when a run is resumed; everything else is fixed by its checkpoint.
-# How fast a step runs (compile, kernels) never changes what it computes beyond float rounding.
+# How fast a step runs (compile, kernels) never changes what it computes beyond float rounding; where the
+# data is kept and how many processes load it (a job requeued on another machine) never change the data,
+# which a resume checks by its fingerprint.
 RESUMABLE = frozenset({"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.compile",
-                       "train.kernels"})
+                       "train.kernels", "data.num_workers", "data.cache_dir"})
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,23 @@ except ImportError:  # pragma: no cover - not POSIX
 
 LOCK_NAME = ".lock"
 UNFINISHED = ".unfinished"  # see OutputFolder
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors. A flock belongs to the
+    open file, shared by every copy of its descriptor, so a worker that outlives a killed parent (until its
+    watchdog notices, seconds later) would otherwise keep the folder locked; the parent's lock is unaffected."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 class FolderInUse(ExistsError):
@@ -98,6 +115,7 @@ class FolderLock:
                 break
             os.close(fd)
         self.fd = fd
+        _HELD.add(fd)
         previous = _holder(self.path)
         if previous.get("pid") not in (None, os.getpid()):
             print(f"Note: taking over {self.path} from {_describe(previous)}, which ended without releasing it.",
@@ -125,6 +143,7 @@ class FolderLock:
         self.path.unlink(missing_ok=True)
         if fcntl is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+        _HELD.discard(self.fd)
         os.close(self.fd)
         self.fd = None
         self._remove_folder_if_unused()

@@ -121,6 +121,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What `autocast_dtype` resolved to, as a record says it: "fp32" (full precision), "bf16" or "fp16"."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     """`torch.autocast` for `dtype`, or a no-op context for full precision (dtype None)."""
     if dtype is None:

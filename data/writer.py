@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -34,12 +35,14 @@ from data.dataset import DatasetInfo
 from data.imageio import save_images
 
 MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
-# Sizes that sets written before recorded in their request (an inversion's per_image): a size is never
-# part of a request, so these are not compared.
-FORMER_SIZE_ENTRIES = ("per_image",)
+IMAGE_FILE = re.compile(r"\d{6,}\.png")  # an item's image: NNNNNN.png (`Item.file`)
+# Entries that sets written before recorded in their request and that are no longer compared: a size (an
+# inversion's per_image; a size is never part of a request), and --amp as typed ("auto" means another
+# precision on another machine; "precision" records the one it resolved to).
+FORMER_ENTRIES = ("per_image", "amp")
 # Request entries added since sets were first written: a set whose record lacks one was written before it
 # existed and is continued without that check.
-LATER_ENTRIES = ("source_fingerprint",)
+LATER_ENTRIES = ("source_fingerprint", "precision")
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
 # "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
@@ -132,7 +135,14 @@ def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Bi
         raise UserError(f"{option} {spec!r}: the bins over [{low:g}, {high:g}] miss the range of {name} in the data "
                         f"[{data_low:g}, {data_high:g}], so every image would fall in one edge bin; give LOW:HIGH "
                         f"that overlap it.")
-    return Binning(name, bins, float(low), float(high))
+    binning = Binning(name, bins, float(low), float(high))
+    first, last = binning.label(data_low), binning.label(data_high)
+    if last - first + 1 < bins:  # bins beyond the data's range: classes without an image
+        empty = [c for k, c in enumerate(binning.class_names) if not first <= k <= last]
+        raise UserError(f"{option} {spec!r}: the range of {name} in the data [{data_low:g}, {data_high:g}] reaches only "
+                        f"{last - first + 1} of the {bins} bins over [{low:g}, {high:g}], so {', '.join(empty)} would "
+                        f"hold no image; give LOW:HIGH within that range, or fewer bins.")
+    return binning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +205,7 @@ class DatasetWriter:
             return ""
         before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only)
-                        and k not in ignore and k not in FORMER_SIZE_ENTRIES
+                        and k not in ignore and k not in FORMER_ENTRIES
                         and not (k in LATER_ENTRIES and k not in before))
         return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
 
@@ -203,6 +213,13 @@ class DatasetWriter:
         """The items whose image is not on disk yet. Images on disk beyond `items` (an earlier run asked for
         more) are kept, never deleted, and said so in one line: the folder then holds more than was asked."""
         wanted = {item.index for item in items}
+        known = {row["file"] for row in self.rows.values()} | {item.file for item in items}
+        unlisted = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.png")
+                          if IMAGE_FILE.fullmatch(p.name) and p.relative_to(self.root).as_posix() not in known)
+        if unlisted:  # a kill between an image and the manifest's update, in a run that asked for more
+            raise UserError(f"{self.root} holds {len(unlisted)} image(s) its manifest does not list (such as "
+                            f"{unlisted[0]}), written by a stopped run that asked for more images than this one; run "
+                            f"that larger request again to finish and record them, or delete those images.")
         beyond = sorted(k for k in self.rows if k not in wanted)
         if beyond:
             print(f"{self.root} already holds {len(beyond)} images beyond the {len(items)} asked for (from an earlier "

@@ -69,9 +69,10 @@ TABLE_FILES = ("runs", "results.md", "results.json", "results.png")
 # The config fields that name a run's datasets, each set by one of the experiment's own options.
 DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
 # Config fields a kept run may differ in: the shape the data gives the network, and how often a run logs,
-# evaluates, checkpoints or how fast it steps, none of which changes its final weights.
+# evaluates, checkpoints or how fast it steps, where its data is kept and how many processes load it, none of
+# which changes its final weights.
 NOT_COMPARED = ({f"model.{name}" for name in MODEL_FROM_DATA}
-                | {name for name in RESUMABLE if name.startswith("train.")} - {"train.steps"})
+                | RESUMABLE - {"train.steps"})
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from core.lock import FolderLock, OutputFolder, check_output_folder
 from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
 from core.speed import check_compile, check_cuda_graphs, speed_up
 from data import check_output_outside
+from data.writer import IMAGE_FILE
 from ddpm.config import SamplingConfig
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
 from ddpm.source import ImageSource
@@ -57,6 +58,9 @@ def check_args(args: argparse.Namespace) -> None:
                           ("gif_frames", "gif")):
         if getattr(args, option) and not getattr(args, needs):
             raise UserError(f"--{option.replace('_', '-')} has no effect without --{needs}; add --{needs} or drop it.")
+    if args.gif and (args.sweep or args.interpolate):
+        raise UserError(f"--gif writes the reverse process of plain samples; --{'sweep' if args.sweep else 'interpolate'} "
+                        f"writes GIFs of its own; drop --gif.")
     if args.dataset_out is not None:
         for option, given in (("--sweep", args.sweep), ("--interpolate", args.interpolate), ("--gif", args.gif),
                               ("--out", args.out), ("--overwrite", args.overwrite), ("--first-index", args.first_index)):
@@ -111,6 +115,23 @@ def output_dir(args: argparse.Namespace, sampling: SamplingConfig, check: bool =
     return out
 
 
+# Every file a drawing of sample.py writes into --out (sampling/draw.py), as patterns.
+OUTPUTS = ("grid.png", "manifest.csv", "reverse.gif", "sweep.png", "sweep.gif", "sweep.csv", "interpolate-*.png",
+           "interpolate-*.gif", "images/*.png")
+
+
+def clear_earlier_output(out: Path) -> None:
+    """Remove what an earlier drawing wrote into `out` (kept with --overwrite, or left by a stopped one), so that
+    the folder never mixes two commands' images; files of other names are left alone."""
+    for pattern in OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_file() and (path.parent == out or IMAGE_FILE.fullmatch(path.name)):
+                path.unlink()
+    images = out / "images"
+    if images.is_dir() and not any(images.iterdir()):
+        images.rmdir()
+
+
 def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapping[str, str] | None = None) -> Path:
     """Draw what `args` ask for from the checkpoint `args.ckpt`; returns the folder written.
 
@@ -144,6 +165,7 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     num = args.num or (4 if special else 64)
     indices = list(range(args.first_index, args.first_index + num))
     with OutputFolder(out):  # two samplers never write one folder
+        clear_earlier_output(out)
         if args.sweep:
             draw_sweep(draw, args, model, indices, out)
         if args.interpolate:

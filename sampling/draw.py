@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from core.checkpoint import state_fingerprint
 from core.config import to_dict
-from core.runtime import write_csv
+from core.errors import UserError
+from core.runtime import precision_name, write_csv
 from data.imageio import save_gif, save_grid, save_images
 from data.writer import DatasetWriter, manifest_column
 from ddpm.conditioning import Conditions, interpolate_conditions, interpolation_end, requested, slerp, sweep_columns
@@ -44,8 +45,16 @@ class Drawer:
               callback=None) -> torch.Tensor:
         """One forward batch: images in [-1, 1] on the CPU, one per seed."""
         conditions = conditions.to(self.model.device)
-        return sample_images(self.model, self.sampling, seeds, cond=conditions.cond, cond_emb=conditions.cond_emb,
-                             reference=conditions.reference, x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
+        images = sample_images(self.model, self.sampling, seeds, cond=conditions.cond, cond_emb=conditions.cond_emb,
+                               reference=conditions.reference, x_T=x_T, amp_dtype=self.amp, callback=callback).cpu()
+        broken = int((~torch.isfinite(images)).flatten(1).any(dim=1).sum())
+        if broken:  # saved, they would be black images that look drawn
+            guidance = self.sampling.guidance_scale
+            raise UserError(f"{broken} of a batch of {len(seeds)} samples came out NaN or infinite (guidance scale "
+                            f"{guidance:g}, {self.sampling.sampler} with {self.sampling.steps} steps); "
+                            + ("lower --guidance-scale." if guidance > 1 else "the model or these settings diverge: "
+                               "try another sampler, or more steps."))
+        return images
 
 
 def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +135,8 @@ def dataset_writer(draw: Drawer, args: argparse.Namespace, source: ImageSource) 
     plan, specific = source.dataset(args)
     # What makes image k: changing any of it would give other images, so a folder holds one request.
     request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed,
-               "sampling": to_dict(draw.sampling), "amp": args.amp, **specific, "param_names": list(plan.param_names)}
+               "sampling": to_dict(draw.sampling), "precision": precision_name(draw.amp), **specific,
+               "param_names": list(plan.param_names)}
     return plan, DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
 
 

@@ -117,6 +117,37 @@ def test_a_larger_count_extends_the_set_and_other_requests_are_refused(class_ckp
         write(class_ckpt, out, "--per-class", "2")
 
 
+def test_images_a_stopped_larger_request_left_unlisted_are_refused_by_a_smaller_one_and_recorded_by_it(class_ckpt,
+                                                                                                      tmp_path):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "2")
+    table = (out / "manifest.csv").read_bytes()
+    (out / "manifest.csv").unlink()  # as a kill between the last images and the manifest's update leaves it
+    files = {p: p.read_bytes() for p in out.rglob("*.png")}
+    with pytest.raises(ValueError, match=r"holds 3 image\(s\) its manifest does not list .* run that larger request "
+                                         r"again to finish and record them, or delete those images"):
+        write(class_ckpt, out, "--per-class", "1")
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == files
+    write(class_ckpt, out, "--per-class", "2")
+    assert (out / "manifest.csv").read_bytes() == table
+
+
+def test_a_set_records_the_precision_auto_resolved_to_and_continues_only_in_it(class_ckpt, tmp_path, monkeypatch):
+    import core.runtime
+    monkeypatch.setattr(core.runtime, "cpu_computes_bf16", lambda: True)
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "1", "--amp", "auto")
+    assert json.loads((out / "dataset.json").read_text())["request"]["precision"] == "bf16"
+    write(class_ckpt, out, "--per-class", "2", "--amp", "bf16")   # what auto meant here: the same request
+    monkeypatch.setattr(core.runtime, "cpu_computes_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r'made with other options \(precision "bf16" there, "fp32" now\)'):
+        write(class_ckpt, out, "--per-class", "3", "--amp", "auto")  # auto on a CPU without native bf16
+    # A set written before the precision was recorded (--amp as typed) is continued without that check.
+    record = json.loads((out / "dataset.json").read_text())
+    record["request"]["amp"] = record["request"].pop("precision")
+    (out / "dataset.json").write_text(json.dumps(record))
+    write(class_ckpt, out, "--per-class", "3", "--amp", "none")
+    assert len(list(out.rglob("*.png"))) == 9
+
+
 def test_parameter_dataset_writes_a_params_csv_the_folder_loader_reads(params_ckpt, tmp_path):
     out = write(params_ckpt, tmp_path / "set", "--num", "6", "--param", "heat=3.5")
     manifest = rows(out / "manifest.csv")
@@ -169,7 +200,10 @@ def test_nothing_is_written_inside_the_models_own_training_images(class_ckpt):
 
 def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
     for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty"),
-                          ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data")):
+                          ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data"),
+                          # Wider than the training range [-1, 1]: every image would land in the middle bin.
+                          ("wind:3:-5:5", r"reaches only 1 of the 3 bins over \[-5, 5\], so wind0, wind2 would hold "
+                                          r"no image")):
         with pytest.raises(ValueError, match=message):
             write(params_ckpt, tmp_path / "set", "--num", "2", "--classes", spec)
         assert not (tmp_path / "set").exists()

@@ -215,6 +215,27 @@ def test_folder_lock_in_process(tmp_path):
     assert (tmp_path / "run" / "kept").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path, capsys):
+    """A DataLoader worker (a fork) outlives its killed parent for seconds: the folder must be free at once."""
+    code = ("import os, sys, time\nfrom core.lock import FolderLock\nFolderLock(sys.argv[1]).__enter__()\n"
+            "child = os.fork()\nif child == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+            "print(child, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait(timeout=60)
+        with FolderLock(tmp_path / "run"):  # while the child still runs
+            os.kill(child, 0)  # still running (this raises once it is gone)
+        assert "taking over" in capsys.readouterr().err
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 # ---------------------------------------------------------------------------------------------
 # a full disk, stale temporaries, changed data
 
@@ -535,7 +556,7 @@ LABEL_CASES = [
     (["--cond", "class", "--dataset", "plumes"], "--cond class needs a labelled dataset, and plumes has no classes"),
     (["--stage", "ldm", "--cond", "params", "--dataset", "cifar10"], "--cond params needs per-image parameters"),
     (["--stage", "classify", "--target", "params", "--dataset", "cifar10"], "--target params needs"),
-    (["--stage", "classify", "--target", "class", "--dataset", "plumes"], "and plumes has no class folders"),
+    (["--stage", "classify", "--target", "class", "--dataset", "plumes"], "and plumes has no classes; use class subfolders"),
     (["--cond", "params", "--dataset", "folder:{folder}"], "--cond params needs per-image parameters"),
     (["--cond", "class", "--dataset", "folder:{folder}/class0"], "has no classes"),
 ]

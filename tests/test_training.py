@@ -68,7 +68,9 @@ def test_resume_continues_exactly(tmp_path, image_folder):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(tiny_args(straight, image_folder, steps=6))
     train.main(tiny_args(split, image_folder, steps=3))
-    train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu"])
+    # Resumed on "another machine": a loader process and another cache folder, which change nothing computed.
+    train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu", "--num-workers", "1",
+                "--cache-dir", str(tmp_path / "elsewhere")])
     assert losses(split) == losses(straight)  # bit-identical: data order, noise and dropout all replayed
     a, b = (load_checkpoint(d / "checkpoint.pt", "ddpm") for d in (straight, split))
     for key in ("models", "ema"):
@@ -125,6 +127,22 @@ def test_new_run_refuses_to_overwrite_an_existing_one(trained_run, image_folder)
 def test_resume_rejects_options_the_checkpoint_fixes(trained_run):
     with pytest.raises(ValueError, match="cannot change when resuming"):
         train.main(["--run-dir", str(trained_run), "--resume", "--steps", "5", "--lr", "1.0"])
+
+
+def test_a_step_that_makes_the_weights_nan_is_caught_before_its_checkpoint(tmp_path):
+    """The step's own loss and gradient were finite: only the weights it left show it (an absurd --lr)."""
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3))
+
+    def loss(models, batch, gen, step):
+        return models["model"](batch[0]).pow(2).mean(), {}
+
+    torch.manual_seed(0)
+    stage = TrainingStage("toy", {"model": Trainable(torch.nn.Linear(3, 1), lr=1e39, ema=True)}, loss, data, {}, {})
+    cfg = TrainConfig(steps=1, batch_size=4, log_every=1, ckpt_every=1, sample_every=0, warmup_steps=0)
+    with pytest.raises(TrainingDiverged, match=r"the weights of the model became NaN or infinite by step 1; nothing "
+                                               r"was saved past the last checkpoint \(none yet\)"):
+        Trainer(stage, cfg, tmp_path, Runtime(torch.device("cpu"))).run()
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
@@ -283,6 +301,28 @@ def test_sample_writes_grid_images_gif_and_redraws_image_k_alone(trained_run, tm
     assert np.abs(a - b).max() <= 1  # same seed, same image; batching may move a value by one level
 
 
+def test_overwrite_replaces_what_an_earlier_drawing_wrote_and_keeps_other_files(trained_run, tmp_path):
+    common = ["--ckpt", str(trained_run / "checkpoint.pt"), "--steps", "2", "--out", str(tmp_path / "out"),
+              "--device", "cpu"]
+    out = sample.main([*common, "--num", "3", "--gif", "--sampler", "ddpm"])
+    (out / "notes.txt").write_text("mine")
+    sample.main([*common, "--num", "1", "--sampler", "ddim", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "manifest.csv", "notes.txt"]
+    assert [p.name for p in (out / "images").iterdir()] == ["000000.png"]
+    sample.main([*common, "--interpolate", "--num", "2", "--frames", "2", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["interpolate-noise.gif", "interpolate-noise.png", "notes.txt"]
+
+
+def test_samples_that_come_out_nan_are_refused_not_saved_as_black_images(trained_run, tmp_path, monkeypatch):
+    import sampling.draw
+    monkeypatch.setattr(sampling.draw, "sample_images", lambda model, sampling, seeds, **kw: torch.full(
+        (len(seeds), *model.shape), float("nan")))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"2 of a batch of 2 samples came out NaN or infinite"):
+        sample.main(["--ckpt", str(trained_run / "checkpoint.pt"), "--num", "2", "--out", str(out), "--device", "cpu"])
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
+
+
 def test_sample_with_compile_writes_the_eager_images(trained_run, tmp_path):
     # Through the whole command with a real Inductor compilation (C++ wrapper on the CPU): about 20 s.
     def draw(name: str, *extra: str) -> list[np.ndarray]:
@@ -320,6 +360,8 @@ def test_sample_refuses_bad_input_and_writes_nothing(trained_run, tmp_path, caps
         sample.main(["--ckpt", ckpt, "--steps", "101", "--out", str(out), "--device", "cpu"])  # T = 100
     with pytest.raises(ValueError, match="without conditioning"):
         sample.main(["--ckpt", ckpt, "--class", "cat", "--out", str(out), "--device", "cpu"])
+    with pytest.raises(ValueError, match="--interpolate writes GIFs of its own; drop --gif"):
+        sample.main(["--ckpt", ckpt, "--interpolate", "--gif", "--out", str(out), "--device", "cpu"])
     assert not out.exists()
     out.mkdir()
     (out / "keep.png").write_bytes(b"mine")

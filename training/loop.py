@@ -541,7 +541,7 @@ class Trainer:
         if save_due or log_due:
             means = self.window.means()  # every process takes part: the means are all-reduced
             # Checked before any checkpoint is written, so a diverged model never replaces a good one.
-            diverged = self._divergence(means)
+            diverged = self._divergence(means) or (self._weights_not_finite() if save_due else None)
             if diverged:
                 raise TrainingDiverged(
                     f"{diverged} by step {done}; nothing was saved past the last checkpoint "
@@ -572,6 +572,15 @@ class Trainer:
         if bad:
             return f"the {bad[0]} became {means[bad[0]]}"
         return self.stage.diverged(self.models, means) if self.stage.diverged is not None else None
+
+    def _weights_not_finite(self) -> str | None:
+        """Weights (or buffers: batch-norm statistics) that became NaN or infinite, which the losses and gradient
+        norms of the steps before cannot show when the last step before a checkpoint threw them off."""
+        for name, model in self.models.items():
+            tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):  # one sync
+                return f"the weights of the {name} became NaN or infinite"
+        return None
 
     def _stop(self, done: int, signum: int, saved: bool) -> None:
         """Checkpoint the step just finished (unless that happened already) and end the run."""

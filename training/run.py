@@ -178,11 +178,12 @@ def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, r
                             f"images; start a new --run-dir.")
         raise UserError(f"The data changed since {run_dir} was checkpointed ({what}); restore it, or start a new "
                         f"--run-dir.")
-    resumable = {name.split(".", 1)[1] for name in RESUMABLE if name.startswith("train.")}
     # Through from_dict, so keys an older toolkit wrote and this one retired do not count as a change.
     now, was = normal(to_dict(config)), normal(to_dict(from_dict(spec.config_class, saved["config"])))
     for cfg in (now, was):
-        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in resumable}
+        for name in RESUMABLE:
+            section, field = name.split(".", 1)
+            cfg[section].pop(field, None)
     if now != was:
         raise UserError(f"The run in {run_dir} no longer resolves to the config it was trained with; restore its "
                         f"data and settings, or start a new --run-dir.")
