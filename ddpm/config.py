@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from core.errors import UserError
 from data import DatasetInfo
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
@@ -77,8 +78,13 @@ class SamplingConfig:
         require(self.steps >= minimum, f"--sampler {self.sampler} needs at least {minimum} steps, got {self.steps}.")
 
     def check_against(self, schedule: Schedule) -> None:
-        require(self.steps <= schedule.num_timesteps,
-                f"--steps must be at most the model's T = {schedule.num_timesteps}, got {self.steps}.")
+        T = schedule.num_timesteps
+        require(self.steps <= T, f"--steps must be at most the model's T = {T}, got {self.steps}.")
+        first = int(make_timesteps(T, self.steps, self.spacing).max())
+        if first < T // 2:  # e.g. one step of uniform spacing: t = 0, where x_T is taken for a clean image
+            warnings.warn(f"--steps {self.steps} with --spacing {self.spacing} starts at t = {first} of T = {T}, so the "
+                          f"first step takes pure noise for an image that little noised and the samples stay noise; "
+                          f"use --spacing trailing (which starts at t = {T - 1}), or more steps.", stacklevel=2)
 
 
 @dataclass(frozen=True)

@@ -394,3 +394,17 @@ def test_a_guidance_function_without_the_float64_keyword_is_called_as_documented
         assert a.dtype == b.dtype == torch.float32 and torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert True in asked and False in asked  # float64 at t = 999 only
+
+
+def test_a_spacing_that_starts_below_half_of_t_is_warned_about():
+    """One uniform step visits t = 0 only: x_T would be taken for a clean image, and the sample stays noise."""
+    import warnings
+    from ddpm.config import SamplingConfig
+    schedule = Schedule(make_betas("linear", 100))
+    with pytest.warns(UserWarning, match=r"--steps 1 with --spacing uniform starts at t = 0 of T = 100, .* use "
+                                         r"--spacing trailing \(which starts at t = 99\)"):
+        SamplingConfig(steps=1).check_against(schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplingConfig(steps=1, spacing="trailing").check_against(schedule)
+        SamplingConfig(steps=2).check_against(schedule)  # starts at t = 50: half-way, as a 2-step run asks
