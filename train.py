@@ -52,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Names
     spec = get_stage(known.stage)
     owner = next((other.name for other in STAGES.values() if known.preset in other.presets), None)
     if known.preset not in (None, *spec.presets) and owner is not None:  # a preset of another stage: say which
-        raise UserError(f"--preset {known.preset} is a preset of --stage {owner}, and this is --stage {spec.name}; "
-                        f"pass --stage {owner}.")
+        refused = UserError(f"--preset {known.preset} is a preset of --stage {owner}, and this is --stage {spec.name}; "
+                            f"pass --stage {owner}.")
+        refused.every_process = True  # every torchrun process parses the same command line: rank 0 says it
+        raise refused
     return spec, stage_parser(spec, tuple(STAGES), __doc__).parse_args(argv)
 
 

@@ -17,6 +17,7 @@ import argparse
 import errno
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -95,7 +96,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(
             sign in str(err) for sign in PEER_LOST):
         return ("another process of this torchrun job ended while this one waited for it (see the launcher's report "
-                "for which, and why); the checkpoints written before are intact: resume the job with --resume.", 1)
+                "for which, and why); the checkpoints written before are intact: resume the job with --resume (a job "
+                "that wrote none yet starts over with the same command).", 1)
     # (A full disk inside torch.save surfaces as its zip writer's own error: atomic_write re-raises the OSError.)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         where = f" while writing {err.filename}" if err.filename else ""
@@ -176,12 +178,28 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistyped command line reported as one line like every other error."""
 
     def error(self, message: str):
-        print(f"error: {message}; see {self.prog} --help.", file=sys.stderr, flush=True)
+        # Every process of a torchrun job parses the same command line and fails the same way: rank 0 says so.
+        if launched_rank() == 0:
+            print(f"error: {message}; see {self.prog} --help.", file=sys.stderr, flush=True)
         raise SystemExit(2)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone, so that a BrokenPipeError is ours to end
+    quietly; one from another pipe (a worker process, a socket) is a failure to report like any other."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured: not where the pipe broke
+        return False
+    if not hasattr(select, "poll"):  # pragma: no cover - not POSIX
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
@@ -191,15 +209,12 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
         main(argv)
     except SystemExit:
         raise
-    except BrokenPipeError:
-        # What reads our output has gone (`--help | head`): nothing more can be said there, and the flush at
-        # exit must not fail again. The code a process killed by SIGPIPE gives, as other command-line tools do.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing to flush there
-            pass
-        return 128 + signal.SIGPIPE
     except BaseException as err:
+        if isinstance(err, BrokenPipeError) and stdout_gone():
+            # What reads our output has gone (`--help | head`): nothing more can be said there, and the flush at
+            # exit must not fail again. The code a process killed by SIGPIPE gives, as other command-line tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         explained = None if debug_requested(argv) else explain(err)
         if explained is None:
             raise
@@ -222,8 +237,9 @@ def terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 def _terminated_while_starting(signum: int, frame: Any) -> None:
     how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    print(f"error: stopped by {how} while starting, before anything was written; run the same command again.",
-          file=sys.stderr, flush=True)
+    if launched_rank() == 0:  # torchrun passes its stop to every worker: rank 0 says it for the job
+        print(f"error: stopped by {how} while starting, before anything was written; run the same command again.",
+              file=sys.stderr, flush=True)
     os._exit(128 + signum)  # from inside an import: nothing is open and nothing needs unwinding
 
 

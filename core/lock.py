@@ -4,18 +4,22 @@ The lock is an advisory `flock` on FOLDER/.lock, which the operating system drop
 dies (even by `kill -9`), so there is no stale lock to clean up by hand; the file also records who
 holds it, for the message that refuses a second process. Where `fcntl` is missing (Windows), the
 file is created exclusively instead and a holder that is no longer running is taken over.
+
+`taking_turns` is the waiting kind, for a cache that several processes may want made at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
+from core.cli import launched_rank
 from core.errors import ExistsError, UserError
 from core.runtime import is_temporary, process_alive
 
@@ -154,6 +158,33 @@ class FolderLock:
             if not folder.is_dir() or any(folder.iterdir()):
                 return
             folder.rmdir()
+
+
+@contextlib.contextmanager
+def taking_turns(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the body, waiting while another process
+    holds it: for `what` (a simulated dataset, a download) that the processes of a torchrun job, or two runs
+    sharing a cache, would otherwise all make at once into the same files. The one that waited then finds it
+    made. Released by the operating system if its holder dies. A no-op where `fcntl` is missing."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if launched_rank() == 0:  # torchrun's other ranks wait on rank 0 without a word
+                print(f"Waiting for another process that is making {what} ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        # Removed, so a cache folder keeps only what it caches: one that waited on it re-checks for what it
+        # wanted and finds it made; one that comes later makes a new lock file and finds the same.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # drops the lock
 
 
 def holds_files(folder: str | os.PathLike) -> bool:

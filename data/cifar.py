@@ -19,6 +19,7 @@ import torch
 from torchvision.datasets import cifar as torchvision_cifar
 
 from core.errors import MissingFileError
+from core.lock import taking_turns
 from data.dataset import DatasetInfo, ImageDataset, resize_uint8, subset_indices, to_channels
 
 FOLDER = "cifar-10-batches-py"
@@ -127,7 +128,10 @@ def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num
     folder = root / FOLDER
     batches = TRAIN_BATCHES if train else TEST_BATCHES
     if not all((folder / name).is_file() for name in batches + (META,)):
-        _fetch(root)
+        # One process downloads and extracts; any other (a torchrun job's ranks) waits, then finds the files.
+        with taking_turns(root / f"{FOLDER}.lock", f"CIFAR-10 in {root}"):
+            if not all((folder / name).is_file() for name in batches + (META,)):
+                _fetch(root)
 
     parts = [_read_batch(folder / name) for name in batches]
     images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))

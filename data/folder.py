@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from core.cli import launched_rank
 from core.errors import UserError, warn_once
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
 from data.imageio import IMAGE_EXTENSIONS, list_images, load_image
@@ -228,7 +229,8 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     files = [files[i] for i in keep]
 
     mode = "L" if channels == 1 else "RGB"
-    decoded = [decode_square(f, resolution, mode) for f in tqdm(files, desc=f"Decoding {root.name}", unit="img")]
+    decoded = [decode_square(f, resolution, mode) for f in tqdm(files, desc=f"Decoding {root.name}", unit="img",
+                                                                   disable=launched_rank() > 0)]
     images = torch.from_numpy(np.stack(decoded))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
     if channels is None and (images[:, :1] == images).all():

@@ -28,7 +28,7 @@ MAX_PIXELS_ENV = "SYNTHDIFF_MAX_IMAGE_PIXELS"
 # The raster formats read as images: photos, renders and their usual containers. Pillow opens more
 # (PSD, EPS, ICO, FITS, ...), whose files are left out with a warning (`list_images`).
 IMAGE_EXTENSIONS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp", ".avif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+                    ".webp", ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -60,9 +60,9 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
             extension = os.path.splitext(name)[1].lower()
             if name.startswith("."):
                 continue
-            if extension in IMAGE_EXTENSIONS:
+            if extension in _readable_extensions():
                 files.append(regular_file(Path(folder, name)))
-            elif extension in _other_pillow_formats():
+            elif extension in _other_pillow_formats() or extension in IMAGE_EXTENSIONS:
                 other_formats.append(Path(folder, name))
     if other_formats:
         warn_once(f"Leaving out {len(other_formats)} file(s) of {root} in formats not read as images here "
@@ -79,12 +79,29 @@ def regular_file(path: Path) -> Path:
     return path
 
 
+# Formats Pillow registers that hold data other than pictures (or only a stub without a decoder): files of
+# these beside the images are not images left out, so they are not warned about.
+NOT_PICTURES = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF", "FITS"})
+
+
+# Formats of IMAGE_EXTENSIONS that only recent Pillows (or builds with the codec's plugin) open.
+RECENT_FORMATS = {".avif": "AVIF", ".qoi": "QOI", ".jp2": "JPEG2000", ".j2k": "JPEG2000", ".j2c": "JPEG2000",
+                  ".jpc": "JPEG2000", ".jpf": "JPEG2000", ".jpx": "JPEG2000"}
+
+
+@functools.cache
+def _readable_extensions() -> frozenset[str]:
+    """IMAGE_EXTENSIONS that this Pillow opens: with an older one, AVIF files say so as other formats do."""
+    Image.init()
+    return frozenset(ext for ext in IMAGE_EXTENSIONS if RECENT_FORMATS.get(ext, "JPEG") in Image.OPEN)
+
+
 @functools.cache
 def _other_pillow_formats() -> frozenset[str]:
-    """Extensions of the formats Pillow can open that are not read as images here (PSD, EPS, ICO, ...)."""
+    """Extensions of the picture formats Pillow can open that are not read as images here (PSD, EPS, ICO, ...)."""
     Image.init()
     return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN and ext not in IMAGE_EXTENSIONS)
+                     if fmt in Image.OPEN and ext not in IMAGE_EXTENSIONS and fmt not in NOT_PICTURES)
 
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and/or turned
@@ -231,9 +248,10 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
             # Read on 0..255, such an image is nearly black; more likely it is a 0..1 image (a render) whose
             # highlights overshoot 1. Which it is cannot be told from one file: say so, and keep the rule.
             # (`load_image` names the file in front of every warning raised while it decodes one)
-            warnings.warn(f"a float image with values up to {values.max():.4g}, so it is read on the 0..255 scale "
-                          f"and comes out nearly black; if its scale is 0..1 (highlights above 1), clip it to 1 or "
-                          f"save it as 8- or 16-bit.", stacklevel=2)
+            # Said for the first such file only: a folder of renders would otherwise print a line per image.
+            warn_once("faint float", f"a float image with values up to {values.max():.4g}, so it is read on the "
+                      f"0..255 scale and comes out nearly black; if its scale is 0..1 (highlights above 1), clip it "
+                      f"to 1 or save it as 8- or 16-bit (said for the first such image only).")
         scaled = values.astype(np.float64) * (255.0 / top)
         if scaled.min() < -0.5:
             raise UserError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
@@ -246,9 +264,10 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
         if 0 < high <= FAINT_16_BIT_MAX:
             # Cameras and microscopes store 10- or 12-bit data in 16-bit files without scaling it up, and
             # the file does not say so: warn, and keep the rule (a truly dark 16-bit image exists too).
-            warnings.warn(f"a 16-bit image with values up to {high}, so it is read on the 0..65535 scale and comes "
-                          f"out nearly black; if it holds 12-bit (0..4095) or 10-bit data, scale it to 0..65535 or "
-                          f"save it as 8-bit.", stacklevel=2)
+            # Said for the first such file only: a folder of camera frames would otherwise print a line per image.
+            warn_once("faint 16-bit", f"a 16-bit image with values up to {high}, so it is read on the 0..65535 scale "
+                      f"and comes out nearly black; if it holds 12-bit (0..4095) or 10-bit data, scale it to "
+                      f"0..65535 or save it as 8-bit (said for the first such image only).")
         scaled = values.astype(np.float64) / 257.0  # 65535 -> 255 exactly
     grey = np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
     key = im.info.get("transparency")

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.cli import launched_rank
 from core.errors import UserError
+from core.lock import taking_turns
 from core.runtime import atomic_write
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, resize_uint8, to_channels
 from data.fluid import advect, project
@@ -185,7 +187,7 @@ def _simulate_in_parts(path: Path, seeds: list[int], resolution: int) -> tuple[t
     part_paths = [_part_path(path, start, len(batch)) for start, batch in batches] if len(batches) > 1 else []
     parts = []
     for i, (start, batch) in enumerate(tqdm(batches, desc=f"Simulating {n} plumes at {resolution}x{resolution}",
-                                            unit="batch")):
+                                            unit="batch", disable=launched_rank() > 0)):
         part = _read_cache(part_paths[i], len(batch), resolution) if part_paths else None
         if part is None or part[2].tolist() != batch:
             images, params = generate(batch, resolution)
@@ -209,7 +211,11 @@ def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_
     path = cache_path(cache_dir, resolution, n, seed, train)
     cached = _read_cache(path, n, resolution)
     if cached is None:
-        cached = _simulate_in_parts(path, sample_seeds(seed, n, train), resolution)
+        # One process simulates; any other that wants the same set (a torchrun job's ranks) waits, then reads it.
+        with taking_turns(path.with_name(path.name + ".lock"), f"the plumes of {path}"):
+            cached = _read_cache(path, n, resolution)
+            if cached is None:
+                cached = _simulate_in_parts(path, sample_seeds(seed, n, train), resolution)
     images, params, seeds = cached
     images = to_channels(images, channels or 3)
     info = DatasetInfo(name="plumes", resolution=resolution, channels=images.shape[1], class_names=(),

@@ -43,6 +43,9 @@ FORMER_ENTRIES = ("per_image", "amp")
 # Request entries added since sets were first written: a set whose record lacks one was written before it
 # existed and is continued without that check.
 LATER_ENTRIES = ("source_fingerprint", "precision")
+# The precision an --amp typed into a set written before "precision" resolved to on any machine ("auto": unknown).
+FORMER_PRECISION = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
+AMP_OF_PRECISION = {precision: amp for amp, precision in FORMER_PRECISION.items()}  # the --amp that gives one
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
 # "param:NAME" there, so that neither overwrites the other; params.csv keeps every parameter's own name.
@@ -204,10 +207,14 @@ class DatasetWriter:
         if not made_by.is_file():
             return ""
         before, now = flat_fields(_read_request(made_by)), flat_fields(self.request)
+        if "precision" not in before and before.get("amp") in FORMER_PRECISION:  # --amp as typed names its precision
+            before["precision"] = FORMER_PRECISION[before["amp"]]
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and (only is None or k in only)
                         and k not in ignore and k not in FORMER_ENTRIES
                         and not (k in LATER_ENTRIES and k not in before))
-        return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ[:4])
+        return "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now"
+                         + (f" (--amp {AMP_OF_PRECISION[before[k]]})" if k == "precision" and before.get(k)
+                            in AMP_OF_PRECISION else "") for k in differ[:4])
 
     def pending(self, items: Sequence[Item]) -> list[Item]:
         """The items whose image is not on disk yet. Images on disk beyond `items` (an earlier run asked for

@@ -14,16 +14,16 @@ from typing import Callable, Collection, Mapping
 
 import torch
 
-from core.errors import MissingFileError, UserError
+from core.errors import ExistsError, MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
-from core.lock import FolderLock, OutputFolder, check_output_folder
+from core.lock import UNFINISHED, FolderLock, OutputFolder, check_output_folder
 from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
 from core.speed import check_compile, check_cuda_graphs, speed_up
 from data import check_output_outside
-from data.writer import IMAGE_FILE
+from data.writer import IMAGE_FILE, REQUEST
 from ddpm.config import SamplingConfig
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
 from ddpm.source import ImageSource
@@ -111,6 +111,9 @@ def output_dir(args: argparse.Namespace, sampling: SamplingConfig, check: bool =
     mode = "-sweep" if args.sweep else "-interpolate" if args.interpolate else ""
     out = args.out or args.ckpt.parent / "samples" / f"{sampling.sampler}-{sampling.steps}-seed{args.seed}{mode}"
     if check:
+        if (out / REQUEST).is_file():  # --overwrite would clear its manifest and leave grids among its images
+            raise ExistsError(f"--out {out} is a dataset folder (it holds {REQUEST}), not one for sample.py's grids; "
+                              f"choose another --out, or --dataset-out {out} to continue that set.")
         check_output_folder(out, args.overwrite)
     return out
 
@@ -118,6 +121,13 @@ def output_dir(args: argparse.Namespace, sampling: SamplingConfig, check: bool =
 # Every file a drawing of sample.py writes into --out (sampling/draw.py), as patterns.
 OUTPUTS = ("grid.png", "manifest.csv", "reverse.gif", "sweep.png", "sweep.gif", "sweep.csv", "interpolate-*.png",
            "interpolate-*.gif", "images/*.png")
+# Files only a drawing writes, one of which every drawing leaves: a folder without any holds no drawing.
+SIGNS_OF_A_DRAWING = (UNFINISHED, "grid.png", "sweep.csv", "interpolate-noise.png")
+
+
+def holds_a_drawing(out: Path) -> bool:
+    """Whether `out` holds what a drawing wrote (or a stopped one began), not, say, the user's own images."""
+    return any((out / name).is_file() for name in SIGNS_OF_A_DRAWING)
 
 
 def clear_earlier_output(out: Path) -> None:
@@ -164,8 +174,12 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     special = args.sweep or args.interpolate
     num = args.num or (4 if special else 64)
     indices = list(range(args.first_index, args.first_index + num))
+    # Asked before the folder is marked as ours. One that holds no drawing (--overwrite into the user's own
+    # images) is written into as it is: only files of the names this drawing writes are replaced.
+    earlier = holds_a_drawing(out)
     with OutputFolder(out):  # two samplers never write one folder
-        clear_earlier_output(out)
+        if earlier:
+            clear_earlier_output(out)
         if args.sweep:
             draw_sweep(draw, args, model, indices, out)
         if args.interpolate:

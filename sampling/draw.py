@@ -52,8 +52,9 @@ class Drawer:
             guidance = self.sampling.guidance_scale
             raise UserError(f"{broken} of a batch of {len(seeds)} samples came out NaN or infinite (guidance scale "
                             f"{guidance:g}, {self.sampling.sampler} with {self.sampling.steps} steps); "
-                            + ("lower --guidance-scale." if guidance > 1 else "the model or these settings diverge: "
-                               "try another sampler, or more steps."))
+                            + ("lower the guidance scale" if guidance > 1 else "the model or these settings diverge: "
+                               "try another sampler, or more steps")
+                            + (", or full precision (--amp none)." if self.amp == torch.float16 else "."))
         return images
 
 

@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def warnings_of_a_fresh_process():
+    """Warnings shown once per process (`core.errors.warn_once`) are shown once per test, as each test is a
+    fresh start of a command: no test passes or fails because of which ran before it."""
+    import core.errors
+    core.errors._WARNED.clear()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     # Every model in the suite is tiny: with several threads, and anything else running on a small

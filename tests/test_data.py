@@ -453,6 +453,10 @@ def test_a_faint_float_image_is_read_on_its_rule_with_a_warning_that_names_it(tm
     with pytest.warns(UserWarning, match=r"^\S*render\.tiff: a float image with values up to 1\.2, so it is read "
                                          r"on the 0\.\.255 scale and comes out nearly black"):
         assert np.asarray(load_image(tmp_path / "render.tiff", "L")).tolist() == [[0, 0, 1]]
+    _row("F", [0.0, 0.2, 2.0]).save(tmp_path / "render2.tiff")
+    with warnings.catch_warnings():  # once for a folder of renders, not once per image
+        warnings.simplefilter("error")
+        load_image(tmp_path / "render2.tiff")
     _row("F", [0.0, 100.0, 255.0]).save(tmp_path / "bright.tiff")  # plainly 0..255: no warning
     _row("F", [0.0, 0.5, 1.0]).save(tmp_path / "unit.tiff")        # plainly 0..1: no warning
     with warnings.catch_warnings():
@@ -518,6 +522,7 @@ def test_list_images_reads_jpeg_and_netpbm_under_every_usual_name_and_warns_of_f
     for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.pnm", "PPM"), ("d.tga", "TGA"), ("e.apng", "PNG")):
         Image.fromarray(pixels).save(tmp_path / name, format=fmt)
     Image.fromarray(pixels).save(tmp_path / "f.ico", format="ICO")      # a format Pillow reads, not as data here
+    (tmp_path / "g.h5").write_bytes(b"\x89HDF\r\n\x1a\n")                 # data beside the images: no picture
     with pytest.warns(UserWarning, match=r"Leaving out 1 file\(s\) of .* in formats not read as images here "
                                          r"\(such as f\.ico\)"):
         listed = list_images(tmp_path)
@@ -530,6 +535,10 @@ def test_a_16_bit_image_holding_12_bit_values_is_read_on_its_rule_with_a_warning
     with pytest.warns(UserWarning, match=r"camera\.png: a 16-bit image with values up to 4095, so it is read on the "
                                          r"0\.\.65535 scale and comes out nearly black"):
         assert np.asarray(load_image(tmp_path / "camera.png", "L")).tolist() == [[0, 8, 16]]
+    _row("I;16", [0, 1024, 1023]).save(tmp_path / "camera2.png")
+    with warnings.catch_warnings():  # a folder of such frames is warned about once, not once per frame
+        warnings.simplefilter("error")
+        assert np.asarray(load_image(tmp_path / "camera2.png", "L")).tolist() == [[0, 4, 4]]
     _row("I;16", [0, 2048, 65535]).save(tmp_path / "full.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -921,3 +930,26 @@ def test_a_test_set_named_plumes_or_cifar10_is_their_test_split(tmp_path, monkey
         splits.clear()
         _, split = load_test_set(train, spec, test_spec, 3)
         assert splits == [False] and split == "heldout", (spec, test_spec)
+
+
+def test_a_plume_set_that_another_process_is_simulating_is_waited_for_and_read_not_simulated_again(tmp_path,
+                                                                                                    monkeypatch):
+    """torchrun's ranks (or two runs sharing a cache) asking for the same uncached set at once: one simulates,
+    the others wait for its lock, then read its cache."""
+    import threading
+    import time
+    from core.lock import taking_turns
+    from data import plumes
+    made = []
+    simulate = plumes.generate
+    monkeypatch.setattr(plumes, "generate", lambda seeds, resolution: made.append(list(seeds)) or simulate(seeds, resolution))
+    path = plumes.cache_path(tmp_path, 16, 3, 0, True)
+    got = {}
+    with taking_turns(path.with_name(path.name + ".lock"), "a test's plumes"):  # "another process" simulating
+        waiting = threading.Thread(target=lambda: got.update(dataset=plumes.load_plumes(16, tmp_path, num_samples=3)))
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and made == []  # it waits rather than simulating the same set again
+        first = plumes._simulate_in_parts(path, plumes.sample_seeds(0, 3, True), 16)
+    waiting.join(timeout=120)
+    assert len(made) == 1 and torch.equal(got["dataset"].images, first[0])

@@ -138,14 +138,28 @@ def test_a_set_records_the_precision_auto_resolved_to_and_continues_only_in_it(c
     assert json.loads((out / "dataset.json").read_text())["request"]["precision"] == "bf16"
     write(class_ckpt, out, "--per-class", "2", "--amp", "bf16")   # what auto meant here: the same request
     monkeypatch.setattr(core.runtime, "cpu_computes_bf16", lambda: False)
-    with pytest.raises(ValueError, match=r'made with other options \(precision "bf16" there, "fp32" now\)'):
+    with pytest.raises(ValueError, match=r'made with other options \(precision "bf16" there, "fp32" now \(--amp bf16\)\)'):
         write(class_ckpt, out, "--per-class", "3", "--amp", "auto")  # auto on a CPU without native bf16
-    # A set written before the precision was recorded (--amp as typed) is continued without that check.
+    # A set written before the precision was recorded (--amp as typed): an --amp that names a precision is
+    # checked as that precision; "auto" (whichever the machine gave) is continued without that check.
     record = json.loads((out / "dataset.json").read_text())
     record["request"]["amp"] = record["request"].pop("precision")
     (out / "dataset.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r'made with other options \(precision "bf16" there, "fp32" now \(--amp bf16\)\)'):
+        write(class_ckpt, out, "--per-class", "3", "--amp", "none")
+    record["request"]["amp"] = "auto"
+    (out / "dataset.json").write_text(json.dumps(record))
     write(class_ckpt, out, "--per-class", "3", "--amp", "none")
     assert len(list(out.rglob("*.png"))) == 9
+
+
+def test_a_dataset_folder_is_refused_as_the_out_of_a_drawing_even_with_overwrite(class_ckpt, tmp_path):
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "1")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=r"is a dataset folder \(it holds dataset\.json\), not one for sample\.py's grids"):
+        sample.main(["--ckpt", str(class_ckpt), "--out", str(out), "--overwrite", "--device", "cpu", "--sampler",
+                     "ddim", "--steps", "2", "--sweep", "class", "--num", "1"])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # its manifest.csv kept
 
 
 def test_parameter_dataset_writes_a_params_csv_the_folder_loader_reads(params_ckpt, tmp_path):

@@ -314,15 +314,18 @@ def test_the_module_every_command_starts_with_imports_neither_torch_nor_tqdm():
     assert done.communicate(timeout=60)[0].strip() == "[]"
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
 @pytest.mark.parametrize("signum, how", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
-def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(signum, how):
-    process = _python("from core import cli\ncli.catch_early_sigterm()\nprint('importing', flush=True)\n"
-                      "import time\ntime.sleep(60)  # an import of torch, slowed down")
+def test_a_sigterm_or_ctrl_c_while_a_command_is_still_importing_is_one_line(signum, how, rank):
+    # As a torchrun worker of rank RANK (not one that must die with its launcher: that is tested elsewhere):
+    # torchrun passes a stop to every worker, and rank 0 alone says it for the job.
+    process = _python(f"import os\nos.environ['RANK'] = '{rank}'\nfrom core import cli\ncli.catch_early_sigterm()\n"
+                      "print('importing', flush=True)\nimport time\ntime.sleep(60)  # an import of torch, slowed down")
     assert process.stdout.readline().strip() == "importing"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum and err.strip().splitlines() == [
-        f"error: stopped by {how} while starting, before anything was written; run the same command again."]
+    told = [f"error: stopped by {how} while starting, before anything was written; run the same command again."]
+    assert process.returncode == 128 + signum and err.strip().splitlines() == (told if rank == "0" else [])
 
 
 def test_help_read_by_a_command_that_stops_early_ends_quietly():
@@ -335,6 +338,15 @@ def test_help_read_by_a_command_that_stops_early_ends_quietly():
     process.stdout.close()  # as `head -1` does
     assert process.wait(timeout=60) == 128 + signal.SIGPIPE
     assert process.stderr.read() == ""
+
+
+def test_a_broken_pipe_other_than_stdout_is_reported_not_ended_quietly():
+    """A pipe to a worker process breaking is a failure: its traceback is shown, not exit code 141 in silence."""
+    process = subprocess.run([sys.executable, "-c", "import os\nfrom core import cli\n"
+                              "def main(argv):\n    r, w = os.pipe()\n    os.close(r)\n    os.write(w, b'x')\n"
+                              "cli.main(main)"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert process.returncode == 1 and "BrokenPipeError" in process.stderr
 
 
 @pytest.mark.parametrize("argv, started", [

@@ -145,6 +145,25 @@ def test_a_step_that_makes_the_weights_nan_is_caught_before_its_checkpoint(tmp_p
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_a_stop_signal_after_a_step_that_made_the_weights_nan_saves_no_checkpoint(tmp_path):
+    """A requeue's SIGTERM between logs: the checkpoint the stop writes is checked like a due one."""
+    import os
+    import signal
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3))
+
+    def loss(models, batch, gen, step):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen after this step, whose update throws the weights off
+        return models["model"](batch[0]).pow(2).mean(), {}
+
+    torch.manual_seed(0)
+    stage = TrainingStage("toy", {"model": Trainable(torch.nn.Linear(3, 1), lr=1e39, ema=True)}, loss, data, {}, {})
+    cfg = TrainConfig(steps=3, batch_size=4, log_every=10, ckpt_every=10, sample_every=0, warmup_steps=0)
+    with pytest.raises(TrainingDiverged, match=r"the weights of the model became NaN or infinite by step 1"):
+        Trainer(stage, cfg, tmp_path, Runtime(torch.device("cpu"))).run()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(8, 3))
     poison = {"on": False}
@@ -311,6 +330,14 @@ def test_overwrite_replaces_what_an_earlier_drawing_wrote_and_keeps_other_files(
     assert [p.name for p in (out / "images").iterdir()] == ["000000.png"]
     sample.main([*common, "--interpolate", "--num", "2", "--frames", "2", "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["interpolate-noise.gif", "interpolate-noise.png", "notes.txt"]
+    # A folder of the user's own images that no drawing wrote: --overwrite replaces only what it writes.
+    own = tmp_path / "photos"
+    for name in ("images/000005.png", "images/000000.png", "interpolate-mine.png"):
+        (own / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(own / name)
+    sample.main([*common[:-4], "--out", str(own), "--device", "cpu", "--num", "1", "--overwrite"])
+    assert sorted(p.relative_to(own).as_posix() for p in own.rglob("*.png")) == [
+        "grid.png", "images/000000.png", "images/000005.png", "interpolate-mine.png"]
 
 
 def test_samples_that_come_out_nan_are_refused_not_saved_as_black_images(trained_run, tmp_path, monkeypatch):
@@ -486,6 +513,28 @@ def test_a_refusal_under_torchrun_is_one_line_and_removes_nothing(tmp_path, imag
     ours = str(Path(train.__file__).parent)
     assert f'File "{ours}' not in done.stderr  # no traceback through our code (the launcher prints its own)
     assert (run_dir / "metrics.jsonl").exists() and "starting it over" not in done.stdout
+
+
+def test_a_bad_command_line_or_a_smaller_steps_under_torchrun_is_told_once(tmp_path, image_folder):
+    """A mistyped command line (every process parses the same one) and a resume to fewer steps than the
+    checkpoint holds are one line from the whole job, not one per process; the latter before any data is read."""
+    import os
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(run_dir, image_folder, steps=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(Path(train.__file__))]
+    for args, told in ((["--stage", "bogus"], "error: argument --stage: invalid choice: 'bogus'"),
+                       (["--preset", "vae-demo"], "error: --preset vae-demo is a preset of --stage vae"),
+                       (["--run-dir", str(run_dir), "--resume", "--steps", "1", "--device", "cpu"],
+                        f"error: The run in {run_dir} is already at step 2, past --steps 1")):
+        done = subprocess.run(launch + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(told), done.stderr[-3000:]
+        assert "Decoding" not in done.stderr
 
 
 def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):

@@ -543,10 +543,7 @@ class Trainer:
             # Checked before any checkpoint is written, so a diverged model never replaces a good one.
             diverged = self._divergence(means) or (self._weights_not_finite() if save_due else None)
             if diverged:
-                raise TrainingDiverged(
-                    f"{diverged} by step {done}; nothing was saved past the last checkpoint "
-                    f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run with a lower "
-                    f"--lr, or with --amp none.")
+                raise self._diverged(diverged, done)
         if log_due:
             record = self.window.close(done, self.optimizers[MAIN].param_groups[0]["lr"], cfg.batch_size,
                                        self.started)
@@ -573,6 +570,11 @@ class Trainer:
             return f"the {bad[0]} became {means[bad[0]]}"
         return self.stage.diverged(self.models, means) if self.stage.diverged is not None else None
 
+    def _diverged(self, what: str, done: int) -> TrainingDiverged:
+        return TrainingDiverged(f"{what} by step {done}; nothing was saved past the last checkpoint "
+                                f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run "
+                                f"with a lower --lr, or with --amp none.")
+
     def _weights_not_finite(self) -> str | None:
         """Weights (or buffers: batch-norm statistics) that became NaN or infinite, which the losses and gradient
         norms of the steps before cannot show when the last step before a checkpoint threw them off."""
@@ -585,6 +587,11 @@ class Trainer:
     def _stop(self, done: int, signum: int, saved: bool) -> None:
         """Checkpoint the step just finished (unless that happened already) and end the run."""
         window = None if saved else self.window.state()  # every process takes part
+        # The checkpoint a stop writes is checked as a due one is: weights thrown off since the last log are
+        # never saved over a good checkpoint (every process holds the same weights, so all of them stop here).
+        diverged = None if saved else self._weights_not_finite()
+        if diverged:
+            raise self._diverged(diverged, done)
         if self.runtime.is_main and not saved:
             self._save(done, window)
         name = signal.Signals(signum).name

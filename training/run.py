@@ -142,6 +142,9 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
+    if saved is not None and saved["step"] > config.train.steps:  # (the trainer checks it too, after the data)
+        raise UserError(f"The run in {run_dir} is already at step {saved['step']}, past --steps {config.train.steps}; "
+                        f"pass --steps larger than {saved['step']} to train further.")
     check_spec(config.data.dataset)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
