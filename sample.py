@@ -1,7 +1,7 @@
 """Draw images from a trained model: `python sample.py --ckpt runs/ddpm-demo/checkpoint.pt --sampler ddim --steps 50`.
 
 Works alike for pixel and latent models (the checkpoint says which stage made it). Writes to --out:
-  grid.png, images/NNNNNN.png (image k is reproducible alone: --first-index k --num 1),
+  grid.png, images/NNNNNN.png (image k is reproducible alone: --first-index k --num 1 --out DIR),
   manifest.csv (seed, class and parameters of each image), and with --gif reverse.gif;
   with --sweep NAME=START:STOP:N (or --sweep class): sweep.png and sweep.gif, one row per image
   and one column per value, the noise of each row held fixed;

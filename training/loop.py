@@ -257,6 +257,13 @@ def finished_run(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
             "checkpoint": str(run_dir / "checkpoint.pt"), "final_grid": str(final) if final.exists() else None}
 
 
+def check_steps_ahead(run_dir: Path, done: int, steps: int) -> None:
+    """Refuse a resume whose --steps is below the step its checkpoint reached."""
+    if done > steps:
+        raise UserError(f"The run in {run_dir} is already at step {done}, past --steps {steps}; pass --steps larger "
+                        f"than {done} to train further.")
+
+
 class Trainer:
     """Trains one `TrainingStage` for `cfg.steps` steps, writing everything under `run_dir`.
 
@@ -286,9 +293,7 @@ class Trainer:
         self.start_step, self.resumed_window, self.resumed_outputs = 0, None, {}
         if resume_from is not None:
             self._restore(resume_from)
-        if self.start_step > cfg.steps:
-            raise UserError(f"The run in {self.run_dir} is already at step {self.start_step}, past --steps {cfg.steps}; "
-                            f"pass --steps larger than {self.start_step} to train further.")
+        check_steps_ahead(self.run_dir, self.start_step, cfg.steps)
         self.train_models = TrainingModels({name: self._wrap(model) for name, model in self.models.items()},
                                            self.models)
 

@@ -29,7 +29,7 @@ from core.runtime import Runtime
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
 from training import distributed
-from training.loop import RunExists, Trainer, finished_run, missing_outputs
+from training.loop import RunExists, Trainer, check_steps_ahead, finished_run, missing_outputs
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there.
@@ -142,9 +142,8 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
-    if saved is not None and saved["step"] > config.train.steps:  # (the trainer checks it too, after the data)
-        raise UserError(f"The run in {run_dir} is already at step {saved['step']}, past --steps {config.train.steps}; "
-                        f"pass --steps larger than {saved['step']} to train further.")
+    if saved is not None:  # before any data is read (the trainer checks it too, for callers that start there)
+        check_steps_ahead(run_dir, saved["step"], config.train.steps)
     check_spec(config.data.dataset)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
