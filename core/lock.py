@@ -177,6 +177,7 @@ def taking_turns(path: Path, what: str) -> Iterator[None]:
     if fd is None:
         yield
         return
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -184,12 +185,15 @@ def taking_turns(path: Path, what: str) -> Iterator[None]:
             if launched_rank() == 0:  # torchrun's other ranks wait on rank 0 without a word
                 print(f"Waiting for another process that is making {what} ...", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        held = True
         yield
     finally:
-        # Removed, so a cache folder keeps only what it caches: one that waited on it re-checks for what it
-        # wanted and finds it made; one that comes later makes a new lock file and finds the same.
-        with contextlib.suppress(OSError):
-            path.unlink()
+        # Removed by its holder (not by one stopped while waiting), so a cache folder keeps only what it caches:
+        # one that waited on it re-checks for what it wanted and finds it made; one that comes later makes a
+        # new lock file and finds the same.
+        if held:
+            with contextlib.suppress(OSError):
+                path.unlink()
         os.close(fd)  # drops the lock
 
 

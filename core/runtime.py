@@ -81,6 +81,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 # mixed precision
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+FIXED_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --amp modes that name their dtype
 AMP_HELP = ("mixed precision (auto: bf16 on CUDA, or fp16 with loss scaling where bf16 is unsupported; bf16 on CPUs "
             "with native bf16 (AVX512-BF16, AMX); none on other CPUs)")
 # --kernels: which implementation of our fused ops runs (the kernels package reads the choice)
@@ -118,7 +119,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return FIXED_AMP[amp]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -30,7 +30,7 @@ import torch
 from core.config import flat_fields
 from core.errors import ExistsError, UserError
 from core.lock import holds_files
-from core.runtime import write_csv, write_json
+from core.runtime import FIXED_AMP, precision_name, write_csv, write_json
 from data.dataset import DatasetInfo
 from data.imageio import save_images
 
@@ -44,7 +44,7 @@ FORMER_ENTRIES = ("per_image", "amp")
 # existed and is continued without that check.
 LATER_ENTRIES = ("source_fingerprint", "precision")
 # The precision an --amp typed into a set written before "precision" resolved to on any machine ("auto": unknown).
-FORMER_PRECISION = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
+FORMER_PRECISION = {amp: precision_name(dtype) for amp, dtype in FIXED_AMP.items()}
 AMP_OF_PRECISION = {precision: amp for amp, precision in FORMER_PRECISION.items()}  # the --amp that gives one
 FORMAT = "synthdiff-dataset"
 # The manifest's own columns. A parameter of the same name (a simulation's "seed", say) is written as
