@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18
 
 from core.checkpoint import load_checkpoint, load_weights, require_keys
 from core.config import check_choice, from_dict, option, require
@@ -78,6 +77,9 @@ def build_resnet18(config: ClassifierConfig, resolution: int) -> nn.Module:
     """torchvision's ResNet-18 with `config.num_outputs` outputs, `config.in_channels` input channels and
     the stem chosen for `resolution`. Layer names are torchvision's (conv1, layer1..layer4, fc), so
     Grad-CAM and published ResNet weights find them where they expect."""
+    # torchvision is imported here, not with this module: importing it imports PyTorch's compiler (2-3 s), a cost
+    # that commands which only read a classifier's config (every train.py start) should not pay.
+    from torchvision.models import resnet18
     require(config.num_outputs >= 1, "A classifier needs at least one output (a class or a parameter).")
     net = resnet18(weights=None, num_classes=config.num_outputs)
     if small_stem(config, resolution):

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import cifar as torchvision_cifar
 
 from core.errors import MissingFileError
 from core.lock import taking_turns
@@ -110,6 +109,7 @@ def _read_class_names(path: Path) -> tuple[str, ...]:
 
 def _fetch(root: Path) -> None:
     """Download and extract CIFAR-10 into `root` (or extract an archive already there), as torchvision does."""
+    from torchvision.datasets import cifar as torchvision_cifar  # (here: importing torchvision takes seconds)
     try:
         # torchvision's CIFAR10 class would do the same, then unpickle every batch with plain pickle.
         torchvision_cifar.download_and_extract_archive(torchvision_cifar.CIFAR10.url, str(root), filename=ARCHIVE,

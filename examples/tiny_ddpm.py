@@ -24,7 +24,8 @@ IMAGES = 512         # plumes to train on, simulated in memory (a few seconds)
 SIZE = 16            # image side in pixels
 
 
-def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", seed: int = 0) -> list[float]:
+def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", seed: int = 0,
+         batch: int = BATCH) -> list[float]:
     """Train, sample, write the grid to `out`; returns the training loss of every step."""
     torch.manual_seed(seed)  # the network's initial weights
     g = torch.Generator().manual_seed(seed)  # every other draw: batches, timesteps, noise
@@ -44,7 +45,7 @@ def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", s
     # Training: a random timestep and noise per image, x_t = q_sample(x0, t, noise), MSE to v (DDPM eq. 14's form).
     losses = []
     for step in range(steps):
-        x0 = data[torch.randint(len(data), (BATCH,), generator=g)]
+        x0 = data[torch.randint(len(data), (batch,), generator=g)]
         loss = diffusion_loss(net, schedule, x0, g, prediction="v").mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

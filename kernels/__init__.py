@@ -27,7 +27,10 @@ Which implementation runs is one process-wide setting, chosen once by the entry 
 
 The public functions (`group_norm_act`, ...) read the setting on every call, so a network built
 once runs either way; `torch.compile` guards on it, and traces through the Triton kernels because
-they are registered with `torch.library`.
+they are registered with `torch.library` (`torch.ops.synthdiff.*`). They are registered when
+"triton" is first chosen, not when their modules are imported: `torch.library.triton_op` imports
+PyTorch's compiler, 2 s of every start-up on a 2-core CPU, which a process on the PyTorch ops
+would pay for nothing.
 """
 
 from __future__ import annotations
@@ -84,7 +87,18 @@ def use(name: str, device: torch.device | str) -> str:
     """Switch every fused op to the backend `--kernels NAME` means on `device`; returns "triton" or "torch"."""
     global _active
     _active = resolve(name, device)
+    if _active == "triton":
+        _register_triton_ops()
     return _active
+
+
+@functools.cache
+def _register_triton_ops() -> None:
+    """The Triton kernels as torch.library ops, once per process, before anything can launch them (every
+    launch goes through `runs_triton`, which needs `use("triton")` first)."""
+    from kernels import group_norm, lpips, sampler_step
+    for module in (group_norm, lpips, sampler_step):
+        module.register()
 
 
 def active() -> str:

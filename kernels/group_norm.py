@@ -480,7 +480,8 @@ def _autograd_backward(ctx, dy, _dmean, _drstd):
     return *grads, None, None, None, None, None
 
 
-if triton is not None:
+def register() -> None:
+    """Make the ops torch.ops.synthdiff.group_norm_act(_backward) (once, by `kernels.use`)."""
     register_op("group_norm_act_backward", _backward, _backward_fake)
     register_op("group_norm_act", _forward, _forward_fake).register_autograd(_autograd_backward,
                                                                               setup_context=_setup_context)

@@ -217,7 +217,8 @@ def _autograd_backward(ctx, grad):
     return dfx if fx_grad else None, dfy if fy_grad else None, None
 
 
-if triton is not None:
+def register() -> None:
+    """Make the ops torch.ops.synthdiff.lpips_tap_distance(_backward) (once, by `kernels.use`)."""
     register_op("lpips_tap_distance_backward", _backward, _backward_fake)
     register_op("lpips_tap_distance", _distance, _distance_fake).register_autograd(_autograd_backward,
                                                                                     setup_context=_setup_context)

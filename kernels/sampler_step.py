@@ -235,5 +235,6 @@ def _launch_fake(x, eps, eps_ref, history, noise, coefficients, clip_x0, store_x
     return _outputs(x, eps, store_x0, store_guided)
 
 
-if triton is not None:
+def register() -> None:
+    """Make the op torch.ops.synthdiff.sampler_step (once, by `kernels.use`)."""
     register_op("sampler_step", _launch, _launch_fake)

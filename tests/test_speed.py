@@ -271,27 +271,28 @@ BF16_LOSS_TOLERANCE = 0.05  # relative distance of the bf16 run's mean loss from
 @pytest.mark.parametrize("matmul_attention", [False, True])
 def test_bf16_autocast_training_stays_close_to_fp32(matmul_attention, monkeypatch):
     """A short denoising run in bf16 autocast tracks the fp32 run: same data, noise and timesteps; with attention
-    over 16x16 positions of 64 channels, bf16 attention takes the matmul form (`kernels.attention`)."""
+    over 16x16 positions of 64 channels, bf16 attention takes the matmul form (`kernels.attention`). (Small: a CPU
+    without native bf16 emulates it, 8x slower than fp32.)"""
     import kernels.attention
     forms = []
     chosen = kernels.attention.uses_matmul_form
     monkeypatch.setattr(kernels.attention, "uses_matmul_form", lambda q: forms.append(chosen(q)) or forms[-1])
     schedule = Schedule.from_name("linear", 1000)
     side = 16 if matmul_attention else 8
-    data = torch.rand(8, 3, side, side) * 2 - 1
+    data = torch.rand(4, 3, side, side) * 2 - 1
     curves = {}
     for dtype in (None, torch.bfloat16):
         if matmul_attention:
             torch.manual_seed(0)
-            net = UNet(UNetConfig(image_size=16, base_channels=64, channel_mult=(1, 1), num_res_blocks=1,
+            net = UNet(UNetConfig(image_size=16, base_channels=64, channel_mult=(1,), num_res_blocks=1,
                                   attention_resolutions=(16,), dropout=0.0, scale_shift_norm=True))
         else:
             net = tiny_unet(True)
         optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
         g = torch.Generator().manual_seed(0)
         losses = []
-        for _ in range(12):
-            t = torch.randint(0, schedule.num_timesteps, (8,), generator=g)
+        for _ in range(8):
+            t = torch.randint(0, schedule.num_timesteps, (len(data),), generator=g)
             noise = torch.randn(data.shape, generator=g)
             x_t = schedule.q_sample(data, t, noise)
             with runtime.autocast(torch.device("cpu"), dtype):
@@ -305,7 +306,7 @@ def test_bf16_autocast_training_stays_close_to_fp32(matmul_attention, monkeypatc
     fp32, bf16 = curves[None], curves[torch.bfloat16]
     assert any(forms) == matmul_attention
     assert fp32[-1] < fp32[0]  # the run learns, so the comparison is not between two flat lines
-    mean_fp32, mean_bf16 = sum(fp32[6:]) / 6, sum(bf16[6:]) / 6
+    mean_fp32, mean_bf16 = sum(fp32[4:]) / 4, sum(bf16[4:]) / 4
     assert math.isclose(mean_bf16, mean_fp32, rel_tol=BF16_LOSS_TOLERANCE)
 
 

@@ -112,7 +112,7 @@ def test_a_run_resumed_from_inside_a_logging_window_logs_what_an_unbroken_one_do
 
 def test_tiny_model_overfits_a_handful_of_images(tmp_path, image_folder):
     run_dir = tmp_path / "overfit"
-    train.main(tiny_args(run_dir, image_folder, "--dropout", "0", "--lr", "3e-3", "--log-every", "20", steps=200))
+    train.main(tiny_args(run_dir, image_folder, "--dropout", "0", "--lr", "3e-3", "--log-every", "10", steps=100))
     history = losses(run_dir)
     assert history[-1] < 0.35 * history[0], history
 
