@@ -26,6 +26,7 @@ from core.checkpoint import load_checkpoint, load_weights, require_keys
 from core.config import check_choice, from_dict, option, require
 from core.errors import UserError
 from data import DatasetInfo
+from data.dataset import LUMA
 
 NAME = "classify"
 TARGETS = ("class", "params")
@@ -119,7 +120,7 @@ class Classifier:
         if images.shape[1] == 1 and info.channels == 3:
             return images.expand(-1, 3, -1, -1)
         if images.shape[1] == 3 and info.channels == 1:  # ITU-R 601 luma, as data.dataset.to_channels
-            weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+            weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
             return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
         raise UserError(f"This classifier takes {info.channels}-channel images, got {images.shape[1]}.")
 

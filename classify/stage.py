@@ -33,7 +33,7 @@ from core.runtime import Runtime, read_metrics
 from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, folder_of, label_counts,
                   load_dataset, load_test_set)
 from data.augment import compose, random_crop, random_hflip, random_noise
-from data.dataset import param_ranges
+from data.dataset import LUMA, param_ranges
 from data.imageio import from_uint8
 
 EVAL_BATCH = 256
@@ -252,14 +252,16 @@ def adapt_first_conv(weight: Tensor, channels: int) -> Tensor:
     """First-layer weights (out, C, k, k) for images of `channels` channels, 1 or 3.
 
     Colour to grey sums the weights over colour: on a grey image the network then computes exactly what it
-    computed on that image as RGB with three equal channels. Grey to colour spreads the weights over the
-    three channels, a third each: the network sees the channels' mean where it saw the grey level.
+    computed on that image as RGB with three equal channels. Grey to colour weights the three channels by
+    their share of the luma (ITU-R 601, which sum to 1): the network computes on a colour image what it
+    computed on its grey version as the grey loader makes it (unrounded), and on a grey image given as RGB
+    exactly what it computed on it.
     """
     if weight.shape[1] == channels:
         return weight
     if channels == 1:
         return weight.sum(dim=1, keepdim=True)
-    return weight.repeat(1, channels, 1, 1) / channels
+    return weight * torch.tensor(LUMA, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
 
 
 def augmentation(config: ClassifyConfig):

@@ -145,6 +145,10 @@ def param_ranges(params: torch.Tensor) -> tuple[tuple[float, float], ...]:
     return tuple((float(a), float(b)) for a, b in zip(lo, hi))
 
 
+# ITU-R 601 luma, the grey level of an (R, G, B) pixel: Pillow's conversion to "L", by which grey images load.
+LUMA = (0.299, 0.587, 0.114)
+
+
 def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) with C in {1, 3} -> `channels` (1: ITU-R 601 luma, 3: grey replicated)."""
     c = images.shape[1]
@@ -154,7 +158,7 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
-    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    weights = torch.tensor(LUMA).view(1, 3, 1, 1)
     return (images.float() * weights).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -223,10 +223,11 @@ class DatasetWriter:
         known = {row["file"] for row in self.rows.values()} | {item.file for item in items}
         unlisted = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.png")
                           if IMAGE_FILE.fullmatch(p.name) and p.relative_to(self.root).as_posix() not in known)
-        if unlisted:  # a kill between an image and the manifest's update, in a run that asked for more
+        if unlisted:  # a kill between an image and the manifest's update, or a deleted manifest, in a set made larger
             raise UserError(f"{self.root} holds {len(unlisted)} image(s) its manifest does not list (such as "
-                            f"{unlisted[0]}), written by a stopped run that asked for more images than this one; run "
-                            f"that larger request again to finish and record them, or delete those images.")
+                            f"{unlisted[0]}), written by a run that asked for more images than this one (stopped "
+                            f"before it listed them, or listed in a manifest since deleted); run that larger request "
+                            f"again to finish and record them, or delete those images.")
         beyond = sorted(k for k in self.rows if k not in wanted)
         if beyond:
             print(f"{self.root} already holds {len(beyond)} images beyond the {len(items)} asked for (from an earlier "

@@ -23,6 +23,7 @@ from core.checkpoint import load_checkpoint
 from core.cli import RunInterrupted
 from data import Batch, load_dataset
 from data.augment import random_crop, random_noise
+from data.imageio import from_uint8
 from helpers import COLOURS, RES, colour_folder
 
 
@@ -241,12 +242,17 @@ def test_init_from_a_colour_network_fine_tunes_on_greyscale_images_computing_wha
         torch.testing.assert_close(tuned(x), original(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
     train.main(args(tmp_path / "trained", *grey, "--init-from", str(source), "--steps", "2"))
 
-    # The other way, a third of the grey weights per colour: equal channels give the grey network's output.
+    # The other way: equal channels give the grey network's output, and a colour image its output on the image's
+    # luma (Pillow's "L", by which the grey network's images were loaded; exact but for Pillow's rounding).
     conv = torch.nn.Conv2d(1, 8, 3, bias=False)
     spread = torch.nn.Conv2d(3, 8, 3, bias=False)
     spread.weight.data = adapt_first_conv(conv.weight.data, 3)
+    colour = torch.randint(0, 256, (2, RES, RES, 3), dtype=torch.uint8)
+    luma = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(c.numpy()).convert("L"))) for c in colour])
     with torch.no_grad():
         torch.testing.assert_close(spread(x.expand(-1, 3, -1, -1)), conv(x))
+        torch.testing.assert_close(spread(from_uint8(colour.permute(0, 3, 1, 2))), conv(from_uint8(luma[:, None])),
+                                   rtol=0, atol=conv.weight.abs().sum(dim=(1, 2, 3)).max().item() / 255 + 1e-6)
 
 
 def test_init_from_refuses_a_checkpoint_that_predicts_something_else(colour_run, colours, tmp_path):

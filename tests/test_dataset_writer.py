@@ -123,7 +123,8 @@ def test_images_a_stopped_larger_request_left_unlisted_are_refused_by_a_smaller_
     table = (out / "manifest.csv").read_bytes()
     (out / "manifest.csv").unlink()  # as a kill between the last images and the manifest's update leaves it
     files = {p: p.read_bytes() for p in out.rglob("*.png")}
-    with pytest.raises(ValueError, match=r"holds 3 image\(s\) its manifest does not list .* run that larger request "
+    with pytest.raises(ValueError, match=r"holds 3 image\(s\) its manifest does not list .* \(stopped before it listed "
+                                         r"them, or listed in a manifest since deleted\); run that larger request "
                                          r"again to finish and record them, or delete those images"):
         write(class_ckpt, out, "--per-class", "1")
     assert {p: p.read_bytes() for p in out.rglob("*.png")} == files
