@@ -248,7 +248,7 @@ def test_init_from_a_colour_network_fine_tunes_on_greyscale_images_computing_wha
     spread = torch.nn.Conv2d(3, 8, 3, bias=False)
     spread.weight.data = adapt_first_conv(conv.weight.data, 3)
     colour = torch.randint(0, 256, (2, RES, RES, 3), dtype=torch.uint8)
-    luma = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(c.numpy()).convert("L"))) for c in colour])
+    luma = torch.stack([torch.from_numpy(np.array(Image.fromarray(c.numpy()).convert("L"))) for c in colour])
     with torch.no_grad():
         torch.testing.assert_close(spread(x.expand(-1, 3, -1, -1)), conv(x))
         torch.testing.assert_close(spread(from_uint8(colour.permute(0, 3, 1, 2))), conv(from_uint8(luma[:, None])),
