@@ -127,10 +127,13 @@ def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num
     root = Path(cache_dir).expanduser().resolve()
     folder = root / FOLDER
     batches = TRAIN_BATCHES if train else TEST_BATCHES
-    if not all((folder / name).is_file() for name in batches + (META,)):
+    def present() -> bool:
+        return all((folder / name).is_file() for name in batches + (META,))
+
+    if not present():
         # One process downloads and extracts; any other (a torchrun job's ranks) waits, then finds the files.
         with taking_turns(root / f"{FOLDER}.lock", f"CIFAR-10 in {root}"):
-            if not all((folder / name).is_file() for name in batches + (META,)):
+            if not present():
                 _fetch(root)
 
     parts = [_read_batch(folder / name) for name in batches]

@@ -28,7 +28,8 @@ MAX_PIXELS_ENV = "SYNTHDIFF_MAX_IMAGE_PIXELS"
 # The raster formats read as images: photos, renders and their usual containers. Pillow opens more
 # (PSD, EPS, ICO, FITS, ...), whose files are left out with a warning (`list_images`).
 IMAGE_EXTENSIONS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp", ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+                    ".webp", ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".tga", ".qoi")
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:

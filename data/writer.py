@@ -144,9 +144,9 @@ def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Bi
         empty = [c for k, c in enumerate(binning.class_names) if not first <= k <= last]
         raise UserError(f"{option} {spec!r}: the range of {name} in the data [{data_low:g}, {data_high:g}] reaches only "
                         f"{last - first + 1} of the {bins} bins over [{low:g}, {high:g}], so {', '.join(empty)} would "
-                        f"hold no image; give LOW:HIGH within that range or fewer bins, the same for every split (a split "
-                        f"that must keep another split's edges needs more images, so that its values reach every "
-                        f"bin).")
+                        f"hold no image; give LOW:HIGH within that range or fewer bins, the same for every split (a "
+                        f"split that must keep another split's edges needs more images, so that its values reach "
+                        f"every bin).")
     return binning
 
 

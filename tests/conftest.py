@@ -34,15 +34,11 @@ def one_thread():
 
 
 def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300) -> None:
-    """Run `script` under torchrun with `nproc` CPU processes (gloo), deterministically: `--standalone`
-    lets torchrun pick a free port (a fixed one can still be held by another job, or by the previous
-    launch), and gloo is pinned to the loopback interface instead of whatever the host name resolves to."""
-    import os
+    """Run `script` under torchrun with `nproc` CPU processes (gloo), deterministically (`helpers.torchrun_command`
+    and `torchrun_env`)."""
     import subprocess
-    import sys
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    subprocess.run(command + args, check=True, env=env, cwd=cwd, timeout=timeout)
+    from helpers import torchrun_command, torchrun_env
+    subprocess.run(torchrun_command(nproc, script) + args, check=True, env=torchrun_env(), cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture

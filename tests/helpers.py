@@ -1,9 +1,12 @@
 """What several test files share: the command line of a tiny pixel-diffusion run, folders of
-labelled images that a few classifier steps learn, and damaged copies of an .npz archive."""
+labelled images that a few classifier steps learn, damaged copies of an .npz archive, and torchrun
+launches on the CPU."""
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,18 @@ import torch
 from PIL import Image
 
 RES = 16  # image side of every tiny run
+
+
+def torchrun_command(nproc: int, script: str | Path) -> list[str]:
+    """A torchrun launch of `script` with `nproc` processes; `--standalone` lets torchrun pick a free port (a
+    fixed one can still be held by another job, or by the previous launch)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of a torchrun launch on the CPU: one thread per process, and gloo pinned to the loopback
+    interface instead of whatever the host name resolves to."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
 def tiny_args(run_dir: Path, dataset: str | Path, *extra: str, steps: int = 3) -> list[str]:

@@ -942,7 +942,8 @@ def test_a_plume_set_that_another_process_is_simulating_is_waited_for_and_read_n
     from data import plumes
     made = []
     simulate = plumes.generate
-    monkeypatch.setattr(plumes, "generate", lambda seeds, resolution: made.append(list(seeds)) or simulate(seeds, resolution))
+    monkeypatch.setattr(plumes, "generate",
+                        lambda seeds, resolution: made.append(list(seeds)) or simulate(seeds, resolution))
     path = plumes.cache_path(tmp_path, 16, 3, 0, True)
     got = {}
     with taking_turns(path.with_name(path.name + ".lock"), "a test's plumes"):  # "another process" simulating

@@ -26,7 +26,7 @@ from core import cli
 from core.checkpoint import load_checkpoint
 from core.errors import MissingFileError, UserError
 from core.lock import FolderInUse, FolderLock
-from helpers import tiny_args
+from helpers import tiny_args, torchrun_command, torchrun_env
 
 TRAIN = str(Path(train.__file__))
 
@@ -111,11 +111,9 @@ def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux's")
     run_dir = tmp_path / "orphaned"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                     "2", TRAIN, *tiny_args(run_dir, folder, steps=100_000)],
-                                    cwd=tmp_path, env=env, stdout=out, stderr=err)
+        launcher = subprocess.Popen([*torchrun_command(2, TRAIN), *tiny_args(run_dir, folder, steps=100_000)],
+                                    cwd=tmp_path, env=torchrun_env(), stdout=out, stderr=err)
         wait_for(lambda: len(logged_steps(run_dir)) >= 3, launcher, timeout=180)
         launcher.kill()
         launcher.wait()
@@ -150,10 +148,8 @@ def test_torchrun_workers_die_with_a_launcher_killed_while_they_start(tmp_path, 
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux's")
     run_dir = tmp_path / "never-started"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", TRAIN, *tiny_args(run_dir, folder, steps=10)], cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen([*torchrun_command(2, TRAIN), *tiny_args(run_dir, folder, steps=10)], cwd=tmp_path,
+                                env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def workers() -> list[int]:
         found = []

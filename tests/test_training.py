@@ -18,7 +18,7 @@ from core.config import TrainConfig, from_dict
 from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime
 from ddpm.config import DDPMConfig
-from helpers import tiny_args
+from helpers import tiny_args, torchrun_command, torchrun_env
 from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
@@ -497,16 +497,12 @@ def test_parameter_conditional_run_on_plumes(tmp_path):
 
 def test_a_refusal_under_torchrun_is_one_line_and_removes_nothing(tmp_path, image_folder):
     """Both processes refuse an odd --batch-size; one says so. A killed run's log stays until a run starts."""
-    import os
     import subprocess
-    import sys
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(train.__file__)), *tiny_args(run_dir, image_folder, "--batch-size", "3")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [*torchrun_command(2, train.__file__), *tiny_args(run_dir, image_folder, "--batch-size", "3")]
+    done = subprocess.run(command, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --batch-size 3 must split evenly across the 2 processes; use a multiple of 2."]
@@ -518,19 +514,16 @@ def test_a_refusal_under_torchrun_is_one_line_and_removes_nothing(tmp_path, imag
 def test_a_bad_command_line_or_a_smaller_steps_under_torchrun_is_told_once(tmp_path, image_folder):
     """A mistyped command line (every process parses the same one) and a resume to fewer steps than the
     checkpoint holds are one line from the whole job, not one per process; the latter before any data is read."""
-    import os
     import subprocess
-    import sys
     run_dir = tmp_path / "run"
     train.main(tiny_args(run_dir, image_folder, steps=2))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(Path(train.__file__))]
+    launch = torchrun_command(2, train.__file__)
     for args, told in ((["--stage", "bogus"], "error: argument --stage: invalid choice: 'bogus'"),
                        (["--preset", "vae-demo"], "error: --preset vae-demo is a preset of --stage vae"),
                        (["--run-dir", str(run_dir), "--resume", "--steps", "1", "--device", "cpu"],
                         f"error: The run in {run_dir} is already at step 2, past --steps 1")):
-        done = subprocess.run(launch + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(launch + args, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode != 0
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(told), done.stderr[-3000:]
@@ -540,18 +533,14 @@ def test_a_bad_command_line_or_a_smaller_steps_under_torchrun_is_told_once(tmp_p
 def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):
     """Every process reads the data and meets the same unreadable file after the start-up checks; one says
     so (the lowest rank), the others stop quietly, and the refused run leaves no folder behind."""
-    import os
     import shutil
     import subprocess
-    import sys
     images = tmp_path / "images"
     shutil.copytree(image_folder, images)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(train.__file__)), *tiny_args(run_dir, images)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [*torchrun_command(2, train.__file__), *tiny_args(run_dir, images)]
+    done = subprocess.run(command, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "broken.png" in errors[0], done.stderr[-3000:]

@@ -548,7 +548,7 @@ class Trainer:
             # Checked before any checkpoint is written, so a diverged model never replaces a good one.
             diverged = self._divergence(means) or (self._weights_not_finite() if save_due else None)
             if diverged:
-                raise self._diverged(diverged, done)
+                raise self._divergence_error(diverged, done)
         if log_due:
             record = self.window.close(done, self.optimizers[MAIN].param_groups[0]["lr"], cfg.batch_size,
                                        self.started)
@@ -575,7 +575,9 @@ class Trainer:
             return f"the {bad[0]} became {means[bad[0]]}"
         return self.stage.diverged(self.models, means) if self.stage.diverged is not None else None
 
-    def _diverged(self, what: str, done: int) -> TrainingDiverged:
+    def _divergence_error(self, what: str, done: int) -> TrainingDiverged:
+        """The error that ends a run in which `what` (from `_divergence` or `_weights_not_finite`) went wrong by
+        step `done`."""
         return TrainingDiverged(f"{what} by step {done}; nothing was saved past the last checkpoint "
                                 f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run "
                                 f"with a lower --lr, or with --amp none.")
@@ -596,7 +598,7 @@ class Trainer:
         # never saved over a good checkpoint (every process holds the same weights, so all of them stop here).
         diverged = None if saved else self._weights_not_finite()
         if diverged:
-            raise self._diverged(diverged, done)
+            raise self._divergence_error(diverged, done)
         if self.runtime.is_main and not saved:
             self._save(done, window)
         name = signal.Signals(signum).name
