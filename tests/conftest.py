@@ -8,11 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
+import processes
+
 # Without a GPU our Triton kernels are tested in Triton's CPU interpreter. Triton reads this once,
 # when it is first imported (ddpm.unet imports it through kernels/), so it is set before any test
 # module loads; on a CUDA machine the kernel tests run compiled, on the GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    processes.add_option(parser)
+
+
+def pytest_configure(config):
+    processes.configure(config)  # the suite in one process per core (tests/processes.py)
 
 
 @pytest.fixture(autouse=True)

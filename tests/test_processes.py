@@ -1,0 +1,90 @@
+"""The suite's own runner in several processes (tests/processes.py), on planted test modules: every test is
+reported once, by whichever process ran it, failures and a crashed worker fail the run, and -x stops it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CONFTEST = f"""
+import sys
+sys.path.insert(0, {str(HERE)!r})
+import processes
+
+def pytest_addoption(parser):
+    processes.add_option(parser)
+
+def pytest_configure(config):
+    processes.configure(config)
+"""
+
+# Each test records which process ran it; a module's tests sleep so that the worker, which starts a second
+# later than the main process, still finds modules to claim.
+MODULE = """
+import os, time, json
+def record(name):
+    with open({log!r}, "a") as log:
+        log.write(json.dumps([name, os.environ.get("SYNTHDIFF_TEST_WORKER", "main")]) + "\\n")
+def test_one():
+    time.sleep(1)
+    record("{k}.one")
+def test_two():
+    record("{k}.two")
+    assert {k} != {failing}, "planted failure"
+def test_three():
+    record("{k}.three")
+    if {crash} and os.environ.get("SYNTHDIFF_TEST_WORKER"):
+        os._exit(3)
+"""
+
+
+def run_suite(tmp_path, *options, failing=-1, crash=False, modules=6):
+    log = tmp_path / "ran.jsonl"
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    for k in range(modules):
+        (tmp_path / f"test_m{k}.py").write_text(MODULE.format(log=str(log), k=k, failing=failing, crash=crash))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *options],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ran = [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, ran
+
+
+def test_every_test_runs_once_across_the_processes_and_is_reported_by_the_main_one(tmp_path):
+    done, ran = run_suite(tmp_path, "--processes", "2", failing=4)
+    names = sorted(name for name, _ in ran)
+    assert names == sorted(f"{k}.{t}" for k in range(6) for t in ("one", "two", "three"))
+    assert {process for _, process in ran} == {"main", "1"}  # both took modules
+    by_module = {}
+    for name, process in ran:
+        by_module.setdefault(name.split(".")[0], set()).add(process)
+    assert all(len(processes) == 1 for processes in by_module.values())  # a module stays in one process
+    assert done.returncode == 1
+    assert "1 failed, 17 passed" in done.stdout
+    assert "FAILED test_m4.py::test_two - AssertionError: planted failure" in done.stdout
+    assert done.stdout.count("PASSED test_m") == 17  # the worker's passes are the main process's report too
+
+
+def test_a_worker_that_dies_fails_the_test_it_was_running_and_the_main_process_runs_the_rest(tmp_path):
+    done, ran = run_suite(tmp_path, "--processes", "2", crash=True)  # the worker dies at its first test_three
+    assert done.returncode == 1
+    assert "1 failed, 17 passed" in done.stdout
+    assert "::test_three - the worker process running this test stopped" in done.stdout
+    assert "worker 1 (exit code 3)" in done.stdout
+    assert len({name for name, _ in ran}) == 18  # the main process ran what the worker had claimed and left
+
+
+def test_a_failure_with_x_stops_every_process(tmp_path):
+    done, ran = run_suite(tmp_path, "--processes", "2", "-x", failing=0)
+    assert done.returncode == 1
+    assert "stopping after 1 failures" in done.stdout
+    assert len(ran) < 18
+
+
+def test_one_process_runs_the_suite_alone_and_a_bad_count_is_refused(tmp_path):
+    done, ran = run_suite(tmp_path, "--processes", "1", modules=2)
+    assert done.returncode == 0 and {process for _, process in ran} == {"main"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--processes", "two"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4 and "--processes takes a whole number or 'auto', not 'two'" in done.stderr
