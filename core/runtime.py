@@ -77,6 +77,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory `device` has in all (a GPU's own; a CPU's: the machine's RAM), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def check_batch_fits(batch: int, size: int, option: str, device: torch.device, channels: int = 3) -> None:
+    """Refuse, before any work, a batch whose `channels` x `size` x `size` fp32 images alone exceed all of
+    `device`'s memory: a step needs many times more, so such a value is a typo (an extra zero or three), and
+    would otherwise fail minutes later, after the data is made, or stall the machine swapping."""
+    memory = device_memory(device)
+    need = batch * channels * size * size * 4
+    if memory is not None and need > memory:
+        raise UserError(f"{option} {batch} asks for {size}x{size} images whose pixels alone take "
+                        f"{need / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory this "
+                        f"{device.type.upper()} has; give a smaller {option}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # mixed precision
 

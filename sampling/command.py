@@ -20,7 +20,7 @@ from core import cli
 from core.checkpoint import checkpoint_stage
 from core.config import given_in, override
 from core.lock import UNFINISHED, FolderLock, OutputFolder, check_output_folder
-from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, resolve_device
+from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, check_batch_fits, resolve_device
 from core.speed import check_compile, check_cuda_graphs, speed_up
 from data import check_output_outside
 from data.writer import IMAGE_FILE, REQUEST
@@ -159,6 +159,8 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     output = args.dataset_out if args.dataset_out is not None else output_dir(args, sampling, check=False)
     check_output_outside(output, "--dataset-out" if args.dataset_out is not None else "--out", source.trained_on)
     model = source.model
+    batch = min(args.batch_size, args.num or args.batch_size)  # a batch never holds more than is drawn
+    check_batch_fits(batch, model.info.resolution, "--batch-size", device, model.info.channels)
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
     check_against_source(args, source, option_sections or {})
     if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):

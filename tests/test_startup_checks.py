@@ -80,6 +80,11 @@ IMPOSSIBLE = [
      "ResNet-18 shrinks 8 px images to 1x1 in its last stage"),
     ("classify", ("--target", "class", "--batch-size", "1", "--resolution", "32", "--stem", "imagenet"),
      "--batch-size 1 cannot train it; pass --batch-size 2 or more, or --stem small"),
+    # any stage: a batch whose images alone outgrow the machine (a typo; it stalled the machine, or failed minutes in)
+    ("ddpm", ("--batch-size", "2000000000"), "--batch-size 2000000000 asks for 16x16 images whose pixels alone take "
+                                             "5,722.0 GiB, more than the"),
+    ("ddpm", ("--preview-images", "2000000000"), "--preview-images 2000000000 asks for 16x16 images"),
+    ("classify", ("--target", "class", "--batch-size", "2000000000"), "--batch-size 2000000000 asks for 16x16 images"),
 ]
 
 
@@ -138,6 +143,24 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path, fol
     }[command]
     assert cli.run(entry, args) == 1
     assert "--compile needs a working C++ compiler" in the_error(capsys.readouterr().err) and not out.exists()
+
+
+def test_a_sampling_batch_larger_than_the_machine_is_refused_before_any_work(tmp_path, class_ckpt, monkeypatch, capsys):
+    import sample
+
+    def drawing(*args, **kwargs):
+        raise AssertionError("drawing began before --batch-size was checked")
+    monkeypatch.setattr("sampling.command.Drawer", drawing)
+    memory = 2**30  # a machine of 1 GiB: 3x16x16 fp32 images are 3 KiB each, 349,525 fill it
+    monkeypatch.setattr("core.runtime.device_memory", lambda device: memory)
+    out = tmp_path / "out"
+    base = ["--ckpt", str(class_ckpt), "--out", str(out), "--device", "cpu"]
+    assert cli.run(sample.main, [*base, "--batch-size", "400000", "--num", "400000"]) == 1
+    assert ("--batch-size 400000 asks for 16x16 images whose pixels alone take 1.1 GiB, more than the 1.0 GiB of "
+            "memory this CPU has; give a smaller --batch-size.") in the_error(capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(AssertionError, match="drawing began"):  # a batch capped by --num is no more than it draws
+        sample.main([*base, "--batch-size", "400000", "--num", "300000"])
 
 
 def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):
