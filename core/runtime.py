@@ -87,6 +87,15 @@ def device_memory(device: torch.device) -> int | None:
         return None
 
 
+def check_num_workers(count: int) -> None:
+    """Refuse a --num-workers below 0, or far past the CPU's cores: each worker is a process of its own, and a
+    mistyped 100000000 forks until the machine stops."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= count <= most:
+        raise UserError(f"--num-workers must be from 0 (decode in this process) to {most} (4 per CPU core; each "
+                        f"worker is a process), got {count}.")
+
+
 def check_batch_fits(batch: int, size: int, option: str, device: torch.device, channels: int = 3) -> None:
     """Refuse, before any work, a batch whose `channels` x `size` x `size` fp32 images alone exceed all of
     `device`'s memory: a step needs many times more, so such a value is a typo (an extra zero or three), and

@@ -27,6 +27,7 @@ from .weights import build_fid_inception
 from core.checkpoint import state_fingerprint
 from data.folder import decode_square
 from core.errors import UserError
+from core.runtime import check_num_workers
 from core.speed import check_compile
 
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
@@ -79,9 +80,7 @@ class FeatureExtractor:
                  features: str | os.PathLike | None = None) -> None:
         if batch_size < 1:
             raise UserError(f"The batch size (--batch-size) is {batch_size} but must be at least 1.")
-        if num_workers < 0:
-            raise UserError(f"The number of workers (--num-workers) is {num_workers} but must be 0 (decode in this "
-                            f"process) or more.")
+        check_num_workers(num_workers)
         check_file_selection(files)
         self.weights = weights
         self.device = parse_device(device)

@@ -993,7 +993,9 @@ def _one_sentence_error(capsys) -> str:
     ("unknown device", "Device 'tpu9' is not a torch device; pass cpu, cuda or cuda:N"),
     ("absent device", "Device cuda:99 is not available"),
     ("zero batch size", r"batch size \(--batch-size\) is 0 but must be at least 1"),
-    ("negative workers", r"number of workers \(--num-workers\) is -1"),
+    ("negative workers", r"--num-workers must be from 0 \(decode in this process\) to \d+ \(4 per CPU core; each "
+                         r"worker is a process\), got -1"),
+    ("a process per image and more", r"--num-workers must be from 0 .* got 100000000"),
     ("truncated statistics", "Cannot read statistics file .*half.npz"),
     ("indefinite statistics", "first covariance is not positive semi-definite"),
     ("too few images for a KID subset size given", "KID needs at least 1000 images per side .* got 2 and 2"),
@@ -1021,6 +1023,7 @@ def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, c
         "absent device": [a, a, *options, "--device", "cuda:99"],
         "zero batch size": [a, a, *options, "--batch-size", "0"],
         "negative workers": [a, a, *options, "--num-workers", "-1"],
+        "a process per image and more": [a, a, *options, "--num-workers", "100000000"],
         "truncated statistics": [str(tmp_path / "half.npz"), str(tmp_path / "good.npz")],
         "indefinite statistics": [str(tmp_path / "indefinite.npz"), str(tmp_path / "good.npz")],
         "too few images for a KID subset size given": [a, a, "--weights", "random", "--device", "cpu",

@@ -8,6 +8,7 @@ the last good checkpoint as it was."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import math
 import re
@@ -85,6 +86,7 @@ IMPOSSIBLE = [
                                              "5,722.0 GiB, more than the"),
     ("ddpm", ("--preview-images", "2000000000"), "--preview-images 2000000000 asks for 16x16 images"),
     ("classify", ("--target", "class", "--batch-size", "2000000000"), "--batch-size 2000000000 asks for 16x16 images"),
+    ("vae", ("--num-workers", "100000000"), "--num-workers must be from 0 (decode in this process) to"),
 ]
 
 
@@ -370,3 +372,13 @@ def test_a_classifier_whose_loss_grows_far_past_knowing_nothing_has_diverged():
     assert run.diverged({}, {"loss": 818.0}).startswith("the loss became 818")
     run.target = "params"
     assert run.diverged({}, {"loss": 50.0}) is None and run.diverged({}, {"loss": 150.0}) is not None
+
+
+def test_a_checkpoint_from_a_machine_with_more_cores_still_loads_its_worker_count():
+    """--num-workers is checked against this machine's cores at start-up, not in the config: a run that used 64
+    workers elsewhere loads here, and resumes with the --num-workers given."""
+    from core.config import from_dict, to_dict
+    from ddpm.config import DDPMConfig, ddpm_demo
+    saved = to_dict(ddpm_demo())
+    saved["data"]["num_workers"] = 1000 * (os.cpu_count() or 1)
+    assert from_dict(DDPMConfig, saved).data.num_workers == saved["data"]["num_workers"]

@@ -25,7 +25,7 @@ from core.checkpoint import load_checkpoint, require_keys
 from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_own_folder
-from core.runtime import Runtime, check_batch_fits
+from core.runtime import Runtime, check_batch_fits, check_num_workers
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
 from training import distributed
@@ -208,6 +208,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
             resolution = config.data.resolution
             check_batch_fits(config.train.batch_size // runtime.world_size, resolution, "--batch-size", runtime.device)
             check_batch_fits(config.train.preview_images, resolution, "--preview-images", runtime.device)
+            check_num_workers(config.data.num_workers)  # here, not in the config: a run resumes on a smaller machine
         if saved is None and runtime.is_main:
             start_over_if_killed(run_dir)
         if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
