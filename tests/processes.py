@@ -13,8 +13,8 @@ main process replays them into its own terminal as they come: its progress, fail
 finished (the worker crashed or was killed) is reported failed, with the end of the worker's output; the
 tests it had claimed and not started, the main process runs at the end.
 
-`--processes 1` runs the suite in one process, as plain pytest does; so do `--pdb`, `--collect-only`
-and the workers themselves.
+`--processes 1` runs the suite in one process, as plain pytest does; so do `--pdb`, `--collect-only`, a
+run of one test module, and the workers themselves.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def configure(config) -> None:
 def _process_count(config) -> int:
     if config.option.collectonly or config.option.usepdb:
         return 1
+    named = {arg.split("::")[0] for arg in config.args}
+    if len(named) < 2 and all(Path(name).is_file() for name in named):
+        return 1  # one module runs in one process anyway
     value = config.getoption("processes")
     if value == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -2,9 +2,11 @@
 reported once, by whichever process ran it, failures and a crashed worker fail the run, and -x stops it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,6 +43,7 @@ def test_three():
 
 
 def run_suite(tmp_path, *options, failing=-1, crash=False, modules=6):
+    tmp_path.mkdir(exist_ok=True)
     log = tmp_path / "ran.jsonl"
     (tmp_path / "conftest.py").write_text(CONFTEST)
     for k in range(modules):
@@ -88,3 +91,17 @@ def test_one_process_runs_the_suite_alone_and_a_bad_count_is_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--processes", "two"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 4 and "--processes takes a whole number or 'auto', not 'two'" in done.stderr
+
+
+def test_how_many_processes_a_run_gets():
+    import processes
+
+    def count(*args, processes_option="2", collectonly=False, usepdb=False):
+        config = SimpleNamespace(option=SimpleNamespace(collectonly=collectonly, usepdb=usepdb), args=list(args),
+                                 getoption=lambda name: processes_option)
+        return processes._process_count(config)
+    module, other = str(HERE / "test_schedule.py"), str(HERE / "test_samplers.py")
+    assert count(str(HERE)) == 2 and count(module, other) == 2 and count(f"{module}::test_x", other) == 2
+    assert count(module) == 1 and count(f"{module}::test_x", f"{module}::test_y") == 1  # one module: one process
+    assert count(str(HERE), collectonly=True) == 1 and count(str(HERE), usepdb=True) == 1
+    assert 1 <= count(str(HERE), processes_option="auto") <= min(os.cpu_count() or 1, 4)
