@@ -11,10 +11,12 @@ folder. A worker writes the start, reports and warnings of each of its tests as 
 main process replays them into its own terminal as they come: its progress, failures, `--durations`,
 `-x` and exit status count every test as if it had run them all. A test that a worker started but never
 finished (the worker crashed or was killed) is reported failed, with the end of the worker's output; the
-tests it had claimed and not started, the main process runs at the end.
+tests it had claimed and not started, the main process runs at the end. The commands the tests start
+(train.py, torchrun) get one OpenMP thread each too (OMP_NUM_THREADS=1), as threads of several processes
+spinning against each other on a small CPU cost far more than they gain.
 
-`--processes 1` runs the suite in one process, as plain pytest does; so do `--pdb`, `--collect-only`, a
-run of one test module, and the workers themselves.
+`--processes 1` runs the suite in one process, as plain pytest does; so do `--pdb`, `--collect-only`, `-s`,
+a run of one test module, and the workers themselves.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def configure(config) -> None:
 
 
 def _process_count(config) -> int:
-    if config.option.collectonly or config.option.usepdb:
-        return 1
+    if config.option.collectonly or config.option.usepdb or config.option.capture == "no":
+        return 1  # -s: a worker's prints would go to its log, not to this terminal
     named = {arg.split("::")[0] for arg in config.args}
     if len(named) < 2 and all(Path(name).is_file() for name in named):
         return 1  # one module runs in one process anyway
@@ -141,9 +143,7 @@ class Main(_Claimer):
         self.finished: set[str] = set()
 
     def pytest_sessionstart(self, session):
-        # The tests' own subprocesses (train.py, torchrun) take one thread each too: several processes'
-        # OpenMP threads spinning against each other on a small CPU cost far more than they gain.
-        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the commands the tests start (see above)
         args = list(self.config.invocation_params.args)
         env = {**os.environ, FOLDER_ENV: str(self.folder)}
         for k in range(1, self.count):

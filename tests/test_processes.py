@@ -96,12 +96,13 @@ def test_one_process_runs_the_suite_alone_and_a_bad_count_is_refused(tmp_path):
 def test_how_many_processes_a_run_gets():
     import processes
 
-    def count(*args, processes_option="2", collectonly=False, usepdb=False):
-        config = SimpleNamespace(option=SimpleNamespace(collectonly=collectonly, usepdb=usepdb), args=list(args),
-                                 getoption=lambda name: processes_option)
+    def count(*args, processes_option="2", collectonly=False, usepdb=False, capture="fd"):
+        config = SimpleNamespace(option=SimpleNamespace(collectonly=collectonly, usepdb=usepdb, capture=capture),
+                                 args=list(args), getoption=lambda name: processes_option)
         return processes._process_count(config)
     module, other = str(HERE / "test_schedule.py"), str(HERE / "test_samplers.py")
     assert count(str(HERE)) == 2 and count(module, other) == 2 and count(f"{module}::test_x", other) == 2
     assert count(module) == 1 and count(f"{module}::test_x", f"{module}::test_y") == 1  # one module: one process
     assert count(str(HERE), collectonly=True) == 1 and count(str(HERE), usepdb=True) == 1
+    assert count(str(HERE), capture="no") == 1
     assert 1 <= count(str(HERE), processes_option="auto") <= min(os.cpu_count() or 1, 4)
