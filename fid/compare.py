@@ -69,7 +69,8 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
     check_kid_sizes(_count(a), _count(b), kid_subsets, kid_subset_size)
     f_a, f_b = extractor.features(a), extractor.features(b)
     s_a, s_b = _statistics_of(f_a), _statistics_of(f_b)
-    kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+    kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
+                            progress=progress)
     return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma), kid_mean=kid_mean, kid_std=kid_std)
 
 

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from core.errors import UserError
 
 
 def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor, num_subsets: int = 100,
-        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+        subset_size: int = 1000, seed: int = 0, progress: bool = False) -> tuple[float, float]:
     """Mean and standard deviation (np.std, over subsets) of the unbiased MMD^2; features (n1, d), (n2, d).
 
     Each subset of `subset_size` rows is drawn without replacement, so both sets need at least that many.
+    With `progress`, a bar counts the subsets (a subset of 1000 Inception features takes about 0.3 s on a
+    small CPU: the default 100 take half a minute).
     """
     x = _as_float64(features1, "first")
     y = _as_float64(features2, "second")
@@ -35,7 +38,7 @@ def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tens
     check_kid_sizes(x.shape[0], y.shape[0], num_subsets, subset_size)
     rng = np.random.default_rng(seed)
     estimates = np.empty(num_subsets)
-    for i in range(num_subsets):
+    for i in tqdm(range(num_subsets), desc="KID subsets", unit="subset", disable=not progress):
         xs = x[rng.choice(x.shape[0], subset_size, replace=False)]
         ys = y[rng.choice(y.shape[0], subset_size, replace=False)]
         estimates[i] = _unbiased_mmd2(xs, ys)

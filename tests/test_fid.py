@@ -229,6 +229,16 @@ def test_kid_is_reproducible_with_seed_and_accepts_tensors():
     assert kid(x, y, 5, 20, seed=3) == kid(torch.from_numpy(x), torch.from_numpy(y), 5, 20, seed=3)
 
 
+def test_kid_counts_its_subsets_on_a_bar_when_asked_and_gives_the_same_value(capsys):
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(50, 4)), rng.normal(size=(60, 4))
+    quiet = kid(x, y, 7, 20, seed=3)
+    assert capsys.readouterr().err == ""
+    assert kid(x, y, 7, 20, seed=3, progress=True) == quiet
+    bar = capsys.readouterr().err
+    assert "KID subsets: 100%" in bar and "7/7" in bar
+
+
 def test_kid_refuses_subsets_larger_than_either_set():
     rng = np.random.default_rng(16)
     x, y = rng.normal(size=(10, 4)), rng.normal(size=(30, 4))
