@@ -29,9 +29,9 @@ import argparse
 from pathlib import Path
 
 from core.config import add_config_arguments
-from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
+from core.runtime import AMP_HELP, KERNELS_HELP
 from ddpm.config import SamplingConfig
-from sampling.command import latest_checkpoint, run
+from sampling.command import add_drawing_options, latest_checkpoint, run
 from stages import GENERATIVE, open_source
 
 SAMPLE_OPTIONS = [(section, spec.name) for spec in GENERATIVE.values() for section in spec.sample_options]
@@ -51,7 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="number of images; with --sweep or --interpolate, the number of rows (default: 64; 4 rows)")
     parser.add_argument("--first-index", type=cli.int_option, default=0, help="index of the first image, to redraw image k alone (default: 0)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="run seed; image k uses a seed derived from (seed, k) (default: 0)")
-    parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--class", dest="label", type=cli.text_option, default=None,
                         help="class name or index for a class-conditional model (default: cycle through the classes)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -82,11 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
                         help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
                              "latent models (default: auto: x_t for pixel models, x0 for latent models)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="EMA or raw weights; an inversion uses those it was learned against (default: ema)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help=f"{AMP_HELP} (default: auto)")
-    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS, help=f"{KERNELS_HELP} (default: auto)")
+    add_drawing_options(parser, weights="EMA or raw weights; an inversion uses those it was learned against",
+                        amp=AMP_HELP, kernels=KERNELS_HELP)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (a warm-up of a minute or so, then faster steps) (default: off)")
     parser.add_argument("--cuda-graphs", action="store_true",

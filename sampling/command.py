@@ -35,15 +35,15 @@ RUNS = Path("runs")  # where train.py puts runs by default, searched when no --c
 OpenSource = Callable[[Path, torch.device, str], ImageSource]  # (checkpoint, device, weights) -> source
 
 
-def add_drawing_options(parser: argparse.ArgumentParser) -> None:
-    """The options of a tool that draws from a checkpoint as sample.py does (the consistency check, the
-    sweep): --batch-size, --weights, --device, --amp and --kernels."""
+def add_drawing_options(parser: argparse.ArgumentParser, weights: str = "EMA or raw weights",
+                        amp: str = "mixed precision for sampling", kernels: str = f"{KERNELS_HELP}, for sampling") -> None:
+    """The options of every tool that draws from a checkpoint (sample.py, the consistency check, the sweep):
+    --batch-size, --weights, --device, --amp and --kernels; `weights`, `amp` and `kernels` are their help."""
     parser.add_argument("--batch-size", type=cli.int_option, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights (default: ema)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help=f"{weights} (default: ema)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for sampling (default: auto)")
-    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
-                        help=f"{KERNELS_HELP}, for sampling (default: auto)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help=f"{amp} (default: auto)")
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS, help=f"{kernels} (default: auto)")
 
 
 def check_args(args: argparse.Namespace) -> None:
