@@ -62,21 +62,22 @@ def configure(config) -> None:
 
 
 def _process_count(config) -> int:
+    value = config.getoption("processes")
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = min(cores, 4)
+    else:
+        try:
+            count = int(value)
+        except ValueError:
+            raise pytest.UsageError(f"--processes takes a whole number or 'auto', not {value!r}") from None
+        if count < 1:
+            raise pytest.UsageError(f"--processes must be at least 1, not {count}")
     if config.option.collectonly or config.option.usepdb or config.option.capture == "no":
         return 1  # -s: a worker's prints would go to its log, not to this terminal
     named = {arg.split("::")[0] for arg in config.args}
     if len(named) < 2 and all(Path(name).is_file() for name in named):
         return 1  # one module runs in one process anyway
-    value = config.getoption("processes")
-    if value == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(cores, 4)
-    try:
-        count = int(value)
-    except ValueError:
-        raise pytest.UsageError(f"--processes takes a whole number or 'auto', not {value!r}") from None
-    if count < 1:
-        raise pytest.UsageError(f"--processes must be at least 1, not {count}")
     return count
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 CONFTEST = f"""
@@ -106,3 +108,5 @@ def test_how_many_processes_a_run_gets():
     assert count(str(HERE), collectonly=True) == 1 and count(str(HERE), usepdb=True) == 1
     assert count(str(HERE), capture="no") == 1
     assert 1 <= count(str(HERE), processes_option="auto") <= min(os.cpu_count() or 1, 4)
+    with pytest.raises(pytest.UsageError, match="--processes must be at least 1, not 0"):
+        count(module, processes_option="0")  # refused even where one process would run anyway
