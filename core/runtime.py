@@ -103,9 +103,10 @@ def check_batch_fits(batch: int, size: int, option: str, device: torch.device, c
     memory = device_memory(device)
     need = batch * channels * size * size * 4
     if memory is not None and need > memory:
+        where = "this machine" if device.type == "cpu" else "this GPU"
         raise UserError(f"{option} {batch} asks for {size}x{size} images whose pixels alone take "
-                        f"{need / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory this "
-                        f"{device.type.upper()} has; give a smaller {option}.")
+                        f"{need / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory {where} has; "
+                        f"give a smaller {option}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_
         raise UserError(f"num_samples must be at least 1, got {n}.")
     size, memory = n * 3 * resolution**2, device_memory(torch.device("cpu"))  # the set is held whole, as bytes
     if memory is not None and size > memory:
-        raise UserError(f"{n:,} plumes at {resolution}x{resolution} take {size / 2**30:,.1f} GiB as a dataset, more "
+        raise UserError(f"{n:,} plumes at {resolution}x{resolution} as a dataset take {size / 2**30:,.1f} GiB, more "
                         f"than the {memory / 2**30:,.1f} GiB of memory this machine has; ask for fewer "
                         f"(--num-samples).")
     path = cache_path(cache_dir, resolution, n, seed, train)

@@ -8,9 +8,9 @@ the last good checkpoint as it was."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -159,7 +159,7 @@ def test_a_sampling_batch_larger_than_the_machine_is_refused_before_any_work(tmp
     base = ["--ckpt", str(class_ckpt), "--out", str(out), "--device", "cpu"]
     assert cli.run(sample.main, [*base, "--batch-size", "400000", "--num", "400000"]) == 1
     assert ("--batch-size 400000 asks for 16x16 images whose pixels alone take 1.1 GiB, more than the 1.0 GiB of "
-            "memory this CPU has; give a smaller --batch-size.") in the_error(capsys.readouterr().err)
+            "memory this machine has; give a smaller --batch-size.") in the_error(capsys.readouterr().err)
     assert not out.exists()
     with pytest.raises(AssertionError, match="drawing began"):  # a batch capped by --num is no more than it draws
         sample.main([*base, "--batch-size", "400000", "--num", "300000"])
