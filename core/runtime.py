@@ -96,17 +96,22 @@ def check_num_workers(count: int) -> None:
                         f"worker is a process), got {count}.")
 
 
-def check_batch_fits(batch: int, size: int, option: str, device: torch.device, channels: int = 3) -> None:
-    """Refuse, before any work, a batch whose `channels` x `size` x `size` fp32 images alone exceed all of
-    `device`'s memory: a step needs many times more, so such a value is a typo (an extra zero or three), and
-    would otherwise fail minutes later, after the data is made, or stall the machine swapping."""
+def check_fits_memory(need: int, device: torch.device, what: str, advice: str) -> None:
+    """Refuse, before any work, `what` (the subject of "... take N GiB") if its `need` bytes exceed all of `device`'s
+    memory: such a value is a typo (an extra zero or three) that would otherwise fail minutes later, after the data
+    is made, or stall the machine swapping. `advice` ends the sentence."""
     memory = device_memory(device)
-    need = batch * channels * size * size * 4
     if memory is not None and need > memory:
         where = "this machine" if device.type == "cpu" else "this GPU"
-        raise UserError(f"{option} {batch} asks for {size}x{size} images whose pixels alone take "
-                        f"{need / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory {where} has; "
-                        f"give a smaller {option}.")
+        raise UserError(f"{what} take {need / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory "
+                        f"{where} has; {advice}.")
+
+
+def check_batch_fits(batch: int, size: int, option: str, device: torch.device, channels: int = 3) -> None:
+    """Refuse a batch whose `channels` x `size` x `size` fp32 images alone outgrow `device` (a step needs many
+    times more)."""
+    check_fits_memory(batch * channels * size * size * 4, device,
+                      f"{option} {batch} asks for {size}x{size} images whose pixels alone", f"give a smaller {option}")
 
 
 # ---------------------------------------------------------------------------------------------

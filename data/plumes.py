@@ -26,7 +26,7 @@ from tqdm import tqdm
 from core.cli import launched_rank
 from core.errors import UserError
 from core.lock import taking_turns
-from core.runtime import atomic_write, device_memory
+from core.runtime import atomic_write, check_fits_memory
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, resize_uint8, to_channels
 from data.fluid import advect, project
 
@@ -208,11 +208,8 @@ def load_plumes(resolution: int, cache_dir: str | Path, train: bool = True, num_
     n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
     if n < 1:
         raise UserError(f"num_samples must be at least 1, got {n}.")
-    size, memory = n * 3 * resolution**2, device_memory(torch.device("cpu"))  # the set is held whole, as bytes
-    if memory is not None and size > memory:
-        raise UserError(f"{n:,} plumes at {resolution}x{resolution} as a dataset take {size / 2**30:,.1f} GiB, more "
-                        f"than the {memory / 2**30:,.1f} GiB of memory this machine has; ask for fewer "
-                        f"(--num-samples).")
+    check_fits_memory(n * 3 * resolution**2, torch.device("cpu"),  # the set is held whole, as bytes
+                      f"{n:,} plumes at {resolution}x{resolution} as a dataset", "ask for fewer (--num-samples)")
     path = cache_path(cache_dir, resolution, n, seed, train)
     cached = _read_cache(path, n, resolution)
     if cached is None:

@@ -119,9 +119,13 @@ class _Claimer:
         return (self.folder / "stop").exists()
 
     def run_claimed(self, session, after_each=lambda: None) -> None:
-        """pytest's own test loop, over the claimed modules' tests; the next test is known before a test runs
-        (claiming the next module at a module's last test), so fixtures are torn down as pytest would."""
-        items = self._claimed_items(session)
+        """The claimed modules' tests; the next module is claimed at a module's last test."""
+        self.run(session, self._claimed_items(session), after_each)
+
+    @staticmethod
+    def run(session, items, after_each=lambda: None) -> None:
+        """pytest's own test loop over the iterator `items`: the next test is known before a test runs, so
+        fixtures are torn down as pytest would."""
         item = next(items, None)
         while item is not None:
             nextitem = next(items, None)
@@ -220,11 +224,7 @@ class Main(_Claimer):
 
     def _run_left_over(self, session) -> None:
         """The tests a worker claimed and never started (it stopped first), run here."""
-        left = [item for item in session.items if item.nodeid not in self.started]
-        for k, item in enumerate(left):
-            item.config.hook.pytest_runtest_protocol(item=item, nextitem=left[k + 1] if k + 1 < len(left) else None)
-            if session.shouldfail or session.shouldstop:
-                return
+        self.run(session, iter([item for item in session.items if item.nodeid not in self.started]))
 
     def pytest_unconfigure(self, config):
         for worker in self.workers:

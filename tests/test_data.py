@@ -958,12 +958,12 @@ def test_a_plume_set_that_another_process_is_simulating_is_waited_for_and_read_n
 
 def test_more_plumes_than_the_memory_holds_are_refused_before_any_is_simulated(tmp_path, monkeypatch):
     from core.errors import UserError
-    monkeypatch.setattr(plumes, "device_memory", lambda device: 5 * 3 * 32 * 32)  # exactly five 32x32 plumes
+    monkeypatch.setattr("core.runtime.device_memory", lambda device: 5 * 3 * 32 * 32)  # exactly five 32x32 plumes
     monkeypatch.setattr(plumes, "sample_seeds", lambda *args: pytest.fail("seeds were drawn before the size check"))
     with pytest.raises(UserError, match=r"^6 plumes at 32x32 as a dataset take 0.0 GiB, more than the 0.0 GiB of "
                                         r"memory this machine has; ask for fewer \(--num-samples\)\.$"):
         plumes.load_plumes(32, tmp_path, num_samples=6)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(plumes, "device_memory", lambda device: 5 * 3 * 32 * 32)
+    monkeypatch.setattr("core.runtime.device_memory", lambda device: 5 * 3 * 32 * 32)
     assert len(plumes.load_plumes(32, tmp_path, num_samples=5)) == 5  # a set that fits is made

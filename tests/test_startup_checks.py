@@ -375,8 +375,8 @@ def test_a_classifier_whose_loss_grows_far_past_knowing_nothing_has_diverged():
 
 
 def test_a_checkpoint_from_a_machine_with_more_cores_still_loads_its_worker_count():
-    """--num-workers is checked against this machine's cores at start-up, not in the config: a run that used 64
-    workers elsewhere loads here, and resumes with the --num-workers given."""
+    """--num-workers is checked against this machine's cores at start-up, not in the config: the config of a run
+    that used more workers elsewhere loads here (the resume itself: the next test)."""
     from core.config import from_dict, to_dict
     from ddpm.config import DDPMConfig, ddpm_demo
     saved = to_dict(ddpm_demo())
