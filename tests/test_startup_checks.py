@@ -382,3 +382,17 @@ def test_a_checkpoint_from_a_machine_with_more_cores_still_loads_its_worker_coun
     saved = to_dict(ddpm_demo())
     saved["data"]["num_workers"] = 1000 * (os.cpu_count() or 1)
     assert from_dict(DDPMConfig, saved).data.num_workers == saved["data"]["num_workers"]
+
+
+def test_a_run_from_a_machine_with_more_cores_resumes_here_with_the_workers_given(tmp_path, folder, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_args(run, folder, steps=2))
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    many = 1000 * (os.cpu_count() or 1)
+    payload["config"]["data"]["num_workers"] = many  # as written on a machine with far more cores
+    torch.save(payload, run / "checkpoint.pt")
+    resume = ["--run-dir", str(run), "--resume", "--steps", "3", "--device", "cpu"]
+    assert cli.run(train.main, resume) == 1  # its own count is refused here, in one sentence, with nothing lost
+    assert "--num-workers must be from 0 (decode in this process) to" in the_error(capsys.readouterr().err)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert train.main([*resume, "--num-workers", "0"])["step"] == 3
