@@ -33,8 +33,10 @@ from pathlib import Path
 
 import pytest
 
-FOLDER_ENV = "SYNTHDIFF_TEST_FOLDER"  # set in a worker: the folder it shares with the main process
-NUMBER_ENV = "SYNTHDIFF_TEST_WORKER"  # and its number, from 1
+# Set by the main process for each worker it starts. A worker takes the folder out of its environment, so that a
+# test that runs pytest itself does not start a worker of this run; its tests see its number.
+FOLDER_ENV = "SYNTHDIFF_TEST_FOLDER"  # the folder a worker shares with the main process
+NUMBER_ENV = "SYNTHDIFF_TEST_WORKER"  # the worker's number, from 1; unset in the tests of a main process
 
 # Claimed first, in this order (each takes 40-100 s on a 2-core AVX2 CPU); the rest follow in collection
 # order. A stale list costs time, never correctness.
@@ -51,11 +53,12 @@ def add_option(parser) -> None:
 
 def configure(config) -> None:
     """Registers a worker's plugin in a worker, the main process's where the run is split, nothing otherwise."""
-    folder = os.environ.get(FOLDER_ENV)
-    if folder:
+    folder = os.environ.pop(FOLDER_ENV, None)
+    if folder is not None:
         config.option.xmlpath = None  # the main process writes --junitxml, from every process's reports
         config.pluginmanager.register(Worker(config, Path(folder)), "suite-worker")
         return
+    os.environ.pop(NUMBER_ENV, None)  # inherited from a worker whose test started this pytest
     count = _process_count(config)
     if count > 1:
         config.pluginmanager.register(Main(config, count), "suite-main")

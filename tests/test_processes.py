@@ -29,6 +29,7 @@ def pytest_configure(config):
 MODULE = """
 import os, time, json
 def record(name):
+    assert "SYNTHDIFF_TEST_FOLDER" not in os.environ  # a pytest a test starts must not join this run
     with open({log!r}, "a") as log:
         log.write(json.dumps([name, os.environ.get("SYNTHDIFF_TEST_WORKER", "main")]) + "\\n")
 def test_one():
@@ -50,8 +51,10 @@ def run_suite(tmp_path, *options, failing=-1, crash=False, modules=6):
     (tmp_path / "conftest.py").write_text(CONFTEST)
     for k in range(modules):
         (tmp_path / f"test_m{k}.py").write_text(MODULE.format(log=str(log), k=k, failing=failing, crash=crash))
+    # As if this test ran in a worker of the suite: its number is inherited, which the planted run must ignore.
+    env = {**os.environ, "SYNTHDIFF_TEST_WORKER": "9"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *options],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     ran = [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
     return done, ran
 
