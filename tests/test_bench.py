@@ -215,3 +215,19 @@ def test_the_table_file_is_checked_before_measuring_and_written_whole(tmp_path, 
                                                                                                      "table.md"]
     command.main(["--out", str(table), "--rows", "kernels", "--quick", "--device", "cpu"])
     assert table.read_text() == "| the table |\n"
+
+
+def test_the_stop_agreement_bench_prints_a_row_per_kind_of_step(capsys):
+    """Each row's costs are its own columns' differences, from times of the dummy steps' length or more."""
+    from bench import stop_agreement
+    with pytest.raises(SystemExit):
+        stop_agreement.main(["--steps", "0"])
+    stop_agreement.main(["--steps", "20", "--step-ms", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(stop_agreement.STEPS)
+    for line, kind in zip(lines[2:], stop_agreement.STEPS):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        none, blocking, agreement, blocking_cost, agreement_cost = map(float, cells[1:])
+        assert cells[0] == kind and min(none, blocking, agreement) >= 1.0
+        assert blocking_cost == pytest.approx(blocking - none, abs=2e-3)
+        assert agreement_cost == pytest.approx(agreement - none, abs=2e-3)

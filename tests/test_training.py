@@ -19,6 +19,7 @@ from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime
 from ddpm.config import DDPMConfig
 from helpers import tiny_args, torchrun_command, torchrun_env
+from training.distributed import StopAgreement
 from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
@@ -608,6 +609,47 @@ def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_
     alone = MetricsWindow(Runtime(torch.device("cpu")),  # resumed by one process
                           MetricsWindow.restored(results[0]["state"], Runtime(torch.device("cpu"))))
     assert alone.sums["loss"].item() == pytest.approx((sums[0]["loss"] + sums[1]["loss"]) / 2)
+
+
+# Per scenario: {rank: {step index (of 5): signal caught during that step}}; no entry, no signal.
+STOP_SCENARIOS = {
+    "none": {},
+    "one process, mid-run": {1: {1: 15}},
+    "both, different steps and signals": {0: {2: 2}, 1: {1: 15}},
+    "one process, before the last step": {0: {3: 2}},
+    "one process, in the last step": {1: {4: 15}},
+}
+
+
+def _stop_agreement(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from training.distributed import StopAgreement
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    stops = {}
+    for name, caught in STOP_SCENARIOS.items():
+        agreement, received = StopAgreement(Runtime(torch.device("cpu"), rank, 2)), []
+        for step in range(5):
+            if step in caught.get(rank, {}):
+                received.append(caught[rank][step])
+            signum = agreement.after_step(received, last=step == 4)
+            if signum is not None:
+                stops[name] = (step, signum)
+                break
+    torch.save(stops, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_process_stops_after_the_same_step_one_step_after_the_first_signal(tmp_path):
+    """A signal caught by either process during step k stops both after step k + 1 (the agreement runs behind
+    that step), for the largest signal caught by then; in the last step, after that step."""
+    import torch.multiprocessing as mp
+    mp.spawn(_stop_agreement, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert results[0] == results[1] == {"one process, mid-run": (2, 15), "both, different steps and signals": (2, 15),
+                                        "one process, before the last step": (4, 2),
+                                        "one process, in the last step": (4, 15)}
+    alone = StopAgreement(Runtime(torch.device("cpu")))  # alone: after the very step the signal came in
+    assert alone.after_step([], last=False) is None and alone.after_step([15, 2], last=False) == 15
 
 
 def test_two_process_ddp_run_trains_and_checkpoints(tmp_path, image_folder, torchrun):

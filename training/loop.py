@@ -12,7 +12,8 @@ resumed from its step-s checkpoint takes exactly the steps an uninterrupted run 
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM (what batch schedulers send before pre-empting a job) lets the
 current step finish, writes a checkpoint there and ends with a line saying how to resume; a second
-Ctrl-C stops at once.
+Ctrl-C stops at once. Under torchrun every process stops after the step that follows the signal
+(training.distributed.StopAgreement: the processes agree on it while that step runs).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
-from training.distributed import (agree_on_signal, gather_across_processes, main_process_first,
+from training.distributed import (StopAgreement, gather_across_processes, main_process_first,
                                   mean_across_processes)
 from training.optim import LazyAdamW
 
@@ -443,17 +444,6 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-    def _stop_signal(self, received: list[int]) -> int | None:
-        """The signal every process agrees to stop for after this step, or None.
-
-        Decided on the host, so a step never waits for the GPU to drain: alone, from the handler's
-        list; under DDP, by an all-reduce of that number over the processes' host-side (gloo) group,
-        which costs a loopback round trip and no device synchronisation.
-        """
-        if not self.runtime.distributed:
-            return received[0] if received else None
-        return agree_on_signal(received[0] if received else 0) or None
-
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
         if not self.metrics_path.exists():
@@ -513,13 +503,15 @@ class Trainer:
 
         steps = range(self.start_step, cfg.steps)
         signum = None
+        # Decided on the host, so no step waits for the GPU to drain (nor, under torchrun, for the network).
+        stops = StopAgreement(runtime)
         # The bar is closed however the loop ends, so an error message starts on a line of its own.
         with stop_requests() as received, contextlib.closing(self.progress):
             for step, batch in zip(steps, self._batches() if len(steps) else ()):
                 self.window.add(*self._step(step, batch, generator))
                 self.progress.update(1)
                 saved = self._after_step(step + 1)
-                signum = self._stop_signal(received)
+                signum = stops.after_step(received, last=step + 1 == cfg.steps)
                 if signum is not None and step + 1 < cfg.steps:
                     self._stop(step + 1, signum, saved)
 
