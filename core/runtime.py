@@ -87,13 +87,16 @@ def device_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_num_workers(count: int) -> None:
+def check_num_workers(count: int, saved_in: Path | None = None) -> None:
     """Refuse a --num-workers below 0, or far past the CPU's cores: each worker is a process of its own, and a
-    mistyped 100000000 forks until the machine stops."""
+    mistyped 100000000 forks until the machine stops. `saved_in`: the checkpoint the count comes from, where a
+    resumed run was not given one (it was written on a machine with more cores)."""
     most = 4 * (os.cpu_count() or 1)
     if not 0 <= count <= most:
+        came = (f", the count {saved_in} was written with; resume here with --num-workers 0 to {most}"
+                if saved_in is not None else "")
         raise UserError(f"--num-workers must be from 0 (decode in this process) to {most} (4 per CPU core; each "
-                        f"worker is a process), got {count}.")
+                        f"worker is a process), got {count}{came}.")
 
 
 def check_fits_memory(need: int, device: torch.device, what: str, advice: str) -> None:

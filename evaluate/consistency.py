@@ -54,7 +54,7 @@ from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
-from sampling.command import add_drawing_options
+from sampling.command import add_drawing_options, check_drawing_batch
 from sampling.draw import Drawer
 from stages import open_source
 
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
         cond = model.net.config.cond
+        per_class = (args.per_class or DEFAULT_PER_CLASS) * len(model.info.class_names)
+        check_drawing_batch(args.batch_size, per_class if cond == "class" else args.num or DEFAULT_NUM, model)
         for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
                                      ("--param", args.param, "params")):
             if given and cond != owner:

@@ -76,7 +76,7 @@ from evaluate.experiment import ReusedRuns, Row, Sizes, check_passed, requested_
 from fid.domain import ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid
-from sampling.command import add_drawing_options
+from sampling.command import add_drawing_options, check_drawing_batch
 from sampling.draw import Drawer, dataset_writer, draw_dataset, fill_dataset
 from stages import open_source
 from training.run import parse_stage_args, with_options
@@ -522,6 +522,7 @@ def check_model(args: argparse.Namespace, source: ImageSource, judge: Classifier
     if args.write_best is not None and (kind == "class") != (args.write_per_class is not None):
         raise UserError("--write-best takes --write-per-class N for a class model and --write-num N otherwise.")
     check_judge(kind, source.model.info, judge, args.classes)
+    check_drawing_batch(args.batch_size, set_size(args, source)[0], source.model)
 
 
 def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[Setting], amp: torch.dtype | None,

@@ -25,6 +25,7 @@ from core.speed import check_compile, check_cuda_graphs, speed_up
 from data import check_output_outside
 from data.writer import IMAGE_FILE, REQUEST
 from ddpm.config import SamplingConfig
+from ddpm.generate import DiffusionSampler
 from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
 from ddpm.source import ImageSource
 
@@ -142,6 +143,13 @@ def clear_earlier_output(out: Path) -> None:
         images.rmdir()
 
 
+def check_drawing_batch(batch_size: int, drawn: int | None, model: DiffusionSampler) -> None:
+    """Refuse a --batch-size whose images alone outgrow `model`'s device; a batch never holds more than the
+    `drawn` images (None: not known in advance)."""
+    batch = min(batch_size, drawn or batch_size)
+    check_batch_fits(batch, model.info.resolution, "--batch-size", model.device, model.info.channels)
+
+
 def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapping[str, str] | None = None) -> Path:
     """Draw what `args` ask for from the checkpoint `args.ckpt`; returns the folder written.
 
@@ -159,8 +167,7 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     output = args.dataset_out if args.dataset_out is not None else output_dir(args, sampling, check=False)
     check_output_outside(output, "--dataset-out" if args.dataset_out is not None else "--out", source.trained_on)
     model = source.model
-    batch = min(args.batch_size, args.num or args.batch_size)  # a batch never holds more than is drawn
-    check_batch_fits(batch, model.info.resolution, "--batch-size", device, model.info.channels)
+    check_drawing_batch(args.batch_size, args.num, model)
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
     check_against_source(args, source, option_sections or {})
     if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):

@@ -165,6 +165,34 @@ def test_a_sampling_batch_larger_than_the_machine_is_refused_before_any_work(tmp
         sample.main([*base, "--batch-size", "400000", "--num", "300000"])
 
 
+@pytest.mark.parametrize("command", ["sweep", "consistency"])
+def test_the_judging_tools_refuse_a_drawing_batch_larger_than_the_machine(tmp_path, class_ckpt, monkeypatch, capsys,
+                                                                          command):
+    """As sample.py: a --batch-size whose images alone outgrow the machine, counting no more than a set draws."""
+    import evaluate.consistency
+    import evaluate.sweep
+    from helpers import colour_folder
+    from test_gradcam import classifier_checkpoint
+
+    def drawing(*args, **kwargs):
+        raise AssertionError("drawing began")
+    monkeypatch.setattr(f"evaluate.{command}.Drawer", drawing)
+    monkeypatch.setattr("core.runtime.device_memory", lambda device: 2**30)  # 349,525 3x16x16 images fill it
+    judge = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
+    out = tmp_path / "out"
+    base = ["--ckpt", str(class_ckpt), "--judge", str(judge), "--out", str(out), "--device", "cpu"]
+    if command == "sweep":
+        real = f"folder:{colour_folder(tmp_path / 'real', 1, seed=0)}"
+        base += ["--real", real, "--test", real]
+    main = getattr(evaluate, command).main
+    assert cli.run(main, [*base, "--batch-size", "400000", "--per-class", "150000"]) == 1  # 450,000 per set
+    assert ("--batch-size 400000 asks for 16x16 images whose pixels alone take 1.1 GiB, more than the 1.0 GiB of "
+            "memory this machine has; give a smaller --batch-size.") in the_error(capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(AssertionError, match="drawing began"):  # 300,000 images per set: no batch holds more
+        main([*base, "--batch-size", "400000", "--per-class", "100000"])
+
+
 def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):
     from core.errors import UserError
     from core.speed import check_compile
@@ -393,6 +421,10 @@ def test_a_run_from_a_machine_with_more_cores_resumes_here_with_the_workers_give
     torch.save(payload, run / "checkpoint.pt")
     resume = ["--run-dir", str(run), "--resume", "--steps", "3", "--device", "cpu"]
     assert cli.run(train.main, resume) == 1  # its own count is refused here, in one sentence, with nothing lost
-    assert "--num-workers must be from 0 (decode in this process) to" in the_error(capsys.readouterr().err)
+    most = 4 * (os.cpu_count() or 1)
+    assert the_error(capsys.readouterr().err) == (
+        f"error: --num-workers must be from 0 (decode in this process) to {most} (4 per CPU core; each worker is a "
+        f"process), got {many}, the count {run / 'checkpoint.pt'} was written with; resume here with --num-workers 0 "
+        f"to {most}.")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
     assert train.main([*resume, "--num-workers", "0"])["step"] == 3

@@ -208,7 +208,9 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
             resolution = config.data.resolution
             check_batch_fits(config.train.batch_size // runtime.world_size, resolution, "--batch-size", runtime.device)
             check_batch_fits(config.train.preview_images, resolution, "--preview-images", runtime.device)
-            check_num_workers(config.data.num_workers)  # here, not in the config: a run resumes on a smaller machine
+            # Here, not in the config: a run resumes on a machine with fewer cores, given a --num-workers of its own.
+            recorded = saved is not None and "data.num_workers" not in given_arguments(args)
+            check_num_workers(config.data.num_workers, run_dir / "checkpoint.pt" if recorded else None)
         if saved is None and runtime.is_main:
             start_over_if_killed(run_dir)
         if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
