@@ -17,6 +17,11 @@ spinning against each other on a small CPU cost far more than they gain.
 
 `--processes 1` runs the suite in one process, as plain pytest does; so do `--pdb`, `--collect-only`, `-s`,
 a run of one test module, and the workers themselves.
+
+Stopping: SIGTERM to the main process (a CI job cancelled) ends the run as Ctrl-C does. Either way the main
+process stops each worker with its process group (the commands its test started) and removes the shared
+folder. A main process killed outright (`kill -9`) takes its workers with it on Linux: each asks to be sent
+SIGTERM when it dies; only the shared folder (a few KB) is left in the temporary directory.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,11 +155,15 @@ class Main(_Claimer):
         self.workers: list[_WorkerProcess] = []
         self.started: set[str] = set()
         self.finished: set[str] = set()
+        self.on_sigterm = None  # the SIGTERM handler before ours, while ours is installed
 
     def pytest_sessionstart(self, session):
         os.environ["OMP_NUM_THREADS"] = "1"  # for the commands the tests start (see above)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # else pytest's own caller decides
+            self.on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         args = list(self.config.invocation_params.args)
         env = {**os.environ, FOLDER_ENV: str(self.folder)}
+        (self.folder / "main").write_text(str(os.getpid()))  # the workers' parent, for them to outlive it never
         for k in range(1, self.count):
             self.workers.append(_WorkerProcess(k, args, self.folder, env, self.config.invocation_params.dir))
 
@@ -230,9 +240,18 @@ class Main(_Claimer):
         self.run(session, iter([item for item in session.items if item.nodeid not in self.started]))
 
     def pytest_unconfigure(self, config):
+        if self.on_sigterm is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         for worker in self.workers:
             worker.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.on_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.on_sigterm)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C: pytest then ends the session, reports what ran, and unconfigures (stopping workers)."""
+    raise KeyboardInterrupt
 
 
 class _WorkerProcess:
@@ -247,7 +266,8 @@ class _WorkerProcess:
         with open(self.output, "wb") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pytest", *args, "-o", f"cache_dir={folder / f'cache-{number}'}"],
-                env={**env, NUMBER_ENV: str(number)}, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+                env={**env, NUMBER_ENV: str(number)}, cwd=cwd, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True)  # a group of its own: `stop` reaches the commands its tests started
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -266,19 +286,28 @@ class _WorkerProcess:
         return f"worker {self.number} (exit code {self.process.returncode}), the end of its output:\n{text}"
 
     def stop(self) -> None:
+        """SIGTERM to the worker's process group, SIGKILL to what is left of it after 30 s."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._signal_group(signal.SIGKILL)  # commands a test started, if they outlive the worker
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Worker(_Claimer):
     def __init__(self, config, folder: Path):
         super().__init__(config, folder)
-        self.parent = os.getppid()
+        self.parent = int((folder / "main").read_text())
+        _die_with_parent()  # then a parent that died before is seen by `_stopped`
         self.events = open(folder / f"events-{os.environ[NUMBER_ENV]}.jsonl", "a")
 
     def _stopped(self) -> bool:
@@ -322,3 +351,15 @@ class Worker(_Claimer):
         self._write(event="warning", message=str(warning_message.message),
                     category=warning_message.category.__name__, filename=str(warning_message.filename),
                     lineno=warning_message.lineno, when=when, nodeid=nodeid)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the main process dies, even by SIGKILL (PR_SET_PDEATHSIG); elsewhere a worker
+    notices only between modules."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

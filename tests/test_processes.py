@@ -113,3 +113,83 @@ def test_how_many_processes_a_run_gets():
     assert 1 <= count(str(HERE), processes_option="auto") <= min(os.cpu_count() or 1, 4)
     with pytest.raises(pytest.UsageError, match="--processes must be at least 1, not 0"):
         count(module, processes_option="0")  # refused even where one process would run anyway
+
+
+# Each test starts a command (a `sleep`, as a test starts train.py) and records its process and the command's,
+# then waits: the run is stopped from outside while every process is inside such a test.
+SLOW_MODULE = """
+import json, os, subprocess, sys, time
+def test_slow():
+    command = subprocess.Popen(["sleep", "300"])
+    with open({log!r}, "a") as log:
+        log.write(json.dumps([os.environ.get("SYNTHDIFF_TEST_WORKER", "main"), os.getpid(), command.pid]) + "\\n")
+    time.sleep(300)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"  # a zombie is gone
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def start_slow_suite(tmp_path):
+    """The main process of a planted 2-process run, once both processes are inside a test; and what they logged."""
+    import time
+    log, temporary = tmp_path / "ran.jsonl", tmp_path / "tmp"
+    temporary.mkdir()
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    for k in range(3):
+        (tmp_path / f"test_s{k}.py").write_text(SLOW_MODULE.format(log=str(log)))
+    main = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--processes", "2"],
+                            cwd=tmp_path, env={**os.environ, "TMPDIR": str(temporary)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) == 2):
+        assert time.monotonic() < deadline and main.poll() is None, "the planted run did not start both processes"
+        time.sleep(0.2)
+    return main, [json.loads(line) for line in log.read_text().splitlines()], temporary
+
+
+def gone_soon(pids, seconds=60) -> list[int]:
+    """Which of `pids` are still running after up to `seconds`."""
+    import time
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_the_main_process_stops_the_workers_and_their_commands_and_leaves_no_folder(tmp_path):
+    import signal
+    main, running, temporary = start_slow_suite(tmp_path)
+    try:
+        main.send_signal(signal.SIGTERM)
+        out, _ = main.communicate(timeout=90)
+        assert main.returncode == 2 and "KeyboardInterrupt" in out, out[-2000:]  # ended as Ctrl-C ends a run
+        worker = [(pid, command) for process, pid, command in running if process == "1"]
+        assert worker and not gone_soon(worker[0])  # the worker, and the command its test had started
+        assert list(temporary.iterdir()) == []
+    finally:
+        for _, pid, command in running:
+            for p in (pid, command):
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_dies_with_a_main_process_killed_outright(tmp_path):
+    import signal
+    main, running, _ = start_slow_suite(tmp_path)
+    try:
+        main.kill()
+        main.communicate(timeout=60)
+        worker = [pid for process, pid, _ in running if process == "1"]
+        assert worker and not gone_soon(worker)
+    finally:
+        for _, pid, command in running:
+            for p in (pid, command):
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
