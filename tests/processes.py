@@ -44,11 +44,11 @@ import pytest
 FOLDER_ENV = "SYNTHDIFF_TEST_FOLDER"  # the folder a worker shares with the main process
 NUMBER_ENV = "SYNTHDIFF_TEST_WORKER"  # the worker's number, from 1; unset in the tests of a main process
 
-# Claimed first, in this order (each takes 40-100 s on a 2-core AVX2 CPU); the rest follow in collection
-# order. A stale list costs time, never correctness.
-SLOWEST_FIRST = ("test_training.py", "test_kernels_group_norm.py", "test_reliability.py", "test_classify.py",
-                 "test_speed.py", "test_latent.py", "test_bench.py", "test_sweep.py", "test_fid.py",
-                 "test_domain_fid.py")
+# Claimed first, in this order (30-135 s each, measured with --durations=0 in two processes on a 2-core AVX2
+# CPU); the rest (under 20 s each) follow in collection order. A stale list costs time, never correctness.
+SLOWEST_FIRST = ("test_sweep.py", "test_training.py", "test_kernels_group_norm.py", "test_reliability.py",
+                 "test_classify.py", "test_latent.py", "test_fid.py", "test_speed.py", "test_bench.py",
+                 "test_domain_fid.py", "test_startup_checks.py", "test_processes.py")
 
 
 def add_option(parser) -> None:
