@@ -6,13 +6,14 @@ and with `StopAgreement`, which reads each all-reduce one step later. Each step 
 (matmuls on one thread, as a CPU run does) or sleeps, as a process driving a GPU waits on its device; it is in
 that wait that the background all-reduce hides. Prints one markdown table of milliseconds per step.
 
-    python -m bench.stop_agreement [--steps 1000] [--step-ms 2]
+    python bench/stop_agreement.py [--steps 1000] [--step-ms 2]      # or python -m bench.stop_agreement
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.runtime import Runtime
-from training import distributed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.runtime import Runtime  # noqa: E402
+from training import distributed  # noqa: E402
 
 WAYS = ("none", "blocking", "StopAgreement")
 STEPS = ("CPU compute", "waiting (GPU-bound)")
