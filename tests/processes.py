@@ -21,7 +21,8 @@ a run of one test module, and the workers themselves.
 Stopping: SIGTERM to the main process (a CI job cancelled) ends the run as Ctrl-C does. Either way the main
 process stops each worker with its process group (the commands its test started) and removes the shared
 folder. A main process killed outright (`kill -9`) takes its workers with it on Linux: each asks to be sent
-SIGTERM when it dies; only the shared folder (a few KB) is left in the temporary directory.
+SIGTERM when it dies; its shared folder (a few KB) is left in the temporary directory until the next run
+removes it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import pytest
 # test that runs pytest itself does not start a worker of this run; its tests see its number.
 FOLDER_ENV = "SYNTHDIFF_TEST_FOLDER"  # the folder a worker shares with the main process
 NUMBER_ENV = "SYNTHDIFF_TEST_WORKER"  # the worker's number, from 1; unset in the tests of a main process
+FOLDER_PREFIX = "pytest-processes-"  # the shared folders, in the temporary directory
 
 # Claimed first, in this order (30-135 s each, measured with --durations=0 in two processes on a 2-core AVX2
 # CPU); the rest (under 20 s each) follow in collection order. A stale list costs time, never correctness.
@@ -149,7 +151,8 @@ class _Claimer:
 
 class Main(_Claimer):
     def __init__(self, config, count: int):
-        super().__init__(config, Path(tempfile.mkdtemp(prefix="pytest-processes-")))
+        _remove_abandoned_folders()
+        super().__init__(config, Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX)))
         (self.folder / "claims").mkdir()
         self.count = count
         self.workers: list[_WorkerProcess] = []
@@ -247,6 +250,29 @@ class Main(_Claimer):
         shutil.rmtree(self.folder, ignore_errors=True)
         if self.on_sigterm is not None:
             signal.signal(signal.SIGTERM, self.on_sigterm)
+
+
+def _remove_abandoned_folders() -> None:
+    """The shared folders of runs whose main process was killed outright (a few KB each): those whose main
+    process has ended, and those that never named one (killed while starting) after an hour."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            owner = int((folder / "main").read_text())
+        except FileNotFoundError:
+            owner = None
+        except (ValueError, OSError):  # being written now, or not ours to read
+            continue
+        try:
+            if owner is not None:
+                os.kill(owner, 0)
+                continue  # running (or its process id was reused: then left for a later run)
+            if time.time() - folder.stat().st_mtime < 3600:
+                continue  # a run starting now
+        except ProcessLookupError:
+            pass
+        except OSError:  # not ours to signal, or removed by another run meanwhile
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _interrupt(signum, frame):

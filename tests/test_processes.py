@@ -193,3 +193,26 @@ def test_a_worker_dies_with_a_main_process_killed_outright(tmp_path):
             for p in (pid, command):
                 if alive(p):
                     os.kill(p, signal.SIGKILL)
+
+
+def test_a_run_removes_the_folders_of_runs_killed_outright_and_only_those(tmp_path):
+    import time
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    folders = {name: temporary / f"pytest-processes-{name}" for name in ("ended", "running", "starting", "stale")}
+    for folder in folders.values():
+        (folder / "claims").mkdir(parents=True)
+    (folders["ended"] / "main").write_text(str(ended.pid))        # its main process is gone
+    (folders["running"] / "main").write_text(str(os.getpid()))    # alive: this test's process
+    old = time.time() - 7200
+    os.utime(folders["stale"], (old, old))                        # killed before it named its main process
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    for k in range(2):
+        (tmp_path / f"test_m{k}.py").write_text("def test_nothing():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--processes", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(temporary)})
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert sorted(p.name for p in temporary.iterdir()) == ["pytest-processes-running", "pytest-processes-starting"]
