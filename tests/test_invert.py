@@ -90,6 +90,40 @@ def test_lazy_adamw_moves_a_row_only_when_touched_and_as_if_it_were_alone():
     assert lazy.state[table]["step"].tolist() == [6, 6, 4, 0]
 
 
+@pytest.mark.parametrize("shape", [(40, 6), (24, 3, 2), (30,)])
+def test_lazy_adamw_by_mask_is_lazy_adamw_by_index_bit_for_bit_and_reads_nothing_back(shape, monkeypatch):
+    """The GPU's way (every row computed, a mask keeps the untouched) gives the CPU's numbers exactly, rows never
+    touched included, without listing indices (`nonzero`) or reading a value on the host: both would make a
+    GPU step wait."""
+    torch.manual_seed(2)
+    by_index = torch.randn(*shape).requires_grad_(True)
+    by_mask = by_index.detach().clone().requires_grad_(True)
+    index_opt = LazyAdamW([by_index], lr=0.05, weight_decay=0.01, masked=False)
+    mask_opt = LazyAdamW([by_mask], lr=0.05, weight_decay=0.01, masked=True)
+    gradients = []
+    for step in range(30):
+        reached = torch.rand(shape[0]) < (0.3 if step % 5 else 0.0)  # every fifth step reaches no row
+        reached[-1] = False                                          # the last row: never
+        gradients.append(torch.randn(*shape) * reached.view((-1,) + (1,) * (len(shape) - 1)))
+    for g in gradients:
+        by_index.grad = g.clone()
+        index_opt.step()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in the masked update")
+    for name in ("nonzero", "item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, "nonzero", host_read)
+    for g in gradients:
+        by_mask.grad = g.clone()
+        mask_opt.step()
+    monkeypatch.undo()
+    assert torch.equal(by_mask, by_index)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(mask_opt.state[by_mask][key], index_opt.state[by_index][key])
+    assert index_opt.state[by_index]["step"][-1] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # a model whose dependence on the embedding is known: x0 = W e, whatever x_t and t
 

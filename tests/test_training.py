@@ -611,6 +611,48 @@ def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_
     assert alone.sums["loss"].item() == pytest.approx((sums[0]["loss"] + sums[1]["loss"]) / 2)
 
 
+def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) makes the step
+    wait until the device has drained its queue. Between logging steps no stage's step, nor the loop's bookkeeping
+    after it, nor the stop check does one: spied on the CPU, where the same Python calls run."""
+    from helpers import colour_folder
+    from training.loop import Trainer
+    reads, spying = [], [False]
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"):
+        def spy(self, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
+            if spying[0]:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def spied(method, quiet=lambda trainer, *args: True):
+        def wrapper(trainer, *args, **kwargs):
+            spying[0] = quiet(trainer, *args)
+            try:
+                return method(trainer, *args, **kwargs)
+            finally:
+                spying[0] = False
+        return wrapper
+    between_logs = lambda trainer, done: bool(done % trainer.cfg.log_every) and done < trainer.cfg.steps  # noqa: E731
+    monkeypatch.setattr(Trainer, "_step", spied(Trainer._step))
+    monkeypatch.setattr(Trainer, "_after_step", spied(Trainer._after_step, between_logs))
+    monkeypatch.setattr(StopAgreement, "after_step", spied(StopAgreement.after_step))
+
+    images = colour_folder(tmp_path / "images", 2, seed=0)
+    common = ["--device", "cpu", "--dataset", f"folder:{images}", "--resolution", "16", "--steps", "4", "--log-every",
+              "2", "--sample-every", "0", "--batch-size", "4"]
+    model = tmp_path / "ddpm"
+    stages = {"ddpm": ["--cond", "class", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
+                       "--attention-resolutions", "8", "--preview-images", "2", "--preview-steps", "2"],
+              "vae": ["--disc-start", "0", "--disc-layers", "1", "--channel-mult", "1", "2", "--base-channels", "16"],
+              "classify": ["--target", "class", "--warmup-steps", "1"],
+              "invert": ["--model", str(model / "checkpoint.pt")]}
+    for stage, options in stages.items():
+        train.main(["--stage", stage, "--run-dir", str(model if stage == "ddpm" else tmp_path / stage), *common,
+                    *options])
+        assert reads == [], f"{stage}: {reads}"
+
+
 # Per scenario: {rank: {step index (of 5): signal caught during that step}}; no entry, no signal.
 STOP_SCENARIOS = {
     "none": {},

@@ -21,13 +21,19 @@ class LazyAdamW(torch.optim.Optimizer):
 
     With every row touched at every step it is exactly `torch.optim.AdamW`; a row whose gradient is
     zero keeps its value, its moments and its step count. Parameters must be at least 1-D.
+
+    Two ways to the same numbers, bit for bit: on the CPU the touched rows are gathered by index and only
+    they are computed (a batch touches B of N rows); on a GPU, where listing the indices would make the
+    host wait for the device every step, every row is computed and a mask keeps the untouched ones as they
+    were. `masked` picks one (None: by the parameters' device).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, masked: bool | None = None):
         if not (lr >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps >= 0 and weight_decay >= 0):
             raise UserError(f"invalid LazyAdamW settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.masked = masked
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -36,7 +42,6 @@ class LazyAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -46,20 +51,41 @@ class LazyAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)  # per row
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grad = p.grad.flatten(1) if p.dim() > 1 else p.grad.unsqueeze(1)
-                rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                step = state["step"][rows] + 1
-                state["step"][rows] = step
-                g = p.grad[rows]
-                m = state["exp_avg"][rows].lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                bias1 = (1 - beta1 ** step).to(p.dtype).view(shape)
-                bias2 = (1 - beta2 ** step).to(p.dtype).view(shape)
-                update = (m / bias1) / ((v / bias2).sqrt() + group["eps"])
-                lr = group["lr"]
-                p[rows] = p[rows] * (1 - lr * group["weight_decay"]) - lr * update
+                touched = p.grad.ne(0).flatten(1).any(dim=1) if p.dim() > 1 else p.grad.ne(0)
+                masked = p.device.type != "cpu" if self.masked is None else self.masked
+                (_update_masked if masked else _update_rows)(p, state, touched, group)
         return loss
+
+
+def _adamw(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+           group: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW's update of rows `p` with gradient `g`, moments `m`, `v` and per-row step counts `step` (already
+    advanced): the new (p, m, v), computed out of place."""
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    m = m.lerp(g, 1 - beta1)
+    v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    bias1 = (1 - beta1 ** step).to(p.dtype).view(shape)
+    bias2 = (1 - beta2 ** step).to(p.dtype).view(shape)
+    update = (m / bias1) / ((v / bias2).sqrt() + group["eps"])
+    return p * (1 - lr * group["weight_decay"]) - lr * update, m, v
+
+
+def _update_rows(p: torch.Tensor, state: dict, touched: torch.Tensor, group: dict) -> None:
+    """The touched rows, gathered by index."""
+    rows = touched.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    state["step"][rows] += 1
+    p[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows] = _adamw(
+        p[rows], p.grad[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows], state["step"][rows], group)
+
+
+def _update_masked(p: torch.Tensor, state: dict, touched: torch.Tensor, group: dict) -> None:
+    """Every row computed, the untouched ones kept (their never-advanced rows divide 0 by 0: not used)."""
+    state["step"].add_(touched)
+    new = _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+    keep = touched.view((-1,) + (1,) * (p.dim() - 1))
+    for tensor, value in zip((p, state["exp_avg"], state["exp_avg_sq"]), new):
+        tensor.copy_(torch.where(keep, value, tensor))
