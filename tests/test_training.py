@@ -616,7 +616,7 @@ def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_p
     wait until the device has drained its queue. Between logging steps no stage's step, nor the loop's bookkeeping
     after it, nor the stop check does one: spied on the CPU, where the same Python calls run."""
     from helpers import colour_folder
-    from training.loop import Trainer
+    from training.loop import MetricsWindow, Trainer
     reads, spying = [], [False]
     for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"):
         def spy(self, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
@@ -635,6 +635,7 @@ def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_p
         return wrapper
     between_logs = lambda trainer, done: bool(done % trainer.cfg.log_every) and done < trainer.cfg.steps  # noqa: E731
     monkeypatch.setattr(Trainer, "_step", spied(Trainer._step))
+    monkeypatch.setattr(MetricsWindow, "add", spied(MetricsWindow.add))
     monkeypatch.setattr(Trainer, "_after_step", spied(Trainer._after_step, between_logs))
     monkeypatch.setattr(StopAgreement, "after_step", spied(StopAgreement.after_step))
 
