@@ -106,9 +106,13 @@ def per_sample_noise(seeds: Sequence[int], shape: tuple, device: torch.device | 
     if len(shape) < 2 or shape[0] != len(seeds):
         raise ValueError(f"shape must be (len(seeds), ...) = ({len(seeds)}, ...), got {tuple(shape)}.")
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    # To a GPU from pinned memory the copy is queued like a kernel; from pageable memory it would make every
+    # stochastic step wait for the GPU to finish the one before.
+    to_gpu = torch.device(device).type == "cuda"
 
     def noise() -> Tensor:
-        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators]).to(device)
+        draws = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators])
+        return draws.pin_memory().to(device, non_blocking=True) if to_gpu else draws.to(device)
 
     return noise(), noise
 
