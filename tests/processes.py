@@ -166,7 +166,7 @@ class Main(_Claimer):
             self.on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         args = list(self.config.invocation_params.args)
         env = {**os.environ, FOLDER_ENV: str(self.folder)}
-        (self.folder / "main").write_text(str(os.getpid()))  # the workers' parent, for them to outlive it never
+        (self.folder / "main").write_text(str(os.getpid()))  # the workers stop once this process has gone
         for k in range(1, self.count):
             self.workers.append(_WorkerProcess(k, args, self.folder, env, self.config.invocation_params.dir))
 
