@@ -1,6 +1,6 @@
 """What several test files share: the command line of a tiny pixel-diffusion run, folders of
-labelled images that a few classifier steps learn, damaged copies of an .npz archive, and torchrun
-launches on the CPU."""
+labelled images that a few classifier steps learn, damaged copies of an .npz archive, torchrun
+launches on the CPU, and a spy on reads of tensor values on the host."""
 
 from __future__ import annotations
 
@@ -80,3 +80,33 @@ def perturbed(net: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
         for p in net.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return net.eval()
+
+
+class HostReads:
+    """The reads of a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, ...) made inside the
+    functions `watch` wraps, by name in `reads`: on a GPU each makes the host wait until the device has drained
+    its queue. Spied on the CPU, where the same Python calls run (reads inside C++ ops are not seen)."""
+
+    NAMES = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu")
+
+    def __init__(self, monkeypatch):
+        self.reads: list[str] = []
+        self.calls: list[str] = []  # the watched functions, as they were called
+        self.spying = False
+        for name in self.NAMES:
+            def spy(tensor, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
+                if self.spying:
+                    self.reads.append(_name)
+                return _real(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def watch(self, function, when=lambda *args: True):
+        """`function`, with the reads it makes recorded (in the calls whose positional arguments satisfy `when`)."""
+        def watched(*args, **kwargs):
+            self.calls.append(function.__name__)
+            self.spying = when(*args)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.spying = False
+        return watched

@@ -375,42 +375,26 @@ def test_compile_with_cuda_graphs_gives_outputs_a_later_call_cannot_overwrite(mo
 @pytest.mark.parametrize("sampler, options", [("ddim", {}), ("ddim", {"eta": 1.0}), ("ddpm", {}), ("pndm", {}),
                                               ("spndm", {})])
 def test_no_sampling_step_reads_a_value_back_from_the_device(class_ckpt, monkeypatch, sampler, options):
-    """On a GPU a host read (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) in a step makes it wait for the device:
-    a guided, clipped step of every sampler is its network call and its update, plus the noise of stochastic ones,
-    with none (spied on the CPU, where the same Python calls run; the tables are read once, before the steps)."""
+    """A guided, clipped step of every sampler is its network call and its update, plus the noise of stochastic
+    ones, with no read of a tensor's value on the host (`helpers.HostReads`; the tables are read once, before the
+    steps), which on a GPU would make each step wait for the device."""
     import ddpm.generate
     import ddpm.samplers
     from ddpm.config import SamplingConfig
+    from helpers import HostReads
     from stages import open_source
     model = open_source(class_ckpt, torch.device("cpu")).model
-    reads, spying = [], [False]
-    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"):
-        def spy(self, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
-            if spying[0]:
-                reads.append(_name)
-            return _real(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    calls = []
-
-    def spied(function):
-        def wrapper(*args, **kwargs):
-            calls.append(function.__name__)
-            spying[0] = True
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spying[0] = False
-        return wrapper
+    host = HostReads(monkeypatch)
     for name in ("_predict", "_step"):
-        monkeypatch.setattr(ddpm.samplers, name, spied(getattr(ddpm.samplers, name)))
+        monkeypatch.setattr(ddpm.samplers, name, host.watch(getattr(ddpm.samplers, name)))
     per_sample_noise = ddpm.generate.per_sample_noise
 
     def noise_spied(*args, **kwargs):
         x_T, noise = per_sample_noise(*args, **kwargs)
-        return x_T, spied(noise)
+        return x_T, host.watch(noise)
     monkeypatch.setattr(ddpm.generate, "per_sample_noise", noise_spied)
     sampling = SamplingConfig(sampler=sampler, steps=5, guidance_scale=2.0, clip_x0=True, **options)
     images = ddpm.generate.sample(model, sampling, [0, 1], cond=torch.tensor([0, 2]))
-    assert images.shape == (2, *model.shape) and calls.count("_predict") >= 5
-    assert ("noise" in calls) == (sampler == "ddpm" or options.get("eta", 0) > 0)
-    assert reads == []
+    assert images.shape == (2, *model.shape) and host.calls.count("_predict") >= 5
+    assert ("noise" in host.calls) == (sampler == "ddpm" or options.get("eta", 0) > 0)
+    assert host.reads == []

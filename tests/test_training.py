@@ -612,32 +612,16 @@ def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_
 
 
 def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_path, monkeypatch):
-    """On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) makes the step
-    wait until the device has drained its queue. Between logging steps no stage's step, nor the loop's bookkeeping
-    after it, nor the stop check does one: spied on the CPU, where the same Python calls run."""
-    from helpers import colour_folder
+    """No read of a tensor's value on the host (`helpers.HostReads`), which on a GPU makes the step wait for the
+    device: not in any stage's step, nor in the loop's bookkeeping between logging steps, nor in the stop check."""
+    from helpers import HostReads, colour_folder
     from training.loop import MetricsWindow, Trainer
-    reads, spying = [], [False]
-    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"):
-        def spy(self, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
-            if spying[0]:
-                reads.append(_name)
-            return _real(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, spy)
-
-    def spied(method, quiet=lambda trainer, *args: True):
-        def wrapper(trainer, *args, **kwargs):
-            spying[0] = quiet(trainer, *args)
-            try:
-                return method(trainer, *args, **kwargs)
-            finally:
-                spying[0] = False
-        return wrapper
+    host = HostReads(monkeypatch)
     between_logs = lambda trainer, done: bool(done % trainer.cfg.log_every) and done < trainer.cfg.steps  # noqa: E731
-    monkeypatch.setattr(Trainer, "_step", spied(Trainer._step))
-    monkeypatch.setattr(MetricsWindow, "add", spied(MetricsWindow.add))
-    monkeypatch.setattr(Trainer, "_after_step", spied(Trainer._after_step, between_logs))
-    monkeypatch.setattr(StopAgreement, "after_step", spied(StopAgreement.after_step))
+    monkeypatch.setattr(Trainer, "_step", host.watch(Trainer._step))
+    monkeypatch.setattr(MetricsWindow, "add", host.watch(MetricsWindow.add))
+    monkeypatch.setattr(Trainer, "_after_step", host.watch(Trainer._after_step, between_logs))
+    monkeypatch.setattr(StopAgreement, "after_step", host.watch(StopAgreement.after_step))
 
     images = colour_folder(tmp_path / "images", 2, seed=0)
     common = ["--device", "cpu", "--dataset", f"folder:{images}", "--resolution", "16", "--steps", "4", "--log-every",
@@ -651,7 +635,7 @@ def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_p
     for stage, options in stages.items():
         train.main(["--stage", stage, "--run-dir", str(model if stage == "ddpm" else tmp_path / stage), *common,
                     *options])
-        assert reads == [], f"{stage}: {reads}"
+        assert host.reads == [], f"{stage}: {host.reads}"
 
 
 # Per scenario: {rank: {step index (of 5): signal caught during that step}}; no entry, no signal.
