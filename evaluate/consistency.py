@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
         cond = model.net.config.cond
-        per_class = (args.per_class or DEFAULT_PER_CLASS) * len(model.info.class_names)
-        check_drawing_batch(args.batch_size, per_class if cond == "class" else args.num or DEFAULT_NUM, model)
+        drawn = ((args.per_class or DEFAULT_PER_CLASS) * len(model.info.class_names) if cond == "class"
+                 else args.num or DEFAULT_NUM)
+        check_drawing_batch(args.batch_size, drawn, model)
         for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
                                      ("--param", args.param, "params")):
             if given and cond != owner:

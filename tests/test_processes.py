@@ -1,10 +1,13 @@
 """The suite's own runner in several processes (tests/processes.py), on planted test modules: every test is
 reported once, by whichever process ran it, failures and a crashed worker fail the run, and -x stops it."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,9 +137,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_slow_suite(tmp_path):
-    """The main process of a planted 2-process run, once both processes are inside a test; and what they logged."""
-    import time
+@contextlib.contextmanager
+def slow_suite(tmp_path):
+    """A planted 2-process run, yielded once both processes are inside a test: (its main process, what each
+    process logged, its temporary directory). Whatever is left of the run is killed afterwards."""
     log, temporary = tmp_path / "ran.jsonl", tmp_path / "tmp"
     temporary.mkdir()
     (tmp_path / "conftest.py").write_text(CONFTEST)
@@ -145,16 +149,25 @@ def start_slow_suite(tmp_path):
     main = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--processes", "2"],
                             cwd=tmp_path, env={**os.environ, "TMPDIR": str(temporary)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (log.exists() and len(log.read_text().splitlines()) == 2):
-        assert time.monotonic() < deadline and main.poll() is None, "the planted run did not start both processes"
-        time.sleep(0.2)
-    return main, [json.loads(line) for line in log.read_text().splitlines()], temporary
+    running = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) == 2):
+            assert time.monotonic() < deadline and main.poll() is None, "the planted run did not start both processes"
+            time.sleep(0.2)
+        running = [json.loads(line) for line in log.read_text().splitlines()]
+        yield main, running, temporary
+    finally:
+        for pid in [pid for _, process, command in running for pid in (process, command)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if main.poll() is None:
+            main.kill()
+            main.communicate()
 
 
 def gone_soon(pids, seconds=60) -> list[int]:
     """Which of `pids` are still running after up to `seconds`."""
-    import time
     deadline = time.monotonic() + seconds
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -163,40 +176,25 @@ def gone_soon(pids, seconds=60) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_to_the_main_process_stops_the_workers_and_their_commands_and_leaves_no_folder(tmp_path):
-    import signal
-    main, running, temporary = start_slow_suite(tmp_path)
-    try:
+    with slow_suite(tmp_path) as (main, running, temporary):
         main.send_signal(signal.SIGTERM)
         out, _ = main.communicate(timeout=90)
         assert main.returncode == 2 and "KeyboardInterrupt" in out, out[-2000:]  # ended as Ctrl-C ends a run
         worker = [(pid, command) for process, pid, command in running if process == "1"]
         assert worker and not gone_soon(worker[0])  # the worker, and the command its test had started
         assert list(temporary.iterdir()) == []
-    finally:
-        for _, pid, command in running:
-            for p in (pid, command):
-                if alive(p):
-                    os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_worker_dies_with_a_main_process_killed_outright(tmp_path):
-    import signal
-    main, running, _ = start_slow_suite(tmp_path)
-    try:
+    with slow_suite(tmp_path) as (main, running, _):
         main.kill()
         main.communicate(timeout=60)
         worker = [pid for process, pid, _ in running if process == "1"]
         assert worker and not gone_soon(worker)
-    finally:
-        for _, pid, command in running:
-            for p in (pid, command):
-                if alive(p):
-                    os.kill(p, signal.SIGKILL)
 
 
 def test_a_run_removes_the_folders_of_runs_killed_outright_and_only_those(tmp_path):
-    import time
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
