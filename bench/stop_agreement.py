@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="steps per measurement (default: 1000)")
     parser.add_argument("--step-ms", type=float, default=2.0, help="length of a dummy step in ms (default: 2)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or not args.step_ms > 0:
-        parser.error("--steps must be at least 1 and --step-ms above 0")
+    if args.steps < 1 or not 0 < args.step_ms < float("inf"):
+        parser.error("--steps must be at least 1 and --step-ms a number of milliseconds above 0")
     with tempfile.TemporaryDirectory() as folder:
         out = str(Path(folder) / "times.pt")
         mp.spawn(_measure, args=(f"file://{Path(folder) / 'init'}", args.steps, args.step_ms / 1e3, out), nprocs=2)
