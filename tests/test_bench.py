@@ -178,9 +178,12 @@ def test_cpu_peak_memory_counts_what_the_call_allocates():
     assert grown >= 48 * 2**20
 
 
+@pytest.mark.slow
 def test_the_gpu_checks_training_commands_run_on_the_cpu():
     # The GPU check runs only where a GPU is lent, rarely; its commands must not drift from the stages'
     # options and presets meanwhile (three had, unnoticed, before this test). Every stage, a few eager steps.
+    # Five commands of their own, 50 s: marked slow to keep the default suite under 10 minutes on 2 cores; run
+    # it (`python -m pytest -m slow tests/test_bench.py`) after changing a stage's options or gpu_check.py.
     import subprocess
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--stages-only"], cwd=root,
