@@ -37,6 +37,47 @@ def pytest_configure(config):
     processes.configure(config)  # the suite in one process per core (tests/processes.py)
 
 
+def _interpreter_patches_once_per_launch() -> None:
+    """Triton's interpreter swaps triton.language's functions for NumPy ones at each kernel launch, and again at
+    every call of a @triton.jit helper inside the kernel, though the launch's swap is still in place then: the
+    repeats (about 2 ms each, in loops of every program of the grid) took 20 of the kernel tests' 100 seconds.
+    Here a launch swaps each language module (triton.language, triton.language.core) once; what runs is
+    unchanged. Left alone where the interpreter's layout differs."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        launch, swap, empty_scope = interpreter.GridExecutor.__call__, interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    languages = (tl, tl.core)
+    languages_of = {}  # function: the ids of the language modules among its globals
+    launches = []  # a set per launch in progress: the language modules it has swapped so far
+
+    def swap_once(fn):
+        if fn not in languages_of:
+            languages_of[fn] = {id(value) for value in fn.__globals__.values() if any(value is lang for lang in languages)}
+        wanted = languages_of[fn]
+        if launches and wanted <= launches[-1]:
+            return empty_scope()
+        if launches:
+            launches[-1] |= wanted
+        return swap(fn)
+
+    def launch_swapping_once(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = swap_once
+    interpreter.GridExecutor.__call__ = launch_swapping_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_patches_once_per_launch()
+
+
 @pytest.fixture(autouse=True)
 def warnings_of_a_fresh_process():
     """Warnings shown once per process (`core.errors.warn_once`) are shown once per test, as each test is a
