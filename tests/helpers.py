@@ -1,6 +1,6 @@
 """What several test files share: the command line of a tiny pixel-diffusion run, folders of
 labelled images that a few classifier steps learn, damaged copies of an .npz archive, torchrun
-launches on the CPU, and a spy on reads of tensor values on the host."""
+launches on the CPU, a spy on reads of tensor values on the host, and the guard of the Triton kernels' tests."""
 
 from __future__ import annotations
 
@@ -110,3 +110,17 @@ class HostReads:
             finally:
                 self.spying = False
         return watched
+
+
+def skip_unless_kernels_run(kernel) -> None:
+    """Skips a test where our Triton kernel `kernel` (one of a kernels module's @jit functions) cannot run:
+    without triton, or on a CPU where triton was imported before TRITON_INTERPRET was set."""
+    import pytest
+    pytest.importorskip("triton", reason="the triton package is not installed, so there are no kernels to test")
+    from triton.runtime.interpreter import InterpretedFunction
+    import kernels
+    if kernels.interpreting() and not isinstance(kernel, InterpretedFunction):
+        # Whether jit functions run in the interpreter (tl.zeros and the rest of Triton's own library
+        # included) is settled when triton is imported.
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its CPU interpreter is off; set "
+                    "TRITON_INTERPRET=1 in the environment or in tests/conftest.py")

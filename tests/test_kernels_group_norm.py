@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from helpers import skip_unless_kernels_run
 from kernels import group_norm
 from kernels.group_norm import group_norm_act, group_norm_act_reference
 
@@ -23,14 +24,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 @pytest.fixture
 def triton_kernels():
-    """Skips a test where our Triton kernels cannot run."""
-    pytest.importorskip("triton", reason="the triton package is not installed, so there are no kernels to test")
-    from triton.runtime.interpreter import InterpretedFunction
-    if kernels.interpreting() and not isinstance(group_norm._forward_stats_kernel, InterpretedFunction):
-        # Whether jit functions run in the interpreter (tl.zeros and the rest of Triton's own library
-        # included) is settled when triton is imported.
-        pytest.skip("triton was imported (by an earlier test file) before this file set TRITON_INTERPRET=1, so "
-                    "its CPU interpreter is off; set TRITON_INTERPRET=1 in the environment or in tests/conftest.py")
+    skip_unless_kernels_run(group_norm._forward_stats_kernel)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels
+from helpers import skip_unless_kernels_run
 from kernels import lpips as module
 from kernels.lpips import NORM_EPS, normalise_channels, tap_distance, tap_distance_reference
 from vae.perceptual import PerceptualDistance
@@ -23,17 +24,7 @@ pytestmark = pytest.mark.usefixtures("on_the_gpu_when_there_is_one")
 
 @pytest.fixture
 def triton_kernels():
-    """The kernels in the form Triton's interpreter runs. pytest may have imported kernels.lpips (through
-    vae) while collecting an earlier test file, before the first line of this one set TRITON_INTERPRET,
-    and triton.jit then built GPU kernels; decorate the same functions again."""
-    triton = pytest.importorskip("triton", reason="the triton package is not installed; its kernels cannot run here")
-    from triton.runtime.jit import JITFunction
-    with pytest.MonkeyPatch.context() as patch:
-        if kernels.interpreting():
-            for name, value in vars(module).items():
-                if isinstance(value, JITFunction):
-                    patch.setattr(module, name, triton.jit(value.fn))
-        yield
+    skip_unless_kernels_run(module._forward_kernel)
 
 
 def no_reference(*args, **kwargs):

@@ -15,6 +15,7 @@ import torch
 
 import ddpm.samplers
 import kernels
+from helpers import skip_unless_kernels_run
 from ddpm.guidance import classifier_free_guidance
 from ddpm.samplers import SAMPLERS, make_timesteps, per_sample_noise
 from ddpm.schedule import Schedule
@@ -29,17 +30,7 @@ pytestmark = pytest.mark.usefixtures("on_the_gpu_when_there_is_one")
 
 @pytest.fixture
 def triton_kernels():
-    """The kernel in the form Triton's interpreter runs. pytest may have imported kernels.sampler_step
-    (through ddpm) while collecting an earlier test file, before the first line of this one set
-    TRITON_INTERPRET, and triton.jit then built a GPU kernel; decorate the same function again."""
-    triton = pytest.importorskip("triton", reason="the triton package is not installed; its kernels cannot run here")
-    from triton.runtime.jit import JITFunction
-    with pytest.MonkeyPatch.context() as patch:
-        if kernels.interpreting():
-            for name, value in vars(module).items():
-                if isinstance(value, JITFunction):
-                    patch.setattr(module, name, triton.jit(value.fn))
-        yield
+    skip_unless_kernels_run(module._sampler_step_kernel)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
