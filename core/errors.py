@@ -30,11 +30,11 @@ class ExistsError(UserError, FileExistsError):
 _WARNED: set[str] = set()
 
 
-def warn_once(key: str, message: str | None = None) -> None:
-    """A UserWarning shown once per process, however often the check that gives it runs (start-up, then build).
+def warn_once(key: str, message: str | None = None, category: type[Warning] = UserWarning) -> None:
+    """A warning shown once per process, however often the check that gives it runs (start-up, then build).
 
     `key` names what is warned about where `message` (default: the key) differs from one occasion to the next
     (the first file it concerns, say), so that the warning is still shown once."""
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(key if message is None else message, UserWarning, stacklevel=3)
+        warnings.warn(key if message is None else message, category, stacklevel=3)

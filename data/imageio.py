@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +110,9 @@ GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # every byte order Pillow reports
 HIGH_DEPTH = GREY_16 + ("I", "F")
 
 
+FIRST_ONLY = "(said for the first such image only)"  # the end of a warning that later files do not repeat
+
+
 def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True) -> Image.Image:
     """Decode an image file into `mode` ("RGB" or "L"), the same way for every pixel mode Pillow reads.
 
@@ -137,15 +140,24 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
       FID's reader, refuses; the environment variable SYNTHDIFF_MAX_IMAGE_PIXELS sets another limit.
 
     A file that cannot be decoded or converted raises ValueError naming it; a missing one FileNotFoundError.
-    Pillow's warnings about a file it still decodes ("Corrupt EXIF data", ...) name no file: they are
-    repeated with its path.
+    Pillow's warnings about a file it still decodes are shown as `naming_the_file` says.
     """
+    with naming_the_file(path):
+        return _load_image(path, mode, upright)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
+    """Pillow's warnings about a file it still decodes ("Corrupt EXIF data", "Palette images with Transparency
+    expressed in bytes ...") name no file, and neither do ours about its pixels. Each one raised inside is
+    shown once per process, with the path of the first file that gave it: a folder of 50,000 such files gives
+    one line, not 50,000 (nor 50,000 without a name)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image = _load_image(path, mode, upright)
-    for message, category in dict.fromkeys((str(w.message).strip(), w.category) for w in caught):  # each once
-        warnings.warn(f"{path}: {message}", category, stacklevel=2)
-    return image
+        yield
+    for message, category in dict.fromkeys((str(w.message).strip(), w.category) for w in caught):
+        said = message if message.endswith(f"{FIRST_ONLY}.") else f"{message} {FIRST_ONLY}"
+        warn_once(f"decoding: {message}", f"{path}: {said}", category)
 
 
 def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Image:
@@ -252,7 +264,7 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
             # Said for the first such file only: a folder of renders would otherwise print a line per image.
             warn_once("faint float", f"a float image with values up to {values.max():.4g}, so it is read on the "
                       f"0..255 scale and comes out nearly black; if its scale is 0..1 (highlights above 1), clip it "
-                      f"to 1 or save it as 8- or 16-bit (said for the first such image only).")
+                      f"to 1 or save it as 8- or 16-bit {FIRST_ONLY}.")
         scaled = values.astype(np.float64) * (255.0 / top)
         if scaled.min() < -0.5:
             raise UserError(f"Image {path} is a float image with negative pixel values (down to {values.min():g}), "
@@ -268,7 +280,7 @@ def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image
             # Said for the first such file only: a folder of camera frames would otherwise print a line per image.
             warn_once("faint 16-bit", f"a 16-bit image with values up to {high}, so it is read on the 0..65535 scale "
                       f"and comes out nearly black; if it holds 12-bit (0..4095) or 10-bit data, scale it to "
-                      f"0..65535 or save it as 8-bit (said for the first such image only).")
+                      f"0..65535 or save it as 8-bit {FIRST_ONLY}.")
         scaled = values.astype(np.float64) / 257.0  # 65535 -> 255 exactly
     grey = np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
     key = im.info.get("transparency")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.cli import ignore_stop_signals
 from core.errors import UserError
-from data.imageio import decode_image, list_images, load_image, regular_file
+from data.imageio import decode_image, list_images, load_image, naming_the_file, regular_file
 
 from . import inception
 
@@ -98,7 +98,7 @@ def read_rgb(path: Path) -> Image.Image:
     """The RGB image pytorch-fid reads from `path`, except that wide greyscale is rescaled, not clipped."""
     # Decoded as training decodes (one error naming the file, the same pixel limit and advice), without
     # turning it upright by its EXIF tag, as pytorch-fid reads it.
-    with _hidden_file_advice(path):
+    with _hidden_file_advice(path), naming_the_file(path):
         with decode_image(path) as image:
             if ImageMode.getmode(image.mode).typestr in ("|u1", "|b1"):  # 8 or 1 bits per channel
                 return image.convert("RGB")

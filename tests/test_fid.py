@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import urllib.error
+import warnings
 import zlib
 from pathlib import Path
 
@@ -755,6 +756,20 @@ def test_16_bit_greyscale_is_rescaled_where_pytorch_fid_clips(tmp_path):
         with Image.open(path) as image:
             clipped = np.asarray(image.convert("RGB"))[..., 0]
         assert np.array_equal(clipped, np.minimum(values, 255))  # what pytorch-fid would see
+
+
+def test_pillows_warnings_while_reading_name_the_first_file_once(tmp_path):
+    # A palette with its transparency as bytes warns when converted to RGB, as pytorch-fid converts it.
+    palette = Image.fromarray(np.arange(30, dtype=np.uint8).reshape(5, 6)).convert("P")
+    for name in ("a.png", "b.png"):
+        palette.save(tmp_path / name, transparency=bytes([0] * 4 + [255] * 252))
+    dataset = ImageFolder(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = [dataset[index] for index in (0, 1, 0)]
+    assert all(image.shape == (3, 5, 6) for image in images)  # still read
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith(f"{dataset.files[0]}: Palette images with Transparency"), said
 
 
 def test_collate_resizes_mixed_sizes_exactly_as_the_network_would():
