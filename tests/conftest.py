@@ -46,7 +46,8 @@ def _interpreter_patches_once_per_launch() -> None:
     try:
         import triton.language as tl
         from triton.runtime import interpreter
-        launch, swap, empty_scope = interpreter.GridExecutor.__call__, interpreter._patch_lang, interpreter._LangPatchScope
+        launch, swap = interpreter.GridExecutor.__call__, interpreter._patch_lang
+        empty_scope = interpreter._LangPatchScope
     except (ImportError, AttributeError):
         return
     languages = (tl, tl.core)
@@ -55,7 +56,8 @@ def _interpreter_patches_once_per_launch() -> None:
 
     def swap_once(fn):
         if fn not in languages_of:
-            languages_of[fn] = {id(value) for value in fn.__globals__.values() if any(value is lang for lang in languages)}
+            found = fn.__globals__.values()
+            languages_of[fn] = {id(value) for value in found if any(value is lang for lang in languages)}
         wanted = languages_of[fn]
         if launches and wanted <= launches[-1]:
             return empty_scope()
@@ -89,8 +91,8 @@ def warnings_of_a_fresh_process():
 @pytest.fixture(autouse=True)
 def seeded(request):
     """Every test starts from its own fixed seed, so a test that draws from the global generators draws the
-    same numbers on every run and in every process: a failure is reproducible, never a one-in-a-thousand
-    draw. Set TESTS_SEED to another integer to draw other numbers (a sweep for tolerances set too tight)."""
+    same numbers on every run and in every process: a failure is reproducible, never an unlucky draw. Set
+    TESTS_SEED to another integer to draw other numbers (a sweep for tolerances set too tight)."""
     seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("TESTS_SEED", "0"))
     random.seed(seed)
     np.random.seed(seed)
