@@ -278,20 +278,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
         cond = model.net.config.cond
-        drawn = ((args.per_class or DEFAULT_PER_CLASS) * len(model.info.class_names) if cond == "class"
-                 else args.num or DEFAULT_NUM)
-        check_drawing_batch(args.batch_size, drawn, model)
         for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
                                      ("--param", args.param, "params")):
             if given and cond != owner:
                 raise UserError(f"{option} applies to models conditioned on {CONDITIONED_ON[owner]}, and {args.ckpt} "
                                 f"is conditioned on {CONDITIONED_ON[cond]}; drop it.")
+        per_class, num = args.per_class or DEFAULT_PER_CLASS, args.num or DEFAULT_NUM
+        check_drawing_batch(args.batch_size, per_class * len(model.info.class_names) if cond == "class" else num,
+                            model)
         out = args.out or args.ckpt.parent / "consistency"
         check_output_folder(out, args.overwrite)
         names, asked, requested = model.info.param_names, "asked for", "Requested"
         source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}
-        run = functools.partial(measure, model, judge, sampling, seed=args.seed,
-                                per_class=args.per_class or DEFAULT_PER_CLASS, num=args.num or DEFAULT_NUM,
+        run = functools.partial(measure, model, judge, sampling, seed=args.seed, per_class=per_class, num=num,
                                 params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
     with OutputFolder(out):
         result = run()

@@ -381,7 +381,8 @@ class Worker(_Claimer):
 
 def _die_with_parent() -> None:
     """Ask Linux for SIGTERM when the main process dies, even by SIGKILL (PR_SET_PDEATHSIG); elsewhere a worker
-    notices only between modules."""
+    notices only between modules. (`core.cli.die_with_the_launcher` asks the same for torchrun's workers; this
+    module imports nothing of the project, as the suites test_processes.py plants run without it.)"""
     if not sys.platform.startswith("linux"):
         return
     try:

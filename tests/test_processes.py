@@ -199,7 +199,9 @@ def test_a_run_removes_the_folders_of_runs_killed_outright_and_only_those(tmp_pa
     temporary.mkdir()
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    folders = {name: temporary / f"pytest-processes-{name}" for name in ("ended", "running", "starting", "stale")}
+    from processes import FOLDER_PREFIX
+    names = ("ended", "running", "starting", "stale")
+    folders = {name: temporary / f"{FOLDER_PREFIX}{name}" for name in names}
     for folder in folders.values():
         (folder / "claims").mkdir(parents=True)
     (folders["ended"] / "main").write_text(str(ended.pid))        # its main process is gone
@@ -213,4 +215,4 @@ def test_a_run_removes_the_folders_of_runs_killed_outright_and_only_those(tmp_pa
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TMPDIR": str(temporary)})
     assert done.returncode == 0, done.stdout[-2000:]
-    assert sorted(p.name for p in temporary.iterdir()) == ["pytest-processes-running", "pytest-processes-starting"]
+    assert sorted(p.name for p in temporary.iterdir()) == [folders["running"].name, folders["starting"].name]

@@ -633,9 +633,11 @@ def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_p
               "classify": ["--target", "class", "--warmup-steps", "1"],
               "invert": ["--model", str(model / "checkpoint.pt")]}
     for stage, options in stages.items():
+        host.calls.clear()
         train.main(["--stage", stage, "--run-dir", str(model if stage == "ddpm" else tmp_path / stage), *common,
                     *options])
         assert host.reads == [], f"{stage}: {host.reads}"
+        assert {"_step", "add", "_after_step", "after_step"} <= set(host.calls), f"{stage}: watched {host.calls}"
 
 
 # Per scenario: {rank: {step index (of 5): signal caught during that step}}; no entry, no signal.
