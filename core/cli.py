@@ -312,8 +312,20 @@ def die_with_the_launcher(signum: int) -> None:
 
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` for a person at a terminal: "warning: ..." on one line, without the source
-    location and line that Python's default adds (--debug keeps those)."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    location and line that Python's default adds (--debug keeps those).
+
+    While a progress bar is on screen the line goes through tqdm, which clears the bar, prints the line and
+    draws the bar again below it; a plain print would continue the bar's line. tqdm is asked only if it
+    was imported already (no bar can be on screen otherwise), keeping this module free of it at start-up.
+    """
+    stream = sys.stderr if file is None else file
+    text = f"warning: {message}"
+    bars = sys.modules.get("tqdm.std")
+    if bars is not None:
+        bars.tqdm.write(text, file=stream)
+    else:
+        print(text, file=stream)
+    stream.flush()
 
 
 def main(entry: Callable[[list[str]], Any]) -> None:

@@ -276,6 +276,21 @@ def test_a_warning_is_one_line_without_its_source_location_unless_debugging(caps
         assert err == "warning: metrics.jsonl line 3 is torn; dropping it.\n"
 
 
+
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys):
+    """The bar is cleared before the line and drawn again after it; a plain print would have continued
+    the bar's line ("  0%|          | 0/10 [00:00<?, ?it/s]warning: ...")."""
+    from tqdm import tqdm
+    with tqdm(total=10, file=sys.stderr, desc="sampling", mininterval=0) as bar:
+        bar.update(3)
+        cli.print_warning("guidance 1e3 is far above the usual 1-10.", UserWarning, "x.py", 1)
+        bar.update(1)
+    err = capsys.readouterr().err
+    before, found, after = err.partition("warning: guidance 1e3 is far above the usual 1-10.\n")
+    assert found and "sampling:  40%" in after
+    assert before.rsplit("\r", 1)[-1] == ""  # the line starts at column 0, where the cleared bar was
+    assert after.startswith("\rsampling:  30%")  # and the bar is drawn again below it
+
 def test_running_out_of_cpu_memory_is_one_sentence_that_names_the_batch_size():
     """Real allocation failures (an exabyte: refused at once), from PyTorch's allocator and from numpy."""
     with pytest.raises(RuntimeError) as from_torch:
