@@ -20,7 +20,7 @@ from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices  # noq
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
-__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "label_counts", "load_dataset"]
+__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "dataset_size", "label_counts", "load_dataset"]
 
 
 def folder_of(spec: str) -> Path | None:
@@ -79,6 +79,19 @@ def label_counts(spec: str) -> tuple[int, bool]:
     from data.folder import PARAMS_FILE
     return len(folder_classes(spec)), (folder_of(spec) / PARAMS_FILE).is_file()
 
+
+def dataset_size(spec: str, *, cache_dir: str | Path = ".cache/datasets", train: bool = True) -> int:
+    """How many images `load_dataset(spec, ..., train=train)` gives without `num_samples`, found without
+    decoding, resizing or simulating one (a folder is only listed), so that a caller who wants at most N of
+    them can ask for just those."""
+    if spec == "plumes":
+        from data.plumes import DEFAULT_NUM_SAMPLES
+        return DEFAULT_NUM_SAMPLES
+    if spec == "cifar10":
+        from data.cifar import split_size
+        return split_size(cache_dir, train)
+    from data.imageio import list_images
+    return len(list_images(folder_of(spec).resolve()))
 
 class FolderLabels(NamedTuple):
     """The labels a folder gives its images, as listing it and reading its params.csv header tell them."""

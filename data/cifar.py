@@ -124,6 +124,23 @@ def _fetch(root: Path) -> None:
 
 def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num_samples: int | None = None,
                  seed: int = 0, channels: int | None = None) -> ImageDataset:
+    images, labels, class_names = _read_split(cache_dir, train)
+    keep = subset_indices(images.shape[0], num_samples, seed, f"the CIFAR-10 {'train' if train else 'test'} split")
+    images = to_channels(resize_uint8(images[keep], resolution), channels or 3)
+    labels = labels[keep]
+    n = images.shape[0]
+    info = DatasetInfo(name="cifar10", resolution=resolution, channels=images.shape[1], class_names=class_names,
+                       param_names=(), param_ranges=(), num_samples=n)
+    return ImageDataset(images, labels, torch.zeros(n, 0), info)
+
+
+def split_size(cache_dir: str | Path, train: bool = True) -> int:
+    """How many images the split holds (50,000 and 10,000 for the genuine files), read without resizing one."""
+    return len(_read_split(cache_dir, train)[1])
+
+
+def _read_split(cache_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The split's 32x32 images (N, 3, 32, 32) uint8, labels (N,) and class names, fetched first if absent."""
     root = Path(cache_dir).expanduser().resolve()
     folder = root / FOLDER
     batches = TRAIN_BATCHES if train else TEST_BATCHES
@@ -139,12 +156,4 @@ def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num
     parts = [_read_batch(folder / name) for name in batches]
     images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))
     labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
-    class_names = _read_class_names(folder / META)
-
-    keep = subset_indices(images.shape[0], num_samples, seed, f"the CIFAR-10 {'train' if train else 'test'} split")
-    images = to_channels(resize_uint8(images[keep], resolution), channels or 3)
-    labels = labels[keep]
-    n = images.shape[0]
-    info = DatasetInfo(name="cifar10", resolution=resolution, channels=images.shape[1], class_names=class_names,
-                       param_names=(), param_ranges=(), num_samples=n)
-    return ImageDataset(images, labels, torch.zeros(n, 0), info)
+    return images, labels, _read_class_names(folder / META)

@@ -63,7 +63,7 @@ from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
-from data import check_output_outside, check_spec, load_dataset
+from data import check_output_outside, check_spec, dataset_size, load_dataset
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
 from data.writer import REQUEST, parse_binning
@@ -565,10 +565,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The real images are read, and checked to be judgeable, before anything is drawn.
     resolution, channels = judge.info.resolution, judge.info.channels
     test = load_dataset(args.test, resolution, channels=channels, train=False)  # plumes, cifar10: their test split
-    real = load_dataset(args.real, resolution, channels=channels)
-    if len(real) > images:  # the real row: as many real images as a set holds, or all there are
-        real = load_dataset(args.real, resolution, channels=channels, num_samples=images)
-    elif len(real) < images:
+    # The real row: as many real images as a set holds (a seeded subset, the only ones decoded), or all there are.
+    real = load_dataset(args.real, resolution, channels=channels,
+                        num_samples=images if dataset_size(args.real) > images else None)
+    if len(real) < images:
         print(f"--real holds {len(real)} images, fewer than the {images} of each set: the real row measures and "
               f"trains on all of them.", flush=True)
     for option, data in (("--test", test), ("--real", real)):
@@ -577,8 +577,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out
     with FolderLock(out):
         check_set_size(out, images, size_option)  # again, now that no other sweep writes here
+        reused = ReusedRuns()  # (it keeps what it read of the real row's data for the second check)
         if args.train:  # kept classifiers are checked against the training options before anything is drawn
-            train_rows(args, passed, settings, images, len(real), {}, out, check_only=True)
+            train_rows(args, passed, settings, images, len(real), {}, out, reused, check_only=True)
         if not (out / SIZE_FILE).is_file():  # the size of the sets about to be drawn
             write_json({"images": images}, out / SIZE_FILE)
         draw_sets(args, source, settings, amp, out)
@@ -587,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  for s in settings}}
         rows = {name: measure(name, dataset, judge_features, test, real_test, out, args)
                 for name, dataset in sets.items()}
-        trained_metric = train_rows(args, passed, settings, images, len(real), rows, out) if args.train else None
+        trained_metric = train_rows(args, passed, settings, images, len(real), rows, out, reused) if args.train else None
         criterion = criterion_of(args)
         best = best_setting(rows, criterion, higher_is_better(criterion, target, judge.config.target))
         summary = {"rows": rows, "best": best, "criterion": criterion, "images": images, "real_images": len(real),
@@ -633,18 +634,17 @@ def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test
 
 
 def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[Setting], images: int, real: int,
-               rows: dict[str, dict[str, Any]], out: Path, check_only: bool = False) -> str:
+               rows: dict[str, dict[str, Any]], out: Path, reused: ReusedRuns, check_only: bool = False) -> str:
     """Train the classifiers of every row (as `evaluate.experiment` trains a table's rows), each checked
     first against the request if kept: a set's on its `images`, the real row's on `real` real images (as
     many, or all there are). Adds 'accuracy' and its std to each row and returns its name.
     `check_only`: check the kept runs before the sets they train on are written (the sets' runs by their
-    options only)."""
+    options only); `reused` checks them, and is given to both calls so that the real row's data is read once."""
     groups = [(Sizes(match=real), [Row("real", args.real)]),
               (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name,
                                          named_by=f"the set of {s.name}") for s in settings])]
     plans = [(size, [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
                      for seed in range(args.train_seeds)]) for size, table_rows in groups]
-    reused = ReusedRuns()
     for size, plan in plans:
         for row, seed, run_dir in plan:
             # (With `check_only`, the real row's data too: a changed --real or --test is refused before any drawing.)

@@ -863,6 +863,30 @@ def test_cifar10_reads_batches_pickled_like_the_genuine_ones(tmp_path, monkeypat
     assert train.labels.tolist() == sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
 
 
+
+def test_a_datasets_size_is_known_before_its_images_are_decoded(tmp_path, monkeypatch):
+    """`dataset_size` counts what `load_dataset` then gives, without decoding (spied) or resizing an image."""
+    from data import dataset_size
+    from helpers import colour_folder
+    _no_network(monkeypatch)
+    folder = colour_folder(tmp_path / "photos", 2, seed=0)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / ".thumbs" / "hidden.png")  # never read
+    _write_cifar(tmp_path / "cifar-10-batches-py", lambda obj: pickle.dumps(obj, protocol=2), n=4)
+    import data.cifar, data.folder
+    monkeypatch.setattr(data.folder, "decode_square", None)  # (called: a TypeError)
+    monkeypatch.setattr(data.cifar, "resize_uint8", None)
+    sizes = {"folder": dataset_size(f"folder:{folder}"), "train": dataset_size("cifar10", cache_dir=tmp_path),
+             "test": dataset_size("cifar10", cache_dir=tmp_path, train=False)}
+    monkeypatch.undo()
+    assert sizes == {"folder": 6, "train": 20, "test": 4}
+    assert sizes == {"folder": len(load_dataset(f"folder:{folder}", 16)),
+                     "train": len(load_dataset("cifar10", 16, cache_dir=tmp_path)),
+                     "test": len(load_dataset("cifar10", 16, cache_dir=tmp_path, train=False))}
+    monkeypatch.setattr(plumes, "DEFAULT_NUM_SAMPLES", 3)  # (what the plumes give without --num-samples)
+    assert dataset_size("plumes") == len(load_dataset("plumes", 16, cache_dir=tmp_path)) == 3
+
 class _Planted:
     """Unpickles by calling whatever `reduce` names: what a planted batch file would do."""
 

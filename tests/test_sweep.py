@@ -98,12 +98,18 @@ def test_rerunning_redoes_nothing_finished(finished, inputs, monkeypatch, capsys
 
     def no(*args, **kwargs):
         raise AssertionError("redone")
-    monkeypatch.setattr(sweep, "measured", no)
+    monkeypatch.setattr(sweep, "measured", no)  # (so the real row is the same 6 of the 9 real images as before)
     monkeypatch.setattr("evaluate.experiment.run", no)
     monkeypatch.setattr("sampling.draw.Drawer.batch", no)
+    import data.folder
+    decoded, decode = [], data.folder.decode_square
+    monkeypatch.setattr(data.folder, "decode_square", lambda path, *a, **k: decoded.append(path) or decode(path, *a, **k))
     summary = sweep.main(argv(inputs, finished))
     assert (files_and_times(finished / "sets"), files_and_times(finished / "runs")) == before
     assert summary["best"] == json.loads((finished / "sweep.json").read_text())["best"]
+    real = [path for path in decoded if inputs["real"] in Path(path).parents]
+    # Only the real row's 6 images: once for its measures, once to check its kept classifiers' data.
+    assert len(set(real)) == 6 and len(real) == 12
 
 
 def test_an_interrupted_sweep_continues_where_it_stopped(inputs, tmp_path, monkeypatch):
