@@ -65,13 +65,18 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
     if not with_kid:
         s_a, s_b = _statistics(a, extractor), _statistics(b, extractor)
         check_same_features([(_describe(source), s.provenance) for source, s in ((a, s_a), (b, s_b))])
-        return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma))
+        return FIDResult(fid=_frechet(s_a, s_b))
     check_kid_sizes(_count(a), _count(b), kid_subsets, kid_subset_size)
     f_a, f_b = extractor.features(a), extractor.features(b)
     s_a, s_b = _statistics_of(f_a), _statistics_of(f_b)
     kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
                             progress=progress)
-    return FIDResult(fid=frechet_distance(s_a.mu, s_a.sigma, s_b.mu, s_b.sigma), kid_mean=kid_mean, kid_std=kid_std)
+    return FIDResult(fid=_frechet(s_a, s_b), kid_mean=kid_mean, kid_std=kid_std)
+
+
+def _frechet(a: Statistics, b: Statistics) -> float:
+    """FID of two sides' statistics, through the covariances' factors where they were kept (sets smaller than d)."""
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, factor1=a.factor, factor2=b.factor)
 
 
 def _open(source: Source, files: str) -> Source:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +31,7 @@ import torch
 
 from core.errors import ExistsError, UserError
 from core.runtime import atomic_write
+from .frechet import factor_of_features
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Statistics:
     mu: np.ndarray
     sigma: np.ndarray
     provenance: Provenance | None = None
+    # sigma = factor factor^T, (d, r), kept where computed from fewer images than dimensions (never saved).
+    factor: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert self.mu.ndim == 1 and self.sigma.shape == (self.mu.size, self.mu.size), (
@@ -63,12 +66,14 @@ class Statistics:
 
 
 class StreamingStatistics:
-    """Accumulate the mean and covariance of (B, d) feature batches of any sizes."""
+    """Accumulate the mean and covariance of (B, d) feature batches of any sizes; while no more than d
+    features have come, also keep them, for the covariance's factor (`frechet.factor_of_features`)."""
 
     def __init__(self) -> None:
         self.count = 0
         self._mean: np.ndarray | None = None
         self._scatter: np.ndarray | None = None  # sum of outer products of deviations from the mean
+        self._rows: list[np.ndarray] | None = []  # the features, until there are more than d
 
     def update(self, features: torch.Tensor | np.ndarray) -> None:
         if isinstance(features, torch.Tensor):
@@ -82,6 +87,8 @@ class StreamingStatistics:
             )
         if x.shape[0] == 0:
             return
+        if self._rows is not None:
+            self._rows = self._rows + [x] if self.count + x.shape[0] <= x.shape[1] else None
         batch_mean = x.mean(axis=0)
         centred = x - batch_mean
         batch_scatter = centred.T @ centred
@@ -101,8 +108,9 @@ class StreamingStatistics:
                 f"A covariance needs at least 2 images but {self.count} were seen; give more images."
             )
         sigma = self._scatter / (self.count - 1)
+        factor = None if self._rows is None else factor_of_features(np.concatenate(self._rows))
         # The accumulated matrix is symmetric only up to rounding; make it exact.
-        return Statistics(mu=self._mean.copy(), sigma=(sigma + sigma.T) / 2)
+        return Statistics(mu=self._mean.copy(), sigma=(sigma + sigma.T) / 2, factor=factor)
 
 
 def save_statistics(stats: Statistics, path: str | os.PathLike, overwrite: bool = True) -> None:

@@ -108,6 +108,34 @@ def test_frechet_sample_covariances_with_fewer_samples_than_dimensions():
     assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-10)
 
 
+
+def test_statistics_of_fewer_features_than_dimensions_carry_an_exact_factor_that_gives_the_same_distance(monkeypatch):
+    """A set of n <= d features keeps F (d, n - 1) with F F^T = sigma, and FID through it equals FID through the
+    covariance's eigendecomposition, which it then does without; at n = d + 1 nothing is kept."""
+    from fid.stats import StreamingStatistics
+    rng = np.random.default_rng(6)
+    d = 48
+    x = rng.normal(size=(30, d)) @ rng.normal(size=(d, d)) + 3.0  # correlated, far from the origin
+    y = rng.normal(size=(d, d)) * 1.5
+
+    def stats(features, batches):
+        accumulator = StreamingStatistics()
+        for batch in np.array_split(features, batches):
+            accumulator.update(batch)
+        return accumulator.result()
+
+    a, b = stats(x, 4), stats(y, 1)
+    assert a.factor.shape == (d, 29) and b.factor.shape == (d, d - 1)  # centring takes one direction
+    for s in (a, b):
+        np.testing.assert_allclose(s.factor @ s.factor.T, s.sigma, rtol=0, atol=1e-12 * np.abs(s.sigma).max())
+    through_covariances = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", None)  # (called: a TypeError)
+    assert frechet_distance(a.mu, a.sigma, b.mu, b.sigma, factor1=a.factor, factor2=b.factor) == pytest.approx(
+        through_covariances, rel=1e-12)
+    monkeypatch.setattr(np.linalg, "eigh", eigh)
+    assert stats(rng.normal(size=(d + 1, d)), 3).factor is None
+
 def test_frechet_falls_back_to_offset_when_factorisation_fails(monkeypatch):
     rng = np.random.default_rng(5)
     mu1, mu2, s1, s2 = rng.normal(size=6), rng.normal(size=6), random_spd(rng, 6), random_spd(rng, 6)
