@@ -85,6 +85,8 @@ class Trainable:
     momentum: float = 0.0                       # SGD's
     nesterov: bool = False                      # SGD: Nesterov momentum (Sutskever et al. 2013)
     ema: bool = False                           # keep an exponential moving average (what sampling uses)
+    broadcast_buffers: bool = True              # under DDP: rank 0's buffers (BatchNorm's statistics) copied to
+                                                # every process at each call of the wrapped model
 
     def __post_init__(self) -> None:
         assert self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"

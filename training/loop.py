@@ -295,8 +295,8 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         check_steps_ahead(self.run_dir, self.start_step, cfg.steps)
-        self.train_models = TrainingModels({name: self._wrap(model) for name, model in self.models.items()},
-                                           self.models)
+        self.train_models = TrainingModels({name: self._wrap(model, stage.trainables.get(name))
+                                            for name, model in self.models.items()}, self.models)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class Trainer:
         self.start_step = int(payload["step"])
         self.resumed_outputs = {"step": self.start_step, "outputs_due": payload.get("outputs_due")}
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
+    def _wrap(self, model: nn.Module, trainable: Trainable | None) -> nn.Module:
         """The version of `model` the loss calls: DDP across processes, compiled if asked."""
         if self.runtime.distributed and any(p.requires_grad for p in model.parameters()):
             # The weight gradients of 1x1 convolutions come with channels-last strides, which for their size-1
@@ -327,7 +327,8 @@ class Trainer:
             # warn once per process about a copy it makes into its buckets anyway.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device = self.runtime.device
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            broadcast_buffers=trainable is None or trainable.broadcast_buffers)
         if self.cfg.compile:
             model = torch.compile(model)
         return model

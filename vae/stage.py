@@ -192,8 +192,13 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     trainables = {MAIN: Trainable(autoencoder, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
                                      ema=True)}
     if loss_cfg.disc_start >= 0:
+        # Not broadcast_buffers: the generator loss calls the discriminator outside its DDP wrapper (see `loss`),
+        # and DDP's in-place copy of BatchNorm's statistics at the wrapped call that follows would change tensors
+        # that call saved for its backward (PyTorch 2.11 then refuses the backward; 2.14 does not save them).
+        # The statistics are used only in eval mode, which training never puts the discriminator in.
         trainables["disc"] = Trainable(PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers),
-                                       lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay)
+                                       lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
+                                       broadcast_buffers=False)
     logvar = OutputLogVariance(loss_cfg.logvar_init).requires_grad_(loss_cfg.learn_logvar)
     if loss_cfg.learn_logvar:  # the autoencoder's learning rate and betas, as generative-models optimises it
         trainables["logvar"] = Trainable(logvar, lr=train.lr, betas=ADAM_BETAS)
