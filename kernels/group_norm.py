@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.dropout import dropout as cpu_cheap_dropout
-from kernels.triton_support import flat_positions, jit, register_op, strides, tl, triton
+from kernels.triton_support import flat_positions, jit, register_op, strides, tl, traceable, triton
 
 SEED_LIMIT = 2 ** 31 - 1  # dropout seeds are drawn in [0, SEED_LIMIT)
 
@@ -396,10 +396,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale:
     partial = torch.empty((B * num_groups, n_split, 2), device=x.device, dtype=torch.float32)
     grid = (B * num_groups, n_split)
     add_ = _per_channel(add, x)
-    torch.library.wrap_triton(_forward_stats_kernel)[grid](
+    traceable(_forward_stats_kernel)[grid](
         x, add_, partial, C, H * W, group_channels, span, *strides(x),
         HAS_ADD=add is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-    torch.library.wrap_triton(_forward_apply_kernel)[grid](
+    traceable(_forward_apply_kernel)[grid](
         x, y, weight, bias, add_, _per_channel(scale, x), _per_channel(shift, x), partial, mean, rstd,
         *_dropout_args(x, p, seed), C, H * W, group_channels, span, eps, *strides(x), *strides(y),
         HAS_ADD=add is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu,
@@ -425,7 +425,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     drop = _dropout_args(x, p, seed)
     per_channel = [_per_channel(t, x) for t in (add, scale, shift)]
     partial = torch.empty((3, B, C, n_split), device=x.device, dtype=torch.float32)
-    torch.library.wrap_triton(_backward_sums_kernel)[grid](
+    traceable(_backward_sums_kernel)[grid](
         x, dy, weight, bias, *per_channel, mean, rstd, partial, *drop, C, H * W, group_channels, span,
         *strides(x), *strides(dy), **flags)
 
@@ -440,7 +440,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     dx = x.new_empty(0)
     if x_grad:
         dx = torch.empty_like(x)
-        torch.library.wrap_triton(_backward_apply_kernel)[grid](
+        traceable(_backward_apply_kernel)[grid](
             x, dy, dx, weight, bias, *per_channel, mean, rstd, mean_dxhat, mean_dxhat_xhat, *drop, C, H * W,
             group_channels, span, *strides(x), *strides(dy), *strides(dx), **flags)
     dweight = (one_plus_scale * sum_du_xhat).sum(0).to(weight.dtype)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from kernels.triton_support import flat_positions, jit, register_op, strides, tl, triton
+from kernels.triton_support import flat_positions, jit, register_op, strides, tl, traceable, triton
 
 # Added to the feature norm before dividing, as LPIPS does, so all-zero feature vectors stay zero.
 NORM_EPS = 1e-10
@@ -175,7 +175,7 @@ def _distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     partial = torch.empty((B, blocks), device=fx.device, dtype=torch.float32)
-    torch.library.wrap_triton(_forward_kernel)[(blocks, B)](
+    traceable(_forward_kernel)[(blocks, B)](
         fx, fy, weight, partial, C, H * W, NORM_EPS, *strides(fx), *strides(fy),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     return partial.sum(1) / (H * W)
@@ -192,7 +192,7 @@ def _backward(grad: Tensor, fx: Tensor, fy: Tensor, weight: Tensor, fx_grad: boo
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     dfx, dfy = _backward_fake(grad, fx, fy, weight, fx_grad, fy_grad)
-    torch.library.wrap_triton(_backward_kernel)[(blocks, B)](
+    traceable(_backward_kernel)[(blocks, B)](
         grad.contiguous(), fx, fy, weight, dfx if fx_grad else fx, dfy if fy_grad else fy, C, H * W, NORM_EPS,
         *strides(fx), *strides(fy), *strides(dfx if fx_grad else fx), *strides(dfy if fy_grad else fy),
         FX_GRAD=fx_grad, FY_GRAD=fy_grad, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)

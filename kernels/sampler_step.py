@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from kernels.triton_support import jit, register_op, tl, triton
+from kernels.triton_support import jit, register_op, tl, traceable, triton
 
 MAX_HISTORY = 3  # F-PNDM's fourth-order methods combine the newest eps with three earlier ones
 
@@ -223,7 +223,7 @@ def _launch(x: Tensor, eps: Tensor, eps_ref: Tensor | None, history: list[Tensor
     h = [_like(t, x) for t in history] + [x] * (MAX_HISTORY - len(history))
     w = weights + [0.0] * (MAX_HISTORY + 1 - len(weights))
     n = x.numel()
-    torch.library.wrap_triton(_sampler_step_kernel)[(triton.cdiv(n, BLOCK),)](
+    traceable(_sampler_step_kernel)[(triton.cdiv(n, BLOCK),)](
         x, _like(eps, x), _like(eps_ref, x), *h, _like(noise, x), x_prev, x0 if store_x0 else x_prev,
         guided if store_guided else x_prev, n, recip, recipm1, c_x, c_x0, c_eps, sigma, scale, *w,
         GUIDED=eps_ref is not None, HISTORY=len(history), CLIP=clip_x0, NOISE=noise is not None,

@@ -14,13 +14,22 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:
-    triton = tl = None
+    triton = tl = InterpretedFunction = None
 
 
 def jit(fn):
     """triton.jit where Triton is installed; without it the kernel stays a plain function nobody calls."""
     return fn if triton is None else triton.jit(fn)
+
+
+def traceable(kernel):
+    """`torch.library.wrap_triton(kernel)`, which lets torch.compile trace a launch inside a `register_op` body.
+    A kernel of Triton's CPU interpreter (TRITON_INTERPRET=1) is launched as it is: PyTorch 2.14 does the same
+    itself, and 2.11 (a GPU image's) refuses to wrap one."""
+    return kernel if InterpretedFunction is not None and isinstance(kernel, InterpretedFunction) else (
+        torch.library.wrap_triton(kernel))
 
 
 def register_op(name: str, body: Callable, fake: Callable):
