@@ -90,8 +90,12 @@ def dataset_size(spec: str, *, cache_dir: str | Path = ".cache/datasets", train:
     if spec == "cifar10":
         from data.cifar import split_size
         return split_size(cache_dir, train)
+    folder = folder_of(spec)
+    if folder is None:
+        raise UserError(f"Unknown dataset {spec!r}; choose one of {', '.join(SPECS)}.")
     from data.imageio import list_images
-    return len(list_images(folder_of(spec).resolve()))
+    return len(list_images(folder.resolve()))
+
 
 class FolderLabels(NamedTuple):
     """The labels a folder gives its images, as listing it and reading its params.csv header tell them."""

@@ -588,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  for s in settings}}
         rows = {name: measure(name, dataset, judge_features, test, real_test, out, args)
                 for name, dataset in sets.items()}
-        trained_metric = train_rows(args, passed, settings, images, len(real), rows, out, reused) if args.train else None
+        trained_metric = (train_rows(args, passed, settings, images, len(real), rows, out, reused) if args.train
+                          else None)
         criterion = criterion_of(args)
         best = best_setting(rows, criterion, higher_is_better(criterion, target, judge.config.target))
         summary = {"rows": rows, "best": best, "criterion": criterion, "images": images, "real_images": len(real),

@@ -886,6 +886,8 @@ def test_a_datasets_size_is_known_before_its_images_are_decoded(tmp_path, monkey
                      "test": len(load_dataset("cifar10", 16, cache_dir=tmp_path, train=False))}
     monkeypatch.setattr(plumes, "DEFAULT_NUM_SAMPLES", 3)  # (what the plumes give without --num-samples)
     assert dataset_size("plumes") == len(load_dataset("plumes", 16, cache_dir=tmp_path)) == 3
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; choose one of plumes, folder:PATH, cifar10"):
+        dataset_size("imagenet")
 
 class _Planted:
     """Unpickles by calling whatever `reduce` names: what a planted batch file would do."""

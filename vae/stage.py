@@ -197,8 +197,8 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
         # that call saved for its backward (PyTorch 2.11 then refuses the backward; 2.14 does not save them).
         # The statistics are used only in eval mode, which training never puts the discriminator in.
         trainables["disc"] = Trainable(PatchDiscriminator(info.channels, num_layers=loss_cfg.disc_layers),
-                                       lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay,
-                                       broadcast_buffers=False)
+                                       lr=loss_cfg.disc_lr or train.lr, betas=ADAM_BETAS,
+                                       weight_decay=train.weight_decay, broadcast_buffers=False)
     logvar = OutputLogVariance(loss_cfg.logvar_init).requires_grad_(loss_cfg.learn_logvar)
     if loss_cfg.learn_logvar:  # the autoencoder's learning rate and betas, as generative-models optimises it
         trainables["logvar"] = Trainable(logvar, lr=train.lr, betas=ADAM_BETAS)
