@@ -231,8 +231,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
         value = getattr(shown, f.name)
         shown_value = " ".join(map(str, value)) if isinstance(value, tuple) else ("''" if value == "" else value)
         choices = f.metadata.get("choices")
+        # (choices only where there are some: a bool's BooleanOptionalAction takes none since Python 3.14)
         group.add_argument(option_name(f.name), dest=f"{section}.{f.name}", default=None,
-                           choices=choices, help=f"{text} (default: {shown_value})",
+                           help=f"{text} (default: {shown_value})", **({"choices": choices} if choices else {}),
                            **_arg_type(hints[f.name], None if choices else f.name.upper()))
 
 

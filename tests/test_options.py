@@ -140,3 +140,26 @@ def test_every_listed_option_is_read_by_its_stage(reads, stage):
     idle = [option for option, field in listed_options(stage).items() if field not in reads[stage]]
     assert not idle, (f"train.py --stage {stage} --help lists {', '.join(idle)}, which the stage never reads; hide "
                       f"them with their Section's skip, or make them do what they say")
+
+
+def test_every_command_line_builds_under_the_boolean_options_of_python_3_14(monkeypatch, capsys):
+    """Python 3.14 removed BooleanOptionalAction's type, choices and metavar (deprecated since 3.12): passing any
+    of them, even as None, is a TypeError there, which would stop every command before it parsed a word."""
+    import argparse
+    import sample
+    from evaluate import consistency
+    made = argparse.BooleanOptionalAction.__init__
+
+    def as_in_python_3_14(self, option_strings, dest, **kwargs):
+        removed = sorted({"type", "choices", "metavar"} & set(kwargs))
+        if removed:
+            raise TypeError(f"BooleanOptionalAction got unexpected keyword arguments {removed}")
+        made(self, option_strings, dest, **kwargs)
+
+    monkeypatch.setattr(argparse.BooleanOptionalAction, "__init__", as_in_python_3_14)
+    assert "--hflip, --no-hflip" in train.full_help()  # every stage's options
+    for parse in (sample.parse_args, consistency.main):
+        with pytest.raises(SystemExit) as ended:
+            parse(["--help"])
+        assert ended.value.code == 0
+    assert "--clip-x0, --no-clip-x0" in capsys.readouterr().out
