@@ -87,8 +87,10 @@ class StreamingStatistics:
             )
         if x.shape[0] == 0:
             return
-        if self._rows is not None:
-            self._rows = self._rows + [x] if self.count + x.shape[0] <= x.shape[1] else None
+        if self._rows is not None and self.count + x.shape[0] <= x.shape[1]:
+            self._rows.append(x.copy())  # (x may be the caller's own array, which it may reuse)
+        else:
+            self._rows = None
         batch_mean = x.mean(axis=0)
         centred = x - batch_mean
         batch_scatter = centred.T @ centred

@@ -135,6 +135,12 @@ def test_statistics_of_fewer_features_than_dimensions_carry_an_exact_factor_that
         through_covariances, rel=1e-12)
     monkeypatch.setattr(np.linalg, "eigh", eigh)
     assert stats(rng.normal(size=(d + 1, d)), 3).factor is None
+    reused, accumulator = rng.normal(size=(10, d)), StreamingStatistics()  # a caller that refills one buffer
+    accumulator.update(reused)
+    reused[:] = rng.normal(size=(10, d))
+    accumulator.update(reused)
+    kept = accumulator.result()
+    np.testing.assert_allclose(kept.factor @ kept.factor.T, kept.sigma, rtol=0, atol=1e-12 * np.abs(kept.sigma).max())
 
 def test_frechet_falls_back_to_offset_when_factorisation_fails(monkeypatch):
     rng = np.random.default_rng(5)
