@@ -9,17 +9,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-$PYTHON -c "import torch, torchvision, numpy, PIL, tqdm, scipy, pytest" 2>/dev/null ||
-  $PYTHON -m pip install -q --retries 0 --timeout 10 -r requirements-test.txt
-if ! $PYTHON -c "import diffusers, pytorch_fid, lpips" 2>/dev/null; then
+"$PYTHON" -c "import torch, torchvision, numpy, PIL, tqdm, scipy, pytest" 2>/dev/null ||
+  "$PYTHON" -m pip install -q --retries 0 --timeout 10 -r requirements-test.txt
+if ! "$PYTHON" -c "import diffusers, pytorch_fid, lpips" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl &&
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl &&
       export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
   else
-    $PYTHON -m pip install -q --retries 0 --timeout 10 -r bench/requirements.txt 2>/dev/null
+    "$PYTHON" -m pip install -q --retries 0 --timeout 10 -r bench/requirements.txt 2>/dev/null
   fi
-  $PYTHON -c "import diffusers, pytorch_fid, lpips" 2>/dev/null ||
+  "$PYTHON" -c "import diffusers, pytorch_fid, lpips" 2>/dev/null ||
     echo "bench peers (diffusers, pytorch-fid, lpips) not all installed: their columns stay empty"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec $PYTHON bench/gpu_check.py "$@"
+exec "$PYTHON" bench/gpu_check.py "$@"

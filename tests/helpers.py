@@ -117,8 +117,8 @@ def skip_unless_kernels_run(kernel) -> None:
     without triton, or on a CPU where triton was imported before TRITON_INTERPRET was set."""
     import pytest
     pytest.importorskip("triton", reason="the triton package is not installed, so there are no kernels to test")
-    from triton.runtime.interpreter import InterpretedFunction
     import kernels
+    from kernels.triton_support import InterpretedFunction
     if kernels.interpreting() and not isinstance(kernel, InterpretedFunction):
         # Whether jit functions run in the interpreter (tl.zeros and the rest of Triton's own library
         # included) is settled when triton is imported.
