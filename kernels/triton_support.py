@@ -19,6 +19,34 @@ except ImportError:
     triton = tl = InterpretedFunction = None
 
 
+def _interpreter_scalars_index() -> None:
+    """Let a kernel's integer argument bound a `range` loop in Triton's CPU interpreter under NumPy 2.4+.
+
+    The interpreter holds a scalar argument as a one-element 1-D array, and before Triton 3.7 converted it for
+    `range` with `int(array)`, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel looping to a runtime bound (the group norm's) then failed in the interpreter,
+    though not when compiled for a GPU. Here the conversion takes the array's one element, as Triton 3.7 and
+    later do. It touches the interpreter only, and only where its layout is the one this was written for."""
+    try:
+        from triton.runtime import interpreter
+        patch_tensor = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+    if getattr(patch_tensor, "scalars_index", False):
+        return
+
+    def patch_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_with_scalar_index.scalars_index = True
+    interpreter._patch_lang_tensor = patch_with_scalar_index
+
+
+if InterpretedFunction is not None:
+    _interpreter_scalars_index()
+
+
 def jit(fn):
     """triton.jit where Triton is installed; without it the kernel stays a plain function nobody calls."""
     return fn if triton is None else triton.jit(fn)
