@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,14 @@ def test_resume_continues_exactly(tmp_path, image_folder):
     train.main(tiny_args(straight, image_folder, steps=6))
     train.main(tiny_args(split, image_folder, steps=3))
     # Resumed on "another machine": a loader process and another cache folder, which change nothing computed.
-    train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu", "--num-workers", "1",
-                "--cache-dir", str(tmp_path / "elsewhere")])
+    # The loader process is started by a fork server, Python 3.14's default on Linux, which pickles the dataset.
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        train.main(["--run-dir", str(split), "--resume", "--steps", "6", "--device", "cpu", "--num-workers", "1",
+                    "--cache-dir", str(tmp_path / "elsewhere")])
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
     assert losses(split) == losses(straight)  # bit-identical: data order, noise and dropout all replayed
     a, b = (load_checkpoint(d / "checkpoint.pt", "ddpm") for d in (straight, split))
     for key in ("models", "ema"):
