@@ -637,6 +637,9 @@ def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_p
     stages = {"ddpm": ["--cond", "class", "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1",
                        "--attention-resolutions", "8", "--preview-images", "2", "--preview-steps", "2"],
               "vae": ["--disc-start", "0", "--disc-layers", "1", "--channel-mult", "1", "2", "--base-channels", "16"],
+              "ldm": ["--vae-ckpt", str(tmp_path / "vae" / "checkpoint.pt"), "--cond", "class", "--base-channels", "32",
+                      "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions", "4",
+                      "--preview-images", "2", "--preview-steps", "2"],
               "classify": ["--target", "class", "--warmup-steps", "1"],
               "invert": ["--model", str(model / "checkpoint.pt")]}
     for stage, options in stages.items():
