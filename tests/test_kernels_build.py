@@ -1,0 +1,58 @@
+"""Every Triton kernel launch our code makes builds for NVIDIA GPUs, checked on a machine without one.
+
+The kernel tests run the kernels in Triton's CPU interpreter, which never meets what only the compiler checks
+(a loop-carried value that changes type, a block that is not a power of two); `kernel_builds.py` compiles
+each distinct launch of the U-Net, autoencoder, perceptual distance and samplers, in three precisions, for
+six GPU architectures from Turing to consumer Blackwell, down to the cubin. Here each launch is built for one
+architecture, in turn, in two processes (about 15 s); `-m slow` builds each for all six.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("kernel_builds.py")
+ARCHITECTURES = [75, 80, 86, 89, 90, 120]
+
+
+def build(tmp_path: Path, *options: str, processes: int = 2) -> dict:
+    """The merged reports of `processes` shards of kernel_builds.py, run side by side with an empty cache."""
+    pytest.importorskip("triton", reason="the triton package is not installed, so there are no kernels to build")
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no NVIDIA backend to build for")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), OMP_NUM_THREADS="1")
+    shards = [subprocess.Popen([sys.executable, str(SCRIPT), *options, "--shard", str(i), str(processes)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for i in range(processes)]
+    reports = []
+    for shard in shards:
+        out, err = shard.communicate(timeout=1200)
+        assert shard.returncode == 0, err[-4000:]
+        reports.append(json.loads(out.splitlines()[-1]))
+    return {"launches": reports[0]["launches"], "never_launched": reports[0]["never_launched"],
+            "builds": sum(r["builds"] for r in reports), "failures": [f for r in reports for f in r["failures"]],
+            "architectures": sorted({a for r in reports for a in r["architectures"]}),
+            "kernels": sorted({k for r in reports for k in r["kernels"]})}
+
+
+def check(report: dict, builds_per_launch: int) -> None:
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert report["never_launched"] == []  # a kernel no workload of kernel_builds.py launches goes unchecked
+    assert report["architectures"] == ARCHITECTURES
+    assert len(report["kernels"]) == 8 and report["launches"] > 100
+    assert report["builds"] == builds_per_launch * report["launches"]
+
+
+def test_every_kernel_launch_builds_for_a_gpu_architecture(tmp_path):
+    check(build(tmp_path), builds_per_launch=1)
+
+
+@pytest.mark.slow
+def test_every_kernel_launch_builds_for_every_gpu_architecture(tmp_path):
+    check(build(tmp_path, "--every-architecture"), builds_per_launch=len(ARCHITECTURES))
