@@ -98,10 +98,17 @@ def test_scale_factor_gives_latents_of_unit_standard_deviation(vae_run, cache):
     assert (z * scale).std().item() == pytest.approx(1.0, rel=0.05)
 
 
-@pytest.mark.parametrize("logvar", [(), ("--learn-logvar", "--logvar-init", "0.5")], ids=["fixed-logvar", "learned-logvar"])
-def test_vae_resume_with_discriminator_is_exact(tmp_path, cache, logvar):
+@pytest.mark.parametrize("logvar, fp16", [((), False), (("--learn-logvar", "--logvar-init", "0.5"), False), ((), True)],
+                         ids=["fixed-logvar", "learned-logvar", "fp16-loss-scaling"])
+def test_vae_resume_with_discriminator_is_exact(tmp_path, cache, monkeypatch, logvar, fp16):
     """Two optimizers (autoencoder and PatchGAN from step 2), EMA and the adaptive weight, and a third for
-    the output log-variance when it is learned, interrupted and resumed, give bit-identical losses and weights."""
+    the output log-variance when it is learned, interrupted and resumed, give bit-identical losses and weights.
+    With fp16, what `--amp auto` picks on a GPU without bf16, every loss goes through one gradient scaler,
+    whose state resumes with the run (autocast and the scaler run on the CPU too; only `--amp fp16` is
+    refused there)."""
+    if fp16:
+        import training.loop
+        monkeypatch.setattr(training.loop, "autocast_dtype", lambda amp, device: torch.float16)
     straight, split = tmp_path / "straight", tmp_path / "split"
     gan = ("--disc-start", "2", "--disc-layers", "2", *logvar)
     train.main(vae_args(straight, cache, 4, *gan))
@@ -110,6 +117,7 @@ def test_vae_resume_with_discriminator_is_exact(tmp_path, cache, logvar):
     assert [r["loss"] for r in records(split)] == [r["loss"] for r in records(straight)]
     assert "loss/disc" in records(straight)[-1] and "d_weight" in records(straight)[-1]
     a, b = (load_checkpoint(d / "checkpoint.pt", "vae") for d in (straight, split))
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == fp16  # a disabled scaler's state is empty
     if logvar:  # s is a trainable of its own, saved with the run, and it moved
         assert set(a["models"]) == {"model", "disc", "logvar"} and "loss/logvar" in records(straight)[-1]
         assert a["models"]["logvar"]["logvar"].item() != 0.5 and records(straight)[0]["logvar"] == 0.5
