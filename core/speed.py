@@ -78,13 +78,15 @@ class GraphedForward:
     Calls with gradients enabled, or with CPU tensors, run the original function.
     """
 
+    device_type = "cuda"  # what is captured (the tests imitate a graph on the CPU)
+
     def __init__(self, forward: Callable[..., Tensor], warmup: int = 2):
         self.forward, self.warmup = forward, warmup
         self.graphs: dict[tuple, _Graph] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         tensors = _tensors(args, kwargs)
-        if torch.is_grad_enabled() or not tensors or any(t.device.type != "cuda" for t in tensors):
+        if torch.is_grad_enabled() or not tensors or any(t.device.type != self.device_type for t in tensors):
             return self.forward(*args, **kwargs)
         key = self._signature(args, kwargs)
         entry = self.graphs.get(key)
@@ -95,13 +97,12 @@ class GraphedForward:
         entry.graph.replay()
         return entry.output.clone()
 
-    @staticmethod
-    def _signature(args: tuple, kwargs: dict) -> tuple:
+    def _signature(self, args: tuple, kwargs: dict) -> tuple:
         def describe(value: Any) -> Any:
             if isinstance(value, Tensor):
                 return ("tensor", tuple(value.shape), value.dtype, value.device)
             return ("value", value)
-        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
         return (tuple(describe(a) for a in args), tuple((k, describe(v)) for k, v in sorted(kwargs.items())), autocast)
 
     def _record(self, args: tuple, kwargs: dict) -> _Graph:

@@ -262,6 +262,72 @@ def test_cuda_graph_replay_equals_eager_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class ImitationGraph:
+    """torch.cuda.CUDAGraph imitated on the CPU. A capture records each op with the very tensors it read and
+    wrote; a replay runs the ops again and writes each result into the tensor the capture wrote, as a replayed
+    graph rewrites the memory it was captured with: the static inputs are read as they are at replay, the
+    static output is overwritten by every replay, and the captured function itself is not called."""
+
+    def __init__(self):
+        self.ops = []
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            result = func(*args, **kwargs)
+            for kept, new in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(result)):
+                if isinstance(kept, torch.Tensor) and kept is not new:
+                    kept.copy_(new)
+
+
+class Capture(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, graph: ImitationGraph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.graph.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class ImitationStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_cuda_graph_capture_and_replay_on_an_imitation_graph(monkeypatch):
+    """`GraphedForward`'s own logic, which only a GPU runs for real (`test_cuda_graph_replay_equals_eager_on_cuda`):
+    one recording per signature, later calls copied into its static inputs and answered by replay alone, and
+    each answer a copy the next replay cannot overwrite (PNDM keeps past eps)."""
+    import contextlib
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ImitationGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "Stream", ImitationStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", ImitationStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    net = tiny_unet(True).eval()
+    x, t, labels, null_mask = unet_inputs()
+    calls = []
+    eager = net.forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return eager(*args, **kwargs)
+    net.forward = GraphedForward(counted, warmup=2)
+    net.forward.device_type = "cpu"
+    with torch.no_grad():
+        expected = [eager(x + k, t, labels, null_mask=null_mask) for k in range(3)]
+        replayed = [net(x + k, t, labels, null_mask=null_mask) for k in range(3)]
+        assert calls == [3] * 3  # two warm-up calls and the capture; the replays call nothing
+        alone = net(x[:1], t[:1], labels[:1], null_mask=null_mask[:1])  # another signature: another graph
+        assert calls == [3] * 3 + [1] * 3 and len(net.forward.graphs) == 2
+        again = net(x + 2, t, labels, null_mask=null_mask)
+    for a, b in zip(replayed + [again], expected + [expected[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone, expected[0][:1], rtol=1e-5, atol=1e-6)
+    assert not any(torch.equal(replayed[0], e) for e in expected[1:])  # not the static output of a later replay
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 on the CPU
 
