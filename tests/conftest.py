@@ -109,12 +109,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300) -> None:
+def _torchrun(nproc: int, script: str, args: list[str], cwd, timeout: int = 300) -> str:
     """Run `script` under torchrun with `nproc` CPU processes (gloo), deterministically (`helpers.torchrun_command`
-    and `torchrun_env`)."""
+    and `torchrun_env`); returns what the job wrote to stderr, and fails with its end if the job failed."""
     import subprocess
     from helpers import torchrun_command, torchrun_env
-    subprocess.run(torchrun_command(nproc, script) + args, check=True, env=torchrun_env(), cwd=cwd, timeout=timeout)
+    done = subprocess.run(torchrun_command(nproc, script) + args, env=torchrun_env(), cwd=cwd, timeout=timeout,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
 
 
 @pytest.fixture

@@ -529,13 +529,35 @@ def test_a_bad_command_line_or_a_smaller_steps_under_torchrun_is_told_once(tmp_p
     for args, told in ((["--stage", "bogus"], "error: argument --stage: invalid choice: 'bogus'"),
                        (["--preset", "vae-demo"], "error: --preset vae-demo is a preset of --stage vae"),
                        (["--run-dir", str(run_dir), "--resume", "--steps", "1", "--device", "cpu"],
-                        f"error: The run in {run_dir} is already at step 2, past --steps 1")):
+                        f"error: The run in {run_dir} is already at step 2, past --steps 1"),
+                       (tiny_args(tmp_path / "on-a-gpu", image_folder, "--device", "cuda:0"),
+                        "error: --device cuda:0 " + ("names one GPU" if torch.cuda.is_available() else
+                                                     "was asked for but PyTorch sees no CUDA GPU"))):
         done = subprocess.run(launch + args, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode != 0
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(told), done.stderr[-3000:]
         assert "Decoding" not in done.stderr
+
+
+def test_a_torchrun_process_takes_the_gpu_of_its_local_rank_or_is_refused(monkeypatch):
+    """Where --device says cuda, or auto on a machine with GPUs, each process takes the GPU of its local rank;
+    a GPU named by number, a process without a GPU of its own, and cuda without any GPU are refused."""
+    from training.distributed import process_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert process_device("auto", 1) == process_device("cuda", 1) == torch.device("cuda", 1)
+    assert process_device("cpu", 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device cuda:1 names one GPU, but under torchrun each process takes "):
+        process_device("cuda:1", 0)
+    with pytest.raises(ValueError, match=r"more processes on this machine than its 2 CUDA GPU\(s\) \(this one has "
+                                         r"local rank 2\); pass --nproc_per_node 2 or fewer"):
+        process_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda was asked for but PyTorch sees no CUDA GPU"):
+        process_device("cuda", 0)  # under torchrun, this once trained on the CPU without a word
 
 
 def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):

@@ -25,12 +25,11 @@ def setup(device: str = "auto") -> Runtime:
     if world_size == 1:
         return Runtime(resolve_device(device))
     die_with_the_launcher(signal.SIGKILL)  # (done at start-up by entry points that call cli.catch_early_sigterm)
-    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and device in ("auto", "cuda"):
-        torch.cuda.set_device(local_rank)
-        run_device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        run_device, backend = torch.device("cpu"), "gloo"
+    rank = launched_rank()
+    run_device = process_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if run_device.type == "cuda" else "gloo"
+    if run_device.type == "cuda":
+        torch.cuda.set_device(run_device)
     if not dist.is_initialized():
         if _launcher_gone():  # joining would wait half an hour for a store no one serves
             raise UserError("this worker's torchrun launcher ended before the job started; start the job again.")
@@ -41,6 +40,28 @@ def setup(device: str = "auto") -> Runtime:
     # never synchronise the GPU; under gloo the default group already is one.
     _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Runtime(run_device, rank, world_size)
+
+
+def process_device(device: str, local_rank: int) -> torch.device:
+    """The device of the torchrun process of `local_rank` (its rank on this machine) for `--device`: the GPU of
+    that number for cuda, and for auto where there is a GPU; else the CPU. Refused as alone (an unknown name,
+    cuda without a GPU), and besides: a GPU named by number (every process would take it), and more
+    processes on this machine than it has GPUs."""
+    try:
+        wanted = resolve_device(device)
+        if wanted.type == "cuda" and wanted.index is not None:
+            raise UserError(f"--device {device} names one GPU, but under torchrun each process takes the GPU of its "
+                            f"local rank; pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+    except UserError as err:
+        err.every_process = True  # every process checks the same: rank 0 says it
+        raise
+    if wanted.type != "cuda":
+        return wanted
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"torchrun started more processes on this machine than its {torch.cuda.device_count()} "
+                        f"CUDA GPU(s) (this one has local rank {local_rank}); pass --nproc_per_node "
+                        f"{torch.cuda.device_count()} or fewer.")
+    return torch.device("cuda", local_rank)
 
 
 def _launcher_gone() -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -159,6 +160,18 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def _buffer_sync(every_forward: bool) -> dict[str, bool]:
+    """DistributedDataParallel's argument for whether each forward copies rank 0's buffers (BatchNorm's running
+    statistics) into every process: nothing for its default (yes); to turn it off, `forward_sync_buffers=False`
+    where this PyTorch has it (2.14, which warns at `broadcast_buffers`, now deprecated), else
+    `broadcast_buffers=False` (2.11; unlike the new name, it skips the copy at the start too, where BatchNorm's
+    statistics are the same constants in every process anyway)."""
+    if every_forward:
+        return {}
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -328,7 +341,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device = self.runtime.device
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            broadcast_buffers=trainable is None or trainable.broadcast_buffers)
+                                            **_buffer_sync(trainable is None or trainable.broadcast_buffers))
         if self.cfg.compile:
             model = torch.compile(model)
         return model
