@@ -58,7 +58,9 @@ class Runtime:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present; an explicit 'cuda' on a machine without it is an error."""
+    """'auto' picks CUDA when present; an explicit 'cuda' on a machine without it is an error. A GPU named by
+    number becomes this process's current one: what runs on the current GPU rather than on its tensors' (our
+    Triton kernels' launches, CUDA streams and graphs) would otherwise run on GPU 0."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -74,6 +76,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} "
                             f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
 
 

@@ -547,6 +547,7 @@ def test_a_torchrun_process_takes_the_gpu_of_its_local_rank_or_is_refused(monkey
     from training.distributed import process_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     assert process_device("auto", 1) == process_device("cuda", 1) == torch.device("cuda", 1)
     assert process_device("cpu", 1) == torch.device("cpu")
     with pytest.raises(ValueError, match=r"--device cuda:1 names one GPU, but under torchrun each process takes "):
@@ -558,6 +559,21 @@ def test_a_torchrun_process_takes_the_gpu_of_its_local_rank_or_is_refused(monkey
     assert process_device("auto", 1) == torch.device("cpu")
     with pytest.raises(ValueError, match="--device cuda was asked for but PyTorch sees no CUDA GPU"):
         process_device("cuda", 0)  # under torchrun, this once trained on the CPU without a word
+
+
+def test_a_gpu_named_by_number_becomes_the_current_one(monkeypatch):
+    """Our Triton kernels launch on the current GPU, as do CUDA streams and graphs, whatever GPU their tensors
+    are on: --device cuda:1 must make GPU 1 current, or a run on it launches them on GPU 0."""
+    from core.runtime import resolve_device
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    assert made_current == [torch.device("cuda", 1)]  # plain cuda keeps the current GPU (0, or CUDA_VISIBLE_DEVICES')
+    with pytest.raises(ValueError, match="--device cuda:2 does not exist: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
 
 
 def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):
