@@ -15,7 +15,9 @@ or with --every-architecture for each of them.
 Run by tests/test_kernels_build.py in processes of their own, as Triton's JIT functions exist only where
 TRITON_INTERPRET is off when triton is imported; by hand: `python tests/kernel_builds.py --every-architecture`
 (about 2.5 minutes on 2 cores). Prints one JSON object: what was built, any kernel of the kernel modules that
-no workload launched, and the failures (empty when every build succeeded).
+no workload launched, the failures (empty when every build succeeded), and the builds that spill registers to
+local memory (`cuobjdump -res-usage`, from the triton package too; none do: 26 to 76 registers a thread on
+sm_90).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -122,6 +127,18 @@ def build_plan(launches: list[tuple], architecture: int) -> dict:
     return plan
 
 
+def spilled(cubin: bytes, cuobjdump: Path) -> bool:
+    """Whether the kernel in `cubin` keeps values in local memory (registers spilled, or a stack frame), as
+    `cuobjdump -res-usage` reports it: for these memory-bound kernels a launch configuration gone wrong."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True, check=True)
+    counts = [int(n) for n in re.findall(r"(?:STACK|LOCAL):(\d+)", usage.stdout)]
+    assert counts, usage.stdout
+    return any(counts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build every Triton kernel launch of our code for NVIDIA GPUs.")
     parser.add_argument("--every-architecture", action="store_true",
@@ -143,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     keys = sorted(plans[ARCHITECTURES[0]])
     jobs = [(key, architecture) for j, key in enumerate(keys) for architecture in
             (ARCHITECTURES if args.every_architecture else [ARCHITECTURES[j % len(ARCHITECTURES)]])]
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     index, count = args.shard
-    failures, built = [], []
+    failures, built, spills = [], [], []
     for key, architecture in jobs[index::count]:
         kernel, source, options = plans[architecture][key]
         try:
@@ -154,10 +172,14 @@ def main(argv: list[str] | None = None) -> None:
             message = str(err).strip().splitlines()
             failures.append(f"sm_{architecture} {key[0]} {key[1]} {key[2]}: {type(err).__name__}: "
                             f"{message[-1] if message else ''}")
+        else:
+            if cuobjdump.is_file() and spilled(binary.asm["cubin"], cuobjdump):
+                spills.append(f"sm_{architecture} {key[0]} {key[1]} {key[2]} {key[4]}")
         built.append((key[0], architecture))
     print(json.dumps({"triton": triton.__version__, "launches": len(keys), "builds": len(built),
                       "architectures": sorted({a for _, a in built}), "kernels": sorted({k for k, _ in built}),
-                      "never_launched": sorted(every_kernel - {key[0] for key in keys}), "failures": failures}))
+                      "never_launched": sorted(every_kernel - {key[0] for key in keys}), "failures": failures,
+                      "spills": spills, "spills_checked": cuobjdump.is_file()}))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def build(tmp_path: Path, *options: str, processes: int = 2) -> dict:
         assert shard.returncode == 0, err[-4000:]
         reports.append(json.loads(out.splitlines()[-1]))
     return {"launches": reports[0]["launches"], "never_launched": reports[0]["never_launched"],
+            "spills": [s for r in reports for s in r["spills"]], "spills_checked": reports[0]["spills_checked"],
             "builds": sum(r["builds"] for r in reports), "failures": [f for r in reports for f in r["failures"]],
             "architectures": sorted({a for r in reports for a in r["architectures"]}),
             "kernels": sorted({k for r in reports for k in r["kernels"]})}
@@ -43,6 +44,7 @@ def build(tmp_path: Path, *options: str, processes: int = 2) -> dict:
 
 def check(report: dict, builds_per_launch: int) -> None:
     assert report["failures"] == [], "\n".join(report["failures"])
+    assert report["spills"] == [], "\n".join(report["spills"])  # memory-bound kernels must not spill registers
     assert report["never_launched"] == []  # a kernel no workload of kernel_builds.py launches goes unchecked
     assert report["architectures"] == ARCHITECTURES
     assert len(report["kernels"]) == 8 and report["launches"] > 100
