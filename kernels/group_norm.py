@@ -144,17 +144,26 @@ def _channel_modulation(weight_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, bat
 
 
 @jit
-def _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels, HAS_ADD: tl.constexpr):
-    """For this program's group: its image, first channel, the address of its first value, and that
-    value v0 = x + add in float32, the shift of the shifted sums."""
+def _group_of(C, group_channels):
+    """This program's group: its image and its first channel.
+
+    Kept apart from every pointer: torch.compile's analysis of which tensors a kernel writes follows a
+    stored address back through the helpers it calls, and counts every pointer that such a helper takes
+    as written; computed next to x's address, the group would make x (and add) look written, and compiled
+    code would copy them before each launch."""
     groups = C // group_channels
-    batch = tl.program_id(0) // groups
-    first_channel = (tl.program_id(0) % groups) * group_channels
+    return tl.program_id(0) // groups, (tl.program_id(0) % groups) * group_channels
+
+
+@jit
+def _group_start(x_ptr, add_ptr, batch, first_channel, stride_xb, stride_xc, C, HAS_ADD: tl.constexpr):
+    """The address of the group's first value, and that value v0 = x + add in float32, the shift of the
+    shifted sums."""
     x_group = x_ptr + batch.to(tl.int64) * stride_xb + first_channel * stride_xc
     v0 = tl.load(x_group).to(tl.float32)
     if HAS_ADD:
         v0 += tl.load(add_ptr + batch * C + first_channel).to(tl.float32)
-    return batch, first_channel, x_group, v0
+    return x_group, v0
 
 
 @jit
@@ -174,8 +183,8 @@ def _forward_stats_kernel(x_ptr, add_ptr, partial_ptr, C, HW, group_channels, sp
                           stride_xb, stride_xc, stride_xs,
                           HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """partial[b * G + g, k] = (sum of v - v0, sum of (v - v0)^2) over the program's part of its group."""
-    batch, first_channel, x_group, v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
-                                                     HAS_ADD)
+    batch, first_channel = _group_of(C, group_channels)
+    x_group, v0 = _group_start(x_ptr, add_ptr, batch, first_channel, stride_xb, stride_xc, C, HAS_ADD)
     sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for c_start in range(0, group_channels, BLOCK_C):
@@ -206,8 +215,8 @@ def _forward_apply_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, add_ptr, scale_ptr
     """The group's mean and 1/std from the partial sums, then y = dropout?(silu?(xhat * gain + offset)) on
     the program's part of the group; the split-0 program stores mean and 1/std for the backward."""
     group, n_split = tl.program_id(0), tl.num_programs(1)
-    batch, first_channel, x_group, v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
-                                                     HAS_ADD)
+    batch, first_channel = _group_of(C, group_channels)
+    x_group, v0 = _group_start(x_ptr, add_ptr, batch, first_channel, stride_xb, stride_xc, C, HAS_ADD)
     k = tl.arange(0, BLOCK_SPLIT)
     partial = partial_ptr + (group * n_split + k) * 2
     sum1 = tl.sum(tl.load(partial, mask=k < n_split, other=0.0))
@@ -267,8 +276,8 @@ def _backward_sums_kernel(x_ptr, dy_ptr, weight_ptr, bias_ptr, add_ptr, scale_pt
     """partial[:, b, c, k] = (sum of xhat, sum of du, sum of du * xhat) per channel over the program's
     positions: every parameter gradient and the group means of the GroupNorm backward follow from them."""
     group, split, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    batch, first_channel, x_group, _v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
-                                                      HAS_ADD)
+    batch, first_channel = _group_of(C, group_channels)
+    x_group, _v0 = _group_start(x_ptr, add_ptr, batch, first_channel, stride_xb, stride_xc, C, HAS_ADD)
     dy_group = dy_ptr + batch.to(tl.int64) * stride_dyb + first_channel * stride_dyc
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
@@ -307,8 +316,8 @@ def _backward_apply_kernel(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, add_ptr,
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = du * gain: GroupNorm's
     backward, with the two group means from the sums kernel."""
     group, split = tl.program_id(0), tl.program_id(1)
-    batch, first_channel, x_group, _v0 = _group_start(x_ptr, add_ptr, stride_xb, stride_xc, C, group_channels,
-                                                      HAS_ADD)
+    batch, first_channel = _group_of(C, group_channels)
+    x_group, _v0 = _group_start(x_ptr, add_ptr, batch, first_channel, stride_xb, stride_xc, C, HAS_ADD)
     dy_group = dy_ptr + batch.to(tl.int64) * stride_dyb + first_channel * stride_dyc
     dx_group = dx_ptr + batch.to(tl.int64) * stride_dxb + first_channel * stride_dxc
     mean = tl.load(mean_ptr + group)

@@ -23,6 +23,7 @@ sm_90).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -39,6 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # consumer Blackwell (RTX 50).
 ARCHITECTURES = (75, 80, 86, 89, 90, 120)
 PRECISIONS = (None, torch.bfloat16, torch.float16)  # None: float32, no autocast
+
+
+# What each kernel writes. torch.compile copies every tensor its analysis finds a kernel writing before the
+# launch, so the analysis must find these and no others (it once counted x as written by the group norm).
+OUTPUTS = {"_forward_stats_kernel": {"partial_ptr"}, "_forward_apply_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
+           "_backward_sums_kernel": {"partial_ptr"}, "_backward_apply_kernel": {"dx_ptr"},
+           "_keep_mask_kernel": {"keep_ptr"}, "_forward_kernel": {"partial_ptr"},
+           "_backward_kernel": {"dfx_ptr", "dfy_ptr"}, "_sampler_step_kernel": {"x_prev_ptr", "x0_ptr", "guided_ptr"}}
 
 
 def record_launches() -> list[tuple]:
@@ -106,9 +115,9 @@ def run_workloads(eps_dtype: torch.dtype) -> None:
 
 
 def build_plan(launches: list[tuple], architecture: int) -> dict:
-    """{key: (kernel, source, options)}, one entry per distinct build for `architecture`: the signature, constants,
-    specialisations (a pointer or integer divisible by 16, an integer 1) and options that Triton's JIT derives
-    from a launch's arguments, by the JIT's own binder."""
+    """{key: (kernel, source, options, args, kwargs)}, one entry per distinct build for `architecture`, with the
+    arguments of its first launch: the signature, constants, specialisations (a pointer or integer divisible by
+    16, an integer 1) and options that Triton's JIT derives from a launch's arguments, by the JIT's own binder."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
@@ -122,9 +131,36 @@ def build_plan(launches: list[tuple], architecture: int) -> dict:
         options, signature, constants, attributes = kernel._pack_args(backend, kwargs, bound, specialization, options)
         key = (kernel.__name__, repr(signature), repr(constants), repr(attributes),  # the same for every architecture
                f"num_warps={options.num_warps} num_stages={options.num_stages}")
-        plan[key] = (kernel, ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
-                     options.__dict__)
+        plan.setdefault(key, (kernel, ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
+                              options.__dict__, args, kwargs))
     return plan
+
+
+def compile_writes(kernel, args: tuple, kwargs: dict) -> list[str] | None:
+    """The tensor arguments that torch.compile's analysis of the kernel's Triton IR finds it writes, for an H100
+    (the analysis asks the driver for its target, so one that knows only the target stands in); None where this
+    PyTorch has neither form of the analysis."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    class TargetOnly:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    bound = dict(inspect.signature(kernel.fn).bind(*args, **{name: value for name, value in kwargs.items()
+                                                             if name in kernel.arg_names}).arguments)
+    previous = driver._active  # reset_active() would make the real driver, which needs a GPU
+    driver.set_active(TargetOnly())
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):  # PyTorch 2.14
+            writes = wrap.identify_accessed_tensors(kernel, bound, {}).read_writes.writes
+            return sorted(dep.name for dep in writes if isinstance(bound.get(dep.name), torch.Tensor))
+        if hasattr(wrap, "identify_mutated_tensors"):  # 2.11
+            return sorted(wrap.identify_mutated_tensors(kernel, bound, {}))
+        return None
+    finally:
+        driver._active = previous
 
 
 def spilled(cubin: bytes, cuobjdump: Path) -> bool:
@@ -160,11 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     keys = sorted(plans[ARCHITECTURES[0]])
     jobs = [(key, architecture) for j, key in enumerate(keys) for architecture in
             (ARCHITECTURES if args.every_architecture else [ARCHITECTURES[j % len(ARCHITECTURES)]])]
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     index, count = args.shard
+    wrong_writes, analysed = set(), set()
+    for key in keys[index::count]:
+        kernel, _, _, launch_args, launch_kwargs = plans[ARCHITECTURES[0]][key]
+        writes = compile_writes(kernel, launch_args, launch_kwargs)
+        if writes is not None:
+            analysed.add(kernel.__name__)
+            if not writes or not set(writes) <= OUTPUTS[kernel.__name__]:
+                wrong_writes.add(f"{kernel.__name__} writes {writes} by torch.compile's analysis")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     failures, built, spills = [], [], []
     for key, architecture in jobs[index::count]:
-        kernel, source, options = plans[architecture][key]
+        kernel, source, options, *_ = plans[architecture][key]
         try:
             binary = triton.compile(source, target=GPUTarget("cuda", architecture, 32), options=options)
             assert binary.asm.get("cubin"), "no cubin"
@@ -179,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"triton": triton.__version__, "launches": len(keys), "builds": len(built),
                       "architectures": sorted({a for _, a in built}), "kernels": sorted({k for k, _ in built}),
                       "never_launched": sorted(every_kernel - {key[0] for key in keys}), "failures": failures,
-                      "spills": spills, "spills_checked": cuobjdump.is_file()}))
+                      "spills": spills, "spills_checked": cuobjdump.is_file(),
+                      "wrong_writes": sorted(wrong_writes), "writes_analysed": sorted(analysed)}))
 
 
 if __name__ == "__main__":

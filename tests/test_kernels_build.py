@@ -3,8 +3,10 @@
 The kernel tests run the kernels in Triton's CPU interpreter, which never meets what only the compiler checks
 (a loop-carried value that changes type, a block that is not a power of two); `kernel_builds.py` compiles
 each distinct launch of the U-Net, autoencoder, perceptual distance and samplers, in three precisions, for
-six GPU architectures from Turing to consumer Blackwell, down to the cubin. Here each launch is built for one
-architecture, in turn, in two processes (about 15 s); `-m slow` builds each for all six.
+six GPU architectures from Turing to consumer Blackwell, down to the cubin, and fails on a build that spills
+registers. It also runs torch.compile's analysis of which tensors each kernel writes (compiled code copies
+each such tensor before every launch), which must find the kernel's outputs and nothing else. Here each launch
+is built for one architecture, in turn, in two processes (about 20 s); `-m slow` builds each for all six.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def build(tmp_path: Path, *options: str, processes: int = 2) -> dict:
         reports.append(json.loads(out.splitlines()[-1]))
     return {"launches": reports[0]["launches"], "never_launched": reports[0]["never_launched"],
             "spills": [s for r in reports for s in r["spills"]], "spills_checked": reports[0]["spills_checked"],
+            "wrong_writes": [w for r in reports for w in r["wrong_writes"]],
+            "writes_analysed": sorted({k for r in reports for k in r["writes_analysed"]}),
             "builds": sum(r["builds"] for r in reports), "failures": [f for r in reports for f in r["failures"]],
             "architectures": sorted({a for r in reports for a in r["architectures"]}),
             "kernels": sorted({k for r in reports for k in r["kernels"]})}
@@ -45,6 +49,9 @@ def build(tmp_path: Path, *options: str, processes: int = 2) -> dict:
 def check(report: dict, builds_per_launch: int) -> None:
     assert report["failures"] == [], "\n".join(report["failures"])
     assert report["spills"] == [], "\n".join(report["spills"])  # memory-bound kernels must not spill registers
+    # torch.compile copies each tensor its analysis finds a kernel writing, before every launch: only outputs.
+    assert report["wrong_writes"] == [], "\n".join(report["wrong_writes"])
+    assert report["writes_analysed"] == report["kernels"]
     assert report["never_launched"] == []  # a kernel no workload of kernel_builds.py launches goes unchecked
     assert report["architectures"] == ARCHITECTURES
     assert len(report["kernels"]) == 8 and report["launches"] > 100
