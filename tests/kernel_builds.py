@@ -109,9 +109,10 @@ def run_workloads(eps_dtype: torch.dtype) -> None:
         model = classifier_free_guidance(denoiser, 3.0) if guided else denoiser
         for name, options, steps in (("ddpm", {}, 2), ("ddim", {"eta": 0.5}, 2), ("ddim", {}, 2), ("pndm", {}, 5),
                                      ("spndm", {}, 3)):
-            for clip_x0 in (False, True):
+            for clip_x0 in (False, True):  # half the runs hand each step's x0 to a callback (a GIF's frames)
                 x, noise = per_sample_noise([0, 1], (2, 3, 5, 7), "cpu")
-                SAMPLERS[name](model, x, schedule, make_timesteps(100, steps), clip_x0=clip_x0, noise=noise, **options)
+                SAMPLERS[name](model, x, schedule, make_timesteps(100, steps), clip_x0=clip_x0, noise=noise,
+                               callback=(lambda i, t, x_t, x0: None) if guided != clip_x0 else None, **options)
 
 
 def build_plan(launches: list[tuple], architecture: int) -> dict:
