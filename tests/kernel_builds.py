@@ -14,7 +14,7 @@ or with --every-architecture for each of them.
 
 Run by tests/test_kernels_build.py in processes of their own, as Triton's JIT functions exist only where
 TRITON_INTERPRET is off when triton is imported; by hand: `python tests/kernel_builds.py --every-architecture`
-(about 2.5 minutes on 2 cores). Prints one JSON object: what was built, any kernel of the kernel modules that
+(about 2.5 minutes in one process). Prints one JSON object: what was built, any kernel of the kernel modules that
 no workload launched, the failures (empty when every build succeeded), and the builds that spill registers to
 local memory (`cuobjdump -res-usage`, from the triton package too; none do: 26 to 76 registers a thread on
 sm_90).
