@@ -17,7 +17,7 @@ TRITON_INTERPRET is off when triton is imported; by hand: `python tests/kernel_b
 (about 2.5 minutes in one process). Prints one JSON object: what was built, any kernel of the kernel modules that
 no workload launched, the failures (empty when every build succeeded), and the builds that spill registers to
 local memory (`cuobjdump -res-usage`, from the triton package too; none do: 26 to 76 registers a thread on
-sm_90).
+sm_90), and any launch whose written tensors torch.compile's analysis gets other than its outputs (`OUTPUTS`).
 """
 
 from __future__ import annotations
