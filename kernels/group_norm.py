@@ -462,7 +462,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
     if scale is not None:
         dscale = (weight.float() * sum_du_xhat + bias.float() * sum_du).to(scale.dtype)
     if shift is not None:
-        dshift = sum_du.to(shift.dtype)
+        dshift = sum_du.to(shift.dtype, copy=True)  # its own storage, as the fake says (not a view of the sums)
     return dx, dweight, dbias, dadd, dscale, dshift
 
 

@@ -1,6 +1,7 @@
 """What several test files share: the command line of a tiny pixel-diffusion run, folders of
 labelled images that a few classifier steps learn, damaged copies of an .npz archive, torchrun
-launches on the CPU, a spy on reads of tensor values on the host, and the guard of the Triton kernels' tests."""
+launches on the CPU, a spy on reads of tensor values on the host, and the guard of the Triton kernels'
+tests and their opcheck."""
 
 from __future__ import annotations
 
@@ -124,3 +125,13 @@ def skip_unless_kernels_run(kernel) -> None:
         # included) is settled when triton is imported.
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its CPU interpreter is off; set "
                     "TRITON_INTERPRET=1 in the environment or in tests/conftest.py")
+
+
+def opcheck(op, args: tuple) -> None:
+    """`torch.library.opcheck` of one of our ops on `args`: its schema, autograd registration, fake (the shapes,
+    strides and dtypes that compiled code allocates by) and AOT dispatch agree with what the op does. Under
+    Triton's CPU interpreter AOT dispatch keeps the op opaque, as the interpreter cannot run a kernel on the
+    fake tensors it would trace with."""
+    import kernels
+    with torch._functorch.config.patch(decompose_custom_triton_ops=not kernels.interpreting()):
+        torch.library.opcheck(op, args)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import kernels
-from helpers import skip_unless_kernels_run
+from helpers import opcheck, skip_unless_kernels_run
 from kernels import group_norm
 from kernels.group_norm import group_norm_act, group_norm_act_reference
 
@@ -326,6 +326,26 @@ def test_autoencoder_is_the_same_under_both_backends():
     assert len(actual) == len(expected) > 10
     for a, e in zip(actual, expected):
         assert_close(a, e, 1e-4)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("modulated", [True, False], ids=["add-scale-shift-silu-dropout", "plain"])
+def test_ops_pass_opcheck(modulated):
+    """Schema, autograd registration, fakes and AOT dispatch of both ops (`helpers.opcheck`), channels-last
+    with every input and dropout, contiguous without."""
+    norm = make_norm(4, 8)
+    inputs = make_inputs((2, 8, 3, 5), "ash" if modulated else "", channels_last=modulated)
+    x = inputs["x"].requires_grad_()
+    extras = [inputs.get(name) for name in ("add", "scale", "shift")]
+    silu, p, seed = (True, 0.1, torch.tensor([5])) if modulated else (False, 0.0, None)
+    with kernels.using("triton"):
+        forward = (x, norm.weight, norm.bias, *[e if e is None else e.requires_grad_() for e in extras], 4, 1e-6,
+                   silu, p, seed)
+        opcheck(torch.ops.synthdiff.group_norm_act.default, forward)
+        _, mean, rstd = torch.ops.synthdiff.group_norm_act(*forward)
+        opcheck(torch.ops.synthdiff.group_norm_act_backward.default,
+                (torch.randn_like(x), x.detach(), norm.weight.detach(), norm.bias.detach(),
+                 *[e if e is None else e.detach() for e in extras], mean.detach(), rstd.detach(), 4, silu, p, seed, True))
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import skip_unless_kernels_run
+from helpers import opcheck, skip_unless_kernels_run
 from kernels import lpips as module
 from kernels.lpips import NORM_EPS, normalise_channels, tap_distance, tap_distance_reference
 from vae.perceptual import PerceptualDistance
@@ -188,6 +188,17 @@ def test_perceptual_distance_and_its_gradient_are_the_same_under_both_backends(t
     assert actual.shape == (2, 2) and actual.dtype == torch.float32
     assert_close(actual, expected, 1e-5)
     assert_close(actual_grad, expected_grad, 1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_ops_pass_opcheck(triton_kernels, channels_last):
+    """Schema, autograd registration, fakes and AOT dispatch of both ops (`helpers.opcheck`)."""
+    shape = (2, 5, 3, 7)
+    fx, fy = (features(shape, seed, channels_last).requires_grad_() for seed in (0, 1))
+    with kernels.using("triton"):
+        opcheck(torch.ops.synthdiff.lpips_tap_distance.default, (fx, fy, head(5)))
+        opcheck(torch.ops.synthdiff.lpips_tap_distance_backward.default,
+                (torch.rand(2), fx.detach(), fy.detach(), head(5), True, not channels_last))
 
 
 # ---- torch.compile and life without Triton ---------------------------------------------------------

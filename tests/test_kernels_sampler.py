@@ -15,7 +15,7 @@ import torch
 
 import ddpm.samplers
 import kernels
-from helpers import skip_unless_kernels_run
+from helpers import opcheck, skip_unless_kernels_run
 from ddpm.guidance import classifier_free_guidance
 from ddpm.samplers import SAMPLERS, make_timesteps, per_sample_noise
 from ddpm.schedule import Schedule
@@ -317,6 +317,20 @@ def test_a_guided_step_is_one_model_call_and_one_fused_update_per_evaluation(mon
                    **options)
     assert model_calls == [2 * SHAPE[0]] * sum(steps_per_call)
     assert updates == [True] * sum(steps_per_call)
+
+
+@pytest.mark.parametrize("case", ["guided, clip, three earlier eps, noise", "noise, no x0"])
+def test_op_passes_opcheck(triton_kernels, case):
+    """Schema, autograd registration, fakes and AOT dispatch of the op (`helpers.opcheck`), x channels-last
+    and eps contiguous."""
+    (x, eps, update), kwargs = case_inputs((2, 3, 5, 7), CASES[case], torch.float32, channels_last=True)
+    coefficients = [update.recip, update.recipm1, update.x, update.x0, update.eps, update.sigma,
+                    kwargs.get("guidance_scale", 1.0), *update.weights]
+    guided = kwargs.get("eps_ref") is not None
+    with kernels.using("triton"):
+        opcheck(torch.ops.synthdiff.sampler_step.default,
+                (x, eps, kwargs.get("eps_ref"), kwargs["history"], kwargs["noise"], coefficients, kwargs["clip_x0"],
+                 kwargs["return_x0"], guided))
 
 
 # ---- torch.compile and life without Triton ---------------------------------------------------------
