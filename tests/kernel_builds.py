@@ -125,10 +125,11 @@ def build_plan(launches: list[tuple], architecture: int) -> dict:
     from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(GPUTarget("cuda", architecture, 32))
-    plan = {}
+    plan, binders = {}, {}
     for kernel, args, kwargs in launches:
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
+        if kernel not in binders:
+            binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binders[kernel](*args, **kwargs)
         options, signature, constants, attributes = kernel._pack_args(backend, kwargs, bound, specialization, options)
         key = (kernel.__name__, repr(signature), repr(constants), repr(attributes),  # the same for every architecture
                f"num_warps={options.num_warps} num_stages={options.num_stages}")

@@ -343,9 +343,10 @@ def test_ops_pass_opcheck(modulated):
                    silu, p, seed)
         opcheck(torch.ops.synthdiff.group_norm_act.default, forward)
         _, mean, rstd = torch.ops.synthdiff.group_norm_act(*forward)
+        detached = [e if e is None else e.detach() for e in extras]
         opcheck(torch.ops.synthdiff.group_norm_act_backward.default,
-                (torch.randn_like(x), x.detach(), norm.weight.detach(), norm.bias.detach(),
-                 *[e if e is None else e.detach() for e in extras], mean.detach(), rstd.detach(), 4, silu, p, seed, True))
+                (torch.randn_like(x), x.detach(), norm.weight.detach(), norm.bias.detach(), *detached,
+                 mean.detach(), rstd.detach(), 4, silu, p, seed, True))
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
