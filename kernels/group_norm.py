@@ -364,7 +364,12 @@ def dropout_keep_mask(seed: Tensor, p: float, shape: tuple[int, ...]) -> Tensor:
 
 
 def _launch_shape(group_channels: int, HW: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_S, span, n_split): tile, positions per program, and programs per group."""
+    """(BLOCK_C, BLOCK_S, span, n_split): tile, positions per program, and programs per group.
+
+    Plain ints even where torch.compile traces with symbolic sizes: block sizes are compile-time constants of
+    the kernels, so the trace specialises on the sizes here (one guard each, a new trace per resolution)
+    rather than carry next_power_of_2's bit arithmetic as symbolic expressions into the launch."""
+    group_channels, HW = int(group_channels), int(HW)
     block_c = min(triton.next_power_of_2(group_channels), MAX_CHANNEL_BLOCK)
     block_s = min(triton.next_power_of_2(HW), TILE // block_c)
     n_split = max(1, min(triton.cdiv(group_channels * HW, VALUES_PER_PROGRAM), triton.cdiv(HW, block_s)))

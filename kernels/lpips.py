@@ -161,10 +161,9 @@ def _backward_kernel(grad_ptr, fx_ptr, fy_ptr, w_ptr, dfx_ptr, dfy_ptr, C, HW, e
 # Launchers, registered as torch.library ops so torch.compile traces through them
 
 
-
-
 def _launch_shape(C: int, HW: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, position blocks)."""
+    """(BLOCK_P, BLOCK_C, position blocks), as plain ints under symbolic tracing (as `group_norm._launch_shape`)."""
+    C, HW = int(C), int(HW)
     block_c = triton.next_power_of_2(C)
     block_p = min(max(1, TILE // block_c), triton.next_power_of_2(HW))
     return block_p, block_c, triton.cdiv(HW, block_p)

@@ -5,7 +5,8 @@ The kernel tests run the kernels in Triton's CPU interpreter, which never meets 
 each distinct launch of the U-Net, autoencoder, perceptual distance and samplers, in three precisions, for
 six GPU architectures from Turing to consumer Blackwell, down to the cubin, and fails on a build that spills
 registers. It also runs torch.compile's analysis of which tensors each kernel writes (compiled code copies
-each such tensor before every launch), which must find the kernel's outputs and nothing else. Here each launch
+each such tensor before every launch), which must find the kernel's outputs and nothing else, and checks that the launchers
+keep block sizes concrete when compile traces them with symbolic sizes. Here each launch
 is built for one architecture, in turn, in two processes (about 20 s); `-m slow` builds each for all six.
 """
 
@@ -67,3 +68,22 @@ def test_every_kernel_launch_builds_for_a_gpu_architecture(tmp_path):
 @pytest.mark.slow
 def test_every_kernel_launch_builds_for_every_gpu_architecture(tmp_path):
     check(build(tmp_path, "--every-architecture"), builds_per_launch=len(ARCHITECTURES))
+
+
+@pytest.mark.parametrize("module", ["group_norm", "lpips"])
+def test_launch_shapes_specialise_symbolic_sizes(module):
+    """Under torch.compile with dynamic sizes a launcher sees SymInts. Block sizes are a kernel's compile-time
+    constants, so they must come out as ints with one guard on the size (a new trace per resolution), not as
+    symbolic expressions of next_power_of_2's bit arithmetic with a guard for every comparison (as they once
+    did in group_norm)."""
+    pytest.importorskip("triton", reason="the triton package is not installed, so there are no launchers")
+    import importlib
+
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    launch_shape = importlib.import_module(f"kernels.{module}")._launch_shape
+    env = ShapeEnv()
+    symbol = env.create_symbol(36, ConstantSource("positions"))
+    shape = launch_shape(4, env.create_symintnode(symbol, hint=36))
+    assert shape == launch_shape(4, 36) and all(type(value) is int for value in shape), shape
+    assert [str(guard.expr) for guard in env.guards] == [f"Eq({symbol}, 36)"]

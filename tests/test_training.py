@@ -552,9 +552,11 @@ def test_a_torchrun_process_takes_the_gpu_of_its_local_rank_or_is_refused(monkey
     assert process_device("cpu", 1) == torch.device("cpu")
     with pytest.raises(ValueError, match=r"--device cuda:1 names one GPU, but under torchrun each process takes "):
         process_device("cuda:1", 0)
-    with pytest.raises(ValueError, match=r"more processes on this machine than its 2 CUDA GPU\(s\) \(this one has "
-                                         r"local rank 2\); pass --nproc_per_node 2 or fewer"):
-        process_device("cuda", 2)
+    for local_rank in (0, 2):  # every process of the job is refused alike, the first as the third
+        with pytest.raises(ValueError, match=r"torchrun started 3 processes on this machine, more than its 2 CUDA "
+                                             r"GPU\(s\); pass --nproc_per_node 2 or fewer") as refused:
+            process_device("cuda", local_rank, 3)
+        assert refused.value.every_process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert process_device("auto", 1) == torch.device("cpu")
     with pytest.raises(ValueError, match="--device cuda was asked for but PyTorch sees no CUDA GPU"):

@@ -26,7 +26,8 @@ def setup(device: str = "auto") -> Runtime:
         return Runtime(resolve_device(device))
     die_with_the_launcher(signal.SIGKILL)  # (done at start-up by entry points that call cli.catch_early_sigterm)
     rank = launched_rank()
-    run_device = process_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    run_device = process_device(device, int(os.environ.get("LOCAL_RANK", "0")),
+                                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     backend = "nccl" if run_device.type == "cuda" else "gloo"
     if run_device.type == "cuda":
         torch.cuda.set_device(run_device)
@@ -42,26 +43,25 @@ def setup(device: str = "auto") -> Runtime:
     return Runtime(run_device, rank, world_size)
 
 
-def process_device(device: str, local_rank: int) -> torch.device:
-    """The device of the torchrun process of `local_rank` (its rank on this machine) for `--device`: the GPU of
-    that number for cuda, and for auto where there is a GPU; else the CPU. Refused as alone (an unknown name,
-    cuda without a GPU), and besides: a GPU named by number (every process would take it), and more
-    processes on this machine than it has GPUs."""
+def process_device(device: str, local_rank: int, local_processes: int = 1) -> torch.device:
+    """The device of the torchrun process of `local_rank` (its rank on this machine, one of `local_processes`) for
+    `--device`: the GPU of that number for cuda, and for auto where there is a GPU; else the CPU. Refused as
+    alone (an unknown name, cuda without a GPU), and besides: a GPU named by number (every process would take
+    it), and more processes on this machine than it has GPUs. Every refusal is one that every process makes
+    alike, so the job ends together and rank 0 alone says it."""
     try:
         wanted = resolve_device(device)
         if wanted.type == "cuda" and wanted.index is not None:
             raise UserError(f"--device {device} names one GPU, but under torchrun each process takes the GPU of its "
                             f"local rank; pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+        gpus = torch.cuda.device_count() if wanted.type == "cuda" else 0
+        if wanted.type == "cuda" and max(local_processes, local_rank + 1) > gpus:
+            raise UserError(f"torchrun started {max(local_processes, local_rank + 1)} processes on this machine, "
+                            f"more than its {gpus} CUDA GPU(s); pass --nproc_per_node {gpus} or fewer.")
     except UserError as err:
         err.every_process = True  # every process checks the same: rank 0 says it
         raise
-    if wanted.type != "cuda":
-        return wanted
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"torchrun started more processes on this machine than its {torch.cuda.device_count()} "
-                        f"CUDA GPU(s) (this one has local rank {local_rank}); pass --nproc_per_node "
-                        f"{torch.cuda.device_count()} or fewer.")
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", local_rank) if wanted.type == "cuda" else wanted
 
 
 def _launcher_gone() -> bool:
