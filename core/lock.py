@@ -171,30 +171,50 @@ def taking_turns(path: Path, what: str) -> Iterator[None]:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock_current_file(path, what)
     except OSError:  # a read-only cache: the body says what is missing there, in its own words
-        fd = None
-    if fd is None:
         yield
         return
-    held = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if launched_rank() == 0:  # torchrun's other ranks wait on rank 0 without a word
-                print(f"Waiting for another process that is making {what} ...", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        held = True
         yield
     finally:
-        # Removed by its holder (not by one stopped while waiting), so a cache folder keeps only what it caches:
-        # one that waited on it re-checks for what it wanted and finds it made; one that comes later makes a
-        # new lock file and finds the same.
-        if held:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        # Removed by its holder, so a cache folder keeps only what it caches: one that waited on it finds the
+        # file gone and locks a new one (`_lock_current_file`), then re-checks for what it wanted and finds it
+        # made; one that comes later makes a new lock file and finds the same.
+        with contextlib.suppress(OSError):
+            path.unlink()
         os.close(fd)  # drops the lock
+
+
+def _lock_current_file(path: Path, what: str) -> int:
+    """A descriptor of the file at `path` (made if missing), locked exclusively, waiting for it if need be.
+
+    A lock is only good on the file that is at `path` once we hold it: its holder removes the file before
+    releasing it, so one that waited may be granted the lock of a removed file while a newcomer has already
+    locked a new one at the same path, and both would go on at once. So after each wait, the inode locked
+    must still be the one at `path`; if not, lock the current file instead."""
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told and launched_rank() == 0:  # torchrun's other ranks wait on rank 0 without a word
+                    print(f"Waiting for another process that is making {what} ...", file=sys.stderr, flush=True)
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+            return fd
+        os.close(fd)  # the lock of a file its holder removed: take the one at `path` now
 
 
 def holds_files(folder: str | os.PathLike) -> bool:

@@ -212,6 +212,41 @@ def test_folder_lock_in_process(tmp_path):
     assert (tmp_path / "run" / "kept").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_taking_turns_never_lets_two_in_when_the_holder_removes_the_lock_file(tmp_path):
+    """A holder removes its lock file and then releases it. One that waited is then granted the lock of the
+    removed file, while a newcomer may already hold a new file at the same path: the waiter must lock the new
+    file instead of going on beside the newcomer (both would make the same set at once)."""
+    import fcntl
+    import threading
+
+    from core.lock import taking_turns
+    path = tmp_path / "set.lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    entered, leave = threading.Event(), threading.Event()
+
+    def waiter():
+        with taking_turns(path, "a test's set"):
+            entered.set()
+            leave.wait(60)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)  # the waiter now waits on the holder's file
+    assert not entered.is_set()
+    path.unlink()  # the holder is done: it removes its file, a newcomer locks a new one there, the holder lets go
+    newcomer = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(newcomer, fcntl.LOCK_EX)
+    os.close(holder)
+    assert not entered.wait(1.0), "the waiter went on while the newcomer held the lock"
+    os.close(newcomer)  # (the newcomer keeps its file, as if it had died: the waiter takes it next)
+    assert entered.wait(60)
+    leave.set()
+    thread.join(60)
+    assert not path.exists()
+
+
 def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path, capsys):
     """A DataLoader worker (a fork) outlives its killed parent for seconds: the folder must be free at once."""
     code = ("import os, sys, time\nfrom core.lock import FolderLock\nFolderLock(sys.argv[1]).__enter__()\n"
