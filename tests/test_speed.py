@@ -464,3 +464,54 @@ def test_no_sampling_step_reads_a_value_back_from_the_device(class_ckpt, monkeyp
     assert images.shape == (2, *model.shape) and host.calls.count("_predict") >= 5
     assert ("noise" in host.calls) == (sampler == "ddpm" or options.get("eta", 0) > 0)
     assert host.reads == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
+    """On a GPU, a tensor a forward pass makes on the CPU (a table built without `device=`, a constant that is
+    not a buffer) meets the GPU's tensors and fails, or copies every step; a CPU run never shows it. So each
+    network runs here on fake CUDA tensors (PyTorch's FakeTensor: shapes, dtypes and devices without data or
+    a GPU; an op that mixes devices raises), in float32 and under bf16 and fp16 autocast, in training mode
+    (dropout) and with both kernel backends (the Triton ops run as their registered fakes), and every output
+    must be on the GPU in the autocast dtype (LPIPS's distance is float32 by design)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from classify.model import ClassifierConfig, build_resnet18
+    from fid.inception import FIDInceptionV3
+    from vae.discriminator import PatchDiscriminator
+    from vae.perceptual import build_perceptual
+    if backend == "triton" and not kernels.triton_importable():
+        pytest.skip("the triton package is not installed")
+    gpu = torch.device("cuda")
+    torch.manual_seed(0)
+    unet = {cond: UNet(UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(4,), dropout=0.1, cond=cond, num_classes=3, num_params=2))
+            for cond in ("class", "params")}
+    autoencoder = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                                  latent_channels=4))
+    networks = {"unet, class": unet["class"], "unet, params": unet["params"], "autoencoder": autoencoder,
+                "lpips": build_perceptual("random"), "discriminator": PatchDiscriminator(),
+                "resnet-18": build_resnet18(ClassifierConfig(num_outputs=3), 32), "inception": FIDInceptionV3()}
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:  # (before is_available says yes, which would make .to() start a real GPU)
+        for network in networks.values():
+            network.to(gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for autocast's device check
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with kernels.using(backend, gpu), fake:
+        x, t = torch.randn(2, 3, 8, 8, device=gpu), torch.randint(0, 1000, (2,), device=gpu)
+        images = torch.rand(2, 3, 32, 32, device=gpu) * 2 - 1
+        calls = {"unet, class": lambda net: net(x, t, torch.tensor([0, 2]).to(gpu),
+                                                null_mask=torch.tensor([True, False]).to(gpu)),
+                 "unet, params": lambda net: net(x, t, torch.randn(2, 2, device=gpu)),
+                 "autoencoder": lambda net: net.decode(net.encode(images).mean),
+                 "lpips": lambda net: net(images, images.flip(0)),
+                 "inception": lambda net: net(torch.rand(2, 3, 299, 299, device=gpu))}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for name, network in networks.items():
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    out = calls.get(name, lambda net: net(images))(network)
+                outputs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
+                expected = torch.float32 if name == "lpips" else dtype
+                assert outputs and all(o.device.type == "cuda" and o.dtype == expected for o in outputs), (
+                    name, dtype, [(o.device, o.dtype) for o in outputs])
