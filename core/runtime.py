@@ -135,17 +135,31 @@ KERNELS_HELP = ("fused kernels: auto (our Triton kernels on CUDA when Triton is 
 
 
 @functools.cache
+def _cpu_flags() -> str:
+    """/proc/cpuinfo, which lists the CPU's instruction-set flags ("" where it cannot be read: not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.cache
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo's flags.
 
     Where it does, oneDNN's bf16 convolutions and matmuls run about 2-2.5x faster than fp32 ones
     (`python -m bench` measures it); elsewhere PyTorch emulates bf16 and autocast is many times slower.
+    Not Linux: False, to be conservative.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: be conservative
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", _cpu_flags()))
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 tile multiplier (Intel Xeon since Sapphire Rapids), from /proc/cpuinfo.
+    PyTorch's CPU flash attention multiplies in its tiles, which changes which attention form is faster
+    (`kernels.attention`)."""
+    return bool(re.search(r"\bamx_bf16\b", _cpu_flags()))
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -37,6 +37,30 @@ consistently faster (0.7x to 1.5x, mostly near 1), so fp32 keeps SDPA and its O(
 `ddpm-cifar10` training step in bf16 (batch 16, the two timed alternately in one process) the matmul
 form made the step 2.3% faster (8.79 -> 8.99 img/s).
 
+CPUs with AMX (Intel Xeon since Sapphire Rapids) turn most of that around: PyTorch's CPU flash attention
+multiplies its blocks with oneDNN's brgemm in AMX tiles, and there SDPA is faster wherever heads are
+narrower than 256 (the same bench, 2-core Intel Xeon with AMX, bf16, 9 rounds; single cells move by up
+to 0.5 from run to run, the ddpm-cifar10 cell most):
+
+| batch x heads, L, head_dim | fwd | fwd+bwd | used |
+|---|---|---|---|
+| 16 x 1, 256, 256 (ddpm-cifar10) | 0.7x-1.7x | 0.9x-1.2x | matmul |
+| 8 x 1, 64, 512 (kl-f8 at 64 px) | 1.02x-1.09x | 1.14x-1.20x | matmul |
+| 8 x 1, 256, 512 | 1.14x | 1.24x | matmul |
+| 2 x 1, 1024, 512 (kl-f8 at 256 px) | 0.89x-0.97x | 0.84x-1.05x | SDPA |
+| 8 x 1, 1024, 256 | 0.49x | 0.58x | SDPA |
+| 16 x 1, 128, 128 | 0.79x | 1.90x | SDPA |
+| 8 x 8, 256, 64 | 0.65x-0.70x | 0.83x-1.05x | SDPA |
+| 16 x 4, 512, 64 | 0.43x-0.48x | 0.51x-0.62x | SDPA |
+| 4 x 4, 1024, 128 | 0.51x-0.58x | 0.73x-0.77x | SDPA |
+
+So on an AMX CPU the matmul form is used only for `head_dim >= 256` and `L <= 256`, where it is at
+least as fast (the ddpm-cifar10 training step in bf16, alternating in one process: 18.48 img/s with it,
+18.27 with SDPA); before this rule, narrow heads at 256 positions and more ran their attention at half
+SDPA's speed there. In training, narrow heads over at most 256 positions are often faster in the matmul
+form (1.2x-1.9x forward + backward), but not always (0.83x for 8 heads of 64 at L = 256), so the rule
+follows the forward pass, which sampling runs alone. `core.runtime.cpu_has_amx` reads the CPU's flags.
+
 Precision: q and k arrive in bf16 under autocast either way; here each score is rounded to bf16 once
 more before an fp32 softmax (SDPA keeps it in fp32), which is how guided-diffusion's attention runs in
 half precision. Against a float64 reference (scores of std 3) its relative error is about 0.9%, SDPA's
@@ -49,14 +73,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.runtime import cpu_has_amx
+
 SCORE_CHUNK = 1 << 22  # most score values (batch x heads x L x L) one matmul-form chunk holds
 
 
 def uses_matmul_form(q: Tensor) -> bool:
     """Whether `attention` computes q (B, heads, L, head_dim) with matmuls rather than SDPA (see above)."""
     length, head_dim = q.shape[-2:]
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and head_dim >= 64
-            and (length >= 128 or (length >= 64 and head_dim >= 256)) and length <= min(16 * head_dim, 2048))
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or head_dim < 64:
+        return False
+    if cpu_has_amx():  # SDPA's flash kernel multiplies in AMX tiles: the matmuls keep up only for wide heads
+        return head_dim >= 256 and length <= 256
+    return (length >= 128 or (length >= 64 and head_dim >= 256)) and length <= min(16 * head_dim, 2048)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

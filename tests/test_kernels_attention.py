@@ -58,16 +58,34 @@ def test_matmul_form_gradients_equal_sdpa():
     ((16, 1, 256, 256), torch.float32, False),    # fp32: SDPA
     ((16, 1, 256, 256), torch.float16, False),
 ])
-def test_matmul_form_is_chosen_where_measured_faster(shape, dtype, expected):
+def test_matmul_form_is_chosen_where_measured_faster(shape, dtype, expected, monkeypatch):
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)
     assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
 
 
-def test_bf16_error_is_no_larger_than_a_few_times_sdpa():
+@pytest.mark.parametrize("shape, dtype, expected", [
+    ((16, 1, 256, 256), torch.bfloat16, True),    # ddpm-cifar10's 16x16 attention
+    ((2, 1, 64, 512), torch.bfloat16, True),      # the kl-f8 autoencoder's middle at 64 px
+    ((2, 1, 16, 256), torch.bfloat16, True),      # short sequences of wide heads too
+    ((2, 1, 1024, 512), torch.bfloat16, False),   # L > 256: kl-f8 at 256 px
+    ((2, 4, 1024, 64), torch.bfloat16, False),    # narrow heads: SDPA's AMX tiles win
+    ((8, 1, 128, 128), torch.bfloat16, False),
+    ((8, 8, 256, 64), torch.bfloat16, False),
+    ((16, 1, 256, 256), torch.float32, False),    # fp32: SDPA
+])
+def test_on_cpus_with_amx_the_matmul_form_is_kept_for_wide_heads_over_short_sequences(shape, dtype, expected,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: True)
+    assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
+
+
+def test_bf16_error_is_no_larger_than_a_few_times_sdpa(monkeypatch):
     """Rounding the scores to bf16 once more may cost some precision, bounded here against SDPA's own bf16
     error, forward and every gradient (scores of realistic spread: std 3)."""
     q, k, v = channel_first(batch=2, heads=2, length=128, head_dim=64, seed=1)
     q = 3 * q  # q.k / sqrt(d) has std 3
     grad = torch.randn(2, 2, 128, 64, dtype=torch.float64)
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the rule that takes these heads
     assert uses_matmul_form(q.bfloat16())
 
     def run(fn, dtype):
@@ -87,6 +105,7 @@ def test_bf16_error_is_no_larger_than_a_few_times_sdpa():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_block_uses_the_matmul_form_under_cpu_autocast(channels_last, monkeypatch):
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the rule that takes a 128-wide head
     torch.manual_seed(0)
     block = AttentionBlock(128, num_heads=1)
     torch.nn.init.normal_(block.proj_out.weight, std=0.1)
