@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from core.runtime import cpu_computes_bf16
+from core.runtime import cpu_computes_bf16, cpu_has_amx
 
 # Published dense peaks, from the vendors' data sheets: (name fragment as torch.cuda.get_device_name
 # spells it, bf16 tensor-core FLOP/s without sparsity, with fp32 accumulation; memory bandwidth B/s).
@@ -53,12 +53,14 @@ def device_name(device: torch.device) -> str:
     except OSError:
         match = None
     model = match[1].strip() if match else (platform.processor() or platform.machine() or "CPU")
+    amx = ", AMX" if cpu_has_amx() else ""  # (changes which attention form is faster: kernels.attention)
     bf16 = ", native bf16" if cpu_computes_bf16() else ""
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()}{bf16})"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}{amx}{bf16})"
 
 
 def file_stem(name: str) -> str:
-    """A device name as a file name: letters, digits, dots, dashes and underscores only."""
+    """A device name as a file name: letters, digits, dots, dashes and underscores only, without trademark signs."""
+    name = re.sub(r"\((R|TM)\)", "", name, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "device"
 
 

@@ -15,11 +15,12 @@ know whether it was compiled or captured.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -111,16 +112,32 @@ class GraphedForward:
             return value.clone() if isinstance(value, Tensor) else value
         args, kwargs = tuple(static(a) for a in args), {k: static(v) for k, v in kwargs.items()}
         inputs = _tensors(args, kwargs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: lazy initialisation and autotuning stay out of the graph
-            for _ in range(self.warmup):
-                self.forward(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.forward(*args, **kwargs)
+        with _no_autocast_cache():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation and autotuning stay out of the graph
+                for _ in range(self.warmup):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self.forward(*args, **kwargs)
         return _Graph(graph, inputs, output)
+
+
+@contextlib.contextmanager
+def _no_autocast_cache() -> Iterator[None]:
+    """Autocast's weight cache off for the body. Autocast keeps the low-precision copy of each weight that requires
+    grad for the rest of its region and frees it when the region ends; a graph captured in the same region as its
+    warm-up would read the warm-up's cached copies, made outside the graph, and replay from freed memory ever
+    after (PyTorch's make_graphed_callables refuses autocast's cache for this reason). Without the cache the
+    capture records its own casts. (Sampling's networks are frozen, so their weights never enter the cache.)"""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:

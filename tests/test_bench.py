@@ -168,7 +168,8 @@ def test_candidates_start_with_plain_fp32_and_skip_compile_in_a_quick_cpu_run():
 
 def test_device_file_name_is_sanitised():
     assert file_stem("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
-    assert file_stem("Intel(R) Xeon(R) CPU @ 2.20GHz") == "Intel-R-Xeon-R-CPU-2.20GHz"
+    assert file_stem("Intel(R) Xeon(R) CPU @ 2.20GHz (AVX512, AMX)") == "Intel-Xeon-CPU-2.20GHz-AVX512-AMX"
+    assert file_stem("Intel(r) Core(TM) i7") == "Intel-Core-i7"
     assert file_stem("../") == "device"
 
 

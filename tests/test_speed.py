@@ -328,6 +328,32 @@ def test_cuda_graph_capture_and_replay_on_an_imitation_graph(monkeypatch):
     assert not any(torch.equal(replayed[0], e) for e in expected[1:])  # not the static output of a later replay
 
 
+def test_a_cuda_graph_is_recorded_without_autocast_s_weight_cache(monkeypatch):
+    """Under autocast, the warm-up calls and the capture share one autocast region, whose cache keeps the bf16
+    copy of each weight that requires grad until the region ends: a capture served from that cache would replay
+    reading the freed copies. So recording runs with the cache off, and leaves it as it was."""
+    import contextlib
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ImitationGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "Stream", ImitationStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", ImitationStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    net = tiny_unet(True).eval()  # weights that require grad, as an unfrozen network's do
+    x, t, labels, null_mask = unet_inputs()
+    caching = []
+    eager = net.forward
+
+    def watched(*args, **kwargs):
+        caching.append(torch.is_autocast_cache_enabled())
+        return eager(*args, **kwargs)
+    net.forward = GraphedForward(watched, warmup=2)
+    net.forward.device_type = "cpu"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        net(x, t, labels, null_mask=null_mask)
+        assert caching == [False] * 3 and torch.is_autocast_cache_enabled()
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 on the CPU
 
