@@ -295,16 +295,23 @@ class ImitationStream:
         pass
 
 
-def test_cuda_graph_capture_and_replay_on_an_imitation_graph(monkeypatch):
-    """`GraphedForward`'s own logic, which only a GPU runs for real (`test_cuda_graph_replay_equals_eager_on_cuda`):
-    one recording per signature, later calls copied into its static inputs and answered by replay alone, and
-    each answer a copy the next replay cannot overwrite (PNDM keeps past eps)."""
+@pytest.fixture
+def imitated_cuda_graphs(monkeypatch):
+    """torch.cuda's graphs and streams replaced by the imitations above (a `GraphedForward` set to device_type
+    "cpu" then records and replays CPU calls)."""
     import contextlib
     monkeypatch.setattr(torch.cuda, "CUDAGraph", ImitationGraph)
     monkeypatch.setattr(torch.cuda, "graph", Capture)
     monkeypatch.setattr(torch.cuda, "Stream", ImitationStream)
     monkeypatch.setattr(torch.cuda, "current_stream", ImitationStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+
+@pytest.mark.usefixtures("imitated_cuda_graphs")
+def test_cuda_graph_capture_and_replay_on_an_imitation_graph():
+    """`GraphedForward`'s own logic, which only a GPU runs for real (`test_cuda_graph_replay_equals_eager_on_cuda`):
+    one recording per signature, later calls copied into its static inputs and answered by replay alone, and
+    each answer a copy the next replay cannot overwrite (PNDM keeps past eps)."""
     net = tiny_unet(True).eval()
     x, t, labels, null_mask = unet_inputs()
     calls = []
@@ -328,16 +335,11 @@ def test_cuda_graph_capture_and_replay_on_an_imitation_graph(monkeypatch):
     assert not any(torch.equal(replayed[0], e) for e in expected[1:])  # not the static output of a later replay
 
 
-def test_a_cuda_graph_is_recorded_without_autocast_s_weight_cache(monkeypatch):
+@pytest.mark.usefixtures("imitated_cuda_graphs")
+def test_a_cuda_graph_is_recorded_without_autocast_s_weight_cache():
     """Under autocast, the warm-up calls and the capture share one autocast region, whose cache keeps the bf16
     copy of each weight that requires grad until the region ends: a capture served from that cache would replay
     reading the freed copies. So recording runs with the cache off, and leaves it as it was."""
-    import contextlib
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", ImitationGraph)
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
-    monkeypatch.setattr(torch.cuda, "Stream", ImitationStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", ImitationStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     net = tiny_unet(True).eval()  # weights that require grad, as an unfrozen network's do
     x, t, labels, null_mask = unet_inputs()
     caching = []
