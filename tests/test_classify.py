@@ -350,7 +350,8 @@ def test_other_classes_in_a_test_folder_are_refused_by_listing_it_before_any_ima
     # A class folder that is there but empty: named as such, not as a difference of names.
     empty = colour_folder(tmp_path / "empty", 1, 5, {"blue": (0, 0, 255), "red": (255, 0, 0)})
     (empty / "green").mkdir()
-    with pytest.raises(ValueError, match=r"The class folder \S*empty/green of --test-dataset holds no images"):
+    with pytest.raises(ValueError, match=r"The class folder \S*empty/green of --test-dataset holds no images"), \
+            pytest.warns(UserWarning, match=r"1 subfolder\(s\) of \S*empty hold no images of their own"):
         train.main(args(tmp_path / "run", data, empty, "--steps", "2"))
     assert not (tmp_path / "run").exists()
 

@@ -327,6 +327,7 @@ def _check_pixels(path, expected, tol):
     assert np.abs(grey[0] - want_grey).max() <= tol + (0 if grey_source else 1), grey[0].tolist()
 
 
+@pytest.mark.filterwarnings("ignore:.*comes out nearly black:UserWarning")  # asserted by test_a_16_bit_image_*
 @pytest.mark.parametrize("suffix, write, opens_as, expected, tol", FILE_CASES)
 def test_load_image_converts_every_mode_pillow_writes(tmp_path, suffix, write, opens_as, expected, tol):
     path = tmp_path / f"image.{suffix}"

@@ -249,7 +249,7 @@ def test_an_error_while_an_interruption_is_being_handled_stays_that_error(tmp_pa
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_a_warning_is_one_line_without_its_source_location_unless_debugging(capsys, monkeypatch, debug):
+def test_a_warning_is_one_line_without_its_source_location_unless_debugging(capsys, monkeypatch, recwarn, debug):
     import warnings
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
     monkeypatch.setattr(sys, "argv", ["train.py"] + (["--debug"] if debug else []))
@@ -272,6 +272,7 @@ def test_a_warning_is_one_line_without_its_source_location_unless_debugging(caps
     assert ended.value.code == 0
     if debug:  # Python's own (here pytest's, which records the warning instead of printing it)
         assert installed == [python_default] and "warning: " not in err
+        assert [str(w.message) for w in recwarn] == ["metrics.jsonl line 3 is torn; dropping it."]
     else:
         assert err == "warning: metrics.jsonl line 3 is torn; dropping it.\n"
 

@@ -188,7 +188,7 @@ def inversion_images_changed(request) -> Reuse:
     run_dir = tmp_path / "run"
     train.main(["--stage", "invert", "--run-dir", str(run_dir), "--device", "cpu", "--model", str(class_ckpt),
                 "--dataset", f"folder:{images}", "--resolution", str(RES), "--steps", "1", "--batch-size", "2",
-                "--log-every", "1", "--sample-every", "0", "--preview-images", "1", "--preview-steps", "1",
+                "--log-every", "1", "--sample-every", "0", "--preview-images", "1", "--preview-steps", "2",
                 "--eval-images", "2", "--eval-timesteps", "1", "--cache-dir", str(tmp_path / "cache")])
     repaint(images)
     return Reuse(lambda: train.main(["--stage", "invert", "--run-dir", str(run_dir), "--device", "cpu", "--resume",
