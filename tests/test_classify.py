@@ -119,6 +119,7 @@ def test_a_classifier_learns_separable_classes_and_its_report_matches_its_own_pr
     assert result["split"] == "heldout" and result["images"] == 15
     assert result["top1"] == 1.0                                   # noisy solid colours are trivially separable
     classifier = load_classifier(colour_run / "checkpoint.pt")
+    assert classifier.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the CPU's faster layout
     test = load_dataset(f"folder:{colours[1]}", RES)
     predicted = classifier.predict(test.images.float() / 127.5 - 1)
     confusion = torch.zeros(3, 3, dtype=torch.long)

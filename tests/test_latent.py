@@ -89,6 +89,8 @@ def test_vae_run_writes_reconstructions_heldout_metrics_and_the_latent_scale(vae
 def test_scale_factor_gives_latents_of_unit_standard_deviation(vae_run, cache):
     payload = load_checkpoint(vae_run / "checkpoint.pt", "vae")
     autoencoder, scale, _ = load_autoencoder(payload, torch.device("cpu"), vae_run)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in autoencoder.modules()
+               if isinstance(m, torch.nn.Conv2d))  # on the CPU, the faster layout for inference (core.speed)
     from data import load_dataset
     images = load_dataset("plumes", RES, cache_dir=cache, num_samples=12).images
     assert scale == pytest.approx(latent_scale(autoencoder, images, seed=1), rel=0.05)  # another posterior draw

@@ -139,6 +139,37 @@ def test_a_compiled_inference_network_gives_the_eager_result_and_uses_weights_lo
         assert not torch.allclose(net(x), before, atol=1e-3)
 
 
+def spatial_conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights of `module`'s convolutions wider than 1x1 (a 1x1 weight is channels-last and contiguous alike)."""
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def test_inference_networks_run_channels_last_on_the_cpu_with_the_same_outputs():
+    """`speed_up` (sample.py, the sweep, the consistency check) and `load_autoencoder` (latent diffusion's encoding
+    and decoding) put their networks in channels-last on the CPU, where oneDNN's convolutions run faster
+    (`core.speed.inference_layout`); the outputs stay those of the contiguous network up to float rounding. On
+    CUDA the layout is left as it is."""
+    from core.speed import inference_layout
+    net = tiny_unet(True).eval().requires_grad_(False)
+    autoencoder = tiny_autoencoder().eval().requires_grad_(False)
+    reference_net, reference_autoencoder = copy.deepcopy(net), copy.deepcopy(autoencoder)
+    speed_up(net, torch.device("cpu"))
+    inference_layout(autoencoder, torch.device("cpu"))
+    for module in (net, autoencoder):
+        weights = spatial_conv_weights(module)
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    x, t, labels, null_mask = unet_inputs()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, labels, null_mask=null_mask),
+                                   reference_net(x, t, labels, null_mask=null_mask), rtol=1e-5, atol=1e-5)
+        for ours, theirs in ((autoencoder.encode(images).mean, reference_autoencoder.encode(images).mean),
+                             (autoencoder.decode(x), reference_autoencoder.decode(x))):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    inference_layout(reference_net, torch.device("cuda"))  # (no tensor moves: only the layout is decided)
+    assert all(w.is_contiguous() for w in spatial_conv_weights(reference_net))
+
+
 def test_compiled_autoencoder_and_lpips_match_eager():
     ae = tiny_autoencoder()
     x = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -22,7 +22,7 @@ from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, derive_seed
-from core.speed import compile_module
+from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
 from data import ImageDataset, check_spec, load_dataset, load_test_set
 from data.augment import random_hflip
@@ -227,7 +227,8 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
     scale = float(payload["scale_factor"])
     if not math.isfinite(scale) or scale <= 0:
         raise UserError(f"{path} records an invalid latent scale factor {scale}; the checkpoint is inconsistent.")
-    return autoencoder.to(device).eval().requires_grad_(False), scale, state_fingerprint(state)
+    autoencoder = inference_layout(autoencoder.to(device).eval().requires_grad_(False), device)
+    return autoencoder, scale, state_fingerprint(state)
 
 
 def check(config: VAEConfig, resume_from: dict | None) -> None:
