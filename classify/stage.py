@@ -290,8 +290,9 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
         # the data_info a resume compares stays the same even if that file has gone since.
         start = resume_from["data_info"].get("init_from") if resume_from is not None else None
         data_info = {**data_info, "init_from": start or start_from(net, config, info, announce=runtime.is_main)}
-    if runtime.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions under AMP
+    # cuDNN's fast layout for convolutions under AMP, and oneDNN's on the CPU: a ResNet-18 training step at 32 px,
+    # batch 64, alternating in one process on a 2-core Intel Xeon with AMX, 1.07x (fp32) and 1.17x (bf16) faster.
+    net = net.to(memory_format=torch.channels_last)
     run = ClassifierTraining(config, info, test_set, split, runtime.device)
     options = config.classify
     trainable = Trainable(net, lr=train.lr, optimizer="sgd", momentum=options.momentum, nesterov=options.nesterov,

@@ -172,6 +172,7 @@ def test_an_extra_dataset_joins_the_training_set_at_a_fixed_share(colours, tmp_p
     config, _ = resolve_config(spec, parsed, tmp_path / "run")
     _, stage = spec.build(config, Runtime(torch.device("cpu")), None)
     assert len(stage.dataset) == 24 + 12 and stage.mix == ((24, 9), (12, 3))
+    assert stage.trainables["model"].model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # faster
     assert [p["num_samples"] for p in stage.data_info["parts"]] == [24, 12]
     # The held-out images are recorded too, so a resume on a changed test folder is refused (tests/test_reuse.py).
     assert stage.data_info["test_fingerprint"] == load_dataset(f"folder:{colours[1]}", RES).fingerprint()
