@@ -59,7 +59,7 @@ least as fast (the ddpm-cifar10 training step in bf16, alternating in one proces
 18.27 with SDPA); before this rule, narrow heads at 256 positions and more ran their attention at half
 SDPA's speed there. In training, narrow heads over at most 256 positions are often faster in the matmul
 form (1.2x-1.9x forward + backward), but not always (0.83x for 8 heads of 64 at L = 256), so the rule
-follows the forward pass, which sampling runs alone. `core.runtime.cpu_has_amx` reads the CPU's flags.
+follows the forward pass, which sampling runs alone. `AMX` is read once from the CPU's flags (`core.runtime.cpu_has_amx`).
 
 Precision: q and k arrive in bf16 under autocast either way; here each score is rounded to bf16 once
 more before an fp32 softmax (SDPA keeps it in fp32), which is how guided-diffusion's attention runs in
@@ -76,6 +76,8 @@ from torch import Tensor
 from core.runtime import cpu_has_amx
 
 SCORE_CHUNK = 1 << 22  # most score values (batch x heads x L x L) one matmul-form chunk holds
+# Read once, here: torch.compile cannot trace the read of /proc/cpuinfo, and would split every network there.
+AMX = cpu_has_amx()
 
 
 def uses_matmul_form(q: Tensor) -> bool:
@@ -83,7 +85,7 @@ def uses_matmul_form(q: Tensor) -> bool:
     length, head_dim = q.shape[-2:]
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or head_dim < 64:
         return False
-    if cpu_has_amx():  # SDPA's flash kernel multiplies in AMX tiles: the matmuls keep up only for wide heads
+    if AMX:  # SDPA's flash kernel multiplies in AMX tiles: the matmuls keep up only for wide heads
         return head_dim >= 256 and length <= 256
     return (length >= 128 or (length >= 64 and head_dim >= 256)) and length <= min(16 * head_dim, 2048)
 

@@ -59,7 +59,7 @@ def test_matmul_form_gradients_equal_sdpa():
     ((16, 1, 256, 256), torch.float16, False),
 ])
 def test_matmul_form_is_chosen_where_measured_faster(shape, dtype, expected, monkeypatch):
-    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(attention_module, "AMX", False)
     assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
 
 
@@ -75,7 +75,7 @@ def test_matmul_form_is_chosen_where_measured_faster(shape, dtype, expected, mon
 ])
 def test_on_cpus_with_amx_the_matmul_form_is_kept_for_wide_heads_over_short_sequences(shape, dtype, expected,
                                                                                        monkeypatch):
-    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(attention_module, "AMX", True)
     assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
 
 
@@ -85,7 +85,7 @@ def test_bf16_error_is_no_larger_than_a_few_times_sdpa(monkeypatch):
     q, k, v = channel_first(batch=2, heads=2, length=128, head_dim=64, seed=1)
     q = 3 * q  # q.k / sqrt(d) has std 3
     grad = torch.randn(2, 2, 128, 64, dtype=torch.float64)
-    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the rule that takes these heads
+    monkeypatch.setattr(attention_module, "AMX", False)  # the rule that takes these heads
     assert uses_matmul_form(q.bfloat16())
 
     def run(fn, dtype):
@@ -105,7 +105,7 @@ def test_bf16_error_is_no_larger_than_a_few_times_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_block_uses_the_matmul_form_under_cpu_autocast(channels_last, monkeypatch):
-    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the rule that takes a 128-wide head
+    monkeypatch.setattr(attention_module, "AMX", False)  # the rule that takes a 128-wide head
     torch.manual_seed(0)
     block = AttentionBlock(128, num_heads=1)
     torch.nn.init.normal_(block.proj_out.weight, std=0.1)

@@ -70,6 +70,19 @@ def test_unet_forward_has_no_graph_breaks(scale_shift_norm):
     assert graph_breaks(net, x, t, cond_emb=torch.randn(3, net.config.embedding_dim)) == 0
 
 
+def test_unet_forward_under_cpu_bf16_autocast_has_no_graph_breaks():
+    """Under bf16 autocast on the CPU the attention picks its form by the CPU (`kernels.attention`): a choice that
+    compile cannot trace (reading /proc/cpuinfo) would split every compiled U-Net in two there. Heads of 64 and
+    256 channels, so that both rules are asked."""
+    for width in (64, 256):
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(image_size=16, base_channels=width, channel_mult=(1,), num_res_blocks=1,
+                              attention_resolutions=(16,), dropout=0.0, cond="class", num_classes=3))
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert graph_breaks(net, x, t, torch.tensor([0, 2])) == 0, width
+
+
 def test_autoencoder_and_lpips_forward_have_no_graph_breaks():
     ae = tiny_autoencoder()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -402,7 +415,7 @@ def test_bf16_autocast_training_stays_close_to_fp32(matmul_attention, monkeypatc
     forms = []
     chosen = kernels.attention.uses_matmul_form
     monkeypatch.setattr(kernels.attention, "uses_matmul_form", lambda q: forms.append(chosen(q)) or forms[-1])
-    monkeypatch.setattr(kernels.attention, "cpu_has_amx", lambda: False)  # the rule that takes 64-wide heads
+    monkeypatch.setattr(kernels.attention, "AMX", False)  # the rule that takes 64-wide heads
     schedule = Schedule.from_name("linear", 1000)
     side = 16 if matmul_attention else 8
     data = torch.rand(4, 3, side, side) * 2 - 1
