@@ -59,7 +59,8 @@ least as fast (the ddpm-cifar10 training step in bf16, alternating in one proces
 18.27 with SDPA); before this rule, narrow heads at 256 positions and more ran their attention at half
 SDPA's speed there. In training, narrow heads over at most 256 positions are often faster in the matmul
 form (1.2x-1.9x forward + backward), but not always (0.83x for 8 heads of 64 at L = 256), so the rule
-follows the forward pass, which sampling runs alone. `AMX` is read once from the CPU's flags (`core.runtime.cpu_has_amx`).
+follows the forward pass, which sampling runs alone. `AMX` is read once from the CPU's flags
+(`core.runtime.cpu_has_amx`).
 
 Precision: q and k arrive in bf16 under autocast either way; here each score is rounded to bf16 once
 more before an fp32 softmax (SDPA keeps it in fp32), which is how guided-diffusion's attention runs in
