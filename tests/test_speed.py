@@ -546,11 +546,13 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
     network runs here on fake CUDA tensors (PyTorch's FakeTensor: shapes, dtypes and devices without data or
     a GPU; an op that mixes devices raises), in float32 and under bf16 and fp16 autocast, in training mode
     (dropout) and with both kernel backends (the Triton ops run as their registered fakes), and every output
-    must be on the GPU in the autocast dtype (LPIPS's distance is float32 by design)."""
+    must be on the GPU in the autocast dtype (LPIPS's distance is float32 by design). So must the training
+    objective on the schedule's tables and a guided, clipped sampler update."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from classify.model import ClassifierConfig, build_resnet18
     from fid.inception import FIDInceptionV3
+    from kernels.sampler_step import Update, sampler_step
     from vae.discriminator import PatchDiscriminator
     from vae.perceptual import build_perceptual
     if backend == "triton" and not kernels.triton_importable():
@@ -565,10 +567,11 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
     networks = {"unet, class": unet["class"], "unet, params": unet["params"], "autoencoder": autoencoder,
                 "lpips": build_perceptual("random"), "discriminator": PatchDiscriminator(),
                 "resnet-18": build_resnet18(ClassifierConfig(num_outputs=3), 32), "inception": FIDInceptionV3()}
+    schedule = Schedule.from_name("cosine", 1000)  # its tables are computed on the CPU, then moved
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:  # (before is_available says yes, which would make .to() start a real GPU)
-        for network in networks.values():
-            network.to(gpu)
+        for module in (*networks.values(), schedule):
+            module.to(gpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for autocast's device check
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     with kernels.using(backend, gpu), fake:
@@ -588,3 +591,11 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
                 expected = torch.float32 if name == "lpips" else dtype
                 assert outputs and all(o.device.type == "cuda" and o.dtype == expected for o in outputs), (
                     name, dtype, [(o.device, o.dtype) for o in outputs])
+        # The glue around them: the training objective on the schedule's tables, and a guided sampler update.
+        for prediction in ("eps", "x0", "v"):
+            loss = schedule.training_losses(networks["unet, params"], x, t, torch.randn_like(x), prediction)
+            assert loss.device.type == "cuda" and loss.shape == (2,)
+        update = Update(recip=1.2, recipm1=0.6, x0=0.9, eps=0.4, sigma=0.1)
+        stepped = sampler_step(x, torch.randn_like(x), update, eps_ref=torch.randn_like(x), guidance_scale=2.0,
+                               clip_x0=True, noise=torch.randn_like(x))
+        assert all(out.device.type == "cuda" for out in stepped if out is not None)
