@@ -546,14 +546,20 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
     network runs here on fake CUDA tensors (PyTorch's FakeTensor: shapes, dtypes and devices without data or
     a GPU; an op that mixes devices raises), in float32 and under bf16 and fp16 autocast, in training mode
     (dropout) and with both kernel backends (the Triton ops run as their registered fakes), and every output
-    must be on the GPU in the autocast dtype (LPIPS's distance is float32 by design). So must the training
-    objective on the schedule's tables and a guided, clipped sampler update."""
+    must be on the GPU in the autocast dtype (LPIPS's distance is float32 by design). So must the diffusion
+    and autoencoder objectives and a guided, clipped sampler update."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from classify.model import ClassifierConfig, build_resnet18
     from fid.inception import FIDInceptionV3
+    from types import SimpleNamespace
+
+    from core.contract import MAIN, TrainingModels
+    from ddpm.objective import diffusion_loss
     from kernels.sampler_step import Update, sampler_step
+    from vae.config import PRESETS as VAE_PRESETS
     from vae.discriminator import PatchDiscriminator
+    from vae.stage import OutputLogVariance, VAETraining
     from vae.perceptual import build_perceptual
     if backend == "triton" and not kernels.triton_importable():
         pytest.skip("the triton package is not installed")
@@ -567,11 +573,13 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
     networks = {"unet, class": unet["class"], "unet, params": unet["params"], "autoencoder": autoencoder,
                 "lpips": build_perceptual("random"), "discriminator": PatchDiscriminator(),
                 "resnet-18": build_resnet18(ClassifierConfig(num_outputs=3), 32), "inception": FIDInceptionV3()}
-    schedule = Schedule.from_name("cosine", 1000)  # its tables are computed on the CPU, then moved
+    schedule = Schedule.from_name("cosine", 1000)  # made on the CPU, then moved, as the stages do
+    logvar, perceptual = OutputLogVariance(), build_perceptual("random", taps=2)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:  # (before is_available says yes, which would make .to() start a real GPU)
         for module in (*networks.values(), schedule):
             module.to(gpu)
+        vae_loss = VAETraining(VAE_PRESETS["vae-demo"](), logvar, perceptual, None, None, "", gpu)  # (moves both)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for autocast's device check
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     with kernels.using(backend, gpu), fake:
@@ -591,10 +599,15 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
                 expected = torch.float32 if name == "lpips" else dtype
                 assert outputs and all(o.device.type == "cuda" and o.dtype == expected for o in outputs), (
                     name, dtype, [(o.device, o.dtype) for o in outputs])
-        # The glue around them: the training objective on the schedule's tables, and a guided sampler update.
+        # The glue around them: the objectives (the diffusion one with its condition dropout, on the schedule's
+        # tables; the autoencoder's reconstruction, perceptual and KL terms), and a guided sampler update.
         for prediction in ("eps", "x0", "v"):
-            loss = schedule.training_losses(networks["unet, params"], x, t, torch.randn_like(x), prediction)
+            loss = diffusion_loss(networks["unet, class"], schedule, x, torch.Generator(), prediction=prediction,
+                                  cond=torch.tensor([0, 2]).to(gpu), cond_drop_prob=0.2)
             assert loss.device.type == "cuda" and loss.shape == (2,)
+        models = TrainingModels({MAIN: autoencoder}, {MAIN: autoencoder})
+        losses, metrics = vae_loss.loss(models, SimpleNamespace(image=images), torch.Generator(), step=0)
+        assert all(value.device.type == "cuda" for value in (*losses.values(), *metrics.values()))
         update = Update(recip=1.2, recipm1=0.6, x0=0.9, eps=0.4, sigma=0.1)
         stepped = sampler_step(x, torch.randn_like(x), update, eps_ref=torch.randn_like(x), guidance_scale=2.0,
                                clip_x0=True, noise=torch.randn_like(x))
