@@ -163,15 +163,20 @@ def speed_up(module: nn.Module, device: torch.device, *, compile: bool = False, 
     return capture_cuda_graphs(module) if cuda_graphs else module
 
 
+def inference_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory layout our networks' inference runs fastest in on `device`: channels-last on the CPU, where
+    oneDNN's convolutions are faster in it for our U-Nets, autoencoders, ResNet-18 and the FID Inception (forward
+    alone, alternating in one process, 2-core Intel Xeon with AMX: the U-Net 1.07-1.33x, the autoencoders
+    1.10-2.41x but for one case at 0.94x, the kl-f8 in bf16 2.2-2.4x, ResNet-18 0.98-1.28x in fp32 and
+    1.40-1.77x in bf16; `python -m bench` chose it for sampling and the autoencoder on all three CPUs measured,
+    docs/speed.md). The default layout elsewhere: on CUDA it is unmeasured."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def inference_layout(module: nn.Module, device: torch.device) -> nn.Module:
-    """`module` in the memory layout its convolutions run fastest in for inference on `device`, in place:
-    channels-last on the CPU, where oneDNN's convolutions are faster in it for our U-Nets, autoencoders and
-    ResNet-18 (forward alone, alternating in one process, 2-core Intel Xeon with AMX: the U-Net 1.07-1.33x, the
-    autoencoders 1.10-2.41x but for one case at 0.94x, the kl-f8 in bf16 2.2-2.4x, ResNet-18 0.98-1.28x in fp32
-    and 1.40-1.77x in bf16; `python -m bench` chose it for sampling and the autoencoder on all three CPUs
-    measured, docs/speed.md). On CUDA unmeasured, so left as it is. The values computed are the same up to
-    float rounding."""
-    if device.type == "cpu":
+    """`module` in place in `inference_memory_format(device)` where that is channels-last (elsewhere its layout is
+    left as it is). The values computed are the same up to float rounding."""
+    if inference_memory_format(device) == torch.channels_last:
         module.to(memory_format=torch.channels_last)
     return module
 

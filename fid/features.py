@@ -28,7 +28,7 @@ from core.checkpoint import state_fingerprint
 from data.folder import decode_square
 from core.errors import UserError
 from core.runtime import check_num_workers
-from core.speed import check_compile
+from core.speed import check_compile, inference_memory_format
 
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
 # What features are computed with, as statistics files record it: this network, its pool3 features.
@@ -90,8 +90,7 @@ class FeatureExtractor:
         self.progress = progress
         self.files = files  # which files of a folder are read: "pytorch-fid" or "all" (see fid.folder)
         self.compile = compile  # torch.compile the network: slow to start, then faster; same features to rounding
-        # channels_last: faster on CPU (docs/speed.md); unmeasured on CUDA, so the default layout stays there.
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.memory_format = inference_memory_format(self.device)  # channels-last on the CPU
         self.checkpoint = features  # a classify checkpoint whose penultimate features replace Inception's
         self._domain: ClassifierFeatures | None = None
         self._model: FIDInceptionV3 | None = None

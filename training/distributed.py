@@ -51,13 +51,15 @@ def process_device(device: str, local_rank: int, local_processes: int = 1) -> to
     alike, so the job ends together and rank 0 alone says it."""
     try:
         wanted = resolve_device(device)
-        if wanted.type == "cuda" and wanted.index is not None:
-            raise UserError(f"--device {device} names one GPU, but under torchrun each process takes the GPU of its "
-                            f"local rank; pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES.")
-        gpus = torch.cuda.device_count() if wanted.type == "cuda" else 0
-        if wanted.type == "cuda" and max(local_processes, local_rank + 1) > gpus:
-            raise UserError(f"torchrun started {max(local_processes, local_rank + 1)} processes on this machine, "
-                            f"more than its {gpus} CUDA GPU(s); pass --nproc_per_node {gpus} or fewer.")
+        if wanted.type == "cuda":
+            if wanted.index is not None:
+                raise UserError(f"--device {device} names one GPU, but under torchrun each process takes the GPU of "
+                                f"its local rank; pass --device cuda (or auto), and choose the GPUs with "
+                                f"CUDA_VISIBLE_DEVICES.")
+            processes, gpus = max(local_processes, local_rank + 1), torch.cuda.device_count()
+            if processes > gpus:
+                raise UserError(f"torchrun started {processes} processes on this machine, more than its {gpus} "
+                                f"CUDA GPU(s); pass --nproc_per_node {gpus} or fewer.")
     except UserError as err:
         err.every_process = True  # every process checks the same: rank 0 says it
         raise
