@@ -61,6 +61,10 @@ class ClassifyConfig(StageConfig):
     def __post_init__(self) -> None:
         # The image size and batch the network must take are known before any data is loaded.
         check_batch_norm_fits(self.model, self.data.resolution, self.train.batch_size)
+        # Reflection repeats the image's own pixels, so it cannot pad by as many as the image has.
+        require(self.classify.crop_padding < self.data.resolution,
+                f"--crop-padding must be smaller than --resolution ({self.data.resolution} px), got "
+                f"{self.classify.crop_padding}; pass at most {self.data.resolution - 1}, or -1 for resolution / 8.")
 
 
 def classify_demo() -> ClassifyConfig:

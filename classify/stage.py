@@ -28,10 +28,10 @@ from classify.plots import confusion_matrix_image
 from core.checkpoint import checkpoint_stage, load_checkpoint, load_weights, require_keys, state_fingerprint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
-from core.errors import UserError
+from core.errors import UserError, warn_once
 from core.runtime import Runtime, read_metrics
 from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, folder_of, label_counts,
-                  load_dataset, load_test_set)
+                  load_dataset, load_test_set, shared_images)
 from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import LUMA, param_ranges
 from data.imageio import from_uint8
@@ -47,6 +47,23 @@ def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: st
     if target == "params" and other.param_names != train.param_names:
         raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
                         f"{train_option} ({', '.join(train.param_names)}); give both the same params.csv columns.")
+
+
+def check_held_out(train: ImageDataset, test: ImageDataset, option: str, train_option: str = "--dataset") -> None:
+    """Refuse test images that hold the training images or are held by them (one folder given twice, or a
+    subset of it), whose numbers a results table would report as held out; warn where some test images are
+    training images too (exact copies: splits that share files)."""
+    shared = shared_images(train, test)
+    if shared and (shared == len(test) or shared >= len(train)):
+        inside = (f"every image of {option} ({test.info.name}) is also one of {train_option} ({train.info.name})"
+                  if shared == len(test) else f"every image of {train_option} ({train.info.name}) is also one of "
+                  f"{option} ({test.info.name}: {shared} of its {len(test)})")
+        raise UserError(f"The test images are not held out: {inside}; test on images the classifier does not "
+                        f"train on.")
+    if shared:
+        warn_once(f"held out {option} {train_option}", f"{shared} of the {len(test)} images of {option} are exact "
+                  f"copies of images of {train_option}, and its held-out numbers count them; remove them from one "
+                  f"of the two for a clean split.")
 
 
 def _check_targets(name: str, classes: int, has_params: bool, target: str) -> None:
@@ -111,6 +128,9 @@ def run_data(config: ClassifyConfig) -> RunData:
     test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples,
                                     cache_dir=data.cache_dir, seed=0)
     same_targets(dataset.info, test_set.info, "--test-dataset", config.model.target)
+    if split == "heldout":
+        check_held_out(dataset, test_set, "--test-dataset" if data.test_dataset else f"the test split of {data.dataset}",
+                       "--dataset or --extra-dataset" if config.classify.extra_dataset else "--dataset")
     # The test images' fingerprint too: a resumed run (or a finished one the results table keeps) whose
     # test folder changed would otherwise report held-out numbers from two test sets as one.
     return RunData(dataset, mix, test_set, split, {**described, "test_fingerprint": test_set.fingerprint()})
@@ -171,10 +191,11 @@ class ClassifierTraining:
             labels, names = self.test_set.labels, self.info.class_names
             predicted = out.argmax(dim=1)
             confusion = torch.bincount(labels * len(names) + predicted, minlength=len(names) ** 2).view(len(names), -1)
-            per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+            per_class, tested = confusion.diag() / confusion.sum(dim=1).clamp(min=1), confusion.sum(dim=1) > 0
             record["loss"] = F.cross_entropy(out, labels).item()
             record["top1"] = (predicted == labels).float().mean().item()
-            record.update({f"accuracy/{name}": float(a) for name, a in zip(names, per_class)})
+            # A class without test images has no accuracy (not 0%): its key is left out.
+            record.update({f"accuracy/{name}": float(a) for name, a, t in zip(names, per_class, tested) if t})
             record["confusion"] = confusion.tolist()
             title = f"{self.split} top-1 {100 * record['top1']:.1f}% ({len(labels)} images)"
             record["figures"] = {"confusion": confusion_matrix_image(confusion, names, title=title)}

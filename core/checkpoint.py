@@ -32,7 +32,7 @@ from torch import nn
 
 from core.errors import MissingFileError, UserError
 from core.runtime import atomic_write
-from core.weights import state_dict_mismatch
+from core.weights import failed_checksum, state_dict_mismatch
 
 FORMAT = "synthdiff-checkpoint"
 VERSION = 2
@@ -85,6 +85,10 @@ def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None =
     if not path.is_file():
         where = f"{option} {path}" if option and option != "--resume" else f"Checkpoint {path}"
         raise MissingFileError(f"{where} {not_a_checkpoint_file(path, 'a finished or running training run')}.")
+    damaged = failed_checksum(path)
+    if damaged is not None:
+        raise UserError(f"Checkpoint {path} is damaged: its entry {damaged} fails its checksum (a bit changed on the "
+                        f"disk or in a copy); {advice(option)}.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises a zoo of types (KeyError for a text file, RuntimeError, ...)

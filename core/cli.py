@@ -103,8 +103,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         where = f" while writing {err.filename}" if err.filename else ""
         full, fix = (("file size limit reached", "raise the limit (ulimit -f)") if err.errno == errno.EFBIG
                      else ("disk full", "free some space"))
-        return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run); files "
-                f"written before are intact.", 1)
+        return (f"{full}{where}: {fix} and run the same command again (with --resume for a training run that wrote "
+                f"a checkpoint); files written before are intact.", 1)
     if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
         name = str(err.filename or "")
         shown = f" ({name[:40]}...{name[-20:]})" if len(name) > 64 else f" ({name})" if name else ""
@@ -122,7 +122,7 @@ def _size(nbytes: int) -> str:
 def interrupted(how: str) -> str:
     """The sentence for an interruption outside a training step, whatever it interrupted."""
     return (f"{how}; every file written before is intact: run the same command again to go on (a training run "
-            f"with --resume, from its last checkpoint; a dataset where it stopped).")
+            f"with --resume, from its last checkpoint if it wrote one; a dataset where it stopped).")
 
 
 def _original_message(message: str) -> str:

@@ -33,6 +33,21 @@ def hub_checkpoint(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def failed_checksum(path: str | os.PathLike) -> str | None:
+    """The first entry of a zip-format PyTorch file whose bytes fail their CRC-32, or None.
+
+    `torch.load` does not check the CRCs that `torch.save` writes, so a bit flipped on a disk, in a copy or
+    in a download loads as a silently changed weight (or one of 1e37: NaN at the next step). Reading the
+    file once more for the check costs about a second per gigabyte. A file that is not a readable zip
+    gives None: `torch.load` then says why.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
 def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, keyed by name; `what` names the file's role in error messages.
 
@@ -47,6 +62,10 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
         raise UserError(f"{what} file {path} is a folder; pass the path of the published weights file in it.")
     if not path.is_file():
         raise MissingFileError(f"{what} file {path} does not exist; pass the path of the published weights file.")
+    damaged = None if mmap else failed_checksum(path)  # (a start-up check of names reads almost nothing)
+    if damaged is not None:
+        raise UserError(f"{what} file {path} is damaged: its entry {damaged} fails its checksum (a broken download "
+                        f"or copy); download the published file again.")
     try:
         if path.suffix == ".safetensors":
             tensors = _read_safetensors(path, mmap=mmap)

@@ -16,11 +16,12 @@ from core.errors import MissingFileError, UserError
 if cli.started_as("data.export"):  # a stop while data.dataset imports torch is one line (see core.cli)
     cli.catch_early_sigterm()
 
-from data.dataset import Batch, DatasetInfo, ImageDataset, subset_indices  # noqa: E402
+from data.dataset import Batch, DatasetInfo, ImageDataset, grey_as_rgb, shared_images, subset_indices  # noqa: E402
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
-__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "dataset_size", "label_counts", "load_dataset"]
+__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "dataset_size", "grey_as_rgb", "label_counts", "load_dataset",
+           "shared_images"]
 
 
 def folder_of(spec: str) -> Path | None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import MissingFileError
+from core.errors import MissingFileError, UserError
 from core.lock import taking_turns
 from data.dataset import DatasetInfo, ImageDataset, resize_uint8, subset_indices, to_channels
 
@@ -67,8 +67,8 @@ class _BatchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR-10 batch needs") from None
 
 
-def _not_genuine(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} is not a genuine CIFAR-10 batch ({why}), so it is not used; delete {path.parent} and "
+def _not_genuine(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a genuine CIFAR-10 batch ({why}), so it is not used; delete {path.parent} and "
                       f"run again to download CIFAR-10, or put the files from {ARCHIVE} there.")
 
 

@@ -137,6 +137,30 @@ class ImageDataset(torch.utils.data.Dataset):
         return Batch(from_uint8(self.images[i]), self.labels[i], self.params[i], torch.tensor(i))
 
 
+def shared_images(train: ImageDataset, test: ImageDataset) -> int:
+    """How many of `test`'s images are exact copies of images in `train` (as decoded: same size and channels)."""
+    if test.images.shape[1:] != train.images.shape[1:]:
+        return 0
+    seen = set(_pixel_digests(train.images))
+    return sum(digest in seen for digest in _pixel_digests(test.images))
+
+
+def _pixel_digests(images: torch.Tensor) -> list[bytes]:
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in images.reshape(len(images), -1).numpy()]
+
+
+def grey_as_rgb(dataset: ImageDataset, channels: int, network: str, say: bool) -> ImageDataset:
+    """`dataset` for `network`, whose inputs have `channels` channels: greyscale images are RGB ones with three
+    equal channels, so an RGB network (published weights, an RGB autoencoder) takes them, and then draws such
+    images (said when `say`). Any other difference is left to the caller's check, which refuses it."""
+    if dataset.info.channels != 1 or channels != 3:
+        return dataset
+    if say:
+        print(f"Note: {dataset.info.name} is greyscale and {network} takes RGB images; each image is given to it as "
+              f"RGB with three equal channels, and the model draws such images.", flush=True)
+    return dataset.with_channels(3)
+
+
 def param_ranges(params: torch.Tensor) -> tuple[tuple[float, float], ...]:
     """(min, max) of each column of (N, P) parameters."""
     if params.shape[0] == 0 or params.shape[1] == 0:

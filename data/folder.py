@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import unicodedata
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -29,19 +28,15 @@ from tqdm import tqdm
 from core.cli import launched_rank
 from core.errors import UserError, warn_once
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
-from data.imageio import IMAGE_EXTENSIONS, list_images, load_image
+from data.imageio import IMAGE_EXTENSIONS, list_images, load_image, nfc
 
 PARAMS_FILE = "params.csv"
+# The image column of the params.csv files the dataset writers make (data/writer.py): no parameter may take its name.
+PATH_COLUMN = "path"
 
 
 # Top-level folder names that name a split of a dataset rather than a class (compared in lower case).
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
-
-
-def nfc(name: str) -> str:
-    """`name` (a folder's or a path's) in Unicode NFC: macOS writes names decomposed (NFD), so one "é" can be
-    one code point or two."""
-    return unicodedata.normalize("NFC", name)
 
 
 def _classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], list[int]]:
@@ -88,13 +83,13 @@ def _read_params(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.
     """Parameter names and values (N, P) for `files` from root/params.csv; no file -> ((), (N, 0)).
 
     Refused, naming the file and line: text that is not UTF-8 (a UTF-8 byte-order mark is fine), a
-    header with no parameter column or with an empty or repeated name, a row with the wrong number of
-    columns, an empty path, or a value that is not a finite number within float32's range, an image
-    listed twice, an image with no row, and two images whose paths are equal in NFC. Paths match in
-    NFC, so a row typed "é" finds a file macOS stored as "e" + a combining accent (the file is still
-    opened by its real name). Rows that are empty or all blank cells are skipped. Rows for images
-    that are not in the folder are ignored with a warning, so that removing a bad image does not
-    also mean editing the table.
+    header with no parameter column or with an empty or repeated name or a parameter named "path", a
+    row with the wrong number of columns, an empty path, or a value that is not a finite number within
+    float32's range, an image listed twice, an image with no row, and two images whose paths are equal
+    in NFC. Paths match in NFC, so a row typed "é" finds a file macOS stored as "e" + a combining
+    accent (the file is still opened by its real name). Rows that are empty or all blank cells are
+    skipped. Rows for images that are not in the folder are ignored with a warning, so that removing a
+    bad image does not also mean editing the table.
     """
     csv_path = root / PARAMS_FILE
     if not csv_path.is_file():
@@ -169,6 +164,10 @@ def _param_names(csv_path: Path, rows: list[tuple[int, list[str]]]) -> tuple[str
         if not name:
             raise UserError(f"{csv_path} line {header_line}: column {column} of the header has no name; name every "
                             f"parameter column.")
+        if name == PATH_COLUMN:  # a dataset written from this folder would put the parameter where its paths go
+            raise UserError(f"{csv_path} line {header_line}: column {column} of the header names a parameter "
+                            f"{name!r}, the name of the image column in the params.csv of datasets written from this "
+                            f"folder; rename that parameter.")
         first = names.index(name) + 2
         if first != column:
             raise UserError(f"{csv_path} line {header_line}: the header names parameter {name!r} in columns {first} "

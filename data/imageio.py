@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -30,16 +31,33 @@ MAX_PIXELS_ENV = "SYNTHDIFF_MAX_IMAGE_PIXELS"
 IMAGE_EXTENSIONS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp", ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm",
                     ".tga", ".qoi")
+# Photo formats Pillow does not open at all (phones' HEIC, cameras' raw files, JPEG XL, HDR renders, vector
+# art), which folders of photos often hold beside their JPEGs: left out with the same warning as the formats
+# Pillow opens but that are not read here, so that a folder of iPhone photos that trains on its few JPEGs says so.
+UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avifs", ".jxl", ".dng", ".cr2", ".cr3", ".crw", ".nef",
+                                     ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2", ".pef", ".srw", ".x3f",
+                                     ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".rwl", ".exr", ".hdr", ".svg", ".svgz"})
+
+
+def nfc(name: str) -> str:
+    """`name` (a folder's or a path's) in Unicode NFC: macOS writes names decomposed (NFD), so one "é" can be
+    one code point or two."""
+    return unicodedata.normalize("NFC", name)
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image files under `root`, sorted so every run sees the same order.
 
-    Hidden files and folders (names starting with ".", such as macOS's "._photo.jpg" resource forks or
-    Jupyter's ".ipynb_checkpoints/") are skipped: they are never meant as data, and a hidden folder
-    would otherwise become a class. Links to folders are followed, each real folder once, so a link
-    loop ends. An image name that is not a regular file (a broken link, a pipe) is refused, since
-    opening a pipe would block forever and a broken link is an image the user expected to be there.
+    The order is that of the paths in Unicode NFC, so that a folder copied from macOS (which stores
+    names decomposed, NFD) lists as its copy made elsewhere does: the same --num-samples subsets,
+    fingerprints and resume checks. Hidden files and folders (names starting with ".", such as macOS's
+    "._photo.jpg" resource forks or Jupyter's ".ipynb_checkpoints/") are skipped: they are never meant
+    as data, and a hidden folder would otherwise become a class. Links to folders are followed, each
+    real folder once, so a link loop ends; a folder reached both through a link and without one is
+    read at its own path, so a shortcut that sorts before a class folder does not take its class. An
+    image name that is not a regular file (a broken link, a pipe) is refused, since opening a pipe would
+    block forever and a broken link is an image the user expected to be there; so is one that is not
+    UTF-8, which a dataset writer could not record, here rather than after it wrote the images.
     """
     root = Path(root)
     if not root.is_dir():
@@ -49,26 +67,43 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
         raise UserError(f"Cannot list the folder {err.filename} ({err.strerror}); fix its permissions or move it out of {root}.")
 
     files, other_formats, seen = [], [], set()
-    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
-        status = os.stat(folder)
-        if (status.st_dev, status.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((status.st_dev, status.st_ino))
-        # Sorted, so that which of two links to one folder is kept does not depend on the file system.
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
-        for name in names:
-            extension = os.path.splitext(name)[1].lower()
-            if name.startswith("."):
+    # Every folder reached without a link is read before any reached through one (os.walk does not enter
+    # links), then those reached through one link, and so on.
+    tops = [root]
+    while tops:
+        for folder, dirs, names in os.walk(tops.pop(0), onerror=unreadable):
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in seen:
+                dirs[:] = []
                 continue
-            if extension in _readable_extensions():
-                files.append(regular_file(Path(folder, name)))
-            elif extension in _other_pillow_formats() or extension in IMAGE_EXTENSIONS:
-                other_formats.append(Path(folder, name))
+            seen.add((status.st_dev, status.st_ino))
+            # Sorted, so that which of two links to one folder is kept does not depend on the file system.
+            visible = (d for d in dirs if not d.startswith(".")) if recursive else ()
+            dirs[:] = sorted(visible, key=lambda d: (nfc(d), d))
+            tops += [Path(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d))]
+            for name in names:
+                extension = os.path.splitext(name)[1].lower()
+                if name.startswith("."):
+                    continue
+                if extension in _readable_extensions():
+                    files.append(regular_file(_utf8_named(Path(folder, name), root)))
+                elif extension in (*IMAGE_EXTENSIONS, *UNREAD_PHOTO_EXTENSIONS) or extension in _other_pillow_formats():
+                    other_formats.append(Path(folder, name))
     if other_formats:
         warn_once(f"Leaving out {len(other_formats)} file(s) of {root} in formats not read as images here "
                   f"(such as {min(other_formats).relative_to(root)}); convert them to PNG to use them.")
-    return sorted(files)
+    return sorted(files, key=lambda f: (tuple(nfc(part) for part in f.relative_to(root).parts), f))
+
+
+def _utf8_named(path: Path, root: Path) -> Path:
+    """`path`, refused if its name under `root` is not UTF-8 (a file system hands such bytes over as they are)."""
+    try:
+        str(path.relative_to(root)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"The image {os.fsencode(path.relative_to(root))!r} in {root} has a name that is not UTF-8 "
+                        f"(from an old zip file or another system), which a dataset written from it could not record; "
+                        f"rename it to UTF-8 (the convmv tool converts a folder's names from Latin-1, for one).") from None
+    return path
 
 
 def regular_file(path: Path) -> Path:
@@ -106,6 +141,7 @@ def _other_pillow_formats() -> frozenset[str]:
 
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and/or turned
+PHOTOMETRIC_TAG = 262  # TIFF PhotometricInterpretation: 0 "min-is-white" (0 is white), 1 "min-is-black"
 GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # every byte order Pillow reports for 16-bit greyscale
 HIGH_DEPTH = GREY_16 + ("I", "F")
 
@@ -122,10 +158,13 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
     - Multi-frame files (animated GIF, PNG or WebP, multi-page TIFF): the first frame only.
     - Alpha (RGBA, LA, PA, palettes with transparency, a transparent colour key) is composited on
       black, so transparent regions are black in every mode rather than whatever colour happened to
-      be stored there. Premultiplied RGBa and La already hold their colour composited on black.
+      be stored there. Premultiplied RGBa and La already hold their colour composited on black. The
+      colour key of a 16-bit RGB PNG is matched at 16 bits, though Pillow reads its pixels as 8-bit.
     - 16-bit greyscale (I;16, I;16L, I;16B, I;16N): 0..65535 maps to 0..255 (v / 257, rounded:
       65535 -> 255, 32768 -> 128), so a dark 16-bit image stays dark. One whose values all fit in
       12 bits is read nearly black, with a warning: likely 10- or 12-bit camera data, never scaled up.
+      A TIFF whose 0 is white (PhotometricInterpretation 0, as scanners write) is inverted first, as
+      Pillow itself inverts one of 8 bits.
     - 32-bit integer greyscale (I: 16-bit PGM/PPM, signed or 32-bit TIFF): read on the same 0..65535
       scale; a value outside it has no known white level, so such a file is refused.
     - 32-bit float greyscale (F): read as 0..1 if its largest value is at most 1, otherwise as
@@ -164,10 +203,14 @@ def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Imag
     if mode not in ("RGB", "L"):
         raise UserError(f"load_image converts to 'RGB' or 'L', not {mode!r}; pass one of those.")
     with decode_image(path) as im:
+        # Read before an EXIF turn, whose new image has no TIFF tags.
+        min_is_white = im.mode in GREY_16 and getattr(im, "tag_v2", {}).get(PHOTOMETRIC_TAG) == 0
+        if im.format == "PNG" and im.mode == "RGB" and isinstance(im.info.get("transparency"), tuple):
+            im = _colour_key_at_16_bits(im, path)
         if upright and im.getexif().get(ORIENTATION_TAG, 1) != 1:
             im = ImageOps.exif_transpose(im)
         if im.mode in HIGH_DEPTH:
-            return _high_depth_to_grey(im, path).convert(mode)
+            return _high_depth_to_grey(im, path, min_is_white).convert(mode)
         if im.mode == "RGBa":
             im = Image.merge("RGB", im.split()[:3])
         elif im.mode == "La":
@@ -183,6 +226,29 @@ def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Imag
         except ValueError as err:
             raise UserError(f"Image {path} has pixel mode {im.mode}, which cannot be converted to {mode} ({err}); "
                             f"save it as 8-bit RGB or greyscale.") from err
+
+
+def _colour_key_at_16_bits(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """An RGB PNG with a transparent colour key (tRNS): as RGBA, transparent where all 16 bits of a pixel's
+    samples equal the key, if it stores 16-bit samples; as it is (8-bit samples) otherwise.
+
+    Pillow reads 16-bit RGB as each sample's high byte but keeps the key at 16 bits, so its own comparison
+    would leave a keyed pixel opaque and make an opaque one whose high bytes equal a small key transparent.
+    The low bytes come from decoding the file again through Pillow's little-endian unpacker, which takes
+    the second byte of each (big-endian) sample and unfilters the rows just as the first decode did.
+    """
+    with Image.open(path) as again:
+        if [tile[3] for tile in again.tile] != ["RGB;16B"]:
+            return im
+        again.tile = [(*tile[:3], "RGB;16L") for tile in again.tile]
+        again.load()
+        low = np.asarray(again, dtype=np.uint16)
+    samples = np.asarray(im, dtype=np.uint16) * 256 + low
+    opaque = (samples != np.array(im.info["transparency"], dtype=np.uint16)).any(axis=-1)
+    keyed = im.copy()  # keeps the EXIF orientation
+    del keyed.info["transparency"]
+    keyed.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255, "L"))
+    return keyed
 
 
 def max_image_pixels() -> int | None:
@@ -249,9 +315,12 @@ FAINT_16_BIT_MAX = 4095  # a 16-bit image whose largest value fits 12 bits is un
 FAINT_FLOAT_MAX = 25.5  # a float image whose largest value is above 1 and at most this is under 10% grey on 0..255
 
 
-def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike) -> Image.Image:
-    """16-bit, 32-bit integer or float greyscale -> 8-bit "L", by the rules in `load_image`."""
+def _high_depth_to_grey(im: Image.Image, path: str | os.PathLike, min_is_white: bool = False) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale -> 8-bit "L", by the rules in `load_image`; `min_is_white`: a
+    16-bit image whose 0 is white."""
     values = np.asarray(im)  # uint16 in the file's byte order, int32 or float32
+    if min_is_white:
+        values = 65535 - values.astype(np.int32)
     if im.mode == "F":
         if not np.isfinite(values).all():
             raise UserError(f"Image {path} has NaN or infinite pixel values; replace them with finite ones "

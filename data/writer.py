@@ -32,6 +32,7 @@ from core.errors import ExistsError, UserError
 from core.lock import holds_files
 from core.runtime import FIXED_AMP, precision_name, write_csv, write_json
 from data.dataset import DatasetInfo
+from data.folder import PATH_COLUMN
 from data.imageio import save_images
 
 MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
@@ -259,8 +260,8 @@ class DatasetWriter:
         write_csv(rows, self.root / MANIFEST)
         names = list(self.request.get("param_names", []))
         if names:
-            write_csv([{"path": r["file"], **{n: r[manifest_column(n)] for n in names}} for r in rows],
-                      self.root / PARAMS, fields=["path", *names])
+            write_csv([{PATH_COLUMN: r["file"], **{n: r[manifest_column(n)] for n in names}} for r in rows],
+                      self.root / PARAMS, fields=[PATH_COLUMN, *names])
 
 
 def _shown(value: Any) -> str:

@@ -19,7 +19,7 @@ from core.config import from_dict, require, to_dict
 from core.errors import MissingFileError
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.runtime import Runtime
-from data import DatasetInfo, label_counts, load_dataset
+from data import DatasetInfo, grey_as_rgb, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
 from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, SamplingConfig,
@@ -84,17 +84,27 @@ def check(config: DDPMConfig, resume_from: dict | None) -> None:
         if not Path(config.ddpm.pretrained).expanduser().exists():
             raise MissingFileError(f"--pretrained {config.ddpm.pretrained} does not exist; pass the path of the "
                                    f"published weights file or folder.")
-        # Names only: the data decides the channels and classes, hence some shapes, later.
-        unet = dataclasses.replace(config.unet, image_size=size, in_channels=3,
-                                   num_classes=int(config.unet.cond == "class"))
-        read_published_unet(config.ddpm.pretrained, unet, mmap=True, names_only=True)
+        published_names(config)
         check_published_schedule(config.ddpm.pretrained, config.diffusion)
+
+
+def published_names(config: DDPMConfig) -> dict[str, Tensor]:
+    """The tensors of --pretrained, checked by their names only: the data decides the channels and classes,
+    hence some shapes, later. (Memory-mapped: almost nothing of the file is read.)"""
+    unet = dataclasses.replace(config.unet, image_size=config.data.resolution, in_channels=3,
+                               num_classes=int(config.unet.cond == "class"))
+    return read_published_unet(config.ddpm.pretrained, unet, mmap=True, names_only=True)
 
 
 def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
     """Load the data, fit the U-Net to it, and assemble the stage."""
     data = config.data
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    if resume_from is not None:  # the channels it started with (RGB where it started from published weights)
+        dataset = grey_as_rgb(dataset, config.unet.in_channels, "this run's U-Net", runtime.is_main)
+    elif config.ddpm.pretrained:
+        channels = published_names(config)["conv_in.weight"].shape[1]
+        dataset = grey_as_rgb(dataset, channels, "the published U-Net", runtime.is_main)
     info = dataset.info
     config = dataclasses.replace(config, unet=resolve_unet(config.unet, info, info.resolution, info.channels))
     torch.manual_seed(config.train.seed)  # the initial weights

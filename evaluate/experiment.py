@@ -44,7 +44,7 @@ import numpy as np
 
 from classify.config import MODEL_FROM_DATA, PRESETS, ClassifyConfig
 from classify.plots import bar_chart
-from classify.stage import SPEC as CLASSIFY, final_results, run_data, same_targets
+from classify.stage import SPEC as CLASSIFY, check_held_out, final_results, run_data, same_targets
 from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
 from core.cli import RunInterrupted
 from core.config import flat_fields, from_dict, option_name, to_dict
@@ -248,8 +248,9 @@ def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig
     data = config.data
     test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir, train=False)  # plumes: its test split
     for option, spec in training_sets(args, rows).items():
-        same_targets(load_dataset(spec, data.resolution, cache_dir=data.cache_dir).info, test.info, "--test",
-                     config.model.target, train_option=option)
+        train = load_dataset(spec, data.resolution, cache_dir=data.cache_dir)
+        same_targets(train.info, test.info, "--test", config.model.target, train_option=option)
+        check_held_out(train, test, "--test", option)
 
 
 def without_option(passed: list[str], option: str) -> list[str]:

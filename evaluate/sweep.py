@@ -58,7 +58,7 @@ import kernels
 from classify.config import PRESETS
 from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
-from classify.stage import SPEC as CLASSIFY
+from classify.stage import SPEC as CLASSIFY, check_held_out
 from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"trains on all of them.", flush=True)
     for option, data in (("--test", test), ("--real", real)):
         check_labels(option, data, judge)
+    check_held_out(real, test, "--test", "--real")
 
     out = args.out
     with FolderLock(out):

@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_reused_statistics(paths: list[str], common: dict) -> None:
     """Refuse a statistics file computed with another network or weights than the other side, before
-    any features are computed. This run's own network is built only to compare with a file that records
-    its network; `fid_between` checks again, and warns of a file that records none."""
+    any features are computed, or than --features / --weights name when both sides are files (which would
+    otherwise go unused). This run's own network is built only to compare with a file that records its
+    network; `fid_between` checks again, and warns of a file that records none."""
     saved = [(f"statistics file {path}", load_statistics(path).provenance)
              for path in paths if is_statistics_source(path) and Path(path).is_file()]
-    if len(saved) == 1 and saved[0][1] is not None:  # the other side's features are computed here
+    named = common["features"] is not None or common["weights"] is not None
+    if any(provenance is not None for _, provenance in saved) and (len(saved) == 1 or named):
         weights = (f"classifier {common['features']}" if common["features"] else
                    f"weights {common['weights'] or f'the published {WEIGHTS_FILENAME}'}")
         run = FeatureExtractor(**common)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Callable, Iterable, Iterator, Union
 
@@ -215,7 +216,9 @@ def _check_layout(batch: torch.Tensor) -> torch.Tensor:
 
 
 def _check_range(low: float, high: float) -> None:
-    """Refuse a batch whose values span [low, high], outside [0, 1]."""
+    """Refuse a batch whose values span [low, high], outside [0, 1] (NaN, which bounds propagate, included)."""
+    if math.isnan(low) or math.isnan(high):  # a diverged model's images: the statistics would be NaN, or SVD fail
+        raise UserError("Image values include NaN (images of a model that diverged?); pass images with values in [0, 1].")
     # Catch the commonest mix-up, images in [-1, 1], which would silently shift every feature.
     if low < -1e-3 or high > 1 + 1e-3:
         raise UserError(

@@ -22,7 +22,7 @@ from core.config import TrainConfig, from_dict
 from core.contract import Prerequisite, StageSpec, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
-from data import DatasetInfo, load_dataset
+from data import DatasetInfo, grey_as_rgb, load_dataset
 from data.augment import random_view
 from ddpm.config import NO_HELD_OUT_SET, UNET_FROM_DATA, UNET_OPTIONS, check_unet_fits, resolve_unet
 from ddpm.generate import DiffusionSampler
@@ -93,11 +93,7 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     autoencoder, recorded_scale, fingerprint = load_autoencoder(vae_payload, device, source)
 
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
-    if dataset.info.channels == 1 and autoencoder.config.in_channels == 3:
-        dataset = dataset.with_channels(3)  # grey images are RGB ones with equal channels: an RGB autoencoder takes them
-        if runtime.is_main:
-            print(f"Note: {data.dataset} is greyscale and the autoencoder takes RGB images; each image is given to it "
-                  f"as RGB with three equal channels, and the model draws such images.", flush=True)
+    dataset = grey_as_rgb(dataset, autoencoder.config.in_channels, "the autoencoder", runtime.is_main)
     info = dataset.info
     config = fit_unet_to_latents(config, info, autoencoder)
     latents = latent_dataset(autoencoder, fingerprint, dataset, hflip=data.hflip, cache_dir=data.cache_dir,

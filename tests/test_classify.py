@@ -29,13 +29,15 @@ from helpers import COLOURS, RES, colour_folder
 
 
 def params_folder(root: Path, count: int, seed: int) -> Path:
-    """Grey images whose brightness is parameter `level` (and a constant second parameter)."""
+    """Grey images whose brightness is parameter `level` (and a constant second parameter), each with a little
+    noise of its own (two sets of flat images would share some exactly)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     rows = []
     for k in range(count):
         level = float(rng.uniform(0, 1))
-        Image.fromarray(np.full((RES, RES, 3), int(40 + 180 * level), np.uint8)).save(root / f"{k}.png")
+        pixels = 40 + 180 * level + rng.uniform(-2, 2, (RES, RES, 1))
+        Image.fromarray(np.repeat(pixels, 3, axis=2).astype(np.uint8)).save(root / f"{k}.png")
         rows.append(f"{k}.png,{level!r},3.5")
     (root / "params.csv").write_text("path,level,constant\n" + "\n".join(rows) + "\n")
     return root
@@ -146,6 +148,41 @@ def test_resume_continues_exactly(colours, tmp_path):
         assert torch.equal(value, b["models"]["model"][key]), key     # weights and batch-norm statistics
     momentum = [s["momentum_buffer"] for s in a["optimizers"]["model"]["state"].values()]
     assert all(torch.equal(m, s["momentum_buffer"]) for m, s in zip(momentum, b["optimizers"]["model"]["state"].values()))
+
+
+def test_test_images_that_are_training_images_are_refused_or_counted(colours, tmp_path, capsys):
+    """The same folder as --dataset and --test-dataset (or a subset of it) would report training accuracy as
+    held out: refused before the run writes anything. A test set sharing some images trains, with a warning."""
+    import shutil
+    train_folder, test_folder = colours
+    for test, subset in ((train_folder, "0"), (train_folder, "6"), (test_folder, "0")):
+        dataset = train_folder if test is train_folder else test_folder
+        with pytest.raises(ValueError, match=r"^The test images are not held out: every image of "):
+            train.main(args(tmp_path / "never", dataset, test, "--steps", "2", "--num-samples", subset))
+        assert not (tmp_path / "never").exists()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(test_folder, mixed)
+    shutil.copy(train_folder / "red" / "0.png", mixed / "red" / "copied.png")
+    with pytest.warns(UserWarning, match=r"^1 of the 16 images of --test-dataset are exact copies of images of "
+                                         r"--dataset, .*; remove them"):
+        train.main(args(tmp_path / "run", train_folder, mixed, "--steps", "2"))
+    assert final_results(tmp_path / "run")["images"] == 16
+    # The results table checks every training set against --test before its first run trains.
+    argv = ["--real", f"folder:{test_folder}", "--synthetic", f"gen=folder:{train_folder}", "--test",
+            f"folder:{train_folder}", "--out", str(tmp_path / "table"), "--device", "cpu", "--", "--target", "class",
+            "--resolution", str(RES), "--steps", "2", "--warmup-steps", "1", "--batch-size", "6"]
+    with pytest.raises(ValueError, match=r"^The test images are not held out: every image of --test .* is also one "
+                                         r"of --synthetic gen "):
+        experiment.main(argv)
+    assert not (tmp_path / "table" / "runs").exists()
+
+
+def test_a_class_without_test_images_has_no_accuracy_rather_than_zero(colours, tmp_path):
+    train.main(args(tmp_path / "run", *colours, "--steps", "2", "--test-samples", "2"))
+    result = final_results(tmp_path / "run")
+    tested = [name for name, row in zip(sorted(COLOURS), result["confusion"]) if sum(row)]
+    assert 1 <= len(tested) <= 2                                    # 2 test images: a class at least has none
+    assert sorted(key for key in result if key.startswith("accuracy/")) == [f"accuracy/{name}" for name in tested]
 
 
 def test_params_target_reports_the_mean_absolute_error_of_each_parameter(tmp_path):
@@ -305,11 +342,11 @@ def test_new_head_copies_the_trunk_and_trains_a_fresh_output_layer_for_other_cla
     assert not torch.equal(tuned["conv1.weight"], fresh["conv1.weight"])
     assert stage.data_info["init_from"] == {"path": source, "fingerprint": state_fingerprint(start), "new_head": True}
 
-    regressor = colour_folder(tmp_path / "params", 2, seed=7)  # colour images with a parameter each
-    files = sorted(p.relative_to(regressor).as_posix() for p in regressor.rglob("*.png"))
-    (regressor / "params.csv").write_text("path,wind\n" + "".join(f"{f},{k / 10}\n" for k, f in enumerate(files)))
-    _, tuned = built(tmp_path / "regress", regressor, regressor, "--target", "params", "--init-from", source,
-                     "--new-head")
+    regressor = [colour_folder(tmp_path / name, 2, seed=seed) for name, seed in (("params", 7), ("params-test", 8))]
+    for folder in regressor:  # colour images with a parameter each
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+        (folder / "params.csv").write_text("path,wind\n" + "".join(f"{f},{k / 10}\n" for k, f in enumerate(files)))
+    _, tuned = built(tmp_path / "regress", *regressor, "--target", "params", "--init-from", source, "--new-head")
     assert tuned["fc.weight"].shape[0] == 1 and all(torch.equal(tuned[k], start[k]) for k in trunk)
 
     train.main(args(tmp_path / "trained", data, test, "--init-from", source, "--new-head", "--steps", "3"))
@@ -332,6 +369,7 @@ def test_new_head_copies_the_trunk_and_trains_a_fresh_output_layer_for_other_cla
     (lambda d, t, tmp: ["--extra-fraction", "0.5"], "need --extra-dataset"),
     (lambda d, t, tmp: ["--extra-dataset", f"folder:{d}", "--extra-fraction", "0.01"], "less than one image"),
     (lambda d, t, tmp: ["--label-smoothing", "1"], "--label-smoothing"),
+    (lambda d, t, tmp: ["--crop-padding", str(RES)], rf"--crop-padding must be smaller than --resolution \({RES} px\)"),
     (lambda d, t, tmp: ["--lr-schedule", "onecycle", "--steps", "10", "--warmup-steps", "10"], "no annealing"),
 ])
 def test_bad_options_are_refused_before_any_file_is_written(colours, tmp_path, change, message):

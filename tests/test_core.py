@@ -22,7 +22,7 @@ from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime, atomic_write
 from core.weights import check_state_dict, read_state_dict
 from stages import STAGES
-from training.loop import Trainer, lr_factor
+from training.loop import Trainer, check_schedule_kept, lr_factor
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -59,6 +59,24 @@ def test_onecycle_rises_from_a_25th_of_the_peak_then_anneals_to_a_10000th_of_tha
     assert fall[-1] == pytest.approx(1 / 250000)
     with pytest.raises(ValueError, match="no annealing phase"):
         TrainConfig(steps=30, warmup_steps=30, lr_schedule="onecycle")
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+def test_a_resume_may_change_steps_only_where_the_rates_already_trained_with_stay(schedule):
+    """Extending a run must train the weights of a run started with that many steps: a cosine or one-cycle
+    rate follows the total, so once a step past the warm-up's end has trained, another total is refused."""
+    was = TrainConfig(steps=100, warmup_steps=30, lr_schedule=schedule)
+    for done, steps in ((0, 300), (31, 300), (32, 300), (100, 300), (100, 100), (50, 60)):
+        now = dataclasses.replace(was, steps=steps)
+        kept = all(lr_factor(schedule, s, 100, 30) == lr_factor(schedule, s, steps, 30) for s in range(done))
+        assert kept == (schedule == "constant" or steps == 100 or done <= 31), (done, steps)  # step 30: the peak
+        if kept:
+            check_schedule_kept(done, was, now)
+        else:
+            with pytest.raises(ValueError, match=rf"^--steps {steps} would change the learning rates this run has "
+                                                 rf"trained with \(its --lr-schedule {schedule} follows the total "
+                                                 rf"steps, 100\), .*; resume with --steps 100, or start a new"):
+                check_schedule_kept(done, was, now)
 
 
 # ---------------------------------------------------------------------------------------------

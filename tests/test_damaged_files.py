@@ -12,6 +12,8 @@ import json
 import pickle
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,6 +102,17 @@ def _edited(*edits: Callable[[dict], None]) -> Callable[[Path], None]:
     return damage
 
 
+def _flipped_bit(path: Path) -> None:
+    """One bit in the middle of the largest tensor's bytes changed in place, as a failing disk or copy does:
+    the file still loads with torch.load, one weight changed."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name, extra = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name + extra + entry.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 class Code:
     """An object a pickle would have to run code to rebuild."""
 
@@ -108,6 +121,7 @@ class Code:
 CHECKPOINT_CASES = [
     ("a text file", _raw(b"these are my notes, not weights\n"), "is not a PyTorch file at all"),
     ("an empty file", _raw(b""), "is empty"),
+    ("a flipped bit", _flipped_bit, "is damaged: its entry"),
     ("a list", _saved([1, 2, 3]), "not a checkpoint written by this toolkit"),
     ("a foreign state dict", _saved({"state_dict": {"w": torch.zeros(1)}}), "not a checkpoint written by this toolkit"),
     ("an object that runs code", _saved({"format": FORMAT, "version": 2, "x": Code()}), "holds Python objects"),
@@ -422,3 +436,15 @@ def test_a_finished_classify_run_read_back_with_damaged_files_is_one_sentence(tm
     (tmp_path / "metrics.jsonl").write_text(metrics_text)
     with pytest.raises(UserError, match=message):
         final_results(tmp_path)
+
+
+def test_a_flipped_bit_in_published_weights_is_one_sentence_though_torch_load_reads_them(tmp_path):
+    from core.weights import read_state_dict
+    path = tmp_path / "diffusion_pytorch_model.bin"
+    torch.save({"conv_in.weight": torch.randn(64, 3, 3, 3)}, path)
+    _flipped_bit(path)
+    assert torch.load(path, weights_only=True)["conv_in.weight"].shape == (64, 3, 3, 3)  # torch.load takes it
+    with pytest.raises(UserError, match=r"^U-Net file .* is damaged: its entry .* fails its checksum \(a broken "
+                                        r"download or copy\); download the published file again\.$"):
+        read_state_dict(path, "U-Net")
+    read_state_dict(path, "U-Net", mmap=True)  # a start-up check of the names reads almost nothing: not checked

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from PIL import Image
 
 import data.plumes as plumes
 from core import cli
+from core.errors import UserError
 from data import DatasetInfo, load_dataset
 from data.fluid import advect, divergence, project
 from data.imageio import MAX_PIXELS_ENV, list_images, load_image, max_image_pixels
@@ -216,16 +218,23 @@ def _associated_alpha_tiff(image):
     return write
 
 
-def _rgb16_png(pixels):
-    """Pillow reads 48-bit PNGs but cannot write them, so build one chunk by chunk."""
+def _rgb16_png(pixels, key=None):
+    """Pillow reads 48-bit PNGs but cannot write them, so build one chunk by chunk; `key`: a transparent
+    colour (tRNS), 16 bits a sample as the pixels."""
     def write(path):
         def chunk(kind, body):
             return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         raw = b"\x00" + np.array(pixels, ">u2").tobytes()
         header = struct.pack(">IIBBBBB", len(pixels), 1, 16, 2, 0, 0, 0)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                         + chunk(b"IEND", b""))
+        transparent = chunk(b"tRNS", np.array(key, ">u2").tobytes()) if key else b""
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + transparent
+                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return write
+
+
+def _min_is_white_tiff(image):
+    """A TIFF whose 0 is white (PhotometricInterpretation 0), as scanners write."""
+    return lambda path: image.save(path, tiffinfo={262: 0})
 
 
 def _two_frames(**options):
@@ -277,6 +286,14 @@ FILE_CASES = [
     _case("RGB-transparent-png", "png", _saves(_row("RGB", [(1, 2, 3), (200, 100, 50)]), transparency=(1, 2, 3)), "RGB",
           [BLACK, (200, 100, 50)]),
     _case("RGB-16bit-png", "png", _rgb16_png([(65535, 32768, 0), (257, 0, 65535)]), "RGB", [(255, 128, 0), (1, 0, 255)]),
+    # Pillow reads 16-bit RGB as its high bytes but keeps the key at 16 bits: the key is matched at 16 bits, so a
+    # pixel one low bit from it stays opaque, and one whose high bytes equal a small key is not transparent.
+    _case("RGB-16bit-transparent-png", "png",
+          _rgb16_png([(0x8000, 0x4000, 0x2000), (0x8000, 0x4000, 0x2001)], key=(0x8000, 0x4000, 0x2000)), "RGB",
+          [BLACK, (128, 64, 32)]),
+    _case("RGB-16bit-small-key-png", "png",
+          _rgb16_png([(1, 2, 3), (0x0100, 0x0200, 0x0300), (65535, 0, 0)], key=(1, 2, 3)), "RGB",
+          [BLACK, (1, 2, 3), RED]),
     # CMYK without colour management: each channel is (255 - C)(255 - K) / 255.
     _case("CMYK-tiff", "tiff", _saves(_row("CMYK", [(0, 255, 255, 0), (100, 0, 0, 100), (0, 0, 0, 255)])), "CMYK",
           [RED, (94, 155, 155), BLACK]),
@@ -289,6 +306,10 @@ FILE_CASES = [
           [(255, 255, 255), (128, 128, 128), RED], tol=12),
     *[_case(f"{m}-{s}", s, _saves(Image.fromarray(GREY_16_ROW.astype(dtype))), m, GREY_16_EXPECTED) for s, m, dtype in
       [("png", "I;16", "<u2"), ("tiff", "I;16", "<u2"), ("tiff", "I;16B", ">u2"), ("pgm", "I", "<u2")]],
+    # A TIFF whose 0 is white: Pillow stores 8-bit samples inverted and inverts them back when reading, but stores
+    # and reads 16-bit ones as they are, so that file holds 0 for white (TIFF 6.0) and load_image inverts it.
+    _case("L-min-is-white-tiff", "tiff", _min_is_white_tiff(_row("L", [0, 100, 255])), "L", [0, 100, 255]),
+    _case("I;16-min-is-white-tiff", "tiff", _min_is_white_tiff(Image.fromarray(GREY_16_ROW)), "I;16", [255, 254, 127, 0]),
     # A dark 16-bit image stays dark: the scale is the mode's, not guessed from the image's largest value.
     _case("I;16-dark-png", "png", _saves(Image.fromarray(np.array([[0, 128, 255]], np.uint16))), "I;16", [0, 0, 1]),
     _case("I;16-transparent-png", "png",
@@ -577,6 +598,65 @@ def test_list_images_refuses_a_folder_it_cannot_read(tmp_path, monkeypatch):
         list_images(tmp_path)
 
 
+def test_list_images_warns_of_photos_in_formats_pillow_cannot_open(tmp_path):
+    _save(tmp_path / "IMG_1.JPG", _row("RGB", [RED]))
+    for name in ("IMG_2.HEIC", "IMG_3.dng", "scan.jxl", "render.exr"):  # iPhone, camera raw, JPEG XL, HDR
+        (tmp_path / name).write_bytes(b"\0\0\0\x18ftypheic")
+    with pytest.warns(UserWarning, match=r"Leaving out 4 file\(s\) of .* in formats not read as images here \(such "
+                                         r"as IMG_2\.HEIC\); convert them to PNG to use them\."):
+        assert [p.name for p in list_images(tmp_path)] == ["IMG_1.JPG"]
+
+
+def test_list_images_refuses_names_that_are_not_utf8_before_anything_is_written(tmp_path):
+    """A name from an old zip (Latin-1 "café") would load, but no dataset exported from it could record it."""
+    from data import export
+    for root, name in ((tmp_path / "image", b"cls/caf\xe9.png"), (tmp_path / "class", b"caf\xe9/a.png")):
+        _save(root / "ok" / "b.png", _row("RGB", [RED]))
+        path = os.path.join(os.fsencode(root), name)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                _row("RGB", [RED]).save(f, format="PNG")
+        except OSError:
+            pytest.skip("this file system stores only UTF-8 names")
+        message = (rf"^The image {re.escape(repr(name))} in {re.escape(str(root))} has a name that is not UTF-8 .*; "
+                   r"rename it to UTF-8 \(the convmv tool converts a folder's names from Latin-1, for one\)\.$")
+        with pytest.raises(UserError, match=message):
+            list_images(root)
+        with pytest.raises(UserError, match=message):
+            export.main([f"folder:{root}", str(tmp_path / "out"), "--resolution", str(RES)])
+        assert not (tmp_path / "out").exists()
+
+
+def test_list_images_sorts_accented_names_the_same_however_they_are_normalised(tmp_path):
+    """macOS stores "é" as "e" + a combining accent (NFD), which sorts before "f" where "é" (NFC) sorts after "z": a
+    folder copied from there lists, subsets (--num-samples) and fingerprints as its copy made elsewhere."""
+    names = ("\u00e9clair.png", "fig.png", "zo\u00eb.png")
+    for form in ("NFC", "NFD"):
+        for k, name in enumerate(names):
+            _save(tmp_path / form / "p\u00e2te" / unicodedata.normalize(form, name), _row("RGB", [(60 * k, 0, 0)]))
+    if unicodedata.normalize("NFD", names[0]) not in os.listdir(tmp_path / "NFD" / "p\u00e2te"):
+        pytest.skip("this file system normalises file names itself, so no NFD name can be stored")
+    for form in ("NFC", "NFD"):
+        listed = [unicodedata.normalize("NFC", p.name) for p in list_images(tmp_path / form)]
+        assert listed == ["fig.png", "zo\u00eb.png", "\u00e9clair.png"], form
+    nfc, nfd = (load_dataset(f"folder:{tmp_path / form}", RES, num_samples=2) for form in ("NFC", "NFD"))
+    assert torch.equal(nfc.images, nfd.images) and nfc.fingerprint() == nfd.fingerprint()
+
+
+def test_a_link_to_a_class_folder_does_not_take_its_class_from_the_real_folder(tmp_path):
+    for name, colour in (("apes/a.png", DARK), ("cat/c.png", GREEN), ("zebra/z.png", RED)):
+        _save(tmp_path / name, _row("RGB", [colour]))
+    os.symlink(tmp_path / "zebra", tmp_path / "animals")  # a shortcut, sorting before the folder it leads to
+    os.symlink(tmp_path / "cat", tmp_path / "apes" / "cats")  # one inside a class folder that sorts first
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["apes/a.png", "cat/c.png",
+                                                                                   "zebra/z.png"]
+    with pytest.warns(UserWarning, match=r"1 subfolder\(s\) of \S+ hold no images of their own \(such as animals: "
+                                         r"empty, or a link to a folder read once already\)"):
+        ds = load_dataset(f"folder:{tmp_path}", RES)
+    assert ds.info.class_names == ("apes", "cat", "zebra") and ds.labels.tolist() == [0, 1, 2]
+
+
 # ---------------------------------------------------------------- folders
 
 def _save(path, image):
@@ -666,6 +746,10 @@ def test_folder_errors(tmp_path):
                  r"line 1: the header names parameter 'speed' in columns 2 and 4", id="duplicate-column"),
     pytest.param(b"path,speed,,angle\na.png,1,2,3\nb.png,1,2,3\n",
                  r"line 1: column 3 of the header has no name", id="empty-column-name"),
+    # An exported copy's params.csv would write the parameter over its image paths.
+    pytest.param(b"file,path\na.png,1\nb.png,2\n",
+                 r"line 1: column 2 of the header names a parameter 'path', the name of the image column in the "
+                 r"params\.csv of datasets written from this folder; rename that parameter\.$", id="parameter-named-path"),
     pytest.param(b"path,speed\na.png,1\n,2\nb.png,3\n", r"line 3 has an empty image path", id="empty-path"),
     pytest.param(b"a.png,1\nb.png,2\n", r"starts with a row for an image \(a\.png\) where its header belongs",
                  id="no-header"),
@@ -950,6 +1034,18 @@ def test_cifar10_refuses_batches_of_the_wrong_structure(tmp_path, monkeypatch, t
     (folder / target).write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
     with pytest.raises(ValueError, match=rf"{folder / target} is not a genuine CIFAR-10 batch .*{match}"):
         load_dataset("cifar10", 32, cache_dir=tmp_path)
+
+
+def test_a_truncated_cifar10_batch_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
+    _no_network(monkeypatch)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder, lambda obj: pickle.dumps(obj, protocol=2))
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:3000])  # a copy cut short
+    assert cli.run(lambda argv: load_dataset("cifar10", 32, cache_dir=tmp_path, train=False), []) == 1
+    assert capsys.readouterr().err == (
+        f"error: {folder / 'test_batch'} is not a genuine CIFAR-10 batch (UnpicklingError: pickle data was truncated), "
+        f"so it is not used; delete {folder} and run again to download CIFAR-10, or put the files from "
+        f"cifar-10-python.tar.gz there.\n")
 
 
 def test_a_test_set_named_plumes_or_cifar10_is_their_test_split(tmp_path, monkeypatch):

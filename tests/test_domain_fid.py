@@ -168,6 +168,13 @@ def test_statistics_of_other_networks_are_refused_in_one_sentence(tmp_path, caps
     assert "was computed with feature weights" in err and err.endswith("the same --features.")
     err = refusal([str(domain), folder, *CPU])                                 # a classifier's file, Inception run
     assert "holds features of classify ResNet-18/penultimate-512" in err
+    # Two files and --features: the option names the features wanted, not a network left unused.
+    err = refusal([str(domain), str(domain), "--features", str(other), *CPU])
+    assert "was computed with feature weights" in err
+    err = refusal([str(inception), str(inception), "--features", str(ckpt), *CPU])
+    assert f"holds features of {NETWORK} but this run's features" in err
+    assert cli_main([str(domain), str(domain), "--features", str(ckpt), *CPU]) == 0
+    assert float(re.search(r"FID: (\S+)", capsys.readouterr().out).group(1)) == pytest.approx(0.0, abs=1e-6)
     params = params_checkpoint(tmp_path / "p.pt")                              # a regressor: another network
     err = refusal([str(domain), folder, "--features", str(params), "--no-kid", *CPU])
     assert "(class target, 16 px, 3 channels) but this run's features" in err and "(params target" in err

@@ -900,6 +900,10 @@ def test_bad_image_sources_raise_clear_errors(extractor, tmp_path):
         extractor.statistics(tmp_path / "broken")
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]; map \[-1, 1\] images"):
         extractor.statistics(torch.rand(2, 3, 8, 8) * 2 - 1)
+    diverged = torch.rand(4, 3, 8, 8)
+    diverged[3, 1, 2, 5] = float("nan")  # one pixel: the bounds are NaN, and NaN passes every comparison
+    with pytest.raises(ValueError, match=r"^Image values include NaN .*; pass images with values in \[0, 1\]\.$"):
+        extractor.statistics(diverged)
     with pytest.raises(ValueError, match=r"must be a tensor \(B, 1 or 3, H, W\)"):
         extractor.statistics(torch.rand(2, 4, 8, 8))
     with pytest.raises(ValueError, match="is not a folder of images"):

@@ -534,6 +534,31 @@ def test_published_weights_import_into_a_vae_run_with_zero_steps(tmp_path, cache
     assert load_checkpoint(run_dir / "checkpoint.pt", "vae")["step"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:.*published autoencoders normalise:UserWarning")  # 16 channels: fewer groups
+def test_grey_images_fine_tune_a_published_rgb_autoencoder_as_rgb(tmp_path, cache, capsys):
+    """Grey photos and RGB weights (Stable Diffusion's autoencoder, say): each image is given to it as RGB with
+    three equal channels (refused before, as if the file were not an autoencoder's); a resumed run stays RGB."""
+    from PIL import Image
+
+    from vae.autoencoder import AutoencoderConfig, AutoencoderKL
+    from vae.published import to_published
+    config = AutoencoderConfig(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               latent_channels=2, resolution=RES)
+    torch.save({"state_dict": to_published(AutoencoderKL(config).state_dict(), config)}, tmp_path / "published.ckpt")
+    (tmp_path / "grey").mkdir()
+    for k in range(12):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (RES, RES), dtype=np.uint8), "L").save(
+            tmp_path / "grey" / f"{k}.png")
+    run_dir = tmp_path / "run"
+    train.main(vae_args(run_dir, cache, 1, "--dataset", f"folder:{tmp_path / 'grey'}",
+                        "--pretrained", str(tmp_path / "published.ckpt")))
+    assert "is greyscale and the published autoencoder takes RGB images" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoint.pt", "vae")["config"]["autoencoder"]["in_channels"] == 3
+    train.main(["--stage", "vae", "--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"])
+    assert "is greyscale and this run's autoencoder takes RGB images" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoint.pt", "vae")["step"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # inversion against a latent model
 

@@ -181,6 +181,30 @@ def test_train_imports_published_weights_with_zero_steps(tmp_path):
     assert all(torch.equal(expected[k], v) for k, v in peer.state_dict().items())
 
 
+def test_grey_images_fine_tune_published_rgb_weights_as_rgb_and_resume_exactly(tmp_path, capsys):
+    """A folder of grey photos and an RGB model: each image is given to it as RGB with three equal channels
+    (refused before, as if the weights file were not a U-Net's), and a resumed run goes on in RGB."""
+    import numpy as np
+    from PIL import Image
+
+    import train
+    save_unet2d(tmp_path / "unet", small_config())
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for k in range(4):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (RES, RES), dtype=np.uint8), "L").save(grey / f"{k}.png")
+    options = ["--base-channels", "128", "--channel-mult", "1", "1", "--dropout", "0", "--no-scale-shift-norm",
+               "--pretrained", str(tmp_path / "unet")]
+    train.main(tiny_args(tmp_path / "whole", grey, *options, steps=2))
+    assert "is greyscale and the published U-Net takes RGB images" in capsys.readouterr().out
+    train.main(tiny_args(tmp_path / "split", grey, *options, steps=1))
+    train.main(["--run-dir", str(tmp_path / "split"), "--resume", "--steps", "2", "--device", "cpu"])
+    assert "is greyscale and this run's U-Net takes RGB images" in capsys.readouterr().out
+    whole, split = (load_checkpoint(tmp_path / run / "checkpoint.pt", "ddpm") for run in ("whole", "split"))
+    assert whole["config"]["unet"]["in_channels"] == 3 and whole["data_info"]["channels"] == 3
+    assert all(torch.equal(v, split["ema"]["model"][k]) for k, v in whole["ema"]["model"].items())
+
+
 def test_a_class_table_without_the_null_class_is_named_as_such(tmp_path):
     config = small_config(cond="class", num_classes=3)
     weights = to_diffusers(UNet(config).state_dict(), config)

@@ -212,6 +212,20 @@ def test_folder_lock_in_process(tmp_path):
     assert (tmp_path / "run" / "kept").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
+def _wait_until_blocked_on(path: Path) -> None:
+    """Return once some flock request waits on `path`'s file: Linux lists waiting requests in /proc/locks
+    ("-> FLOCK ... MAJ:MIN:INODE"). Elsewhere, give the waiter half a second to get there."""
+    locks = Path("/proc/locks")
+    if not locks.exists():
+        time.sleep(0.5)
+        return
+    inode = f":{path.stat().st_ino} "
+    deadline = time.monotonic() + 60
+    while not any("->" in line and inode in line for line in locks.read_text().splitlines()):
+        assert time.monotonic() < deadline, "the waiter never came to wait on the lock"
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_taking_turns_never_lets_two_in_when_the_holder_removes_the_lock_file(tmp_path):
     """A holder removes its lock file and then releases it. One that waited is then granted the lock of the
@@ -233,7 +247,7 @@ def test_taking_turns_never_lets_two_in_when_the_holder_removes_the_lock_file(tm
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.5)  # the waiter now waits on the holder's file
+    _wait_until_blocked_on(path)  # the waiter now waits on the holder's file
     assert not entered.is_set()
     path.unlink()  # the holder is done: it removes its file, a newcomer locks a new one there, the holder lets go
     newcomer = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -625,6 +639,18 @@ def test_resume_mistakes_are_one_line_and_change_nothing(tmp_path, trained, caps
         assert cli.run(train.main, [*args, "--device", "cpu"]) != 0
         assert message in the_error(capsys.readouterr().err), args
     assert snapshot(run_dir) == before and not (tmp_path / "empty").exists()
+
+
+def test_a_resume_that_would_change_a_cosine_schedules_rates_is_refused(tmp_path, trained, capsys):
+    """Under a cosine (or one-cycle) rate, extending a run would change the rates of steps already trained:
+    it would train neither the run started nor one of the new length (the docs promise the latter)."""
+    _, images = trained
+    run_dir = tmp_path / "cosine"
+    train.main(tiny_args(run_dir, images, "--lr-schedule", "cosine", "--warmup-steps", "0", steps=2))
+    before = snapshot(run_dir)
+    assert cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"]) != 0
+    assert "--steps 4 would change the learning rates this run has trained with" in the_error(capsys.readouterr().err)
+    assert snapshot(run_dir) == before
 
 
 def test_a_resubmitted_finished_run_exits_at_once_without_loading_data(tmp_path, trained, capsys, monkeypatch):

@@ -182,8 +182,8 @@ def test_the_judging_tools_refuse_a_drawing_batch_larger_than_the_machine(tmp_pa
     out = tmp_path / "out"
     base = ["--ckpt", str(class_ckpt), "--judge", str(judge), "--out", str(out), "--device", "cpu"]
     if command == "sweep":
-        real = f"folder:{colour_folder(tmp_path / 'real', 1, seed=0)}"
-        base += ["--real", real, "--test", real]
+        real, test = (f"folder:{colour_folder(tmp_path / name, 1, seed=seed)}" for name, seed in (("real", 0), ("test", 1)))
+        base += ["--real", real, "--test", test]
     main = getattr(evaluate, command).main
     assert cli.run(main, [*base, "--batch-size", "400", "--per-class", "150"]) == 1  # 450 per set
     told = the_error(capsys.readouterr().err)

@@ -221,6 +221,12 @@ def test_options_are_checked_before_any_work(inputs, tmp_path):
         with pytest.raises(UserError, match=message):
             sweep.main(argv(inputs, out, *options, train=False))
         assert not out.exists() or not any((out / "sets").rglob("*.png"))
+    command = argv(inputs, tmp_path / "never", train=False)
+    command[command.index("--test") + 1] = f"folder:{inputs['real']}"  # the real row would be tested on itself
+    with pytest.raises(UserError, match=r"^The test images are not held out: every image of --real \(.*\) is also "
+                                        r"one of --test \(.*: 6 of its 9\); test on images"):  # sets of 6: a subset
+        sweep.main(command)
+    assert not (tmp_path / "never").exists()
 
 
 def test_write_best_writes_the_full_set_with_the_chosen_setting(finished, inputs, tmp_path):

@@ -278,6 +278,20 @@ def check_steps_ahead(run_dir: Path, done: int, steps: int) -> None:
                         f"than {done} to train further.")
 
 
+def check_schedule_kept(done: int, was: TrainConfig, now: TrainConfig) -> None:
+    """Refuse a resume whose --steps would change the learning rates of the `done` steps already trained (a
+    cosine or one-cycle schedule follows the total): the run would then be neither the one it started as nor
+    one started with that many steps. A constant schedule, or one still warming up, may be extended."""
+    if now.steps == was.steps or all(
+            lr_factor(was.lr_schedule, step, was.steps, was.warmup_steps) ==
+            lr_factor(now.lr_schedule, step, now.steps, now.warmup_steps) for step in range(done)):
+        return
+    raise UserError(f"--steps {now.steps} would change the learning rates this run has trained with (its "
+                    f"--lr-schedule {was.lr_schedule} follows the total steps, {was.steps}), so it would not train the "
+                    f"weights of a run started with {now.steps}; resume with --steps {was.steps}, or start a new "
+                    f"--run-dir.")
+
+
 class Trainer:
     """Trains one `TrainingStage` for `cfg.steps` steps, writing everything under `run_dir`.
 

@@ -29,7 +29,7 @@ from core.runtime import Runtime, check_batch_fits, check_num_workers
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
 from training import distributed
-from training.loop import RunExists, Trainer, check_steps_ahead, finished_run, missing_outputs
+from training.loop import RunExists, Trainer, check_schedule_kept, check_steps_ahead, finished_run, missing_outputs
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there.
@@ -132,6 +132,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         saved = load_checkpoint(checkpoint, spec.name, option="--resume")
         require_keys(saved, CHECKPOINT_KEYS, checkpoint, option="--resume")
         config = from_dict(spec.config_class, saved["config"], checkpoint)
+        saved_train = config.train
         fixed = _changed_fixed_options(spec, args, config)
         if fixed:
             raise UserError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes them); "
@@ -144,6 +145,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     config = with_options(spec, config, args)
     if saved is not None:  # before any data is read (the trainer checks it too, for callers that start there)
         check_steps_ahead(run_dir, saved["step"], config.train.steps)
+        check_schedule_kept(saved["step"], saved_train, config.train)
     check_spec(config.data.dataset)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))

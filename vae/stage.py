@@ -24,7 +24,7 @@ from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, derive_seed
 from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
-from data import ImageDataset, check_spec, load_dataset, load_test_set
+from data import ImageDataset, check_spec, grey_as_rgb, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import from_uint8
 from vae.autoencoder import AutoencoderKL
@@ -171,6 +171,13 @@ class VAETraining:
 def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tuple[VAEConfig, TrainingStage]:
     data, loss_cfg, train = config.data, config.loss, config.train
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
+    if resume_from is not None:  # the channels it started with (RGB where it started from published weights)
+        dataset = grey_as_rgb(dataset, config.autoencoder.in_channels, "this run's autoencoder", runtime.is_main)
+    elif config.vae.pretrained:
+        autoencoder = dataclasses.replace(config.autoencoder, resolution=data.resolution)
+        published = read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
+        dataset = grey_as_rgb(dataset, published["encoder.conv_in.weight"].shape[1], "the published autoencoder",
+                              runtime.is_main)
     info = dataset.info
     config = resolve_autoencoder(config, info.channels, info.resolution)
     test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples, cache_dir=data.cache_dir,
