@@ -11,6 +11,7 @@ dispatch on it, and name no stage themselves. `open_source` opens any checkpoint
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,11 +46,18 @@ def open_source(path: Path, device: torch.device, weights: str = "ema", option: 
         raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
                         f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")
     source = spec.load_source(payload, device, weights, path)
-    # The run's datasets as its config names them, the training folder as its loader resolved it (absolute,
-    # wherever the command ran from).
+    source.trained_on = {f"the model's {option}": spec for option, spec in trained_datasets(payload).items()}
+    if source.drawn_through is not None:  # an inversion: the frozen model's training images too
+        source.trained_on.update({f"the frozen model's {option}": spec
+                                  for option, spec in trained_datasets(source.drawn_through).items()})
+    return source
+
+
+def trained_datasets(payload: dict[str, Any]) -> dict[str, str]:
+    """The datasets of a checkpoint's run, by option: as its config names them, and the training folder as its
+    loader resolved it (absolute, wherever the command ran from)."""
     datasets = config_datasets(payload.get("config", {}))
     trained = str((payload.get("data_info") or {}).get("name", ""))
     if trained.startswith("folder:"):
         datasets["--dataset"] = trained
-    source.trained_on = {f"the model's {option}": spec for option, spec in datasets.items()}
-    return source
+    return datasets

@@ -68,7 +68,7 @@ class TrainConfig:
     batch_size: int = option(32, "global batch size, split evenly across processes under torchrun")
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
     lr_schedule: str = option("constant", "learning rate after the warm-up: constant (DDPM), cosine (decays to 0 at "
-                                          "the last step) or onecycle (warm-up from lr/25, then a cosine to ~0)",
+                                          "the end of the run) or onecycle (warm-up from lr/25, then a cosine to ~0)",
                               choices=LR_SCHEDULES)
     warmup_steps: int = option(200, "linear learning-rate warm-up (from 0; onecycle: from lr/25)")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 = DDPM's plain Adam)")

@@ -42,6 +42,9 @@ class ImageSource:
     # The datasets the model learnt from (option -> spec, from its run's config; `stages.open_source` sets
     # them): sample.py writes nothing inside those folders, where it would become training data.
     trained_on: dict[str, str] = {}
+    # The checkpoint of another model these images are drawn through (an inversion's frozen model), whose
+    # datasets are off limits too; None for a model that draws on its own.
+    drawn_through: dict[str, Any] | None = None
 
     def __init__(self, model: DiffusionSampler):
         self.model = model

@@ -33,7 +33,7 @@ DIFFUSION_MODELS = {spec.name: spec for spec in (DDPM, LDM)}
 class FrozenModel:
     """A trained diffusion model that an inversion conditions but never changes."""
     sampler: DiffusionSampler       # network (eval mode, no gradients), schedule, prediction, data info
-    path: Path                      # its checkpoint
+    path: Path                      # its checkpoint, absolute (sample.py reads the record from any folder)
     stage: str                      # the stage that trained it (ddpm, ldm)
     weights: str                    # ema or model
     fingerprint: str                # state_fingerprint of the network's weights
@@ -48,7 +48,7 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
                 what: str = "--model") -> FrozenModel:
     """The diffusion model at `path`, frozen; refused unless conditional, and unless its weights'
     fingerprint is `expected` (when given)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         advice = (f"restore it (fingerprint {expected}), or learn the embeddings again against another model"
                   if expected else "pass the checkpoint.pt of a conditional ddpm or ldm run")
@@ -67,7 +67,7 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
         raise UserError(f"The diffusion model {path} changed since these embeddings were learned against it "
                         f"(weights {fingerprint}, learned against {expected}); restore that model, or start a new "
                         f"inversion.")
-    return FrozenModel(sampler, path, stage, weights, fingerprint, payload)
+    return FrozenModel(sampler, path.resolve(), stage, weights, fingerprint, payload)
 
 
 def fit_images(model: FrozenModel, images: ImageDataset, announce: bool = True) -> ImageDataset:

@@ -172,7 +172,7 @@ def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> t
     if resume_from is not None:  # its record of the frozen model and the vectors, checked before it is trusted
         check_inversion(resume_from, Path("the checkpoint to resume"))
     expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
-    model = load_frozen(options.model, options.weights, device, expected=expected)
+    model = load_frozen(model_path(config, resume_from), options.weights, device, expected=expected)
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     images = fit_images(model, images, announce=runtime.is_main)
@@ -187,9 +187,20 @@ def check(config: InvertConfig, resume_from: dict | None) -> None:
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
                         "against (e.g. train.py --stage ddpm --cond params).")
-    if not Path(path).expanduser().is_file():
+    if not model_path(config, resume_from).is_file():
         reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
         raise MissingFileError(f"--model {path} {reason}.")
+
+
+def model_path(config: InvertConfig, resume_from: dict | None) -> Path:
+    """The frozen model's file: --model, or for a resumed run whose --model was relative to another folder,
+    the absolute path its checkpoint recorded (the fingerprint then proves it the same model)."""
+    given = Path(config.invert.model).expanduser()
+    if resume_from is not None and not given.is_file():
+        recorded = Path(str(resume_from.get("inversion", {}).get("model", {}).get("path", "")))
+        if recorded.is_absolute() and recorded.is_file():
+            return recorded
+    return given
 
 
 def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> InversionSource:

@@ -700,6 +700,18 @@ def test_hinge_losses():
     assert hinge_g_loss(fake + 1.0) < hinge_g_loss(fake)
 
 
+def test_the_kl_of_bf16_moments_is_computed_in_float32():
+    """var - 1 - logvar cancels near the prior: in bf16 (moments under autocast) the KL was 5% off there."""
+    from vae.autoencoder import DiagonalGaussian
+    torch.manual_seed(0)
+    moments = (0.05 * torch.randn(2, 8, 6, 6)).bfloat16()  # near the prior: mean ~ 0, logvar ~ 0
+    mean, logvar = moments.double().chunk(2, dim=1)
+    exact = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+    kl = DiagonalGaussian(moments).kl()
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), exact, rtol=1e-5, atol=0)
+
+
 def test_adaptive_weight_is_the_detached_gradient_norm_ratio():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 2.0]))
     y = 2 * w  # shared by both losses, so both gradients need the graph kept
@@ -713,6 +725,9 @@ def test_adaptive_weight_is_the_detached_gradient_norm_ratio():
 
     # No generator gradient: the ratio is clamped at 1e4.
     assert adaptive_weight((2 * w).sum(), (0.0 * w).sum(), w, disc_weight=1.0).item() == pytest.approx(1e4)
+    # A loss averaged over an image's 768 values: the clamp of the same loss summed, in its units.
+    assert adaptive_weight((2 * w).sum(), (0.0 * w).sum(), w, disc_weight=1.0, pixels=768).item() == \
+        pytest.approx(1e4 / 768)
 
 
 def test_adaptive_weight_survives_gradients_that_underflow_in_half_precision():

@@ -124,6 +124,23 @@ def test_lazy_adamw_by_mask_is_lazy_adamw_by_index_bit_for_bit_and_reads_nothing
     assert index_opt.state[by_index]["step"][-1] == 0
 
 
+def test_a_state_read_onto_the_cpu_resumes_on_the_parameters_device():
+    """A checkpoint is read onto the CPU; torch.optim moves each state entry to its parameter's device except
+    those named "step", whose per-row counts a GPU step would then mix with the rows (the meta device stands in
+    for a GPU: it refuses such a mix as CUDA does)."""
+    table = torch.zeros(4, 3, requires_grad=True)
+    optimizer = LazyAdamW([table], lr=0.1)
+    table.grad = torch.ones(4, 3)
+    optimizer.step()
+    on_gpu = torch.zeros(4, 3, device="meta", requires_grad=True)
+    resumed = LazyAdamW([on_gpu], lr=0.1, masked=True)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert {key: value.device.type for key, value in resumed.state[on_gpu].items()} == \
+        {"step": "meta", "exp_avg": "meta", "exp_avg_sq": "meta"}
+    on_gpu.grad = torch.ones(4, 3, device="meta")
+    resumed.step()
+
+
 # ---------------------------------------------------------------------------------------------
 # a model whose dependence on the embedding is known: x0 = W e, whatever x_t and t
 
@@ -366,6 +383,32 @@ def test_a_changed_or_missing_model_is_refused_on_resume_and_when_sampling(class
     with pytest.raises(FileNotFoundError, match="does not exist; restore it"):
         draw(run_dir / "checkpoint.pt", tmp_path / "set")
     assert file_hash(run_dir / "checkpoint.pt") == saved and not (tmp_path / "set").exists()
+
+
+def test_a_model_named_relative_to_one_folder_is_found_from_any_other(class_ckpt, tmp_path, monkeypatch):
+    """The checkpoint records the model's absolute path: sample.py and a resume work from another folder (the
+    fingerprint proves the file the same model), and `~` is the user's home. Sampling never writes into the
+    frozen model's training images either, though the inversion was of other images."""
+    from helpers import colour_folder
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "model.pt").write_bytes(class_ckpt.read_bytes())
+    images = colour_folder(tmp_path / "others", 2, seed=9)
+    monkeypatch.setenv("HOME", str(project))
+    monkeypatch.chdir(project)
+    train.main(invert_args(tmp_path / "home", Path("~/model.pt"), f"folder:{images}", "--steps", "2",
+                           "--lr-schedule", "constant"))
+    run_dir = tmp_path / "run"
+    train.main(invert_args(run_dir, Path("model.pt"), f"folder:{images}", "--steps", "2", "--lr-schedule", "constant"))
+    assert load_checkpoint(run_dir / "checkpoint.pt")["inversion"]["model"]["path"] == str(project / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    assert len(list(draw(run_dir / "checkpoint.pt", tmp_path / "set").rglob("*.png"))) == 6
+    train.main(["--stage", "invert", "--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu"])
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
+    trained_on = folder_of(class_ckpt).removeprefix("folder:")
+    with pytest.raises(ValueError, match="the frozen model's --dataset"):
+        draw(run_dir / "checkpoint.pt", Path(trained_on) / "synthetic")
+    assert not (Path(trained_on) / "synthetic").exists()
 
 
 # ---------------------------------------------------------------------------------------------

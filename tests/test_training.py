@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 from pathlib import Path
 
@@ -656,6 +657,32 @@ def test_a_checkpointed_logging_window_gives_each_process_its_own_sums_back(tmp_
     alone = MetricsWindow(Runtime(torch.device("cpu")),  # resumed by one process
                           MetricsWindow.restored(results[0]["state"], Runtime(torch.device("cpu"))))
     assert alone.sums["loss"].item() == pytest.approx((sums[0]["loss"] + sums[1]["loss"]) / 2)
+
+
+def test_a_window_leaves_out_the_gradient_norms_of_steps_fp16_skipped_and_times_only_its_own_steps():
+    """fp16 loss scaling skips a step whose gradient overflowed: its infinite or NaN norm is no part of the
+    window's mean (which it would make NaN: strict JSON readers refuse the record). Elsewhere a non-finite
+    norm stays, for the divergence check. A resumed window's speed counts only the steps timed since."""
+    import time
+
+    from training.loop import MetricsWindow
+    runtime = Runtime(torch.device("cpu"))
+    norms = [math.inf, 2.0, math.nan, 4.0]
+    fp16, other = MetricsWindow(runtime, skipped_steps=True), MetricsWindow(runtime)
+    for norm in norms:
+        for window in (fp16, other):
+            window.add({"model": torch.tensor(1.0)}, {}, {"model": torch.tensor(norm)})
+    assert fp16.means() == {"loss": 1.0, "grad_norm": 3.0} and fp16.state()["counts"] == {"loss": 4, "grad_norm": 2}
+    assert math.isnan(other.means()["grad_norm"])
+    skipped = MetricsWindow(runtime, skipped_steps=True)
+    skipped.add({"model": torch.tensor(1.0)}, {}, {"model": torch.tensor(math.inf)})
+    assert skipped.means() == {"loss": 1.0}
+    resumed = MetricsWindow(runtime, MetricsWindow.restored(fp16.state(), runtime), skipped_steps=True)
+    assert resumed.means() == fp16.means()
+    resumed.start = time.perf_counter() - 2.0  # one step run in 2 s since the resume; four before it
+    resumed.add({"model": torch.tensor(1.0)}, {}, {"model": torch.tensor(6.0)})
+    record = resumed.close(5, 1e-3, 8, resumed.start)
+    assert record["images_per_s"] == pytest.approx(8 / 2.0, rel=0.05) and record["grad_norm"] == 4.0
 
 
 def test_no_stage_reads_a_value_back_from_the_device_between_logging_steps(tmp_path, monkeypatch):

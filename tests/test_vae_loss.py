@@ -146,6 +146,17 @@ def test_adaptive_weight_comes_from_the_gradient_of_the_nll():
     assert metrics_s["d_weight"].item() == pytest.approx(metrics_0["d_weight"].item() * math.exp(-s), rel=1e-4)
 
 
+def test_the_adaptive_weight_is_clamped_where_latent_diffusion_clamps_its_own(monkeypatch):
+    """Their loss sums over an image's C H W values and ours averages, so their clamp at 1e4 is 1e4 / (C H W) in
+    our units: with the generator's gradient gone, the weight is that bound (3 x 16 x 16 images here)."""
+    import vae.discriminator
+    import vae.stage
+    run, models = make_run()
+    monkeypatch.setattr(vae.stage, "hinge_g_loss", lambda logits: 0.0 * vae.discriminator.hinge_g_loss(logits))
+    _, metrics = loss_at(run, models)
+    assert metrics["d_weight"].item() == pytest.approx(1e4 / (3 * 16 * 16) * run.loss_cfg.disc_weight)
+
+
 def test_presets_keep_the_log_variance_fixed_as_published():
     # latent diffusion declares s but its optimizer leaves it out, so it stays at 0.
     for make in PRESETS.values():

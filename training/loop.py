@@ -114,10 +114,11 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     """Multiplier of the peak learning rate at 0-based `step` of a `steps`-step run.
 
     "constant" (DDPM) and "cosine" warm up linearly from 0 over the first `warmup` steps, then stay
-    at the peak or decay to 0 at the last step (Loshchilov & Hutter 2017, SGDR without restarts).
+    at the peak or decay to 0 at the end of the run (Loshchilov & Hutter 2017, SGDR without restarts).
     "onecycle" (Smith & Topin 2019) rises linearly from peak/25 to the peak over the first `warmup`
-    steps, then anneals along a cosine to peak/250000 at the last step; unlike the paper it leaves
-    the momentum fixed.
+    steps, then anneals along a cosine to peak/250000 at the end of the run; unlike the paper it leaves
+    the momentum fixed. The cosines end at step `steps`, one past the last step trained (as PyTorch's
+    CosineAnnealingLR with T_max = steps): the last step trains at a small rate, not at none.
     """
     if schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
@@ -522,7 +523,7 @@ class Trainer:
         if runtime.is_main:
             write_json(self.stage.config, self.run_dir / "config.json")
         generator = torch.Generator(runtime.device)
-        self.window = MetricsWindow(runtime, self.resumed_window)
+        self.window = MetricsWindow(runtime, self.resumed_window, skipped_steps=self.scaler.is_enabled())
         self.started = time.perf_counter()
         self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
                              disable=not runtime.is_main, dynamic_ncols=True)
@@ -634,11 +635,14 @@ class MetricsWindow:
     from some steps, e.g. a discriminator's loss before it starts, so each averages over its own count).
 
     A checkpoint written inside a window carries its `state`, so the run resumed from it logs the same
-    numbers at the same steps as one never stopped."""
+    numbers at the same steps as one never stopped (its speed is timed over the steps run since)."""
 
-    def __init__(self, runtime: Runtime, resumed: tuple[dict[str, torch.Tensor], dict[str, int], int] | None = None):
-        """`resumed`: the window a checkpoint carried, as `restored` reads it."""
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, resumed: tuple[dict[str, torch.Tensor], dict[str, int], int] | None = None,
+                 skipped_steps: bool = False):
+        """`resumed`: the window a checkpoint carried, as `restored` reads it. `skipped_steps`: fp16 loss scaling
+        skips the steps whose gradient overflowed, so their (infinite or NaN) gradient norms are left out of the
+        means, which would otherwise be NaN for a window holding one."""
+        self.runtime, self.skipped_steps = runtime, skipped_steps
         self.last_loss = math.nan
         self.reset(time.perf_counter())
         if resumed is not None:
@@ -667,21 +671,31 @@ class MetricsWindow:
             return {}
         mine = torch.stack([self.sums[k] for k in keys])
         gathered = gather_across_processes(mine, self.runtime).tolist()
-        return {"sums": [dict(zip(keys, row)) for row in gathered], "counts": dict(self.counts), "steps": self.steps}
+        counts = {k: int(n) for k, n in self.counts.items()}
+        return {"sums": [dict(zip(keys, row)) for row in gathered], "counts": counts, "steps": self.steps}
 
     def reset(self, now: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int | torch.Tensor] = {}  # a tensor where steps are counted on the device
         self.steps, self.start = 0, now
+        self.timed = 0  # the steps since `start`: a resumed window's earlier steps ran in another process
 
     def add(self, losses: dict, metrics: dict, grad_norms: dict) -> None:
         for key, value in _named(losses, metrics, grad_norms).items():
-            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
-            self.counts[key] = self.counts.get(key, 0) + 1
+            value, count = value.detach().float(), 1
+            if self.skipped_steps and key.startswith("grad_norm"):  # counted on the device: no wait for the GPU
+                finite = torch.isfinite(value)
+                value, count = torch.where(finite, value, 0.0), finite.float()
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.counts[key] = self.counts.get(key, 0) + count
         self.steps += 1
+        self.timed += 1
 
     def means(self) -> dict[str, float]:
-        return {k: mean_across_processes(v / self.counts[k], self.runtime).item() for k, v in sorted(self.sums.items())}
+        """Each value's mean over the window's steps and processes; a gradient norm of a window whose every step
+        fp16 loss scaling skipped is left out."""
+        return {k: mean_across_processes(v / self.counts[k], self.runtime).item() for k, v in sorted(self.sums.items())
+                if int(self.counts[k]) > 0}
 
     def close(self, done: int, lr: float, batch_size: int, started: float) -> dict[str, Any]:
         """The metrics.jsonl record of the window ending at step `done`, and a fresh window."""
@@ -689,7 +703,7 @@ class MetricsWindow:
         means = self.means()
         self.last_loss = means["loss"]
         record = {"step": done, "split": "train", **means, "lr": lr,
-                  "images_per_s": self.steps * batch_size / max(now - self.start, 1e-9), "elapsed_s": now - started}
+                  "images_per_s": self.timed * batch_size / max(now - self.start, 1e-9), "elapsed_s": now - started}
         self.reset(now)
         return record
 

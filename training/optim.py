@@ -35,6 +35,15 @@ class LazyAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.masked = masked
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As `torch.optim.Optimizer`'s, which moves a loaded state to its parameter's device except entries
+        named "step" (a scalar kept on the CPU by its own optimizers): ours count per row, on the rows' device,
+        so a checkpoint read onto the CPU resumes on a GPU."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(p.device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

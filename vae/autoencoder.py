@@ -117,8 +117,12 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> Tensor:
-        """KL(q || N(0, I)) per sample, (B,): 0.5 * sum over (C, H, W) of mean^2 + var - 1 - logvar."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        """KL(q || N(0, I)) per sample, (B,): 0.5 * sum over (C, H, W) of mean^2 + var - 1 - logvar.
+
+        In float32 whatever the moments' precision: var - 1 - logvar cancels near the prior, where bf16
+        autocast's moments would put it 5% off."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
 
 
 class Level(nn.Module):

@@ -27,9 +27,9 @@ class VAELossConfig:
 
     Weights are per pixel: latent diffusion sums the same terms over the C H W pixels and divides by the
     batch; we divide that by the pixel count, so its kl_weight 1e-6 means the same here, the adaptive GAN
-    weight (from the gradient of the NLL, as theirs) gives the generator term the same share of the loss
-    (only its clamp at 1e4 applies to our per-pixel value), and s gets the same Adam steps (Adam does not
-    see the constant factor).
+    weight (from the gradient of the NLL, as theirs, and clamped where theirs is: at 1e4 / (C H W) in our
+    units) gives the generator term the same share of the loss, and s gets the same Adam steps (Adam does
+    not see the constant factor).
 
     s is a parameter of latent diffusion's loss (initialised at logvar_init = 0), but the optimizer of
     their AutoencoderKL is given only the encoder, decoder and quant convs, so s never moves and their

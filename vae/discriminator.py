@@ -90,7 +90,8 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
 GRAD_SCALE = 2.0 ** 16  # see adaptive_weight
 
 
-def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float) -> Tensor:
+def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, disc_weight: float,
+                    pixels: int = 1) -> Tensor:
     """VQGAN's adaptive weight (Esser et al. 2021, eq. 7): lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4), with
     the 1e-4 of their code (taming-transformers) as the equation's small delta.
 
@@ -99,13 +100,18 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter, 
     reconstruction loss. Both gradients are taken at the decoder's last layer; lambda is clamped to
     [0, 1e4] and detached (it scales the generator loss but is not itself trained), then multiplied
     by `disc_weight`. The graph is kept, so the caller can still backpropagate the weighted sum.
+
+    A loss averaged over the `pixels` (C H W) values of an image, where latent diffusion's sums over them,
+    has a lambda `pixels` times smaller than theirs: its clamp is then 1e4 / `pixels`, theirs in our units
+    (at 256 px, 0.05: it binds early in training, and a clamp at 1e4 would let the generator term grow
+    80 times beyond theirs there).
     """
     nll_norm, g_norm = (_gradient_norm(loss, last_layer) for loss in (nll_loss, g_loss))
     weight = nll_norm / (g_norm + 1e-4)
     # A gradient that still overflowed leaves the generator term out of this step rather than making the
     # loss NaN (or, with the reconstruction's gradient infinite, weighting it by the clamp's 1e4).
     weight = torch.where(torch.isfinite(nll_norm) & torch.isfinite(g_norm), weight, torch.zeros_like(weight))
-    return weight.clamp(0.0, 1e4).detach() * disc_weight
+    return weight.clamp(0.0, 1e4 / pixels).detach() * disc_weight
 
 
 def _gradient_norm(loss: Tensor, param: nn.Parameter) -> Tensor:

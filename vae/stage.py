@@ -123,7 +123,7 @@ class VAETraining:
         # The generator term goes through the raw discriminator: its gradient must reach only the
         # autoencoder, and a DDP-wrapped discriminator would wait for gradients it never gets.
         g_loss = hinge_g_loss(models.raw["disc"](reconstruction))
-        d_weight = adaptive_weight(nll, g_loss, models.raw[MAIN].last_layer, cfg.disc_weight)
+        d_weight = adaptive_weight(nll, g_loss, models.raw[MAIN].last_layer, cfg.disc_weight, pixels=x[0].numel())
         # Real and reconstructed images in separate passes (one call: one forward through DDP).
         logits_real, logits_fake = models["disc"](x, reconstruction.detach())
         metrics.update(g_loss=g_loss.detach(), d_weight=d_weight.detach(), logits_real=logits_real.mean().detach(),
