@@ -162,10 +162,17 @@ def cpu_has_amx() -> bool:
     return bool(re.search(r"\bamx_bf16\b", _cpu_flags()))
 
 
+def cuda_computes_bf16(device: torch.device) -> bool:
+    """Whether the GPU `device` computes in bf16 natively: compute capability 8.0 (Ampere) or newer, or a ROCm
+    GPU. (`torch.cuda.is_bf16_supported()` also says yes for older GPUs that merely hold bf16 tensors, a T4 or
+    a V100, where autocast would emulate it, slowly; fp16 with loss scaling is for those.)"""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp`, or None for full precision.
 
-    "auto" is bf16 on CUDA (fp16 with loss scaling on GPUs without bf16), bf16 on CPUs that compute
+    "auto" is bf16 on CUDA (fp16 with loss scaling on GPUs without native bf16, `cuda_computes_bf16`), bf16 on CPUs that compute
     natively in bf16 (`cpu_computes_bf16`), and full precision on other CPUs, where bf16 autocast is
     many times slower than fp32.
     """
@@ -174,7 +181,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return torch.bfloat16 if cpu_computes_bf16() else None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_computes_bf16(device) else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA GPU (loss scaling is a GPU technique); use --amp bf16 or none on the CPU.")
     return FIXED_AMP[amp]

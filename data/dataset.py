@@ -6,6 +6,7 @@ that `__getitem__` is an index plus a conversion and a 2-core training loop is n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -60,8 +61,9 @@ class DatasetInfo:
     def _bounds(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert p.shape[-1] == len(self.param_names), (
             f"expected {len(self.param_names)} parameters {self.param_names}, got shape {tuple(p.shape)}")
-        ranges = torch.tensor(self.param_ranges, dtype=p.dtype, device=p.device).view(-1, 2)
-        return ranges[:, 0], ranges[:, 1] - ranges[:, 0]
+        if type(p) is torch.Tensor:  # (not a traced or fake tensor, which must not outlive its trace in a cache)
+            return _bounds_on(self.param_ranges, p.device, p.dtype)
+        return _bounds_on.__wrapped__(self.param_ranges, p.device, p.dtype)
 
     def normalize_params(self, p: torch.Tensor) -> torch.Tensor:
         """Raw parameters (..., P) -> [-1, 1] over the dataset's range; a constant parameter maps to 0."""
@@ -72,6 +74,15 @@ class DatasetInfo:
         """Inverse of `normalize_params` (a constant parameter comes back as its one value)."""
         lo, span = self._bounds(p)
         return lo + (p + 1) / 2 * span
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds_on(ranges: tuple[tuple[float, float], ...], device: torch.device, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, span) of each parameter's range on `device`, made once: a copy from the host to a GPU waits for
+    the GPU, and a parameter-conditioned run normalises its parameters at every step."""
+    table = torch.tensor(ranges, dtype=dtype, device=device).view(-1, 2)
+    return table[:, 0], table[:, 1] - table[:, 0]
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -49,7 +49,7 @@ class ClassifierFreeGuidance:
             return model_fn(x, t, torch.zeros(b, dtype=torch.bool, device=x.device))
         if self.scale == 0:
             return model_fn(x, t, torch.ones(b, dtype=torch.bool, device=x.device))
-        reference_mask = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+        reference_mask = torch.arange(2 * b, device=x.device) >= b  # made there: a copy to a GPU would wait for it
         eps = model_fn(torch.cat([x, x]), torch.cat([t, t]), reference_mask)
         assert eps.shape == (2 * b, *x.shape[1:]), f"model_fn returned {tuple(eps.shape)} for a batch of {2 * b}"
         eps_cond, eps_ref = eps.chunk(2)

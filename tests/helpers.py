@@ -1,7 +1,7 @@
 """What several test files share: the command line of a tiny pixel-diffusion run, folders of
 labelled images that a few classifier steps learn, damaged copies of an .npz archive, torchrun
-launches on the CPU, a spy on reads of tensor values on the host, and the guard of the Triton kernels'
-tests and their opcheck."""
+launches on the CPU, spies on reads of tensor values on the host and on copies of host data to a device,
+and the guard of the Triton kernels' tests and their opcheck."""
 
 from __future__ import annotations
 
@@ -111,6 +111,27 @@ class HostReads:
             finally:
                 self.spying = False
         return watched
+
+
+class HostToDevice(torch.overrides.TorchFunctionMode):
+    """The copies of host data to another device made while active, in `copies`: `torch.tensor(data, device=D)`
+    and `t.to(D)` or `t.cuda()` of a CPU tensor. On a GPU each is a copy from pageable memory, which waits for
+    the device. Run on the meta device, which takes the same Python calls as a GPU and no memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and torch.device(kwargs.get("device") or "cpu").type != "cpu":
+            self.copies.append(f"torch.{func.__name__}(host data, device={kwargs['device']})")
+        elif func in (torch.Tensor.to, torch.Tensor.cuda) and args[0].device.type == "cpu":
+            targets = [torch.device(a) for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
+            targets += [a.device for a in args[1:] if isinstance(a, torch.Tensor)]
+            if func is torch.Tensor.cuda or any(t.type != "cpu" for t in targets):
+                self.copies.append(f"a CPU tensor {tuple(args[0].shape)} moved by .{func.__name__}")
+        return func(*args, **kwargs)
 
 
 def skip_unless_kernels_run(kernel) -> None:

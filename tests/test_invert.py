@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,6 +123,39 @@ def test_lazy_adamw_by_mask_is_lazy_adamw_by_index_bit_for_bit_and_reads_nothing
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert torch.equal(mask_opt.state[by_mask][key], index_opt.state[by_index][key])
     assert index_opt.state[by_index]["step"][-1] == 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_under_fp16_loss_scaling_a_step_is_the_unscaled_one_and_an_overflow_moves_nothing(masked, monkeypatch):
+    """GradScaler hands LazyAdamW its overflow check as a tensor (`_step_supports_amp_scaling`): without it the
+    scaler read the check on the host at every step, which on a GPU waits for the device."""
+    from helpers import HostReads
+    torch.manual_seed(3)
+    scaled = torch.randn(5, 3).requires_grad_(True)
+    plain = scaled.detach().clone().requires_grad_(True)
+    optimizer, reference = LazyAdamW([scaled], lr=0.1, masked=masked), LazyAdamW([plain], lr=0.1, masked=masked)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    host = HostReads(monkeypatch)
+    step = host.watch(scaler.step)
+    for overflow, unscaled in ((False, True), (True, True), (False, False)):  # unscaled first, as the loop does
+        gradient = torch.randn(5, 3)
+        gradient[2] = 0  # a row the batch did not reach
+        scaler.scale(torch.ones(()))
+        before = (scaled.detach().clone(), optimizer.state[scaled]["step"].clone() if optimizer.state else None)
+        scaled.grad = gradient * scaler.get_scale()
+        if overflow:
+            scaled.grad[0, 0] = math.inf
+        if unscaled:
+            scaler.unscale_(optimizer)
+        step(optimizer)
+        scaler.update()
+        if overflow:
+            assert torch.equal(scaled, before[0]) and torch.equal(optimizer.state[scaled]["step"], before[1])
+        else:
+            plain.grad = gradient
+            reference.step()
+            torch.testing.assert_close(scaled, plain, rtol=0, atol=1e-6)
+    assert scaler.get_scale() == 512.0 and host.reads == []
 
 
 def test_a_state_read_onto_the_cpu_resumes_on_the_parameters_device():

@@ -231,6 +231,19 @@ def test_amp_auto_is_bf16_exactly_on_cpus_that_compute_in_bf16(monkeypatch):
     assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
 
 
+def test_amp_auto_is_fp16_on_gpus_before_ampere_though_they_hold_bf16_tensors(monkeypatch):
+    """PyTorch's is_bf16_supported() says yes on a T4 or a V100, which only emulate bf16: the GPU's own compute
+    capability decides, so fp16 with loss scaling runs where it was meant to."""
+    gpu, asked = torch.device("cuda", 1), []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, expected in (((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: asked.append(device) or c)
+        assert runtime.autocast_dtype("auto", gpu) is expected, capability
+    assert asked == [gpu] * 4  # the run's own GPU, not the current one
+
+
 def test_kernel_backend_choice(monkeypatch):
     assert kernels.resolve("torch", "cpu") == "torch"
     assert kernels.resolve("auto", "cpu") == "torch"  # the CPU always runs PyTorch's ops unless asked otherwise
@@ -537,6 +550,34 @@ def test_no_sampling_step_reads_a_value_back_from_the_device(class_ckpt, monkeyp
     assert images.shape == (2, *model.shape) and host.calls.count("_predict") >= 5
     assert ("noise" in host.calls) == (sampler == "ddpm" or options.get("eta", 0) > 0)
     assert host.reads == []
+
+
+def test_a_guided_step_and_parameter_conditions_copy_nothing_from_the_host_to_the_device():
+    """On a GPU a copy from pageable host memory waits for the device: the reference mask of every guided step
+    was made on the CPU and copied, and the parameter ranges were copied at every step of a parameter-
+    conditioned run (the meta device stands in for the GPU; `helpers.HostToDevice`)."""
+    from data import DatasetInfo
+    from ddpm.guidance import ClassifierFreeGuidance
+    from helpers import HostToDevice
+    meta = torch.device("meta")
+    x, t = torch.zeros(3, 1, 4, 4, device=meta), torch.zeros(3, dtype=torch.long, device=meta)
+    masks = []
+    guided = ClassifierFreeGuidance(lambda x, t, mask: masks.append(mask) or torch.zeros_like(x), scale=3.0)
+    info = DatasetInfo("plumes", 16, 1, (), ("wind", "temperature"), ((-1.0, 1.0), (280.0, 320.0)), 10)
+    params = torch.zeros(3, 2, device=meta)
+    info.denormalize_params(info.normalize_params(params))  # the ranges reach the device once
+    with HostToDevice() as spy:
+        guided.guided_eps(x, t)
+        info.denormalize_params(info.normalize_params(params))
+    assert spy.copies == [] and masks[0].shape == (6,)
+    with HostToDevice() as spy:  # (the spy sees such a copy)
+        torch.zeros(3).to(meta)
+    assert spy.copies == ["a CPU tensor (3,) moved by .to"]
+    # The mask itself, on the CPU: the condition for the first half, the reference for the second.
+    mask = []
+    ClassifierFreeGuidance(lambda x, t, m: mask.append(m) or torch.zeros_like(x), 3.0).guided_eps(
+        torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+    assert mask[0].tolist() == [False, False, True, True]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -26,7 +26,13 @@ class LazyAdamW(torch.optim.Optimizer):
     they are computed (a batch touches B of N rows); on a GPU, where listing the indices would make the
     host wait for the device every step, every row is computed and a mask keeps the untouched ones as they
     were. `masked` picks one (None: by the parameters' device).
+
+    Under fp16 loss scaling, `GradScaler.step` hands it the overflow check as a tensor (`found_inf`, and
+    `grad_scale` where the gradients are still scaled) instead of reading it on the host to decide whether
+    to step: an overflowed step then touches no row, and a GPU step still never waits.
     """
+
+    _step_supports_amp_scaling = True  # (GradScaler then sets self.found_inf and self.grad_scale for a step)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, masked: bool | None = None):
@@ -50,17 +56,22 @@ class LazyAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 assert p.dim() >= 1 and not p.grad.is_sparse, "LazyAdamW updates dense tensors row by row"
+                if grad_scale is not None:  # gradients GradScaler has not unscaled
+                    p.grad.div_(grad_scale.to(p.device))
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)  # per row
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 touched = p.grad.ne(0).flatten(1).any(dim=1) if p.dim() > 1 else p.grad.ne(0)
+                if found_inf is not None:  # an overflowed fp16 step moves nothing
+                    touched = touched & found_inf.to(p.device).eq(0)
                 masked = p.device.type != "cpu" if self.masked is None else self.masked
                 (_update_masked if masked else _update_rows)(p, state, touched, group)
         return loss
