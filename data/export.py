@@ -6,8 +6,8 @@
 writes DIR/CLASS/NNNNNN.png (the dataset's own classes, or bins of a parameter with `--classes
 NAME:K[:LOW:HIGH]`: for plumes, `wind:3` labels plumes blowing left, calm and blowing right as
 wind0, wind1, wind2), DIR/params.csv with every numeric parameter, DIR/manifest.csv and
-DIR/dataset.json (see data/writer.py). The result loads with `--dataset folder:DIR` and with
-torchvision's ImageFolder. Give the bins an explicit range when exporting two splits, so both get
+DIR/dataset.json (see data/writer.py). The result loads with `--dataset folder:DIR`, and with class
+folders also with torchvision's ImageFolder (which refuses a flat set, written without classes). Give the bins an explicit range when exporting two splits, so both get
 the same edges (each split's own range differs slightly). Rerunning continues an interrupted export.
 """
 
