@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
                              "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
-    parser.add_argument("--gif-images", type=cli.int_option, default=None, help="images shown in the GIF (default: 16)")
+    parser.add_argument("--gif-images", type=cli.int_option, default=None,
+                        help="images shown in the GIF, the first ones of the first batch (so at most --batch-size) "
+                             "(default: 16)")
     parser.add_argument("--gif-frames", choices=("auto", "x_t", "x0"), default=None,
                         help="what each GIF frame shows: the noisy sample x_t or the step's x0 prediction, decoded for "
                              "latent models (default: auto: x_t for pixel models, x0 for latent models)")

@@ -136,11 +136,13 @@ def _from_raw_params(raw: torch.Tensor, info: DatasetInfo) -> Conditions:
 # sweeps and interpolation
 
 
-def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions) -> tuple[list[Conditions], list[str]]:
+def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions, *, label: str | None = None,
+                  params: Sequence[str] = ()) -> tuple[list[Conditions], list[str]]:
     """The conditions of each column of a sweep grid, and a label per column.
 
     `spec` is NAME=START:STOP:N for a parameter model (the other parameters keep each row's value in
-    `base`), or "class" (every class) or "class=A,B,..." for a class model. Rows are `base`'s images.
+    `base`), or "class" (every class) or "class=A,B,..." for a class model. Rows are `base`'s images,
+    drawn for `label` and `params` (as `requested` takes them), which must not fix what the sweep sets.
     """
     if kind == "none":
         raise UserError("--sweep needs a conditional model; this one was trained without conditioning.")
@@ -148,6 +150,9 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions) -> 
     if kind == "class":
         if name != "class":
             raise UserError(f"--sweep {spec!r}: this model is conditioned on classes; use --sweep class or class=A,B,...")
+        if label is not None:
+            raise UserError(f"--sweep {spec} sets the class of each column, so --class {label} would be ignored; "
+                            f"drop --class.")
         labels = [parse_class(v, info) for v in values.split(",")] if values else list(range(len(info.class_names)))
         columns = [Conditions(cond=torch.full((len(base.records),), y),
                               records=tuple({"class": info.class_names[y]} for _ in base.records)) for y in labels]
@@ -161,7 +166,15 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions) -> 
         raise UserError(f"--sweep {spec!r}: START and STOP must be numbers and N a whole number.") from None
     if count < 2 or not (math.isfinite(start) and math.isfinite(stop)):
         raise UserError(f"--sweep {spec!r}: give finite START and STOP and N of at least 2.")
+    fixed = [item for item in params if item.partition("=")[0] == name]
+    if fixed:
+        raise UserError(f"--sweep {spec} sets {name} in each column, so --param {fixed[0]} would be ignored; drop "
+                        f"that --param.")
     column = info.param_names.index(name)
+    low, high = info.param_ranges[column]
+    if not (low <= start <= high and low <= stop <= high):  # as parse_param_values warns of a --param
+        warnings.warn(f"--sweep {spec!r} reaches outside the range the model was trained on ({low:g} to {high:g}): "
+                      "its images there are an extrapolation.", stacklevel=2)
     raw = torch.tensor([[r[p] for p in info.param_names] for r in base.records], dtype=torch.float64)
     columns = []
     for value in torch.linspace(start, stop, count, dtype=torch.float64):

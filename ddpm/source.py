@@ -11,6 +11,8 @@ range). A stage whose images are conditioned otherwise (an inversion: learned ve
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,10 +20,11 @@ import torch
 
 from core.config import given_in
 from core.errors import UserError
-from ddpm.conditioning import Conditions, check_request, requested
+from data.dataset import DatasetInfo
+from ddpm.conditioning import Conditions, check_request, parse_class, parse_param_values, requested
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import DatasetPlan, plan_dataset
-from data.writer import parse_binning
+from data.writer import REQUEST, parse_binning
 
 
 def source_loader(load_sampler: Callable[[dict[str, Any], torch.device, str, Path], DiffusionSampler]
@@ -85,8 +88,38 @@ class ImageSource:
     def dataset(self, args: argparse.Namespace) -> tuple[DatasetPlan, dict[str, Any]]:
         """The images of `--dataset-out`, and what else (besides the model, weights, seed and sampler) makes
         them: entries of the folder's request, which a rerun must repeat to continue the folder."""
-        binning = parse_binning(args.classes, self.model.info) if args.classes else None
+        info = self.model.info
+        binning = parse_binning(args.classes, info) if args.classes else None
         plan = plan_dataset(self.model, args.seed, per_class=args.per_class or 100 if self.kind == "class" else None,
                             num=args.num or 64, label=args.label, params=args.param, binning=binning)
-        return plan, {"class": args.label, "param": sorted(args.param),
+        asked = resolved_request(info, args.label, args.param)
+        return plan, {**asked, **former_request(args.dataset_out, asked, info),
                       "classes": binning.describe() if binning else None}
+
+
+def resolved_request(info: DatasetInfo, label: str | None, params: Sequence[str]) -> dict[str, Any]:
+    """--class and --param as the images see them, the class's index and each parameter's value, so that --class
+    red and --class 2 (or wind=0.5 and wind=.5) are one request of a --dataset-out set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a value outside the training range: warned of when the plan was made
+        values = parse_param_values(params, info)
+    return {"class": None if label is None else parse_class(label, info), "param": dict(sorted(values.items()))}
+
+
+def former_request(folder: Path, asked: dict[str, Any], info: DatasetInfo) -> dict[str, Any]:
+    """The --class and --param entries of a set in `folder` written before they were resolved (as the options
+    were typed) that resolve to those `asked` for: kept as recorded, so that the writer, which compares
+    requests as recorded, continues the set. Empty where there is no such set."""
+    try:
+        before = json.loads((Path(folder) / REQUEST).read_bytes())["request"]
+        label, params = before["class"], before["param"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no set there, or one the writer refuses with its own reason
+    if not (isinstance(params, list) and all(isinstance(p, str) for p in params)
+            and (label is None or isinstance(label, str))):
+        return {}  # recorded resolved (or not by us): compared as it is
+    try:
+        then = resolved_request(info, label, params)
+    except UserError:  # strings this model cannot read: another request
+        return {}
+    return {key: before[key] for key in ("class", "param") if then[key] == asked[key]}

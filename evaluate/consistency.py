@@ -54,7 +54,7 @@ from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
-from sampling.command import add_drawing_options, check_drawing_batch
+from sampling.command import add_drawing_options, check_drawing_batch, check_sampling_options
 from sampling.draw import Drawer
 from stages import open_source
 
@@ -187,13 +187,18 @@ def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 64
 
 
 def _slope(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The least-squares slope of y on x; NaN when x does not vary."""
+    """The least-squares slope of y on x; NaN when x does not vary (a parameter fixed with --param). That is
+    asked of x itself: once its mean is subtracted, equal values can leave float residue, whose spread is not 0."""
+    if x.max() == x.min():
+        return float("nan")
     x = x - x.mean()
-    spread = float((x * x).sum())
-    return float((x * (y - y.mean())).sum()) / spread if spread > 0 else float("nan")
+    return float((x * (y - y.mean())).sum()) / float((x * x).sum())
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The correlation of x and y; NaN when either does not vary (asked as `_slope` asks)."""
+    if x.max() == x.min() or y.max() == y.min():
+        return float("nan")
     x, y = x - x.mean(), y - y.mean()
     denominator = float(x.norm() * y.norm())
     return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             f"draws variations of learned vectors); measure consistency on the diffusion model it "
                             f"was learned against, or judge the images it wrote with --images folder:DIR.")
         model = image_source.model
+        check_sampling_options(args, model)
         speed_up(model.net, device, compile=args.compile)
         sampling.check_against(model.schedule)
         check_pair(model.net.config.cond, model.info, judge)
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_drawing_batch(args.batch_size, per_class * len(model.info.class_names) if cond == "class" else num,
                             model)
         out = args.out or args.ckpt.parent / "consistency"
+        check_output_outside(out, "--out", image_source.trained_on)  # the grid would become training images
         check_output_folder(out, args.overwrite)
         names, asked, requested = model.info.param_names, "asked for", "Requested"
         source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}

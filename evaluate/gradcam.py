@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
+from core.checkpoint import peek_checkpoint
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_csv, write_json
 from data import check_output_outside, check_spec, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8, save_grid
+from stages import trained_datasets
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
@@ -280,15 +282,27 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError(f"Classifier {name} takes {c.info.resolution} px images for target {c.config.target}, "
                             f"{names[0]} {first.info.resolution} px for {first.config.target}; compare classifiers "
                             f"of one resolution and target.")
+    if args.class_name is not None and args.explain == "label":
+        raise UserError(f"--explain label explains each image's own label, and --class {args.class_name} that class in "
+                        f"every image; give one of them.")
     for name, c in classifiers:
         find_layer(c.net, args.layer)
+        if c.config.target == "params" and (args.class_name is not None or args.explain == "label"):
+            given = "--class" if args.class_name is not None else "--explain label"
+            raise UserError(f"{name} is a parameter regressor, whose maps explain the parameter --output names, not "
+                            f"a class; drop {given}.")
         if args.class_name is not None and args.class_name not in c.output_names:
             raise UserError(f"--class {args.class_name} is not a class of {name} ({', '.join(c.output_names)}).")
         if args.output is not None and (c.config.target != "params" or args.output not in c.output_names):
             raise UserError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
                             f"regressors only.")
     out = args.out or args.ckpt[0].parent / "gradcam"
-    check_output_outside(out, "--out", {"--images": args.images})
+    # Nor inside a classifier's training or test images: the overlays would be read as images of that set.
+    read = {"--images": args.images}
+    for name, path in zip(names, args.ckpt):
+        read.update({f"classifier {name}'s {option}": spec
+                     for option, spec in trained_datasets(peek_checkpoint(path) or {}).items()})
+    check_output_outside(out, "--out", read)
     check_output_folder(out, args.overwrite)
 
     with OutputFolder(out):
@@ -297,18 +311,19 @@ def main(argv: list[str] | None = None) -> Path:
         data = data.subset(keep)
         images = from_uint8(data.images)
         labels = None
-        if data.info.class_names:
-            if first.config.target == "class" and data.info.class_names != first.info.class_names:
-                if args.explain == "label":
-                    raise UserError(f"The classes of --images ({', '.join(data.info.class_names)}) differ from the "
-                                    f"classifier's ({', '.join(first.info.class_names)}); --explain label needs the same.")
-            elif first.config.target == "class":
-                labels = data.labels
-                for name, c in classifiers[1:]:  # the labels index the first one's classes
-                    if c.output_names != first.output_names:
-                        raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
-                                        f"({', '.join(first.output_names)}), in this order, and these labelled images "
-                                        f"are scored by both; compare classifiers of one list of classes.")
+        if data.info.class_names and first.config.target == "class":
+            # Matched by name: a set of some of the classes (sample.py --dataset-out --class red) is labelled too.
+            unknown = [n for n in data.info.class_names if n not in first.output_names]
+            if unknown:
+                raise UserError(f"The classes {', '.join(unknown)} of --images are not classes of {names[0]} "
+                                f"({', '.join(first.output_names)}); pass images of its classes, or a folder "
+                                f"without class folders.")
+            labels = torch.tensor([first.output_names.index(n) for n in data.info.class_names])[data.labels]
+            for name, c in classifiers[1:]:  # the labels index the first one's classes
+                if c.output_names != first.output_names:
+                    raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
+                                    f"({', '.join(first.output_names)}), in this order, and these labelled images "
+                                    f"are scored by both; compare classifiers of one list of classes.")
         elif args.explain == "label":
             raise UserError("--explain label needs labelled images (class folders); use --explain pred.")
         maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,
@@ -318,7 +333,8 @@ def main(argv: list[str] | None = None) -> Path:
         write_csv(rows, out / "stats.csv")
         table = summary_table(summary)
         atomic_write(out / "summary.md", lambda f: f.write(table.encode()))
-        write_json({"images": args.images, "num": len(images), "layer": args.layer, "explain": args.explain,
+        write_json({"images": args.images, "num": len(images), "layer": args.layer,
+                    "explain": args.explain if args.class_name is None else f"class {args.class_name}",
                     "classifiers": {n: str(p) for n, p in zip(names, args.ckpt)}, "summary": summary},
                    out / "summary.json")
     print(table)

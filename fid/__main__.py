@@ -29,10 +29,16 @@ from .weights import WEIGHTS_FILENAME
 KID_SUBSET_SIZE = 1000  # the usual size (Binkowski et al. 2018 use 1000); smaller sets need an explicit choice
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not a default of None: there the help says what happens without it
+    (argparse's "(default: None)" would say nothing, or contradict it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(
-        prog="python -m fid", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m fid", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs=2, metavar="PATH",
                         help="two image folders or .npz statistics files; with --save-stats: FOLDER OUT.npz")
     parser.add_argument("--save-stats", action="store_true",

@@ -26,7 +26,7 @@ from data import check_output_outside
 from data.writer import IMAGE_FILE, REQUEST
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
-from sampling.draw import Drawer, draw_dataset, draw_images, draw_interpolations, draw_sweep
+from sampling.draw import Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset
 from ddpm.source import ImageSource
 
 # Options that only mean something with another one: parsed as None, so giving them alone can be refused.
@@ -75,23 +75,30 @@ def check_args(args: argparse.Namespace) -> None:
     for option, default in OPTIONAL_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
+
+
+def check_sampling_options(args: argparse.Namespace, model: DiffusionSampler) -> None:
+    """Refuse sampler options that the chosen sampler or `model` would ignore: sample.py and every tool that draws
+    as it does (the consistency check) refuse the same, so what a tool records as used was used."""
     sampling = given_in(args, "sampling")
     sampler = sampling.get("sampler", SamplingConfig().sampler)
     for option, owner in (("eta", "ddim"), ("variance", "ddpm")):
         if option in sampling and sampler != owner:
             raise UserError(f"--{option} applies to --sampler {owner} only, and this is --sampler {sampler}; drop it.")
+    if model.latent and sampling.get("clip_x0"):
+        raise UserError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
+                        "images are clamped); drop it.")
 
 
 def check_against_source(args: argparse.Namespace, source: ImageSource, option_sections: Mapping[str, str]) -> None:
-    """Refuse options the loaded model cannot use: another kind of source's own options, then its own checks."""
+    """Refuse options the loaded model cannot use: another kind of source's own options, sampler options it or
+    the sampler would ignore, then its own checks."""
     for section, owner in option_sections.items():
         foreign = [f"--{name.replace('_', '-')}" for name in given_in(args, section)]
         if foreign and section not in source.option_sections:
             raise UserError(f"{', '.join(foreign)} applies to {owner} checkpoints only, and {args.ckpt} is not one; "
                             f"drop it.")
-    if source.model.latent and given_in(args, "sampling").get("clip_x0"):
-        raise UserError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
-                        "images are clamped); drop it.")
+    check_sampling_options(args, source.model)
     source.check(args)
 
 
@@ -167,7 +174,6 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     output = args.dataset_out if args.dataset_out is not None else output_dir(args, sampling, check=False)
     check_output_outside(output, "--dataset-out" if args.dataset_out is not None else "--out", source.trained_on)
     model = source.model
-    check_drawing_batch(args.batch_size, args.num, model)
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
     check_against_source(args, source, option_sections or {})
     if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):
@@ -175,13 +181,18 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
     if args.dataset_out is not None:
+        plan, writer = dataset_writer(draw, args, source)
+        check_drawing_batch(args.batch_size, len(plan.items), model)
         with FolderLock(args.dataset_out):  # two writers never share a folder
-            draw_dataset(draw, args, source)
+            writer.open(plan.items)
+            fill_dataset(draw, plan, writer)
         print(f"Wrote {args.dataset_out}")
         return args.dataset_out
-    out = output_dir(args, sampling)
     special = args.sweep or args.interpolate
     num = args.num or (4 if special else 64)
+    # A batch holds at most the images of one call to `draw`: an interpolation draws each strip by itself.
+    check_drawing_batch(args.batch_size, args.frames if args.interpolate else num, model)
+    out = output_dir(args, sampling)
     indices = list(range(args.first_index, args.first_index + num))
     # Asked before the folder is marked as ours. One that holds no drawing (--overwrite into the user's own
     # images) is written into as it is: only files of the names this drawing writes are replaced.

@@ -4,6 +4,7 @@ outputs of sample.py are written from it (each function below names the files it
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ddpm.samplers import per_sample_noise
 from ddpm.source import ImageSource
 from ddpm.synthetic import DatasetPlan
 
-GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count
+GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count, then the images drawn
 
 
 class Drawer:
@@ -69,12 +70,14 @@ def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, ind
     model = source.model
     conditions = source.conditions(indices, args)
     frames = []
-    every = max(1, draw.sampling.steps // GIF_FRAMES)
+    every = math.ceil(draw.sampling.steps / GIF_FRAMES)
     show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)
+    # The frames come from the first batch only, so every frame, the last included, shows its first images.
+    shown = min(args.gif_images, draw.batch_size, len(indices))
 
     def keep_frame(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
         if i % every == 0:
-            frames.append(model.to_images((x0 if show_x0 else x_t)[: args.gif_images]).float().cpu())
+            frames.append(model.to_images((x0 if show_x0 else x_t)[:shown]).float().cpu())
 
     seeds = [image_seed(args.seed, k) for k in indices]
     images = draw(seeds, conditions, callback=keep_frame if args.gif else None, desc=f"sample {draw.sampling.sampler}")
@@ -82,7 +85,7 @@ def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, ind
     save_images(images, out / "images", names)
     save_grid(images, out / "grid.png")
     if args.gif:
-        save_gif(frames + [images[: args.gif_images]], out / "reverse.gif")
+        save_gif(frames + [images[:shown]], out / "reverse.gif")
     write_csv([manifest_row({"index": k, "file": f"images/{name}", "seed": seed}, record)
                for k, name, seed, record in zip(indices, names, seeds, conditions.records)], out / "manifest.csv")
 
@@ -91,7 +94,7 @@ def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, 
     """Rows are images (each with its own noise), columns step through the swept condition."""
     kind, info = model.net.config.cond, model.info
     base = requested(kind, info, indices, args.seed, label=args.label, params=args.param)
-    columns, labels = sweep_columns(args.sweep, kind, info, base)
+    columns, labels = sweep_columns(args.sweep, kind, info, base, label=args.label, params=args.param)
     seeds = [image_seed(args.seed, k) for k in indices]
     per_column = [draw(seeds, c, desc=f"sweep {label}") for c, label in zip(columns, labels)]
     grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,42 @@ def test_the_command_judges_a_folder_beside_it_and_refuses_what_it_cannot_judge(
     monkeypatch.setattr(consistency, "load_dataset", decode)
     with pytest.raises(SystemExit):                                 # one source: a model or a set, not both
         consistency.main(["--images", f"folder:{folder}", "--ckpt", str(judge_ckpt), "--judge", str(judge_ckpt)])
+
+
+def test_the_report_is_never_written_inside_the_models_training_images(class_ckpt, tmp_path):
+    """sample.py refuses to write there, and so does the check: its grid would become training images."""
+    judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
+    spec = json.loads((class_ckpt.parent / "config.json").read_text())["data"]["dataset"]
+    real = Path(spec.removeprefix("folder:"))
+    before = sorted(real.rglob("*"))
+    with pytest.raises(ValueError, match=r"^--out .* lies inside the image folder of the model's --dataset"):
+        consistency.main(["--ckpt", str(class_ckpt), "--judge", str(judge_ckpt), "--per-class", "1", "--out",
+                          str(real / "check"), "--device", "cpu", "--sampler", "ddim", "--steps", "2"])
+    assert sorted(real.rglob("*")) == before
+
+
+def test_a_parameter_held_fixed_has_no_slope_or_correlation(params_ckpt, tmp_path):
+    """Requested values that do not vary say nothing of how the judged ones follow them: NaN, not the slope of
+    float residue left after subtracting their mean (six times 0.1 has the mean 0.09999999999999999)."""
+    info = open_source(params_ckpt, torch.device("cpu")).model.info
+    regressor = classifier_checkpoint(tmp_path / "regressor.pt", 0, info=info)
+    out = tmp_path / "out"
+    report = consistency.main(["--ckpt", str(params_ckpt), "--judge", str(regressor), "--num", "6", "--param",
+                               "wind=0.1", "--out", str(out), "--device", "cpu", "--sampler", "ddim", "--steps", "2"])
+    assert np.isnan(report["slope"]["wind"]) and np.isnan(report["pearson_r"]["wind"])
+    assert not np.isnan(report["slope"]["heat"])                    # drawn over its range: it varies
+    written = json.loads((out / "report.json").read_text())
+    assert np.isnan(written["slope"]["wind"]) and "(r = nan, slope nan), heat" in written["summary"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "ddpm", "--eta", "0.5"], r"^--eta applies to --sampler ddim only, and this is --sampler ddpm"),
+    (["--variance", "large"], r"^--variance applies to --sampler ddpm only"),
+])
+def test_sampler_options_sample_py_refuses_are_refused_here_too(class_ckpt, tmp_path, extra, message):
+    """Recorded in the report as used, they would have changed nothing."""
+    judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
+    with pytest.raises(ValueError, match=message):
+        consistency.main(["--ckpt", str(class_ckpt), "--judge", str(judge_ckpt), "--per-class", "1", "--out",
+                          str(tmp_path / "out"), "--device", "cpu", "--steps", "2", *extra])
+    assert not (tmp_path / "out").exists()

@@ -154,6 +154,45 @@ def test_a_set_records_the_precision_auto_resolved_to_and_continues_only_in_it(c
     assert len(list(out.rglob("*.png"))) == 9
 
 
+def test_a_class_by_name_or_index_and_a_value_however_written_are_one_request(class_ckpt, params_ckpt, tmp_path):
+    out = write(class_ckpt, tmp_path / "red", "--per-class", "1", "--class", "red")
+    write(class_ckpt, out, "--per-class", "2", "--class", "2")    # red is class 2 of blue, green, red
+    assert sorted(p.name for p in (out / "red").iterdir()) == ["000002.png", "000005.png"]
+    with pytest.raises(ValueError, match=r"made with other options \(class 2 there, 0 now\)"):
+        write(class_ckpt, out, "--per-class", "2", "--class", "blue")
+    out = write(params_ckpt, tmp_path / "wind", "--num", "1", "--param", "wind=0.5")
+    write(params_ckpt, out, "--num", "2", "--param", "wind=.5")
+    with pytest.raises(ValueError, match=r"made with other options \(param.wind 0.5 there, 0.4 now\)"):
+        write(params_ckpt, out, "--num", "3", "--param", "wind=0.4")
+    # Sets written before requests were resolved recorded the options as typed: read the same way.
+    def as_typed_before(folder: Path, label: str | None, params: list[str]) -> None:
+        record = json.loads((folder / "dataset.json").read_text())
+        record["request"].update({"class": label, "param": params})
+        (folder / "dataset.json").write_text(json.dumps(record))
+
+    as_typed_before(tmp_path / "red", "red", [])
+    write(class_ckpt, tmp_path / "red", "--per-class", "3", "--class", "2")
+    with pytest.raises(ValueError, match=r'made with other options \(class "red" there, 0 now\)'):
+        write(class_ckpt, tmp_path / "red", "--per-class", "4", "--class", "blue")
+    as_typed_before(out, None, ["wind=5e-1"])
+    write(params_ckpt, out, "--num", "3", "--param", "wind=.5")
+    with pytest.raises(ValueError, match="made with other options"):
+        write(params_ckpt, out, "--num", "4", "--param", "wind=0.4")
+    assert len(list((tmp_path / "red").rglob("*.png"))) == 3 and len(list(out.rglob("*.png"))) == 3
+
+
+def test_a_batch_is_checked_for_memory_at_the_images_it_holds(class_ckpt, tmp_path):
+    """A batch never holds more than the images drawn: a --batch-size beyond any memory is harmless for a set of
+    3 (as for --num 3), and refused where that many images are drawn."""
+    huge = str(2 * 10 ** 9)
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "1", "--batch-size", huge)
+    assert len(list(out.rglob("*.png"))) == 3
+    with pytest.raises(ValueError, match=rf"^--batch-size {huge} asks for 16x16 images whose pixels alone take"):
+        sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--num", huge,
+                     "--batch-size", huge])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dataset_folder_is_refused_as_the_out_of_a_drawing_even_with_overwrite(class_ckpt, tmp_path):
     out = write(class_ckpt, tmp_path / "set", "--per-class", "1")
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))

@@ -1030,6 +1030,13 @@ def test_cli_help_runs_as_a_module_and_shows_defaults():
     assert "(default: pytorch-fid)" in done.stdout
 
 
+def test_help_shows_no_default_of_none():
+    """An option without a default says in its help what happens without it (--kid-subset-size: "default 1000"),
+    which argparse's "(default: None)" after it would contradict."""
+    shown = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in shown and "(default 1000;" in shown and "(default: 50)" in shown
+
+
 def test_cli_compile_option_compiles_the_network_once(tmp_path, capsys, extractor, monkeypatch):
     monkeypatch.setattr("fid.features.build_fid_inception", lambda weights: extractor.model)
     compiled = []

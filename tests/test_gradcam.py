@@ -106,12 +106,14 @@ def test_statistics_of_known_maps():
     assert empty["focus"].isnan().all() and empty["intensity"].item() == 0
 
 
-def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red"), info: DatasetInfo | None = None) -> Path:
-    """A random classifier of `classes`, or of `info`'s classes or parameters (a regressor where it has any)."""
+def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red"), info: DatasetInfo | None = None,
+                          data: dict[str, str] | None = None) -> Path:
+    """A random classifier of `classes`, or of `info`'s classes or parameters (a regressor where it has any);
+    `data`: its run's data options, as its config records them ({"test_dataset": "folder:DIR"})."""
     info = info or DatasetInfo("folder:x", 16, 3, tuple(classes), (), (), 4)
     names = info.param_names or info.class_names
     config = ClassifierConfig(target="params" if info.param_names else "class", num_outputs=len(names))
-    save_checkpoint({"stage": "classify", "config": {"model": to_dict(config)},
+    save_checkpoint({"stage": "classify", "config": {"model": to_dict(config), **({"data": data} if data else {})},
                      "data_info": {**info.to_dict(), "fingerprint": "0"},
                      "models": {"model": resnet(len(names), seed).state_dict()}}, path)
     load_classifier(path)
@@ -144,6 +146,8 @@ def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_pat
     (["--layer", "nope"], "no layer 'nope'"),
     (["--class", "green"], "not a class of"),
     (["--name", "x", "--name", "y"], "one --name per --ckpt"),
+    (["--class", "red", "--explain", "label"], r"^--explain label explains each image's own label, and --class red "
+                                               r"that class in every image; give one of them\.$"),
 ])
 def test_bad_gradcam_options_write_nothing(tmp_path, extra, message):
     (tmp_path / "images").mkdir()
@@ -222,3 +226,62 @@ def test_a_greyscale_classifier_is_drawn_beside_its_images(tmp_path):
     out = gradcam.main(["--ckpt", str(tmp_path / "grey.pt"), "--images", f"folder:{tmp_path / 'images'}", "--out",
                         str(tmp_path / "out"), "--device", "cpu"])
     assert Image.open(out / "overlays.png").size == (2 * 18 + 2, 18 + 2) and Image.open(out / "overlays.png").mode == "RGB"
+
+
+def red_images(root: Path, classes=("red",)) -> Path:
+    """root/CLASS/k.png, two reddish squares in each class folder (a set sample.py --class red writes)."""
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (16, 16), (230 - 40 * k, 20, 20)).save(root / name / f"{k}.png")
+    return root
+
+
+def test_the_maps_are_never_written_among_a_classifiers_training_or_test_images(tmp_path):
+    train, test = red_images(tmp_path / "train", ("blue", "red")), red_images(tmp_path / "test", ("blue", "red"))
+    ckpt = classifier_checkpoint(tmp_path / "a.pt", 0, info=DatasetInfo(f"folder:{train}", 16, 3, ("blue", "red"),
+                                                                        (), (), 4),
+                                 data={"dataset": f"folder:{train}", "test_dataset": f"folder:{test}"})
+    images = red_images(tmp_path / "images")
+    for folder, option in ((train, "--dataset"), (test, "--test-dataset")):
+        before = sorted(folder.rglob("*"))
+        with pytest.raises(ValueError, match=rf"^--out .* lies inside the image folder of classifier real's {option} "):
+            gradcam.main(["--ckpt", str(ckpt), "--name", "real", "--images", f"folder:{images}", "--out",
+                          str(folder / "gradcam"), "--device", "cpu"])
+        assert sorted(folder.rglob("*")) == before
+
+
+def test_a_regressor_is_not_asked_to_explain_a_class(tmp_path):
+    info = DatasetInfo("folder:x", 16, 3, (), ("wind",), ((-1.0, 1.0),), 4)
+    ckpt = classifier_checkpoint(tmp_path / "r.pt", 0, info=info)
+    images = red_images(tmp_path / "images")
+    for extra, option in ((["--explain", "label"], "--explain label"), (["--class", "wind"], "--class")):
+        with pytest.raises(ValueError, match=rf"^r is a parameter regressor, whose maps explain the parameter --output "
+                                             rf"names, not a class; drop {option}\.$"):
+            gradcam.main(["--ckpt", str(ckpt), "--name", "r", "--images", f"folder:{images}", "--out",
+                          str(tmp_path / "out"), "--device", "cpu", *extra])
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_set_of_some_of_the_classes_is_labelled_by_name(tmp_path):
+    """A set of one class (sample.py --dataset-out --class red) is labelled by its folder's name, as the
+    consistency check labels it: accuracy, and --explain label, work."""
+    images = red_images(tmp_path / "images")
+    ckpt = classifier_checkpoint(tmp_path / "a.pt", 0, classes=("blue", "red"))
+    out = gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{images}", "--explain", "label",
+                        "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with open(out / "stats.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["label"] == "red" and r["explained"] == "red" for r in rows)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["explain"] == "label"
+    assert written["summary"]["a"]["accuracy"] == pytest.approx(sum(r["predicted"] == "red" for r in rows) / 2)
+    out = gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--class", "blue", "--out",
+                        str(tmp_path / "blue"), "--device", "cpu"])
+    assert json.loads((out / "summary.json").read_text())["explain"] == "class blue"   # not "pred"
+    green = red_images(tmp_path / "green", ("green", "red"))
+    with pytest.raises(ValueError, match=r"^The classes green of --images are not classes of a \(blue, red\); pass "
+                                         r"images of its classes, or a folder without class folders\.$"):
+        gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{green}", "--out",
+                      str(tmp_path / "bad"), "--device", "cpu"])
+    assert not (tmp_path / "bad").exists()

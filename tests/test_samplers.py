@@ -7,22 +7,27 @@ E[eps | x_t] is the same per component, weighted by the component's posterior re
 deterministic samplers also have an exact target: in DDIM's variables xbar = x / sqrt(a), sigma^2 = (1 - a) / a
 the probability-flow ODE (DDIM eq. 14) is dxbar/dsigma = sigma (Sigma + sigma^2 I)^{-1} (xbar - mu), solved along
 each eigenvector u_k of Sigma (eigenvalue lam_k) by xbar_k - mu_k proportional to sqrt(lam_k + sigma^2).
-Everything here runs in float64, on one thread (the analytic model's tiny matrix products only slow down
-when several threads fight over shared cores).
+These run in float64, on one thread (the analytic model's tiny matrix products only slow down
+when several threads fight over shared cores). At the end, what sample.py makes of a sampler's steps (the
+reverse-process GIF) and its sweeps, drawn from the suite's tiny trained models.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 
+import sample
 from ddpm.guidance import classifier_free_guidance
 from ddpm.samplers import (SAMPLERS, ddim_sample, ddpm_sample, make_timesteps, per_sample_noise,
                            pndm_sample, spndm_sample)
 from ddpm.schedule import Schedule, make_betas
+from helpers import RES
 
 T = 1000
 F64 = torch.float64
@@ -408,3 +413,56 @@ def test_a_spacing_that_starts_below_half_of_t_is_warned_about():
         warnings.simplefilter("error")
         SamplingConfig(steps=1, spacing="trailing").check_against(schedule)
         SamplingConfig(steps=2).check_against(schedule)  # starts at t = 50: half-way, as a 2-step run asks
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py's reverse-process GIF and sweeps, drawn from the suite's tiny trained models (conftest)
+
+
+def gif_frames(path) -> list[np.ndarray]:
+    with Image.open(path) as gif:
+        return [np.asarray(frame.convert("RGB")).astype(int) for frame in ImageSequence.Iterator(gif)]
+
+
+def test_every_frame_of_the_reverse_gif_shows_the_same_images(class_ckpt, tmp_path):
+    """The frames come from the first batch (4 of the 5 images asked for); the last, the finished images,
+    shows those 4 too, laid out as the others (not 5 in rows of 3, of which a 2 x 2 frame shows 0, 1, 3, 4)."""
+    out = sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--sampler",
+                       "ddim", "--steps", "2", "--num", "5", "--batch-size", "4", "--gif", "--gif-images", "5"])
+    frames = gif_frames(out / "reverse.gif")
+    assert len(frames) == 3 and all(f.shape == frames[0].shape for f in frames)
+    for k in range(4):                                              # 2 x 2: images 0, 1 / 2, 3
+        top, left = (2 + (RES + 2) * place for place in divmod(k, 2))  # tiles of RES px, 2 px apart
+        tile = frames[-1][top:top + RES, left:left + RES]
+        image = np.asarray(Image.open(out / "images" / f"{k:06d}.png").convert("RGB")).astype(int)
+        assert np.abs(tile - image).mean() < 4, k                  # (up to the GIF's palette)
+
+
+def test_the_reverse_gif_holds_at_most_60_frames_of_the_process_then_the_images(class_ckpt, tmp_path):
+    out = sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--sampler",
+                       "ddim", "--steps", "100", "--num", "1", "--gif"])
+    assert len(gif_frames(out / "reverse.gif")) <= 60 + 1         # (every 2nd of the 100 steps, then the image)
+
+
+@pytest.mark.parametrize("ckpt, extra, message", [
+    ("class_ckpt", ["--sweep", "class", "--class", "red"], r"^--sweep class sets the class of each column, so "
+                                                          r"--class red would be ignored; drop --class\.$"),
+    ("params_ckpt", ["--sweep", "wind=-1:1:3", "--param", "wind=0.5"],
+     r"^--sweep wind=-1:1:3 sets wind in each column, so --param wind=0.5 would be ignored; drop that --param\.$"),
+])
+def test_a_sweep_refuses_what_it_would_ignore(ckpt, extra, message, tmp_path, request):
+    with pytest.raises(ValueError, match=message):
+        sample.main(["--ckpt", str(request.getfixturevalue(ckpt)), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--sampler", "ddim", "--steps", "2", "--num", "1", *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_beyond_the_training_range_is_warned_of_as_a_param_is(params_ckpt, tmp_path):
+    common = ["--ckpt", str(params_ckpt), "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--num", "1"]
+    with pytest.warns(UserWarning, match=r"^--sweep 'wind=-3:1:2' reaches outside the range the model was trained on "
+                                         r"\(-1 to 1\): its images there are an extrapolation\.$"):
+        out = sample.main([*common, "--out", str(tmp_path / "far"), "--sweep", "wind=-3:1:2", "--param", "heat=3"])
+    assert (out / "sweep.png").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # within the range: nothing to warn of
+        sample.main([*common, "--out", str(tmp_path / "near"), "--sweep", "wind=-1:1:2"])

@@ -152,7 +152,7 @@ def test_a_sampling_batch_larger_than_the_machine_is_refused_before_any_work(tmp
 
     def drawing(*args, **kwargs):
         raise AssertionError("drawing began before --batch-size was checked")
-    monkeypatch.setattr("sampling.command.Drawer", drawing)
+    monkeypatch.setattr("sampling.draw.Drawer.__call__", drawing)
     memory = 2**30  # a machine of 1 GiB: 3x16x16 fp32 images are 3 KiB each, 349,525 fill it
     monkeypatch.setattr("core.runtime.device_memory", lambda device: memory)
     out = tmp_path / "out"
