@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StageSpec, argparse.Names
                             f"pass --stage {owner}.")
         refused.every_process = True  # every torchrun process parses the same command line: rank 0 says it
         raise refused
-    return spec, stage_parser(spec, tuple(STAGES), __doc__).parse_args(argv)
+    args = stage_parser(spec, tuple(STAGES), __doc__).parse_args(argv)
+    args.preset_given = known.preset is not None  # (a resume keeps its checkpoint's config: it says so)
+    return spec, args
 
 
 def main(argv: list[str] | None = None) -> dict:

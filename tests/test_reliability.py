@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -651,6 +652,16 @@ def test_a_resume_that_would_change_a_cosine_schedules_rates_is_refused(tmp_path
     assert cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"]) != 0
     assert "--steps 4 would change the learning rates this run has trained with" in the_error(capsys.readouterr().err)
     assert snapshot(run_dir) == before
+
+
+def test_a_preset_given_on_resume_is_said_to_be_unread(tmp_path, trained, capsys):
+    """The checkpoint's config is the run's: a --preset typed on resume changes nothing, and says so."""
+    run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    train.main(["--run-dir", str(copy), "--resume", "--steps", "3", "--preset", "ddpm-cifar10", "--device", "cpu"])
+    assert f"Note: --preset ddpm-cifar10 is not read when resuming: the run in {copy}" in capsys.readouterr().out
+    assert load_checkpoint(copy / "checkpoint.pt", "ddpm")["config"]["data"]["resolution"] == 16
 
 
 def test_a_resubmitted_finished_run_exits_at_once_without_loading_data(tmp_path, trained, capsys, monkeypatch):

@@ -202,6 +202,9 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
             if runtime.is_main:  # it holds the run directory for the whole run: a second run into it is refused
                 held.enter_context(FolderLock(run_dir))
             config, saved = resolve_config(spec, args, run_dir)
+            if saved is not None and getattr(args, "preset_given", False) and runtime.is_main:
+                print(f"Note: --preset {args.preset} is not read when resuming: the run in {run_dir} goes on with the "
+                      f"configuration its checkpoint holds.", flush=True)
             kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run
             check_compile(config.train.compile, runtime.device)
             if config.train.batch_size % runtime.world_size:
