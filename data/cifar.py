@@ -10,6 +10,7 @@ is checked before use.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,17 @@ def _read_split(cache_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch
         return all((folder / name).is_file() for name in batches + (META,))
 
     if not present():
-        # One process downloads and extracts; any other (a torchrun job's ranks) waits, then finds the files.
-        with taking_turns(root / f"{FOLDER}.lock", f"CIFAR-10 in {root}"):
-            if not present():
-                _fetch(root)
+        made = [path for path in (root, *root.parents) if not path.exists()]  # what the lock is about to create
+        try:
+            # One process downloads and extracts; any other (a torchrun job's ranks) waits, then finds the files.
+            with taking_turns(root / f"{FOLDER}.lock", f"CIFAR-10 in {root}"):
+                if not present():
+                    _fetch(root)
+        except MissingFileError:
+            for path in made:  # a failed download leaves no empty cache folder behind (a full one is kept)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
 
     parts = [_read_batch(folder / name) for name in batches]
     images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))

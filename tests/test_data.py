@@ -881,6 +881,10 @@ def test_cifar10_offline_error_names_files_and_place(tmp_path, monkeypatch):
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and "data_batch_1" in message and "test_batch" in message
     assert str(tmp_path.resolve()) in message
+    # A cache folder the failed download would have made is not left behind, empty.
+    with pytest.raises(FileNotFoundError):
+        load_dataset("cifar10", 32, cache_dir=tmp_path / "new" / "cache")
+    assert not (tmp_path / "new").exists() and tmp_path.exists()
 
 
 def test_cifar10_reads_extracted_batches(tmp_path, monkeypatch):
