@@ -274,6 +274,14 @@ def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, 
     return new_run_arguments(row, seed, run_dir, args, passed, size)
 
 
+def _check_source_kept(run_dir: Path, source: Path) -> None:
+    """Refuse, before anything trains, a run to be fine-tuned from a source run whose result is kept (so it will
+    not train again) but whose checkpoint, the starting weights, was deleted."""
+    if final_results(source) is not None and not (source / "checkpoint.pt").is_file():
+        raise UserError(f"{run_dir} is to be fine-tuned from {source}, whose checkpoint.pt is gone while its result "
+                        f"is kept; delete {source} to train it again, or choose another --out.")
+
+
 def sibling_run(run_dir: Path, row_name: str) -> Path:
     """The folder of the same seed's run of row `row_name`, beside `run_dir` (OUT/runs/ROW/seedS)."""
     return run_dir.parent.parent / row_name / run_dir.name
@@ -327,6 +335,8 @@ class ReusedRuns:
         checkpoint = run_dir / "checkpoint.pt"
         if not checkpoint.is_file():
             if final_results(run_dir) is None:  # not started, or stopped before its first checkpoint: trained afresh
+                if row.pretrained_on:
+                    _check_source_kept(run_dir, sibling_run(run_dir, row.pretrained_on))
                 return
             # Finished, its checkpoint deleted since (to save space, say): config.json still says how it was made.
             config_path = run_dir / "config.json"
@@ -369,13 +379,20 @@ class ReusedRuns:
         if source.is_file():
             now = state_fingerprint(load_checkpoint(source, CLASSIFY.name).get("models", {}).get(MAIN, {}))
         if recorded is None or now != recorded.get("fingerprint"):
+            if now is None and final_results(source.parent) is not None:  # its result kept: it will not train again
+                raise UserError(f"{run_dir} was fine-tuned from {source}, which is gone while that run's result is "
+                                f"kept; delete {source.parent} and {run_dir} to train both again, or choose another "
+                                f"--out.")
             what = "is gone" if now is None else "holds other weights now"
             raise UserError(f"{run_dir} was fine-tuned from {source}, which {what}; delete {run_dir} to fine-tune it "
                             f"again from the new run, or choose another --out.")
 
     def _check_config(self, row: Row, run_dir: Path, request: ClassifyConfig, saved: ClassifyConfig) -> None:
         now, was = flat_fields(to_dict(request)), flat_fields(to_dict(saved))
-        changed = [key for key in now if key not in NOT_COMPARED and now[key] != was[key]]
+        # A fine-tuned run's starting weights are checked by their fingerprint (`_check_start`), not by the path
+        # of its source's checkpoint, which moves with --out (given relative, then absolute; or copied).
+        ignored = NOT_COMPARED | ({"classify.init_from"} if row.pretrained_on else set())
+        changed = [key for key in now if key not in ignored and now[key] != was[key]]
         if not changed:
             return
         key = changed[0]
@@ -452,14 +469,15 @@ def summarise(rows: list[Row], results: dict[str, list[dict]], target: str) -> d
     return {"metric": "top-1 accuracy (%)" if metric == "top1" else "mean absolute error", "rows": table}
 
 
-def markdown(summary: dict[str, Any], seeds: int, test: str) -> str:
+def markdown(summary: dict[str, Any], seeds: int, test: str, sizes: str = "") -> str:
+    """The results table, then the test set and `sizes` (what each row trained on, where the sizes were set)."""
     lines = [f"| training data | {summary['metric']}, mean ± std over {seeds} seed{'s' * (seeds > 1)} | per seed |",
              "|---|---|---|"]
     for name, row in summary["rows"].items():
         digits = 2 if summary["metric"].startswith("top") else 4
         per_seed = ", ".join(f"{v:.{digits}f}" for v in row["values"])
         lines.append(f"| {name} | {row['mean']:.{digits}f} ± {row['std']:.{digits}f} | {per_seed} |")
-    return "\n".join(lines) + f"\n\nTest set: {test}.\n"
+    return "\n".join(lines) + f"\n\nTest set: {test}.\n" + (f"{sizes}\n" if sizes else "")
 
 
 def train_plan(plan: list[tuple[Row, int, Path]], args: argparse.Namespace, passed: list[str],
@@ -507,8 +525,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with FolderLock(out):
         check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
-        if size != Sizes():
-            print(size.describe(mixed=any(row.extra for row in rows)), flush=True)
+        sizes = size.describe(mixed=any(row.extra for row in rows)) if size != Sizes() else ""
+        if sizes:
+            print(sizes, flush=True)
         plan = [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in rows for seed in range(args.seeds)]
         # Every run already there is checked against this request before any run trains.
         reused = ReusedRuns()
@@ -519,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = summarise(rows, results, target)
         summary.update(test=args.test, seeds=args.seeds, match_size=size.match, synthetic_multiple=size.multiple,
                        real_images=size.real, train_options=passed, preset=args.preset, fine_tune_lr=args.fine_tune_lr)
-        table = markdown(summary, args.seeds, args.test)
+        table = markdown(summary, args.seeds, args.test, sizes)
         atomic_write(out / "results.md", lambda f: f.write(table.encode()))
         write_json(summary, out / "results.json")
         names = list(summary["rows"])

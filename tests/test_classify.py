@@ -428,6 +428,8 @@ def test_experiment_table_trains_every_row_and_seed_once_and_resumes(colours, tm
         sizes = [(c["data"]["num_samples"], c["classify"]["extra_samples"]) for c in configs]
         assert sizes[0] == ({"real": (12, 0), "gen": (12, 0), "real+gen": (6, 6)}[name])
     assert "| real+gen |" in (out / "results.md").read_text()
+    assert (out / "results.md").read_text().endswith(f"Test set: folder:{test}.\nEvery row trains on 12 images "
+                                                     f"(--match-size).\n")  # what the rows trained on
     assert json.loads((out / "results.json").read_text())["rows"]["gen"]["values"] == summary["rows"]["gen"]["values"]
     assert (out / "results.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
@@ -542,7 +544,8 @@ def test_row_sizes_that_round_to_no_image_are_refused_and_matched_counts_survive
     assert [most_matched(n, k) for n, k in ((1, 0.1), (48, 3), (7, 0.3), (10, 2.5))] == [10, 16, 23, 4]
 
 
-def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path, capsys):
+def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_images(colours, tmp_path, capsys,
+                                                                                   monkeypatch):
     from core.checkpoint import save_checkpoint, state_fingerprint
     real, test = colours                                            # 24 real images
     synthetic = colour_folder(tmp_path / "synth", 16, seed=7)        # 48 synthetic images
@@ -566,6 +569,24 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
     assert experiment.main(argv)["rows"] == summary["rows"]         # kept, not trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")} == stamps
+    monkeypatch.chdir(tmp_path)  # --out named relative: the fine-tuned runs' --init-from moves with it
+    assert experiment.main([a if a != str(out) else "x" for a in argv])["rows"] == summary["rows"]
+    monkeypatch.undo()
+    # A source whose checkpoint went while its result stays will not train again: deleting the fine-tuned run
+    # alone cannot help, so both are named; with it deleted, the refusal still comes before anything trains.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    copied = [a if a != str(out) else str(copy) for a in argv]
+    (copy / "runs" / "real" / "seed0" / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match=r"real-then-real.seed0 was fine-tuned from .*real.seed0.checkpoint.pt, which "
+                                         r"is gone while that run's result is kept; delete \S+real.seed0 and "):
+        experiment.main(copied)
+    shutil.rmtree(copy / "runs" / "real-then-real" / "seed0")
+    with pytest.raises(ValueError, match=r"real-then-real.seed0 is to be fine-tuned from \S+real.seed0, whose "
+                                         r"checkpoint.pt is gone while its result is kept; delete"):
+        experiment.main(copied)
+    assert not (copy / "runs" / "real-then-real" / "seed0").exists()
     source = out / "runs" / "gen" / "seed1" / "checkpoint.pt"
     payload = load_checkpoint(source, "classify")                   # trained again, say: other weights
     payload["models"]["model"]["fc.bias"] += 1
