@@ -11,7 +11,6 @@ dispatch on it, and name no stage themselves. `open_source` opens any checkpoint
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,7 +18,7 @@ from classify.stage import SPEC as CLASSIFY
 from core.checkpoint import load_checkpoint
 from core.contract import StageSpec
 from core.errors import UserError
-from data import config_datasets
+from data import trained_datasets
 from ddpm.source import ImageSource
 from ddpm.stage import SPEC as DDPM
 from invert.stage import SPEC as INVERT
@@ -47,17 +46,7 @@ def open_source(path: Path, device: torch.device, weights: str = "ema", option: 
                         f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")
     source = spec.load_source(payload, device, weights, path)
     source.trained_on = {f"the model's {option}": spec for option, spec in trained_datasets(payload).items()}
-    if source.drawn_through is not None:  # an inversion: the frozen model's training images too
-        source.trained_on.update({f"the frozen model's {option}": spec
-                                  for option, spec in trained_datasets(source.drawn_through).items()})
+    # An inversion: the frozen model's training images too.
+    source.trained_on.update({f"the frozen model's {option}": spec for option, spec in source.drawn_through.items()})
     return source
 
-
-def trained_datasets(payload: dict[str, Any]) -> dict[str, str]:
-    """The datasets of a checkpoint's run, by option: as its config names them, and the training folder as its
-    loader resolved it (absolute, wherever the command ran from)."""
-    datasets = config_datasets(payload.get("config", {}))
-    trained = str((payload.get("data_info") or {}).get("name", ""))
-    if trained.startswith("folder:"):
-        datasets["--dataset"] = trained
-    return datasets

@@ -21,7 +21,7 @@ from data.dataset import Batch, DatasetInfo, ImageDataset, grey_as_rgb, shared_i
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
 __all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "dataset_size", "grey_as_rgb", "label_counts", "load_dataset",
-           "shared_images"]
+           "shared_images", "trained_datasets"]
 
 
 def folder_of(spec: str) -> Path | None:
@@ -67,6 +67,16 @@ def config_datasets(config: dict[str, Any]) -> dict[str, str]:
     from core.config import flat_fields, option_name
     return {option_name(key): value for key, value in flat_fields(config).items()
             if key.endswith("dataset") and isinstance(value, str) and value}
+
+
+def trained_datasets(payload: dict[str, Any]) -> dict[str, str]:
+    """The datasets of a checkpoint's run, by option (for `check_output_outside`): as its config names them, and
+    the training folder as its loader resolved it (absolute, wherever the command ran from)."""
+    datasets = config_datasets(payload.get("config", {}))
+    trained = str((payload.get("data_info") or {}).get("name", ""))
+    if trained.startswith("folder:"):
+        datasets["--dataset"] = trained
+    return datasets
 
 
 def label_counts(spec: str) -> tuple[int, bool]:

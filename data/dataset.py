@@ -168,7 +168,7 @@ def grey_as_rgb(dataset: ImageDataset, channels: int, network: str, say: bool) -
         return dataset
     if say:
         print(f"Note: {dataset.info.name} is greyscale and {network} takes RGB images; each image is given to it as "
-              f"RGB with three equal channels, and the model draws such images.", flush=True)
+              f"RGB with three equal channels.", flush=True)
     return dataset.with_channels(3)
 
 

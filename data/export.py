@@ -7,8 +7,9 @@ writes DIR/CLASS/NNNNNN.png (the dataset's own classes, or bins of a parameter w
 NAME:K[:LOW:HIGH]`: for plumes, `wind:3` labels plumes blowing left, calm and blowing right as
 wind0, wind1, wind2), DIR/params.csv with every numeric parameter, DIR/manifest.csv and
 DIR/dataset.json (see data/writer.py). The result loads with `--dataset folder:DIR`, and with class
-folders also with torchvision's ImageFolder (which refuses a flat set, written without classes). Give the bins an explicit range when exporting two splits, so both get
-the same edges (each split's own range differs slightly). Rerunning continues an interrupted export.
+folders also with torchvision's ImageFolder (which refuses a flat set, written without classes). Give
+the bins an explicit range when exporting two splits, so both get the same edges (each split's own
+range differs slightly). Rerunning continues an interrupted export.
 """
 
 from __future__ import annotations

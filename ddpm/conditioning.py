@@ -73,8 +73,10 @@ def parse_class(name: str, info: DatasetInfo) -> int:
     raise UserError(f"Unknown class {name!r}; choose one of {', '.join(names)} or an index below {len(names)}.")
 
 
-def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "--param") -> dict[str, float]:
-    """NAME=VALUE items -> {name: value} in the data's units; each name at most once, finite values."""
+def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "--param", warn: bool = True
+                       ) -> dict[str, float]:
+    """NAME=VALUE items -> {name: value} in the data's units; each name at most once, finite values; with
+    `warn`, a value outside the training range is warned of."""
     values = {}
     for item in items:
         name, _, text = item.partition("=")
@@ -88,12 +90,19 @@ def parse_param_values(items: Sequence[str], info: DatasetInfo, option: str = "-
             raise UserError(f"{option} {item!r} must be a finite number.")
         if name in values:
             raise UserError(f"{option} gives {name} twice; give each parameter once.")
-        low, high = info.param_ranges[info.param_names.index(name)]
-        if not low <= value <= high:
-            warnings.warn(f"{option} {item!r} lies outside the range the model was trained on ({low:g} to {high:g}): "
-                          "its images there are an extrapolation.", stacklevel=2)
+        if warn:
+            _warn_outside_range(f"{option} {item!r} lies", (value,), info.param_ranges[info.param_names.index(name)])
         values[name] = value
     return values
+
+
+def _warn_outside_range(what: str, values: Sequence[float], trained: tuple[float, float]) -> None:
+    """Warn where `what` (an option and its value: "--param 'wind=3' lies", "--sweep ... reaches") asks for values
+    beyond the `trained` range of a parameter."""
+    low, high = trained
+    if not all(low <= value <= high for value in values):
+        warnings.warn(f"{what} outside the range the model was trained on ({low:g} to {high:g}): its images there "
+                      "are an extrapolation.", stacklevel=3)
 
 
 def check_request(kind: str, label: str | None, params: Sequence[str]) -> None:
@@ -171,10 +180,7 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions, *, 
         raise UserError(f"--sweep {spec} sets {name} in each column, so --param {fixed[0]} would be ignored; drop "
                         f"that --param.")
     column = info.param_names.index(name)
-    low, high = info.param_ranges[column]
-    if not (low <= start <= high and low <= stop <= high):  # as parse_param_values warns of a --param
-        warnings.warn(f"--sweep {spec!r} reaches outside the range the model was trained on ({low:g} to {high:g}): "
-                      "its images there are an extrapolation.", stacklevel=2)
+    _warn_outside_range(f"--sweep {spec!r} reaches", (start, stop), info.param_ranges[column])  # as a --param is
     raw = torch.tensor([[r[p] for p in info.param_names] for r in base.records], dtype=torch.float64)
     columns = []
     for value in torch.linspace(start, stop, count, dtype=torch.float64):

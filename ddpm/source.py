@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,9 +44,9 @@ class ImageSource:
     # The datasets the model learnt from (option -> spec, from its run's config; `stages.open_source` sets
     # them): sample.py writes nothing inside those folders, where it would become training data.
     trained_on: dict[str, str] = {}
-    # The checkpoint of another model these images are drawn through (an inversion's frozen model), whose
-    # datasets are off limits too; None for a model that draws on its own.
-    drawn_through: dict[str, Any] | None = None
+    # The datasets of another model these images are drawn through (an inversion's frozen model, by option):
+    # off limits too.
+    drawn_through: dict[str, str] = {}
 
     def __init__(self, model: DiffusionSampler):
         self.model = model
@@ -100,9 +99,7 @@ class ImageSource:
 def resolved_request(info: DatasetInfo, label: str | None, params: Sequence[str]) -> dict[str, Any]:
     """--class and --param as the images see them, the class's index and each parameter's value, so that --class
     red and --class 2 (or wind=0.5 and wind=.5) are one request of a --dataset-out set."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a value outside the training range: warned of when the plan was made
-        values = parse_param_values(params, info)
+    values = parse_param_values(params, info, warn=False)  # (a value beyond the training range: warned of by the plan)
     return {"class": None if label is None else parse_class(label, info), "param": dict(sorted(values.items()))}
 
 

@@ -46,10 +46,9 @@ from core.checkpoint import peek_checkpoint
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_csv, write_json
-from data import check_output_outside, check_spec, load_dataset
+from data import check_output_outside, check_spec, load_dataset, trained_datasets
 from data.dataset import subset_indices
 from data.imageio import from_uint8, save_grid
-from stages import trained_datasets
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from core.checkpoint import load_checkpoint, state_fingerprint
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime
-from data import ImageDataset
+from data import ImageDataset, grey_as_rgb
 from ddpm.generate import DiffusionSampler
 from ddpm.stage import SPEC as DDPM
 from ldm.stage import SPEC as LDM
@@ -74,13 +74,10 @@ def fit_images(model: FrozenModel, images: ImageDataset, announce: bool = True) 
     """The real images as the model takes them: greyscale ones as RGB with three equal channels for a colour
     model (which is what a greyscale folder's images are to it, as in latent training). Refused: colour images
     for a greyscale model, or images of another size than the model's own training images."""
-    have, want = images.info, model.sampler.info
-    if have.channels == 1 and want.channels == 3:
-        if announce:
-            print(f"Note: {have.name} is greyscale and the model {model.path} draws RGB images; each image is "
-                  f"inverted as RGB with three equal channels.", flush=True)
-        images = images.with_channels(3)
-    elif have.channels != want.channels:
+    want = model.sampler.info
+    images = grey_as_rgb(images, want.channels, f"the model {model.path}", announce)
+    have = images.info
+    if have.channels != want.channels:
         raise UserError(f"{have.name} has colour images but the model {model.path} was trained on greyscale ones; "
                         f"invert greyscale images with it (convert these to greyscale first), or use a colour model.")
     if have.resolution != want.resolution:

@@ -29,7 +29,7 @@ from core.checkpoint import advice, require_keys, state_fingerprint
 from core.config import option, override, require, to_dict
 from core.errors import UserError
 from core.runtime import derive_seed
-from data import DatasetInfo
+from data import DatasetInfo, trained_datasets
 from data.writer import Item
 from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
@@ -70,7 +70,7 @@ class Inverted:
     sources: tuple[str, ...]        # where each source image came from
     info: DatasetInfo               # the real images: classes and parameter names
     record: dict[str, Any]          # what the checkpoint says of the frozen model (path, fingerprint, ...)
-    model_payload: dict[str, Any]   # the frozen model's checkpoint (its run's datasets, for one)
+    model_datasets: dict[str, str]  # the frozen model's training datasets, by option (`data.trained_datasets`)
 
     def __post_init__(self) -> None:
         self.members = {int(y): (self.labels == y).nonzero().squeeze(1) for y in self.labels.unique()}
@@ -159,7 +159,8 @@ def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> 
         raise UserError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
                         f"again (train.py --stage invert) with a lower --lr.")
     return Inverted(frozen.sampler, vectors, inversion["labels"].long(), inversion["params"].float(),
-                    tuple(inversion["sources"]), DatasetInfo.from_dict(payload["data_info"]), model, frozen.payload)
+                    tuple(inversion["sources"]), DatasetInfo.from_dict(payload["data_info"]), model,
+                    trained_datasets(frozen.payload))
 
 
 class InversionSource(ImageSource):
@@ -172,7 +173,7 @@ class InversionSource(ImageSource):
     def __init__(self, inverted: Inverted):
         super().__init__(inverted.model)
         self.inverted = inverted
-        self.drawn_through = inverted.model_payload
+        self.drawn_through = inverted.model_datasets
 
     def check(self, args: argparse.Namespace) -> None:
         """The conditions come from the learned vectors (their classes from the inverted images), so no class,

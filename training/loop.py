@@ -283,7 +283,7 @@ def check_schedule_kept(done: int, was: TrainConfig, now: TrainConfig) -> None:
     """Refuse a resume whose --steps would change the learning rates of the `done` steps already trained (a
     cosine or one-cycle schedule follows the total): the run would then be neither the one it started as nor
     one started with that many steps. A constant schedule, or one still warming up, may be extended."""
-    if now.steps == was.steps or all(
+    if now.steps == was.steps or was.lr_schedule == "constant" or all(  # (a constant rate follows no total)
             lr_factor(was.lr_schedule, step, was.steps, was.warmup_steps) ==
             lr_factor(now.lr_schedule, step, now.steps, now.warmup_steps) for step in range(done)):
         return

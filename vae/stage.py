@@ -174,10 +174,8 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     if resume_from is not None:  # the channels it started with (RGB where it started from published weights)
         dataset = grey_as_rgb(dataset, config.autoencoder.in_channels, "this run's autoencoder", runtime.is_main)
     elif config.vae.pretrained:
-        autoencoder = dataclasses.replace(config.autoencoder, resolution=data.resolution)
-        published = read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
-        dataset = grey_as_rgb(dataset, published["encoder.conv_in.weight"].shape[1], "the published autoencoder",
-                              runtime.is_main)
+        channels = published_names(config)["encoder.conv_in.weight"].shape[1]
+        dataset = grey_as_rgb(dataset, channels, "the published autoencoder", runtime.is_main)
     info = dataset.info
     config = resolve_autoencoder(config, info.channels, info.resolution)
     test_set, split = load_test_set(dataset, data.dataset, data.test_dataset, data.test_samples, cache_dir=data.cache_dir,
@@ -238,6 +236,13 @@ def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path |
     return autoencoder, scale, state_fingerprint(state)
 
 
+def published_names(config: VAEConfig) -> dict[str, Tensor]:
+    """The tensors of --pretrained, checked by their names only against the autoencoder at --resolution: the data
+    decides the channels, hence some shapes, later. (Memory-mapped: almost nothing of the file is read.)"""
+    autoencoder = dataclasses.replace(config.autoencoder, resolution=config.data.resolution)
+    return read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
+
+
 def check(config: VAEConfig, resume_from: dict | None) -> None:
     """Before any work starts: the files the options name must exist, and every network of the run must take
     images of the size asked for (the autoencoder, the perceptual network, and the discriminator when on)."""
@@ -253,14 +258,14 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
         check_spec(config.data.test_dataset, "--test-dataset")
     size, loss = config.data.resolution, config.loss
     try:
-        autoencoder = dataclasses.replace(config.autoencoder, resolution=size)
+        dataclasses.replace(config.autoencoder, resolution=size)  # (its checks: levels that halve the size)
     except ValueError as err:
         raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: {err}") from None
     # What the weight files hold, too: a wrong file is refused now, not after the data is decoded (its names:
     # shapes depend on the images' channels, which only the data tells).
     check_weight_files(config.loss.vgg_weights, config.loss.lpips_weights)
     if config.vae.pretrained and resume_from is None:
-        read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
+        published_names(config)
     smallest = 2 ** (loss.perceptual_taps - 1)  # each VGG-16 tap after the first is behind one more 2x2 max-pool
     if size < smallest:
         raise UserError(f"--perceptual-taps {loss.perceptual_taps} needs images of at least {smallest} px (each VGG-16 "
