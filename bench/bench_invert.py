@@ -75,7 +75,7 @@ def throughput_table(args, device) -> None:
     print("|---|---|---|---|---|---|")
     if args.model:
         from invert.frozen import load_frozen
-        frozen = load_frozen(args.model, "ema", device)
+        frozen = load_frozen(args.model, device, "ema")
         shapes = [(args.model, frozen.sampler.net.config, frozen.sampler.schedule)]
     else:
         shapes = []

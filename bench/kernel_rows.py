@@ -116,7 +116,8 @@ def sampler_step_rows(plan: Plan) -> list[Row]:
     batch = plan.pick(cuda=64, cpu=16, quick_cpu=4)
     sides = [64] if plan.quick else [32, 64, 256]
     abar, abar_prev = 0.5, 0.6  # any step; the arithmetic does not depend on where
-    update = Update(recip=abar ** -0.5, recipm1=(1 / abar - 1) ** 0.5, x0=abar_prev ** 0.5, eps=(1 - abar_prev) ** 0.5)
+    update = Update(recip=abar ** -0.5, recipm1=(1 / abar - 1) ** 0.5, c_x0=abar_prev ** 0.5,
+                    c_eps=(1 - abar_prev) ** 0.5)
     rows = []
     for side in sides:
         x, eps, eps_ref = (torch.randn(batch, 3, side, side, device=device) for _ in range(3))

@@ -1,7 +1,7 @@
 """`python -m bench.stop_agreement`: what agreeing on a stop signal costs each training step under torchrun.
 
 Two CPU processes joined by gloo take the same dummy steps three ways: with no agreement, with a blocking
-MAX all-reduce of the signal after every step (what the loop did before `training.distributed.StopAgreement`),
+MAX all-reduce of the signal after every step (what the loop did before `core.distributed.StopAgreement`),
 and with `StopAgreement`, which reads each all-reduce one step later. Each step either computes on the CPU
 (matmuls on one thread, as a CPU run does) or sleeps, as a process driving a GPU waits on its device; it is in
 that wait that the background all-reduce hides. Prints one markdown table of milliseconds per step.
@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.runtime import Runtime  # noqa: E402
-from training import distributed  # noqa: E402
+from core import distributed  # noqa: E402
 
 WAYS = ("none", "blocking", "StopAgreement")
 STEPS = ("CPU compute", "waiting (GPU-bound)")

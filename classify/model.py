@@ -28,6 +28,7 @@ from core.errors import UserError
 from core.speed import inference_layout
 from data import DatasetInfo
 from data.dataset import LUMA
+from data.imageio import as_rgb
 
 NAME = "classify"
 TARGETS = ("class", "params")
@@ -119,7 +120,7 @@ class Classifier:
         if images.shape[1] == info.channels:
             return images
         if images.shape[1] == 1 and info.channels == 3:
-            return images.expand(-1, 3, -1, -1)
+            return as_rgb(images)
         if images.shape[1] == 3 and info.channels == 1:  # ITU-R 601 luma, as data.dataset.to_channels
             weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
             return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)

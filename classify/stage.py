@@ -46,7 +46,8 @@ def same_targets(train: DatasetInfo, other: DatasetInfo, option: str, target: st
         raise UserError(classes_differ(option, other.class_names, train_option, train.class_names, folder_of(other.name)))
     if target == "params" and other.param_names != train.param_names:
         raise UserError(f"The parameters of {option} ({', '.join(other.param_names) or 'none'}) differ from those of "
-                        f"{train_option} ({', '.join(train.param_names)}); give both the same params.csv columns.")
+                        f"{train_option} ({', '.join(train.param_names) or 'none'}); give both the same params.csv "
+                        f"columns.")
 
 
 def check_held_out(train: ImageDataset, test: ImageDataset, option: str, train_option: str = "--dataset") -> None:
@@ -159,7 +160,8 @@ class ClassifierTraining:
 
     def diverged(self, models, means) -> str | None:
         """A loss far beyond what knowing nothing costs (ln C for C classes: uniform outputs; 1 for parameters
-        scaled to [-1, 1]: predicting 0) means the weights were thrown far off, though they stay finite."""
+        scaled to [-1, 1]: predicting 0 costs at most that) means the weights were thrown far off, though they stay
+        finite."""
         baseline = math.log(len(self.info.class_names)) if self.target == "class" else 1.0
         loss = means.get("loss", 0.0)
         if loss <= DIVERGED_LOSS * max(baseline, 1.0):

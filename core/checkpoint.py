@@ -10,6 +10,9 @@ Layout (version 2), written by the training loop:
     ema         {name: state_dict}   what to sample with, for the models that keep a weight average: the
                                      average (with --ema-decay 0, the weights themselves)
     optimizers  {name: state_dict}, scaler, rng
+    seeding     the seeding scheme of the run's steps (training.loop.SEEDING; absent: scheme 1)
+    elapsed_s   the training time up to the checkpoint, across resumes (absent: older than the record)
+    metrics_window, outputs_due   the open logging window, and what follows the checkpoint at its step
     ...         anything the stage adds (e.g. a latent model's VAE)
 
 A checkpoint is read back only through `load_checkpoint` and `require_keys`, which check the layout's
@@ -40,7 +43,8 @@ VERSION = 2
 # What each field of the layout above must be wherever it is present. "data_info" is a dataset's
 # description (data.DatasetInfo.to_dict, plus a fingerprint); `require_keys` checks its own fields.
 FIELDS: dict[str, type] = {"stage": str, "config": dict, "data_info": dict, "step": int, "models": dict,
-                           "ema": dict, "optimizers": dict, "scaler": dict, "rng": dict}
+                           "ema": dict, "optimizers": dict, "scaler": dict, "rng": dict, "seeding": int,
+                           "elapsed_s": float}
 DATA_INFO_FIELDS: dict[str, type] = {"name": str, "resolution": int, "channels": int, "class_names": list,
                                      "param_names": list, "param_ranges": list, "num_samples": int}
 _KINDS = {str: "text", int: "a whole number", float: "a number", dict: "a record", list: "a list"}

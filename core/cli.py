@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -227,12 +228,57 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
             bar.close()
         print(f"error: {message}", file=sys.stderr, flush=True)
         return code
+    signum = lost_stop()
+    if signum is not None:  # the command finished its work while the stop was put off: it ends as stopped
+        how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        if launched_rank() == 0:
+            print(f"error: stopped by {how} as the command finished; what it was to write is written.",
+                  file=sys.stderr, flush=True)
+        return 128 + signum
     return 0
 
 
 def terminate_as_interrupt(signum: int, frame: Any) -> None:
     """A SIGTERM outside a training loop: unwind like Ctrl-C (finally blocks run, locks are released)."""
-    raise RunInterrupted(interrupted("stopped by SIGTERM"), signum)
+    if not _deferred_from_finalizer(signum, frame):
+        raise RunInterrupted(interrupted("stopped by SIGTERM"), signum)
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C outside a training loop: KeyboardInterrupt, as Python's own handler raises it."""
+    if not _deferred_from_finalizer(signum, frame):
+        raise KeyboardInterrupt
+
+
+_deferred: list[int] = []  # stop signals that came inside a finalizer, sent again and not yet answered
+
+
+def _deferred_from_finalizer(signum: int, frame: Any) -> bool:
+    """Whether the signal `signum` came while a `__del__` or a `weakref.finalize` callback runs (`frame` or a caller
+    of it), and was sent again to be answered once that has returned. Python prints an exception raised in either
+    as "Exception ignored in" and goes on, so a stop raised there would be lost: the command would run on, or end
+    with 0 as if never stopped (a results table would go on to its next run). Such a wait is longest where an
+    object's end is slow: a DataLoader's, which stops its worker processes. Where the command ends before the
+    signal comes again, `run` answers it (`lost_stop`). False, having done nothing, anywhere else."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code is weakref.finalize.__call__.__code__:
+            _deferred.append(signum)
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return True
+        frame = frame.f_back
+    _deferred.clear()  # answered now
+    return False
+
+
+def lost_stop() -> int | None:
+    """A stop signal that came inside a finalizer and was not answered since (by the time the command ended, its
+    work done; or by a training loop, which answers a stop after its step), if any; taken, so that it is answered
+    once."""
+    signum = _deferred[-1] if _deferred else None
+    _deferred.clear()
+    return signum
 
 
 def _terminated_while_starting(signum: int, frame: Any) -> None:
@@ -288,7 +334,7 @@ def die_with_the_launcher(signum: int) -> None:
     in a session of its own, would run on as orphans: while starting, blocked for many minutes joining a
     process group that will never form (deaf to SIGTERM inside that call), later training on and holding the
     run's lock. So a worker asks for SIGKILL as soon as it starts (it has written nothing yet), and for SIGTERM
-    once it has joined its group (`training.distributed.setup`): then the workers stop as after any SIGTERM,
+    once it has joined its group (`core.distributed.setup`): then the workers stop as after any SIGTERM,
     all together after the current step, which is checkpointed. The launcher is the parent this process
     first saw; if that is gone when the request takes hold, the signal is sent at once. Only under torchrun: a
     single process's parent is a shell, whose exit must not stop a `nohup` run. Elsewhere than Linux
@@ -335,7 +381,7 @@ def main(entry: Callable[[list[str]], Any]) -> None:
         warnings.showwarning = print_warning
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, as `run` expects
+        signal.signal(signal.SIGINT, interrupt)  # Ctrl-C: KeyboardInterrupt, as `run` expects
     code = run(entry)
     if threading.current_thread() is threading.main_thread():
         # Ended (done, or with what had to be saved saved and the line printed): a Ctrl-C or SIGTERM while Python

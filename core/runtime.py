@@ -31,8 +31,12 @@ from core.errors import UserError
 
 
 def derive_seed(*keys: int) -> int:
-    """An independent 63-bit seed for a tuple of integer keys, e.g. (run seed, step, rank) or
-    (run seed, image index); numpy's SeedSequence mixes them so nearby keys give unrelated streams."""
+    """An independent 63-bit seed for a tuple of integer keys, e.g. (run seed, image index); numpy's SeedSequence
+    mixes them so nearby keys give unrelated streams.
+
+    SeedSequence pads its keys with zeros to four words, so keys that differ only by trailing zeros give the same
+    seed: derive_seed(s, e, 0) == derive_seed(s, e). Two uses that must not share a stream each end their keys with
+    a non-zero purpose key of their own (training.loop.step_seed)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -42,7 +46,7 @@ def derive_seed(*keys: int) -> int:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs and which share of the work it does (see training.distributed.setup)."""
+    """Where this process runs and which share of the work it does (see core.distributed.setup)."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -230,6 +234,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], rep
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         cause = _cause_behind(err, handled)
+        if isinstance(cause, OSError) and cause.filename is None and cause.errno is not None:
+            # A write to an open file names none (nor does torch.save's zip writer): name the one being written.
+            raise OSError(cause.errno, cause.strerror, str(path)).with_traceback(cause.__traceback__) from None
         if cause is not None and cause is not err:
             raise cause from None
         raise

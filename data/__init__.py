@@ -155,7 +155,7 @@ def classes_differ(option: str, classes: Sequence[str], reference_option: str, r
         return (f"The class folder {folder / empty} of {option} holds no images, so {option} lacks a class that "
                 f"{reference_option} has; add images of {empty} to it.")
     return (f"The classes of {option} ({', '.join(classes) or 'none'}) differ from those of {reference_option} "
-            f"({', '.join(reference_classes)}); give both the same class folder names.")
+            f"({', '.join(reference_classes) or 'none'}); give both the same class folder names.")
 
 
 def load_dataset(spec: str, resolution: int, *, cache_dir: str | Path = ".cache/datasets", train: bool = True,

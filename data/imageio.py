@@ -363,6 +363,11 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """A (B, 1 or 3, H, W) batch as RGB: greyscale repeated across three channels (a view), colour as it is."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     assert images.dim() == 4, f"expected (B, C, H, W), got {tuple(images.shape)}"

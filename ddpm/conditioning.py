@@ -49,13 +49,17 @@ def batch_condition(kind: str, info: DatasetInfo, batch: Any) -> torch.Tensor | 
     return None
 
 
+# Parameter k's sweep in a preview grid starts 3k images later, so that the parameters do not rise in lockstep.
+PREVIEW_PARAM_OFFSET = 3
+
+
 def preview_condition(unet: UNetConfig, n: int, device: torch.device) -> torch.Tensor | None:
     """Conditions for a preview grid: classes in turn, or parameters swept evenly across [-1, 1]."""
     if unet.cond == "class":
         return torch.arange(n, device=device) % unet.num_classes
     if unet.cond == "params":
         sweep = torch.linspace(-1, 1, n, device=device)
-        return torch.stack([sweep.roll(3 * k) for k in range(unet.num_params)], dim=1)
+        return torch.stack([sweep.roll(PREVIEW_PARAM_OFFSET * k) for k in range(unet.num_params)], dim=1)
     return None
 
 
@@ -115,6 +119,11 @@ def check_request(kind: str, label: str | None, params: Sequence[str]) -> None:
         raise UserError("This model is conditioned on parameters, not classes; use --param NAME=VALUE instead of --class.")
 
 
+# derive_seed(seed, k, PARAM_DRAW_KEY) seeds the parameters image k draws where none are given (a non-zero key:
+# derive_seed pads its keys with zeros, so (seed, k, 0) would be image k's own noise seed).
+PARAM_DRAW_KEY = 1
+
+
 def requested(kind: str, info: DatasetInfo, indices: Sequence[int], seed: int, *, label: str | None = None,
               params: Sequence[str] = ()) -> Conditions:
     """The condition of image k for each k in `indices`: the class asked for (default: the classes in
@@ -130,7 +139,8 @@ def requested(kind: str, info: DatasetInfo, indices: Sequence[int], seed: int, *
     fixed = parse_param_values(params, info)
     rows = []
     for k in indices:
-        draw = torch.rand(len(info.param_names), generator=torch.Generator().manual_seed(derive_seed(seed, k, 1)))
+        generator = torch.Generator().manual_seed(derive_seed(seed, k, PARAM_DRAW_KEY))
+        draw = torch.rand(len(info.param_names), generator=generator)
         rows.append([fixed.get(name, lo + (hi - lo) * float(u))
                      for name, (lo, hi), u in zip(info.param_names, info.param_ranges, draw)])
     return _from_raw_params(torch.tensor(rows, dtype=torch.float64), info)

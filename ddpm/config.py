@@ -16,7 +16,7 @@ import torch
 from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from core.errors import UserError
 from data import DatasetInfo
-from ddpm.samplers import SAMPLERS, make_timesteps
+from ddpm.samplers import MIN_TIMESTEPS, SAMPLERS, make_timesteps
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
@@ -74,7 +74,7 @@ class SamplingConfig:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}.")
         require(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         require(math.isfinite(self.guidance_scale), f"--guidance-scale must be a finite number, got {self.guidance_scale}.")
-        minimum = {"pndm": 4, "spndm": 2}.get(self.sampler, 1)
+        minimum = MIN_TIMESTEPS.get(self.sampler, 1)
         require(self.steps >= minimum, f"--sampler {self.sampler} needs at least {minimum} steps, got {self.steps}.")
 
     def check_against(self, schedule: Schedule) -> None:

@@ -1,11 +1,12 @@
 """Samplers: plain functions that turn x_T into x_0 by walking a subsequence of timesteps.
 
 Every sampler has the same signature, `sampler(model, x, schedule, timesteps, *, clip_x0, callback, noise,
-...)`, where `model(x_t, t)` returns an eps prediction (guidance, latent decoding and label embeddings all
-live inside that callable, see `ddpm.guidance`). `timesteps` is an ascending int64 tensor of timesteps in
-[0, T) (`make_timesteps`; 0 first for the uniform and quadratic spacings, T - 1 last for the trailing one);
-the loop walks it from the last entry to the first, and its final jump goes from t = timesteps[0] to the
-clean image, where abar = 1. So a sampler always returns x_0, never x_1.
+...)`, where `model(x_t, t)` returns an eps prediction (classifier-free guidance, the eps/x0/v conversion and
+the conditioning all live inside that callable, see `ddpm.generate.eps_model`; a latent model runs these same
+samplers on latents and decodes afterwards, in `DiffusionSampler.to_images`). `timesteps` is an ascending
+int64 tensor of timesteps in [0, T) (`make_timesteps`; 0 first for the uniform and quadratic spacings, T - 1
+last for the trailing one); the loop walks it from the last entry to the first, and its final jump goes from
+t = timesteps[0] to the clean image, where abar = 1. So a sampler always returns x_0, never x_1.
 
 Each step is the model call plus one `kernels.sampler_step` (a fused kernel on GPUs): the x0
 prediction, its clipping and the update in one pass. A `GuidedModel` (classifier-free guidance) hands
@@ -130,11 +131,13 @@ def _start(x: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int]) -> 
 EXACT_EPS_MAX_ABAR = 1e-4
 
 
-def _predict(model: Model, x: Tensor, t: Tensor, abar: float) -> Tensor | GuidedEps:
-    """The model's eps at (x, t), where t's noise level is `abar`; a `GuidedModel` keeps its halves apart, for
-    `_step` to combine, and gives them in float64 below `EXACT_EPS_MAX_ABAR`."""
+def _predict(model: Model, x: Tensor, t: Tensor, abar_start: float) -> Tensor | GuidedEps:
+    """The model's eps at (x, t), asked for by a step that starts at noise level `abar_start` (t's own level, or
+    for PNDM's evaluations inside a step the level where the step starts); a `GuidedModel` keeps its halves
+    apart, for `_step` to combine, and gives them in float64 where `abar_start` < `EXACT_EPS_MAX_ABAR`."""
     if isinstance(model, GuidedModel):
-        eps = model.guided_eps(x, t, float64=True) if abar < EXACT_EPS_MAX_ABAR else model.guided_eps(x, t)
+        eps = (model.guided_eps(x, t, float64=True) if abar_start < EXACT_EPS_MAX_ABAR
+               else model.guided_eps(x, t))
     else:
         eps = model(x, t)
     shape = eps.cond.shape if isinstance(eps, GuidedEps) else eps.shape
@@ -186,7 +189,7 @@ def ddpm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         # mu_tilde(x_t, x0_pred) = coef1 x0_pred + coef2 x_t (DDPM eq. 7), plus sigma z; the jump to the clean
         # image adds no noise (Algorithm 2, line 3 with z = 0).
         sigma = math.exp(0.5 * log_variance[i]) if i > 0 else 0.0
-        update = Update(*predict_x0[i], x=coef2[i], x0=coef1[i], sigma=sigma)
+        update = Update(*predict_x0[i], c_x=coef2[i], c_x0=coef1[i], sigma=sigma)
         x_prev, x0, _ = _step(x, _predict(model, x, t, abar[ts[i]]), update, clip_x0=clip_x0,
                               noise=noise() if i > 0 else None,
                               return_x0=callback is not None)
@@ -215,7 +218,7 @@ def ddim_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         # Predict eps and the x0 it implies (eq. 12, "predicted x0"), then
         # eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
-        update = Update(*predict_x0[i], x0=math.sqrt(a_prev), eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
+        update = Update(*predict_x0[i], c_x0=math.sqrt(a_prev), c_eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
         x_prev, x0, _ = _step(x, _predict(model, x, t, a_t), update, clip_x0=clip_x0,
                               noise=noise() if sigma > 0 else None,
                               return_x0=callback is not None)
@@ -234,7 +237,7 @@ def _transfer(x: Tensor, eps: Tensor | GuidedEps, a_t: float, a_next: float, x0_
     guided eps too; with clip_x0, eps' is recomputed from the clipped x0 predicted with x0_coefficients at a_t."""
     coef_x = math.sqrt(a_next / a_t)
     coef_eps = -(a_next - a_t) / (math.sqrt(a_t) * (math.sqrt((1 - a_next) * a_t) + math.sqrt((1 - a_t) * a_next)))
-    update = Update(*x0_coefficients, x=coef_x, eps=coef_eps, weights=weights)
+    update = Update(*x0_coefficients, c_x=coef_x, c_eps=coef_eps, weights=weights)
     return _step(x, eps, update, history=history, clip_x0=clip_x0, return_x0=return_x0, return_eps=True)
 
 
@@ -258,7 +261,7 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
     network is trained on integer timesteps. The multistep weights assume equally spaced timesteps.
     """
     ts = _start(x, schedule, timesteps)
-    if len(ts) < 4:
+    if len(ts) < MIN_TIMESTEPS["pndm"]:
         raise ValueError(f"pndm_sample needs at least 4 timesteps (3 warm-up steps and 1 multistep), got {len(ts)}; "
                          f"use more steps or ddim_sample.")
     abar = schedule.alphas_cumprod.tolist()
@@ -277,10 +280,11 @@ def pndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, 
             # Pseudo Runge-Kutta (fourth order): three more evaluations at the half step and the end of the step.
             t_mid = (ts[i] + ts[i - 1]) // 2
             a_mid = abar[t_mid]
-            x_2, _, e_1 = _transfer(x, e_1, a_t, a_mid, predict_x0[i])
-            x_3, _, e_2 = _transfer(x, _predict(model, x_2, _batch_t(t_mid, x), a_t), a_t, a_mid, predict_x0[i])
-            x_4, _, e_3 = _transfer(x, _predict(model, x_3, _batch_t(t_mid, x), a_t), a_t, a_next, predict_x0[i])
-            e_4 = _predict(model, x_4, _batch_t(ts[i - 1], x), a_t)
+            # As in Liu et al.: x^1 and x^2 at the half step, x^3 at its end, each transferred from x.
+            x_1, _, e_1 = _transfer(x, e_1, a_t, a_mid, predict_x0[i])
+            x_2, _, e_2 = _transfer(x, _predict(model, x_1, _batch_t(t_mid, x), a_t), a_t, a_mid, predict_x0[i])
+            x_3, _, e_3 = _transfer(x, _predict(model, x_2, _batch_t(t_mid, x), a_t), a_t, a_next, predict_x0[i])
+            e_4 = _predict(model, x_3, _batch_t(ts[i - 1], x), a_t)
             # Transfer x along e' = (e_1 + 2 e_2 + 2 e_3 + e_4) / 6 (the weights of e_4, then of e_1, e_2, e_3).
             x_next, x0, _ = _transfer(x, e_4, a_t, a_next, predict_x0[i], weights=(1 / 6, 1 / 6, 2 / 6, 2 / 6),
                                       history=(e_1, e_2, e_3), clip_x0=clip_x0, return_x0=callback is not None)
@@ -308,7 +312,7 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
     at the end of its step.
     """
     ts = _start(x, schedule, timesteps)
-    if len(ts) < 2:
+    if len(ts) < MIN_TIMESTEPS["spndm"]:
         raise ValueError(f"spndm_sample needs at least 2 timesteps (1 warm-up step and 1 multistep), got {len(ts)}; "
                          f"use more steps or ddim_sample.")
     abar = schedule.alphas_cumprod.tolist()
@@ -324,8 +328,8 @@ def spndm_sample(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor,
         elif previous is None:
             # Pseudo improved Euler (Heun): transfer x along the average of eps at the start, e_1, and at the
             # transferred end of the step, e_2.
-            x_2, _, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i])
-            e_2 = _predict(model, x_2, _batch_t(ts[i - 1], x), a_t)
+            x_1, _, e_1 = _transfer(x, e_1, a_t, a_next, predict_x0[i])
+            e_2 = _predict(model, x_1, _batch_t(ts[i - 1], x), a_t)
             x_next, x0, _ = _transfer(x, e_2, a_t, a_next, predict_x0[i], weights=(1 / 2, 1 / 2), history=(e_1,),
                                       clip_x0=clip_x0, return_x0=callback is not None)
         else:
@@ -345,3 +349,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "pndm": pndm_sample,
     "spndm": spndm_sample,
 }
+# The fewest timesteps each sampler takes (its warm start evaluates the model at the end of a step, which the
+# final jump to the clean image does not have); the others take any number.
+MIN_TIMESTEPS = {"pndm": 4, "spndm": 2}

@@ -71,9 +71,11 @@ def make_betas(kind: str, num_timesteps: int, beta_range: tuple[float, float] | 
 
 
 def extract(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """table[t] cast to x's dtype and shaped (B, 1, ..., 1) to broadcast over x's non-batch dimensions."""
+    """table[t] shaped (B, 1, ..., 1) to broadcast over x's non-batch dimensions, in x's dtype but never narrower
+    than float32: in bf16, sqrt(abar) at t = 0 (0.99995) would read 1 and the product with x would round to
+    8 bits, so a bf16 x (float32 noise) is noised and converted in float32, as the float64 tables allow."""
     assert t.dim() == 1 and t.shape[0] == x.shape[0], f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}"
-    return table[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return table[t].to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def check_timesteps(timesteps: Tensor | Sequence[int], num_timesteps: int) -> list[int]:
@@ -94,7 +96,8 @@ class Schedule(torch.nn.Module):
 
     Every method takes its arguments in one order, improved-diffusion's: the sample it starts from
     (x_t, or x0 for the forward process), then t, then the other tensors, e.g. `x0_from_eps(x_t, t, eps)`,
-    `q_posterior(x_t, t, x0)`, `v_from_eps(x0, t, eps)`, `training_target(x0, t, noise, prediction)`.
+    `q_posterior(x_t, t, x0)`, `v_from_eps(x0, t, eps)`, `training_target(x0, t, noise, prediction)`;
+    `training_losses` alone takes the model first, as the samplers do.
     """
 
     def __init__(self, betas: np.ndarray | Tensor):

@@ -20,10 +20,10 @@ import torch
 from core.config import given_in
 from core.errors import UserError
 from data.dataset import DatasetInfo
+from data.writer import REQUEST, parse_binning
 from ddpm.conditioning import Conditions, check_request, parse_class, parse_param_values, requested
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import DatasetPlan, plan_dataset
-from data.writer import REQUEST, parse_binning
 
 
 def source_loader(load_sampler: Callable[[dict[str, Any], torch.device, str, Path], DiffusionSampler]

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from core.checkpoint import load_weights, require_keys
 from core.config import from_dict, require, to_dict
-from core.errors import MissingFileError
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
+from core.errors import MissingFileError
 from core.runtime import Runtime
 from data import DatasetInfo, grey_as_rgb, label_counts, load_dataset
 from data.augment import random_hflip
@@ -133,7 +133,6 @@ def load_sampler(payload: dict[str, Any], device: torch.device, weights: str, pa
     net = load_unet(payload, config.unet, device, weights, path)
     return DiffusionSampler(net, config.diffusion.make_schedule().to(device), config.diffusion.prediction,
                             DatasetInfo.from_dict(payload["data_info"]))
-
 
 
 SPEC = StageSpec(

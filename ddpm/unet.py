@@ -65,9 +65,10 @@ class UNetConfig:
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
-                raise UserError(f"--base-channels times each --channel-mult must be a multiple of 32 (GroupNorm's "
-                                f"32 groups), got {self.base_channels} x {mult} = {channels}; use --base-channels 32 "
-                                f"or a multiple of it.")
+                raise UserError(f"--base-channels times each --channel-mult must be a multiple of 32, so that every "
+                                f"width and every sum of widths at a skip connection splits into whole GroupNorm "
+                                f"groups; got {self.base_channels} x {mult} = {channels}; use --base-channels 32 or a "
+                                f"multiple of it.")
             if self.head_channels and channels % self.head_channels:
                 raise UserError(f"--head-channels {self.head_channels} must divide every level's channels, got "
                                 f"{channels}.")
@@ -112,19 +113,21 @@ class UNetConfig:
                    scale_shift_norm=False, resample_with_conv=True)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """Transformer sinusoids of t, (B,) -> (B, dim): [sin(t * f_i), cos(t * f_i)], f_i = max_period^(-i / (dim/2 - 1)).
 
     The `dim/2 - 1` denominator is the one in the DDPM code (tensor2tensor's), so f runs from 1 to
-    exactly 1/max_period. Computed in float32 even under autocast; float t is accepted, though every
-    sampler here calls the model at integer timesteps (PNDM rounds its half steps down).
+    exactly 1/max_period. Computed in float32 even under autocast (bf16 knows t = 999 only to within 4), or
+    in float64 for `dtype` float64, and returned in `dtype`, that of the layer that reads it; float t is
+    accepted, though every sampler here calls the model at integer timesteps (PNDM rounds its half steps down).
     """
     assert t.ndim == 1 and dim % 2 == 0
     half = dim // 2
-    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    compute = torch.promote_types(dtype, torch.float32)
+    i = torch.arange(half, device=t.device, dtype=compute)
     freqs = torch.exp(-math.log(max_period) * i / (half - 1))
-    angles = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    angles = t.to(compute)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).to(dtype)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -396,7 +399,8 @@ class UNet(nn.Module):
         with vectors already in the conditioning space. `check_inputs` says what a valid call is.
         """
         B, _, H, W = x.shape
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        # In the time MLP's own dtype: float32 under autocast, float64 or bf16 for a network converted to either.
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels, dtype=self.time_mlp[0].weight.dtype))
         cond_vec = self._condition_vector(cond, cond_emb, null_mask, B)
         if cond_vec is not None:
             emb = emb + cond_vec

@@ -44,11 +44,12 @@ from core.errors import UserError
 import kernels
 from classify.model import Classifier, load_classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
+from core.checkpoint import peek_checkpoint
 from core.config import add_config_arguments, given_in, override
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
 from core.speed import check_compile, compile_module, speed_up
-from data import FolderLabels, check_output_outside, folder_labels, folder_of, load_dataset
+from data import FolderLabels, check_output_outside, folder_labels, folder_of, load_dataset, trained_datasets
 from data.dataset import DatasetInfo, ImageDataset
 from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
@@ -258,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device, option="--judge")
+    # Nor inside the judge's training or test images (as evaluate.gradcam refuses for its classifiers): the grid
+    # would be read as one more image, or a folder of them one more class, of those sets.
+    judged_on = {f"the judge's {option}": spec
+                 for option, spec in trained_datasets(peek_checkpoint(args.judge) or {}).items()}
     if args.compile:
         compile_module(judge.net)
     if args.images is not None:
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folder = folder_of(args.images).resolve()
         # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
         out = args.out or folder.parent / f"{folder.name}-consistency"
-        check_output_outside(out, "--out", {"--images": args.images})
+        check_output_outside(out, "--out", {"--images": args.images, **judged_on})
         check_output_folder(out, args.overwrite)
         check_dataset(folder_labels(args.images), judge)  # by listing the folder: before any image is decoded
         dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_drawing_batch(args.batch_size, per_class * len(model.info.class_names) if cond == "class" else num,
                             model)
         out = args.out or args.ckpt.parent / "consistency"
-        check_output_outside(out, "--out", image_source.trained_on)  # the grid would become training images
+        check_output_outside(out, "--out", {**image_source.trained_on, **judged_on})  # the grid: training images
         check_output_folder(out, args.overwrite)
         names, asked, requested = model.info.param_names, "asked for", "Requested"
         source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}

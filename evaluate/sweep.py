@@ -60,10 +60,11 @@ from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
 from classify.stage import SPEC as CLASSIFY, check_held_out
 from core.errors import UserError
+from core.checkpoint import peek_checkpoint
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
-from data import check_output_outside, check_spec, dataset_size, load_dataset
+from data import check_output_outside, check_spec, dataset_size, load_dataset, trained_datasets
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
 from data.writer import REQUEST, parse_binning
@@ -73,7 +74,7 @@ from ddpm.schedule import Schedule
 from ddpm.source import ImageSource
 from evaluate.consistency import check_pair, judge_dataset
 from evaluate.experiment import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
-from fid.domain import ClassifierFeatures
+from fid.domain import FEATURES_OPTION, ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid
 from sampling.command import add_drawing_options, check_drawing_batch
@@ -185,6 +186,9 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
                           ("--write-per-class", args.write_per_class)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
+    bad = [g for g in args.guidance or () if not math.isfinite(g)]
+    if bad:  # (SamplingConfig would name sample.py's --guidance-scale)
+        raise UserError(f"--guidance takes finite scales, got {bad[0]}.")
     named: dict[str, Setting] = {}
     for setting in settings_of(args, default_guidance=1.0):
         setting.sampling()  # refuses impossible values (an unknown sampler, PNDM with fewer than 4 steps)
@@ -202,6 +206,7 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
             check_output_outside(folder, option, {"--real": args.real, "--test": args.test})
     if args.write_best is not None:
         check_folder_path(args.write_best, "--write-best")
+        check_apart(args.out, args.write_best)
     if args.write_best is not None and holds_files(args.write_best) and not (args.write_best / "dataset.json").is_file():
         raise UserError(f"{args.write_best} already holds files that are not a dataset of ours; choose an empty or new "
                         f"folder for --write-best.")
@@ -216,6 +221,38 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
     check_passed(passed, mixed=False)  # the sweep trains on each set alone
+
+
+def check_apart(out: Path, write_best: Path) -> None:
+    """Refuse a --write-best that is --out, or lies inside it or around it: the dataset would sit among the
+    sweep's files (a rerun refuses --out for the folder it does not know) or hold the sweep (whose sets would be
+    read as one more class of the dataset)."""
+    a, b = out.expanduser().resolve(), write_best.expanduser().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        where = "is" if a == b else "lies inside" if a in b.parents else "holds"
+        raise UserError(f"--write-best {write_best} {where} --out {out}; give the dataset a folder of its own, beside "
+                        f"the sweep's.")
+
+
+def check_outputs_outside_inputs(args: argparse.Namespace, source: ImageSource) -> None:
+    """Refuse, before anything is written, an --out or --write-best inside the images the diffusion model or the
+    judge were trained (or the judge tested) on, as sample.py refuses its --dataset-out there: the sets would be
+    read as images of those folders by every later command."""
+    read = dict(source.trained_on)
+    read.update({f"the judge's {option}": spec
+                 for option, spec in trained_datasets(peek_checkpoint(args.judge) or {}).items()})
+    for option, folder in (("--out", args.out), ("--write-best", args.write_best)):
+        if folder is not None:
+            check_output_outside(folder, option, read)
+
+
+def load_judge(path: Path, device: torch.device) -> ClassifierFeatures:
+    """The judge's penultimate features (and the judge, `.classifier`); its errors name --judge, the option
+    that gave the file (`fid.domain` names its own command's --features)."""
+    try:
+        return ClassifierFeatures(path, device)
+    except UserError as err:
+        raise UserError(str(err).replace(FEATURES_OPTION, "--judge")) from None
 
 
 def settings_of(args: argparse.Namespace, default_guidance: float) -> list[Setting]:
@@ -356,10 +393,10 @@ def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float
     for g in guidances:
         at = ", ".join(filter(None, [f"guidance {g:g}" if name_guidance else "", spacing]))
         at = f" ({at})" if at else ""
-        for pndm in ("pndm", "spndm"):
+        for pndm, paper_name in (("pndm", "PNDM"), ("spndm", "S-PNDM")):  # (as Liu et al. 2022 name them)
             if (pndm, 50, g) in found and ("ddim", 50, g) in found:
                 a, b = found[(pndm, 50, g)], found[("ddim", 50, g)]
-                lines.append(f"{pndm.upper()} better than DDIM at 50 steps{at}: {'holds' if a < b else 'does not hold'} "
+                lines.append(f"{paper_name} better than DDIM at 50 steps{at}: {'holds' if a < b else 'does not hold'} "
                              f"(FID {a:.3g} against {b:.3g}).")
         few = sorted(n for (s, n, h) in found if s == "ddim" and h == g and ("ddpm", n, g) in found)
         if few:
@@ -507,6 +544,46 @@ def check_labels(option: str, data: ImageDataset, judge: Classifier) -> None:
                         f"real images labelled as it was trained, or a judge trained on them.")
 
 
+def check_trained_labels(args: argparse.Namespace, source: ImageSource, real: ImageDataset, test: ImageDataset,
+                         target: str, setting: Setting) -> None:
+    """With --train, refuse before anything is drawn a training target (train.py's --target, after --) that the
+    real images, the sets about to be drawn or the test images carry no labels for, or whose classes or
+    parameters differ between them: every run would be refused when it starts, after all the sets were drawn.
+    The sets' class folders are read off the plan of `setting`'s set (every set has the same seeds and
+    conditions), so bins of --classes that no image falls in are found too."""
+    info, kind = source.model.info, source.kind
+    if target == "class":
+        plan, _ = source.dataset(dataset_request(args, setting, args.out / "sets" / setting.name, kind))
+        drawn = tuple(dict.fromkeys(item.folder for item in plan.items if item.folder))
+        labels = {"--real": real.info.class_names, "the sets": drawn, "--test": test.info.class_names}
+        what, lacking = "classes", {name: len(names) < 2 for name, names in labels.items()}
+        advice = ("a class model, or --classes NAME:K to bin a parameter model's images" if kind != "class" else
+                  "class folders in --real and --test")
+    else:
+        labels = {"--real": real.info.param_names, "the sets": info.param_names if kind == "params" else (),
+                  "--test": test.info.param_names}
+        what, lacking = "parameters", {name: not names for name, names in labels.items()}
+        advice = "a parameter model, and params.csv in --real and --test"
+    for name, names in labels.items():
+        if lacking[name]:
+            raise UserError(f"--target {target} (train.py's, after --) trains on {what}, and {name} would have "
+                            f"{'only ' + names[0] if names else 'none'}; it needs {advice}, or pass --target "
+                            f"{'params' if target == 'class' else 'class'}.")
+    # (Class folders are listed in sorted order, as the runs load them; parameters in their params.csv order.)
+    ordered = {name: sorted(names) if target == "class" else list(names) for name, names in labels.items()}
+    for name in ("--real", "the sets"):
+        if ordered[name] == ordered["--test"]:
+            continue
+        empty = [c for c in ordered["--test"] if c not in ordered[name]]
+        if name == "the sets" and kind == "params" and empty and set(ordered[name]) < set(ordered["--test"]):
+            raise UserError(f"No image of a set falls in the bins {', '.join(empty)} of --classes {args.classes}, so "
+                            f"its classifier could not be tested on the --test images of those classes; raise --num, "
+                            f"or bin by fewer --classes.")
+        raise UserError(f"The {what} of {name} ({', '.join(ordered[name])}) differ from those of --test "
+                        f"({', '.join(ordered['--test'])}), so its classifiers could not be tested there; give "
+                        f"both the same {what}.")
+
+
 def check_model(args: argparse.Namespace, source: ImageSource, judge: Classifier) -> None:
     """Refuse options this model cannot use, and a judge that cannot read its images."""
     if not source.draws_requests:
@@ -515,6 +592,9 @@ def check_model(args: argparse.Namespace, source: ImageSource, judge: Classifier
     kind = source.kind
     if kind == "none" and args.guidance not in (None, (1.0,)):
         raise UserError("This model was trained without conditioning, so --guidance has nothing to guide; drop it.")
+    if kind == "none" and args.criterion == "conditioning":
+        raise UserError("This model was trained without conditioning, so no set has a conditioning to rank by; "
+                        "choose --criterion fid, kid or accuracy (with --train).")
     if kind == "class" and args.num is not None:
         raise UserError("A class-conditional model's sets hold --per-class N images of each class; use --per-class.")
     if kind != "class" and args.per_class is not None:
@@ -548,9 +628,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_args(args, passed)
     device = resolve_device(args.device)
     kernels.use(args.kernels, device)
-    judge_features = ClassifierFeatures(args.judge, device)
+    judge_features = load_judge(args.judge, device)
     judge = judge_features.classifier
     source = open_source(args.ckpt, device, args.weights)
+    check_outputs_outside_inputs(args, source)
     check_model(args, source, judge)
     settings = settings_of(args, source.default_guidance or SamplingConfig().guidance_scale)
     for setting in settings:
@@ -574,6 +655,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for option, data in (("--test", test), ("--real", real)):
         check_labels(option, data, judge)
     check_held_out(real, test, "--test", "--real")
+    if args.train:
+        check_trained_labels(args, source, real, test, target, settings[0])
 
     out = args.out
     with FolderLock(out):
@@ -608,7 +691,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_save_image(chart(summary, settings), out / "sweep.png")
     print(table)
     print(f"Wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
-    if args.write_best is not None and best is not None:
+    if args.write_best is not None:
+        if best is None:
+            raise UserError(f"No setting has a finite {criterion}, so there is no best one to write into "
+                            f"--write-best {args.write_best}; choose another --criterion.")
         write_best(args, source, next(s for s in settings if s.name == best))
     return summary
 
@@ -619,15 +705,22 @@ def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test
     or the test images are not those they were computed from; `real_test()` gives the test images'
     features (computed once, when a set first needs them)."""
     path = out / "measures" / f"{name}.json"
-    inputs = {"images": dataset.fingerprint(), "judge": features.fingerprint, "test": test.fingerprint()}
+    # (A fingerprint counts labels by their index: the names too, as the measures match classes by name.)
+    inputs = {"images": dataset.fingerprint(), "judge": features.fingerprint, "test": test.fingerprint(),
+              "labels": {"images": [list(dataset.info.class_names), list(dataset.info.param_names)],
+                         "test": [list(test.info.class_names), list(test.info.param_names)]}}
     if path.is_file():
         try:
             saved = json.loads(path.read_bytes())
-        except ValueError:
-            saved = {}
-        if saved.get("inputs") == inputs:
-            return saved["measures"]
-        print(f"{path} was measured on other images, judge or test set; measuring again.", flush=True)
+        except ValueError:  # (UnicodeDecodeError included)
+            saved = None
+        kept = saved.get("measures") if isinstance(saved, dict) else None
+        if not (isinstance(kept, dict) and all(key in kept for key, _, _ in COLUMNS)):
+            print(f"{path} is damaged or incomplete; measuring again.", flush=True)
+        elif saved.get("inputs") == inputs:
+            return kept
+        else:
+            print(f"{path} was measured on other images, judge or test set; measuring again.", flush=True)
     images = measured(dataset, features, args.batch_size, f"features of {name}")
     row = {**conditioning(dataset, features.classifier, test, args.batch_size), **distances(images, real_test(), args.seed),
            **diversity(images, real_test())}
@@ -686,9 +779,11 @@ def write_best(args: argparse.Namespace, source: ImageSource, setting: Setting) 
     """--write-best: the full dataset with the best setting (resumable as any --dataset-out folder)."""
     request = dataset_request(args, setting, args.write_best, source.kind, num=args.write_num,
                               per_class=args.write_per_class)
-    print(f"Writing {args.write_best} with {setting.name} "
-          f"(sample.py --sampler {setting.sampler} --steps {setting.steps} --guidance-scale {setting.guidance:g})",
-          flush=True)
+    # sample.py's options that draw these images (a --dataset-out of the same size writes the same set)
+    options = f"--sampler {setting.sampler} --steps {setting.steps} --guidance-scale {setting.guidance:g}"
+    options += f" --spacing {setting.spacing}" if setting.spacing != SamplingConfig.spacing else ""
+    options += f" --seed {args.seed}" if args.seed != 0 else ""
+    print(f"Writing {args.write_best} with {setting.name} (sample.py {options})", flush=True)
     with FolderLock(args.write_best):
         draw = Drawer(source.model, setting.sampling(), autocast_dtype(args.amp, source.model.device), args.batch_size)
         draw_dataset(draw, request, source)

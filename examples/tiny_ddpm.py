@@ -62,7 +62,8 @@ def main(steps: int = STEPS, images: int = IMAGES, out: str = "tiny_ddpm.png", s
 
     with torch.no_grad():
         x_T = torch.randn(16, 3, SIZE, SIZE, generator=g)
-        samples = ddim_sample(eps_model, x_T, schedule, make_timesteps(1000, 25), clip_x0=True)  # eta = 0
+        samples = ddim_sample(eps_model, x_T, schedule, make_timesteps(schedule.num_timesteps, 25),
+                              clip_x0=True)  # eta = 0
     save_grid(samples, out)
     print(f"wrote {out}")
     return losses

@@ -55,7 +55,8 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
     """
     if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
         raise UserError("KID needs the images of both sides, not saved statistics; pass two image sources.")
-    extractor = FeatureExtractor(weights, device, batch_size, num_workers, progress, files, compile, features)
+    extractor = FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
+                                 progress=progress, files=files, compile=compile, features=features)
     # Both folders are listed and checked to hold 2 images or more (a covariance needs them), and KID's
     # subset size checked against them, before minutes are spent on the features of either side.
     a, b = _open(a, files), _open(b, files)

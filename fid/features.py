@@ -26,10 +26,11 @@ from .stats import Provenance, Statistics, StreamingStatistics
 from .weights import build_fid_inception
 
 from core.checkpoint import state_fingerprint
-from data.folder import decode_square
 from core.errors import UserError
 from core.runtime import check_num_workers
 from core.speed import check_compile, inference_memory_format
+from data.folder import decode_square
+from data.imageio import as_rgb
 
 ImageSource = Union[str, os.PathLike, ImageFolder, torch.Tensor, Iterable[torch.Tensor]]
 # What features are computed with, as statistics files record it: this network, its pool3 features.
@@ -212,7 +213,7 @@ def _check_layout(batch: torch.Tensor) -> torch.Tensor:
         raise UserError(f"Image batch is {shape} but must be a tensor (B, 1 or 3, H, W).")
     if not batch.is_floating_point():
         raise UserError(f"Image batch has dtype {batch.dtype}; pass floats in [0, 1] (e.g. uint8 / 255).")
-    return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+    return as_rgb(batch)
 
 
 def _check_range(low: float, high: float) -> None:
@@ -232,8 +233,8 @@ def compute_statistics(source: ImageSource, *, weights: str | os.PathLike | None
                        features: str | os.PathLike | None = None) -> Statistics:
     """FID statistics (mu, sigma) of the Inception features of `source` (or with `features`, a classify
     checkpoint's penultimate features), streamed in float64."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
-                            compile, features).statistics(source)
+    return FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, files=files, compile=compile, features=features).statistics(source)
 
 
 def compute_features(source: ImageSource, *, weights: str | os.PathLike | None = None,
@@ -242,5 +243,5 @@ def compute_features(source: ImageSource, *, weights: str | os.PathLike | None =
                      features: str | os.PathLike | None = None) -> np.ndarray:
     """Inception features (N, 2048) of `source` (or with `features`, a classify checkpoint's (N, 512)), all
     held in memory (needed for KID)."""
-    return FeatureExtractor(weights, device, batch_size, num_workers, progress, files,
-                            compile, features).features(source)
+    return FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, files=files, compile=compile, features=features).features(source)

@@ -22,7 +22,10 @@ from core.runtime import Runtime
 from data import ImageDataset, grey_as_rgb
 from ddpm.generate import DiffusionSampler
 from ddpm.stage import SPEC as DDPM
+from ldm.config import LatentConfig
+from ldm.latents import latent_dataset, scaled_x0
 from ldm.stage import SPEC as LDM
+from vae.stage import load_autoencoder
 
 # The stages whose models can be inverted (by their checkpoints' "stage"): diffusion models that draw
 # images themselves, through their stage's `load_source`.
@@ -44,7 +47,7 @@ class FrozenModel:
         return {"path": str(self.path), "stage": self.stage, "weights": self.weights, "fingerprint": self.fingerprint}
 
 
-def load_frozen(path: str | Path, weights: str, device: torch.device, *, expected: str | None = None,
+def load_frozen(path: str | Path, device: torch.device, weights: str, *, expected: str | None = None,
                 what: str = "--model") -> FrozenModel:
     """The diffusion model at `path`, frozen; refused unless conditional, and unless its weights'
     fingerprint is `expected` (when given)."""
@@ -70,6 +73,14 @@ def load_frozen(path: str | Path, weights: str, device: torch.device, *, expecte
     return FrozenModel(sampler, path.resolve(), stage, weights, fingerprint, payload)
 
 
+def check_resolution(model: FrozenModel, resolution: int) -> None:
+    """The frozen network takes images of its training size only."""
+    want = model.sampler.info.resolution
+    if resolution != want:
+        raise UserError(f"--resolution {resolution} differs from the {want} px images the model {model.path} was "
+                        f"trained on; pass --resolution {want}.")
+
+
 def fit_images(model: FrozenModel, images: ImageDataset, announce: bool = True) -> ImageDataset:
     """The real images as the model takes them: greyscale ones as RGB with three equal channels for a colour
     model (which is what a greyscale folder's images are to it, as in latent training). Refused: colour images
@@ -80,9 +91,7 @@ def fit_images(model: FrozenModel, images: ImageDataset, announce: bool = True) 
     if have.channels != want.channels:
         raise UserError(f"{have.name} has colour images but the model {model.path} was trained on greyscale ones; "
                         f"invert greyscale images with it (convert these to greyscale first), or use a colour model.")
-    if have.resolution != want.resolution:
-        raise UserError(f"--resolution {have.resolution} differs from the {want.resolution} px images the model "
-                        f"{model.path} was trained on; pass --resolution {want.resolution}.")
+    check_resolution(model, have.resolution)
     return images
 
 
@@ -94,15 +103,7 @@ def denoised_data(model: FrozenModel, images: ImageDataset, *, cache_dir: str, r
     by the autoencoder the model carries."""
     if not model.sampler.latent:
         return images, (lambda batch, generator: batch.image)
-    from ldm.latents import draw_latent, latent_dataset
-    from vae.stage import load_autoencoder
-
     autoencoder, scale, fingerprint = load_autoencoder(model.payload["vae"], runtime.device, model.path)
-    latents = latent_dataset(autoencoder, fingerprint, images, hflip=False, cache_dir=cache_dir, batch=64,
-                             runtime=runtime)
-
-    def x0(batch: Any, generator: torch.Generator | None) -> Tensor:
-        moments = batch.views[:, 0]
-        return scale * (moments.chunk(2, dim=1)[0] if generator is None else draw_latent(moments, generator))
-
-    return latents, x0
+    latents = latent_dataset(autoencoder, fingerprint, images, hflip=False, cache_dir=cache_dir,
+                             batch=LatentConfig().encode_batch, runtime=runtime)
+    return latents, scaled_x0(scale)

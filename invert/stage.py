@@ -37,7 +37,7 @@ from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
-from invert.frozen import FrozenModel, denoised_data, fit_images, load_frozen
+from invert.frozen import FrozenModel, check_resolution, denoised_data, fit_images, load_frozen
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -159,20 +159,12 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
                          diverged=run.diverged)
 
 
-def check_resolution(model: FrozenModel, resolution: int) -> None:
-    """The frozen network takes images of its training size only: refused before any image is loaded."""
-    want = model.sampler.info.resolution
-    if resolution != want:
-        raise UserError(f"--resolution {resolution} differs from the {want} px images the model {model.path} was "
-                        f"trained on; pass --resolution {want}.")
-
-
 def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
     data, options, device = config.data, config.invert, runtime.device
     if resume_from is not None:  # its record of the frozen model and the vectors, checked before it is trusted
         check_inversion(resume_from, Path("the checkpoint to resume"))
     expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
-    model = load_frozen(model_path(config, resume_from), options.weights, device, expected=expected)
+    model = load_frozen(model_path(config, resume_from), device, options.weights, expected=expected)
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     images = fit_images(model, images, announce=runtime.is_main)

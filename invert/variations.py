@@ -152,7 +152,7 @@ def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> 
     check_inversion(payload, path)
     inversion = payload["inversion"]
     model = inversion["model"]
-    frozen = load_frozen(model["path"], model["weights"], device, expected=model["fingerprint"],
+    frozen = load_frozen(model["path"], device, model["weights"], expected=model["fingerprint"],
                          what=f"the model that the embeddings in {path} were learned against")
     vectors = payload["models"]["model"]["weight"].float().cpu()
     if not torch.isfinite(vectors).all():

@@ -110,9 +110,9 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, chunk: int = SCORE_CHUNK) 
     dimensions contiguous, so channel-first heads need no copy."""
     batch, heads, length, head_dim = q.shape
     q = q * head_dim ** -0.5  # scale the (L, head_dim) queries rather than the (L, L) scores
-    per_chunk = max(1, chunk // (heads * length * length))
+    per_chunk = max(1, chunk // max(1, heads * length * length))
     out = []
-    for i in range(0, batch, per_chunk):
+    for i in range(0, max(batch, 1), per_chunk):  # one (empty) chunk for an empty batch, as SDPA returns
         scores = q[i:i + per_chunk] @ k[i:i + per_chunk].transpose(-1, -2)
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
         out.append(weights @ v[i:i + per_chunk])

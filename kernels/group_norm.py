@@ -37,7 +37,8 @@ keeps activations for its backward (the SiLU's input, and with scale the GroupNo
 fused op keeps only its input x and the (B, G) float32 mean and 1/std. The kernels are
 memory-bound, so the time saved is about the traffic saved.
 
-Numerics: statistics are accumulated in float32 whatever the input dtype, as sums of (v - v0) and
+Numerics: statistics are accumulated in float32 whatever the input dtype (float64 inputs, which only
+gradient checks and analytic tests use, run the reference), as sums of (v - v0) and
 (v - v0)^2 with v0 the group's first value ("shifted data"), so the variance does not cancel
 catastrophically when a group's mean is large against its spread. Outputs are in x's dtype;
 weight, bias, add, scale and shift may be any float dtype (bf16 under autocast next to a float32
@@ -77,7 +78,8 @@ def group_norm_act(x: Tensor, norm: nn.GroupNorm, *, add: Tensor | None = None, 
     assert x.ndim == 4 and C == norm.num_channels, (x.shape, norm)
     for extra in (add, scale, shift):
         assert extra is None or extra.shape == (B, C), (extra.shape, x.shape)
-    if not kernels.runs_triton(x) or not 0.0 <= dropout < 1.0:  # p = 1 (or invalid): PyTorch's dropout decides
+    # p = 1 (or invalid): PyTorch's dropout decides. Float64 runs the reference: the kernels compute in float32.
+    if not kernels.runs_triton(x) or x.dtype == torch.float64 or not 0.0 <= dropout < 1.0:
         y = group_norm_act_reference(x, norm, add=add, scale=scale, shift=shift, silu=silu)
         return cpu_cheap_dropout(y, dropout, training=True) if dropout else y
     weight = norm.weight if norm.affine else x.new_ones(C, dtype=torch.float32)
@@ -402,6 +404,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, add: Tensor | None, scale:
              shift: Tensor | None, num_groups: int, eps: float, silu: bool, p: float,
              seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     x = flat_positions(x)
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them as weight_ptr + channel
     B, C, H, W = x.shape
     assert C % num_groups == 0, f"{C} channels do not split into {num_groups} groups"
     group_channels = C // num_groups
@@ -430,6 +433,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Tensor |
               seed: Tensor | None, x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dadd, dscale, dshift); empty tensors for absent inputs, and for dx unless x_grad."""
     x, dy = flat_positions(x), flat_positions(dy)
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them as weight_ptr + channel
     B, C, H, W = x.shape
     G, group_channels = num_groups, C // num_groups
     block_c, block_s, span, n_split = _launch_shape(group_channels, H * W)

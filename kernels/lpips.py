@@ -53,8 +53,8 @@ def normalise_channels(f: Tensor, dim: int = 1) -> Tensor:
     """f / (|f| + NORM_EPS), |f| the Euclidean norm over channels (dim `dim`) at each position."""
     # NORM_EPS keeps all-zero feature vectors (every ReLU of a pixel off) at zero, not 0/0; vector_norm's
     # backward is zero there, where sqrt(sum f^2) would send back a NaN that only the ReLU's mask happens
-    # to discard.
-    return f / (torch.linalg.vector_norm(f, dim=dim, keepdim=True) + NORM_EPS)
+    # to discard. In float16 1e-10 rounds to 0, so there the smallest normal float16 (6e-5) stands in for it.
+    return f / (torch.linalg.vector_norm(f, dim=dim, keepdim=True) + max(NORM_EPS, torch.finfo(f.dtype).tiny))
 
 
 def tap_distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
@@ -171,6 +171,7 @@ def _launch_shape(C: int, HW: int) -> tuple[int, int, int]:
 
 def _distance(fx: Tensor, fy: Tensor, weight: Tensor) -> Tensor:
     fx, fy = flat_positions(fx), flat_positions(fy)
+    weight = weight.contiguous()  # the kernels index it as w_ptr + c
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     partial = torch.empty((B, blocks), device=fx.device, dtype=torch.float32)
@@ -188,6 +189,7 @@ def _backward(grad: Tensor, fx: Tensor, fy: Tensor, weight: Tensor, fx_grad: boo
               ) -> tuple[Tensor, Tensor]:
     """(dfx, dfy), each an empty tensor unless asked for."""
     fx, fy = flat_positions(fx), flat_positions(fy)
+    weight = weight.contiguous()  # the kernels index it as w_ptr + c
     B, C, H, W = fx.shape
     block_p, block_c, blocks = _launch_shape(C, H * W)
     dfx, dfy = _backward_fake(grad, fx, fy, weight, fx_grad, fy_grad)

@@ -57,13 +57,13 @@ class Update:
 
         eps'   = weights[0] eps + weights[1] history[0] + ...    the eps the update moves along
         x0     = recip x_t - recipm1 eps'                        DDPM eq. 15
-        x_prev = x x_t + x0 x0 + eps eps' + sigma z
+        x_prev = c_x x_t + c_x0 x0 + c_eps eps' + sigma z
     """
     recip: float                          # sqrt(1 / abar_t)
     recipm1: float                        # sqrt(1 / abar_t - 1)
-    x: float = 0.0                        # coefficient of x_t in x_prev
-    x0: float = 0.0                       # of the (clipped) x0 prediction
-    eps: float = 0.0                      # of eps' (recomputed from the clipped x0 under clip_x0)
+    c_x: float = 0.0                      # coefficient of x_t in x_prev
+    c_x0: float = 0.0                     # of the (clipped) x0 prediction
+    c_eps: float = 0.0                    # of eps' (recomputed from the clipped x0 under clip_x0)
     sigma: float = 0.0                    # of the fresh noise z
     weights: tuple[float, ...] = (1.0,)   # the new eps's, then one per history entry
 
@@ -89,7 +89,7 @@ def sampler_step(x: Tensor, eps: Tensor, update: Update, *, eps_ref: Tensor | No
         return sampler_step_reference(x, eps, update, eps_ref=eps_ref, guidance_scale=guidance_scale, history=history,
                                       clip_x0=clip_x0, noise=noise, return_x0=return_x0, return_eps=return_eps)
     guided = eps_ref is not None
-    coefficients = [update.recip, update.recipm1, update.x, update.x0, update.eps, update.sigma, guidance_scale,
+    coefficients = [update.recip, update.recipm1, update.c_x, update.c_x0, update.c_eps, update.sigma, guidance_scale,
                     *update.weights]
     x_prev, x0, guided_eps = torch.ops.synthdiff.sampler_step(x, eps, eps_ref, list(history), noise, coefficients,
                                                               clip_x0, return_x0, return_eps and guided)
@@ -104,8 +104,9 @@ def sampler_step_reference(x: Tensor, eps: Tensor, update: Update, *, eps_ref: T
     """`sampler_step` in PyTorch ops: the ones the samplers called before the fusion (terms with a zero
     coefficient skipped, products folded into `add`'s alpha), so no slower.
 
-    Where eps (or its reference half, or a history entry) is float64 and x is not, the step runs in float64
-    (an exact eps near pure noise: `ddpm.samplers.EXACT_EPS_MAX_ABAR`) and writes x_prev and x0 in x's dtype."""
+    x_prev and x0 are in x's dtype, as the kernel writes them, whatever the other tensors' dtypes. Where eps (or
+    its reference half, or a history entry) is float64 and x is not, the step runs in float64 (an exact eps near
+    pure noise: `ddpm.samplers.EXACT_EPS_MAX_ABAR`)."""
     _check(x, eps, update, eps_ref, history, noise)
     if x.dtype != torch.float64 and any(t is not None and t.dtype == torch.float64 for t in (eps, eps_ref, *history)):
         x_prev, x0, eps = sampler_step_reference(x.double(), eps, update, eps_ref=eps_ref, guidance_scale=guidance_scale,
@@ -122,8 +123,9 @@ def sampler_step_reference(x: Tensor, eps: Tensor, update: Update, *, eps_ref: T
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         combined = (x_scaled - x0) / update.recipm1
-    x_prev = _weighted_sum([(update.x, x), (update.x0, x0), (update.eps, combined), (update.sigma, noise)])
-    return Step(x_prev, x0 if return_x0 else None, eps if return_eps else None)
+    x_prev = _weighted_sum([(update.c_x, x), (update.c_x0, x0), (update.c_eps, combined), (update.sigma, noise)])
+    # In x's dtype, as the kernel writes them: a float32 eps would otherwise promote a half-precision x's step.
+    return Step(x_prev.to(x.dtype), x0.to(x.dtype) if return_x0 else None, eps if return_eps else None)
 
 
 def _weighted_sum(terms: list[tuple[float, Tensor | None]]) -> Tensor:
@@ -177,7 +179,9 @@ def _sampler_step_kernel(x_ptr, eps_ptr, ref_ptr, h1_ptr, h2_ptr, h3_ptr, noise_
     x_scaled = recip * x
     x0 = x_scaled - recipm1 * combined
     if CLIP:
-        x0 = tl.clamp(x0, -1.0, 1.0)
+        # NaN stays NaN, as torch.clamp keeps it (the default lets a GPU's min/max turn it into a bound, and the
+        # eps recomputed from that bound would hide a diverged model in a finite sample).
+        x0 = tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
         combined = (x_scaled - x0) / recipm1
     x_prev = c_x * x + c_x0 * x0 + c_eps * combined
     if NOISE:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from core.distributed import main_process_first
 from core.errors import UserError
 from core.runtime import Runtime, atomic_write
 from data import DatasetInfo, ImageDataset
@@ -64,6 +65,15 @@ def draw_latent(moments: Tensor, generator: torch.Generator) -> Tensor:
     """z = mean + std * eps from posterior moments (B, 2L, h, w) = [mean | std]."""
     mean, std = moments.chunk(2, dim=1)
     return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def scaled_x0(scale: float) -> Callable[[Any, torch.Generator | None], Tensor]:
+    """x0 of a batch of cached latents, as the diffusion model sees it: `scale` times a draw from each image's
+    posterior (its mean where `generator` is None, as an inversion's evaluation takes it)."""
+    def x0(batch: Any, generator: torch.Generator | None) -> Tensor:
+        moments = batch.views[:, 0]
+        return scale * (moments.chunk(2, dim=1)[0] if generator is None else draw_latent(moments, generator))
+    return x0
 
 
 def latent_scale_factor(moments: Tensor, chunk: int = 256) -> float:
@@ -150,7 +160,6 @@ def latent_dataset(autoencoder: AutoencoderKL, vae_fingerprint: str, dataset: Im
                    cache_dir: str | Path, batch: int, runtime: Runtime) -> LatentDataset:
     """The latent dataset of `dataset` under `autoencoder`, from the cache or encoded (once, by the main
     process under torchrun) and cached."""
-    from training.distributed import main_process_first  # here: sampling imports this module, never training
     views = 2 if hflip else 1
     f, L = autoencoder.config.downsampling_factor, autoencoder.config.latent_channels
     r = dataset.info.resolution // f

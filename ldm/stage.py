@@ -30,7 +30,7 @@ from ddpm.source import source_loader
 from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
 from ddpm.unet import UNet
 from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_PRESET, DEFAULT_VAE_RUN, PRESETS, LDMConfig
-from ldm.latents import draw_latent, latent_dataset, latent_scale_factor
+from ldm.latents import latent_dataset, latent_scale_factor, scaled_x0
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig
 from vae.stage import SPEC as VAE, load_autoencoder
@@ -115,7 +115,7 @@ def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     torch.manual_seed(config.train.seed)  # the initial weights
     net = UNet(config.unet)
     stage = diffusion_stage(NAME, config, info, net, latents, device, data_info=dataset.description(),
-                            x0=lambda batch, generator: scale * draw_latent(batch.views[:, 0], generator),
+                            x0=scaled_x0(scale),
                             decode=lambda z: autoencoder.decode(z / scale),
                             augment=random_view if data.hflip else None,
                             payload=lambda models: {"vae": record})
@@ -201,7 +201,6 @@ def check(config: LDMConfig, resume_from: dict | None) -> None:
     autoencoder = autoencoder_config(config)
     size = latent_size(autoencoder, config.data.resolution)
     check_unet_fits(config.unet, size, autoencoder.latent_channels, latent_description(autoencoder, size))
-
 
 
 SPEC = StageSpec(

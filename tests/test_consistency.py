@@ -241,6 +241,25 @@ def test_the_report_is_never_written_inside_the_models_training_images(class_ckp
     assert sorted(real.rglob("*")) == before
 
 
+def test_the_report_is_never_written_inside_the_judges_images(class_ckpt, tmp_path):
+    """Nor inside the images the judge was trained or tested on (evaluate.gradcam refuses that for its
+    classifiers): the report's folder was read as one more class of them, its grid as one more image."""
+    from helpers import colour_folder
+    trained, tested = colour_folder(tmp_path / "trained", 1, seed=0), colour_folder(tmp_path / "tested", 1, seed=1)
+    info = DatasetInfo(f"folder:{trained}", 16, 3, ("blue", "green", "red"), (), (), 3)  # (its loader's name)
+    judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, info=info,
+                                       data={"dataset": f"folder:{trained}", "test_dataset": f"folder:{tested}"})
+    before = sorted(tmp_path.rglob("*"))
+    for folder, option in ((trained, "--dataset"), (tested, "--test-dataset")):
+        with pytest.raises(ValueError, match=rf"^--out .* lies inside the image folder of the judge's {option}"):
+            consistency.main(["--ckpt", str(class_ckpt), "--judge", str(judge_ckpt), "--per-class", "1", "--out",
+                              str(folder / "check"), "--device", "cpu", "--sampler", "ddim", "--steps", "2"])
+        with pytest.raises(ValueError, match=rf"^--out .* lies inside the image folder of the judge's {option}"):
+            consistency.main(["--images", f"folder:{tested if folder == trained else trained}", "--judge",
+                              str(judge_ckpt), "--out", str(folder / "check"), "--device", "cpu"])
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_parameter_held_fixed_has_no_slope_or_correlation(params_ckpt, tmp_path):
     """Requested values that do not vary say nothing of how the judged ones follow them: NaN, not the slope of
     float residue left after subtracting their mean (six times 0.1 has the mean 0.09999999999999999)."""

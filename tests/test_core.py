@@ -165,6 +165,33 @@ def test_evaluation_lines_payload_and_a_zero_step_run(tmp_path):
     assert set(payload["models"]) == {"model", "disc"} and set(payload["ema"]) == {"model"}
 
 
+def test_a_run_of_zero_steps_resubmitted_changes_nothing_and_writes_what_a_kill_left_out(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A run of --steps 0 (a published autoencoder's weights, written as a run) is finished once its checkpoint and
+    outputs are written: run again, it logged its evaluation twice and wrote its checkpoint anew; killed between
+    its checkpoint and its evaluation, it owes that evaluation, once."""
+    def stage():
+        return toy_stage(lambda m, b, s: m["model"](b[0]).square().mean(),
+                         evaluate=lambda models: {"split": "heldout", "value": models["model"].w.item()})[0]
+
+    cfg = TrainConfig(steps=0, sample_every=0)
+    Trainer(stage(), cfg, tmp_path, CPU).run()
+    files = (tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl")
+    before = [p.read_bytes() for p in files]
+    capsys.readouterr()
+    Trainer(stage(), cfg, tmp_path, CPU, resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
+    assert "already at step 0 of 0: nothing to train" in capsys.readouterr().out
+    assert [p.read_bytes() for p in files] == before
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_evaluate", lambda self, step: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(stage(), cfg, killed, CPU).run()
+    for _ in range(2):
+        Trainer(stage(), cfg, killed, CPU, resume_from=load_checkpoint(killed / "checkpoint.pt", "toy")).run()
+        assert records(killed) == [{"step": 0, "split": "heldout", "value": 1.0}]
+
+
 def test_resuming_a_finished_run_does_nothing_and_going_back_or_into_an_existing_one_is_refused(tmp_path, capsys):
     stage, *_ = toy_stage(lambda models, batch, step: models["model"](batch[0]).mean())
     cfg = TrainConfig(steps=2, batch_size=4, sample_every=0)
@@ -194,6 +221,118 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
         Trainer(stage, TrainConfig(steps=3, batch_size=4, log_every=1, sample_every=0), tmp_path, CPU,
                 resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+
+
+def seeded_stage(seen: list) -> TrainingStage:
+    """A toy stage whose loss draws noise from the step's generator and dropout from torch's global one, and
+    records each step's (step, generator seed, global seed) in `seen`."""
+    torch.manual_seed(0)
+
+    def loss(models, batch, generator, step):
+        seen.append((step, generator.initial_seed(), torch.initial_seed()))
+        x = batch[0]
+        noise = torch.randn(x.shape, generator=generator)
+        keep = nn.functional.dropout(torch.ones_like(x), 0.5)
+        return {"model": ((models["model"](x) - noise) * keep).square().mean()}, {}
+
+    return TrainingStage("toy", {"model": Trainable(Pair(1.0), lr=0.1, ema=True)}, loss,
+                         torch.utils.data.TensorDataset(torch.arange(8.0)[:, None]), {"toy": 1}, {"name": "toy"})
+
+
+def test_step_seeds_never_meet_the_seeds_that_shuffle_the_data(tmp_path):
+    """numpy's SeedSequence pads keys with zeros, so a step seed keyed (seed, step, rank 0) was the seed of epoch
+    `step`'s permutation (seed, epoch) and of a mixed batch's order: one stream drew both."""
+    from core.runtime import derive_seed
+    seen = []
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=0, log_every=1, sample_every=0, seed=3)
+    Trainer(seeded_stage(seen), cfg, tmp_path, CPU).run()
+    shuffles = {derive_seed(3, e) for e in range(8)} | {derive_seed(3, e, part) for e in range(8) for part in (1, 2)}
+    used = {seed for _, *seeds in seen for seed in seeds}
+    assert len(used) == 6 and not used & shuffles
+    from training.loop import SEEDING, mix_seed, step_seed
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "toy")["seeding"] == SEEDING
+    steps = {step_seed(3, s, rank) for s in range(8) for rank in range(3)}
+    mixes = {mix_seed(3, s) for s in range(8)}
+    assert len(steps) == 24 and len(mixes) == 8 and not (steps & mixes or steps & shuffles or mixes & shuffles)
+
+
+def _losses_and_weight(run_dir: Path, trainer: Trainer) -> tuple[list[float], float]:
+    return [r["loss"] for r in records(run_dir)], trainer.models["model"].w.item()
+
+
+def test_a_checkpoint_without_a_seeding_record_resumes_with_the_seeds_it_was_written_with(tmp_path, monkeypatch):
+    """Runs checkpointed before the seeding scheme was recorded go on exactly as they started (scheme 1); a new
+    run records its scheme and resumes exactly too."""
+    import training.loop
+    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=2, sample_every=0, seed=5)
+    half = dataclasses.replace(cfg, steps=2)
+    results = {}
+    for scheme in (1, 2):
+        with monkeypatch.context() as patch:
+            patch.setattr(training.loop, "SEEDING", scheme)  # what the code of the day started its runs with
+            straight, split = tmp_path / f"straight{scheme}", tmp_path / f"split{scheme}"
+            trainer = Trainer(seeded_stage([]), cfg, straight, CPU)
+            trainer.run()
+            results[scheme] = _losses_and_weight(straight, trainer)
+            Trainer(seeded_stage([]), half, split, CPU).run()
+        payload = load_checkpoint(split / "checkpoint.pt", "toy")
+        assert payload["seeding"] == scheme
+        if scheme == 1:  # as the code before the record wrote it
+            del payload["seeding"]
+            save_checkpoint(payload, split / "checkpoint.pt")
+        seen = []
+        trainer = Trainer(seeded_stage(seen), cfg, split, CPU,
+                          resume_from=load_checkpoint(split / "checkpoint.pt", "toy"))
+        trainer.run()
+        assert _losses_and_weight(split, trainer) == results[scheme]
+        assert [s for _, s, _ in seen] == [training.loop.step_seed(5, step, 0, scheme) for step in (2, 3)]
+    assert results[1] != results[2]
+
+
+def test_elapsed_time_counts_on_from_the_checkpoint_when_a_run_resumes(tmp_path, monkeypatch):
+    """`elapsed_s` is the run's training time: a resumed run's starts from its checkpoint's, not from zero (from
+    the last logged value for a checkpoint older than its record of it)."""
+    import types
+    import training.loop
+    clock = [1000.0]
+    monkeypatch.setattr(training.loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def losses(models, batch, step):
+        clock[0] += 10.0  # each step takes 10 s
+        return models["model"](batch[0]).square().mean()
+
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=2, sample_every=0)
+    run_dir, old = tmp_path / "run", tmp_path / "old"
+    Trainer(toy_stage(losses)[0], cfg, run_dir, CPU).run()
+    old.mkdir()  # the same run, as a checkpoint older than the record of its time left it
+    (old / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    payload = load_checkpoint(run_dir / "checkpoint.pt", "toy")
+    save_checkpoint({k: v for k, v in payload.items() if k != "elapsed_s"}, old / "checkpoint.pt")
+    for resumed in (run_dir, old):
+        clock[0] = 5.0  # another process: its clock starts anywhere
+        Trainer(toy_stage(losses)[0], dataclasses.replace(cfg, steps=4), resumed, CPU,
+                resume_from=load_checkpoint(resumed / "checkpoint.pt", "toy")).run()
+        assert [r["elapsed_s"] for r in records(resumed)] == [10.0, 20.0, 30.0, 40.0]
+        assert load_checkpoint(resumed / "checkpoint.pt", "toy")["elapsed_s"] == 40.0
+
+
+def test_a_run_trained_without_loss_scaling_resumes_where_amp_auto_picks_fp16(tmp_path, monkeypatch):
+    """--device is no part of a run's config: a run checkpointed on a CPU (or a bf16 GPU) may be resumed on a GPU
+    without bf16, where --amp auto picks fp16 with loss scaling. Its checkpoint holds no scale to take up; it was
+    refused as inconsistent, the advice being to start the run anew."""
+    import training.loop
+
+    def losses(models, batch, step):
+        return models["model"](batch[0]).square().mean()
+
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=0, log_every=1, sample_every=0)
+    Trainer(toy_stage(losses)[0], cfg, tmp_path, CPU).run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "toy")["scaler"] == {}
+    monkeypatch.setattr(training.loop, "autocast_dtype", lambda amp, device: torch.float16)
+    Trainer(toy_stage(losses)[0], dataclasses.replace(cfg, steps=4), tmp_path, CPU,
+            resume_from=load_checkpoint(tmp_path / "checkpoint.pt", "toy")).run()
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "toy")["scaler"]["scale"] > 0  # scaling from here on
 
 
 # ---------------------------------------------------------------------------------------------

@@ -383,7 +383,7 @@ def test_greyscale_images_are_inverted_as_rgb_by_a_colour_model_and_colour_refus
     grey.mkdir()
     for k in range(3):
         Image.fromarray(np.random.default_rng(k).integers(0, 256, (RES, RES), dtype=np.uint8)).save(grey / f"{k}.png")
-    model = load_frozen(str(class_ckpt), "ema", torch.device("cpu"))
+    model = load_frozen(str(class_ckpt), torch.device("cpu"), "ema")
     images = load_dataset(f"folder:{grey}", RES, cache_dir=tmp_path / "cache")
     assert images.info.channels == 1
     fitted = fit_images(model, images, announce=False)

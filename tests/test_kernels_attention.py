@@ -126,3 +126,12 @@ def test_matmul_form_compiles_without_graph_breaks():
     q, k, v = channel_first(batch=3, heads=1, length=16, head_dim=64, dtype=torch.bfloat16)
     explained = torch._dynamo.explain(lambda q, k, v: matmul_attention(q, k, v, chunk=2 * 256))(q, k, v)
     assert explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 128, 256), (2, 1, 0, 256)], ids=["no images", "no positions"])
+def test_matmul_form_of_an_empty_batch_or_sequence_is_empty_as_sdpas(shape):
+    # An empty batch (or sequence) where the matmul form is chosen gives SDPA's empty answer, not an error.
+    q = torch.randn(shape, dtype=torch.bfloat16)
+    out = matmul_attention(q, q, q)
+    assert out.shape == shape and out.dtype == torch.bfloat16
+    assert torch.equal(out, F.scaled_dot_product_attention(q, q, q))

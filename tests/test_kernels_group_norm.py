@@ -400,3 +400,43 @@ def test_op_with_dropout_compiles_without_graph_breaks():
     for a, e in zip(traced, eager):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     assert not torch.equal(again[0], eager[0])
+
+
+# ---- arguments the networks never pass, which the op must still get right -------------------------
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_parameters_that_are_strided_views_are_read_through_their_strides():
+    # A norm whose weight and bias are every other entry of longer tensors (views with stride 2): channel c
+    # must be scaled by weight[c], not by the c-th value of its storage; forward and every gradient.
+    norm = make_norm(2, 6)
+    with torch.no_grad():
+        norm.weight = nn.Parameter(torch.cat([norm.weight[:, None], torch.zeros(6, 1)], 1).view(-1)[::2])
+        norm.bias = nn.Parameter(torch.cat([norm.bias[:, None], torch.ones(6, 1)], 1).view(-1)[::2])
+    assert not norm.weight.is_contiguous() and not norm.bias.is_contiguous()
+    inputs = make_inputs((2, 6, 3, 4), "sh")
+    dy = torch.randn(2, 6, 3, 4, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
+    with kernels.using("triton"):
+        actual = run(lambda **t: group_norm_act(norm=norm, silu=True, **t), inputs, dy, norm)
+    norm64 = copy.deepcopy(norm).double()
+    expected = run(lambda **t: group_norm_act_reference(norm=norm64, silu=True, **t),
+                   {k: v.double() for k, v in inputs.items()}, dy.double(), norm64)
+    for name, a, e in zip(["y", *inputs, "weight", "bias"], actual, expected):
+        try:
+            assert_close(a, e, TOLERANCE[torch.float32])
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_float64_runs_the_reference_under_triton():
+    # As the sampler step and LPIPS do: the kernels compute in float32, which would hand float64 callers
+    # (gradcheck, analytic tests) float32 results in float64 tensors.
+    norm = make_norm(2, 4).double()
+    inputs = {k: v.double() for k, v in make_inputs((1, 4, 2, 3), "ash").items()}
+    with kernels.using("triton"):
+        assert torch.equal(group_norm_act(norm=norm, silu=True, **inputs),
+                           group_norm_act_reference(norm=norm, silu=True, **inputs))
+        leaves = [t.detach().clone().requires_grad_() for t in inputs.values()]
+        assert torch.autograd.gradcheck(
+            lambda x, add, scale, shift: group_norm_act(x, norm, add=add, scale=scale, shift=shift, silu=True), leaves)

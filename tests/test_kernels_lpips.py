@@ -159,6 +159,17 @@ def test_all_zero_feature_vectors_give_what_the_reference_gives(triton_kernels):
         assert_close(a[inner], e[inner], 1e-5)
 
 
+def test_all_zero_feature_vectors_stay_zero_in_float16():
+    # 1e-10 is below float16's smallest subnormal: added to a zero norm it rounded away, giving 0/0.
+    f = torch.zeros(2, 4, 3, 3, dtype=torch.float16)
+    f[:, :, 0, 0] = torch.tensor([3.0, 0.0, 4.0, 0.0], dtype=torch.float16)
+    u = normalise_channels(f)
+    assert (u[:, :, 1:, :] == 0).all() and (u[:, :, :, 1:] == 0).all()
+    assert_close(u[:, :, 0, 0].float(), torch.tensor([0.6, 0.0, 0.8, 0.0]).expand(2, 4), 1e-3)
+    distance = tap_distance_reference(f, 2 * f.flip(0), torch.ones(4, dtype=torch.float16))
+    assert torch.isfinite(distance).all()
+
+
 def test_a_head_that_needs_a_gradient_runs_the_reference(triton_kernels):
     fx, fy = features((1, 5, 3, 7), 0), features((1, 5, 3, 7), 1)
     weights = [head(5).requires_grad_() for _ in range(2)]
@@ -227,3 +238,18 @@ def test_op_compiles_without_graph_breaks(triton_kernels):
             traced = run(torch.compile(f, backend="aot_eager", fullgraph=True))
     for a, e in zip(traced, eager):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_a_head_that_is_a_strided_view_is_read_through_its_stride(triton_kernels):
+    # The op is handed any (C,) weight: one that is every other entry of a longer tensor (a view with stride
+    # 2) must weigh channel c by weight[c], not by the c-th value of its storage.
+    shape = (2, 5, 3, 4)
+    fx, fy = features(shape, 0), features(shape, 1)
+    weight = head(2 * shape[1])[::2]
+    assert not weight.is_contiguous()
+    grad = torch.randn(2, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
+    expected = distance_and_gradients(tap_distance_reference, fx, fy, weight.contiguous(), grad)
+    with kernels.using("triton"):
+        actual = distance_and_gradients(tap_distance, fx, fy, weight, grad)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, 1e-5)

@@ -53,8 +53,8 @@ def test_reference_is_ddim_eq_12_written_out():
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
     predicted_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     expected = math.sqrt(a_prev) * predicted_x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * z
-    update = Update(1 / math.sqrt(a_t), math.sqrt(1 / a_t - 1), x0=math.sqrt(a_prev),
-                    eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
+    update = Update(1 / math.sqrt(a_t), math.sqrt(1 / a_t - 1), c_x0=math.sqrt(a_prev),
+                    c_eps=math.sqrt(1 - a_prev - sigma**2), sigma=sigma)
     x_prev, x0, eps_out = sampler_step_reference(x, eps, update, noise=z)
     torch.testing.assert_close(x_prev, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x0, predicted_x0, rtol=1e-12, atol=1e-12)
@@ -71,7 +71,7 @@ def test_reference_is_the_guided_clipped_multistep_step_written_out():
     x0 = ((x - math.sqrt(1 - a_t) * combined) / math.sqrt(a_t)).clamp(-1, 1)
     recomputed = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # the eps that lands on the clipped x0
     c_x, c_eps = math.sqrt(a_next / a_t), -0.3
-    update = Update(1 / math.sqrt(a_t), math.sqrt(1 / a_t - 1), x=c_x, eps=c_eps,
+    update = Update(1 / math.sqrt(a_t), math.sqrt(1 / a_t - 1), c_x=c_x, c_eps=c_eps,
                     weights=(55 / 24, -59 / 24, 37 / 24, -9 / 24))
     step = sampler_step_reference(x, cond, update, eps_ref=ref, guidance_scale=s, history=(h1, h2, h3), clip_x0=True)
     assert 0 < (x0.abs() == 1).double().mean() < 1  # some of x0 was clipped
@@ -82,7 +82,7 @@ def test_reference_is_the_guided_clipped_multistep_step_written_out():
 
 def test_outputs_not_asked_for_are_none():
     x, eps = randn((1, 2, 3, 3), 0), randn((1, 2, 3, 3), 1)
-    step = sampler_step_reference(x, eps, Update(1.5, 0.5, x0=1.0), return_x0=False, return_eps=False)
+    step = sampler_step_reference(x, eps, Update(1.5, 0.5, c_x0=1.0), return_x0=False, return_eps=False)
     assert step.x0 is None and step.eps is None
 
 
@@ -105,7 +105,7 @@ def case_inputs(shape, case: dict, dtype, channels_last: bool) -> tuple[tuple, d
     history = [randn(shape, 10 + k, dtype) for k in range(case.get("history", 0))]
     weights = (1.5, -0.5) if len(history) == 1 else (55 / 24, -59 / 24, 37 / 24, -9 / 24)[:1 + len(history)]
     noisy = case.get("noise", False)
-    update = Update(1.6, 1.2, x=0.3, x0=0.8, eps=-0.4, sigma=0.2 if noisy else 0.0, weights=weights)
+    update = Update(1.6, 1.2, c_x=0.3, c_x0=0.8, c_eps=-0.4, sigma=0.2 if noisy else 0.0, weights=weights)
     kwargs = dict(history=history, clip_x0=case.get("clip_x0", False), return_x0=case.get("return_x0", True),
                   noise=randn(shape, 3, dtype) if noisy else None)
     if case.get("guided"):
@@ -324,7 +324,7 @@ def test_op_passes_opcheck(triton_kernels, case):
     """Schema, autograd registration, fakes and AOT dispatch of the op (`helpers.opcheck`), x channels-last
     and eps contiguous."""
     (x, eps, update), kwargs = case_inputs((2, 3, 5, 7), CASES[case], torch.float32, channels_last=True)
-    coefficients = [update.recip, update.recipm1, update.x, update.x0, update.eps, update.sigma,
+    coefficients = [update.recip, update.recipm1, update.c_x, update.c_x0, update.c_eps, update.sigma,
                     kwargs.get("guidance_scale", 1.0), *update.weights]
     guided = kwargs.get("eps_ref") is not None
     with kernels.using("triton"):
@@ -354,3 +354,34 @@ def test_op_compiles_without_graph_breaks(triton_kernels):
             traced = torch.compile(f, backend="aot_eager", fullgraph=True)(*inputs)
     for a, e in zip(traced, eager):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype, eps_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_mixed_dtypes_give_x_prev_and_x0_in_xs_dtype_under_both_backends(triton_kernels, x_dtype, eps_dtype):
+    # x in half precision, eps in float32: both backends write x_prev and x0 in x's dtype (the module docstring),
+    # the reference as the kernel does, and agree within half precision's tolerance.
+    args, kwargs = case_inputs((1, 3, 5, 7), CASES["guided, clip, three earlier eps, noise"], eps_dtype, False)
+    x, eps, update = args
+    args = (x.to(x_dtype), eps, update)
+    expected = sampler_step_reference(*args, **kwargs)
+    with kernels.using("triton"):
+        actual = sampler_step(*args, **kwargs)
+    for a, e, dtype in zip(actual, expected, (x_dtype, x_dtype, eps_dtype)):
+        assert a.dtype == e.dtype == dtype
+        assert_close(a, e, TOLERANCE[torch.bfloat16])
+
+
+def test_a_nan_eps_stays_nan_through_the_clipped_x0(triton_kernels):
+    # A model that overflowed (a NaN eps) must show in the sample under both backends, as torch.clamp passes NaN
+    # on. Clamping by max(min(.)) would turn it into the bound, and x0 = +-1 with the eps recomputed from it
+    # would hide the fault in a finite sample.
+    args, kwargs = case_inputs((1, 3, 5, 7), CASES["clip, one earlier eps"], torch.float32, False)
+    x, eps, update = args
+    eps = eps.clone()
+    eps[0, 1, 2, 3] = float("nan")
+    expected = sampler_step_reference(x, eps, update, **kwargs)
+    with kernels.using("triton"):
+        actual = sampler_step(x, eps, update, **kwargs)
+    for a, e in zip(actual[:2], expected[:2]):
+        assert torch.equal(a.isnan(), e.isnan()) and e[0, 1, 2, 3].isnan()
+        assert_close(a.nan_to_num(), e.nan_to_num(), TOLERANCE[torch.float32])

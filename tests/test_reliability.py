@@ -106,6 +106,92 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
     assert resumed.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in resumed.items())
 
 
+FINALIZER_STOP = """
+import os, signal, sys, time
+from core import cli
+
+class Ending:  # as a progress bar's or a DataLoader's end (which stops its worker processes, at length)
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # answered at the next bytecode: in here
+        time.sleep(0.01)
+
+def entry(argv):
+    Ending()
+    if argv == ["work on"]:
+        time.sleep(10)
+        print("worked on", flush=True)
+
+cli.main(entry)
+"""
+
+
+@pytest.mark.parametrize("then", ["end", "work on"])
+def test_a_stop_signal_that_comes_while_an_object_ends_is_not_lost(tmp_path, then):
+    """Python prints what a __del__ raises as "Exception ignored in" and goes on: a SIGTERM answered there (at the
+    end of a run, as its DataLoader stopped its workers) was lost, with a traceback, and the command went on or
+    ended with 0 as if never stopped (a results table would have gone on to its next run)."""
+    script = tmp_path / "script.py"
+    script.write_text(FINALIZER_STOP)
+    env = {**os.environ, "PYTHONPATH": str(Path(TRAIN).parent)}
+    done = subprocess.run([sys.executable, str(script), *([then] if then != "end" else [])], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and "worked on" not in done.stdout
+    line = the_error(done.stderr)
+    assert "Exception ignored" not in done.stderr
+    finished = "error: stopped by SIGTERM as the command finished; what it was to write is written."
+    assert line == (finished if then == "end" else f"error: {cli.interrupted('stopped by SIGTERM')}")
+
+
+SIGNALLED_WORKER = """
+import multiprocessing, os, signal, sys
+import torch
+from core import cli
+from core.config import TrainConfig
+from core.contract import Trainable, TrainingStage
+from core.runtime import Runtime
+from training.loop import Trainer
+
+class SignalledWhileAWorkerStarts(torch.utils.data.Dataset):
+    # Unpickled by each loader worker that starts anew (spawn, forkserver), before its worker_init_fn runs: the
+    # moment a scheduler's SIGTERM to the whole process group comes here.
+    def __init__(self):
+        self.x = torch.ones(8, 1)
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return self.x[i]
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        os.killpg(0, signal.SIGTERM)
+
+def loss(models, batch, generator, step):
+    return models["model"](batch).square().mean(), {}
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    stage = TrainingStage("toy", {"model": Trainable(torch.nn.Linear(1, 1), lr=0.1)}, loss,
+                          SignalledWhileAWorkerStarts(), {"toy": 1}, {"name": "toy"})
+    cfg = TrainConfig(steps=200, batch_size=4, warmup_steps=0, log_every=1, sample_every=0)
+    cli.main(lambda argv: Trainer(stage, cfg, sys.argv[2], Runtime(torch.device("cpu")), num_workers=1).run())
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_stop_signal_to_the_process_group_while_loader_workers_start_stops_the_run_after_its_step(tmp_path, method):
+    """A loader worker that starts anew (Python 3.14's default start method on Linux, forkserver, or spawn) set
+    SIGTERM aside only in its worker_init_fn, seconds after it (or the fork server) started: a scheduler's SIGTERM
+    to the process group meanwhile killed it, and the run died with "DataLoader worker exited unexpectedly", a
+    traceback and no checkpoint."""
+    script = tmp_path / "script.py"
+    script.write_text(SIGNALLED_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(TRAIN).parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), method, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=120, start_new_session=True)  # a process group of its own
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    step = load_checkpoint(tmp_path / "run" / "checkpoint.pt", "toy")["step"]
+    assert 0 < step < 200 and f"stopped by SIGTERM at step {step} of 200" in the_error(done.stderr)
+
+
 def test_torchrun_workers_stop_and_checkpoint_when_their_launcher_is_killed(tmp_path, folder):
     # kill -9 of the launcher passes no signal on; its workers (each in a session of its own) used to train on
     # as orphans holding the lock. Linux now sends each SIGTERM, so they stop together and checkpoint.
@@ -301,9 +387,37 @@ def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path,
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     code = cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
-    assert code == 1 and the_error(capsys.readouterr().err).startswith("error: disk full")
+    # The file named, which torch.save's error did not: the run folder and a cache may lie on different disks.
+    assert code == 1 and the_error(capsys.readouterr().err).startswith(
+        f"error: disk full while writing {run_dir / 'checkpoint.pt'}: free some space")
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_while_writing_a_preview_is_one_line_and_resuming_writes_the_preview(tmp_path, folder, monkeypatch,
+                                                                                        capsys):
+    from PIL import Image as PILImage
+    run_dir = tmp_path / "full"
+    args = tiny_args(run_dir, folder, "--ckpt-every", "1", "--sample-every", "1", steps=2)
+    real_save = PILImage.Image.save
+    calls = []
+
+    def disk_fills_up(image, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 2:  # the second preview: step 2's, after its checkpoint
+            fp.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, fp, *a, **k)
+
+    monkeypatch.setattr(PILImage.Image, "save", disk_fills_up)
+    assert cli.run(train.main, args) == 1
+    grid = run_dir / "samples" / "step-0000002.png"
+    assert the_error(capsys.readouterr().err).startswith(f"error: disk full while writing {grid}: free some space")
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2 and not grid.exists()
+    assert not [p for p in (run_dir / "samples").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(PILImage.Image, "save", real_save)
+    assert cli.run(train.main, args + ["--resume"]) == 0
+    assert grid.is_file() and (run_dir / "samples" / "final.png").read_bytes() == grid.read_bytes()
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, folder):
@@ -335,6 +449,27 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_when_run_again(tmp
     assert [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         json.loads(line)["loss"] for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
     assert torch.equal(weights(run_dir)["conv_in.weight"], weights(tmp_path / "fresh")["conv_in.weight"])
+
+
+def test_a_classifier_killed_after_an_evaluation_before_its_first_checkpoint_starts_over(tmp_path, folder, monkeypatch,
+                                                                                         capsys):
+    """An evaluation writes figures/confusion-step-N.png and its latest copy, confusion.png, beside the log: a run
+    killed after one and before its first checkpoint (kill -9, a crash, divergence) left a folder that the same
+    command refused as holding files that are not its own."""
+    from training.loop import Trainer
+    run_dir = tmp_path / "run"
+    args = ["--stage", "classify", "--dataset", f"folder:{folder}", "--target", "class", "--resolution", "16",
+            "--batch-size", "4", "--warmup-steps", "0", "--log-every", "1", "--device", "cpu", "--run-dir", str(run_dir),
+            "--steps", "2", "--sample-every", "1", "--ckpt-every", "100"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", killed_in("_step", 1))
+        with pytest.raises(KeyboardInterrupt, match="killed"):
+            train.main(args)
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "figures", "confusion.png"}
+    train.main(args)
+    assert "stopped before its first checkpoint; starting it over" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoint.pt", "classify")["step"] == 2
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
 
 
 def test_a_new_run_refuses_a_folder_of_other_files_such_as_its_own_training_images(tmp_path, folder):
@@ -677,6 +812,19 @@ def test_a_resubmitted_finished_run_exits_at_once_without_loading_data(tmp_path,
     assert cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "already at step 2 of 2: nothing to train" in out and "Done (ddpm): step 2" in out
+    assert snapshot(run_dir) == before
+
+
+def test_a_resubmitted_run_of_zero_steps_exits_at_once_without_loading_data(tmp_path, trained, capsys, monkeypatch):
+    """--steps 0 writes the starting weights as a run: run again, it is as finished as any other."""
+    import ddpm.stage
+    _, images = trained
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(run_dir, images, steps=0))
+    before = snapshot(run_dir)
+    monkeypatch.setattr(ddpm.stage, "load_dataset", lambda *a, **k: pytest.fail("data was loaded for nothing"))
+    assert cli.run(train.main, ["--run-dir", str(run_dir), "--resume", "--steps", "0", "--device", "cpu"]) == 0
+    assert "already at step 0 of 0: nothing to train" in capsys.readouterr().out
     assert snapshot(run_dir) == before
 
 

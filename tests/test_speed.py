@@ -649,7 +649,7 @@ def test_every_network_keeps_its_tensors_on_the_gpu(backend, monkeypatch):
         models = TrainingModels({MAIN: autoencoder}, {MAIN: autoencoder})
         losses, metrics = vae_loss.loss(models, SimpleNamespace(image=images), torch.Generator(), step=0)
         assert all(value.device.type == "cuda" for value in (*losses.values(), *metrics.values()))
-        update = Update(recip=1.2, recipm1=0.6, x0=0.9, eps=0.4, sigma=0.1)
+        update = Update(recip=1.2, recipm1=0.6, c_x0=0.9, c_eps=0.4, sigma=0.1)
         stepped = sampler_step(x, torch.randn_like(x), update, eps_ref=torch.randn_like(x), guidance_scale=2.0,
                                clip_x0=True, noise=torch.randn_like(x))
         assert all(out.device.type == "cuda" for out in stepped if out is not None)

@@ -217,7 +217,9 @@ def test_options_are_checked_before_any_work(inputs, tmp_path):
                              (["--classes", "wind:3"], "not conditioned on parameters"),
                              (["--spacing", "uniform,leading"], "spacing"),
                              (["--guidance", "1.5,1.5000001"], r"--guidance 1.5 and 1.5000001 both give the set "
-                                                               r"ddim-2-g1.5")):
+                                                               r"ddim-2-g1.5"),
+                             (["--guidance", "1,nan"], r"^--guidance takes finite scales, got nan\.$"),  # not sample.py's
+                             (["--guidance", "inf"], r"^--guidance takes finite scales, got inf\.$")):   # --guidance-scale
         with pytest.raises(UserError, match=message):
             sweep.main(argv(inputs, out, *options, train=False))
         assert not out.exists() or not any((out / "sets").rglob("*.png"))
@@ -372,3 +374,170 @@ def test_the_table_shows_a_trained_error_to_four_significant_digits():
     assert "Best by trained mean absolute error: a." in table
     rows["a"].update(accuracy=73.456, accuracy_std=0.5)
     assert "| 73.46 ± 0.50 |" in sweep.markdown({**common, "trained_metric": "trained top-1 (%)"})
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals before any work, and measures kept only when they still hold
+
+
+def refused_before_drawing(monkeypatch):
+    def drawn(*args, **kwargs):
+        raise AssertionError("sets were drawn before the inputs were checked")
+    monkeypatch.setattr(sweep, "draw_sets", drawn)
+
+
+def test_a_write_best_folder_that_is_inside_or_around_the_sweep_is_refused_before_any_work(inputs, tmp_path,
+                                                                                         monkeypatch):
+    """It was refused only after the whole sweep (the dataset folder held the sweep's files, or the sweep's sets
+    would be read as a class of the dataset), or it was written and the rerun refused --out for holding it."""
+    refused_before_drawing(monkeypatch)
+    out = tmp_path / "sweep"
+    for best, where in ((out / "best", "lies inside"), (out, "is"), (tmp_path, "holds")):
+        with pytest.raises(UserError, match=rf"--write-best \S+ {where} --out \S+sweep; give the dataset a folder"):
+            sweep.main(argv(inputs, out, "--write-best", str(best), "--write-per-class", "3", train=False))
+    assert not out.exists()
+
+
+def test_outputs_inside_the_models_or_the_judges_images_are_refused_before_any_work(inputs, tmp_path, monkeypatch):
+    """As sample.py refuses a --dataset-out there: the sets would be read as images of those folders."""
+    from core.checkpoint import peek_checkpoint
+    from data import folder_of, trained_datasets
+    refused_before_drawing(monkeypatch)
+    trained_on = folder_of(trained_datasets(peek_checkpoint(inputs["ckpt"]))["--dataset"])
+    before = files_and_times(trained_on)
+    into = ["--write-best", str(trained_on / "best"), "--write-per-class", "3"]
+    for option, extra in (("--out", []), ("--write-best", into)):
+        out = trained_on / "sweep" if option == "--out" else tmp_path / "out"
+        with pytest.raises(UserError, match=rf"^{option} \S+ lies inside the image folder of the model's --dataset"):
+            sweep.main(argv(inputs, out, *extra, train=False))
+    judged = colour_folder(tmp_path / "judged", 1, seed=3)  # the images the judge was tested on
+    judge = classifier_checkpoint(tmp_path / "judge.pt", 0, CLASSES, data={"test_dataset": f"folder:{judged}"})
+    command = argv(inputs, judged / "sweep", train=False)
+    command[command.index("--judge") + 1] = str(judge)
+    with pytest.raises(UserError, match=r"^--out \S+ lies inside the image folder of the judge's --test-dataset"):
+        sweep.main(command)
+    assert files_and_times(trained_on) == before and not (judged / "sweep").exists()
+
+
+def test_a_bad_judge_is_refused_in_the_sweeps_own_terms(inputs, tmp_path):
+    """The messages named --features, an option of python -m fid, not of the sweep."""
+    command = argv(inputs, tmp_path / "out", train=False)
+    command[command.index("--judge") + 1] = str(inputs["ckpt"])              # a diffusion model as the judge
+    with pytest.raises(UserError, match="from stage 'ddpm'") as refused:
+        sweep.main(command)
+    told = str(refused.value)
+    assert "point --judge at a checkpoint of that stage" in told and "--features" not in told
+    command[command.index("--judge") + 1] = str(tmp_path / "none.pt")
+    with pytest.raises(UserError, match=r"^--judge \S+none.pt does not exist"):
+        sweep.main(command)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_training_target_the_images_cannot_give_is_refused_before_anything_is_drawn(inputs, tmp_path, monkeypatch):
+    """Each was refused when the first classifier started, after every set had been drawn and measured."""
+    refused_before_drawing(monkeypatch)
+    command = argv(inputs, tmp_path / "out")
+    with pytest.raises(UserError, match=r"--target params \(train.py's, after --\) trains on parameters, and --real "
+                                        r"would have none"):
+        sweep.main([a if a != "class" else "params" for a in command])     # colour folders have no parameters
+    fewer = colour_folder(tmp_path / "test", 2, seed=1, classes={k: v for k, v in COLOURS.items() if k != "green"})
+    with pytest.raises(UserError, match=r"The classes of --real \(blue, green, red\) differ from those of --test "
+                                        r"\(blue, red\)"):
+        sweep.main([a.replace(str(inputs["test"]), str(fewer)) for a in command])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def unconditional_ckpt(class_ckpt, tmp_path_factory) -> Path:
+    import train
+    from core.checkpoint import peek_checkpoint
+    from data import trained_datasets
+    from helpers import tiny_args
+    run_dir = tmp_path_factory.mktemp("unconditional")
+    train.main(tiny_args(run_dir, trained_datasets(peek_checkpoint(class_ckpt))["--dataset"], "--steps", "1"))
+    return run_dir / "checkpoint.pt"
+
+
+def test_an_unconditional_model_cannot_be_ranked_by_conditioning(inputs, unconditional_ckpt, tmp_path, monkeypatch):
+    """Every set's conditioning is NaN, so no setting was named best and --write-best wrote nothing, silently."""
+    refused_before_drawing(monkeypatch)
+    command = [a for a in argv(inputs, tmp_path / "out", "--criterion", "conditioning", "--write-best",
+                               str(tmp_path / "best"), "--write-num", "4", train=False)]
+    command[command.index("--ckpt") + 1] = str(unconditional_ckpt)
+    at = command.index("--guidance")
+    command[at:at + 2] = []
+    at = command.index("--per-class")
+    command[at:at + 2] = ["--num", "6"]
+    with pytest.raises(UserError, match="trained without conditioning, so no set has a conditioning to rank by"):
+        sweep.main(command)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "best").exists()
+
+
+def test_write_best_without_a_best_setting_says_so(finished, inputs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("runs"))
+    for path in (out / "measures").glob("*.json"):
+        saved = json.loads(path.read_text())
+        saved["measures"]["fid"] = float("nan")
+        path.write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"No setting has a finite fid, so there is no best one to write into "
+                                        r"--write-best"):
+        sweep.main(argv(inputs, out, "--write-best", str(tmp_path / "best"), "--write-per-class", "3", train=False))
+    assert "none (no finite value)" in (out / "sweep.md").read_text() and not (tmp_path / "best").exists()
+
+
+def test_measures_are_redone_when_label_names_change_or_the_file_is_damaged(inputs, tmp_path, capsys):
+    """A dataset's fingerprint counts labels by index: test folders renamed in their sorted order kept it, and
+    the measures (which match classes by name) were reused; a measures file that is JSON but not ours crashed."""
+    import shutil
+    test = shutil.copytree(inputs["test"], tmp_path / "test")
+    judge = classifier_checkpoint(tmp_path / "judge.pt", 0, (*CLASSES, "violet"))
+    command = [a.replace(str(inputs["test"]), str(test)).replace(str(inputs["judge"]), str(judge))
+               for a in argv(inputs, tmp_path / "out", "--guidance", "1", "--steps", "2", train=False)]
+    first = sweep.main(command)["rows"]["ddim-2-g1"]
+    assert set(first["diversity_per_class"]) == set(CLASSES)                 # per class: the test set has them
+    (test / "red").rename(test / "violet")                                  # same images, same label indices
+    capsys.readouterr()
+    again = sweep.main(command)["rows"]["ddim-2-g1"]
+    assert "measuring again" in capsys.readouterr().out
+    assert set(again["diversity_per_class"]) == {"all"}                      # red is not a test class any more
+    (tmp_path / "out" / "measures" / "ddim-2-g1.json").write_text("[]")
+    assert sweep.main(command)["rows"]["ddim-2-g1"] == again
+    assert "ddim-2-g1.json is damaged or incomplete; measuring again" in capsys.readouterr().out
+
+
+def test_the_pseudo_numerical_samplers_are_named_as_their_paper_names_them():
+    settings = [Setting(s, 50, 1.0) for s in ("ddim", "spndm")]
+    lines = sweep.paper_orderings({"ddim-50-g1": {"fid": 3.0}, "spndm-50-g1": {"fid": 2.0}}, settings)
+    assert lines == ["S-PNDM better than DDIM at 50 steps: holds (FID 2 against 3)."]
+
+
+def test_the_line_that_names_the_written_setting_gives_every_option_that_changes_its_images(inputs, tmp_path,
+                                                                                            capsys):
+    """It left out --spacing (and --seed): sample.py with the options it gave drew other images."""
+    summary = sweep.main(argv(inputs, tmp_path / "out", "--guidance", "1", "--steps", "2", "--spacing", "trailing",
+                              "--seed", "3", "--write-best", str(tmp_path / "best"), "--write-per-class", "1",
+                              train=False))
+    assert summary["best"] == "ddim-2-g1-trailing"
+    assert ("with ddim-2-g1-trailing (sample.py --sampler ddim --steps 2 --guidance-scale 1 --spacing trailing "
+            "--seed 3)") in capsys.readouterr().out
+
+
+def test_bins_that_no_image_of_a_set_falls_in_are_refused_before_anything_is_drawn(params_ckpt, tmp_path, monkeypatch):
+    """Two images in three bins: the sets' classifiers lacked a class of the test images, and the first was
+    refused (in train.py's terms) after every set had been drawn and the real row trained."""
+    refused_before_drawing(monkeypatch)
+    judge = classifier_checkpoint(tmp_path / "judge.pt", 0, ("wind0", "wind1", "wind2"))
+    for split, seed in (("real", 0), ("test", 1)):
+        colour_folder(tmp_path / split, 2, seed)
+        for k, colour in enumerate(COLOURS):
+            (tmp_path / split / colour).rename(tmp_path / split / f"wind{k}")
+    command = ["--ckpt", str(params_ckpt), "--judge", str(judge), "--real", f"folder:{tmp_path / 'real'}", "--test",
+               f"folder:{tmp_path / 'test'}", "--classes", "wind:3:-1:1", "--num", "2", "--steps", "2", "--out",
+               str(tmp_path / "out"), "--device", "cpu", "--train", "--", "--target", "class", "--steps", "1",
+               "--warmup-steps", "0"]
+    with pytest.raises(UserError, match=r"No image of a set falls in the bins wind\d of --classes wind:3:-1:1, so its "
+                                        r"classifier could not be tested .*; raise --num"):
+        sweep.main(command)
+    assert not (tmp_path / "out").exists()

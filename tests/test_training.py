@@ -21,7 +21,7 @@ from core.contract import Outputs, Trainable, TrainingStage
 from core.runtime import Runtime
 from ddpm.config import DDPMConfig
 from helpers import tiny_args, torchrun_command, torchrun_env
-from training.distributed import StopAgreement
+from core.distributed import StopAgreement
 from training.loop import RunExists, StepBatches, Trainer, TrainingDiverged
 
 
@@ -545,7 +545,7 @@ def test_a_bad_command_line_or_a_smaller_steps_under_torchrun_is_told_once(tmp_p
 def test_a_torchrun_process_takes_the_gpu_of_its_local_rank_or_is_refused(monkeypatch):
     """Where --device says cuda, or auto on a machine with GPUs, each process takes the GPU of its local rank;
     a GPU named by number, a process without a GPU of its own, and cuda without any GPU are refused."""
-    from training.distributed import process_device
+    from core.distributed import process_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
@@ -599,7 +599,7 @@ def test_a_bad_image_under_torchrun_is_told_once(tmp_path, image_folder):
 def _main_first(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from core.cli import ReportedByAnotherProcess
-    from training import distributed
+    from core import distributed
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     runtime = Runtime(torch.device("cpu"), rank, 2)
     ran, outcome = False, "finished"
@@ -729,7 +729,7 @@ STOP_SCENARIOS = {
 
 def _stop_agreement(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
-    from training.distributed import StopAgreement
+    from core.distributed import StopAgreement
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     stops = {}
     for name, caught in STOP_SCENARIOS.items():

@@ -8,12 +8,14 @@ loop knows nothing about diffusion, autoencoders or any other stage.
 
 Exact resume: everything random in step s (data order, augmentation, noise, timesteps, dropout) is
 drawn from generators seeded by (seed, s, rank), and the learning rate depends on s alone, so a run
-resumed from its step-s checkpoint takes exactly the steps an uninterrupted run would have.
+resumed from its step-s checkpoint takes exactly the steps an uninterrupted run would have. Which
+seeds those keys give is the run's seeding scheme (`SEEDING`), recorded in its checkpoints, so a run
+started by an older version of the loop resumes with the seeds it started with.
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM (what batch schedulers send before pre-empting a job) lets the
 current step finish, writes a checkpoint there and ends with a line saying how to resume; a second
 Ctrl-C stops at once. Under torchrun every process stops after the step that follows the signal
-(training.distributed.StopAgreement: the processes agree on it while that step runs).
+(core.distributed.StopAgreement: the processes agree on it while that step runs).
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.cli import RunError, RunInterrupted, ignore_stop_signals, launched_world_size
+from core.cli import RunError, RunInterrupted, ignore_stop_signals, launched_world_size, lost_stop
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
-from training.distributed import (StopAgreement, gather_across_processes, main_process_first,
+from core.distributed import (StopAgreement, gather_across_processes, main_process_first,
                                   mean_across_processes)
 from training.optim import LazyAdamW
 
@@ -61,6 +63,29 @@ class RunExists(ExistsError):
 # pieces that are functions of the step alone
 
 
+# The seeding scheme of new runs, recorded in their checkpoints ("seeding"); a checkpoint without one was
+# written with scheme 1 and resumes with it. Scheme 1 seeded step s of rank r by derive_seed(seed, s, r), and a
+# mixed batch's order by derive_seed(seed, s); numpy's SeedSequence pads its keys with zeros, so on rank 0 both
+# were the seed of epoch s's permutation, derive_seed(seed, s), and rank r's step seed was that of part r's epoch
+# s: the noise, dropout and augmentation of a step were drawn from the very stream that shuffled an epoch. Scheme
+# 2 gives each use a purpose key of its own, last and non-zero, so no zero padding can make two uses meet.
+SEEDING = 2
+SEEDINGS = (1, 2)
+STEP_KEY = 0x53544550  # "STEP": (seed, step, rank, STEP_KEY) seeds a step's draws
+MIX_KEY = 0x4D495820   # "MIX ": (seed, step, MIX_KEY) seeds the order of a mixed batch
+
+
+def step_seed(seed: int, step: int, rank: int, seeding: int = SEEDING) -> int:
+    """The seed of everything random in step `step` of process `rank` (dropout, augmentation, noise, timesteps)
+    under seeding scheme `seeding`."""
+    return derive_seed(seed, step, rank) if seeding == 1 else derive_seed(seed, step, rank, STEP_KEY)
+
+
+def mix_seed(seed: int, step: int, seeding: int = SEEDING) -> int:
+    """The seed of the order of step `step`'s mixed batch (`StepBatches` with `mix`) under scheme `seeding`."""
+    return derive_seed(seed, step) if seeding == 1 else derive_seed(seed, step, MIX_KEY)
+
+
 class StepBatches(Sampler[list[int]]):
     """Batch indices as a function of the step: epoch e of a dataset is the permutation seeded by
     (seed, e), and step s takes global positions [s*B, (s+1)*B) of the concatenated epochs, this
@@ -69,17 +94,17 @@ class StepBatches(Sampler[list[int]]):
     With `mix`, the dataset is consecutive parts, (items, count) each: step s takes positions
     [s*count, (s+1)*count) of each part's own epochs (part i > 0 seeded by (seed, e, i)), so every
     global batch holds exactly `count` items of each part, shuffled together (seeded by the step) so
-    that under DDP each process sees the same mix.
+    that under DDP each process sees the same mix. `seeding`: the run's seeding scheme (see `SEEDING`).
     """
 
     def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int, runtime: Runtime,
-                 mix: tuple[tuple[int, int], ...] | None = None):
+                 mix: tuple[tuple[int, int], ...] | None = None, seeding: int = SEEDING):
         if global_batch % runtime.world_size:
             raise UserError(f"--batch-size {global_batch} must split evenly across {runtime.world_size} processes.")
         self.parts = mix or ((num_items, global_batch),)
         assert sum(n for n, _ in self.parts) == num_items and sum(c for _, c in self.parts) == global_batch, (
             f"mix {self.parts} must cover {num_items} items and {global_batch} per batch")
-        self.batch, self.seed, self.start = global_batch, seed, start_step
+        self.batch, self.seed, self.start, self.seeding = global_batch, seed, start_step, seeding
         self.share = global_batch // runtime.world_size
         self.offset = runtime.rank * self.share
 
@@ -100,7 +125,8 @@ class StepBatches(Sampler[list[int]]):
                     batch.append(first_item + int(cached[part][epoch][pos % n]))
                 first_item += n
             if len(self.parts) > 1:
-                order = torch.randperm(self.batch, generator=torch.Generator().manual_seed(derive_seed(self.seed, step)))
+                seed = mix_seed(self.seed, step, self.seeding)
+                order = torch.randperm(self.batch, generator=torch.Generator().manual_seed(seed))
                 batch = [batch[i] for i in order]
             yield batch[self.offset:self.offset + self.share]
             step += 1
@@ -205,6 +231,7 @@ def stop_requests() -> Iterator[list[int]]:
     impatience_stops = launched_world_size() == 1
 
     def handle(signum: int, frame: Any) -> None:
+        lost_stop()  # a stop put off while a finalizer ran (`cli.terminate_as_interrupt`) is this one, answered here
         if received and signum == signal.SIGINT and impatience_stops:
             raise KeyboardInterrupt
         received.append(signum)
@@ -216,6 +243,29 @@ def stop_requests() -> Iterator[list[int]]:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread while the body starts processes (a DataLoader's workers), which
+    are born with this thread's signal mask and keep it: a stop for the job (a scheduler's SIGTERM, a Ctrl-C,
+    which reach every process of the group) is left to this process, which saves after its step.
+
+    `ignore_stop_signals` comes too late for that where the workers start anew rather than as forks of this
+    process (the "spawn" and "forkserver" start methods, the latter Python 3.14's default on Linux): a worker,
+    or the fork server that forks them (started with the first of them, and slow to start: it imports torch),
+    killed while starting made the next batch fail with "DataLoader worker exited unexpectedly", a traceback,
+    and nothing saved. This process still answers a signal that comes meanwhile (CPython runs its handlers in the
+    main thread whichever thread received it). A no-op where signal masks are not available, or off the main
+    thread."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def rng_state() -> dict[str, Any]:
@@ -320,6 +370,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
         self.start_step, self.resumed_window, self.resumed_outputs = 0, None, {}
+        self.seeding = SEEDING  # a resumed run keeps its checkpoint's (`_restore`)
+        # The training time of the run before this process took it up (a resumed run's, at its checkpoint), so that
+        # `elapsed_s` counts on from there; None: a checkpoint older than that record (`run` reads its log).
+        self.elapsed_before: float | None = 0.0
         if resume_from is not None:
             self._restore(resume_from)
         check_steps_ahead(self.run_dir, self.start_step, cfg.steps)
@@ -336,10 +390,21 @@ class Trainer:
                 self.optimizers[name].load_state_dict(payload["optimizers"][name])
             for name, ema in self.ema.items():
                 ema.load_state_dict(payload["ema"][name])
-            self.scaler.load_state_dict(payload["scaler"])
+            # A run that trained without fp16 loss scaling (on a CPU, or a GPU that computes in bf16) and resumes where
+            # --amp auto picks fp16 (a GPU without bf16) has no scale to take up: its scaler starts as a new run's.
+            if payload["scaler"] or not self.scaler.is_enabled():
+                self.scaler.load_state_dict(payload["scaler"])
             set_rng_state(payload["rng"])
             # The logging window open at the checkpoint (absent from checkpoints older than it).
             self.resumed_window = MetricsWindow.restored(payload.get("metrics_window") or {}, self.runtime)
+            # Checkpoints older than the record of the seeding scheme were seeded by scheme 1.
+            self.seeding = payload.get("seeding", 1)
+            if self.seeding not in SEEDINGS:
+                raise ValueError(f"seeding scheme {self.seeding!r} is none of {', '.join(map(str, SEEDINGS))}")
+            elapsed = payload.get("elapsed_s")
+            if elapsed is not None and not (type(elapsed) in (int, float) and math.isfinite(elapsed) and elapsed >= 0):
+                raise ValueError(f"elapsed_s {elapsed!r} is not a time")
+            self.elapsed_before = None if elapsed is None else float(elapsed)
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
             raise UserError(f"The checkpoint in {self.run_dir} does not fit the run its config describes "
                             f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); it is inconsistent, so "
@@ -363,7 +428,7 @@ class Trainer:
 
     def _batches(self) -> DataLoader:
         sampler = StepBatches(len(self.stage.dataset), self.cfg.batch_size, self.cfg.seed, self.start_step, self.runtime,
-                              mix=self.stage.mix)
+                              mix=self.stage.mix, seeding=self.seeding)
         return DataLoader(self.stage.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.runtime.device.type == "cuda",
                           worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
@@ -394,7 +459,7 @@ class Trainer:
         device = self.runtime.device
         batch = map_tensors(batch, lambda t: t.to(device, non_blocking=True))
         self._set_lr(step)
-        seed = derive_seed(self.cfg.seed, step, self.runtime.rank)
+        seed = step_seed(self.cfg.seed, step, self.runtime.rank, self.seeding)
         torch.manual_seed(seed)          # dropout
         generator.manual_seed(seed)      # augmentation, noise, timesteps, condition dropout
         if self.stage.augment is not None:
@@ -440,6 +505,9 @@ class Trainer:
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "metrics_window": window or {},
+            "seeding": self.seeding,
+            # The training time up to here, across every resume: a run resumed from it counts on from there.
+            "elapsed_s": time.perf_counter() - self.clock_origin,
             "outputs_due": {"evaluate": outputs_due and self.stage.outputs.evaluate is not None,
                             "preview": outputs_due and self.stage.outputs.preview is not None},
         }
@@ -472,6 +540,16 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+    def _logged_elapsed(self) -> float:
+        """The `elapsed_s` of the last training record at or before the step this run resumes from (0 if none): a
+        checkpoint older than its own record of it resumes the count from there."""
+        if not self.metrics_path.exists():
+            return 0.0
+        times = [r["elapsed_s"] for _, r in read_metrics(self.metrics_path) if r["step"] <= self.start_step
+                 and r.get("split") == "train" and type(r.get("elapsed_s")) in (int, float)
+                 and math.isfinite(r["elapsed_s"]) and r["elapsed_s"] >= 0]
+        return float(times[-1]) if times else 0.0
 
     def _trim_metrics(self) -> None:
         """On resume, drop metrics logged after the checkpoint we restart from: they will be logged again."""
@@ -511,12 +589,13 @@ class Trainer:
         cfg, runtime = self.cfg, self.runtime
         if runtime.is_main:
             self._trim_metrics()
-        if self.start_step > 0:
+        resumed = bool(self.resumed_outputs)  # (a checkpoint of step 0 too: a run of --steps 0)
+        if resumed:
             # The other processes wait on the host, not in the first step's collectives (NCCL's time out sooner).
             with main_process_first(runtime):
                 if runtime.is_main:
                     self._write_missing_outputs()
-        if self.start_step == cfg.steps > 0:
+        if self.start_step == cfg.steps and resumed:
             if runtime.is_main:
                 self._final_grid()
             return finished_run(self.run_dir, cfg.steps, runtime)
@@ -525,6 +604,10 @@ class Trainer:
         generator = torch.Generator(runtime.device)
         self.window = MetricsWindow(runtime, self.resumed_window, skipped_steps=self.scaler.is_enabled())
         self.started = time.perf_counter()
+        if self.elapsed_before is None:  # a checkpoint older than its record of it: the last the log says
+            self.elapsed_before = self._logged_elapsed() if runtime.is_main else 0.0
+        # Where `elapsed_s` counts from: the run's start, however many processes took it up before this one.
+        self.clock_origin = self.started - self.elapsed_before
         self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=f"train {self.stage.name}", unit="step",
                              disable=not runtime.is_main, dynamic_ncols=True)
         for model in self.models.values():
@@ -536,7 +619,9 @@ class Trainer:
         stops = StopAgreement(runtime)
         # The bar is closed however the loop ends, so an error message starts on a line of its own.
         with stop_requests() as received, contextlib.closing(self.progress):
-            for step, batch in zip(steps, self._batches() if len(steps) else ()):
+            with stop_signals_held():  # the loader's worker processes start here: see `stop_signals_held`
+                batches = iter(self._batches()) if len(steps) else iter(())
+            for step, batch in zip(steps, batches):
                 self.window.add(*self._step(step, batch, generator))
                 self.progress.update(1)
                 saved = self._after_step(step + 1)
@@ -572,7 +657,7 @@ class Trainer:
                 raise self._divergence_error(diverged, done)
         if log_due:
             record = self.window.close(done, self.optimizers[MAIN].param_groups[0]["lr"], cfg.batch_size,
-                                       self.started)
+                                       self.clock_origin)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}")
             if runtime.is_main:
                 self._append_metrics(record)

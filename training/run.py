@@ -15,6 +15,7 @@ import dataclasses
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,12 +29,22 @@ from core.lock import FolderLock, check_own_folder
 from core.runtime import Runtime, check_batch_fits, check_num_workers
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
-from training import distributed
+from core import distributed
 from training.loop import RunExists, Trainer, check_schedule_kept, check_steps_ahead, finished_run, missing_outputs
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
-# What a run killed before its first checkpoint leaves in its folder: a new run may start there.
+# What a run killed before its first checkpoint leaves in its folder: a new run may start there. Besides these, the
+# latest copy of each figure an evaluation wrote (`unstarted_run_files`).
 UNSTARTED_RUN = ("config.json", "metrics.jsonl", "samples", "figures")
+FIGURE = re.compile(r"^(?P<name>.+)-step-\d{7,}\.png$")  # figures/NAME-step-NNNNNNN.png, as the loop writes them
+
+
+def unstarted_run_files(run_dir: Path) -> tuple[str, ...]:
+    """The names a run stopped before its first checkpoint may have left in `run_dir`: `UNSTARTED_RUN`, and NAME.png
+    beside each figure figures/NAME-step-NNNNNNN.png that its evaluations wrote (a classifier's confusion.png)."""
+    figures = run_dir / "figures"
+    found = [FIGURE.match(p.name) for p in figures.iterdir()] if figures.is_dir() else []
+    return UNSTARTED_RUN + tuple(sorted({f"{m['name']}.png" for m in found if m}))
 
 
 def common_parser(spec: StageSpec, stage_names: Sequence[str], description: str | None = None,
@@ -140,7 +151,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     else:
         if checkpoint.exists():
             raise RunExists(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
-        check_own_folder(run_dir, UNSTARTED_RUN, "--run-dir")
+        check_own_folder(run_dir, unstarted_run_files(run_dir), "--run-dir")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
     if saved is not None:  # before any data is read (the trainer checks it too, for callers that start there)
@@ -230,7 +241,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                     raise stop.told_from(f"in the {need.spec.name} run {first.run_dir} that --stage {spec.name} "
                                          f"trains first", "run the same command again to go on from where it "
                                          "stopped.") from stop
-        if (saved is not None and saved["step"] == config.train.steps > 0  # a resubmitted job that had finished
+        if (saved is not None and saved["step"] == config.train.steps  # a resubmitted job that had finished
                 # ... and wrote what its last checkpoint owed (else the trainer writes it); every process agrees
                 and not distributed.any_process(bool(missing_outputs(run_dir, saved, config.train.steps)), runtime)):
             summary = finished_run(run_dir, config.train.steps, runtime)

@@ -26,7 +26,7 @@ from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
 from data import ImageDataset, check_spec, grey_as_rgb, load_dataset, load_test_set
 from data.augment import random_hflip
-from data.imageio import from_uint8
+from data.imageio import as_rgb, from_uint8
 from vae.autoencoder import AutoencoderKL
 from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig,
                         resolve_autoencoder)
@@ -36,11 +36,6 @@ from vae.published import load_published_weights, read_published_weights
 
 NAME = "vae"
 EVAL_BATCH = 32
-
-
-def rgb(x: Tensor) -> Tensor:
-    """The perceptual network reads RGB: greyscale images are repeated across the three channels."""
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 @torch.no_grad()
@@ -104,7 +99,7 @@ class VAETraining:
         cfg, x = self.loss_cfg, batch.image
         reconstruction, posterior = models[MAIN](x, generator=generator)
         l1 = (x - reconstruction).abs().flatten(1).mean(dim=1)
-        perceptual = self.perceptual(rgb(reconstruction), rgb(x))
+        perceptual = self.perceptual(as_rgb(reconstruction), as_rgb(x))
         rec_loss = (l1 + cfg.perceptual_weight * perceptual).mean()
         # The raw module, not through DDP: this term trains only the autoencoder (the "logvar" loss trains s).
         logvar = models.raw["logvar"] if cfg.learn_logvar else self.fixed_logvar
@@ -144,7 +139,7 @@ class VAETraining:
             mse = ((x - reconstruction) / 2).square().flatten(1).mean(dim=1)
             totals["l1"] += (x - reconstruction).abs().flatten(1).mean(dim=1).sum().item()
             totals["psnr"] += (10 * torch.log10(1 / mse.clamp(min=1e-10))).sum().item()
-            totals["perceptual"] += self.perceptual(rgb(reconstruction), rgb(x)).sum().item()
+            totals["perceptual"] += self.perceptual(as_rgb(reconstruction), as_rgb(x)).sum().item()
             totals["kl"] += posterior.kl().sum().item()
         n = len(self.test_set)
         return {"split": self.test_split, "images": n, **{k: v / n for k, v in totals.items()}}
@@ -218,16 +213,16 @@ def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tupl
     return config, stage
 
 
-def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path | str,
-                     weights: str = "ema") -> tuple[AutoencoderKL, float, str]:
-    """A trained autoencoder from a `vae` checkpoint's payload: (model frozen in eval mode, latent scale
-    factor, fingerprint of its weights)."""
+def load_autoencoder(payload: dict[str, Any], device: torch.device, path: Path | str
+                     ) -> tuple[AutoencoderKL, float, str]:
+    """A trained autoencoder from a `vae` checkpoint's payload: (its EMA weights frozen in eval mode, latent scale
+    factor, fingerprint of those weights)."""
     if payload.get("stage") != NAME:
         raise UserError(f"{path} is a checkpoint of stage '{payload.get('stage')}', not an autoencoder; pass the "
                         f"checkpoint.pt of a `train.py --stage vae` run.")
     require_keys(payload, ("config", "models", "ema", "scale_factor"), path)
     config = from_dict(VAEConfig, payload["config"], source=path)
-    state = payload["ema" if weights == "ema" else "models"].get("model")
+    state = payload["ema"].get("model")
     autoencoder = load_weights(AutoencoderKL(config.autoencoder), state, path, "autoencoder")
     scale = float(payload["scale_factor"])
     if not math.isfinite(scale) or scale <= 0:
