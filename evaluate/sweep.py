@@ -59,8 +59,8 @@ from classify.config import PRESETS
 from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
 from classify.stage import SPEC as CLASSIFY, check_held_out
-from core.errors import UserError
 from core.checkpoint import peek_checkpoint
+from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
@@ -72,8 +72,8 @@ from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import Schedule
 from ddpm.source import ImageSource
-from evaluate.consistency import check_pair, judge_dataset
-from evaluate.experiment import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
+from evaluate.judging import check_pair, judge_dataset
+from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
 from fid.domain import FEATURES_OPTION, ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid

@@ -16,7 +16,7 @@ from torchvision.models import resnet18
 
 import train
 from training.run import resolve_config
-from evaluate import experiment
+from evaluate import experiment, runs
 from classify.model import ClassifierConfig, build_resnet18, load_classifier
 from classify.stage import final_results
 from core.checkpoint import load_checkpoint
@@ -449,7 +449,7 @@ def test_an_interrupted_table_says_how_to_go_on_and_the_same_command_finishes_it
             "--seeds", "1", "--match-size", "--out", str(out), "--device", "cpu",
             "--", "--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0",
             "--batch-size", "6", "--test-samples", "0"]
-    run, started = experiment.run, []
+    run, started = runs.run, []
 
     def stopped_in_the_second(stage, args):
         started.append(args.run_dir)
@@ -458,7 +458,7 @@ def test_an_interrupted_table_says_how_to_go_on_and_the_same_command_finishes_it
                                  "--stage classify --resume", signal.SIGTERM)
         return run(stage, args)
 
-    monkeypatch.setattr(experiment, "run", stopped_in_the_second)
+    monkeypatch.setattr(runs, "run", stopped_in_the_second)
     with pytest.raises(RunInterrupted) as stop:
         experiment.main(argv)
     second = out / "runs" / "gen" / "seed0"
@@ -468,7 +468,7 @@ def test_an_interrupted_table_says_how_to_go_on_and_the_same_command_finishes_it
     assert not (out / "results.md").exists()
     first = out / "runs" / "real" / "seed0" / "checkpoint.pt"
     stamp = first.stat().st_mtime_ns
-    monkeypatch.setattr(experiment, "run", run)
+    monkeypatch.setattr(runs, "run", run)
     summary = experiment.main(argv)
     assert list(summary["rows"]) == ["real", "gen", "real+gen"] and first.stat().st_mtime_ns == stamp
     assert (out / "results.md").is_file()
@@ -647,7 +647,7 @@ def test_experiment_refuses_a_bad_synthetic_set_before_any_run_trains(colours, t
 
     def trains(*args, **kwargs):
         raise AssertionError("a run trained before the sets were checked")
-    monkeypatch.setattr(experiment, "run", trains)
+    monkeypatch.setattr(runs, "run", trains)
     with pytest.raises(ValueError, match=message):
         experiment.main(["--real", f"folder:{real}", "--synthetic", f"bad=folder:{bad}", "--test", f"folder:{test}",
                          "--out", str(tmp_path / "x"), "--device", "cpu", "--", "--target", "class", "--resolution",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluate import consistency
+from evaluate import consistency, judging
 from classify.model import Classifier, ClassifierConfig
 from data import load_dataset
 from data.dataset import DatasetInfo
@@ -57,7 +57,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
     model = open_source(class_ckpt, torch.device("cpu")).model
     colour_of = {"red": 0, "green": 1, "blue": 2}
     names = model.info.class_names                                  # blue, green, red
-    result = consistency.measure(model, judge(model, MeanColour([colour_of[n] for n in names]), "class", names),
+    result = judging.measure(model, judge(model, MeanColour([colour_of[n] for n in names]), "class", names),
                                  SAMPLING, per_class=2, batch_size=4)
     dominant = [("red", "green", "blue")[int(i)] for i in result["images"].mean(dim=(2, 3)).argmax(dim=1)]
     requested = [r["requested"] for r in result["rows"]]
@@ -66,7 +66,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
     assert result["report"]["agreement"] == pytest.approx(sum(a == d for a, d in zip(requested, dominant)) / 6)
     # The same judge with its outputs in another order: classes are matched by name, not position.
     shuffled = ("red", "blue", "green")
-    again = consistency.measure(model, judge(model, MeanColour([colour_of[n] for n in shuffled]), "class", shuffled),
+    again = judging.measure(model, judge(model, MeanColour([colour_of[n] for n in shuffled]), "class", shuffled),
                                 SAMPLING, per_class=2, batch_size=4)
     assert again["report"]["agreement"] == result["report"]["agreement"]
     assert torch.equal(again["images"], result["images"])           # same seeds, same images
@@ -75,7 +75,7 @@ def test_agreement_is_what_the_judge_says_of_each_image(class_ckpt):
 def test_a_judge_that_always_says_one_class_agrees_one_time_in_c(class_ckpt):
     model = open_source(class_ckpt, torch.device("cpu")).model
     names = model.info.class_names
-    report = consistency.measure(model, judge(model, Constant([5.0, 0.0, 0.0]), "class", names), SAMPLING,
+    report = judging.measure(model, judge(model, Constant([5.0, 0.0, 0.0]), "class", names), SAMPLING,
                                  per_class=3, batch_size=5)["report"]
     assert report["agreement"] == pytest.approx(1 / 3)
     assert report["per_class"] == {names[0]: 1.0, names[1]: 0.0, names[2]: 0.0}
@@ -87,7 +87,7 @@ def test_parameter_error_is_the_distance_between_requested_and_judged_values(par
     info = model.info
     # Normalised output (0, 1) is the middle of wind's range and the top of heat's.
     regressor = judge(model, Constant([0.0, 1.0]), "params", info.param_names)
-    result = consistency.measure(model, regressor, SAMPLING, num=6, batch_size=4, params=["heat=3"])
+    result = judging.measure(model, regressor, SAMPLING, num=6, batch_size=4, params=["heat=3"])
     said = info.denormalize_params(torch.tensor([[0.0, 1.0]]))[0].double()
     wanted = torch.tensor(result["report"]["requested"], dtype=torch.float64)
     assert wanted[:, 1].eq(3).all()
@@ -104,12 +104,12 @@ def test_the_slope_is_how_strongly_judged_values_follow_requested_ones(params_ck
     wanted = torch.tensor([[-1.0, 1.5], [0.0, 2.0], [0.5, 2.5], [1.0, 3.0], [-0.5, 1.0]])
     noise = torch.tensor([0.1, -0.2, 0.3, -0.1, -0.1])  # sums to 0 and is orthogonal to neither column
     predicted = torch.stack((0.5 * wanted[:, 0] + 0.2, 2 * wanted[:, 1] - 1 + noise), dim=1)
-    _, report = consistency.compare(regressor, "params", info, predicted, [{}] * 5, wanted)
+    _, report = judging.compare(regressor, "params", info, predicted, [{}] * 5, wanted)
     assert report["slope"]["wind"] == pytest.approx(0.5)
     x = wanted[:, 1].double() - wanted[:, 1].double().mean()
     assert report["slope"]["heat"] == pytest.approx(2 + float((x * noise.double()).sum() / (x * x).sum()))
     assert report["pearson_r"]["wind"] == pytest.approx(1.0)
-    _, flat = consistency.compare(regressor, "params", info, predicted, [{}] * 5, wanted[:, :1].expand(5, 2) * 0)
+    _, flat = judging.compare(regressor, "params", info, predicted, [{}] * 5, wanted[:, :1].expand(5, 2) * 0)
     assert np.isnan(flat["slope"]["wind"])
 
 
@@ -174,7 +174,7 @@ def test_a_written_set_is_judged_against_its_own_labels(tmp_path):
     dataset = load_dataset(f"folder:{folder}", 16)
     colour_of = {"red": 0, "green": 1, "blue": 2}
     names = ("red", "blue", "green")                                # the judge's own order
-    result = consistency.judge_dataset(dataset, set_judge(MeanColour([colour_of[n] for n in names]), "class", names))
+    result = judging.judge_dataset(dataset, set_judge(MeanColour([colour_of[n] for n in names]), "class", names))
     report = result["report"]
     assert report["agreement"] == pytest.approx(4 / 6)
     assert report["per_class"] == pytest.approx({"blue": 1.0, "green": 0.5, "red": 0.5})
@@ -182,7 +182,7 @@ def test_a_written_set_is_judged_against_its_own_labels(tmp_path):
     assert [r["source"] for r in result["rows"]][:3] == ["blue/0.png", "blue/1.png", "green/0.png"]
     # A regressor that always says heat = 5 (output 0 over the range 0..10) errs by |heat - 5| on average.
     regressor = set_judge(Constant([0.0]), "params", ("heat",))
-    result = consistency.judge_dataset(dataset, regressor)
+    result = judging.judge_dataset(dataset, regressor)
     heat = dataset.params[:, 0].double()
     assert result["report"]["mae"]["heat"] == pytest.approx(float((heat - 5).abs().mean()))
     assert [r["requested_heat"] for r in result["rows"]] == pytest.approx(heat.tolist())

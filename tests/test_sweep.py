@@ -99,7 +99,7 @@ def test_rerunning_redoes_nothing_finished(finished, inputs, monkeypatch, capsys
     def no(*args, **kwargs):
         raise AssertionError("redone")
     monkeypatch.setattr(sweep, "measured", no)  # (so the real row is the same 6 of the 9 real images as before)
-    monkeypatch.setattr("evaluate.experiment.run", no)
+    monkeypatch.setattr("evaluate.runs.run", no)
     monkeypatch.setattr("sampling.draw.Drawer.batch", no)
     import data.folder
     decoded, decode = [], data.folder.decode_square
