@@ -14,6 +14,7 @@ tqdm at the top, so that the first of those calls comes within milliseconds of s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -24,7 +25,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from core.errors import UserError
 
@@ -295,6 +296,29 @@ def ignore_stop_signals(worker_id: int) -> None:
     reaches every process, and a worker killed by it would add a traceback of its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread while the body starts processes (a DataLoader's workers), which
+    are born with this thread's signal mask and keep it: a stop for the job (a scheduler's SIGTERM, a Ctrl-C,
+    which reach every process of the group) is left to this process, which saves after its step.
+
+    `ignore_stop_signals` comes too late for that where the workers start anew rather than as forks of this
+    process (the "spawn" and "forkserver" start methods, the latter Python 3.14's default on Linux): a worker,
+    or the fork server that forks them (started with the first of them, and slow to start: it imports torch),
+    killed while starting made the next batch fail with "DataLoader worker exited unexpectedly", a traceback,
+    and nothing saved. This process still answers a signal that comes meanwhile (CPython runs its handlers in the
+    main thread whichever thread received it). A no-op where signal masks are not available, or off the main
+    thread."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def started_as(module: str) -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageMode
 from torch.utils.data import DataLoader, Dataset
 
-from core.cli import ignore_stop_signals
+from core.cli import ignore_stop_signals, stop_signals_held
 from core.errors import UserError
 from data.imageio import decode_image, list_images, load_image, naming_the_file, regular_file
 
@@ -206,7 +206,9 @@ class FolderBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.loader:
+        with stop_signals_held():  # the workers start here (see `core.cli.stop_signals_held`)
+            batches = iter(self.loader)
+        for batch in batches:
             if isinstance(batch, Exception):
                 raise batch
             yield batch

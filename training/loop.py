@@ -40,14 +40,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.cli import RunError, RunInterrupted, ignore_stop_signals, launched_world_size, lost_stop
+from core.cli import (RunError, RunInterrupted, ignore_stop_signals, launched_world_size, lost_stop,
+                      stop_signals_held)
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
+from core.distributed import StopAgreement, gather_across_processes, main_process_first, mean_across_processes
 from core.errors import ExistsError, UserError
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
-from core.distributed import (StopAgreement, gather_across_processes, main_process_first,
-                                  mean_across_processes)
 from training.optim import LazyAdamW
 
 
@@ -243,29 +243,6 @@ def stop_requests() -> Iterator[list[int]]:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-
-
-@contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM blocked in this thread while the body starts processes (a DataLoader's workers), which
-    are born with this thread's signal mask and keep it: a stop for the job (a scheduler's SIGTERM, a Ctrl-C,
-    which reach every process of the group) is left to this process, which saves after its step.
-
-    `ignore_stop_signals` comes too late for that where the workers start anew rather than as forks of this
-    process (the "spawn" and "forkserver" start methods, the latter Python 3.14's default on Linux): a worker,
-    or the fork server that forks them (started with the first of them, and slow to start: it imports torch),
-    killed while starting made the next batch fail with "DataLoader worker exited unexpectedly", a traceback,
-    and nothing saved. This process still answers a signal that comes meanwhile (CPython runs its handlers in the
-    main thread whichever thread received it). A no-op where signal masks are not available, or off the main
-    thread."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def rng_state() -> dict[str, Any]:
