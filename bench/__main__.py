@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from core.runtime import atomic_write
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--quick", action="store_true",
                         help="small batches, few repeats, fewer variants (default: off)")
@@ -43,12 +44,18 @@ def main(argv: list[str] | None = None) -> None:
         plan = device_and_plan(args.device, args.quick)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
+    out = Path(args.out) if args.out else default_output(plan.device)
+    try:  # a folder the table cannot be written into is found now, not after minutes of measuring
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        parser.exit(2, f"error: cannot write the table into {out.parent} ({err.strerror or err}); pass --out in a "
+                       f"folder you can write.\n")
     names = [name for name in ROWS if name in args.rows]
     rows = run(plan, names, progress=lambda line: print(line, file=sys.stderr, flush=True))
     command = "python -m bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     text = report(rows, plan, command.strip())
-    out = Path(args.out) if args.out else default_output(plan.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: f.write(text.encode()))  # a full disk leaves the table that was there
     print(text)
     print(f"written to {out} in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -93,8 +93,8 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and CPU_OUT_OF_MEMORY in str(err)):
         asked = re.search(r"allocate (\d+) bytes", str(err))
         failed = f" (an allocation of {_size(int(asked[1]))} failed)" if asked else ""
-        return (f"this machine ran out of memory{failed}; lower --batch-size (or the image size) and run again; "
-                f"files written before are intact.", 1)
+        return (f"this machine ran out of memory{failed}; ask for less (a smaller --batch-size, image or network, or "
+                f"fewer images) and run again; files written before are intact.", 1)
     if launched_world_size() > 1 and isinstance(err, RuntimeError) and any(
             sign in str(err) for sign in PEER_LOST):
         return ("another process of this torchrun job ended while this one waited for it (see the launcher's report "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap as mmap_module
 import os
+import pickle
 import struct
 import zipfile
 from pathlib import Path
@@ -74,6 +75,8 @@ def read_state_dict(path: str | os.PathLike, what: str, *, mmap: bool = False) -
                                  mmap=mmap and zipfile.is_zipfile(path))  # the legacy format cannot be mapped
     except Exception as err:  # torch raises a zoo of types for truncated, foreign or code-carrying files
         summary = " ".join(str(err).split())[:200]
+        if isinstance(err, pickle.UnpicklingError):  # (not PyTorch's advice to load it as code, which we never do)
+            summary = "it holds Python objects besides tensors, which are never loaded, or is damaged"
         raise UserError(f"Cannot read {what} file {path} as weights ({type(err).__name__}: {summary}); "
                          f"download the published file again.") from err
     if isinstance(tensors, Mapping) and isinstance(tensors.get("state_dict"), Mapping):

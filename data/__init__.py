@@ -37,6 +37,8 @@ def check_spec(spec: str, option: str = "--dataset") -> None:
         return
     folder = folder_of(spec)
     if folder is not None:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option} {spec}: {folder} is a file, not a folder; pass a directory of images.")
         if not folder.is_dir():
             raise MissingFileError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
         return
@@ -58,6 +60,11 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
                 where = "is" if output == folder else "lies inside"
                 raise UserError(f"{option} {output} {where} the image folder of {name} ({folder}), so what is "
                                 f"written there would be read as images of it; choose a {option} outside it.")
+    from data.writer import REQUEST  # (data.writer imports this package)
+    for folder in output.parents:  # a dataset this toolkit wrote, which any command may read later
+        if (folder / REQUEST).is_file() and not any(part.startswith(".") for part in output.relative_to(folder).parts):
+            raise UserError(f"{option} {output} lies inside the dataset {folder} (it holds {REQUEST}), so what is "
+                            f"written there would be read as images of that dataset; choose a {option} outside it.")
 
 
 def config_datasets(config: dict[str, Any]) -> dict[str, str]:

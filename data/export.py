@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.errors import UserError
-from core.lock import FolderLock
+from core.lock import FolderLock, check_folder_path
 from data import check_output_outside, check_spec, load_dataset
 from data.imageio import from_uint8
 from data.writer import DatasetWriter, Item, parse_binning
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.split == "test" and args.spec.startswith("folder:"):
         raise UserError("A folder has no test split; export the folder that holds your test images instead.")
     check_output_outside(args.out, "OUT", {"SPEC": args.spec})
+    check_folder_path(Path(args.cache_dir).expanduser(), "--cache-dir")
     with FolderLock(args.out):
         # The request as far as the options tell it, checked against OUT before the data is read.
         known = {"source": args.spec, "split": args.split, "num_samples": args.num_samples,

@@ -49,6 +49,10 @@ def batch_condition(kind: str, info: DatasetInfo, batch: Any) -> torch.Tensor | 
     return None
 
 
+# The most columns of a grid that sweeps or interpolates a condition (--sweep's N, --frames): 256 images of 64 px
+# make a picture 16,000 px wide already.
+MAX_COLUMNS = 256
+
 # Parameter k's sweep in a preview grid starts 3k images later, so that the parameters do not rise in lockstep.
 PREVIEW_PARAM_OFFSET = 3
 
@@ -183,8 +187,9 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions, *, 
         start, stop, count = float(start), float(stop), int(count)
     except ValueError:
         raise UserError(f"--sweep {spec!r}: START and STOP must be numbers and N a whole number.") from None
-    if count < 2 or not (math.isfinite(start) and math.isfinite(stop)):
-        raise UserError(f"--sweep {spec!r}: give finite START and STOP and N of at least 2.")
+    if count < 2 or count > MAX_COLUMNS or not (math.isfinite(start) and math.isfinite(stop)):
+        raise UserError(f"--sweep {spec!r}: give finite START and STOP and N from 2 to {MAX_COLUMNS} (the columns of "
+                        f"one grid).")
     fixed = [item for item in params if item.partition("=")[0] == name]
     if fixed:
         raise UserError(f"--sweep {spec} sets {name} in each column, so --param {fixed[0]} would be ignored; drop "

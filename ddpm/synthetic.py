@@ -12,9 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from core.errors import UserError
 from data.writer import Binning, Item
 from ddpm.conditioning import Conditions, parse_class, requested
 from ddpm.generate import DiffusionSampler, image_seed
+
+
+# The most images one command plans: a plan holds every image's seed and condition in memory (about a kilobyte
+# each), so two billion would take the machine's memory before the first image is drawn.
+MAX_IMAGES = 10_000_000
+
+
+def check_image_count(count: int, option: str) -> None:
+    """Refuse a request for more than `MAX_IMAGES` images (`option` asked for them) before anything is planned."""
+    if count > MAX_IMAGES:
+        raise UserError(f"{option} asks for {count:,} images, more than the {MAX_IMAGES:,} one command draws; ask for "
+                        f"fewer (a dataset grows by rerunning its command with a larger count).")
 
 
 @dataclass
@@ -33,12 +46,14 @@ def plan_dataset(model: DiffusionSampler, seed: int, *, per_class: int | None = 
     kind, info = model.net.config.cond, model.info
     if kind == "class":
         classes = len(info.class_names)
+        check_image_count(per_class * classes, "--per-class")
         only = None if label is None else parse_class(label, info)
         indices = [k for k in range(per_class * classes) if only is None or k % classes == only]
         conditions = (lambda idx: requested(kind, info, list(idx), seed))   # class k mod C
         items = [Item(k, r["class"], record={"seed": image_seed(seed, k), **r})
                  for k, r in zip(indices, conditions(indices).records)]
         return DatasetPlan(items, conditions)
+    check_image_count(num, "--num")
     indices = list(range(num))
     conditions = (lambda idx: requested(kind, info, list(idx), seed, params=params))
     items = []

@@ -48,7 +48,7 @@ from core.lock import FolderLock, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_output_outside, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
-from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
+from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, check_seed_count, requested_config, train_plan
 from training.run import parse_stage_args, with_options
 
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
+    check_seed_count(args.seeds, "--seeds")
     if args.synthetic_multiple is not None and not 0 < args.synthetic_multiple < float("inf"):
         raise UserError(f"--synthetic-multiple must be a positive number, got {args.synthetic_multiple:g}.")
     if args.fine_tune_lr is not None and not (args.fine_tune and 0 < args.fine_tune_lr < float("inf")):

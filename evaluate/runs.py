@@ -25,6 +25,8 @@ from training.run import option_strings, parse_stage_args, run, with_options
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
                   "--num-samples", "--extra-samples", "--device", "--preset", "--init-from")
+# The most seeds (runs per row) a table or a sweep trains: each is a classifier run of its own.
+MAX_SEEDS = 1000
 MIXED_ONLY = "--extra-fraction"  # an option after -- that only the mixed rows' runs take
 # The config fields that name a run's datasets, each set by one of the experiment's own options.
 DATASETS = ("data.dataset", "classify.extra_dataset", "data.test_dataset")
@@ -45,6 +47,12 @@ class Row:
     named_by: str = ""       # what messages call its synthetic set, when no --synthetic option names it (the
                              # sweep's own sets); such a set cannot take another row name
     pretrained_on: str = ""  # fine-tuned rows: the row whose run of the same seed gives the starting weights
+
+
+def check_seed_count(seeds: int, option: str) -> None:
+    """Refuse more than `MAX_SEEDS` runs per row (`option` asked for them) before anything is planned."""
+    if seeds > MAX_SEEDS:
+        raise UserError(f"{option} must be at most {MAX_SEEDS} (each seed trains a classifier per row), got {seeds}.")
 
 
 def check_passed(passed: list[str], mixed: bool) -> None:

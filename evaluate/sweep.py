@@ -72,8 +72,9 @@ from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import Schedule
 from ddpm.source import ImageSource
+from ddpm.synthetic import check_image_count
 from evaluate.judging import check_pair, judge_dataset
-from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, requested_config, train_plan
+from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, check_seed_count, requested_config, train_plan
 from fid.domain import FEATURES_OPTION, ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid
@@ -186,6 +187,11 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
                           ("--write-per-class", args.write_per_class)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
+    for option, value in (("--num", args.num), ("--per-class", args.per_class), ("--write-num", args.write_num),
+                          ("--write-per-class", args.write_per_class)):
+        if value is not None:
+            check_image_count(value, option)
+    check_seed_count(args.train_seeds, "--train-seeds")
     bad = [g for g in args.guidance or () if not math.isfinite(g)]
     if bad:  # (SamplingConfig would name sample.py's --guidance-scale)
         raise UserError(f"--guidance takes finite scales, got {bad[0]}.")

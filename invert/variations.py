@@ -34,7 +34,7 @@ from data.writer import Item
 from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
 from ddpm.source import ImageSource
-from ddpm.synthetic import DatasetPlan
+from ddpm.synthetic import DatasetPlan, check_image_count
 from invert.frozen import load_frozen
 
 REFERENCES = ("mean", "null")
@@ -107,6 +107,7 @@ class Inverted:
     def plan(self, per_image: int, seed: int, variations: Variations) -> DatasetPlan:
         """`per_image` images of every source image, labelled with its class (a flat set without classes);
         parameters are the source's, interpolated with the same weight as the vectors."""
+        check_image_count(per_image * len(self.vectors), "--per-image")
         indices = list(range(per_image * len(self.vectors)))
         conditions = (lambda idx: self.conditions(list(idx), seed, variations))
         items = []

@@ -24,10 +24,12 @@ from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtyp
 from core.speed import check_compile, check_cuda_graphs, speed_up
 from data import check_output_outside
 from data.writer import IMAGE_FILE, REQUEST
+from ddpm.conditioning import MAX_COLUMNS
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
-from sampling.draw import Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset
 from ddpm.source import ImageSource
+from ddpm.synthetic import check_image_count
+from sampling.draw import Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset
 
 # Options that only mean something with another one: parsed as None, so giving them alone can be refused.
 OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
@@ -55,6 +57,11 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--per-image", args.per_image, 1)):
         if value is not None and value < low:
             raise UserError(f"{name} must be at least {low}, got {value}.")
+    for name, value in (("--num", args.num), ("--per-class", args.per_class), ("--per-image", args.per_image)):
+        if value is not None:
+            check_image_count(value, name)  # (the classes or source images multiply a count later: checked again)
+    if args.frames is not None and args.frames > MAX_COLUMNS:
+        raise UserError(f"--frames must be at most {MAX_COLUMNS} (the columns of one grid), got {args.frames}.")
     for option, needs in (("interpolate_to", "interpolate"), ("frames", "interpolate"), ("gif_images", "gif"),
                           ("gif_frames", "gif")):
         if getattr(args, option) and not getattr(args, needs):

@@ -219,6 +219,14 @@ def test_the_table_file_is_checked_before_measuring_and_written_whole(tmp_path, 
                                                                                                      "table.md"]
     command.main(["--out", str(table), "--rows", "kernels", "--quick", "--device", "cpu"])
     assert table.read_text() == "| the table |\n"
+    measured.clear()
+
+    def unwritable(*args, **kwargs):  # a read-only folder (root writes through chmod: refused here instead)
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr("tempfile.TemporaryFile", unwritable)
+    with pytest.raises(SystemExit):
+        command.main(["--out", str(table), "--rows", "kernels", "--quick", "--device", "cpu"])
+    assert "cannot write the table into" in capsys.readouterr().err and not measured
 
 
 def test_the_stop_agreement_bench_prints_a_row_per_kind_of_step(capsys):

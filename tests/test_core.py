@@ -427,8 +427,10 @@ def test_weight_files_load_as_data_in_every_published_form(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"w": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="Cannot read test file"):
+    with pytest.raises(ValueError, match="Cannot read test file") as refused:
         read_state_dict(tmp_path / "evil.pt", "test")  # a pickle that would run code is refused, not run
+    # ... in our words: PyTorch's own message advises loading it with weights_only=False, as code.
+    assert "holds Python objects besides tensors" in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 def test_check_state_dict_names_what_is_wrong():

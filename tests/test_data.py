@@ -1110,3 +1110,13 @@ def test_more_plumes_than_the_memory_holds_are_refused_before_any_is_simulated(t
     monkeypatch.undo()
     monkeypatch.setattr("core.runtime.device_memory", lambda device: 5 * 3 * 32 * 32)
     assert len(plumes.load_plumes(32, tmp_path, num_samples=5)) == 5  # a set that fits is made
+
+
+def test_a_file_given_as_a_folder_is_called_a_file(tmp_path):
+    from data import check_spec
+    (tmp_path / "image.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"image.png is a file, not a folder; pass a directory of images"):
+        check_spec(f"folder:{tmp_path / 'image.png'}", "--dataset")
+    with pytest.raises(FileNotFoundError, match=r"the folder \S*absent does not exist"):
+        check_spec(f"folder:{tmp_path / 'absent'}", "--dataset")
+    check_spec(f"folder:{tmp_path}", "--dataset")

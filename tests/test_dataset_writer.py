@@ -252,6 +252,19 @@ def test_nothing_is_written_inside_the_models_own_training_images(class_ckpt):
     assert sorted(real.rglob("*")) == before
 
 
+def test_nothing_is_written_inside_a_dataset_of_ours(class_ckpt, tmp_path):
+    # A folder inside a written dataset would be read as one more class of it by every later command.
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "1")
+    before = sorted(out.rglob("*"))
+    with pytest.raises(ValueError, match=r"--dataset-out .* lies inside the dataset .*set \(it holds dataset.json\)"):
+        write(class_ckpt, out / "more", "--per-class", "1")
+    with pytest.raises(ValueError, match=r"OUT .* lies inside the dataset"):
+        export.main(["plumes", str(out / "blue" / "real"), "--num-samples", "4", "--resolution", str(RES)])
+    assert sorted(out.rglob("*")) == before
+    write(class_ckpt, out / ".hidden" / "set", "--per-class", "1")  # hidden folders are never read as images
+    assert load_dataset(f"folder:{out}", RES).info.class_names == ("blue", "green", "red")
+
+
 def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
     for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty"),
                           ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data"),

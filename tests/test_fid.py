@@ -1117,7 +1117,8 @@ def test_cli_errors_are_one_sentence_with_exit_status_1(case, match, tmp_path, c
     ("KID subset size 0", r"--kid-subset-size is 0 but KID's unbiased estimate needs subsets of at least 2 images; "
                           r"pass 2 or more"),
     ("KID subset size 1, KID skipped", r"--kid-subset-size is 1 but .* at least 2 images"),
-    ("no KID subsets", r"--kid-subsets is 0 but must be at least 1; pass 1 or more"),
+    ("no KID subsets", r"--kid-subsets is 0 but must be from 1 to 100,000"),
+    ("two billion KID subsets", r"--kid-subsets is 2000000000 but must be from 1 to 100,000"),
     ("statistics name without .npz", r"Statistics files are \.npz files but \S*statsnoext does not end in \.npz; "
                                      r"name it \S*out/statsnoext\.npz\.$"),
     ("statistics name in upper case", r"\S*s\.NPZ does not end in \.npz; name it \S*out/s\.npz\.$"),
@@ -1142,6 +1143,7 @@ def test_cli_refuses_bad_input_before_building_the_network_or_writing(case, matc
         "KID subset size 0": [a, a, *options, "--kid-subset-size", "0"],
         "KID subset size 1, KID skipped": [a, a, *options, "--kid-subset-size", "1", "--no-kid"],
         "no KID subsets": [a, a, *options, "--kid-subsets", "0"],
+        "two billion KID subsets": [a, a, *options, "--kid-subsets", "2000000000"],
         "statistics name without .npz": ["--save-stats", a, str(out / "statsnoext"), *options],
         "statistics name in upper case": ["--save-stats", a, str(out / "s.NPZ"), *options],
         "statistics file that exists": ["--save-stats", a, str(tmp_path / "kept.npz"), *options],

@@ -135,7 +135,7 @@ def test_every_option_an_error_suggests_belongs_to_a_command_that_can_raise_it()
     errors, wrong = user_errors(), []
     for name, path in sorted(modules().items()):
         commands = [c for c in COMMANDS if name in reached_from(c)]
-        if set(commands) <= TRAINING and name not in {COMMANDS[c] for c in TRAINING} and commands:
+        if set(commands) <= TRAINING and "train.py" in commands and name not in {COMMANDS[c] for c in TRAINING}:
             commands = ["train.py"]  # run only by training: the options of train.py alone
         allowed = set().union(*(options(c) for c in commands or COMMANDS))
         for line, text in messages(path, errors):
@@ -300,9 +300,9 @@ def test_running_out_of_cpu_memory_is_one_sentence_that_names_the_batch_size():
         np.empty(2 ** 60, dtype=np.uint8)
     message, code = cli.explain(from_torch.value)
     assert code == 1 and "ran out of memory (an allocation of 1073741824.0 GiB failed)" in message
-    assert "lower --batch-size" in message and "\n" not in message
+    assert "a smaller --batch-size" in message and "\n" not in message
     message, code = cli.explain(from_numpy.value)
-    assert code == 1 and message.startswith("this machine ran out of memory; lower --batch-size")
+    assert code == 1 and message.startswith("this machine ran out of memory; ask for less (a smaller --batch-size")
     small = RuntimeError(f"{cli.CPU_OUT_OF_MEMORY}: you tried to allocate 25165824 bytes. Error code 12")
     assert "(an allocation of 24 MiB failed)" in cli.explain(small)[0]
     assert cli.explain(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug keeps its traceback

@@ -176,7 +176,7 @@ def test_the_judging_tools_refuse_a_drawing_batch_larger_than_the_machine(tmp_pa
 
     def drawing(*args, **kwargs):
         raise AssertionError("drawing began")
-    monkeypatch.setattr(f"evaluate.{command}.Drawer", drawing)
+    monkeypatch.setattr(f"evaluate.{'judging' if command == 'consistency' else command}.Drawer", drawing)
     monkeypatch.setattr("core.runtime.device_memory", lambda device: 2**20)  # 341 3x16x16 fp32 images fill it
     judge = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
     out = tmp_path / "out"
@@ -191,6 +191,72 @@ def test_the_judging_tools_refuse_a_drawing_batch_larger_than_the_machine(tmp_pa
     assert told.endswith("memory this machine has; give a smaller --batch-size.") and not out.exists()
     with pytest.raises(AssertionError, match="drawing began"):  # 300 images per set: no batch holds more
         main([*base, "--batch-size", "400", "--per-class", "100"])
+
+
+HUGE = "2000000000"
+ABSURD_COUNTS = [
+    ("sample", ["--num", HUGE], r"--num asks for 2,000,000,000 images, more than the 10,000,000 one command draws"),
+    ("sample", ["--dataset-out", "{out}", "--per-class", "4000000"],  # 3 classes: 12 million images
+     r"--per-class asks for 12,000,000 images"),
+    ("sample", ["--interpolate", "--frames", "100000"], r"--frames must be at most 256"),
+    ("sweep", ["--per-class", HUGE], r"--per-class asks for 2,000,000,000 images"),
+    ("sweep", ["--train", "--train-seeds", HUGE], r"--train-seeds must be at most 1000"),
+    ("experiment", ["--seeds", HUGE], r"--seeds must be at most 1000"),
+]
+
+
+@pytest.mark.parametrize("command, extra, message", ABSURD_COUNTS, ids=[" ".join(c[1][:2]) for c in ABSURD_COUNTS])
+def test_absurd_counts_are_refused_before_anything_is_planned_or_written(tmp_path, class_ckpt, capsys, command, extra,
+                                                                       message):
+    """Two billion images were planned in memory until the machine killed the process, with no word (or a
+    sweep wrote its size first, and then refused the corrected command); two billion seeds planned for ever."""
+    import sample
+    from evaluate import experiment, sweep
+    from helpers import colour_folder
+    out = tmp_path / "out"
+    extra = [a.format(out=out) for a in extra]
+    real, test = (f"folder:{colour_folder(tmp_path / name, 1, seed=seed)}" for name, seed in (("real", 0), ("test", 1)))
+    entry, args = {
+        "sample": (sample.main, ["--ckpt", str(class_ckpt), "--device", "cpu", "--steps", "2"]
+                   + ([] if "--dataset-out" in extra else ["--out", str(out)])),
+        "sweep": (sweep.main, ["--ckpt", str(class_ckpt), "--judge", str(class_ckpt), "--real", real, "--test", test,
+                               "--out", str(out), "--device", "cpu"]),
+        "experiment": (experiment.main, ["--real", real, "--synthetic", f"s={test}", "--test", test, "--out",
+                                         str(out)]),
+    }[command]
+    assert cli.run(entry, [*args, *extra]) == 1
+    assert re.search(message, the_error(capsys.readouterr().err))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_cache_dir_at_or_under_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    # It was a FileExistsError traceback, after the run folder was locked and the plumes simulated.
+    from data import export
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    out = tmp_path / "out"
+    entry, args = {
+        "train": (train.main, ["--stage", "ddpm", "--dataset", "plumes", "--steps", "1", "--run-dir", str(out)]),
+        "export": (export.main, ["plumes", str(out), "--num-samples", "4", "--resolution", str(RES)]),
+    }[command]
+    for cache in (file, file / "datasets"):
+        assert cli.run(entry, [*args, "--cache-dir", str(cache)]) == 1
+        told = the_error(capsys.readouterr().err)
+        assert told == f"error: --cache-dir {cache} lies at or under the file {file}, not a folder; choose a folder."
+        assert not out.exists()
+
+
+def test_a_sweep_of_a_condition_takes_at_most_a_grid_of_columns(params_ckpt):
+    from core.errors import UserError
+    from ddpm.conditioning import MAX_COLUMNS, requested, sweep_columns
+    from stages import open_source
+    info = open_source(params_ckpt, CPU, "ema").model.info
+    base = requested("params", info, [0], seed=0)
+    name = info.param_names[0]
+    assert len(sweep_columns(f"{name}=-1:1:{MAX_COLUMNS}", "params", info, base)[0]) == MAX_COLUMNS
+    with pytest.raises(UserError, match=f"N from 2 to {MAX_COLUMNS}"):
+        sweep_columns(f"{name}=-1:1:100000", "params", info, base)
 
 
 def test_compile_on_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):

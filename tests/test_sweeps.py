@@ -103,7 +103,8 @@ def test_class_interpolation_runs_through_the_embeddings_and_bad_requests_are_re
 def test_bad_parameter_sweeps_are_refused_before_any_image(params_run, tmp_path):
     ckpt = params_run / "checkpoint.pt"
     for spec, message in (("wind", "NAME=START:STOP:N"), ("wind=0:1", "NAME=START:STOP:N"),
-                          ("wind=a:1:3", "must be numbers"), ("wind=0:1:1", "N of at least 2"),
+                          ("wind=a:1:3", "must be numbers"), ("wind=0:1:1", "N from 2 to 256"),
+                          ("wind=0:1:100000", "N from 2 to 256"),
                           ("rain=0:1:3", "NAME=START:STOP:N")):
         with pytest.raises(ValueError, match=message):
             draw(ckpt, tmp_path / "never", "--sweep", spec)
