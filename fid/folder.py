@@ -208,10 +208,15 @@ class FolderBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         with stop_signals_held():  # the workers start here (see `core.cli.stop_signals_held`)
             batches = iter(self.loader)
-        for batch in batches:
-            if isinstance(batch, Exception):
-                raise batch
-            yield batch
+        try:
+            for batch in batches:
+                if isinstance(batch, Exception):
+                    raise batch
+                yield batch
+        finally:
+            # The workers stop when their iterator goes. A traceback keeps this frame, and a name in it would keep
+            # them running (they ignore SIGTERM), so that Python's exit, which joins them, would wait for ever.
+            del batches
 
 
 class _ErrorsAsItems(Dataset):

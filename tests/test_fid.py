@@ -941,6 +941,33 @@ def test_unreadable_file_is_one_sentence_also_from_a_worker_process(extractor, t
     assert re.fullmatch(r"Cannot read image \S*b\.png \([^\n]*\); remove or replace the file\.", message), message
 
 
+KEPT_TRACEBACK = """
+import sys
+from PIL import Image
+from fid.folder import FolderBatches, ImageFolder
+Image.new("RGB", (8, 8)).save(sys.argv[1] + "/a.png")
+open(sys.argv[1] + "/b.png", "wb").write(b"not a png")
+try:
+    for batch in FolderBatches(ImageFolder(sys.argv[1]), batch_size=1, num_workers=1):
+        pass
+except ValueError as err:
+    kept = err  # as an interactive session keeps sys.last_traceback
+print("refused")
+"""
+
+
+def test_a_failed_folder_read_lets_python_exit_while_its_traceback_is_kept(tmp_path):
+    # The loader's iterator was a name in the generator's frame, which the traceback kept: its worker (which ignores
+    # SIGTERM) ran on, and Python's exit waited for it for ever.
+    script = tmp_path / "script.py"
+    script.write_text(KEPT_TRACEBACK)
+    (tmp_path / "images").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(fid.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "images")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 

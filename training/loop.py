@@ -598,13 +598,18 @@ class Trainer:
         with stop_requests() as received, contextlib.closing(self.progress):
             with stop_signals_held():  # the loader's worker processes start here: see `stop_signals_held`
                 batches = iter(self._batches()) if len(steps) else iter(())
-            for step, batch in zip(steps, batches):
-                self.window.add(*self._step(step, batch, generator))
-                self.progress.update(1)
-                saved = self._after_step(step + 1)
-                signum = stops.after_step(received, last=step + 1 == cfg.steps)
-                if signum is not None and step + 1 < cfg.steps:
-                    self._stop(step + 1, signum, saved)
+            try:
+                for step, batch in zip(steps, batches):
+                    self.window.add(*self._step(step, batch, generator))
+                    self.progress.update(1)
+                    saved = self._after_step(step + 1)
+                    signum = stops.after_step(received, last=step + 1 == cfg.steps)
+                    if signum is not None and step + 1 < cfg.steps:
+                        self._stop(step + 1, signum, saved)
+            finally:
+                # The workers stop when their iterator goes: not kept alive by a traceback that keeps this frame
+                # (they ignore SIGTERM, so Python's exit, which joins them, would wait for ever).
+                del batches
 
         final = None
         if runtime.is_main:
