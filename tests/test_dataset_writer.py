@@ -181,14 +181,16 @@ def test_a_class_by_name_or_index_and_a_value_however_written_are_one_request(cl
     assert len(list((tmp_path / "red").rglob("*.png"))) == 3 and len(list(out.rglob("*.png"))) == 3
 
 
-def test_a_batch_is_checked_for_memory_at_the_images_it_holds(class_ckpt, tmp_path):
+def test_a_batch_is_checked_for_memory_at_the_images_it_holds(class_ckpt, tmp_path, monkeypatch):
     """A batch never holds more than the images drawn: a --batch-size beyond any memory is harmless for a set of
     3 (as for --num 3), and refused where that many images are drawn."""
     huge = str(2 * 10 ** 9)
     out = write(class_ckpt, tmp_path / "set", "--per-class", "1", "--batch-size", huge)
     assert len(list(out.rglob("*.png"))) == 3
-    with pytest.raises(ValueError, match=rf"^--batch-size {huge} asks for 16x16 images whose pixels alone take"):
-        sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--num", huge,
+    monkeypatch.setattr("core.runtime.device_memory", lambda device: 2**30)  # 1 GiB: 349,525 16x16 images
+    many = str(10 ** 6)
+    with pytest.raises(ValueError, match=rf"^--batch-size {many} asks for 16x16 images whose pixels alone take"):
+        sample.main(["--ckpt", str(class_ckpt), "--out", str(tmp_path / "out"), "--device", "cpu", "--num", many,
                      "--batch-size", huge])
     assert not (tmp_path / "out").exists()
 
