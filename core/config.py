@@ -15,13 +15,11 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 from core.checkpoint import describe
 from core.cli import int_option
 from core.errors import UserError
-from core.lock import check_folder_path
 from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")  # see training.loop.lr_factor
@@ -61,7 +59,6 @@ class DataConfig:
         require(self.num_samples >= 0, f"--num-samples must be 0 (all) or positive, got {self.num_samples}.")
         require(self.num_workers >= 0, f"--num-workers must be 0 or positive, got {self.num_workers}.")
         require(self.cache_dir.strip() != "", "--cache-dir is empty; give a folder (default .cache/datasets).")
-        check_folder_path(Path(self.cache_dir).expanduser(), "--cache-dir")
         require(self.test_samples >= 0, f"--test-samples must be 0 (all) or positive, got {self.test_samples}.")
 
 

@@ -25,7 +25,7 @@ from core import cli
 from core.checkpoint import load_checkpoint, require_keys
 from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
 from core.contract import RESUMABLE, StageSpec
-from core.lock import FolderLock, check_own_folder
+from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import Runtime, check_batch_fits, check_num_workers
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
@@ -158,6 +158,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         check_steps_ahead(run_dir, saved["step"], config.train.steps)
         check_schedule_kept(saved["step"], saved_train, config.train)
     check_spec(config.data.dataset)
+    check_folder_path(Path(config.data.cache_dir).expanduser(), "--cache-dir")  # (this machine's, not the config's)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
     if spec.check is not None:
