@@ -31,6 +31,7 @@ from pathlib import Path
 from core.config import add_config_arguments
 from core.runtime import AMP_HELP, KERNELS_HELP
 from ddpm.config import SamplingConfig
+from data.writer import MAX_BINS, binning_option
 from sampling.command import add_drawing_options, latest_checkpoint, run
 from stages import GENERATIVE, open_source
 
@@ -73,9 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --dataset-out, images per class of a class-conditional model (default: 100)")
     parser.add_argument("--per-image", type=cli.int_option, default=None,
                         help="with --dataset-out and an inversion checkpoint, images per inverted image (default: 1)")
-    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
-                        help="with --dataset-out for a parameter model: class folders from K equal bins of parameter "
-                             "NAME over [LOW, HIGH] or its training range (default: one flat folder)")
+    parser.add_argument("--classes", type=binning_option, default=None, metavar="NAME:K[:LOW:HIGH]",
+                        help=f"with --dataset-out for a parameter model: class folders from K equal bins (2 to "
+                             f"{MAX_BINS}) of parameter NAME over [LOW, HIGH] or its training range (default: one flat "
+                             f"folder)")
     parser.add_argument("--gif", action="store_true", help="also write reverse.gif of the first batch's reverse process (default: off)")
     parser.add_argument("--gif-images", type=cli.int_option, default=None,
                         help="images shown in the GIF, the first ones of the first batch (so at most --batch-size) "

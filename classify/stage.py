@@ -25,16 +25,17 @@ from torch import Tensor
 from classify.config import MODEL_FROM_DATA, PRESETS, TRAIN_UNUSED, ClassifyConfig
 from classify.model import NAME, build_resnet18, small_stem
 from classify.plots import confusion_matrix_image
-from core.checkpoint import checkpoint_stage, load_checkpoint, load_weights, require_keys, state_fingerprint
+from core.checkpoint import load_checkpoint, load_weights, require_keys, state_fingerprint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import UserError, warn_once
-from core.runtime import Runtime, read_metrics
-from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, folder_of, label_counts,
-                  load_dataset, load_test_set, shared_images)
+from core.runtime import Runtime, check_fits_memory, read_metrics
+from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, dataset_size,
+                  folder_classes, folder_of, label_counts, load_dataset, load_test_set, shared_images)
 from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import LUMA, param_ranges
 from data.imageio import from_uint8
+from data.plumes import PARAM_NAMES as PLUME_PARAMETERS
 
 EVAL_BATCH = 256
 
@@ -99,8 +100,14 @@ def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any],
     _check_targets(real.info.name, len(real.info.class_names), bool(real.info.param_names), target)
     if not options.extra_dataset:
         return real, real.description(), None
-    extra = load_dataset(options.extra_dataset, data.resolution, cache_dir=data.cache_dir,
-                         num_samples=options.extra_samples or None, channels=real.info.channels)
+    try:
+        extra = load_dataset(options.extra_dataset, data.resolution, cache_dir=data.cache_dir,
+                             num_samples=options.extra_samples or None, channels=real.info.channels)
+    except UserError as err:  # the loaders name the count of --dataset, whose option they take it for
+        reworded = str(err).replace("--num-samples", "--extra-samples")
+        if reworded == str(err):
+            raise
+        raise UserError(reworded) from None
     same_targets(real.info, extra.info, "--extra-dataset", target)
     union = concatenate(real, extra)
     described = {**union.description(), "parts": [real.description(), extra.description()]}
@@ -225,32 +232,9 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo, 
     convolution adapted (`adapt_first_conv`), as pretrained networks usually are.
     """
     path = Path(config.classify.init_from)
-    payload = load_checkpoint(path, NAME, option=INIT_OPTION)
-    require_keys(payload, ("config", "data_info", "models"), path, option=INIT_OPTION)
-    theirs = from_dict(ClassifyConfig, payload["config"], source=path)
-    their_info = DatasetInfo.from_dict(payload["data_info"])
-
-    def labels(of: DatasetInfo, target: str) -> str:
-        names = of.class_names if target == "class" else of.param_names
-        return f"{'classes' if target == 'class' else 'parameters'} {', '.join(names) or 'none'}"
-
-    def stem(model, resolution: int) -> str:
-        return f"the {'small' if small_stem(model, resolution) else 'imagenet'} stem"
-
-    def require_same(pairs: list[tuple[str, str]], advice: str) -> None:
-        for was, now in pairs:
-            if was != now:
-                raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
-                                f"data and options that match it, or {advice}.")
-
+    payload, theirs, their_info = read_init_from(path)
+    check_init_fits(path, theirs, their_info, config, info.resolution, label_names(info, config.model.target))
     new_head = config.classify.new_head
-    require_same([(f"{their_info.resolution} px images", f"{info.resolution} px images"),
-                  (stem(theirs.model, their_info.resolution), stem(config.model, info.resolution))],
-                 "train from random weights")
-    if not new_head:  # the output layer is copied too, so it must predict what this run trains
-        require_same([(f"--target {theirs.model.target}", f"--target {config.model.target}"),
-                      (labels(their_info, theirs.model.target), labels(info, config.model.target))],
-                     "add --new-head to train a new output layer on the copied trunk, or train from random weights")
     source = payload["models"].get(MAIN)
     start = source
     if new_head and isinstance(source, dict):
@@ -266,6 +250,63 @@ def start_from(net: torch.nn.Module, config: ClassifyConfig, info: DatasetInfo, 
     load_weights(net, start, path, "ResNet-18", option=INIT_OPTION)
     record = {"path": str(path), "fingerprint": state_fingerprint(source)}
     return {**record, "new_head": True} if new_head else record
+
+
+def read_init_from(path: Path) -> tuple[dict[str, Any], ClassifyConfig, DatasetInfo]:
+    """The classify checkpoint at `path` (--init-from), its config and the description of the data it trained on;
+    one sentence naming the file where it is missing, of another stage, incomplete or damaged."""
+    payload = load_checkpoint(path, NAME, option=INIT_OPTION)
+    require_keys(payload, ("config", "data_info", "models"), path, option=INIT_OPTION)
+    config = from_dict(ClassifyConfig, payload["config"], source=path)
+    return payload, config, DatasetInfo.from_dict(payload["data_info"])
+
+
+def label_names(info: DatasetInfo, target: str) -> tuple[str, ...]:
+    """What a network trained on `info` for `target` predicts: its classes, or its parameters."""
+    return info.class_names if target == "class" else info.param_names
+
+
+def check_init_fits(path: Path, theirs: ClassifyConfig, their_info: DatasetInfo, config: ClassifyConfig,
+                    resolution: int, labels: tuple[str, ...] | None) -> None:
+    """Refuse the --init-from network at `path` (trained as `theirs` on `their_info`) for this run (`config`, on images
+    of `resolution` px): it must read images of the same size through the same stem and, unless --new-head gives
+    this run an output layer of its own, predict the same target and `labels` (this run's classes or parameters;
+    None where they are not known before the data is loaded)."""
+    def stem(model: Any, size: int) -> str:
+        return f"the {'small' if small_stem(model, size) else 'imagenet'} stem"
+
+    def predicts(target: str, names: tuple[str, ...]) -> str:
+        return f"{'classes' if target == 'class' else 'parameters'} {', '.join(names) or 'none'}"
+
+    def require_same(pairs: list[tuple[str, str]], advice: str) -> None:
+        for was, now in pairs:
+            if was != now:
+                raise UserError(f"{INIT_OPTION} {path} was trained with {was}, and this run has {now}; fine-tune on "
+                                f"data and options that match it, or {advice}.")
+
+    require_same([(f"{their_info.resolution} px images", f"{resolution} px images"),
+                  (stem(theirs.model, their_info.resolution), stem(config.model, resolution))],
+                 "train from random weights")
+    if config.classify.new_head:
+        return
+    # The output layer is copied too, so it must predict what this run trains.
+    theirs_to, ours_to = theirs.model.target, config.model.target
+    pairs = [(f"--target {theirs_to}", f"--target {ours_to}")]
+    if labels is not None:
+        pairs.append((predicts(theirs_to, label_names(their_info, theirs_to)), predicts(ours_to, labels)))
+    require_same(pairs, "add --new-head to train a new output layer on the copied trunk, or train from random weights")
+
+
+def labels_before_loading(config: ClassifyConfig) -> tuple[str, ...] | None:
+    """The classes or parameters the training data will have, where they are known without decoding an image: a
+    folder's classes (by listing it), the plumes' parameters; None for the rest (a CIFAR-10 not yet downloaded,
+    a params.csv not yet read), which `start_from` checks once the data is loaded."""
+    spec, target = config.data.dataset, config.model.target
+    if target == "class" and folder_of(spec) is not None:
+        return folder_classes(spec)
+    if target == "params" and spec == "plumes":
+        return PLUME_PARAMETERS
+    return None
 
 
 FIRST_CONV = "conv1.weight"  # the stem's convolution (torchvision's name), the one layer that sees the channels
@@ -326,13 +367,14 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
     return config, stage
 
 
-def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
+def check(config: ClassifyConfig, resume_from: dict | None = None, device: torch.device | None = None) -> None:
     """Options that must agree with each other, and datasets that must exist, before any work (the same for
     a new run and a resumed one, `resume_from`, except --init-from: a resumed run no longer reads it)."""
     options = config.classify
     _check_targets(config.data.dataset, *label_counts(config.data.dataset), config.model.target)
     if options.extra_dataset:
         check_spec(options.extra_dataset, "--extra-dataset")
+        check_extra_samples(options.extra_dataset, options.extra_samples, config.data.resolution)
     elif options.extra_fraction != -1 or options.extra_samples:
         raise UserError("--extra-fraction and --extra-samples need --extra-dataset; add it or drop them.")
     if config.data.test_dataset:
@@ -343,12 +385,30 @@ def check(config: ClassifyConfig, resume_from: dict | None = None) -> None:
     if options.new_head and not options.init_from:
         raise UserError("--new-head replaces the output layer of the --init-from network; add --init-from CKPT, or "
                         "drop --new-head.")
-    if options.init_from and resume_from is None and checkpoint_stage(options.init_from) != NAME:
-        load_checkpoint(options.init_from, NAME, option=INIT_OPTION)  # says why not: missing, unreadable, other stage
+    if options.init_from and resume_from is None:  # all `start_from` checks that need no data, before it is read
+        path = Path(options.init_from)
+        _, theirs, their_info = read_init_from(path)
+        check_init_fits(path, theirs, their_info, config, config.data.resolution, labels_before_loading(config))
     count = round(options.extra_fraction * config.train.batch_size)
     if options.extra_fraction > 0 and count == 0:
         raise UserError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "
                         f"less than one image; raise either.")
+
+
+def check_extra_samples(spec: str, count: int, resolution: int) -> None:
+    """Refuse an --extra-samples that --extra-dataset `spec` cannot give, where that is known without decoding an
+    image: more than a folder holds (it is listed), or more plumes than memory holds (they are simulated to order)."""
+    if not count:
+        return
+    if folder_of(spec) is not None:
+        total = dataset_size(spec)
+        if count > total:
+            raise UserError(f"--extra-samples {count} asks for more images than the {total} of --extra-dataset "
+                            f"{spec}; pass at most {total}, or 0 for all of them.")
+    elif spec == "plumes":
+        check_fits_memory(count * 3 * resolution**2, torch.device("cpu"),  # as the plumes loader counts them
+                          f"--extra-samples {count:,} plumes at {resolution}x{resolution} as a dataset",
+                          "ask for fewer (--extra-samples)")
 
 
 def final_results(run_dir: str | Path) -> dict[str, Any] | None:

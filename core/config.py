@@ -114,6 +114,24 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def idle_options(self) -> dict[str, str]:
+        """The options ("section.field") that can have no effect on this run, each with the sentence that refuses it
+        when the user gives it (`training.run.resolve_config`; every config holds a value for each, so only what was
+        typed can be refused). A section with such options names them by a method `idle_options(config)` of its
+        own, which sees the whole config (the diffusion section's condition dropout needs the U-Net's --cond)."""
+        idle = {}
+        for f in dataclasses.fields(self):
+            part = getattr(self, f.name)
+            if hasattr(part, "idle_options"):
+                idle.update({f"{f.name}.{name}": why for name, why in part.idle_options(self).items()})
+        return idle
+
+    def divergence_advice(self, diverged: str, step: int) -> str:
+        """What to change for a new run after training diverged at `step`, `diverged` saying how (a phrase of
+        `training.loop.Trainer._divergence`, such as "the loss/disc became nan"): completes "start a new run with
+        ...". A stage whose other options can throw training off names those."""
+        return "a lower --lr"
+
 
 # ---------------------------------------------------------------------------------------------
 # dataclass <-> plain dict (for checkpoints and config.json)

@@ -6,7 +6,7 @@ The call path of `python train.py --stage NAME ...`:
 
     train.py                  picks STAGES[NAME], a StageSpec, and parses its options
     training.run.train        spec.presets[PRESET]() + options -> config (the checkpoint's, on --resume);
-                              spec.check(config, checkpoint); spec.prerequisite(config) -> a run to train
+                              spec.check(config, checkpoint, device); spec.prerequisite(config) -> a run to train
                               first, if any;
                               spec.build(config, runtime, checkpoint) -> (resolved config, TrainingStage)
     training.loop.Trainer     each step: stage.augment(batch) -> stage.loss(TrainingModels, batch, ...)
@@ -166,10 +166,11 @@ class StageSpec:
     sections: tuple[Section, ...]
     # build(config, runtime, resume_from) -> (config resolved against the data, the stage for the loop)
     build: Callable[[Any, Runtime, dict[str, Any] | None], tuple[Any, TrainingStage]]
-    # check(config, resume_from) raises a one-sentence error for options that do not fit together (networks
-    # that cannot take the image size, files that do not exist), before any data is loaded or anything written;
-    # resume_from is the checkpoint a resumed run continues (None for a new run), as for build
-    check: Callable[[Any, dict[str, Any] | None], None] | None = None
+    # check(config, resume_from, device) raises a one-sentence error for options that do not fit together
+    # (networks that cannot take the image size, or outgrow the device's memory, files that do not exist), before
+    # any data is loaded or anything written; resume_from is the checkpoint a resumed run continues (None for a
+    # new run), as for build
+    check: Callable[[Any, dict[str, Any] | None, torch.device], None] | None = None
     # prerequisite(config, device name) -> a run to create first, or None
     prerequisite: Callable[[Any, str], Prerequisite | None] | None = None
     # load_source(checkpoint payload, device, weights "ema" | "model", path) -> a ddpm.source.ImageSource:

@@ -118,6 +118,24 @@ def check_fits_memory(need: int, device: torch.device, what: str, advice: str) -
                         f"{where} has; {advice}.")
 
 
+def parameter_count(net: torch.nn.Module) -> int:
+    """The weights of `net` (built on the meta device, this costs no memory)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def training_bytes(parameters: int, averaged: bool) -> int:
+    """fp32 bytes a network of `parameters` weights holds while AdamW trains it: the weights, their gradients and
+    the two moments, and a weight average (EMA) when `averaged`. Activations come on top, and depend on the batch."""
+    return 4 * parameters * (5 if averaged else 4)
+
+
+def check_training_fits(need: int, device: torch.device, what: str, advice: str) -> None:
+    """Refuse, before any data is read, networks whose `training_bytes` (`need`) exceed the memory of `device`: a
+    width typed with extra digits built them only after the data was loaded, to die there of an out-of-memory error
+    or to swap."""
+    check_fits_memory(need, device, f"{what}, trained with AdamW in fp32,", advice)
+
+
 def check_batch_fits(batch: int, size: int, option: str, device: torch.device, channels: int = 3) -> None:
     """Refuse a batch whose `channels` x `size` x `size` fp32 images alone outgrow `device` (a step needs many
     times more)."""

@@ -5,7 +5,8 @@ missing; the batches themselves (the python pickle format of https://www.cs.toro
 are always read here, so a hand-placed `cifar-10-batches-py/` works offline. Unpickling can run any
 code a file names, and a hand-placed file can be anything, so the batches are read by a restricted
 unpickler that admits only the numpy array reconstruction a genuine batch needs, and their structure
-is checked before use.
+is checked before use. Keys and class names may be byte strings: Python 3 writes them so for a batch
+read with `encoding="bytes"` (as the dataset's page shows) and saved again.
 """
 
 from __future__ import annotations
@@ -82,11 +83,24 @@ def _unpickle(path: Path) -> Any:
             raise _not_genuine(path, f"{type(err).__name__}: {err}") from err
 
 
+def _as_text(value: Any) -> Any:
+    """A byte string as the str the genuine (Python 2) files give under latin1; anything else as it is."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _read_dict(path: Path) -> Any:
+    """What the file holds, with the keys of a dict as str (b"data" -> "data")."""
+    held = _unpickle(path)
+    return {_as_text(key): value for key, value in held.items()} if isinstance(held, dict) else held
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The images (N, 3072) uint8 and labels (N,) int64 of one batch, after checking what the file holds."""
-    batch = _unpickle(path)
+    batch = _read_dict(path)
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise _not_genuine(path, f"it holds a {type(batch).__name__}, not a dict with 'data' and 'labels'")
+        what = f"a dict with keys {sorted(map(str, batch))[:6]}" if isinstance(batch, dict) else \
+            f"a {type(batch).__name__}"
+        raise _not_genuine(path, f"it holds {what}, not a dict with 'data' and 'labels'")
     data, labels = batch["data"], batch["labels"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[0] > 0 and data.shape[1] == IMAGE_BYTES):
@@ -100,8 +114,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_class_names(path: Path) -> tuple[str, ...]:
-    meta = _unpickle(path)
+    meta = _read_dict(path)
     names = meta.get("label_names") if isinstance(meta, dict) else None
+    names = [_as_text(name) for name in names] if isinstance(names, list) else names
     if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(v, str) and v for v in names)
             and len(set(names)) == NUM_CLASSES):
         raise _not_genuine(path, f"it needs 'label_names', a list of {NUM_CLASSES} distinct class names")
@@ -115,7 +130,16 @@ def _fetch(root: Path) -> None:
         # torchvision's CIFAR10 class would do the same, then unpickle every batch with plain pickle.
         torchvision_cifar.download_and_extract_archive(torchvision_cifar.CIFAR10.url, str(root), filename=ARCHIVE,
                                                        md5=torchvision_cifar.CIFAR10.tgz_md5)
-    except Exception as err:  # network, checksum and extraction failures all need the same advice
+    except Exception as err:  # network, checksum and extraction failures: one advice, unless a bad archive is here
+        archive = root / ARCHIVE
+        # torchvision downloads again over an archive whose MD5 differs; offline that fails, and the advice to put
+        # the archive in `root` would name the file that is already there.
+        if archive.is_file() and not torchvision_cifar.check_integrity(str(archive), torchvision_cifar.CIFAR10.tgz_md5):
+            raise MissingFileError(
+                f"{archive} is not the genuine CIFAR-10 archive (its MD5 checksum differs: a download cut short, or "
+                f"another file) and a new one could not be downloaded ({type(err).__name__}: {err}); replace it with "
+                f"the file at {torchvision_cifar.CIFAR10.url}, or delete it and run again with internet access."
+            ) from err
         raise MissingFileError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(err).__name__}: {err}); put "
             f"{ARCHIVE} (https://www.cs.toronto.edu/~kriz/{ARCHIVE}) or its extracted {FOLDER}/ folder "

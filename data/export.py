@@ -28,7 +28,7 @@ from core.errors import UserError
 from core.lock import FolderLock, check_folder_path
 from data import check_output_outside, check_spec, load_dataset
 from data.imageio import from_uint8
-from data.writer import DatasetWriter, Item, parse_binning
+from data.writer import MAX_BINS, DatasetWriter, Item, binning_option, parse_binning
 
 SPLITS = ("train", "test")
 BATCH = 256
@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="the dataset: plumes | folder:PATH | cifar10")
     parser.add_argument("out", type=cli.path_option, help="the folder to write")
-    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
-                        help="label images by K equal bins of parameter NAME, over [LOW, HIGH] or the data's own range "
+    parser.add_argument("--classes", type=binning_option, default=None, metavar="NAME:K[:LOW:HIGH]",
+                        help=f"label images by K equal bins (2 to {MAX_BINS}) of parameter NAME, over [LOW, HIGH] or the data's own range "
                              "(default: the dataset's own classes, if any)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="plumes and cifar10: which split (default: train)")
     parser.add_argument("--num-samples", type=cli.int_option, default=0,

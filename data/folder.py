@@ -2,7 +2,8 @@
 
 Layout: images directly in PATH are unlabelled; images in PATH/<class>/... are labelled by the index of
 <class> among the sorted class names, taken in Unicode NFC (macOS writes names decomposed, NFD);
-hidden files and folders (".name") are not part of the dataset.
+hidden files and folders (".name") and the folders of `data.imageio.SYSTEM_FOLDERS` (a NAS's thumbnails,
+recycle bins) are not part of the dataset.
 An optional PATH/params.csv (UTF-8) gives numeric parameters per image: a header, then one row per
 image, first column the image's path relative to PATH, matched in NFC too (`_read_params` lists what
 it refuses).
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from core.cli import launched_rank
 from core.errors import UserError, warn_once
 from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
-from data.imageio import IMAGE_EXTENSIONS, list_images, load_image, nfc
+from data.imageio import IMAGE_EXTENSIONS, is_skipped_folder, list_images, load_image, max_image_pixels, nfc
 
 PARAMS_FILE = "params.csv"
 # The image column of the params.csv files the dataset writers make (data/writer.py): no parameter may take its name.
@@ -73,7 +74,7 @@ def warn_imageless_folders(root: Path, class_names: Sequence[str]) -> None:
     """Warn (once) about subfolders of a labelled folder that give no class: empty ones, or links to a
     folder already read, whose images belong to the class of the folder they were read in."""
     extra = sorted(d.name for d in root.iterdir()
-                   if not d.name.startswith(".") and d.is_dir() and nfc(d.name) not in class_names)
+                   if not is_skipped_folder(d.name) and d.is_dir() and nfc(d.name) not in class_names)
     if extra:
         warn_once(f"{len(extra)} subfolder(s) of {root} hold no images of their own (such as {extra[0]}: empty, or a "
                   f"link to a folder read once already), so they give no class ({len(class_names)} other subfolders do).")
@@ -213,6 +214,18 @@ def _square(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), Image.LANCZOS, box=(left, top, left + side, top + side)))
 
 
+def _unusable_images(root: Path, unusable: list[tuple[Path, UserError]]) -> UserError:
+    """The error for the images of `root` that could not be decoded: the file's own for one; for several, their
+    names and the first one's error, so that a folder of 50,000 photos with ten damaged ones is decoded once, not
+    ten times."""
+    if len(unusable) == 1:
+        return unusable[0][1]
+    names = [file.relative_to(root).as_posix() for file, _ in unusable]
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return UserError(f"{len(names)} images of {root} cannot be used ({listed}); fix or remove each of them, as this "
+                     f"says of the first: {unusable[0][1]}")
+
+
 def load_folder(root: str | Path, resolution: int, num_samples: int | None = None, seed: int = 0,
                 channels: int | None = None) -> ImageDataset:
     """Decode the folder into memory; channels None -> 3, or 1 if every image is greyscale (R = G = B)."""
@@ -228,8 +241,15 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     files = [files[i] for i in keep]
 
     mode = "L" if channels == 1 else "RGB"
-    decoded = [decode_square(f, resolution, mode) for f in tqdm(files, desc=f"Decoding {root.name}", unit="img",
-                                                                   disable=launched_rank() > 0)]
+    max_image_pixels()  # a bad limit in the environment is refused once, not as the fault of every image
+    decoded, unusable = [], []
+    for file in tqdm(files, desc=f"Decoding {root.name}", unit="img", disable=launched_rank() > 0):
+        try:
+            decoded.append(decode_square(file, resolution, mode))
+        except UserError as err:  # a damaged file: go on, so that one run names every file to remove
+            unusable.append((file, err))
+    if unusable:
+        raise _unusable_images(root, unusable)
     images = torch.from_numpy(np.stack(decoded))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
     if channels is None and (images[:, :1] == images).all():

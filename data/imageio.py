@@ -39,6 +39,19 @@ UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avifs", ".jxl",
                                      ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".rwl", ".exr", ".hdr", ".svg", ".svgz"})
 
 
+# Folders that systems and tools put beside the photos, never meant as data: skipped like hidden ones. Synology's
+# thumbnails (@eaDir/IMG_1.JPG/SYNOFILE_THUMB_XL.jpg, one per photo: each would be read as an image of its class)
+# and recycle bins, macOS's zip residue, Windows' drive folders, and ext4's lost+found at the root of a mounted
+# disk (readable by root only: listing it would stop the listing).
+SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "__MACOSX", "$RECYCLE.BIN", "System Volume Information",
+                            "lost+found"})
+
+
+def is_skipped_folder(name: str) -> bool:
+    """Whether a folder of this name is left out of every image folder: hidden (".name") or a `SYSTEM_FOLDERS` one."""
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
 def nfc(name: str) -> str:
     """`name` (a folder's or a path's) in Unicode NFC: macOS writes names decomposed (NFD), so one "é" can be
     one code point or two."""
@@ -51,10 +64,11 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     The order is that of the paths in Unicode NFC, so that a folder copied from macOS (which stores
     names decomposed, NFD) lists as its copy made elsewhere does: the same --num-samples subsets,
     fingerprints and resume checks. Hidden files and folders (names starting with ".", such as macOS's
-    "._photo.jpg" resource forks or Jupyter's ".ipynb_checkpoints/") are skipped: they are never meant
-    as data, and a hidden folder would otherwise become a class. Links to folders are followed, each
-    real folder once, so a link loop ends; a folder reached both through a link and without one is
-    read at its own path, so a shortcut that sorts before a class folder does not take its class. An
+    "._photo.jpg" resource forks or Jupyter's ".ipynb_checkpoints/") and `SYSTEM_FOLDERS` (a NAS's
+    thumbnails, recycle bins) are skipped: they are never meant as data, and such a folder would
+    otherwise become a class. Links to folders are followed, each real folder once, so a link loop
+    ends; a folder reached both through a link and without one is read at its own path, so a
+    shortcut that sorts before a class folder does not take its class. An
     image name that is not a regular file (a broken link, a pipe) is refused, since opening a pipe would
     block forever and a broken link is an image the user expected to be there; so is one that is not
     UTF-8, which a dataset writer could not record, here rather than after it wrote the images.
@@ -78,7 +92,7 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
                 continue
             seen.add((status.st_dev, status.st_ino))
             # Sorted, so that which of two links to one folder is kept does not depend on the file system.
-            visible = (d for d in dirs if not d.startswith(".")) if recursive else ()
+            visible = (d for d in dirs if not is_skipped_folder(d)) if recursive else ()
             dirs[:] = sorted(visible, key=lambda d: (nfc(d), d))
             tops += [Path(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d))]
             for name in names:

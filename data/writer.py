@@ -15,6 +15,7 @@ refused rather than mixed.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from core import cli
 from core.config import flat_fields
 from core.errors import ExistsError, UserError
 from core.lock import holds_files
@@ -117,6 +119,32 @@ class Binning:
                 "classes": {c: [a, b] for c, a, b in zip(self.class_names, self.edges, self.edges[1:])}}
 
 
+# The most bins `--classes NAME:K` cuts a parameter into. Each bin is a class folder that the judge and any classifier
+# trained on the set must tell apart, and a set holds hundreds of images (500 by default in the sweep): past a few
+# hundred bins most classes hold an image or two. The same bound as a sample grid's columns
+# (ddpm.conditioning.MAX_COLUMNS), since a class sweep shows one column per class. Anything past it is a typo: two
+# billion bins would take minutes and gigabytes just to name.
+MAX_BINS = 256
+
+
+def binning_option(text: str) -> str:
+    """argparse type of --classes NAME:K[:LOW:HIGH]: K is refused beyond `MAX_BINS` as the command line is parsed
+    (the rest, K below 2 included, is checked against the data's parameters by `parse_binning`)."""
+    cli.text_option(text)
+    parts = text.split(":")
+    try:
+        bins = int(parts[1]) if len(parts) in (2, 4) else None
+    except ValueError:
+        bins = None  # not a whole number: parse_binning says what the form is
+    if bins is not None and bins > MAX_BINS:
+        raise argparse.ArgumentTypeError(f"K of {text} is {bins:,} but must be at most {MAX_BINS} (each bin is a "
+                                         f"class folder)")
+    return text
+
+
+binning_option.__name__ = "NAME:K[:LOW:HIGH]"  # as argparse names it in "invalid ... value"
+
+
 def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Binning:
     """NAME:K (bins over the data's own range of NAME) or NAME:K:LOW:HIGH (over [LOW, HIGH])."""
     parts = spec.split(":")
@@ -129,8 +157,8 @@ def parse_binning(spec: str, info: DatasetInfo, option: str = "--classes") -> Bi
         low, high = (float(parts[2]), float(parts[3])) if len(parts) == 4 else info.param_ranges[info.param_names.index(name)]
     except ValueError:
         raise UserError(f"{option} {spec!r}: K must be a whole number and LOW, HIGH numbers.") from None
-    if bins < 2:
-        raise UserError(f"{option} {spec!r}: K must be at least 2 bins.")
+    if not 2 <= bins <= MAX_BINS:
+        raise UserError(f"{option} {spec!r}: K must be from 2 to {MAX_BINS} bins.")
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise UserError(f"{option} {spec!r}: the range of {name} ({low}, {high}) is empty; give LOW < HIGH, as "
                         f"NAME:K:LOW:HIGH.")

@@ -177,6 +177,9 @@ def sweep_columns(spec: str, kind: str, info: DatasetInfo, base: Conditions, *, 
             raise UserError(f"--sweep {spec} sets the class of each column, so --class {label} would be ignored; "
                             f"drop --class.")
         labels = [parse_class(v, info) for v in values.split(",")] if values else list(range(len(info.class_names)))
+        twice = next((y for k, y in enumerate(labels) if y in labels[:k]), None)
+        if twice is not None:  # (by name or by index): two columns of one condition, which show nothing more
+            raise UserError(f"--sweep {spec} names the class {info.class_names[twice]} twice; name each class once.")
         columns = [Conditions(cond=torch.full((len(base.records),), y),
                               records=tuple({"class": info.class_names[y]} for _ in base.records)) for y in labels]
         return columns, [info.class_names[y] for y in labels]

@@ -10,11 +10,13 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from core.errors import UserError
+from core.runtime import check_training_fits, parameter_count, training_bytes
 from data import DatasetInfo
 from ddpm.samplers import MIN_TIMESTEPS, SAMPLERS, make_timesteps
 from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
@@ -47,6 +49,19 @@ class DiffusionConfig:
 
     def make_schedule(self) -> Schedule:
         return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)
+
+    def idle_options(self, config: Any) -> dict[str, str]:
+        """Condition dropout needs a condition (see `core.config.StageConfig.idle_options`)."""
+        if config.unet.cond != "none":
+            return {}
+        return {"cond_drop_prob": "--cond-drop-prob drops the condition for classifier-free guidance, and this model "
+                                  "has none (--cond none); pass --cond class or --cond params, or drop --cond-drop-prob."}
+
+
+def check_within_timesteps(option: str, steps: int, num_timesteps: int) -> None:
+    """Refuse a count of timesteps (of previews, of an evaluation) that the model's T cannot give."""
+    require(steps <= num_timesteps, f"{option} {steps} exceeds the model's T = {num_timesteps} timesteps; use at most "
+                                    f"{num_timesteps}.")
 
 
 SPACINGS = ("uniform", "trailing", "quadratic")  # ddpm.samplers.make_timesteps says what each is
@@ -139,7 +154,7 @@ def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels:
     return unet
 
 
-def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str) -> None:
+def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str, device: torch.device) -> None:
     """Refuse, before any data is loaded, U-Net options that cannot denoise `channels` x `size` x `size` inputs
     (`what` names those in the sentence): no level, depths or dropout no network has, sizes its levels cannot
     halve, attention at sizes that never occur. A forward pass on the meta device (shapes only: no memory, no
@@ -158,9 +173,13 @@ def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str) -> No
     try:
         resolved.check_resolved()
         with torch.device("meta"):
-            UNet(resolved)(torch.empty(1, channels, size, size), torch.zeros(1, dtype=torch.long))
+            net = UNet(resolved)
+            net(torch.empty(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     except Exception as err:  # whatever a network of these options raises at this size
         raise UserError(f"{what} do not fit the U-Net: {' '.join(str(err).split()) or type(err).__name__}") from None
+    count = parameter_count(net)
+    check_training_fits(training_bytes(count, averaged=True), device, f"The U-Net's {count:,} parameters",
+                        "give a smaller --base-channels, fewer --channel-mult levels or fewer --num-res-blocks")
 
 
 def ddpm_demo() -> DDPMConfig:

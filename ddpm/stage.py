@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import load_weights, require_keys
-from core.config import from_dict, require, to_dict
+from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import MissingFileError
 from core.runtime import Runtime
@@ -23,7 +23,7 @@ from data import DatasetInfo, grey_as_rgb, label_counts, load_dataset
 from data.augment import random_hflip
 from ddpm.conditioning import batch_condition, preview_condition
 from ddpm.config import (NO_HELD_OUT_SET, PRESETS, UNET_FROM_DATA, UNET_OPTIONS, DDPMConfig, SamplingConfig,
-                         check_conditioning, check_unet_fits, resolve_unet)
+                         check_conditioning, check_unet_fits, check_within_timesteps, resolve_unet)
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from ddpm.published import check_published_schedule, load_published_unet, read_published_unet
@@ -69,17 +69,16 @@ def diffusion_stage(name: str, config: Any, info: DatasetInfo, net: UNet, datase
 
 def check_diffusion_options(config: Any) -> None:
     """Options of a diffusion run that must agree with each other (pixel and latent stages alike)."""
-    steps, T = config.train.preview_steps, config.diffusion.num_timesteps
-    require(steps <= T, f"--preview-steps {steps} exceeds the model's T = {T} timesteps; use at most {T}.")
+    check_within_timesteps("--preview-steps", config.train.preview_steps, config.diffusion.num_timesteps)
     check_conditioning(config.unet.cond, config.data.dataset, *label_counts(config.data.dataset))
 
 
-def check(config: DDPMConfig, resume_from: dict | None) -> None:
+def check(config: DDPMConfig, resume_from: dict | None, device: torch.device) -> None:
     """Before any data is loaded: the diffusion options, and the U-Net at the image size. The data decides
     the channel count later, which changes only the U-Net's first and last convolutions."""
     check_diffusion_options(config)
     size = config.data.resolution
-    check_unet_fits(config.unet, size, 3, f"{size}x{size} images (--resolution {size})")
+    check_unet_fits(config.unet, size, 3, f"{size}x{size} images (--resolution {size})", device)
     if config.ddpm.pretrained and resume_from is None:  # a resumed run starts from its checkpoint
         if not Path(config.ddpm.pretrained).expanduser().exists():
             raise MissingFileError(f"--pretrained {config.ddpm.pretrained} does not exist; pass the path of the "

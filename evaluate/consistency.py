@@ -35,22 +35,20 @@ import argparse
 import functools
 from typing import Any
 
-import numpy as np
+import torch
 
 import kernels
-from classify.model import load_classifier
-from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
+from classify.model import Classifier, load_classifier
 from core.checkpoint import peek_checkpoint
 from core.config import add_config_arguments, given_in, override
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
-from core.runtime import autocast_dtype, resolve_device, write_csv, write_json
+from core.runtime import autocast_dtype, resolve_device
 from core.speed import check_compile, compile_module, speed_up
 from data import check_output_outside, folder_labels, folder_of, load_dataset, trained_datasets
-from data.imageio import atomic_save_image, save_grid
 from ddpm.config import SamplingConfig
-from evaluate.judging import (CONDITIONED_ON, DEFAULT_NUM, DEFAULT_PER_CLASS, check_dataset, check_pair,
-                              judge_dataset, measure)
+from evaluate.judging import (CONDITIONED_ON, DEFAULT_NUM, DEFAULT_PER_CLASS, Judging, check_dataset, check_pair,
+                              judge_dataset, measure, write_report)
 from sampling.command import add_drawing_options, check_drawing_batch, check_sampling_options
 from stages import open_source
 
@@ -96,17 +94,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible counts and an --images that names no folder, before anything is loaded."""
     for option, value in (("--per-class", args.per_class), ("--num", args.num), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
+    if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
+        raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
+
+
+def plan_image_set(args: argparse.Namespace, judge: Classifier, judged_on: dict[str, str]) -> Judging:
+    """--images: judge a written set against its own labels, into DIR-consistency beside it (or --out); the folder
+    and its labels checked by listing it, before any image is decoded."""
+    # Resolved as the loader resolves it ("folder:." or "folder:~/set" name a folder by where it is).
+    folder = folder_of(args.images).resolve()
+    # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
+    out = args.out or folder.parent / f"{folder.name}-consistency"
+    check_output_outside(out, "--out", {"--images": args.images, **judged_on})
+    check_output_folder(out, args.overwrite)
+    check_dataset(folder_labels(args.images), judge)  # by listing the folder: before any image is decoded
+    dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
+    return Judging(out, functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size),
+                   dataset.info.param_names, "of their folder", "Labelled", {"image_set": args.images})
+
+
+def plan_drawing(args: argparse.Namespace, sampling: SamplingConfig, device: torch.device, judge: Classifier,
+                 judged_on: dict[str, str]) -> Judging:
+    """--ckpt: draw the requested images with `sampling` as `sample.py --dataset-out` would and judge them, into
+    RUN_DIR/consistency (or --out); every option checked against the model first."""
+    image_source = open_source(args.ckpt, device, args.weights)
+    if not image_source.draws_requests:
+        raise UserError(f"{args.ckpt} does not draw images of requested classes or parameters (an inversion "
+                        f"draws variations of learned vectors); measure consistency on the diffusion model it "
+                        f"was learned against, or judge the images it wrote with --images folder:DIR.")
+    model = image_source.model
+    check_sampling_options(args, model)
+    speed_up(model.net, device, compile=args.compile)
+    sampling.check_against(model.schedule)
+    check_pair(model.net.config.cond, model.info, judge)
+    cond = model.net.config.cond
+    for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
+                                 ("--param", args.param, "params")):
+        if given and cond != owner:
+            raise UserError(f"{option} applies to models conditioned on {CONDITIONED_ON[owner]}, and {args.ckpt} "
+                            f"is conditioned on {CONDITIONED_ON[cond]}; drop it.")
+    per_class, num = args.per_class or DEFAULT_PER_CLASS, args.num or DEFAULT_NUM
+    check_drawing_batch(args.batch_size, per_class * len(model.info.class_names) if cond == "class" else num, model)
+    out = args.out or args.ckpt.parent / "consistency"
+    check_output_outside(out, "--out", {**image_source.trained_on, **judged_on})  # the grid: training images
+    check_output_folder(out, args.overwrite)
+    run = functools.partial(measure, model, judge, sampling, seed=args.seed, per_class=per_class, num=num,
+                            params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
+    return Judging(out, run, model.info.param_names, "asked for", "Requested",
+                   {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    check_args(args)
     sampling = override(SamplingConfig(), args, "sampling")
     device = resolve_device(args.device)
     kernels.use(args.kernels, device)
     check_compile(args.compile, device)
-    if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
-        raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
     judge = load_classifier(args.judge, device, option="--judge")
     # Nor inside the judge's training or test images (as evaluate.gradcam refuses for its classifiers): the grid
     # would be read as one more image, or a folder of them one more class, of those sets.
@@ -115,77 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         compile_module(judge.net)
     if args.images is not None:
-        # Resolved as the loader resolves it ("folder:." or "folder:~/set" name a folder by where it is).
-        folder = folder_of(args.images).resolve()
-        # Beside the set, not in it: a folder inside would read as one more class the next time it is loaded.
-        out = args.out or folder.parent / f"{folder.name}-consistency"
-        check_output_outside(out, "--out", {"--images": args.images, **judged_on})
-        check_output_folder(out, args.overwrite)
-        check_dataset(folder_labels(args.images), judge)  # by listing the folder: before any image is decoded
-        dataset = load_dataset(args.images, judge.info.resolution, channels=judge.info.channels)
-        names, asked, requested = dataset.info.param_names, "of their folder", "Labelled"
-        source = {"image_set": args.images}
-        run = functools.partial(judge_dataset, dataset, judge, batch_size=args.batch_size)
+        judging = plan_image_set(args, judge, judged_on)
     else:
-        image_source = open_source(args.ckpt, device, args.weights)
-        if not image_source.draws_requests:
-            raise UserError(f"{args.ckpt} does not draw images of requested classes or parameters (an inversion "
-                            f"draws variations of learned vectors); measure consistency on the diffusion model it "
-                            f"was learned against, or judge the images it wrote with --images folder:DIR.")
-        model = image_source.model
-        check_sampling_options(args, model)
-        speed_up(model.net, device, compile=args.compile)
-        sampling.check_against(model.schedule)
-        check_pair(model.net.config.cond, model.info, judge)
-        cond = model.net.config.cond
-        for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),
-                                     ("--param", args.param, "params")):
-            if given and cond != owner:
-                raise UserError(f"{option} applies to models conditioned on {CONDITIONED_ON[owner]}, and {args.ckpt} "
-                                f"is conditioned on {CONDITIONED_ON[cond]}; drop it.")
-        per_class, num = args.per_class or DEFAULT_PER_CLASS, args.num or DEFAULT_NUM
-        check_drawing_batch(args.batch_size, per_class * len(model.info.class_names) if cond == "class" else num,
-                            model)
-        out = args.out or args.ckpt.parent / "consistency"
-        check_output_outside(out, "--out", {**image_source.trained_on, **judged_on})  # the grid: training images
-        check_output_folder(out, args.overwrite)
-        names, asked, requested = model.info.param_names, "asked for", "Requested"
-        source = {"diffusion": str(args.ckpt), "seed": args.seed, "sampling": given_in(args, "sampling")}
-        run = functools.partial(measure, model, judge, sampling, seed=args.seed, per_class=per_class, num=num,
-                                params=args.param, batch_size=args.batch_size, amp=autocast_dtype(args.amp, device))
-    with OutputFolder(out):
-        result = run()
-        report = result["report"]
-        save_grid(result["images"][:64], out / "grid.png")
-        rows = result["rows"]
-        write_csv(rows, out / "predictions.csv")
-        if "confusion" in report:
-            c = report["confusion"]
-            matrix = np.zeros((len(c["predicted"]),) * 2, dtype=np.int64)
-            for i, name in enumerate(c["requested"]):
-                matrix[c["predicted"].index(name)] = c["counts"][i]
-            picture = confusion_matrix_image(matrix, c["predicted"], title=f"requested (rows) vs judged: "
-                                                                          f"{100 * report['agreement']:.1f}% agree")
-            atomic_save_image(picture, out / "confusion.png")
-            summary = (f"{100 * report['agreement']:.1f}% of {report['images']} images are judged to be the class "
-                       f"{asked} (" + ", ".join(f"{n} {100 * v:.0f}%" for n, v in report["per_class"].items()) + ").")
-        else:
-            wanted, got = np.array(report["requested"]), np.array(report["predicted"])
-            panels = [scatter_plot(wanted[:, j], got[:, j], title=f"{n}: MAE {report['mae'][n]:.3g}, "
-                                                                  f"r {report['pearson_r'][n]:.3f}, slope {report['slope'][n]:.3f}")
-                      for j, n in enumerate(names)]
-            atomic_save_image(side_by_side(panels), out / "scatter.png")
-            summary = (f"{requested} against judged parameters over {report['images']} images: " +
-                       ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f}, "
-                                 f"slope {report['slope'][n]:.3f})" for n in names)
-                       + ".")
-        if report["resized"]:
-            summary += f" Images were resized to the judge's {judge.info.resolution} px."
-        write_json({**source, "judge": str(args.judge), **report, "summary": summary}, out / "report.json")
-        # With --overwrite, the figure of the other kind of judge an earlier run left would sit beside this report.
-        (out / ("scatter.png" if "confusion" in report else "confusion.png")).unlink(missing_ok=True)
+        judging = plan_drawing(args, sampling, device, judge, judged_on)
+    with OutputFolder(judging.out):
+        report, summary = write_report(judging, judging.run(), judge, args.judge)
     print(summary)
-    print(f"Wrote {out}")
+    print(f"Wrote {judging.out}")
     return report
 
 

@@ -44,11 +44,12 @@ from classify.config import PRESETS, ClassifyConfig
 from classify.plots import bar_chart
 from classify.stage import SPEC as CLASSIFY, check_held_out, same_targets
 from core.errors import UserError
-from core.lock import FolderLock, check_own_folder
+from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
-from data import check_output_outside, check_spec, folder_of, load_dataset
+from data import check_output_outside, check_same_classes, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
-from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, check_seed_count, requested_config, train_plan
+from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
+                           train_plan)
 from training.run import parse_stage_args, with_options
 
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -112,6 +113,27 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
         rows += [Row(FINE_TUNED_CONTROL, args.real, pretrained_on="real")]
         rows += [Row(f"{name}-then-real", args.real, synthetic=name, pretrained_on=name) for name, _ in synthetic]
     return rows
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Whether two dataset specs name one folder, however its path is written (relative, with ~, a link)."""
+    folder_a, folder_b = folder_of(a), folder_of(b)
+    return folder_a is not None and folder_b is not None and folder_a.resolve() == folder_b.resolve()
+
+
+def check_synthetic_apart(args: argparse.Namespace, rows: list[Row]) -> None:
+    """Refuse, before any work, a synthetic set that is the --real or --test images themselves: its rows would
+    compare the real images with themselves (or test on their own training images), which says nothing of
+    synthetic data. (A built-in source such as plumes given as --test is its test split, another set.)"""
+    for option, spec in training_sets(args, rows).items():
+        if option == "--real":
+            continue
+        for real_option, real in (("--real", args.real), ("--test", args.test)):
+            if same_folder(spec, real) or (real_option == "--real" and spec == real):
+                why = ("its rows would compare real images with themselves" if real_option == "--real" else
+                       "its runs would be tested on the images they train on")
+                raise UserError(f"{option} {spec} names the images of {real_option} ({real}), so {why}; pass a set "
+                                f"of synthetic images.")
 
 
 def count_images(spec: str, resolution: int, cache_dir: str) -> int:
@@ -221,14 +243,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_spec(args.real, "--real")
     check_spec(args.test, "--test")
     check_passed(passed, mixed=any(row.extra for row in rows))
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     given = parse_stage_args(CLASSIFY, ["--preset", args.preset, *passed])
     config = with_options(CLASSIFY, CLASSIFY.presets[args.preset](), given)  # what every run starts from
     target = config.model.target
 
     out = args.out
+    check_folder_path(out, "--out")
     check_own_folder(out, TABLE_FILES, "--out")
     check_output_outside(out, "--out", {**training_sets(args, rows), "--test": args.test})
+    check_synthetic_apart(args, rows)
+    if target == "class":  # by listing the folders, in this command's terms, before the runs' own checks below
+        for option, spec in training_sets(args, rows).items():
+            check_same_classes(args.test, "--test", spec, option)
+    check_first_runs([(row, out / "runs" / row.name / "seed0") for row in rows], args, passed, device)
     with FolderLock(out):
         check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)

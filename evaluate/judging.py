@@ -5,22 +5,29 @@
 draws a model's images and judges them; `judge_dataset` judges a set already written against its own
 labels. Both give the same report: for a class model, the share of images the judge puts in the class
 asked for (overall, per class) and the confusion matrix; for a parameter model, per parameter the mean
-absolute error, correlation and slope between requested and predicted values.
+absolute error, correlation and slope between requested and predicted values. `write_report` writes it
+for `evaluate.consistency` (a check planned as a `Judging`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.model import Classifier
+from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
 from core.errors import UserError
+from core.runtime import write_csv, write_json
 from data import FolderLabels
 from data.dataset import DatasetInfo, ImageDataset
-from data.imageio import from_uint8
+from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
@@ -170,3 +177,56 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = float(x.norm() * y.norm())
     return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# the consistency check's report
+
+
+@dataclass(frozen=True)
+class Judging:
+    """One consistency check, planned: where its results go, how its images are judged, and how its report
+    names what each image should show."""
+    out: Path                          # the results folder
+    run: Callable[[], dict[str, Any]]  # draws or loads the images and judges them (`measure`, `judge_dataset`)
+    param_names: tuple[str, ...]       # the parameters a regressor judges
+    asked: str                         # whose class an image should show: "asked for" (drawn), "of their folder"
+    requested: str                     # whose parameters: "Requested" (drawn) or "Labelled" (a written set)
+    source: dict[str, Any]             # what report.json records of the images
+
+
+def write_report(judging: Judging, result: dict[str, Any], judge: Classifier, judge_path: str | os.PathLike
+                 ) -> tuple[dict[str, Any], str]:
+    """Write a judged `result` into `judging.out`: grid.png (the first 64 images), predictions.csv, the confusion
+    matrix or the scatter plots, and report.json; returns the report and its one-sentence summary."""
+    out, report = judging.out, result["report"]
+    save_grid(result["images"][:64], out / "grid.png")
+    write_csv(result["rows"], out / "predictions.csv")
+    if "confusion" in report:
+        c = report["confusion"]
+        matrix = np.zeros((len(c["predicted"]),) * 2, dtype=np.int64)
+        for i, name in enumerate(c["requested"]):
+            matrix[c["predicted"].index(name)] = c["counts"][i]
+        picture = confusion_matrix_image(matrix, c["predicted"], title=f"requested (rows) vs judged: "
+                                                                      f"{100 * report['agreement']:.1f}% agree")
+        atomic_save_image(picture, out / "confusion.png")
+        summary = (f"{100 * report['agreement']:.1f}% of {report['images']} images are judged to be the class "
+                   f"{judging.asked} (" + ", ".join(f"{n} {100 * v:.0f}%" for n, v in report["per_class"].items())
+                   + ").")
+    else:
+        names = judging.param_names
+        wanted, got = np.array(report["requested"]), np.array(report["predicted"])
+        panels = [scatter_plot(wanted[:, j], got[:, j], title=f"{n}: MAE {report['mae'][n]:.3g}, r "
+                                                              f"{report['pearson_r'][n]:.3f}, slope {report['slope'][n]:.3f}")
+                  for j, n in enumerate(names)]
+        atomic_save_image(side_by_side(panels), out / "scatter.png")
+        summary = (f"{judging.requested} against judged parameters over {report['images']} images: " +
+                   ", ".join(f"{n} MAE {report['mae'][n]:.3g} (r = {report['pearson_r'][n]:.3f}, "
+                             f"slope {report['slope'][n]:.3f})" for n in names)
+                   + ".")
+    if report["resized"]:
+        summary += f" Images were resized to the judge's {judge.info.resolution} px."
+    write_json({**judging.source, "judge": str(judge_path), **report, "summary": summary}, out / "report.json")
+    # With --overwrite, the figure of the other kind of judge an earlier run left would sit beside this report.
+    (out / ("scatter.png" if "confusion" in report else "confusion.png")).unlink(missing_ok=True)
+    return report, summary

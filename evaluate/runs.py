@@ -1,7 +1,8 @@
 """The classifier runs behind a results table (`evaluate.experiment`) and a quality sweep's trained rows
 (`evaluate.sweep`): what each row trains on (`Row`, `Sizes`), the `train.py --stage classify` arguments of
-each of its runs, which finished or interrupted runs can be kept (`ReusedRuns`: only those made from the
-same request), and training the rest in turn (`train_plan`).
+each of its runs and the options they are given checked before any work (`check_first_runs`), which finished
+or interrupted runs can be kept (`ReusedRuns`: only those made from the same request), and training the rest in
+turn (`train_plan`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from classify.config import MODEL_FROM_DATA, ClassifyConfig
 from classify.stage import SPEC as CLASSIFY, final_results, run_data
 from core.checkpoint import load_checkpoint, require_keys, state_fingerprint
@@ -19,8 +22,9 @@ from core.cli import RunInterrupted
 from core.config import flat_fields, from_dict, option_name, to_dict
 from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
+from core.runtime import check_num_workers
 from data import SPLITS_WITH_TEST
-from training.run import option_strings, parse_stage_args, run, with_options
+from training.run import check_on_device, option_strings, parse_stage_args, resolve_config, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
 RUNNER_OPTIONS = ("--stage", "--dataset", "--test-dataset", "--extra-dataset", "--run-dir", "--seed", "--resume",
@@ -111,6 +115,28 @@ def without_option(passed: list[str], option: str) -> list[str]:
         elif not a.startswith(option + "="):
             kept.append(a)
     return kept
+
+
+def check_first_runs(plan: list[tuple[Row, Path]], args: argparse.Namespace, passed: list[str],
+                     device: torch.device) -> None:
+    """Refuse, before any image is read or any run trains, options after -- that a run of these (row, run folder)
+    pairs would refuse only as it starts, after the runs before it trained. Each row's new run is resolved as
+    `train.py` resolves it (`training.run.resolve_config`: the stage's options and checks), then checked against
+    `device` as `training.run.train` checks it: --kernels, --compile, --amp, --batch-size against memory and
+    --num-workers. Seeds differ in nothing checked here; a run already in its folder goes on with its checkpoint's
+    options (`ReusedRuns` checks them), and a fine-tuned row's --init-from is written by the run it starts from, so
+    those are left to their own start."""
+    new = [(row, run_dir) for row, run_dir in plan if not row.pretrained_on]
+    for row, run_dir in new:
+        if not (run_dir / "checkpoint.pt").exists():
+            resolve_config(CLASSIFY, parse_stage_args(CLASSIFY, new_run_arguments(row, 0, run_dir, args, passed,
+                                                                                Sizes())), run_dir)
+    if not new:
+        return
+    row, run_dir = new[0]
+    config = requested_config(row, 0, run_dir, args, passed, Sizes())
+    check_on_device(config, device)  # (the same for every row: only datasets and the mixed rows' --extra-fraction differ)
+    check_num_workers(config.data.num_workers)
 
 
 def run_arguments(row: Row, seed: int, run_dir: Path, args: argparse.Namespace, passed: list[str],

@@ -64,17 +64,18 @@ from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
 from core.speed import speed_up
-from data import check_output_outside, check_spec, dataset_size, load_dataset, trained_datasets
+from data import check_output_outside, check_spec, dataset_size, folder_of, load_dataset, trained_datasets
 from data.dataset import ImageDataset
 from data.imageio import atomic_save_image
-from data.writer import REQUEST, parse_binning
+from data.writer import MAX_BINS, REQUEST, binning_option, parse_binning
 from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import Schedule
 from ddpm.source import ImageSource
 from ddpm.synthetic import check_image_count
 from evaluate.judging import check_pair, judge_dataset
-from evaluate.runs import ReusedRuns, Row, Sizes, check_passed, check_seed_count, requested_config, train_plan
+from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
+                           train_plan)
 from fid.domain import FEATURES_OPTION, ClassifierFeatures
 from fid.frechet import frechet_distance
 from fid.kid import kid
@@ -152,9 +153,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="images per set for parameter and unconditional models (default: 500)")
     parser.add_argument("--per-class", type=cli.int_option, default=None, help="images per class per set for class models "
                                                                    "(default: 100)")
-    parser.add_argument("--classes", type=cli.text_option, default=None, metavar="NAME:K[:LOW:HIGH]",
-                        help="parameter models: label images by K bins of one parameter (as sample.py --classes), "
-                             "which a classifier as --judge needs (default: none)")
+    parser.add_argument("--classes", type=binning_option, default=None, metavar="NAME:K[:LOW:HIGH]",
+                        help=f"parameter models: label images by K bins (2 to {MAX_BINS}) of one parameter (as "
+                             f"sample.py --classes), which a classifier as --judge needs (default: none)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="image k of every set uses a seed derived from (seed, k) "
                                                            "(default: 0)")
     parser.add_argument("--train", action="store_true",
@@ -210,6 +211,7 @@ def check_args(args: argparse.Namespace, passed: list[str]) -> None:
     for option, folder in (("--out", args.out), ("--write-best", args.write_best)):
         if folder is not None:
             check_output_outside(folder, option, {"--real": args.real, "--test": args.test})
+    check_real_outside(args)
     if args.write_best is not None:
         check_folder_path(args.write_best, "--write-best")
         check_apart(args.out, args.write_best)
@@ -238,6 +240,20 @@ def check_apart(out: Path, write_best: Path) -> None:
         where = "is" if a == b else "lies inside" if a in b.parents else "holds"
         raise UserError(f"--write-best {write_best} {where} --out {out}; give the dataset a folder of its own, beside "
                         f"the sweep's.")
+
+
+def check_real_outside(args: argparse.Namespace) -> None:
+    """Refuse a --real or --test folder inside --out or --write-best, which this sweep fills with synthetic images
+    (OUT/sets/SETTING): a set would be measured against itself, or a rerun read other images than the first."""
+    for option, spec in (("--real", args.real), ("--test", args.test)):
+        folder = folder_of(spec)
+        for output, written in (("--out", args.out), ("--write-best", args.write_best)):
+            if folder is None or written is None:
+                continue
+            if written.expanduser().resolve() in folder.resolve().parents:  # (the folder itself: check_output_outside)
+                raise UserError(f"{option} {spec} lies inside {output} {written}, which this sweep fills with "
+                                f"synthetic images, so it would measure them against themselves; pass real images "
+                                f"from outside it.")
 
 
 def check_outputs_outside_inputs(args: argparse.Namespace, source: ImageSource) -> None:
@@ -663,6 +679,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_held_out(real, test, "--test", "--real")
     if args.train:
         check_trained_labels(args, source, real, test, target, settings[0])
+        # The options after -- as the runs will take them (the sets' runs differ only in their images).
+        check_first_runs([(Row("real", args.real), args.out / "runs" / "real" / "seed0")], args, passed, device)
 
     out = args.out
     with FolderLock(out):

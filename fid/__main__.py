@@ -21,9 +21,10 @@ from pathlib import Path
 from core.errors import UserError
 
 from .compare import fid_between, is_statistics_source
-from .features import FeatureExtractor, compute_statistics, default_device
+from .features import FeatureOptions, compute_statistics
 from .folder import FILE_SELECTIONS, ImageFolder, check_enough_images
-from .stats import Provenance, check_same_features, load_statistics, prepare_statistics_path, save_statistics
+from .kid import KIDOptions
+from .stats import Provenance, check_same_features, check_statistics_path, load_statistics, save_statistics
 from .weights import WEIGHTS_FILENAME
 
 KID_SUBSET_SIZE = 1000  # the usual size (Binkowski et al. 2018 use 1000); smaller sets need an explicit choice
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=cli.int_option, default=50, help="images per forward pass")
     parser.add_argument("--num-workers", type=cli.int_option, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (0: decode in the main process)")
-    parser.add_argument("--device", default=default_device(), help="torch device, e.g. cuda, cuda:1, cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA where there is one, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network: the first batch waits a minute or more on a CPU, then "
                              "batches run faster; the features equal eager ones to float rounding")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"path of {WEIGHTS_FILENAME}; by default downloaded once into the torch hub cache")
     parser.add_argument("--features", type=cli.path_option, default=None, metavar="CKPT",
                         help="a classify-stage checkpoint: measure FID and KID in its penultimate features (the "
-                             "domain's own) instead of Inception's; --weights is then not read")
+                             "domain's own) instead of Inception's (so --weights is refused with it)")
     parser.add_argument("--no-kid", action="store_true", help="skip KID even when both PATHs are folders")
     parser.add_argument("--kid-subsets", type=cli.int_option, default=100, help="number of random subsets for KID")
     parser.add_argument("--kid-subset-size", type=cli.int_option, default=None,
@@ -75,18 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_reused_statistics(paths: list[str], common: dict) -> None:
+def check_reused_statistics(paths: list[str], options: FeatureOptions) -> None:
     """Refuse a statistics file computed with another network or weights than the other side, before
     any features are computed, or than --features / --weights name when both sides are files (which would
     otherwise go unused). This run's own network is built only to compare with a file that records its
     network; `fid_between` checks again, and warns of a file that records none."""
     saved = [(f"statistics file {path}", load_statistics(path).provenance)
              for path in paths if is_statistics_source(path) and Path(path).is_file()]
-    named = common["features"] is not None or common["weights"] is not None
+    named = options.features is not None or options.weights is not None
     if any(provenance is not None for _, provenance in saved) and (len(saved) == 1 or named):
-        weights = (f"classifier {common['features']}" if common["features"] else
-                   f"weights {common['weights'] or f'the published {WEIGHTS_FILENAME}'}")
-        run = FeatureExtractor(**common)
+        weights = (f"classifier {options.features}" if options.features else
+                   f"weights {options.weights or f'the published {WEIGHTS_FILENAME}'}")
+        run = options.extractor()
         # Another network is refused by name, without building (or downloading) this run's network.
         same_network = saved[0][1].network == run.network_name
         saved.append((f"this run's features ({weights})",
@@ -118,33 +120,34 @@ def main(argv: list[str] | None = None) -> None:
     check_kid_options(args)
     if args.overwrite and not args.save_stats:
         raise UserError("--overwrite applies to --save-stats only (nothing else is written); drop it.")
-    if args.save_stats and Path(args.paths[1]).is_file() and not args.overwrite:
-        raise UserError(f"{args.paths[1]} already exists; pass --overwrite to replace it, or choose another name.")
-    common = dict(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                  num_workers=args.num_workers, files=args.files, compile=args.compile, features=args.features)
+    options = FeatureOptions(weights=args.weights, features=args.features, device=args.device,
+                             batch_size=args.batch_size, num_workers=args.num_workers, files=args.files,
+                             compile=args.compile)
+    extractor = options.extractor()  # every option of the features checked now; the network is built when used
     if args.features is not None:
-        FeatureExtractor(**common).domain  # a wrong checkpoint is refused before any folder is read
+        extractor.domain  # a wrong checkpoint is refused before any folder is read
     a, b = args.paths
     with warnings.catch_warnings():
         warnings.showwarning = cli.print_warning  # also when called as a function, not through cli.main
         if args.save_stats:
+            # The output path is checked first (nothing is written yet, not even a missing folder on the way).
+            check_statistics_path(b, overwrite=args.overwrite)
             if not Path(a).is_dir():
                 raise UserError(f"--save-stats needs an image folder first but got {a}; run --save-stats FOLDER OUT.npz.")
             folder = open_folder(a, args.files)
-            prepare_statistics_path(b)  # refuses a name without .npz, before any features are computed
-            save_statistics(compute_statistics(folder, **common), b, overwrite=args.overwrite)
+            save_statistics(compute_statistics(folder, options), b, overwrite=args.overwrite)
             print(f"Saved statistics of {a} to {b}")
             return
         # Folders are listed once, here, and both checked (at least 2 images each) before any network is built.
         sources = [path if is_statistics_source(path) else open_folder(path, args.files) for path in (a, b)]
-        check_reused_statistics([a, b], common)
+        check_reused_statistics([a, b], options)
         with_kid = not args.no_kid and not (is_statistics_source(a) or is_statistics_source(b))
-        kid_options = [f"--{name.replace('_', '-')}" for name in ("kid_subsets", "kid_subset_size", "seed")
-                       if getattr(args, name) != parser.get_default(name)]
-        if kid_options and not with_kid:
+        kid_given = [f"--{name.replace('_', '-')}" for name in ("kid_subsets", "kid_subset_size", "seed")
+                     if getattr(args, name) != parser.get_default(name)]
+        if kid_given and not with_kid:
             why = "--no-kid skips it" if args.no_kid else "a statistics file holds no features to draw subsets from"
-            raise UserError(f"{', '.join(kid_options)} set{'s' if len(kid_options) == 1 else ''} up KID, but {why}; "
-                            f"drop {'it' if len(kid_options) == 1 else 'them'}.")
+            raise UserError(f"{', '.join(kid_given)} set{'s' if len(kid_given) == 1 else ''} up KID, but {why}; "
+                            f"drop {'it' if len(kid_given) == 1 else 'them'}.")
         subset_size = args.kid_subset_size
         if with_kid and subset_size is None:
             smallest = min(len(source) for source in sources)
@@ -155,9 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                 sizes = "--kid-subset-size 2" if smallest == 2 else f"a --kid-subset-size from 2 to {smallest}"
                 print(f"warning: KID skipped: its default subsets of {subset_size} images need that many per folder "
                       f"and one has {smallest}; pass {sizes} to get it.", file=sys.stderr)
-        result = fid_between(*sources, with_kid=with_kid, kid_subsets=args.kid_subsets,
-                             kid_subset_size=KID_SUBSET_SIZE if subset_size is None else subset_size,
-                             seed=args.seed, **common)
+        kid = KIDOptions(subsets=args.kid_subsets, subset_size=subset_size, seed=args.seed) if with_kid else None
+        result = fid_between(*sources, options, kid)
     print(f"FID: {result.fid:.6f}")
     if result.kid_mean is not None:
         print(f"KID: {result.kid_mean:.8f} +/- {result.kid_std:.8f}")

@@ -10,10 +10,10 @@ from typing import Union
 import numpy as np
 import torch
 
-from .features import FeatureExtractor, ImageSource
+from .features import FeatureExtractor, FeatureOptions, ImageSource
 from .folder import ImageFolder, check_enough_images
 from .frechet import frechet_distance
-from .kid import check_kid_sizes, kid
+from .kid import KIDOptions, check_kid_sizes, kid
 from .stats import Statistics, StreamingStatistics, check_same_features, load_statistics
 
 from core.errors import UserError
@@ -38,28 +38,24 @@ def is_statistics_source(source: Source) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz"
 
 
-def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: int = 100,
-                kid_subset_size: int = 1000, seed: int = 0, weights: str | os.PathLike | None = None,
-                device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
-                features: str | os.PathLike | None = None) -> FIDResult:
-    """FID between `a` and `b` (folders, .npz files, `Statistics`, image tensors or batch iterables).
+def fid_between(a: Source, b: Source, options: FeatureOptions = FeatureOptions(),
+                kid_options: KIDOptions | None = None) -> FIDResult:
+    """FID between `a` and `b` (folders, .npz files, `Statistics`, image tensors or batch iterables), in the
+    features `options` say (Inception's, or with `options.features` a classify checkpoint's penultimate
+    features, `fid.domain`; which files of a folder are read, see `fid.folder`); and KID where `kid_options`
+    are given.
 
-    With `with_kid`, both sides must be images: KID (Bińkowski et al. 2018) needs the features
-    themselves, which are then held in memory; otherwise only streamed statistics are kept. Each
-    side needs at least `kid_subset_size` images, and a folder at least 2 (refused up front). `files`
-    selects which files of a folder are read ("pytorch-fid": its selection; "all": subfolders, any
-    case, GIF; see `fid.folder`). `compile` runs the network through torch.compile (see
-    `FeatureExtractor`). `features`, a classify-stage checkpoint, measures both in that classifier's
-    penultimate features instead of Inception's (`fid.domain`).
+    With KID, both sides must be images: KID (Bińkowski et al. 2018) needs the features themselves, which
+    are then held in memory; otherwise only streamed statistics are kept. Each side needs at least
+    `kid_options.subset_size` images, and a folder at least 2 (refused up front).
     """
+    with_kid = kid_options is not None
     if with_kid and (is_statistics_source(a) or is_statistics_source(b)):
         raise UserError("KID needs the images of both sides, not saved statistics; pass two image sources.")
-    extractor = FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
-                                 progress=progress, files=files, compile=compile, features=features)
+    extractor = options.extractor()
     # Both folders are listed and checked to hold 2 images or more (a covariance needs them), and KID's
     # subset size checked against them, before minutes are spent on the features of either side.
-    a, b = _open(a, files), _open(b, files)
+    a, b = _open(a, options.files), _open(b, options.files)
     for source in (a, b):
         if isinstance(source, ImageFolder):
             check_enough_images(source)
@@ -67,11 +63,11 @@ def fid_between(a: Source, b: Source, *, with_kid: bool = False, kid_subsets: in
         s_a, s_b = _statistics(a, extractor), _statistics(b, extractor)
         check_same_features([(_describe(source), s.provenance) for source, s in ((a, s_a), (b, s_b))])
         return FIDResult(fid=_frechet(s_a, s_b))
-    check_kid_sizes(_count(a), _count(b), kid_subsets, kid_subset_size)
+    check_kid_sizes(_count(a), _count(b), kid_options.subsets, kid_options.subset_size)
     f_a, f_b = extractor.features(a), extractor.features(b)
     s_a, s_b = _statistics_of(f_a), _statistics_of(f_b)
-    kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
-                            progress=progress)
+    kid_mean, kid_std = kid(f_a, f_b, num_subsets=kid_options.subsets, subset_size=kid_options.subset_size,
+                            seed=kid_options.seed, progress=options.progress)
     return FIDResult(fid=_frechet(s_a, s_b), kid_mean=kid_mean, kid_std=kid_std)
 
 

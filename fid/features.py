@@ -27,7 +27,7 @@ from .weights import build_fid_inception
 
 from core.checkpoint import state_fingerprint
 from core.errors import UserError
-from core.runtime import check_num_workers
+from core.runtime import check_num_workers, resolve_device
 from core.speed import check_compile, inference_memory_format
 from data.folder import decode_square
 from data.imageio import as_rgb
@@ -45,26 +45,22 @@ def weights_fingerprint(model: FIDInceptionV3) -> str:
                               if not name.endswith("num_batches_tracked")})
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@dataclasses.dataclass(frozen=True)
+class FeatureOptions:
+    """How features are computed, as `python -m fid`'s options set it: with which network, where, how fast."""
 
+    weights: str | os.PathLike | None = None   # Inception's weights file (None: the published one, downloaded once)
+    features: str | os.PathLike | None = None  # a classify checkpoint whose penultimate features replace Inception's
+    device: str | torch.device | None = None   # None or "auto": CUDA where there is one (core.runtime.resolve_device)
+    batch_size: int = 50                       # images per forward pass
+    num_workers: int = 0                       # image decoding processes (0: decode in this one)
+    files: str = "pytorch-fid"                 # which files of a folder are read: "pytorch-fid" or "all" (fid.folder)
+    compile: bool = False                      # torch.compile the network: slow to start, then faster; same features
+    progress: bool = True                      # a progress bar per source
 
-def parse_device(device: str | torch.device | None) -> torch.device:
-    try:
-        return torch.device(device or default_device())
-    except RuntimeError as err:
-        raise UserError(f"Device {device!r} is not a torch device; pass cpu, cuda or cuda:N.") from err
-
-
-def check_device_available(device: torch.device) -> None:
-    """Refuse a device this machine lacks with one sentence, before torch fails with a traceback."""
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise UserError(f"Device {device} is not available ({count} CUDA devices found); "
-                            "pass --device cpu (device='cpu' in Python).")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"Device {device} is not available on this machine; pass --device cpu (device='cpu' in Python).")
+    def extractor(self) -> FeatureExtractor:
+        """A `FeatureExtractor` with these options (each checked now; the network is built on first use)."""
+        return FeatureExtractor(**dataclasses.asdict(self))
 
 
 class FeatureExtractor:
@@ -73,7 +69,7 @@ class FeatureExtractor:
     By default that is the FID Inception network: features come from `network`, a copy of `model` with
     its batch norms folded, channels_last on CPU, and through torch.compile with `compile`: the same
     features as `model` gives, to float rounding. With `features` (a classify-stage checkpoint) it is
-    that classifier's penultimate layer instead (`fid.domain`), and `weights` is not read.
+    that classifier's penultimate layer instead (`fid.domain`), and `weights` is refused (it would not be read).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -82,10 +78,15 @@ class FeatureExtractor:
                  features: str | os.PathLike | None = None) -> None:
         if batch_size < 1:
             raise UserError(f"The batch size (--batch-size) is {batch_size} but must be at least 1.")
+        if features is not None and weights is not None:
+            raise UserError("--weights names Inception's weights, which --features CKPT replaces by the classifier's "
+                            "own features, so they would not be read; drop --weights (or --features).")
         check_num_workers(num_workers)
         check_file_selection(files)
         self.weights = weights
-        self.device = parse_device(device)
+        # The rule every command shares: "auto" (None) takes CUDA where there is one; a device this machine lacks is
+        # refused now, also where only statistics files are compared.
+        self.device = resolve_device("auto" if device is None else str(device))
         check_compile(compile, self.device)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -103,8 +104,6 @@ class FeatureExtractor:
     def model(self) -> FIDInceptionV3:
         """The network as loaded, with the published weights' layout."""
         if self._model is None:
-            # Checked here, not in __init__: comparing two statistics files needs no device.
-            check_device_available(self.device)
             self._model = build_fid_inception(self.weights).to(self.device)
         return self._model
 
@@ -113,7 +112,6 @@ class FeatureExtractor:
         """The classifier's penultimate features (only with `features`)."""
         assert self.checkpoint is not None, "no classifier checkpoint was given (features=)"
         if self._domain is None:
-            check_device_available(self.device)
             self._domain = ClassifierFeatures(self.checkpoint, self.device)
         return self._domain
 
@@ -227,21 +225,13 @@ def _check_range(low: float, high: float) -> None:
         )
 
 
-def compute_statistics(source: ImageSource, *, weights: str | os.PathLike | None = None,
-                       device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                       progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
-                       features: str | os.PathLike | None = None) -> Statistics:
-    """FID statistics (mu, sigma) of the Inception features of `source` (or with `features`, a classify
+def compute_statistics(source: ImageSource, options: FeatureOptions = FeatureOptions()) -> Statistics:
+    """FID statistics (mu, sigma) of the Inception features of `source` (or with `options.features`, a classify
     checkpoint's penultimate features), streamed in float64."""
-    return FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, files=files, compile=compile, features=features).statistics(source)
+    return options.extractor().statistics(source)
 
 
-def compute_features(source: ImageSource, *, weights: str | os.PathLike | None = None,
-                     device: str | torch.device | None = None, batch_size: int = 50, num_workers: int = 0,
-                     progress: bool = True, files: str = "pytorch-fid", compile: bool = False,
-                     features: str | os.PathLike | None = None) -> np.ndarray:
-    """Inception features (N, 2048) of `source` (or with `features`, a classify checkpoint's (N, 512)), all
+def compute_features(source: ImageSource, options: FeatureOptions = FeatureOptions()) -> np.ndarray:
+    """Inception features (N, 2048) of `source` (or with `options.features`, a classify checkpoint's (N, 512)), all
     held in memory (needed for KID)."""
-    return FeatureExtractor(weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, files=files, compile=compile, features=features).features(source)
+    return options.extractor().features(source)

@@ -14,11 +14,22 @@ of images and is exactly 0 when they are equal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from core.errors import UserError
+
+
+@dataclass(frozen=True)
+class KIDOptions:
+    """How KID is estimated: the subsets it averages over."""
+
+    subsets: int = 100        # random subsets drawn
+    subset_size: int = 1000   # images per subset (Binkowski et al. 2018 use 1000); each side needs at least this many
+    seed: int = 0             # seed of the subset draws
 
 
 def kid(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor, num_subsets: int = 100,

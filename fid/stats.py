@@ -116,11 +116,11 @@ class StreamingStatistics:
 
 
 def save_statistics(stats: Statistics, path: str | os.PathLike, overwrite: bool = True) -> None:
-    """Write `mu`, `sigma` and any provenance to the .npz file `path` (a name not ending in .npz is refused,
-    since numpy would write another name, with .npz added). Without `overwrite` an existing file, also one
-    another command wrote while this one computed, is never replaced."""
+    """Write `mu`, `sigma` and any provenance to the .npz file `path`, making any missing folders on the way (as
+    every output of this toolkit is made); a path `check_statistics_path` refuses is refused. Without `overwrite`
+    an existing file, also one another command wrote while this one computed, is never replaced."""
     path = Path(path)
-    prepare_statistics_path(path)
+    check_statistics_path(path)  # (an existing file is kept by the write itself, without `overwrite`)
     record = {} if stats.provenance is None else {
         key: np.asarray(getattr(stats.provenance, field)) for field, key in PROVENANCE_KEYS.items()}
     try:  # whole or not at all: a full disk leaves the file that was there before, and no empty one
@@ -134,18 +134,25 @@ def save_statistics(stats: Statistics, path: str | os.PathLike, overwrite: bool 
         raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
 
 
-def prepare_statistics_path(path: str | os.PathLike) -> None:
-    """Create the folder `path` will be written to, so that a bad path fails before any work is done."""
+def check_statistics_path(path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Refuse, before any features are computed and without writing anything, a path statistics cannot be saved
+    to: a folder, a name numpy would change (one not ending in .npz), a place under a file or in a folder this
+    user cannot write into, or without `overwrite` a file that exists. Folders on the way that do not exist yet
+    are fine: `save_statistics` makes them once there is something to write."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"Cannot write statistics to the folder {path}; pass a file name such as {path / 'stats.npz'}.")
     if not path.name.endswith(".npz"):  # numpy's test: it would append .npz, and write another file than named
         suggestion = path.with_suffix(".npz") if path.suffix.lower() == ".npz" else path.with_name(path.name + ".npz")
         raise UserError(f"Statistics files are .npz files but {path} does not end in .npz; name it {suggestion}.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"Cannot write statistics to {path} ({_reason(err)}); choose a writable path.") from err
+    if path.is_file() and not overwrite:
+        raise ExistsError(f"{path} already exists; pass --overwrite to replace it, or choose another name.")
+    there = next(folder for folder in path.absolute().parents if folder.exists())  # ("/" at the latest)
+    if not there.is_dir():
+        raise UserError(f"Cannot write statistics to {path} ({there} is a file, not a folder); choose a writable path.")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write statistics to {path} (the folder {there} is not writable); choose a writable "
+                        f"path.")
 
 
 def _reason(err: OSError) -> str:

@@ -24,20 +24,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from core.checkpoint import not_a_checkpoint_file
-from core.config import to_dict
+from core.checkpoint import not_a_checkpoint_file, peek_checkpoint
+from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
 from data import ImageDataset, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8
-from ddpm.config import SamplingConfig
+from ddpm.config import SamplingConfig, check_within_timesteps
 from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
-from invert.frozen import FrozenModel, check_resolution, denoised_data, fit_images, load_frozen
+from invert.frozen import DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, fit_images, load_frozen
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -119,8 +119,7 @@ class Inversion:
         n = min(self.config.train.preview_images, len(self.eval_index))
         index = self.eval_index[:n]
         vectors = models[MAIN].weight.detach()[index.to(self.device)]
-        sampling = SamplingConfig(sampler="ddim", steps=min(self.config.train.preview_steps,
-                                                            self.schedule.num_timesteps))
+        sampling = SamplingConfig(sampler="ddim", steps=self.config.train.preview_steps)  # at most T: see `check`
         drawn = sample_images(self.model.sampler, sampling, [image_seed(self.config.train.seed, k) for k in range(n)],
                               cond_emb=vectors).cpu()
         real = from_uint8(self.images.images[index])
@@ -172,9 +171,10 @@ def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> t
     return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main)
 
 
-def check(config: InvertConfig, resume_from: dict | None) -> None:
-    """The model must be named and exist before any work; build checks the image size against it before the
-    images are loaded, and the images themselves once they are."""
+def check(config: InvertConfig, resume_from: dict | None, device: torch.device) -> None:
+    """The model must be named and exist before any work, and the preview's and the quality signal's timesteps be
+    within its T; build checks the image size against it before the images are loaded, and the images themselves
+    once they are."""
     path = config.invert.model
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
@@ -182,6 +182,20 @@ def check(config: InvertConfig, resume_from: dict | None) -> None:
     if not model_path(config, resume_from).is_file():
         reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
         raise MissingFileError(f"--model {path} {reason}.")
+    T = frozen_timesteps(model_path(config, resume_from))
+    if T is not None:
+        check_within_timesteps("--preview-steps", config.train.preview_steps, T)
+        check_within_timesteps("--eval-timesteps", config.invert.eval_timesteps, T)
+
+
+def frozen_timesteps(path: Path) -> int | None:
+    """T of the diffusion model at `path`, read from its config with its weights left unread; None for a file that
+    is no diffusion model's checkpoint, which `build` refuses with the reason, before any image is read."""
+    payload = peek_checkpoint(path)
+    spec = DIFFUSION_MODELS.get(str((payload or {}).get("stage")))
+    if spec is None or not isinstance(payload.get("config"), dict):
+        return None
+    return from_dict(spec.config_class, payload["config"], source=path).diffusion.num_timesteps
 
 
 def model_path(config: InvertConfig, resume_from: dict | None) -> Path:

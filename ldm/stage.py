@@ -190,7 +190,7 @@ def autoencoder_config(config: LDMConfig) -> AutoencoderConfig:
     raise MissingFileError(f"--vae-ckpt {path} {not_a_checkpoint_file(path, 'a `train.py --stage vae` run')}.")
 
 
-def check(config: LDMConfig, resume_from: dict | None) -> None:
+def check(config: LDMConfig, resume_from: dict | None, device: torch.device) -> None:
     """Before any data is loaded: the diffusion options, the autoencoder, and the U-Net at the size of its
     latents. A resumed run needs no file at --vae-ckpt: its checkpoint carries the autoencoder, and its U-Net
     was fitted to those latents when it started."""
@@ -200,7 +200,7 @@ def check(config: LDMConfig, resume_from: dict | None) -> None:
         return
     autoencoder = autoencoder_config(config)
     size = latent_size(autoencoder, config.data.resolution)
-    check_unet_fits(config.unet, size, autoencoder.latent_channels, latent_description(autoencoder, size))
+    check_unet_fits(config.unet, size, autoencoder.latent_channels, latent_description(autoencoder, size), device)
 
 
 SPEC = StageSpec(

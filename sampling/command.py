@@ -29,7 +29,8 @@ from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.source import ImageSource
 from ddpm.synthetic import check_image_count
-from sampling.draw import Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset
+from sampling.draw import (Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset,
+                           sweep_plan)
 
 # Options that only mean something with another one: parsed as None, so giving them alone can be refused.
 OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
@@ -199,16 +200,17 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     num = args.num or (4 if special else 64)
     # A batch holds at most the images of one call to `draw`: an interpolation draws each strip by itself.
     check_drawing_batch(args.batch_size, args.frames if args.interpolate else num, model)
-    out = output_dir(args, sampling)
     indices = list(range(args.first_index, args.first_index + num))
+    sweep = sweep_plan(args, model, indices) if args.sweep else None
+    out = output_dir(args, sampling)
     # Asked before the folder is marked as ours. One that holds no drawing (--overwrite into the user's own
     # images) is written into as it is: only files of the names this drawing writes are replaced.
     earlier = holds_a_drawing(out)
     with OutputFolder(out):  # two samplers never write one folder
         if earlier:
             clear_earlier_output(out)
-        if args.sweep:
-            draw_sweep(draw, args, model, indices, out)
+        if sweep is not None:
+            draw_sweep(draw, args, indices, *sweep, out)
         if args.interpolate:
             draw_interpolations(draw, args, model, indices, out)
         if not special:

@@ -90,11 +90,18 @@ def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, ind
                for k, name, seed, record in zip(indices, names, seeds, conditions.records)], out / "manifest.csv")
 
 
-def draw_sweep(draw: Drawer, args: argparse.Namespace, model: DiffusionSampler, indices: list[int], out: Path) -> None:
-    """Rows are images (each with its own noise), columns step through the swept condition."""
+def sweep_plan(args: argparse.Namespace, model: DiffusionSampler, indices: list[int]
+               ) -> tuple[list[Conditions], list[str]]:
+    """The conditions of each column of the --sweep grid whose rows are images `indices`, and a label per column:
+    worked out, and --sweep checked, before anything is written."""
     kind, info = model.net.config.cond, model.info
     base = requested(kind, info, indices, args.seed, label=args.label, params=args.param)
-    columns, labels = sweep_columns(args.sweep, kind, info, base, label=args.label, params=args.param)
+    return sweep_columns(args.sweep, kind, info, base, label=args.label, params=args.param)
+
+
+def draw_sweep(draw: Drawer, args: argparse.Namespace, indices: list[int], columns: list[Conditions],
+               labels: list[str], out: Path) -> None:
+    """Rows are images (each with its own noise), columns step through the swept condition (`sweep_plan`)."""
     seeds = [image_seed(args.seed, k) for k in indices]
     per_column = [draw(seeds, c, desc=f"sweep {label}") for c, label in zip(columns, labels)]
     grid = torch.stack(per_column, dim=1).flatten(0, 1)  # row-major: image k at every column value

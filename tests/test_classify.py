@@ -167,9 +167,11 @@ def test_test_images_that_are_training_images_are_refused_or_counted(colours, tm
                                          r"--dataset, .*; remove them"):
         train.main(args(tmp_path / "run", train_folder, mixed, "--steps", "2"))
     assert final_results(tmp_path / "run")["images"] == 16
-    # The results table checks every training set against --test before its first run trains.
+    # The results table checks every training set against --test before its first run trains (a copy: one folder
+    # given as both is refused sooner, by its path).
+    copy = shutil.copytree(train_folder, tmp_path / "copy")
     argv = ["--real", f"folder:{test_folder}", "--synthetic", f"gen=folder:{train_folder}", "--test",
-            f"folder:{train_folder}", "--out", str(tmp_path / "table"), "--device", "cpu", "--", "--target", "class",
+            f"folder:{copy}", "--out", str(tmp_path / "table"), "--device", "cpu", "--", "--target", "class",
             "--resolution", str(RES), "--steps", "2", "--warmup-steps", "1", "--batch-size", "6"]
     with pytest.raises(ValueError, match=r"^The test images are not held out: every image of --test .* is also one "
                                          r"of --synthetic gen "):
@@ -612,9 +614,10 @@ def test_fine_tune_rows_start_from_the_first_rows_runs_and_train_on_the_real_ima
 def test_fine_tune_lr_sets_the_learning_rate_of_the_fine_tuned_rows_only(colours, tmp_path):
     real, test = colours
     out = tmp_path / "x"
+    synthetic = colour_folder(tmp_path / "gen", 8, seed=2)  # (the real images themselves are refused)
 
     def argv(*extra):
-        return ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{real}", "--test", f"folder:{test}",
+        return ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synthetic}", "--test", f"folder:{test}",
                 "--seeds", "1", "--out", str(out), "--device", "cpu", "--no-mixed", *extra, "--", "--target",
                 "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0", "--batch-size", "6",
                 "--test-samples", "0", "--lr", "0.04"]
@@ -658,8 +661,9 @@ def test_experiment_refuses_a_bad_synthetic_set_before_any_run_trains(colours, t
 def test_a_damaged_kept_run_of_the_table_is_refused_with_both_ways_out(colours, tmp_path):
     real, test = colours
     out = tmp_path / "x"
-    argv = ["--real", f"folder:{real}", "--synthetic", f"a=folder:{real}", "--test", f"folder:{test}", "--seeds", "1",
-            "--no-mixed", "--out", str(out), "--device", "cpu", "--", "--target", "class", "--resolution", str(RES),
+    synthetic = colour_folder(tmp_path / "a", 8, seed=2)  # (the real images themselves are refused)
+    argv = ["--real", f"folder:{real}", "--synthetic", f"a=folder:{synthetic}", "--test", f"folder:{test}", "--seeds",
+            "1", "--no-mixed", "--out", str(out), "--device", "cpu", "--", "--target", "class", "--resolution", str(RES),
             "--steps", "1", "--warmup-steps", "0", "--batch-size", "6"]
     experiment.main(argv)
     checkpoint = out / "runs" / "a" / "seed0" / "checkpoint.pt"

@@ -268,7 +268,7 @@ def test_nothing_is_written_inside_a_dataset_of_ours(class_ckpt, tmp_path):
 
 
 def test_bad_bins_are_refused_before_anything_is_written(params_ckpt, tmp_path):
-    for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "at least 2"), ("wind:3:1:-1", "empty"),
+    for spec, message in (("speed:3", "NAME one of wind, heat"), ("wind:1", "from 2 to 256"), ("wind:3:1:-1", "empty"),
                           ("wind:3:1e6:2e6", r"the bins over \[1e\+06, 2e\+06\] miss the range of wind in the data"),
                           # Wider than the training range [-1, 1]: every image would land in the middle bin.
                           ("wind:3:-5:5", r"reaches only 1 of the 3 bins over \[-5, 5\], so wind0, wind2 would hold "

@@ -3,6 +3,7 @@ here, read at its penultimate layer, with the statistics, files and refusals of 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def test_features_are_the_classifiers_penultimate_layer(tmp_path, kind):
             else params_checkpoint(tmp_path / "c.pt"))       # RGB classes; or greyscale parameters (luma)
     for size in ((24, 20), (16, 16)):                          # resized from a non-square image; taken as it is
         folder = image_folder(tmp_path / f"{size}", 3, size, seed=size[0])
-        got = fid.compute_features(folder, features=ckpt, device="cpu", batch_size=2, progress=False)
+        got = fid.compute_features(folder, fid.FeatureOptions(features=ckpt, device="cpu", batch_size=2,
+                                                                  progress=False))
         assert got.shape == (3, 512)
         np.testing.assert_allclose(got, by_hand(ckpt, folder), rtol=1e-5, atol=1e-6)
     mixed = tmp_path / "mixed"                                 # sizes met in one batch: each fitted on its own
@@ -87,7 +89,8 @@ def test_features_are_the_classifiers_penultimate_layer(tmp_path, kind):
     for i, size in enumerate(((16, 16), (24, 20), (12, 30))):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
             mixed / f"{i}.png")
-    got = fid.compute_features(str(mixed), features=ckpt, device="cpu", batch_size=3, progress=False)
+    options = fid.FeatureOptions(features=ckpt, device="cpu", batch_size=3, progress=False)
+    got = fid.compute_features(str(mixed), options)
     np.testing.assert_allclose(got, by_hand(ckpt, str(mixed)), rtol=1e-5, atol=1e-6)
 
 
@@ -105,23 +108,23 @@ def test_a_folder_gives_the_features_of_the_images_training_reads_from_it(tmp_pa
         Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     decoded = load_dataset(f"folder:{folder}", 16, channels=3).images.float() / 255
-    options = dict(features=ckpt, device="cpu", batch_size=3, progress=False)
-    got = fid.compute_features(str(folder), files="all", **options)
-    np.testing.assert_allclose(got, fid.compute_features(decoded, **options), rtol=1e-5, atol=1e-6)
+    options = fid.FeatureOptions(features=ckpt, device="cpu", batch_size=3, progress=False)
+    got = fid.compute_features(str(folder), dataclasses.replace(options, files="all"))
+    np.testing.assert_allclose(got, fid.compute_features(decoded, options), rtol=1e-5, atol=1e-6)
     (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # read by pytorch-fid's file selection only
     with pytest.raises(ValueError, match=r"\._0\.png .*: it is a hidden file, .* pass --files all"):
-        fid.compute_features(str(folder), **options)
+        fid.compute_features(str(folder), options)
 
 
 def test_a_folder_is_at_distance_zero_from_itself(tmp_path):
     ckpt = classifier_checkpoint(tmp_path / "c.pt", 0)
     folder = image_folder(tmp_path / "a", 6, (16, 16), seed=1)
-    options = dict(features=ckpt, device="cpu", batch_size=4, progress=False)
-    first, second = fid.compute_statistics(folder, **options), fid.compute_statistics(folder, **options)
+    options = fid.FeatureOptions(features=ckpt, device="cpu", batch_size=4, progress=False)
+    first, second = fid.compute_statistics(folder, options), fid.compute_statistics(folder, options)
     assert first.mu.shape == (512,) and first.mu.dtype == np.float64 and first.sigma.shape == (512, 512)
     assert frechet_distance(first.mu, first.sigma, second.mu, second.sigma) == pytest.approx(0.0, abs=1e-6)
     other = image_folder(tmp_path / "b", 6, (16, 16), seed=2)
-    assert fid.fid_between(folder, other, **options).fid > 1e-3
+    assert fid.fid_between(folder, other, options).fid > 1e-3
 
 
 def test_saved_statistics_round_trip_with_the_classifier_that_made_them(tmp_path, capsys):
@@ -131,7 +134,8 @@ def test_saved_statistics_round_trip_with_the_classifier_that_made_them(tmp_path
     assert cli_main(["--save-stats", folder, str(stats), "--features", str(ckpt), *CPU]) == 0
     loaded = load_statistics(stats)
     classifier = load_classifier(ckpt)
-    expected = fid.compute_statistics(folder, features=ckpt, device="cpu", batch_size=2, progress=False)
+    expected = fid.compute_statistics(folder, fid.FeatureOptions(features=ckpt, device="cpu", batch_size=2,
+                                                                 progress=False))
     assert loaded.provenance == Provenance(
         "classify ResNet-18/penultimate-512 (class target, 16 px, 3 channels)",
         state_fingerprint({k: v for k, v in classifier.net.state_dict().items()
@@ -188,9 +192,9 @@ def test_cli_prints_fid_and_kid_in_the_classifiers_features(tmp_path, capsys):
     out = capsys.readouterr().out
     fid_value = float(re.search(r"FID: (\S+)", out).group(1))
     kid_mean, kid_std = map(float, re.search(r"KID: (\S+) \+/- (\S+)", out).groups())
-    f_a, f_b = (fid.compute_features(x, features=ckpt, device="cpu", progress=False) for x in (a, b))
-    expected = fid.fid_between(a, b, features=ckpt, device="cpu", progress=False, with_kid=True, kid_subsets=5,
-                               kid_subset_size=3)
+    options = fid.FeatureOptions(features=ckpt, device="cpu", progress=False)
+    f_a, f_b = (fid.compute_features(x, options) for x in (a, b))
+    expected = fid.fid_between(a, b, options, fid.KIDOptions(subsets=5, subset_size=3))
     assert fid_value == pytest.approx(expected.fid, rel=1e-5) and fid_value > 0
     assert (kid_mean, kid_std) == pytest.approx((expected.kid_mean, expected.kid_std), rel=1e-4, abs=1e-8)
     assert (kid_mean, kid_std) == pytest.approx(fid.kid(f_a, f_b, num_subsets=5, subset_size=3), rel=1e-4, abs=1e-8)

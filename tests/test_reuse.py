@@ -377,11 +377,12 @@ def test_the_same_request_keeps_every_finished_run(table, capsys):
 
 
 def test_the_python_api_refuses_statistics_of_other_weights_too(tmp_path):
-    from fid import fid_between
+    from fid import FeatureOptions, fid_between
     mu, sigma = np.zeros(4), np.eye(4)
     for name, weights in (("a.npz", "0123abcd"), ("b.npz", "4567ef01"), ("c.npz", "0123abcd")):
         save_statistics(Statistics(mu, sigma, provenance=Provenance(NETWORK, weights, "pytorch-fid", 10)),
                         tmp_path / name)
     with pytest.raises(ValueError, match="computed with feature weights 0123abcd but .* with 4567ef01"):
-        fid_between(tmp_path / "a.npz", tmp_path / "b.npz", device="cpu")
-    assert fid_between(tmp_path / "a.npz", tmp_path / "c.npz", device="cpu").fid == pytest.approx(0.0, abs=1e-9)
+        fid_between(tmp_path / "a.npz", tmp_path / "b.npz", FeatureOptions(device="cpu"))
+    on_cpu = FeatureOptions(device="cpu")
+    assert fid_between(tmp_path / "a.npz", tmp_path / "c.npz", on_cpu).fid == pytest.approx(0.0, abs=1e-9)

@@ -45,7 +45,7 @@ from core.cli import (RunError, RunInterrupted, ignore_stop_signals, launched_wo
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
 from core.distributed import StopAgreement, gather_across_processes, main_process_first, mean_across_processes
-from core.errors import ExistsError, UserError
+from core.errors import ExistsError, UserError, warn_once
 from core.runtime import Runtime, atomic_write, autocast, autocast_dtype, derive_seed, read_metrics, write_json
 from data.imageio import atomic_save_image, save_grid
 from training.optim import LazyAdamW
@@ -157,6 +157,18 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 1.0 if schedule == "constant" else cosine
+
+
+def warn_unfinished_warmup(cfg: TrainConfig) -> None:
+    """Warn, once, where a constant or cosine schedule's warm-up outlasts the run, so its learning rate never
+    reaches --lr. Not refused: tiny smoke runs (a preset's warm-up with --steps 3) are meant to run as they are.
+    (One-cycle, whose annealing phase would vanish, is refused by TrainConfig.)"""
+    if cfg.lr_schedule == "onecycle" or not 0 < cfg.steps < cfg.warmup_steps:
+        return
+    peak = lr_factor(cfg.lr_schedule, cfg.steps - 1, cfg.steps, cfg.warmup_steps)  # the last step's: still rising
+    warn_once("warm-up", f"--warmup-steps {cfg.warmup_steps} outlasts --steps {cfg.steps}, so the learning rate "
+                         f"reaches only {100 * peak:.3g}% of --lr ({peak * cfg.lr:.3g}); pass --warmup-steps "
+                         f"{cfg.steps} or fewer for the full rate.")
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -328,8 +340,12 @@ class Trainer:
     """
 
     def __init__(self, stage: TrainingStage, cfg: TrainConfig, run_dir: str | os.PathLike, runtime: Runtime,
-                 resume_from: dict[str, Any] | None = None, num_workers: int = 0):
+                 resume_from: dict[str, Any] | None = None, num_workers: int = 0,
+                 advice: Callable[[str, int], str] | None = None):
+        """`advice(diverged, step)`: what to change after training diverged, in the words of the stage's options
+        (its config's `divergence_advice`); None: a lower --lr."""
         self.stage, self.cfg, self.runtime, self.num_workers = stage, cfg, runtime, num_workers
+        self.advice = advice or (lambda diverged, step: "a lower --lr")
         self.run_dir = Path(run_dir)
         self.ckpt_path, self.metrics_path = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
         if resume_from is None and self.ckpt_path.exists():
@@ -666,9 +682,14 @@ class Trainer:
     def _divergence_error(self, what: str, done: int) -> TrainingDiverged:
         """The error that ends a run in which `what` (from `_divergence` or `_weights_not_finite`) went wrong by
         step `done`."""
+        change = self.advice(what, done)
+        if self.amp_dtype is torch.float16:  # fp16's range (65504) is the likelier cause: named first
+            change = f"--amp bf16 or none (fp16 overflows where they do not), or with {change}"
+        elif self.amp_dtype is torch.bfloat16:
+            change = f"{change}, or with --amp none"
         return TrainingDiverged(f"{what} by step {done}; nothing was saved past the last checkpoint "
                                 f"({self.ckpt_path if self.ckpt_path.exists() else 'none yet'}), so start a new run "
-                                f"with a lower --lr, or with --amp none.")
+                                f"with {change}.")
 
     def _weights_not_finite(self) -> str | None:
         """Weights (or buffers: batch-norm statistics) that became NaN or infinite, which the losses and gradient

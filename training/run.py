@@ -15,22 +15,26 @@ import dataclasses
 import contextlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from core.errors import MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, to_dict
+from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, option_name, to_dict
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_folder_path, check_own_folder
-from core.runtime import Runtime, check_batch_fits, check_num_workers
+from core.runtime import Runtime, autocast_dtype, check_batch_fits, check_num_workers, resolve_device
 from core.speed import check_compile
 from data import SPLITS_WITH_TEST, check_output_outside, check_spec, config_datasets
 from core import distributed
-from training.loop import RunExists, Trainer, check_schedule_kept, check_steps_ahead, finished_run, missing_outputs
+from training.loop import (RunExists, Trainer, check_schedule_kept, check_steps_ahead, finished_run, missing_outputs,
+                           warn_unfinished_warmup)
 
 CHECKPOINT_KEYS = ("config", "data_info", "step", "models", "ema", "optimizers", "scaler", "rng")
 # What a run killed before its first checkpoint leaves in its folder: a new run may start there. Besides these, the
@@ -95,15 +99,31 @@ def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
     """`config` with the options the user typed applied, section by section (data first)."""
     for section in spec.sections:
         try:
-            config = apply_arguments(config, args, section.name)
-        except UserError:
-            # A network whose image size the data decides (the autoencoder's `resolution`) checks its options
-            # when built: judge them at the data's size (--resolution), not at the preset's, before refusing.
-            part = _at_data_size(getattr(config, section.name), section, config.data.resolution)
-            if part is None:
-                raise
-            config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name)
+            try:
+                config = apply_arguments(config, args, section.name)
+            except UserError:
+                # A network whose image size the data decides (the autoencoder's `resolution`) checks its options
+                # when built: judge them at the data's size (--resolution), not at the preset's, before refusing.
+                part = _at_data_size(getattr(config, section.name), section, config.data.resolution)
+                if part is None:
+                    raise
+                config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name)
+        except UserError as err:
+            raise UserError(_in_option_names(str(err), section)) from None
     return config
+
+
+def _in_option_names(message: str, section: Any) -> str:
+    """`message` of a section's own checks with the fields it names as code spelled as the options that set them:
+    a network config is built from checkpoints and code too, so its checks say "num_res_blocks" where the command
+    line says --num-res-blocks. A field counts as named where it is spelled with an underscore, or opens the
+    sentence ("dropout must be ..."); a plain word elsewhere ("the cosine schedule") is left as it is, and so are
+    fields the data decides, which are no options."""
+    for f in dataclasses.fields(section.cls):
+        if f.name not in section.skip:
+            where = rf"(?<![\w./-]){f.name}(?!\w)" if "_" in f.name else rf"^{f.name}(?!\w)"
+            message = re.sub(where, option_name(f.name), message)
+    return message
 
 
 def _at_data_size(part: Any, section: Any, resolution: int) -> Any | None:
@@ -154,26 +174,74 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
         check_own_folder(run_dir, unstarted_run_files(run_dir), "--run-dir")
         config = spec.presets[args.preset]()
     config = with_options(spec, config, args)
+    check_idle_options(config, args)
     if saved is not None:  # before any data is read (the trainer checks it too, for callers that start there)
         check_steps_ahead(run_dir, saved["step"], config.train.steps)
         check_schedule_kept(saved["step"], saved_train, config.train)
+    warn_unfinished_warmup(config.train)
     check_spec(config.data.dataset)
     check_folder_path(Path(config.data.cache_dir).expanduser(), "--cache-dir")  # (this machine's, not the config's)
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
     if spec.check is not None:
-        spec.check(config, saved)
+        spec.check(config, saved, resolve_device(args.device))  # (the networks' size against its memory)
     return config, saved
 
 
+def check_idle_options(config: Any, args: argparse.Namespace) -> None:
+    """Refuse an option the user gave that can have no effect on this run (the config's `idle_options`): a run
+    that silently ignores what was asked for looks like it did it."""
+    idle = config.idle_options()
+    given = sorted(set(given_arguments(args)) & set(idle))
+    if given:
+        raise UserError(idle[given[0]])
+
+
+PREVIEW = re.compile(r"^(step-\d{7,}|final)\.png$")  # samples/step-NNNNNNN.png and final.png, as the loop writes them
+
+
+def unstarted_outputs(run_dir: Path) -> list[Path]:
+    """What a run stopped before its first checkpoint wrote into `run_dir` and a new run there would not replace:
+    its log, preview grids and figures (each NAME.png beside figures/NAME-step-NNNNNNN.png too). Only names the
+    loop writes: anything else in samples/ or figures/ is someone else's and stays."""
+    def ours(folder: Path, pattern: re.Pattern) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name)) if folder.is_dir() else []
+
+    figures = ours(run_dir / "figures", FIGURE)
+    latest = sorted({run_dir / f"{FIGURE.match(p.name)['name']}.png" for p in figures})
+    log = [run_dir / "metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
+    return log + ours(run_dir / "samples", PREVIEW) + figures + [p for p in latest if p.is_file()]
+
+
 def start_over_if_killed(run_dir: Path) -> None:
-    """A new run into a folder with a log but no checkpoint: a run stopped (kill -9, a crash) before its first
-    checkpoint. Nothing of it can be resumed, so it starts over, as a rerun after a kill must; its log would
-    otherwise hold steps twice. Called once every check has passed, so a refused command removes nothing."""
-    if (run_dir / "metrics.jsonl").exists():
-        print(f"{run_dir} holds the log of a run that stopped before its first checkpoint; starting it over.",
-              flush=True)
-        (run_dir / "metrics.jsonl").unlink()
+    """A new run into a folder that holds a log, previews or figures but no checkpoint: a run stopped (kill -9, a
+    crash) before its first checkpoint. Nothing of it can be resumed, so it starts over, as a rerun after a kill
+    must: its log would otherwise hold steps twice, and its previews would pass for the new run's. Called once the
+    new run is built, just before it trains, so a refused command, or one whose data fails to load, removes
+    nothing."""
+    old = unstarted_outputs(run_dir)
+    if not old:
+        return
+    log = run_dir / "metrics.jsonl"
+    images = len([p for p in old if p != log])
+    held = " and ".join((["the log"] if log in old else []) + ([f"{images} image(s)"] if images else []))
+    print(f"{run_dir} holds {held} of a run that stopped before its first checkpoint; starting it over.", flush=True)
+    for path in old:
+        path.unlink()
+    for folder in (run_dir / "samples", run_dir / "figures"):  # emptied: as a new run finds its folder
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder the run cannot write to: itself, the subfolders it writes previews and
+    figures into, or the log it appends to (a resumed run found out at its first preview, after loading its data
+    and training up to it). Files it replaces whole (checkpoint, config) need only their folder."""
+    paths = [run_dir, run_dir / "samples", run_dir / "figures", run_dir / "metrics.jsonl"]
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise UserError(f"{path} is read-only, and this run writes {'into it' if path.is_dir() else 'to it'}; "
+                            f"make it writable (chmod u+w {path}) and run the same command again.")
 
 
 def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, run_dir: Path) -> None:
@@ -205,6 +273,22 @@ def check_same_run(spec: StageSpec, config: Any, data_info: dict, saved: dict, r
                         f"data and settings, or start a new --run-dir.")
 
 
+def check_on_device(config: Any, device: torch.device, world_size: int = 1) -> None:
+    """Refuse options `device` cannot run, before any work: a --kernels backend it lacks, --compile where that
+    cannot work, an --amp it has no arithmetic for, and batches (split over `world_size` processes) or preview grids
+    whose images alone outgrow its memory. (--num-workers is checked against the machine by the caller, which
+    knows whether the value came from a checkpoint.)"""
+    train = config.train
+    kernels.resolve(train.kernels, device)
+    check_compile(train.compile, device)
+    autocast_dtype(train.amp, device)
+    if train.batch_size % world_size:
+        raise UserError(f"--batch-size {train.batch_size} must split evenly across the {world_size} processes; use "
+                        f"a multiple of {world_size}.")
+    check_batch_fits(train.batch_size // world_size, config.data.resolution, "--batch-size", device)
+    check_batch_fits(train.preview_images, config.data.resolution, "--preview-images", device)
+
+
 def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
     """Run one stage's training as the parsed `args` say, after any run it needs first."""
     run_dir = args.run_dir or Path("runs") / args.preset
@@ -217,19 +301,13 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
             if saved is not None and getattr(args, "preset_given", False) and runtime.is_main:
                 print(f"Note: --preset {args.preset} is not read when resuming: the run in {run_dir} goes on with the "
                       f"configuration its checkpoint holds.", flush=True)
-            kernels.use(config.train.kernels, runtime.device)  # refuses a backend this device cannot run
-            check_compile(config.train.compile, runtime.device)
-            if config.train.batch_size % runtime.world_size:
-                raise UserError(f"--batch-size {config.train.batch_size} must split evenly across the "
-                                f"{runtime.world_size} processes; use a multiple of {runtime.world_size}.")
-            resolution = config.data.resolution
-            check_batch_fits(config.train.batch_size // runtime.world_size, resolution, "--batch-size", runtime.device)
-            check_batch_fits(config.train.preview_images, resolution, "--preview-images", runtime.device)
+            check_on_device(config, runtime.device, runtime.world_size)
+            kernels.use(config.train.kernels, runtime.device)
             # Here, not in the config: a run resumes on a machine with fewer cores, given a --num-workers of its own.
             recorded = saved is not None and "data.num_workers" not in given_arguments(args)
             check_num_workers(config.data.num_workers, run_dir / "checkpoint.pt" if recorded else None)
-        if saved is None and runtime.is_main:
-            start_over_if_killed(run_dir)
+            if runtime.is_main:
+                check_writable(run_dir)
         if spec.prerequisite is not None and saved is None:  # a resumed run has everything in its checkpoint
             need = spec.prerequisite(config, args.device)
             if need is not None:
@@ -251,8 +329,10 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
                 config, stage = spec.build(config, runtime, saved)
                 if saved is not None:
                     check_same_run(spec, config, stage.data_info, saved, run_dir)
+            if saved is None and runtime.is_main:
+                start_over_if_killed(run_dir)
             summary = Trainer(stage, config.train, run_dir, runtime, resume_from=saved,
-                              num_workers=config.data.num_workers).run()
+                              num_workers=config.data.num_workers, advice=config.divergence_advice).run()
     if runtime.is_main:
         where = f"Samples: {summary['final_grid']}  " if summary["final_grid"] else ""
         # No loss before a first step (--steps 0: the initial weights, their preview and checkpoint).

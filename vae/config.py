@@ -10,10 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
 from vae.autoencoder import AutoencoderConfig
 from vae.perceptual import PERCEPTUAL_KINDS, TAPS
+
+
+# The output log-variance s may start at most this far from 0: rec / exp(s) then weighs the reconstruction between
+# 2e-9 and 5e8 times the other terms (rec itself is 1e-4 to 1, so s's optimum, log rec, lies within -10..0), and
+# exp(s) leaves float32 past |s| = 88, making the loss infinite or its gradient vanish.
+LOGVAR_INIT_LIMIT = 20.0
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,18 @@ class VAELossConfig:
             require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 or positive, got {value}.")
         require(self.disc_start >= -1, f"--disc-start must be -1 (off) or a step, got {self.disc_start}.")
         require(self.disc_layers >= 1, f"--disc-layers must be at least 1, got {self.disc_layers}.")
-        require(math.isfinite(self.logvar_init), f"--logvar-init must be a finite number, got {self.logvar_init}.")
+        require(math.isfinite(self.logvar_init) and abs(self.logvar_init) <= LOGVAR_INIT_LIMIT,
+                f"--logvar-init must be a finite number from -{LOGVAR_INIT_LIMIT:g} to {LOGVAR_INIT_LIMIT:g} (the "
+                f"reconstruction term is weighed by exp(-s), which beyond that swamps or erases it against the KL and "
+                f"GAN terms; latent diffusion: 0), got {self.logvar_init:g}.")
+
+    def idle_options(self, config: Any) -> dict[str, str]:
+        """The discriminator's options, when there is none (see `core.config.StageConfig.idle_options`)."""
+        if self.disc_start >= 0:
+            return {}
+        return {name: f"--{name.replace('_', '-')} has no effect without a discriminator, and --disc-start -1 trains "
+                      f"none; pass --disc-start STEP (latent diffusion: 50001) to train one from that step, or drop "
+                      f"--{name.replace('_', '-')}." for name in ("disc_weight", "disc_layers", "disc_lr")}
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,19 @@ class VAEConfig(StageConfig):
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     vae: VAEOptions = field(default_factory=VAEOptions)
+
+    def divergence_advice(self, diverged: str, step: int) -> str:
+        """The options that can throw this objective off, by what diverged (see `StageConfig.divergence_advice`):
+        the discriminator's own rate, the weight of its term in the autoencoder's loss once it has started, and a
+        learned log-variance (whose exp(-s) grows without bound as s falls)."""
+        loss = self.loss
+        if "disc" in diverged:  # the discriminator's loss, gradient or weights (its trainable is "disc")
+            return "a lower --disc-lr" + ("" if loss.disc_lr else " (it trains at --lr now)")
+        if "logvar" in diverged or loss.learn_logvar:
+            return "a lower --lr, or without --learn-logvar"
+        if 0 <= loss.disc_start < step:
+            return "a lower --disc-weight or --lr"
+        return "a lower --lr"
 
 
 # Autoencoder fields the data decides, and help for the rest.

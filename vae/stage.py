@@ -21,13 +21,13 @@ from core.checkpoint import load_weights, require_keys, state_fingerprint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
-from core.runtime import Runtime, derive_seed
+from core.runtime import Runtime, check_training_fits, derive_seed, parameter_count, training_bytes
 from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
 from data import ImageDataset, check_spec, grey_as_rgb, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import as_rgb, from_uint8
-from vae.autoencoder import AutoencoderKL
+from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.config import (ADAM_BETAS, AUTOENCODER_FROM_DATA, AUTOENCODER_OPTIONS, PRESETS, VAEConfig, VAELossConfig,
                         resolve_autoencoder)
 from vae.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -238,7 +238,7 @@ def published_names(config: VAEConfig) -> dict[str, Tensor]:
     return read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
 
 
-def check(config: VAEConfig, resume_from: dict | None) -> None:
+def check(config: VAEConfig, resume_from: dict | None, device: torch.device) -> None:
     """Before any work starts: the files the options name must exist, and every network of the run must take
     images of the size asked for (the autoencoder, the perceptual network, and the discriminator when on)."""
     files = [("--vgg-weights", config.loss.vgg_weights), ("--lpips-weights", config.loss.lpips_weights)]
@@ -253,9 +253,14 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
         check_spec(config.data.test_dataset, "--test-dataset")
     size, loss = config.data.resolution, config.loss
     try:
-        dataclasses.replace(config.autoencoder, resolution=size)  # (its checks: levels that halve the size)
+        autoencoder = dataclasses.replace(config.autoencoder, resolution=size)  # (its checks: levels that halve it)
     except ValueError as err:
         raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: {err}") from None
+    if loss.disc_start >= 0 and loss.disc_weight == 0:
+        raise UserError(f"--disc-weight 0 gives the discriminator that --disc-start {loss.disc_start} trains no say in "
+                        f"the autoencoder's loss; pass a positive --disc-weight (latent diffusion: 0.5), or --disc-start "
+                        f"-1 for no discriminator.")
+    check_networks_fit(autoencoder, loss, device)
     # What the weight files hold, too: a wrong file is refused now, not after the data is decoded (its names:
     # shapes depend on the images' channels, which only the data tells).
     check_weight_files(config.loss.vgg_weights, config.loss.lpips_weights)
@@ -272,6 +277,18 @@ def check(config: VAEConfig, resume_from: dict | None) -> None:
         raise UserError(f"--disc-layers {loss.disc_layers} needs images of at least {smallest} px (its strided 4x4 "
                         f"convolutions leave smaller ones no patch to judge), and --resolution is {size}; pass "
                         f"--disc-layers {fits}, a larger --resolution, or --disc-start -1 for no discriminator.")
+
+
+def check_networks_fit(autoencoder: AutoencoderConfig, loss: VAELossConfig, device: torch.device) -> None:
+    """Refuse networks whose training outgrows `device`, counted on the meta device (no memory): the
+    autoencoder with its weight average, and the discriminator when there is one. (The perceptual network is
+    frozen: its weights alone, 15M at most.)"""
+    with torch.device("meta"):
+        count = parameter_count(AutoencoderKL(autoencoder))
+        judge = parameter_count(PatchDiscriminator(3, num_layers=loss.disc_layers)) if loss.disc_start >= 0 else 0
+    what = f"The autoencoder's {count:,} parameters" + (f" and the discriminator's {judge:,}" if judge else "")
+    check_training_fits(training_bytes(count, averaged=True) + training_bytes(judge, averaged=False), device, what,
+                        "give a smaller --base-channels, fewer --channel-mult levels or fewer --num-res-blocks")
 
 
 # Previews are reconstructions of held-out images, so there are no sampling steps to choose.

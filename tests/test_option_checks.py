@@ -1,0 +1,373 @@
+"""Options that could not have their effect are refused (or, where a run is still worth running, warned about)
+when a run starts, before any data is read or anything written; and a run folder is made ready for a run
+only once that run is sure to start.
+
+Most tests drive `training.run.resolve_config` (every check that needs no data) or `train.main` with the data
+loaders replaced by ones that fail, so each takes a fraction of a second."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from core.errors import UserError
+from helpers import RES, tiny_args
+from training.run import resolve_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Six RES px RGB images in two classes."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        (root / f"class{k % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
+    return root
+
+
+def resolved(argv: list[str], run_dir: Path):
+    """The config `train.py ARGV` would run with, after every check that needs no data."""
+    spec, args = train.parse_args(argv)
+    return resolve_config(spec, args, run_dir)[0]
+
+
+def stage_args(stage: str, folder: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--stage", stage, "--device", "cpu", "--dataset", f"folder:{folder}", "--resolution", str(RES),
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Any dataset load fails the test: the refusal must come first."""
+    import classify.stage
+    import ddpm.stage
+    import ldm.stage
+    import vae.stage
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data was loaded before the options were checked")
+    for module in (ddpm.stage, vae.stage, ldm.stage, classify.stage):
+        monkeypatch.setattr(module, "load_dataset", loading)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a warm-up longer than the run
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_warmup_longer_than_the_run_warns_of_the_rate_it_reaches(tmp_path, folder, schedule):
+    from training.loop import lr_factor
+    argv = tiny_args(tmp_path / "run", folder, "--lr-schedule", schedule, "--warmup-steps", "200", steps=3)
+    with pytest.warns(UserWarning, match=r"^--warmup-steps 200 outlasts --steps 3, so the learning rate reaches only "
+                                         r"1\.5% of --lr \(1\.5e-05\); pass --warmup-steps 3 or fewer"):
+        config = resolved(argv, tmp_path / "run")  # warned, not refused: smoke runs are meant to run
+    assert max(lr_factor(schedule, s, 3, 200) for s in range(3)) == pytest.approx(0.015)  # what the warning says
+    assert config.train.warmup_steps == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warm-up the run completes is no matter for a warning
+        resolved(tiny_args(tmp_path / "run", folder, "--lr-schedule", schedule, "--warmup-steps", "3", steps=3),
+                 tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 3. timestep counts past the model's T: refused alike by every stage, with the bound
+
+
+def invert_argv(tmp_path: Path, folder: Path, model: Path, *extra: str) -> list[str]:
+    return ["--stage", "invert", "--device", "cpu", "--model", str(model), "--dataset", f"folder:{folder}",
+            "--resolution", str(RES), "--cache-dir", str(tmp_path / "cache"), "--preview-steps", "2", *extra]
+
+
+@pytest.mark.parametrize("option", ["--eval-timesteps", "--preview-steps"])
+def test_an_inversion_refuses_more_timesteps_than_its_model_has(tmp_path, folder, class_ckpt, option):
+    """The model has T = 100: the quality signal's timesteps repeated, the preview's were clamped silently."""
+    with pytest.raises(UserError, match=rf"^{option} 101 exceeds the model's T = 100 timesteps; use at most 100\.$"):
+        resolved(invert_argv(tmp_path, folder, class_ckpt, option, "101"), tmp_path / "run")
+    assert resolved(invert_argv(tmp_path, folder, class_ckpt, option, "100"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_diffusion_stage_refuses_preview_steps_past_t_in_the_same_words(tmp_path, folder, class_ckpt):
+    said = []
+    for argv in (tiny_args(tmp_path / "run", folder, "--preview-steps", "101"),  # T = 100, as the model's
+                 invert_argv(tmp_path, folder, class_ckpt, "--preview-steps", "101")):
+        with pytest.raises(UserError) as refused:
+            resolved(argv, tmp_path / "run")
+        said.append(str(refused.value))
+    assert said[0] == said[1] == "--preview-steps 101 exceeds the model's T = 100 timesteps; use at most 100."
+
+
+# ---------------------------------------------------------------------------------------------
+# 4, 5, 6. values and options that cannot act
+
+
+def test_a_log_variance_start_beyond_float32_s_reach_is_refused(tmp_path, folder):
+    from vae.config import VAELossConfig
+    with pytest.raises(UserError, match=r"^--logvar-init must be a finite number from -20 to 20 .*got 1e\+10\.$"):
+        resolved(stage_args("vae", folder, tmp_path, "--logvar-init", "1e10"), tmp_path / "run")
+    with pytest.raises(UserError, match="from -20 to 20"):
+        VAELossConfig(logvar_init=-100.0)  # exp(-100) is 0 in float32: rec / exp(s) is inf
+    assert VAELossConfig(logvar_init=-20.0).logvar_init == -20.0
+
+
+@pytest.mark.parametrize("option, value", [("--disc-lr", "1e-4"), ("--disc-weight", "0.8"), ("--disc-layers", "2")])
+def test_discriminator_options_without_a_discriminator_are_refused(tmp_path, folder, option, value):
+    with pytest.raises(UserError, match=rf"^{option} has no effect without a discriminator, and --disc-start -1 trains "
+                                        rf"none; pass --disc-start STEP .* or drop {option}\.$"):
+        resolved(stage_args("vae", folder, tmp_path, option, value), tmp_path / "run")
+    with_one = stage_args("vae", folder, tmp_path, "--disc-start", "0", "--disc-layers", "1", option, value)
+    assert resolved(with_one, tmp_path / "run").loss.disc_start == 0
+
+
+def test_a_discriminator_whose_term_weighs_nothing_is_refused(tmp_path, folder):
+    with pytest.raises(UserError, match=r"^--disc-weight 0 gives the discriminator that --disc-start 0 trains no say"):
+        resolved(stage_args("vae", folder, tmp_path, "--disc-start", "0", "--disc-layers", "1", "--disc-weight", "0"),
+                 tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", ["ddpm", "ldm"])
+def test_condition_dropout_given_for_an_unconditional_model_is_refused(tmp_path, folder, monkeypatch, stage):
+    monkeypatch.chdir(tmp_path)  # (ldm: no default autoencoder run is looked at)
+    # (the latent U-Net without attention: the 4x4 latents of 16 px images have no 8x8 feature maps)
+    argv = stage_args(stage, folder, tmp_path, "--cond", "none", "--attention-resolutions", "--cond-drop-prob", "0.2")
+    with pytest.raises(UserError, match=r"^--cond-drop-prob drops the condition for classifier-free guidance, and this "
+                                        r"model has none \(--cond none\); pass --cond class"):
+        resolved(argv, tmp_path / "run")
+    # The value every config holds is no option given; and a conditional model reads it.
+    assert resolved(stage_args("ddpm", folder, tmp_path, "--cond", "none"), tmp_path / "run").diffusion.cond_drop_prob
+    conditional = stage_args("ddpm", folder, tmp_path, "--cond", "class", "--cond-drop-prob", "0.2")
+    assert resolved(conditional, tmp_path / "run").diffusion.cond_drop_prob == 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# 8, 10. the classifier's starting weights and extra images, checked before any image is read
+
+
+@pytest.fixture(scope="module")
+def classify_ckpt(tmp_path_factory, folder) -> Path:
+    """A classify run of no steps on `folder` (classes class0 and class1, RES px)."""
+    run_dir = tmp_path_factory.mktemp("classify") / "run"
+    train.main(stage_args("classify", folder, run_dir.parent, "--target", "class", "--batch-size", "2",
+                          "--test-samples", "2", "--steps", "0", "--run-dir", str(run_dir)))
+    return run_dir / "checkpoint.pt"
+
+
+def other_classes(root: Path) -> Path:
+    for k, name in enumerate(("cat", "dog", "owl")):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (RES, RES), (40 * k, 80, 120)).save(root / name / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("data, extra, told", [
+    ("same", ("--resolution", str(2 * RES)), f"{RES} px images, and this run has {2 * RES} px images"),
+    ("same", ("--stem", "imagenet"), "the small stem, and this run has the imagenet stem"),
+    ("other classes", (), "classes class0, class1, and this run has classes cat, dog, owl"),
+])
+def test_a_starting_network_that_does_not_fit_is_refused_before_any_image_is_read(tmp_path, folder, classify_ckpt,
+                                                                                  no_data, data, extra, told):
+    data = other_classes(tmp_path / "animals") if data == "other classes" else folder
+    argv = [*stage_args("classify", data, tmp_path, "--target", "class", "--batch-size", "2", *extra),
+            "--init-from", str(classify_ckpt), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=rf"^--init-from \S+ was trained with {told}; fine-tune on data and options that "
+                                        rf"match it, or "):
+        train.main(argv)
+    assert not (tmp_path / "run").exists()
+    if not extra:  # other classes: a new output layer on the copied trunk predicts them
+        assert resolved([*argv, "--new-head"], tmp_path / "run").classify.new_head
+
+
+def test_too_many_extra_samples_are_refused_in_their_own_option_s_words(tmp_path, folder, no_data):
+    argv = [*stage_args("classify", folder, tmp_path, "--target", "class", "--extra-dataset", f"folder:{folder}",
+                        "--extra-samples", "10"), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=r"^--extra-samples 10 asks for more images than the 6 of --extra-dataset "
+                                        r"folder:\S+; pass at most 6, or 0 for all of them\.$"):
+        train.main(argv)
+
+
+def test_the_loaders_refusal_of_an_extra_count_names_extra_samples(tmp_path, folder):
+    """What the start-up check cannot know without reading the set (CIFAR-10's size) the loader refuses: in the
+    words of --extra-samples, not of --dataset's --num-samples."""
+    from classify.stage import training_data
+    config = resolved(stage_args("classify", folder, tmp_path, "--target", "class", "--extra-dataset",
+                                 f"folder:{folder}"), tmp_path / "run")
+    config = dataclasses.replace(config, classify=dataclasses.replace(config.classify, extra_samples=10))
+    with pytest.raises(UserError) as refused:
+        training_data(config)
+    assert "(--extra-samples) from 1 to 6" in str(refused.value) and "--num-samples" not in str(refused.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. errors in the words of the options, and divergence advice that names the likely cause
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--num-res-blocks", "0"), "--channel-mult needs at least one level and --num-res-blocks must be >= 1."),
+    (("--dropout", "1"), "--dropout must be in [0, 1), got 1.0."),
+    (("--attention-resolutions", "5"), "--attention-resolutions (5,) must be among the feature-map sizes (16, 8)."),
+])
+def test_the_autoencoder_s_errors_name_its_options(tmp_path, folder, extra, message):
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("vae", folder, tmp_path, "--channel-mult", "1", "2", *extra), tmp_path / "run")
+    assert str(refused.value) == message
+
+
+def toy_trainer(tmp_path: Path, config, amp: torch.dtype | None = None):
+    from core.config import TrainConfig
+    from core.contract import Trainable, TrainingStage
+    from core.runtime import Runtime
+    from training.loop import Trainer
+    stage = TrainingStage(name="toy", trainables={"model": Trainable(torch.nn.Linear(2, 1), lr=1e-3)},
+                          loss=lambda models, batch, generator, step: (models["model"](batch).mean(), {}),
+                          dataset=torch.zeros(4, 2), config={}, data_info={})
+    trainer = Trainer(stage, TrainConfig(steps=1), tmp_path / "run", Runtime(CPU), advice=config.divergence_advice)
+    trainer.amp_dtype = amp
+    return trainer
+
+
+def test_divergence_advice_names_the_options_that_throw_the_autoencoder_off(tmp_path):
+    from ddpm.config import ddpm_demo
+    from vae.config import VAELossConfig, vae_demo
+    gan = vae_demo()
+    gan = dataclasses.replace(gan, loss=dataclasses.replace(gan.loss, disc_start=10))
+
+    def advice(config, what: str, step: int, amp=None) -> str:
+        return str(toy_trainer(tmp_path, config, amp)._divergence_error(what, step)).split(", so start a new run ")[1]
+    assert advice(gan, "the loss/disc became nan", 20) == "with a lower --disc-lr (it trains at --lr now)."
+    assert advice(gan, "the loss became nan", 20) == "with a lower --disc-weight or --lr."
+    assert advice(gan, "the loss became nan", 5) == "with a lower --lr."  # the discriminator has not started yet
+    learned = dataclasses.replace(gan, loss=VAELossConfig(learn_logvar=True))
+    assert advice(learned, "the loss became inf", 5) == "with a lower --lr, or without --learn-logvar."
+    assert advice(ddpm_demo(), "the loss became nan", 5, torch.bfloat16) == "with a lower --lr, or with --amp none."
+    assert advice(gan, "the loss became nan", 20, torch.float16) == (
+        "with --amp bf16 or none (fp16 overflows where they do not), or with a lower --disc-weight or --lr.")
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. networks larger than the device, refused before the data is loaded
+
+
+@pytest.mark.parametrize("stage, extra, network", [
+    ("ddpm", ("--base-channels", "100032"), "U-Net"),
+    ("ldm", ("--cond", "none", "--attention-resolutions", "--base-channels", "100032"), "U-Net"),
+    ("vae", ("--base-channels", "20000"), "autoencoder"),
+])
+def test_a_network_too_large_for_the_device_is_refused_before_any_data_is_read(tmp_path, folder, monkeypatch, no_data,
+                                                                             stage, extra, network):
+    monkeypatch.chdir(tmp_path)  # (ldm: the default autoencoder is not trained first)
+    argv = [*stage_args(stage, folder, tmp_path, *extra), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=rf"^The {network}'s [\d,]+ parameters, trained with AdamW in fp32, take "
+                                        rf"[\d,.]+ GiB, more than the [\d,.]+ GiB of memory this machine has; give a "
+                                        rf"smaller --base-channels"):
+        train.main(argv)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("stage", ["ddpm", "vae"])
+def test_the_network_memory_estimate_is_weights_gradients_adam_and_ema(tmp_path, folder, monkeypatch, stage):
+    """Held against the networks themselves: 4 bytes x (weights, gradients, two moments, average) of each."""
+    import core.runtime
+    from ddpm.unet import UNet
+    from vae.autoencoder import AutoencoderKL
+    from vae.discriminator import PatchDiscriminator
+    argv = stage_args(stage, folder, tmp_path, "--channel-mult", "1", "2", "--attention-resolutions")
+    if stage == "vae":
+        argv += ["--disc-start", "0", "--disc-layers", "1"]
+    config = resolved(argv, tmp_path / "run")
+    if stage == "ddpm":
+        need = 20 * sum(p.numel() for p in UNet(dataclasses.replace(config.unet, image_size=RES)).parameters())
+    else:
+        autoencoder = AutoencoderKL(dataclasses.replace(config.autoencoder, resolution=RES))
+        disc = PatchDiscriminator(3, num_layers=1)
+        need = 20 * sum(p.numel() for p in autoencoder.parameters()) + 16 * sum(p.numel() for p in disc.parameters())
+    for memory, fits in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(core.runtime, "device_memory", lambda device, memory=memory: memory)
+        if fits:
+            resolved(argv, tmp_path / "run")
+        else:
+            with pytest.raises(UserError, match="more than the"):
+                resolved(argv, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. a run folder the run cannot write to, found before the run resumes
+
+
+def as_a_user(monkeypatch) -> None:
+    """As root, os.access grants writing whatever the mode bits say (though a read-only mount refuses it):
+    judge by the owner's bits, as for any other user."""
+    if os.geteuid() != 0:
+        return
+    bits = {os.R_OK: stat.S_IRUSR, os.W_OK: stat.S_IWUSR, os.X_OK: stat.S_IXUSR}
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: os.path.exists(path) and all(
+        os.stat(path).st_mode & bit for flag, bit in bits.items() if mode & flag))
+
+
+@pytest.mark.parametrize("read_only", ["samples", "metrics.jsonl"])
+def test_resuming_into_a_read_only_output_is_refused_before_any_work(tmp_path, class_ckpt, monkeypatch, no_data,
+                                                                     read_only):
+    run_dir = tmp_path / "run"
+    shutil.copytree(class_ckpt.parent, run_dir)
+    path = run_dir / read_only
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    as_a_user(monkeypatch)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    try:
+        with pytest.raises(UserError, match=rf"^{path} is read-only, and this run writes (into|to) it; make it writable "
+                                            rf"\(chmod u\+w {path}\) and run the same command again\.$"):
+            train.main(["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu"])
+    finally:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. starting over: what the stopped run wrote goes, once the new run is sure to start
+
+
+def killed_run(run_dir: Path) -> None:
+    """What a run killed after a preview and an evaluation, before its first checkpoint, leaves; and a note of
+    the user's in samples/."""
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "figures").mkdir()
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 9.0}\n')
+    for name in ("samples/step-0000100.png", "samples/final.png", "figures/confusion-step-0000100.png",
+                 "confusion.png"):
+        Image.new("RGB", (4, 4)).save(run_dir / name)
+    (run_dir / "samples" / "notes.txt").write_text("mine")
+
+
+def test_starting_over_removes_the_stopped_run_s_previews_and_nothing_else(tmp_path, folder, capsys):
+    run_dir = tmp_path / "run"
+    killed_run(run_dir)
+    train.main(tiny_args(run_dir, folder, steps=1))
+    assert "holds the log and 4 image(s) of a run that stopped before its first checkpoint; starting it over" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["final.png", "notes.txt", "step-0000001.png"]
+    assert not (run_dir / "figures").exists() and not (run_dir / "confusion.png").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1  # the new run's step, logged once
+
+
+def test_a_run_whose_data_fails_to_load_removes_nothing_of_the_stopped_run(tmp_path, folder):
+    run_dir = tmp_path / "run"
+    killed_run(run_dir)
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="contains no images"):
+        train.main(tiny_args(run_dir, tmp_path / "empty", steps=1))
+    assert sorted(str(p) for p in run_dir.rglob("*")) == before
+    assert (run_dir / "metrics.jsonl").read_text().startswith('{"step": 1')
