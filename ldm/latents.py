@@ -3,7 +3,7 @@
 Latent diffusion trains on z ~ q(z | x), a fresh draw each time an image is seen. The encoder is
 the expensive half of that, and it is frozen, so the cache keeps each image's posterior mean and
 standard deviation and the training loop draws z = (mean + std * eps) * scale_factor per step, the
-scale measured on the cache itself (`latent_scale_factor`). With horizontal flips the mirror image
+scale measured on the cache itself (`vae.stage.latent_scale_factor`). With horizontal flips the mirror image
 is encoded too (a convolutional encoder is not equivariant to mirroring, so a flipped latent is not
 the mirror image's latent) and one of the two views is drawn.
 
@@ -15,7 +15,6 @@ its name promises is encoded again and replaced (saying so).
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -26,7 +25,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from core.distributed import main_process_first
-from core.errors import UserError
 from core.runtime import Runtime, atomic_write
 from data import DatasetInfo, ImageDataset
 from data.imageio import from_uint8
@@ -74,34 +72,6 @@ def scaled_x0(scale: float) -> Callable[[Any, torch.Generator | None], Tensor]:
         moments = batch.views[:, 0]
         return scale * (moments.chunk(2, dim=1)[0] if generator is None else draw_latent(moments, generator))
     return x0
-
-
-def latent_scale_factor(moments: Tensor, chunk: int = 256) -> float:
-    """1 / the standard deviation of z = mean + std * eps over the whole latent dataset `moments`
-    (N, V, 2L, h, w) = [mean | std]: latent diffusion's `scale_by_std`, so scaled latents have the unit
-    variance the diffusion schedule assumes for x0.
-
-    Every element of every view is one draw of the mixture the training loop samples, so in closed form
-        Var(z) = Var(mean) + E[std^2]
-    (the law of total variance: the spread of the posterior means plus the average posterior variance),
-    with both moments over all N V L h w elements. Latent diffusion instead takes the sample standard
-    deviation of one posterior draw of its first training batch; this is the value that estimate scatters
-    around, free of the batch's noise. Accumulated in float64, `chunk` images at a time.
-    """
-    assert moments.ndim == 5 and moments.shape[2] % 2 == 0, f"expected (N, V, 2L, h, w) moments, got {tuple(moments.shape)}"
-
-    def parts():  # (mean, std) in float64, a few images at a time
-        return (part.double().chunk(2, dim=2) for part in moments.split(chunk))
-
-    count = moments.numel() // 2
-    average = sum(mean.sum() for mean, _ in parts()) / count
-    # Two passes (the mean first), so a large common offset of the latents cannot cancel the variance away.
-    variance = sum((mean - average).square().sum() + std.square().sum() for mean, std in parts()) / count
-    std = variance.sqrt().item()
-    if not math.isfinite(std) or std <= 0:
-        raise UserError(f"The latents have standard deviation {std}; the autoencoder's weights are broken, so train "
-                        f"it again or load other weights.")
-    return 1.0 / std
 
 
 def cache_path(cache_dir: str | Path, info: DatasetInfo, vae_fingerprint: str, images_hash: str, views: int) -> Path:

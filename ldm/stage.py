@@ -30,10 +30,10 @@ from ddpm.source import source_loader
 from ddpm.stage import check_diffusion_options, diffusion_stage, load_unet
 from ddpm.unet import UNet
 from ldm.config import DEFAULT_VAE_CKPT, DEFAULT_VAE_PRESET, DEFAULT_VAE_RUN, PRESETS, LDMConfig
-from ldm.latents import latent_dataset, latent_scale_factor, scaled_x0
+from ldm.latents import latent_dataset, scaled_x0
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from vae.config import PRESETS as VAE_PRESETS, VAEConfig
-from vae.stage import SPEC as VAE, load_autoencoder
+from vae.stage import SPEC as VAE, latent_scale_factor, load_autoencoder
 
 NAME = "ldm"
 

@@ -21,7 +21,7 @@ from core.checkpoint import load_weights, require_keys, state_fingerprint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
-from core.runtime import Runtime, check_training_fits, derive_seed, parameter_count, training_bytes
+from core.runtime import Runtime, check_training_fits, parameter_count, training_bytes
 from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
 from data import ImageDataset, check_spec, grey_as_rgb, load_dataset, load_test_set
@@ -38,25 +38,49 @@ NAME = "vae"
 EVAL_BATCH = 32
 
 
-@torch.no_grad()
-def latent_scale(autoencoder: AutoencoderKL, images: Tensor, seed: int, batch: int = EVAL_BATCH) -> float:
-    """1 / the standard deviation of posterior samples of `images` (uint8 or [-1, 1]), latent diffusion's
-    `scale_by_std`: scaled latents have unit variance, the scale the diffusion schedule assumes for x0.
+def latent_scale_factor(moments: Tensor, chunk: int = 256) -> float:
+    """1 / the standard deviation of z = mean + std * eps over the whole latent dataset `moments`
+    (N, V, 2L, h, w) = [mean | std]: latent diffusion's `scale_by_std`, so scaled latents have the unit
+    variance the diffusion schedule assumes for x0.
 
-    Stored with the autoencoder as a reference; a latent model measures its own, on the latents it
-    trains on (`ldm.latents.latent_scale_factor`), as latent diffusion does."""
+    Every element of every view is one draw of the mixture the training loop samples, so in closed form
+        Var(z) = Var(mean) + E[std^2]
+    (the law of total variance: the spread of the posterior means plus the average posterior variance),
+    with both moments over all N V L h w elements. Latent diffusion instead takes the sample standard
+    deviation of one posterior draw of its first training batch; this is the value that estimate scatters
+    around, free of the batch's noise. Accumulated in float64, `chunk` images at a time. The autoencoder's run
+    measures the same on its own images (`latent_scale`), the latent model's run on its latent cache.
+    """
+    assert moments.ndim == 5 and moments.shape[2] % 2 == 0, f"expected (N, V, 2L, h, w) moments, got {tuple(moments.shape)}"
+
+    def parts():  # (mean, std) in float64, a few images at a time
+        return (part.double().chunk(2, dim=2) for part in moments.split(chunk))
+
+    count = moments.numel() // 2
+    average = sum(mean.sum() for mean, _ in parts()) / count
+    # Two passes (the mean first), so a large common offset of the latents cannot cancel the variance away.
+    variance = sum((mean - average).square().sum() + std.square().sum() for mean, std in parts()) / count
+    std = variance.sqrt().item()
+    if not math.isfinite(std) or std <= 0:
+        raise UserError(f"The latents have standard deviation {std}; the autoencoder's weights are broken, so train "
+                        f"it again or load other weights.")
+    return 1.0 / std
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: AutoencoderKL, images: Tensor, batch: int = EVAL_BATCH) -> float:
+    """`latent_scale_factor` of the posteriors of `images` (uint8 or [-1, 1]), latent diffusion's `scale_by_std`:
+    scaled latents have unit variance, the scale the diffusion schedule assumes for x0.
+
+    Stored with the autoencoder as a reference; a latent model measures its own, on the latents it trains on
+    (with its flipped views), as latent diffusion does."""
     device = next(autoencoder.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    z = []
+    moments = []
     for part in images.split(batch):
         x = part.to(device)
-        x = from_uint8(x) if part.dtype == torch.uint8 else x.float()
-        z.append(autoencoder.encode(x).sample(generator=generator).double().flatten())
-    std = torch.cat(z).std().item()
-    if not math.isfinite(std) or std <= 0:
-        raise UserError(f"The autoencoder's latents have standard deviation {std}; its weights are broken, so "
-                        f"train it again or load other weights.")
-    return 1.0 / std
+        posterior = autoencoder.encode(from_uint8(x) if part.dtype == torch.uint8 else x.float())
+        moments.append(torch.cat([posterior.mean, posterior.std], dim=1).double().cpu().unsqueeze(1))
+    return latent_scale_factor(torch.cat(moments))
 
 
 def _describe_perceptual(net: PerceptualDistance, cfg: VAELossConfig) -> str:
@@ -159,7 +183,7 @@ class VAETraining:
         """The latent scale factor, measured with the weights this checkpoint holds for sampling."""
         n = min(self.config.vae.scale_samples, len(self.train_set))
         pick = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.config.train.seed))[:n]
-        scale = latent_scale(models[MAIN], self.train_set.images[pick], seed=derive_seed(self.config.train.seed, 1))
+        scale = latent_scale(models[MAIN], self.train_set.images[pick])
         return {"scale_factor": scale, "scale_samples": n}
 
 
