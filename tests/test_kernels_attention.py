@@ -63,27 +63,21 @@ def test_matmul_form_is_chosen_where_measured_faster(shape, dtype, expected, mon
     assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
 
 
-@pytest.mark.parametrize("shape, dtype, expected", [
-    ((16, 1, 256, 256), torch.bfloat16, True),    # ddpm-cifar10's 16x16 attention
-    ((2, 1, 64, 512), torch.bfloat16, True),      # the kl-f8 autoencoder's middle at 64 px
-    ((2, 1, 16, 256), torch.bfloat16, True),      # short sequences of wide heads too
-    ((2, 1, 1024, 512), torch.bfloat16, False),   # L > 256: kl-f8 at 256 px
-    ((2, 4, 1024, 64), torch.bfloat16, False),    # narrow heads: SDPA's AMX tiles win
-    ((8, 1, 128, 128), torch.bfloat16, False),
-    ((8, 8, 256, 64), torch.bfloat16, False),
-    ((16, 1, 256, 256), torch.float32, False),    # fp32: SDPA
-])
-def test_on_cpus_with_amx_the_matmul_form_is_kept_for_wide_heads_over_short_sequences(shape, dtype, expected,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize("shape", [(16, 1, 256, 256), (2, 1, 64, 512), (2, 1, 16, 256), (8, 1, 128, 128),
+                                   (2, 1, 1024, 512)])
+def test_on_cpus_with_amx_attention_is_sdpas(shape, monkeypatch):
+    # SDPA's flash kernel multiplies in AMX tiles; the matmul form's fp32 scores cannot, and its forward is slower.
     monkeypatch.setattr(attention_module, "AMX", True)
-    assert uses_matmul_form(torch.empty(shape, dtype=dtype)) == expected
+    assert not uses_matmul_form(torch.empty(shape, dtype=torch.bfloat16))
 
 
-def test_bf16_error_is_no_larger_than_a_few_times_sdpa(monkeypatch):
-    """Rounding the scores to bf16 once more may cost some precision, bounded here against SDPA's own bf16
-    error, forward and every gradient (scores of realistic spread: std 3)."""
+@pytest.mark.parametrize("score_std", [3, 30])
+def test_bf16_error_is_sdpas(score_std, monkeypatch):
+    """The matmul form keeps its scores in fp32, as SDPA does, and is as precise in bf16: against float64, within
+    1.25x SDPA's error, forward and every gradient, for scores of realistic spread (std 3) and for large queries
+    (std 30, the largest ~150), whose scores bf16 would round by up to 0.25 (it was 2x SDPA's error then)."""
     q, k, v = channel_first(batch=2, heads=2, length=128, head_dim=64, seed=1)
-    q = 3 * q  # q.k / sqrt(d) has std 3
+    q = score_std * q  # q.k / sqrt(d) has std score_std
     grad = torch.randn(2, 2, 128, 64, dtype=torch.float64)
     monkeypatch.setattr(attention_module, "AMX", False)  # the rule that takes these heads
     assert uses_matmul_form(q.bfloat16())
@@ -99,8 +93,7 @@ def test_bf16_error_is_no_larger_than_a_few_times_sdpa(monkeypatch):
     sdpa = run(F.scaled_dot_product_attention, torch.bfloat16)
     for name, e, a, b in zip(["out", "dq", "dk", "dv"], exact, ours, sdpa):
         error, sdpa_error = (a - e).norm() / e.norm(), (b - e).norm() / e.norm()
-        assert error < 3 * sdpa_error + 1e-3, (name, error.item(), sdpa_error.item())
-        assert error < 0.03, name
+        assert error < 1.25 * sdpa_error, (name, error.item(), sdpa_error.item())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

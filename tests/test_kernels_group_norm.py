@@ -101,6 +101,22 @@ def test_public_function_runs_the_reference_under_the_torch_backend():
                            group_norm_act_reference(**inputs, norm=norm, silu=True))
 
 
+@pytest.mark.parametrize("which", ["sh", "s", "h"])
+def test_reference_modulation_rounds_once_in_bfloat16(which):
+    """Under bf16 autocast, as the CPU trains and samples, the reference applies scale and shift in float32 inside
+    the GroupNorm and rounds once, as the kernels do: without the SiLU (which rounds once more) its output is the
+    exact result rounded to bf16, where modulating in bf16 differed from it at a third of the values."""
+    norm = make_norm(8, 32).cpu()
+    inputs = {name: t.cpu() for name, t in make_inputs((4, 32, 8, 8), which, torch.bfloat16).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = group_norm_act_reference(norm=norm, **inputs)
+    exact = group_norm_act_reference(norm=copy.deepcopy(norm).double(), **{k: v.double() for k, v in inputs.items()})
+    assert y.dtype == torch.bfloat16
+    # Float32 arithmetic can land on the other side of a rounding midpoint from float64's, rarely.
+    assert (y != exact.bfloat16()).double().mean() < 0.01
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-6)
+
+
 # ---- the Triton op against the reference --------------------------------------------------------
 
 # (B, C, H, W, groups): batch 1, channels not a power of two, one group, 1 and 3 channels per group.
@@ -169,6 +185,57 @@ def test_statistics_survive_a_mean_far_from_zero():
     with kernels.using("triton"):
         y = group_norm_act(x, norm)
     assert_close(y, group_norm_act_reference(x.double(), norm.double()), 1e-4)
+
+
+# ---- groups of one value, and of none ----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_groups_of_one_value_normalise_to_zero(batch):
+    """1x1 maps, one channel per group: each group's variance is 0, so x - mean = 0 and y = silu(bias * (1 + scale)
+    + shift), F.group_norm's answer, and no gradient reaches x, add or weight; forward and backward against the
+    float64 reference (which takes batch 1, where F.group_norm raises). Those three gradients are 0 up to rounding
+    times 1 / sqrt(eps) (F.group_norm's own in float32 are off by ~5e-4; the interpreter's are exactly 0)."""
+    B, C = batch, 4
+    norm = make_norm(C, C)
+    inputs = make_inputs((B, C, 1, 1), "ash")
+    dy = torch.randn(B, C, 1, 1, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
+    with kernels.using("triton"):
+        actual = run(lambda **t: group_norm_act(norm=norm, silu=True, **t), inputs, dy, norm)
+    norm64 = copy.deepcopy(norm).double()
+    expected = run(lambda **t: group_norm_act_reference(norm=norm64, silu=True, **t),
+                   {k: v.double() for k, v in inputs.items()}, dy.double(), norm64)
+    u = norm.bias * (1 + inputs["scale"]) + inputs["shift"]
+    assert_close(actual[0], (u * torch.sigmoid(u)).view(B, C, 1, 1), TOLERANCE[torch.float32])
+    for name, a, e in zip(["y", *inputs, "weight", "bias"], actual, expected):
+        vanishing = name in ("x", "add", "weight")
+        if vanishing:
+            assert e.abs().max() < 1e-9, name
+        try:
+            assert_close(a, e, TOLERANCE[torch.float32] / (norm.eps ** 0.5 if vanishing else 1))
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(2, 4, 0, 5), (2, 4, 0, 0), (0, 4, 3, 3), (0, 4, 0, 3)],
+                         ids=["no rows", "no positions", "no images", "neither"])
+def test_groups_of_no_values_give_an_empty_output(shape, backend):
+    """An empty batch or empty maps: an empty y of x's shape and dtype, no error (F.group_norm raises for
+    H * W = 0), and zero gradients for every per-channel input, none of them NaN (a mean over no values is)."""
+    if backend == "triton":
+        skip_unless_kernels_run(group_norm._forward_stats_kernel)
+    norm = make_norm(2, 4)
+    for which, silu, dropout in [("", False, 0.0), ("ash", True, 0.0), ("a", True, 0.2)]:
+        inputs = make_inputs(shape, which)
+        dy = torch.randn(shape)
+        with kernels.using(backend):
+            y, *grads = run(lambda **t: group_norm_act(norm=norm, silu=silu, dropout=dropout, **t), inputs, dy, norm)
+        assert y.shape == shape and y.dtype == torch.float32
+        assert grads[0].shape == shape
+        for name, g in zip([*list(inputs)[1:], "weight", "bias"], grads[1:]):
+            assert torch.equal(g, torch.zeros_like(g)), (which, name, g)
 
 
 # ---- dropout folded into the op ------------------------------------------------------------------
