@@ -3,7 +3,8 @@ traceback is shown only with --debug (or SYNTHDIFF_DEBUG=1), or for any other er
 bug worth a traceback.
 
 Expected failures are a `core.errors.UserError` (a check refused an option, a file or the data), a
-`RunError` (a run ended early: divergence), an interruption (Ctrl-C, SIGTERM: `RunInterrupted`), and
+`RunError` (a run ended early: divergence), an interruption (Ctrl-C, SIGTERM: `RunInterrupted`; also one
+that reached torch.compile's compiler first), a torch.compile cache damaged by an interrupted build, and
 the machine's limits: out of GPU or CPU memory, disk full, a folder that cannot be written.
 
 An entry point calls `catch_early_sigterm()` before its heavy imports and `main(entry)` at the
@@ -87,6 +88,14 @@ def explain(err: BaseException) -> tuple[str, int] | None:
         return _original_message(str(err)), 1
     if isinstance(err, KeyboardInterrupt):
         return interrupted("interrupted (Ctrl-C)"), 128 + signal.SIGINT
+    stopped = compiler_stopped(err)
+    if stopped is not None:
+        how = "interrupted (Ctrl-C)" if stopped == signal.SIGINT else f"stopped by {signal.Signals(stopped).name}"
+        return interrupted(f"{how} while torch.compile was compiling"), 128 + stopped
+    damaged = damaged_compile_cache(err)
+    if damaged is not None:
+        return (f"torch.compile's cache holds a damaged file, {damaged[0]} (from a compile that was stopped part "
+                f"way); delete the folder {damaged[1]} (torch.compile builds it anew) and run again.", 1)
     torch = sys.modules.get("torch")  # not imported here (see the module docstring); loaded if it raised this
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory; lower --batch-size.", 1
@@ -114,6 +123,56 @@ def explain(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where} ({err.strerror}); choose a folder you can write to.", 1
+    return None
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the errors it was raised from or wraps (torch.compile's wrappers keep theirs as
+    `inner_exception`), innermost last."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+
+
+COMPILER_ERRORS = ("torch._inductor", "torch._dynamo")  # the modules of torch.compile's own errors
+
+
+def compiler_stopped(err: BaseException) -> int | None:
+    """The stop signal (SIGINT, SIGTERM) that killed a compiler torch.compile ran, where that is why `err` was
+    raised; else None. A Ctrl-C in a terminal, or a scheduler's SIGTERM, reaches the whole process group: the
+    compiler (g++ for Inductor's CPU code) dies of it mid-build, and Inductor raises a CppCompileError with the
+    compiler's command line and output (thousands of lines) before this process answers its own stop (a training
+    loop answers one after its step)."""
+    failed = getattr(sys.modules.get("subprocess"), "CalledProcessError", ())  # (not imported: no compiler ran)
+    causes = list(_causes(err))
+    if not any(type(cause).__module__.startswith(COMPILER_ERRORS) for cause in causes):
+        return None  # another command's end, whatever stopped it
+    for cause in causes:
+        if isinstance(cause, failed):
+            signum = -cause.returncode
+            return signum if signum in (signal.SIGINT, signal.SIGTERM) else None
+    return None
+
+
+# How the dynamic loader refuses a shared library that was cut short or never written.
+UNLOADABLE = re.compile(r"(/\S+\.so): (?:file too short|invalid ELF header)")
+
+
+def damaged_compile_cache(err: BaseException) -> tuple[str, str] | None:
+    """(the file, the cache folder) where `err` is torch.compile failing to load a library from Inductor's cache
+    that is empty or cut short; else None. Inductor builds a library straight into its cache and, on a later run,
+    uses any file of that name without a check: a build stopped by SIGTERM or SIGKILL (the linker killed mid-write)
+    leaves an empty file there, and every compile that needs it fails from then on (measured: a SIGTERM to the
+    process group during a link left a 0-byte .so)."""
+    cache_dir_utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # loaded by any compile
+    for cause in _causes(err):
+        found = UNLOADABLE.search(str(cause)) if isinstance(cause, (ImportError, OSError)) else None
+        if found is not None and cache_dir_utils is not None:
+            cache = cache_dir_utils.cache_dir()
+            if os.path.abspath(found[1]).startswith(os.path.join(cache, "")):
+                return found[1], cache
     return None
 
 
@@ -263,14 +322,31 @@ def _deferred_from_finalizer(signum: int, frame: Any) -> bool:
     signal comes again, `run` answers it (`lost_stop`). False, having done nothing, anywhere else."""
     while frame is not None:
         if frame.f_code.co_name == "__del__" or frame.f_code is weakref.finalize.__call__.__code__:
-            _deferred.append(signum)
-            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
+            _send_again(signum)
             return True
         frame = frame.f_back
     _deferred.clear()  # answered now
     return False
+
+
+def _send_again(signum: int) -> None:
+    """Put the stop signal `signum` off: sent again in 50 ms, to be answered where it can be raised."""
+    _deferred.append(signum)
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+def _stop_in_unraisable(unraisable: Any) -> None:
+    """`sys.unraisablehook`: a stop raised where Python cannot raise it is put off (`_send_again`) instead of
+    printed as "Exception ignored in" and lost. `_deferred_from_finalizer` sees a `__del__` and a
+    `weakref.finalize` callback coming; a plain `weakref.ref` callback it cannot tell from the code that dropped
+    the object, and torch.compile runs many of those (dynamo's weak-keyed caches, while it compiles)."""
+    err = unraisable.exc_value
+    if isinstance(err, KeyboardInterrupt):  # (raised by our handlers, which run in the main thread)
+        _send_again(err.exit_code - 128 if isinstance(err, RunInterrupted) else signal.SIGINT)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def lost_stop() -> int | None:
@@ -406,6 +482,7 @@ def main(entry: Callable[[list[str]], Any]) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate_as_interrupt)
         signal.signal(signal.SIGINT, interrupt)  # Ctrl-C: KeyboardInterrupt, as `run` expects
+        sys.unraisablehook = _stop_in_unraisable
     code = run(entry)
     if threading.current_thread() is threading.main_thread():
         # Ended (done, or with what had to be saved saved and the line printed): a Ctrl-C or SIGTERM while Python

@@ -22,6 +22,8 @@ Statistics of a map m, with p = m / sum(m) read as a distribution over pixels:
 Writes DIR/overlays.png (a row per image: the image, then each classifier's map over it),
 DIR/stats.csv (one row per image and classifier), DIR/summary.md and DIR/summary.json (per
 classifier: mean ± std of each statistic, and accuracy on these images when they are labelled).
+Images of a class folder the classifiers do not know are explained as the others (their predicted
+class), marked "unknown class" in overlays.png and stats.csv, and left out of the accuracy.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from classify.model import Classifier, load_classifier
@@ -46,9 +49,9 @@ from core.checkpoint import peek_checkpoint
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import atomic_write, resolve_device, write_csv, write_json
-from data import check_output_outside, check_spec, load_dataset, trained_datasets
+from data import check_output_outside, check_spec, folder_classes, folder_of, load_dataset, trained_datasets
 from data.dataset import subset_indices
-from data.imageio import from_uint8, save_grid
+from data.imageio import atomic_save_image, from_uint8, make_grid
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
@@ -165,6 +168,27 @@ def colour_map(values: Tensor) -> Tensor:
     return stops[low] * (1 - t) + stops[low + 1] * t
 
 
+UNKNOWN_CAPTION = "unknown class"  # beside the rows of images whose class the classifiers do not know
+
+
+def save_overlays(rows: Tensor, captions: Sequence[str], path: Path) -> None:
+    """Rows (B, columns, 3, H, W) in [-1, 1] as one PNG grid, a row per image; with any non-empty caption, a
+    column of captions in front (white on black, as the grid's padding), one per row."""
+    grid = Image.fromarray(make_grid(rows.flatten(0, 1), nrow=rows.shape[1]))
+    if any(captions):
+        font = ImageFont.load_default()
+        probe = ImageDraw.Draw(grid)
+        width = max(probe.textbbox((0, 0), c, font=font)[2] for c in captions) + 6
+        captioned = Image.new("RGB", (width + grid.width, grid.height))
+        captioned.paste(grid, (width, 0))
+        draw, side = ImageDraw.Draw(captioned), rows.shape[-1] + 2  # the grid's cell: an image and its padding
+        for k, caption in enumerate(captions):
+            top, bottom = draw.textbbox((0, 0), caption, font=font)[1::2]
+            draw.text((3, 2 + k * side + (side - 2 - (bottom - top)) // 2 - top), caption, fill="white", font=font)
+        grid = captioned
+    atomic_save_image(grid, path)
+
+
 def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
     """Maps (B, H, W) in [0, 1] coloured and blended over images (B, C, H, W) in [-1, 1]; result in [-1, 1]."""
     base = (images.expand(-1, 3, -1, -1) + 1) / 2
@@ -193,9 +217,11 @@ def explained_targets(classifier: Classifier, images: Tensor, labels: Tensor, ex
 
 def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, labels: Tensor | None, *, layer: str,
             explain: str = "pred", class_name: str | None = None, output: str | None = None,
-            batch_size: int = 64) -> tuple[dict[str, Tensor], list[dict], dict[str, dict]]:
+            batch_size: int = 64, unknown: Sequence[str] = ()) -> tuple[dict[str, Tensor], list[dict], dict[str, dict]]:
     """Grad-CAM of each classifier on the same images: (maps per classifier, one stats row per image and
-    classifier, a summary per classifier)."""
+    classifier, a summary per classifier). `labels` index the classifiers' classes and then `unknown`, classes
+    of the images that the classifiers do not know: an image of one is explained as the others are (its predicted
+    class, or --class) and left out of the accuracy."""
     all_maps, rows, summary = {}, [], {}
     for name, classifier in classifiers:
         device = classifier.device
@@ -213,7 +239,8 @@ def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, label
             if is_class:
                 row["predicted"] = classifier.output_names[int(predicted[k])]
                 if labels is not None:
-                    row["label"] = classifier.output_names[int(labels[k])]
+                    row["label"] = [*classifier.output_names, *unknown][int(labels[k])]
+                    row["unknown_class"] = int(labels[k] >= len(classifier.output_names))
             rows.append({**row, **{s: float(stats[s][k]) for s in STATISTICS}})
         entry = {}
         for s in STATISTICS:
@@ -221,10 +248,25 @@ def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, label
             entry[s] = {"mean": float(values.mean()) if len(values) else math.nan,
                         "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
         entry["empty_maps"] = int(stats["focus"].isnan().sum())
-        if is_class and labels is not None:
-            entry["accuracy"] = float((predicted == labels).float().mean())
+        known = labels < len(classifier.output_names) if is_class and labels is not None else None
+        if known is not None and known.any():
+            entry["accuracy"] = float((predicted[known] == labels[known]).float().mean())
         summary[name] = entry
     return all_maps, rows, summary
+
+
+def check_labels_known(spec: str, classes: Sequence[str], classifier: Classifier, name: str) -> None:
+    """Refuse --explain label for a set (`spec`, of `classes`) with classes the classifier has no output for: an
+    image of one has no label to explain (--explain pred explains it, as any other)."""
+    unknown = [c for c in classes if c not in classifier.output_names]
+    if not unknown:
+        return
+    folder = folder_of(spec)
+    remove = (f"move the folders {', '.join(str(folder.resolve() / c) for c in unknown)} out of it"
+              if folder is not None else "pass images of its classes")
+    raise UserError(f"--explain label explains each image's own class, and the classes {', '.join(unknown)} of "
+                    f"--images are not classes of {name} ({', '.join(classifier.output_names)}); {remove}, or use "
+                    f"--explain pred, which explains those images too.")
 
 
 def summary_table(summary: dict[str, dict]) -> str:
@@ -295,6 +337,9 @@ def main(argv: list[str] | None = None) -> Path:
         if args.output is not None and (c.config.target != "params" or args.output not in c.output_names):
             raise UserError(f"--output {args.output} is not a parameter {name} predicts; it applies to parameter "
                             f"regressors only.")
+    if args.explain == "label" and first.config.target == "class" and folder_of(args.images) is not None:
+        # By listing the folder, before any image is decoded (a set that is no folder is checked once loaded).
+        check_labels_known(args.images, folder_classes(args.images), first, names[0])
     out = args.out or args.ckpt[0].parent / "gradcam"
     # Nor inside a classifier's training or test images: the overlays would be read as images of that set.
     read = {"--images": args.images}
@@ -309,15 +354,15 @@ def main(argv: list[str] | None = None) -> Path:
         keep = subset_indices(len(data), min(args.num, len(data)), args.seed, f"--images {args.images}")
         data = data.subset(keep)
         images = from_uint8(data.images)
-        labels = None
+        labels, unknown = None, []
         if data.info.class_names and first.config.target == "class":
             # Matched by name: a set of some of the classes (sample.py --dataset-out --class red) is labelled too.
+            # Classes the classifier does not know are labelled after its own.
+            if args.explain == "label":
+                check_labels_known(args.images, data.info.class_names, first, names[0])
             unknown = [n for n in data.info.class_names if n not in first.output_names]
-            if unknown:
-                raise UserError(f"The classes {', '.join(unknown)} of --images are not classes of {names[0]} "
-                                f"({', '.join(first.output_names)}); pass images of its classes, or a folder "
-                                f"without class folders.")
-            labels = torch.tensor([first.output_names.index(n) for n in data.info.class_names])[data.labels]
+            known_then_unknown = [*first.output_names, *unknown]
+            labels = torch.tensor([known_then_unknown.index(n) for n in data.info.class_names])[data.labels]
             for name, c in classifiers[1:]:  # the labels index the first one's classes
                 if c.output_names != first.output_names:
                     raise UserError(f"Classifier {name} has the classes ({', '.join(c.output_names)}) and {names[0]} "
@@ -326,18 +371,29 @@ def main(argv: list[str] | None = None) -> Path:
         elif args.explain == "label":
             raise UserError("--explain label needs labelled images (class folders); use --explain pred.")
         maps, rows, summary = compare(classifiers, images, labels, layer=args.layer, explain=args.explain,
-                                      class_name=args.class_name, output=args.output, batch_size=args.batch_size)
+                                      class_name=args.class_name, output=args.output, batch_size=args.batch_size,
+                                      unknown=unknown)
+        of_unknown = [] if labels is None else (labels >= len(first.output_names)).tolist()  # per image
         columns = [images.expand(-1, 3, -1, -1)] + [overlay(images, maps[name]) for name in names]  # grey as RGB
-        save_grid(torch.stack(columns, dim=1).flatten(0, 1), out / "overlays.png", nrow=len(columns))
+        save_overlays(torch.stack(columns, dim=1), [UNKNOWN_CAPTION if u else "" for u in of_unknown],
+                      out / "overlays.png")
         write_csv(rows, out / "stats.csv")
-        table = summary_table(summary)
+        shown = sorted({unknown[int(y) - len(first.output_names)] for y, u in zip(labels, of_unknown) if u}
+                       ) if any(of_unknown) else []
+        note = (f"\n{sum(of_unknown)} of the {len(images)} images are of classes the classifiers do not know "
+                f"({', '.join(shown)}): each map explains the predicted class, and the accuracy leaves them "
+                f"out.\n") if shown else ""
+        table = summary_table(summary) + note
         atomic_write(out / "summary.md", lambda f: f.write(table.encode()))
         write_json({"images": args.images, "num": len(images), "layer": args.layer,
                     "explain": args.explain if args.class_name is None else f"class {args.class_name}",
+                    "unknown_class_images": sum(of_unknown),
                     "classifiers": {n: str(p) for n, p in zip(names, args.ckpt)}, "summary": summary},
                    out / "summary.json")
     print(table)
-    print(f"Wrote {out}: overlays.png (rows: image, then {', '.join(names)}), stats.csv, summary.md, summary.json")
+    marked = f"; rows marked '{UNKNOWN_CAPTION}': images of classes the classifiers do not know" if shown else ""
+    print(f"Wrote {out}: overlays.png (rows: image, then {', '.join(names)}{marked}), stats.csv, summary.md, "
+          f"summary.json")
     return out
 
 

@@ -80,20 +80,33 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, option) is not None and args.dataset_out is None:
             raise UserError(f"--{option.replace('_', '-')} applies to --dataset-out only; add --dataset-out DIR or "
                             f"drop it.")
+    check_sampler_options(args)
     for option, default in OPTIONAL_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
 
 
-def check_sampling_options(args: argparse.Namespace, model: DiffusionSampler) -> None:
-    """Refuse sampler options that the chosen sampler or `model` would ignore: sample.py and every tool that draws
-    as it does (the consistency check) refuse the same, so what a tool records as used was used."""
+# Sampler options that one sampler alone reads (ddpm/generate.py passes them to it): option -> that sampler.
+SAMPLER_OWN_OPTIONS = {"eta": "ddim", "variance": "ddpm"}
+
+
+def check_sampler_options(args: argparse.Namespace) -> None:
+    """Refuse an option of one sampler given with another, which would ignore it: from the command line alone,
+    so before any checkpoint is read."""
     sampling = given_in(args, "sampling")
     sampler = sampling.get("sampler", SamplingConfig().sampler)
-    for option, owner in (("eta", "ddim"), ("variance", "ddpm")):
+    for option, owner in SAMPLER_OWN_OPTIONS.items():
         if option in sampling and sampler != owner:
             raise UserError(f"--{option} applies to --sampler {owner} only, and this is --sampler {sampler}; drop it.")
-    if model.latent and sampling.get("clip_x0"):
+
+
+def check_sampling_options(args: argparse.Namespace, model: DiffusionSampler) -> None:
+    """Refuse sampler options that the chosen sampler or `model` would ignore: sample.py and every tool that draws
+    as it does (the consistency check) refuse the same, so what a tool records as used was used. sample.py has
+    refused the sampler's own (`check_sampler_options`) before opening the checkpoint; asked again here for the
+    tools that call only this."""
+    check_sampler_options(args)
+    if model.latent and given_in(args, "sampling").get("clip_x0"):
         raise UserError("--clip-x0 applies to pixel models only: latent models are never clipped (their decoded "
                         "images are clamped); drop it.")
 

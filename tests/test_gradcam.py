@@ -279,9 +279,10 @@ def test_a_set_of_some_of_the_classes_is_labelled_by_name(tmp_path):
     out = gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--class", "blue", "--out",
                         str(tmp_path / "blue"), "--device", "cpu"])
     assert json.loads((out / "summary.json").read_text())["explain"] == "class blue"   # not "pred"
-    green = red_images(tmp_path / "green", ("green", "red"))
-    with pytest.raises(ValueError, match=r"^The classes green of --images are not classes of a \(blue, red\); pass "
-                                         r"images of its classes, or a folder without class folders\.$"):
-        gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{green}", "--out",
-                      str(tmp_path / "bad"), "--device", "cpu"])
+    green = red_images(tmp_path / "green", ("green", "red"))  # its own labels: green is none of a's classes
+    with pytest.raises(ValueError, match=r"^--explain label explains each image's own class, and the classes green "
+                                         r"of --images are not classes of a \(blue, red\); move the folders .*green "
+                                         r"out of it, or use --explain pred, which explains those images too\.$"):
+        gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{green}", "--explain", "label",
+                      "--out", str(tmp_path / "bad"), "--device", "cpu"])
     assert not (tmp_path / "bad").exists()
