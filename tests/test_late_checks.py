@@ -170,3 +170,39 @@ def test_gradcam_explain_label_names_the_folders_of_unknown_classes_before_decod
         gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{images}", "--explain", "label",
                       "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recompile_stopped_after_some_steps_checkpoints_them_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    """A stop that kills the compiler of a later step's recompile (after a preview, eval mode changed what was
+    compiled) saves the steps before it, as a stop between steps does, and the run goes on from them as if never
+    stopped; before, the error ended the run with only the last checkpoint (none here)."""
+    import numpy as np
+    import torch
+
+    import train
+    from core.checkpoint import load_checkpoint
+    from helpers import RES, tiny_args
+    from training.loop import Trainer
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(images / f"{k}.png")
+    step_of = Trainer._step
+
+    def stopped_at_step_3(self, step, batch, generator):
+        if step == 3:
+            raise compile_failure(-signal.SIGTERM)
+        return step_of(self, step, batch, generator)
+    run_dir, straight = tmp_path / "stopped", tmp_path / "straight"
+    monkeypatch.setattr(Trainer, "_step", stopped_at_step_3)
+    with pytest.raises(cli.RunInterrupted, match=r"stopped by SIGTERM at step 3 of 5 and saved .*--resume"):
+        train.main(tiny_args(run_dir, images, steps=5))
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(Trainer, "_step", step_of)
+    train.main(["--run-dir", str(run_dir), "--resume", "--device", "cpu"])
+    train.main(tiny_args(straight, images, steps=5))
+    resumed, expected = (load_checkpoint(d / "checkpoint.pt")["models"]["model"] for d in (run_dir, straight))
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.items())
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, straight)]
+    assert losses[0] == losses[1] and len(losses[0]) == 5

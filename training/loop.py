@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.cli import (RunError, RunInterrupted, ignore_stop_signals, launched_world_size, lost_stop,
+from core.cli import (RunError, RunInterrupted, compiler_stopped, ignore_stop_signals, launched_world_size, lost_stop,
                       stop_signals_held)
 from core.config import LR_SCHEDULES, TrainConfig
 from core.contract import MAIN, Trainable, TrainingModels, TrainingStage
@@ -616,7 +616,7 @@ class Trainer:
                 batches = iter(self._batches()) if len(steps) else iter(())
             try:
                 for step, batch in zip(steps, batches):
-                    self.window.add(*self._step(step, batch, generator))
+                    self.window.add(*self._compiled_step(step, batch, generator))
                     self.progress.update(1)
                     saved = self._after_step(step + 1)
                     signum = stops.after_step(received, last=step + 1 == cfg.steps)
@@ -639,6 +639,22 @@ class Trainer:
                                  f"step {cfg.steps} and saved {self.ckpt_path}", signum)
         return {"step": cfg.steps, "loss": self.window.last_loss, "seconds": time.perf_counter() - self.started,
                 "checkpoint": str(self.ckpt_path), "final_grid": str(final) if final else None}
+
+    def _compiled_step(self, step: int, batch: Any, generator: torch.Generator) -> tuple[dict, dict, dict]:
+        """`_step`, where a stop signal that killed the compiler torch.compile ran for it (a Ctrl-C or SIGTERM reaches
+        the whole process group: `core.cli.compiler_stopped`) is answered as one between steps is: the steps done
+        since the last checkpoint are saved (step `step` had not changed the weights yet). A recompile comes after
+        the first step too (the first training step after a preview, whose eval mode changed what was compiled).
+        Under torchrun another process's compiler may have lived on, and saving takes every process, so there the
+        error stands (the last checkpoint is kept)."""
+        try:
+            return self._step(step, batch, generator)
+        except Exception as err:
+            signum = compiler_stopped(err)
+            if signum is None or self.runtime.distributed or step == self.start_step:  # (nothing new to save)
+                raise
+            self._stop(step, signum, saved=step % self.cfg.ckpt_every == 0)
+            raise  # (not reached: _stop raises RunInterrupted)
 
     def _after_step(self, done: int) -> bool:
         """Log, check for divergence, checkpoint, evaluate and preview as due after step `done`; returns
