@@ -49,7 +49,7 @@ from data import check_output_outside, folder_labels, folder_of, load_dataset, t
 from ddpm.config import SamplingConfig
 from evaluate.judging import (CONDITIONED_ON, DEFAULT_NUM, DEFAULT_PER_CLASS, Judging, check_dataset, check_pair,
                               judge_dataset, measure, write_report)
-from sampling.command import add_drawing_options, check_drawing_batch, check_sampling_options
+from sampling.command import add_drawing_options, check_drawing_batch, check_sampler_options, check_sampling_options
 from stages import open_source
 
 # Options that only choose what is drawn from a --ckpt; with --images they would be silently ignored.
@@ -95,12 +95,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse impossible counts and an --images that names no folder, before anything is loaded."""
+    """Refuse impossible counts, an --images that names no folder and another sampler's options, before anything
+    is loaded."""
     for option, value in (("--per-class", args.per_class), ("--num", args.num), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}.")
     if args.images is not None and (not args.images.startswith("folder:") or args.images == "folder:"):
         raise UserError(f"--images takes folder:DIR (a written image set), got {args.images!r}.")
+    check_sampler_options(args)
 
 
 def plan_image_set(args: argparse.Namespace, judge: Classifier, judged_on: dict[str, str]) -> Judging:

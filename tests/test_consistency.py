@@ -278,10 +278,12 @@ def test_a_parameter_held_fixed_has_no_slope_or_correlation(params_ckpt, tmp_pat
     (["--sampler", "ddpm", "--eta", "0.5"], r"^--eta applies to --sampler ddim only, and this is --sampler ddpm"),
     (["--variance", "large"], r"^--variance applies to --sampler ddpm only"),
 ])
-def test_sampler_options_sample_py_refuses_are_refused_here_too(class_ckpt, tmp_path, extra, message):
-    """Recorded in the report as used, they would have changed nothing."""
-    judge_ckpt = classifier_checkpoint(tmp_path / "judge.pt", 0, classes=("blue", "green", "red"))
+def test_sampler_options_sample_py_refuses_are_refused_here_too(tmp_path, extra, message):
+    """Recorded in the report as used, they would have changed nothing; refused before any checkpoint is read (both
+    files here are damaged, which reading either would report instead)."""
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=message):
-        consistency.main(["--ckpt", str(class_ckpt), "--judge", str(judge_ckpt), "--per-class", "1", "--out",
+        consistency.main(["--ckpt", str(damaged), "--judge", str(damaged), "--per-class", "1", "--out",
                           str(tmp_path / "out"), "--device", "cpu", "--steps", "2", *extra])
     assert not (tmp_path / "out").exists()
