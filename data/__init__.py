@@ -49,20 +49,21 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
     """Refuse, before any work, an output folder (named by `option`) that is, or lies inside, an image folder the
     command reads (`inputs`: option -> dataset spec): what it writes there would be read as images of that
     folder by every later command (and by this one, where it reads the folder again)."""
+    from data.imageio import is_skipped_folder
     output = Path(output).expanduser().resolve()
     for name, spec in inputs.items():
         folder = folder_of(spec or "")
         if folder is not None:
             folder = folder.resolve()
             if output == folder or (folder in output.parents
-                                    # (a hidden folder inside it is never read: see data.imageio.list_images)
-                                    and not any(part.startswith(".") for part in output.relative_to(folder).parts)):
+                                    # (a hidden or system folder inside it is never read: data.imageio.list_images)
+                                    and not any(map(is_skipped_folder, output.relative_to(folder).parts))):
                 where = "is" if output == folder else "lies inside"
                 raise UserError(f"{option} {output} {where} the image folder of {name} ({folder}), so what is "
                                 f"written there would be read as images of it; choose a {option} outside it.")
     from data.writer import REQUEST  # (data.writer imports this package)
     for folder in output.parents:  # a dataset this toolkit wrote, which any command may read later
-        if (folder / REQUEST).is_file() and not any(part.startswith(".") for part in output.relative_to(folder).parts):
+        if (folder / REQUEST).is_file() and not any(map(is_skipped_folder, output.relative_to(folder).parts)):
             raise UserError(f"{option} {output} lies inside the dataset {folder} (it holds {REQUEST}), so what is "
                             f"written there would be read as images of that dataset; choose a {option} outside it.")
 

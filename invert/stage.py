@@ -179,10 +179,11 @@ def check(config: InvertConfig, resume_from: dict | None, device: torch.device) 
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
                         "against (e.g. train.py --stage ddpm --cond params).")
-    if not model_path(config, resume_from).is_file():
+    model = model_path(config, resume_from)
+    if not model.is_file():
         reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
         raise MissingFileError(f"--model {path} {reason}.")
-    T = frozen_timesteps(model_path(config, resume_from))
+    T = frozen_timesteps(model)
     if T is not None:
         check_within_timesteps("--preview-steps", config.train.preview_steps, T)
         check_within_timesteps("--eval-timesteps", config.invert.eval_timesteps, T)

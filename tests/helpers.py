@@ -56,6 +56,17 @@ def colour_folder(root: Path, per_class: int, seed: int, classes: dict = COLOURS
     return root
 
 
+def noise_folder(root: Path, count: int, classes: int = 0) -> Path:
+    """`count` RES px RGB images of uniform noise (seed 0): in `classes` class folders class0, class1, ... taken in
+    turn, or flat for 0."""
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        folder = root / f"class{k % classes}" if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
 # Damage to an .npz (a zip) that numpy reports with neither an OSError nor a ValueError: a compression method
 # zipfile does not know (NotImplementedError), and the encryption flag set (RuntimeError).
 NPZ_DAMAGE = {"compression": (8, 99), "encrypted": (6, 1)}  # offset in a local file header, new 16-bit value

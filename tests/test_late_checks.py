@@ -176,18 +176,13 @@ def test_a_recompile_stopped_after_some_steps_checkpoints_them_and_the_run_resum
     """A stop that kills the compiler of a later step's recompile (after a preview, eval mode changed what was
     compiled) saves the steps before it, as a stop between steps does, and the run goes on from them as if never
     stopped; before, the error ended the run with only the last checkpoint (none here)."""
-    import numpy as np
     import torch
 
     import train
     from core.checkpoint import load_checkpoint
-    from helpers import RES, tiny_args
+    from helpers import noise_folder, tiny_args
     from training.loop import Trainer
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(8):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(images / f"{k}.png")
+    images = noise_folder(tmp_path / "images", 8)
     step_of = Trainer._step
 
     def stopped_at_step_3(self, step, batch, generator):

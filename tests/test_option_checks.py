@@ -14,14 +14,13 @@ import stat
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import train
 from core.errors import UserError
-from helpers import RES, tiny_args
+from helpers import RES, noise_folder, tiny_args
 from training.run import resolve_config
 
 CPU = torch.device("cpu")
@@ -30,12 +29,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Six RES px RGB images in two classes."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for k in range(6):
-        (root / f"class{k % 2}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("images"), 6, classes=2)
 
 
 def resolved(argv: list[str], run_dir: Path):

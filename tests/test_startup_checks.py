@@ -14,15 +14,13 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
 from core import cli
 from core.runtime import Runtime
-from helpers import RES, tiny_args
+from helpers import RES, noise_folder, tiny_args
 from training.loop import Trainer, TrainingDiverged
 from training.run import resolve_config
 
@@ -37,13 +35,8 @@ def the_error(stderr: str) -> str:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """Six 16x16 RGB images in two classes."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for k in range(6):
-        (root / f"class{k % 2}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"class{k % 2}" / f"{k}.png")
-    return root
+    """Six RES px RGB images in two classes."""
+    return noise_folder(tmp_path_factory.mktemp("images"), 6, classes=2)
 
 
 # ---------------------------------------------------------------------------------------------
