@@ -60,6 +60,19 @@ def _holder(path: Path) -> dict:
         return {}
 
 
+# How long a refused process waits for a lock's new holder to write who it is (it locks, then writes).
+HOLDER_WAIT_S = 1.0
+
+
+def _current_holder(path: Path) -> dict:
+    """The holder of a lock that another process holds: read again for a moment while the file is still empty
+    or half written, the instant between its holder's lock and its write."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while not (holder := _holder(path)).get("pid") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return holder
+
+
 def _describe(holder: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder["started"])) if "started" in holder else "?"
     return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (started {started}: "
@@ -108,8 +121,9 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise FolderInUse(f"{self.folder} is in use by {_describe(_holder(self.path))}; wait for it to end, "
-                                  f"or choose another folder.") from None
+                holder = _describe(_current_holder(self.path))
+                raise FolderInUse(f"{self.folder} is in use by {holder}; wait for it to end, or choose another "
+                                  f"folder.") from None
             # The holder before us may have unlinked the file after we opened it: lock the file that is there.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

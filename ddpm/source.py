@@ -10,14 +10,13 @@ range). A stage whose images are conditioned otherwise (an inversion: learned ve
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from core.config import given_in
 from core.errors import UserError
 from data.dataset import DatasetInfo
 from data.writer import REQUEST, parse_binning
@@ -33,11 +32,33 @@ def source_loader(load_sampler: Callable[[dict[str, Any], torch.device, str, Pat
     return lambda payload, device, weights, path: ImageSource(load_sampler(payload, device, weights, path))
 
 
-class ImageSource:
-    """A diffusion model that draws image k under the condition sample.py's options ask for.
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a command asks of an `ImageSource`: the options of sample.py (see its --help) that decide which images
+    it draws and under which conditions, as typed (None or empty: not given). sample.py builds one from its
+    command line; the sweep builds one per setting."""
+    seed: int = 0                           # --seed: image k's noise and draws come from (seed, k)
+    label: str | None = None                # --class NAME|INDEX
+    params: tuple[str, ...] = ()            # --param NAME=VALUE, repeated
+    sweep: str | None = None                # --sweep NAME=START:STOP:N
+    interpolate: bool = False               # --interpolate
+    interpolate_to: tuple[str, ...] = ()    # --interpolate-to CLASS|NAME=VALUE, repeated
+    dataset_out: Path | None = None         # --dataset-out DIR: write a dataset, not grids
+    num: int | None = None                  # --num
+    per_class: int | None = None            # --per-class (a class-conditional model's dataset)
+    per_image: int | None = None            # --per-image (an inversion's dataset)
+    classes: str | None = None              # --classes NAME:K[:LOW:HIGH]: bin a parameter into class folders
+    guidance_scale: float | None = None     # --guidance-scale
+    # The option groups that one kind of source reads (`ImageSource.option_sections`): group -> field -> value.
+    sections: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
-    `args` below is sample.py's parsed command line (see its --help for each option).
-    """
+    def section(self, name: str) -> dict[str, Any]:
+        """The options of group `name` given, by field."""
+        return dict(self.sections.get(name, {}))
+
+
+class ImageSource:
+    """A diffusion model that draws image k under the condition a `Request` asks for."""
     default_guidance: float | None = None  # the guidance scale when none is given (None: SamplingConfig's)
     option_sections: tuple[str, ...] = ()  # sample.py option groups only this kind of source reads
     draws_requests = True                  # image k's condition is a class or parameters asked for (or none)
@@ -56,43 +77,45 @@ class ImageSource:
         """The model's conditioning: none, class or params."""
         return self.model.net.config.cond
 
-    def check(self, args: argparse.Namespace) -> None:
+    def check(self, request: Request) -> None:
         """Refuse options this model cannot use, instead of ignoring them."""
-        if args.per_image is not None:
+        if request.per_image is not None:
             raise UserError("--per-image applies to inversion checkpoints (train.py --stage invert) only; drop it.")
-        check_request(self.kind, args.label, args.param)
+        check_request(self.kind, request.label, request.params)
         if self.kind == "none":
-            if given_in(args, "sampling").get("guidance_scale", 1.0) != 1.0:
+            if request.guidance_scale not in (None, 1.0):
                 raise UserError("This model was trained without conditioning, so --guidance-scale has nothing to "
                                 "guide; drop it.")
-            if args.interpolate_to:
+            if request.interpolate_to:
                 raise UserError("This model was trained without conditioning, so there is no condition to "
                                 "interpolate to; drop --interpolate-to.")
-        if args.dataset_out is not None:
-            if self.kind == "class" and args.num is not None:
+        if request.dataset_out is not None:
+            if self.kind == "class" and request.num is not None:
                 raise UserError("A class-conditional model writes --per-class N images of each class; use "
                                 "--per-class instead of --num.")
-            if self.kind != "class" and args.per_class is not None:
+            if self.kind != "class" and request.per_class is not None:
                 raise UserError("--per-class needs a class-conditional model; use --num N for this one.")
-            if args.classes is not None and self.kind != "params":
+            if request.classes is not None and self.kind != "params":
                 raise UserError("--classes bins a parameter into class folders, and this model is not conditioned "
                                 "on parameters; drop it.")
-            if args.classes:
-                parse_binning(args.classes, self.model.info)  # checked before any folder is touched
+            if request.classes:
+                parse_binning(request.classes, self.model.info)  # checked before any folder is touched
 
-    def conditions(self, indices: Sequence[int], args: argparse.Namespace) -> Conditions:
+    def conditions(self, indices: Sequence[int], request: Request) -> Conditions:
         """The condition of image k for each k in `indices`, with what the manifest records of it."""
-        return requested(self.kind, self.model.info, indices, args.seed, label=args.label, params=args.param)
+        return requested(self.kind, self.model.info, indices, request.seed, label=request.label,
+                         params=request.params)
 
-    def dataset(self, args: argparse.Namespace) -> tuple[DatasetPlan, dict[str, Any]]:
+    def dataset(self, request: Request) -> tuple[DatasetPlan, dict[str, Any]]:
         """The images of `--dataset-out`, and what else (besides the model, weights, seed and sampler) makes
         them: entries of the folder's request, which a rerun must repeat to continue the folder."""
         info = self.model.info
-        binning = parse_binning(args.classes, info) if args.classes else None
-        plan = plan_dataset(self.model, args.seed, per_class=args.per_class or 100 if self.kind == "class" else None,
-                            num=args.num or 64, label=args.label, params=args.param, binning=binning)
-        asked = resolved_request(info, args.label, args.param)
-        return plan, {**asked, **former_request(args.dataset_out, asked, info),
+        binning = parse_binning(request.classes, info) if request.classes else None
+        per_class = request.per_class or 100 if self.kind == "class" else None
+        plan = plan_dataset(self.model, request.seed, per_class=per_class, num=request.num or 64, label=request.label,
+                            params=request.params, binning=binning)
+        asked = resolved_request(info, request.label, request.params)
+        return plan, {**asked, **former_request(request.dataset_out, asked, info),
                       "classes": binning.describe() if binning else None}
 
 

@@ -71,7 +71,7 @@ from data.writer import MAX_BINS, REQUEST, binning_option, parse_binning
 from ddpm.config import SPACINGS, SamplingConfig
 from ddpm.samplers import SAMPLERS, make_timesteps
 from ddpm.schedule import Schedule
-from ddpm.source import ImageSource
+from ddpm.source import ImageSource, Request
 from ddpm.synthetic import check_image_count
 from evaluate.judging import check_pair, judge_dataset
 from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
@@ -527,15 +527,14 @@ def check_set_size(out: Path, images: int, option: Callable[[int], str]) -> None
 
 
 def dataset_request(args: argparse.Namespace, setting: Setting, folder: Path, kind: str, *, num: int | None = None,
-                    per_class: int | None = None) -> argparse.Namespace:
-    """sample.py's parsed --dataset-out command line that writes `setting`'s set (by default the sweep's
-    size: --num or --per-class) into `folder`."""
-    request = argparse.Namespace(ckpt=args.ckpt, dataset_out=folder, seed=args.seed, weights=args.weights,
-                                 amp=args.amp, classes=args.classes, label=None, param=[], per_image=None,
-                                 interpolate_to=None, num=None if kind == "class" else num or args.num or DEFAULT_NUM,
-                                 per_class=per_class or args.per_class or DEFAULT_PER_CLASS if kind == "class" else None)
-    setattr(request, "sampling.guidance_scale", setting.guidance)
-    return request
+                    per_class: int | None = None) -> Request:
+    """What sample.py's --dataset-out command that writes `setting`'s set (by default the sweep's size: --num or
+    --per-class) into `folder` asks of the model."""
+    if kind == "class":
+        return Request(seed=args.seed, dataset_out=folder, classes=args.classes, guidance_scale=setting.guidance,
+                       per_class=per_class or args.per_class or DEFAULT_PER_CLASS)
+    return Request(seed=args.seed, dataset_out=folder, classes=args.classes, guidance_scale=setting.guidance,
+                   num=num or args.num or DEFAULT_NUM)
 
 
 def check_judge(kind: str, source_info, judge: Classifier, classes: str | None) -> None:
@@ -636,7 +635,7 @@ def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[
         request = dataset_request(args, setting, out / "sets" / setting.name, source.kind)
         source.check(request)
         draw = Drawer(source.model, setting.sampling(), amp, args.batch_size)
-        plan, writer = dataset_writer(draw, request, source)
+        plan, writer = dataset_writer(draw, request, source, args.weights, args.ckpt)
         writer.open(plan.items)
         if not all(item.index in writer.rows and (writer.root / item.file).is_file() for item in plan.items):
             unfinished.append((setting.name, draw, plan, writer))
@@ -792,7 +791,7 @@ def check_write_best(args: argparse.Namespace, source: ImageSource, settings: Se
         request = dataset_request(args, setting, args.write_best, source.kind, num=args.write_num,
                                   per_class=args.write_per_class)
         draw = Drawer(source.model, setting.sampling(), autocast_dtype(args.amp, source.model.device), args.batch_size)
-        found.append(dataset_writer(draw, request, source)[1].differences())
+        found.append(dataset_writer(draw, request, source, args.weights, args.ckpt)[1].differences())
     if all(found):
         raise UserError(f"--write-best {args.write_best} holds a dataset made with other options than any setting "
                         f"of this sweep would write ({found[0]}); choose another folder, or rerun the sweep that "
@@ -810,7 +809,7 @@ def write_best(args: argparse.Namespace, source: ImageSource, setting: Setting) 
     print(f"Writing {args.write_best} with {setting.name} (sample.py {options})", flush=True)
     with FolderLock(args.write_best):
         draw = Drawer(source.model, setting.sampling(), autocast_dtype(args.amp, source.model.device), args.batch_size)
-        draw_dataset(draw, request, source)
+        draw_dataset(draw, request, source, args.weights, args.ckpt)
     print(f"Wrote {args.write_best}")
 
 

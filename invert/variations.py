@@ -17,7 +17,6 @@ sample from image i's learned vector.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,14 +25,14 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import advice, require_keys, state_fingerprint
-from core.config import option, override, require, to_dict
+from core.config import option, require, to_dict
 from core.errors import UserError
 from core.runtime import derive_seed
 from data import DatasetInfo, trained_datasets
 from data.writer import Item
 from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
-from ddpm.source import ImageSource
+from ddpm.source import ImageSource, Request
 from ddpm.synthetic import DatasetPlan, check_image_count
 from invert.frozen import load_frozen
 
@@ -176,26 +175,25 @@ class InversionSource(ImageSource):
         self.inverted = inverted
         self.drawn_through = inverted.model_datasets
 
-    def check(self, args: argparse.Namespace) -> None:
+    def check(self, request: Request) -> None:
         """The conditions come from the learned vectors (their classes from the inverted images), so no class,
         parameter or sweep can be asked for."""
-        for flag, given in (("--class", args.label), ("--param", args.param), ("--sweep", args.sweep),
-                            ("--interpolate", args.interpolate), ("--classes", args.classes),
-                            ("--per-class", args.per_class)):
+        for flag, given in (("--class", request.label), ("--param", request.params), ("--sweep", request.sweep),
+                            ("--interpolate", request.interpolate), ("--classes", request.classes),
+                            ("--per-class", request.per_class)):
             if given:
                 raise UserError(f"{flag} does not apply to an inversion checkpoint, whose images are conditioned on "
                                 f"the learned vectors (their classes come from the inverted images); drop it.")
-        if args.dataset_out is not None and args.num is not None:
+        if request.dataset_out is not None and request.num is not None:
             raise UserError("An inversion writes --per-image K images of every inverted image; use --per-image "
                             "instead of --num.")
 
-    def conditions(self, indices: Sequence[int], args: argparse.Namespace) -> Conditions:
-        return self.inverted.conditions(indices, args.seed, override(Variations(), args, "variations"))
+    def conditions(self, indices: Sequence[int], request: Request) -> Conditions:
+        return self.inverted.conditions(indices, request.seed, Variations(**request.section("variations")))
 
-    def dataset(self, args: argparse.Namespace) -> tuple[DatasetPlan, dict[str, Any]]:
-        variations = override(Variations(), args, "variations")
-        per_image = args.per_image or 1
-        plan = self.inverted.plan(per_image, args.seed, variations)
+    def dataset(self, request: Request) -> tuple[DatasetPlan, dict[str, Any]]:
+        variations = Variations(**request.section("variations"))
+        plan = self.inverted.plan(request.per_image or 1, request.seed, variations)
         # --per-image is the set's size, not part of its request: image k is the same at any count, so a larger
         # count extends a set and a smaller one keeps it (as --num and --per-class do).
         return plan, {"weights": self.inverted.record["weights"], "embeddings": self.inverted.fingerprint(),

@@ -30,7 +30,7 @@ from ddpm.generate import DiffusionSampler
 from ddpm.source import ImageSource
 from ddpm.synthetic import check_image_count
 from sampling.draw import (Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset,
-                           sweep_plan)
+                           source_request, sweep_plan)
 
 # Options that only mean something with another one: parsed as None, so giving them alone can be refused.
 OPTIONAL_DEFAULTS = {"frames": 8, "gif_images": 16, "gif_frames": "auto"}
@@ -120,7 +120,7 @@ def check_against_source(args: argparse.Namespace, source: ImageSource, option_s
             raise UserError(f"{', '.join(foreign)} applies to {owner} checkpoints only, and {args.ckpt} is not one; "
                             f"drop it.")
     check_sampling_options(args, source.model)
-    source.check(args)
+    source.check(source_request(args))
 
 
 def latest_checkpoint(generative: Collection[str], runs: Path = RUNS) -> Path:
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
     if args.dataset_out is not None:
-        plan, writer = dataset_writer(draw, args, source)
+        plan, writer = dataset_writer(draw, source_request(args), source, args.weights, args.ckpt)
         check_drawing_batch(args.batch_size, len(plan.items), model)
         with FolderLock(args.dataset_out):  # two writers never share a folder
             writer.open(plan.items)

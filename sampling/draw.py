@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from core.checkpoint import state_fingerprint
-from core.config import to_dict
+from core.config import given_arguments, given_in, to_dict
 from core.errors import UserError
 from core.runtime import precision_name, write_csv
 from data.imageio import save_gif, save_grid, save_images
@@ -21,10 +21,20 @@ from ddpm.conditioning import Conditions, interpolate_conditions, interpolation_
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler, image_seed, sample_images
 from ddpm.samplers import per_sample_noise
-from ddpm.source import ImageSource
+from ddpm.source import ImageSource, Request
 from ddpm.synthetic import DatasetPlan
 
 GIF_FRAMES = 60  # at most this many frames of the reverse process, whatever the step count, then the images drawn
+
+
+def source_request(args: argparse.Namespace) -> Request:
+    """What sample.py's parsed command line asks of the source it opens."""
+    sections = {name.split(".", 1)[0] for name in given_arguments(args)} - {"sampling"}
+    return Request(seed=args.seed, label=args.label, params=tuple(args.param), sweep=args.sweep,
+                   interpolate=args.interpolate, interpolate_to=tuple(args.interpolate_to),
+                   dataset_out=args.dataset_out, num=args.num, per_class=args.per_class, per_image=args.per_image,
+                   classes=args.classes, guidance_scale=given_in(args, "sampling").get("guidance_scale"),
+                   sections={name: given_in(args, name) for name in sections})
 
 
 class Drawer:
@@ -68,7 +78,7 @@ def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
 def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, indices: list[int], out: Path) -> None:
     """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
     model = source.model
-    conditions = source.conditions(indices, args)
+    conditions = source.conditions(indices, source_request(args))
     frames = []
     every = math.ceil(draw.sampling.steps / GIF_FRAMES)
     show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)
@@ -140,20 +150,22 @@ def draw_interpolations(draw: Drawer, args: argparse.Namespace, model: Diffusion
                      duration_ms=150, hold_last_ms=150)
 
 
-def dataset_writer(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> tuple[DatasetPlan, DatasetWriter]:
-    """The plan of a --dataset-out request and the writer of its folder, which `open()` checks against it."""
+def dataset_writer(draw: Drawer, request: Request, source: ImageSource, weights: str, checkpoint: Path
+                   ) -> tuple[DatasetPlan, DatasetWriter]:
+    """The plan of a --dataset-out `request` and the writer of its folder, which `open()` checks against it;
+    `weights` (ema or model) of `checkpoint` drew them."""
     model = source.model
-    plan, specific = source.dataset(args)
+    plan, specific = source.dataset(request)
     # What makes image k: changing any of it would give other images, so a folder holds one request.
-    request = {"model": state_fingerprint(model.net.state_dict()), "weights": args.weights, "seed": args.seed,
+    made_by = {"model": state_fingerprint(model.net.state_dict()), "weights": weights, "seed": request.seed,
                "sampling": to_dict(draw.sampling), "precision": precision_name(draw.amp), **specific,
                "param_names": list(plan.param_names)}
-    return plan, DatasetWriter(args.dataset_out, request, about={"checkpoint": str(args.ckpt)})
+    return plan, DatasetWriter(request.dataset_out, made_by, about={"checkpoint": str(checkpoint)})
 
 
-def draw_dataset(draw: Drawer, args: argparse.Namespace, source: ImageSource) -> None:
+def draw_dataset(draw: Drawer, request: Request, source: ImageSource, weights: str, checkpoint: Path) -> None:
     """--dataset-out: the planned images not on disk yet, batch by batch, each batch saved before the next."""
-    plan, writer = dataset_writer(draw, args, source)
+    plan, writer = dataset_writer(draw, request, source, weights, checkpoint)
     writer.open(plan.items)
     fill_dataset(draw, plan, writer)
 

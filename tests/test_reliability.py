@@ -287,6 +287,25 @@ def test_a_second_process_is_refused_and_a_dead_holder_is_taken_over(tmp_path, f
     assert not (run_dir / ".lock").exists()  # released at the end
 
 
+def test_a_refused_process_names_a_holder_that_has_locked_but_not_yet_written(tmp_path):
+    """The holder locks the file, then writes who it is: a process refused in between waits for the name."""
+    import fcntl
+    import threading
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # another open file: its flock conflicts
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        write = threading.Timer(0.2, lambda: os.pwrite(fd, json.dumps({"pid": 4242, "host": "h"}).encode(), 0))
+        write.start()
+        with pytest.raises(FolderInUse, match="in use by process 4242 on h"):
+            with FolderLock(folder):
+                pass
+        write.join()
+    finally:
+        os.close(fd)
+
+
 def test_folder_lock_in_process(tmp_path):
     with FolderLock(tmp_path / "run") as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
