@@ -941,6 +941,25 @@ def test_unreadable_file_is_one_sentence_also_from_a_worker_process(extractor, t
     assert re.fullmatch(r"Cannot read image \S*b\.png \([^\n]*\); remove or replace the file\.", message), message
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="no signal masks here")
+def test_folder_workers_start_with_stop_signals_blocked(tmp_path, monkeypatch):
+    # Workers are born with the starting thread's signal mask: a job's SIGTERM or Ctrl-C, which reaches the whole
+    # process group, must not kill one while it starts (see core.cli.stop_signals_held).
+    import signal
+    _write(tmp_path, "a.png", Image.new("RGB", (8, 8)))
+    masks, start_workers = [], torch.utils.data.DataLoader.__iter__
+
+    def iter_recording_mask(loader):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return start_workers(loader)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iter_recording_mask)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert len(list(FolderBatches(ImageFolder(tmp_path), batch_size=1, num_workers=1, size=8))) == 1
+    assert masks and {signal.SIGINT, signal.SIGTERM} <= masks[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # answered again once they run
+
+
 KEPT_TRACEBACK = """
 import sys
 from PIL import Image
