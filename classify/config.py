@@ -9,11 +9,13 @@ smoothing 0.1 (Szegedy et al. 2016), 40 epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from core.config import DataConfig, StageConfig, TrainConfig, option, require
 from classify.model import ClassifierConfig, check_batch_norm_fits
+from data import absolute_spec
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ class ClassifyConfig(StageConfig):
     classify: ClassifyOptions = field(default_factory=ClassifyOptions)
 
     def __post_init__(self) -> None:
+        # The second and test sets' folders, absolute: tools that read them from the checkpoint (evaluate.gradcam,
+        # evaluate.consistency, evaluate.sweep) then find them wherever they run, and a resume that types the same
+        # relative folder again, from where the run started, names the same config. (--dataset stays as typed, as
+        # every stage records it: data_info's name is its folder as the loader resolved it.) The config is frozen,
+        # so the sections are replaced as the dataclass's own __init__ sets fields.
+        test_dataset, extra_dataset = absolute_spec(self.data.test_dataset), absolute_spec(self.classify.extra_dataset)
+        if test_dataset != self.data.test_dataset:
+            object.__setattr__(self, "data", dataclasses.replace(self.data, test_dataset=test_dataset))
+        if extra_dataset != self.classify.extra_dataset:
+            object.__setattr__(self, "classify", dataclasses.replace(self.classify, extra_dataset=extra_dataset))
         # The image size and batch the network must take are known before any data is loaded.
         check_batch_norm_fits(self.model, self.data.resolution, self.train.batch_size)
         # Reflection repeats the image's own pixels, so it cannot pad by as many as the image has.

@@ -31,7 +31,7 @@ from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingStage, se
 from core.errors import UserError, warn_once
 from core.runtime import Runtime, check_fits_memory, read_metrics
 from data import (DatasetInfo, ImageDataset, check_same_classes, check_spec, classes_differ, dataset_size,
-                  folder_classes, folder_of, label_counts, load_dataset, load_test_set, shared_images)
+                  fetch_missing, folder_classes, folder_of, label_counts, load_dataset, load_test_set, shared_images)
 from data.augment import compose, random_crop, random_hflip, random_noise
 from data.dataset import LUMA, param_ranges
 from data.imageio import from_uint8
@@ -393,6 +393,10 @@ def check(config: ClassifyConfig, resume_from: dict | None = None, device: torch
     if options.extra_fraction > 0 and count == 0:
         raise UserError(f"--extra-fraction {options.extra_fraction} of --batch-size {config.train.batch_size} is "
                         f"less than one image; raise either.")
+    # Last, as it may download: a second set that cannot be had (CIFAR-10 offline) is refused before --dataset,
+    # which is loaded first, is decoded or simulated.
+    fetch_missing(options.extra_dataset, "--extra-dataset", cache_dir=config.data.cache_dir)
+    fetch_missing(config.data.test_dataset, "--test-dataset", cache_dir=config.data.cache_dir, train=False)
 
 
 def check_extra_samples(spec: str, count: int, resolution: int) -> None:

@@ -20,13 +20,21 @@ from data.dataset import Batch, DatasetInfo, ImageDataset, grey_as_rgb, shared_i
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
-__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "dataset_size", "grey_as_rgb", "label_counts", "load_dataset",
-           "shared_images", "trained_datasets"]
+__all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "absolute_spec", "dataset_size", "grey_as_rgb",
+           "label_counts", "load_dataset", "shared_images", "trained_datasets"]
 
 
 def folder_of(spec: str) -> Path | None:
     """The folder a `folder:PATH` spec names (with ~ expanded); None for any other spec."""
     return Path(spec[len("folder:"):]).expanduser() if spec.startswith("folder:") and len(spec) > len("folder:") else None
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` naming the same images from any working directory: a `folder:PATH` with PATH made absolute as
+    `load_dataset` resolves it (~ expanded, links followed), so a dataset recorded in a checkpoint's config
+    is the one `DatasetInfo.name` names; any other spec (plumes, cifar10, an unknown one) as it is."""
+    folder = folder_of(spec)
+    return spec if folder is None else f"folder:{folder.resolve()}"
 
 
 def check_spec(spec: str, option: str = "--dataset") -> None:
@@ -43,6 +51,19 @@ def check_spec(spec: str, option: str = "--dataset") -> None:
             raise MissingFileError(f"{option} {spec}: the folder {folder} does not exist; pass a directory of images.")
         return
     raise UserError(f"Unknown {option} {spec!r}; choose one of {', '.join(SPECS)}.")
+
+
+def fetch_missing(spec: str, option: str, *, cache_dir: str | Path = ".cache/datasets", train: bool = True) -> None:
+    """Download the split of a built-in dataset `spec` (named by `option`) that `load_dataset(spec, ...,
+    train=train)` will read, where it is not in `cache_dir` yet (cifar10; plumes are made, folders listed), so
+    that a run refuses to start without it, rather than after loading its other datasets."""
+    if spec != "cifar10":
+        return
+    from data.cifar import fetch_split
+    try:
+        fetch_split(cache_dir, train)
+    except MissingFileError as err:
+        raise MissingFileError(f"{option} cifar10: {err}") from None
 
 
 def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]) -> None:
@@ -70,8 +91,9 @@ def check_output_outside(output: str | Path, option: str, inputs: dict[str, str]
 
 def config_datasets(config: dict[str, Any]) -> dict[str, str]:
     """The datasets a run's config (its `to_dict`, as saved) names: "--dataset" -> spec, and so on for every
-    `*dataset` field of any section, for `check_output_outside`. A relative folder is taken from the current
-    directory, as the run's command presumably was."""
+    `*dataset` field of any section, for `check_output_outside`. A relative folder (as other stages record
+    --dataset, and as classifier checkpoints older than `absolute_spec` recorded every set) is taken from the
+    current directory, as the run's command presumably was."""
     from core.config import flat_fields, option_name
     return {option_name(key): value for key, value in flat_fields(config).items()
             if key.endswith("dataset") and isinstance(value, str) and value}
@@ -79,11 +101,16 @@ def config_datasets(config: dict[str, Any]) -> dict[str, str]:
 
 def trained_datasets(payload: dict[str, Any]) -> dict[str, str]:
     """The datasets of a checkpoint's run, by option (for `check_output_outside`): as its config names them, and
-    the training folder as its loader resolved it (absolute, wherever the command ran from)."""
+    the training folders as their loader resolved them (absolute, wherever the command ran from). A classifier
+    trained on two sets records each (its data_info's "parts": --dataset's, then --extra-dataset's), and names
+    the union "NAME+NAME", which is no folder."""
     datasets = config_datasets(payload.get("config", {}))
-    trained = str((payload.get("data_info") or {}).get("name", ""))
-    if trained.startswith("folder:"):
-        datasets["--dataset"] = trained
+    info = payload.get("data_info") or {}
+    parts = info.get("parts") if isinstance(info.get("parts"), list) else [info]
+    for option, part in zip(("--dataset", "--extra-dataset"), parts):
+        trained = str(part.get("name", "")) if isinstance(part, dict) else ""
+        if trained.startswith("folder:"):
+            datasets[option] = trained
     return datasets
 
 

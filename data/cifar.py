@@ -166,6 +166,18 @@ def split_size(cache_dir: str | Path, train: bool = True) -> int:
 
 def _read_split(cache_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """The split's 32x32 images (N, 3, 32, 32) uint8, labels (N,) and class names, fetched first if absent."""
+    folder = fetch_split(cache_dir, train)
+    batches = TRAIN_BATCHES if train else TEST_BATCHES
+    parts = [_read_batch(folder / name) for name in batches]
+    images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
+    return images, labels, _read_class_names(folder / META)
+
+
+def fetch_split(cache_dir: str | Path, train: bool = True) -> Path:
+    """The folder that holds the split's batch files and the class names, downloaded and extracted into
+    `cache_dir` first where they are not there (none of them is read: `_read_split` checks what they hold).
+    Offline, a missing split raises `MissingFileError` saying where to put the files."""
     root = Path(cache_dir).expanduser().resolve()
     folder = root / FOLDER
     batches = TRAIN_BATCHES if train else TEST_BATCHES
@@ -184,8 +196,4 @@ def _read_split(cache_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
-
-    parts = [_read_batch(folder / name) for name in batches]
-    images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))
-    labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
-    return images, labels, _read_class_names(folder / META)
+    return folder

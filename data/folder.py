@@ -9,7 +9,8 @@ image, first column the image's path relative to PATH, matched in NFC too (`_rea
 it refuses).
 Every image is decoded once, converted (RGB, or L for one channel; `data.imageio.load_image` says how
 each pixel mode converts and what it refuses), its short side resized to the target with antialiased
-Lanczos and the centre square kept, so mixed modes and sizes all work.
+Lanczos and the centre square kept, so mixed modes and sizes all work; images smaller than the target,
+and strips, are loaded with a warning for the folder (`warn_enlarged_or_cropped`).
 """
 
 from __future__ import annotations
@@ -214,6 +215,36 @@ def _square(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), Image.LANCZOS, box=(left, top, left + side, top + side)))
 
 
+# An image whose long side is more than this many times its short side keeps under 1/this of itself in the centre
+# square it is cut to: a strip (a spectrogram, a scanned line of text, a panorama) more than a picture of a subject.
+STRIP_ASPECT = 4
+
+
+def warn_enlarged_or_cropped(root: Path, files: Sequence[Path], sizes: Sequence[tuple[int, int]], resolution: int
+                             ) -> None:
+    """Warn, once for the folder, about images (`files`, of (width, height) `sizes`) that `_square` enlarges,
+    their short side being under `resolution` (blurred: the detail is not there), and about strips, whose centre
+    square keeps under 1/`STRIP_ASPECT` of them. Neither is refused: a folder of mixed sizes trains."""
+    def named(k: int) -> str:
+        return f"{files[k].relative_to(root).as_posix()}, {sizes[k][0]}x{sizes[k][1]}"
+
+    small = [k for k, (w, h) in enumerate(sizes) if min(w, h) < resolution]
+    if small:
+        smallest = min(small, key=lambda k: (min(sizes[k]), k))
+        side = min(sizes[smallest])
+        none = f" (at {side} px none is)" if side >= 8 else ""  # (no resolution is below 8 px)
+        warnings.warn(f"{len(small)} of the {len(files)} images of {root} have a short side under the {resolution} px "
+                      f"they are resized to (the smallest: {named(smallest)}), so they are enlarged and come out "
+                      f"blurred; pass a smaller --resolution{none}, or remove them.")
+    strips = [k for k, (w, h) in enumerate(sizes) if max(w, h) > STRIP_ASPECT * min(w, h)]
+    if strips:
+        longest = max(strips, key=lambda k: (max(sizes[k]) / min(sizes[k]), -k))
+        part = f"{max(sizes[longest]) / min(sizes[longest]):.1f}".removesuffix(".0")
+        warnings.warn(f"{len(strips)} of the {len(files)} images of {root} have a long side over {STRIP_ASPECT} times "
+                      f"their short side (the longest: {named(longest)}), so the centre square they are cut to keeps "
+                      f"little of them (1/{part} of that one); crop them to the part that matters, or remove them.")
+
+
 def _unusable_images(root: Path, unusable: list[tuple[Path, UserError]]) -> UserError:
     """The error for the images of `root` that could not be decoded: the file's own for one; for several, their
     names and the first one's error, so that a folder of 50,000 photos with ten damaged ones is decoded once, not
@@ -242,14 +273,17 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
 
     mode = "L" if channels == 1 else "RGB"
     max_image_pixels()  # a bad limit in the environment is refused once, not as the fault of every image
-    decoded, unusable = [], []
+    decoded, sizes, unusable = [], [], []
     for file in tqdm(files, desc=f"Decoding {root.name}", unit="img", disable=launched_rank() > 0):
         try:
-            decoded.append(decode_square(file, resolution, mode))
+            image = load_image(file, mode)
+            decoded.append(_square(image, resolution))
+            sizes.append(image.size)
         except UserError as err:  # a damaged file: go on, so that one run names every file to remove
             unusable.append((file, err))
     if unusable:
         raise _unusable_images(root, unusable)
+    warn_enlarged_or_cropped(root, files, sizes, resolution)
     images = torch.from_numpy(np.stack(decoded))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
     if channels is None and (images[:, :1] == images).all():

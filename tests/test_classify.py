@@ -232,6 +232,66 @@ def test_a_class_target_joins_sets_with_and_without_parameters(colours, tmp_path
     assert torch.equal(stage.dataset.labels[:12], load_dataset(f"folder:{with_params}", RES).labels)
 
 
+def test_relative_test_and_extra_folders_are_recorded_absolute_and_found_from_any_directory(colours, tmp_path,
+                                                                                          monkeypatch):
+    """Tools that read a judge's datasets from its checkpoint (evaluate.gradcam, .consistency, .sweep) run from
+    another directory than its training did; a resume typing the same relative folders again is the same run."""
+    import shutil
+    from data import folder_of, trained_datasets
+    work, elsewhere, run_dir = tmp_path / "work", tmp_path / "elsewhere", tmp_path / "run"
+    shutil.copytree(colours[1], work / "held-out")
+    colour_folder(work / "more", 2, seed=7)
+    elsewhere.mkdir()
+    relative = ("--extra-dataset", "folder:more")
+    monkeypatch.chdir(work)
+    train.main(args(run_dir, colours[0], Path("held-out"), "--steps", "2", "--lr-schedule", "constant", *relative))
+    absolute = {"--dataset": f"folder:{colours[0].resolve()}",
+                "--test-dataset": f"folder:{work.resolve() / 'held-out'}",
+                "--extra-dataset": f"folder:{work.resolve() / 'more'}"}
+    payload = load_checkpoint(run_dir / "checkpoint.pt", "classify")
+    saved = json.loads((run_dir / "config.json").read_text())
+    for config in (payload["config"], saved):
+        assert (config["data"]["test_dataset"], config["classify"]["extra_dataset"]) == (
+            absolute["--test-dataset"], absolute["--extra-dataset"])
+
+    monkeypatch.chdir(elsewhere)
+    assert trained_datasets(payload) == absolute       # the training folder, not "folder:A+folder:B", beside them
+    assert all(folder_of(spec).is_dir() for spec in trained_datasets(payload).values())
+    train.main(["--stage", "classify", "--run-dir", str(run_dir), "--device", "cpu", "--resume", "--steps", "3"])
+    with pytest.raises(ValueError, match=r"extra_dataset, data\.test_dataset cannot change when resuming"):
+        train.main(args(run_dir, colours[0], Path("held-out"), "--steps", "4", "--resume", *relative))  # other folders
+
+    monkeypatch.chdir(work)  # where it started: the same relative folders are the same run
+    train.main(args(run_dir, colours[0], Path("held-out"), "--steps", "4", "--resume", *relative))
+    # A checkpoint written before its folders were recorded absolute still resumes, from where it started, and its
+    # next checkpoint names them absolute.
+    old = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    old["config"]["data"]["test_dataset"], old["config"]["classify"]["extra_dataset"] = "folder:held-out", "folder:more"
+    torch.save(old, run_dir / "checkpoint.pt")
+    train.main(["--stage", "classify", "--run-dir", str(run_dir), "--device", "cpu", "--resume", "--steps", "5"])
+    resumed = load_checkpoint(run_dir / "checkpoint.pt", "classify")
+    assert resumed["step"] == 5 and trained_datasets(resumed) == absolute
+
+
+@pytest.mark.parametrize("option", ["--test-dataset", "--extra-dataset"])
+def test_cifar10_as_a_second_set_offline_is_refused_before_the_training_folder_is_decoded(colours, tmp_path,
+                                                                                         monkeypatch, option):
+    import urllib.error
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr("data.folder.load_image", lambda *a: pytest.fail("an image of --dataset was decoded"))
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=rf"^{option} cifar10: CIFAR-10 is not in {cache} and could not be "
+                                                rf"downloaded \(URLError: .*\); put cifar-10-python\.tar\.gz .* in "
+                                                rf"{cache}, or run once with internet access\.$"):
+        train.main(args(run_dir, *colours, "--steps", "2", option, "cifar10", "--cache-dir", str(cache)))
+    assert not run_dir.exists() and not cache.exists()
+
+
 def test_init_from_starts_from_another_runs_weights_and_a_resume_needs_it_no_more(colour_run, colours, tmp_path):
     """Fine-tuning: the network starts as the --init-from run ended (weights and batch-norm statistics), the
     optimizer and step start anew, the checkpoint records where it started, and a resume replays the

@@ -857,6 +857,42 @@ def test_folder_does_not_warn_for_classes_that_are_not_splits(tmp_path):
         assert load_dataset(f"folder:{tmp_path}", RES).info.class_names == ("cats", "test", "trains")
 
 
+def _size_warnings(spec, resolution):
+    """The UserWarnings loading `spec` at `resolution` gives, as text, and the dataset."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_dataset(spec, resolution)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)], dataset
+
+
+def test_images_smaller_than_the_resolution_are_enlarged_with_one_warning_for_the_folder(tmp_path):
+    mixed, large = tmp_path / "mixed", tmp_path / "large"
+    _save(mixed / "cats" / "tiny.png", Image.new("RGB", (8, 8), (200, 0, 0)))
+    _save(mixed / "cats" / "small.png", Image.new("RGB", (12, 10)))
+    _save(mixed / "dogs" / "big.png", Image.new("RGB", (40, 30)))
+    said, dataset = _size_warnings(f"folder:{mixed}", RES)
+    assert len(dataset) == 3 and dataset.images[dataset.files.index("cats/tiny.png"), 0].min() > 150  # not refused
+    assert said == [f"2 of the 3 images of {mixed.resolve()} have a short side under the {RES} px they are resized to "
+                    f"(the smallest: cats/tiny.png, 8x8), so they are enlarged and come out blurred; pass a smaller "
+                    f"--resolution (at 8 px none is), or remove them."]
+    assert _size_warnings(f"folder:{mixed}", 8)[0] == []  # none is smaller than 8 px: nothing to say
+    for name, size in (("a.png", (RES, RES)), ("b.png", (300, 200)), ("c.png", (RES, 4 * RES))):
+        _save(large / name, Image.new("RGB", size))
+    assert _size_warnings(f"folder:{large}", RES)[0] == []
+
+
+def test_strips_whose_centre_square_keeps_little_of_them_are_warned_about_once(tmp_path):
+    for k in range(3):
+        _save(tmp_path / f"strip{k}.png", Image.new("RGB", (RES * 50, RES)))   # 1:50, at the resolution
+    _save(tmp_path / "line.png", Image.new("RGB", (RES, RES * 1000)))          # 1:1000, standing
+    _save(tmp_path / "wide.png", Image.new("RGB", (RES * 4, RES)))             # 1:4: a quarter kept, not a strip
+    said, dataset = _size_warnings(f"folder:{tmp_path}", RES)
+    assert len(dataset) == 5
+    assert said == [f"4 of the 5 images of {tmp_path.resolve()} have a long side over 4 times their short side (the "
+                    f"longest: line.png, {RES}x{RES * 1000}), so the centre square they are cut to keeps little of "
+                    f"them (1/1000 of that one); crop them to the part that matters, or remove them."]
+
+
 def test_entry_points_print_data_errors_as_one_line(tmp_path, capsys):
     _save(tmp_path / "a.png", Image.new("RGB", (20, 20)))
     (tmp_path / "params.csv").write_bytes("path,température\na.png,1\n".encode("latin-1"))
@@ -970,7 +1006,7 @@ def test_a_datasets_size_is_known_before_its_images_are_decoded(tmp_path, monkey
     Image.new("RGB", (8, 8)).save(folder / ".thumbs" / "hidden.png")  # never read
     _write_cifar(tmp_path / "cifar-10-batches-py", lambda obj: pickle.dumps(obj, protocol=2), n=4)
     import data.cifar, data.folder
-    monkeypatch.setattr(data.folder, "decode_square", None)  # (called: a TypeError)
+    monkeypatch.setattr(data.folder, "load_image", None)  # (called: a TypeError)
     monkeypatch.setattr(data.cifar, "resize_uint8", None)
     sizes = {"folder": dataset_size(f"folder:{folder}"), "train": dataset_size("cifar10", cache_dir=tmp_path),
              "test": dataset_size("cifar10", cache_dir=tmp_path, train=False)}
