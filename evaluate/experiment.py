@@ -49,7 +49,7 @@ from core.runtime import atomic_write, resolve_device, write_json
 from data import check_output_outside, check_same_classes, check_spec, folder_of, load_dataset
 from data.imageio import atomic_save_image, list_images
 from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
-                           train_plan)
+                           same_folder, train_plan)
 from training.run import parse_stage_args, with_options
 
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -113,12 +113,6 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
         rows += [Row(FINE_TUNED_CONTROL, args.real, pretrained_on="real")]
         rows += [Row(f"{name}-then-real", args.real, synthetic=name, pretrained_on=name) for name, _ in synthetic]
     return rows
-
-
-def same_folder(a: str, b: str) -> bool:
-    """Whether two dataset specs name one folder, however its path is written (relative, with ~, a link)."""
-    folder_a, folder_b = folder_of(a), folder_of(b)
-    return folder_a is not None and folder_b is not None and folder_a.resolve() == folder_b.resolve()
 
 
 def check_synthetic_apart(args: argparse.Namespace, rows: list[Row]) -> None:

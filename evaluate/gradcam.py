@@ -200,19 +200,19 @@ def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
 # comparing classifiers
 
 
-def explained_targets(classifier: Classifier, images: Tensor, labels: Tensor, explain: str, class_name: str | None,
+def explained_targets(classifier: Classifier, predicted: Tensor, labels: Tensor, explain: str, class_name: str | None,
                       output: str | None) -> Tensor:
-    """Which output each map explains: the predicted class, the true label, a named class, or a
-    regressor's named parameter (default: its first)."""
+    """Which output each map explains: the predicted class (`predicted`, the classifier's prediction for each
+    image), the true label, a named class, or a regressor's named parameter (default: its first)."""
     names = classifier.output_names
     if classifier.config.target == "params":
         index = names.index(output) if output else 0
-        return torch.full((len(images),), index, dtype=torch.long)
+        return torch.full((len(predicted),), index, dtype=torch.long)
     if class_name is not None:
-        return torch.full((len(images),), names.index(class_name), dtype=torch.long)
+        return torch.full((len(predicted),), names.index(class_name), dtype=torch.long)
     if explain == "label":
         return labels.clone()
-    return classifier.predict(images)
+    return predicted
 
 
 def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, labels: Tensor | None, *, layer: str,
@@ -221,18 +221,18 @@ def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, label
     """Grad-CAM of each classifier on the same images: (maps per classifier, one stats row per image and
     classifier, a summary per classifier). `labels` index the classifiers' classes and then `unknown`, classes
     of the images that the classifiers do not know: an image of one is explained as the others are (its predicted
-    class, or --class) and left out of the accuracy."""
+    class, or --class) and left out of the accuracy. No pass through a network takes more than `batch_size` images."""
     all_maps, rows, summary = {}, [], {}
     for name, classifier in classifiers:
         device = classifier.device
-        targets = explained_targets(classifier, images, labels if labels is not None else torch.zeros(0), explain,
+        predicted = classifier.predict(images, batch_size)  # (the class --explain pred explains, and the accuracy)
+        targets = explained_targets(classifier, predicted, labels if labels is not None else torch.zeros(0), explain,
                                     class_name, output)
         maps = torch.cat([grad_cam(classifier.net, classifier.prepare(images[s:s + batch_size]).to(device), layer,
                                    targets[s:s + batch_size].to(device)).cpu()
                           for s in range(0, len(images), batch_size)])
         stats = map_statistics(maps)
         all_maps[name] = maps
-        predicted = classifier.predict(images)
         is_class = classifier.config.target == "class"
         for k in range(len(images)):
             row = {"image": k, "classifier": name, "explained": classifier.output_names[int(targets[k])]}

@@ -35,31 +35,26 @@ from sampling.draw import Drawer
 
 DEFAULT_PER_CLASS, DEFAULT_NUM = 50, 200  # images drawn per class (class models), in all (parameter models)
 CONDITIONED_ON = {"class": "classes", "params": "parameters"}
+# How messages name a model conditioned on each kind of label, its judge, and what the judge does with a label.
+JUDGE_OF = {"class": ("class-conditional", "classifier", "know"),
+            "params": ("parameter-conditional", "parameter regressor", "predict")}
 
 
 def check_pair(kind: str, info: DatasetInfo | FolderLabels, judge: Classifier, what: str = "diffusion model") -> None:
     """Refuse a judge that cannot judge the `kind` ("class" or "params") of labels `info` names, before
-    anything is drawn or loaded."""
+    anything is drawn or loaded: a judge of the other target, or one that lacks some of those labels."""
     if kind == "none":
         raise UserError("This diffusion model was trained without conditioning, so there is nothing to check; pass "
                         "the checkpoint of a class- or parameter-conditional one as --ckpt.")
-    if kind == "class":
-        if judge.config.target != "class":
-            raise UserError(f"A class-conditional {what} needs a classifier as --judge (trained with train.py "
-                            f"--stage classify --target class), not a parameter regressor; pass one.")
-        missing = [c for c in info.class_names if c not in judge.output_names]
-        if missing:
-            raise UserError(f"The --judge classifier does not know the classes {', '.join(missing)} of the {what} (it "
-                            f"knows {', '.join(judge.output_names)}); pass one trained on data with the same class "
-                            f"names.")
-    else:
-        if judge.config.target != "params":
-            raise UserError(f"A parameter-conditional {what} needs a parameter regressor as --judge (trained with "
-                            f"train.py --stage classify --target params), not a classifier; pass one.")
-        missing = [p for p in info.param_names if p not in judge.output_names]
-        if missing:
-            raise UserError(f"The --judge regressor does not predict the parameters {', '.join(missing)} of the {what} "
-                            f"(it predicts {', '.join(judge.output_names)}); pass one trained on the same parameters.")
+    conditioned, needed, verb = JUDGE_OF[kind]
+    if judge.config.target != kind:
+        raise UserError(f"A {conditioned} {what} needs a {needed} as --judge (trained with train.py --stage classify "
+                        f"--target {kind}), not a {JUDGE_OF[judge.config.target][1]}; pass one.")
+    labels = CONDITIONED_ON[kind]
+    missing = [n for n in (info.class_names if kind == "class" else info.param_names) if n not in judge.output_names]
+    if missing:
+        raise UserError(f"The --judge {needed} does not {verb} the {labels} {', '.join(missing)} of the {what} (it "
+                        f"{verb}s {', '.join(judge.output_names)}); pass one trained on the same {labels}.")
 
 
 def judge_images(judge: Classifier, images: torch.Tensor) -> torch.Tensor:

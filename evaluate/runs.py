@@ -23,7 +23,7 @@ from core.config import flat_fields, from_dict, option_name, to_dict
 from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.runtime import check_num_workers
-from data import SPLITS_WITH_TEST
+from data import SPLITS_WITH_TEST, folder_of
 from training.run import check_on_device, option_strings, parse_stage_args, resolve_config, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
@@ -104,6 +104,12 @@ class Sizes:
         return f"Every row trains on {self.match} images (--match-size)."
 
 
+def same_folder(a: str, b: str) -> bool:
+    """Whether two dataset specs name one folder, however its path is written (relative, with ~, a link)."""
+    folder_a, folder_b = folder_of(a), folder_of(b)
+    return folder_a is not None and folder_b is not None and folder_a.resolve() == folder_b.resolve()
+
+
 def without_option(passed: list[str], option: str) -> list[str]:
     """`passed` without `option` and its value (given as "OPTION VALUE" or "OPTION=VALUE")."""
     kept, skip = [], False
@@ -127,15 +133,15 @@ def check_first_runs(plan: list[tuple[Row, Path]], args: argparse.Namespace, pas
     options (`ReusedRuns` checks them), and a fine-tuned row's --init-from is written by the run it starts from, so
     those are left to their own start."""
     new = [(row, run_dir) for row, run_dir in plan if not row.pretrained_on]
-    for row, run_dir in new:
-        if not (run_dir / "checkpoint.pt").exists():
-            resolve_config(CLASSIFY, parse_stage_args(CLASSIFY, new_run_arguments(row, 0, run_dir, args, passed,
-                                                                                Sizes())), run_dir)
+    resolved = [resolve_config(CLASSIFY, parse_stage_args(CLASSIFY, new_run_arguments(row, 0, run_dir, args, passed,
+                                                                                      Sizes())), run_dir)[0]
+                for row, run_dir in new if not (run_dir / "checkpoint.pt").exists()]
     if not new:
         return
+    # Any row's config will do (only datasets and the mixed rows' --extra-fraction differ); a kept run's too.
     row, run_dir = new[0]
-    config = requested_config(row, 0, run_dir, args, passed, Sizes())
-    check_on_device(config, device)  # (the same for every row: only datasets and the mixed rows' --extra-fraction differ)
+    config = resolved[0] if resolved else requested_config(row, 0, run_dir, args, passed, Sizes())
+    check_on_device(config, device)
     check_num_workers(config.data.num_workers)
 
 
@@ -265,7 +271,9 @@ class ReusedRuns:
         # A fine-tuned run's starting weights are checked by their fingerprint (`_check_start`), not by the path
         # of its source's checkpoint, which moves with --out (given relative, then absolute; or copied).
         ignored = NOT_COMPARED | ({"classify.init_from"} if row.pretrained_on else set())
-        changed = [key for key in now if key not in ignored and now[key] != was[key]]
+        # A dataset folder counts by where it is, not by how its path was written (a sweep's sets move with --out).
+        changed = [key for key in now if key not in ignored and now[key] != was[key]
+                   and not (key in DATASETS and same_folder(now[key], was[key]))]
         if not changed:
             return
         key = changed[0]

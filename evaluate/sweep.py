@@ -12,7 +12,8 @@ held-out real images (--test), in the features of the judge, a classifier traine
 - conditioning: the share of images the judge puts in the class they were drawn for (a parameter
   regressor as judge: each parameter's mean absolute error, and their mean in units of the test
   images' standard deviation);
-- domain FID and KID to the --test images, in the judge's penultimate features (`fid.domain`);
+- domain FID and KID to the --test images, in the judge's penultimate features (`fid.domain`), FID with
+  its sampling noise: its standard deviation over seeded bootstrap resamples of the set;
 - per-class diversity: the mean distance between two images of one class in those features, as a
   share of the same for the --test images (1: as varied as real images; below 1: too alike);
 - with --train, the accuracy of a classifier trained on the set alone and tested on --test, one run
@@ -22,7 +23,8 @@ A first row, `real`, measures as many --real images the same way (its FID is the
 reach at this size; its trained classifier, the accuracy to match). The table (OUT/sweep.md,
 sweep.json) names the best setting by --criterion (default: the trained classifier's accuracy with
 --train, else domain FID), OUT/sweep.png draws each measure against the settings, and where the
-table holds DDIM, PNDM and DDPM it says whether the orderings the DDIM and PNDM papers report hold.
+table holds DDIM, PNDM and DDPM it says whether the orderings the DDIM and PNDM papers report hold (or
+whether the two FIDs lie within that noise of each other).
 --write-best DIR then writes a full dataset with the best setting.
 
 Choose on images you will not report: pass a validation split of real images as --test, and judge
@@ -31,7 +33,8 @@ the chosen set on the final test set (`evaluate.experiment`); a best-of-N on the
 Run the same command again after an interruption: finished sets, measures and classifiers are kept
 and interrupted ones continued. A set made with other options, or a kept classifier made from other
 inputs, is refused before anything is drawn or trained; measures are recomputed whenever the images,
-the judge or the test set they came from have changed.
+the judge or the test set they came from have changed (or were kept by a sweep that did not yet measure
+FID's noise).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from evaluate.judging import check_pair, judge_dataset
 from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
                            train_plan)
 from fid.domain import FEATURES_OPTION, ClassifierFeatures
-from fid.frechet import frechet_distance
+from fid.frechet import factor_of_features, frechet_distance
 from fid.kid import kid
 from sampling.command import add_drawing_options, check_drawing_batch
 from sampling.draw import Drawer, dataset_writer, draw_dataset, fill_dataset
@@ -89,6 +92,8 @@ CRITERIA = ("auto", "accuracy", "fid", "kid", "conditioning")
 SWEEP_FILES = ("sets", "measures", "runs", "sweep.md", "sweep.json", "sweep.png", "size.json")
 DEFAULT_NUM, DEFAULT_PER_CLASS = 500, 100  # images per set
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # subsets of at most 1000 images (Binkowski et al. 2018), fewer if a set is smaller
+FID_RESAMPLES = 20  # bootstrap resamples of a set's features that give the spread of its FID
+NOISE_MARGIN = 2    # two FIDs closer than this many combined standard deviations are within noise of each other
 
 
 @dataclass(frozen=True)
@@ -331,7 +336,7 @@ def diversity(images: Measured, real: Measured) -> dict[str, Any]:
 
 
 def distances(images: Measured, real: Measured, seed: int) -> dict[str, float]:
-    """Domain FID and KID (mean and std over subsets) of `images` to `real`."""
+    """Domain FID (and its bootstrap std, `fid_spread`) and KID (mean and std over subsets) of `images` to `real`."""
     a, b = images.features, real.features
     fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     size = min(KID_SUBSET_SIZE, a.shape[0], b.shape[0])
@@ -339,7 +344,24 @@ def distances(images: Measured, real: Measured, seed: int) -> dict[str, float]:
     # a spread over subsets (then 0) would claim a certainty it does not have (fid/kid.py): none is given.
     whole = size == a.shape[0] == b.shape[0]
     kid_mean, kid_std = kid(a, b, num_subsets=1 if whole else KID_SUBSETS, subset_size=size, seed=seed)
-    return {"fid": float(fid), "kid": kid_mean, "kid_std": None if whole else kid_std, "kid_subset_size": size}
+    return {"fid": float(fid), "fid_std": fid_spread(a, b, seed), "kid": kid_mean,
+            "kid_std": None if whole else kid_std, "kid_subset_size": size}
+
+
+def fid_spread(features: np.ndarray, real: np.ndarray, seed: int, resamples: int = FID_RESAMPLES) -> float:
+    """The sampling noise of the FID of a set's `features` (N, D) to `real`: its standard deviation over
+    `resamples` seeded bootstrap draws of the set (N rows with replacement), each against the fixed statistics
+    of `real` (Efron 1979). The draws repeat images, which raises each FID a little; only their spread is used.
+    The covariances enter through their factors (`factor_of_features`), an N x D SVD per draw."""
+    assert features.ndim == 2 and features.shape[0] >= 2, f"need (N >= 2, D) features, got {features.shape}"
+    mu, sigma, factor = real.mean(0), np.cov(real, rowvar=False), factor_of_features(real)
+    rng = np.random.default_rng(seed)
+    fids = []
+    for _ in range(resamples):
+        draw = features[rng.integers(0, len(features), len(features))]
+        fids.append(frechet_distance(draw.mean(0), np.cov(draw, rowvar=False), mu, sigma,
+                                     factor1=factor_of_features(draw), factor2=factor))
+    return float(np.std(fids, ddof=1))
 
 
 def conditioning(dataset: ImageDataset, judge: Classifier, test: ImageDataset, batch_size: int) -> dict[str, Any]:
@@ -386,14 +408,16 @@ def paper_orderings(rows: dict[str, dict[str, Any]], settings: Sequence[Setting]
                     schedule: Schedule | None = None) -> list[str]:
     """Whether the domain FIDs reproduce what the DDIM paper (Song et al. 2021, Table 1: DDIM far better
     than DDPM at few steps) and the PNDM paper (Liu et al. 2022, Table 1: PNDM better than DDIM at 50
-    steps) report, at each guidance scale and timestep spacing where the table has both sides. Given the
-    model's `schedule`, a failed DDIM order whose first step starts short of pure noise says so."""
+    steps) report, at each guidance scale and timestep spacing where the table has both sides: each order
+    holds, does not hold, or lies within the FIDs' noise (`_compared`). Given the model's `schedule`, a failed
+    DDIM order whose first step starts short of pure noise says so."""
     lines = []
     spacings = list(dict.fromkeys(s.spacing for s in settings))
     for spacing in spacings:
         chosen = [s for s in settings if s.spacing == spacing]
         start = None if schedule is None or spacing == "trailing" else functools.partial(_first_step, schedule, spacing)
-        lines += _orderings({(s.sampler, s.steps, s.guidance): rows[s.name]["fid"] for s in chosen},
+        lines += _orderings({(s.sampler, s.steps, s.guidance): (rows[s.name]["fid"], rows[s.name]["fid_std"])
+                             for s in chosen},
                             sorted({s.guidance for s in chosen}), len({s.guidance for s in settings}) > 1,
                             f"{spacing} spacing" if len(spacings) > 1 else "", start)
     return lines
@@ -409,25 +433,39 @@ def _first_step(schedule: Schedule, spacing: str, steps: int) -> tuple[int, floa
 START_ABAR_NOTICEABLE = 1e-3
 
 
-def _orderings(found: dict[tuple[str, int, float], float], guidances: list[float], name_guidance: bool,
+def _compared(a: tuple[float, float], b: tuple[float, float]) -> tuple[bool | None, str]:
+    """Whether FID `a` lies below FID `b`, each (FID, bootstrap std): None where they differ by less than
+    `NOISE_MARGIN` combined standard deviations, and the figures that say so."""
+    (fid_a, std_a), (fid_b, std_b) = a, b
+    margin = NOISE_MARGIN * math.hypot(std_a, std_b)
+    lower = None if abs(fid_a - fid_b) < margin else fid_a < fid_b
+    return lower, (f"FID {fid_a:.3g} ± {std_a:.2g} against {fid_b:.3g} ± {std_b:.2g}: they differ by "
+                   f"{abs(fid_a - fid_b):.2g}, {'within' if lower is None else 'beyond'} the noise margin of "
+                   f"{margin:.2g}, {NOISE_MARGIN} combined standard deviations")
+
+
+def _orderings(found: dict[tuple[str, int, float], tuple[float, float]], guidances: list[float], name_guidance: bool,
                spacing: str, start: Callable[[int], tuple[int, float]] | None = None) -> list[str]:
+    """The papers' orderings among the FIDs `found` (FID, bootstrap std) by (sampler, steps, guidance)."""
     lines = []
     for g in guidances:
         at = ", ".join(filter(None, [f"guidance {g:g}" if name_guidance else "", spacing]))
         at = f" ({at})" if at else ""
         for pndm, paper_name in (("pndm", "PNDM"), ("spndm", "S-PNDM")):  # (as Liu et al. 2022 name them)
             if (pndm, 50, g) in found and ("ddim", 50, g) in found:
-                a, b = found[(pndm, 50, g)], found[("ddim", 50, g)]
-                lines.append(f"{paper_name} better than DDIM at 50 steps{at}: {'holds' if a < b else 'does not hold'} "
-                             f"(FID {a:.3g} against {b:.3g}).")
+                lower, figures = _compared(found[(pndm, 50, g)], found[("ddim", 50, g)])
+                verdict = "within noise" if lower is None else "holds" if lower else "does not hold"
+                lines.append(f"{paper_name} better than DDIM at 50 steps{at}: {verdict} ({figures}).")
         few = sorted(n for (s, n, h) in found if s == "ddim" and h == g and ("ddpm", n, g) in found)
         if few:
             n = few[0]
-            a, b = found[("ddim", n, g)], found[("ddpm", n, g)]
-            verdict = (f"holds, {b / a:.1f}x lower" if a > 0 and b >= 1.5 * a else "holds, but not by far" if a < b
-                       else "does not hold")
-            line = f"DDIM far better than DDPM at {n} steps{at}: {verdict} (FID {a:.3g} against {b:.3g})."
-            first, abar = start(n) if a >= b and start is not None else (0, 0.0)
+            ddim, ddpm = found[("ddim", n, g)], found[("ddpm", n, g)]
+            lower, figures = _compared(ddim, ddpm)
+            ratio = ddpm[0] / ddim[0] if ddim[0] > 0 else 0.0
+            verdict = ("within noise" if lower is None else "does not hold" if not lower
+                       else f"holds, {ratio:.1f}x lower" if ratio >= 1.5 else "holds, but not by far")
+            line = f"DDIM far better than DDPM at {n} steps{at}: {verdict} ({figures})."
+            first, abar = start(n) if lower is False and start is not None else (0, 0.0)
             if abar > START_ABAR_NOTICEABLE:
                 line += (f" Its first step is at t = {first}, where this schedule keeps abar = {abar:.2g}, yet it "
                          f"starts from pure noise, which DDIM never corrects; try --spacing trailing (docs/sampling.md).")
@@ -449,17 +487,26 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["rows"].items():
         cells = [f"**{name}** (best)" if name == summary["best"] else name]
-        cells += ["–" if not math.isfinite(row[key]) else f"{row[key]:.{digits}g}" for key, _, digits in COLUMNS]
+        cells += [_cell(row, key, digits) for key, _, digits in COLUMNS]
         if trained:  # top-1 in percent to 2 decimals; a mean absolute error to 4 significant digits
             shown = "{:.2f}" if trained.startswith("trained top-1") else "{:.4g}"
             spread = f" ± {shown.format(row['accuracy_std'])}" if len(row["accuracy_per_seed"]) > 1 else ""
             cells.append(f"{shown.format(row['accuracy'])}{spread}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{summary['images']} images per set; measured against {summary['test']} in the features of "
-             f"{summary['judge']}; conditioning: {summary['conditioning_metric']}.",
+             f"{summary['judge']}; conditioning: {summary['conditioning_metric']}; domain FID ± its standard "
+             f"deviation over {FID_RESAMPLES} bootstrap resamples of the set.",
              f"Best by {trained if summary['criterion'] == 'accuracy' and trained else summary['criterion']}: "
              f"{summary['best'] or 'none (no finite value)'}."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes + summary["orderings"]) + "\n"
+
+
+def _cell(row: dict[str, Any], key: str, digits: int) -> str:
+    """One measure as the table shows it: to `digits` significant digits, FID with its bootstrap std."""
+    if not math.isfinite(row[key]):
+        return "–"
+    spread = f" ± {row['fid_std']:.2g}" if key == "fid" else ""
+    return f"{row[key]:.{digits}g}{spread}"
 
 
 def chart(summary: dict[str, Any], settings: Sequence[Setting]) -> Any:
@@ -725,8 +772,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test: ImageDataset,
             real_test: Callable[[], Measured], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The measures of one set, kept in OUT/measures/NAME.json and recomputed when its images, the judge
-    or the test images are not those they were computed from; `real_test()` gives the test images'
-    features (computed once, when a set first needs them)."""
+    or the test images are not those they were computed from, or when an older sweep kept them without
+    FID's noise; `real_test()` gives the test images' features (computed once, when a set first needs them)."""
     path = out / "measures" / f"{name}.json"
     # (A fingerprint counts labels by their index: the names too, as the measures match classes by name.)
     inputs = {"images": dataset.fingerprint(), "judge": features.fingerprint, "test": test.fingerprint(),
@@ -740,10 +787,12 @@ def measure(name: str, dataset: ImageDataset, features: ClassifierFeatures, test
         kept = saved.get("measures") if isinstance(saved, dict) else None
         if not (isinstance(kept, dict) and all(key in kept for key, _, _ in COLUMNS)):
             print(f"{path} is damaged or incomplete; measuring again.", flush=True)
-        elif saved.get("inputs") == inputs:
-            return kept
-        else:
+        elif saved.get("inputs") != inputs:
             print(f"{path} was measured on other images, judge or test set; measuring again.", flush=True)
+        elif "fid_std" not in kept:
+            print(f"{path} was measured before the sweep estimated the noise of FID; measuring again.", flush=True)
+        else:
+            return kept
     images = measured(dataset, features, args.batch_size, f"features of {name}")
     row = {**conditioning(dataset, features.classifier, test, args.batch_size), **distances(images, real_test(), args.seed),
            **diversity(images, real_test())}
@@ -758,8 +807,11 @@ def train_rows(args: argparse.Namespace, passed: list[str], settings: Sequence[S
     many, or all there are). Adds 'accuracy' and its std to each row and returns its name.
     `check_only`: check the kept runs before the sets they train on are written (the sets' runs by their
     options only); `reused` checks them, and is given to both calls so that the real row's data is read once."""
+    # The sets' runs record the folder itself, not --out as it was typed: the same sweep run again from another
+    # folder, or with its path written otherwise, finds the runs its own.
+    sets = out.expanduser().resolve() / "sets"
     groups = [(Sizes(match=real), [Row("real", args.real)]),
-              (Sizes(match=images), [Row(s.name, f"folder:{out / 'sets' / s.name}", synthetic=s.name,
+              (Sizes(match=images), [Row(s.name, f"folder:{sets / s.name}", synthetic=s.name,
                                          named_by=f"the set of {s.name}") for s in settings])]
     plans = [(size, [(row, seed, out / "runs" / row.name / f"seed{seed}") for row in table_rows
                      for seed in range(args.train_seeds)]) for size, table_rows in groups]

@@ -167,6 +167,27 @@ def set_judge(net, target, names) -> Classifier:
     return Classifier(net.eval(), ClassifierConfig(target=target, num_outputs=len(names)), info)
 
 
+def test_a_judge_of_the_other_target_or_of_other_labels_is_refused_with_what_to_pass():
+    """One path for both kinds of labels: the refusal names the judge the labels need, and the labels it lacks."""
+    labels = DatasetInfo("folder:x", 16, 3, ("red", "blue"), ("wind",), ((0.0, 10.0),), 4)
+    classifier, regressor = set_judge(Constant([0.0, 1.0]), "class", ("red", "green")), set_judge(
+        Constant([0.5]), "params", ("heat",))
+    for kind, judge_, message in (
+            ("class", regressor, "A class-conditional image set needs a classifier as --judge (trained with train.py "
+                                 "--stage classify --target class), not a parameter regressor; pass one."),
+            ("params", classifier, "A parameter-conditional image set needs a parameter regressor as --judge (trained "
+                                   "with train.py --stage classify --target params), not a classifier; pass one."),
+            ("class", classifier, "The --judge classifier does not know the classes blue of the image set (it knows "
+                                  "red, green); pass one trained on the same classes."),
+            ("params", regressor, "The --judge parameter regressor does not predict the parameters wind of the image "
+                                  "set (it predicts heat); pass one trained on the same parameters.")):
+        with pytest.raises(ValueError) as refused:
+            judging.check_pair(kind, labels, judge_, what="image set")
+        assert str(refused.value) == message
+    judging.check_pair("class", labels, set_judge(Constant([0.0, 1.0]), "class", ("blue", "red")))
+    judging.check_pair("params", labels, set_judge(Constant([0.5]), "params", ("wind",)))
+
+
 def test_a_written_set_is_judged_against_its_own_labels(tmp_path):
     # Two of the six images sit in the wrong class folder: a judge that sees colours agrees on 4 of 6.
     folder = colour_folder(tmp_path / "set", {"blue": ["blue", "blue"], "green": ["green", "red"],

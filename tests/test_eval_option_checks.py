@@ -193,6 +193,24 @@ def test_training_options_after_the_separator_are_checked_before_any_image_is_re
     assert not (tmp_path / "out").exists()
 
 
+def test_each_new_rows_run_is_parsed_once_at_start_up(folders, tmp_path, monkeypatch):
+    """check_first_runs resolved every new row's config, then parsed the first row's options again for the device
+    checks; the config it resolved serves both."""
+    import argparse
+    import torch
+    from evaluate import runs
+    parsed, parse = [], runs.parse_stage_args
+    monkeypatch.setattr(runs, "parse_stage_args", lambda *a: parsed.append(a) or parse(*a))
+    plan = [(runs.Row("real", f"folder:{folders['real']}"), tmp_path / "runs" / "real" / "seed0"),
+            (runs.Row("gen", f"folder:{folders['synth']}", synthetic="gen"), tmp_path / "runs" / "gen" / "seed0")]
+    args = argparse.Namespace(device="cpu", preset="classify-demo", test=f"folder:{folders['test']}")
+    passed = ["--target", "class", "--resolution", str(RES), "--steps", "1", "--warmup-steps", "0"]
+    runs.check_first_runs(plan, args, passed, torch.device("cpu"))
+    assert len(parsed) == len(plan)
+    with pytest.raises(UserError, match=r"^--amp fp16 needs a CUDA GPU"):  # the device is still checked
+        runs.check_first_runs(plan, args, [*passed, "--amp", "fp16"], torch.device("cpu"))
+
+
 def test_the_sweeps_training_options_are_checked_before_anything_is_drawn(class_ckpt, tmp_path, monkeypatch):
     real, test = colour_folder(tmp_path / "real", 2, seed=0), colour_folder(tmp_path / "test", 2, seed=1)
     judge = classifier_checkpoint(tmp_path / "judge.pt", 0, ("blue", "green", "red"))

@@ -120,6 +120,22 @@ def classifier_checkpoint(path: Path, seed: int, classes=("blue", "red"), info: 
     return path
 
 
+def test_no_pass_takes_more_images_than_the_batch_size_and_each_image_is_predicted_once():
+    """The predictions went through the network 256 images at a time whatever --batch-size said (where the maps'
+    batches fit, a large --num of large images could not), and twice: for the class to explain, for the accuracy."""
+    from classify.model import Classifier
+    info = DatasetInfo("folder:x", 16, 3, ("blue", "red"), (), (), 4)
+    classifier = Classifier(resnet(2).eval(), ClassifierConfig(target="class", num_outputs=2), info)
+    seen = []
+    classifier.net.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    maps, rows, summary = gradcam.compare([("a", classifier)], images, torch.tensor([0, 1, 0, 1, 0]), layer="layer4",
+                                          batch_size=2)
+    assert max(seen) == 2 and sum(seen) == 2 * len(images)                     # a prediction and a map per image
+    assert [row["predicted"] for row in rows] == [row["explained"] for row in rows]
+    assert summary["a"]["accuracy"] == pytest.approx(np.mean([row["predicted"] == row["label"] for row in rows]))
+
+
 def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_path):
     images = tmp_path / "images"
     for name, colour in (("blue", (20, 20, 230)), ("red", (230, 20, 20))):

@@ -376,6 +376,20 @@ def test_the_same_request_keeps_every_finished_run(table, capsys):
     assert summary["rows"] == json.loads((table / "out" / "results.json").read_text())["rows"]
 
 
+def test_the_same_folders_written_otherwise_keep_every_finished_run(table, capsys, monkeypatch):
+    """Kept runs compared their datasets' paths as typed: the same --real relative to where the table runs, or
+    --synthetic through "..", was refused as another folder ("--real now names folder:real but ...")."""
+    before = state((table / "out" / "runs",))
+    kept = json.loads((table / "out" / "results.json").read_text())["rows"]
+    monkeypatch.chdir(table)
+    argv = experiment_argv(table, synthetic=table / "test" / ".." / "synth")
+    argv[argv.index("--real") + 1] = "folder:real"
+    summary = experiment.main(argv)
+    assert "Training on" not in capsys.readouterr().out and state((table / "out" / "runs",)) == before
+    assert {name: row["values"] for name, row in summary["rows"].items()} == {name: row["values"]
+                                                                               for name, row in kept.items()}
+
+
 def test_the_python_api_refuses_statistics_of_other_weights_too(tmp_path):
     from fid import FeatureOptions, fid_between
     mu, sigma = np.zeros(4), np.eye(4)

@@ -102,8 +102,8 @@ def test_rerunning_redoes_nothing_finished(finished, inputs, monkeypatch, capsys
     monkeypatch.setattr("evaluate.runs.run", no)
     monkeypatch.setattr("sampling.draw.Drawer.batch", no)
     import data.folder
-    decoded, decode = [], data.folder.decode_square
-    monkeypatch.setattr(data.folder, "decode_square", lambda path, *a, **k: decoded.append(path) or decode(path, *a, **k))
+    decoded, decode = [], data.folder.load_image
+    monkeypatch.setattr(data.folder, "load_image", lambda path, *a, **k: decoded.append(path) or decode(path, *a, **k))
     summary = sweep.main(argv(inputs, finished))
     assert (files_and_times(finished / "sets"), files_and_times(finished / "runs")) == before
     assert summary["best"] == json.loads((finished / "sweep.json").read_text())["best"]
@@ -273,33 +273,127 @@ def test_distances_of_a_set_to_itself_are_zero_and_grow_with_a_shift():
     assert larger["kid_subset_size"] == 300 and larger["kid_std"] > 0
 
 
+def measured_rows(fids: dict[str, float], std: float = 0.0) -> dict[str, dict[str, float]]:
+    """Rows of a sweep with these FIDs, each with the bootstrap std `std`."""
+    return {name: {"fid": fid, "fid_std": std} for name, fid in fids.items()}
+
+
 def test_paper_orderings_are_read_off_the_fids():
     settings = [Setting(s, n, 2.0) for s in ("ddim", "pndm", "ddpm") for n in (10, 50)]
     fids = {"ddim-10-g2": 20.0, "ddim-50-g2": 10.0, "pndm-10-g2": 15.0, "pndm-50-g2": 8.0, "ddpm-10-g2": 90.0,
             "ddpm-50-g2": 40.0}
-    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
-    assert lines == ["PNDM better than DDIM at 50 steps: holds (FID 8 against 10).",
-                     "DDIM far better than DDPM at 10 steps: holds, 4.5x lower (FID 20 against 90)."]
+    lines = sweep.paper_orderings(measured_rows(fids), settings)
+    assert lines == ["PNDM better than DDIM at 50 steps: holds (FID 8 ± 0 against 10 ± 0: they differ by 2, beyond "
+                     "the noise margin of 0, 2 combined standard deviations).",
+                     "DDIM far better than DDPM at 10 steps: holds, 4.5x lower (FID 20 ± 0 against 90 ± 0: they differ "
+                     "by 70, beyond the noise margin of 0, 2 combined standard deviations)."]
     fids["pndm-50-g2"], fids["ddpm-10-g2"] = 12.0, 19.0
-    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
-    assert "does not hold (FID 12 against 10)" in lines[0] and lines[1].startswith("DDIM far better than DDPM at 10 "
-                                                                                    "steps: does not hold")
+    lines = sweep.paper_orderings(measured_rows(fids), settings)
+    assert "does not hold (FID 12 ± 0 against 10 ± 0" in lines[0]
+    assert lines[1].startswith("DDIM far better than DDPM at 10 steps: does not hold")
+
+
+def test_an_order_the_fids_noise_could_swap_is_within_noise_and_says_its_margin():
+    """The verdicts compared two FIDs with no margin: 8 against 8.1, from sets whose FIDs move by 0.5 when drawn
+    again, was "holds"."""
+    settings = [Setting(s, n, 2.0) for s in ("ddim", "pndm", "ddpm") for n in (10, 50)]
+    fids = {"ddim-10-g2": 20.0, "ddim-50-g2": 8.1, "pndm-10-g2": 15.0, "pndm-50-g2": 8.0, "ddpm-10-g2": 21.0,
+            "ddpm-50-g2": 40.0}
+    # A margin of 2 * sqrt(0.5^2 + 0.5^2) = 1.41: differences of 0.1 and 1 are within it.
+    lines = sweep.paper_orderings(measured_rows(fids, std=0.5), settings)
+    assert lines == ["PNDM better than DDIM at 50 steps: within noise (FID 8 ± 0.5 against 8.1 ± 0.5: they differ "
+                     "by 0.1, within the noise margin of 1.4, 2 combined standard deviations).",
+                     "DDIM far better than DDPM at 10 steps: within noise (FID 20 ± 0.5 against 21 ± 0.5: they "
+                     "differ by 1, within the noise margin of 1.4, 2 combined standard deviations)."]
+    # Beyond the margin, each way.
+    fids.update({"pndm-50-g2": 6.0, "ddpm-10-g2": 22.0})
+    lines = sweep.paper_orderings(measured_rows(fids, std=0.5), settings)
+    assert lines[0].startswith("PNDM better than DDIM at 50 steps: holds (FID 6 ± 0.5 against 8.1 ± 0.5: they "
+                               "differ by 2.1, beyond the noise margin of 1.4")
+    assert lines[1].startswith("DDIM far better than DDPM at 10 steps: holds, but not by far (FID 20 ± 0.5 against 22")
+    fids.update({"pndm-50-g2": 10.0, "ddpm-10-g2": 18.0})
+    lines = sweep.paper_orderings(measured_rows(fids, std=0.5), settings)
+    assert lines[0].startswith("PNDM better than DDIM at 50 steps: does not hold (FID 10 ± 0.5 against 8.1")
+    assert lines[1].startswith("DDIM far better than DDPM at 10 steps: does not hold (FID 20 ± 0.5 against 18")
+    # A failed DDIM order within noise is no failure: the first step is not blamed for it.
+    from ddpm.schedule import Schedule
+    fids["ddpm-10-g2"] = 19.5
+    cosine = sweep.paper_orderings(measured_rows(fids, std=0.5), settings, Schedule.from_name("cosine", 1000))
+    assert "within noise" in cosine[1] and "first step" not in cosine[1]
+
+
+def test_the_bootstrap_spread_of_fid_is_its_sampling_noise():
+    """Features of N(delta, I) against many of N(0, I): FID is about |mean - 0|^2, whose estimate from n images
+    moves by 2 |delta| / sqrt(n), so its spread must shrink by 2 when the set grows 4 times."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(20000, 4))
+    delta = np.array([1.0, 0.0, 0.0, 0.0])
+    spreads = {n: sweep.fid_spread(delta + rng.normal(size=(n, 4)), real, seed=0) for n in (400, 1600)}
+    for n, spread in spreads.items():
+        assert 0.7 * 2 / np.sqrt(n) < spread < 1.4 * 2 / np.sqrt(n), (n, spread)
+    assert spreads[400] > 1.5 * spreads[1600]
+    features = delta + rng.normal(size=(400, 4))
+    assert sweep.fid_spread(features, real, seed=3) == sweep.fid_spread(features, real, seed=3)  # seeded
+    assert sweep.distances(Measured(features, {}), Measured(real, {}), seed=3)["fid_std"] == sweep.fid_spread(
+        features, real, seed=3)
+
+
+def test_measures_kept_by_a_sweep_before_fids_noise_are_measured_again(finished, inputs, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Rows an older sweep kept lack fid_std: the sweep goes on with them, measuring what they lack, and draws
+    nothing."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("runs"))
+    kept = {}
+    for path in (out / "measures").glob("*.json"):
+        saved = json.loads(path.read_text())
+        del saved["measures"]["fid_std"]
+        kept[path.stem] = saved["measures"]
+        path.write_text(json.dumps(saved))
+    monkeypatch.setattr("sampling.draw.Drawer.batch", lambda *a, **k: pytest.fail("a set was drawn again"))
+    capsys.readouterr()
+    rows = sweep.main(argv(inputs, out, train=False))["rows"]
+    assert "real.json was measured before the sweep estimated the noise of FID; measuring again" in capsys.readouterr().out
+    assert set(rows) == set(kept)
+    for name, row in rows.items():
+        assert row["fid"] == pytest.approx(kept[name]["fid"]) and row["fid_std"] > 0
+        assert json.loads((out / "measures" / f"{name}.json").read_text())["measures"]["fid_std"] == row["fid_std"]
+    assert f"| {rows['real']['fid']:.3g} ± {rows['real']['fid_std']:.2g} |" in (out / "sweep.md").read_text()
+
+
+def test_the_same_sweep_with_out_spelled_otherwise_redoes_nothing(finished, inputs, monkeypatch):
+    """The sets' runs recorded --out as it was typed: the same folder, named relative to where the command runs
+    (or from another folder), was refused as another set ("now names folder:out/sets/...")."""
+    before = files_and_times(finished / "runs")
+
+    def no(*args, **kwargs):
+        raise AssertionError("redone")
+    monkeypatch.setattr("evaluate.runs.run", no)
+    monkeypatch.setattr("sampling.draw.Drawer.batch", no)
+    for folder, out in ((finished.parent, "out"), (finished, "."), (finished / "sets", "../../out")):
+        monkeypatch.chdir(folder)
+        sweep.main(argv(inputs, Path(out)))
+    assert files_and_times(finished / "runs") == before
 
 
 def test_paper_orderings_are_read_per_timestep_spacing():
     settings = [Setting(s, 10, 2.0, spacing) for spacing in ("uniform", "trailing") for s in ("ddim", "ddpm")]
     assert [s.name for s in settings] == ["ddim-10-g2", "ddpm-10-g2", "ddim-10-g2-trailing", "ddpm-10-g2-trailing"]
     fids = dict(zip((s.name for s in settings), (39.0, 2.0, 1.0, 2.5)))
-    lines = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings)
-    assert lines == ["DDIM far better than DDPM at 10 steps (uniform spacing): does not hold (FID 39 against 2).",
-                     "DDIM far better than DDPM at 10 steps (trailing spacing): holds, 2.5x lower (FID 1 against 2.5)."]
+    lines = sweep.paper_orderings(measured_rows(fids, std=0.1), settings)
+    assert lines == ["DDIM far better than DDPM at 10 steps (uniform spacing): does not hold (FID 39 ± 0.1 against "
+                     "2 ± 0.1: they differ by 37, beyond the noise margin of 0.28, 2 combined standard deviations).",
+                     "DDIM far better than DDPM at 10 steps (trailing spacing): holds, 2.5x lower (FID 1 ± 0.1 against "
+                     "2.5 ± 0.1: they differ by 1.5, beyond the noise margin of 0.28, 2 combined standard "
+                     "deviations)."]
     # Given the model's schedule, a failed order whose first step is short of pure noise says so, with the abar
     # there; trailing spacing starts at T - 1, and the linear schedule's abar at t = 900 is small enough.
     from ddpm.schedule import Schedule
-    cosine = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings, Schedule.from_name("cosine", 1000))
+    cosine = sweep.paper_orderings(measured_rows(fids, std=0.1), settings, Schedule.from_name("cosine", 1000))
     assert cosine[0].startswith(lines[0]) and "first step is at t = 900, where this schedule keeps abar = 0.024" in cosine[0]
     assert cosine[1] == lines[1]
-    linear = sweep.paper_orderings({k: {"fid": v} for k, v in fids.items()}, settings, Schedule.from_name("linear", 1000))
+    linear = sweep.paper_orderings(measured_rows(fids, std=0.1), settings, Schedule.from_name("linear", 1000))
     assert linear == lines
 
 
@@ -364,7 +458,7 @@ def test_a_set_changed_after_its_classifier_was_trained_is_refused_in_the_sweeps
 
 def test_the_table_shows_a_trained_error_to_four_significant_digits():
     """Mean absolute errors that differ in the third decimal (the best named by them) must differ in the table."""
-    row = dict(conditioning=0.5, fid=1.0, kid=0.01, diversity=1.0, accuracy_per_seed=[0.5868, 0.5870])
+    row = dict(conditioning=0.5, fid=1.0, fid_std=0.1, kid=0.01, diversity=1.0, accuracy_per_seed=[0.5868, 0.5870])
     rows = {"a": {**row, "accuracy": 0.5869, "accuracy_std": 0.00014}, "b": {**row, "accuracy": 0.5882,
                                                                                  "accuracy_std": 0.0021}}
     common = dict(rows=rows, best="a", images=4, test="folder:t", judge="j", conditioning_metric="agreement",
@@ -509,8 +603,8 @@ def test_measures_are_redone_when_label_names_change_or_the_file_is_damaged(inpu
 
 def test_the_pseudo_numerical_samplers_are_named_as_their_paper_names_them():
     settings = [Setting(s, 50, 1.0) for s in ("ddim", "spndm")]
-    lines = sweep.paper_orderings({"ddim-50-g1": {"fid": 3.0}, "spndm-50-g1": {"fid": 2.0}}, settings)
-    assert lines == ["S-PNDM better than DDIM at 50 steps: holds (FID 2 against 3)."]
+    lines = sweep.paper_orderings(measured_rows({"ddim-50-g1": 3.0, "spndm-50-g1": 2.0}), settings)
+    assert lines[0].startswith("S-PNDM better than DDIM at 50 steps: holds (FID 2 ± 0 against 3 ± 0")
 
 
 def test_the_line_that_names_the_written_setting_gives_every_option_that_changes_its_images(inputs, tmp_path,
