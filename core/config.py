@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from core.checkpoint import describe
 from core.cli import int_option
-from core.errors import UserError
+from core.errors import FieldError, UserError
 from core.runtime import AMP_HELP, AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")  # see training.loop.lr_factor
@@ -231,6 +231,16 @@ def _arg_type(hint: Any, metavar: str | None) -> dict[str, Any]:
 def option_name(key: str) -> str:
     """The command-line option of a config field, by its name or its dotted key: "train.lr" -> "--lr"."""
     return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def in_option_words(err: Exception, cls: type, skip: Iterable[str] = ()) -> str:
+    """`err`'s message as a command line that sets the fields of `cls` says it: a `FieldError` spells the fields
+    it names as their options, except those in `skip` (the data decides them: no option sets them), which keep
+    their names; any other error reads as it is."""
+    if not isinstance(err, FieldError):
+        return str(err)
+    skip = set(skip)
+    return err.naming({f.name: option_name(f.name) for f in dataclasses.fields(cls) if f.name not in skip})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,

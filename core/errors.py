@@ -6,13 +6,17 @@ one line (core/cli.py); any other exception is a bug, in our code or a library's
 traceback.
 
 `UserError` is a ValueError, and its two forms are also the built-in errors their situations
-raise, so code that catches FileNotFoundError for a missing file still catches ours. `warn_once`
-gives a warning that a check run at start-up and again later must not repeat.
+raise, so code that catches FileNotFoundError for a missing file still catches ours. A config's
+own checks raise `FieldError`, which names the fields it is about by structure, so that one check
+reads in field names to code and in option names on a command line. `warn_once` gives a warning
+that a check run at start-up and again later must not repeat.
 """
 
 from __future__ import annotations
 
+import string
 import warnings
+from typing import Any, Mapping
 
 
 class UserError(ValueError):
@@ -25,6 +29,35 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ExistsError(UserError, FileExistsError):
     """Writing would overwrite something that must be kept (a run, a dataset, a file)."""
+
+
+class FieldError(UserError):
+    """A config's check that names the fields it is about as {placeholders} of its message, its other
+    placeholders filled from `values`:
+
+        FieldError("{num_res_blocks} must be at least 1, got {value}.", value=0)
+
+    reads "num_res_blocks must be at least 1, got 0." to code that built the config from fields (the
+    Python API, a checkpoint), and a command that sets those fields by options spells them as its
+    options (`naming`; `core.config.in_option_words`): "--num-res-blocks must be at least 1, got 0."
+    Only the placeholders are names, so no word of the sentence or of a value is ever taken for one."""
+
+    def __init__(self, template: str, **values: Any):
+        super().__init__(template)  # (args hold the template alone: a copy or pickle rebuilds it, then its values)
+        self.template, self.values = template, values
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields the message names, in order: its placeholders that are not values."""
+        names = (name for _, name, _, _ in string.Formatter().parse(self.template) if name)
+        return tuple(dict.fromkeys(name for name in names if name not in self.values))
+
+    def naming(self, names: Mapping[str, str]) -> str:
+        """The message with each field spelled as `names` spells it; a field `names` lacks keeps its own name."""
+        return self.template.format(**{field: names.get(field, field) for field in self.fields}, **self.values)
+
+    def __str__(self) -> str:
+        return self.naming({})
 
 
 _WARNED: set[str] = set()

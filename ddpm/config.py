@@ -19,7 +19,7 @@ from core.errors import UserError
 from core.runtime import check_training_fits, parameter_count, training_bytes
 from data import DatasetInfo
 from ddpm.samplers import MIN_TIMESTEPS, SAMPLERS, make_timesteps
-from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
+from ddpm.schedule import BETA_RANGES, PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
 # T beyond this only costs (the schedule is tabulated per timestep); papers use 1000 to 4000.
@@ -45,7 +45,13 @@ class DiffusionConfig:
                 f"1000, improved DDPM: 4000), got {self.num_timesteps}.")
         require(len(self.beta_range) in (0, 2), f"--beta-range takes two numbers (beta_1 beta_T), got {self.beta_range}.")
         require(0 <= self.cond_drop_prob <= 1, f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}.")
-        self.make_schedule()  # refuse an impossible schedule (e.g. linear with T <= 20) before any work
+        # DDPM's linear betas are scaled by 1000 / T (ddpm.schedule.make_betas), so beta_T reaches 1 at T <= 20:
+        # refused here in the options' words, where the schedule's own check names its arguments.
+        fewest = BETA_RANGES["linear"][1] * 1000
+        require(self.schedule != "linear" or bool(self.beta_range) or self.num_timesteps > fewest,
+                f"--schedule linear needs --num-timesteps above {fewest:g} (its betas are scaled by 1000/T and would "
+                f"reach 1), got {self.num_timesteps}; use more timesteps or --schedule cosine.")
+        self.make_schedule()  # refuse any other impossible schedule before any work
 
     def make_schedule(self) -> Schedule:
         return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)

@@ -147,6 +147,10 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
         print(f"Inverting {len(images)} images of {images.info.name} into the {initial.shape[1]}-wide conditioning "
               f"space of {model.path} ({model.stage}, {model.weights} weights {model.fingerprint}); vectors start "
               f"from the {'null embedding' if start == 'null' else start + ' embeddings'}.", flush=True)
+        if config.train.batch_size > len(images):  # accepted, as every stage accepts it (training.loop.StepBatches)
+            print(f"Note: --batch-size {config.train.batch_size} is larger than the {len(images)} images to invert, so "
+                  f"a batch holds some of them more than once and a vector takes one step for all its copies; pass "
+                  f"--batch-size {len(images)} or fewer to visit each image at most once a step.", flush=True)
     run = Inversion(config, model, images, dataset, x0, start, initial, device)
     n = min(config.train.preview_images, len(run.eval_index))
     trainable = Trainable(EmbeddingStore(initial), lr=config.train.lr, optimizer="lazy_adamw",

@@ -335,6 +335,21 @@ def test_only_the_vectors_get_gradients_and_the_network_is_untouched(class_ckpt,
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_a_batch_larger_than_the_images_runs_as_every_stage_runs_it_with_a_note(class_ckpt, tmp_path, capsys):
+    """A batch of 10 of the 6 images spans two epochs, as in every stage (training.loop.StepBatches): accepted, with
+    one line that says what it means for the vectors; a batch the images fill says nothing of it."""
+    note = ("Note: --batch-size 10 is larger than the 6 images to invert, so a batch holds some of them more than once "
+            "and a vector takes one step for all its copies; pass --batch-size 6 or fewer to visit each image at most "
+            "once a step.")
+    train.main(invert_args(tmp_path / "run", class_ckpt, folder_of(class_ckpt), "--batch-size", "10", "--steps", "2"))
+    out = capsys.readouterr().out
+    assert out.count(note) == 1 and (tmp_path / "run" / "checkpoint.pt").is_file()
+    spec, args = train.parse_args(invert_args(tmp_path / "full", class_ckpt, folder_of(class_ckpt), "--batch-size", "6"))
+    spec.build(resolve_config(spec, args, tmp_path / "full")[0], Runtime(CPU), None)
+    out = capsys.readouterr().out
+    assert "Inverting 6 images" in out and "--batch-size" not in out
+
+
 def test_resume_continues_exactly(class_ckpt, tmp_path):
     # A constant rate, so that stopping at 3 of 3 steps and extending to 6 is an interruption at 3 of 6.
     data = folder_of(class_ckpt)

@@ -7,21 +7,26 @@ loaders replaced by ones that fail, so each takes a fraction of a second."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import pickle
 import shutil
 import stat
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 import train
+from core.config import DataConfig
+from core.contract import Section
 from core.errors import UserError
 from helpers import RES, noise_folder, tiny_args
-from training.run import resolve_config
+from training.run import resolve_config, with_options
 
 CPU = torch.device("cpu")
 
@@ -209,7 +214,7 @@ def test_the_loaders_refusal_of_an_extra_count_names_extra_samples(tmp_path, fol
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--num-res-blocks", "0"), "--channel-mult needs at least one level and --num-res-blocks must be >= 1."),
+    (("--num-res-blocks", "0"), "--num-res-blocks must be at least 1, got 0."),
     (("--dropout", "1"), "--dropout must be in [0, 1), got 1.0."),
     (("--attention-resolutions", "5"), "--attention-resolutions (5,) must be among the feature-map sizes (16, 8)."),
 ])
@@ -217,6 +222,68 @@ def test_the_autoencoder_s_errors_name_its_options(tmp_path, folder, extra, mess
     with pytest.raises(UserError) as refused:
         resolved(stage_args("vae", folder, tmp_path, "--channel-mult", "1", "2", *extra), tmp_path / "run")
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("fields, options, message", [
+    ({"num_res_blocks": 0}, ("--num-res-blocks", "0"), "{num_res_blocks} must be at least 1, got 0."),
+    ({"channel_mult": ()}, ("--channel-mult",), "{channel_mult} needs at least one level, each a positive multiplier "
+                                                "(e.g. 1 2 4 4), got (none)."),
+    ({"base_channels": 18}, ("--base-channels", "18"), "{base_channels} times each {channel_mult} must split into "
+                                                      "min(32, C // 4) equal GroupNorm groups (any multiple of 4 below "
+                                                      "128 does, and any multiple of 32 from 128 on), got 18 x 1 = 18."),
+])
+def test_one_autoencoder_check_reads_in_fields_to_code_and_in_options_to_train_py(tmp_path, folder, fields, options,
+                                                                                message):
+    """The check names its fields itself: code that builds the config reads the field names, train.py the options
+    that set them, in the same sentence."""
+    from vae.autoencoder import AutoencoderConfig
+    names = ("num_res_blocks", "channel_mult", "base_channels")
+    with pytest.raises(UserError) as refused:
+        AutoencoderConfig(**{"channel_mult": (1, 2), "resolution": RES, **fields})
+    assert str(refused.value) == message.format(**{name: name for name in names})
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("vae", folder, tmp_path, "--channel-mult", "1", "2", *options), tmp_path / "run")
+    assert str(refused.value) == message.format(**{name: "--" + name.replace("_", "-") for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """A section whose check names a field mid-sentence and spells two fields in a formula that is no option."""
+    width: int = 8
+    num_heads: int = 1
+
+    def __post_init__(self) -> None:
+        from core.errors import FieldError
+        if self.width % self.num_heads:
+            raise FieldError("{num_heads} {heads} must divide the {width} {value}, so that each head is "
+                             "width / num_heads channels wide.", heads=self.num_heads, value=self.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    net: Heads = dataclasses.field(default_factory=Heads)
+
+
+def test_only_the_fields_a_check_names_become_options_not_its_other_words():
+    """What a rewrite of the finished sentence got wrong: it left a field named mid-sentence without an underscore
+    (the width) as it was, and rewrote a formula's num_heads into an option."""
+    spec = SimpleNamespace(sections=(Section("data", DataConfig), Section("net", Heads)))
+    with pytest.raises(UserError) as refused:
+        with_options(spec, HeadsConfig(), argparse.Namespace(**{"net.width": 10, "net.num_heads": 4}))
+    assert str(refused.value) == ("--num-heads 4 must divide the --width 10, so that each head is width / num_heads "
+                                  "channels wide.")
+    with pytest.raises(UserError) as refused:
+        Heads(width=10, num_heads=4)
+    told = "num_heads 4 must divide the width 10, so that each head is width / num_heads channels wide."
+    assert str(refused.value) == told and str(pickle.loads(pickle.dumps(refused.value))) == told
+
+
+def test_a_linear_schedule_too_short_is_refused_in_the_options_words(tmp_path, folder):
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("ddpm", folder, tmp_path, "--schedule", "linear", "--num-timesteps", "20"), tmp_path / "run")
+    assert str(refused.value) == ("--schedule linear needs --num-timesteps above 20 (its betas are scaled by 1000/T "
+                                  "and would reach 1), got 20; use more timesteps or --schedule cosine.")
 
 
 def toy_trainer(tmp_path: Path, config, amp: torch.dtype | None = None):

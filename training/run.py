@@ -22,11 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
-from core.errors import MissingFileError, UserError
+from core.errors import FieldError, MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, option_name, to_dict
+from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, in_option_words, to_dict
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import Runtime, autocast_dtype, check_batch_fits, check_num_workers, resolve_device
@@ -96,7 +96,9 @@ def parse_stage_args(spec: StageSpec, argv: Sequence[str]) -> argparse.Namespace
 
 
 def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
-    """`config` with the options the user typed applied, section by section (data first)."""
+    """`config` with the options the user typed applied, section by section (data first). A section's own check
+    names the fields it refuses (a `FieldError`: code and checkpoints build these configs too); here it reads in the
+    words of the options that set them."""
     for section in spec.sections:
         try:
             try:
@@ -108,22 +110,9 @@ def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
                 if part is None:
                     raise
                 config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name)
-        except UserError as err:
-            raise UserError(_in_option_names(str(err), section)) from None
+        except FieldError as err:
+            raise UserError(in_option_words(err, section.cls, section.skip)) from None
     return config
-
-
-def _in_option_names(message: str, section: Any) -> str:
-    """`message` of a section's own checks with the fields it names as code spelled as the options that set them:
-    a network config is built from checkpoints and code too, so its checks say "num_res_blocks" where the command
-    line says --num-res-blocks. A field counts as named where it is spelled with an underscore, or opens the
-    sentence ("dropout must be ..."); a plain word elsewhere ("the cosine schedule") is left as it is, and so are
-    fields the data decides, which are no options."""
-    for f in dataclasses.fields(section.cls):
-        if f.name not in section.skip:
-            where = rf"(?<![\w./-]){f.name}(?!\w)" if "_" in f.name else rf"^{f.name}(?!\w)"
-            message = re.sub(where, option_name(f.name), message)
-    return message
 
 
 def _at_data_size(part: Any, section: Any, resolution: int) -> Any | None:

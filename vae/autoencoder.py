@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.errors import FieldError
 from ddpm.unet import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, num_groups
 from kernels.group_norm import group_norm_act
 
@@ -47,25 +47,34 @@ class AutoencoderConfig:
         # JSON/YAML round trips give lists back; the frozen dataclass should still hash and compare equal.
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-        if self.in_channels < 1 or self.latent_channels < 1:
-            raise UserError(f"in_channels and latent_channels must be >= 1, got {self.in_channels} and "
-                            f"{self.latent_channels}.")
-        if not self.channel_mult or self.num_res_blocks < 1:
-            raise UserError("channel_mult needs at least one level and num_res_blocks must be >= 1.")
+        # Each check names the fields it is about ({placeholders}): code that builds this config reads them as
+        # fields, train.py as the options that set them (core.errors.FieldError). The wording is the U-Net's
+        # (ddpm.config.check_unet_fits) where the two networks check the same thing.
+        if self.in_channels < 1:
+            raise FieldError("{in_channels} must be at least 1, got {value}.", value=self.in_channels)
+        if self.latent_channels < 1:
+            raise FieldError("{latent_channels} must be at least 1, got {value}.", value=self.latent_channels)
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise FieldError("{channel_mult} needs at least one level, each a positive multiplier (e.g. 1 2 4 4), "
+                             "got {value}.", value=" ".join(map(str, self.channel_mult)) or "(none)")
+        if self.num_res_blocks < 1:
+            raise FieldError("{num_res_blocks} must be at least 1, got {value}.", value=self.num_res_blocks)
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise FieldError("{dropout} must be in [0, 1), got {value}.", value=self.dropout)
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             # GroupNorm needs whole groups: min(32, C // 4) of them (see ddpm.unet.num_groups).
             if channels < 4 or channels % num_groups(channels):
-                raise UserError(f"base_channels * channel_mult must split into min(32, C // 4) equal GroupNorm groups "
-                                f"(any multiple of 4 below 128 does, and any multiple of 32 from 128 on), got {channels}.")
+                raise FieldError("{base_channels} times each {channel_mult} must split into min(32, C // 4) equal "
+                                 "GroupNorm groups (any multiple of 4 below 128 does, and any multiple of 32 from 128 "
+                                 "on), got {base} x {mult} = {channels}.",
+                                 base=self.base_channels, mult=mult, channels=channels)
         if self.resolution % self.downsampling_factor:
-            raise UserError(f"resolution {self.resolution} must be divisible by the downsampling factor "
-                            f"{self.downsampling_factor}.")
+            raise FieldError("{resolution} {value} must be divisible by the downsampling factor {factor}.",
+                             value=self.resolution, factor=self.downsampling_factor)
         if not set(self.attention_resolutions) <= set(self.feature_sizes):
-            raise UserError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map "
-                            f"sizes {self.feature_sizes}.")
+            raise FieldError("{attention_resolutions} {value} must be among the feature-map sizes {sizes}.",
+                             value=self.attention_resolutions, sizes=self.feature_sizes)
 
     @property
     def downsampling_factor(self) -> int:

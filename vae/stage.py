@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from core.checkpoint import load_weights, require_keys, state_fingerprint
-from core.config import from_dict, to_dict
+from core.config import from_dict, in_option_words, to_dict
 from core.contract import MAIN, Outputs, StageSpec, Trainable, TrainingModels, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, check_training_fits, parameter_count, training_bytes
@@ -279,7 +279,8 @@ def check(config: VAEConfig, resume_from: dict | None, device: torch.device) -> 
     try:
         autoencoder = dataclasses.replace(config.autoencoder, resolution=size)  # (its checks: levels that halve it)
     except ValueError as err:
-        raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: {err}") from None
+        raise UserError(f"{size}x{size} images (--resolution {size}) do not fit the autoencoder: "
+                        f"{in_option_words(err, AutoencoderConfig, AUTOENCODER_FROM_DATA)}") from None
     if loss.disc_start >= 0 and loss.disc_weight == 0:
         raise UserError(f"--disc-weight 0 gives the discriminator that --disc-start {loss.disc_start} trains no say in "
                         f"the autoencoder's loss; pass a positive --disc-weight (latent diffusion: 0.5), or --disc-start "
