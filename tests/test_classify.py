@@ -258,7 +258,8 @@ def test_relative_test_and_extra_folders_are_recorded_absolute_and_found_from_an
     assert trained_datasets(payload) == absolute       # the training folder, not "folder:A+folder:B", beside them
     assert all(folder_of(spec).is_dir() for spec in trained_datasets(payload).values())
     train.main(["--stage", "classify", "--run-dir", str(run_dir), "--device", "cpu", "--resume", "--steps", "3"])
-    with pytest.raises(ValueError, match=r"extra_dataset, data\.test_dataset cannot change when resuming"):
+    with pytest.raises(ValueError, match=r"--extra-dataset \(the run's: folder:.*\), --test-dataset \(the run's: "
+                                         r"folder:.*\) cannot change when resuming"):
         train.main(args(run_dir, colours[0], Path("held-out"), "--steps", "4", "--resume", *relative))  # other folders
 
     monkeypatch.chdir(work)  # where it started: the same relative folders are the same run

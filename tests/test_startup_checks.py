@@ -102,6 +102,26 @@ def test_options_no_network_can_take_are_refused_before_any_data_is_loaded(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, and no autoencoder run either
 
 
+def test_an_autoencoder_s_offline_cifar10_test_set_is_refused_before_its_data_is_loaded(tmp_path, folder, monkeypatch,
+                                                                                        capsys):
+    import urllib.error
+    import torchvision
+    import vae.stage
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    def loading(*args, **kwargs):
+        raise AssertionError("data was loaded before the test set was fetched")
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(vae.stage, "load_dataset", loading)
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    assert cli.run(train.main, [*stage_args("vae", folder, "--test-dataset", "cifar10", "--cache-dir", str(cache)),
+                                "--run-dir", str(run_dir)]) == 1
+    assert the_error(capsys.readouterr().err).startswith(f"error: --test-dataset cifar10: CIFAR-10 is not in {cache}")
+    assert not run_dir.exists() and not cache.exists()
+
+
 def no_compiler(*args, **kwargs):
     from torch._inductor.exc import InvalidCxxCompiler
     raise InvalidCxxCompiler()

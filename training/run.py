@@ -26,7 +26,8 @@ from core.errors import FieldError, MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import add_config_arguments, apply_arguments, from_dict, given_arguments, in_option_words, to_dict
+from core.config import (add_config_arguments, apply_arguments, from_dict, given_arguments, in_option_words,
+                         option_name, to_dict)
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import Runtime, autocast_dtype, check_batch_fits, check_num_workers, resolve_device
@@ -128,15 +129,22 @@ def _at_data_size(part: Any, section: Any, resolution: int) -> Any | None:
 
 def _changed_fixed_options(spec: StageSpec, args: argparse.Namespace, saved_config: Any) -> list[str]:
     """The options given on a resume that would change what the checkpoint fixes (those outside
-    `RESUMABLE` whose value differs from the saved config's)."""
+    `RESUMABLE` whose value differs from the saved config's), each with the value the run has."""
     repeated = with_options(spec, saved_config, args)
     was, now = json.loads(json.dumps(to_dict(saved_config))), json.loads(json.dumps(to_dict(repeated)))
     changed = []
     for name in sorted(set(given_arguments(args)) - RESUMABLE):
         section, field = name.split(".", 1)
         if was[section][field] != now[section][field]:
-            changed.append(name)
+            changed.append(f"{option_name(name)} (the run's: {_as_typed(was[section][field])})")
     return changed
+
+
+def _as_typed(value: Any) -> str:
+    """A saved config value as the option that sets it takes it: lists space-separated, text as it is."""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return '""' if value == "" else str(value)
 
 
 def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> tuple[Any, dict | None]:

@@ -24,7 +24,7 @@ from core.errors import MissingFileError, UserError
 from core.runtime import Runtime, check_training_fits, parameter_count, training_bytes
 from core.speed import compile_module, inference_layout
 from core.weights import diffusers_weights_file
-from data import ImageDataset, check_spec, grey_as_rgb, load_dataset, load_test_set
+from data import ImageDataset, check_spec, fetch_missing, grey_as_rgb, load_dataset, load_test_set
 from data.augment import random_hflip
 from data.imageio import as_rgb, from_uint8
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -302,6 +302,8 @@ def check(config: VAEConfig, resume_from: dict | None, device: torch.device) -> 
         raise UserError(f"--disc-layers {loss.disc_layers} needs images of at least {smallest} px (its strided 4x4 "
                         f"convolutions leave smaller ones no patch to judge), and --resolution is {size}; pass "
                         f"--disc-layers {fits}, a larger --resolution, or --disc-start -1 for no discriminator.")
+    # Last, as it may download: a test set that cannot be had (CIFAR-10 offline) is refused before --dataset loads.
+    fetch_missing(config.data.test_dataset, "--test-dataset", cache_dir=config.data.cache_dir, train=False)
 
 
 def check_networks_fit(autoencoder: AutoencoderConfig, loss: VAELossConfig, device: torch.device) -> None:
