@@ -15,12 +15,13 @@ and strips, are loaded with a warning for the folder (`warn_enlarged_or_cropped`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -203,7 +204,51 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
 def decode_square(path: Path, resolution: int, mode: str) -> np.ndarray:
     """The image file as training reads it: decoded upright in `mode` ("RGB" or "L", see `load_image`), its
     centre square resized to resolution x resolution -> uint8 (H, W[, C])."""
-    return _square(load_image(path, mode), resolution)
+    return _decoded(path, resolution, mode)[0]
+
+
+class _Decoded(dict):
+    """Within `decoding_once`: (path, resolution, mode, size, mtime) -> (decode_square's array, the image's own
+    size), and how many bytes the arrays take."""
+    nbytes = 0
+
+
+_DECODED: _Decoded | None = None
+DECODED_BYTES_KEPT = 4 * 2**30  # at most this many bytes of decoded images are kept; later ones are decoded each time
+
+
+@contextlib.contextmanager
+def decoding_once() -> Iterator[None]:
+    """Within the body, an image file is decoded once at each size and mode, however often it is loaded: for a
+    command that trains many runs on the same folders in one process (`evaluate.experiment`, `evaluate.sweep`:
+    each row's seeds, the real row's checks, the measures), which decoded each folder once per run. A file is
+    known by its path, size and modification time, so one rewritten meanwhile is decoded again; the images are
+    kept (uint8, at the training size) until the body ends, up to `DECODED_BYTES_KEPT`."""
+    global _DECODED
+    outer = _DECODED
+    _DECODED = _Decoded() if outer is None else outer
+    try:
+        yield
+    finally:
+        _DECODED = outer
+
+
+def _decoded(path: Path, resolution: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_square`'s array of `path` and the image's own (width, height), decoded once within `decoding_once`
+    (kept arrays are shared, and read-only: callers copy them before changing them, as `np.stack` does)."""
+    kept, key = _DECODED, None
+    if kept is not None:
+        status = path.stat()
+        key = (path, resolution, mode, status.st_size, status.st_mtime_ns)
+        if key in kept:
+            return kept[key]
+    image = load_image(path, mode)
+    square = _square(image, resolution)
+    if kept is not None and kept.nbytes + square.nbytes <= DECODED_BYTES_KEPT:
+        square.setflags(write=False)  # shared from now on: a change would reach every later load
+        kept[key] = square, image.size
+        kept.nbytes += square.nbytes
+    return square, image.size
 
 
 def _square(image: Image.Image, resolution: int) -> np.ndarray:
@@ -276,9 +321,9 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     decoded, sizes, unusable = [], [], []
     for file in tqdm(files, desc=f"Decoding {root.name}", unit="img", disable=launched_rank() > 0):
         try:
-            image = load_image(file, mode)
-            decoded.append(_square(image, resolution))
-            sizes.append(image.size)
+            square, size = _decoded(file, resolution, mode)
+            decoded.append(square)
+            sizes.append(size)
         except UserError as err:  # a damaged file: go on, so that one run names every file to remove
             unusable.append((file, err))
     if unusable:

@@ -47,6 +47,7 @@ from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import atomic_write, resolve_device, write_json
 from data import check_output_outside, check_same_classes, check_spec, folder_of, load_dataset
+from data.folder import decoding_once
 from data.imageio import atomic_save_image, list_images
 from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
                            same_folder, train_plan)
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for option, spec in training_sets(args, rows).items():
             check_same_classes(args.test, "--test", spec, option)
     check_first_runs([(row, out / "runs" / row.name / "seed0") for row in rows], args, passed, device)
-    with FolderLock(out):
+    with FolderLock(out), decoding_once():  # (every run, seed and check decodes a folder's images once)
         check_sets(args, rows, config)
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
         sizes = size.describe(mixed=any(row.extra for row in rows)) if size != Sizes() else ""

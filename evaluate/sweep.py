@@ -69,6 +69,7 @@ from core.runtime import atomic_write, autocast_dtype, resolve_device, write_jso
 from core.speed import speed_up
 from data import check_output_outside, check_spec, dataset_size, folder_of, load_dataset, trained_datasets
 from data.dataset import ImageDataset
+from data.folder import decoding_once
 from data.imageio import atomic_save_image
 from data.writer import MAX_BINS, REQUEST, binning_option, parse_binning
 from ddpm.config import SPACINGS, SamplingConfig
@@ -693,6 +694,12 @@ def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
+    with decoding_once():  # (the real row's checks, measures and runs, and each set's, decode its images once)
+        return run_sweep(args, passed)
+
+
+def run_sweep(args: argparse.Namespace, passed: list[str]) -> dict[str, Any]:
+    """The sweep that `main`'s parsed command line asks for (see the module docstring); returns its summary."""
     check_args(args, passed)
     device = resolve_device(args.device)
     kernels.use(args.kernels, device)

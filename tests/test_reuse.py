@@ -368,10 +368,15 @@ def test_a_reused_result_made_from_other_inputs_is_refused_or_redone(case, reque
         reuse.redone()
 
 
-def test_the_same_request_keeps_every_finished_run(table, capsys):
-    """The control: asked again for what it holds, the table trains nothing and reports the same numbers."""
+def test_the_same_request_keeps_every_finished_run(table, capsys, monkeypatch):
+    """The control: asked again for what it holds, the table trains nothing and reports the same numbers; and
+    though every row's runs check their data, no image is decoded twice."""
+    import data.folder
+    decoded, decode = [], data.folder.load_image
+    monkeypatch.setattr(data.folder, "load_image", lambda path, *a, **k: decoded.append(path) or decode(path, *a, **k))
     before = state((table / "out" / "runs",))
     summary = experiment.main(experiment_argv(table))
+    assert decoded and len(decoded) == len(set(decoded))
     assert "Training on" not in capsys.readouterr().out and state((table / "out" / "runs",)) == before
     assert summary["rows"] == json.loads((table / "out" / "results.json").read_text())["rows"]
 
@@ -400,3 +405,29 @@ def test_the_python_api_refuses_statistics_of_other_weights_too(tmp_path):
         fid_between(tmp_path / "a.npz", tmp_path / "b.npz", FeatureOptions(device="cpu"))
     on_cpu = FeatureOptions(device="cpu")
     assert fid_between(tmp_path / "a.npz", tmp_path / "c.npz", on_cpu).fid == pytest.approx(0.0, abs=1e-9)
+
+
+def test_within_decoding_once_a_folder_is_decoded_once_and_a_rewritten_file_again(tmp_path, monkeypatch):
+    import data.folder
+    from data.folder import decoding_once, load_folder
+    folder = colour_folder(tmp_path / "images", 2, seed=0)
+    decoded, decode = [], data.folder.load_image
+    monkeypatch.setattr(data.folder, "load_image", lambda path, *a, **k: decoded.append(path) or decode(path, *a, **k))
+    plain = load_folder(folder, RES)
+    assert len(decoded) == 6
+    with decoding_once():
+        first, again = load_folder(folder, RES), load_folder(folder, RES, num_samples=3, seed=1)
+        assert len(decoded) == 12                       # once each, the subset taken from the same decodes
+        assert torch.equal(first.images, plain.images)
+        assert torch.equal(again.images, plain.images[[plain.files.index(f) for f in again.files]])
+        rewritten = folder / "red" / "0.png"
+        Image.new("RGB", (RES, RES), (1, 2, 3)).save(rewritten)  # another size on disk: another file
+        changed = load_folder(folder, RES)
+        assert decoded[12:] == [rewritten]
+        assert (changed.images[plain.files.index("red/0.png")] == torch.tensor([1, 2, 3])[:, None, None]).all()
+        with pytest.warns(UserWarning, match="enlarged"):
+            load_folder(folder, RES * 2)                # another size: decoded anew
+        assert len(decoded) == 19
+    load_folder(folder, RES)                            # after the block: decoded again, as any load is
+    assert len(decoded) == 25
+
