@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
-from core.errors import UserError
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, in_option_words, option, require
+from core.errors import FieldError, UserError
 from core.runtime import check_training_fits, parameter_count, training_bytes
 from data import DatasetInfo
 from ddpm.samplers import MIN_TIMESTEPS, SAMPLERS, make_timesteps
-from ddpm.schedule import BETA_RANGES, PREDICTIONS, SCHEDULES, Schedule
+from ddpm.schedule import PREDICTIONS, SCHEDULES, Schedule
 from ddpm.unet import CONDITIONING_KINDS, UNet, UNetConfig
 
 # T beyond this only costs (the schedule is tabulated per timestep); papers use 1000 to 4000.
@@ -39,19 +39,25 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta_range", tuple(self.beta_range))
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("prediction", self.prediction, PREDICTIONS)
-        require(1 <= self.num_timesteps <= MAX_TIMESTEPS, f"--num-timesteps must be from 1 to {MAX_TIMESTEPS:,} (DDPM: "
-                f"1000, improved DDPM: 4000), got {self.num_timesteps}.")
-        require(len(self.beta_range) in (0, 2), f"--beta-range takes two numbers (beta_1 beta_T), got {self.beta_range}.")
-        require(0 <= self.cond_drop_prob <= 1, f"--cond-drop-prob must be in [0, 1], got {self.cond_drop_prob}.")
-        # DDPM's linear betas are scaled by 1000 / T (ddpm.schedule.make_betas), so beta_T reaches 1 at T <= 20:
-        # refused here in the options' words, where the schedule's own check names its arguments.
-        fewest = BETA_RANGES["linear"][1] * 1000
-        require(self.schedule != "linear" or bool(self.beta_range) or self.num_timesteps > fewest,
-                f"--schedule linear needs --num-timesteps above {fewest:g} (its betas are scaled by 1000/T and would "
-                f"reach 1), got {self.num_timesteps}; use more timesteps or --schedule cosine.")
-        self.make_schedule()  # refuse any other impossible schedule before any work
+        # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
+        # reads them as fields, train.py as the options that set them (core.errors.FieldError). The schedule's own
+        # checks (ddpm.schedule.make_betas: a linear schedule needs T > 20, ...) name its arguments, which are these
+        # fields, the same way.
+        if self.schedule not in SCHEDULES:
+            raise FieldError("{schedule} must be one of {choices}, got {value!r}.", choices=", ".join(SCHEDULES),
+                             value=self.schedule)
+        if self.prediction not in PREDICTIONS:
+            raise FieldError("{prediction} must be one of {choices}, got {value!r}.", choices=", ".join(PREDICTIONS),
+                             value=self.prediction)
+        if not 1 <= self.num_timesteps <= MAX_TIMESTEPS:
+            raise FieldError("{num_timesteps} must be from 1 to {most:,} (DDPM: 1000, improved DDPM: 4000), got "
+                             "{value}.", most=MAX_TIMESTEPS, value=self.num_timesteps)
+        if len(self.beta_range) not in (0, 2):
+            raise FieldError("{beta_range} takes two numbers (beta_1 beta_T), or none for the published range, got "
+                             "{value}.", value=" ".join(map(str, self.beta_range)))
+        if not 0 <= self.cond_drop_prob <= 1:
+            raise FieldError("{cond_drop_prob} must be in [0, 1], got {value}.", value=self.cond_drop_prob)
+        self.make_schedule()  # refuse an impossible schedule before any work
 
     def make_schedule(self) -> Schedule:
         return Schedule.from_name(self.schedule, self.num_timesteps, self.beta_range or None)
@@ -161,18 +167,10 @@ def resolve_unet(unet: UNetConfig, info: DatasetInfo, image_size: int, channels:
 
 
 def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str, device: torch.device) -> None:
-    """Refuse, before any data is loaded, U-Net options that cannot denoise `channels` x `size` x `size` inputs
-    (`what` names those in the sentence): no level, depths or dropout no network has, sizes its levels cannot
-    halve, attention at sizes that never occur. A forward pass on the meta device (shapes only: no memory, no
-    arithmetic, milliseconds) then catches whatever else would fail at the first step."""
-    mult = " ".join(map(str, unet.channel_mult)) or "(none)"
-    require(len(unet.channel_mult) >= 1 and min(unet.channel_mult) >= 1,
-            f"--channel-mult needs at least one level, each a positive multiplier (e.g. 1 2 2 2), got {mult}.")
-    require(unet.base_channels >= 1, f"--base-channels must be positive, got {unet.base_channels}.")
-    require(unet.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {unet.num_res_blocks}.")
-    require(0 <= unet.dropout < 1, f"--dropout must be in [0, 1), got {unet.dropout}.")
-    require(unet.num_heads >= 1 and unet.head_channels >= 0, f"--num-heads must be at least 1 and --head-channels 0 "
-                                                             f"or positive, got {unet.num_heads} and {unet.head_channels}.")
+    """Refuse, before any data is loaded, a U-Net that cannot denoise `channels` x `size` x `size` inputs (`what`
+    names those in the sentence): sizes its levels cannot halve, attention at sizes that never occur (options no
+    network takes at any size, `UNetConfig` refused when it was built). A forward pass on the meta device (shapes
+    only: no memory, no arithmetic, milliseconds) then catches whatever else would fail at the first step."""
     # One class or parameter stands in for the data's: their counts change only the conditioning slot's input.
     resolved = dataclasses.replace(unet, image_size=size, in_channels=channels,
                                    num_classes=int(unet.cond == "class"), num_params=int(unet.cond == "params"))
@@ -182,7 +180,8 @@ def check_unet_fits(unet: UNetConfig, size: int, channels: int, what: str, devic
             net = UNet(resolved)
             net(torch.empty(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     except Exception as err:  # whatever a network of these options raises at this size
-        raise UserError(f"{what} do not fit the U-Net: {' '.join(str(err).split()) or type(err).__name__}") from None
+        told = " ".join(in_option_words(err, UNetConfig, UNET_FROM_DATA).split())
+        raise UserError(f"{what} do not fit the U-Net: {told or type(err).__name__}") from None
     count = parameter_count(net)
     check_training_fits(training_bytes(count, averaged=True), device, f"The U-Net's {count:,} parameters",
                         "give a smaller --base-channels, fewer --channel-mult levels or fewer --num-res-blocks")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import FieldError, UserError
 
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTIONS = ("eps", "x0", "v")
@@ -25,7 +25,7 @@ PREDICTIONS = ("eps", "x0", "v")
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 
 
-def make_betas(kind: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> np.ndarray:
+def make_betas(schedule: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> np.ndarray:
     """The betas of a named schedule, float64, shape (num_timesteps,).
 
     "linear":        DDPM's (Ho et al. 2020, Sec. 4): linspace(beta_1, beta_T, T), published range 1e-4..0.02 at
@@ -38,27 +38,33 @@ def make_betas(kind: str, num_timesteps: int, beta_range: tuple[float, float] | 
                      linspace(sqrt(beta_1), sqrt(beta_T), T) ** 2, range 0.00085..0.012 (Stable Diffusion); the
                      paper's unconditional models use 0.0015..0.0195.
     `beta_range` replaces the published (beta_1, beta_T), used as given (no 1000 / T scaling).
+
+    Its refusals name its arguments as fields (core.errors.FieldError); they are `ddpm.config.DiffusionConfig`'s
+    fields too, so train.py reads them as the options that set them.
     """
     if num_timesteps < 1:
-        raise UserError(f"num_timesteps must be at least 1, got {num_timesteps}.")
-    if kind not in SCHEDULES:
-        raise UserError(f"Unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
+        raise FieldError("{num_timesteps} must be at least 1, got {value}.", value=num_timesteps)
+    if schedule not in SCHEDULES:
+        raise FieldError("{schedule} must be one of {choices}, got {value!r}.", choices=", ".join(SCHEDULES),
+                         value=schedule)
     if beta_range is not None:
-        if kind == "cosine":
-            raise UserError("The cosine schedule has no beta range; drop --beta-range or use linear or scaled_linear.")
+        if schedule == "cosine":
+            raise FieldError("The cosine schedule has no beta range; drop {beta_range} or use {schedule} linear or "
+                             "scaled_linear.")
         lo, hi = beta_range
         if not 0 < lo <= hi < 1:
-            raise UserError(f"--beta-range must satisfy 0 < start <= end < 1, got {lo} {hi}.")
-    if kind == "linear":
+            raise FieldError("{beta_range} must satisfy 0 < start <= end < 1, got {lo} {hi}.", lo=lo, hi=hi)
+    if schedule == "linear":
         if beta_range is not None:
             return np.linspace(beta_range[0], beta_range[1], num_timesteps, dtype=np.float64)
         scale = 1000 / num_timesteps
         if BETA_RANGES["linear"][1] * scale >= 1:
-            raise UserError(f"The linear schedule needs num_timesteps > 20 (its betas are scaled by 1000/T and "
-                            f"would reach 1), got {num_timesteps}; use more timesteps or the cosine schedule.")
+            raise FieldError("{schedule} linear needs {num_timesteps} above {fewest:g} (its betas are scaled by 1000/T "
+                             "and would reach 1), got {value}; use more timesteps or {schedule} cosine.",
+                             fewest=BETA_RANGES["linear"][1] * 1000, value=num_timesteps)
         return np.linspace(scale * BETA_RANGES["linear"][0], scale * BETA_RANGES["linear"][1], num_timesteps,
                            dtype=np.float64)
-    if kind == "cosine":
+    if schedule == "cosine":
         s = 0.008
 
         def f(t: float) -> float:
@@ -132,9 +138,9 @@ class Schedule(torch.nn.Module):
             self.register_buffer(name, table, persistent=False)
 
     @classmethod
-    def from_name(cls, kind: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> Schedule:
+    def from_name(cls, schedule: str, num_timesteps: int, beta_range: tuple[float, float] | None = None) -> Schedule:
         """A schedule from one of SCHEDULES; see `make_betas`."""
-        return cls(make_betas(kind, num_timesteps, beta_range))
+        return cls(make_betas(schedule, num_timesteps, beta_range))
 
     def respaced(self, timesteps: Tensor | Sequence[int]) -> Schedule:
         """The shorter chain that visits only `timesteps` (improved-diffusion's respacing, Nichol & Dhariwal 2021).

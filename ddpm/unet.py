@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.errors import FieldError
 from kernels.attention import attention
 from kernels.dropout import Dropout
 from kernels.group_norm import group_norm_act
@@ -57,44 +57,70 @@ class UNetConfig:
         # JSON/YAML round trips give lists back; the frozen dataclass should still hash and compare equal.
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
+        # reads them as fields, train.py as the options that set them (core.errors.FieldError). These are the
+        # options no network can take at any size; `check_resolved` judges them against the size.
         if self.cond not in CONDITIONING_KINDS:
-            raise UserError(f"--cond must be one of {', '.join(CONDITIONING_KINDS)}, got {self.cond!r}.")
-        if self.num_heads < 1 or self.head_channels < 0:
-            raise UserError(f"--num-heads must be at least 1 and --head-channels 0 or positive, got {self.num_heads} "
-                            f"and {self.head_channels}.")
+            raise FieldError("{cond} must be one of {kinds}, got {value!r}.", kinds=", ".join(CONDITIONING_KINDS),
+                             value=self.cond)
+        if self.in_channels < 1:
+            raise FieldError("{in_channels} must be at least 1, got {value}.", value=self.in_channels)
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise FieldError("{channel_mult} needs at least one level, each a positive multiplier (e.g. 1 2 2 2), "
+                             "got {value}.", value=" ".join(map(str, self.channel_mult)) or "(none)")
+        if self.base_channels < 1:
+            raise FieldError("{base_channels} must be positive, got {value}; use 32 or a multiple of it.",
+                             value=self.base_channels)
+        if self.num_res_blocks < 1:
+            raise FieldError("{num_res_blocks} must be at least 1, got {value}.", value=self.num_res_blocks)
+        if not 0 <= self.dropout < 1:
+            raise FieldError("{dropout} must be in [0, 1), got {value}.", value=self.dropout)
+        if self.num_heads < 1:
+            raise FieldError("{num_heads} must be at least 1, got {value}.", value=self.num_heads)
+        if self.head_channels < 0:
+            raise FieldError("{head_channels} must be 0 (a fixed {num_heads} instead) or a positive width, got {value}.",
+                             value=self.head_channels)
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             if channels % 32:  # so every width, skips concatenated, splits into `num_groups` groups
-                raise UserError(f"--base-channels times each --channel-mult must be a multiple of 32, so that every "
-                                f"width and every sum of widths at a skip connection splits into whole GroupNorm "
-                                f"groups; got {self.base_channels} x {mult} = {channels}; use --base-channels 32 or a "
-                                f"multiple of it.")
+                raise FieldError("{base_channels} times each {channel_mult} must be a multiple of 32, so that every "
+                                 "width and every sum of widths at a skip connection splits into whole GroupNorm "
+                                 "groups, got {base} x {mult} = {channels}; use {base_channels} 32 or a multiple of it.",
+                                 base=self.base_channels, mult=mult, channels=channels)
             if self.head_channels and channels % self.head_channels:
-                raise UserError(f"--head-channels {self.head_channels} must divide every level's channels, got "
-                                f"{channels}.")
+                raise FieldError("{head_channels} {value} must divide every level's channels, got {channels}; use a "
+                                 "width that divides {base_channels} times each {channel_mult}, or {head_channels} 0.",
+                                 value=self.head_channels, channels=channels)
             if not self.head_channels and channels % self.num_heads:
-                raise UserError(f"--num-heads {self.num_heads} must divide every level's channels, got {channels}.")
+                raise FieldError("{num_heads} {value} must divide every level's channels, got {channels}; use a count "
+                                 "that divides {base_channels} times each {channel_mult}.",
+                                 value=self.num_heads, channels=channels)
 
     def check_resolved(self) -> None:
         """Refuse the fields the data decides when they do not fit the rest: an `image_size` the levels
         cannot halve, attention at sizes that never occur, conditioning without classes or parameters.
 
         Separate from construction because these are only known once the data (or the VAE whose
-        latents the model denoises) is: a preset's network options are applied before that.
+        latents the model denoises) is: a preset's network options are applied before that. Its
+        refusals name their fields as `__post_init__`'s do (the data's keep their names on a command line).
         """
         if self.cond == "class" and self.num_classes < 1:
-            raise UserError("cond='class' needs num_classes >= 1.")
+            raise FieldError("{cond} class needs a positive {num_classes}, the number of labels, got {value}; set it, "
+                             "or use {cond} none.", value=self.num_classes)
         if self.cond == "params" and self.num_params < 1:
-            raise UserError("cond='params' needs num_params >= 1 (the length of the parameter vector).")
+            raise FieldError("{cond} params needs a positive {num_params}, the length of the parameter vector, got "
+                             "{value}; set it, or use {cond} none.", value=self.num_params)
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
-            raise UserError(f"image_size {self.image_size} must be divisible by 2**(len(channel_mult) - 1) = "
-                            f"{2 ** (levels - 1)}: {levels} levels halve it {levels - 1} times; use fewer levels "
-                            f"(--channel-mult) or another size.")
-        sizes = [self.image_size // 2**level for level in range(levels)]
+            raise FieldError("{image_size} {value} must be divisible by 2**(len(channel_mult) - 1) = {factor}: "
+                             "{levels} levels halve it {halvings} times; use fewer {channel_mult} levels or another "
+                             "size.", value=self.image_size, factor=2 ** (levels - 1), levels=levels,
+                             halvings=levels - 1)
+        sizes = tuple(self.image_size // 2**level for level in range(levels))
         if not set(self.attention_resolutions) <= set(sizes):
-            raise UserError(f"attention_resolutions {self.attention_resolutions} must be among the feature-map sizes "
-                            f"{sizes} of a {self.image_size}x{self.image_size} input; change --attention-resolutions.")
+            raise FieldError("{attention_resolutions} {value} must be among the feature-map sizes {sizes} of a "
+                             "{size}x{size} input; keep only those, or none for no attention.",
+                             value=self.attention_resolutions, sizes=sizes, size=self.image_size)
 
     def heads_for(self, channels: int) -> int:
         """Attention heads at a level of `channels` channels: fixed count, or fixed width (head_channels)."""

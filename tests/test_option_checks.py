@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import stat
+import string
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,6 +245,83 @@ def test_one_autoencoder_check_reads_in_fields_to_code_and_in_options_to_train_p
     with pytest.raises(UserError) as refused:
         resolved(stage_args("vae", folder, tmp_path, "--channel-mult", "1", "2", *options), tmp_path / "run")
     assert str(refused.value) == message.format(**{name: "--" + name.replace("_", "-") for name in names})
+
+
+def spelled(message: str, options: bool, data_fields: tuple[str, ...] = ()) -> str:
+    """`message` with its {field} placeholders spelled as code spells them, or as train.py's options (`options`)
+    except `data_fields`, which the data decides and no option sets."""
+    names = [name for _, name, _, _ in string.Formatter().parse(message) if name]
+    return message.format(**{name: "--" + name.replace("_", "-") if options and name not in data_fields else name
+                              for name in names})
+
+
+@pytest.mark.parametrize("fields, options, message", [
+    ({"num_res_blocks": 0}, ("--num-res-blocks", "0"), "{num_res_blocks} must be at least 1, got 0."),
+    ({"channel_mult": ()}, ("--channel-mult",), "{channel_mult} needs at least one level, each a positive multiplier "
+                                                "(e.g. 1 2 2 2), got (none)."),
+    ({"base_channels": 48}, ("--base-channels", "48"), "{base_channels} times each {channel_mult} must be a multiple of "
+                                                      "32, so that every width and every sum of widths at a skip "
+                                                      "connection splits into whole GroupNorm groups, got 48 x 1 = 48; "
+                                                      "use {base_channels} 32 or a multiple of it."),
+    ({"num_heads": 3}, ("--num-heads", "3"), "{num_heads} 3 must divide every level's channels, got 32; use a count "
+                                             "that divides {base_channels} times each {channel_mult}."),
+])
+def test_one_unet_check_reads_in_fields_to_code_and_in_options_to_train_py(tmp_path, folder, no_data, fields, options,
+                                                                          message):
+    """A U-Net built from fields (the Python API, a checkpoint) is refused in field names; train.py's options that
+    set the same fields are refused in the options' names, in the same sentence."""
+    from ddpm.unet import UNetConfig
+    with pytest.raises(UserError) as refused:
+        UNetConfig(**{"base_channels": 32, "channel_mult": (1, 2), **fields})
+    assert str(refused.value) == spelled(message, options=False)
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("ddpm", folder, tmp_path, "--base-channels", "32", "--channel-mult", "1", "2", *options),
+                 tmp_path / "run")
+    assert str(refused.value) == spelled(message, options=True)
+
+
+@pytest.mark.parametrize("fields, options, message", [
+    ({"attention_resolutions": (3,)}, ("--attention-resolutions", "3"),
+     "{attention_resolutions} (3,) must be among the feature-map sizes (16, 8) of a 16x16 input; keep only those, or "
+     "none for no attention."),
+    ({"channel_mult": (1,) * 6, "attention_resolutions": ()}, ("--channel-mult", *"111111", "--attention-resolutions"),
+     "{image_size} 16 must be divisible by 2**(len(channel_mult) - 1) = 32: 6 levels halve it 5 times; use fewer "
+     "{channel_mult} levels or another size."),
+])
+def test_a_unet_that_does_not_fit_the_image_size_keeps_the_data_s_field_name_on_the_command_line(tmp_path, folder,
+                                                                                                 no_data, fields,
+                                                                                                 options, message):
+    """The image size is the data's (--resolution), so no option is named for it; the options beside it are."""
+    from ddpm.unet import UNet, UNetConfig
+    with pytest.raises(UserError) as refused:
+        UNet(UNetConfig(**{"image_size": RES, "base_channels": 32, "channel_mult": (1, 2), **fields}))
+    assert str(refused.value) == spelled(message, options=False)
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("ddpm", folder, tmp_path, "--base-channels", "32", "--channel-mult", "1", "2", *options),
+                 tmp_path / "run")
+    assert str(refused.value) == (f"{RES}x{RES} images (--resolution {RES}) do not fit the U-Net: "
+                                  f"{spelled(message, options=True, data_fields=('image_size',))}")
+
+
+@pytest.mark.parametrize("fields, options, message", [
+    ({"schedule": "linear", "num_timesteps": 20}, ("--schedule", "linear", "--num-timesteps", "20"),
+     "{schedule} linear needs {num_timesteps} above 20 (its betas are scaled by 1000/T and would reach 1), got 20; "
+     "use more timesteps or {schedule} cosine."),
+    ({"schedule": "cosine", "beta_range": (0.001, 0.02)}, ("--schedule", "cosine", "--beta-range", "0.001", "0.02"),
+     "The cosine schedule has no beta range; drop {beta_range} or use {schedule} linear or scaled_linear."),
+    ({"num_timesteps": 0}, ("--num-timesteps", "0"), "{num_timesteps} must be from 1 to 100,000 (DDPM: 1000, improved "
+                                                     "DDPM: 4000), got 0."),
+])
+def test_a_diffusion_check_reads_in_fields_to_code_and_in_options_to_train_py(tmp_path, folder, no_data, fields,
+                                                                             options, message):
+    """The diffusion section's checks and the schedule's own (its arguments are the section's fields) alike."""
+    from ddpm.config import DiffusionConfig
+    with pytest.raises(UserError) as refused:
+        DiffusionConfig(**fields)
+    assert str(refused.value) == spelled(message, options=False)
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("ddpm", folder, tmp_path, *options), tmp_path / "run")
+    assert str(refused.value) == spelled(message, options=True)
 
 
 @dataclasses.dataclass(frozen=True)

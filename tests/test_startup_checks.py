@@ -55,7 +55,7 @@ IMPOSSIBLE = [
     ("ddpm", ("--dropout", "1"), "--dropout must be in [0, 1)"),
     ("ddpm", ("--channel-mult", "1", "1", "1", "1", "1", "1", "--attention-resolutions"),
      "16x16 images (--resolution 16) do not fit the U-Net: image_size 16 must be divisible by"),
-    ("ddpm", ("--attention-resolutions", "3"), "do not fit the U-Net: attention_resolutions (3,) must be among"),
+    ("ddpm", ("--attention-resolutions", "3"), "do not fit the U-Net: --attention-resolutions (3,) must be among"),
     # vae: the discriminator (a raw convolution error at the step it started), the perceptual network, the autoencoder
     ("vae", ("--disc-start", "0"), "--disc-layers 3 needs images of at least 24 px"),
     ("vae", ("--disc-start", "5", "--disc-layers", "2", "--resolution", "8"), "--disc-layers 2 needs images of at "
@@ -66,7 +66,7 @@ IMPOSSIBLE = [
      "downsampling factor 8"),
     # ldm: the latents of the default autoencoder (vae-demo, f = 4), refused before that is trained
     ("ldm", ("--cond", "none", "--resolution", "18"), "--resolution 18 is not divisible by the autoencoder's downsampling factor 4"),
-    ("ldm", ("--cond", "none"), "The autoencoder's latents (3x4x4) do not fit the U-Net: attention_resolutions (8,)"),
+    ("ldm", ("--cond", "none"), "The autoencoder's latents (3x4x4) do not fit the U-Net: --attention-resolutions (8,)"),
     ("ldm", ("--cond", "none", "--attention-resolutions", "--channel-mult", "1", "1", "1", "1"),
      "latents (3x4x4) do not fit the U-Net: image_size 4 must be divisible by 2**(len(channel_mult) - 1) = 8"),
     # classify: batch norm of one image shrunk to 1x1

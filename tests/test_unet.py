@@ -329,7 +329,7 @@ def test_input_shape_errors():
     (dict(cond="text"), "cond must be one of"),
     (dict(attention_resolutions=(4,)), "feature-map sizes"),
     (dict(base_channels=48), "must be a multiple of 32"),
-    (dict(num_heads=3), "--num-heads 3 must divide"),
+    (dict(num_heads=3), "^num_heads 3 must divide"),
     (dict(image_size=18, channel_mult=(1, 2, 2)), "divisible"),
 ])
 def test_config_errors(overrides, message):

@@ -49,7 +49,7 @@ class AutoencoderConfig:
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         # Each check names the fields it is about ({placeholders}): code that builds this config reads them as
         # fields, train.py as the options that set them (core.errors.FieldError). The wording is the U-Net's
-        # (ddpm.config.check_unet_fits) where the two networks check the same thing.
+        # (ddpm.unet.UNetConfig) where the two networks check the same thing.
         if self.in_channels < 1:
             raise FieldError("{in_channels} must be at least 1, got {value}.", value=self.in_channels)
         if self.latent_channels < 1:
