@@ -337,7 +337,8 @@ def augmentation(config: ClassifyConfig):
     return compose(crop, random_hflip if config.data.hflip else None, noise)
 
 
-def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) -> tuple[ClassifyConfig, TrainingStage]:
+def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None, run_dir: Path | None = None
+          ) -> tuple[ClassifyConfig, TrainingStage]:
     data, train = config.data, config.train
     dataset, mix, test_set, split, data_info = run_data(config)
     info = dataset.info
@@ -367,7 +368,8 @@ def build(config: ClassifyConfig, runtime: Runtime, resume_from: dict | None) ->
     return config, stage
 
 
-def check(config: ClassifyConfig, resume_from: dict | None = None, device: torch.device | None = None) -> None:
+def check(config: ClassifyConfig, resume_from: dict | None = None, device: torch.device | None = None,
+          run_dir: Path | None = None) -> None:
     """Options that must agree with each other, and datasets that must exist, before any work (the same for
     a new run and a resumed one, `resume_from`, except --init-from: a resumed run no longer reads it)."""
     options = config.classify

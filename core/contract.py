@@ -6,9 +6,9 @@ The call path of `python train.py --stage NAME ...`:
 
     train.py                  picks STAGES[NAME], a StageSpec, and parses its options
     training.run.train        spec.presets[PRESET]() + options -> config (the checkpoint's, on --resume);
-                              spec.check(config, checkpoint, device); spec.prerequisite(config) -> a run to train
+                              spec.check(config, checkpoint, device, run_dir); spec.prerequisite(config) -> a run to train
                               first, if any;
-                              spec.build(config, runtime, checkpoint) -> (resolved config, TrainingStage)
+                              spec.build(config, runtime, checkpoint, run_dir) -> (resolved config, TrainingStage)
     training.loop.Trainer     each step: stage.augment(batch) -> stage.loss(TrainingModels, batch, ...)
                               -> one backward and optimizer step per trainable; before each log line and
                               checkpoint, the loop's divergence tests and stage.diverged(trained models);
@@ -164,13 +164,14 @@ class StageSpec:
     config_class: type
     presets: Mapping[str, Callable[[], Any]]                    # the first is the default
     sections: tuple[Section, ...]
-    # build(config, runtime, resume_from) -> (config resolved against the data, the stage for the loop)
-    build: Callable[[Any, Runtime, dict[str, Any] | None], tuple[Any, TrainingStage]]
-    # check(config, resume_from, device) raises a one-sentence error for options that do not fit together
+    # build(config, runtime, resume_from, run_dir) -> (config resolved against the data, the stage for the loop);
+    # run_dir is the run's folder, where its checkpoints go (an inversion records its model's path from there)
+    build: Callable[[Any, Runtime, dict[str, Any] | None, Path | None], tuple[Any, TrainingStage]]
+    # check(config, resume_from, device, run_dir) raises a one-sentence error for options that do not fit together
     # (networks that cannot take the image size, or outgrow the device's memory, files that do not exist), before
     # any data is loaded or anything written; resume_from is the checkpoint a resumed run continues (None for a
-    # new run), as for build
-    check: Callable[[Any, dict[str, Any] | None, torch.device], None] | None = None
+    # new run), and run_dir the run's folder, as for build
+    check: Callable[[Any, dict[str, Any] | None, torch.device, Path | None], None] | None = None
     # prerequisite(config, device name) -> a run to create first, or None
     prerequisite: Callable[[Any, str], Prerequisite | None] | None = None
     # load_source(checkpoint payload, device, weights "ema" | "model", path) -> a ddpm.source.ImageSource:

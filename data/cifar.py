@@ -12,6 +12,7 @@ read with `encoding="bytes"` (as the dataset's page shows) and saved again.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -159,19 +160,54 @@ def load_cifar10(resolution: int, cache_dir: str | Path, train: bool = True, num
     return ImageDataset(images, labels, torch.zeros(n, 0), info)
 
 
+# What `split_size` learnt, by `_split_key`: each split's image count (a few bytes each), and the split it read
+# last, until `_read_split` takes it.
+_sizes: dict[tuple, int] = {}
+_held: dict[tuple, tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]] = {}
+
+
 def split_size(cache_dir: str | Path, train: bool = True) -> int:
-    """How many images the split holds (50,000 and 10,000 for the genuine files), read without resizing one."""
-    return len(_read_split(cache_dir, train)[1])
+    """How many images the split holds (50,000 and 10,000 for the genuine files), read without resizing one.
+
+    A caller counts a split to decide how much of it to load (`data.dataset_size`, then `load_dataset`), so
+    the split read here is kept for the `load_cifar10` that follows instead of being read again (about 1.3 s
+    for the train split): at most one split's 32x32 images (150 MB for the train split, 30 MB for the test
+    split) are held, from the count until the load takes them or another split is counted. Counting again
+    a split already read in this process reads nothing. Both are keyed by the folder, the split and each
+    file's size and modification time, so a file changed in between is read again."""
+    folder = fetch_split(cache_dir, train)
+    key = _split_key(folder, train)
+    if key not in _sizes:
+        _held.clear()  # (the one held split, replaced)
+        _held[key] = _read_files(folder, train)
+    return _sizes[key]
+
+
+def _split_key(folder: Path, train: bool) -> tuple:
+    """What identifies the files of a split as read: the folder, the split and each file's (size, mtime_ns)."""
+    files = (TRAIN_BATCHES if train else TEST_BATCHES) + (META,)
+    return str(folder), train, tuple((stat.st_size, stat.st_mtime_ns) for stat in (os.stat(folder / f) for f in files))
 
 
 def _read_split(cache_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """The split's 32x32 images (N, 3, 32, 32) uint8, labels (N,) and class names, fetched first if absent."""
+    """The split's 32x32 images (N, 3, 32, 32) uint8, labels (N,) and class names, fetched first if absent
+    (or the ones `split_size` just read from the same files)."""
     folder = fetch_split(cache_dir, train)
+    key = _split_key(folder, train)
+    split = _held.pop(key, None)
+    return split if split is not None else _read_files(folder, train)
+
+
+def _read_files(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """`_read_split` from the files in `folder`, noting the split's size for `split_size`."""
+    key = _split_key(folder, train)
     batches = TRAIN_BATCHES if train else TEST_BATCHES
     parts = [_read_batch(folder / name) for name in batches]
     images = torch.from_numpy(np.concatenate([data for data, _ in parts]).reshape(-1, 3, 32, 32))
     labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
-    return images, labels, _read_class_names(folder / META)
+    class_names = _read_class_names(folder / META)
+    _sizes[key] = len(labels)
+    return images, labels, class_names
 
 
 def fetch_split(cache_dir: str | Path, train: bool = True) -> Path:

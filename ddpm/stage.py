@@ -73,7 +73,7 @@ def check_diffusion_options(config: Any) -> None:
     check_conditioning(config.unet.cond, config.data.dataset, *label_counts(config.data.dataset))
 
 
-def check(config: DDPMConfig, resume_from: dict | None, device: torch.device) -> None:
+def check(config: DDPMConfig, resume_from: dict | None, device: torch.device, run_dir: Path | None = None) -> None:
     """Before any data is loaded: the diffusion options, and the U-Net at the image size. The data decides
     the channel count later, which changes only the U-Net's first and last convolutions."""
     check_diffusion_options(config)
@@ -95,7 +95,8 @@ def published_names(config: DDPMConfig) -> dict[str, Tensor]:
     return read_published_unet(config.ddpm.pretrained, unet, mmap=True, names_only=True)
 
 
-def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[DDPMConfig, TrainingStage]:
+def build(config: DDPMConfig, runtime: Runtime, resume_from: dict | None, run_dir: Path | None = None
+          ) -> tuple[DDPMConfig, TrainingStage]:
     """Load the data, fit the U-Net to it, and assemble the stage."""
     data = config.data
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)

@@ -4,10 +4,14 @@ a fingerprint of its weights, and the clean sample x0 it denoises for each real 
 An inversion checkpoint refers to its model by path and fingerprint instead of carrying a copy:
 embeddings mean nothing under any other weights, so a model file that changed (trained further,
 replaced) or went missing is refused with one sentence rather than silently giving other images.
+The path is recorded absolute, and relative to the inversion's run folder where the run knows it, so
+that a project folder moved, copied or mounted elsewhere with its runs still finds its model
+(`recorded_model`); the fingerprint proves it the same model either way.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -42,9 +46,43 @@ class FrozenModel:
     fingerprint: str                # state_fingerprint of the network's weights
     payload: dict[str, Any]         # the checkpoint, for what else it carries (a latent model's autoencoder)
 
-    def record(self) -> dict[str, Any]:
-        """What an inversion checkpoint keeps of its model: enough to find it again and to know it."""
-        return {"path": str(self.path), "stage": self.stage, "weights": self.weights, "fingerprint": self.fingerprint}
+    def record(self, run_dir: Path | None = None) -> dict[str, Any]:
+        """What an inversion checkpoint keeps of its model: enough to find it again and to know it. Given the
+        inversion's run folder, also the model's path from there ("relative"), where one exists (not between two
+        Windows drives)."""
+        record = {"path": str(self.path), "stage": self.stage, "weights": self.weights, "fingerprint": self.fingerprint}
+        if run_dir is not None:
+            try:
+                record["relative"] = os.path.relpath(self.path, Path(run_dir).resolve())
+            except ValueError:
+                pass
+        return record
+
+
+def recorded_places(record: dict[str, Any], run_dir: Path | None) -> tuple[Path, ...]:
+    """Where an inversion checkpoint's record of its frozen model (`FrozenModel.record`) says the model is: its
+    absolute path, then, where the record holds one and the inversion's run folder `run_dir` is known, its path
+    relative to that folder where that is another place (the project folder was moved, copied or mounted elsewhere
+    with its runs)."""
+    places = [Path(str(record.get("path", "")))]
+    relative = record.get("relative")
+    if run_dir is not None and isinstance(relative, str):
+        places.append(Path(run_dir).resolve().joinpath(relative).resolve())
+    return tuple(dict.fromkeys(places))
+
+
+def recorded_model(record: dict[str, Any], checkpoint: Path) -> Path:
+    """The file of the frozen model that the inversion checkpoint `checkpoint` records: the first of its
+    `recorded_places` (from the checkpoint's folder) that exists. A record of one place (older checkpoints)
+    gives it as it is, and `load_frozen` refuses it where it is missing."""
+    places = recorded_places(record, Path(checkpoint).parent)
+    found = next((place for place in places if place.is_file()), None)
+    if found is not None or len(places) == 1:
+        return found or places[0]
+    raise MissingFileError(f"The diffusion model that the embeddings in {checkpoint} were learned against is at "
+                           f"neither {' nor '.join(map(str, places))} (its place relative to the inversion's run); "
+                           f"put it back at either (fingerprint {record.get('fingerprint')}), or learn the embeddings "
+                           f"again against another model.")
 
 
 def load_frozen(path: str | Path, device: torch.device, weights: str, *, expected: str | None = None,

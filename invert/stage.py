@@ -6,7 +6,8 @@ The only trainable is the table of vectors (`EmbeddingStore`); the network is cl
 loss, frozen (eval mode, no gradients), so its weights are never duplicated or written, and a batch
 costs one forward and one backward pass through it (the backward computes activation gradients only,
 down to the conditioning vector). Checkpoints record each vector's source image, label and
-parameters, and the frozen model's path and weight fingerprint.
+parameters, and the frozen model's path (absolute, and from the run folder where the stage is told
+it) and weight fingerprint.
 
 Quality signal (metrics.jsonl, split "inversion"): on a fixed subset of images, at fixed timesteps
 and noises, the denoising loss with each image's learned vector against the loss with the vector it
@@ -37,7 +38,8 @@ from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
-from invert.frozen import DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, fit_images, load_frozen
+from invert.frozen import (DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, fit_images, load_frozen,
+                           recorded_places)
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -50,9 +52,10 @@ class Inversion:
 
     def __init__(self, config: InvertConfig, model: FrozenModel, images: ImageDataset, dataset: Dataset,
                  x0: Callable[[Any, torch.Generator | None], Tensor], start: str, initial: Tensor,
-                 device: torch.device):
+                 device: torch.device, run_dir: Path | None = None):
         self.config, self.model, self.images, self.x0 = config, model, images, x0
         self.start, self.device = start, device
+        self.run_dir = run_dir  # where the checkpoints go (None: unknown), to record the model's path from there
         self.net = model.sampler.net
         self.train_net = torch.compile(self.net) if config.train.compile else self.net
         self.schedule = model.sampler.schedule
@@ -127,7 +130,7 @@ class Inversion:
 
     def payload(self, models) -> dict[str, Any]:
         images = self.images
-        return {"inversion": {"model": self.model.record(), "start": self.start,
+        return {"inversion": {"model": self.model.record(self.run_dir), "start": self.start,
                               "sources": [images.source(i) for i in range(len(images))],
                               "labels": images.labels.clone(), "params": images.params.clone()}}
 
@@ -139,8 +142,9 @@ def _eval_subset(n: int, count: int) -> Tensor:
 
 def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDataset, dataset: Dataset,
                     x0: Callable[[Any, torch.Generator | None], Tensor], device: torch.device,
-                    announce: bool = False) -> TrainingStage:
-    """The training stage that inverts `images` (denoised as `dataset` items through `x0`) into `model`."""
+                    announce: bool = False, run_dir: Path | None = None) -> TrainingStage:
+    """The training stage that inverts `images` (denoised as `dataset` items through `x0`) into `model`, its
+    checkpoints written into `run_dir` (when known: they record the model's path from there too)."""
     start = starting_condition(model.sampler.net, model.sampler.info, images.info, config.invert.init)
     initial = starting_vectors(model.sampler.net, model.sampler.info, images.info, images.labels, images.params, start)
     if announce:
@@ -151,7 +155,7 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
             print(f"Note: --batch-size {config.train.batch_size} is larger than the {len(images)} images to invert, so "
                   f"a batch holds some of them more than once and a vector takes one step for all its copies; pass "
                   f"--batch-size {len(images)} or fewer to visit each image at most once a step.", flush=True)
-    run = Inversion(config, model, images, dataset, x0, start, initial, device)
+    run = Inversion(config, model, images, dataset, x0, start, initial, device, run_dir)
     n = min(config.train.preview_images, len(run.eval_index))
     trainable = Trainable(EmbeddingStore(initial), lr=config.train.lr, optimizer="lazy_adamw",
                           weight_decay=config.train.weight_decay)
@@ -162,20 +166,24 @@ def inversion_stage(config: InvertConfig, model: FrozenModel, images: ImageDatas
                          diverged=run.diverged)
 
 
-def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None) -> tuple[InvertConfig, TrainingStage]:
+def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None, run_dir: Path | None = None
+          ) -> tuple[InvertConfig, TrainingStage]:
+    """The stage; `run_dir`, the run folder where known, is where a resume also looks for the model (at its
+    recorded place relative to the run) and what new checkpoints record the model's path from."""
     data, options, device = config.data, config.invert, runtime.device
     if resume_from is not None:  # its record of the frozen model and the vectors, checked before it is trusted
         check_inversion(resume_from, Path("the checkpoint to resume"))
     expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
-    model = load_frozen(model_path(config, resume_from), device, options.weights, expected=expected)
+    model = load_frozen(model_path(config, resume_from, run_dir), device, options.weights, expected=expected)
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     images = fit_images(model, images, announce=runtime.is_main)
     dataset, x0 = denoised_data(model, images, cache_dir=data.cache_dir, runtime=runtime)
-    return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main)
+    return config, inversion_stage(config, model, images, dataset, x0, device, announce=runtime.is_main,
+                                   run_dir=run_dir)
 
 
-def check(config: InvertConfig, resume_from: dict | None, device: torch.device) -> None:
+def check(config: InvertConfig, resume_from: dict | None, device: torch.device, run_dir: Path | None = None) -> None:
     """The model must be named and exist before any work, and the preview's and the quality signal's timesteps be
     within its T; build checks the image size against it before the images are loaded, and the images themselves
     once they are."""
@@ -183,9 +191,14 @@ def check(config: InvertConfig, resume_from: dict | None, device: torch.device) 
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
                         "against (e.g. train.py --stage ddpm --cond params).")
-    model = model_path(config, resume_from)
+    model = model_path(config, resume_from, run_dir)
     if not model.is_file():
         reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
+        recorded = recorded_places(_model_record(resume_from), run_dir) if resume_from is not None else ()
+        others = [str(place) for place in recorded if place != model]  # (see `model_path`)
+        if others:
+            reason = (f"does not exist, nor is the model this run inverts against at {' or '.join(others)}; put it "
+                      f"back at one of these places")
         raise MissingFileError(f"--model {path} {reason}.")
     T = frozen_timesteps(model)
     if T is not None:
@@ -203,15 +216,24 @@ def frozen_timesteps(path: Path) -> int | None:
     return from_dict(spec.config_class, payload["config"], source=path).diffusion.num_timesteps
 
 
-def model_path(config: InvertConfig, resume_from: dict | None) -> Path:
-    """The frozen model's file: --model, or for a resumed run whose --model was relative to another folder,
-    the absolute path its checkpoint recorded (the fingerprint then proves it the same model)."""
+def model_path(config: InvertConfig, resume_from: dict | None, run_dir: Path | None = None) -> Path:
+    """The frozen model's file: --model, or for a resumed run whose --model names no file (it was relative to
+    another folder, or the project folder moved), the first of the places its checkpoint records that holds
+    one (`recorded_places`: the absolute path, then the path relative to the run folder `run_dir` where known);
+    the fingerprint then proves it the same model."""
     given = Path(config.invert.model).expanduser()
     if resume_from is not None and not given.is_file():
-        recorded = Path(str(resume_from.get("inversion", {}).get("model", {}).get("path", "")))
-        if recorded.is_absolute() and recorded.is_file():
-            return recorded
+        for recorded in recorded_places(_model_record(resume_from), run_dir):
+            if recorded.is_absolute() and recorded.is_file():
+                return recorded
     return given
+
+
+def _model_record(checkpoint: dict) -> dict[str, Any]:
+    """The checkpoint's record of its frozen model, or {} where it holds none (`build` refuses that)."""
+    inversion = checkpoint.get("inversion")
+    record = inversion.get("model") if isinstance(inversion, dict) else None
+    return record if isinstance(record, dict) else {}
 
 
 def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> InversionSource:

@@ -34,7 +34,7 @@ from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
 from ddpm.source import ImageSource, Request
 from ddpm.synthetic import DatasetPlan, check_image_count
-from invert.frozen import load_frozen
+from invert.frozen import load_frozen, recorded_model
 
 REFERENCES = ("mean", "null")
 GUIDANCE = 2.0  # Zhou et al. 2023's guidance scale for images drawn from learned vectors
@@ -120,8 +120,9 @@ class Inverted:
 
 def check_inversion(payload: dict[str, Any], path: Path) -> None:
     """Refuse an invert checkpoint whose "inversion" record (see invert/stage.py) does not describe its
-    vectors: the frozen model's path, weights and fingerprint as text, and per vector a source image, a
-    label among the classes and the source's parameters."""
+    vectors: the frozen model's path (and its path from the run folder, where recorded), weights and
+    fingerprint as text, and per vector a source image, a label among the classes and the source's
+    parameters."""
     require_keys(payload, ("models", "data_info", "inversion"), path)
     info, inversion = payload["data_info"], payload["inversion"]
     inversion = inversion if isinstance(inversion, dict) else {}
@@ -130,8 +131,8 @@ def check_inversion(payload: dict[str, Any], path: Path) -> None:
     model, labels, params, sources = (inversion.get(k) for k in ("model", "labels", "params", "sources"))
     if not (isinstance(vectors, torch.Tensor) and vectors.dim() == 2 and vectors.is_floating_point()):
         problem = "no learned vectors (models.model.weight, one row per image)"
-    elif not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("path", "weights",
-                                                                                      "fingerprint"))):
+    elif not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("path", "weights", "fingerprint"))
+              and isinstance(model.get("relative", ""), str)):
         problem = "no path, weights and fingerprint of the frozen model (inversion.model)"
     elif not (isinstance(labels, torch.Tensor) and labels.shape == (len(vectors),) and not labels.is_floating_point()
               and all(0 <= int(y) < max(1, len(info["class_names"])) for y in labels.unique())):
@@ -147,12 +148,13 @@ def check_inversion(payload: dict[str, Any], path: Path) -> None:
 
 
 def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> Inverted:
-    """The vectors of an invert checkpoint and the frozen model, refused if the checkpoint is damaged
-    (`check_inversion`) or the model file is missing or changed."""
+    """The vectors of an invert checkpoint and the frozen model (at its recorded path, or at the same place
+    relative to `path`: `recorded_model`), refused if the checkpoint is damaged (`check_inversion`) or the model
+    file is missing or changed."""
     check_inversion(payload, path)
     inversion = payload["inversion"]
     model = inversion["model"]
-    frozen = load_frozen(model["path"], device, model["weights"], expected=model["fingerprint"],
+    frozen = load_frozen(recorded_model(model, path), device, model["weights"], expected=model["fingerprint"],
                          what=f"the model that the embeddings in {path} were learned against")
     vectors = payload["models"]["model"]["weight"].float().cpu()
     if not torch.isfinite(vectors).all():

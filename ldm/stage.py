@@ -85,7 +85,8 @@ def fit_unet_to_latents(config: LDMConfig, info: DatasetInfo, autoencoder: Autoe
     return dataclasses.replace(config, unet=unet)
 
 
-def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None) -> tuple[LDMConfig, TrainingStage]:
+def build(config: LDMConfig, runtime: Runtime, resume_from: dict | None, run_dir: Path | None = None
+          ) -> tuple[LDMConfig, TrainingStage]:
     data, device = config.data, runtime.device
     # A resumed run keeps the autoencoder it started with, whatever became of the VAE run since.
     vae_payload = resume_from["vae"] if resume_from is not None else _read_vae(config.latent.vae_ckpt)
@@ -190,7 +191,7 @@ def autoencoder_config(config: LDMConfig) -> AutoencoderConfig:
     raise MissingFileError(f"--vae-ckpt {path} {not_a_checkpoint_file(path, 'a `train.py --stage vae` run')}.")
 
 
-def check(config: LDMConfig, resume_from: dict | None, device: torch.device) -> None:
+def check(config: LDMConfig, resume_from: dict | None, device: torch.device, run_dir: Path | None = None) -> None:
     """Before any data is loaded: the diffusion options, the autoencoder, and the U-Net at the size of its
     latents. A resumed run needs no file at --vae-ckpt: its checkpoint carries the autoencoder, and its U-Net
     was fitted to those latents when it started."""

@@ -1020,6 +1020,40 @@ def test_a_datasets_size_is_known_before_its_images_are_decoded(tmp_path, monkey
     with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; choose one of plumes, folder:PATH, cifar10"):
         dataset_size("imagenet")
 
+def test_cifar10_counted_then_loaded_is_read_once_and_a_changed_batch_again(tmp_path, monkeypatch):
+    """A sweep counts the real split (`dataset_size`) and then loads it: the files are unpickled once (spied),
+    counting it again reads nothing, and a batch file rewritten in between is read again, its new images too."""
+    import data.cifar
+    from data import dataset_size
+    _no_network(monkeypatch)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder, lambda obj: pickle.dumps(obj, protocol=2), n=4)
+    reads = []
+    unpickle = data.cifar._unpickle
+    monkeypatch.setattr(data.cifar, "_unpickle", lambda path: reads.append(path.name) or unpickle(path))
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]
+
+    assert dataset_size("cifar10", cache_dir=tmp_path) == 20 and reads == train_files
+    assert dataset_size("cifar10", cache_dir=tmp_path) == 20 and reads == train_files
+    first = load_dataset("cifar10", 32, cache_dir=tmp_path)
+    assert len(first) == 20 and reads == train_files                  # the counted split, not read again
+    assert len(load_dataset("cifar10", 32, cache_dir=tmp_path)) == 20 and reads == 2 * train_files  # taken once
+    assert dataset_size("cifar10", cache_dir=tmp_path) == 20 and reads == 2 * train_files  # its count is known
+
+    # data_batch_3 rewritten with six other images: the count and the images are read from the files again.
+    rewritten = _write_cifar(tmp_path / "other", lambda obj: pickle.dumps(obj, protocol=2), n=6, seed=1)
+    (folder / "data_batch_3").write_bytes((tmp_path / "other" / "data_batch_3").read_bytes())
+    reads.clear()
+    assert dataset_size("cifar10", cache_dir=tmp_path) == 22 and reads == train_files
+    (folder / "data_batch_3").write_bytes((tmp_path / "other" / "data_batch_1").read_bytes())  # the same size
+    os.utime(folder / "data_batch_3", ns=(0, (folder / "data_batch_3").stat().st_mtime_ns + 1_000_000))
+    changed = load_dataset("cifar10", 32, cache_dir=tmp_path)
+    assert reads == 2 * train_files
+    expected = rewritten["data_batch_1"]["data"].reshape(-1, 3, 32, 32)
+    assert torch.equal(changed.images[8:14], torch.from_numpy(expected))
+    assert torch.equal(changed.images[:8], first.images[:8]) and torch.equal(changed.images[14:], first.images[12:])
+
+
 class _Planted:
     """Unpickles by calling whatever `reduce` names: what a planted batch file would do."""
 

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -304,7 +306,8 @@ def test_the_checkpoint_records_sources_labels_and_the_frozen_model(inverted, cl
     from ddpm.stage import load_sampler
     net = load_sampler(model, CPU, "ema", class_ckpt).net
     assert record["model"] == {"path": str(class_ckpt), "stage": "ddpm", "weights": "ema",
-                               "fingerprint": state_fingerprint(net.state_dict())}
+                               "fingerprint": state_fingerprint(net.state_dict()),
+                               "relative": os.path.relpath(class_ckpt, inverted.resolve())}
     vectors = payload["models"]["model"]["weight"]
     assert vectors.shape == (6, net.config.embedding_dim)
     # The vectors started at their class's embedding and moved.
@@ -458,6 +461,88 @@ def test_a_model_named_relative_to_one_folder_is_found_from_any_other(class_ckpt
     with pytest.raises(ValueError, match="the frozen model's --dataset"):
         draw(run_dir / "checkpoint.pt", Path(trained_on) / "synthetic")
     assert not (Path(trained_on) / "synthetic").exists()
+
+
+def test_a_project_folder_moved_with_its_runs_still_finds_its_model_and_not_another(class_ckpt, tmp_path):
+    """An inversion told its run folder records the model's path from there too: a copy of the folder that holds
+    both runs, the original deleted, draws the same images and resumes against the copy's model (found beside the
+    run, proved the same by its fingerprint); a copy whose model was replaced is refused, and one without it names
+    both places it looked."""
+    import shutil
+    from core.checkpoint import save_checkpoint
+    from invert.stage import SPEC, model_path
+    project = tmp_path / "project"
+    (project / "runs" / "model").mkdir(parents=True)
+    shutil.copy(class_ckpt, project / "runs" / "model" / "checkpoint.pt")
+    run_dir = project / "runs" / "inverted"
+    spec, args = train.parse_args(invert_args(run_dir, project / "runs" / "model" / "checkpoint.pt",
+                                              folder_of(class_ckpt), "--steps", "2", "--lr-schedule", "constant"))
+    config, _ = resolve_config(spec, args, run_dir)
+    _, stage = spec.build(config, Runtime(CPU), None, run_dir=run_dir)
+    Trainer(stage, config.train, run_dir, Runtime(CPU)).run()
+    record = load_checkpoint(run_dir / "checkpoint.pt")["inversion"]["model"]
+    assert record["path"] == str(project / "runs" / "model" / "checkpoint.pt")
+    assert record["relative"] == str(Path("..") / "model" / "checkpoint.pt")
+    before = draw(run_dir / "checkpoint.pt", tmp_path / "before")
+
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)
+    ckpt = moved / "runs" / "inverted" / "checkpoint.pt"
+    after = draw(ckpt, tmp_path / "after")
+    manifest = rows(after / "manifest.csv")
+    assert len(manifest) == 6 and manifest == rows(before / "manifest.csv")
+    for r in manifest:
+        assert np.array_equal(pixels(after / r["file"]), pixels(before / r["file"]))
+    saved = load_checkpoint(ckpt)
+    assert model_path(config, saved, ckpt.parent) == moved / "runs" / "model" / "checkpoint.pt"
+    SPEC.check(config, saved, CPU, run_dir=ckpt.parent)
+    _, resumed = SPEC.build(config, Runtime(CPU), saved, run_dir=ckpt.parent)
+    assert resumed.outputs.payload({})["inversion"]["model"] == {
+        **record, "path": str(moved / "runs" / "model" / "checkpoint.pt")}
+
+    payload = load_checkpoint(moved / "runs" / "model" / "checkpoint.pt")
+    payload["ema"]["model"]["null_embedding"] += 1                  # another model in its place
+    save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "version")},
+                    moved / "runs" / "model" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+        draw(ckpt, tmp_path / "replaced")
+    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+        SPEC.build(config, Runtime(CPU), saved, run_dir=ckpt.parent)
+    (moved / "runs" / "model" / "checkpoint.pt").unlink()
+    places = f"at neither {project / 'runs' / 'model' / 'checkpoint.pt'} nor {moved / 'runs' / 'model' / 'checkpoint.pt'}"
+    with pytest.raises(FileNotFoundError, match=re.escape(places) + r" \(its place relative to the inversion's run\); "
+                                                "put it back at either"):
+        draw(ckpt, tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="nor is the model this run inverts against at "
+                                                + re.escape(str(moved / "runs" / "model" / "checkpoint.pt"))):
+        SPEC.check(config, saved, CPU, run_dir=ckpt.parent)
+    assert not any((tmp_path / name).exists() for name in ("replaced", "missing"))
+
+
+def test_train_py_records_the_models_place_from_the_run_so_a_moved_project_samples_and_resumes(class_ckpt, tmp_path,
+                                                                                               monkeypatch):
+    """`train.py --stage invert` tells the stage its run folder: a project folder copied elsewhere (the original
+    deleted) samples and resumes from the new place, both run folders named relative to it."""
+    import shutil
+    project = tmp_path / "project"
+    (project / "runs" / "model").mkdir(parents=True)
+    shutil.copy(class_ckpt, project / "runs" / "model" / "checkpoint.pt")
+    monkeypatch.chdir(project)
+    train.main(invert_args(Path("runs/inverted"), project / "runs" / "model" / "checkpoint.pt", folder_of(class_ckpt),
+                           "--steps", "2", "--lr-schedule", "constant"))
+    record = load_checkpoint(project / "runs" / "inverted" / "checkpoint.pt")["inversion"]["model"]
+    assert record["relative"] == os.path.join("..", "model", "checkpoint.pt")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(project, moved)
+    monkeypatch.chdir(moved)
+    shutil.rmtree(project)
+    assert len(list(draw(Path("runs/inverted/checkpoint.pt"), tmp_path / "set").rglob("*.png"))) == 6
+    train.main(["--stage", "invert", "--run-dir", "runs/inverted", "--resume", "--steps", "3", "--device", "cpu"])
+    assert load_checkpoint(moved / "runs" / "inverted" / "checkpoint.pt")["step"] == 3
+    (moved / "runs" / "model" / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="nor is the model this run inverts against at "):
+        train.main(["--stage", "invert", "--run-dir", "runs/inverted", "--resume", "--steps", "4", "--device", "cpu"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def resolve_config(spec: StageSpec, args: argparse.Namespace, run_dir: Path) -> 
     if saved is None:  # (a run already there is not moved by refusing to resume it)
         check_output_outside(run_dir, "--run-dir", config_datasets(to_dict(config)))
     if spec.check is not None:
-        spec.check(config, saved, resolve_device(args.device))  # (the networks' size against its memory)
+        spec.check(config, saved, resolve_device(args.device), run_dir)  # (the networks' size against its memory)
     return config, saved
 
 
@@ -323,7 +323,7 @@ def train(spec: StageSpec, args: argparse.Namespace, runtime: Runtime) -> dict:
             summary = finished_run(run_dir, config.train.steps, runtime)
         else:
             with distributed.together(runtime):  # a bad image or cache: told once, not by every process
-                config, stage = spec.build(config, runtime, saved)
+                config, stage = spec.build(config, runtime, saved, run_dir)
                 if saved is not None:
                     check_same_run(spec, config, stage.data_info, saved, run_dir)
             if saved is None and runtime.is_main:

@@ -187,7 +187,8 @@ class VAETraining:
         return {"scale_factor": scale, "scale_samples": n}
 
 
-def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None) -> tuple[VAEConfig, TrainingStage]:
+def build(config: VAEConfig, runtime: Runtime, resume_from: dict | None, run_dir: Path | None = None
+          ) -> tuple[VAEConfig, TrainingStage]:
     data, loss_cfg, train = config.data, config.loss, config.train
     dataset = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     if resume_from is not None:  # the channels it started with (RGB where it started from published weights)
@@ -262,7 +263,7 @@ def published_names(config: VAEConfig) -> dict[str, Tensor]:
     return read_published_weights(config.vae.pretrained, autoencoder, mmap=True, names_only=True)
 
 
-def check(config: VAEConfig, resume_from: dict | None, device: torch.device) -> None:
+def check(config: VAEConfig, resume_from: dict | None, device: torch.device, run_dir: Path | None = None) -> None:
     """Before any work starts: the files the options name must exist, and every network of the run must take
     images of the size asked for (the autoencoder, the perceptual network, and the discriminator when on)."""
     files = [("--vgg-weights", config.loss.vgg_weights), ("--lpips-weights", config.loss.lpips_weights)]
