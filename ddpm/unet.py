@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,19 @@ from kernels.dropout import Dropout
 from kernels.group_norm import group_norm_act
 
 CONDITIONING_KINDS = ("none", "class", "params")
+
+
+def check_levels(config: Any, example: str) -> None:
+    """The checks the U-Net's and the autoencoder's configs share: levels of residual blocks (`channel_mult`, each
+    a positive multiplier, `example` a typical one), at least one block per level, and a dropout probability.
+    They name their fields (core.errors.FieldError), so train.py reads them as options."""
+    if not config.channel_mult or min(config.channel_mult) < 1:
+        raise FieldError("{channel_mult} needs at least one level, each a positive multiplier (e.g. {example}), got "
+                         "{value}.", example=example, value=" ".join(map(str, config.channel_mult)) or "(none)")
+    if config.num_res_blocks < 1:
+        raise FieldError("{num_res_blocks} must be at least 1, got {value}.", value=config.num_res_blocks)
+    if not 0 <= config.dropout < 1:
+        raise FieldError("{dropout} must be in [0, 1), got {value}.", value=config.dropout)
 
 
 @dataclass(frozen=True)
@@ -65,16 +79,10 @@ class UNetConfig:
                              value=self.cond)
         if self.in_channels < 1:
             raise FieldError("{in_channels} must be at least 1, got {value}.", value=self.in_channels)
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise FieldError("{channel_mult} needs at least one level, each a positive multiplier (e.g. 1 2 2 2), "
-                             "got {value}.", value=" ".join(map(str, self.channel_mult)) or "(none)")
         if self.base_channels < 1:
             raise FieldError("{base_channels} must be positive, got {value}; use 32 or a multiple of it.",
                              value=self.base_channels)
-        if self.num_res_blocks < 1:
-            raise FieldError("{num_res_blocks} must be at least 1, got {value}.", value=self.num_res_blocks)
-        if not 0 <= self.dropout < 1:
-            raise FieldError("{dropout} must be in [0, 1), got {value}.", value=self.dropout)
+        check_levels(self, example="1 2 2 2")
         if self.num_heads < 1:
             raise FieldError("{num_heads} must be at least 1, got {value}.", value=self.num_heads)
         if self.head_channels < 0:

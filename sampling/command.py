@@ -27,7 +27,7 @@ from data.writer import IMAGE_FILE, REQUEST
 from ddpm.conditioning import MAX_COLUMNS
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
-from ddpm.source import ImageSource
+from ddpm.source import ImageSource, Request
 from ddpm.synthetic import check_image_count
 from sampling.draw import (Drawer, dataset_writer, draw_images, draw_interpolations, draw_sweep, fill_dataset,
                            source_request, sweep_plan)
@@ -111,7 +111,8 @@ def check_sampling_options(args: argparse.Namespace, model: DiffusionSampler) ->
                         "images are clamped); drop it.")
 
 
-def check_against_source(args: argparse.Namespace, source: ImageSource, option_sections: Mapping[str, str]) -> None:
+def check_against_source(args: argparse.Namespace, request: Request, source: ImageSource,
+                         option_sections: Mapping[str, str]) -> None:
     """Refuse options the loaded model cannot use: another kind of source's own options, sampler options it or
     the sampler would ignore, then its own checks."""
     for section, owner in option_sections.items():
@@ -120,7 +121,7 @@ def check_against_source(args: argparse.Namespace, source: ImageSource, option_s
             raise UserError(f"{', '.join(foreign)} applies to {owner} checkpoints only, and {args.ckpt} is not one; "
                             f"drop it.")
     check_sampling_options(args, source.model)
-    source.check(source_request(args))
+    source.check(request)
 
 
 def latest_checkpoint(generative: Collection[str], runs: Path = RUNS) -> Path:
@@ -196,13 +197,14 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     check_output_outside(output, "--dataset-out" if args.dataset_out is not None else "--out", source.trained_on)
     model = source.model
     speed_up(model.net, device, compile=args.compile, cuda_graphs=args.cuda_graphs)
-    check_against_source(args, source, option_sections or {})
+    request = source_request(args)
+    check_against_source(args, request, source, option_sections or {})
     if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):
         sampling = dataclasses.replace(sampling, guidance_scale=source.default_guidance)
     sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
     if args.dataset_out is not None:
-        plan, writer = dataset_writer(draw, source_request(args), source, args.weights, args.ckpt)
+        plan, writer = dataset_writer(draw, request, source, args.weights, args.ckpt)
         check_drawing_batch(args.batch_size, len(plan.items), model)
         with FolderLock(args.dataset_out):  # two writers never share a folder
             writer.open(plan.items)
@@ -227,6 +229,6 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
         if args.interpolate:
             draw_interpolations(draw, args, model, indices, out)
         if not special:
-            draw_images(draw, args, source, indices, out)
+            draw_images(draw, args, request, source, indices, out)
     print(f"Wrote {out}")
     return out

@@ -75,10 +75,12 @@ def manifest_row(own: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     return {**own, **{manifest_column(key, own): value for key, value in record.items()}}
 
 
-def draw_images(draw: Drawer, args: argparse.Namespace, source: ImageSource, indices: list[int], out: Path) -> None:
-    """The default mode: numbered images, a grid, a manifest and optionally the reverse process as a GIF."""
+def draw_images(draw: Drawer, args: argparse.Namespace, request: Request, source: ImageSource, indices: list[int],
+                out: Path) -> None:
+    """The default mode: numbered images (under the conditions `request` asks `source` for), a grid, a manifest
+    and optionally the reverse process as a GIF."""
     model = source.model
-    conditions = source.conditions(indices, source_request(args))
+    conditions = source.conditions(indices, request)
     frames = []
     every = math.ceil(draw.sampling.steps / GIF_FRAMES)
     show_x0 = args.gif_frames == "x0" or (args.gif_frames == "auto" and model.latent)

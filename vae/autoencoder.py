@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import FieldError
-from ddpm.unet import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, num_groups
+from ddpm.unet import AttentionBlock, Downsample, ResBlock, Upsample, check_levels, group_norm, num_groups
 from kernels.group_norm import group_norm_act
 
 # Latent-diffusion clamps the log-variance so exp() neither overflows nor underflows in float32.
@@ -48,19 +48,13 @@ class AutoencoderConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         # Each check names the fields it is about ({placeholders}): code that builds this config reads them as
-        # fields, train.py as the options that set them (core.errors.FieldError). The wording is the U-Net's
-        # (ddpm.unet.UNetConfig) where the two networks check the same thing.
+        # fields, train.py as the options that set them (core.errors.FieldError). What the U-Net checks too is
+        # checked by the same code (ddpm.unet.check_levels).
         if self.in_channels < 1:
             raise FieldError("{in_channels} must be at least 1, got {value}.", value=self.in_channels)
         if self.latent_channels < 1:
             raise FieldError("{latent_channels} must be at least 1, got {value}.", value=self.latent_channels)
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise FieldError("{channel_mult} needs at least one level, each a positive multiplier (e.g. 1 2 4 4), "
-                             "got {value}.", value=" ".join(map(str, self.channel_mult)) or "(none)")
-        if self.num_res_blocks < 1:
-            raise FieldError("{num_res_blocks} must be at least 1, got {value}.", value=self.num_res_blocks)
-        if not 0.0 <= self.dropout < 1.0:
-            raise FieldError("{dropout} must be in [0, 1), got {value}.", value=self.dropout)
+        check_levels(self, example="1 2 4 4")
         for mult in self.channel_mult:
             channels = self.base_channels * mult
             # GroupNorm needs whole groups: min(32, C // 4) of them (see ddpm.unet.num_groups).
