@@ -13,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, StageConfig, TrainConfig, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, option
+from core.errors import FieldError
 from classify.model import ClassifierConfig, check_batch_norm_fits
 from data import absolute_spec
 
@@ -42,17 +43,25 @@ class ClassifyOptions:
                                    "target (transfer learning)")
 
     def __post_init__(self) -> None:
-        require(self.extra_samples >= 0, f"--extra-samples must be 0 (all) or positive, got {self.extra_samples}.")
-        require(self.extra_fraction == -1 or 0 <= self.extra_fraction <= 1,
-                f"--extra-fraction must be in [0, 1], or -1 for no fixed share, got {self.extra_fraction}.")
-        require(self.crop_padding >= -1, f"--crop-padding must be -1 (auto), 0 (off) or positive, got {self.crop_padding}.")
-        require(math.isfinite(self.noise_std) and 0 <= self.noise_std <= 2,
-                f"--noise-std must be in [0, 2] (the [-1, 1] pixel range), got {self.noise_std}.")
-        require(math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-                f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
-        require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}.")
-        require(not self.nesterov or self.momentum > 0, "--nesterov needs a positive --momentum; pass --no-nesterov "
-                                                        "for plain SGD.")
+        # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
+        # reads them as fields, train.py as the options that set them (core.errors.FieldError).
+        if self.extra_samples < 0:
+            raise FieldError("{extra_samples} must be 0 (all) or positive, got {value}.", value=self.extra_samples)
+        if not (self.extra_fraction == -1 or 0 <= self.extra_fraction <= 1):
+            raise FieldError("{extra_fraction} must be in [0, 1], or -1 for no fixed share, got {value}.",
+                             value=self.extra_fraction)
+        if self.crop_padding < -1:
+            raise FieldError("{crop_padding} must be -1 (auto), 0 (off) or positive, got {value}.",
+                             value=self.crop_padding)
+        if not (math.isfinite(self.noise_std) and 0 <= self.noise_std <= 2):
+            raise FieldError("{noise_std} must be in [0, 2] (the [-1, 1] pixel range), got {value}.",
+                             value=self.noise_std)
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise FieldError("{label_smoothing} must be in [0, 1), got {value}.", value=self.label_smoothing)
+        if not 0 <= self.momentum < 1:
+            raise FieldError("{momentum} must be in [0, 1), got {value}.", value=self.momentum)
+        if self.nesterov and not self.momentum > 0:
+            raise FieldError("{nesterov} needs a positive {momentum}; turn {nesterov} off for plain SGD.")
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,16 @@ class ClassifyConfig(StageConfig):
             object.__setattr__(self, "data", dataclasses.replace(self.data, test_dataset=test_dataset))
         if extra_dataset != self.classify.extra_dataset:
             object.__setattr__(self, "classify", dataclasses.replace(self.classify, extra_dataset=extra_dataset))
-        # The image size and batch the network must take are known before any data is loaded.
+        # Checks across the sections name their fields by dotted keys (core.errors.FieldError), so that
+        # train.py reads them as options. The image size and batch the network must take are known before any data
+        # is loaded.
         check_batch_norm_fits(self.model, self.data.resolution, self.train.batch_size)
         # Reflection repeats the image's own pixels, so it cannot pad by as many as the image has.
-        require(self.classify.crop_padding < self.data.resolution,
-                f"--crop-padding must be smaller than --resolution ({self.data.resolution} px), got "
-                f"{self.classify.crop_padding}; pass at most {self.data.resolution - 1}, or -1 for resolution / 8.")
+        if self.classify.crop_padding >= self.data.resolution:
+            raise FieldError("{classify.crop_padding} must be smaller than {data.resolution} ({resolution} px), "
+                                  "got {value}; pass at most {most}, or -1 for resolution / 8.",
+                                  resolution=self.data.resolution, value=self.classify.crop_padding,
+                                  most=self.data.resolution - 1)
 
 
 def classify_demo() -> ClassifyConfig:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from core.checkpoint import load_checkpoint, load_weights, require_keys
 from core.config import check_choice, from_dict, option, require
-from core.errors import UserError
+from core.errors import FieldError, UserError
 from core.speed import inference_layout
 from data import DatasetInfo
 from data.dataset import LUMA
@@ -47,9 +47,12 @@ class ClassifierConfig:
     num_outputs: int = 0           # classes, or parameters
 
     def __post_init__(self) -> None:
+        # Each check names the fields it is about: code reads them as fields, train.py as the options that set them
+        # (core.errors.FieldError); in_channels, which the data decides, by its name on a command line too.
         check_choice("target", self.target, TARGETS)
         check_choice("stem", self.stem, STEMS)
-        require(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}.")
+        if self.in_channels not in (1, 3):
+            raise FieldError("{in_channels} must be 1 or 3, got {value}.", value=self.in_channels)
 
 
 def small_stem(config: ClassifierConfig, resolution: int) -> bool:
@@ -66,14 +69,15 @@ def last_feature_map(config: ClassifierConfig, resolution: int) -> int:
 
 def check_batch_norm_fits(config: ClassifierConfig, resolution: int, batch_size: int) -> None:
     """Batch norm in training needs more than one value per channel: a batch of one image shrunk to 1x1 by the
-    last stage has one, and fails at the first step."""
+    last stage has one, and fails at the first step. A check of the classify stage's config across its sections
+    (`classify.config.ClassifyConfig`): it names the batch size and the stem by their keys there."""
     if batch_size > 1 or last_feature_map(config, resolution) > 1:
         return
     alternative = ("" if last_feature_map(dataclasses.replace(config, stem="small"), resolution) == 1
-                   else ", or --stem small")
-    raise UserError(f"ResNet-18 shrinks {resolution} px images to 1x1 in its last stage, where batch norm needs more "
-                    f"than one value per channel, so --batch-size 1 cannot train it; pass --batch-size 2 or "
-                    f"more{alternative}.")
+                   else ", or {model.stem} small")
+    raise FieldError("ResNet-18 shrinks {resolution} px images to 1x1 in its last stage, where batch norm needs "
+                     "more than one value per channel, so {train.batch_size} 1 cannot train it; pass "
+                     "{train.batch_size} 2 or more" + alternative + ".", resolution=resolution)
 
 
 def build_resnet18(config: ClassifierConfig, resolution: int) -> nn.Module:

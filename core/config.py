@@ -31,14 +31,18 @@ def option(default: Any, help: str, **extra: Any) -> Any:
 
 
 def require(ok: bool, message: str) -> None:
-    """Refuse an invalid option value with a one-sentence message (raised as ValueError)."""
+    """Refuse with a one-sentence message, worded by the caller (raised as ValueError). A config's own checks raise
+    `FieldError` instead, which names its fields by structure."""
     if not ok:
         raise UserError(message)
 
 
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
+    """Refuse a config field's `value` that is none of `choices`, naming the field by structure (`FieldError`)."""
     choices = tuple(choices)
-    require(value in choices, f"--{name} must be one of {', '.join(choices)}, got {value!r}.")
+    if value not in choices:
+        raise FieldError("{" + field + "} must be one of {choices}, got {value!r}.", choices=", ".join(choices),
+                         value=value)
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,18 @@ class DataConfig:
     test_samples: int = option(256, "held-out images used for evaluation (0: all)")
 
     def __post_init__(self) -> None:
-        require(self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}.")
-        require(self.num_samples >= 0, f"--num-samples must be 0 (all) or positive, got {self.num_samples}.")
-        require(self.num_workers >= 0, f"--num-workers must be 0 or positive, got {self.num_workers}.")
-        require(self.cache_dir.strip() != "", "--cache-dir is empty; give a folder (default .cache/datasets).")
-        require(self.test_samples >= 0, f"--test-samples must be 0 (all) or positive, got {self.test_samples}.")
+        # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
+        # reads them as fields, train.py as the options that set them (core.errors.FieldError).
+        if self.resolution < 8:
+            raise FieldError("{resolution} must be at least 8, got {value}.", value=self.resolution)
+        if self.num_samples < 0:
+            raise FieldError("{num_samples} must be 0 (all) or positive, got {value}.", value=self.num_samples)
+        if self.num_workers < 0:
+            raise FieldError("{num_workers} must be 0 or positive, got {value}.", value=self.num_workers)
+        if self.cache_dir.strip() == "":
+            raise FieldError("{cache_dir} is empty; give a folder (default .cache/datasets).")
+        if self.test_samples < 0:
+            raise FieldError("{test_samples} must be 0 (all) or positive, got {value}.", value=self.test_samples)
 
 
 @dataclass(frozen=True)
@@ -85,26 +96,41 @@ class TrainConfig:
     preview_steps: int = option(50, "DDIM steps for preview grids")
 
     def __post_init__(self) -> None:
-        require(self.steps >= 0, f"--steps must be 0 or positive, got {self.steps}.")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
-        require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}.")
-        check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        require(self.warmup_steps >= 0, f"--warmup-steps must be 0 or positive, got {self.warmup_steps}.")
-        require(self.lr_schedule != "onecycle" or self.warmup_steps < self.steps or self.steps == 0,
-                f"--warmup-steps {self.warmup_steps} leaves no annealing phase in a one-cycle schedule of --steps "
-                f"{self.steps}; pass --warmup-steps {round(0.3 * self.steps)} (30% of the run is usual).")
-        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                f"--weight-decay must be 0 or a positive number, got {self.weight_decay}.")
-        require(self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}.")  # inf: off too
-        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
+        # Each check names the fields it is about, as DataConfig's do.
+        if self.steps < 0:
+            raise FieldError("{steps} must be 0 or positive, got {value}.", value=self.steps)
+        if self.batch_size < 1:
+            raise FieldError("{batch_size} must be at least 1, got {value}.", value=self.batch_size)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise FieldError("{lr} must be a positive number, got {value}.", value=self.lr)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.warmup_steps < 0:
+            raise FieldError("{warmup_steps} must be 0 or positive, got {value}.", value=self.warmup_steps)
+        if self.lr_schedule == "onecycle" and 0 < self.steps <= self.warmup_steps:
+            raise FieldError("{warmup_steps} {value} leaves no annealing phase in a one-cycle schedule of {steps} "
+                             "{steps_value}; pass {warmup_steps} {usual} (30% of the run is usual).",
+                             value=self.warmup_steps, steps_value=self.steps, usual=round(0.3 * self.steps))
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FieldError("{weight_decay} must be 0 or a positive number, got {value}.", value=self.weight_decay)
+        if not self.grad_clip >= 0:  # inf: off too
+            raise FieldError("{grad_clip} must be 0 (off) or positive, got {value}.", value=self.grad_clip)
+        if not 0 <= self.ema_decay < 1:
+            raise FieldError("{ema_decay} must be in [0, 1), got {value}.", value=self.ema_decay)
         check_choice("amp", self.amp, AMP_MODES)
         check_choice("kernels", self.kernels, KERNEL_BACKENDS)
-        require(self.seed >= 0, f"--seed must be 0 or positive, got {self.seed}.")
-        require(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}.")
-        require(self.sample_every >= 0, f"--sample-every must be 0 (only at the end) or positive, got {self.sample_every}.")
-        require(self.ckpt_every >= 1, f"--ckpt-every must be at least 1, got {self.ckpt_every}.")
-        require(self.preview_images >= 1, f"--preview-images must be at least 1, got {self.preview_images}.")
-        require(self.preview_steps >= 1, f"--preview-steps must be at least 1, got {self.preview_steps}.")
+        if self.seed < 0:
+            raise FieldError("{seed} must be 0 or positive, got {value}.", value=self.seed)
+        if self.log_every < 1:
+            raise FieldError("{log_every} must be at least 1, got {value}.", value=self.log_every)
+        if self.sample_every < 0:
+            raise FieldError("{sample_every} must be 0 (only at the end) or positive, got {value}.",
+                             value=self.sample_every)
+        if self.ckpt_every < 1:
+            raise FieldError("{ckpt_every} must be at least 1, got {value}.", value=self.ckpt_every)
+        if self.preview_images < 1:
+            raise FieldError("{preview_images} must be at least 1, got {value}.", value=self.preview_images)
+        if self.preview_steps < 1:
+            raise FieldError("{preview_steps} must be at least 1, got {value}.", value=self.preview_steps)
 
 
 @dataclass(frozen=True)
@@ -233,14 +259,20 @@ def option_name(key: str) -> str:
     return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
+def option_names(cls: type, skip: Iterable[str] = (), section: str = "") -> dict[str, str]:
+    """The option that sets each field of `cls` on a command line, by the field's name, or by its dotted key where
+    `cls` is the `section` of a stage's config ("train.lr": "--lr"); the fields in `skip` have none."""
+    skip, prefix = set(skip), f"{section}." if section else ""
+    return {prefix + f.name: option_name(f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+
+
 def in_option_words(err: Exception, cls: type, skip: Iterable[str] = ()) -> str:
     """`err`'s message as a command line that sets the fields of `cls` says it: a `FieldError` spells the fields
     it names as their options, except those in `skip` (the data decides them: no option sets them), which keep
     their names; any other error reads as it is."""
     if not isinstance(err, FieldError):
         return str(err)
-    skip = set(skip)
-    return err.naming({f.name: option_name(f.name) for f in dataclasses.fields(cls) if f.name not in skip})
+    return err.naming(option_names(cls, skip))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,
@@ -272,14 +304,19 @@ def given_in(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
 
-def override(values: Any, args: argparse.Namespace, section: str) -> Any:
-    """`values` (one config dataclass) with the options of `section` that the user passed applied."""
-    return dataclasses.replace(values, **given_in(args, section))
+def override(values: Any, args: argparse.Namespace, section: str, skip: Iterable[str] = ()) -> Any:
+    """`values` (one config dataclass) with the options of `section` that the user passed applied. Its checks
+    refuse them in the words of those options (`in_option_words`; the fields in `skip` have none)."""
+    try:
+        return dataclasses.replace(values, **given_in(args, section))
+    except FieldError as err:
+        raise UserError(in_option_words(err, type(values), skip)) from None
 
 
-def apply_arguments(config: Any, args: argparse.Namespace, section: str) -> Any:
-    """`config` with the user's options applied to its field `section`."""
-    return dataclasses.replace(config, **{section: override(getattr(config, section), args, section)})
+def apply_arguments(config: Any, args: argparse.Namespace, section: str, skip: Iterable[str] = ()) -> Any:
+    """`config` with the user's options applied to its field `section` (see `override`). A check of the whole
+    config is left to the caller to word (a `FieldError` naming dotted keys: `training.run.with_options`)."""
+    return dataclasses.replace(config, **{section: override(getattr(config, section), args, section, skip)})
 
 
 def given_arguments(args: argparse.Namespace) -> dict[str, Any]:

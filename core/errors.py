@@ -40,7 +40,9 @@ class FieldError(UserError):
     reads "num_res_blocks must be at least 1, got 0." to code that built the config from fields (the
     Python API, a checkpoint), and a command that sets those fields by options spells them as its
     options (`naming`; `core.config.in_option_words`): "--num-res-blocks must be at least 1, got 0."
-    Only the placeholders are names, so no word of the sentence or of a value is ever taken for one."""
+    Only the placeholders are names, so no word of the sentence or of a value is ever taken for one. A check
+    across the sections of a stage's config names its fields by their dotted keys, "{train.batch_size}", as
+    `core.config.flat_fields` spells them."""
 
     def __init__(self, template: str, **values: Any):
         super().__init__(template)  # (args hold the template alone: a copy or pickle rebuilds it, then its values)
@@ -54,10 +56,22 @@ class FieldError(UserError):
 
     def naming(self, names: Mapping[str, str]) -> str:
         """The message with each field spelled as `names` spells it; a field `names` lacks keeps its own name."""
-        return self.template.format(**{field: names.get(field, field) for field in self.fields}, **self.values)
+        return _WholeNames().vformat(self.template, (), {**{field: names.get(field, field) for field in self.fields},
+                                                         **self.values})
 
     def __str__(self) -> str:
         return self.naming({})
+
+
+class _WholeNames(string.Formatter):
+    """`str.format` that looks a placeholder up whole, so that a check across a stage's config sections can name
+    its fields by their dotted keys: "{train.batch_size}" is the key "train.batch_size", not attribute batch_size
+    of train."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        if field_name in kwargs:
+            return kwargs[field_name], field_name
+        return super().get_field(field_name, args, kwargs)
 
 
 _WARNED: set[str] = set()

@@ -96,13 +96,20 @@ class SamplingConfig:
                                         "0: unconditional, above 1: stronger)")
 
     def __post_init__(self) -> None:
+        # Each check names the fields it is about ({placeholders}): code reads them as fields, sample.py and the
+        # tools that draw as it does as the options that set them (core.errors.FieldError).
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("spacing", self.spacing, SPACINGS)
-        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}.")
-        require(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
-        require(math.isfinite(self.guidance_scale), f"--guidance-scale must be a finite number, got {self.guidance_scale}.")
+        if self.steps < 1:
+            raise FieldError("{steps} must be at least 1, got {value}.", value=self.steps)
+        if not 0 <= self.eta <= 1:
+            raise FieldError("{eta} must be in [0, 1], got {value}.", value=self.eta)
+        if not math.isfinite(self.guidance_scale):
+            raise FieldError("{guidance_scale} must be a finite number, got {value}.", value=self.guidance_scale)
         minimum = MIN_TIMESTEPS.get(self.sampler, 1)
-        require(self.steps >= minimum, f"--sampler {self.sampler} needs at least {minimum} steps, got {self.steps}.")
+        if self.steps < minimum:
+            raise FieldError("{sampler} {name} needs at least {minimum} steps, got {value}.", name=self.sampler,
+                             minimum=minimum, value=self.steps)
 
     def check_against(self, schedule: Schedule) -> None:
         T = schedule.num_timesteps

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option
+from core.errors import FieldError
 
 INITS = ("condition", "null")
 
@@ -31,10 +32,13 @@ class InvertOptions:
     eval_timesteps: int = option(8, "timesteps per image in the quality signal, evenly spread over [0, T)")
 
     def __post_init__(self) -> None:
+        # Each check names the fields it is about: code reads them as fields, train.py as options (FieldError).
         check_choice("weights", self.weights, ("ema", "model"))
         check_choice("init", self.init, INITS)
-        require(self.eval_images >= 0, f"--eval-images must be 0 (all) or positive, got {self.eval_images}.")
-        require(self.eval_timesteps >= 1, f"--eval-timesteps must be at least 1, got {self.eval_timesteps}.")
+        if self.eval_images < 0:
+            raise FieldError("{eval_images} must be 0 (all) or positive, got {value}.", value=self.eval_images)
+        if self.eval_timesteps < 1:
+            raise FieldError("{eval_timesteps} must be at least 1, got {value}.", value=self.eval_timesteps)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ An inversion checkpoint refers to its model by path and fingerprint instead of c
 embeddings mean nothing under any other weights, so a model file that changed (trained further,
 replaced) or went missing is refused with one sentence rather than silently giving other images.
 The path is recorded absolute, and relative to the inversion's run folder where the run knows it, so
-that a project folder moved, copied or mounted elsewhere with its runs still finds its model
-(`recorded_model`); the fingerprint proves it the same model either way.
+that a project folder moved, copied or mounted elsewhere with its runs still finds its model; one
+function, `find_frozen`, picks it for sampling and resuming alike: the first place that holds a model
+of the recorded fingerprint, so that another model at the old absolute path does not hide the right
+one beside the run.
 """
 
 from __future__ import annotations
@@ -71,18 +73,39 @@ def recorded_places(record: dict[str, Any], run_dir: Path | None) -> tuple[Path,
     return tuple(dict.fromkeys(places))
 
 
-def recorded_model(record: dict[str, Any], checkpoint: Path) -> Path:
-    """The file of the frozen model that the inversion checkpoint `checkpoint` records: the first of its
-    `recorded_places` (from the checkpoint's folder) that exists. A record of one place (older checkpoints)
-    gives it as it is, and `load_frozen` refuses it where it is missing."""
-    places = recorded_places(record, Path(checkpoint).parent)
-    found = next((place for place in places if place.is_file()), None)
-    if found is not None or len(places) == 1:
-        return found or places[0]
-    raise MissingFileError(f"The diffusion model that the embeddings in {checkpoint} were learned against is at "
-                           f"neither {' nor '.join(map(str, places))} (its place relative to the inversion's run); "
-                           f"put it back at either (fingerprint {record.get('fingerprint')}), or learn the embeddings "
-                           f"again against another model.")
+def find_frozen(record: dict[str, Any], run_dir: Path | None, device: torch.device, *,
+                given: str | Path | None = None, whose: str = "these embeddings") -> FrozenModel:
+    """The frozen model an inversion checkpoint's record (`FrozenModel.record`) names, loaded from the first place
+    that holds a model of the recorded fingerprint: `given` (a resumed run's --model) first, then its
+    `recorded_places` (`run_dir`: the inversion's run folder, where known). Where none does, one sentence names
+    every place tried and what was wrong with each; `whose` names the embeddings in it ("the embeddings in CKPT")."""
+    expected, weights = record.get("fingerprint"), record.get("weights")
+    recorded = recorded_places(record, run_dir)
+    places = {Path(given).expanduser().resolve(): f"--model {given}"} if given else {}
+    for k, place in enumerate(recorded):
+        places.setdefault(place, f"{place} (its place from the inversion's run folder)" if k else str(place))
+    what = f"the model that {whose} were learned against"
+    if len(places) == 1:  # the one place: `load_frozen` says what is wrong with it
+        place = Path(given).expanduser() if given else recorded[0]
+        return load_frozen(place, device, weights, expected=expected, what="--model" if given else what)
+    wrong = []
+    for place, name in places.items():
+        if not place.exists():
+            wrong.append(f"{name} does not exist")
+            continue
+        try:
+            model = _read_frozen(place, device, weights, what)
+        except UserError:
+            wrong.append(f"{name} is no readable conditional ddpm or ldm checkpoint")
+            continue
+        if model.fingerprint == expected:
+            return model
+        wrong.append(f"{name} holds another model (weights {model.fingerprint})")
+    missing = all(problem.endswith(" does not exist") for problem in wrong)
+    raise (MissingFileError if missing else UserError)(
+        f"The diffusion model that {whose} were learned against (weights {expected}) is at none of the places "
+        f"tried: {', '.join(wrong[:-1])} and {wrong[-1]}; put that model back at one of them, or learn the "
+        f"embeddings again against another model.")
 
 
 def load_frozen(path: str | Path, device: torch.device, weights: str, *, expected: str | None = None,
@@ -94,6 +117,16 @@ def load_frozen(path: str | Path, device: torch.device, weights: str, *, expecte
         advice = (f"restore it (fingerprint {expected}), or learn the embeddings again against another model"
                   if expected else "pass the checkpoint.pt of a conditional ddpm or ldm run")
         raise MissingFileError(f"The diffusion model {path} ({what}) does not exist; {advice}.")
+    model = _read_frozen(path, device, weights, what)
+    if expected is not None and model.fingerprint != expected:
+        raise UserError(f"The diffusion model {path} changed since these embeddings were learned against it "
+                        f"(weights {model.fingerprint}, learned against {expected}); restore that model, or start a "
+                        f"new inversion.")
+    return model
+
+
+def _read_frozen(path: Path, device: torch.device, weights: str, what: str) -> FrozenModel:
+    """The diffusion model in the file `path`, frozen and fingerprinted; refused unless it is a conditional one."""
     payload = load_checkpoint(path, option=what if what.startswith("--") else None)
     stage = str(payload.get("stage"))
     if stage not in DIFFUSION_MODELS:
@@ -103,12 +136,7 @@ def load_frozen(path: str | Path, device: torch.device, weights: str, *, expecte
     if sampler.net.config.cond == "none":
         raise UserError(f"The model {path} was trained without conditioning (--cond none), so it has no conditioning "
                         f"slot to invert into; train one with --cond class or --cond params.")
-    fingerprint = state_fingerprint(sampler.net.state_dict())
-    if expected is not None and fingerprint != expected:
-        raise UserError(f"The diffusion model {path} changed since these embeddings were learned against it "
-                        f"(weights {fingerprint}, learned against {expected}); restore that model, or start a new "
-                        f"inversion.")
-    return FrozenModel(sampler, path.resolve(), stage, weights, fingerprint, payload)
+    return FrozenModel(sampler, path.resolve(), stage, weights, state_fingerprint(sampler.net.state_dict()), payload)
 
 
 def check_resolution(model: FrozenModel, resolution: int) -> None:

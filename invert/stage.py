@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,8 +29,8 @@ from core.checkpoint import not_a_checkpoint_file, peek_checkpoint
 from core.config import from_dict, to_dict
 from core.contract import MAIN, Outputs, Section, StageSpec, Trainable, TrainingStage, sections_of
 from core.errors import MissingFileError, UserError
-from core.runtime import Runtime, autocast, autocast_dtype, derive_seed
-from data import ImageDataset, load_dataset
+from core.runtime import Runtime, autocast, autocast_dtype, check_fits_memory, derive_seed, training_bytes
+from data import ImageDataset, dataset_size, load_dataset
 from data.dataset import subset_indices
 from data.imageio import from_uint8
 from ddpm.config import SamplingConfig, check_within_timesteps
@@ -38,8 +38,8 @@ from ddpm.generate import image_seed, sample_images
 from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
-from invert.frozen import (DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, fit_images, load_frozen,
-                           recorded_places)
+from invert.frozen import (DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, find_frozen, fit_images,
+                           load_frozen)
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -170,11 +170,9 @@ def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None, run_
           ) -> tuple[InvertConfig, TrainingStage]:
     """The stage; `run_dir`, the run folder where known, is where a resume also looks for the model (at its
     recorded place relative to the run) and what new checkpoints record the model's path from."""
-    data, options, device = config.data, config.invert, runtime.device
-    if resume_from is not None:  # its record of the frozen model and the vectors, checked before it is trusted
-        check_inversion(resume_from, Path("the checkpoint to resume"))
-    expected = resume_from["inversion"]["model"]["fingerprint"] if resume_from is not None else None
-    model = load_frozen(model_path(config, resume_from, run_dir), device, options.weights, expected=expected)
+    data, device = config.data, runtime.device
+    model = (load_frozen(config.invert.model, device, config.invert.weights) if resume_from is None
+             else resumed_model(config, resume_from, run_dir, device))
     check_resolution(model, data.resolution)  # before the images are loaded (or simulated)
     images = load_dataset(data.dataset, data.resolution, cache_dir=data.cache_dir, num_samples=data.num_samples or None)
     images = fit_images(model, images, announce=runtime.is_main)
@@ -184,56 +182,72 @@ def build(config: InvertConfig, runtime: Runtime, resume_from: dict | None, run_
 
 
 def check(config: InvertConfig, resume_from: dict | None, device: torch.device, run_dir: Path | None = None) -> None:
-    """The model must be named and exist before any work, and the preview's and the quality signal's timesteps be
-    within its T; build checks the image size against it before the images are loaded, and the images themselves
-    once they are."""
+    """Before any image is read: the model must be named and exist (a resumed run's be found, `resumed_model`), the
+    preview's and the quality signal's timesteps be within its T, and the vectors with the model fit the device;
+    build checks the image size against it before the images are loaded, and the images themselves once they are."""
     path = config.invert.model
     if not path:
         raise UserError("--model is required: pass the checkpoint.pt of a conditional diffusion run to invert "
                         "against (e.g. train.py --stage ddpm --cond params).")
-    model = model_path(config, resume_from, run_dir)
-    if not model.is_file():
-        reason = not_a_checkpoint_file(Path(path).expanduser(), "a conditional ddpm or ldm run")
-        recorded = recorded_places(_model_record(resume_from), run_dir) if resume_from is not None else ()
-        others = [str(place) for place in recorded if place != model]  # (see `model_path`)
-        if others:
-            reason = (f"does not exist, nor is the model this run inverts against at {' or '.join(others)}; put it "
-                      f"back at one of these places")
-        raise MissingFileError(f"--model {path} {reason}.")
-    T = frozen_timesteps(model)
-    if T is not None:
-        check_within_timesteps("--preview-steps", config.train.preview_steps, T)
-        check_within_timesteps("--eval-timesteps", config.invert.eval_timesteps, T)
+    if resume_from is None:
+        model = Path(path).expanduser()
+        if not model.is_file():
+            raise MissingFileError(f"--model {path} {not_a_checkpoint_file(model, 'a conditional ddpm or ldm run')}.")
+    else:  # (read on the CPU: only its file is wanted here)
+        model = resumed_model(config, resume_from, run_dir, torch.device("cpu")).path
+    frozen = frozen_shape(model)
+    if frozen is None:
+        return
+    check_within_timesteps("--preview-steps", config.train.preview_steps, frozen.timesteps)
+    check_within_timesteps("--eval-timesteps", config.invert.eval_timesteps, frozen.timesteps)
+    check_inversion_fits(config, frozen, device)
 
 
-def frozen_timesteps(path: Path) -> int | None:
-    """T of the diffusion model at `path`, read from its config with its weights left unread; None for a file that
+def resumed_model(config: InvertConfig, resume_from: dict, run_dir: Path | None, device: torch.device) -> FrozenModel:
+    """The frozen model a resumed run goes on against: the first of its --model and the places its checkpoint
+    records (from the run folder `run_dir`, where known) that holds the recorded weights (`find_frozen`), the
+    checkpoint's record checked before it is trusted."""
+    check_inversion(resume_from, Path("the checkpoint to resume"))
+    whose = f"the embeddings in {Path(run_dir) / 'checkpoint.pt'}" if run_dir is not None else "the embeddings to resume"
+    return find_frozen(resume_from["inversion"]["model"], run_dir, device, given=config.invert.model, whose=whose)
+
+
+class FrozenShape(NamedTuple):
+    """What the checks need of a frozen model, read from its checkpoint with its weights left unread."""
+    timesteps: int      # T
+    width: int          # of its conditioning slot, so of each learned vector
+    values: int         # of the weights an inversion holds: the U-Net's, and a latent model's autoencoder's
+
+
+def frozen_shape(path: Path) -> FrozenShape | None:
+    """The `FrozenShape` of the diffusion model at `path`, its weights memory-mapped, not read; None for a file that
     is no diffusion model's checkpoint, which `build` refuses with the reason, before any image is read."""
     payload = peek_checkpoint(path)
     spec = DIFFUSION_MODELS.get(str((payload or {}).get("stage")))
     if spec is None or not isinstance(payload.get("config"), dict):
         return None
-    return from_dict(spec.config_class, payload["config"], source=path).diffusion.num_timesteps
+    config = from_dict(spec.config_class, payload["config"], source=path)
+
+    def weights(part: Any) -> int:
+        """Values of a checkpoint's network (one set: its two weight entries hold the same shapes); 0 where absent."""
+        models = part.get("models") if isinstance(part, dict) else None
+        state = models.get("model") if isinstance(models, dict) else None
+        return sum(t.numel() for t in state.values() if isinstance(t, Tensor)) if isinstance(state, dict) else 0
+    # A latent model carries its autoencoder in the layout of a VAE checkpoint.
+    return FrozenShape(config.diffusion.num_timesteps, config.unet.embedding_dim,
+                       weights(payload) + weights(payload.get("vae")))
 
 
-def model_path(config: InvertConfig, resume_from: dict | None, run_dir: Path | None = None) -> Path:
-    """The frozen model's file: --model, or for a resumed run whose --model names no file (it was relative to
-    another folder, or the project folder moved), the first of the places its checkpoint records that holds
-    one (`recorded_places`: the absolute path, then the path relative to the run folder `run_dir` where known);
-    the fingerprint then proves it the same model."""
-    given = Path(config.invert.model).expanduser()
-    if resume_from is not None and not given.is_file():
-        for recorded in recorded_places(_model_record(resume_from), run_dir):
-            if recorded.is_absolute() and recorded.is_file():
-                return recorded
-    return given
-
-
-def _model_record(checkpoint: dict) -> dict[str, Any]:
-    """The checkpoint's record of its frozen model, or {} where it holds none (`build` refuses that)."""
-    inversion = checkpoint.get("inversion")
-    record = inversion.get("model") if isinstance(inversion, dict) else None
-    return record if isinstance(record, dict) else {}
+def check_inversion_fits(config: InvertConfig, frozen: FrozenShape, device: torch.device) -> None:
+    """Refuse, before any image is read, an inversion whose vectors (trained with AdamW: weights, gradients and two
+    moments, no average) and frozen model (its weights alone, fp32) outgrow `device`. The images are counted
+    without decoding one (a folder is only listed)."""
+    data = config.data
+    images = data.num_samples or dataset_size(data.dataset, cache_dir=data.cache_dir)
+    need = training_bytes(images * frozen.width, averaged=False) + 4 * frozen.values
+    check_fits_memory(need, device, f"The {images:,} learned vectors of {frozen.width} values (trained with AdamW in "
+                                    f"fp32) and the frozen model's {frozen.values:,} weights",
+                      "invert fewer images (--num-samples), or against a smaller model")
 
 
 def load_source(payload: dict[str, Any], device: torch.device, weights: str, path: Path) -> InversionSource:

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import advice, require_keys, state_fingerprint
-from core.config import option, require, to_dict
-from core.errors import UserError
+from core.config import check_choice, in_option_words, option, to_dict
+from core.errors import FieldError, UserError
 from core.runtime import derive_seed
 from data import DatasetInfo, trained_datasets
 from data.writer import Item
@@ -34,7 +34,7 @@ from ddpm.conditioning import Conditions
 from ddpm.generate import DiffusionSampler, image_seed
 from ddpm.source import ImageSource, Request
 from ddpm.synthetic import DatasetPlan, check_image_count
-from invert.frozen import load_frozen, recorded_model
+from invert.frozen import find_frozen
 
 REFERENCES = ("mean", "null")
 GUIDANCE = 2.0  # Zhou et al. 2023's guidance scale for images drawn from learned vectors
@@ -53,10 +53,22 @@ class Variations:
                             choices=REFERENCES)
 
     def __post_init__(self) -> None:
-        require(0 <= self.emb_noise < float("inf"), f"--emb-noise must be 0 or a positive number, got {self.emb_noise}.")
-        require(0 <= self.interp <= 1, f"--interp must be in [0, 1], got {self.interp}.")
-        require(self.reference in REFERENCES, f"--reference must be one of {', '.join(REFERENCES)}, got "
-                                              f"{self.reference!r}.")
+        # Each check names the fields it is about: code reads them as fields, sample.py as the options that set
+        # them (`requested_variations`; core.errors.FieldError).
+        if not 0 <= self.emb_noise < float("inf"):
+            raise FieldError("{emb_noise} must be 0 or a positive number, got {value}.", value=self.emb_noise)
+        if not 0 <= self.interp <= 1:
+            raise FieldError("{interp} must be in [0, 1], got {value}.", value=self.interp)
+        check_choice("reference", self.reference, REFERENCES)
+
+
+def requested_variations(request: Request) -> Variations:
+    """The variations sample.py's options ask for (its --emb-noise, --interp and --reference), refused in the words
+    of those options."""
+    try:
+        return Variations(**request.section("variations"))
+    except FieldError as err:
+        raise UserError(in_option_words(err, Variations)) from None
 
 
 @dataclass
@@ -148,14 +160,13 @@ def check_inversion(payload: dict[str, Any], path: Path) -> None:
 
 
 def load_inverted(payload: dict[str, Any], device: torch.device, path: Path) -> Inverted:
-    """The vectors of an invert checkpoint and the frozen model (at its recorded path, or at the same place
-    relative to `path`: `recorded_model`), refused if the checkpoint is damaged (`check_inversion`) or the model
-    file is missing or changed."""
+    """The vectors of an invert checkpoint and the frozen model (the first of its recorded places, from the
+    checkpoint `path`'s folder, that holds the recorded weights: `find_frozen`), refused if the checkpoint is
+    damaged (`check_inversion`) or no place holds that model."""
     check_inversion(payload, path)
     inversion = payload["inversion"]
     model = inversion["model"]
-    frozen = load_frozen(recorded_model(model, path), device, model["weights"], expected=model["fingerprint"],
-                         what=f"the model that the embeddings in {path} were learned against")
+    frozen = find_frozen(model, Path(path).parent, device, whose=f"the embeddings in {path}")
     vectors = payload["models"]["model"]["weight"].float().cpu()
     if not torch.isfinite(vectors).all():
         raise UserError(f"The embeddings in {path} hold NaN or infinite values; the inversion diverged, so learn them "
@@ -191,10 +202,10 @@ class InversionSource(ImageSource):
                             "instead of --num.")
 
     def conditions(self, indices: Sequence[int], request: Request) -> Conditions:
-        return self.inverted.conditions(indices, request.seed, Variations(**request.section("variations")))
+        return self.inverted.conditions(indices, request.seed, requested_variations(request))
 
     def dataset(self, request: Request) -> tuple[DatasetPlan, dict[str, Any]]:
-        variations = Variations(**request.section("variations"))
+        variations = requested_variations(request)
         plan = self.inverted.plan(request.per_image or 1, request.seed, variations)
         # --per-image is the set's size, not part of its request: image k is the same at any count, so a larger
         # count extends a set and a smaller one keeps it (as --num and --per-class do).

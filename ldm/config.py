@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import DataConfig, StageConfig, TrainConfig, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, option
+from core.errors import FieldError
 from ddpm.config import DiffusionConfig
 from ddpm.unet import UNetConfig
 
@@ -27,8 +28,11 @@ class LatentConfig:
     encode_batch: int = option(64, "images per encoder pass when the latent cache is built")
 
     def __post_init__(self) -> None:
-        require(bool(self.vae_ckpt), "--vae-ckpt must name a checkpoint of a `--stage vae` run.")
-        require(self.encode_batch >= 1, f"--encode-batch must be at least 1, got {self.encode_batch}.")
+        # Each check names the fields it is about: code reads them as fields, train.py as options (FieldError).
+        if not self.vae_ckpt:
+            raise FieldError("{vae_ckpt} must name a checkpoint of a `--stage vae` run.")
+        if self.encode_batch < 1:
+            raise FieldError("{encode_batch} must be at least 1, got {value}.", value=self.encode_batch)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from torch import nn
 
 import train
 from core.checkpoint import VERSION, load_checkpoint, save_checkpoint, state_fingerprint
-from core.config import LR_SCHEDULES, TrainConfig
+from core.config import LR_SCHEDULES, DataConfig, StageConfig, TrainConfig
 from core.contract import Outputs, Trainable, TrainingStage
+from core.errors import FieldError, UserError
 from core.runtime import Runtime, atomic_write
 from core.weights import check_state_dict, read_state_dict
 from stages import STAGES
@@ -507,3 +508,42 @@ def test_every_registered_stage_has_presets_whose_configs_round_trip():
             config = make()
             assert from_dict(spec.config_class, json.loads(json.dumps(to_dict(config)))) == config
             assert math.isfinite(config.train.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# a check across a stage's sections names its fields by their dotted keys
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyNet:
+    width: int = 8
+    size: int = 16  # decided by the data: no option sets it
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyStageConfig(StageConfig):
+    net: ToyNet = dataclasses.field(default_factory=ToyNet)
+
+    def __post_init__(self) -> None:
+        if self.net.width > self.data.resolution:
+            raise FieldError("{net.width} {value:.1f} must fit {data.resolution} and {net.size}, for {name!r}.",
+                             value=self.net.width, name=self.data.dataset)
+
+
+def test_a_check_across_sections_reads_in_dotted_keys_to_code_and_in_options_to_train_py():
+    """Its placeholders are keys such as "net.width", looked up whole (not as attribute width of net); a value is
+    never read as one, and a field no option sets keeps its key on the command line."""
+    import argparse
+    import pickle
+    from types import SimpleNamespace
+    from core.contract import sections_of
+    from training.run import with_options
+    told = "net.width 64.0 must fit data.resolution and net.size, for '{net.width}'."
+    with pytest.raises(UserError) as refused:
+        ToyStageConfig(data=DataConfig(dataset="{net.width}"), net=ToyNet(width=64))
+    assert str(refused.value) == told and str(pickle.loads(pickle.dumps(refused.value))) == told
+    assert refused.value.fields == ("net.width", "data.resolution", "net.size")
+    spec = SimpleNamespace(sections=sections_of(ToyStageConfig, net=dict(skip=frozenset({"size"}))))
+    with pytest.raises(UserError) as refused:
+        with_options(spec, ToyStageConfig(), argparse.Namespace(**{"data.dataset": "{net.width}", "net.width": 64}))
+    assert str(refused.value) == "--width 64.0 must fit --resolution and net.size, for '{net.width}'."

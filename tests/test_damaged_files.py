@@ -230,7 +230,7 @@ def test_a_damaged_autoencoder_for_ldm_is_one_sentence_naming_it(tmp_path, capsy
     ({"train": {"lr": "fast"}}, "holds train.lr as the text 'fast' where a number belongs"),
     ({"train": {"compile": 1}}, "holds train.compile as the number 1 where true or false belongs"),
     ({"unet": {"channel_mult": [1, "2"]}}, "holds unet.channel_mult as the list [1, '2'] where a list of whole"),
-    ({"train": {"steps": -3}}, "fails its own checks in its train section (--steps must be 0 or positive"),
+    ({"train": {"steps": -3}}, "fails its own checks in its train section (steps must be 0 or positive"),
     ({"zoom": 1}, "has unknown keys (zoom)"),
 ])
 def test_a_config_of_the_wrong_shape_is_refused_naming_its_file_and_field(values, message):

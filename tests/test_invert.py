@@ -396,6 +396,36 @@ def test_bad_inputs_are_refused_before_anything_is_written(class_ckpt, unconditi
         train.main(["--stage", "invert", "--run-dir", str(tmp_path / "none"), "--dataset", data])
 
 
+def test_vectors_and_a_frozen_model_larger_than_the_device_are_refused_before_any_image_is_read(class_ckpt, tmp_path,
+                                                                                              monkeypatch):
+    """Held against the device: the vectors trained with AdamW (4 bytes x weights, gradients, two moments; no
+    average) and the frozen model's weights alone (fp32), counted before an image is decoded or the run folder
+    written; one sentence says what to lower."""
+    import core.runtime
+    import invert.stage
+
+    def loading(*args, **kwargs):
+        raise AssertionError("images were read before the inversion's size was checked")
+    monkeypatch.setattr(invert.stage, "load_dataset", loading)
+    net = load_frozen(class_ckpt, CPU, "ema").sampler.net
+    width, weights = net.config.embedding_dim, sum(v.numel() for v in net.state_dict().values())
+    need = 16 * 6 * width + 4 * weights                 # the six images of the model's own folder
+    argv = invert_args(tmp_path / "run", class_ckpt, folder_of(class_ckpt))
+    for memory, fits in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(core.runtime, "device_memory", lambda device, memory=memory: memory)
+        spec, args = train.parse_args(argv)
+        if fits:
+            resolve_config(spec, args, tmp_path / "run")
+            continue
+        with pytest.raises(ValueError) as told:
+            train.main(argv)
+        assert str(told.value) == (
+            f"The 6 learned vectors of {width} values (trained with AdamW in fp32) and the frozen model's {weights:,} "
+            f"weights take {need / 2**30:,.1f} GiB, more than the {(need - 1) / 2**30:,.1f} GiB of memory this "
+            f"machine has; invert fewer images (--num-samples), or against a smaller model.")
+    assert not (tmp_path / "run").exists()
+
+
 def test_greyscale_images_are_inverted_as_rgb_by_a_colour_model_and_colour_refused_by_a_grey_one(class_ckpt, tmp_path):
     grey = tmp_path / "grey"
     grey.mkdir()
@@ -470,7 +500,7 @@ def test_a_project_folder_moved_with_its_runs_still_finds_its_model_and_not_anot
     both places it looked."""
     import shutil
     from core.checkpoint import save_checkpoint
-    from invert.stage import SPEC, model_path
+    from invert.stage import SPEC, resumed_model
     project = tmp_path / "project"
     (project / "runs" / "model").mkdir(parents=True)
     shutil.copy(class_ckpt, project / "runs" / "model" / "checkpoint.pt")
@@ -495,7 +525,7 @@ def test_a_project_folder_moved_with_its_runs_still_finds_its_model_and_not_anot
     for r in manifest:
         assert np.array_equal(pixels(after / r["file"]), pixels(before / r["file"]))
     saved = load_checkpoint(ckpt)
-    assert model_path(config, saved, ckpt.parent) == moved / "runs" / "model" / "checkpoint.pt"
+    assert resumed_model(config, saved, ckpt.parent, CPU).path == moved / "runs" / "model" / "checkpoint.pt"
     SPEC.check(config, saved, CPU, run_dir=ckpt.parent)
     _, resumed = SPEC.build(config, Runtime(CPU), saved, run_dir=ckpt.parent)
     assert resumed.outputs.payload({})["inversion"]["model"] == {
@@ -505,17 +535,17 @@ def test_a_project_folder_moved_with_its_runs_still_finds_its_model_and_not_anot
     payload["ema"]["model"]["null_embedding"] += 1                  # another model in its place
     save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "version")},
                     moved / "runs" / "model" / "checkpoint.pt")
-    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+    other = load_frozen(moved / "runs" / "model" / "checkpoint.pt", CPU, "ema").fingerprint
+    tried = (f"{project / 'runs' / 'model' / 'checkpoint.pt'} does not exist and "
+             f"{moved / 'runs' / 'model' / 'checkpoint.pt'} (its place from the inversion's run folder) ")
+    with pytest.raises(ValueError, match=re.escape(f"{tried}holds another model (weights {other}); put that model back")):
         draw(ckpt, tmp_path / "replaced")
-    with pytest.raises(ValueError, match="changed since these embeddings were learned"):
+    with pytest.raises(ValueError, match=re.escape(f"{tried}holds another model (weights {other}); put that model back")):
         SPEC.build(config, Runtime(CPU), saved, run_dir=ckpt.parent)
     (moved / "runs" / "model" / "checkpoint.pt").unlink()
-    places = f"at neither {project / 'runs' / 'model' / 'checkpoint.pt'} nor {moved / 'runs' / 'model' / 'checkpoint.pt'}"
-    with pytest.raises(FileNotFoundError, match=re.escape(places) + r" \(its place relative to the inversion's run\); "
-                                                "put it back at either"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tried}does not exist; put that model back at one of them")):
         draw(ckpt, tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="nor is the model this run inverts against at "
-                                                + re.escape(str(moved / "runs" / "model" / "checkpoint.pt"))):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--model {tried}does not exist; put that model back")):
         SPEC.check(config, saved, CPU, run_dir=ckpt.parent)
     assert not any((tmp_path / name).exists() for name in ("replaced", "missing"))
 
@@ -541,8 +571,89 @@ def test_train_py_records_the_models_place_from_the_run_so_a_moved_project_sampl
     train.main(["--stage", "invert", "--run-dir", "runs/inverted", "--resume", "--steps", "3", "--device", "cpu"])
     assert load_checkpoint(moved / "runs" / "inverted" / "checkpoint.pt")["step"] == 3
     (moved / "runs" / "model" / "checkpoint.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="nor is the model this run inverts against at "):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{moved / 'runs' / 'model' / 'checkpoint.pt'} does not "
+                                                          f"exist; put that model back at one of them")):
         train.main(["--stage", "invert", "--run-dir", "runs/inverted", "--resume", "--steps", "4", "--device", "cpu"])
+
+
+def inverted_project(class_ckpt: Path, project: Path) -> Path:
+    """A project folder holding a copy of the class model (runs/model) and a two-step inversion against it
+    (runs/inverted, told its run folder, so it records the model's place from there too); the inversion's folder."""
+    import shutil
+    (project / "runs" / "model").mkdir(parents=True)
+    shutil.copy(class_ckpt, project / "runs" / "model" / "checkpoint.pt")
+    run_dir = project / "runs" / "inverted"
+    train.main(invert_args(run_dir, project / "runs" / "model" / "checkpoint.pt", folder_of(class_ckpt),
+                           "--steps", "2", "--lr-schedule", "constant"))
+    return run_dir
+
+
+def another_model(path: Path, shift: float = 1.0) -> str:
+    """Write another model over the diffusion checkpoint at `path` (its null embedding moved, as further training
+    would); that model's fingerprint."""
+    from core.checkpoint import save_checkpoint
+    payload = load_checkpoint(path)
+    payload["ema"]["model"]["null_embedding"] += shift
+    save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "version")}, path)
+    return load_frozen(path, CPU, "ema").fingerprint
+
+
+def test_another_model_at_the_recorded_path_is_looked_past_to_the_right_one_beside_the_run(class_ckpt, tmp_path):
+    """A copy of a project whose original's model was then replaced: the absolute path the inversion records holds
+    another model, its place from the run folder the right one. sample.py draws from the copy the images it drew
+    before, and a resume there (train.py, its checks included) goes on as it would have against the original, and
+    records the copy's model."""
+    import shutil
+    project = tmp_path / "project"
+    run_dir = inverted_project(class_ckpt, project)
+    before = draw(run_dir / "checkpoint.pt", tmp_path / "before")
+    copy, control = tmp_path / "copy", tmp_path / "control"
+    shutil.copytree(project, copy)
+    shutil.copytree(project, control)
+    resume = ["--stage", "invert", "--resume", "--steps", "3", "--device", "cpu"]
+    train.main([*resume, "--run-dir", str(control / "runs" / "inverted")])   # against the original, still right
+    another_model(project / "runs" / "model" / "checkpoint.pt")
+
+    ckpt = copy / "runs" / "inverted" / "checkpoint.pt"
+    after = draw(ckpt, tmp_path / "after")
+    manifest = rows(after / "manifest.csv")
+    assert len(manifest) == 6 and manifest == rows(before / "manifest.csv")
+    for r in manifest:
+        assert np.array_equal(pixels(after / r["file"]), pixels(before / r["file"]))
+    train.main([*resume, "--run-dir", str(copy / "runs" / "inverted")])
+    resumed, reference = load_checkpoint(ckpt), load_checkpoint(control / "runs" / "inverted" / "checkpoint.pt")
+    assert resumed["step"] == 3
+    assert torch.equal(resumed["models"]["model"]["weight"], reference["models"]["model"]["weight"])
+    assert resumed["inversion"]["model"]["path"] == str(copy / "runs" / "model" / "checkpoint.pt")
+
+
+def test_where_no_recorded_place_holds_the_model_one_sentence_names_each_and_what_it_holds(class_ckpt, tmp_path):
+    """The recorded absolute path holds another model and the place from the run folder none: sample.py and a resume
+    are refused in one sentence naming both places and what was wrong with each, having written nothing."""
+    import shutil
+    project = tmp_path / "project"
+    run_dir = inverted_project(class_ckpt, project)
+    learned = load_checkpoint(run_dir / "checkpoint.pt")["inversion"]["model"]["fingerprint"]
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    original, beside = project / "runs" / "model" / "checkpoint.pt", copy / "runs" / "model" / "checkpoint.pt"
+    other = another_model(original)
+    beside.unlink()
+    ckpt = copy / "runs" / "inverted" / "checkpoint.pt"
+    saved = file_hash(ckpt)
+
+    def refusal(first: str) -> str:
+        return (f"The diffusion model that the embeddings in {ckpt} were learned against (weights {learned}) is at "
+                f"none of the places tried: {first} holds another model (weights {other}) and {beside} (its place "
+                f"from the inversion's run folder) does not exist; put that model back at one of them, or learn the "
+                f"embeddings again against another model.")
+    with pytest.raises(ValueError) as told:
+        draw(ckpt, tmp_path / "set")
+    assert str(told.value) == refusal(str(original))
+    with pytest.raises(ValueError) as told:
+        train.main(["--stage", "invert", "--resume", "--steps", "3", "--device", "cpu", "--run-dir", str(ckpt.parent)])
+    assert str(told.value) == refusal(f"--model {original}")
+    assert file_hash(ckpt) == saved and not (tmp_path / "set").exists()
 
 
 # ---------------------------------------------------------------------------------------------

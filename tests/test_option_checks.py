@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import math
 import os
 import pickle
 import shutil
@@ -362,6 +364,159 @@ def test_a_linear_schedule_too_short_is_refused_in_the_options_words(tmp_path, f
         resolved(stage_args("ddpm", folder, tmp_path, "--schedule", "linear", "--num-timesteps", "20"), tmp_path / "run")
     assert str(refused.value) == ("--schedule linear needs --num-timesteps above 20 (its betas are scaled by 1000/T "
                                   "and would reach 1), got 20; use more timesteps or --schedule cosine.")
+
+
+def section_class(name: str) -> type:
+    """A config section by its dotted path ("core.config.TrainConfig"), imported when the test runs."""
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.mark.parametrize("section, stage, fields, options, message", [
+    ("core.config.TrainConfig", "ddpm", {"lr": -1.0}, ("--lr", "-1"), "{lr} must be a positive number, got -1.0."),
+    ("core.config.TrainConfig", "vae", {"lr_schedule": "onecycle", "steps": 10, "warmup_steps": 10},
+     ("--lr-schedule", "onecycle", "--steps", "10", "--warmup-steps", "10"),
+     "{warmup_steps} 10 leaves no annealing phase in a one-cycle schedule of {steps} 10; pass {warmup_steps} 3 (30% "
+     "of the run is usual)."),
+    ("core.config.DataConfig", "ddpm", {"num_samples": -1}, ("--num-samples", "-1"),
+     "{num_samples} must be 0 (all) or positive, got -1."),
+    ("core.config.DataConfig", "classify", {"cache_dir": " "}, ("--cache-dir", " "),
+     "{cache_dir} is empty; give a folder (default .cache/datasets)."),
+    ("vae.config.VAELossConfig", "vae", {"perceptual_taps": 6}, ("--perceptual-taps", "6"),
+     "{perceptual_taps} must be in 1..5, got 6."),
+    ("vae.config.VAELossConfig", "vae", {"kl_weight": -1.0}, ("--kl-weight", "-1"),
+     "{kl_weight} must be 0 or positive, got -1.0."),
+    ("vae.config.VAEOptions", "vae", {"scale_samples": 1}, ("--scale-samples", "1"),
+     "{scale_samples} must be at least 2, got 1."),
+    ("ldm.config.LatentConfig", "ldm", {"encode_batch": 0}, ("--encode-batch", "0"),
+     "{encode_batch} must be at least 1, got 0."),
+    ("invert.config.InvertOptions", "invert", {"eval_timesteps": 0}, ("--eval-timesteps", "0"),
+     "{eval_timesteps} must be at least 1, got 0."),
+    ("classify.config.ClassifyOptions", "classify", {"momentum": 1.0}, ("--momentum", "1"),
+     "{momentum} must be in [0, 1), got 1.0."),
+    ("classify.config.ClassifyOptions", "classify", {"momentum": 0.0}, ("--momentum", "0"),
+     "{nesterov} needs a positive {momentum}; turn {nesterov} off for plain SGD."),
+])
+def test_a_section_s_check_reads_in_fields_to_code_and_in_options_to_train_py(tmp_path, folder, monkeypatch, no_data,
+                                                                             section, stage, fields, options, message):
+    """The data, training, loss and stage options' checks name their fields as the networks' do: a config built in
+    Python is told its field names, with no option in sight; train.py the options that set them."""
+    monkeypatch.chdir(tmp_path)  # (ldm: no default autoencoder run is looked at)
+    with pytest.raises(UserError) as refused:
+        section_class(section)(**fields)
+    assert str(refused.value) == spelled(message, options=False) and "--" not in str(refused.value)
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args(stage, folder, tmp_path, *options), tmp_path / "run")
+    assert str(refused.value) == spelled(message, options=True)
+
+
+def test_a_value_that_looks_like_a_field_is_printed_as_it_is():
+    """Only a check's own placeholders are names: a value spelled like one ("{lr}") is neither filled in nor a
+    format error, in field names or in option words (with_options here, past argparse's own choices)."""
+    from core.config import TrainConfig
+    from stages import STAGES
+    with pytest.raises(UserError) as refused:
+        TrainConfig(lr_schedule="{lr}")
+    assert str(refused.value) == "lr_schedule must be one of constant, cosine, onecycle, got '{lr}'."
+    spec = STAGES["ddpm"]
+    with pytest.raises(UserError) as refused:
+        with_options(spec, spec.presets[spec.default_preset](), argparse.Namespace(**{"train.lr_schedule": "{lr}"}))
+    assert str(refused.value) == "--lr-schedule must be one of constant, cosine, onecycle, got '{lr}'."
+
+
+def test_the_classifier_s_own_check_of_a_field_the_data_decides_keeps_its_name():
+    from classify.config import MODEL_FROM_DATA
+    from classify.model import ClassifierConfig
+    from core.config import in_option_words
+    with pytest.raises(UserError) as refused:
+        ClassifierConfig(in_channels=2)
+    assert refused.value.fields == ("in_channels",)
+    assert in_option_words(refused.value, ClassifierConfig, MODEL_FROM_DATA) == "in_channels must be 1 or 3, got 2."
+    with pytest.raises(UserError) as refused:
+        ClassifierConfig(stem="{stem}")
+    assert str(refused.value) == "stem must be one of auto, small, imagenet, got '{stem}'."
+    assert in_option_words(refused.value, ClassifierConfig, MODEL_FROM_DATA) == ("--stem must be one of auto, small, "
+                                                                                  "imagenet, got '{stem}'.")
+
+
+def keyed(message: str, options: bool) -> str:
+    """`message` with its {section.field} placeholders spelled as code spells them, or as train.py's options."""
+    for _, key, _, _ in string.Formatter().parse(message):
+        if key:
+            message = message.replace("{" + key + "}", "--" + key.split(".")[1].replace("_", "-") if options else key)
+    return message
+
+
+@pytest.mark.parametrize("config, options, message", [
+    (dict(data=dict(resolution=RES), classify=dict(crop_padding=RES)), ("--crop-padding", str(RES)),
+     f"{{classify.crop_padding}} must be smaller than {{data.resolution}} ({RES} px), got {RES}; pass at most "
+     f"{RES - 1}, or -1 for resolution / 8."),
+    (dict(data=dict(resolution=32), model=dict(stem="imagenet"), train=dict(batch_size=1)),
+     ("--resolution", "32", "--stem", "imagenet", "--batch-size", "1"),
+     "ResNet-18 shrinks 32 px images to 1x1 in its last stage, where batch norm needs more than one value per channel, "
+     "so {train.batch_size} 1 cannot train it; pass {train.batch_size} 2 or more, or {model.stem} small."),
+])
+def test_a_check_across_a_stage_s_sections_reads_in_keys_to_code_and_in_options_to_train_py(tmp_path, folder, no_data,
+                                                                                          config, options, message):
+    """The classifier's checks of one section against another name their fields by dotted keys: code (and a
+    checkpoint) reads "train.batch_size", train.py --batch-size."""
+    from classify.config import ClassifyConfig
+    from core.config import from_dict, to_dict
+    with pytest.raises(UserError) as refused:
+        ClassifyConfig(**{name: dataclasses.replace(getattr(ClassifyConfig(), name), **fields)
+                          for name, fields in config.items()})
+    assert str(refused.value) == keyed(message, options=False) and "--" not in str(refused.value)
+    record = to_dict(ClassifyConfig())
+    for name, fields in config.items():
+        record[name].update(fields)
+    with pytest.raises(UserError) as refused:
+        from_dict(ClassifyConfig, record, "checkpoint.pt")
+    assert f"fails its own checks ({keyed(message, options=False).rstrip('.')}); " in str(refused.value)
+    with pytest.raises(UserError) as refused:
+        resolved(stage_args("classify", folder, tmp_path, "--target", "class", *options), tmp_path / "run")
+    assert str(refused.value) == keyed(message, options=True)
+
+
+@pytest.mark.parametrize("fields, options, message", [
+    ({"steps": 0}, ("--steps", "0"), "{steps} must be at least 1, got 0."),
+    ({"eta": 2.0}, ("--eta", "2"), "{eta} must be in [0, 1], got 2.0."),
+    ({"sampler": "pndm", "steps": 3}, ("--sampler", "pndm", "--steps", "3"),
+     "{sampler} pndm needs at least 4 steps, got 3."),
+    ({"guidance_scale": math.inf}, ("--guidance-scale", "inf"), "{guidance_scale} must be a finite number, got inf."),
+])
+def test_a_sampling_check_reads_in_fields_to_code_and_in_options_to_the_commands_that_draw(tmp_path, fields, options,
+                                                                                           message):
+    """sample.py and the consistency check refuse their sampling options before opening any checkpoint, in the
+    options' words; code that builds the config is told its fields."""
+    import sample
+    from ddpm.config import SamplingConfig
+    from evaluate import consistency
+    with pytest.raises(UserError) as refused:
+        SamplingConfig(**fields)
+    assert str(refused.value) == spelled(message, options=False) and "--" not in str(refused.value)
+    missing = str(tmp_path / "missing.pt")
+    for main, argv in ((sample.main, ["--ckpt", missing, "--device", "cpu"]),
+                       (consistency.main, ["--ckpt", missing, "--judge", missing, "--device", "cpu"])):
+        with pytest.raises(UserError) as refused:
+            main([*argv, *options])
+        assert str(refused.value) == spelled(message, options=True), main
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"interp": 2.0}, "{interp} must be in [0, 1], got 2.0."),
+    ({"emb_noise": -1.0}, "{emb_noise} must be 0 or a positive number, got -1.0."),
+    ({"reference": "{interp}"}, "{reference} must be one of mean, null, got '{{interp}}'."),
+])
+def test_an_inversion_s_variations_read_in_fields_to_code_and_in_options_to_sample_py(fields, message):
+    """What sample.py asks of an inversion (`Request.sections`) is refused in its options' words."""
+    from ddpm.source import Request
+    from invert.variations import Variations, requested_variations
+    with pytest.raises(UserError) as refused:
+        Variations(**fields)
+    assert str(refused.value) == spelled(message, options=False) and "--" not in str(refused.value)
+    with pytest.raises(UserError) as refused:
+        requested_variations(Request(sections={"variations": fields}))
+    assert str(refused.value) == spelled(message, options=True)
 
 
 def toy_trainer(tmp_path: Path, config, amp: torch.dtype | None = None):

@@ -162,5 +162,5 @@ def test_presets_keep_the_log_variance_fixed_as_published():
     for make in PRESETS.values():
         loss = make().loss
         assert loss.learn_logvar is False and loss.logvar_init == 0.0
-    with pytest.raises(ValueError, match="--logvar-init must be a finite number"):
+    with pytest.raises(ValueError, match="^logvar_init must be a finite number"):
         VAELossConfig(logvar_init=math.inf)

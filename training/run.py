@@ -26,8 +26,8 @@ from core.errors import FieldError, MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import load_checkpoint, require_keys
-from core.config import (add_config_arguments, apply_arguments, from_dict, given_arguments, in_option_words,
-                         option_name, to_dict)
+from core.config import (add_config_arguments, apply_arguments, from_dict, given_arguments, option_name,
+                         option_names, to_dict)
 from core.contract import RESUMABLE, StageSpec
 from core.lock import FolderLock, check_folder_path, check_own_folder
 from core.runtime import Runtime, autocast_dtype, check_batch_fits, check_num_workers, resolve_device
@@ -97,22 +97,26 @@ def parse_stage_args(spec: StageSpec, argv: Sequence[str]) -> argparse.Namespace
 
 
 def with_options(spec: StageSpec, config: Any, args: argparse.Namespace) -> Any:
-    """`config` with the options the user typed applied, section by section (data first). A section's own check
-    names the fields it refuses (a `FieldError`: code and checkpoints build these configs too); here it reads in the
-    words of the options that set them."""
+    """`config` with the options the user typed applied, section by section (data first). The checks name the
+    fields they refuse (a `FieldError`: code and checkpoints build these configs too); here they read in the words
+    of the options that set them: a section's own checks by `apply_arguments`, a check across the stage's sections
+    (a `core.errors.FieldError`, which names fields by dotted keys such as "train.batch_size") here."""
+    options = {key: name for section in spec.sections
+               for key, name in option_names(section.cls, section.skip, section.name).items()}
     for section in spec.sections:
         try:
             try:
-                config = apply_arguments(config, args, section.name)
+                config = apply_arguments(config, args, section.name, section.skip)
             except UserError:
                 # A network whose image size the data decides (the autoencoder's `resolution`) checks its options
                 # when built: judge them at the data's size (--resolution), not at the preset's, before refusing.
                 part = _at_data_size(getattr(config, section.name), section, config.data.resolution)
                 if part is None:
                     raise
-                config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name)
+                config = apply_arguments(dataclasses.replace(config, **{section.name: part}), args, section.name,
+                                         section.skip)
         except FieldError as err:
-            raise UserError(in_option_words(err, section.cls, section.skip)) from None
+            raise UserError(err.naming(options)) from None
     return config
 
 

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option, require
+from core.config import DataConfig, StageConfig, TrainConfig, check_choice, option
+from core.errors import FieldError
 from vae.autoencoder import AutoencoderConfig
 from vae.perceptual import PERCEPTUAL_KINDS, TAPS
 
@@ -66,17 +67,25 @@ class VAELossConfig:
                                      "latent diffusion: 0)")
 
     def __post_init__(self) -> None:
+        # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
+        # reads them as fields, train.py as the options that set them (core.errors.FieldError).
         check_choice("perceptual", self.perceptual, PERCEPTUAL_KINDS)
-        require(1 <= self.perceptual_taps <= len(TAPS), f"--perceptual-taps must be in 1..{len(TAPS)}, got {self.perceptual_taps}.")
+        if not 1 <= self.perceptual_taps <= len(TAPS):
+            raise FieldError("{perceptual_taps} must be in 1..{most}, got {value}.", most=len(TAPS),
+                             value=self.perceptual_taps)
         for name in ("perceptual_weight", "kl_weight", "disc_weight", "disc_lr"):
             value = getattr(self, name)
-            require(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be 0 or positive, got {value}.")
-        require(self.disc_start >= -1, f"--disc-start must be -1 (off) or a step, got {self.disc_start}.")
-        require(self.disc_layers >= 1, f"--disc-layers must be at least 1, got {self.disc_layers}.")
-        require(math.isfinite(self.logvar_init) and abs(self.logvar_init) <= LOGVAR_INIT_LIMIT,
-                f"--logvar-init must be a finite number from -{LOGVAR_INIT_LIMIT:g} to {LOGVAR_INIT_LIMIT:g} (the "
-                f"reconstruction term is weighed by exp(-s), which beyond that swamps or erases it against the KL and "
-                f"GAN terms; latent diffusion: 0), got {self.logvar_init:g}.")
+            if not (math.isfinite(value) and value >= 0):
+                raise FieldError("{" + name + "} must be 0 or positive, got {value}.", value=value)
+        if self.disc_start < -1:
+            raise FieldError("{disc_start} must be -1 (off) or a step, got {value}.", value=self.disc_start)
+        if self.disc_layers < 1:
+            raise FieldError("{disc_layers} must be at least 1, got {value}.", value=self.disc_layers)
+        if not (math.isfinite(self.logvar_init) and abs(self.logvar_init) <= LOGVAR_INIT_LIMIT):
+            raise FieldError("{logvar_init} must be a finite number from -{limit:g} to {limit:g} (the reconstruction "
+                             "term is weighed by exp(-s), which beyond that swamps or erases it against the KL and GAN "
+                             "terms; latent diffusion: 0), got {value:g}.", limit=LOGVAR_INIT_LIMIT,
+                             value=self.logvar_init)
 
     def idle_options(self, config: Any) -> dict[str, str]:
         """The discriminator's options, when there is none (see `core.config.StageConfig.idle_options`)."""
@@ -97,7 +106,8 @@ class VAEOptions:
                                      "(1 / their standard deviation; a latent model measures its own on its latents)")
 
     def __post_init__(self) -> None:
-        require(self.scale_samples >= 2, f"--scale-samples must be at least 2, got {self.scale_samples}.")
+        if self.scale_samples < 2:
+            raise FieldError("{scale_samples} must be at least 2, got {value}.", value=self.scale_samples)
 
 
 @dataclass(frozen=True)
