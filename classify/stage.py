@@ -89,8 +89,9 @@ def concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
               torch.zeros(len(first) + len(second), 0, dtype=first.params.dtype))
     info = dataclasses.replace(first.info, name=f"{first.info.name}+{second.info.name}", param_names=names,
                                param_ranges=param_ranges(params), num_samples=len(first) + len(second))
+    known = first.content_key is not None and second.content_key is not None
     return ImageDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]), params,
-                        info)
+                        info, content_key=(first.content_key, second.content_key, names) if known else None)
 
 
 def training_data(config: ClassifyConfig) -> tuple[ImageDataset, dict[str, Any], tuple[tuple[int, int], ...] | None]:

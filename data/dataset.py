@@ -6,10 +6,11 @@ that `__getitem__` is an index plus a conversion and a 2-core training loop is n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, Hashable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,32 @@ def _bounds_on(ranges: tuple[tuple[float, float], ...], device: torch.device, dt
     return table[:, 0], table[:, 1] - table[:, 0]
 
 
+def content_hash(*tensors: torch.Tensor) -> str:
+    """16 hex digits of SHA-256 over the tensors' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_FINGERPRINTS: dict[Hashable, str] | None = None  # within `fingerprints_kept`: by `ImageDataset.content_key`
+
+
+@contextlib.contextmanager
+def fingerprints_kept() -> Iterator[None]:
+    """Within the body, a set of known content (`ImageDataset.content_key`) is hashed once, however often its
+    fingerprint is asked for: a command that trains many runs on the same folders in one process (each run, and
+    each check of a kept run, records its sets' fingerprints). `data.folder.decoding_once` opens it."""
+    global _FINGERPRINTS
+    outer = _FINGERPRINTS
+    _FINGERPRINTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FINGERPRINTS = outer
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images (N, C, R, R) uint8 with labels (N,) int64 and raw parameters (N, P) float32, held in memory.
 
@@ -94,7 +121,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, info: DatasetInfo,
-                 seeds: torch.Tensor | None = None, files: tuple[str, ...] | None = None):
+                 seeds: torch.Tensor | None = None, files: tuple[str, ...] | None = None,
+                 content_key: Hashable | None = None):
         n = images.shape[0]
         assert images.dtype == torch.uint8 and images.shape == (n, info.channels, info.resolution, info.resolution), (
             f"images {tuple(images.shape)} {images.dtype} do not match {info}")
@@ -105,6 +133,9 @@ class ImageDataset(torch.utils.data.Dataset):
         assert files is None or len(files) == n, f"{len(files)} file names for {n} images"
         self.images, self.labels, self.params, self.info, self.seeds = images, labels, params, info, seeds
         self.files = files
+        # What fixes these items, where the loader knows it without reading them (`fingerprint`): equal keys, equal
+        # items. None: unknown.
+        self.content_key = content_key
 
     def source(self, i: int) -> str:
         """Where item i came from, for records that must point back at it: its file, else its seed or position."""
@@ -119,12 +150,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def fingerprint(self) -> str:
         """A hash of everything a model learns from: images, labels and parameters. Equal data, equal
-        fingerprint; one changed pixel, label or value, another."""
-        digest = hashlib.sha256()
-        for tensor in (self.images, self.labels, self.params):
-            digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        fingerprint; one changed pixel, label or value, another. Within `fingerprints_kept`, a set whose
+        `content_key` was hashed already is not hashed again."""
+        kept = _FINGERPRINTS
+        if kept is None or self.content_key is None:
+            return content_hash(self.images, self.labels, self.params)
+        if self.content_key not in kept:
+            kept[self.content_key] = content_hash(self.images, self.labels, self.params)
+        return kept[self.content_key]
 
     def description(self) -> dict[str, Any]:
         """What a checkpoint records about its training data: `info` and the fingerprint."""
@@ -135,14 +168,18 @@ class ImageDataset(torch.utils.data.Dataset):
         info = DatasetInfo(**{**self.info.to_dict(), "num_samples": len(indices)})
         seeds = None if self.seeds is None else self.seeds[indices]
         files = None if self.files is None else tuple(self.files[int(i)] for i in indices)
-        return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds, files)
+        whole = torch.equal(indices, torch.arange(len(self)))  # (all of them, in order: the same items)
+        key = self.content_key if self.content_key is None or whole else (self.content_key, indices.numpy().tobytes())
+        return ImageDataset(self.images[indices], self.labels[indices], self.params[indices], info, seeds, files, key)
 
     def with_channels(self, channels: int) -> ImageDataset:
         """These items with `channels` channels (see `to_channels`): grey replicated to RGB, or RGB as luma."""
         if channels == self.info.channels:
             return self
         info = DatasetInfo(**{**self.info.to_dict(), "channels": channels})
-        return ImageDataset(to_channels(self.images, channels), self.labels, self.params, info, self.seeds, self.files)
+        key = None if self.content_key is None else (self.content_key, "channels", channels)
+        return ImageDataset(to_channels(self.images, channels), self.labels, self.params, info, self.seeds, self.files,
+                            key)
 
     def __getitem__(self, i: int) -> Batch:
         return Batch(from_uint8(self.images[i]), self.labels[i], self.params[i], torch.tensor(i))

@@ -26,11 +26,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from core.cli import launched_rank
 from core.errors import UserError, warn_once
-from data.dataset import DatasetInfo, ImageDataset, param_ranges, subset_indices
+from core.progress import progress
+from data.dataset import DatasetInfo, ImageDataset, fingerprints_kept, param_ranges, subset_indices
 from data.imageio import IMAGE_EXTENSIONS, is_skipped_folder, list_images, load_image, max_image_pixels, nfc
 
 PARAMS_FILE = "params.csv"
@@ -228,7 +228,8 @@ def decoding_once() -> Iterator[None]:
     outer = _DECODED
     _DECODED = _Decoded() if outer is None else outer
     try:
-        yield
+        with fingerprints_kept():  # (and each set of kept images is hashed once: `load_folder`)
+            yield
     finally:
         _DECODED = outer
 
@@ -319,7 +320,7 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     mode = "L" if channels == 1 else "RGB"
     max_image_pixels()  # a bad limit in the environment is refused once, not as the fault of every image
     decoded, sizes, unusable = [], [], []
-    for file in tqdm(files, desc=f"Decoding {root.name}", unit="img", disable=launched_rank() > 0):
+    for file in progress(files, desc=f"Decoding {root.name}", unit="img", disable=launched_rank() > 0):
         try:
             square, size = _decoded(file, resolution, mode)
             decoded.append(square)
@@ -340,5 +341,10 @@ def load_folder(root: str | Path, resolution: int, num_samples: int | None = Non
     info = DatasetInfo(name=f"folder:{root}", resolution=resolution, channels=images.shape[1],
                        class_names=class_names, param_names=param_names, param_ranges=param_ranges(params),
                        num_samples=len(files))
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64)[keep], params, info,
-                        files=tuple(f.relative_to(root).as_posix() for f in files))
+    # Kept decoded arrays are the same read-only objects at every load within `decoding_once`, so a set made of
+    # them, with the same labels and parameters, holds the same items: hashed once (`ImageDataset.fingerprint`).
+    labels = torch.tensor(labels, dtype=torch.int64)[keep]
+    kept = _DECODED is not None and not any(square.flags.writeable for square in decoded)
+    key = (info, tuple(map(id, decoded)), labels.numpy().tobytes(), params.numpy().tobytes()) if kept else None
+    return ImageDataset(images, labels, params, info, files=tuple(f.relative_to(root).as_posix() for f in files),
+                        content_key=key)

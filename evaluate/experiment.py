@@ -49,8 +49,8 @@ from core.runtime import atomic_write, resolve_device, write_json
 from data import check_output_outside, check_same_classes, check_spec, folder_of, load_dataset
 from data.folder import decoding_once
 from data.imageio import atomic_save_image, list_images
-from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
-                           same_folder, train_plan)
+from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count,
+                           note_test_samples, requested_config, same_folder, train_plan)
 from training.run import parse_stage_args, with_options
 
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -185,12 +185,14 @@ def training_sets(args: argparse.Namespace, rows: list[Row]) -> dict[str, str]:
                                     if row.synthetic and not row.extra and not row.pretrained_on}}
 
 
-def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig) -> None:
+def check_sets(args: argparse.Namespace, rows: list[Row], config: ClassifyConfig, request: ClassifyConfig) -> None:
     """Decode every training set and the test images once, before any run trains, and check each set against
     the test images as its runs will: a damaged image, a bad params.csv, or other classes than --test's are
-    refused now, not when the set's first run starts after the rows before it have trained."""
+    refused now, not when the set's first run starts after the rows before it have trained. `request`: a run's
+    config, whose test images are noted if fewer than it asks for."""
     data = config.data
     test = load_dataset(args.test, data.resolution, cache_dir=data.cache_dir, train=False)  # plumes: its test split
+    note_test_samples(request, len(test))
     for option, spec in training_sets(args, rows).items():
         train = load_dataset(spec, data.resolution, cache_dir=data.cache_dir)
         same_targets(train.info, test.info, "--test", config.model.target, train_option=option)
@@ -252,8 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for option, spec in training_sets(args, rows).items():
             check_same_classes(args.test, "--test", spec, option)
     check_first_runs([(row, out / "runs" / row.name / "seed0") for row in rows], args, passed, device)
-    with FolderLock(out), decoding_once():  # (every run, seed and check decodes a folder's images once)
-        check_sets(args, rows, config)
+    # (Every run, seed and check decodes a folder's images, and hashes them for its checkpoint, once.)
+    with FolderLock(out), decoding_once():
+        check_sets(args, rows, config, requested_config(rows[0], 0, out / "runs" / rows[0].name / "seed0", args,
+                                                        passed, Sizes()))
         size = plan_sizes(args, rows, config.data.resolution, config.data.cache_dir)
         sizes = size.describe(mixed=any(row.extra for row in rows)) if size != Sizes() else ""
         if sizes:

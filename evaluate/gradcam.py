@@ -39,6 +39,7 @@ import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -52,6 +53,7 @@ from core.runtime import atomic_write, resolve_device, write_csv, write_json
 from data import check_output_outside, check_spec, folder_classes, folder_of, load_dataset, trained_datasets
 from data.dataset import subset_indices
 from data.imageio import atomic_save_image, from_uint8, make_grid
+from evaluate import note_capped
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
@@ -171,17 +173,33 @@ def colour_map(values: Tensor) -> Tensor:
 UNKNOWN_CAPTION = "unknown class"  # beside the rows of images whose class the classifiers do not know
 
 
-def save_overlays(rows: Tensor, captions: Sequence[str], path: Path) -> None:
-    """Rows (B, columns, 3, H, W) in [-1, 1] as one PNG grid, a row per image; with any non-empty caption, a
-    column of captions in front (white on black, as the grid's padding), one per row."""
-    grid = Image.fromarray(make_grid(rows.flatten(0, 1), nrow=rows.shape[1]))
+GRID_PADDING = 2  # pixels around each cell of overlays.png
+
+
+def overlay_rows(images: Tensor, maps: Sequence[Tensor], batch_size: int) -> np.ndarray:
+    """The grid of overlays.png, a row per image: the image (uint8 (B, C, H, W), grey as RGB), then each map
+    (B, H, W) over it, as one uint8 (H', W', 3) array. Made `batch_size` rows at a time, so that only those are
+    ever held as floats; the rows are those of one `make_grid` over all of them."""
+    parts = []
+    for s in range(0, len(images), batch_size):
+        part = from_uint8(images[s:s + batch_size])
+        columns = [part.expand(-1, 3, -1, -1)] + [overlay(part, m[s:s + batch_size]) for m in maps]
+        grid = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=len(columns), padding=GRID_PADDING)
+        parts.append(grid if not parts else grid[GRID_PADDING:])  # (the padding above a part's first row: once)
+    return np.concatenate(parts)
+
+
+def save_overlays(grid: np.ndarray, captions: Sequence[str], path: Path) -> None:
+    """The grid of `overlay_rows` (a row per image) as one PNG; with any non-empty caption, a column of captions in
+    front (white on black, as the grid's padding), one per row."""
+    grid = Image.fromarray(grid)
     if any(captions):
         font = ImageFont.load_default()
         probe = ImageDraw.Draw(grid)
         width = max(probe.textbbox((0, 0), c, font=font)[2] for c in captions) + 6
         captioned = Image.new("RGB", (width + grid.width, grid.height))
         captioned.paste(grid, (width, 0))
-        draw, side = ImageDraw.Draw(captioned), rows.shape[-1] + 2  # the grid's cell: an image and its padding
+        draw, side = ImageDraw.Draw(captioned), (grid.height - GRID_PADDING) // len(captions)  # a cell: image, padding
         for k, caption in enumerate(captions):
             top, bottom = draw.textbbox((0, 0), caption, font=font)[1::2]
             draw.text((3, 2 + k * side + (side - 2 - (bottom - top)) // 2 - top), caption, fill="white", font=font)
@@ -219,18 +237,25 @@ def compare(classifiers: Sequence[tuple[str, Classifier]], images: Tensor, label
             explain: str = "pred", class_name: str | None = None, output: str | None = None,
             batch_size: int = 64, unknown: Sequence[str] = ()) -> tuple[dict[str, Tensor], list[dict], dict[str, dict]]:
     """Grad-CAM of each classifier on the same images: (maps per classifier, one stats row per image and
-    classifier, a summary per classifier). `labels` index the classifiers' classes and then `unknown`, classes
-    of the images that the classifiers do not know: an image of one is explained as the others are (its predicted
-    class, or --class) and left out of the accuracy. No pass through a network takes more than `batch_size` images."""
+    classifier, a summary per classifier). `images` (B, C, H, W) are uint8 as a dataset holds them, each batch
+    made floats in [-1, 1] only as it is used (the floats of them all take 4 times the memory), or such floats
+    already. `labels` index the classifiers' classes and then `unknown`, classes of the images that the classifiers
+    do not know: an image of one is explained as the others are (its predicted class, or --class) and left out of
+    the accuracy. No pass through a network takes more than `batch_size` images."""
+    def batches() -> Iterator[tuple[slice, Tensor]]:
+        for s in range(0, len(images), batch_size):
+            part = images[s:s + batch_size]
+            yield slice(s, s + batch_size), from_uint8(part) if part.dtype == torch.uint8 else part
+
     all_maps, rows, summary = {}, [], {}
     for name, classifier in classifiers:
         device = classifier.device
-        predicted = classifier.predict(images, batch_size)  # (the class --explain pred explains, and the accuracy)
+        # (The class --explain pred explains, and the accuracy.)
+        predicted = torch.cat([classifier.predict(part, batch_size) for _, part in batches()])
         targets = explained_targets(classifier, predicted, labels if labels is not None else torch.zeros(0), explain,
                                     class_name, output)
-        maps = torch.cat([grad_cam(classifier.net, classifier.prepare(images[s:s + batch_size]).to(device), layer,
-                                   targets[s:s + batch_size].to(device)).cpu()
-                          for s in range(0, len(images), batch_size)])
+        maps = torch.cat([grad_cam(classifier.net, classifier.prepare(part).to(device), layer, targets[at].to(device))
+                          .cpu() for at, part in batches()])
         stats = map_statistics(maps)
         all_maps[name] = maps
         is_class = classifier.config.target == "class"
@@ -351,9 +376,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     with OutputFolder(out):
         data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)
-        keep = subset_indices(len(data), min(args.num, len(data)), args.seed, f"--images {args.images}")
+        num = note_capped("--num", args.num, f"--images {args.images}", len(data))
+        keep = subset_indices(len(data), num, args.seed, f"--images {args.images}")
         data = data.subset(keep)
-        images = from_uint8(data.images)
+        images = data.images  # uint8: each batch becomes floats as it is used (`compare`, `overlay_rows`)
         labels, unknown = None, []
         if data.info.class_names and first.config.target == "class":
             # Matched by name: a set of some of the classes (sample.py --dataset-out --class red) is labelled too.
@@ -374,9 +400,8 @@ def main(argv: list[str] | None = None) -> Path:
                                       class_name=args.class_name, output=args.output, batch_size=args.batch_size,
                                       unknown=unknown)
         of_unknown = [] if labels is None else (labels >= len(first.output_names)).tolist()  # per image
-        columns = [images.expand(-1, 3, -1, -1)] + [overlay(images, maps[name]) for name in names]  # grey as RGB
-        save_overlays(torch.stack(columns, dim=1), [UNKNOWN_CAPTION if u else "" for u in of_unknown],
-                      out / "overlays.png")
+        save_overlays(overlay_rows(images, [maps[name] for name in names], args.batch_size),
+                      [UNKNOWN_CAPTION if u else "" for u in of_unknown], out / "overlays.png")
         write_csv(rows, out / "stats.csv")
         shown = sorted({unknown[int(y) - len(first.output_names)] for y, u in zip(labels, of_unknown) if u}
                        ) if any(of_unknown) else []

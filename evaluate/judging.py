@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from classify.model import Classifier
 from classify.plots import confusion_matrix_image, scatter_plot, side_by_side
@@ -31,6 +30,7 @@ from data.imageio import atomic_save_image, from_uint8, save_grid
 from ddpm.config import SamplingConfig
 from ddpm.generate import DiffusionSampler
 from ddpm.synthetic import plan_dataset
+from core.progress import progress
 from sampling.draw import Drawer
 
 DEFAULT_PER_CLASS, DEFAULT_NUM = 50, 200  # images drawn per class (class models), in all (parameter models)
@@ -109,7 +109,7 @@ def measure(model: DiffusionSampler, judge: Classifier, sampling: SamplingConfig
     plan = plan_dataset(model, seed, per_class=per_class if kind == "class" else None, num=num, params=params)
     draw = Drawer(model, sampling, amp, batch_size)
     images, predictions = [], []
-    for start in tqdm(range(0, len(plan.items), batch_size), desc="draw and judge", unit="batch"):
+    for start in progress(range(0, len(plan.items), batch_size), desc="draw and judge", unit="batch"):
         part = plan.items[start:start + batch_size]
         batch = draw.batch([item.record["seed"] for item in part], plan.conditions([i.index for i in part]))
         images.append(batch)
@@ -145,7 +145,7 @@ def judge_dataset(dataset: ImageDataset, judge: Classifier, batch_size: int = 64
     check_dataset(dataset.info, judge)
     kind, info = judge.config.target, dataset.info
     predicted = torch.cat([judge_images(judge, from_uint8(chunk)) for chunk in
-                           tqdm(dataset.images.split(batch_size), desc="judge", unit="batch")])
+                           progress(dataset.images.split(batch_size), desc="judge", unit="batch")])
     records = [{"index": i, "source": dataset.source(i)} for i in range(len(dataset))]
     if kind == "class":
         wanted = [info.class_names[int(k)] for k in dataset.labels]

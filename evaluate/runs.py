@@ -24,6 +24,7 @@ from core.contract import MAIN, RESUMABLE
 from core.errors import UserError
 from core.runtime import check_num_workers
 from data import SPLITS_WITH_TEST, folder_of
+from evaluate import note_capped
 from training.run import check_on_device, option_strings, parse_stage_args, resolve_config, run, with_options
 
 # Options the runner sets for each run itself; passing them after `--` would contradict it.
@@ -108,6 +109,15 @@ def same_folder(a: str, b: str) -> bool:
     """Whether two dataset specs name one folder, however its path is written (relative, with ~, a link)."""
     folder_a, folder_b = folder_of(a), folder_of(b)
     return folder_a is not None and folder_b is not None and folder_a.resolve() == folder_b.resolve()
+
+
+def note_test_samples(request: ClassifyConfig, holds: int) -> None:
+    """Say, before any run trains, where the runs' --test-samples (after --) asks for more images than their test
+    set holds (`holds`): each run tests on all of them (`data.load_test_set` takes at most what there is). The
+    plumes test split is simulated, as many images as asked for."""
+    data = request.data
+    if data.test_dataset != "plumes":
+        note_capped("--test-samples", data.test_samples, f"--test {data.test_dataset}", holds)
 
 
 def without_option(passed: list[str], option: str) -> list[str]:

@@ -55,7 +55,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import kernels
 from classify.config import PRESETS
@@ -78,11 +77,12 @@ from ddpm.schedule import Schedule
 from ddpm.source import ImageSource, Request
 from ddpm.synthetic import check_image_count
 from evaluate.judging import check_pair, judge_dataset
-from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count, requested_config,
-                           train_plan)
+from evaluate.runs import (ReusedRuns, Row, Sizes, check_first_runs, check_passed, check_seed_count,
+                           note_test_samples, requested_config, train_plan)
 from fid.domain import FEATURES_OPTION, ClassifierFeatures
 from fid.frechet import factor_of_features, frechet_distance
 from fid.kid import kid
+from core.progress import progress
 from sampling.command import add_drawing_options, check_drawing_batch
 from sampling.draw import Drawer, dataset_writer, draw_dataset, fill_dataset
 from stages import open_source
@@ -300,7 +300,8 @@ class Measured:
 
 
 def features_of(dataset: ImageDataset, features: ClassifierFeatures, batch_size: int, desc: str) -> np.ndarray:
-    chunks = [features(chunk.float() / 255) for chunk in tqdm(dataset.images.split(batch_size), desc=desc, unit="batch")]
+    chunks = [features(chunk.float() / 255) for chunk in progress(dataset.images.split(batch_size), desc=desc,
+                                                                  unit="batch")]
     return torch.cat(chunks).double().numpy()
 
 
@@ -694,7 +695,8 @@ def draw_sets(args: argparse.Namespace, source: ImageSource, settings: Sequence[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passed = parse_args(list(sys.argv[1:] if argv is None else argv))
-    with decoding_once():  # (the real row's checks, measures and runs, and each set's, decode its images once)
+    # (The real row's checks, measures and runs, and each set's, decode its images, and hash them, once.)
+    with decoding_once():
         return run_sweep(args, passed)
 
 
@@ -733,7 +735,9 @@ def run_sweep(args: argparse.Namespace, passed: list[str]) -> dict[str, Any]:
     if args.train:
         check_trained_labels(args, source, real, test, target, settings[0])
         # The options after -- as the runs will take them (the sets' runs differ only in their images).
-        check_first_runs([(Row("real", args.real), args.out / "runs" / "real" / "seed0")], args, passed, device)
+        real_row, first_run = Row("real", args.real), args.out / "runs" / "real" / "seed0"
+        check_first_runs([(real_row, first_run)], args, passed, device)
+        note_test_samples(requested_config(real_row, 0, first_run, args, passed, Sizes()), len(test))
 
     out = args.out
     with FolderLock(out):

@@ -17,7 +17,6 @@ from typing import Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .domain import ClassifierFeatures, fit_to
 from .folder import FolderBatches, ImageFolder, check_enough_images, check_file_selection
@@ -27,6 +26,7 @@ from .weights import build_fid_inception
 
 from core.checkpoint import state_fingerprint
 from core.errors import UserError
+from core.progress import progress
 from core.runtime import check_num_workers, resolve_device
 from core.speed import check_compile, inference_memory_format
 from data.folder import decode_square
@@ -137,7 +137,8 @@ class FeatureExtractor:
         """Features of `source`, one float32 CPU tensor (B, d) per batch (d = 2048 for Inception)."""
         images, total, name = self._image_batches(source)
         network = self.network  # built before the first batch is read, so a missing weights file fails fast
-        for batch in tqdm(images, total=total, desc=f"FID features {name}", unit="batch", disable=not self.progress):
+        for batch in progress(images, total=total, desc=f"FID features {name}", unit="batch",
+                              disable=not self.progress):
             batch = _check_layout(batch).to(self.device, torch.float32, memory_format=self.memory_format)
             low_high = torch.stack(torch.aminmax(batch))  # one pass over the batch for both bounds
             features = network(batch).cpu()

@@ -22,7 +22,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -189,7 +189,9 @@ class FolderBatches:
     A file that cannot be read raises its own one-sentence error here, whichever process read it.
     Raised inside a DataLoader worker, it would reach the user wrapped in that worker's traceback
     ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."), so workers hand it
-    back as the batch instead and it is raised on arrival.
+    back as the batch instead and it is raised on arrival. So are warnings: a worker would print its own,
+    beside this process's progress bar (or drop them where this process records its warnings), so they
+    come back with the batch and are warned again here, where this process's filters and bar see them.
     """
 
     def __init__(self, folder: ImageFolder, batch_size: int, num_workers: int,
@@ -209,7 +211,9 @@ class FolderBatches:
         with stop_signals_held():  # the workers start here (see `core.cli.stop_signals_held`)
             batches = iter(self.loader)
         try:
-            for batch in batches:
+            for batch, warned in batches:
+                for category, message in warned:
+                    warnings.warn(message, category, stacklevel=2)
                 if isinstance(batch, Exception):
                     raise batch
                 yield batch
@@ -219,9 +223,16 @@ class FolderBatches:
             del batches
 
 
+class _Read(NamedTuple):
+    """An image, or a batch, as a worker hands it back: itself or the error that stopped it, and the warnings
+    (category, message) raised while it was read."""
+    value: torch.Tensor | Exception
+    warned: tuple[tuple[type[Warning], str], ...]
+
+
 class _ErrorsAsItems(Dataset):
     """The folder's images, each with more pixels than size x size fitted to the network input on its
-    own; an error is returned as the item rather than raised."""
+    own; an error is returned as the item rather than raised, and warnings with it (`_Read`)."""
 
     def __init__(self, folder: ImageFolder, fit: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
         self.folder, self.fit, self.size = folder, fit, size
@@ -229,7 +240,13 @@ class _ErrorsAsItems(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> torch.Tensor | Exception:
+    def __getitem__(self, index: int) -> _Read:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # which are shown is for the filters of the process that warns again
+            value = self._read(index)
+        return _Read(value, tuple((w.category, str(w.message)) for w in caught))
+
+    def _read(self, index: int) -> torch.Tensor | Exception:
         try:
             image = self.folder[index]
         except (ValueError, OSError) as err:  # a file that cannot be read, or that vanished
@@ -241,7 +258,7 @@ class _ErrorsAsItems(Dataset):
         return image
 
 
-def _collate_or_error(items: list[torch.Tensor | Exception],
-                      fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | Exception:
-    errors = [item for item in items if isinstance(item, Exception)]
-    return errors[0] if errors else collate_images(items, fit)
+def _collate_or_error(items: list[_Read], fit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> _Read:
+    errors = [item.value for item in items if isinstance(item.value, Exception)]
+    warned = tuple(w for item in items for w in item.warned)
+    return _Read(errors[0] if errors else collate_images([item.value for item in items], fit), warned)

@@ -174,10 +174,10 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
         raise UserError(f"Statistics file {path} is not a NumPy .npz file ({what}); create it with "
                         f"`python -m fid --save-stats FOLDER OUT.npz`.")
     try:
-        loaded = np.load(path)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise UserError("it holds one unnamed array")
-        with loaded:
+        with open(path, "rb") as file:  # (ours to close: numpy leaves a file it opened open when it cannot parse it)
+            loaded = np.load(file)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise UserError("it holds one unnamed array")
             keys = sorted(loaded.files)
             arrays = {key: _as_float(loaded[key]) for key in ("mu", "sigma") if key in keys}
             record = {field: loaded[key][()] for field, key in PROVENANCE_KEYS.items() if key in keys}

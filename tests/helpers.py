@@ -56,6 +56,12 @@ def colour_folder(root: Path, per_class: int, seed: int, classes: dict = COLOURS
     return root
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image file at `path`, read from its header (the file closed again)."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def noise_folder(root: Path, count: int, classes: int = 0) -> Path:
     """`count` RES px RGB images of uniform noise (seed 0): in `classes` class folders class0, class1, ... taken in
     turn, or flat for 0."""

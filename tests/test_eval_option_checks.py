@@ -221,3 +221,23 @@ def test_the_sweeps_training_options_are_checked_before_anything_is_drawn(class_
     with pytest.raises(UserError, match=r"^--amp fp16 needs a CUDA GPU"):
         sweep.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_test_samples_beyond_the_test_images_are_said_once_before_any_run_trains(tmp_path, capsys, monkeypatch):
+    """--test-samples after -- asking for more images than --test holds became all of them in every run, unsaid."""
+    class Trained(Exception):
+        pass
+
+    def train_plan(*args, **kwargs):
+        raise Trained
+    monkeypatch.setattr(experiment, "train_plan", train_plan)
+    real, synth, test = (colour_folder(tmp_path / name, 2, seed=k) for k, name in enumerate(("real", "synth", "test")))
+    argv = ["--real", f"folder:{real}", "--synthetic", f"gen=folder:{synth}", "--test", f"folder:{test}", "--seeds",
+            "2", "--out", str(tmp_path / "out"), *CPU, "--", "--target", "class", "--resolution", str(RES)]
+    with pytest.raises(Trained):
+        experiment.main(argv + ["--test-samples", "50"])
+    said = capsys.readouterr().out.splitlines()
+    assert said.count(f"--test-samples 50 asks for more images than --test folder:{test} holds (6); using 6.") == 1
+    with pytest.raises(Trained):
+        experiment.main(argv + ["--test-samples", "6"])
+    assert "asks for more" not in capsys.readouterr().out

@@ -1233,3 +1233,87 @@ def test_decoding_workers_leave_stop_signals_to_the_main_process(tmp_path):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# warnings while a progress bar is on screen
+
+
+def plain_showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python's own way of showing a warning (as the Python API and --debug show them), written out: pytest
+    records warnings instead of showing them."""
+    (sys.stderr if file is None else file).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def screen_lines(text: str) -> list[str]:
+    """What a terminal shows of `text`: each line as the last carriage return left it."""
+    return [line.split("\r")[-1] for line in text.split("\n")]
+
+
+def test_a_warning_while_features_are_computed_goes_above_the_bar_on_a_line_of_its_own(capsys):
+    """Python's own showwarning wrote a warning raised under the bar after the bar, on its line
+    ("... 0/2 [00:00<?, ?batch/s]/path/file.py:12: UserWarning: ...")."""
+    from fid.inception import FEATURE_DIM
+    ex = fid.FeatureExtractor(weights="random", device="cpu", batch_size=2, progress=True)
+
+    def warning_network(batch: torch.Tensor) -> torch.Tensor:
+        warnings.warn(f"a batch of {len(batch)}", UserWarning)
+        return torch.zeros(len(batch), FEATURE_DIM)
+    ex._network = warning_network
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = plain_showwarning
+        assert ex.features(torch.rand(3, 3, 8, 8)).shape == (3, FEATURE_DIM)
+        assert warnings.showwarning is plain_showwarning
+    err = capsys.readouterr().err
+    assert "FID features tensor" in err                                      # the bar was on screen
+    for size in (2, 1):
+        (shown,) = [line for line in screen_lines(err) if f"UserWarning: a batch of {size}" in line]
+        assert shown.startswith(f"{__file__}:")                              # the warning alone on its line
+
+
+def test_warnings_above_a_bar_keep_the_shown_form_and_recorded_warnings_and_end_with_it(capsys):
+    from tqdm import tqdm
+    from core.cli import print_warning
+    from core.progress import progress, warnings_above
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = print_warning  # the commands' one line ("warning: ..."), kept as it is
+        for _ in progress(range(1), desc="bar", mininterval=0):
+            warnings.warn("the commands' form")
+        warnings.showwarning = plain_showwarning
+        with pytest.raises(ZeroDivisionError):
+            with tqdm(range(2), desc="bar") as bar, warnings_above(bar):
+                assert warnings.showwarning is not plain_showwarning
+                1 / 0
+        assert warnings.showwarning is plain_showwarning                   # restored, though the body raised
+        with pytest.raises(ZeroDivisionError):
+            for _ in progress(range(2), desc="bar"):
+                1 / 0
+        assert warnings.showwarning is plain_showwarning
+    assert "warning: the commands' form" in screen_lines(capsys.readouterr().err)
+    with pytest.warns(UserWarning, match="recorded"):                      # pytest's record is kept
+        for _ in progress(range(1), desc="bar"):
+            warnings.warn("recorded")
+    assert "recorded" not in capsys.readouterr().err
+
+
+def warning_decode(path: Path) -> np.ndarray:
+    """A decoder (for `ImageFolder.decoded_by`, picklable for workers) that warns about every file it reads."""
+    warnings.warn(f"decoded {path.name}", UserWarning)
+    return np.zeros((8, 8, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_warnings_of_decoding_workers_are_warned_in_the_main_process(tmp_path, workers):
+    """A DataLoader worker showed its warnings itself, beside the main process's bar (Python's showwarning), or
+    nowhere where the main process records them (pytest; `catch_warnings(record=True)`)."""
+    for k in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
+    folder = ImageFolder(tmp_path).decoded_by(warning_decode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(FolderBatches(folder, 2, workers))
+    assert [len(batch) for batch in batches] == [2, 1]
+    assert sorted(str(w.message) for w in caught) == ["decoded 0.png", "decoded 1.png", "decoded 2.png"]
+    assert all(w.category is UserWarning for w in caught)

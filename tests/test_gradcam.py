@@ -19,6 +19,8 @@ from evaluate.gradcam import grad_cam, map_statistics
 from core.checkpoint import save_checkpoint
 from core.config import to_dict
 from data import DatasetInfo
+from data.imageio import from_uint8, make_grid
+from helpers import image_size
 
 
 def resnet(outputs: int = 3, seed: int = 0) -> nn.Module:
@@ -153,7 +155,7 @@ def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_pat
         assert 0.1 - 1e-9 <= float(r["focus"]) <= 1 and 0 <= float(r["entropy"]) <= 1 and r["label"] in ("blue", "red")
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert set(summary) == {"real", "synthetic"} and 0 <= summary["real"]["accuracy"] <= 1
-    assert Image.open(out / "overlays.png").size == (3 * 18 + 2, 5 * 18 + 2)      # rows: images; 3 columns
+    assert image_size(out / "overlays.png") == (3 * 18 + 2, 5 * 18 + 2)      # rows: images; 3 columns
     with pytest.raises(FileExistsError, match="already holds files"):
         gradcam.main(["--ckpt", str(a), "--images", f"folder:{images}", "--out", str(out), "--device", "cpu"])
 
@@ -241,7 +243,8 @@ def test_a_greyscale_classifier_is_drawn_beside_its_images(tmp_path):
                      "models": {"model": build_resnet18(config, resolution=16).state_dict()}}, tmp_path / "grey.pt")
     out = gradcam.main(["--ckpt", str(tmp_path / "grey.pt"), "--images", f"folder:{tmp_path / 'images'}", "--out",
                         str(tmp_path / "out"), "--device", "cpu"])
-    assert Image.open(out / "overlays.png").size == (2 * 18 + 2, 18 + 2) and Image.open(out / "overlays.png").mode == "RGB"
+    with Image.open(out / "overlays.png") as drawn:
+        assert drawn.size == (2 * 18 + 2, 18 + 2) and drawn.mode == "RGB"
 
 
 def red_images(root: Path, classes=("red",)) -> Path:
@@ -302,3 +305,62 @@ def test_a_set_of_some_of_the_classes_is_labelled_by_name(tmp_path):
         gradcam.main(["--ckpt", str(ckpt), "--name", "a", "--images", f"folder:{green}", "--explain", "label",
                       "--out", str(tmp_path / "bad"), "--device", "cpu"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_images_are_held_as_uint8_and_the_outputs_are_those_of_their_floats(tmp_path, monkeypatch):
+    """Every --num image was held as floats (4 bytes a value) for overlays.png, which drew them all at once: they
+    are held as the dataset's uint8 now, each batch made floats as it is used, and every pixel and number written
+    is what the floats of all the images at once give."""
+    from data import load_dataset
+    from data.dataset import subset_indices
+    images = tmp_path / "images"
+    for name, colour in (("blue", (20, 20, 230)), ("red", (230, 20, 20))):
+        (images / name).mkdir(parents=True)
+        for k in range(3):
+            pixels = np.clip(np.array(colour) + np.random.default_rng(k).normal(0, 30, (16, 16, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(images / name / f"{k}.png")
+    a, b = classifier_checkpoint(tmp_path / "a.pt", 0), classifier_checkpoint(tmp_path / "b.pt", 1)
+    held, compare = [], gradcam.compare
+    monkeypatch.setattr(gradcam, "compare", lambda classifiers, given, *args, **kwargs: held.append(given) or
+                        compare(classifiers, given, *args, **kwargs))
+    out = gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "real", "--name", "synthetic", "--images",
+                        f"folder:{images}", "--num", "5", "--batch-size", "2", "--out", str(tmp_path / "out"),
+                        "--device", "cpu"])
+    assert held[0].dtype == torch.uint8 and held[0].shape == (5, 3, 16, 16)
+    # The five images as floats, all at once, as overlays.png was drawn from them (the maps in the same batches).
+    data = load_dataset(f"folder:{images}", 16, channels=3)
+    data = data.subset(subset_indices(len(data), 5, 0, "the images"))
+    floats = from_uint8(data.images)
+    maps, rows, _ = compare([("real", load_classifier(a)), ("synthetic", load_classifier(b))], floats,
+                            data.labels, layer="layer4", batch_size=2)
+    columns = [floats.expand(-1, 3, -1, -1)] + [gradcam.overlay(floats, maps[name]) for name in ("real", "synthetic")]
+    expected = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=len(columns))
+    assert np.array_equal(np.asarray(Image.open(out / "overlays.png")), expected)
+    with open(out / "stats.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    np.testing.assert_array_equal([[float(row[s]) for s in gradcam.STATISTICS] for row in written],
+                                  [[row[s] for s in gradcam.STATISTICS] for row in rows])
+
+
+def test_overlay_rows_made_a_batch_at_a_time_are_one_grid_of_them_all():
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    maps = [torch.rand(5, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    floats = from_uint8(images)
+    columns = [floats.expand(-1, 3, -1, -1)] + [gradcam.overlay(floats, m) for m in maps]   # grey as RGB
+    whole = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3)
+    for batch_size in (1, 2, 5, 64):
+        assert np.array_equal(gradcam.overlay_rows(images, maps, batch_size), whole)
+
+
+def test_a_num_beyond_the_images_is_said_and_every_image_used(tmp_path, capsys):
+    """--num larger than the images available silently became their number."""
+    images = red_images(tmp_path / "images")
+    ckpt = classifier_checkpoint(tmp_path / "a.pt", 0)
+    out = gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--num", "500", "--out",
+                        str(tmp_path / "out"), "--device", "cpu"])
+    said = capsys.readouterr().out.splitlines()
+    assert f"--num 500 asks for more images than --images folder:{images} holds (2); using 2." in said
+    assert json.loads((out / "summary.json").read_text())["num"] == 2
+    gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--num", "2", "--out", str(tmp_path / "two"),
+                  "--device", "cpu"])
+    assert "asks for more" not in capsys.readouterr().out

@@ -168,7 +168,7 @@ def test_ldm_checkpoint_carries_its_autoencoder_and_samples_alone(ldm_run, vae_r
     with Image.open(out / "reverse.gif") as gif:
         # One frame per step plus the result (Pillow merges identical neighbours), decoded to pixels.
         assert 1 < gif.n_frames <= 5 and gif.size == (2 * (RES + 2) + 2, RES + 2 + 2)
-    rows = list(__import__("csv").DictReader(open(out / "manifest.csv")))
+    rows = list(__import__("csv").DictReader((out / "manifest.csv").read_text().splitlines()))
     assert [float(r["wind"]) for r in rows] == [-1.0, -1.0]
 
 
@@ -484,7 +484,7 @@ def test_class_conditional_latent_model_samples_the_asked_class(tmp_path, cache,
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
     out = sample.main(["--ckpt", ckpt, "--class", "red", "--guidance-scale", "2", "--num", "2", "--steps", "3",
                        "--out", str(tmp_path / "red"), "--device", "cpu"])
-    assert [r["class"] for r in __import__("csv").DictReader(open(out / "manifest.csv"))] == ["red", "red"]
+    assert [r["class"] for r in __import__("csv").DictReader((out / "manifest.csv").read_text().splitlines())] == ["red", "red"]
     out = sample.main(["--ckpt", ckpt, "--sweep", "class", "--num", "1", "--steps", "3", "--out", str(tmp_path / "sweep"),
                        "--device", "cpu"])
     with Image.open(out / "sweep.png") as grid:

@@ -353,7 +353,8 @@ def test_help_read_by_a_command_that_stops_early_ends_quietly():
     assert process.stdout.readline() == "line of help\n"
     process.stdout.close()  # as `head -1` does
     assert process.wait(timeout=60) == 128 + signal.SIGPIPE
-    assert process.stderr.read() == ""
+    with process.stderr:
+        assert process.stderr.read() == ""
 
 
 def test_a_broken_pipe_other_than_stdout_is_reported_not_ended_quietly():

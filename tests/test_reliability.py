@@ -382,6 +382,7 @@ def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path, caps
             os.kill(child, 0)  # still running (this raises once it is gone)
         assert "taking over" in capsys.readouterr().err
     finally:
+        parent.stdout.close()
         try:
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:

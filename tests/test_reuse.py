@@ -22,12 +22,13 @@ from PIL import Image
 import fid.__main__ as fid_command
 import train
 from core.runtime import Runtime
+import data.dataset
 from data import DatasetInfo, ImageDataset
 from evaluate import experiment
 from fid.features import NETWORK, weights_fingerprint
 from fid.stats import Provenance, Statistics, save_statistics
 from fid.weights import build_fid_inception
-from helpers import RES, colour_folder
+from helpers import RES, colour_folder, image_size
 from ldm.latents import cache_path, encode_dataset, latent_dataset
 from vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -39,7 +40,7 @@ def repaint(folder: Path) -> None:
     """Change the images of `folder` in place (every one, so that any seeded subset sees it): same paths,
     other pixels."""
     for k, path in enumerate(sorted(folder.rglob("*.png"))):
-        Image.new("RGB", Image.open(path).size, (255, 255, k)).save(path)
+        Image.new("RGB", image_size(path), (255, 255, k)).save(path)
 
 
 def experiment_argv(root: Path, *options: str, synthetic: Path | None = None, test: Path | None = None) -> list[str]:
@@ -431,3 +432,64 @@ def test_within_decoding_once_a_folder_is_decoded_once_and_a_rewritten_file_agai
     load_folder(folder, RES)                            # after the block: decoded again, as any load is
     assert len(decoded) == 25
 
+
+
+def test_within_decoding_once_a_folder_set_is_hashed_once_and_a_rewritten_file_again(tmp_path, monkeypatch):
+    import data.dataset
+    from data.folder import decoding_once, load_folder
+    folder = colour_folder(tmp_path / "images", 2, seed=0)
+    hashed, compute = [], data.dataset.content_hash
+    monkeypatch.setattr(data.dataset, "content_hash", lambda *tensors: hashed.append(1) or compute(*tensors))
+
+    def fresh(dataset) -> str:  # its fingerprint, computed from its tensors
+        return compute(dataset.images, dataset.labels, dataset.params)
+    plain = load_folder(folder, RES).fingerprint()
+    with decoding_once():
+        assert [load_folder(folder, RES).fingerprint() for _ in range(3)] == [plain] * 3
+        some = load_folder(folder, RES, num_samples=3, seed=1)
+        assert some.fingerprint() == some.fingerprint() == fresh(some)
+        assert len(hashed) == 3                         # the plain one, then once for the three loads, once for some
+        part = load_folder(folder, RES).subset(torch.tensor([0, 2]))
+        assert part.fingerprint() == part.fingerprint() == fresh(part) and len(hashed) == 4
+        grey = load_folder(folder, RES, channels=1)     # the same files read otherwise: hashed on their own
+        assert grey.fingerprint() == fresh(grey) != plain and len(hashed) == 5
+        Image.new("RGB", (RES, RES), (1, 2, 3)).save(folder / "red" / "0.png")  # another size on disk: another file
+        changed = load_folder(folder, RES)
+        assert changed.fingerprint() == fresh(changed) != plain and len(hashed) == 6
+    load_folder(folder, RES).fingerprint()              # after the block: hashed again, as any set is
+    assert len(hashed) == 7
+
+
+def test_a_table_of_several_seeds_hashes_each_set_of_a_folder_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    """Every run hashed the images of its sets again for its checkpoint (and every check of a kept run), though
+    `decoding_once` decoded them once: a table of 3 rows and 2 seeds hashed the --test folder 6 times."""
+    for name, seed, per_class in (("real", 0, 4), ("synth", 1, 2), ("test", 2, 2)):
+        colour_folder(tmp_path / name, per_class, seed=seed)
+    hashed, fingerprint = [], ImageDataset.fingerprint
+    compute = data.dataset.content_hash
+
+    def spy(dataset: ImageDataset) -> str:  # a fingerprint, and whether it was computed for it
+        count = len(computed)
+        value = fingerprint(dataset)
+        if len(computed) > count:
+            hashed.append((dataset.info.name, dataset.files, value))
+        return value
+    computed = []
+    monkeypatch.setattr(data.dataset, "content_hash", lambda *tensors: computed.append(1) or compute(*tensors))
+    monkeypatch.setattr(ImageDataset, "fingerprint", spy)
+    argv = experiment_argv(tmp_path)
+    argv[argv.index("--seeds") + 1] = "2"
+    experiment.main(argv)
+    counts: dict[tuple, int] = {}
+    for name, files, _ in hashed:
+        counts[name, files] = counts.get((name, files), 0) + 1
+    folders = {f"folder:{(tmp_path / name).resolve()}" for name in ("real", "synth", "test")}
+    assert folders < {name for name, _ in counts} and any("+" in name for name, _ in counts)  # (a mixed row's too)
+    assert set(counts.values()) == {1}, counts
+    test = f"folder:{(tmp_path / 'test').resolve()}"
+    before = {value for name, _, value in hashed if name == test}
+    hashed.clear()
+    repaint(tmp_path / "test")                          # between two commands
+    with pytest.raises(ValueError, match=r"^The images of --test \(folder:.*\) changed since"):
+        experiment.main(argv)
+    assert {value for name, _, value in hashed if name == test}.isdisjoint(before)

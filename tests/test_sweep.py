@@ -14,7 +14,7 @@ from core.errors import UserError
 from fid.kid import kid
 from evaluate import sweep
 from evaluate.sweep import Measured, Setting
-from helpers import COLOURS, RES, colour_folder
+from helpers import COLOURS, RES, colour_folder, image_size
 from test_gradcam import classifier_checkpoint
 
 CLASSES = ("blue", "green", "red")
@@ -62,7 +62,7 @@ def test_one_row_per_setting_each_measured_and_trained(finished):
             assert set(row["diversity_per_class"]) == set(CLASSES)
     best = max((n for n in names[1:]), key=lambda n: summary["rows"][n]["accuracy"])
     assert summary["best"] == best and f"**{best}** (best)" in (finished / "sweep.md").read_text()
-    assert Image.open(finished / "sweep.png").size[0] > 300
+    assert image_size(finished / "sweep.png")[0] > 300
 
 
 def test_a_set_is_the_images_sample_py_writes_with_that_setting(finished, inputs, tmp_path):
@@ -451,7 +451,7 @@ def test_a_set_changed_after_its_classifier_was_trained_is_refused_in_the_sweeps
     command[command.index("--guidance") + 1], command[command.index("--steps") + 1] = "1", "2"
     sweep.main(command)
     image = next((out / "sets" / "ddim-2-g1").rglob("*.png"))
-    Image.new("RGB", Image.open(image).size, (255, 255, 0)).save(image)
+    Image.new("RGB", image_size(image), (255, 255, 0)).save(image)
     with pytest.raises(UserError, match=r"The images of the set of ddim-2-g1 \(folder:.*\) changed") as refused:
         sweep.main(command)
     assert "--synthetic" not in str(refused.value) and "row name" not in str(refused.value)
@@ -636,3 +636,27 @@ def test_bins_that_no_image_of_a_set_falls_in_are_refused_before_anything_is_dra
                                         r"classifier could not be tested .*; raise --num"):
         sweep.main(command)
     assert not (tmp_path / "out").exists()
+
+
+def test_test_samples_beyond_the_test_images_are_said_before_anything_is_drawn(inputs, tmp_path, capsys, monkeypatch):
+    """--test-samples after -- asking for more images than --test holds became all of them in every run, unsaid."""
+    class Drawn(Exception):
+        pass
+
+    def folder_lock(out):
+        raise Drawn
+    monkeypatch.setattr(sweep, "FolderLock", folder_lock)
+    with pytest.raises(Drawn):
+        sweep.main(argv(inputs, tmp_path / "out") + ["--test-samples", "50"])  # (after --)
+    said = capsys.readouterr().out.splitlines()
+    assert f"--test-samples 50 asks for more images than --test folder:{inputs['test']} holds (6); using 6." in said
+
+
+def test_a_rerun_hashes_each_set_once_though_every_measure_and_kept_run_checks_it(finished, inputs, monkeypatch):
+    """Each set's measures and each kept run's check hashed its images again: the --test folder 10 times."""
+    import data.dataset
+    hashed, compute = [], data.dataset.content_hash
+    monkeypatch.setattr(data.dataset, "content_hash", lambda *tensors: hashed.append(tensors) or compute(*tensors))
+    sweep.main(argv(inputs, finished))
+    assert len(hashed) == 6                                                     # --test, the real row and 4 sets
+    assert len({compute(*tensors) for tensors in hashed}) == 6

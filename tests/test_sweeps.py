@@ -50,7 +50,7 @@ def test_a_sweep_cell_is_that_rows_image_at_that_columns_value(params_run, tmp_p
     assert grid.shape[:2] == (2 * (RES + 2) + 2, 3 * (RES + 2) + 2)          # rows: images, columns: values
     with Image.open(out / "sweep.gif") as gif:  # a frame per value, showing every row side by side
         assert gif.size == (2 * (RES + 2) + 2, RES + 4)
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
     assert [float(r["wind"]) for r in rows] == [0.0, 0.5, 1.0] * 2 and {r["heat"] for r in rows} == {"3.0"}
     for row in range(2):
         for column, wind in enumerate(("0", "0.5", "1")):
@@ -63,10 +63,10 @@ def test_a_sweep_cell_is_that_rows_image_at_that_columns_value(params_run, tmp_p
 
 def test_a_class_sweep_steps_through_the_classes(class_run, tmp_path):
     out = draw(class_run / "checkpoint.pt", tmp_path / "sweep", "--sweep", "class", "--num", "1")
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
     assert [r["class"] for r in rows] == ["blue", "green", "red"]
     out = draw(class_run / "checkpoint.pt", tmp_path / "some", "--sweep", "class=red,blue", "--num", "1")
-    assert [r["class"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["red", "blue"]
+    assert [r["class"] for r in csv.DictReader((out / "sweep.csv").read_text().splitlines())] == ["red", "blue"]
 
 
 def test_interpolation_strips_end_at_the_images_of_their_two_seeds_and_conditions(params_run, tmp_path):
