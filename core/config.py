@@ -9,13 +9,14 @@ value of the default preset, and only options the user actually passes override 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from core.checkpoint import describe
 from core.cli import int_option
@@ -273,6 +274,17 @@ def in_option_words(err: Exception, cls: type, skip: Iterable[str] = ()) -> str:
     if not isinstance(err, FieldError):
         return str(err)
     return err.naming(option_names(cls, skip))
+
+
+@contextlib.contextmanager
+def in_options(cls: type, names: dict[str, str] | None = None) -> Iterator[None]:
+    """Within the body, a `FieldError` of `cls`'s checks (one run after it was built, such as
+    `SamplingConfig.check_against`) reads in the words of the options that set its fields; `names` spells those a
+    tool names otherwise (the sweep's --guidance for guidance_scale)."""
+    try:
+        yield
+    except FieldError as err:
+        raise UserError(err.naming({**option_names(cls), **(names or {})})) from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,

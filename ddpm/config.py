@@ -112,8 +112,11 @@ class SamplingConfig:
                              minimum=minimum, value=self.steps)
 
     def check_against(self, schedule: Schedule) -> None:
+        """Refuse more steps than the model has timesteps (a `FieldError`: a command words it with
+        `core.config.in_options`); warn of a first step so low that the samples stay noise."""
         T = schedule.num_timesteps
-        require(self.steps <= T, f"--steps must be at most the model's T = {T}, got {self.steps}.")
+        if self.steps > T:
+            raise FieldError("{steps} must be at most the model's T = {T}, got {value}.", T=T, value=self.steps)
         first = int(make_timesteps(T, self.steps, self.spacing).max())
         if first < T // 2:  # e.g. one step of uniform spacing: t = 0, where x_T is taken for a clean image
             warnings.warn(f"--steps {self.steps} with --spacing {self.spacing} starts at t = {first} of T = {T}, so the "

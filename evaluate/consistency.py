@@ -40,7 +40,7 @@ import torch
 import kernels
 from classify.model import Classifier, load_classifier
 from core.checkpoint import peek_checkpoint
-from core.config import add_config_arguments, given_in, override
+from core.config import add_config_arguments, given_in, in_options, override
 from core.errors import UserError
 from core.lock import OutputFolder, check_output_folder
 from core.runtime import autocast_dtype, resolve_device
@@ -132,7 +132,8 @@ def plan_drawing(args: argparse.Namespace, sampling: SamplingConfig, device: tor
     model = image_source.model
     check_sampling_options(args, model)
     speed_up(model.net, device, compile=args.compile)
-    sampling.check_against(model.schedule)
+    with in_options(SamplingConfig):
+        sampling.check_against(model.schedule)
     check_pair(model.net.config.cond, model.info, judge)
     cond = model.net.config.cond
     for option, given, owner in (("--per-class", args.per_class, "class"), ("--num", args.num, "params"),

@@ -62,6 +62,7 @@ from classify.model import Classifier
 from classify.plots import bar_chart, line_chart, side_by_side
 from classify.stage import SPEC as CLASSIFY, check_held_out
 from core.checkpoint import peek_checkpoint
+from core.config import in_options
 from core.errors import UserError
 from core.lock import FolderLock, check_folder_path, check_own_folder, holds_files
 from core.runtime import atomic_write, autocast_dtype, resolve_device, write_json
@@ -111,8 +112,15 @@ class Setting:
         spacing = "" if self.spacing == SamplingConfig.spacing else f"-{self.spacing}"
         return f"{self.sampler}-{self.steps}-g{self.guidance:g}{spacing}"
 
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance, spacing=self.spacing)
+    def sampling(self, schedule: Schedule | None = None) -> SamplingConfig:
+        """This setting as sample.py's config, refused in the sweep's option words where no sampler takes it, or
+        where it asks for more steps than `schedule` (the model's) has."""
+        with in_options(SamplingConfig, {"guidance_scale": "--guidance"}):
+            sampling = SamplingConfig(sampler=self.sampler, steps=self.steps, guidance_scale=self.guidance,
+                                      spacing=self.spacing)
+            if schedule is not None:
+                sampling.check_against(schedule)
+        return sampling
 
 
 def _list(kind: type, option: str):
@@ -712,7 +720,7 @@ def run_sweep(args: argparse.Namespace, passed: list[str]) -> dict[str, Any]:
     check_model(args, source, judge)
     settings = settings_of(args, source.default_guidance or SamplingConfig().guidance_scale)
     for setting in settings:
-        setting.sampling().check_against(source.model.schedule)
+        setting.sampling(source.model.schedule)
     check_write_best(args, source, settings)
     speed_up(source.model.net, device)
     amp = autocast_dtype(args.amp, device)

@@ -18,7 +18,7 @@ from core.errors import ExistsError, MissingFileError, UserError
 import kernels
 from core import cli
 from core.checkpoint import checkpoint_stage
-from core.config import given_in, override
+from core.config import given_in, in_options, override
 from core.lock import UNFINISHED, FolderLock, OutputFolder, check_output_folder
 from core.runtime import AMP_MODES, KERNEL_BACKENDS, KERNELS_HELP, autocast_dtype, check_batch_fits, resolve_device
 from core.speed import check_compile, check_cuda_graphs, speed_up
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace, open_source: OpenSource, option_sections: Mapp
     check_against_source(args, request, source, option_sections or {})
     if source.default_guidance is not None and "guidance_scale" not in given_in(args, "sampling"):
         sampling = dataclasses.replace(sampling, guidance_scale=source.default_guidance)
-    sampling.check_against(model.schedule)
+    with in_options(SamplingConfig):
+        sampling.check_against(model.schedule)
     draw = Drawer(model, sampling, amp, args.batch_size)
     if args.dataset_out is not None:
         plan, writer = dataset_writer(draw, request, source, args.weights, args.ckpt)

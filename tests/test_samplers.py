@@ -466,3 +466,13 @@ def test_a_sweep_beyond_the_training_range_is_warned_of_as_a_param_is(params_ckp
     with warnings.catch_warnings():
         warnings.simplefilter("error")                              # within the range: nothing to warn of
         sample.main([*common, "--out", str(tmp_path / "near"), "--sweep", "wind=-1:1:2"])
+
+
+def test_more_steps_than_the_model_has_timesteps_are_refused_in_field_names_to_code():
+    """SamplingConfig.check_against names the field it refuses (a FieldError); sample.py words it as --steps
+    (tests/test_reliability.py), the sweep too (tests/test_sweep.py)."""
+    from core.errors import FieldError
+    from ddpm.config import SamplingConfig
+    with pytest.raises(FieldError) as refused:
+        SamplingConfig(steps=101).check_against(Schedule(make_betas("linear", 100)))
+    assert str(refused.value) == "steps must be at most the model's T = 100, got 101."

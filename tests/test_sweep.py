@@ -212,11 +212,13 @@ def test_fewer_real_images_than_a_set_holds_make_the_real_row_of_all_of_them(inp
 def test_options_are_checked_before_any_work(inputs, tmp_path):
     out = tmp_path / "out"
     for options, message in ((["--criterion", "accuracy"], "needs the trained classifiers"),
-                             (["--sampler", "pndm", "--steps", "2"], "at least 4 steps"),
+                             # (in the sweep's options, where SamplingConfig names its fields)
+                             (["--sampler", "pndm", "--steps", "2"], r"^--sampler pndm needs at least 4 steps, got 2\.$"),
+                             (["--steps", "5000"], r"^--steps must be at most the model's T = \d+, got 5000\.$"),
                              (["--num", "5"], "use --per-class"),
                              (["--write-num", "4"], "add --write-best"),
                              (["--classes", "wind:3"], "not conditioned on parameters"),
-                             (["--spacing", "uniform,leading"], "spacing"),
+                             (["--spacing", "uniform,leading"], r"^--spacing must be one of .*, got 'leading'\.$"),
                              (["--guidance", "1.5,1.5000001"], r"--guidance 1.5 and 1.5000001 both give the set "
                                                                r"ddim-2-g1.5"),
                              (["--guidance", "1,nan"], r"^--guidance takes finite scales, got nan\.$"),  # not sample.py's
