@@ -138,13 +138,18 @@ def test_no_pass_takes_more_images_than_the_batch_size_and_each_image_is_predict
     assert summary["a"]["accuracy"] == pytest.approx(np.mean([row["predicted"] == row["label"] for row in rows]))
 
 
-def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_path):
-    images = tmp_path / "images"
+def noisy_colours(images: Path) -> Path:
+    """A folder of 3 noisy blue and 3 noisy red 16 px images, in class folders."""
     for name, colour in (("blue", (20, 20, 230)), ("red", (230, 20, 20))):
         (images / name).mkdir(parents=True)
         for k in range(3):
             pixels = np.clip(np.array(colour) + np.random.default_rng(k).normal(0, 30, (16, 16, 3)), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(images / name / f"{k}.png")
+    return images
+
+
+def test_comparison_tool_writes_maps_and_statistics_for_every_classifier(tmp_path):
+    images = noisy_colours(tmp_path / "images")
     a, b = classifier_checkpoint(tmp_path / "a.pt", 0), classifier_checkpoint(tmp_path / "b.pt", 1)
     out = gradcam.main(["--ckpt", str(a), "--ckpt", str(b), "--name", "real", "--name", "synthetic", "--images",
                         f"folder:{images}", "--num", "5", "--out", str(tmp_path / "out"), "--device", "cpu"])
@@ -313,12 +318,7 @@ def test_the_images_are_held_as_uint8_and_the_outputs_are_those_of_their_floats(
     is what the floats of all the images at once give."""
     from data import load_dataset
     from data.dataset import subset_indices
-    images = tmp_path / "images"
-    for name, colour in (("blue", (20, 20, 230)), ("red", (230, 20, 20))):
-        (images / name).mkdir(parents=True)
-        for k in range(3):
-            pixels = np.clip(np.array(colour) + np.random.default_rng(k).normal(0, 30, (16, 16, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(images / name / f"{k}.png")
+    images = noisy_colours(tmp_path / "images")
     a, b = classifier_checkpoint(tmp_path / "a.pt", 0), classifier_checkpoint(tmp_path / "b.pt", 1)
     held, compare = [], gradcam.compare
     monkeypatch.setattr(gradcam, "compare", lambda classifiers, given, *args, **kwargs: held.append(given) or
