@@ -81,7 +81,10 @@ def warn_once(key: str, message: str | None = None, category: type[Warning] = Us
     """A warning shown once per process, however often the check that gives it runs (start-up, then build).
 
     `key` names what is warned about where `message` (default: the key) differs from one occasion to the next
-    (the first file it concerns, say), so that the warning is still shown once."""
+    (the first file it concerns, say), so that the warning is still shown once. The warning carries its key
+    (`once_key`), so that a process that shows the warnings of others (decoding workers) shows it once too."""
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(key if message is None else message, category, stacklevel=3)
+        warning = category(key if message is None else message)
+        warning.once_key = key
+        warnings.warn(warning, stacklevel=3)

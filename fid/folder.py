@@ -212,7 +212,11 @@ class FolderBatches:
             batches = iter(self.loader)
         try:
             for batch, warned in batches:
-                for category, message in warned:
+                for category, message, once in warned:
+                    if once is not None:  # a warning each worker gives once (core.errors.warn_once): shown once
+                        if once in _RELAYED:
+                            continue
+                        _RELAYED.add(once)
                     warnings.warn(message, category, stacklevel=2)
                 if isinstance(batch, Exception):
                     raise batch
@@ -223,11 +227,14 @@ class FolderBatches:
             del batches
 
 
+_RELAYED: set[str] = set()  # the `once_key`s of workers' warnings this process has shown (core.errors.warn_once)
+
+
 class _Read(NamedTuple):
     """An image, or a batch, as a worker hands it back: itself or the error that stopped it, and the warnings
     (category, message) raised while it was read."""
     value: torch.Tensor | Exception
-    warned: tuple[tuple[type[Warning], str], ...]
+    warned: tuple[tuple[type[Warning], str, str | None], ...]  # with the key of one given once per process
 
 
 class _ErrorsAsItems(Dataset):
@@ -244,7 +251,8 @@ class _ErrorsAsItems(Dataset):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # which are shown is for the filters of the process that warns again
             value = self._read(index)
-        return _Read(value, tuple((w.category, str(w.message)) for w in caught))
+        return _Read(value, tuple((w.category, str(w.message), getattr(w.message, "once_key", None))
+                                  for w in caught))
 
     def _read(self, index: int) -> torch.Tensor | Exception:
         try:

@@ -1317,3 +1317,27 @@ def test_warnings_of_decoding_workers_are_warned_in_the_main_process(tmp_path, w
     assert [len(batch) for batch in batches] == [2, 1]
     assert sorted(str(w.message) for w in caught) == ["decoded 0.png", "decoded 1.png", "decoded 2.png"]
     assert all(w.category is UserWarning for w in caught)
+
+
+def once_decode(path: Path) -> np.ndarray:
+    """A decoder that says something once per process (as `load_image` does of a file Pillow warns about)."""
+    from core.errors import warn_once
+    warn_once("odd files", f"{path.name} is odd (said for the first such file only)")
+    return np.zeros((8, 8, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_warning_given_once_per_process_is_shown_once_however_many_workers_give_it(tmp_path, workers,
+                                                                                     monkeypatch):
+    """Each of 2 workers said its first-only warning once, and the main process showed both."""
+    import core.errors
+    import fid.folder
+    monkeypatch.setattr(core.errors, "_WARNED", set())   # (workers start as copies of this process)
+    monkeypatch.setattr(fid.folder, "_RELAYED", set())
+    for k in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
+    folder = ImageFolder(tmp_path).decoded_by(once_decode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sum(len(batch) for batch in FolderBatches(folder, 1, workers)) == 4
+    assert len(caught) == 1 and str(caught[0].message).endswith(" is odd (said for the first such file only)")
