@@ -10,7 +10,7 @@ import contextlib
 import functools
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Hashable, Iterator, NamedTuple
+from typing import Any, Hashable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +163,11 @@ class ImageDataset(torch.utils.data.Dataset):
         """What a checkpoint records about its training data: `info` and the fingerprint."""
         return {**self.info.to_dict(), "fingerprint": self.fingerprint()}
 
-    def subset(self, indices: torch.Tensor) -> ImageDataset:
-        """The items at `indices`, as a dataset of their own (its info counts only them)."""
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
+        """The items at `indices` (positions, or a mask of them), as a dataset of their own (its info counts only
+        them)."""
+        indices = torch.as_tensor(indices)
+        indices = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long().flatten()
         info = DatasetInfo(**{**self.info.to_dict(), "num_samples": len(indices)})
         seeds = None if self.seeds is None else self.seeds[indices]
         files = None if self.files is None else tuple(self.files[int(i)] for i in indices)

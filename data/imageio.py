@@ -208,9 +208,12 @@ def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    for message, category in dict.fromkeys((str(w.message).strip(), w.category) for w in caught):
+    # (A warning of ours said once per process keeps its key, which names what it is about; its text names a value
+    # of the first such file.)
+    shown = dict.fromkeys((str(w.message).strip(), w.category, getattr(w.message, "once_key", None)) for w in caught)
+    for message, category, once in shown:
         said = message if message.endswith(f"{FIRST_ONLY}.") else f"{message} {FIRST_ONLY}"
-        warn_once(f"decoding: {message}", f"{path}: {said}", category)
+        warn_once(f"decoding: {once or message}", f"{path}: {said}", category)
 
 
 def _load_image(path: str | os.PathLike, mode: str, upright: bool) -> Image.Image:

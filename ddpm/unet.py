@@ -120,8 +120,8 @@ class UNetConfig:
                              "{value}; set it, or use {cond} none.", value=self.num_params)
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
-            raise FieldError("{image_size} {value} must be divisible by 2**(len(channel_mult) - 1) = {factor}: "
-                             "{levels} levels halve it {halvings} times; use fewer {channel_mult} levels or another "
+            raise FieldError("{image_size} {value} must be divisible by {factor}: the {levels} levels of "
+                             "{channel_mult} halve it {halvings} times; use fewer {channel_mult} levels or another "
                              "size.", value=self.image_size, factor=2 ** (levels - 1), levels=levels,
                              halvings=levels - 1)
         sizes = tuple(self.image_size // 2**level for level in range(levels))

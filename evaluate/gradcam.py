@@ -56,6 +56,7 @@ from data.imageio import atomic_save_image, from_uint8, make_grid
 from evaluate import note_capped
 
 STATISTICS = ("focus", "entropy", "spread", "intensity")
+DEFAULT_NUM = 32  # images explained where --num is not given
 TOP_SHARE = 0.10  # the "most active 10% of pixels" of the focus score
 
 
@@ -312,7 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", action="append", type=cli.text_option, default=[],
                         help="a name per --ckpt, in order (default: each checkpoint's run folder)")
     parser.add_argument("--images", required=True, help="the images: folder:PATH | plumes | cifar10 (required)")
-    parser.add_argument("--num", type=cli.int_option, default=32, help="images, a seeded subset (default: 32)")
+    parser.add_argument("--num", type=cli.int_option, default=None,
+                        help=f"images, a seeded subset (default: {DEFAULT_NUM}, or all there are where fewer)")
     parser.add_argument("--seed", type=cli.seed_option, default=0, help="seed of the subset (default: 0)")
     parser.add_argument("--layer", type=cli.text_option, default="layer4", help="layer whose activations are explained (default: layer4, "
                                                          "the last residual stage)")
@@ -332,8 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    if args.num < 1 or args.batch_size < 1:
-        raise UserError("--num and --batch-size must be at least 1.")
+    for option, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}.")
     if args.name and len(args.name) != len(args.ckpt):
         raise UserError(f"Give one --name per --ckpt ({len(args.ckpt)}), or none.")
     names = args.name or [p.parent.name for p in args.ckpt]
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     with OutputFolder(out):
         data = load_dataset(args.images, first.info.resolution, channels=first.info.channels)
-        num = note_capped("--num", args.num, f"--images {args.images}", len(data))
+        num = (min(DEFAULT_NUM, len(data)) if args.num is None  # (the default takes what there is, unsaid)
+               else note_capped("--num", args.num, f"--images {args.images}", len(data)))
         keep = subset_indices(len(data), num, args.seed, f"--images {args.images}")
         data = data.subset(keep)
         images = data.images  # uint8: each batch becomes floats as it is used (`compare`, `overlay_rows`)

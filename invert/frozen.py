@@ -69,7 +69,8 @@ def recorded_places(record: dict[str, Any], run_dir: Path | None) -> tuple[Path,
     places = [Path(str(record.get("path", "")))]
     relative = record.get("relative")
     if run_dir is not None and isinstance(relative, str):
-        places.append(Path(run_dir).resolve().joinpath(relative).resolve())
+        # (os.path.realpath, not Path.resolve: a link loop on the way is a place that does not exist, not an error)
+        places.append(Path(os.path.realpath(Path(os.path.realpath(run_dir), relative))))
     return tuple(dict.fromkeys(places))
 
 
@@ -81,7 +82,7 @@ def find_frozen(record: dict[str, Any], run_dir: Path | None, device: torch.devi
     every place tried and what was wrong with each; `whose` names the embeddings in it ("the embeddings in CKPT")."""
     expected, weights = record.get("fingerprint"), record.get("weights")
     recorded = recorded_places(record, run_dir)
-    places = {Path(given).expanduser().resolve(): f"--model {given}"} if given else {}
+    places = {Path(os.path.realpath(Path(given).expanduser())): f"the run's --model {given}"} if given else {}
     for k, place in enumerate(recorded):
         places.setdefault(place, f"{place} (its place from the inversion's run folder)" if k else str(place))
     what = f"the model that {whose} were learned against"

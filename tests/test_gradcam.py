@@ -18,6 +18,7 @@ from classify.model import ClassifierConfig, build_resnet18, load_classifier
 from evaluate.gradcam import grad_cam, map_statistics
 from core.checkpoint import save_checkpoint
 from core.config import to_dict
+from core.errors import UserError
 from data import DatasetInfo
 from data.imageio import from_uint8, make_grid
 from helpers import image_size
@@ -364,3 +365,9 @@ def test_a_num_beyond_the_images_is_said_and_every_image_used(tmp_path, capsys):
     gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--num", "2", "--out", str(tmp_path / "two"),
                   "--device", "cpu"])
     assert "asks for more" not in capsys.readouterr().out
+    out = gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--out", str(tmp_path / "default"),
+                        "--device", "cpu"])                           # not typed: the default takes what there is
+    assert "asks for more" not in capsys.readouterr().out and json.loads((out / "summary.json").read_text())["num"] == 2
+    with pytest.raises(UserError, match=r"^--batch-size must be at least 1, got 0\.$"):  # (not "--num and ...")
+        gradcam.main(["--ckpt", str(ckpt), "--images", f"folder:{images}", "--batch-size", "0", "--out",
+                      str(tmp_path / "never"), "--device", "cpu"])

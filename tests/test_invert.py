@@ -627,6 +627,23 @@ def test_another_model_at_the_recorded_path_is_looked_past_to_the_right_one_besi
     assert resumed["inversion"]["model"]["path"] == str(copy / "runs" / "model" / "checkpoint.pt")
 
 
+def test_a_link_loop_at_one_recorded_place_is_a_place_that_holds_nothing(class_ckpt, tmp_path):
+    """A loop of links where the copy's model would be (Path.resolve raised on it before any place was tried):
+    the model at the recorded absolute path is still found."""
+    import shutil
+    project = tmp_path / "project"
+    run_dir = inverted_project(class_ckpt, project)
+    before = draw(run_dir / "checkpoint.pt", tmp_path / "before")
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    looped = copy / "runs" / "model" / "checkpoint.pt"
+    looped.unlink()
+    looped.symlink_to(looped)
+    after = draw(copy / "runs" / "inverted" / "checkpoint.pt", tmp_path / "after")
+    for r in rows(before / "manifest.csv"):
+        assert np.array_equal(pixels(after / r["file"]), pixels(before / r["file"]))
+
+
 def test_where_no_recorded_place_holds_the_model_one_sentence_names_each_and_what_it_holds(class_ckpt, tmp_path):
     """The recorded absolute path holds another model and the place from the run folder none: sample.py and a resume
     are refused in one sentence naming both places and what was wrong with each, having written nothing."""
@@ -652,7 +669,7 @@ def test_where_no_recorded_place_holds_the_model_one_sentence_names_each_and_wha
     assert str(told.value) == refusal(str(original))
     with pytest.raises(ValueError) as told:
         train.main(["--stage", "invert", "--resume", "--steps", "3", "--device", "cpu", "--run-dir", str(ckpt.parent)])
-    assert str(told.value) == refusal(f"--model {original}")
+    assert str(told.value) == refusal(f"the run's --model {original}")
     assert file_hash(ckpt) == saved and not (tmp_path / "set").exists()
 
 

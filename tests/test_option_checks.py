@@ -287,7 +287,7 @@ def test_one_unet_check_reads_in_fields_to_code_and_in_options_to_train_py(tmp_p
      "{attention_resolutions} (3,) must be among the feature-map sizes (16, 8) of a 16x16 input; keep only those, or "
      "none for no attention."),
     ({"channel_mult": (1,) * 6, "attention_resolutions": ()}, ("--channel-mult", *"111111", "--attention-resolutions"),
-     "{image_size} 16 must be divisible by 2**(len(channel_mult) - 1) = 32: 6 levels halve it 5 times; use fewer "
+     "{image_size} 16 must be divisible by 32: the 6 levels of {channel_mult} halve it 5 times; use fewer "
      "{channel_mult} levels or another size."),
 ])
 def test_a_unet_that_does_not_fit_the_image_size_keeps_the_data_s_field_name_on_the_command_line(tmp_path, folder,

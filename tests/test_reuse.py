@@ -493,3 +493,20 @@ def test_a_table_of_several_seeds_hashes_each_set_of_a_folder_once_and_a_rewritt
     with pytest.raises(ValueError, match=r"^The images of --test \(folder:.*\) changed since"):
         experiment.main(argv)
     assert {value for name, _, value in hashed if name == test}.isdisjoint(before)
+
+
+def test_subsets_of_a_kept_set_are_keyed_by_their_positions_alone(tmp_path):
+    """Subsets keyed by the raw bytes of their index tensors: int64 [1] and int32 [1, 0] are the same bytes, and
+    the second subset was given the first one's fingerprint. Positions may be a list, an array or a mask."""
+    from data.folder import decoding_once, load_folder
+    folder = colour_folder(tmp_path / "images", 2, seed=0)
+    with decoding_once():
+        dataset = load_folder(folder, RES)
+        one, two = dataset.subset(torch.tensor([1])), dataset.subset(torch.tensor([1, 0], dtype=torch.int32))
+        for part in (one, two):
+            assert part.fingerprint() == data.dataset.content_hash(part.images, part.labels, part.params)
+        assert one.fingerprint() != two.fingerprint()
+        mask = torch.zeros(len(dataset), dtype=torch.bool)
+        mask[[0, 2]] = True
+        same = [dataset.subset(indices) for indices in ([0, 2], np.array([0, 2]), mask, torch.tensor([0, 2]))]
+        assert len({part.fingerprint() for part in same}) == 1 and all(len(part) == 2 for part in same)

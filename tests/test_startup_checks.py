@@ -68,7 +68,8 @@ IMPOSSIBLE = [
     ("ldm", ("--cond", "none", "--resolution", "18"), "--resolution 18 is not divisible by the autoencoder's downsampling factor 4"),
     ("ldm", ("--cond", "none"), "The autoencoder's latents (3x4x4) do not fit the U-Net: --attention-resolutions (8,)"),
     ("ldm", ("--cond", "none", "--attention-resolutions", "--channel-mult", "1", "1", "1", "1"),
-     "latents (3x4x4) do not fit the U-Net: image_size 4 must be divisible by 2**(len(channel_mult) - 1) = 8"),
+     "latents (3x4x4) do not fit the U-Net: image_size 4 must be divisible by 8: the 4 levels of "
+     "--channel-mult halve it 3 times"),
     # classify: batch norm of one image shrunk to 1x1
     ("classify", ("--target", "class", "--batch-size", "1", "--resolution", "8"),
      "ResNet-18 shrinks 8 px images to 1x1 in its last stage"),
