@@ -87,9 +87,9 @@ class ClassifyConfig(StageConfig):
         # Reflection repeats the image's own pixels, so it cannot pad by as many as the image has.
         if self.classify.crop_padding >= self.data.resolution:
             raise FieldError("{classify.crop_padding} must be smaller than {data.resolution} ({resolution} px), "
-                                  "got {value}; pass at most {most}, or -1 for resolution / 8.",
-                                  resolution=self.data.resolution, value=self.classify.crop_padding,
-                                  most=self.data.resolution - 1)
+                             "got {value}; pass at most {most}, or -1 for an eighth of {data.resolution}.",
+                             resolution=self.data.resolution, value=self.classify.crop_padding,
+                             most=self.data.resolution - 1)
 
 
 def classify_demo() -> ClassifyConfig:

@@ -450,7 +450,7 @@ def keyed(message: str, options: bool) -> str:
 @pytest.mark.parametrize("config, options, message", [
     (dict(data=dict(resolution=RES), classify=dict(crop_padding=RES)), ("--crop-padding", str(RES)),
      f"{{classify.crop_padding}} must be smaller than {{data.resolution}} ({RES} px), got {RES}; pass at most "
-     f"{RES - 1}, or -1 for resolution / 8."),
+     f"{RES - 1}, or -1 for an eighth of {{data.resolution}}."),
     (dict(data=dict(resolution=32), model=dict(stem="imagenet"), train=dict(batch_size=1)),
      ("--resolution", "32", "--stem", "imagenet", "--batch-size", "1"),
      "ResNet-18 shrinks 32 px images to 1x1 in its last stage, where batch norm needs more than one value per channel, "
