@@ -70,14 +70,10 @@ class ClassifyConfig(StageConfig):
     classify: ClassifyOptions = field(default_factory=ClassifyOptions)
 
     def __post_init__(self) -> None:
-        # The second and test sets' folders, absolute: tools that read them from the checkpoint (evaluate.gradcam,
-        # evaluate.consistency, evaluate.sweep) then find them wherever they run, and a resume that types the same
-        # relative folder again, from where the run started, names the same config. (--dataset stays as typed, as
-        # every stage records it: data_info's name is its folder as the loader resolved it.) The config is frozen,
-        # so the sections are replaced as the dataclass's own __init__ sets fields.
-        test_dataset, extra_dataset = absolute_spec(self.data.test_dataset), absolute_spec(self.classify.extra_dataset)
-        if test_dataset != self.data.test_dataset:
-            object.__setattr__(self, "data", dataclasses.replace(self.data, test_dataset=test_dataset))
+        # The second set's folder absolute, as DataConfig makes the others: tools that read it from the checkpoint
+        # find it wherever they run, and a resume that names the same folder in other words names the same config.
+        # The config is frozen, so the section is replaced as the dataclass's own __init__ sets fields.
+        extra_dataset = absolute_spec(self.classify.extra_dataset)
         if extra_dataset != self.classify.extra_dataset:
             object.__setattr__(self, "classify", dataclasses.replace(self.classify, extra_dataset=extra_dataset))
         # Checks across the sections name their fields by dotted keys (core.errors.FieldError), so that

@@ -16,6 +16,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from core.checkpoint import describe
@@ -46,6 +47,20 @@ def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
                          value=value)
 
 
+def folder_of(spec: str) -> Path | None:
+    """The folder a `folder:PATH` dataset spec names (with ~ expanded); None for any other spec."""
+    return Path(spec[len("folder:"):]).expanduser() if spec.startswith("folder:") and len(spec) > len("folder:") else None
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` naming the same images from any working directory: a `folder:PATH` with PATH made absolute as the
+    loader resolves it (~ expanded, links followed; a link loop left as it is, for the loader to refuse), so a
+    dataset recorded in a checkpoint's config is the one `DatasetInfo.name` names; any other spec (plumes,
+    cifar10, an unknown one) as it is."""
+    folder = folder_of(spec)
+    return spec if folder is None else f"folder:{os.path.realpath(folder)}"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = option("plumes", "training images: plumes (built in) | folder:PATH | cifar10")
@@ -60,6 +75,12 @@ class DataConfig:
     test_samples: int = option(256, "held-out images used for evaluation (0: all)")
 
     def __post_init__(self) -> None:
+        # Folders absolute: a resume, and the tools that read a run's data from its checkpoint (evaluate.gradcam,
+        # evaluate.consistency, the experiment's and sweep's kept runs), find them from any working directory, and a
+        # resume that names the same folder in other words names the same config. The config is frozen, so the
+        # fields are replaced as the dataclass's own __init__ sets them.
+        for name in ("dataset", "test_dataset"):
+            object.__setattr__(self, name, absolute_spec(getattr(self, name)))
         # Each check names the fields it is about ({placeholders}): code that builds this config (and a checkpoint)
         # reads them as fields, train.py as the options that set them (core.errors.FieldError).
         if self.resolution < 8:

@@ -16,25 +16,13 @@ from core.errors import MissingFileError, UserError
 if cli.started_as("data.export"):  # a stop while data.dataset imports torch is one line (see core.cli)
     cli.catch_early_sigterm()
 
+from core.config import absolute_spec, folder_of  # noqa: E402 (configs record their folders absolute)
 from data.dataset import Batch, DatasetInfo, ImageDataset, grey_as_rgb, shared_images, subset_indices  # noqa: E402
 
 SPECS = ("plumes", "folder:PATH", "cifar10")
 
 __all__ = ["Batch", "DatasetInfo", "ImageDataset", "SPECS", "absolute_spec", "dataset_size", "grey_as_rgb",
            "label_counts", "load_dataset", "shared_images", "trained_datasets"]
-
-
-def folder_of(spec: str) -> Path | None:
-    """The folder a `folder:PATH` spec names (with ~ expanded); None for any other spec."""
-    return Path(spec[len("folder:"):]).expanduser() if spec.startswith("folder:") and len(spec) > len("folder:") else None
-
-
-def absolute_spec(spec: str) -> str:
-    """`spec` naming the same images from any working directory: a `folder:PATH` with PATH made absolute as
-    `load_dataset` resolves it (~ expanded, links followed), so a dataset recorded in a checkpoint's config
-    is the one `DatasetInfo.name` names; any other spec (plumes, cifar10, an unknown one) as it is."""
-    folder = folder_of(spec)
-    return spec if folder is None else f"folder:{folder.resolve()}"
 
 
 def check_spec(spec: str, option: str = "--dataset") -> None:

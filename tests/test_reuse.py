@@ -510,3 +510,39 @@ def test_subsets_of_a_kept_set_are_keyed_by_their_positions_alone(tmp_path):
         mask[[0, 2]] = True
         same = [dataset.subset(indices) for indices in ([0, 2], np.array([0, 2]), mask, torch.tensor([0, 2]))]
         assert len({part.fingerprint() for part in same}) == 1 and all(len(part) == 2 for part in same)
+
+
+def test_a_table_made_with_relative_folders_keeps_its_runs_from_another_directory(tmp_path, capsys, monkeypatch):
+    """A run recorded its --dataset as typed ("folder:real"), so the same table from another directory, its
+    folders named from there, refused its own runs as made from other inputs."""
+    for name, seed, per_class in (("real", 0, 4), ("synth", 1, 2), ("test", 2, 2)):
+        colour_folder(tmp_path / name, per_class, seed=seed)
+    monkeypatch.chdir(tmp_path)
+    first = experiment.main(experiment_argv(Path(".")))
+    assert "Training on" in capsys.readouterr().out
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = experiment.main(experiment_argv(Path("..")))
+    assert "Training on" not in capsys.readouterr().out
+    assert {name: row["values"] for name, row in again["rows"].items()} == {name: row["values"]
+                                                                             for name, row in first["rows"].items()}
+
+
+def test_a_run_started_on_a_relative_folder_resumes_from_another_directory(tmp_path, monkeypatch):
+    """Its --dataset was recorded as typed: from elsewhere the resume looked for the folder there ("the folder
+    real does not exist"), and the same folder named from there was refused as a changed --dataset."""
+    import train
+    from helpers import tiny_args
+    colour_folder(tmp_path / "real", 2, seed=0)
+    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    train.main(tiny_args(run_dir, "folder:real", steps=1))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", "2", "--device", "cpu"])
+    train.main(["--run-dir", str(run_dir), "--resume", "--steps", "3", "--device", "cpu", "--dataset", "folder:../real"])
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 3
+    other = colour_folder(tmp_path / "other", 2, seed=1)
+    with pytest.raises(ValueError, match=r"^--dataset \(the run's: folder:.*real\) cannot change when resuming"):
+        train.main(["--run-dir", str(run_dir), "--resume", "--steps", "4", "--device", "cpu", "--dataset",
+                    f"folder:{other}"])
