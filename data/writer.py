@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core import cli
 from core.config import flat_fields
@@ -35,7 +36,7 @@ from core.lock import holds_files
 from core.runtime import FIXED_AMP, precision_name, write_csv, write_json
 from data.dataset import DatasetInfo
 from data.folder import PATH_COLUMN
-from data.imageio import save_images
+from data.imageio import list_images, save_images
 
 MANIFEST, PARAMS, REQUEST = "manifest.csv", "params.csv", "dataset.json"
 IMAGE_FILE = re.compile(r"\d{6,}\.png")  # an item's image: NNNNNN.png (`Item.file`)
@@ -254,6 +255,11 @@ class DatasetWriter:
         known = {row["file"] for row in self.rows.values()} | {item.file for item in items}
         unlisted = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.png")
                           if IMAGE_FILE.fullmatch(p.name) and p.relative_to(self.root).as_posix() not in known)
+        folders = {Path(file).parent for file in known}
+        strays = [file for file in unlisted if Path(file).parent not in folders]
+        if strays:
+            raise UserError(f"{self.root} holds {len(strays)} image(s) in folders that are no class of this set (such "
+                            f"as {strays[0]}); move them out of {self.root} and run again.")
         if unlisted:  # a kill between an image and the manifest's update, or a deleted manifest, in a set made larger
             raise UserError(f"{self.root} holds {len(unlisted)} image(s) its manifest does not list (such as "
                             f"{unlisted[0]}), written by a run that asked for more images than this one (stopped "
@@ -268,7 +274,36 @@ class DatasetWriter:
         if in_the_way is not None:
             raise UserError(f"{self.root / in_the_way} is a folder where an image of this set belongs; move it out of "
                             f"{self.root} and run again.")
+        foreign = [p.relative_to(self.root).as_posix() for p in list_images(self.root)
+                   if not IMAGE_FILE.fullmatch(p.name)]
+        if foreign:  # read as images of the set by whatever loads it next (`folder:`, FID)
+            raise UserError(f"{self.root} holds {len(foreign)} image(s) that are not of this set (such as "
+                            f"{foreign[0]}); move them out of {self.root} and run again.")
+        self._redraw_damaged(items)
         return [item for item in items if not (self.root / item.file).is_file()]
+
+    def _redraw_damaged(self, items: Sequence[Item]) -> None:
+        """Remove the images of `items` on disk that are no longer whole PNGs (cut short, overwritten with other
+        bytes), said in one line, so that they are drawn again: item k is a function of k alone, so the new
+        image is the one that was lost. (Checked by Pillow's `verify`, which reads every chunk and its checksum
+        without decoding; a whole PNG written over one of ours is not noticed.)"""
+        damaged = []
+        for item in items:
+            path = self.root / item.file
+            if not path.is_file():
+                continue
+            try:
+                with Image.open(path) as image:
+                    if image.format != "PNG":
+                        raise ValueError(f"a {image.format} file")
+                    image.verify()
+            except Exception:  # (Pillow raises many types for damaged bytes: the file is at fault whichever)
+                damaged.append(path)
+        if damaged:
+            print(f"{len(damaged)} image(s) of {self.root} are damaged (such as {damaged[0].relative_to(self.root)}); "
+                  f"they are drawn again.", flush=True)
+            for path in damaged:
+                path.unlink()
 
     def write(self, items: Sequence[Item], images: torch.Tensor, every_item: Sequence[Item] = ()) -> None:
         """Save `images` (B, C, H, W) in [-1, 1] as `items`, then the manifest and params.csv of every

@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import sample
+from core.errors import UserError
 from data import load_dataset
 from data import export
 from data.writer import Binning, parse_binning
@@ -433,3 +434,28 @@ def test_parameters_named_like_manifest_columns_overwrite_none_of_them(tmp_path)
     # sample.py's grid and sweep manifests: the same rule for their own columns.
     row = manifest_row({"index": 3, "file": "images/000003.png", "seed": 42}, {"seed": 0.5, "wind": 0.1})
     assert row == {"index": 3, "file": "images/000003.png", "seed": 42, "param:seed": 0.5, "wind": 0.1}
+
+
+def test_a_rerun_draws_damaged_images_again_and_refuses_images_not_of_the_set(class_ckpt, tmp_path, capsys):
+    """A rerun took every image on disk as done: one cut short or overwritten with other bytes stayed, and a
+    foreign image in a class folder was later read as one of the set's."""
+    out = write(class_ckpt, tmp_path / "set", "--per-class", "2")
+    whole = {p: p.read_bytes() for p in out.rglob("*.png")}
+    cut, junk = sorted(whole)[:2]
+    cut.write_bytes(whole[cut][:50])
+    junk.write_bytes(b"junk")
+    write(class_ckpt, out, "--per-class", "2")
+    assert f"2 image(s) of {out} are damaged (such as {cut.relative_to(out)}); they are drawn again." in (
+        capsys.readouterr().out.splitlines())
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == whole             # drawn again as they were
+    foreign = next(out.glob("*/")) / "notes.jpg"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(out))} holds 1 image\(s\) that are not of this set \(such "
+                                        rf"as {foreign.parent.name}/notes.jpg\); move them out"):
+        write(class_ckpt, out, "--per-class", "2")
+    foreign.unlink()
+    (out / "purple").mkdir()
+    (out / "purple" / "000006.png").write_bytes(next(iter(whole.values())))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(out))} holds 1 image\(s\) in folders that are no class of "
+                                        rf"this set \(such as purple/000006.png\)"):
+        write(class_ckpt, out, "--per-class", "2")
