@@ -93,6 +93,9 @@ def load_checkpoint(path: str | os.PathLike, stage: str | Iterable[str] | None =
     if damaged is not None:
         raise UserError(f"Checkpoint {path} is damaged: its entry {damaged} fails its checksum (a bit changed on the "
                         f"disk or in a copy); {advice(option)}.")
+    foreign = _unreadable(path)  # (refused before torch reads it, which warns of a pickle's protocol first)
+    if foreign is not None:
+        raise UserError(f"Checkpoint {path} {foreign}; {advice(option)}.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises a zoo of types (KeyError for a text file, RuntimeError, ...)
@@ -142,8 +145,12 @@ def checkpoint_stage(path: str | os.PathLike) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
-def _unreadable(path: Path, err: Exception) -> str:
-    """Why `torch.load` failed, said of the file rather than of torch's internals."""
+LEGACY_START = b"\x80\x02\x8a\x0a"  # a PyTorch file of the format before zip archives: pickle 2, a 10-byte magic number
+
+
+def _unreadable(path: Path, err: Exception | None = None) -> str | None:
+    """Why `torch.load` failed (`err`), said of the file rather than of torch's internals; without `err`, why the
+    file is no PyTorch file at all, found from its first bytes before torch reads it (None: it may be one)."""
     try:
         with open(path, "rb") as f:
             start = f.read(4)
@@ -151,8 +158,11 @@ def _unreadable(path: Path, err: Exception) -> str:
         return f"cannot be read ({reading.strerror or reading})"
     if not start:
         return "is empty (a write that never finished)"
-    if not (start.startswith(b"PK") or start.startswith(b"\x80")):  # a zip archive, or a legacy pickle
-        return "is not a PyTorch file at all"
+    if not (start.startswith(b"PK") or start == LEGACY_START):  # a zip archive, or a legacy PyTorch pickle
+        return ("is a pickle of plain Python objects, not a PyTorch file" if start.startswith(b"\x80")
+                else "is not a PyTorch file at all")
+    if err is None:
+        return None
     if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
         return "holds Python objects besides tensors and plain values, so it is not one of ours and is not loaded"
     return f"is corrupt: a truncated or damaged PyTorch file ({type(err).__name__})"

@@ -121,6 +121,11 @@ class Code:
 CHECKPOINT_CASES = [
     ("a text file", _raw(b"these are my notes, not weights\n"), "is not a PyTorch file at all"),
     ("an empty file", _raw(b""), "is empty"),
+    # (refused before torch reads it, which printed a warning about the pickle's protocol first)
+    ("a plain pickle", _raw(pickle.dumps({"format": FORMAT}, protocol=4)), "is a pickle of plain Python objects, not "
+                                                                          "a PyTorch file"),
+    ("an old-format PyTorch file", lambda path: torch.save([1, 2], path, _use_new_zipfile_serialization=False),
+     "not a checkpoint written by this toolkit"),
     ("a flipped bit", _flipped_bit, "is damaged: its entry"),
     ("a list", _saved([1, 2, 3]), "not a checkpoint written by this toolkit"),
     ("a foreign state dict", _saved({"state_dict": {"w": torch.zeros(1)}}), "not a checkpoint written by this toolkit"),
