@@ -165,6 +165,12 @@ def check_same_classes(spec: str, option: str, reference: str, reference_option:
         return
     ours, theirs = folder_classes(spec), folder_classes(reference)
     if ours != theirs:
+        from data.imageio import list_images
+        for named, typed in ((spec, option), (reference, reference_option)):  # (no classes, for want of images)
+            place = folder_of(named).resolve()
+            if place.is_dir() and not list_images(place):
+                raise UserError(f"{typed} {named} holds no images (in class folders or not); put images in it, or "
+                                f"name a folder that holds some.")
         raise UserError(classes_differ(option, ours, reference_option, theirs, folder.resolve()))
 
 

@@ -111,6 +111,18 @@ def test_a_synthetic_set_that_is_the_real_or_test_images_is_refused_at_start(fol
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("classes", [(), ("blue", "green", "red")])
+def test_a_synthetic_folder_without_images_is_refused_as_such(folders, tmp_path, nothing_read, classes):
+    """It was refused as one whose classes (none) differ from --test's, though its class folders may be there."""
+    empty = tmp_path / "empty"
+    for name in ("", *classes):
+        (empty / name).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(UserError, match=rf"^--synthetic gen folder:{re.escape(str(empty))} holds no images \(in class "
+                                        r"folders or not\); put images in it"):
+        experiment.main(table_argv(folders, tmp_path / "out", f"folder:{empty}"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_built_in_source_as_both_real_and_synthetic_is_refused_too(folders, tmp_path, nothing_read):
     argv = table_argv(folders, tmp_path / "out", "plumes")
     argv[argv.index("--real") + 1] = "plumes"
