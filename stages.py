@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from classify.stage import SPEC as CLASSIFY
-from core.checkpoint import load_checkpoint
+from core.checkpoint import advice, load_checkpoint
 from core.contract import StageSpec
 from core.errors import UserError
 from data import trained_datasets
@@ -40,7 +40,11 @@ def open_source(path: Path, device: torch.device, weights: str = "ema", option: 
     """Any generative stage's checkpoint as a source of images (the checkpoint names its stage); `option`
     is the command's option that named the file, for the advice of an error."""
     payload = load_checkpoint(path, option=option)
-    spec = get_stage(str(payload.get("stage")))
+    stage = str(payload.get("stage"))
+    if stage not in STAGES:  # (written by train.py, so the file was damaged or edited, not an option mistyped)
+        raise UserError(f"{path} records the stage {stage!r}, which is none of {', '.join(STAGES)}; it is damaged or "
+                        f"was edited, so {advice(option)}.")
+    spec = STAGES[stage]
     if spec.load_source is None:
         raise UserError(f"{path} is a checkpoint of stage '{spec.name}', which does not generate images; pass the "
                         f"checkpoint of a run that does ({', '.join(GENERATIVE)}).")

@@ -190,6 +190,15 @@ def test_sampling_from_a_damaged_checkpoint_is_one_sentence_naming_it(class_ckpt
     assert not out.exists()
 
 
+def test_a_checkpoint_of_a_stage_no_one_has_is_refused_as_damaged_not_as_a_mistyped_option(class_ckpt, tmp_path,
+                                                                                           capsys):
+    """sample.py said "Unknown stage 'nope'; choose one of ...", as to a --stage typed wrong."""
+    path = damaged_copy(class_ckpt, tmp_path / "run", _edited(_set("stage", "nope")))
+    line = the_error(sample.main, ["--ckpt", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert line == (f"error: {path} records the stage 'nope', which is none of ddpm, vae, ldm, classify, invert; it "
+                    f"is damaged or was edited, so point --ckpt at an intact checkpoint.pt.")
+
+
 def test_a_damaged_judge_or_classifier_is_one_sentence_naming_it_and_no_option_of_another_command(
         class_ckpt, tmp_path, capsys):
     from evaluate import consistency, gradcam
