@@ -298,14 +298,14 @@ def in_option_words(err: Exception, cls: type, skip: Iterable[str] = ()) -> str:
 
 
 @contextlib.contextmanager
-def in_options(cls: type, names: dict[str, str] | None = None) -> Iterator[None]:
-    """Within the body, a `FieldError` of `cls`'s checks (one run after it was built, such as
-    `SamplingConfig.check_against`) reads in the words of the options that set its fields; `names` spells those a
-    tool names otherwise (the sweep's --guidance for guidance_scale)."""
+def in_options(cls: type, names: dict[str, str] | None = None, skip: Iterable[str] = ()) -> Iterator[None]:
+    """Within the body, a `FieldError` of `cls`'s checks (as it is built, or run after, such as
+    `SamplingConfig.check_against`) reads in the words of the options that set its fields (those in `skip` have
+    none); `names` spells those a tool names otherwise (the sweep's --guidance for guidance_scale)."""
     try:
         yield
     except FieldError as err:
-        raise UserError(err.naming({**option_names(cls), **(names or {})})) from None
+        raise UserError(err.naming({**option_names(cls, skip), **(names or {})})) from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type, shown: Any,
@@ -339,11 +339,9 @@ def given_in(args: argparse.Namespace, section: str) -> dict[str, Any]:
 
 def override(values: Any, args: argparse.Namespace, section: str, skip: Iterable[str] = ()) -> Any:
     """`values` (one config dataclass) with the options of `section` that the user passed applied. Its checks
-    refuse them in the words of those options (`in_option_words`; the fields in `skip` have none)."""
-    try:
+    refuse them in the words of those options (`in_options`; the fields in `skip` have none)."""
+    with in_options(type(values), skip=skip):
         return dataclasses.replace(values, **given_in(args, section))
-    except FieldError as err:
-        raise UserError(in_option_words(err, type(values), skip)) from None
 
 
 def apply_arguments(config: Any, args: argparse.Namespace, section: str, skip: Iterable[str] = ()) -> Any:

@@ -74,6 +74,22 @@ def recorded_places(record: dict[str, Any], run_dir: Path | None) -> tuple[Path,
     return tuple(dict.fromkeys(places))
 
 
+def _places(record: dict[str, Any], run_dir: Path | None, given: str | Path | None) -> dict[Path, str]:
+    """Where `find_frozen` looks, in order, each with the words its refusal names it by."""
+    places = {Path(os.path.realpath(Path(given).expanduser())): f"the run's --model {given}"} if given else {}
+    for k, place in enumerate(recorded_places(record, run_dir)):
+        places.setdefault(place, f"{place} (its place from the inversion's run folder)" if k else str(place))
+    return places
+
+
+def lone_place(record: dict[str, Any], run_dir: Path | None, given: str | Path | None = None) -> Path | None:
+    """The file `find_frozen` would load, found without loading one, where just one of its places holds a file
+    (a project not moved): the model if any is, its fingerprint checked when it is loaded. None where several do,
+    which only their fingerprints tell apart, or none does."""
+    files = [place for place in _places(record, run_dir, given) if place.is_file()]
+    return files[0] if len(files) == 1 else None
+
+
 def find_frozen(record: dict[str, Any], run_dir: Path | None, device: torch.device, *,
                 given: str | Path | None = None, whose: str = "these embeddings") -> FrozenModel:
     """The frozen model an inversion checkpoint's record (`FrozenModel.record`) names, loaded from the first place
@@ -81,19 +97,17 @@ def find_frozen(record: dict[str, Any], run_dir: Path | None, device: torch.devi
     `recorded_places` (`run_dir`: the inversion's run folder, where known). Where none does, one sentence names
     every place tried and what was wrong with each; `whose` names the embeddings in it ("the embeddings in CKPT")."""
     expected, weights = record.get("fingerprint"), record.get("weights")
-    recorded = recorded_places(record, run_dir)
-    places = {Path(os.path.realpath(Path(given).expanduser())): f"the run's --model {given}"} if given else {}
-    for k, place in enumerate(recorded):
-        places.setdefault(place, f"{place} (its place from the inversion's run folder)" if k else str(place))
+    places = _places(record, run_dir, given)
     what = f"the model that {whose} were learned against"
     if len(places) == 1:  # the one place: `load_frozen` says what is wrong with it
-        place = Path(given).expanduser() if given else recorded[0]
+        place = Path(given).expanduser() if given else next(iter(places))
         return load_frozen(place, device, weights, expected=expected, what="--model" if given else what)
-    wrong = []
+    wrong, missing = [], True  # (what is wrong with each place; whether every one is missing)
     for place, name in places.items():
         if not place.exists():
             wrong.append(f"{name} does not exist")
             continue
+        missing = False
         try:
             model = _read_frozen(place, device, weights, what)
         except UserError:
@@ -102,7 +116,6 @@ def find_frozen(record: dict[str, Any], run_dir: Path | None, device: torch.devi
         if model.fingerprint == expected:
             return model
         wrong.append(f"{name} holds another model (weights {model.fingerprint})")
-    missing = all(problem.endswith(" does not exist") for problem in wrong)
     raise (MissingFileError if missing else UserError)(
         f"The diffusion model that {whose} were learned against (weights {expected}) is at none of the places "
         f"tried: {', '.join(wrong[:-1])} and {wrong[-1]}; put that model back at one of them, or learn the "

@@ -39,7 +39,7 @@ from ddpm.objective import diffusion_loss
 from invert.config import DATA_UNUSED, PRESETS, TRAIN_UNUSED, InvertConfig
 from invert.embeddings import DIVERGED_RMS, EmbeddingStore, rms_limit, starting_condition, starting_vectors
 from invert.frozen import (DIFFUSION_MODELS, FrozenModel, check_resolution, denoised_data, find_frozen, fit_images,
-                           load_frozen)
+                           load_frozen, lone_place)
 from invert.variations import InversionSource, Variations, check_inversion, load_inverted
 
 NAME = "invert"
@@ -193,8 +193,8 @@ def check(config: InvertConfig, resume_from: dict | None, device: torch.device, 
         model = Path(path).expanduser()
         if not model.is_file():
             raise MissingFileError(f"--model {path} {not_a_checkpoint_file(model, 'a conditional ddpm or ldm run')}.")
-    else:  # (read on the CPU: only its file is wanted here)
-        model = resumed_model(config, resume_from, run_dir, torch.device("cpu")).path
+    else:
+        model = resumed_file(config, resume_from, run_dir)
     frozen = frozen_shape(model)
     if frozen is None:
         return
@@ -210,6 +210,15 @@ def resumed_model(config: InvertConfig, resume_from: dict, run_dir: Path | None,
     check_inversion(resume_from, Path("the checkpoint to resume"))
     whose = f"the embeddings in {Path(run_dir) / 'checkpoint.pt'}" if run_dir is not None else "the embeddings to resume"
     return find_frozen(resume_from["inversion"]["model"], run_dir, device, given=config.invert.model, whose=whose)
+
+
+def resumed_file(config: InvertConfig, resume_from: dict, run_dir: Path | None) -> Path:
+    """The file `resumed_model` will load, found without loading the model where one place alone holds a file (the
+    project was not moved: `build` then loads it once); where several do, their fingerprints decide, so they are
+    read (on the CPU), and where none does, `find_frozen` refuses."""
+    check_inversion(resume_from, Path("the checkpoint to resume"))
+    place = lone_place(resume_from["inversion"]["model"], run_dir, config.invert.model)
+    return place if place is not None else resumed_model(config, resume_from, run_dir, torch.device("cpu")).path
 
 
 class FrozenShape(NamedTuple):

@@ -1326,23 +1326,6 @@ def once_decode(path: Path) -> np.ndarray:
     return np.zeros((8, 8, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_warning_given_once_per_process_is_shown_once_however_many_workers_give_it(tmp_path, workers,
-                                                                                     monkeypatch):
-    """Each of 2 workers said its first-only warning once, and the main process showed both."""
-    import core.errors
-    import fid.folder
-    monkeypatch.setattr(core.errors, "_WARNED", set())   # (workers start as copies of this process)
-    monkeypatch.setattr(fid.folder, "_RELAYED", set())
-    for k in range(4):
-        Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
-    folder = ImageFolder(tmp_path).decoded_by(once_decode)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert sum(len(batch) for batch in FolderBatches(folder, 1, workers)) == 4
-    assert len(caught) == 1 and str(caught[0].message).endswith(" is odd (said for the first such file only)")
-
-
 def once_named_decode(path: Path) -> np.ndarray:
     """A decoder that says, once per process, something naming a value of the file (as `load_image` says of faint
     16-bit images), through `naming_the_file`, as `load_image` does."""
@@ -1353,16 +1336,23 @@ def once_named_decode(path: Path) -> np.ndarray:
     return np.zeros((8, 8, 3), dtype=np.uint8)
 
 
-def test_a_first_only_warning_naming_a_value_of_its_file_is_shown_once_for_all_workers(tmp_path, monkeypatch):
-    """Its text differs from file to file, and each worker's first file gave another: it was shown per worker."""
+@pytest.mark.parametrize("decode, said, workers", [
+    (once_decode, " is odd (said for the first such file only)", 0),
+    (once_decode, " is odd (said for the first such file only)", 2),
+    # Its text differs from file to file, and each worker's first file gave another.
+    (once_named_decode, ": values up to ", 2),
+])
+def test_a_warning_given_once_per_process_is_shown_once_however_many_workers_give_it(tmp_path, monkeypatch, decode,
+                                                                                     said, workers):
+    """Each of 2 workers said its first-only warning once, and the main process showed both."""
     import core.errors
     import fid.folder
-    monkeypatch.setattr(core.errors, "_WARNED", set())
+    monkeypatch.setattr(core.errors, "_WARNED", set())   # (workers start as copies of this process)
     monkeypatch.setattr(fid.folder, "_RELAYED", set())
     for k in range(4):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
-    folder = ImageFolder(tmp_path).decoded_by(once_named_decode)
+    folder = ImageFolder(tmp_path).decoded_by(decode)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert sum(len(batch) for batch in FolderBatches(folder, 1, 2)) == 4
-    assert len(caught) == 1 and "values up to" in str(caught[0].message)
+        assert sum(len(batch) for batch in FolderBatches(folder, 1, workers)) == 4
+    assert len(caught) == 1 and said in str(caught[0].message)

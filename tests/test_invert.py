@@ -786,3 +786,14 @@ def test_every_sampler_draws_from_an_inversion(inverted, tmp_path, sampler):
     assert [r["source_index"] for r in manifest] == ["0", "1", "2"]
     assert all(r["seed"] == str(image_seed(5, k)) for k, r in enumerate(manifest))
     assert pixels(out / "images" / "000002.png").shape == (RES, RES, 3)
+
+
+def test_a_resume_of_a_project_not_moved_reads_its_frozen_model_once(class_ckpt, tmp_path, monkeypatch):
+    """The start-up check read the whole model to find its file, then the stage read it again."""
+    import invert.frozen
+    run_dir = inverted_project(class_ckpt, tmp_path / "project")
+    reads, read = [], invert.frozen._read_frozen
+    monkeypatch.setattr(invert.frozen, "_read_frozen", lambda *args, **kwargs: reads.append(args[0]) or
+                        read(*args, **kwargs))
+    train.main(["--stage", "invert", "--resume", "--steps", "3", "--device", "cpu", "--run-dir", str(run_dir)])
+    assert len(reads) == 1 and load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
